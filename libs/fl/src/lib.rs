@@ -1,0 +1,31 @@
+//! Federated-learning math and tensor framing: chunking tensors for the wire,
+//! reassembling them with validation, safetensors encoding, and streaming
+//! aggregation (FedAvg).
+//!
+//! No I/O and no async: callers feed chunks in and take tensors out. Must not
+//! depend on candle, storage or networking crates.
+
+pub mod aggregate;
+pub mod wire;
+
+pub use aggregate::FedAvg;
+pub use wire::{TensorAssembler, chunk_tensors, from_safetensors, to_safetensors};
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum FlError {
+    #[error("tensor {tensor:?}: {message}")]
+    BadChunk { tensor: String, message: String },
+    #[error("update does not match the global model: {0}")]
+    LayoutMismatch(String),
+    #[error("update of {0} samples carries no weight")]
+    ZeroWeight(u64),
+    #[error("nothing was aggregated")]
+    Empty,
+    #[error("invalid safetensors: {0}")]
+    Safetensors(String),
+    #[error("tensor {tensor:?} holds a non-finite value")]
+    NonFinite { tensor: String },
+}
+
+/// Default chunk size on the wire (DESIGN §1: 1 MiB).
+pub const CHUNK_BYTES: usize = 1 << 20;

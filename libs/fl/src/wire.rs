@@ -1,0 +1,296 @@
+//! Tensors on the wire (`TensorChunk`) and in files (safetensors).
+
+use std::collections::HashMap;
+
+use cohort_core::NamedTensor;
+use cohort_proto::v1::TensorChunk;
+
+use crate::FlError;
+
+/// Splits tensors into chunks of at most `chunk_bytes` bytes of data each.
+pub fn chunk_tensors(
+    tensors: &[NamedTensor],
+    chunk_bytes: usize,
+) -> impl Iterator<Item = TensorChunk> + '_ {
+    let per_chunk = (chunk_bytes / 4).max(1);
+    tensors.iter().flat_map(move |t| {
+        let n = t.data.len();
+        let pieces = n.div_ceil(per_chunk).max(1);
+        (0..pieces).map(move |i| {
+            let start = i * per_chunk;
+            let end = (start + per_chunk).min(n);
+            let mut data = Vec::with_capacity((end - start) * 4);
+            for v in &t.data[start..end] {
+                data.extend_from_slice(&v.to_le_bytes());
+            }
+            TensorChunk {
+                tensor: t.name.clone(),
+                dtype: if i == 0 { "f32".into() } else { String::new() },
+                shape: if i == 0 {
+                    t.shape.iter().map(|&d| d as u64).collect()
+                } else {
+                    Vec::new()
+                },
+                offset: start as u64,
+                data: data.into(),
+            }
+        })
+    })
+}
+
+/// The expected names and shapes of a set of tensors.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Layout {
+    pub tensors: Vec<(String, Vec<usize>)>,
+}
+
+impl Layout {
+    pub fn of(tensors: &[NamedTensor]) -> Layout {
+        Layout {
+            tensors: tensors
+                .iter()
+                .map(|t| (t.name.clone(), t.shape.clone()))
+                .collect(),
+        }
+    }
+}
+
+/// Rebuilds tensors from chunks, checking order, sizes and (optionally) that
+/// they match an expected layout, so a malformed stream is refused early.
+pub struct TensorAssembler {
+    expected: Option<HashMap<String, Vec<usize>>>,
+    max_elements: usize,
+    total_elements: usize,
+    done: Vec<NamedTensor>,
+    current: Option<NamedTensor>,
+}
+
+impl TensorAssembler {
+    /// `max_elements` bounds what a peer can make us allocate.
+    pub fn new(expected: Option<&Layout>, max_elements: usize) -> Self {
+        Self {
+            expected: expected.map(|l| l.tensors.iter().cloned().collect()),
+            max_elements,
+            total_elements: 0,
+            done: Vec::new(),
+            current: None,
+        }
+    }
+
+    pub fn push(&mut self, chunk: TensorChunk) -> Result<(), FlError> {
+        let bad = |m: String| FlError::BadChunk {
+            tensor: chunk.tensor.clone(),
+            message: m,
+        };
+        if chunk.data.len() % 4 != 0 {
+            return Err(bad(format!("{} data bytes is not a whole number of f32", chunk.data.len())));
+        }
+        let starts_new = self.current.as_ref().is_none_or(|c| c.name != chunk.tensor);
+        if starts_new {
+            self.finish_current()?;
+            if chunk.offset != 0 {
+                return Err(bad(format!("first chunk at offset {}, expected 0", chunk.offset)));
+            }
+            if chunk.dtype != "f32" {
+                return Err(bad(format!("dtype {:?} is not supported (f32 only)", chunk.dtype)));
+            }
+            if self.done.iter().any(|t| t.name == chunk.tensor) {
+                return Err(bad("sent twice".into()));
+            }
+            let shape: Vec<usize> = chunk.shape.iter().map(|&d| d as usize).collect();
+            let numel = shape
+                .iter()
+                .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+                .ok_or_else(|| bad("shape overflows".into()))?;
+            if let Some(expected) = &self.expected {
+                match expected.get(&chunk.tensor) {
+                    None => return Err(FlError::LayoutMismatch(format!("unexpected tensor {:?}", chunk.tensor))),
+                    Some(s) if *s != shape => {
+                        return Err(FlError::LayoutMismatch(format!(
+                            "tensor {:?} has shape {shape:?}, expected {s:?}",
+                            chunk.tensor
+                        )));
+                    }
+                    Some(_) => {}
+                }
+            }
+            self.total_elements = self.total_elements.saturating_add(numel);
+            if self.total_elements > self.max_elements {
+                return Err(bad(format!(
+                    "model exceeds the limit of {} elements",
+                    self.max_elements
+                )));
+            }
+            self.current = Some(NamedTensor {
+                name: chunk.tensor.clone(),
+                shape,
+                data: Vec::with_capacity(numel),
+            });
+        }
+        let Some(cur) = self.current.as_mut() else {
+            return Err(bad("no tensor in progress".into()));
+        };
+        if chunk.offset as usize != cur.data.len() {
+            return Err(bad(format!(
+                "chunk at offset {}, expected {}",
+                chunk.offset,
+                cur.data.len()
+            )));
+        }
+        let values = chunk.data.len() / 4;
+        if cur.data.len() + values > cur.numel() {
+            return Err(bad(format!("more data than shape {:?} holds", cur.shape)));
+        }
+        for b in chunk.data.chunks_exact(4) {
+            let v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            if !v.is_finite() {
+                return Err(FlError::NonFinite { tensor: chunk.tensor.clone() });
+            }
+            cur.data.push(v);
+        }
+        Ok(())
+    }
+
+    fn finish_current(&mut self) -> Result<(), FlError> {
+        if let Some(t) = self.current.take() {
+            if t.data.len() != t.numel() {
+                return Err(FlError::BadChunk {
+                    tensor: t.name.clone(),
+                    message: format!("got {} of {} elements", t.data.len(), t.numel()),
+                });
+            }
+            self.done.push(t);
+        }
+        Ok(())
+    }
+
+    /// All tensors, in the order they arrived. Every expected tensor must be present.
+    pub fn finish(mut self) -> Result<Vec<NamedTensor>, FlError> {
+        self.finish_current()?;
+        if let Some(expected) = &self.expected {
+            for name in expected.keys() {
+                if !self.done.iter().any(|t| &t.name == name) {
+                    return Err(FlError::LayoutMismatch(format!("tensor {name:?} is missing")));
+                }
+            }
+        }
+        if self.done.is_empty() {
+            return Err(FlError::Empty);
+        }
+        Ok(self.done)
+    }
+}
+
+/// Encodes tensors as a safetensors file (f32).
+pub fn to_safetensors(tensors: &[NamedTensor]) -> Result<Vec<u8>, FlError> {
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|t| {
+            let mut b = Vec::with_capacity(t.data.len() * 4);
+            for v in &t.data {
+                b.extend_from_slice(&v.to_le_bytes());
+            }
+            (t.name.clone(), t.shape.clone(), b)
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
+        .iter()
+        .map(|(n, s, b)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| FlError::Safetensors(format!("{n}: {e}")))
+        })
+        .collect::<Result<_, _>>()?;
+    safetensors::serialize(views, None).map_err(|e| FlError::Safetensors(e.to_string()))
+}
+
+/// Decodes a safetensors file of f32 tensors, sorted by name.
+pub fn from_safetensors(data: &[u8]) -> Result<Vec<NamedTensor>, FlError> {
+    let st = safetensors::SafeTensors::deserialize(data)
+        .map_err(|e| FlError::Safetensors(e.to_string()))?;
+    let mut out = Vec::new();
+    for (name, view) in st.tensors() {
+        if view.dtype() != safetensors::Dtype::F32 {
+            return Err(FlError::Safetensors(format!(
+                "tensor {name:?} is {:?}, expected F32",
+                view.dtype()
+            )));
+        }
+        let data = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        out.push(NamedTensor {
+            name,
+            shape: view.shape().to_vec(),
+            data,
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn model() -> Vec<NamedTensor> {
+        vec![
+            NamedTensor { name: "a".into(), shape: vec![3, 5], data: (0..15).map(|i| i as f32 * 0.5).collect() },
+            NamedTensor { name: "b".into(), shape: vec![7], data: (0..7).map(|i| -(i as f32)).collect() },
+        ]
+    }
+
+    #[test]
+    fn chunks_round_trip_with_small_chunks() {
+        let m = model();
+        let chunks: Vec<_> = chunk_tensors(&m, 8).collect();
+        assert_eq!(chunks.len(), 8 + 4, "15 elements in 2s, 7 in 2s");
+        let mut asm = TensorAssembler::new(Some(&Layout::of(&m)), 1000);
+        for c in chunks {
+            asm.push(c).unwrap();
+        }
+        assert_eq!(asm.finish().unwrap(), m);
+    }
+
+    #[test]
+    fn malformed_streams_are_refused() {
+        let m = model();
+        let chunks: Vec<_> = chunk_tensors(&m, 8).collect();
+        // A gap.
+        let mut asm = TensorAssembler::new(None, 1000);
+        asm.push(chunks[0].clone()).unwrap();
+        assert!(asm.push(chunks[2].clone()).is_err());
+        // A missing tensor.
+        let mut asm = TensorAssembler::new(Some(&Layout::of(&m)), 1000);
+        for c in chunks.iter().take(8) {
+            asm.push(c.clone()).unwrap();
+        }
+        assert!(matches!(asm.finish(), Err(FlError::LayoutMismatch(_))));
+        // A wrong shape.
+        let mut other = m.clone();
+        other[1].shape = vec![1, 7];
+        let mut asm = TensorAssembler::new(Some(&Layout::of(&other)), 1000);
+        let r: Result<(), _> = chunks.iter().try_for_each(|c| asm.push(c.clone()));
+        assert!(matches!(r, Err(FlError::LayoutMismatch(_))));
+        // Too large.
+        let mut asm = TensorAssembler::new(None, 10);
+        assert!(asm.push(chunks[0].clone()).is_err());
+        // Non-finite values.
+        let mut nan = m.clone();
+        nan[1].data[3] = f32::NAN;
+        let mut asm = TensorAssembler::new(None, 1000);
+        let r: Result<(), _> = chunk_tensors(&nan, 1 << 20).try_for_each(|c| asm.push(c));
+        assert!(matches!(r, Err(FlError::NonFinite { .. })));
+    }
+
+    #[test]
+    fn safetensors_round_trip() {
+        let m = model();
+        let bytes = to_safetensors(&m).unwrap();
+        assert_eq!(from_safetensors(&bytes).unwrap(), m);
+        assert!(from_safetensors(b"not a model").is_err());
+    }
+}

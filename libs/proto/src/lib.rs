@@ -1,0 +1,15 @@
+//! Generated protobuf and gRPC code for Cohort's public API (`proto/cohort/v1`).
+//!
+//! This crate is the wire format only: no logic, no I/O. Other crates convert
+//! these types into validated domain types (`cohort-core`) at the edge.
+#![allow(clippy::all, clippy::unwrap_used, missing_docs)]
+
+pub mod v1 {
+    tonic::include_proto!("cohort.v1");
+}
+
+/// Encoded `FileDescriptorSet` of every Cohort proto, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/cohort_descriptor.bin"));
+
+/// Metadata key naming the job a round call belongs to; the proxy routes on it.
+pub const JOB_METADATA_KEY: &str = "x-cohort-job";

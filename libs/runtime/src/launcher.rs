@@ -1,0 +1,1 @@
+//! Launchers start and stop one coordinator per running job (DESIGN §1).

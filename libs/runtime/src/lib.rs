@@ -1,0 +1,247 @@
+//! Process plumbing shared by every Cohort binary: logging, configuration
+//! shared by all services, serving gRPC (with health and reflection), signals,
+//! client channels and the local process launcher.
+//!
+//! Must not depend on any service crate or on storage: services depend on it.
+
+pub mod launcher;
+pub mod process;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tonic::transport::{Channel, Endpoint};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    WriteFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid endpoint {endpoint:?}: {message}")]
+    Endpoint { endpoint: String, message: String },
+    #[error("gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    #[error("cannot start {program}: {source}")]
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Options every service takes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServiceArgs {
+    /// Address to serve gRPC on (port 0 picks a free port).
+    #[arg(long, env = "COHORT_LISTEN", default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+    /// Once listening, write the bound address to this file.
+    #[arg(long, env = "COHORT_READY_FILE")]
+    pub ready_file: Option<PathBuf>,
+    /// Log line format.
+    #[arg(long, env = "COHORT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// Logs go to stderr; `RUST_LOG` filters (default: info).
+pub fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
+                _ = int.recv() => tracing::info!("SIGINT received, shutting down"),
+            }
+        }
+        _ => {
+            // No signal handling available: never resolve rather than exit at once.
+            tracing::warn!("cannot install signal handlers");
+            std::future::pending::<()>().await
+        }
+    }
+}
+
+/// A bound listener, not yet serving: configuration is validated and the port
+/// is taken before anything else starts.
+pub struct Listener {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+}
+
+impl Listener {
+    pub async fn bind(addr: SocketAddr) -> Result<Self, RuntimeError> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| RuntimeError::Bind { addr, source })?;
+        let local_addr = listener.local_addr()?;
+        Ok(Self {
+            listener,
+            local_addr,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serves `routes` plus grpc.health.v1 and server reflection until `shutdown`
+    /// resolves. Writes the ready file once the health service reports SERVING.
+    pub async fn serve(
+        self,
+        service_name: &str,
+        routes: tonic::service::Routes,
+        ready_file: Option<&Path>,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), RuntimeError> {
+        let (reporter, health) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(cohort_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| RuntimeError::Endpoint {
+                endpoint: "reflection".into(),
+                message: e.to_string(),
+            })?;
+        let routes = routes.add_service(health).add_service(reflection);
+        if let Some(path) = ready_file {
+            write_atomic(path, self.local_addr.to_string().as_bytes())?;
+        }
+        tracing::info!(service = service_name, addr = %self.local_addr, "serving gRPC");
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(self.listener);
+        tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(20)))
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await?;
+        tracing::info!(service = service_name, "stopped");
+        Ok(())
+    }
+}
+
+/// Writes a file so readers never see it half-written.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), RuntimeError> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, data)
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .map_err(|source| RuntimeError::WriteFile {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// Normalises "host:port" or "http://host:port" into a URL.
+pub fn endpoint_url(endpoint: &str) -> String {
+    if endpoint.contains("://") {
+        endpoint.to_string()
+    } else {
+        format!("http://{endpoint}")
+    }
+}
+
+/// A channel that connects on first use and reconnects by itself.
+pub fn lazy_channel(endpoint: &str) -> Result<Channel, RuntimeError> {
+    let url = endpoint_url(endpoint);
+    let ep = Endpoint::from_shared(url.clone()).map_err(|e| RuntimeError::Endpoint {
+        endpoint: endpoint.to_string(),
+        message: e.to_string(),
+    })?;
+    Ok(ep
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_while_idle(true)
+        .connect_lazy())
+}
+
+/// Retries `op` with exponential backoff (100 ms doubling to 2 s) until it
+/// succeeds, fails with a non-retryable status, or `deadline` passes.
+pub async fn retry_unavailable<T, F, Fut>(
+    what: &str,
+    deadline: Duration,
+    mut op: F,
+) -> Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, tonic::Status>>,
+{
+    let start = tokio::time::Instant::now();
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match op().await {
+            Ok(v) => return Ok(v),
+            Err(s)
+                if is_retryable(&s) && start.elapsed() + delay < deadline =>
+            {
+                tracing::debug!(what, status = %s.message(), "retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            Err(s) => return Err(s),
+        }
+    }
+}
+
+/// Codes that a later attempt may not get (server restarting, overloaded).
+pub fn is_retryable(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded | tonic::Code::ResourceExhausted
+    )
+}
+
+/// Waits until a file exists and is non-empty; returns its contents.
+pub async fn wait_for_file(path: &Path, timeout: Duration) -> Option<String> {
+    let start = tokio::time::Instant::now();
+    while start.elapsed() < timeout {
+        if let Ok(s) = tokio::fs::read_to_string(path).await
+            && !s.trim().is_empty()
+        {
+            return Some(s.trim().to_string());
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    None
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

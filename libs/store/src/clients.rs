@@ -1,0 +1,234 @@
+//! The client store, owned by client-selector: registered parties, what they
+//! hold, and their reliability history.
+
+use async_trait::async_trait;
+use cohort_core::PartyId;
+use serde::{Deserialize, Serialize};
+use sqlx::sqlite::SqlitePool;
+use sqlx::{Row, sqlite::SqliteRow};
+
+use crate::{Result, StoreError};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatasetEntry {
+    pub name: String,
+    pub samples: u64,
+    pub features: u32,
+    pub classes: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ResourcesEntry {
+    pub cpus: u32,
+    pub memory_bytes: u64,
+    pub gpus: u32,
+    pub max_tasks: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ClientStats {
+    pub tasks_offered: u64,
+    pub tasks_accepted: u64,
+    pub tasks_succeeded: u64,
+    pub tasks_failed: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientRecord {
+    pub party: PartyId,
+    pub datasets: Vec<DatasetEntry>,
+    pub resources: ResourcesEntry,
+    pub first_seen_ms: i64,
+    pub last_seen_ms: i64,
+    pub stats: ClientStats,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskOutcome {
+    Offered,
+    Accepted,
+    Succeeded,
+    Failed,
+}
+
+#[async_trait]
+pub trait ClientStore: Send + Sync + 'static {
+    /// Records a registration: creates the party or replaces what it holds.
+    async fn upsert_client(
+        &self,
+        party: &PartyId,
+        datasets: &[DatasetEntry],
+        resources: &ResourcesEntry,
+        now_ms: i64,
+    ) -> Result<ClientRecord>;
+    async fn get_client(&self, party: &PartyId) -> Result<ClientRecord>;
+    async fn list_clients(&self) -> Result<Vec<ClientRecord>>;
+    async fn touch(&self, party: &PartyId, now_ms: i64) -> Result<()>;
+    /// Adds one to the counter of `outcome` (atomic: no lost increments).
+    async fn count_task(&self, party: &PartyId, outcome: TaskOutcome) -> Result<()>;
+}
+
+pub struct SqliteClientStore {
+    pool: SqlitePool,
+}
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/clients");
+
+impl SqliteClientStore {
+    pub async fn open(url: &str) -> Result<Self> {
+        Ok(Self {
+            pool: crate::open_sqlite(url, &MIGRATOR).await?,
+        })
+    }
+}
+
+const SELECT: &str = "SELECT c.party, c.datasets_json, c.resources_json, c.first_seen_ms, \
+    c.last_seen_ms, s.tasks_offered, s.tasks_accepted, s.tasks_succeeded, s.tasks_failed \
+    FROM clients c JOIN client_stats s ON s.party = c.party";
+
+fn client_from_row(row: &SqliteRow) -> Result<ClientRecord> {
+    let party: String = row.try_get("party")?;
+    let corrupt = |m: String| StoreError::Corrupt {
+        what: "client",
+        id: party.clone(),
+        message: m,
+    };
+    let datasets: String = row.try_get("datasets_json")?;
+    let resources: String = row.try_get("resources_json")?;
+    Ok(ClientRecord {
+        party: PartyId::parse(&party).map_err(|e| corrupt(e.to_string()))?,
+        datasets: serde_json::from_str(&datasets).map_err(|e| corrupt(e.to_string()))?,
+        resources: serde_json::from_str(&resources).map_err(|e| corrupt(e.to_string()))?,
+        first_seen_ms: row.try_get("first_seen_ms")?,
+        last_seen_ms: row.try_get("last_seen_ms")?,
+        stats: ClientStats {
+            tasks_offered: row.try_get::<i64, _>("tasks_offered")? as u64,
+            tasks_accepted: row.try_get::<i64, _>("tasks_accepted")? as u64,
+            tasks_succeeded: row.try_get::<i64, _>("tasks_succeeded")? as u64,
+            tasks_failed: row.try_get::<i64, _>("tasks_failed")? as u64,
+        },
+    })
+}
+
+fn not_found(party: &PartyId) -> StoreError {
+    StoreError::NotFound {
+        what: "client",
+        id: party.to_string(),
+    }
+}
+
+#[async_trait]
+impl ClientStore for SqliteClientStore {
+    async fn upsert_client(
+        &self,
+        party: &PartyId,
+        datasets: &[DatasetEntry],
+        resources: &ResourcesEntry,
+        now_ms: i64,
+    ) -> Result<ClientRecord> {
+        let datasets = serde_json::to_string(datasets)
+            .map_err(|e| StoreError::Conflict(format!("datasets: {e}")))?;
+        let resources = serde_json::to_string(resources)
+            .map_err(|e| StoreError::Conflict(format!("resources: {e}")))?;
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO clients (party, datasets_json, resources_json, first_seen_ms, last_seen_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?4) ON CONFLICT (party) DO UPDATE SET \
+             datasets_json = excluded.datasets_json, resources_json = excluded.resources_json, \
+             last_seen_ms = excluded.last_seen_ms",
+        )
+        .bind(party.as_str())
+        .bind(&datasets)
+        .bind(&resources)
+        .bind(now_ms)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("INSERT OR IGNORE INTO client_stats (party) VALUES (?1)")
+            .bind(party.as_str())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        self.get_client(party).await
+    }
+
+    async fn get_client(&self, party: &PartyId) -> Result<ClientRecord> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT} WHERE c.party = ?1")))
+            .bind(party.as_str())
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| not_found(party))?;
+        client_from_row(&row)
+    }
+
+    async fn list_clients(&self) -> Result<Vec<ClientRecord>> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT} ORDER BY c.party")))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(client_from_row).collect()
+    }
+
+    async fn touch(&self, party: &PartyId, now_ms: i64) -> Result<()> {
+        let n = sqlx::query("UPDATE clients SET last_seen_ms = MAX(last_seen_ms, ?2) WHERE party = ?1")
+            .bind(party.as_str())
+            .bind(now_ms)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        if n == 0 {
+            return Err(not_found(party));
+        }
+        Ok(())
+    }
+
+    async fn count_task(&self, party: &PartyId, outcome: TaskOutcome) -> Result<()> {
+        let column = match outcome {
+            TaskOutcome::Offered => "tasks_offered",
+            TaskOutcome::Accepted => "tasks_accepted",
+            TaskOutcome::Succeeded => "tasks_succeeded",
+            TaskOutcome::Failed => "tasks_failed",
+        };
+        let n = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE client_stats SET {column} = {column} + 1 WHERE party = ?1"
+        )))
+        .bind(party.as_str())
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        if n == 0 {
+            return Err(not_found(party));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn register_update_and_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("c.db").display());
+        let s = std::sync::Arc::new(SqliteClientStore::open(&url).await.unwrap());
+        let p = PartyId::parse("hospital-a").unwrap();
+        let ds = vec![DatasetEntry { name: "digits".into(), samples: 10, features: 64, classes: 10 }];
+        s.upsert_client(&p, &ds, &ResourcesEntry::default(), 1).await.unwrap();
+        let ds2 = vec![DatasetEntry { name: "digits".into(), samples: 20, features: 64, classes: 10 }];
+        let c = s.upsert_client(&p, &ds2, &ResourcesEntry::default(), 5).await.unwrap();
+        assert_eq!(c.datasets, ds2);
+        assert_eq!((c.first_seen_ms, c.last_seen_ms), (1, 5));
+        let mut tasks = Vec::new();
+        for _ in 0..20 {
+            let (s, p) = (s.clone(), p.clone());
+            tasks.push(tokio::spawn(async move { s.count_task(&p, TaskOutcome::Succeeded).await }));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        assert_eq!(s.get_client(&p).await.unwrap().stats.tasks_succeeded, 20);
+        let ghost = PartyId::parse("ghost").unwrap();
+        assert!(matches!(s.touch(&ghost, 1).await, Err(StoreError::NotFound { .. })));
+        assert_eq!(s.list_clients().await.unwrap().len(), 1);
+    }
+}

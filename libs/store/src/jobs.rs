@@ -1,0 +1,499 @@
+//! The job store, owned by job-scheduler: jobs, their events and round history.
+
+use async_trait::async_trait;
+use cohort_core::{JobId, JobState};
+use sqlx::sqlite::SqlitePool;
+use sqlx::{Row, sqlite::SqliteRow};
+
+use crate::{Page, Result, StoreError};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRecord {
+    pub id: JobId,
+    pub name: String,
+    pub namespace: String,
+    pub spec_json: String,
+    pub state: JobState,
+    pub reason: String,
+    pub rounds_total: u32,
+    pub rounds_completed: u32,
+    pub coordinator_endpoint: Option<String>,
+    pub coordinator_pid: Option<u32>,
+    pub launch_attempts: u32,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+    /// Optimistic concurrency: an update must carry the version it read.
+    pub version: i64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobEventRecord {
+    pub seq: u64,
+    pub time_ms: i64,
+    pub from: Option<JobState>,
+    pub to: JobState,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoundRecord {
+    pub round: u32,
+    pub eval_loss: f64,
+    pub eval_accuracy: f64,
+    pub eval_samples: u64,
+    pub train_loss: f64,
+    pub updates: u32,
+    pub model_version: u32,
+    pub duration_ms: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    pub namespace: Option<String>,
+    pub state: Option<JobState>,
+}
+
+#[async_trait]
+pub trait JobStore: Send + Sync + 'static {
+    /// Stores a new job and its first event (→ its state). Conflict if the id exists.
+    async fn insert_job(&self, job: &JobRecord, reason: &str) -> Result<()>;
+    async fn get_job(&self, id: &JobId) -> Result<JobRecord>;
+    /// Oldest first; `page_token` is the one a previous page returned.
+    async fn list_jobs(
+        &self,
+        filter: &JobFilter,
+        page_size: u32,
+        page_token: Option<&str>,
+    ) -> Result<Page<JobRecord>>;
+    /// Jobs in any of `states` (recovery after a restart).
+    async fn jobs_in_states(&self, states: &[JobState]) -> Result<Vec<JobRecord>>;
+    /// Writes `job` if its version is still the stored one, recording an event when
+    /// the state changed. Returns the stored record (version + 1). Conflict otherwise.
+    async fn update_job(&self, job: &JobRecord, now_ms: i64) -> Result<JobRecord>;
+    /// Records a completed round and advances `rounds_completed`, atomically.
+    /// Idempotent: reporting the same round again changes nothing.
+    async fn record_round(&self, id: &JobId, round: &RoundRecord, now_ms: i64) -> Result<JobRecord>;
+    async fn list_rounds(&self, id: &JobId) -> Result<Vec<RoundRecord>>;
+    async fn list_events(&self, id: &JobId) -> Result<Vec<JobEventRecord>>;
+    /// Removes the job with its events and rounds.
+    async fn delete_job(&self, id: &JobId) -> Result<()>;
+}
+
+pub struct SqliteJobStore {
+    pool: SqlitePool,
+}
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/jobs");
+
+impl SqliteJobStore {
+    pub async fn open(url: &str) -> Result<Self> {
+        Ok(Self {
+            pool: crate::open_sqlite(url, &MIGRATOR).await?,
+        })
+    }
+}
+
+const JOB_COLUMNS: &str = "seq, id, name, namespace, spec_json, state, reason, rounds_total, \
+    rounds_completed, coordinator_endpoint, coordinator_pid, launch_attempts, created_at_ms, \
+    updated_at_ms, version";
+
+fn corrupt(id: &str, message: impl Into<String>) -> StoreError {
+    StoreError::Corrupt {
+        what: "job",
+        id: id.to_string(),
+        message: message.into(),
+    }
+}
+
+fn job_from_row(row: &SqliteRow) -> Result<JobRecord> {
+    let id: String = row.try_get("id")?;
+    let state: String = row.try_get("state")?;
+    let pid: Option<i64> = row.try_get("coordinator_pid")?;
+    Ok(JobRecord {
+        id: JobId::parse(&id).map_err(|e| corrupt(&id, e.to_string()))?,
+        name: row.try_get("name")?,
+        namespace: row.try_get("namespace")?,
+        spec_json: row.try_get("spec_json")?,
+        state: state.parse().map_err(|_| corrupt(&id, format!("state {state:?}")))?,
+        reason: row.try_get("reason")?,
+        rounds_total: row.try_get::<i64, _>("rounds_total")? as u32,
+        rounds_completed: row.try_get::<i64, _>("rounds_completed")? as u32,
+        coordinator_endpoint: row.try_get("coordinator_endpoint")?,
+        coordinator_pid: pid.map(|p| p as u32),
+        launch_attempts: row.try_get::<i64, _>("launch_attempts")? as u32,
+        created_at_ms: row.try_get("created_at_ms")?,
+        updated_at_ms: row.try_get("updated_at_ms")?,
+        version: row.try_get("version")?,
+    })
+}
+
+fn not_found(id: &JobId) -> StoreError {
+    StoreError::NotFound {
+        what: "job",
+        id: id.to_string(),
+    }
+}
+
+async fn insert_event(
+    tx: &mut sqlx::SqliteConnection,
+    id: &JobId,
+    time_ms: i64,
+    from: Option<JobState>,
+    to: JobState,
+    reason: &str,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO job_events (job_id, seq, time_ms, from_state, to_state, reason) \
+         VALUES (?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM job_events WHERE job_id = ?1), ?2, ?3, ?4, ?5)",
+    )
+    .bind(id.as_str())
+    .bind(time_ms)
+    .bind(from.map(|s| s.as_str()))
+    .bind(to.as_str())
+    .bind(reason)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+#[async_trait]
+impl JobStore for SqliteJobStore {
+    async fn insert_job(&self, job: &JobRecord, reason: &str) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let res = sqlx::query(
+            "INSERT INTO jobs (id, name, namespace, spec_json, state, reason, rounds_total, \
+             rounds_completed, coordinator_endpoint, coordinator_pid, launch_attempts, \
+             created_at_ms, updated_at_ms, version) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, 1)",
+        )
+        .bind(job.id.as_str())
+        .bind(&job.name)
+        .bind(&job.namespace)
+        .bind(&job.spec_json)
+        .bind(job.state.as_str())
+        .bind(&job.reason)
+        .bind(job.rounds_total as i64)
+        .bind(job.rounds_completed as i64)
+        .bind(&job.coordinator_endpoint)
+        .bind(job.coordinator_pid.map(|p| p as i64))
+        .bind(job.launch_attempts as i64)
+        .bind(job.created_at_ms)
+        .bind(job.updated_at_ms)
+        .execute(&mut *tx)
+        .await;
+        match res {
+            Err(sqlx::Error::Database(db)) if db.is_unique_violation() => {
+                return Err(StoreError::Conflict(format!("job {} exists", job.id)));
+            }
+            r => {
+                r?;
+            }
+        }
+        insert_event(&mut tx, &job.id, job.created_at_ms, None, job.state, reason).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn get_job(&self, id: &JobId) -> Result<JobRecord> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1")))
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| not_found(id))?;
+        job_from_row(&row)
+    }
+
+    async fn list_jobs(
+        &self,
+        filter: &JobFilter,
+        page_size: u32,
+        page_token: Option<&str>,
+    ) -> Result<Page<JobRecord>> {
+        let after: i64 = match page_token {
+            None | Some("") => 0,
+            Some(t) => t.parse().map_err(|_| StoreError::Conflict(format!(
+                "invalid page token {:?}",
+                t.chars().take(40).collect::<String>()
+            )))?,
+        };
+        let size = page_size.clamp(1, 500) as i64;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE seq > ?1 \
+             AND (?2 IS NULL OR namespace = ?2) AND (?3 IS NULL OR state = ?3) \
+             ORDER BY seq LIMIT ?4"
+        )))
+        .bind(after)
+        .bind(filter.namespace.as_deref())
+        .bind(filter.state.map(|s| s.as_str()))
+        .bind(size + 1)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut items = Vec::with_capacity(rows.len());
+        let mut last_seq = 0i64;
+        for row in rows.iter().take(size as usize) {
+            items.push(job_from_row(row)?);
+            last_seq = row.try_get("seq")?;
+        }
+        let next_token = (rows.len() as i64 > size).then(|| last_seq.to_string());
+        Ok(Page { items, next_token })
+    }
+
+    async fn jobs_in_states(&self, states: &[JobState]) -> Result<Vec<JobRecord>> {
+        let mut out = Vec::new();
+        for state in states {
+            let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {JOB_COLUMNS} FROM jobs WHERE state = ?1 ORDER BY seq"
+            )))
+            .bind(state.as_str())
+            .fetch_all(&self.pool)
+            .await?;
+            for row in &rows {
+                out.push(job_from_row(row)?);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn update_job(&self, job: &JobRecord, now_ms: i64) -> Result<JobRecord> {
+        let mut tx = self.pool.begin().await?;
+        let current: Option<String> =
+            sqlx::query_scalar("SELECT state FROM jobs WHERE id = ?1 AND version = ?2")
+                .bind(job.id.as_str())
+                .bind(job.version)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(current) = current else {
+            let exists: Option<i64> = sqlx::query_scalar("SELECT version FROM jobs WHERE id = ?1")
+                .bind(job.id.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+            return Err(match exists {
+                None => not_found(&job.id),
+                Some(v) => StoreError::Conflict(format!(
+                    "job {} changed (version {v}, update based on {})",
+                    job.id, job.version
+                )),
+            });
+        };
+        let from: JobState = current
+            .parse()
+            .map_err(|_| corrupt(job.id.as_str(), format!("state {current:?}")))?;
+        sqlx::query(
+            "UPDATE jobs SET state = ?2, reason = ?3, rounds_completed = ?4, \
+             coordinator_endpoint = ?5, coordinator_pid = ?6, launch_attempts = ?7, \
+             updated_at_ms = ?8, version = version + 1, spec_json = ?9 WHERE id = ?1",
+        )
+        .bind(job.id.as_str())
+        .bind(job.state.as_str())
+        .bind(&job.reason)
+        .bind(job.rounds_completed as i64)
+        .bind(&job.coordinator_endpoint)
+        .bind(job.coordinator_pid.map(|p| p as i64))
+        .bind(job.launch_attempts as i64)
+        .bind(now_ms)
+        .bind(&job.spec_json)
+        .execute(&mut *tx)
+        .await?;
+        if from != job.state {
+            insert_event(&mut tx, &job.id, now_ms, Some(from), job.state, &job.reason).await?;
+        }
+        tx.commit().await?;
+        self.get_job(&job.id).await
+    }
+
+    async fn record_round(&self, id: &JobId, r: &RoundRecord, now_ms: i64) -> Result<JobRecord> {
+        let mut tx = self.pool.begin().await?;
+        let exists: Option<i64> = sqlx::query_scalar("SELECT version FROM jobs WHERE id = ?1")
+            .bind(id.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+        if exists.is_none() {
+            return Err(not_found(id));
+        }
+        let inserted = sqlx::query(
+            "INSERT OR IGNORE INTO job_rounds (job_id, round, eval_loss, eval_accuracy, \
+             eval_samples, train_loss, updates, model_version, duration_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )
+        .bind(id.as_str())
+        .bind(r.round as i64)
+        .bind(r.eval_loss)
+        .bind(r.eval_accuracy)
+        .bind(r.eval_samples as i64)
+        .bind(r.train_loss)
+        .bind(r.updates as i64)
+        .bind(r.model_version as i64)
+        .bind(r.duration_ms as i64)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if inserted > 0 {
+            sqlx::query(
+                "UPDATE jobs SET rounds_completed = MAX(rounds_completed, ?2), \
+                 updated_at_ms = ?3, version = version + 1 WHERE id = ?1",
+            )
+            .bind(id.as_str())
+            .bind(r.round as i64)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        self.get_job(id).await
+    }
+
+    async fn list_rounds(&self, id: &JobId) -> Result<Vec<RoundRecord>> {
+        let rows = sqlx::query("SELECT * FROM job_rounds WHERE job_id = ?1 ORDER BY round")
+            .bind(id.as_str())
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(RoundRecord {
+                    round: row.try_get::<i64, _>("round")? as u32,
+                    eval_loss: row.try_get("eval_loss")?,
+                    eval_accuracy: row.try_get("eval_accuracy")?,
+                    eval_samples: row.try_get::<i64, _>("eval_samples")? as u64,
+                    train_loss: row.try_get("train_loss")?,
+                    updates: row.try_get::<i64, _>("updates")? as u32,
+                    model_version: row.try_get::<i64, _>("model_version")? as u32,
+                    duration_ms: row.try_get::<i64, _>("duration_ms")? as u64,
+                })
+            })
+            .collect()
+    }
+
+    async fn list_events(&self, id: &JobId) -> Result<Vec<JobEventRecord>> {
+        let rows = sqlx::query("SELECT * FROM job_events WHERE job_id = ?1 ORDER BY seq")
+            .bind(id.as_str())
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let from: Option<String> = row.try_get("from_state")?;
+                let to: String = row.try_get("to_state")?;
+                Ok(JobEventRecord {
+                    seq: row.try_get::<i64, _>("seq")? as u64,
+                    time_ms: row.try_get("time_ms")?,
+                    from: match from {
+                        Some(f) => Some(
+                            f.parse()
+                                .map_err(|_| corrupt(id.as_str(), format!("event state {f:?}")))?,
+                        ),
+                        None => None,
+                    },
+                    to: to
+                        .parse()
+                        .map_err(|_| corrupt(id.as_str(), format!("event state {to:?}")))?,
+                    reason: row.try_get("reason")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn delete_job(&self, id: &JobId) -> Result<()> {
+        let n = sqlx::query("DELETE FROM jobs WHERE id = ?1")
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        if n == 0 {
+            return Err(not_found(id));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn job(name: &str, ns: &str) -> JobRecord {
+        JobRecord {
+            id: JobId::generate(name),
+            name: name.into(),
+            namespace: ns.into(),
+            spec_json: "{}".into(),
+            state: JobState::Queued,
+            reason: "created".into(),
+            rounds_total: 3,
+            rounds_completed: 0,
+            coordinator_endpoint: None,
+            coordinator_pid: None,
+            launch_attempts: 0,
+            created_at_ms: 1,
+            updated_at_ms: 1,
+            version: 1,
+        }
+    }
+
+    async fn store() -> (tempfile::TempDir, SqliteJobStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("jobs.db").display());
+        (dir, SqliteJobStore::open(&url).await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn lifecycle_with_events_and_conflicts() {
+        let (_d, s) = store().await;
+        let j = job("a", "default");
+        s.insert_job(&j, "created").await.unwrap();
+        assert!(matches!(s.insert_job(&j, "again").await, Err(StoreError::Conflict(_))));
+        let mut got = s.get_job(&j.id).await.unwrap();
+        assert_eq!(got, j);
+        got.state = JobState::Starting;
+        got.reason = "launching".into();
+        let stored = s.update_job(&got, 5).await.unwrap();
+        assert_eq!(stored.version, 2);
+        // A stale writer loses instead of overwriting.
+        assert!(matches!(s.update_job(&got, 6).await, Err(StoreError::Conflict(_))));
+        let events = s.list_events(&j.id).await.unwrap();
+        assert_eq!(events.len(), 2);
+        assert_eq!(events[1].from, Some(JobState::Queued));
+        assert_eq!(events[1].to, JobState::Starting);
+        assert_eq!(events[1].reason, "launching");
+        let round = RoundRecord { round: 1, eval_loss: 0.5, eval_accuracy: 0.9, eval_samples: 10, train_loss: 0.6, updates: 2, model_version: 1, duration_ms: 3 };
+        let after = s.record_round(&j.id, &round, 7).await.unwrap();
+        assert_eq!(after.rounds_completed, 1);
+        let again = s.record_round(&j.id, &round, 8).await.unwrap();
+        assert_eq!(again.version, after.version, "a repeated report changes nothing");
+        assert_eq!(s.list_rounds(&j.id).await.unwrap(), vec![round]);
+        s.delete_job(&j.id).await.unwrap();
+        assert!(matches!(s.get_job(&j.id).await, Err(StoreError::NotFound { .. })));
+        assert!(s.list_events(&j.id).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn pagination_and_filters() {
+        let (_d, s) = store().await;
+        let mut ids = Vec::new();
+        for i in 0..7 {
+            let j = job(&format!("j{i}"), if i % 2 == 0 { "even" } else { "odd" });
+            s.insert_job(&j, "created").await.unwrap();
+            ids.push(j.id);
+        }
+        let mut seen = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = s.list_jobs(&JobFilter::default(), 3, token.as_deref()).await.unwrap();
+            seen.extend(page.items.into_iter().map(|j| j.id));
+            match page.next_token {
+                Some(t) => token = Some(t),
+                None => break,
+            }
+        }
+        assert_eq!(seen, ids);
+        let odd = s
+            .list_jobs(&JobFilter { namespace: Some("odd".into()), state: None }, 50, None)
+            .await
+            .unwrap();
+        assert_eq!(odd.items.len(), 3);
+        let running = s
+            .list_jobs(&JobFilter { namespace: None, state: Some(JobState::Running) }, 50, None)
+            .await
+            .unwrap();
+        assert!(running.items.is_empty());
+        assert!(s.list_jobs(&JobFilter::default(), 3, Some("x")).await.is_err());
+    }
+}

@@ -1,0 +1,63 @@
+//! Metadata stores: one trait per owning service (jobs, models, clients) and
+//! their SQLite implementations (the embedded default).
+//!
+//! Services hold an `Arc<dyn ...Store>` and never see SQL. This crate must not
+//! depend on gRPC or on any service crate.
+
+pub mod clients;
+pub mod jobs;
+pub mod models;
+mod sqlite;
+
+pub use sqlite::open_sqlite;
+
+/// Store errors, mapped once onto gRPC codes by the services.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{what} {id:?} not found")]
+    NotFound { what: &'static str, id: String },
+    /// The record exists already, or changed since it was read.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error("invalid database URL {url:?}: {message}")]
+    InvalidUrl { url: String, message: String },
+    /// The database cannot be reached or failed; the request may be retried.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    #[error("corrupt record {what} {id:?}: {message}")]
+    Corrupt {
+        what: &'static str,
+        id: String,
+        message: String,
+    },
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::RowNotFound => StoreError::NotFound {
+                what: "record",
+                id: String::new(),
+            },
+            sqlx::Error::Database(db) if db.is_unique_violation() => {
+                StoreError::Conflict(db.message().to_string())
+            }
+            _ => StoreError::Unavailable(e.to_string()),
+        }
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for StoreError {
+    fn from(e: sqlx::migrate::MigrateError) -> Self {
+        StoreError::Unavailable(format!("migration failed: {e}"))
+    }
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A page of results and the token for the next one (None: last page).
+#[derive(Debug, Clone)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next_token: Option<String>,
+}
