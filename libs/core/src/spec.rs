@@ -204,9 +204,10 @@ fn default_round_timeout() -> Duration {
     Duration::from_secs(60)
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(tag = "strategy", rename_all = "snake_case", deny_unknown_fields)]
 pub enum AggregationSpec {
+    #[default]
     Fedavg,
     Fedprox { mu: f64 },
     Fedadam,
@@ -216,12 +217,6 @@ pub enum AggregationSpec {
     Median,
     TrimmedMean { beta: f64 },
     Krum { f: u32 },
-}
-
-impl Default for AggregationSpec {
-    fn default() -> Self {
-        AggregationSpec::Fedavg
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]

@@ -245,3 +245,34 @@ pub fn now_ms() -> i64 {
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
 }
+
+/// The one mapping from error kinds to gRPC status codes.
+pub fn status(kind: cohort_core::ErrorKind, message: impl Into<String>) -> tonic::Status {
+    use cohort_core::ErrorKind;
+    let code = match kind {
+        ErrorKind::InvalidArgument => tonic::Code::InvalidArgument,
+        ErrorKind::NotFound => tonic::Code::NotFound,
+        ErrorKind::Conflict => tonic::Code::Aborted,
+        ErrorKind::FailedPrecondition => tonic::Code::FailedPrecondition,
+        ErrorKind::Unavailable => tonic::Code::Unavailable,
+        ErrorKind::DataLoss => tonic::Code::DataLoss,
+        ErrorKind::PermissionDenied => tonic::Code::PermissionDenied,
+        ErrorKind::Internal => tonic::Code::Internal,
+    };
+    tonic::Status::new(code, message)
+}
+
+/// Errors that know their kind map onto a status in one place.
+pub trait ToStatus {
+    fn to_status(&self) -> tonic::Status;
+}
+
+impl<E: cohort_core::HasKind + std::fmt::Display + ?Sized> ToStatus for E {
+    fn to_status(&self) -> tonic::Status {
+        let kind = self.kind();
+        if matches!(kind, cohort_core::ErrorKind::Internal | cohort_core::ErrorKind::DataLoss) {
+            tracing::error!(error = %self, "request failed");
+        }
+        status(kind, self.to_string())
+    }
+}

@@ -61,3 +61,16 @@ pub struct Page<T> {
     pub items: Vec<T>,
     pub next_token: Option<String>,
 }
+
+impl cohort_core::HasKind for StoreError {
+    fn kind(&self) -> cohort_core::ErrorKind {
+        use cohort_core::ErrorKind;
+        match self {
+            StoreError::NotFound { .. } => ErrorKind::NotFound,
+            StoreError::Conflict(_) => ErrorKind::Conflict,
+            StoreError::InvalidUrl { .. } => ErrorKind::InvalidArgument,
+            StoreError::Unavailable(_) => ErrorKind::Unavailable,
+            StoreError::Corrupt { .. } => ErrorKind::DataLoss,
+        }
+    }
+}

@@ -1,0 +1,45 @@
+//! Error kinds: every crate's error says which kind it is, and one mapping in
+//! `cohort-runtime` turns kinds into gRPC codes (and HTTP statuses).
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The request is wrong; retrying it unchanged will fail again.
+    InvalidArgument,
+    NotFound,
+    /// Exists already, or changed under the caller.
+    Conflict,
+    /// The request is valid but not in the current state (e.g. delete a running job).
+    FailedPrecondition,
+    /// A dependency is down; retrying later may work.
+    Unavailable,
+    /// Stored data failed verification.
+    DataLoss,
+    PermissionDenied,
+    Internal,
+}
+
+impl ErrorKind {
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorKind::InvalidArgument => 400,
+            ErrorKind::NotFound => 404,
+            ErrorKind::Conflict => 409,
+            ErrorKind::FailedPrecondition => 412,
+            ErrorKind::Unavailable => 503,
+            ErrorKind::DataLoss => 500,
+            ErrorKind::PermissionDenied => 403,
+            ErrorKind::Internal => 500,
+        }
+    }
+}
+
+/// Implemented by every crate's error type; `cohort-runtime` maps kinds to statuses.
+pub trait HasKind {
+    fn kind(&self) -> ErrorKind;
+}
+
+impl HasKind for crate::SpecError {
+    fn kind(&self) -> ErrorKind {
+        ErrorKind::InvalidArgument
+    }
+}

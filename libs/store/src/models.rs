@@ -1,0 +1,452 @@
+//! The model registry's metadata, owned by model-manager: named models and
+//! their immutable, numbered versions with lineage and metrics. The bytes
+//! themselves live in the blob store, named by `digest`.
+
+use async_trait::async_trait;
+use sqlx::Row;
+use sqlx::sqlite::{SqlitePool, SqliteRow};
+
+use crate::{Result, StoreError, open_sqlite};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelVersionRecord {
+    pub name: String,
+    pub version: u32,
+    /// Hex sha256 of the safetensors file.
+    pub digest: String,
+    pub size_bytes: u64,
+    pub job_id: String,
+    pub round: u32,
+    /// 0 if none.
+    pub parent_version: u32,
+    pub loss: f64,
+    pub accuracy: f64,
+    pub samples: u64,
+    pub created_at_ms: i64,
+}
+
+/// A version to record; the store assigns its number.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewModelVersion {
+    pub name: String,
+    pub digest: String,
+    pub size_bytes: u64,
+    pub job_id: String,
+    pub round: u32,
+    pub parent_version: u32,
+    pub loss: f64,
+    pub accuracy: f64,
+    pub samples: u64,
+}
+
+#[async_trait]
+pub trait ModelStore: Send + Sync + 'static {
+    /// Assigns the next version number of `name` (1, 2, ...) atomically (two
+    /// concurrent inserts never get the same version) and stores it; creates
+    /// the model on first use.
+    async fn insert_version(&self, v: NewModelVersion, now_ms: i64) -> Result<ModelVersionRecord>;
+    /// `NotFound` names `model@version`.
+    async fn get_version(&self, name: &str, version: u32) -> Result<ModelVersionRecord>;
+    /// The highest version of `name`; `NotFound` if it has none.
+    async fn latest_version(&self, name: &str) -> Result<ModelVersionRecord>;
+    /// Filter by name and/or job id (None = any); ordered by name, version.
+    async fn list_versions(
+        &self,
+        name: Option<&str>,
+        job_id: Option<&str>,
+    ) -> Result<Vec<ModelVersionRecord>>;
+}
+
+pub struct SqliteModelStore {
+    pool: SqlitePool,
+}
+
+impl SqliteModelStore {
+    /// Opens (creating if missing) the database at `url` (`sqlite://PATH`)
+    /// and applies the models migrations.
+    pub async fn open(url: &str) -> Result<Self> {
+        let mut migrator = sqlx::migrate!("./migrations/models");
+        // Own history table: the jobs and clients migrations also start at
+        // version 1 and would clash if they shared a database file.
+        migrator.dangerous_set_table_name("_sqlx_migrations_models");
+        let pool = open_sqlite(url, &migrator).await?;
+        Ok(Self { pool })
+    }
+}
+
+macro_rules! columns {
+    () => {
+        "name, version, digest, size_bytes, job_id, round, parent_version, \
+         loss, accuracy, samples, created_at_ms"
+    };
+}
+
+fn to_i64(field: &str, value: u64, id: &str) -> Result<i64> {
+    i64::try_from(value).map_err(|_| StoreError::Corrupt {
+        what: "model version",
+        id: id.to_string(),
+        message: format!("{field} {value} exceeds the database's 63-bit range"),
+    })
+}
+
+fn decode(row: &SqliteRow) -> Result<ModelVersionRecord> {
+    let name: String = column(row, "name", "?")?;
+    let version: i64 = column(row, "version", &name)?;
+    let id = format!("{name}@{version}");
+    let unsigned = |field: &str| -> Result<u64> {
+        let v: i64 = column(row, field, &id)?;
+        u64::try_from(v).map_err(|_| corrupt(&id, format!("{field} is negative: {v}")))
+    };
+    let small = |field: &str, v: u64| -> Result<u32> {
+        u32::try_from(v).map_err(|_| corrupt(&id, format!("{field} out of range: {v}")))
+    };
+    // NULL is how SQLite stores NaN.
+    let real = |field: &str| -> Result<f64> {
+        Ok(column::<Option<f64>>(row, field, &id)?.unwrap_or(f64::NAN))
+    };
+    Ok(ModelVersionRecord {
+        version: small("version", unsigned("version")?)?,
+        digest: column(row, "digest", &id)?,
+        size_bytes: unsigned("size_bytes")?,
+        job_id: column(row, "job_id", &id)?,
+        round: small("round", unsigned("round")?)?,
+        parent_version: small("parent_version", unsigned("parent_version")?)?,
+        loss: real("loss")?,
+        accuracy: real("accuracy")?,
+        samples: unsigned("samples")?,
+        created_at_ms: column(row, "created_at_ms", &id)?,
+        name,
+    })
+}
+
+fn column<'r, T>(row: &'r SqliteRow, field: &str, id: &str) -> Result<T>
+where
+    T: sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>,
+{
+    row.try_get(field)
+        .map_err(|e| corrupt(id, format!("column {field}: {e}")))
+}
+
+fn corrupt(id: &str, message: String) -> StoreError {
+    StoreError::Corrupt {
+        what: "model version",
+        id: id.to_string(),
+        message,
+    }
+}
+
+#[async_trait]
+impl ModelStore for SqliteModelStore {
+    async fn insert_version(&self, v: NewModelVersion, now_ms: i64) -> Result<ModelVersionRecord> {
+        let size_bytes = to_i64("size_bytes", v.size_bytes, &v.name)?;
+        let samples = to_i64("samples", v.samples, &v.name)?;
+        // IMMEDIATE takes the write lock up front, so MAX(version) + 1 cannot
+        // race with another writer.
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::query(
+            "INSERT INTO models (name, created_at_ms) VALUES (?1, ?2) \
+             ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(&v.name)
+        .bind(now_ms)
+        .execute(&mut *tx)
+        .await?;
+        let row = sqlx::query(concat!(
+            "INSERT INTO model_versions (",
+            columns!(),
+            ") SELECT ?1, COALESCE(MAX(version), 0) + 1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10 \
+             FROM model_versions WHERE name = ?1 RETURNING ",
+            columns!()
+        ))
+        .bind(&v.name)
+        .bind(&v.digest)
+        .bind(size_bytes)
+        .bind(&v.job_id)
+        .bind(i64::from(v.round))
+        .bind(i64::from(v.parent_version))
+        .bind(v.loss)
+        .bind(v.accuracy)
+        .bind(samples)
+        .bind(now_ms)
+        .fetch_one(&mut *tx)
+        .await?;
+        let record = decode(&row)?;
+        tx.commit().await?;
+        Ok(record)
+    }
+
+    async fn get_version(&self, name: &str, version: u32) -> Result<ModelVersionRecord> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            columns!(),
+            " FROM model_versions WHERE name = ?1 AND version = ?2"
+        ))
+        .bind(name)
+        .bind(i64::from(version))
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(row) => decode(&row),
+            None => Err(StoreError::NotFound {
+                what: "model version",
+                id: format!("{name}@{version}"),
+            }),
+        }
+    }
+
+    async fn latest_version(&self, name: &str) -> Result<ModelVersionRecord> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            columns!(),
+            " FROM model_versions WHERE name = ?1 ORDER BY version DESC LIMIT 1"
+        ))
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(row) => decode(&row),
+            None => Err(StoreError::NotFound {
+                what: "model",
+                id: name.to_string(),
+            }),
+        }
+    }
+
+    async fn list_versions(
+        &self,
+        name: Option<&str>,
+        job_id: Option<&str>,
+    ) -> Result<Vec<ModelVersionRecord>> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            columns!(),
+            " FROM model_versions \
+             WHERE (?1 IS NULL OR name = ?1) AND (?2 IS NULL OR job_id = ?2) \
+             ORDER BY name, version"
+        ))
+        .bind(name)
+        .bind(job_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(decode).collect()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    struct TempDir(tempfile::TempDir);
+
+    impl TempDir {
+        fn new() -> Self {
+            TempDir(tempfile::tempdir().unwrap())
+        }
+        fn url(&self) -> String {
+            format!("sqlite://{}", self.0.path().join("models.db").display())
+        }
+    }
+
+    fn new_version(name: &str, job: &str) -> NewModelVersion {
+        NewModelVersion {
+            name: name.to_string(),
+            digest: "ab".repeat(32),
+            size_bytes: 1234,
+            job_id: job.to_string(),
+            round: 3,
+            parent_version: 0,
+            loss: 0.5,
+            accuracy: 0.75,
+            samples: 100,
+        }
+    }
+
+    #[tokio::test]
+    async fn versions_increment_and_read_back() {
+        let dir = TempDir::new();
+        let store = SqliteModelStore::open(&dir.url()).await.unwrap();
+        let v1 = store
+            .insert_version(new_version("mnist", "job-a"), 1000)
+            .await
+            .unwrap();
+        assert_eq!(v1.version, 1);
+        let mut second = new_version("mnist", "job-a");
+        second.parent_version = 1;
+        second.round = 4;
+        let v2 = store.insert_version(second, 2000).await.unwrap();
+        assert_eq!(v2.version, 2);
+        assert_eq!(v2.parent_version, 1);
+        assert_eq!(v2.round, 4);
+        assert_eq!(v2.created_at_ms, 2000);
+        let other = store
+            .insert_version(new_version("cifar", "job-b"), 3000)
+            .await
+            .unwrap();
+        assert_eq!(other.version, 1);
+
+        assert_eq!(store.get_version("mnist", 1).await.unwrap(), v1);
+        assert_eq!(store.latest_version("mnist").await.unwrap(), v2);
+
+        // Survives a reopen (migrations are not re-applied).
+        drop(store);
+        let store = SqliteModelStore::open(&dir.url()).await.unwrap();
+        assert_eq!(store.get_version("mnist", 2).await.unwrap(), v2);
+        assert_eq!(
+            store
+                .insert_version(new_version("mnist", "job-a"), 4000)
+                .await
+                .unwrap()
+                .version,
+            3
+        );
+    }
+
+    #[tokio::test]
+    async fn nan_metrics_round_trip() {
+        let dir = TempDir::new();
+        let store = SqliteModelStore::open(&dir.url()).await.unwrap();
+        let mut v = new_version("diverged", "");
+        v.loss = f64::NAN;
+        let rec = store.insert_version(v, 1).await.unwrap();
+        assert!(rec.loss.is_nan());
+        assert_eq!(rec.accuracy, 0.75);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_inserts_get_distinct_versions() {
+        let dir = TempDir::new();
+        let store = Arc::new(SqliteModelStore::open(&dir.url()).await.unwrap());
+        let tasks: Vec<_> = (0..24)
+            .map(|i| {
+                let store = store.clone();
+                let name = if i % 3 == 0 { "b" } else { "a" };
+                tokio::spawn(async move {
+                    store
+                        .insert_version(new_version(name, "job"), i)
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        let mut a = Vec::new();
+        let mut b = Vec::new();
+        for t in tasks {
+            let rec = t.await.unwrap();
+            if rec.name == "a" {
+                a.push(rec.version)
+            } else {
+                b.push(rec.version)
+            }
+        }
+        a.sort();
+        b.sort();
+        assert_eq!(a, (1..=16).collect::<Vec<_>>());
+        assert_eq!(b, (1..=8).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn missing_versions_are_not_found() {
+        let dir = TempDir::new();
+        let store = SqliteModelStore::open(&dir.url()).await.unwrap();
+        match store.get_version("nope", 7).await {
+            Err(StoreError::NotFound { id, .. }) => assert_eq!(id, "nope@7"),
+            other => panic!("expected NotFound, got {other:?}"),
+        }
+        match store.latest_version("nope").await {
+            Err(StoreError::NotFound { id, .. }) => assert_eq!(id, "nope"),
+            other => panic!("expected NotFound, got {other:?}"),
+        }
+        store
+            .insert_version(new_version("nope", "j"), 1)
+            .await
+            .unwrap();
+        assert!(matches!(
+            store.get_version("nope", 2).await,
+            Err(StoreError::NotFound { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn list_filters_by_name_and_job() {
+        let dir = TempDir::new();
+        let store = SqliteModelStore::open(&dir.url()).await.unwrap();
+        for (name, job) in [
+            ("m2", "j1"),
+            ("m1", "j1"),
+            ("m1", "j2"),
+            ("m2", "j2"),
+            ("m1", "j1"),
+        ] {
+            store
+                .insert_version(new_version(name, job), 1)
+                .await
+                .unwrap();
+        }
+        let key = |r: &ModelVersionRecord| (r.name.clone(), r.version, r.job_id.clone());
+        let all: Vec<_> = store
+            .list_versions(None, None)
+            .await
+            .unwrap()
+            .iter()
+            .map(key)
+            .collect();
+        assert_eq!(
+            all,
+            vec![
+                ("m1".into(), 1, "j1".into()),
+                ("m1".into(), 2, "j2".into()),
+                ("m1".into(), 3, "j1".into()),
+                ("m2".into(), 1, "j1".into()),
+                ("m2".into(), 2, "j2".into()),
+            ]
+        );
+        let m1: Vec<_> = store
+            .list_versions(Some("m1"), None)
+            .await
+            .unwrap()
+            .iter()
+            .map(key)
+            .collect();
+        assert_eq!(m1.len(), 3);
+        let j2: Vec<_> = store
+            .list_versions(None, Some("j2"))
+            .await
+            .unwrap()
+            .iter()
+            .map(key)
+            .collect();
+        assert_eq!(
+            j2,
+            vec![("m1".into(), 2, "j2".into()), ("m2".into(), 2, "j2".into())]
+        );
+        let both: Vec<_> = store
+            .list_versions(Some("m1"), Some("j1"))
+            .await
+            .unwrap()
+            .iter()
+            .map(key)
+            .collect();
+        assert_eq!(
+            both,
+            vec![("m1".into(), 1, "j1".into()), ("m1".into(), 3, "j1".into())]
+        );
+        assert!(
+            store
+                .list_versions(Some("none"), None)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[tokio::test]
+    async fn bad_url_is_refused() {
+        assert!(matches!(
+            SqliteModelStore::open("postgres://localhost/x").await,
+            Err(StoreError::InvalidUrl { .. })
+        ));
+    }
+}

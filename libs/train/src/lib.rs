@@ -1,0 +1,25 @@
+//! cohort-train: local datasets and on-device training with candle (DESIGN §5).
+//!
+//! Loads a party's dataset from local files (CSV, NPY, IDX), partitions datasets for
+//! simulations and demos (IID, Dirichlet label skew), and builds, trains and evaluates the
+//! built-in models (logreg, mlp, cnn) on the CPU. Weights cross crate boundaries as
+//! [`NamedTensor`]s.
+//!
+//! This crate is pure compute plus reading local data files: it must not depend on gRPC,
+//! networking or storage crates, so that it can run inside any executor and in tests.
+
+mod data;
+mod error;
+mod model;
+mod partition;
+
+pub use data::{DataFormat, Dataset, load_dataset, write_csv};
+pub use error::TrainError;
+pub use model::{
+    Evaluation, TrainOutcome, evaluate, init_model, model_classes, param_shapes, train,
+};
+pub use partition::{partition_dirichlet, partition_iid, split_train_test};
+
+/// One named f32 tensor, row-major: how weights travel between crates. The type lives in
+/// cohort-core so that aggregation and the wire format share it without depending on candle.
+pub use cohort_core::tensor::NamedTensor;

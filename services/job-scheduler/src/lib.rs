@@ -1,0 +1,146 @@
+//! job-scheduler: the job API, the job state machine and the launcher of one
+//! coordinator per running job.
+//!
+//! Owns the jobs store and nothing else; talks to other services only over
+//! gRPC. The state machine (`manager`) knows no protobuf; `service` is the edge.
+
+pub mod manager;
+pub mod service;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use cohort_proto::v1::{job_control_server::JobControlServer, jobs_server::JobsServer};
+use cohort_runtime::launcher::{CoordinatorConfig, Launcher, LocalLauncher};
+use cohort_runtime::{Listener, ServiceArgs};
+use cohort_store::jobs::SqliteJobStore;
+use tonic::service::Routes;
+
+use crate::manager::{JobManager, ManagerConfig};
+
+#[derive(Debug, clap::Parser)]
+#[command(name = "job-scheduler", about = "Cohort job API and coordinator launcher")]
+pub struct Args {
+    #[command(flatten)]
+    pub service: ServiceArgs,
+    /// Metadata database (sqlite://PATH).
+    #[arg(long, env = "COHORT_DATABASE_URL")]
+    pub database_url: String,
+    /// model-manager endpoint handed to coordinators (host:port).
+    #[arg(long, env = "COHORT_MODEL_MANAGER")]
+    pub model_manager: String,
+    /// client-selector endpoint handed to coordinators (host:port).
+    #[arg(long, env = "COHORT_CLIENT_SELECTOR")]
+    pub client_selector: String,
+    /// Address coordinators use to reach this service (default: the bound address).
+    #[arg(long, env = "COHORT_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// The coordinator binary (default: `coordinator` next to this one).
+    #[arg(long, env = "COHORT_COORDINATOR_BIN")]
+    pub coordinator_bin: Option<PathBuf>,
+    /// Where coordinator logs are written.
+    #[arg(long, env = "COHORT_WORK_DIR", default_value = "cohort-work")]
+    pub work_dir: PathBuf,
+    /// Coordinator launches per job before the job fails.
+    #[arg(long, env = "COHORT_MAX_LAUNCH_ATTEMPTS", default_value_t = 5)]
+    pub max_launch_attempts: u32,
+}
+
+impl Args {
+    pub async fn run(self) -> anyhow::Result<()> {
+        for (field, v) in [("--model-manager", &self.model_manager), ("--client-selector", &self.client_selector)] {
+            validate_endpoint(field, v)?;
+        }
+        if self.max_launch_attempts == 0 {
+            anyhow::bail!("--max-launch-attempts: must be at least 1");
+        }
+        let coordinator_bin = self
+            .coordinator_bin
+            .clone()
+            .unwrap_or_else(|| cohort_runtime::process::sibling_binary("coordinator"));
+        if !coordinator_bin.is_file() {
+            anyhow::bail!("--coordinator-bin: {} does not exist", coordinator_bin.display());
+        }
+        let store = SqliteJobStore::open(&self.database_url)
+            .await
+            .context("--database-url: cannot open the jobs store")?;
+        let listener = Listener::bind(self.service.listen).await?;
+        let advertise = self
+            .advertise
+            .clone()
+            .unwrap_or_else(|| advertised(listener.local_addr()));
+        let (exit_tx, mut exit_rx) = tokio::sync::mpsc::unbounded_channel();
+        let log_format = match self.service.log_format {
+            cohort_runtime::LogFormat::Text => "text",
+            cohort_runtime::LogFormat::Json => "json",
+        };
+        let launcher: Arc<dyn Launcher> = Arc::new(LocalLauncher::new(
+            coordinator_bin,
+            CoordinatorConfig {
+                job_scheduler: advertise,
+                model_manager: self.model_manager.clone(),
+                client_selector: self.client_selector.clone(),
+            },
+            self.work_dir.join("coordinators"),
+            vec!["--log-format".into(), log_format.into()],
+            exit_tx,
+        )?);
+        let manager = JobManager::new(
+            Arc::new(store),
+            launcher.clone(),
+            ManagerConfig {
+                max_launch_attempts: self.max_launch_attempts,
+                stop_grace: Duration::from_secs(10),
+            },
+        );
+        manager.recover().await.context("recovering running jobs")?;
+        let exits = manager.clone();
+        tokio::spawn(async move {
+            while let Some(exit) = exit_rx.recv().await {
+                if let Err(e) = exits.coordinator_exited(exit).await {
+                    tracing::error!(error = %e, "cannot handle coordinator exit");
+                }
+            }
+        });
+        tokio::spawn(manager.clone().run_scheduling_loop());
+        let routes = Routes::new(JobsServer::new(service::JobsApi { manager: manager.clone() }))
+            .add_service(JobControlServer::new(service::ControlApi { manager }));
+        listener
+            .serve(
+                "job-scheduler",
+                routes,
+                self.service.ready_file.as_deref(),
+                cohort_runtime::shutdown_signal(),
+            )
+            .await?;
+        // Local coordinators are our children: stop them; they resume from their
+        // last checkpoint when job-scheduler comes back.
+        launcher.stop_all(Duration::from_secs(5)).await;
+        Ok(())
+    }
+}
+
+fn validate_endpoint(field: &str, v: &str) -> anyhow::Result<()> {
+    let url = cohort_runtime::endpoint_url(v);
+    url.parse::<http_uri::Uri>()
+        .ok()
+        .filter(|u| u.host().is_some() && u.port_u16().is_some())
+        .map(|_| ())
+        .ok_or_else(|| anyhow::anyhow!("{field}: {v:?} is not a host:port endpoint"))
+}
+
+mod http_uri {
+    pub use tonic::codegen::http::Uri;
+}
+
+/// An address others can dial: an unspecified bind address becomes loopback.
+pub fn advertised(addr: SocketAddr) -> String {
+    if addr.ip().is_unspecified() {
+        format!("127.0.0.1:{}", addr.port())
+    } else {
+        addr.to_string()
+    }
+}

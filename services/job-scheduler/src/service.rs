@@ -1,0 +1,330 @@
+//! gRPC edge of job-scheduler: converts protobuf to domain types and back.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cohort_core::{JobId, JobState};
+use cohort_proto::v1 as pb;
+use cohort_runtime::ToStatus;
+use cohort_store::jobs::{JobFilter, JobRecord, RoundRecord};
+use futures::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::manager::{JobError, JobManager};
+
+pub fn state_to_pb(s: JobState) -> pb::JobState {
+    match s {
+        JobState::Queued => pb::JobState::Queued,
+        JobState::Starting => pb::JobState::Starting,
+        JobState::Running => pb::JobState::Running,
+        JobState::Stopping => pb::JobState::Stopping,
+        JobState::Succeeded => pb::JobState::Succeeded,
+        JobState::Failed => pb::JobState::Failed,
+        JobState::Stopped => pb::JobState::Stopped,
+        JobState::Deleting => pb::JobState::Deleting,
+    }
+}
+
+fn state_from_pb(field: &str, v: i32) -> Result<Option<JobState>, Status> {
+    let s = pb::JobState::try_from(v)
+        .map_err(|_| Status::invalid_argument(format!("{field}: unknown job state {v}")))?;
+    Ok(match s {
+        pb::JobState::Unspecified => None,
+        pb::JobState::Queued => Some(JobState::Queued),
+        pb::JobState::Starting => Some(JobState::Starting),
+        pb::JobState::Running => Some(JobState::Running),
+        pb::JobState::Stopping => Some(JobState::Stopping),
+        pb::JobState::Succeeded => Some(JobState::Succeeded),
+        pb::JobState::Failed => Some(JobState::Failed),
+        pb::JobState::Stopped => Some(JobState::Stopped),
+        pb::JobState::Deleting => Some(JobState::Deleting),
+    })
+}
+
+fn job_id(field: &str, s: &str) -> Result<JobId, Status> {
+    JobId::parse(s).map_err(|e| Status::invalid_argument(format!("{field}: {e}")))
+}
+
+fn round_to_pb(r: &RoundRecord) -> pb::RoundSummary {
+    pb::RoundSummary {
+        round: r.round,
+        evaluation: Some(pb::Metrics {
+            loss: r.eval_loss,
+            accuracy: r.eval_accuracy,
+            samples: r.eval_samples,
+        }),
+        train_loss: r.train_loss,
+        updates: r.updates,
+        model_version: r.model_version,
+        duration_ms: r.duration_ms,
+    }
+}
+
+pub fn job_to_pb(j: &JobRecord, rounds: &[RoundRecord]) -> pb::Job {
+    pb::Job {
+        id: j.id.to_string(),
+        name: j.name.clone(),
+        namespace: j.namespace.clone(),
+        state: state_to_pb(j.state) as i32,
+        spec_json: j.spec_json.clone(),
+        rounds_total: j.rounds_total,
+        rounds_completed: j.rounds_completed,
+        rounds: rounds.iter().map(round_to_pb).collect(),
+        reason: j.reason.clone(),
+        created_at_ms: j.created_at_ms,
+        updated_at_ms: j.updated_at_ms,
+        model_name: j.name.clone(),
+    }
+}
+
+fn err(e: JobError) -> Status {
+    e.to_status()
+}
+
+#[derive(Clone)]
+pub struct JobsApi {
+    pub manager: Arc<JobManager>,
+}
+
+impl JobsApi {
+    async fn full_job(&self, id: &JobId) -> Result<pb::Job, Status> {
+        let store = self.manager.store();
+        let job = store.get_job(id).await.map_err(|e| err(e.into()))?;
+        let rounds = store.list_rounds(id).await.map_err(|e| err(e.into()))?;
+        Ok(job_to_pb(&job, &rounds))
+    }
+}
+
+type JobStream = Pin<Box<dyn Stream<Item = Result<pb::Job, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::jobs_server::Jobs for JobsApi {
+    async fn create_job(&self, req: Request<pb::CreateJobRequest>) -> Result<Response<pb::Job>, Status> {
+        let job = self.manager.create(&req.into_inner().spec).await.map_err(err)?;
+        Ok(Response::new(job_to_pb(&job, &[])))
+    }
+
+    async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
+        let id = job_id("id", &req.into_inner().id)?;
+        Ok(Response::new(self.full_job(&id).await?))
+    }
+
+    async fn list_jobs(&self, req: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let r = req.into_inner();
+        if r.page_size > 500 {
+            return Err(Status::invalid_argument("page_size: at most 500"));
+        }
+        let filter = JobFilter {
+            namespace: Some(r.namespace).filter(|n| !n.is_empty()),
+            state: state_from_pb("state", r.state)?,
+        };
+        let size = if r.page_size == 0 { 50 } else { r.page_size };
+        let token = Some(r.page_token.as_str()).filter(|t| !t.is_empty());
+        let page = self
+            .manager
+            .store()
+            .list_jobs(&filter, size, token)
+            .await
+            .map_err(|e| match e {
+                cohort_store::StoreError::Conflict(m) => Status::invalid_argument(format!("page_token: {m}")),
+                e => err(e.into()),
+            })?;
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs: page.items.iter().map(|j| job_to_pb(j, &[])).collect(),
+            next_page_token: page.next_token.unwrap_or_default(),
+        }))
+    }
+
+    type WatchJobStream = JobStream;
+
+    async fn watch_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<JobStream>, Status> {
+        let id = job_id("id", &req.into_inner().id)?;
+        // Subscribe before the first read so no change falls in between.
+        let mut changes = self.manager.subscribe();
+        let first = self.full_job(&id).await?;
+        let api = self.clone();
+        let stream = async_stream(move |tx| async move {
+            let mut last = first;
+            let mut terminal = is_terminal(&last);
+            if tx.send(Ok(last.clone())).await.is_err() {
+                return;
+            }
+            while !terminal {
+                // Poll now and then too: a lagged channel must not stall a watcher.
+                let changed = tokio::time::timeout(Duration::from_secs(2), changes.recv()).await;
+                match changed {
+                    Ok(Ok(changed_id)) if changed_id != id => continue,
+                    Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => return,
+                    _ => {}
+                }
+                let job = match api.full_job(&id).await {
+                    Ok(j) => j,
+                    Err(s) => {
+                        let _ = tx.send(Err(s)).await;
+                        return;
+                    }
+                };
+                if job != last {
+                    terminal = is_terminal(&job);
+                    last = job;
+                    if tx.send(Ok(last.clone())).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(stream))
+    }
+
+    async fn stop_job(&self, req: Request<pb::StopJobRequest>) -> Result<Response<pb::Job>, Status> {
+        let r = req.into_inner();
+        let id = job_id("id", &r.id)?;
+        self.manager.stop(&id, &r.reason).await.map_err(err)?;
+        Ok(Response::new(self.full_job(&id).await?))
+    }
+
+    async fn delete_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::DeleteJobResponse>, Status> {
+        let id = job_id("id", &req.into_inner().id)?;
+        self.manager.delete(&id).await.map_err(err)?;
+        Ok(Response::new(pb::DeleteJobResponse {}))
+    }
+
+    async fn list_job_events(
+        &self,
+        req: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::ListJobEventsResponse>, Status> {
+        let id = job_id("id", &req.into_inner().id)?;
+        let store = self.manager.store();
+        store.get_job(&id).await.map_err(|e| err(e.into()))?;
+        let events = store.list_events(&id).await.map_err(|e| err(e.into()))?;
+        Ok(Response::new(pb::ListJobEventsResponse {
+            events: events
+                .into_iter()
+                .map(|e| pb::JobEvent {
+                    seq: e.seq,
+                    time_ms: e.time_ms,
+                    from: e.from.map(|s| state_to_pb(s) as i32).unwrap_or(0),
+                    to: state_to_pb(e.to) as i32,
+                    reason: e.reason,
+                })
+                .collect(),
+        }))
+    }
+}
+
+fn is_terminal(j: &pb::Job) -> bool {
+    matches!(
+        pb::JobState::try_from(j.state),
+        Ok(pb::JobState::Succeeded | pb::JobState::Failed | pb::JobState::Stopped)
+    )
+}
+
+/// A stream fed by a task through a bounded channel.
+fn async_stream<F, Fut>(f: F) -> JobStream
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<pb::Job, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(f(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+#[derive(Clone)]
+pub struct ControlApi {
+    pub manager: Arc<JobManager>,
+}
+
+#[tonic::async_trait]
+impl pb::job_control_server::JobControl for ControlApi {
+    async fn get_assignment(
+        &self,
+        req: Request<pb::GetAssignmentRequest>,
+    ) -> Result<Response<pb::Assignment>, Status> {
+        let id = job_id("job_id", &req.into_inner().job_id)?;
+        let store = self.manager.store();
+        let job = store.get_job(&id).await.map_err(|e| err(e.into()))?;
+        if !job.state.has_coordinator() {
+            return Err(Status::failed_precondition(format!(
+                "job {id} is {}: it needs no coordinator",
+                job.state
+            )));
+        }
+        let rounds = store.list_rounds(&id).await.map_err(|e| err(e.into()))?;
+        let resume_model_version = rounds
+            .iter()
+            .find(|r| r.round == job.rounds_completed)
+            .map(|r| r.model_version)
+            .unwrap_or(0);
+        Ok(Response::new(pb::Assignment {
+            next_round: job.rounds_completed + 1,
+            resume_model_version,
+            job: Some(job_to_pb(&job, &rounds)),
+        }))
+    }
+
+    async fn coordinator_ready(
+        &self,
+        req: Request<pb::CoordinatorReadyRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let r = req.into_inner();
+        let id = job_id("job_id", &r.job_id)?;
+        if r.endpoint.is_empty() {
+            return Err(Status::invalid_argument("endpoint: must not be empty"));
+        }
+        let job = self.manager.coordinator_ready(&id, &r.endpoint, r.pid).await.map_err(err)?;
+        Ok(Response::new(job_to_pb(&job, &[])))
+    }
+
+    async fn report_round(&self, req: Request<pb::ReportRoundRequest>) -> Result<Response<pb::Job>, Status> {
+        let r = req.into_inner();
+        let id = job_id("job_id", &r.job_id)?;
+        let round = r.round.ok_or_else(|| Status::invalid_argument("round: missing"))?;
+        let eval = round.evaluation.unwrap_or_default();
+        let record = RoundRecord {
+            round: round.round,
+            eval_loss: eval.loss,
+            eval_accuracy: eval.accuracy,
+            eval_samples: eval.samples,
+            train_loss: round.train_loss,
+            updates: round.updates,
+            model_version: round.model_version,
+            duration_ms: round.duration_ms,
+        };
+        let job = self.manager.report_round(&id, &record).await.map_err(err)?;
+        Ok(Response::new(job_to_pb(&job, &[])))
+    }
+
+    async fn finish_job(&self, req: Request<pb::FinishJobRequest>) -> Result<Response<pb::Job>, Status> {
+        let r = req.into_inner();
+        let id = job_id("job_id", &r.job_id)?;
+        let state = state_from_pb("state", r.state)?
+            .ok_or_else(|| Status::invalid_argument("state: missing"))?;
+        let job = self.manager.finish(&id, state, &r.reason).await.map_err(err)?;
+        Ok(Response::new(job_to_pb(&job, &[])))
+    }
+
+    async fn list_routes(
+        &self,
+        _req: Request<pb::ListRoutesRequest>,
+    ) -> Result<Response<pb::ListRoutesResponse>, Status> {
+        let jobs = self
+            .manager
+            .store()
+            .jobs_in_states(&[JobState::Running, JobState::Stopping])
+            .await
+            .map_err(|e| err(e.into()))?;
+        Ok(Response::new(pb::ListRoutesResponse {
+            routes: jobs
+                .into_iter()
+                .filter_map(|j| {
+                    j.coordinator_endpoint.map(|endpoint| pb::Route {
+                        job_id: j.id.to_string(),
+                        endpoint,
+                    })
+                })
+                .collect(),
+        }))
+    }
+}
