@@ -52,8 +52,7 @@ id_type!(PartyId, "party name", is_party_name);
 pub fn is_party_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
-        && s
-            .chars()
+        && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 

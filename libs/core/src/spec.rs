@@ -209,14 +209,20 @@ fn default_round_timeout() -> Duration {
 pub enum AggregationSpec {
     #[default]
     Fedavg,
-    Fedprox { mu: f64 },
+    Fedprox {
+        mu: f64,
+    },
     Fedadam,
     Fedyogi,
     Fedadagrad,
     Scaffold,
     Median,
-    TrimmedMean { beta: f64 },
-    Krum { f: u32 },
+    TrimmedMean {
+        beta: f64,
+    },
+    Krum {
+        f: u32,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -355,12 +361,7 @@ impl JobSpec {
                         "mlp needs at least one hidden layer, e.g. [128]",
                     ));
                 }
-                if let Some(i) = self
-                    .model
-                    .hidden
-                    .iter()
-                    .position(|&h| h == 0 || h > 65_536)
-                {
+                if let Some(i) = self.model.hidden.iter().position(|&h| h == 0 || h > 65_536) {
                     return Err(SpecError::new(
                         format!("model.hidden[{i}]"),
                         "must be between 1 and 65536",
@@ -518,8 +519,7 @@ impl JobSpec {
 fn is_dataset_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 128
-        && s
-            .chars()
+        && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
@@ -596,10 +596,7 @@ clients: {per_round: 3, min: 2, round_timeout: 30s}
             err_field(&GOOD.replace("lr: 0.05", "lr: -0.1")),
             "training.optimizer.lr"
         );
-        assert_eq!(
-            err_field(&GOOD.replace("min: 2", "min: 4")),
-            "clients.min"
-        );
+        assert_eq!(err_field(&GOOD.replace("min: 2", "min: 4")), "clients.min");
         assert_eq!(
             err_field(&GOOD.replace("digits-fedavg", "Digits_FedAvg")),
             "name"
@@ -612,7 +609,10 @@ clients: {per_round: 3, min: 2, round_timeout: 30s}
             err_field(&GOOD.replace("arch: mlp, hidden: [128]", "arch: logreg, hidden: [3]")),
             "model.hidden"
         );
-        assert_eq!(err_field(&GOOD.replace("rounds: 5", "rounds: -1")), "rounds");
+        assert_eq!(
+            err_field(&GOOD.replace("rounds: 5", "rounds: -1")),
+            "rounds"
+        );
         assert_eq!(
             err_field(&GOOD.replace("sgd", "rmsprop")),
             "training.optimizer.name"

@@ -97,7 +97,11 @@ mod tests {
     fn terminal_states_only_go_to_deleting() {
         for from in JobState::ALL.into_iter().filter(|s| s.is_terminal()) {
             for to in JobState::ALL {
-                assert_eq!(from.can_become(to), to == JobState::Deleting, "{from} -> {to}");
+                assert_eq!(
+                    from.can_become(to),
+                    to == JobState::Deleting,
+                    "{from} -> {to}"
+                );
             }
         }
     }
@@ -105,7 +109,14 @@ mod tests {
     #[test]
     fn lifecycle_paths() {
         use JobState::*;
-        for (a, b) in [(Queued, Starting), (Starting, Running), (Running, Succeeded), (Running, Stopping), (Stopping, Stopped), (Running, Starting)] {
+        for (a, b) in [
+            (Queued, Starting),
+            (Starting, Running),
+            (Running, Succeeded),
+            (Running, Stopping),
+            (Stopping, Stopped),
+            (Running, Starting),
+        ] {
             assert!(a.can_become(b), "{a} -> {b}");
         }
         assert!(!Succeeded.can_become(Running));

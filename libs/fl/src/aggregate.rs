@@ -59,7 +59,9 @@ impl FedAvg {
                 )));
             }
             if t.data.iter().any(|v| !v.is_finite()) {
-                return Err(FlError::NonFinite { tensor: name.clone() });
+                return Err(FlError::NonFinite {
+                    tensor: name.clone(),
+                });
             }
             order.push(t);
         }
@@ -105,16 +107,22 @@ mod tests {
     use super::*;
 
     fn t(name: &str, data: Vec<f32>) -> NamedTensor {
-        NamedTensor { name: name.into(), shape: vec![data.len()], data }
+        NamedTensor {
+            name: name.into(),
+            shape: vec![data.len()],
+            data,
+        }
     }
 
     #[test]
     fn weighted_average_of_deltas() {
         let global = vec![t("w", vec![1.0, 1.0]), t("b", vec![0.0])];
         let mut agg = FedAvg::new(&global);
-        agg.fold(&[t("w", vec![1.0, 0.0]), t("b", vec![3.0])], 1).unwrap();
+        agg.fold(&[t("w", vec![1.0, 0.0]), t("b", vec![3.0])], 1)
+            .unwrap();
         // Order of tensors in an update does not matter.
-        agg.fold(&[t("b", vec![0.0]), t("w", vec![-1.0, 4.0])], 3).unwrap();
+        agg.fold(&[t("b", vec![0.0]), t("w", vec![-1.0, 4.0])], 3)
+            .unwrap();
         let new = agg.apply(&global).unwrap();
         assert_eq!(new[0].data, vec![1.0 + (1.0 - 3.0) / 4.0, 1.0 + 12.0 / 4.0]);
         assert_eq!(new[1].data, vec![0.75]);

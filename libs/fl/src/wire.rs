@@ -83,16 +83,25 @@ impl TensorAssembler {
             message: m,
         };
         if chunk.data.len() % 4 != 0 {
-            return Err(bad(format!("{} data bytes is not a whole number of f32", chunk.data.len())));
+            return Err(bad(format!(
+                "{} data bytes is not a whole number of f32",
+                chunk.data.len()
+            )));
         }
         let starts_new = self.current.as_ref().is_none_or(|c| c.name != chunk.tensor);
         if starts_new {
             self.finish_current()?;
             if chunk.offset != 0 {
-                return Err(bad(format!("first chunk at offset {}, expected 0", chunk.offset)));
+                return Err(bad(format!(
+                    "first chunk at offset {}, expected 0",
+                    chunk.offset
+                )));
             }
             if chunk.dtype != "f32" {
-                return Err(bad(format!("dtype {:?} is not supported (f32 only)", chunk.dtype)));
+                return Err(bad(format!(
+                    "dtype {:?} is not supported (f32 only)",
+                    chunk.dtype
+                )));
             }
             if self.done.iter().any(|t| t.name == chunk.tensor) {
                 return Err(bad("sent twice".into()));
@@ -104,7 +113,12 @@ impl TensorAssembler {
                 .ok_or_else(|| bad("shape overflows".into()))?;
             if let Some(expected) = &self.expected {
                 match expected.get(&chunk.tensor) {
-                    None => return Err(FlError::LayoutMismatch(format!("unexpected tensor {:?}", chunk.tensor))),
+                    None => {
+                        return Err(FlError::LayoutMismatch(format!(
+                            "unexpected tensor {:?}",
+                            chunk.tensor
+                        )));
+                    }
                     Some(s) if *s != shape => {
                         return Err(FlError::LayoutMismatch(format!(
                             "tensor {:?} has shape {shape:?}, expected {s:?}",
@@ -144,7 +158,9 @@ impl TensorAssembler {
         for b in chunk.data.chunks_exact(4) {
             let v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
             if !v.is_finite() {
-                return Err(FlError::NonFinite { tensor: chunk.tensor.clone() });
+                return Err(FlError::NonFinite {
+                    tensor: chunk.tensor.clone(),
+                });
             }
             cur.data.push(v);
         }
@@ -170,7 +186,9 @@ impl TensorAssembler {
         if let Some(expected) = &self.expected {
             for name in expected.keys() {
                 if !self.done.iter().any(|t| &t.name == name) {
-                    return Err(FlError::LayoutMismatch(format!("tensor {name:?} is missing")));
+                    return Err(FlError::LayoutMismatch(format!(
+                        "tensor {name:?} is missing"
+                    )));
                 }
             }
         }
@@ -238,8 +256,16 @@ mod tests {
 
     fn model() -> Vec<NamedTensor> {
         vec![
-            NamedTensor { name: "a".into(), shape: vec![3, 5], data: (0..15).map(|i| i as f32 * 0.5).collect() },
-            NamedTensor { name: "b".into(), shape: vec![7], data: (0..7).map(|i| -(i as f32)).collect() },
+            NamedTensor {
+                name: "a".into(),
+                shape: vec![3, 5],
+                data: (0..15).map(|i| i as f32 * 0.5).collect(),
+            },
+            NamedTensor {
+                name: "b".into(),
+                shape: vec![7],
+                data: (0..7).map(|i| -(i as f32)).collect(),
+            },
         ]
     }
 

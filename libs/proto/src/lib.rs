@@ -9,7 +9,8 @@ pub mod v1 {
 }
 
 /// Encoded `FileDescriptorSet` of every Cohort proto, for gRPC server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/cohort_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/cohort_descriptor.bin"));
 
 /// Metadata key naming the job a round call belongs to; the proxy routes on it.
 pub const JOB_METADATA_KEY: &str = "x-cohort-job";

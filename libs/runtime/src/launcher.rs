@@ -221,8 +221,7 @@ impl Launcher for LocalLauncher {
         }
         // Wait for them to go, bounded by the grace period plus a little.
         let deadline = tokio::time::Instant::now() + grace + Duration::from_secs(1);
-        while tokio::time::Instant::now() < deadline
-            && pids.iter().flatten().any(|p| pid_alive(*p))
+        while tokio::time::Instant::now() < deadline && pids.iter().flatten().any(|p| pid_alive(*p))
         {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -204,9 +204,7 @@ where
     loop {
         match op().await {
             Ok(v) => return Ok(v),
-            Err(s)
-                if is_retryable(&s) && start.elapsed() + delay < deadline =>
-            {
+            Err(s) if is_retryable(&s) && start.elapsed() + delay < deadline => {
                 tracing::debug!(what, status = %s.message(), "retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(2));
@@ -220,7 +218,10 @@ where
 pub fn is_retryable(status: &tonic::Status) -> bool {
     matches!(
         status.code(),
-        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded | tonic::Code::ResourceExhausted
+        tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::ResourceExhausted
     )
 }
 
@@ -270,7 +271,10 @@ pub trait ToStatus {
 impl<E: cohort_core::HasKind + std::fmt::Display + ?Sized> ToStatus for E {
     fn to_status(&self) -> tonic::Status {
         let kind = self.kind();
-        if matches!(kind, cohort_core::ErrorKind::Internal | cohort_core::ErrorKind::DataLoss) {
+        if matches!(
+            kind,
+            cohort_core::ErrorKind::Internal | cohort_core::ErrorKind::DataLoss
+        ) {
             tracing::error!(error = %self, "request failed");
         }
         status(kind, self.to_string())

@@ -168,12 +168,13 @@ impl ClientStore for SqliteClientStore {
     }
 
     async fn touch(&self, party: &PartyId, now_ms: i64) -> Result<()> {
-        let n = sqlx::query("UPDATE clients SET last_seen_ms = MAX(last_seen_ms, ?2) WHERE party = ?1")
-            .bind(party.as_str())
-            .bind(now_ms)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
+        let n =
+            sqlx::query("UPDATE clients SET last_seen_ms = MAX(last_seen_ms, ?2) WHERE party = ?1")
+                .bind(party.as_str())
+                .bind(now_ms)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
         if n == 0 {
             return Err(not_found(party));
         }
@@ -212,23 +213,43 @@ mod tests {
         let url = format!("sqlite://{}", dir.path().join("c.db").display());
         let s = std::sync::Arc::new(SqliteClientStore::open(&url).await.unwrap());
         let p = PartyId::parse("hospital-a").unwrap();
-        let ds = vec![DatasetEntry { name: "digits".into(), samples: 10, features: 64, classes: 10 }];
-        s.upsert_client(&p, &ds, &ResourcesEntry::default(), 1).await.unwrap();
-        let ds2 = vec![DatasetEntry { name: "digits".into(), samples: 20, features: 64, classes: 10 }];
-        let c = s.upsert_client(&p, &ds2, &ResourcesEntry::default(), 5).await.unwrap();
+        let ds = vec![DatasetEntry {
+            name: "digits".into(),
+            samples: 10,
+            features: 64,
+            classes: 10,
+        }];
+        s.upsert_client(&p, &ds, &ResourcesEntry::default(), 1)
+            .await
+            .unwrap();
+        let ds2 = vec![DatasetEntry {
+            name: "digits".into(),
+            samples: 20,
+            features: 64,
+            classes: 10,
+        }];
+        let c = s
+            .upsert_client(&p, &ds2, &ResourcesEntry::default(), 5)
+            .await
+            .unwrap();
         assert_eq!(c.datasets, ds2);
         assert_eq!((c.first_seen_ms, c.last_seen_ms), (1, 5));
         let mut tasks = Vec::new();
         for _ in 0..20 {
             let (s, p) = (s.clone(), p.clone());
-            tasks.push(tokio::spawn(async move { s.count_task(&p, TaskOutcome::Succeeded).await }));
+            tasks.push(tokio::spawn(async move {
+                s.count_task(&p, TaskOutcome::Succeeded).await
+            }));
         }
         for t in tasks {
             t.await.unwrap().unwrap();
         }
         assert_eq!(s.get_client(&p).await.unwrap().stats.tasks_succeeded, 20);
         let ghost = PartyId::parse("ghost").unwrap();
-        assert!(matches!(s.touch(&ghost, 1).await, Err(StoreError::NotFound { .. })));
+        assert!(matches!(
+            s.touch(&ghost, 1).await,
+            Err(StoreError::NotFound { .. })
+        ));
         assert_eq!(s.list_clients().await.unwrap().len(), 1);
     }
 }

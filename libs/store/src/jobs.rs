@@ -72,7 +72,8 @@ pub trait JobStore: Send + Sync + 'static {
     async fn update_job(&self, job: &JobRecord, now_ms: i64) -> Result<JobRecord>;
     /// Records a completed round and advances `rounds_completed`, atomically.
     /// Idempotent: reporting the same round again changes nothing.
-    async fn record_round(&self, id: &JobId, round: &RoundRecord, now_ms: i64) -> Result<JobRecord>;
+    async fn record_round(&self, id: &JobId, round: &RoundRecord, now_ms: i64)
+    -> Result<JobRecord>;
     async fn list_rounds(&self, id: &JobId) -> Result<Vec<RoundRecord>>;
     async fn list_events(&self, id: &JobId) -> Result<Vec<JobEventRecord>>;
     /// Removes the job with its events and rounds.
@@ -114,7 +115,9 @@ fn job_from_row(row: &SqliteRow) -> Result<JobRecord> {
         name: row.try_get("name")?,
         namespace: row.try_get("namespace")?,
         spec_json: row.try_get("spec_json")?,
-        state: state.parse().map_err(|_| corrupt(&id, format!("state {state:?}")))?,
+        state: state
+            .parse()
+            .map_err(|_| corrupt(&id, format!("state {state:?}")))?,
         reason: row.try_get("reason")?,
         rounds_total: row.try_get::<i64, _>("rounds_total")? as u32,
         rounds_completed: row.try_get::<i64, _>("rounds_completed")? as u32,
@@ -195,11 +198,13 @@ impl JobStore for SqliteJobStore {
     }
 
     async fn get_job(&self, id: &JobId) -> Result<JobRecord> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1")))
-            .bind(id.as_str())
-            .fetch_optional(&self.pool)
-            .await?
-            .ok_or_else(|| not_found(id))?;
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"
+        )))
+        .bind(id.as_str())
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| not_found(id))?;
         job_from_row(&row)
     }
 
@@ -211,10 +216,12 @@ impl JobStore for SqliteJobStore {
     ) -> Result<Page<JobRecord>> {
         let after: i64 = match page_token {
             None | Some("") => 0,
-            Some(t) => t.parse().map_err(|_| StoreError::Conflict(format!(
-                "invalid page token {:?}",
-                t.chars().take(40).collect::<String>()
-            )))?,
+            Some(t) => t.parse().map_err(|_| {
+                StoreError::Conflict(format!(
+                    "invalid page token {:?}",
+                    t.chars().take(40).collect::<String>()
+                ))
+            })?,
         };
         let size = page_size.clamp(1, 500) as i64;
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -439,7 +446,10 @@ mod tests {
         let (_d, s) = store().await;
         let j = job("a", "default");
         s.insert_job(&j, "created").await.unwrap();
-        assert!(matches!(s.insert_job(&j, "again").await, Err(StoreError::Conflict(_))));
+        assert!(matches!(
+            s.insert_job(&j, "again").await,
+            Err(StoreError::Conflict(_))
+        ));
         let mut got = s.get_job(&j.id).await.unwrap();
         assert_eq!(got, j);
         got.state = JobState::Starting;
@@ -447,20 +457,38 @@ mod tests {
         let stored = s.update_job(&got, 5).await.unwrap();
         assert_eq!(stored.version, 2);
         // A stale writer loses instead of overwriting.
-        assert!(matches!(s.update_job(&got, 6).await, Err(StoreError::Conflict(_))));
+        assert!(matches!(
+            s.update_job(&got, 6).await,
+            Err(StoreError::Conflict(_))
+        ));
         let events = s.list_events(&j.id).await.unwrap();
         assert_eq!(events.len(), 2);
         assert_eq!(events[1].from, Some(JobState::Queued));
         assert_eq!(events[1].to, JobState::Starting);
         assert_eq!(events[1].reason, "launching");
-        let round = RoundRecord { round: 1, eval_loss: 0.5, eval_accuracy: 0.9, eval_samples: 10, train_loss: 0.6, updates: 2, model_version: 1, duration_ms: 3 };
+        let round = RoundRecord {
+            round: 1,
+            eval_loss: 0.5,
+            eval_accuracy: 0.9,
+            eval_samples: 10,
+            train_loss: 0.6,
+            updates: 2,
+            model_version: 1,
+            duration_ms: 3,
+        };
         let after = s.record_round(&j.id, &round, 7).await.unwrap();
         assert_eq!(after.rounds_completed, 1);
         let again = s.record_round(&j.id, &round, 8).await.unwrap();
-        assert_eq!(again.version, after.version, "a repeated report changes nothing");
+        assert_eq!(
+            again.version, after.version,
+            "a repeated report changes nothing"
+        );
         assert_eq!(s.list_rounds(&j.id).await.unwrap(), vec![round]);
         s.delete_job(&j.id).await.unwrap();
-        assert!(matches!(s.get_job(&j.id).await, Err(StoreError::NotFound { .. })));
+        assert!(matches!(
+            s.get_job(&j.id).await,
+            Err(StoreError::NotFound { .. })
+        ));
         assert!(s.list_events(&j.id).await.unwrap().is_empty());
     }
 
@@ -476,7 +504,10 @@ mod tests {
         let mut seen = Vec::new();
         let mut token: Option<String> = None;
         loop {
-            let page = s.list_jobs(&JobFilter::default(), 3, token.as_deref()).await.unwrap();
+            let page = s
+                .list_jobs(&JobFilter::default(), 3, token.as_deref())
+                .await
+                .unwrap();
             seen.extend(page.items.into_iter().map(|j| j.id));
             match page.next_token {
                 Some(t) => token = Some(t),
@@ -485,15 +516,33 @@ mod tests {
         }
         assert_eq!(seen, ids);
         let odd = s
-            .list_jobs(&JobFilter { namespace: Some("odd".into()), state: None }, 50, None)
+            .list_jobs(
+                &JobFilter {
+                    namespace: Some("odd".into()),
+                    state: None,
+                },
+                50,
+                None,
+            )
             .await
             .unwrap();
         assert_eq!(odd.items.len(), 3);
         let running = s
-            .list_jobs(&JobFilter { namespace: None, state: Some(JobState::Running) }, 50, None)
+            .list_jobs(
+                &JobFilter {
+                    namespace: None,
+                    state: Some(JobState::Running),
+                },
+                50,
+                None,
+            )
             .await
             .unwrap();
         assert!(running.items.is_empty());
-        assert!(s.list_jobs(&JobFilter::default(), 3, Some("x")).await.is_err());
+        assert!(
+            s.list_jobs(&JobFilter::default(), 3, Some("x"))
+                .await
+                .is_err()
+        );
     }
 }

@@ -571,11 +571,7 @@ fn read_features(path: &Path, arr: RawArray) -> Result<(usize, usize, Vec<f32>),
 
 /// Integer labels from a 1-D array (or n × 1).
 fn read_labels(path: &Path, arr: RawArray) -> Result<Vec<u32>, TrainError> {
-    let one_d = match arr.shape.as_slice() {
-        [_] | [_, 1] => true,
-        _ => false,
-    };
-    if !one_d {
+    if !matches!(arr.shape.as_slice(), [_] | [_, 1]) {
         return Err(TrainError::format(
             path,
             format!("labels must be a 1-D array, found shape {:?}", arr.shape),

@@ -227,13 +227,13 @@ pub fn init_model(
     Ok(out)
 }
 
-/// Checks `weights` against the model `spec` describes for `features` inputs and returns
-/// them in layout order.
+/// Checks `weights` against the model `spec` describes for `features` inputs; returns the
+/// layout, the weights in layout order and the number of classes.
 fn match_weights<'a>(
     spec: &ModelSpec,
     weights: &'a [NamedTensor],
     features: usize,
-) -> Result<(Layout, Vec<&'a NamedTensor>), TrainError> {
+) -> Result<(Layout, Vec<&'a NamedTensor>, usize), TrainError> {
     let classes = model_classes(spec, weights)?;
     let layout = layout(spec, features, classes)?;
     let mut ordered = Vec::with_capacity(layout.params.len());
@@ -295,7 +295,7 @@ fn match_weights<'a>(
             ),
         ));
     }
-    Ok((layout, ordered))
+    Ok((layout, ordered, classes))
 }
 
 fn check_data(data: &Dataset, classes: usize) -> Result<(), TrainError> {
@@ -399,8 +399,8 @@ pub fn train(
             format!("must be a positive number, got {lr}"),
         ));
     }
-    let (layout, ordered) = match_weights(spec, weights, data.d)?;
-    check_data(data, model_classes(spec, weights)?)?;
+    let (layout, ordered, classes) = match_weights(spec, weights, data.d)?;
+    check_data(data, classes)?;
 
     let dev = Device::Cpu;
     let vars = ordered
@@ -506,8 +506,8 @@ pub fn evaluate(
     weights: &[NamedTensor],
     data: &Dataset,
 ) -> Result<Evaluation, TrainError> {
-    let (layout, ordered) = match_weights(spec, weights, data.d)?;
-    check_data(data, model_classes(spec, weights)?)?;
+    let (layout, ordered, classes) = match_weights(spec, weights, data.d)?;
+    check_data(data, classes)?;
     let dev = Device::Cpu;
     let params = ordered
         .iter()

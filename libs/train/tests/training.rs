@@ -138,6 +138,12 @@ fn cnn_loss_decreases() {
 }
 
 #[test]
+fn error_can_cross_threads() {
+    fn check<T: Send + Sync + std::error::Error + 'static>() {}
+    check::<TrainError>();
+}
+
+#[test]
 fn init_is_deterministic() {
     let spec = model(Arch::Mlp, &[32, 16]);
     let a = init_model(&spec, 64, 10, 5).unwrap();
@@ -195,7 +201,7 @@ fn training_is_deterministic_and_validates_inputs() {
     // Weights of another model.
     let mlp = init_model(&model(Arch::Mlp, &[8]), 64, 10, 0).unwrap();
     let e = train(&spec, &t, &mlp, &small, 3).unwrap_err().to_string();
-    assert!(e.contains("fc"), "{e}");
+    assert!(e.contains("not part of a Logreg model"), "{e}");
 
     // A label the model cannot output.
     let five = init_model(&spec, 64, 5, 0).unwrap();

@@ -20,7 +20,10 @@ use tonic::service::Routes;
 use crate::sessions::{Registry, SelectorApi, SessionApi};
 
 #[derive(Debug, clap::Parser)]
-#[command(name = "client-selector", about = "Cohort party registry and cohort selection")]
+#[command(
+    name = "client-selector",
+    about = "Cohort party registry and cohort selection"
+)]
 pub struct Args {
     #[command(flatten)]
     pub service: ServiceArgs,
@@ -34,7 +37,9 @@ pub struct Args {
 
 impl Args {
     pub async fn run(self) -> anyhow::Result<()> {
-        if self.heartbeat_interval < Duration::from_millis(100) || self.heartbeat_interval > Duration::from_secs(600) {
+        if self.heartbeat_interval < Duration::from_millis(100)
+            || self.heartbeat_interval > Duration::from_secs(600)
+        {
             anyhow::bail!("--heartbeat-interval: must be between 100ms and 10m");
         }
         let store = SqliteClientStore::open(&self.database_url)

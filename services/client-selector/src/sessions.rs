@@ -99,7 +99,8 @@ impl Registry {
                 }
             }
             Some(pb::party_message::Kind::TaskStatus(status)) => {
-                let phase = pb::TaskPhase::try_from(status.phase).unwrap_or(pb::TaskPhase::Unspecified);
+                let phase =
+                    pb::TaskPhase::try_from(status.phase).unwrap_or(pb::TaskPhase::Unspecified);
                 let known = self.with_state(|s| match s.tasks.get_mut(&status.task_id) {
                     Some(t) if &t.party == party => {
                         t.phase = phase;
@@ -145,7 +146,6 @@ impl Registry {
     ) -> Result<pb::AcceptedTask, (PartyId, String)> {
         let offer_id = random_token(12);
         task.task_id = format!("{}-r{}-{}", task.job_id, task.round, random_token(4));
-        task.task_token = random_token(32);
         task.party = party.to_string();
         task.seed = rand::random();
         let (reply_tx, reply_rx) = oneshot::channel();
@@ -200,8 +200,11 @@ pub struct SessionApi {
     pub registry: Arc<Registry>,
 }
 
-fn validate_register(r: pb::Register) -> Result<(PartyId, Vec<DatasetEntry>, ResourcesEntry), Status> {
-    let party = PartyId::parse(&r.party).map_err(|e| Status::invalid_argument(format!("register.party: {e}")))?;
+fn validate_register(
+    r: pb::Register,
+) -> Result<(PartyId, Vec<DatasetEntry>, ResourcesEntry), Status> {
+    let party = PartyId::parse(&r.party)
+        .map_err(|e| Status::invalid_argument(format!("register.party: {e}")))?;
     let mut datasets = Vec::new();
     for (i, d) in r.datasets.into_iter().enumerate() {
         if d.name.is_empty() || d.samples == 0 || d.features == 0 || d.classes < 2 {
@@ -210,7 +213,10 @@ fn validate_register(r: pb::Register) -> Result<(PartyId, Vec<DatasetEntry>, Res
             )));
         }
         if datasets.iter().any(|x: &DatasetEntry| x.name == d.name) {
-            return Err(Status::invalid_argument(format!("register.datasets[{i}]: {:?} listed twice", d.name)));
+            return Err(Status::invalid_argument(format!(
+                "register.datasets[{i}]: {:?} listed twice",
+                d.name
+            )));
         }
         datasets.push(DatasetEntry {
             name: d.name,
@@ -236,14 +242,19 @@ fn validate_register(r: pb::Register) -> Result<(PartyId, Vec<DatasetEntry>, Res
 impl pb::party_session_server::PartySession for SessionApi {
     type OpenStream = ServerStream;
 
-    async fn open(&self, req: Request<Streaming<pb::PartyMessage>>) -> Result<Response<ServerStream>, Status> {
+    async fn open(
+        &self,
+        req: Request<Streaming<pb::PartyMessage>>,
+    ) -> Result<Response<ServerStream>, Status> {
         let mut inbound = req.into_inner();
         let first = tokio::time::timeout(Duration::from_secs(10), inbound.next())
             .await
             .map_err(|_| Status::deadline_exceeded("no Register within 10s"))?
             .ok_or_else(|| Status::invalid_argument("stream ended before Register"))??;
         let Some(pb::party_message::Kind::Register(register)) = first.kind else {
-            return Err(Status::invalid_argument("the first message must be Register"));
+            return Err(Status::invalid_argument(
+                "the first message must be Register",
+            ));
         };
         let (party, datasets, resources) = validate_register(register)?;
         let registry = self.registry.clone();
@@ -297,7 +308,9 @@ impl pb::party_session_server::PartySession for SessionApi {
             }
             registry.end_session(&party, session_id);
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 }
 
@@ -311,7 +324,12 @@ impl pb::client_selector_server::ClientSelector for SelectorApi {
         &self,
         _req: Request<pb::ListClientsRequest>,
     ) -> Result<Response<pb::ListClientsResponse>, Status> {
-        let records = self.registry.store.list_clients().await.map_err(|e| e.to_status())?;
+        let records = self
+            .registry
+            .store
+            .list_clients()
+            .await
+            .map_err(|e| e.to_status())?;
         let live: HashMap<PartyId, u32> = self.registry.with_state(|s| {
             s.sessions
                 .iter()
@@ -361,9 +379,14 @@ impl pb::client_selector_server::ClientSelector for SelectorApi {
                 .collect()
         });
         let Some(first) = holders.first() else {
-            return Err(Status::not_found(format!("no connected party holds dataset {name:?}")));
+            return Err(Status::not_found(format!(
+                "no connected party holds dataset {name:?}"
+            )));
         };
-        if let Some(other) = holders.iter().find(|d| d.features != first.features || d.classes != first.classes) {
+        if let Some(other) = holders
+            .iter()
+            .find(|d| d.features != first.features || d.classes != first.classes)
+        {
             return Err(Status::failed_precondition(format!(
                 "parties disagree on dataset {name:?}: {} features/{} classes vs {} features/{} classes",
                 first.features, first.classes, other.features, other.classes
@@ -383,9 +406,16 @@ impl pb::client_selector_server::ClientSelector for SelectorApi {
         req: Request<pb::OfferTasksRequest>,
     ) -> Result<Response<pb::OfferTasksResponse>, Status> {
         let r = req.into_inner();
-        let template = r.template.ok_or_else(|| Status::invalid_argument("template: missing"))?;
+        let template = r
+            .template
+            .ok_or_else(|| Status::invalid_argument("template: missing"))?;
         if r.count == 0 {
             return Err(Status::invalid_argument("count: must be at least 1"));
+        }
+        if r.task_tokens.len() < r.count as usize || r.task_tokens.iter().any(|t| t.len() < 32) {
+            return Err(Status::invalid_argument(
+                "task_tokens: one token of at least 32 characters per party offered is required",
+            ));
         }
         if r.selection != "random" && !r.selection.is_empty() {
             return Err(Status::invalid_argument(format!(
@@ -415,11 +445,16 @@ impl pb::client_selector_server::ClientSelector for SelectorApi {
         task.round = r.round;
         task.kind = r.kind;
         task.dataset = r.dataset.clone();
-        let offers = candidates.into_iter().map(|(party, tx, samples)| {
-            let registry = self.registry.clone();
-            let task = task.clone();
-            async move { registry.offer_one(party, tx, task, samples, timeout).await }
-        });
+        let offers =
+            candidates
+                .into_iter()
+                .zip(r.task_tokens)
+                .map(|((party, tx, samples), token)| {
+                    let registry = self.registry.clone();
+                    let mut task = task.clone();
+                    task.task_token = token;
+                    async move { registry.offer_one(party, tx, task, samples, timeout).await }
+                });
         let mut resp = pb::OfferTasksResponse::default();
         for result in futures::future::join_all(offers).await {
             match result {
@@ -441,7 +476,11 @@ impl pb::client_selector_server::ClientSelector for SelectorApi {
         let phases = self.registry.with_state(|s| {
             ids.into_iter()
                 .map(|id| {
-                    let phase = s.tasks.get(&id).map(|t| t.phase).unwrap_or(pb::TaskPhase::Unspecified);
+                    let phase = s
+                        .tasks
+                        .get(&id)
+                        .map(|t| t.phase)
+                        .unwrap_or(pb::TaskPhase::Unspecified);
                     (id, phase as i32)
                 })
                 .collect()
@@ -456,7 +495,9 @@ impl pb::client_selector_server::ClientSelector for SelectorApi {
         let r = req.into_inner();
         let targets: Vec<(String, mpsc::Sender<_>)> = self.registry.with_state(|s| {
             let mut out = Vec::new();
-            let State { tasks, sessions, .. } = s;
+            let State {
+                tasks, sessions, ..
+            } = s;
             for (id, t) in tasks.iter_mut() {
                 if t.job_id == r.job_id && t.phase == pb::TaskPhase::Running {
                     t.phase = pb::TaskPhase::Cancelled;
@@ -481,4 +522,3 @@ impl pb::client_selector_server::ClientSelector for SelectorApi {
         Ok(Response::new(pb::CancelJobTasksResponse { cancelled }))
     }
 }
-

@@ -22,7 +22,10 @@ use tonic::service::Routes;
 use crate::manager::{JobManager, ManagerConfig};
 
 #[derive(Debug, clap::Parser)]
-#[command(name = "job-scheduler", about = "Cohort job API and coordinator launcher")]
+#[command(
+    name = "job-scheduler",
+    about = "Cohort job API and coordinator launcher"
+)]
 pub struct Args {
     #[command(flatten)]
     pub service: ServiceArgs,
@@ -51,7 +54,10 @@ pub struct Args {
 
 impl Args {
     pub async fn run(self) -> anyhow::Result<()> {
-        for (field, v) in [("--model-manager", &self.model_manager), ("--client-selector", &self.client_selector)] {
+        for (field, v) in [
+            ("--model-manager", &self.model_manager),
+            ("--client-selector", &self.client_selector),
+        ] {
             validate_endpoint(field, v)?;
         }
         if self.max_launch_attempts == 0 {
@@ -62,7 +68,10 @@ impl Args {
             .clone()
             .unwrap_or_else(|| cohort_runtime::process::sibling_binary("coordinator"));
         if !coordinator_bin.is_file() {
-            anyhow::bail!("--coordinator-bin: {} does not exist", coordinator_bin.display());
+            anyhow::bail!(
+                "--coordinator-bin: {} does not exist",
+                coordinator_bin.display()
+            );
         }
         let store = SqliteJobStore::open(&self.database_url)
             .await
@@ -106,8 +115,10 @@ impl Args {
             }
         });
         tokio::spawn(manager.clone().run_scheduling_loop());
-        let routes = Routes::new(JobsServer::new(service::JobsApi { manager: manager.clone() }))
-            .add_service(JobControlServer::new(service::ControlApi { manager }));
+        let routes = Routes::new(JobsServer::new(service::JobsApi {
+            manager: manager.clone(),
+        }))
+        .add_service(JobControlServer::new(service::ControlApi { manager }));
         listener
             .serve(
                 "job-scheduler",

@@ -5,9 +5,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use cohort_core::HasKind;
 use cohort_core::{ErrorKind, JobId, JobSpec, JobState, SpecError};
 use cohort_runtime::launcher::{CoordinatorExit, Launcher};
-use cohort_core::HasKind;
 use cohort_runtime::now_ms;
 use cohort_store::StoreError;
 use cohort_store::jobs::{JobRecord, JobStore, RoundRecord};
@@ -59,7 +59,11 @@ pub struct JobManager {
 }
 
 impl JobManager {
-    pub fn new(store: Arc<dyn JobStore>, launcher: Arc<dyn Launcher>, config: ManagerConfig) -> Arc<Self> {
+    pub fn new(
+        store: Arc<dyn JobStore>,
+        launcher: Arc<dyn Launcher>,
+        config: ManagerConfig,
+    ) -> Arc<Self> {
         let (changes, _) = broadcast::channel(1024);
         Arc::new(Self {
             store,
@@ -155,7 +159,10 @@ impl JobManager {
         let max = self.config.max_launch_attempts;
         let job = self
             .modify(id, |j| {
-                if !matches!(j.state, JobState::Queued | JobState::Starting | JobState::Running) {
+                if !matches!(
+                    j.state,
+                    JobState::Queued | JobState::Starting | JobState::Running
+                ) {
                     return Ok(None);
                 }
                 let mut n = j.clone();
@@ -234,7 +241,12 @@ impl JobManager {
         Ok(())
     }
 
-    pub async fn coordinator_ready(&self, id: &JobId, endpoint: &str, pid: u32) -> Result<JobRecord> {
+    pub async fn coordinator_ready(
+        &self,
+        id: &JobId,
+        endpoint: &str,
+        pid: u32,
+    ) -> Result<JobRecord> {
         let job = self
             .modify(id, |j| {
                 if j.state != JobState::Starting {
@@ -249,7 +261,10 @@ impl JobManager {
                 n.reason = if j.rounds_completed == 0 {
                     "coordinator ready".to_string()
                 } else {
-                    format!("coordinator ready; resuming at round {}", j.rounds_completed + 1)
+                    format!(
+                        "coordinator ready; resuming at round {}",
+                        j.rounds_completed + 1
+                    )
                 };
                 n.coordinator_endpoint = Some(endpoint.to_string());
                 n.coordinator_pid = Some(pid).filter(|p| *p > 0).or(j.coordinator_pid);
@@ -281,7 +296,9 @@ impl JobManager {
 
     pub async fn finish(&self, id: &JobId, state: JobState, reason: &str) -> Result<JobRecord> {
         if !state.is_terminal() {
-            return Err(JobError::Invalid(format!("state {state} is not a final state")));
+            return Err(JobError::Invalid(format!(
+                "state {state} is not a final state"
+            )));
         }
         self.modify(id, |j| {
             if j.state == state {
@@ -299,7 +316,11 @@ impl JobManager {
     }
 
     pub async fn stop(self: &Arc<Self>, id: &JobId, reason: &str) -> Result<JobRecord> {
-        let reason = if reason.is_empty() { "stopped by user" } else { reason };
+        let reason = if reason.is_empty() {
+            "stopped by user"
+        } else {
+            reason
+        };
         let job = self
             .modify(id, |j| {
                 let mut n = j.clone();
@@ -376,7 +397,12 @@ impl JobManager {
     pub async fn recover(&self) -> Result<()> {
         let jobs = self
             .store
-            .jobs_in_states(&[JobState::Starting, JobState::Running, JobState::Stopping, JobState::Deleting])
+            .jobs_in_states(&[
+                JobState::Starting,
+                JobState::Running,
+                JobState::Stopping,
+                JobState::Deleting,
+            ])
             .await?;
         for job in jobs {
             if job.state == JobState::Deleting {
@@ -408,12 +434,18 @@ impl JobManager {
 }
 
 async fn ask_coordinator_to_stop(endpoint: &str, reason: &str) -> std::result::Result<(), String> {
-    use cohort_proto::v1::{StopCoordinatorRequest, coordinator_control_client::CoordinatorControlClient};
+    use cohort_proto::v1::{
+        StopCoordinatorRequest, coordinator_control_client::CoordinatorControlClient,
+    };
     let channel = cohort_runtime::lazy_channel(endpoint).map_err(|e| e.to_string())?;
     let mut client = CoordinatorControlClient::new(channel);
     let mut req = tonic::Request::new(StopCoordinatorRequest {
         reason: reason.to_string(),
     });
     req.set_timeout(Duration::from_secs(5));
-    client.stop(req).await.map(|_| ()).map_err(|s| s.message().to_string())
+    client
+        .stop(req)
+        .await
+        .map(|_| ())
+        .map_err(|s| s.message().to_string())
 }

@@ -100,8 +100,15 @@ type JobStream = Pin<Box<dyn Stream<Item = Result<pb::Job, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl pb::jobs_server::Jobs for JobsApi {
-    async fn create_job(&self, req: Request<pb::CreateJobRequest>) -> Result<Response<pb::Job>, Status> {
-        let job = self.manager.create(&req.into_inner().spec).await.map_err(err)?;
+    async fn create_job(
+        &self,
+        req: Request<pb::CreateJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let job = self
+            .manager
+            .create(&req.into_inner().spec)
+            .await
+            .map_err(err)?;
         Ok(Response::new(job_to_pb(&job, &[])))
     }
 
@@ -110,7 +117,10 @@ impl pb::jobs_server::Jobs for JobsApi {
         Ok(Response::new(self.full_job(&id).await?))
     }
 
-    async fn list_jobs(&self, req: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
+    async fn list_jobs(
+        &self,
+        req: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
         let r = req.into_inner();
         if r.page_size > 500 {
             return Err(Status::invalid_argument("page_size: at most 500"));
@@ -127,7 +137,9 @@ impl pb::jobs_server::Jobs for JobsApi {
             .list_jobs(&filter, size, token)
             .await
             .map_err(|e| match e {
-                cohort_store::StoreError::Conflict(m) => Status::invalid_argument(format!("page_token: {m}")),
+                cohort_store::StoreError::Conflict(m) => {
+                    Status::invalid_argument(format!("page_token: {m}"))
+                }
                 e => err(e.into()),
             })?;
         Ok(Response::new(pb::ListJobsResponse {
@@ -138,7 +150,10 @@ impl pb::jobs_server::Jobs for JobsApi {
 
     type WatchJobStream = JobStream;
 
-    async fn watch_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<JobStream>, Status> {
+    async fn watch_job(
+        &self,
+        req: Request<pb::GetJobRequest>,
+    ) -> Result<Response<JobStream>, Status> {
         let id = job_id("id", &req.into_inner().id)?;
         // Subscribe before the first read so no change falls in between.
         let mut changes = self.manager.subscribe();
@@ -177,14 +192,20 @@ impl pb::jobs_server::Jobs for JobsApi {
         Ok(Response::new(stream))
     }
 
-    async fn stop_job(&self, req: Request<pb::StopJobRequest>) -> Result<Response<pb::Job>, Status> {
+    async fn stop_job(
+        &self,
+        req: Request<pb::StopJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
         let r = req.into_inner();
         let id = job_id("id", &r.id)?;
         self.manager.stop(&id, &r.reason).await.map_err(err)?;
         Ok(Response::new(self.full_job(&id).await?))
     }
 
-    async fn delete_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::DeleteJobResponse>, Status> {
+    async fn delete_job(
+        &self,
+        req: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::DeleteJobResponse>, Status> {
         let id = job_id("id", &req.into_inner().id)?;
         self.manager.delete(&id).await.map_err(err)?;
         Ok(Response::new(pb::DeleteJobResponse {}))
@@ -273,14 +294,23 @@ impl pb::job_control_server::JobControl for ControlApi {
         if r.endpoint.is_empty() {
             return Err(Status::invalid_argument("endpoint: must not be empty"));
         }
-        let job = self.manager.coordinator_ready(&id, &r.endpoint, r.pid).await.map_err(err)?;
+        let job = self
+            .manager
+            .coordinator_ready(&id, &r.endpoint, r.pid)
+            .await
+            .map_err(err)?;
         Ok(Response::new(job_to_pb(&job, &[])))
     }
 
-    async fn report_round(&self, req: Request<pb::ReportRoundRequest>) -> Result<Response<pb::Job>, Status> {
+    async fn report_round(
+        &self,
+        req: Request<pb::ReportRoundRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
         let r = req.into_inner();
         let id = job_id("job_id", &r.job_id)?;
-        let round = r.round.ok_or_else(|| Status::invalid_argument("round: missing"))?;
+        let round = r
+            .round
+            .ok_or_else(|| Status::invalid_argument("round: missing"))?;
         let eval = round.evaluation.unwrap_or_default();
         let record = RoundRecord {
             round: round.round,
@@ -296,12 +326,19 @@ impl pb::job_control_server::JobControl for ControlApi {
         Ok(Response::new(job_to_pb(&job, &[])))
     }
 
-    async fn finish_job(&self, req: Request<pb::FinishJobRequest>) -> Result<Response<pb::Job>, Status> {
+    async fn finish_job(
+        &self,
+        req: Request<pb::FinishJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
         let r = req.into_inner();
         let id = job_id("job_id", &r.job_id)?;
         let state = state_from_pb("state", r.state)?
             .ok_or_else(|| Status::invalid_argument("state: missing"))?;
-        let job = self.manager.finish(&id, state, &r.reason).await.map_err(err)?;
+        let job = self
+            .manager
+            .finish(&id, state, &r.reason)
+            .await
+            .map_err(err)?;
         Ok(Response::new(job_to_pb(&job, &[])))
     }
 

@@ -1,0 +1,767 @@
+//! The `cohort` command line (DESIGN §4): runs a local federation (`up`,
+//! `demo`) and drives jobs, models and clients through the proxy.
+//!
+//! A client of the public gRPC API only: it must not depend on service crates
+//! or stores.
+
+pub mod data;
+pub mod profile;
+pub mod show;
+pub mod stack;
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use cohort_proto::v1 as pb;
+use futures::StreamExt;
+use serde_json::json;
+use sha2::Digest;
+use tonic::transport::Channel;
+
+use crate::profile::Profile;
+use crate::show::*;
+use crate::stack::{Stack, StackConfig};
+
+#[derive(Debug, Parser)]
+#[command(name = "cohort", version, about = "Cohort federated learning")]
+pub struct Cli {
+    /// Print machine-readable JSON (one object, or one per line for streams).
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Profile naming the federation to talk to.
+    #[arg(long, global = true, env = "COHORT_PROFILE")]
+    pub profile: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run every service and N local parties on this machine until interrupted.
+    Up(UpArgs),
+    /// Run a complete federated job on the bundled digits data and exit.
+    Demo(DemoArgs),
+    /// Jobs.
+    #[command(subcommand)]
+    Job(JobCommand),
+    /// The model registry.
+    #[command(subcommand)]
+    Model(ModelCommand),
+    /// Registered parties.
+    #[command(subcommand)]
+    Client(ClientCommand),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct UpArgs {
+    /// Where databases, models, party data and logs live.
+    #[arg(long, env = "COHORT_DATA_DIR", default_value = "cohort-data")]
+    pub data_dir: PathBuf,
+    /// Local parties to start, each with a share of the digits data.
+    #[arg(long, default_value_t = 3)]
+    pub clients: u32,
+    /// Address of the proxy, the federation's one entry point.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub listen: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    #[arg(long, default_value_t = 3)]
+    pub clients: u32,
+    #[arg(long, default_value_t = 10)]
+    pub rounds: u32,
+    /// Dirichlet alpha of the label skew across parties (smaller: more skewed).
+    #[arg(long, default_value_t = 0.5)]
+    pub alpha: f64,
+    /// Seed of the data split.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Keep everything in this directory (default: a temporary one, removed afterwards).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Give up after this long.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobCommand {
+    /// Create a job from a YAML or JSON spec.
+    Create {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    Get {
+        id: String,
+    },
+    List {
+        #[arg(long)]
+        namespace: Option<String>,
+        /// QUEUED, RUNNING, SUCCEEDED, ...
+        #[arg(long)]
+        state: Option<String>,
+        /// At most this many jobs.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
+    /// Follow a job until it ends; exits 0 if it SUCCEEDED.
+    Watch {
+        id: String,
+    },
+    /// The job's events: every state change with its reason.
+    Logs {
+        id: String,
+    },
+    Stop {
+        id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    Delete {
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ModelCommand {
+    List {
+        /// Only this model.
+        #[arg(long)]
+        name: Option<String>,
+        /// Only versions made by this job.
+        #[arg(long)]
+        job: Option<String>,
+    },
+    /// NAME or NAME@VERSION (default: latest).
+    Get { model: String },
+    /// Write a version's safetensors file; its sha256 is checked.
+    Download {
+        model: String,
+        #[arg(short = 'o', long = "output")]
+        output: PathBuf,
+    },
+    /// Store a safetensors file as a new version of NAME.
+    Upload {
+        name: String,
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClientCommand {
+    List,
+}
+
+impl Cli {
+    /// Runs the command; the returned code is the process exit code.
+    pub async fn run(self) -> anyhow::Result<i32> {
+        let json = self.json;
+        match self.command {
+            Command::Up(a) => up(a, json).await,
+            Command::Demo(a) => demo(a, json).await,
+            Command::Job(c) => {
+                let api = Api::connect(self.profile.as_deref())?;
+                job_command(api, c, json).await
+            }
+            Command::Model(c) => {
+                let api = Api::connect(self.profile.as_deref())?;
+                model_command(api, c, json).await
+            }
+            Command::Client(ClientCommand::List) => {
+                let api = Api::connect(self.profile.as_deref())?;
+                let clients = api
+                    .selector()
+                    .list_clients(pb::ListClientsRequest {})
+                    .await?
+                    .into_inner()
+                    .clients;
+                if json {
+                    println!(
+                        "{}",
+                        json!(clients.iter().map(client_json).collect::<Vec<_>>())
+                    );
+                } else {
+                    for c in &clients {
+                        let ds: Vec<String> = c
+                            .datasets
+                            .iter()
+                            .map(|d| format!("{}({})", d.name, d.samples))
+                            .collect();
+                        println!(
+                            "{:<20} {:<13} tasks {}/{} ok  {}",
+                            c.party,
+                            if c.connected {
+                                "connected"
+                            } else {
+                                "disconnected"
+                            },
+                            c.tasks_succeeded,
+                            c.tasks_offered,
+                            ds.join(" ")
+                        );
+                    }
+                }
+                Ok(0)
+            }
+        }
+    }
+}
+
+/// Clients for the public services, all through the proxy.
+#[derive(Clone)]
+pub struct Api {
+    channel: Channel,
+}
+
+impl Api {
+    pub fn connect(profile: Option<&Path>) -> anyhow::Result<Api> {
+        let p = Profile::resolve(profile)?;
+        Api::at(&p.endpoint)
+    }
+
+    pub fn at(endpoint: &str) -> anyhow::Result<Api> {
+        Ok(Api {
+            channel: cohort_runtime::lazy_channel(endpoint)?,
+        })
+    }
+
+    pub fn jobs(&self) -> pb::jobs_client::JobsClient<Channel> {
+        pb::jobs_client::JobsClient::new(self.channel.clone())
+    }
+
+    pub fn models(&self) -> pb::models_client::ModelsClient<Channel> {
+        pb::models_client::ModelsClient::new(self.channel.clone())
+    }
+
+    pub fn selector(&self) -> pb::client_selector_client::ClientSelectorClient<Channel> {
+        pb::client_selector_client::ClientSelectorClient::new(self.channel.clone())
+    }
+}
+
+fn parse_state(s: &str) -> anyhow::Result<pb::JobState> {
+    let state: cohort_core::JobState = s
+        .parse()
+        .with_context(|| format!("--state: {s:?} is not a job state"))?;
+    Ok(
+        pb::JobState::from_str_name(&format!("JOB_STATE_{}", state.as_str()))
+            .unwrap_or(pb::JobState::Unspecified),
+    )
+}
+
+async fn job_command(api: Api, cmd: JobCommand, json: bool) -> anyhow::Result<i32> {
+    let mut jobs = api.jobs();
+    match cmd {
+        JobCommand::Create { file } => {
+            let spec = std::fs::read_to_string(&file)
+                .with_context(|| format!("-f: cannot read {}", file.display()))?;
+            let job = jobs
+                .create_job(pb::CreateJobRequest { spec })
+                .await?
+                .into_inner();
+            if json {
+                println!("{}", job_json(&job));
+            } else {
+                println!("job {} created ({})", job.id, state_name(job.state));
+            }
+        }
+        JobCommand::Get { id } => {
+            let job = jobs.get_job(pb::GetJobRequest { id }).await?.into_inner();
+            if json {
+                println!("{}", job_json(&job));
+            } else {
+                print!("{}", job_text(&job));
+            }
+        }
+        JobCommand::List {
+            namespace,
+            state,
+            limit,
+        } => {
+            let state = match state {
+                Some(s) => parse_state(&s)? as i32,
+                None => 0,
+            };
+            let mut all = Vec::new();
+            let mut token = String::new();
+            loop {
+                let page = jobs
+                    .list_jobs(pb::ListJobsRequest {
+                        namespace: namespace.clone().unwrap_or_default(),
+                        state,
+                        page_size: 100,
+                        page_token: token,
+                    })
+                    .await?
+                    .into_inner();
+                all.extend(page.jobs);
+                token = page.next_page_token;
+                if token.is_empty() || all.len() >= limit {
+                    break;
+                }
+            }
+            all.truncate(limit);
+            if json {
+                println!("{}", json!(all.iter().map(job_json).collect::<Vec<_>>()));
+            } else {
+                for j in &all {
+                    println!("{}", job_line(j));
+                }
+            }
+        }
+        JobCommand::Watch { id } => {
+            let last = watch(&api, &id, Duration::from_secs(24 * 3600), |job| {
+                if json {
+                    println!("{}", job_json(job));
+                } else {
+                    println!("{}", job_line(job));
+                }
+            })
+            .await?;
+            return Ok(if state_name(last.state) == "SUCCEEDED" {
+                0
+            } else {
+                1
+            });
+        }
+        JobCommand::Logs { id } => {
+            let events = jobs
+                .list_job_events(pb::GetJobRequest { id })
+                .await?
+                .into_inner()
+                .events;
+            for e in &events {
+                if json {
+                    println!("{}", event_json(e));
+                } else {
+                    let v = event_json(e);
+                    println!(
+                        "{}  {:>9} -> {:<9}  {}",
+                        v["time"].as_str().unwrap_or(""),
+                        v["from"].as_str().unwrap_or("-"),
+                        state_name(e.to),
+                        e.reason
+                    );
+                }
+            }
+        }
+        JobCommand::Stop { id, reason } => {
+            let job = jobs
+                .stop_job(pb::StopJobRequest { id, reason })
+                .await?
+                .into_inner();
+            if json {
+                println!("{}", job_json(&job));
+            } else {
+                println!("job {} is {}", job.id, state_name(job.state));
+            }
+        }
+        JobCommand::Delete { id } => {
+            jobs.delete_job(pb::GetJobRequest { id: id.clone() })
+                .await?;
+            if json {
+                println!("{}", json!({"id": id, "deleted": true}));
+            } else {
+                println!("job {id} deleted");
+            }
+        }
+    }
+    Ok(0)
+}
+
+/// Follows a job until it ends, calling `on_change` for every new snapshot.
+/// Survives job-scheduler and proxy restarts by watching again.
+pub async fn watch(
+    api: &Api,
+    id: &str,
+    timeout: Duration,
+    mut on_change: impl FnMut(&pb::Job),
+) -> anyhow::Result<pb::Job> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last: Option<pb::Job> = None;
+    let mut failures = 0u32;
+    loop {
+        if tokio::time::Instant::now() >= deadline {
+            bail!(
+                "job {id} did not end within {}",
+                humantime::format_duration(timeout)
+            );
+        }
+        let stream = api
+            .jobs()
+            .watch_job(pb::GetJobRequest { id: id.to_string() })
+            .await;
+        match stream {
+            Ok(resp) => {
+                let mut s = resp.into_inner();
+                loop {
+                    let next = tokio::time::timeout_at(deadline, s.next()).await;
+                    match next {
+                        Err(_) => break,
+                        Ok(Some(Ok(job))) => {
+                            failures = 0;
+                            if last.as_ref() != Some(&job) {
+                                on_change(&job);
+                            }
+                            let done = is_terminal(job.state);
+                            last = Some(job);
+                            if done {
+                                return last.context("no job");
+                            }
+                        }
+                        Ok(Some(Err(st))) if !cohort_runtime::is_retryable(&st) => {
+                            bail!("{}", st.message())
+                        }
+                        Ok(_) => break,
+                    }
+                }
+            }
+            Err(st) if !cohort_runtime::is_retryable(&st) => bail!("{}", st.message()),
+            Err(_) => {}
+        }
+        failures += 1;
+        if failures > 120 {
+            bail!("lost the connection to the federation while watching job {id}");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn split_model_ref(s: &str) -> anyhow::Result<(String, u32)> {
+    match s.split_once('@') {
+        None => Ok((s.to_string(), 0)),
+        Some(_) => cohort_core::spec::parse_model_ref(s).map_err(|m| anyhow::anyhow!("{m}")),
+    }
+}
+
+async fn model_command(api: Api, cmd: ModelCommand, json: bool) -> anyhow::Result<i32> {
+    let mut models = api.models();
+    match cmd {
+        ModelCommand::List { name, job } => {
+            let versions = models
+                .list_versions(pb::ListVersionsRequest {
+                    name: name.unwrap_or_default(),
+                    job_id: job.unwrap_or_default(),
+                })
+                .await?
+                .into_inner()
+                .versions;
+            if json {
+                println!(
+                    "{}",
+                    json!(versions.iter().map(version_json).collect::<Vec<_>>())
+                );
+            } else {
+                for v in &versions {
+                    println!("{}", version_line(v));
+                }
+            }
+        }
+        ModelCommand::Get { model } => {
+            let (name, version) = split_model_ref(&model)?;
+            let v = models
+                .get_version(pb::GetVersionRequest { name, version })
+                .await?
+                .into_inner();
+            if json {
+                println!("{}", version_json(&v));
+            } else {
+                println!("{}", version_line(&v));
+            }
+        }
+        ModelCommand::Download { model, output } => {
+            let (name, version) = split_model_ref(&model)?;
+            let v = models
+                .get_version(pb::GetVersionRequest {
+                    name: name.clone(),
+                    version,
+                })
+                .await?
+                .into_inner();
+            let tmp = output.with_extension("part");
+            let mut file = std::fs::File::create(&tmp)
+                .with_context(|| format!("-o: cannot create {}", tmp.display()))?;
+            let mut hasher = sha2::Sha256::new();
+            let mut size = 0u64;
+            let mut stream = models
+                .download(pb::GetVersionRequest {
+                    name,
+                    version: v.version,
+                })
+                .await?
+                .into_inner();
+            while let Some(chunk) = stream.next().await {
+                let chunk = match chunk {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = std::fs::remove_file(&tmp);
+                        return Err(e.into());
+                    }
+                };
+                hasher.update(&chunk.data);
+                size += chunk.data.len() as u64;
+                file.write_all(&chunk.data)?;
+            }
+            file.sync_all()?;
+            let digest = hex::encode(hasher.finalize());
+            if digest != v.digest {
+                let _ = std::fs::remove_file(&tmp);
+                bail!(
+                    "download of {}@{} is corrupt: sha256 {digest}, registry says {}",
+                    v.name,
+                    v.version,
+                    v.digest
+                );
+            }
+            std::fs::rename(&tmp, &output)
+                .with_context(|| format!("-o: cannot write {}", output.display()))?;
+            if json {
+                println!(
+                    "{}",
+                    json!({"name": v.name, "version": v.version, "digest": digest, "size_bytes": size, "path": output})
+                );
+            } else {
+                println!(
+                    "{}@{} -> {} ({size} bytes, sha256:{digest})",
+                    v.name,
+                    v.version,
+                    output.display()
+                );
+            }
+        }
+        ModelCommand::Upload { name, file } => {
+            let bytes = std::fs::read(&file)
+                .with_context(|| format!("-f: cannot read {}", file.display()))?;
+            let mut parts = vec![pb::UploadVersionRequest {
+                part: Some(pb::upload_version_request::Part::Header(pb::UploadHeader {
+                    name,
+                    lineage: None,
+                    metrics: None,
+                })),
+            }];
+            parts.extend(bytes.chunks(1 << 20).map(|c| pb::UploadVersionRequest {
+                part: Some(pb::upload_version_request::Part::Data(c.to_vec())),
+            }));
+            let v = models
+                .upload_version(futures::stream::iter(parts))
+                .await?
+                .into_inner();
+            if json {
+                println!("{}", version_json(&v));
+            } else {
+                println!("{}", version_line(&v));
+            }
+        }
+    }
+    Ok(0)
+}
+
+async fn up(a: UpArgs, json: bool) -> anyhow::Result<i32> {
+    let data_dir = absolute(&a.data_dir)?;
+    let mut stack = Stack::start(&StackConfig {
+        data_dir: data_dir.clone(),
+        parties: a.clients,
+        proxy_listen: a.listen.clone(),
+        alpha: 0.5,
+        seed: 42,
+    })
+    .await?;
+    let profile = Profile {
+        endpoint: stack.proxy.clone(),
+    };
+    let profile_path = data_dir.join("profile.toml");
+    profile.save(&profile_path)?;
+    if let Some(default) = profile::default_path()
+        && let Err(e) = profile.save(&default)
+    {
+        eprintln!("warning: cannot write {}: {e:#}", default.display());
+    }
+    if json {
+        println!(
+            "{}",
+            json!({"event": "up", "proxy": stack.proxy, "profile": profile_path, "data_dir": data_dir, "clients": a.clients})
+        );
+    } else {
+        println!(
+            "cohort is up: proxy {}  ({} parties)",
+            stack.proxy, a.clients
+        );
+        println!("profile: {}", profile_path.display());
+        println!("logs:    {}", data_dir.join("logs").display());
+        println!("press Ctrl-C to stop");
+    }
+    let _ = std::io::stdout().flush();
+    let code = tokio::select! {
+        _ = cohort_runtime::shutdown_signal() => 0,
+        msg = async {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                if let Some(m) = stack.exited() { break m; }
+            }
+        } => {
+            eprintln!("error: {msg}; stopping");
+            1
+        }
+    };
+    stack.shutdown().await;
+    Ok(code)
+}
+
+fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
+    if p.is_absolute() {
+        return Ok(p.to_path_buf());
+    }
+    Ok(std::env::current_dir()?.join(p))
+}
+
+async fn demo(a: DemoArgs, json: bool) -> anyhow::Result<i32> {
+    if a.clients == 0 || a.clients > 64 {
+        bail!("--clients: must be between 1 and 64");
+    }
+    if a.rounds == 0 {
+        bail!("--rounds: must be at least 1");
+    }
+    if !(a.alpha.is_finite() && a.alpha > 0.0) {
+        bail!("--alpha: must be a positive number");
+    }
+    let temp;
+    let data_dir = match &a.data_dir {
+        Some(d) => absolute(d)?,
+        None => {
+            temp = tempfile::Builder::new().prefix("cohort-demo-").tempdir()?;
+            temp.path().to_path_buf()
+        }
+    };
+    let started = std::time::Instant::now();
+    let mut stack = Stack::start(&StackConfig {
+        data_dir: data_dir.clone(),
+        parties: a.clients,
+        proxy_listen: "127.0.0.1:0".into(),
+        alpha: a.alpha,
+        seed: a.seed,
+    })
+    .await?;
+    if json {
+        println!(
+            "{}",
+            json!({"event": "up", "proxy": stack.proxy, "data_dir": data_dir, "clients": a.clients, "processes": stack.pids().len()})
+        );
+    } else {
+        eprintln!(
+            "started {} processes; logs in {}",
+            stack.pids().len(),
+            data_dir.join("logs").display()
+        );
+    }
+    let result = tokio::select! {
+        r = run_demo_job(&stack, &a, json) => r,
+        _ = cohort_runtime::shutdown_signal() => Err(anyhow::anyhow!("interrupted")),
+    };
+    stack.shutdown().await;
+    let job = result?;
+    let state = state_name(job.state);
+    let accuracy = last_accuracy(&job);
+    let summary = json!({
+        "job": job.id,
+        "state": state,
+        "rounds": job.rounds_completed,
+        "accuracy": accuracy,
+        "loss": job.rounds.iter().rev().find_map(|r| r.evaluation.filter(|e| e.samples > 0).map(|e| e.loss)),
+        "clients": a.clients,
+        "model": job.model_name,
+        "model_version": job.rounds.last().map(|r| r.model_version),
+        "reason": job.reason,
+        "seconds": (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+    });
+    if json {
+        println!("{summary}");
+    } else {
+        println!(
+            "job {} {} after {} rounds: held-out accuracy {}  ({:.1}s)",
+            job.id,
+            state,
+            job.rounds_completed,
+            accuracy
+                .map(|a| format!("{a:.4}"))
+                .unwrap_or_else(|| "-".into()),
+            started.elapsed().as_secs_f64()
+        );
+        if state != "SUCCEEDED" {
+            println!("reason: {}", job.reason);
+        }
+    }
+    Ok(if state == "SUCCEEDED" { 0 } else { 1 })
+}
+
+async fn run_demo_job(stack: &Stack, a: &DemoArgs, json: bool) -> anyhow::Result<pb::Job> {
+    let api = Api::at(&stack.proxy)?;
+    let spec = data::demo_job_spec("digits-demo", a.clients, a.rounds);
+    let job = api
+        .jobs()
+        .create_job(pb::CreateJobRequest { spec })
+        .await?
+        .into_inner();
+    let tty = !json && std::io::stderr().is_terminal();
+    if !json {
+        eprintln!(
+            "job {} created: {} parties, {} rounds, Dirichlet alpha {}",
+            job.id, a.clients, a.rounds, a.alpha
+        );
+    }
+    let mut shown_rounds = 0usize;
+    let mut last_state = String::new();
+    let last = watch(&api, &job.id, a.timeout, |j| {
+        for r in j.rounds.iter().skip(shown_rounds) {
+            if json {
+                let mut v = round_json(r);
+                v["event"] = json!("round");
+                v["job"] = json!(j.id);
+                println!("{v}");
+            } else {
+                let e = r.evaluation.unwrap_or_default();
+                let line = format!(
+                    "round {:>3}/{}  updates {}  accuracy {:.4}  loss {:.4}  {:.2}s",
+                    r.round,
+                    j.rounds_total,
+                    r.updates,
+                    e.accuracy,
+                    e.loss,
+                    r.duration_ms as f64 / 1000.0
+                );
+                if tty {
+                    let width = 40usize;
+                    let done = (r.round as usize * width) / j.rounds_total.max(1) as usize;
+                    eprint!(
+                        "\r[{}{}] {line}",
+                        "#".repeat(done),
+                        "-".repeat(width - done)
+                    );
+                } else {
+                    eprintln!("{line}");
+                }
+            }
+        }
+        shown_rounds = j.rounds.len();
+        let state = state_name(j.state).to_string();
+        if state != last_state {
+            if json {
+                println!(
+                    "{}",
+                    json!({"event": "state", "job": j.id, "state": state, "reason": j.reason})
+                );
+            } else if !tty || is_terminal(j.state) {
+                if tty {
+                    eprintln!();
+                }
+                eprintln!("{state}: {}", j.reason);
+            }
+            last_state = state;
+        }
+    })
+    .await?;
+    Ok(last)
+}

@@ -1,0 +1,191 @@
+//! How API objects are shown: JSON for machines, short text for people.
+
+use cohort_proto::v1 as pb;
+use serde_json::{Value, json};
+
+pub fn state_name(state: i32) -> &'static str {
+    match pb::JobState::try_from(state).unwrap_or(pb::JobState::Unspecified) {
+        pb::JobState::Unspecified => "UNSPECIFIED",
+        pb::JobState::Queued => "QUEUED",
+        pb::JobState::Starting => "STARTING",
+        pb::JobState::Running => "RUNNING",
+        pb::JobState::Stopping => "STOPPING",
+        pb::JobState::Succeeded => "SUCCEEDED",
+        pb::JobState::Failed => "FAILED",
+        pb::JobState::Stopped => "STOPPED",
+        pb::JobState::Deleting => "DELETING",
+    }
+}
+
+pub fn is_terminal(state: i32) -> bool {
+    matches!(state_name(state), "SUCCEEDED" | "FAILED" | "STOPPED")
+}
+
+fn time(ms: i64) -> String {
+    if ms <= 0 {
+        return String::new();
+    }
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms as u64);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+fn finite(v: f64) -> Value {
+    if v.is_finite() { json!(v) } else { Value::Null }
+}
+
+pub fn round_json(r: &pb::RoundSummary) -> Value {
+    let e = r.evaluation.unwrap_or_default();
+    json!({
+        "round": r.round,
+        "accuracy": if e.samples > 0 { finite(e.accuracy) } else { Value::Null },
+        "loss": if e.samples > 0 { finite(e.loss) } else { Value::Null },
+        "eval_samples": e.samples,
+        "train_loss": finite(r.train_loss),
+        "updates": r.updates,
+        "model_version": r.model_version,
+        "duration_ms": r.duration_ms,
+    })
+}
+
+/// The last evaluated round's accuracy.
+pub fn last_accuracy(job: &pb::Job) -> Option<f64> {
+    job.rounds
+        .iter()
+        .rev()
+        .find_map(|r| r.evaluation.filter(|e| e.samples > 0).map(|e| e.accuracy))
+}
+
+pub fn job_json(j: &pb::Job) -> Value {
+    let spec: Value = serde_json::from_str(&j.spec_json).unwrap_or(Value::Null);
+    json!({
+        "id": j.id,
+        "name": j.name,
+        "namespace": j.namespace,
+        "state": state_name(j.state),
+        "reason": j.reason,
+        "rounds_total": j.rounds_total,
+        "rounds_completed": j.rounds_completed,
+        "accuracy": last_accuracy(j),
+        "model": j.model_name,
+        "created_at": time(j.created_at_ms),
+        "updated_at": time(j.updated_at_ms),
+        "rounds": j.rounds.iter().map(round_json).collect::<Vec<_>>(),
+        "spec": spec,
+    })
+}
+
+pub fn job_line(j: &pb::Job) -> String {
+    let acc = last_accuracy(j)
+        .map(|a| format!("  accuracy {a:.4}"))
+        .unwrap_or_default();
+    format!(
+        "{:<32} {:<10} {:<10} round {}/{}{}  {}",
+        j.id,
+        j.namespace,
+        state_name(j.state),
+        j.rounds_completed,
+        j.rounds_total,
+        acc,
+        j.reason
+    )
+}
+
+pub fn job_text(j: &pb::Job) -> String {
+    let mut s = format!(
+        "job        {}\nnamespace  {}\nstate      {}\nreason     {}\nrounds     {}/{}\nmodel      {}\ncreated    {}\n",
+        j.id,
+        j.namespace,
+        state_name(j.state),
+        j.reason,
+        j.rounds_completed,
+        j.rounds_total,
+        j.model_name,
+        time(j.created_at_ms)
+    );
+    if !j.rounds.is_empty() {
+        s.push_str("\nround  updates  accuracy  loss      train_loss  version  seconds\n");
+        for r in &j.rounds {
+            let e = r.evaluation.unwrap_or_default();
+            s.push_str(&format!(
+                "{:>5}  {:>7}  {:>8}  {:>8}  {:>10.4}  {:>7}  {:>7.2}\n",
+                r.round,
+                r.updates,
+                if e.samples > 0 {
+                    format!("{:.4}", e.accuracy)
+                } else {
+                    "-".into()
+                },
+                if e.samples > 0 {
+                    format!("{:.4}", e.loss)
+                } else {
+                    "-".into()
+                },
+                r.train_loss,
+                r.model_version,
+                r.duration_ms as f64 / 1000.0
+            ));
+        }
+    }
+    s
+}
+
+pub fn event_json(e: &pb::JobEvent) -> Value {
+    json!({
+        "seq": e.seq,
+        "time": time(e.time_ms),
+        "from": if e.from == 0 { Value::Null } else { json!(state_name(e.from)) },
+        "to": state_name(e.to),
+        "reason": e.reason,
+    })
+}
+
+pub fn version_json(v: &pb::ModelVersion) -> Value {
+    let l = v.lineage.clone().unwrap_or_default();
+    let m = v.metrics.unwrap_or_default();
+    json!({
+        "name": v.name,
+        "version": v.version,
+        "digest": v.digest,
+        "size_bytes": v.size_bytes,
+        "job_id": l.job_id,
+        "round": l.round,
+        "parent_version": l.parent_version,
+        "metrics": {
+            "accuracy": if m.samples > 0 { finite(m.accuracy) } else { Value::Null },
+            "loss": if m.samples > 0 { finite(m.loss) } else { Value::Null },
+            "samples": m.samples,
+        },
+        "created_at": time(v.created_at_ms),
+    })
+}
+
+pub fn version_line(v: &pb::ModelVersion) -> String {
+    let l = v.lineage.clone().unwrap_or_default();
+    let m = v.metrics.unwrap_or_default();
+    let acc = if m.samples > 0 {
+        format!("{:.4}", m.accuracy)
+    } else {
+        "-".into()
+    };
+    format!(
+        "{}@{:<4} round {:<4} accuracy {:<7} {:>9} B  sha256:{}  job {}",
+        v.name, v.version, l.round, acc, v.size_bytes, v.digest, l.job_id
+    )
+}
+
+pub fn client_json(c: &pb::ClientInfo) -> Value {
+    let r = c.resources.unwrap_or_default();
+    json!({
+        "party": c.party,
+        "connected": c.connected,
+        "datasets": c.datasets.iter().map(|d| json!({
+            "name": d.name, "samples": d.samples, "features": d.features, "classes": d.classes,
+        })).collect::<Vec<_>>(),
+        "resources": {"cpus": r.cpus, "memory_bytes": r.memory_bytes, "gpus": r.gpus, "max_tasks": r.max_tasks},
+        "running_tasks": c.running_tasks,
+        "last_seen": time(c.last_seen_ms),
+        "tasks_offered": c.tasks_offered,
+        "tasks_succeeded": c.tasks_succeeded,
+        "tasks_failed": c.tasks_failed,
+    })
+}

@@ -1,0 +1,270 @@
+//! Runs the whole federation on one machine as separate processes: the four
+//! server services and N parties (`cohort up` and `cohort demo`).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::process::{Child, Command};
+
+use crate::data::DIGITS_CSV;
+
+pub struct StackConfig {
+    pub data_dir: PathBuf,
+    pub parties: u32,
+    /// Proxy address; port 0 picks a free one.
+    pub proxy_listen: String,
+    /// Dirichlet alpha of the digits split across parties.
+    pub alpha: f64,
+    pub seed: u64,
+}
+
+struct Service {
+    name: String,
+    child: Child,
+}
+
+/// The running processes, stopped in reverse order of start by `shutdown`.
+pub struct Stack {
+    services: Vec<Service>,
+    /// Every process we start (and their children) shares this process group.
+    pgid: Option<i32>,
+    pub proxy: String,
+    pub data_dir: PathBuf,
+    bin_dir: PathBuf,
+}
+
+fn bin_dir() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot find the cohort binary's directory")?;
+    let dir = exe
+        .parent()
+        .context("cohort binary has no directory")?
+        .to_path_buf();
+    for name in [
+        "job-scheduler",
+        "model-manager",
+        "client-selector",
+        "proxy",
+        "coordinator",
+        "task-manager",
+        "executor",
+    ] {
+        if !dir.join(name).is_file() {
+            bail!(
+                "{} is missing next to {}; build every binary (cargo build --workspace --bins)",
+                name,
+                exe.display()
+            );
+        }
+    }
+    Ok(dir)
+}
+
+impl Stack {
+    pub async fn start(cfg: &StackConfig) -> anyhow::Result<Stack> {
+        let bin_dir = bin_dir()?;
+        let server = cfg.data_dir.join("server");
+        let logs = cfg.data_dir.join("logs");
+        for d in [&server, &logs, &cfg.data_dir.join("run")] {
+            std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+        }
+        let mut stack = Stack {
+            services: Vec::new(),
+            pgid: None,
+            proxy: String::new(),
+            data_dir: cfg.data_dir.clone(),
+            bin_dir,
+        };
+        let result = stack.start_all(cfg, &server).await;
+        if let Err(e) = result {
+            stack.shutdown().await;
+            return Err(e);
+        }
+        Ok(stack)
+    }
+
+    async fn start_all(&mut self, cfg: &StackConfig, server: &Path) -> anyhow::Result<()> {
+        let db = |name: &str| format!("sqlite://{}", server.join(name).display());
+        let blobs = format!("file://{}", server.join("blobs").display());
+        let model_manager = self
+            .spawn(
+                "model-manager",
+                &["--database-url", &db("models.db"), "--blob-url", &blobs],
+            )
+            .await?;
+        let client_selector = self
+            .spawn("client-selector", &["--database-url", &db("clients.db")])
+            .await?;
+        let work = server.join("work").display().to_string();
+        let job_scheduler = self
+            .spawn(
+                "job-scheduler",
+                &[
+                    "--database-url",
+                    &db("jobs.db"),
+                    "--model-manager",
+                    &model_manager,
+                    "--client-selector",
+                    &client_selector,
+                    "--work-dir",
+                    &work,
+                ],
+            )
+            .await?;
+        let proxy = self
+            .spawn_named(
+                "proxy",
+                "proxy",
+                &[
+                    "--listen",
+                    &cfg.proxy_listen,
+                    "--job-scheduler",
+                    &job_scheduler,
+                    "--model-manager",
+                    &model_manager,
+                    "--client-selector",
+                    &client_selector,
+                ],
+            )
+            .await?;
+        self.proxy = proxy.clone();
+        let parties = crate::data::write_party_data(
+            &cfg.data_dir.join("parties"),
+            cfg.parties,
+            cfg.alpha,
+            cfg.seed,
+            DIGITS_CSV,
+        )?;
+        for p in &parties {
+            let datasets = p.datasets_json.display().to_string();
+            let workspace = p.dir.join("workspace").display().to_string();
+            self.spawn_named(
+                &format!("task-manager-{}", p.name),
+                "task-manager",
+                &[
+                    "--party",
+                    &p.name,
+                    "--proxy",
+                    &proxy,
+                    "--datasets",
+                    &datasets,
+                    "--workspace",
+                    &workspace,
+                ],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn spawn(&mut self, binary: &str, args: &[&str]) -> anyhow::Result<String> {
+        self.spawn_named(binary, binary, args).await
+    }
+
+    /// Starts one service and waits for its ready file (its bound address).
+    async fn spawn_named(
+        &mut self,
+        name: &str,
+        binary: &str,
+        args: &[&str],
+    ) -> anyhow::Result<String> {
+        let ready = self.data_dir.join("run").join(format!("{name}.addr"));
+        let _ = std::fs::remove_file(&ready);
+        let log_path = self.data_dir.join("logs").join(format!("{name}.log"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("cannot open {}", log_path.display()))?;
+        let mut cmd = Command::new(self.bin_dir.join(binary));
+        cmd.args(args)
+            .arg("--ready-file")
+            .arg(&ready)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .process_group(self.pgid.unwrap_or(0));
+        if !args.contains(&"--listen") {
+            cmd.arg("--listen").arg("127.0.0.1:0");
+        }
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {binary}"))?;
+        if self.pgid.is_none() {
+            self.pgid = child.id().map(|p| p as i32);
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(addr) = std::fs::read_to_string(&ready)
+                && !addr.trim().is_empty()
+            {
+                self.services.push(Service {
+                    name: name.to_string(),
+                    child,
+                });
+                return Ok(addr.trim().to_string());
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                let tail = tail_of(&log_path, 5);
+                bail!(
+                    "{name} exited ({status}) while starting; its log {} ends with:\n{tail}",
+                    log_path.display()
+                );
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let _ = child.kill().await;
+                bail!(
+                    "{name} did not become ready within 30s; see {}",
+                    log_path.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Pids of the services (not their children), for tests and diagnostics.
+    pub fn pids(&self) -> Vec<(String, u32)> {
+        self.services
+            .iter()
+            .filter_map(|s| s.child.id().map(|p| (s.name.clone(), p)))
+            .collect()
+    }
+
+    /// A service that exited on its own, if any.
+    pub fn exited(&mut self) -> Option<String> {
+        self.services
+            .iter_mut()
+            .find_map(|s| match s.child.try_wait() {
+                Ok(Some(status)) => Some(format!("{} exited ({status})", s.name)),
+                _ => None,
+            })
+    }
+
+    /// Stops parties first, then the server side; then anything left in the
+    /// process group (coordinators, executors).
+    pub async fn shutdown(&mut self) {
+        while let Some(mut s) = self.services.pop() {
+            cohort_runtime::process::terminate(&mut s.child, Duration::from_secs(5)).await;
+        }
+        if let Some(pgid) = self.pgid.take() {
+            let group = Pid::from_raw(pgid);
+            if killpg(group, Signal::SIGTERM).is_ok() {
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+                while tokio::time::Instant::now() < deadline && killpg(group, None).is_ok() {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                let _ = killpg(group, Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+fn tail_of(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}

@@ -1,0 +1,158 @@
+//! coordinator: runs one job's rounds. Selects a cohort through
+//! client-selector, serves the global model, folds updates into a streaming
+//! FedAvg aggregate, runs federated evaluation, stores each round's model in
+//! model-manager and reports progress to job-scheduler.
+//!
+//! Owns no store: its checkpoint is the last round job-scheduler recorded with
+//! the model version model-manager holds. Talks to other services over gRPC only.
+
+pub mod round_service;
+mod rounds;
+
+use std::time::Duration;
+
+use anyhow::Context;
+use cohort_core::{JobId, JobSpec};
+use cohort_proto::v1 as pb;
+use cohort_runtime::{Listener, ServiceArgs, lazy_channel, retry_unavailable};
+use tonic::service::Routes;
+
+use crate::round_service::{ControlApi, RoundApi, RoundShared};
+use crate::rounds::{Clients, JobRun, Outcome};
+
+#[derive(Debug, clap::Parser)]
+#[command(name = "coordinator", about = "Cohort coordinator for one job")]
+pub struct Args {
+    #[command(flatten)]
+    pub service: ServiceArgs,
+    /// The job to run.
+    #[arg(long, env = "COHORT_JOB_ID")]
+    pub job_id: String,
+    #[arg(long, env = "COHORT_JOB_SCHEDULER")]
+    pub job_scheduler: String,
+    #[arg(long, env = "COHORT_MODEL_MANAGER")]
+    pub model_manager: String,
+    #[arg(long, env = "COHORT_CLIENT_SELECTOR")]
+    pub client_selector: String,
+    /// Address parties' traffic reaches this coordinator at (default: the bound address).
+    #[arg(long, env = "COHORT_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Updates received at once; each holds one model's worth of memory.
+    #[arg(long, env = "COHORT_MAX_CONCURRENT_UPLOADS", default_value_t = 4)]
+    pub max_concurrent_uploads: usize,
+}
+
+/// How long to keep retrying job-scheduler while it restarts.
+const SCHEDULER_PATIENCE: Duration = Duration::from_secs(120);
+
+impl Args {
+    pub async fn run(self) -> anyhow::Result<()> {
+        let job_id = JobId::parse(&self.job_id).context("--job-id")?;
+        let scheduler = pb::job_control_client::JobControlClient::new(
+            lazy_channel(&self.job_scheduler).context("--job-scheduler")?,
+        );
+        let clients = Clients {
+            scheduler,
+            models: pb::models_client::ModelsClient::new(
+                lazy_channel(&self.model_manager).context("--model-manager")?,
+            ),
+            selector: pb::client_selector_client::ClientSelectorClient::new(
+                lazy_channel(&self.client_selector).context("--client-selector")?,
+            ),
+        };
+        let assignment = retry_unavailable("get assignment", SCHEDULER_PATIENCE, || {
+            let mut c = clients.scheduler.clone();
+            let id = job_id.to_string();
+            async move {
+                c.get_assignment(pb::GetAssignmentRequest { job_id: id })
+                    .await
+            }
+        })
+        .await
+        .context("cannot get the job's assignment from job-scheduler")?
+        .into_inner();
+        let job = assignment.job.clone().context("assignment without a job")?;
+        let spec = JobSpec::from_json(&job.spec_json).context("the stored job spec is invalid")?;
+
+        let listener = Listener::bind(self.service.listen).await?;
+        let endpoint = self
+            .advertise
+            .clone()
+            .unwrap_or_else(|| advertised(listener.local_addr()));
+        let shared = RoundShared::new(Vec::new(), self.max_concurrent_uploads);
+        let routes = Routes::new(pb::round_server::RoundServer::new(RoundApi {
+            shared: shared.clone(),
+        }))
+        .add_service(
+            pb::coordinator_control_server::CoordinatorControlServer::new(ControlApi {
+                shared: shared.clone(),
+            }),
+        );
+        let (server_stop_tx, server_stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let ready_file = self.service.ready_file.clone();
+        let server = tokio::spawn(async move {
+            listener
+                .serve("coordinator", routes, ready_file.as_deref(), async {
+                    let _ = server_stop_rx.await;
+                })
+                .await
+        });
+
+        let run = JobRun {
+            job_id: job_id.clone(),
+            model_name: job.model_name.clone(),
+            spec,
+            clients: clients.clone(),
+            shared: shared.clone(),
+            endpoint: endpoint.clone(),
+        };
+        let outcome = tokio::select! {
+            outcome = run.run(assignment) => Some(outcome),
+            _ = cohort_runtime::shutdown_signal() => None,
+        };
+        match outcome {
+            // Terminated: the job stays as it is; job-scheduler relaunches a
+            // coordinator that resumes from the last recorded round.
+            None => {
+                tracing::info!(job = %job_id, "terminated; the job resumes from its last round")
+            }
+            Some(Outcome::Abandon(why)) => {
+                tracing::warn!(job = %job_id, %why, "giving up the job without finishing it")
+            }
+            Some(Outcome::Finish(state, reason)) => {
+                tracing::info!(job = %job_id, state = ?state, %reason, "job finished");
+                let mut c = clients.selector.clone();
+                let _ = c
+                    .cancel_job_tasks(pb::CancelJobTasksRequest {
+                        job_id: job_id.to_string(),
+                        reason: reason.clone(),
+                    })
+                    .await;
+                let res = retry_unavailable("finish job", SCHEDULER_PATIENCE, || {
+                    let mut c = clients.scheduler.clone();
+                    let req = pb::FinishJobRequest {
+                        job_id: job_id.to_string(),
+                        state: state as i32,
+                        reason: reason.clone(),
+                    };
+                    async move { c.finish_job(req).await }
+                })
+                .await;
+                if let Err(s) = res {
+                    tracing::error!(job = %job_id, status = %s.message(), "cannot report the job's end");
+                }
+            }
+        }
+        let _ = server_stop_tx.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+        Ok(())
+    }
+}
+
+fn advertised(addr: std::net::SocketAddr) -> String {
+    if addr.ip().is_unspecified() {
+        format!("127.0.0.1:{}", addr.port())
+    } else {
+        addr.to_string()
+    }
+}

@@ -1,0 +1,405 @@
+//! task-manager: a party's daemon. Dials out to the proxy (never listens for
+//! party traffic), registers its datasets and resources, keeps one long-lived
+//! session for heartbeats and offers, and runs one executor process per
+//! accepted task.
+//!
+//! Must not depend on server-side crates or stores: it only speaks the
+//! PartySession protocol.
+
+pub mod datasets;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use cohort_proto::v1 as pb;
+use cohort_runtime::{Listener, LogFormat, lazy_channel};
+use futures::StreamExt;
+use tokio::process::Command;
+use tokio::sync::mpsc;
+
+use crate::datasets::LocalDataset;
+
+#[derive(Debug, clap::Parser)]
+#[command(name = "task-manager", about = "Cohort party daemon")]
+pub struct Args {
+    /// This party's name.
+    #[arg(long, env = "COHORT_PARTY")]
+    pub party: String,
+    /// The federation's proxy (host:port).
+    #[arg(long, env = "COHORT_PROXY")]
+    pub proxy: String,
+    /// The party's datasets.json.
+    #[arg(long, env = "COHORT_DATASETS")]
+    pub datasets: PathBuf,
+    /// Where task files and executor logs go.
+    #[arg(long, env = "COHORT_WORKSPACE")]
+    pub workspace: PathBuf,
+    /// The executor binary (default: `executor` next to this one).
+    #[arg(long, env = "COHORT_EXECUTOR_BIN")]
+    pub executor_bin: Option<PathBuf>,
+    /// Tasks run at once; further offers are refused.
+    #[arg(long, env = "COHORT_MAX_TASKS", default_value_t = 2)]
+    pub max_tasks: u32,
+    /// Local address for health checks (liveness probes); party traffic only dials out.
+    #[command(flatten)]
+    pub service: cohort_runtime::ServiceArgs,
+}
+
+struct Party {
+    name: String,
+    proxy: String,
+    workspace: PathBuf,
+    executor_bin: PathBuf,
+    max_tasks: u32,
+    log_format: LogFormat,
+    datasets: Vec<LocalDataset>,
+    /// Running executors by task id: the sender stops one.
+    running: Mutex<HashMap<String, tokio::sync::oneshot::Sender<()>>>,
+}
+
+impl Args {
+    pub async fn run(self) -> anyhow::Result<()> {
+        cohort_core::PartyId::parse(&self.party).context("--party")?;
+        if self.max_tasks == 0 {
+            anyhow::bail!("--max-tasks: must be at least 1");
+        }
+        lazy_channel(&self.proxy).context("--proxy")?;
+        let datasets = datasets::load(&self.datasets).context("--datasets")?;
+        if datasets.is_empty() {
+            anyhow::bail!("--datasets: {} names no dataset", self.datasets.display());
+        }
+        let executor_bin = self
+            .executor_bin
+            .clone()
+            .unwrap_or_else(|| cohort_runtime::process::sibling_binary("executor"));
+        if !executor_bin.is_file() {
+            anyhow::bail!("--executor-bin: {} does not exist", executor_bin.display());
+        }
+        let health = Listener::bind(self.service.listen).await?;
+        std::fs::create_dir_all(self.workspace.join("tasks"))
+            .with_context(|| format!("--workspace: cannot create {}", self.workspace.display()))?;
+        let party = Arc::new(Party {
+            name: self.party.clone(),
+            proxy: self.proxy.clone(),
+            workspace: self.workspace.clone(),
+            executor_bin,
+            max_tasks: self.max_tasks,
+            log_format: self.service.log_format,
+            datasets,
+            running: Mutex::default(),
+        });
+        tracing::info!(party = %party.name, proxy = %party.proxy, datasets = party.datasets.len(), "task-manager starting");
+        let (stop_health, health_stopped) = tokio::sync::oneshot::channel::<()>();
+        let ready_file = self.service.ready_file.clone();
+        let health = tokio::spawn(async move {
+            health
+                .serve(
+                    "task-manager",
+                    tonic::service::Routes::default(),
+                    ready_file.as_deref(),
+                    async {
+                        let _ = health_stopped.await;
+                    },
+                )
+                .await
+        });
+        tokio::select! {
+            _ = party.clone().run_sessions() => {}
+            _ = cohort_runtime::shutdown_signal() => {}
+        }
+        let _ = stop_health.send(());
+        let _ = health.await;
+        party.stop_all();
+        // Give executors a moment to go.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        Ok(())
+    }
+}
+
+fn resources(max_tasks: u32, running: u32) -> pb::Resources {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1);
+    let memory_bytes = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0);
+    pb::Resources {
+        cpus,
+        memory_bytes,
+        gpus: 0,
+        max_tasks: max_tasks.saturating_sub(running).max(0),
+    }
+}
+
+fn party_msg(kind: pb::party_message::Kind) -> pb::PartyMessage {
+    pb::PartyMessage { kind: Some(kind) }
+}
+
+impl Party {
+    fn running_count(&self) -> u32 {
+        self.running.lock().map(|m| m.len() as u32).unwrap_or(0)
+    }
+
+    fn stop_all(&self) {
+        if let Ok(mut map) = self.running.lock() {
+            for (_, stop) in map.drain() {
+                let _ = stop.send(());
+            }
+        }
+    }
+
+    /// Keeps a session open, reconnecting with backoff when it breaks.
+    async fn run_sessions(self: Arc<Self>) {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let started = tokio::time::Instant::now();
+            match self.clone().session().await {
+                Ok(()) => tracing::warn!("session closed by the server; reconnecting"),
+                Err(e) => tracing::warn!(error = %e, "session failed; reconnecting in {backoff:?}"),
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                backoff = Duration::from_millis(200);
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    async fn session(self: Arc<Self>) -> anyhow::Result<()> {
+        let channel = lazy_channel(&self.proxy)?;
+        let mut client = pb::party_session_client::PartySessionClient::new(channel);
+        let (out_tx, out_rx) = mpsc::channel::<pb::PartyMessage>(64);
+        out_tx
+            .send(party_msg(pb::party_message::Kind::Register(pb::Register {
+                party: self.name.clone(),
+                datasets: self.datasets.iter().map(|d| d.info.clone()).collect(),
+                resources: Some(resources(self.max_tasks, self.running_count())),
+            })))
+            .await?;
+        let mut inbound = client
+            .open(tokio_stream::wrappers::ReceiverStream::new(out_rx))
+            .await
+            .context("cannot open the party session")?
+            .into_inner();
+        let mut heartbeat: Option<tokio::task::JoinHandle<()>> = None;
+        let result = loop {
+            let msg = match inbound.next().await {
+                Some(Ok(m)) => m,
+                Some(Err(s)) => break Err(anyhow::anyhow!("{}", s.message())),
+                None => break Ok(()),
+            };
+            match msg.kind {
+                Some(pb::server_message::Kind::Registered(r)) => {
+                    tracing::info!(party = %r.party, "registered");
+                    let interval = Duration::from_millis(
+                        u64::from(r.heartbeat_interval_ms).clamp(100, 600_000),
+                    );
+                    let (tx, me) = (out_tx.clone(), self.clone());
+                    if let Some(h) = heartbeat.take() {
+                        h.abort();
+                    }
+                    heartbeat = Some(tokio::spawn(async move {
+                        loop {
+                            tokio::time::sleep(interval).await;
+                            let running = me.running_count();
+                            let hb = pb::Heartbeat {
+                                resources: Some(resources(me.max_tasks, running)),
+                                running_tasks: running,
+                            };
+                            if tx
+                                .send(party_msg(pb::party_message::Kind::Heartbeat(hb)))
+                                .await
+                                .is_err()
+                            {
+                                return;
+                            }
+                        }
+                    }));
+                }
+                Some(pb::server_message::Kind::Offer(offer)) => {
+                    let reply = self.clone().consider(offer, out_tx.clone());
+                    out_tx
+                        .send(party_msg(pb::party_message::Kind::OfferReply(reply)))
+                        .await?;
+                }
+                Some(pb::server_message::Kind::Cancel(c)) => {
+                    let stop = self
+                        .running
+                        .lock()
+                        .ok()
+                        .and_then(|mut m| m.remove(&c.task_id));
+                    if let Some(stop) = stop {
+                        tracing::info!(task = %c.task_id, reason = %c.reason, "task cancelled");
+                        let _ = stop.send(());
+                    }
+                }
+                Some(pb::server_message::Kind::Revoked(r)) => {
+                    break Err(anyhow::anyhow!("this party was revoked: {}", r.reason));
+                }
+                None => {}
+            }
+        };
+        if let Some(h) = heartbeat {
+            h.abort();
+        }
+        result
+    }
+
+    /// Accepts an offer (and starts its executor) or says why not.
+    fn consider(
+        self: Arc<Self>,
+        offer: pb::Offer,
+        out: mpsc::Sender<pb::PartyMessage>,
+    ) -> pb::OfferReply {
+        let refuse = |reason: String| {
+            tracing::info!(offer = %offer.offer_id, %reason, "offer refused");
+            pb::OfferReply {
+                offer_id: offer.offer_id.clone(),
+                accepted: false,
+                reason,
+            }
+        };
+        let Some(task) = offer.task.clone() else {
+            return refuse("offer without a task".into());
+        };
+        let Some(dataset) = self.datasets.iter().find(|d| d.name == task.dataset) else {
+            return refuse(format!("unknown dataset {:?}", task.dataset));
+        };
+        if cohort_core::JobId::parse(&task.job_id).is_err()
+            || task.task_id.is_empty()
+            || task.task_token.is_empty()
+        {
+            return refuse("malformed task".into());
+        }
+        if self.running_count() >= self.max_tasks {
+            return refuse(format!("no capacity: {} task(s) running", self.max_tasks));
+        }
+        let dir = self.workspace.join("tasks").join(sanitize(&task.task_id));
+        let exec = pb::ExecutorTask {
+            task: Some(task.clone()),
+            endpoint: self.proxy.clone(),
+            data: Some(dataset.to_pb()),
+        };
+        let task_file = match write_task_file(&dir, &exec) {
+            Ok(p) => p,
+            Err(e) => return refuse(format!("cannot prepare the task: {e}")),
+        };
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+        if let Ok(mut m) = self.running.lock() {
+            m.insert(task.task_id.clone(), stop_tx);
+        }
+        tokio::spawn(
+            self.clone()
+                .run_executor(task, dir, task_file, stop_rx, out),
+        );
+        pb::OfferReply {
+            offer_id: offer.offer_id,
+            accepted: true,
+            reason: String::new(),
+        }
+    }
+
+    async fn run_executor(
+        self: Arc<Self>,
+        task: pb::Task,
+        dir: PathBuf,
+        task_file: PathBuf,
+        stop: tokio::sync::oneshot::Receiver<()>,
+        out: mpsc::Sender<pb::PartyMessage>,
+    ) {
+        let status = |phase: pb::TaskPhase, message: String| {
+            party_msg(pb::party_message::Kind::TaskStatus(pb::TaskStatus {
+                task_id: task.task_id.clone(),
+                phase: phase as i32,
+                message,
+            }))
+        };
+        let mut cmd = Command::new(&self.executor_bin);
+        cmd.arg("--task-file").arg(&task_file);
+        if self.log_format == LogFormat::Json {
+            cmd.arg("--log-format").arg("json");
+        }
+        let log = dir.join("executor.log");
+        let program = self.executor_bin.display().to_string();
+        let (phase, message) = match cohort_runtime::process::spawn_logged(cmd, &program, &log) {
+            Err(e) => (pb::TaskPhase::Failed, e.to_string()),
+            Ok(mut child) => {
+                tracing::info!(task = %task.task_id, kind = task.kind, round = task.round, "executor started");
+                let _ = out
+                    .send(status(pb::TaskPhase::Running, String::new()))
+                    .await;
+                tokio::select! {
+                    r = child.wait() => match r {
+                        Ok(s) if s.success() => (pb::TaskPhase::Succeeded, String::new()),
+                        Ok(s) => (pb::TaskPhase::Failed, format!("executor {s}: {}", last_line(&log))),
+                        Err(e) => (pb::TaskPhase::Failed, format!("executor could not be waited on: {e}")),
+                    },
+                    _ = stop => {
+                        cohort_runtime::process::terminate(&mut child, Duration::from_secs(3)).await;
+                        (pb::TaskPhase::Cancelled, "cancelled".to_string())
+                    }
+                }
+            }
+        };
+        if let Ok(mut m) = self.running.lock() {
+            m.remove(&task.task_id);
+        }
+        // The token is a credential: do not leave it on disk.
+        let _ = std::fs::remove_file(&task_file);
+        match phase {
+            pb::TaskPhase::Failed => tracing::warn!(task = %task.task_id, %message, "task failed"),
+            _ => tracing::info!(task = %task.task_id, phase = ?phase, "task ended"),
+        }
+        let _ = out.send(status(phase, message)).await;
+    }
+}
+
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// Writes the task for the executor, readable only by this user (it holds the task token).
+fn write_task_file(dir: &Path, task: &pb::ExecutorTask) -> std::io::Result<PathBuf> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join("task.pb");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)?;
+    f.write_all(&prost::Message::encode_to_vec(task))?;
+    Ok(path)
+}
+
+fn last_line(log: &Path) -> String {
+    std::fs::read_to_string(log)
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .map(|l| l.chars().take(300).collect())
+        })
+        .unwrap_or_default()
+}
