@@ -1,1 +1,224 @@
-//! cohort-integration-tests
+//! Multi-process tests of the whole federation: real binaries talking gRPC
+//! over loopback, with faults injected by signals.
+//!
+//! The binaries must be built first (`cargo build --workspace --bins`); the
+//! project's test script does that. Every process a test starts belongs to a
+//! process group that is killed when the test's handle drops.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use cohort_cli::stack::{Stack, StackConfig};
+use cohort_core::JobState;
+use cohort_proto::v1 as pb;
+use tonic::transport::Channel;
+
+/// target/debug (or whichever profile built this test).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/<profile>/deps/<test binary>
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    assert!(
+        dir.join("cohort").is_file() && dir.join("executor").is_file(),
+        "binaries are missing in {}: run `cargo build --workspace --bins` first",
+        dir.display()
+    );
+    dir
+}
+
+pub fn cohort_bin() -> PathBuf {
+    bin_dir().join("cohort")
+}
+
+/// A federation started in-process from the real binaries, torn down on drop.
+pub struct Federation {
+    pub stack: Stack,
+    pub dir: tempfile::TempDir,
+}
+
+impl Federation {
+    pub async fn start(parties: u32) -> anyhow::Result<Federation> {
+        let dir = tempfile::Builder::new().prefix("cohort-it-").tempdir()?;
+        let stack = Stack::start(&StackConfig {
+            bin_dir: Some(bin_dir()),
+            data_dir: dir.path().to_path_buf(),
+            parties,
+            proxy_listen: "127.0.0.1:0".into(),
+            alpha: 0.5,
+            seed: 42,
+        })
+        .await?;
+        Ok(Federation { stack, dir })
+    }
+
+    pub fn channel(&self) -> Channel {
+        cohort_runtime::lazy_channel(&self.stack.proxy).expect("proxy endpoint")
+    }
+
+    pub fn jobs(&self) -> pb::jobs_client::JobsClient<Channel> {
+        pb::jobs_client::JobsClient::new(self.channel())
+    }
+
+    pub async fn create_job(&self, spec: &str) -> anyhow::Result<pb::Job> {
+        Ok(self
+            .jobs()
+            .create_job(pb::CreateJobRequest {
+                spec: spec.to_string(),
+            })
+            .await?
+            .into_inner())
+    }
+
+    pub async fn get_job(&self, id: &str) -> anyhow::Result<pb::Job> {
+        Ok(self
+            .jobs()
+            .get_job(pb::GetJobRequest { id: id.to_string() })
+            .await?
+            .into_inner())
+    }
+
+    /// Polls until `pred` holds for the job (tolerating a restarting scheduler).
+    pub async fn wait_job(
+        &self,
+        id: &str,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&pb::Job) -> bool,
+    ) -> anyhow::Result<pb::Job> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut last = None;
+        loop {
+            match self.get_job(id).await {
+                Ok(j) if pred(&j) => return Ok(j),
+                Ok(j) => {
+                    if state_of(&j).is_terminal() && !pred(&j) {
+                        bail!(
+                            "job {id} ended {} ({}) while waiting for {what}",
+                            state_of(&j),
+                            j.reason
+                        );
+                    }
+                    last = Some(j)
+                }
+                Err(_) => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!(
+                    "timed out waiting for {what}; last seen: {:?}",
+                    last.map(|j| (state_of(&j), j.rounds_completed, j.reason))
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn events(&self, id: &str) -> anyhow::Result<Vec<pb::JobEvent>> {
+        Ok(self
+            .jobs()
+            .list_job_events(pb::GetJobRequest { id: id.to_string() })
+            .await?
+            .into_inner()
+            .events)
+    }
+}
+
+impl Drop for Federation {
+    fn drop(&mut self) {
+        // Stop everything even if the test failed half-way: kill the group.
+        if let Some(pgid) = self.stack.pgid() {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pgid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// The job's state as a domain value (QUEUED for an unknown wire value).
+pub fn state_of(j: &pb::Job) -> JobState {
+    let name = pb::JobState::try_from(j.state)
+        .map(|s| s.as_str_name().trim_start_matches("JOB_STATE_").to_string())
+        .unwrap_or_default();
+    name.parse().unwrap_or(JobState::Queued)
+}
+
+/// A small, fast job on the bundled digits data.
+pub fn digits_job(
+    name: &str,
+    rounds: u32,
+    per_round: u32,
+    min: u32,
+    round_timeout: &str,
+) -> String {
+    format!(
+        "name: {name}\n\
+         model: {{arch: mlp, hidden: [32]}}\n\
+         data: {{dataset: digits}}\n\
+         training: {{epochs: 1, batch_size: 16, optimizer: {{name: sgd, lr: 0.1}}}}\n\
+         rounds: {rounds}\n\
+         clients: {{per_round: {per_round}, min: {min}, round_timeout: {round_timeout}}}\n"
+    )
+}
+
+/// Every process on the machine: (pid, ppid, pgid, comm).
+pub fn processes() -> Vec<(u32, u32, i32, String)> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = stat[open + 1..close].to_string();
+        let rest: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        if rest.len() < 4 || rest[0] == "Z" {
+            continue;
+        }
+        let (Ok(ppid), Ok(pgid)) = (rest[1].parse(), rest[2].parse()) else {
+            continue;
+        };
+        out.push((pid, ppid, pgid, comm));
+    }
+    out
+}
+
+/// Processes in any of these process groups.
+pub fn in_groups(groups: &[i32]) -> Vec<(u32, String)> {
+    processes()
+        .into_iter()
+        .filter(|(_, _, g, _)| groups.contains(g))
+        .map(|(p, _, _, c)| (p, c))
+        .collect()
+}
+
+/// Runs the `cohort` CLI, returning (exit code, stdout, stderr).
+pub async fn cohort(args: &[&str], profile: &Path) -> anyhow::Result<(i32, String, String)> {
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::process::Command::new(cohort_bin())
+            .arg("--profile")
+            .arg(profile)
+            .args(args)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .context("cohort CLI timed out")??;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}

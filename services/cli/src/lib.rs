@@ -563,6 +563,7 @@ async fn model_command(api: Api, cmd: ModelCommand, json: bool) -> anyhow::Resul
 async fn up(a: UpArgs, json: bool) -> anyhow::Result<i32> {
     let data_dir = absolute(&a.data_dir)?;
     let mut stack = Stack::start(&StackConfig {
+        bin_dir: None,
         data_dir: data_dir.clone(),
         parties: a.clients,
         proxy_listen: a.listen.clone(),
@@ -595,20 +596,21 @@ async fn up(a: UpArgs, json: bool) -> anyhow::Result<i32> {
         println!("press Ctrl-C to stop");
     }
     let _ = std::io::stdout().flush();
-    let code = tokio::select! {
-        _ = cohort_runtime::shutdown_signal() => 0,
-        msg = async {
-            loop {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                if let Some(m) = stack.exited() { break m; }
+    // Supervise: a service that dies is started again (it recovers from its store).
+    let signal = cohort_runtime::shutdown_signal();
+    tokio::pin!(signal);
+    loop {
+        tokio::select! {
+            _ = &mut signal => break,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                for dead in stack.revive().await {
+                    eprintln!("warning: {dead} exited; restarted it");
+                }
             }
-        } => {
-            eprintln!("error: {msg}; stopping");
-            1
         }
-    };
+    }
     stack.shutdown().await;
-    Ok(code)
+    Ok(0)
 }
 
 fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
@@ -638,6 +640,7 @@ async fn demo(a: DemoArgs, json: bool) -> anyhow::Result<i32> {
     };
     let started = std::time::Instant::now();
     let mut stack = Stack::start(&StackConfig {
+        bin_dir: None,
         data_dir: data_dir.clone(),
         parties: a.clients,
         proxy_listen: "127.0.0.1:0".into(),

@@ -13,6 +13,8 @@ use tokio::process::{Child, Command};
 use crate::data::DIGITS_CSV;
 
 pub struct StackConfig {
+    /// Where the service binaries are (default: next to this executable).
+    pub bin_dir: Option<PathBuf>,
     pub data_dir: PathBuf,
     pub parties: u32,
     /// Proxy address; port 0 picks a free one.
@@ -24,6 +26,10 @@ pub struct StackConfig {
 
 struct Service {
     name: String,
+    binary: String,
+    /// Arguments, with `--listen` fixed to the address first bound, so a
+    /// restarted service comes back where its peers expect it.
+    args: Vec<String>,
     child: Child,
 }
 
@@ -37,12 +43,15 @@ pub struct Stack {
     bin_dir: PathBuf,
 }
 
-fn bin_dir() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe().context("cannot find the cohort binary's directory")?;
-    let dir = exe
-        .parent()
-        .context("cohort binary has no directory")?
-        .to_path_buf();
+fn bin_dir(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
+    let dir = match explicit {
+        Some(d) => d.to_path_buf(),
+        None => std::env::current_exe()
+            .context("cannot find the cohort binary's directory")?
+            .parent()
+            .context("cohort binary has no directory")?
+            .to_path_buf(),
+    };
     for name in [
         "job-scheduler",
         "model-manager",
@@ -54,9 +63,9 @@ fn bin_dir() -> anyhow::Result<PathBuf> {
     ] {
         if !dir.join(name).is_file() {
             bail!(
-                "{} is missing next to {}; build every binary (cargo build --workspace --bins)",
+                "{} is missing in {}; build every binary (cargo build --workspace --bins)",
                 name,
-                exe.display()
+                dir.display()
             );
         }
     }
@@ -65,7 +74,7 @@ fn bin_dir() -> anyhow::Result<PathBuf> {
 
 impl Stack {
     pub async fn start(cfg: &StackConfig) -> anyhow::Result<Stack> {
-        let bin_dir = bin_dir()?;
+        let bin_dir = bin_dir(cfg.bin_dir.as_deref())?;
         let server = cfg.data_dir.join("server");
         let logs = cfg.data_dir.join("logs");
         for d in [&server, &logs, &cfg.data_dir.join("run")] {
@@ -171,6 +180,30 @@ impl Stack {
         binary: &str,
         args: &[&str],
     ) -> anyhow::Result<String> {
+        let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        if !args.iter().any(|a| a == "--listen") {
+            args.extend(["--listen".to_string(), "127.0.0.1:0".to_string()]);
+        }
+        let (child, addr) = self.launch(name, binary, &args).await?;
+        // Pin the port for restarts.
+        if let Some(i) = args.iter().position(|a| a == "--listen") {
+            args[i + 1] = addr.clone();
+        }
+        self.services.push(Service {
+            name: name.to_string(),
+            binary: binary.to_string(),
+            args,
+            child,
+        });
+        Ok(addr)
+    }
+
+    async fn launch(
+        &mut self,
+        name: &str,
+        binary: &str,
+        args: &[String],
+    ) -> anyhow::Result<(Child, String)> {
         let ready = self.data_dir.join("run").join(format!("{name}.addr"));
         let _ = std::fs::remove_file(&ready);
         let log_path = self.data_dir.join("logs").join(format!("{name}.log"));
@@ -188,9 +221,6 @@ impl Stack {
             .stderr(Stdio::from(log))
             .kill_on_drop(true)
             .process_group(self.pgid.unwrap_or(0));
-        if !args.contains(&"--listen") {
-            cmd.arg("--listen").arg("127.0.0.1:0");
-        }
         let mut child = cmd
             .spawn()
             .with_context(|| format!("cannot start {binary}"))?;
@@ -202,11 +232,7 @@ impl Stack {
             if let Ok(addr) = std::fs::read_to_string(&ready)
                 && !addr.trim().is_empty()
             {
-                self.services.push(Service {
-                    name: name.to_string(),
-                    child,
-                });
-                return Ok(addr.trim().to_string());
+                return Ok((child, addr.trim().to_string()));
             }
             if let Ok(Some(status)) = child.try_wait() {
                 let tail = tail_of(&log_path, 5);
@@ -226,6 +252,57 @@ impl Stack {
         }
     }
 
+    /// Sends `signal` to one service (e.g. SIGKILL to simulate a crash).
+    pub fn signal(&self, name: &str, signal: Signal) -> anyhow::Result<u32> {
+        let s = self
+            .services
+            .iter()
+            .find(|s| s.name == name)
+            .with_context(|| format!("no service {name}"))?;
+        let pid = s
+            .child
+            .id()
+            .with_context(|| format!("{name} is not running"))?;
+        cohort_runtime::process::signal_pid(pid, signal);
+        Ok(pid)
+    }
+
+    /// Starts a service that ended again, with the same arguments and address.
+    pub async fn restart(&mut self, name: &str) -> anyhow::Result<()> {
+        let i = self
+            .services
+            .iter()
+            .position(|s| s.name == name)
+            .with_context(|| format!("no service {name}"))?;
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.services[i].child.wait()).await;
+        let (binary, args) = (
+            self.services[i].binary.clone(),
+            self.services[i].args.clone(),
+        );
+        let (child, _) = self.launch(name, &binary, &args).await?;
+        self.services[i].child = child;
+        Ok(())
+    }
+
+    /// Restarts services that exited on their own; returns what was restarted.
+    pub async fn revive(&mut self) -> Vec<String> {
+        let dead: Vec<String> = self
+            .services
+            .iter_mut()
+            .filter_map(|s| match s.child.try_wait() {
+                Ok(Some(status)) => Some(format!("{} ({status})", s.name)),
+                _ => None,
+            })
+            .collect();
+        for d in &dead {
+            let name = d.split(' ').next().unwrap_or_default().to_string();
+            if let Err(e) = self.restart(&name).await {
+                tracing::error!(service = %name, error = %e, "cannot restart");
+            }
+        }
+        dead
+    }
+
     /// Pids of the services (not their children), for tests and diagnostics.
     pub fn pids(&self) -> Vec<(String, u32)> {
         self.services
@@ -234,14 +311,8 @@ impl Stack {
             .collect()
     }
 
-    /// A service that exited on its own, if any.
-    pub fn exited(&mut self) -> Option<String> {
-        self.services
-            .iter_mut()
-            .find_map(|s| match s.child.try_wait() {
-                Ok(Some(status)) => Some(format!("{} exited ({status})", s.name)),
-                _ => None,
-            })
+    pub fn pgid(&self) -> Option<i32> {
+        self.pgid
     }
 
     /// Stops parties first, then the server side; then anything left in the

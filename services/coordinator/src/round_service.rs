@@ -163,6 +163,14 @@ impl RoundShared {
         self.bound.notify_waiters();
     }
 
+    /// Invalidates this round's tokens that delivered nothing, before their
+    /// tasks are offered again: a late upload must not count twice.
+    pub fn forget_undelivered(&self, round: u32) {
+        let mut c = self.lock_collect();
+        c.tickets
+            .retain(|_, t| t.round != round || t.state == TicketState::Done);
+    }
+
     /// Drops minted tokens that no party accepted.
     pub fn forget_unbound(&self, minted: &[String], accepted: &[pb::AcceptedTask]) {
         let mut c = self.lock_collect();
@@ -280,7 +288,9 @@ impl pb::round_server::Round for RoundApi {
             .claim(&header.task_token, pb::TaskKind::Train, true)
             .await?;
         let token = header.task_token.clone();
-        let result = self.receive_update(&ticket, header, &mut inbound).await;
+        let result = self
+            .receive_update(&token, &ticket, header, &mut inbound)
+            .await;
         match &result {
             Ok(_) => self.shared.release(&token, TicketState::Done),
             Err(s) => {
@@ -332,6 +342,7 @@ impl pb::round_server::Round for RoundApi {
 impl RoundApi {
     async fn receive_update(
         &self,
+        token: &str,
         ticket: &Ticket,
         header: pb::UpdateHeader,
         inbound: &mut Streaming<pb::SubmitUpdateRequest>,
@@ -369,9 +380,9 @@ impl RoundApi {
         let train = header.train.unwrap_or_default();
         {
             let mut c = self.shared.lock_collect();
-            if c.round != ticket.round {
+            if c.round != ticket.round || !c.tickets.contains_key(token) {
                 return Err(Status::failed_precondition(
-                    "the round ended while the update was uploaded",
+                    "the round ended, or the task was offered again, while the update was uploaded",
                 ));
             }
             let agg = c

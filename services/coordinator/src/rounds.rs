@@ -248,35 +248,55 @@ impl JobRun {
         }
         let clients = &self.spec.clients;
         let deadline = Instant::now() + clients.round_timeout;
-        let accepted = self
-            .offer_until(
-                round,
-                pb::TaskKind::Train,
-                clients.per_round,
-                clients.min,
-                deadline,
-            )
-            .await?;
-        if (accepted.len() as u32) < clients.min {
-            return Err(Failure::Fail(format!(
-                "round {round}: quorum not met: {} of the required {} parties (clients.min) accepted the task within clients.round_timeout {}",
-                accepted.len(),
-                clients.min,
-                humantime::format_duration(clients.round_timeout)
-            )));
-        }
-        let done = self.wait_for(round, &accepted, deadline).await?;
-        let mut c = self.shared.lock_collect();
-        let agg = c.aggregate.take();
-        let updates = agg.as_ref().map(|a| a.updates()).unwrap_or(0);
-        if updates < clients.min {
-            let missing: Vec<String> = accepted
+        let mut accepted_total = 0usize;
+        let mut missing: Vec<String>;
+        // Tasks that fail early (an executor crash, a party gone) are offered
+        // again, to other parties first, until quorum or the round timeout.
+        loop {
+            let (updates, delivered) = self.delivered(round);
+            let accepted = self
+                .offer_until(
+                    round,
+                    pb::TaskKind::Train,
+                    clients.per_round.saturating_sub(updates),
+                    clients.min.saturating_sub(updates),
+                    deadline,
+                    delivered.clone(),
+                )
+                .await?;
+            accepted_total += accepted.len();
+            if updates + (accepted.len() as u32) < clients.min {
+                return Err(Failure::Fail(format!(
+                    "round {round}: quorum not met: {} of the required {} parties (clients.min) accepted the task within clients.round_timeout {}",
+                    updates as usize + accepted.len(),
+                    clients.min,
+                    humantime::format_duration(clients.round_timeout)
+                )));
+            }
+            let done = self.wait_for(round, &accepted, deadline).await?;
+            missing = accepted
                 .iter()
                 .filter(|a| !done.contains(&a.task_id))
                 .map(|a| a.party.clone())
                 .collect();
+            let (updates, _) = self.delivered(round);
+            if updates >= clients.min || Instant::now() + Duration::from_secs(1) >= deadline {
+                break;
+            }
+            tracing::warn!(
+                round,
+                updates,
+                "quorum not reached yet; offering the task again"
+            );
+            self.shared.forget_undelivered(round);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let mut c = self.shared.lock_collect();
+        let agg = c.aggregate.take();
+        let updates = agg.as_ref().map(|a| a.updates()).unwrap_or(0);
+        if updates < clients.min {
             return Err(Failure::Fail(format!(
-                "round {round}: quorum not met: {updates} update(s) received, clients.min is {}; no update from {} within clients.round_timeout {}",
+                "round {round}: quorum not met: {updates} update(s) received from {accepted_total} accepted task(s), clients.min is {}; no update from {} within clients.round_timeout {}",
                 clients.min,
                 missing.join(", "),
                 humantime::format_duration(clients.round_timeout)
@@ -322,6 +342,7 @@ impl JobRun {
                 parties.clamp(1, 1000),
                 1,
                 deadline,
+                Vec::new(),
             )
             .await?;
         if accepted.is_empty() {
@@ -341,6 +362,7 @@ impl JobRun {
         want: u32,
         min: u32,
         deadline: Instant,
+        exclude: Vec<String>,
     ) -> Result<Vec<pb::AcceptedTask>, Failure> {
         let mut accepted: Vec<pb::AcceptedTask> = Vec::new();
         let mut last_refusals: HashMap<String, String> = HashMap::new();
@@ -382,7 +404,11 @@ impl JobRun {
                 selection: self.spec.clients.selection.as_str().to_string(),
                 template: Some(template),
                 reply_timeout_ms: OFFER_REPLY_TIMEOUT_MS,
-                exclude: accepted.iter().map(|a| a.party.clone()).collect(),
+                exclude: exclude
+                    .iter()
+                    .cloned()
+                    .chain(accepted.iter().map(|a| a.party.clone()))
+                    .collect(),
                 task_tokens: tokens.clone(),
             };
             let mut c = self.clients.selector.clone();
@@ -432,6 +458,18 @@ impl JobRun {
             tracing::warn!(round, refusals = %why.join("; "), "parties refused");
         }
         Ok(accepted)
+    }
+
+    /// Updates folded so far this round, and the parties that sent them.
+    fn delivered(&self, round: u32) -> (u32, Vec<String>) {
+        let c = self.shared.lock_collect();
+        let parties: Vec<String> = c
+            .tickets
+            .values()
+            .filter(|t| t.round == round && t.state == TicketState::Done)
+            .map(|t| t.party.clone())
+            .collect();
+        (parties.len() as u32, parties)
     }
 
     /// Waits until every accepted task delivered or ended, or the deadline.

@@ -12,7 +12,7 @@ use anyhow::{Context, bail};
 use cohort_core::{JobSpec, NamedTensor};
 use cohort_fl::{CHUNK_BYTES, TensorAssembler, chunk_tensors};
 use cohort_proto::v1 as pb;
-use cohort_runtime::{LogFormat, lazy_channel};
+use cohort_runtime::{LogFormat, lazy_channel, retry_unavailable};
 use cohort_train::{DataFormat, Dataset};
 use futures::StreamExt;
 use tonic::metadata::MetadataValue;
@@ -41,7 +41,7 @@ impl Args {
         let spec = JobSpec::from_json(&task.spec_json).context("task file: task.spec_json")?;
         let kind = pb::TaskKind::try_from(task.kind).unwrap_or(pb::TaskKind::Unspecified);
         let started = Instant::now();
-        let mut client = RoundClient::new(&exec.endpoint, &task)?;
+        let client = RoundClient::new(&exec.endpoint, &task)?;
         let global = client.fetch_model().await?;
         tracing::info!(task = %task.task_id, tensors = global.len(), "model fetched");
         match kind {
@@ -122,7 +122,12 @@ fn difference(new: &[NamedTensor], old: &[NamedTensor]) -> anyhow::Result<Vec<Na
         .collect()
 }
 
+/// How long round calls are retried while the route to the coordinator
+/// heals (a coordinator relaunched, a proxy restarting).
+const RETRY_FOR: Duration = Duration::from_secs(30);
+
 /// The round protocol, addressed to the task's job through the proxy.
+#[derive(Clone)]
 struct RoundClient {
     inner: pb::round_client::RoundClient<tonic::transport::Channel>,
     job: MetadataValue<tonic::metadata::Ascii>,
@@ -149,25 +154,32 @@ impl RoundClient {
         req
     }
 
-    async fn fetch_model(&mut self) -> anyhow::Result<Vec<NamedTensor>> {
-        let req = self.request(pb::FetchModelRequest {
-            task_token: self.token.clone(),
-        });
-        let mut stream = self
-            .inner
-            .fetch_model(req)
-            .await
-            .context("cannot fetch the model")?
-            .into_inner();
+    async fn fetch_model(&self) -> anyhow::Result<Vec<NamedTensor>> {
+        let chunks = retry_unavailable("fetch model", RETRY_FOR, || {
+            let mut inner = self.inner.clone();
+            let req = self.request(pb::FetchModelRequest {
+                task_token: self.token.clone(),
+            });
+            async move {
+                let mut stream = inner.fetch_model(req).await?.into_inner();
+                let mut chunks = Vec::new();
+                while let Some(chunk) = stream.next().await {
+                    chunks.push(chunk?);
+                }
+                Ok(chunks)
+            }
+        })
+        .await
+        .context("cannot fetch the model")?;
         let mut asm = TensorAssembler::new(None, MAX_MODEL_ELEMENTS);
-        while let Some(chunk) = stream.next().await {
-            asm.push(chunk.context("model stream broke")?)?;
+        for chunk in chunks {
+            asm.push(chunk)?;
         }
         Ok(asm.finish()?)
     }
 
     async fn submit_update(
-        &mut self,
+        &self,
         delta: &[NamedTensor],
         samples: u64,
         train: pb::Metrics,
@@ -183,23 +195,27 @@ impl RoundClient {
             part: Some(pb::submit_update_request::Part::Chunk(c)),
         });
         let messages: Vec<_> = std::iter::once(header).chain(chunks).collect();
-        let req = self.request(futures::stream::iter(messages));
-        self.inner
-            .submit_update(req)
-            .await
-            .context("the update was refused")?;
+        retry_unavailable("submit update", RETRY_FOR, || {
+            let mut inner = self.inner.clone();
+            let req = self.request(futures::stream::iter(messages.clone()));
+            async move { inner.submit_update(req).await }
+        })
+        .await
+        .context("the update was refused")?;
         Ok(())
     }
 
-    async fn submit_evaluation(&mut self, metrics: pb::Metrics) -> anyhow::Result<()> {
-        let req = self.request(pb::SubmitEvaluationRequest {
-            task_token: self.token.clone(),
-            metrics: Some(metrics),
-        });
-        self.inner
-            .submit_evaluation(req)
-            .await
-            .context("the evaluation was refused")?;
+    async fn submit_evaluation(&self, metrics: pb::Metrics) -> anyhow::Result<()> {
+        retry_unavailable("submit evaluation", RETRY_FOR, || {
+            let mut inner = self.inner.clone();
+            let req = self.request(pb::SubmitEvaluationRequest {
+                task_token: self.token.clone(),
+                metrics: Some(metrics),
+            });
+            async move { inner.submit_evaluation(req).await }
+        })
+        .await
+        .context("the evaluation was refused")?;
         Ok(())
     }
 }
