@@ -1,0 +1,365 @@
+//! The CLI against a running `cohort up`: a job from YAML, the model registry,
+//! stopping and deleting jobs, spec validation.
+
+use std::io::BufRead;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use cohort_integration_tests::{cohort, cohort_bin, descendant_groups, in_groups};
+use serde_json::Value;
+use sha2::Digest;
+
+/// `cohort up` as a child process; SIGTERM and group kill on drop.
+struct Up {
+    child: std::process::Child,
+    profile: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Up {
+    fn start(clients: u32) -> Up {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut child = std::process::Command::new(cohort_bin())
+            .args([
+                "up",
+                "--json",
+                "--listen",
+                "127.0.0.1:0",
+                "--clients",
+                &clients.to_string(),
+                "--data-dir",
+            ])
+            .arg(dir.path().join("data"))
+            // Keep the user's default profile untouched.
+            .env("XDG_CONFIG_HOME", dir.path().join("config"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .process_group(0)
+            .spawn()
+            .expect("start cohort up");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("cohort up reports it is up");
+        let v: Value = serde_json::from_str(&line).expect("JSON line");
+        assert_eq!(v["event"], "up", "{v}");
+        let profile = PathBuf::from(v["profile"].as_str().expect("profile path"));
+        assert!(profile.is_file());
+        assert!(
+            dir.path().join("config/cohort/profile.toml").is_file(),
+            "up also writes the default profile"
+        );
+        Up {
+            child,
+            profile,
+            _dir: dir,
+        }
+    }
+
+    fn pgid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn stop(&mut self) -> std::process::ExitStatus {
+        cohort_runtime::process::signal_pid(self.child.id(), nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "cohort up did not stop");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        // Also the federation's own process group(s), whatever state the test left.
+        for g in descendant_groups(self.child.id()) {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(g),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(self.pgid()),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = self.child.wait();
+    }
+}
+
+async fn json_of(args: &[&str], profile: &Path) -> Value {
+    let (code, out, err) = cohort(args, profile).await.expect("run cohort");
+    assert_eq!(code, 0, "cohort {args:?} failed: {err}");
+    serde_json::from_str(out.trim())
+        .unwrap_or_else(|e| panic!("cohort {args:?} printed no JSON ({e}): {out}"))
+}
+
+async fn wait_for(profile: &Path, id: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let job = json_of(&["--json", "job", "get", id], profile).await;
+        if pred(&job) {
+            return job;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}: {job}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+const JOB: &str = "name: yaml-job
+namespace: research
+model:
+  arch: mlp
+  hidden: [32]
+data:
+  dataset: digits
+training:
+  epochs: 1
+  batch_size: 16
+  optimizer: {name: sgd, lr: 0.1}
+rounds: 4
+clients:
+  per_round: 3
+  min: 2
+  round_timeout: 30s
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_yaml_job_under_cohort_up_succeeds_and_its_models_download_verified() {
+    let mut up = Up::start(3);
+    let profile = up.profile.clone();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec = dir.path().join("job.yaml");
+    std::fs::write(&spec, JOB).expect("write spec");
+
+    let created = json_of(
+        &[
+            "--json",
+            "job",
+            "create",
+            "-f",
+            spec.to_str().expect("path"),
+        ],
+        &profile,
+    )
+    .await;
+    let id = created["id"].as_str().expect("id").to_string();
+    assert_eq!(created["state"], "QUEUED");
+    assert_eq!(created["namespace"], "research");
+
+    let (code, out, err) = cohort(&["--json", "job", "watch", &id], &profile)
+        .await
+        .expect("watch");
+    assert_eq!(code, 0, "watch exits 0 on SUCCEEDED: {err}");
+    let last: Value =
+        serde_json::from_str(out.lines().last().expect("watch output")).expect("JSON");
+    assert_eq!(last["state"], "SUCCEEDED", "{last}");
+    assert_eq!(last["rounds_completed"], 4);
+
+    // One version per round, with its metrics and lineage.
+    let versions = json_of(&["--json", "model", "list", "--job", &id], &profile).await;
+    let versions = versions.as_array().expect("array");
+    assert_eq!(versions.len(), 4, "{versions:?}");
+    for (i, v) in versions.iter().enumerate() {
+        assert_eq!(v["round"], i as u64 + 1);
+        assert_eq!(v["job_id"], id.as_str());
+        let acc = v["metrics"]["accuracy"]
+            .as_f64()
+            .expect("accuracy recorded");
+        assert!((0.0..=1.0).contains(&acc));
+        assert!(v["metrics"]["samples"].as_u64().expect("samples") > 0);
+    }
+    assert!(versions[3]["metrics"]["accuracy"].as_f64().expect("acc") > 0.5);
+
+    // Download verifies, and the file's sha256 is the listed digest.
+    let name = versions[3]["name"].as_str().expect("name");
+    let version = versions[3]["version"].as_u64().expect("version");
+    let out_file = dir.path().join("model.safetensors");
+    let got = json_of(
+        &[
+            "--json",
+            "model",
+            "download",
+            &format!("{name}@{version}"),
+            "-o",
+            out_file.to_str().expect("path"),
+        ],
+        &profile,
+    )
+    .await;
+    let bytes = std::fs::read(&out_file).expect("downloaded file");
+    let digest = hex::encode(sha2::Sha256::digest(&bytes));
+    assert_eq!(digest, versions[3]["digest"].as_str().expect("digest"));
+    assert_eq!(got["digest"].as_str(), Some(digest.as_str()));
+    let tensors = cohort_fl_check(&bytes);
+    assert!(tensors >= 4, "an mlp has weights and biases per layer");
+
+    // Events record every transition with a reason.
+    let (code, out, _) = cohort(&["--json", "job", "logs", &id], &profile)
+        .await
+        .expect("logs");
+    assert_eq!(code, 0);
+    let states: Vec<String> = out
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).expect("JSON")["to"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect();
+    assert_eq!(states, ["QUEUED", "STARTING", "RUNNING", "SUCCEEDED"]);
+
+    // Listing filters by namespace and state.
+    let listed = json_of(
+        &[
+            "--json",
+            "job",
+            "list",
+            "--namespace",
+            "research",
+            "--state",
+            "succeeded",
+        ],
+        &profile,
+    )
+    .await;
+    assert_eq!(listed.as_array().map(|a| a.len()), Some(1));
+    let none = json_of(&["--json", "job", "list", "--namespace", "other"], &profile).await;
+    assert_eq!(none.as_array().map(|a| a.len()), Some(0));
+
+    let clients = json_of(&["--json", "client", "list"], &profile).await;
+    let clients = clients.as_array().expect("array");
+    assert_eq!(clients.len(), 3);
+    assert!(
+        clients
+            .iter()
+            .all(|c| c["connected"] == true && c["tasks_succeeded"].as_u64() > Some(0))
+    );
+
+    // Ending `up` stops every process it started.
+    let mut groups = descendant_groups(up.child.id());
+    assert!(!groups.is_empty());
+    groups.push(up.pgid());
+    let status = up.stop();
+    assert!(status.success(), "{status}");
+    let left = in_groups(&groups);
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// Parses a safetensors file and returns its tensor count.
+fn cohort_fl_check(bytes: &[u8]) -> usize {
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("header length")) as usize;
+    let header: Value = serde_json::from_slice(&bytes[8..8 + n]).expect("safetensors header");
+    header
+        .as_object()
+        .map(|o| o.keys().filter(|k| *k != "__metadata__").count())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_takes_a_running_job_to_stopped_within_seconds_and_delete_removes_it() {
+    let up = Up::start(2);
+    let profile = up.profile.clone();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec = dir.path().join("long.yaml");
+    std::fs::write(
+        &spec,
+        JOB.replace("rounds: 4", "rounds: 500")
+            .replace("per_round: 3", "per_round: 2")
+            .replace("yaml-job", "long-job"),
+    )
+    .expect("write");
+    let created = json_of(
+        &[
+            "--json",
+            "job",
+            "create",
+            "-f",
+            spec.to_str().expect("path"),
+        ],
+        &profile,
+    )
+    .await;
+    let id = created["id"].as_str().expect("id").to_string();
+    wait_for(&profile, &id, "a completed round", |j| {
+        j["rounds_completed"].as_u64() >= Some(1)
+    })
+    .await;
+
+    // A running job cannot be deleted.
+    let (code, _, err) = cohort(&["job", "delete", &id], &profile)
+        .await
+        .expect("delete");
+    assert_ne!(code, 0);
+    assert!(err.contains("stop it"), "{err}");
+
+    let asked = Instant::now();
+    let stopping = json_of(&["--json", "job", "stop", &id], &profile).await;
+    assert!(
+        matches!(stopping["state"].as_str(), Some("STOPPING" | "STOPPED")),
+        "{stopping}"
+    );
+    let stopped = wait_for(&profile, &id, "STOPPED", |j| j["state"] == "STOPPED").await;
+    let took = asked.elapsed();
+    assert!(took < Duration::from_secs(5), "stop took {took:?}");
+    assert!(stopped["rounds_completed"].as_u64() < Some(500));
+
+    let (code, _, err) = cohort(&["job", "delete", &id], &profile)
+        .await
+        .expect("delete");
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = cohort(&["job", "get", &id], &profile).await.expect("get");
+    assert_ne!(code, 0);
+    assert!(err.contains("not found"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_specs_are_refused_naming_the_field_and_nothing_is_stored() {
+    let up = Up::start(0);
+    let profile = up.profile.clone();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cases = [
+        (
+            JOB.replace("  epochs: 1\n", "  epochs: 1\n  epoch: 2\n"),
+            "training.epoch",
+        ),
+        (JOB.replace("lr: 0.1", "lr: -0.1"), "training.optimizer.lr"),
+        (JOB.replace("min: 2", "min: 5"), "clients.min"),
+        (JOB.replace("arch: mlp", "arch: transformer"), "model.arch"),
+        (format!("{JOB}colour: blue\n"), "colour"),
+    ];
+    for (i, (spec, field)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("bad{i}.yaml"));
+        std::fs::write(&path, spec).expect("write");
+        let (code, _, err) = cohort(
+            &["job", "create", "-f", path.to_str().expect("path")],
+            &profile,
+        )
+        .await
+        .expect("create");
+        assert_ne!(code, 0, "{field}: accepted");
+        assert!(err.contains(field), "error for {field} names it: {err}");
+        assert!(err.contains("InvalidArgument"), "{err}");
+    }
+    let listed = json_of(&["--json", "job", "list"], &profile).await;
+    assert_eq!(
+        listed.as_array().map(|a| a.len()),
+        Some(0),
+        "nothing was stored"
+    );
+}
