@@ -32,7 +32,7 @@ pub fn chunk_tensors(
                     Vec::new()
                 },
                 offset: start as u64,
-                data: data.into(),
+                data,
             }
         })
     })
@@ -82,7 +82,7 @@ impl TensorAssembler {
             tensor: chunk.tensor.clone(),
             message: m,
         };
-        if chunk.data.len() % 4 != 0 {
+        if !chunk.data.len().is_multiple_of(4) {
             return Err(bad(format!(
                 "{} data bytes is not a whole number of f32",
                 chunk.data.len()

@@ -345,10 +345,10 @@ impl JobManager {
 
     /// Asks the coordinator to stop; kills it if it does not end in time.
     async fn drive_stop(&self, id: JobId, endpoint: Option<String>, reason: String) {
-        if let Some(endpoint) = endpoint {
-            if let Err(e) = ask_coordinator_to_stop(&endpoint, &reason).await {
-                tracing::warn!(job = %id, error = %e, "coordinator did not take the stop request");
-            }
+        if let Some(endpoint) = endpoint
+            && let Err(e) = ask_coordinator_to_stop(&endpoint, &reason).await
+        {
+            tracing::warn!(job = %id, error = %e, "coordinator did not take the stop request");
         }
         let deadline = tokio::time::Instant::now() + self.config.stop_grace;
         while tokio::time::Instant::now() < deadline {

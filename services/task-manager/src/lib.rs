@@ -119,7 +119,7 @@ impl Args {
     }
 }
 
-fn resources(max_tasks: u32, running: u32) -> pb::Resources {
+fn resources(max_tasks: u32) -> pb::Resources {
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get() as u32)
         .unwrap_or(1);
@@ -137,7 +137,7 @@ fn resources(max_tasks: u32, running: u32) -> pb::Resources {
         cpus,
         memory_bytes,
         gpus: 0,
-        max_tasks: max_tasks.saturating_sub(running).max(0),
+        max_tasks,
     }
 }
 
@@ -183,7 +183,7 @@ impl Party {
             .send(party_msg(pb::party_message::Kind::Register(pb::Register {
                 party: self.name.clone(),
                 datasets: self.datasets.iter().map(|d| d.info.clone()).collect(),
-                resources: Some(resources(self.max_tasks, self.running_count())),
+                resources: Some(resources(self.max_tasks)),
             })))
             .await?;
         let mut inbound = client
@@ -213,7 +213,7 @@ impl Party {
                             tokio::time::sleep(interval).await;
                             let running = me.running_count();
                             let hb = pb::Heartbeat {
-                                resources: Some(resources(me.max_tasks, running)),
+                                resources: Some(resources(me.max_tasks)),
                                 running_tasks: running,
                             };
                             if tx
