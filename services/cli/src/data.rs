@@ -80,9 +80,9 @@ pub fn demo_job_spec(name: &str, parties: u32, rounds: u32) -> String {
     let min = parties.div_ceil(2).max(1);
     format!(
         "name: {name}\n\
-         model: {{arch: mlp, hidden: [64]}}\n\
+         model: {{arch: mlp, hidden: [128]}}\n\
          data: {{dataset: digits}}\n\
-         training:\n  epochs: 2\n  batch_size: 16\n  optimizer: {{name: sgd, lr: 0.1}}\n\
+         training:\n  epochs: 3\n  batch_size: 16\n  optimizer: {{name: sgd, lr: 0.1}}\n\
          rounds: {rounds}\n\
          clients: {{per_round: {parties}, min: {min}, round_timeout: 60s}}\n"
     )
