@@ -187,3 +187,22 @@ async fn a_killed_coordinator_is_relaunched_and_resumes_from_its_checkpoint() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dataset_no_party_holds_fails_the_job_naming_it() {
+    let fed = Federation::start(2).await.expect("federation");
+    let job = fed
+        .create_job(
+            &digits_job("nowhere", 3, 2, 1, "2s").replace("dataset: digits", "dataset: mnist"),
+        )
+        .await
+        .expect("create");
+    let done = fed
+        .wait_job(&job.id, Duration::from_secs(60), "the job to end", |j| {
+            state_of(j).is_terminal()
+        })
+        .await
+        .expect("job ends rather than hanging");
+    assert_eq!(state_of(&done), JobState::Failed);
+    assert!(done.reason.contains("\"mnist\""), "{}", done.reason);
+}

@@ -1,0 +1,214 @@
+//! Every service binary: refuses bad configuration before binding a port,
+//! serves grpc.health.v1, and exits cleanly on SIGTERM.
+
+use std::path::Path;
+use std::time::Duration;
+
+use cohort_integration_tests::bin_dir;
+use nix::sys::signal::Signal;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+struct Case {
+    binary: &'static str,
+    good: Vec<String>,
+    /// Arguments with one bad value, and the flag the error must name.
+    bad: Vec<(Vec<String>, &'static str)>,
+}
+
+fn s(v: &[&str]) -> Vec<String> {
+    v.iter().map(|x| x.to_string()).collect()
+}
+
+fn cases(dir: &Path) -> Vec<Case> {
+    let db = |n: &str| format!("sqlite://{}", dir.join(n).display());
+    let blobs = format!("file://{}", dir.join("blobs").display());
+    let datasets = dir.join("datasets.json");
+    std::fs::write(
+        &datasets,
+        r#"{"digits": {"path": "d.csv", "format": "csv"}}"#,
+    )
+    .expect("datasets.json");
+    std::fs::write(dir.join("d.csv"), "1,2,0\n3,4,1\n").expect("csv");
+    let ds = datasets.display().to_string();
+    let ws = dir.join("ws").display().to_string();
+    vec![
+        Case {
+            binary: "model-manager",
+            good: s(&["--database-url", &db("m.db"), "--blob-url", &blobs]),
+            bad: vec![
+                (
+                    s(&["--database-url", "mysql://x", "--blob-url", &blobs]),
+                    "--database-url",
+                ),
+                (
+                    s(&["--database-url", &db("m2.db"), "--blob-url", "gopher://x"]),
+                    "--blob-url",
+                ),
+            ],
+        },
+        Case {
+            binary: "client-selector",
+            good: s(&["--database-url", &db("c.db")]),
+            bad: vec![(
+                s(&["--database-url", &db("c.db"), "--heartbeat-interval", "1ms"]),
+                "--heartbeat-interval",
+            )],
+        },
+        Case {
+            binary: "job-scheduler",
+            good: s(&[
+                "--database-url",
+                &db("j.db"),
+                "--model-manager",
+                "127.0.0.1:1",
+                "--client-selector",
+                "127.0.0.1:2",
+                "--work-dir",
+                &dir.join("work").display().to_string(),
+            ]),
+            bad: vec![(
+                s(&[
+                    "--database-url",
+                    &db("j2.db"),
+                    "--model-manager",
+                    "no port",
+                    "--client-selector",
+                    "127.0.0.1:2",
+                ]),
+                "--model-manager",
+            )],
+        },
+        Case {
+            binary: "proxy",
+            good: s(&[
+                "--job-scheduler",
+                "127.0.0.1:1",
+                "--model-manager",
+                "127.0.0.1:2",
+                "--client-selector",
+                "127.0.0.1:3",
+            ]),
+            bad: vec![(
+                s(&[
+                    "--job-scheduler",
+                    "127.0.0.1:1",
+                    "--model-manager",
+                    "127.0.0.1:2",
+                    "--client-selector",
+                    ":::",
+                ]),
+                "--client-selector",
+            )],
+        },
+        Case {
+            binary: "task-manager",
+            good: s(&[
+                "--party",
+                "p1",
+                "--proxy",
+                "127.0.0.1:1",
+                "--datasets",
+                &ds,
+                "--workspace",
+                &ws,
+            ]),
+            bad: vec![
+                (
+                    s(&[
+                        "--party",
+                        "p 1",
+                        "--proxy",
+                        "127.0.0.1:1",
+                        "--datasets",
+                        &ds,
+                        "--workspace",
+                        &ws,
+                    ]),
+                    "--party",
+                ),
+                (
+                    s(&[
+                        "--party",
+                        "p1",
+                        "--proxy",
+                        "127.0.0.1:1",
+                        "--datasets",
+                        "/nonexistent.json",
+                        "--workspace",
+                        &ws,
+                    ]),
+                    "--datasets",
+                ),
+            ],
+        },
+    ]
+}
+
+async fn run_bad(binary: &str, args: &[String], flag: &str, dir: &Path) {
+    let ready = dir.join(format!("{binary}-bad.addr"));
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::process::Command::new(bin_dir().join(binary))
+            .args(args)
+            .arg("--ready-file")
+            .arg(&ready)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("bad config exits promptly")
+    .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{binary} accepted {args:?}");
+    assert!(err.contains(flag), "{binary}: error names {flag}: {err}");
+    assert!(
+        !ready.exists(),
+        "{binary} must not serve with a bad configuration"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_validate_config_serve_health_and_stop_on_sigterm() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for case in cases(dir.path()) {
+        for (args, flag) in &case.bad {
+            run_bad(case.binary, args, flag, dir.path()).await;
+        }
+        let ready = dir.path().join(format!("{}.addr", case.binary));
+        let mut child = tokio::process::Command::new(bin_dir().join(case.binary))
+            .args(&case.good)
+            .args(["--listen", "127.0.0.1:0", "--ready-file"])
+            .arg(&ready)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn");
+        let addr = cohort_runtime::wait_for_file(&ready, Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|| panic!("{} did not become ready", case.binary));
+        let channel = cohort_runtime::lazy_channel(&addr).expect("channel");
+        let health = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{} health: {e}", case.binary))
+            .into_inner();
+        assert_eq!(
+            health.status,
+            ServingStatus::Serving as i32,
+            "{}",
+            case.binary
+        );
+        cohort_runtime::process::signal_pid(child.id().expect("pid"), Signal::SIGTERM);
+        let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("{} ignored SIGTERM", case.binary))
+            .expect("wait");
+        assert!(
+            status.success(),
+            "{} exited {status} on SIGTERM",
+            case.binary
+        );
+    }
+}
