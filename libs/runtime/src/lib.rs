@@ -280,3 +280,12 @@ impl<E: cohort_core::HasKind + std::fmt::Display + ?Sized> ToStatus for E {
         status(kind, self.to_string())
     }
 }
+
+/// An address others can dial: an unspecified bind address (0.0.0.0, ::) becomes loopback.
+pub fn advertised(addr: SocketAddr) -> String {
+    if addr.ip().is_unspecified() {
+        format!("127.0.0.1:{}", addr.port())
+    } else {
+        addr.to_string()
+    }
+}

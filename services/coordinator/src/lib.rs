@@ -78,7 +78,7 @@ impl Args {
         let endpoint = self
             .advertise
             .clone()
-            .unwrap_or_else(|| advertised(listener.local_addr()));
+            .unwrap_or_else(|| cohort_runtime::advertised(listener.local_addr()));
         let shared = RoundShared::new(Vec::new(), self.max_concurrent_uploads);
         let routes = Routes::new(pb::round_server::RoundServer::new(RoundApi {
             shared: shared.clone(),
@@ -149,10 +149,3 @@ impl Args {
     }
 }
 
-fn advertised(addr: std::net::SocketAddr) -> String {
-    if addr.ip().is_unspecified() {
-        format!("127.0.0.1:{}", addr.port())
-    } else {
-        addr.to_string()
-    }
-}

@@ -7,7 +7,6 @@
 pub mod manager;
 pub mod service;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -80,7 +79,7 @@ impl Args {
         let advertise = self
             .advertise
             .clone()
-            .unwrap_or_else(|| advertised(listener.local_addr()));
+            .unwrap_or_else(|| cohort_runtime::advertised(listener.local_addr()));
         let (exit_tx, mut exit_rx) = tokio::sync::mpsc::unbounded_channel();
         let log_format = match self.service.log_format {
             cohort_runtime::LogFormat::Text => "text",
@@ -136,22 +135,10 @@ impl Args {
 
 fn validate_endpoint(field: &str, v: &str) -> anyhow::Result<()> {
     let url = cohort_runtime::endpoint_url(v);
-    url.parse::<http_uri::Uri>()
+    url.parse::<tonic::codegen::http::Uri>()
         .ok()
         .filter(|u| u.host().is_some() && u.port_u16().is_some())
         .map(|_| ())
         .ok_or_else(|| anyhow::anyhow!("{field}: {v:?} is not a host:port endpoint"))
 }
 
-mod http_uri {
-    pub use tonic::codegen::http::Uri;
-}
-
-/// An address others can dial: an unspecified bind address becomes loopback.
-pub fn advertised(addr: SocketAddr) -> String {
-    if addr.ip().is_unspecified() {
-        format!("127.0.0.1:{}", addr.port())
-    } else {
-        addr.to_string()
-    }
-}
