@@ -5,8 +5,12 @@
 //! depend on gRPC or on any service crate.
 
 pub mod clients;
+pub mod conformance;
 pub mod jobs;
 pub mod models;
+pub mod mongo;
+pub mod open;
+pub mod postgres;
 mod sqlite;
 
 pub use sqlite::open_sqlite;
