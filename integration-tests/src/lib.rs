@@ -5,6 +5,8 @@
 //! project's test script does that. Every process a test starts belongs to a
 //! process group that is killed when the test's handle drops.
 
+pub mod servers;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -41,14 +43,29 @@ pub struct Federation {
     pub dir: tempfile::TempDir,
 }
 
+/// Where a federation keeps its metadata and models (default: embedded).
+#[derive(Default, Clone)]
+pub struct Storage {
+    pub database_url: Option<String>,
+    pub blob_url: Option<String>,
+    pub env: Vec<(String, String)>,
+}
+
 impl Federation {
     pub async fn start(parties: u32) -> anyhow::Result<Federation> {
+        Federation::start_with(parties, Storage::default()).await
+    }
+
+    pub async fn start_with(parties: u32, storage: Storage) -> anyhow::Result<Federation> {
         let dir = tempfile::Builder::new().prefix("cohort-it-").tempdir()?;
         let stack = Stack::start(&StackConfig {
             bin_dir: Some(bin_dir()),
             data_dir: dir.path().to_path_buf(),
             parties,
             proxy_listen: "127.0.0.1:0".into(),
+            database_url: storage.database_url,
+            blob_url: storage.blob_url,
+            service_env: storage.env,
             alpha: 0.5,
             seed: 42,
         })

@@ -62,6 +62,21 @@ pub struct ServiceArgs {
     pub log_format: LogFormat,
 }
 
+/// The metadata database of a service that owns one.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DatabaseArgs {
+    /// sqlite://PATH (embedded), postgres://USER:PASSWORD@HOST/DB or mongodb://HOST/DB.
+    /// Prefer the environment variable: command lines are visible to other users.
+    #[arg(long, env = "COHORT_DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+    /// Connections in the pool.
+    #[arg(long, env = "COHORT_DATABASE_MAX_CONNECTIONS", default_value_t = 10)]
+    pub database_max_connections: u32,
+    /// How long connecting (and waiting for a pooled connection) may take.
+    #[arg(long, env = "COHORT_DATABASE_CONNECT_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub database_connect_timeout: Duration,
+}
+
 /// Logs go to stderr; `RUST_LOG` filters (default: info).
 pub fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));

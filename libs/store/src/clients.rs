@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::sqlite::SqlitePool;
 use sqlx::{Row, sqlite::SqliteRow};
 
-use crate::{Result, StoreError};
+use crate::{DatabaseOptions, Result, StoreError};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DatasetEntry {
@@ -72,12 +72,21 @@ pub struct SqliteClientStore {
     pool: SqlitePool,
 }
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/clients");
+const HISTORY_TABLE: &str = "_sqlx_migrations_clients";
 
 impl SqliteClientStore {
+    /// Opens (creating if missing) the database at `url` (`sqlite://PATH`)
+    /// with default pool settings and applies the clients migrations.
     pub async fn open(url: &str) -> Result<Self> {
+        Self::open_with(url, &DatabaseOptions::default()).await
+    }
+
+    pub async fn open_with(url: &str, opts: &DatabaseOptions) -> Result<Self> {
+        let mut migrator = sqlx::migrate!("./migrations/sqlite/clients");
+        // Own history table, so the stores can share a database.
+        migrator.dangerous_set_table_name(HISTORY_TABLE);
         Ok(Self {
-            pool: crate::open_sqlite(url, &MIGRATOR).await?,
+            pool: crate::sqlite::open_store(url, &migrator, HISTORY_TABLE, opts).await?,
         })
     }
 }
@@ -127,10 +136,11 @@ impl ClientStore for SqliteClientStore {
         now_ms: i64,
     ) -> Result<ClientRecord> {
         let datasets = serde_json::to_string(datasets)
-            .map_err(|e| StoreError::Conflict(format!("datasets: {e}")))?;
+            .map_err(|e| StoreError::Conflict(format!("client {party} datasets: {e}")))?;
         let resources = serde_json::to_string(resources)
-            .map_err(|e| StoreError::Conflict(format!("resources: {e}")))?;
-        let mut tx = self.pool.begin().await?;
+            .map_err(|e| StoreError::Conflict(format!("client {party} resources: {e}")))?;
+        // IMMEDIATE: take the write lock up front rather than fail to upgrade.
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         sqlx::query(
             "INSERT INTO clients (party, datasets_json, resources_json, first_seen_ms, last_seen_ms) \
              VALUES (?1, ?2, ?3, ?4, ?4) ON CONFLICT (party) DO UPDATE SET \
@@ -147,8 +157,13 @@ impl ClientStore for SqliteClientStore {
             .bind(party.as_str())
             .execute(&mut *tx)
             .await?;
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT} WHERE c.party = ?1")))
+            .bind(party.as_str())
+            .fetch_one(&mut *tx)
+            .await?;
+        let record = client_from_row(&row)?;
         tx.commit().await?;
-        self.get_client(party).await
+        Ok(record)
     }
 
     async fn get_client(&self, party: &PartyId) -> Result<ClientRecord> {
@@ -199,57 +214,5 @@ impl ClientStore for SqliteClientStore {
             return Err(not_found(party));
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn register_update_and_count() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("c.db").display());
-        let s = std::sync::Arc::new(SqliteClientStore::open(&url).await.unwrap());
-        let p = PartyId::parse("hospital-a").unwrap();
-        let ds = vec![DatasetEntry {
-            name: "digits".into(),
-            samples: 10,
-            features: 64,
-            classes: 10,
-        }];
-        s.upsert_client(&p, &ds, &ResourcesEntry::default(), 1)
-            .await
-            .unwrap();
-        let ds2 = vec![DatasetEntry {
-            name: "digits".into(),
-            samples: 20,
-            features: 64,
-            classes: 10,
-        }];
-        let c = s
-            .upsert_client(&p, &ds2, &ResourcesEntry::default(), 5)
-            .await
-            .unwrap();
-        assert_eq!(c.datasets, ds2);
-        assert_eq!((c.first_seen_ms, c.last_seen_ms), (1, 5));
-        let mut tasks = Vec::new();
-        for _ in 0..20 {
-            let (s, p) = (s.clone(), p.clone());
-            tasks.push(tokio::spawn(async move {
-                s.count_task(&p, TaskOutcome::Succeeded).await
-            }));
-        }
-        for t in tasks {
-            t.await.unwrap().unwrap();
-        }
-        assert_eq!(s.get_client(&p).await.unwrap().stats.tasks_succeeded, 20);
-        let ghost = PartyId::parse("ghost").unwrap();
-        assert!(matches!(
-            s.touch(&ghost, 1).await,
-            Err(StoreError::NotFound { .. })
-        ));
-        assert_eq!(s.list_clients().await.unwrap().len(), 1);
     }
 }

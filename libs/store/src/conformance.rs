@@ -1,1 +1,1013 @@
-//! (being written)
+//! The behaviour every store backend must share, written once against the
+//! store traits and run against each backend.
+//!
+//! Each check is a `pub async fn` taking a fresh, empty store; it panics when
+//! the backend misbehaves. The macros [`job_store_conformance!`],
+//! [`model_store_conformance!`] and [`client_store_conformance!`] stamp out one
+//! `#[tokio::test]` per check, so a failure names the backend (the test file
+//! and module) and the check (the test name).
+//!
+//! # Running the suite against a backend
+//!
+//! In an integration test file of this crate (`tests/conformance_<backend>.rs`):
+//!
+//! ```ignore
+//! use std::sync::Arc;
+//! use cohort_store::conformance::Fresh;
+//! use cohort_store::jobs::JobStore;
+//!
+//! /// A fresh, empty store per test, or None to skip (server not configured).
+//! async fn fresh_jobs() -> Option<Fresh<dyn JobStore>> {
+//!     let db = TempDatabase::create().await?; // whatever the backend needs
+//!     let store = cohort_store::open_job_store(&db.url, &Default::default()).await.unwrap();
+//!     Some(Fresh::new(store, db)) // `db` is dropped (and cleaned up) after the test
+//! }
+//!
+//! cohort_store::job_store_conformance!(jobs, fresh_jobs());
+//! // likewise model_store_conformance!(models, ...) and client_store_conformance!(clients, ...)
+//! ```
+//!
+//! The first argument names the generated test module (`jobs::stale_update_conflicts`,
+//! ...); the second is an expression, evaluated once per test inside it (it sees
+//! the file's items), giving a future of `Option<Fresh<dyn Trait>>`.
+
+// Test support: a failed expectation is a failed check, so it panics.
+#![allow(clippy::unwrap_used)]
+
+use std::any::Any;
+use std::sync::Arc;
+
+/// A fresh, empty store for one check, with what must outlive it.
+pub struct Fresh<S: ?Sized> {
+    pub store: Arc<S>,
+    /// Dropped after the store: a temporary directory, a test database that
+    /// removes itself on drop, ...
+    pub guard: Box<dyn Any + Send>,
+}
+
+impl<S: ?Sized> Fresh<S> {
+    pub fn new(store: Arc<S>, guard: impl Any + Send) -> Self {
+        Self {
+            store,
+            guard: Box::new(guard),
+        }
+    }
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __store_conformance_tests {
+    ($module:ident, $fresh:expr, $suite:ident, [$($check:ident),* $(,)?]) => {
+        mod $module {
+            #[allow(unused_imports)]
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $check() {
+                    let Some(fresh) = $fresh.await else {
+                        return;
+                    };
+                    $crate::conformance::$suite::$check(fresh.store.clone()).await;
+                    drop(fresh);
+                }
+            )*
+        }
+    };
+}
+
+/// One test per [`jobs`] check; see the module docs.
+#[macro_export]
+macro_rules! job_store_conformance {
+    ($module:ident, $fresh:expr) => {
+        $crate::__store_conformance_tests!(
+            $module,
+            $fresh,
+            jobs,
+            [
+                create_get_round_trip,
+                missing_job_is_not_found,
+                duplicate_insert_conflicts,
+                stale_update_conflicts,
+                update_writes_fields_and_records_state_changes,
+                events_are_ordered,
+                racing_transitions_record_one_event,
+                concurrent_updates_lose_no_increment,
+                pages_are_stable_under_concurrent_inserts,
+                list_filters,
+                jobs_in_states_oldest_first,
+                record_round_is_idempotent,
+                concurrent_record_round_counts_once,
+                delete_cascades,
+            ]
+        );
+    };
+}
+
+/// One test per [`models`] check; see the module docs.
+#[macro_export]
+macro_rules! model_store_conformance {
+    ($module:ident, $fresh:expr) => {
+        $crate::__store_conformance_tests!(
+            $module,
+            $fresh,
+            models,
+            [
+                versions_number_from_one_per_name,
+                missing_versions_are_not_found,
+                latest_is_the_highest,
+                concurrent_inserts_get_distinct_consecutive_versions,
+                nan_metrics_round_trip,
+                list_filters_by_name_and_job,
+                out_of_range_values_are_refused,
+            ]
+        );
+    };
+}
+
+/// One test per [`clients`] check; see the module docs.
+#[macro_export]
+macro_rules! client_store_conformance {
+    ($module:ident, $fresh:expr) => {
+        $crate::__store_conformance_tests!(
+            $module,
+            $fresh,
+            clients,
+            [
+                upsert_get_round_trip,
+                reregistration_replaces_holdings_and_keeps_history,
+                missing_client_is_not_found,
+                touch_never_moves_back,
+                concurrent_count_task_loses_nothing,
+                concurrent_first_registrations,
+                list_is_ordered_by_party,
+            ]
+        );
+    };
+}
+
+/// Checks of [`JobStore`](crate::jobs::JobStore).
+pub mod jobs {
+    use std::collections::HashSet;
+    use std::sync::Arc;
+
+    use cohort_core::{JobId, JobState};
+
+    use crate::StoreError;
+    use crate::jobs::{JobFilter, JobRecord, JobStore, RoundRecord};
+
+    pub fn job(name: &str, namespace: &str) -> JobRecord {
+        JobRecord {
+            id: JobId::generate(name),
+            name: name.into(),
+            namespace: namespace.into(),
+            spec_json: "{}".into(),
+            state: JobState::Queued,
+            reason: "created".into(),
+            rounds_total: 3,
+            rounds_completed: 0,
+            coordinator_endpoint: None,
+            coordinator_pid: None,
+            launch_attempts: 0,
+            created_at_ms: 1,
+            updated_at_ms: 1,
+            version: 1,
+        }
+    }
+
+    pub fn round(n: u32) -> RoundRecord {
+        RoundRecord {
+            round: n,
+            eval_loss: 0.5 / f64::from(n),
+            eval_accuracy: 0.9,
+            eval_samples: 10 * u64::from(n),
+            train_loss: 0.6,
+            updates: 2,
+            model_version: n,
+            duration_ms: 3,
+        }
+    }
+
+    fn assert_not_found<T: std::fmt::Debug>(r: crate::Result<T>, id: &JobId, call: &str) {
+        match r {
+            Err(StoreError::NotFound { id: got, .. }) => {
+                assert_eq!(got, id.as_str(), "{call}: NotFound names the job")
+            }
+            other => panic!("{call}: expected NotFound, got {other:?}"),
+        }
+    }
+
+    async fn all_ids(s: &dyn JobStore, filter: &JobFilter, page_size: u32) -> Vec<JobId> {
+        let mut seen = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = s
+                .list_jobs(filter, page_size, token.as_deref())
+                .await
+                .unwrap();
+            assert!(page.items.len() <= page_size as usize);
+            seen.extend(page.items.into_iter().map(|j| j.id));
+            match page.next_token {
+                Some(t) => token = Some(t),
+                None => return seen,
+            }
+        }
+    }
+
+    pub async fn create_get_round_trip(s: Arc<dyn JobStore>) {
+        let j = job("a", "default");
+        s.insert_job(&j, "created by test").await.unwrap();
+        assert_eq!(s.get_job(&j.id).await.unwrap(), j);
+        let events = s.list_events(&j.id).await.unwrap();
+        assert_eq!(events.len(), 1, "insert records the first event");
+        assert_eq!(
+            (events[0].seq, events[0].from, events[0].to),
+            (1, None, JobState::Queued)
+        );
+        assert_eq!(events[0].reason, "created by test");
+        assert_eq!(events[0].time_ms, j.created_at_ms);
+
+        // Every field survives, whatever version the caller passed.
+        let mut k = job("b", "team-b");
+        k.state = JobState::Running;
+        k.reason = "it's \"running\" ✓".into();
+        k.spec_json = r#"{"name":"ünïcode","rounds":7}"#.into();
+        k.rounds_total = 7;
+        k.rounds_completed = 2;
+        k.coordinator_endpoint = Some("127.0.0.1:5000".into());
+        k.coordinator_pid = Some(u32::MAX);
+        k.launch_attempts = 4;
+        k.created_at_ms = 1_700_000_000_000;
+        k.updated_at_ms = 1_700_000_000_001;
+        k.version = 42;
+        s.insert_job(&k, "adopted").await.unwrap();
+        let got = s.get_job(&k.id).await.unwrap();
+        assert_eq!(got, JobRecord { version: 1, ..k });
+    }
+
+    pub async fn missing_job_is_not_found(s: Arc<dyn JobStore>) {
+        let j = job("ghost", "default");
+        assert_not_found(s.get_job(&j.id).await, &j.id, "get_job");
+        assert_not_found(s.update_job(&j, 2).await, &j.id, "update_job");
+        assert_not_found(
+            s.record_round(&j.id, &round(1), 2).await,
+            &j.id,
+            "record_round",
+        );
+        assert_not_found(s.delete_job(&j.id).await, &j.id, "delete_job");
+        assert!(s.list_events(&j.id).await.unwrap().is_empty());
+        assert!(s.list_rounds(&j.id).await.unwrap().is_empty());
+    }
+
+    pub async fn duplicate_insert_conflicts(s: Arc<dyn JobStore>) {
+        let j = job("a", "default");
+        s.insert_job(&j, "created").await.unwrap();
+        let mut again = j.clone();
+        again.name = "other".into();
+        match s.insert_job(&again, "again").await {
+            Err(StoreError::Conflict(m)) => assert!(m.contains(j.id.as_str()), "{m}"),
+            other => panic!("expected Conflict, got {other:?}"),
+        }
+        assert_eq!(
+            s.get_job(&j.id).await.unwrap().name,
+            "a",
+            "first insert kept"
+        );
+        assert_eq!(s.list_events(&j.id).await.unwrap().len(), 1);
+    }
+
+    pub async fn stale_update_conflicts(s: Arc<dyn JobStore>) {
+        let j = job("a", "default");
+        s.insert_job(&j, "created").await.unwrap();
+        let mut read = s.get_job(&j.id).await.unwrap();
+        read.state = JobState::Starting;
+        read.reason = "launching".into();
+        let stored = s.update_job(&read, 5).await.unwrap();
+        assert_eq!(stored.version, 2);
+        // A writer holding the old version loses instead of overwriting.
+        let mut stale = read.clone();
+        stale.state = JobState::Failed;
+        stale.reason = "stale".into();
+        match s.update_job(&stale, 6).await {
+            Err(StoreError::Conflict(m)) => assert!(m.contains(j.id.as_str()), "{m}"),
+            other => panic!("expected Conflict, got {other:?}"),
+        }
+        assert_eq!(s.get_job(&j.id).await.unwrap(), stored);
+        assert_eq!(s.list_events(&j.id).await.unwrap().len(), 2);
+    }
+
+    pub async fn update_writes_fields_and_records_state_changes(s: Arc<dyn JobStore>) {
+        let j = job("a", "default");
+        s.insert_job(&j, "created").await.unwrap();
+        let mut next = j.clone();
+        next.reason = "same state".into();
+        next.spec_json = r#"{"v":2}"#.into();
+        next.rounds_completed = 1;
+        next.coordinator_endpoint = Some("10.0.0.1:7000".into());
+        next.coordinator_pid = Some(4242);
+        next.launch_attempts = 2;
+        let stored = s.update_job(&next, 50).await.unwrap();
+        assert_eq!(
+            stored,
+            JobRecord {
+                version: 2,
+                updated_at_ms: 50,
+                ..next.clone()
+            }
+        );
+        assert_eq!(
+            s.get_job(&j.id).await.unwrap(),
+            stored,
+            "update returns what it stored"
+        );
+        assert_eq!(
+            s.list_events(&j.id).await.unwrap().len(),
+            1,
+            "no event without a state change"
+        );
+        let mut running = stored.clone();
+        running.state = JobState::Running;
+        running.reason = "coordinator ready".into();
+        running.coordinator_endpoint = None;
+        running.coordinator_pid = None;
+        let stored = s.update_job(&running, 60).await.unwrap();
+        assert_eq!(stored.version, 3);
+        assert_eq!(stored.coordinator_endpoint, None);
+        assert_eq!(stored.coordinator_pid, None);
+        let events = s.list_events(&j.id).await.unwrap();
+        assert_eq!(events.len(), 2);
+        assert_eq!(events[1].seq, 2);
+        assert_eq!(events[1].time_ms, 60);
+        assert_eq!(events[1].from, Some(JobState::Queued));
+        assert_eq!(events[1].to, JobState::Running);
+        assert_eq!(events[1].reason, "coordinator ready");
+    }
+
+    pub async fn events_are_ordered(s: Arc<dyn JobStore>) {
+        let j = job("a", "default");
+        s.insert_job(&j, "created").await.unwrap();
+        let path = [
+            JobState::Starting,
+            JobState::Running,
+            JobState::Stopping,
+            JobState::Stopped,
+        ];
+        let mut cur = j.clone();
+        for (i, state) in path.iter().enumerate() {
+            cur.state = *state;
+            cur.reason = format!("step {i}");
+            cur = s.update_job(&cur, 10 + i as i64).await.unwrap();
+        }
+        let events = s.list_events(&j.id).await.unwrap();
+        assert_eq!(events.len(), path.len() + 1);
+        for (i, e) in events.iter().enumerate() {
+            assert_eq!(e.seq, i as u64 + 1, "seq counts from 1 without gaps");
+        }
+        for pair in events.windows(2) {
+            assert_eq!(
+                pair[1].from,
+                Some(pair[0].to),
+                "each event starts where the last ended"
+            );
+            assert!(pair[1].time_ms >= pair[0].time_ms);
+        }
+        assert_eq!(events[3].reason, "step 2");
+        assert_eq!(events.last().map(|e| e.to), Some(JobState::Stopped));
+    }
+
+    pub async fn racing_transitions_record_one_event(s: Arc<dyn JobStore>) {
+        let j = job("a", "default");
+        s.insert_job(&j, "created").await.unwrap();
+        let tasks: Vec<_> = (0..8)
+            .map(|i| {
+                let (s, mut mine) = (s.clone(), j.clone());
+                mine.state = JobState::Starting;
+                mine.reason = format!("launcher {i}");
+                tokio::spawn(async move { s.update_job(&mine, 10 + i).await })
+            })
+            .collect();
+        let mut won = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(_) => won += 1,
+                Err(StoreError::Conflict(_)) => {}
+                Err(e) => panic!("expected success or Conflict, got {e}"),
+            }
+        }
+        assert_eq!(won, 1, "one writer wins the version");
+        assert_eq!(s.get_job(&j.id).await.unwrap().version, 2);
+        assert_eq!(s.list_events(&j.id).await.unwrap().len(), 2);
+    }
+
+    pub async fn concurrent_updates_lose_no_increment(s: Arc<dyn JobStore>) {
+        const WRITERS: u32 = 16;
+        const EACH: u32 = 5;
+        let j = job("a", "default");
+        s.insert_job(&j, "created").await.unwrap();
+        let tasks: Vec<_> = (0..WRITERS)
+            .map(|_| {
+                let (s, id) = (s.clone(), j.id.clone());
+                tokio::spawn(async move {
+                    let mut conflicts = 0u32;
+                    for _ in 0..EACH {
+                        loop {
+                            let mut cur = s.get_job(&id).await.unwrap();
+                            cur.launch_attempts += 1;
+                            match s.update_job(&cur, 2).await {
+                                Ok(_) => break,
+                                Err(StoreError::Conflict(_)) => conflicts += 1,
+                                Err(e) => panic!("update_job: {e}"),
+                            }
+                        }
+                    }
+                    conflicts
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let end = s.get_job(&j.id).await.unwrap();
+        assert_eq!(end.launch_attempts, WRITERS * EACH, "no lost update");
+        assert_eq!(end.version, 1 + i64::from(WRITERS * EACH));
+        assert_eq!(s.list_events(&j.id).await.unwrap().len(), 1);
+    }
+
+    pub async fn pages_are_stable_under_concurrent_inserts(s: Arc<dyn JobStore>) {
+        let mut originals = Vec::new();
+        for i in 0..30 {
+            let j = job(&format!("orig{i}"), "default");
+            s.insert_job(&j, "created").await.unwrap();
+            originals.push(j.id);
+        }
+        let inserter = {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let mut ids = Vec::new();
+                for i in 0..30 {
+                    let j = job(&format!("late{i}"), "default");
+                    s.insert_job(&j, "created").await.unwrap();
+                    ids.push(j.id);
+                    tokio::task::yield_now().await;
+                }
+                ids
+            })
+        };
+        let seen = all_ids(s.as_ref(), &JobFilter::default(), 4).await;
+        let late = inserter.await.unwrap();
+        let unique: HashSet<_> = seen.iter().collect();
+        assert_eq!(unique.len(), seen.len(), "no job on two pages");
+        let seen_originals: Vec<_> = seen.iter().filter(|id| originals.contains(id)).collect();
+        assert_eq!(
+            seen_originals,
+            originals.iter().collect::<Vec<_>>(),
+            "every original job exactly once, oldest first"
+        );
+        let mut all = originals.clone();
+        all.extend(late);
+        assert_eq!(all_ids(s.as_ref(), &JobFilter::default(), 7).await, all);
+    }
+
+    pub async fn list_filters(s: Arc<dyn JobStore>) {
+        let mut ids = Vec::new();
+        for i in 0..7 {
+            let mut j = job(&format!("j{i}"), if i % 2 == 0 { "even" } else { "odd" });
+            if i % 3 == 0 {
+                j.state = JobState::Running;
+            }
+            s.insert_job(&j, "created").await.unwrap();
+            ids.push(j);
+        }
+        let pick = |f: &dyn Fn(&JobRecord) -> bool| -> Vec<JobId> {
+            ids.iter().filter(|j| f(j)).map(|j| j.id.clone()).collect()
+        };
+        let filter = |ns: Option<&str>, state: Option<JobState>| JobFilter {
+            namespace: ns.map(str::to_string),
+            state,
+        };
+        assert_eq!(
+            all_ids(s.as_ref(), &filter(None, None), 3).await,
+            pick(&|_| true)
+        );
+        assert_eq!(
+            all_ids(s.as_ref(), &filter(Some("odd"), None), 2).await,
+            pick(&|j| j.namespace == "odd")
+        );
+        assert_eq!(
+            all_ids(s.as_ref(), &filter(None, Some(JobState::Running)), 1).await,
+            pick(&|j| j.state == JobState::Running)
+        );
+        assert_eq!(
+            all_ids(
+                s.as_ref(),
+                &filter(Some("even"), Some(JobState::Queued)),
+                50
+            )
+            .await,
+            pick(&|j| j.namespace == "even" && j.state == JobState::Queued)
+        );
+        let none = s
+            .list_jobs(&filter(Some("nobody"), None), 10, None)
+            .await
+            .unwrap();
+        assert!(none.items.is_empty() && none.next_token.is_none());
+        let one_page = s.list_jobs(&JobFilter::default(), 7, None).await.unwrap();
+        assert_eq!(one_page.items.len(), 7);
+        assert!(
+            one_page.next_token.is_none(),
+            "no token after the last page"
+        );
+        assert!(
+            s.list_jobs(&JobFilter::default(), 3, Some("x"))
+                .await
+                .is_err(),
+            "a malformed page token is refused"
+        );
+    }
+
+    pub async fn jobs_in_states_oldest_first(s: Arc<dyn JobStore>) {
+        let states = [
+            JobState::Running,
+            JobState::Queued,
+            JobState::Starting,
+            JobState::Succeeded,
+            JobState::Running,
+            JobState::Starting,
+        ];
+        let mut jobs = Vec::new();
+        for (i, state) in states.iter().enumerate() {
+            let mut j = job(&format!("j{i}"), "default");
+            j.state = *state;
+            s.insert_job(&j, "created").await.unwrap();
+            jobs.push(j);
+        }
+        let got: Vec<_> = s
+            .jobs_in_states(&[JobState::Starting, JobState::Running])
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|j| j.id)
+            .collect();
+        let want: Vec<_> = jobs
+            .iter()
+            .filter(|j| matches!(j.state, JobState::Starting | JobState::Running))
+            .map(|j| j.id.clone())
+            .collect();
+        assert_eq!(got, want);
+        assert!(s.jobs_in_states(&[]).await.unwrap().is_empty());
+        assert!(
+            s.jobs_in_states(&[JobState::Deleting])
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    pub async fn record_round_is_idempotent(s: Arc<dyn JobStore>) {
+        let j = job("a", "default");
+        s.insert_job(&j, "created").await.unwrap();
+        let after = s.record_round(&j.id, &round(1), 7).await.unwrap();
+        assert_eq!(after.rounds_completed, 1);
+        assert_eq!(after.version, 2);
+        assert_eq!(after.updated_at_ms, 7);
+        assert_eq!(s.get_job(&j.id).await.unwrap(), after);
+        let again = s.record_round(&j.id, &round(1), 8).await.unwrap();
+        assert_eq!(again, after, "a repeated report changes nothing");
+        let mut different = round(1);
+        different.eval_accuracy = 0.1;
+        s.record_round(&j.id, &different, 9).await.unwrap();
+        // Out of order: round 3 then round 2; completed never goes back.
+        let r3 = s.record_round(&j.id, &round(3), 10).await.unwrap();
+        assert_eq!(r3.rounds_completed, 3);
+        let r2 = s.record_round(&j.id, &round(2), 11).await.unwrap();
+        assert_eq!(r2.rounds_completed, 3);
+        assert_eq!(
+            s.list_rounds(&j.id).await.unwrap(),
+            vec![round(1), round(2), round(3)],
+            "first report of each round kept, ordered by round"
+        );
+        assert_eq!(
+            s.list_events(&j.id).await.unwrap().len(),
+            1,
+            "rounds are not events"
+        );
+    }
+
+    pub async fn concurrent_record_round_counts_once(s: Arc<dyn JobStore>) {
+        let j = job("a", "default");
+        s.insert_job(&j, "created").await.unwrap();
+        let tasks: Vec<_> = (0..8)
+            .map(|i| {
+                let (s, id) = (s.clone(), j.id.clone());
+                tokio::spawn(async move { s.record_round(&id, &round(1), 100 + i).await })
+            })
+            .collect();
+        for t in tasks {
+            let rec = t.await.unwrap().unwrap();
+            assert_eq!(rec.rounds_completed, 1);
+            assert_eq!(rec.version, 2, "every reporter sees the one recording");
+        }
+        assert_eq!(s.list_rounds(&j.id).await.unwrap(), vec![round(1)]);
+    }
+
+    pub async fn delete_cascades(s: Arc<dyn JobStore>) {
+        let j = job("a", "default");
+        let other = job("b", "default");
+        for x in [&j, &other] {
+            s.insert_job(x, "created").await.unwrap();
+            let mut next = x.clone();
+            next.state = JobState::Starting;
+            s.update_job(&next, 2).await.unwrap();
+            s.record_round(&x.id, &round(1), 3).await.unwrap();
+        }
+        s.delete_job(&j.id).await.unwrap();
+        assert_not_found(s.get_job(&j.id).await, &j.id, "get_job after delete");
+        assert!(
+            s.list_events(&j.id).await.unwrap().is_empty(),
+            "events deleted"
+        );
+        assert!(
+            s.list_rounds(&j.id).await.unwrap().is_empty(),
+            "rounds deleted"
+        );
+        assert_not_found(s.delete_job(&j.id).await, &j.id, "second delete_job");
+        assert_eq!(
+            s.list_events(&other.id).await.unwrap().len(),
+            2,
+            "others untouched"
+        );
+        assert_eq!(s.list_rounds(&other.id).await.unwrap().len(), 1);
+        // The id is free again, with a fresh history.
+        s.insert_job(&j, "recreated").await.unwrap();
+        let events = s.list_events(&j.id).await.unwrap();
+        assert_eq!(events.len(), 1);
+        assert_eq!((events[0].seq, events[0].reason.as_str()), (1, "recreated"));
+        assert!(s.list_rounds(&j.id).await.unwrap().is_empty());
+        let listed = all_ids(s.as_ref(), &JobFilter::default(), 10).await;
+        assert_eq!(listed, vec![other.id.clone(), j.id.clone()]);
+    }
+}
+
+/// Checks of [`ModelStore`](crate::models::ModelStore).
+pub mod models {
+    use std::sync::Arc;
+
+    use crate::StoreError;
+    use crate::models::{ModelStore, ModelVersionRecord, NewModelVersion};
+
+    pub fn new_version(name: &str, job: &str) -> NewModelVersion {
+        NewModelVersion {
+            name: name.to_string(),
+            digest: "ab".repeat(32),
+            size_bytes: 1234,
+            job_id: job.to_string(),
+            round: 3,
+            parent_version: 0,
+            loss: 0.5,
+            accuracy: 0.75,
+            samples: 100,
+        }
+    }
+
+    pub async fn versions_number_from_one_per_name(s: Arc<dyn ModelStore>) {
+        let v1 = s
+            .insert_version(new_version("mnist", "job-a"), 1000)
+            .await
+            .unwrap();
+        let want = new_version("mnist", "job-a");
+        assert_eq!(
+            v1,
+            ModelVersionRecord {
+                name: want.name,
+                version: 1,
+                digest: want.digest,
+                size_bytes: want.size_bytes,
+                job_id: want.job_id,
+                round: want.round,
+                parent_version: want.parent_version,
+                loss: want.loss,
+                accuracy: want.accuracy,
+                samples: want.samples,
+                created_at_ms: 1000,
+            }
+        );
+        let mut second = new_version("mnist", "job-a");
+        second.parent_version = 1;
+        second.round = 4;
+        second.size_bytes = u64::from(u32::MAX) + 1;
+        let v2 = s.insert_version(second, 2000).await.unwrap();
+        assert_eq!(
+            (v2.version, v2.parent_version, v2.round, v2.created_at_ms),
+            (2, 1, 4, 2000)
+        );
+        assert_eq!(v2.size_bytes, u64::from(u32::MAX) + 1);
+        let other = s
+            .insert_version(new_version("cifar", "job-b"), 3000)
+            .await
+            .unwrap();
+        assert_eq!(other.version, 1, "numbering is per name");
+        assert_eq!(s.get_version("mnist", 1).await.unwrap(), v1);
+        assert_eq!(s.get_version("mnist", 2).await.unwrap(), v2);
+    }
+
+    pub async fn missing_versions_are_not_found(s: Arc<dyn ModelStore>) {
+        match s.get_version("nope", 7).await {
+            Err(StoreError::NotFound { id, .. }) => assert_eq!(id, "nope@7"),
+            other => panic!("expected NotFound, got {other:?}"),
+        }
+        match s.latest_version("nope").await {
+            Err(StoreError::NotFound { id, .. }) => assert_eq!(id, "nope"),
+            other => panic!("expected NotFound, got {other:?}"),
+        }
+        s.insert_version(new_version("nope", "j"), 1).await.unwrap();
+        match s.get_version("nope", 2).await {
+            Err(StoreError::NotFound { id, .. }) => assert_eq!(id, "nope@2"),
+            other => panic!("expected NotFound, got {other:?}"),
+        }
+        assert!(matches!(
+            s.get_version("nope", 0).await,
+            Err(StoreError::NotFound { .. })
+        ));
+    }
+
+    pub async fn latest_is_the_highest(s: Arc<dyn ModelStore>) {
+        let mut last = None;
+        for i in 0..4 {
+            last = Some(s.insert_version(new_version("m", "j"), i).await.unwrap());
+        }
+        s.insert_version(new_version("n", "j"), 9).await.unwrap();
+        assert_eq!(Some(s.latest_version("m").await.unwrap()), last);
+        assert_eq!(s.latest_version("m").await.unwrap().version, 4);
+    }
+
+    pub async fn concurrent_inserts_get_distinct_consecutive_versions(s: Arc<dyn ModelStore>) {
+        // Both names are new: the first inserts race to create the model too.
+        let tasks: Vec<_> = (0..24)
+            .map(|i| {
+                let s = s.clone();
+                let name = if i % 3 == 0 { "b" } else { "a" };
+                tokio::spawn(async move { s.insert_version(new_version(name, "job"), i).await })
+            })
+            .collect();
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for t in tasks {
+            let rec = t.await.unwrap().unwrap();
+            if rec.name == "a" {
+                a.push(rec.version)
+            } else {
+                b.push(rec.version)
+            }
+        }
+        a.sort();
+        b.sort();
+        assert_eq!(a, (1..=16).collect::<Vec<_>>());
+        assert_eq!(b, (1..=8).collect::<Vec<_>>());
+        assert_eq!(s.list_versions(Some("a"), None).await.unwrap().len(), 16);
+    }
+
+    pub async fn nan_metrics_round_trip(s: Arc<dyn ModelStore>) {
+        let mut v = new_version("diverged", "");
+        v.loss = f64::NAN;
+        let rec = s.insert_version(v, 1).await.unwrap();
+        assert!(rec.loss.is_nan());
+        assert_eq!(rec.accuracy, 0.75);
+        let read = s.get_version("diverged", 1).await.unwrap();
+        assert!(read.loss.is_nan());
+        assert_eq!(read.job_id, "");
+    }
+
+    pub async fn list_filters_by_name_and_job(s: Arc<dyn ModelStore>) {
+        for (name, job) in [
+            ("m2", "j1"),
+            ("m1", "j1"),
+            ("m1", "j2"),
+            ("m2", "j2"),
+            ("m1", "j1"),
+        ] {
+            s.insert_version(new_version(name, job), 1).await.unwrap();
+        }
+        let key = |r: &ModelVersionRecord| (r.name.clone(), r.version, r.job_id.clone());
+        let list = |name: Option<&'static str>, job: Option<&'static str>| {
+            let s = s.clone();
+            async move {
+                s.list_versions(name, job)
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(key)
+                    .collect::<Vec<_>>()
+            }
+        };
+        let k = |n: &str, v: u32, j: &str| (n.to_string(), v, j.to_string());
+        assert_eq!(
+            list(None, None).await,
+            vec![
+                k("m1", 1, "j1"),
+                k("m1", 2, "j2"),
+                k("m1", 3, "j1"),
+                k("m2", 1, "j1"),
+                k("m2", 2, "j2"),
+            ]
+        );
+        assert_eq!(list(Some("m1"), None).await.len(), 3);
+        assert_eq!(
+            list(None, Some("j2")).await,
+            vec![k("m1", 2, "j2"), k("m2", 2, "j2")]
+        );
+        assert_eq!(
+            list(Some("m1"), Some("j1")).await,
+            vec![k("m1", 1, "j1"), k("m1", 3, "j1")]
+        );
+        assert!(list(Some("none"), None).await.is_empty());
+    }
+
+    pub async fn out_of_range_values_are_refused(s: Arc<dyn ModelStore>) {
+        let mut v = new_version("huge", "j");
+        v.size_bytes = u64::MAX;
+        match s.insert_version(v, 1).await {
+            Err(e) => assert!(e.to_string().contains("size_bytes"), "names the field: {e}"),
+            Ok(r) => panic!("stored an unrepresentable size: {r:?}"),
+        }
+        assert!(matches!(
+            s.latest_version("huge").await,
+            Err(StoreError::NotFound { .. })
+        ));
+        // The refused insert used no version number.
+        let ok = s.insert_version(new_version("huge", "j"), 2).await.unwrap();
+        assert_eq!(ok.version, 1);
+    }
+}
+
+/// Checks of [`ClientStore`](crate::clients::ClientStore).
+pub mod clients {
+    use std::sync::Arc;
+
+    use cohort_core::PartyId;
+
+    use crate::StoreError;
+    use crate::clients::{ClientStats, ClientStore, DatasetEntry, ResourcesEntry, TaskOutcome};
+
+    fn party(name: &str) -> PartyId {
+        PartyId::parse(name).unwrap()
+    }
+
+    fn datasets(samples: u64) -> Vec<DatasetEntry> {
+        vec![
+            DatasetEntry {
+                name: "digits".into(),
+                samples,
+                features: 64,
+                classes: 10,
+            },
+            DatasetEntry {
+                name: "mnist".into(),
+                samples: u64::from(u32::MAX) + 7,
+                features: 784,
+                classes: 10,
+            },
+        ]
+    }
+
+    fn resources(cpus: u32) -> ResourcesEntry {
+        ResourcesEntry {
+            cpus,
+            memory_bytes: 64 << 30,
+            gpus: 1,
+            max_tasks: 2,
+        }
+    }
+
+    pub async fn upsert_get_round_trip(s: Arc<dyn ClientStore>) {
+        let p = party("hospital-a");
+        let rec = s
+            .upsert_client(&p, &datasets(10), &resources(8), 1)
+            .await
+            .unwrap();
+        assert_eq!(rec.party, p);
+        assert_eq!(rec.datasets, datasets(10));
+        assert_eq!(rec.resources, resources(8));
+        assert_eq!((rec.first_seen_ms, rec.last_seen_ms), (1, 1));
+        assert_eq!(rec.stats, ClientStats::default());
+        assert_eq!(s.get_client(&p).await.unwrap(), rec);
+        let empty = s
+            .upsert_client(&party("empty"), &[], &ResourcesEntry::default(), 2)
+            .await
+            .unwrap();
+        assert!(empty.datasets.is_empty());
+    }
+
+    pub async fn reregistration_replaces_holdings_and_keeps_history(s: Arc<dyn ClientStore>) {
+        let p = party("hospital-a");
+        s.upsert_client(&p, &datasets(10), &resources(8), 1)
+            .await
+            .unwrap();
+        s.count_task(&p, TaskOutcome::Offered).await.unwrap();
+        let rec = s
+            .upsert_client(&p, &datasets(20), &resources(4), 5)
+            .await
+            .unwrap();
+        assert_eq!(rec.datasets, datasets(20));
+        assert_eq!(rec.resources, resources(4));
+        assert_eq!((rec.first_seen_ms, rec.last_seen_ms), (1, 5));
+        assert_eq!(
+            rec.stats.tasks_offered, 1,
+            "stats survive a re-registration"
+        );
+        assert_eq!(s.list_clients().await.unwrap(), vec![rec]);
+    }
+
+    pub async fn missing_client_is_not_found(s: Arc<dyn ClientStore>) {
+        let ghost = party("ghost");
+        for (call, r) in [
+            ("get_client", s.get_client(&ghost).await.map(|_| ())),
+            ("touch", s.touch(&ghost, 1).await),
+            (
+                "count_task",
+                s.count_task(&ghost, TaskOutcome::Accepted).await,
+            ),
+        ] {
+            match r {
+                Err(StoreError::NotFound { id, .. }) => assert_eq!(id, "ghost", "{call}"),
+                other => panic!("{call}: expected NotFound, got {other:?}"),
+            }
+        }
+        assert!(s.list_clients().await.unwrap().is_empty());
+    }
+
+    pub async fn touch_never_moves_back(s: Arc<dyn ClientStore>) {
+        let p = party("p1");
+        s.upsert_client(&p, &[], &resources(1), 10).await.unwrap();
+        s.touch(&p, 20).await.unwrap();
+        assert_eq!(s.get_client(&p).await.unwrap().last_seen_ms, 20);
+        s.touch(&p, 15).await.unwrap();
+        let rec = s.get_client(&p).await.unwrap();
+        assert_eq!((rec.first_seen_ms, rec.last_seen_ms), (10, 20));
+    }
+
+    pub async fn concurrent_count_task_loses_nothing(s: Arc<dyn ClientStore>) {
+        const EACH: u64 = 12;
+        let p = party("busy");
+        s.upsert_client(&p, &[], &resources(1), 1).await.unwrap();
+        let outcomes = [
+            TaskOutcome::Offered,
+            TaskOutcome::Accepted,
+            TaskOutcome::Succeeded,
+            TaskOutcome::Failed,
+        ];
+        let mut tasks = Vec::new();
+        for (k, outcome) in outcomes.iter().enumerate() {
+            // A different count per outcome catches a write to the wrong column.
+            for _ in 0..EACH + k as u64 {
+                let (s, p, o) = (s.clone(), p.clone(), *outcome);
+                tasks.push(tokio::spawn(async move { s.count_task(&p, o).await }));
+            }
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        assert_eq!(
+            s.get_client(&p).await.unwrap().stats,
+            ClientStats {
+                tasks_offered: EACH,
+                tasks_accepted: EACH + 1,
+                tasks_succeeded: EACH + 2,
+                tasks_failed: EACH + 3,
+            }
+        );
+    }
+
+    pub async fn concurrent_first_registrations(s: Arc<dyn ClientStore>) {
+        let p = party("newcomer");
+        let tasks: Vec<_> = (0..16)
+            .map(|i| {
+                let (s, p) = (s.clone(), p.clone());
+                tokio::spawn(async move {
+                    s.upsert_client(&p, &datasets(i), &resources(1), 100 + i as i64)
+                        .await
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let all = s.list_clients().await.unwrap();
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].stats, ClientStats::default());
+    }
+
+    pub async fn list_is_ordered_by_party(s: Arc<dyn ClientStore>) {
+        // Bytewise order: upper case before lower case.
+        for name in ["b-party", "Z.lab", "a_party", "B-party", "10"] {
+            s.upsert_client(&party(name), &[], &resources(1), 1)
+                .await
+                .unwrap();
+        }
+        let names: Vec<_> = s
+            .list_clients()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| c.party.to_string())
+            .collect();
+        assert_eq!(names, ["10", "B-party", "Z.lab", "a_party", "b-party"]);
+    }
+}

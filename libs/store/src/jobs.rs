@@ -5,7 +5,7 @@ use cohort_core::{JobId, JobState};
 use sqlx::sqlite::SqlitePool;
 use sqlx::{Row, sqlite::SqliteRow};
 
-use crate::{Page, Result, StoreError};
+use crate::{DatabaseOptions, Page, Result, StoreError};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobRecord {
@@ -58,14 +58,16 @@ pub trait JobStore: Send + Sync + 'static {
     /// Stores a new job and its first event (→ its state). Conflict if the id exists.
     async fn insert_job(&self, job: &JobRecord, reason: &str) -> Result<()>;
     async fn get_job(&self, id: &JobId) -> Result<JobRecord>;
-    /// Oldest first; `page_token` is the one a previous page returned.
+    /// Oldest first; `page_token` is the one a previous page returned. Paging
+    /// is by insertion order (keyset), so jobs inserted while paging never make
+    /// a page repeat or skip one that existed before.
     async fn list_jobs(
         &self,
         filter: &JobFilter,
         page_size: u32,
         page_token: Option<&str>,
     ) -> Result<Page<JobRecord>>;
-    /// Jobs in any of `states` (recovery after a restart).
+    /// Jobs in any of `states`, oldest first (recovery after a restart).
     async fn jobs_in_states(&self, states: &[JobState]) -> Result<Vec<JobRecord>>;
     /// Writes `job` if its version is still the stored one, recording an event when
     /// the state changed. Returns the stored record (version + 1). Conflict otherwise.
@@ -84,12 +86,21 @@ pub struct SqliteJobStore {
     pool: SqlitePool,
 }
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/jobs");
+const HISTORY_TABLE: &str = "_sqlx_migrations_jobs";
 
 impl SqliteJobStore {
+    /// Opens (creating if missing) the database at `url` (`sqlite://PATH`)
+    /// with default pool settings and applies the jobs migrations.
     pub async fn open(url: &str) -> Result<Self> {
+        Self::open_with(url, &DatabaseOptions::default()).await
+    }
+
+    pub async fn open_with(url: &str, opts: &DatabaseOptions) -> Result<Self> {
+        let mut migrator = sqlx::migrate!("./migrations/sqlite/jobs");
+        // Own history table, so the stores can share a database.
+        migrator.dangerous_set_table_name(HISTORY_TABLE);
         Ok(Self {
-            pool: crate::open_sqlite(url, &MIGRATOR).await?,
+            pool: crate::sqlite::open_store(url, &migrator, HISTORY_TABLE, opts).await?,
         })
     }
 }
@@ -130,6 +141,11 @@ fn job_from_row(row: &SqliteRow) -> Result<JobRecord> {
     })
 }
 
+/// Write transactions take SQLite's write lock when they begin: a deferred one
+/// that read first fails with "database is locked" if another writer committed
+/// meanwhile, instead of waiting its turn.
+const IMMEDIATE: &str = "BEGIN IMMEDIATE";
+
 fn not_found(id: &JobId) -> StoreError {
     StoreError::NotFound {
         what: "job",
@@ -159,10 +175,21 @@ async fn insert_event(
     Ok(())
 }
 
+async fn fetch_job(conn: &mut sqlx::SqliteConnection, id: &JobId) -> Result<JobRecord> {
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"
+    )))
+    .bind(id.as_str())
+    .fetch_optional(&mut *conn)
+    .await?
+    .ok_or_else(|| not_found(id))?;
+    job_from_row(&row)
+}
+
 #[async_trait]
 impl JobStore for SqliteJobStore {
     async fn insert_job(&self, job: &JobRecord, reason: &str) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with(IMMEDIATE).await?;
         let res = sqlx::query(
             "INSERT INTO jobs (id, name, namespace, spec_json, state, reason, rounds_total, \
              rounds_completed, coordinator_endpoint, coordinator_pid, launch_attempts, \
@@ -198,14 +225,8 @@ impl JobStore for SqliteJobStore {
     }
 
     async fn get_job(&self, id: &JobId) -> Result<JobRecord> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"
-        )))
-        .bind(id.as_str())
-        .fetch_optional(&self.pool)
-        .await?
-        .ok_or_else(|| not_found(id))?;
-        job_from_row(&row)
+        let mut conn = self.pool.acquire().await?;
+        fetch_job(&mut conn, id).await
     }
 
     async fn list_jobs(
@@ -246,23 +267,22 @@ impl JobStore for SqliteJobStore {
     }
 
     async fn jobs_in_states(&self, states: &[JobState]) -> Result<Vec<JobRecord>> {
-        let mut out = Vec::new();
-        for state in states {
-            let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "SELECT {JOB_COLUMNS} FROM jobs WHERE state = ?1 ORDER BY seq"
-            )))
-            .bind(state.as_str())
-            .fetch_all(&self.pool)
-            .await?;
-            for row in &rows {
-                out.push(job_from_row(row)?);
-            }
-        }
-        Ok(out)
+        // One query, oldest first, like the other backends.
+        let states: Vec<&str> = states.iter().map(|s| s.as_str()).collect();
+        let states = serde_json::to_string(&states)
+            .map_err(|e| StoreError::Conflict(format!("job states: {e}")))?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {JOB_COLUMNS} FROM jobs \
+             WHERE state IN (SELECT value FROM json_each(?1)) ORDER BY seq"
+        )))
+        .bind(states)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(job_from_row).collect()
     }
 
     async fn update_job(&self, job: &JobRecord, now_ms: i64) -> Result<JobRecord> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with(IMMEDIATE).await?;
         let current: Option<String> =
             sqlx::query_scalar("SELECT state FROM jobs WHERE id = ?1 AND version = ?2")
                 .bind(job.id.as_str())
@@ -304,12 +324,13 @@ impl JobStore for SqliteJobStore {
         if from != job.state {
             insert_event(&mut tx, &job.id, now_ms, Some(from), job.state, &job.reason).await?;
         }
+        let stored = fetch_job(&mut tx, &job.id).await?;
         tx.commit().await?;
-        self.get_job(&job.id).await
+        Ok(stored)
     }
 
     async fn record_round(&self, id: &JobId, r: &RoundRecord, now_ms: i64) -> Result<JobRecord> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with(IMMEDIATE).await?;
         let exists: Option<i64> = sqlx::query_scalar("SELECT version FROM jobs WHERE id = ?1")
             .bind(id.as_str())
             .fetch_optional(&mut *tx)
@@ -345,8 +366,9 @@ impl JobStore for SqliteJobStore {
             .execute(&mut *tx)
             .await?;
         }
+        let stored = fetch_job(&mut tx, id).await?;
         tx.commit().await?;
-        self.get_job(id).await
+        Ok(stored)
     }
 
     async fn list_rounds(&self, id: &JobId) -> Result<Vec<RoundRecord>> {
@@ -408,141 +430,5 @@ impl JobStore for SqliteJobStore {
             return Err(not_found(id));
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-
-    fn job(name: &str, ns: &str) -> JobRecord {
-        JobRecord {
-            id: JobId::generate(name),
-            name: name.into(),
-            namespace: ns.into(),
-            spec_json: "{}".into(),
-            state: JobState::Queued,
-            reason: "created".into(),
-            rounds_total: 3,
-            rounds_completed: 0,
-            coordinator_endpoint: None,
-            coordinator_pid: None,
-            launch_attempts: 0,
-            created_at_ms: 1,
-            updated_at_ms: 1,
-            version: 1,
-        }
-    }
-
-    async fn store() -> (tempfile::TempDir, SqliteJobStore) {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("jobs.db").display());
-        (dir, SqliteJobStore::open(&url).await.unwrap())
-    }
-
-    #[tokio::test]
-    async fn lifecycle_with_events_and_conflicts() {
-        let (_d, s) = store().await;
-        let j = job("a", "default");
-        s.insert_job(&j, "created").await.unwrap();
-        assert!(matches!(
-            s.insert_job(&j, "again").await,
-            Err(StoreError::Conflict(_))
-        ));
-        let mut got = s.get_job(&j.id).await.unwrap();
-        assert_eq!(got, j);
-        got.state = JobState::Starting;
-        got.reason = "launching".into();
-        let stored = s.update_job(&got, 5).await.unwrap();
-        assert_eq!(stored.version, 2);
-        // A stale writer loses instead of overwriting.
-        assert!(matches!(
-            s.update_job(&got, 6).await,
-            Err(StoreError::Conflict(_))
-        ));
-        let events = s.list_events(&j.id).await.unwrap();
-        assert_eq!(events.len(), 2);
-        assert_eq!(events[1].from, Some(JobState::Queued));
-        assert_eq!(events[1].to, JobState::Starting);
-        assert_eq!(events[1].reason, "launching");
-        let round = RoundRecord {
-            round: 1,
-            eval_loss: 0.5,
-            eval_accuracy: 0.9,
-            eval_samples: 10,
-            train_loss: 0.6,
-            updates: 2,
-            model_version: 1,
-            duration_ms: 3,
-        };
-        let after = s.record_round(&j.id, &round, 7).await.unwrap();
-        assert_eq!(after.rounds_completed, 1);
-        let again = s.record_round(&j.id, &round, 8).await.unwrap();
-        assert_eq!(
-            again.version, after.version,
-            "a repeated report changes nothing"
-        );
-        assert_eq!(s.list_rounds(&j.id).await.unwrap(), vec![round]);
-        s.delete_job(&j.id).await.unwrap();
-        assert!(matches!(
-            s.get_job(&j.id).await,
-            Err(StoreError::NotFound { .. })
-        ));
-        assert!(s.list_events(&j.id).await.unwrap().is_empty());
-    }
-
-    #[tokio::test]
-    async fn pagination_and_filters() {
-        let (_d, s) = store().await;
-        let mut ids = Vec::new();
-        for i in 0..7 {
-            let j = job(&format!("j{i}"), if i % 2 == 0 { "even" } else { "odd" });
-            s.insert_job(&j, "created").await.unwrap();
-            ids.push(j.id);
-        }
-        let mut seen = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
-            let page = s
-                .list_jobs(&JobFilter::default(), 3, token.as_deref())
-                .await
-                .unwrap();
-            seen.extend(page.items.into_iter().map(|j| j.id));
-            match page.next_token {
-                Some(t) => token = Some(t),
-                None => break,
-            }
-        }
-        assert_eq!(seen, ids);
-        let odd = s
-            .list_jobs(
-                &JobFilter {
-                    namespace: Some("odd".into()),
-                    state: None,
-                },
-                50,
-                None,
-            )
-            .await
-            .unwrap();
-        assert_eq!(odd.items.len(), 3);
-        let running = s
-            .list_jobs(
-                &JobFilter {
-                    namespace: None,
-                    state: Some(JobState::Running),
-                },
-                50,
-                None,
-            )
-            .await
-            .unwrap();
-        assert!(running.items.is_empty());
-        assert!(
-            s.list_jobs(&JobFilter::default(), 3, Some("x"))
-                .await
-                .is_err()
-        );
     }
 }

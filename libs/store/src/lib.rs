@@ -1,8 +1,11 @@
-//! Metadata stores: one trait per owning service (jobs, models, clients) and
-//! their SQLite implementations (the embedded default).
+//! Metadata stores: one trait per owning service (`JobStore` for
+//! job-scheduler, `ModelStore` for model-manager, `ClientStore` for
+//! client-selector), implemented for SQLite (the embedded default), PostgreSQL
+//! and MongoDB, chosen by URL with [`open_job_store`] and its siblings. The
+//! [`conformance`] suite states the behaviour every backend must share.
 //!
 //! Services hold an `Arc<dyn ...Store>` and never see SQL. This crate must not
-//! depend on gRPC or on any service crate.
+//! depend on gRPC, on the blob store or on any service crate.
 
 pub mod clients;
 pub mod conformance;
@@ -13,6 +16,7 @@ pub mod open;
 pub mod postgres;
 mod sqlite;
 
+pub use open::{DatabaseOptions, open_client_store, open_job_store, open_model_store, redact_url};
 pub use sqlite::open_sqlite;
 
 /// Store errors, mapped once onto gRPC codes by the services.
@@ -45,6 +49,13 @@ impl From<sqlx::Error> for StoreError {
             },
             sqlx::Error::Database(db) if db.is_unique_violation() => {
                 StoreError::Conflict(db.message().to_string())
+            }
+            // PostgreSQL aborted the transaction (serialization failure,
+            // deadlock): nothing was written and the caller may retry.
+            sqlx::Error::Database(db)
+                if matches!(db.code().as_deref(), Some("40001") | Some("40P01")) =>
+            {
+                StoreError::Conflict(format!("transaction aborted, retry: {}", db.message()))
             }
             _ => StoreError::Unavailable(e.to_string()),
         }

@@ -7,35 +7,166 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
-use crate::{Result, StoreError};
+use crate::{DatabaseOptions, Result, StoreError, redact_url};
 
 /// Opens (creating if missing) the database at `url` (`sqlite://PATH` or
 /// `sqlite::memory:`) in WAL mode, and applies `migrator`.
-pub async fn open_sqlite(url: &str, migrator: &sqlx::migrate::Migrator) -> Result<SqlitePool> {
+pub async fn open_sqlite(
+    url: &str,
+    migrator: &sqlx::migrate::Migrator,
+    opts: &DatabaseOptions,
+) -> Result<SqlitePool> {
+    let pool = connect(url, opts).await?;
+    migrate(&pool, url, migrator).await?;
+    Ok(pool)
+}
+
+/// [`open_sqlite`] for one of this crate's stores, whose migrations history
+/// lives in `history_table`.
+pub(crate) async fn open_store(
+    url: &str,
+    migrator: &sqlx::migrate::Migrator,
+    history_table: &str,
+    opts: &DatabaseOptions,
+) -> Result<SqlitePool> {
+    let pool = connect(url, opts).await?;
+    adopt_legacy_history(&pool, history_table).await?;
+    migrate(&pool, url, migrator).await?;
+    Ok(pool)
+}
+
+async fn connect(url: &str, opts: &DatabaseOptions) -> Result<SqlitePool> {
     if !url.starts_with("sqlite:") {
         return Err(StoreError::InvalidUrl {
-            url: url.to_string(),
+            url: redact_url(url),
             message: "expected sqlite://PATH".to_string(),
         });
     }
-    let opts = SqliteConnectOptions::from_str(url)
+    let connect = SqliteConnectOptions::from_str(url)
         .map_err(|e| StoreError::InvalidUrl {
-            url: url.to_string(),
+            url: redact_url(url),
             message: e.to_string(),
         })?
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(SqliteSynchronous::Normal)
-        .busy_timeout(Duration::from_secs(10))
+        // Writers queue on the file lock rather than fail at once.
+        .busy_timeout(opts.acquire_timeout.max(Duration::from_secs(1)))
         .foreign_keys(true);
     let in_memory = url.contains(":memory:");
-    let pool = SqlitePoolOptions::new()
+    SqlitePoolOptions::new()
         // One connection for in-memory databases: each connection would see its own.
-        .max_connections(if in_memory { 1 } else { 4 })
-        .acquire_timeout(Duration::from_secs(10))
-        .connect_with(opts)
+        .max_connections(if in_memory {
+            1
+        } else {
+            opts.max_connections.max(1)
+        })
+        .acquire_timeout(opts.acquire_timeout)
+        .connect_with(connect)
         .await
-        .map_err(|e| StoreError::Unavailable(format!("cannot open {url}: {e}")))?;
-    migrator.run(&pool).await?;
-    Ok(pool)
+        .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", redact_url(url))))
+}
+
+async fn migrate(pool: &SqlitePool, url: &str, migrator: &sqlx::migrate::Migrator) -> Result<()> {
+    migrator
+        .run(pool)
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("migrating {}: {e}", redact_url(url))))
+}
+
+/// Databases created before each store had its own history table recorded
+/// their migrations in `_sqlx_migrations`; renaming it keeps them from being
+/// applied twice. Only the jobs and clients stores used the shared name, and
+/// each had its own database file, so the old table belongs to whichever
+/// store's tables the file holds.
+async fn adopt_legacy_history(pool: &SqlitePool, table: &str) -> Result<()> {
+    let owned = match table {
+        "_sqlx_migrations_jobs" => "jobs",
+        "_sqlx_migrations_clients" => "clients",
+        _ => return Ok(()),
+    };
+    let present: Vec<String> = sqlx::query_scalar(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name IN (?1, ?2, '_sqlx_migrations')",
+    )
+    .bind(table)
+    .bind(owned)
+    .fetch_all(pool)
+    .await?;
+    let has = |n: &str| present.iter().any(|p| p == n);
+    if has("_sqlx_migrations") && has(owned) && !has(table) {
+        tracing::info!(table, "adopting the legacy _sqlx_migrations history");
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "ALTER TABLE _sqlx_migrations RENAME TO {table}"
+        )))
+        .execute(pool)
+        .await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::clients::{ClientStore, SqliteClientStore};
+    use crate::jobs::{JobStore, SqliteJobStore};
+    use crate::models::{ModelStore, SqliteModelStore};
+
+    fn temp_url() -> (tempfile::TempDir, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("db.sqlite").display());
+        (dir, url)
+    }
+
+    #[tokio::test]
+    async fn databases_with_the_shared_history_table_are_adopted() {
+        let (_dir, url) = temp_url();
+        // The layout before each store had its own history table.
+        let legacy = sqlx::migrate!("./migrations/sqlite/jobs");
+        let pool = open_sqlite(&url, &legacy, &DatabaseOptions::default())
+            .await
+            .unwrap();
+        let job = crate::conformance::jobs::job("old", "default");
+        sqlx::query(
+            "INSERT INTO jobs (id, name, namespace, spec_json, state, rounds_total, \
+             created_at_ms, updated_at_ms) VALUES (?1, 'old', 'default', '{}', 'QUEUED', 3, 1, 1)",
+        )
+        .bind(job.id.as_str())
+        .execute(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+
+        let store = SqliteJobStore::open(&url).await.unwrap();
+        assert_eq!(store.get_job(&job.id).await.unwrap().name, "old");
+        drop(store);
+        // And again, now from the store's own table.
+        let store = SqliteJobStore::open(&url).await.unwrap();
+        assert_eq!(store.get_job(&job.id).await.unwrap().name, "old");
+    }
+
+    #[tokio::test]
+    async fn three_stores_share_one_file() {
+        let (_dir, url) = temp_url();
+        let opts = DatabaseOptions::default();
+        let jobs = SqliteJobStore::open_with(&url, &opts).await.unwrap();
+        let models = SqliteModelStore::open_with(&url, &opts).await.unwrap();
+        let clients = SqliteClientStore::open_with(&url, &opts).await.unwrap();
+        let job = crate::conformance::jobs::job("a", "default");
+        jobs.insert_job(&job, "created").await.unwrap();
+        models
+            .insert_version(crate::conformance::models::new_version("m", "j"), 1)
+            .await
+            .unwrap();
+        let party = cohort_core::PartyId::parse("p").unwrap();
+        clients
+            .upsert_client(&party, &[], &Default::default(), 1)
+            .await
+            .unwrap();
+        // Reopening applies nothing twice.
+        SqliteJobStore::open_with(&url, &opts).await.unwrap();
+        SqliteModelStore::open_with(&url, &opts).await.unwrap();
+        SqliteClientStore::open_with(&url, &opts).await.unwrap();
+        assert_eq!(jobs.get_job(&job.id).await.unwrap().id, job.id);
+    }
 }

@@ -66,6 +66,13 @@ pub struct UpArgs {
     /// Address of the proxy, the federation's one entry point.
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub listen: String,
+    /// Metadata database for the server services (sqlite://, postgres://, mongodb://);
+    /// default: SQLite files in the data directory.
+    #[arg(long, env = "COHORT_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Model storage (file://PATH or s3://BUCKET/PREFIX); default: the data directory.
+    #[arg(long, env = "COHORT_BLOB_URL")]
+    pub blob_url: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -86,6 +93,13 @@ pub struct DemoArgs {
     /// Give up after this long.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
+    /// Metadata database for the server services (sqlite://, postgres://, mongodb://);
+    /// default: SQLite files in the data directory.
+    #[arg(long, env = "COHORT_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Model storage (file://PATH or s3://BUCKET/PREFIX); default: the data directory.
+    #[arg(long, env = "COHORT_BLOB_URL")]
+    pub blob_url: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -567,6 +581,9 @@ async fn up(a: UpArgs, json: bool) -> anyhow::Result<i32> {
         data_dir: data_dir.clone(),
         parties: a.clients,
         proxy_listen: a.listen.clone(),
+        database_url: a.database_url.clone(),
+        blob_url: a.blob_url.clone(),
+        service_env: Vec::new(),
         alpha: 0.5,
         seed: 42,
     })
@@ -644,6 +661,9 @@ async fn demo(a: DemoArgs, json: bool) -> anyhow::Result<i32> {
         data_dir: data_dir.clone(),
         parties: a.clients,
         proxy_listen: "127.0.0.1:0".into(),
+        database_url: a.database_url.clone(),
+        blob_url: a.blob_url.clone(),
+        service_env: Vec::new(),
         alpha: a.alpha,
         seed: a.seed,
     })

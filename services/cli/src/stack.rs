@@ -19,6 +19,13 @@ pub struct StackConfig {
     pub parties: u32,
     /// Proxy address; port 0 picks a free one.
     pub proxy_listen: String,
+    /// Metadata database shared by the server services (default: one SQLite
+    /// file each under the data directory).
+    pub database_url: Option<String>,
+    /// Blob store of model-manager (default: the data directory).
+    pub blob_url: Option<String>,
+    /// More environment for the server services (e.g. S3 endpoint and credentials).
+    pub service_env: Vec<(String, String)>,
     /// Dirichlet alpha of the digits split across parties.
     pub alpha: f64,
     pub seed: u64,
@@ -30,6 +37,8 @@ struct Service {
     /// Arguments, with `--listen` fixed to the address first bound, so a
     /// restarted service comes back where its peers expect it.
     args: Vec<String>,
+    /// Passed by environment, not argument: URLs may carry passwords.
+    env: Vec<(String, String)>,
     child: Child,
 }
 
@@ -96,24 +105,33 @@ impl Stack {
     }
 
     async fn start_all(&mut self, cfg: &StackConfig, server: &Path) -> anyhow::Result<()> {
-        let db = |name: &str| format!("sqlite://{}", server.join(name).display());
-        let blobs = format!("file://{}", server.join("blobs").display());
+        let db = |name: &str| {
+            let url = cfg
+                .database_url
+                .clone()
+                .unwrap_or_else(|| format!("sqlite://{}", server.join(name).display()));
+            let mut env = cfg.service_env.clone();
+            env.push(("COHORT_DATABASE_URL".to_string(), url));
+            env
+        };
+        let blobs = cfg
+            .blob_url
+            .clone()
+            .unwrap_or_else(|| format!("file://{}", server.join("blobs").display()));
+        let mut mm_env = db("models.db");
+        mm_env.push(("COHORT_BLOB_URL".to_string(), blobs));
         let model_manager = self
-            .spawn(
-                "model-manager",
-                &["--database-url", &db("models.db"), "--blob-url", &blobs],
-            )
+            .spawn_named("model-manager", "model-manager", &[], mm_env)
             .await?;
         let client_selector = self
-            .spawn("client-selector", &["--database-url", &db("clients.db")])
+            .spawn_named("client-selector", "client-selector", &[], db("clients.db"))
             .await?;
         let work = server.join("work").display().to_string();
         let job_scheduler = self
-            .spawn(
+            .spawn_named(
+                "job-scheduler",
                 "job-scheduler",
                 &[
-                    "--database-url",
-                    &db("jobs.db"),
                     "--model-manager",
                     &model_manager,
                     "--client-selector",
@@ -121,6 +139,7 @@ impl Stack {
                     "--work-dir",
                     &work,
                 ],
+                db("jobs.db"),
             )
             .await?;
         let proxy = self
@@ -137,6 +156,7 @@ impl Stack {
                     "--client-selector",
                     &client_selector,
                 ],
+                cfg.service_env.clone(),
             )
             .await?;
         self.proxy = proxy.clone();
@@ -163,14 +183,11 @@ impl Stack {
                     "--workspace",
                     &workspace,
                 ],
+                Vec::new(),
             )
             .await?;
         }
         Ok(())
-    }
-
-    async fn spawn(&mut self, binary: &str, args: &[&str]) -> anyhow::Result<String> {
-        self.spawn_named(binary, binary, args).await
     }
 
     /// Starts one service and waits for its ready file (its bound address).
@@ -179,12 +196,13 @@ impl Stack {
         name: &str,
         binary: &str,
         args: &[&str],
+        env: Vec<(String, String)>,
     ) -> anyhow::Result<String> {
         let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         if !args.iter().any(|a| a == "--listen") {
             args.extend(["--listen".to_string(), "127.0.0.1:0".to_string()]);
         }
-        let (child, addr) = self.launch(name, binary, &args).await?;
+        let (child, addr) = self.launch(name, binary, &args, &env).await?;
         // Pin the port for restarts.
         if let Some(i) = args.iter().position(|a| a == "--listen") {
             args[i + 1] = addr.clone();
@@ -193,6 +211,7 @@ impl Stack {
             name: name.to_string(),
             binary: binary.to_string(),
             args,
+            env,
             child,
         });
         Ok(addr)
@@ -203,6 +222,7 @@ impl Stack {
         name: &str,
         binary: &str,
         args: &[String],
+        env: &[(String, String)],
     ) -> anyhow::Result<(Child, String)> {
         let ready = self.data_dir.join("run").join(format!("{name}.addr"));
         let _ = std::fs::remove_file(&ready);
@@ -214,6 +234,7 @@ impl Stack {
             .with_context(|| format!("cannot open {}", log_path.display()))?;
         let mut cmd = Command::new(self.bin_dir.join(binary));
         cmd.args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .arg("--ready-file")
             .arg(&ready)
             .stdin(Stdio::null())
@@ -275,11 +296,12 @@ impl Stack {
             .position(|s| s.name == name)
             .with_context(|| format!("no service {name}"))?;
         let _ = tokio::time::timeout(Duration::from_secs(10), self.services[i].child.wait()).await;
-        let (binary, args) = (
+        let (binary, args, env) = (
             self.services[i].binary.clone(),
             self.services[i].args.clone(),
+            self.services[i].env.clone(),
         );
-        let (child, _) = self.launch(name, &binary, &args).await?;
+        let (child, _) = self.launch(name, &binary, &args, &env).await?;
         self.services[i].child = child;
         Ok(())
     }

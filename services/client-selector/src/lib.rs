@@ -7,14 +7,12 @@
 
 pub mod sessions;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use cohort_proto::v1::client_selector_server::ClientSelectorServer;
 use cohort_proto::v1::party_session_server::PartySessionServer;
 use cohort_runtime::{Listener, ServiceArgs};
-use cohort_store::clients::SqliteClientStore;
 use tonic::service::Routes;
 
 use crate::sessions::{Registry, SelectorApi, SessionApi};
@@ -27,9 +25,8 @@ use crate::sessions::{Registry, SelectorApi, SessionApi};
 pub struct Args {
     #[command(flatten)]
     pub service: ServiceArgs,
-    /// Metadata database (sqlite://PATH).
-    #[arg(long, env = "COHORT_DATABASE_URL")]
-    pub database_url: String,
+    #[command(flatten)]
+    pub database: cohort_runtime::DatabaseArgs,
     /// How often parties must send a heartbeat; three missed ones end the session.
     #[arg(long, env = "COHORT_HEARTBEAT_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub heartbeat_interval: Duration,
@@ -42,11 +39,17 @@ impl Args {
         {
             anyhow::bail!("--heartbeat-interval: must be between 100ms and 10m");
         }
-        let store = SqliteClientStore::open(&self.database_url)
-            .await
-            .context("--database-url: cannot open the clients store")?;
+        let store = cohort_store::open::open_client_store(
+            &self.database.database_url,
+            &cohort_store::open::DatabaseOptions::new(
+                self.database.database_max_connections,
+                self.database.database_connect_timeout,
+            ),
+        )
+        .await
+        .context("--database-url: cannot open the clients store")?;
         let listener = Listener::bind(self.service.listen).await?;
-        let registry = Registry::new(Arc::new(store), self.heartbeat_interval);
+        let registry = Registry::new(store, self.heartbeat_interval);
         let routes = Routes::new(PartySessionServer::new(SessionApi {
             registry: registry.clone(),
         }))

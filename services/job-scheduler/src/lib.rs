@@ -15,7 +15,6 @@ use anyhow::Context;
 use cohort_proto::v1::{job_control_server::JobControlServer, jobs_server::JobsServer};
 use cohort_runtime::launcher::{CoordinatorConfig, Launcher, LocalLauncher};
 use cohort_runtime::{Listener, ServiceArgs};
-use cohort_store::jobs::SqliteJobStore;
 use tonic::service::Routes;
 
 use crate::manager::{JobManager, ManagerConfig};
@@ -28,9 +27,8 @@ use crate::manager::{JobManager, ManagerConfig};
 pub struct Args {
     #[command(flatten)]
     pub service: ServiceArgs,
-    /// Metadata database (sqlite://PATH).
-    #[arg(long, env = "COHORT_DATABASE_URL")]
-    pub database_url: String,
+    #[command(flatten)]
+    pub database: cohort_runtime::DatabaseArgs,
     /// model-manager endpoint handed to coordinators (host:port).
     #[arg(long, env = "COHORT_MODEL_MANAGER")]
     pub model_manager: String,
@@ -72,9 +70,15 @@ impl Args {
                 coordinator_bin.display()
             );
         }
-        let store = SqliteJobStore::open(&self.database_url)
-            .await
-            .context("--database-url: cannot open the jobs store")?;
+        let store = cohort_store::open::open_job_store(
+            &self.database.database_url,
+            &cohort_store::open::DatabaseOptions::new(
+                self.database.database_max_connections,
+                self.database.database_connect_timeout,
+            ),
+        )
+        .await
+        .context("--database-url: cannot open the jobs store")?;
         let listener = Listener::bind(self.service.listen).await?;
         let advertise = self
             .advertise
@@ -97,7 +101,7 @@ impl Args {
             exit_tx,
         )?);
         let manager = JobManager::new(
-            Arc::new(store),
+            store,
             launcher.clone(),
             ManagerConfig {
                 max_launch_attempts: self.max_launch_attempts,
@@ -141,4 +145,3 @@ fn validate_endpoint(field: &str, v: &str) -> anyhow::Result<()> {
         .map(|_| ())
         .ok_or_else(|| anyhow::anyhow!("{field}: {v:?} is not a host:port endpoint"))
 }
-

@@ -22,7 +22,7 @@ use cohort_proto::v1::{
 };
 use cohort_runtime::{Listener, RuntimeError};
 use cohort_store::StoreError;
-use cohort_store::models::{ModelStore, ModelVersionRecord, NewModelVersion, SqliteModelStore};
+use cohort_store::models::{ModelStore, ModelVersionRecord, NewModelVersion};
 use futures::{Stream, StreamExt};
 use tokio::sync::oneshot;
 use tonic::{Request, Response, Status, Streaming};
@@ -40,9 +40,8 @@ const SERVICE_NAME: &str = "model-manager";
 pub struct Args {
     #[command(flatten)]
     pub service: cohort_runtime::ServiceArgs,
-    /// Metadata database, e.g. sqlite:///var/lib/cohort/models.db.
-    #[arg(long, env = "COHORT_DATABASE_URL")]
-    pub database_url: String,
+    #[command(flatten)]
+    pub database: cohort_runtime::DatabaseArgs,
     /// Blob store root, e.g. file:///var/lib/cohort/blobs or a plain path;
     /// model files go under its `models/` prefix.
     #[arg(long, env = "COHORT_BLOB_URL")]
@@ -52,9 +51,15 @@ pub struct Args {
 impl Args {
     /// Opens storage, binds, writes the ready file and serves until SIGTERM/SIGINT.
     pub async fn run(self) -> anyhow::Result<()> {
-        let store = SqliteModelStore::open(&self.database_url)
-            .await
-            .context("--database-url")?;
+        let store = cohort_store::open::open_model_store(
+            &self.database.database_url,
+            &cohort_store::open::DatabaseOptions::new(
+                self.database.database_max_connections,
+                self.database.database_connect_timeout,
+            ),
+        )
+        .await
+        .context("--database-url")?;
         anyhow::ensure!(!self.blob_url.trim().is_empty(), "--blob-url: empty URL");
         let blobs = cohort_blob::open_blob_store(&models_blob_url(&self.blob_url))
             .await
@@ -63,7 +68,7 @@ impl Args {
         listener
             .serve(
                 SERVICE_NAME,
-                routes(Arc::new(store), blobs),
+                routes(store, blobs),
                 self.service.ready_file.as_deref(),
                 cohort_runtime::shutdown_signal(),
             )

@@ -1,0 +1,324 @@
+//! `ClientStore` on MongoDB: one document per party, its counters included,
+//! so every call is one atomic single-document operation.
+
+use async_trait::async_trait;
+use cohort_core::PartyId;
+use futures::TryStreamExt;
+use mongodb::Collection;
+use mongodb::bson::{Document, doc};
+use mongodb::options::ReturnDocument;
+
+use super::{Db, Fields, is_duplicate_key, no_document, to_i64};
+use crate::clients::{
+    ClientRecord, ClientStats, ClientStore, DatasetEntry, ResourcesEntry, TaskOutcome,
+};
+use crate::open::DatabaseOptions;
+use crate::{Result, StoreError};
+
+const WHAT: &str = "client";
+const CLIENTS: &str = "clients";
+
+/// First registrations of one party racing each other can make an upsert
+/// fail on the unique index; the retry then finds the document.
+const UPSERT_ATTEMPTS: u32 = 5;
+
+pub struct MongoClientStore {
+    db: Db,
+    clients: Collection<Document>,
+}
+
+impl MongoClientStore {
+    /// Connects to `url` (`mongodb://...`) and creates the collection and
+    /// its index.
+    pub async fn open(url: &str, opts: &DatabaseOptions) -> Result<Self> {
+        let db = Db::open(url, opts).await?;
+        db.ensure_collection(CLIENTS, &[(doc! {"party": 1}, true)])
+            .await?;
+        Ok(Self {
+            clients: db.collection(CLIENTS),
+            db,
+        })
+    }
+
+    /// Applies `update` to `party`'s document; NotFound if there is none.
+    async fn update_existing(&self, party: &PartyId, update: Document) -> Result<()> {
+        let res = self
+            .clients
+            .update_one(doc! {"party": party.as_str()}, update)
+            .await
+            .map_err(|e| self.db.error(e, WHAT, party.as_str()))?;
+        if res.matched_count == 0 {
+            return Err(not_found(party));
+        }
+        Ok(())
+    }
+}
+
+fn not_found(party: &PartyId) -> StoreError {
+    StoreError::NotFound {
+        what: WHAT,
+        id: party.to_string(),
+    }
+}
+
+fn stat_field(outcome: TaskOutcome) -> &'static str {
+    match outcome {
+        TaskOutcome::Offered => "tasks_offered",
+        TaskOutcome::Accepted => "tasks_accepted",
+        TaskOutcome::Succeeded => "tasks_succeeded",
+        TaskOutcome::Failed => "tasks_failed",
+    }
+}
+
+fn datasets_docs(party: &str, datasets: &[DatasetEntry]) -> Result<Vec<Document>> {
+    datasets
+        .iter()
+        .map(|d| {
+            Ok(doc! {
+                "name": &d.name,
+                "samples": to_i64(d.samples, "datasets.samples", WHAT, party)?,
+                "features": i64::from(d.features),
+                "classes": i64::from(d.classes),
+            })
+        })
+        .collect()
+}
+
+fn resources_doc(party: &str, r: &ResourcesEntry) -> Result<Document> {
+    Ok(doc! {
+        "cpus": i64::from(r.cpus),
+        "memory_bytes": to_i64(r.memory_bytes, "resources.memory_bytes", WHAT, party)?,
+        "gpus": i64::from(r.gpus),
+        "max_tasks": i64::from(r.max_tasks),
+    })
+}
+
+fn client_from_doc(d: &Document) -> Result<ClientRecord> {
+    let party = d.get_str("party").unwrap_or("?");
+    let f = Fields::new(d, WHAT, party);
+    let datasets = f
+        .docs("datasets")?
+        .into_iter()
+        .map(|ds| {
+            let g = f.nested(ds, "datasets.");
+            Ok(DatasetEntry {
+                name: g.str("name")?.to_string(),
+                samples: g.uint("samples")?,
+                features: g.uint("features")?,
+                classes: g.uint("classes")?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let r = f.nested(f.doc("resources")?, "resources.");
+    Ok(ClientRecord {
+        party: PartyId::parse(f.str("party")?).map_err(|e| f.corrupt(format!("party: {e}")))?,
+        datasets,
+        resources: ResourcesEntry {
+            cpus: r.uint("cpus")?,
+            memory_bytes: r.uint("memory_bytes")?,
+            gpus: r.uint("gpus")?,
+            max_tasks: r.uint("max_tasks")?,
+        },
+        first_seen_ms: f.int("first_seen_ms")?,
+        last_seen_ms: f.int("last_seen_ms")?,
+        stats: ClientStats {
+            tasks_offered: f.uint("tasks_offered")?,
+            tasks_accepted: f.uint("tasks_accepted")?,
+            tasks_succeeded: f.uint("tasks_succeeded")?,
+            tasks_failed: f.uint("tasks_failed")?,
+        },
+    })
+}
+
+/// The upsert of a registration: replaces holdings and last_seen, keeps
+/// first_seen and the counters of a known party.
+fn registration_update(
+    party: &str,
+    datasets: &[DatasetEntry],
+    resources: &ResourcesEntry,
+    now_ms: i64,
+) -> Result<Document> {
+    Ok(doc! {
+        "$set": {
+            "datasets": datasets_docs(party, datasets)?,
+            "resources": resources_doc(party, resources)?,
+            "last_seen_ms": now_ms,
+        },
+        "$setOnInsert": {
+            "first_seen_ms": now_ms,
+            "tasks_offered": 0i64,
+            "tasks_accepted": 0i64,
+            "tasks_succeeded": 0i64,
+            "tasks_failed": 0i64,
+        },
+    })
+}
+
+#[async_trait]
+impl ClientStore for MongoClientStore {
+    async fn upsert_client(
+        &self,
+        party: &PartyId,
+        datasets: &[DatasetEntry],
+        resources: &ResourcesEntry,
+        now_ms: i64,
+    ) -> Result<ClientRecord> {
+        let id = party.as_str();
+        let update = registration_update(id, datasets, resources, now_ms)?;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let res = self
+                .clients
+                .find_one_and_update(doc! {"party": id}, update.clone())
+                .upsert(true)
+                .return_document(ReturnDocument::After)
+                .await;
+            match res {
+                Ok(Some(d)) => return client_from_doc(&d),
+                Ok(None) => return Err(no_document(WHAT, id)),
+                Err(e) if is_duplicate_key(&e) && attempt < UPSERT_ATTEMPTS => {}
+                Err(e) => return Err(self.db.error(e, WHAT, id)),
+            }
+        }
+    }
+
+    async fn get_client(&self, party: &PartyId) -> Result<ClientRecord> {
+        let d = self
+            .clients
+            .find_one(doc! {"party": party.as_str()})
+            .await
+            .map_err(|e| self.db.error(e, WHAT, party.as_str()))?
+            .ok_or_else(|| not_found(party))?;
+        client_from_doc(&d)
+    }
+
+    async fn list_clients(&self) -> Result<Vec<ClientRecord>> {
+        // Binary string order, as SQLite's: "B" before "a".
+        let cursor = self
+            .clients
+            .find(doc! {})
+            .sort(doc! {"party": 1})
+            .await
+            .map_err(|e| self.db.error(e, WHAT, "list"))?;
+        let docs: Vec<Document> = cursor
+            .try_collect()
+            .await
+            .map_err(|e| self.db.error(e, WHAT, "list"))?;
+        docs.iter().map(client_from_doc).collect()
+    }
+
+    async fn touch(&self, party: &PartyId, now_ms: i64) -> Result<()> {
+        self.update_existing(party, doc! {"$max": {"last_seen_ms": now_ms}})
+            .await
+    }
+
+    async fn count_task(&self, party: &PartyId, outcome: TaskOutcome) -> Result<()> {
+        self.update_existing(party, doc! {"$inc": {stat_field(outcome): 1i64}})
+            .await
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use mongodb::bson::Bson;
+
+    fn datasets() -> Vec<DatasetEntry> {
+        vec![
+            DatasetEntry {
+                name: "digits".into(),
+                samples: 10,
+                features: 64,
+                classes: 10,
+            },
+            DatasetEntry {
+                name: "mnist".into(),
+                samples: u64::from(u32::MAX) + 7,
+                features: 784,
+                classes: 10,
+            },
+        ]
+    }
+
+    fn resources() -> ResourcesEntry {
+        ResourcesEntry {
+            cpus: 8,
+            memory_bytes: 64 << 30,
+            gpus: 1,
+            max_tasks: 2,
+        }
+    }
+
+    /// The document an upsert of a new party leaves: `$set` and
+    /// `$setOnInsert` merged over the filter.
+    fn inserted(party: &str, now_ms: i64) -> Document {
+        let update = registration_update(party, &datasets(), &resources(), now_ms).unwrap();
+        let mut d = doc! {"party": party};
+        for op in ["$set", "$setOnInsert"] {
+            d.extend(update.get_document(op).unwrap().clone());
+        }
+        d
+    }
+
+    #[test]
+    fn clients_round_trip() {
+        let rec = client_from_doc(&inserted("hospital-a", 5)).unwrap();
+        assert_eq!(
+            rec,
+            ClientRecord {
+                party: PartyId::parse("hospital-a").unwrap(),
+                datasets: datasets(),
+                resources: resources(),
+                first_seen_ms: 5,
+                last_seen_ms: 5,
+                stats: ClientStats::default(),
+            }
+        );
+    }
+
+    #[test]
+    fn counters_have_one_field_each() {
+        let fields = [
+            TaskOutcome::Offered,
+            TaskOutcome::Accepted,
+            TaskOutcome::Succeeded,
+            TaskOutcome::Failed,
+        ]
+        .map(stat_field);
+        let d = inserted("p", 1);
+        for f in fields {
+            assert_eq!(d.get_i64(f).unwrap(), 0, "{f} starts at 0");
+        }
+        let mut unique = fields.to_vec();
+        unique.dedup();
+        assert_eq!(unique.len(), 4);
+    }
+
+    #[test]
+    fn unstorable_and_corrupt_values_name_the_party_and_field() {
+        let mut huge = resources();
+        huge.memory_bytes = u64::MAX;
+        let err = registration_update("p1", &[], &huge, 1)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("resources.memory_bytes") && err.contains("p1"),
+            "{err}"
+        );
+
+        let mut d = inserted("p2", 1);
+        d.insert("tasks_failed", -3i64);
+        let err = client_from_doc(&d).unwrap_err().to_string();
+        assert!(err.contains("tasks_failed") && err.contains("p2"), "{err}");
+
+        let mut d = inserted("p3", 1);
+        d.insert("datasets", vec![Bson::Document(doc! {"name": "x"})]);
+        let err = client_from_doc(&d).unwrap_err().to_string();
+        assert!(
+            err.contains("datasets.samples") && err.contains("p3"),
+            "{err}"
+        );
+    }
+}

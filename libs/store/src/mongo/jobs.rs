@@ -1,0 +1,732 @@
+//! `JobStore` on MongoDB. See the module docs of `mongo` for why a job's
+//! events and rounds pass through its own document on their way to
+//! `job_events` and `job_rounds`.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use cohort_core::{JobId, JobState};
+use futures::TryStreamExt;
+use mongodb::Collection;
+use mongodb::bson::oid::ObjectId;
+use mongodb::bson::{Bson, Document, doc};
+use mongodb::options::ReturnDocument;
+
+use super::{Db, Fields, is_duplicate_key, no_document, to_i64};
+use crate::jobs::{JobEventRecord, JobFilter, JobRecord, JobStore, RoundRecord};
+use crate::open::DatabaseOptions;
+use crate::{Page, Result, StoreError};
+
+const WHAT: &str = "job";
+const JOBS: &str = "jobs";
+const EVENTS: &str = "job_events";
+const ROUNDS: &str = "job_rounds";
+const COUNTERS: &str = "counters";
+/// The counter document that hands out job `seq`s.
+const JOB_SEQ: &str = "jobs";
+
+pub struct MongoJobStore {
+    db: Db,
+    jobs: Collection<Document>,
+    events: Collection<Document>,
+    rounds: Collection<Document>,
+    counters: Collection<Document>,
+}
+
+impl MongoJobStore {
+    /// Connects to `url` (`mongodb://...`), creates the collections and
+    /// indexes, and copies out history a crash left in job documents.
+    pub async fn open(url: &str, opts: &DatabaseOptions) -> Result<Self> {
+        let db = Db::open(url, opts).await?;
+        db.ensure_collection(
+            JOBS,
+            &[
+                (doc! {"id": 1}, true),
+                (doc! {"namespace": 1, "state": 1}, false),
+                (doc! {"seq": 1}, false),
+            ],
+        )
+        .await?;
+        db.ensure_collection(EVENTS, &[(doc! {"job": 1, "seq": 1}, true)])
+            .await?;
+        db.ensure_collection(ROUNDS, &[(doc! {"job": 1, "round": 1}, true)])
+            .await?;
+        db.ensure_collection(COUNTERS, &[]).await?;
+        let store = Self {
+            jobs: db.collection(JOBS),
+            events: db.collection(EVENTS),
+            rounds: db.collection(ROUNDS),
+            counters: db.collection(COUNTERS),
+            db,
+        };
+        store.seed_counter().await?;
+        store.flush_leftovers().await?;
+        Ok(store)
+    }
+
+    /// Never hands out a seq below an existing job's (a counter lost in a
+    /// restore would otherwise reorder the listing).
+    async fn seed_counter(&self) -> Result<()> {
+        let last = self
+            .jobs
+            .find_one(doc! {})
+            .sort(doc! {"seq": -1})
+            .projection(doc! {"seq": 1, "id": 1})
+            .await
+            .map_err(|e| self.db.error(e, "job counter", JOB_SEQ))?;
+        let max = match &last {
+            Some(d) => Fields::new(d, WHAT, d.get_str("id").unwrap_or("?")).int("seq")?,
+            None => 0,
+        };
+        match self
+            .counters
+            .update_one(doc! {"_id": JOB_SEQ}, doc! {"$max": {"seq": max}})
+            .upsert(true)
+            .await
+        {
+            // A replica opening at the same time created it.
+            Err(e) if !is_duplicate_key(&e) => Err(self.db.error(e, "job counter", JOB_SEQ)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Copies out history that a crash left pending in job documents.
+    async fn flush_leftovers(&self) -> Result<()> {
+        let filter = doc! {"$or": [
+            {"pending_events.0": {"$exists": true}},
+            {"pending_rounds.0": {"$exists": true}},
+        ]};
+        let pending: Vec<Document> = self
+            .jobs
+            .find(filter)
+            .await
+            .map_err(|e| self.db.error(e, WHAT, "with pending history"))?
+            .try_collect()
+            .await
+            .map_err(|e| self.db.error(e, WHAT, "with pending history"))?;
+        for job in &pending {
+            self.flush(job).await;
+        }
+        Ok(())
+    }
+
+    async fn next_seq(&self) -> Result<i64> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let res = self
+                .counters
+                .find_one_and_update(doc! {"_id": JOB_SEQ}, doc! {"$inc": {"seq": 1i64}})
+                .upsert(true)
+                .return_document(ReturnDocument::After)
+                .await;
+            match res {
+                Ok(Some(d)) => return Fields::new(&d, "job counter", JOB_SEQ).int("seq"),
+                Ok(None) => return Err(no_document("job counter", JOB_SEQ)),
+                // Two first upserts raced; the counter exists now.
+                Err(e) if is_duplicate_key(&e) && attempt < 3 => {}
+                Err(e) => return Err(self.db.error(e, "job counter", JOB_SEQ)),
+            }
+        }
+    }
+
+    /// Copies the job document's pending events and rounds to their
+    /// collections and pulls them out. Failing is harmless: readers merge
+    /// pending history, and the next write or open retries.
+    async fn flush(&self, job: &Document) {
+        if let Err(e) = self.try_flush(job).await {
+            tracing::warn!(error = %e, "job history stays in the job document for now");
+        }
+    }
+
+    async fn try_flush(&self, job: &Document) -> Result<()> {
+        let id = job.get_str("id").unwrap_or("?");
+        let f = Fields::new(job, WHAT, id);
+        let events = f.docs("pending_events")?;
+        let rounds = f.docs("pending_rounds")?;
+        if events.is_empty() && rounds.is_empty() {
+            return Ok(());
+        }
+        let oid = f.oid("_id")?;
+        let mut seqs = Vec::new();
+        for e in events {
+            let seq = f.nested(e, "pending_events.").int("seq")?;
+            self.copy_out(&self.events, e, oid, id).await?;
+            seqs.push(seq);
+        }
+        let mut numbers = Vec::new();
+        for r in rounds {
+            let round = f.nested(r, "pending_rounds.").int("round")?;
+            self.copy_out(&self.rounds, r, oid, id).await?;
+            numbers.push(round);
+        }
+        let mut pull = Document::new();
+        if !seqs.is_empty() {
+            pull.insert("pending_events", doc! {"seq": {"$in": seqs}});
+        }
+        if !numbers.is_empty() {
+            pull.insert("pending_rounds", doc! {"round": {"$in": numbers}});
+        }
+        self.jobs
+            .update_one(doc! {"_id": oid}, doc! {"$pull": pull})
+            .await
+            .map_err(|e| self.db.error(e, WHAT, id))?;
+        Ok(())
+    }
+
+    /// Inserts one history item; already there (an earlier flush) is fine.
+    async fn copy_out(
+        &self,
+        coll: &Collection<Document>,
+        item: &Document,
+        oid: ObjectId,
+        id: &str,
+    ) -> Result<()> {
+        let mut row = item.clone();
+        row.insert("job", oid);
+        row.insert("job_id", id);
+        match coll.insert_one(row).await {
+            Err(e) if !is_duplicate_key(&e) => Err(self.db.error(e, WHAT, id)),
+            _ => Ok(()),
+        }
+    }
+
+    async fn find_jobs(&self, filter: Document, limit: Option<i64>) -> Result<Vec<Document>> {
+        let mut find = self
+            .jobs
+            .find(filter)
+            .sort(doc! {"seq": 1})
+            .projection(record_projection());
+        if let Some(limit) = limit {
+            find = find.limit(limit);
+        }
+        let cursor = find.await.map_err(|e| self.db.error(e, WHAT, "list"))?;
+        cursor
+            .try_collect()
+            .await
+            .map_err(|e| self.db.error(e, WHAT, "list"))
+    }
+
+    /// The job's current version, or NotFound: to explain why a conditional
+    /// write matched nothing.
+    async fn not_found_or_conflict(&self, job: &JobRecord) -> StoreError {
+        let id = job.id.as_str();
+        match self
+            .jobs
+            .find_one(doc! {"id": id})
+            .projection(doc! {"version": 1})
+            .await
+        {
+            Ok(None) => not_found(&job.id),
+            Ok(Some(d)) => match Fields::new(&d, WHAT, id).int("version") {
+                Ok(v) => StoreError::Conflict(format!(
+                    "job {id} changed (version {v}, update based on {})",
+                    job.version
+                )),
+                Err(e) => e,
+            },
+            Err(e) => self.db.error(e, WHAT, id),
+        }
+    }
+}
+
+/// A job's fields without its pending history.
+fn record_projection() -> Document {
+    doc! {"pending_events": 0, "pending_rounds": 0, "rounds_done": 0}
+}
+
+fn not_found(id: &JobId) -> StoreError {
+    StoreError::NotFound {
+        what: WHAT,
+        id: id.to_string(),
+    }
+}
+
+fn parse_state(f: &Fields<'_>, field: &str, s: &str) -> Result<JobState> {
+    s.parse()
+        .map_err(|_| f.corrupt(format!("{field} {s:?} is not a job state")))
+}
+
+/// A new job's document: version 1, its first event pending.
+fn new_job_doc(job: &JobRecord, oid: ObjectId, seq: i64, reason: &str) -> Document {
+    doc! {
+        "_id": oid,
+        "id": job.id.as_str(),
+        "seq": seq,
+        "name": &job.name,
+        "namespace": &job.namespace,
+        "spec_json": &job.spec_json,
+        "state": job.state.as_str(),
+        "reason": &job.reason,
+        "rounds_total": i64::from(job.rounds_total),
+        "rounds_completed": i64::from(job.rounds_completed),
+        "coordinator_endpoint": job.coordinator_endpoint.as_deref(),
+        "coordinator_pid": job.coordinator_pid.map(i64::from),
+        "launch_attempts": i64::from(job.launch_attempts),
+        "created_at_ms": job.created_at_ms,
+        "updated_at_ms": job.updated_at_ms,
+        "version": 1i64,
+        "event_seq": 1i64,
+        "pending_events": [event_doc(1, job.created_at_ms, None, job.state, reason)],
+        "rounds_done": [],
+        "pending_rounds": [],
+    }
+}
+
+fn job_from_doc(d: &Document) -> Result<JobRecord> {
+    let id = match d.get("id") {
+        Some(Bson::String(s)) => s.as_str(),
+        _ => "?",
+    };
+    let f = Fields::new(d, WHAT, id);
+    let id = f.str("id")?;
+    Ok(JobRecord {
+        id: JobId::parse(id).map_err(|e| f.corrupt(format!("id: {e}")))?,
+        name: f.str("name")?.to_string(),
+        namespace: f.str("namespace")?.to_string(),
+        spec_json: f.str("spec_json")?.to_string(),
+        state: parse_state(&f, "state", f.str("state")?)?,
+        reason: f.str("reason")?.to_string(),
+        rounds_total: f.uint("rounds_total")?,
+        rounds_completed: f.uint("rounds_completed")?,
+        coordinator_endpoint: f.opt_str("coordinator_endpoint")?,
+        coordinator_pid: match f.opt_int("coordinator_pid")? {
+            Some(p) => Some(f.fit("coordinator_pid", p)?),
+            None => None,
+        },
+        launch_attempts: f.uint("launch_attempts")?,
+        created_at_ms: f.int("created_at_ms")?,
+        updated_at_ms: f.int("updated_at_ms")?,
+        version: f.int("version")?,
+    })
+}
+
+fn event_doc(
+    seq: i64,
+    time_ms: i64,
+    from: Option<JobState>,
+    to: JobState,
+    reason: &str,
+) -> Document {
+    doc! {
+        "seq": seq,
+        "time_ms": time_ms,
+        "from": from.map(|s| s.as_str()),
+        "to": to.as_str(),
+        "reason": reason,
+    }
+}
+
+fn event_from_doc(d: &Document, job_id: &str) -> Result<JobEventRecord> {
+    let f = Fields::new(d, WHAT, job_id);
+    Ok(JobEventRecord {
+        seq: f.uint("seq")?,
+        time_ms: f.int("time_ms")?,
+        from: match f.opt_str("from")? {
+            Some(s) => Some(parse_state(&f, "event from", &s)?),
+            None => None,
+        },
+        to: parse_state(&f, "event to", f.str("to")?)?,
+        reason: f.str("reason")?.to_string(),
+    })
+}
+
+fn round_doc(r: &RoundRecord, job_id: &str) -> Result<Document> {
+    let at = format!("{job_id} round {}", r.round);
+    Ok(doc! {
+        "round": i64::from(r.round),
+        "eval_loss": r.eval_loss,
+        "eval_accuracy": r.eval_accuracy,
+        "eval_samples": to_i64(r.eval_samples, "eval_samples", WHAT, &at)?,
+        "train_loss": r.train_loss,
+        "updates": i64::from(r.updates),
+        "model_version": i64::from(r.model_version),
+        "duration_ms": to_i64(r.duration_ms, "duration_ms", WHAT, &at)?,
+    })
+}
+
+fn round_from_doc(d: &Document, job_id: &str) -> Result<RoundRecord> {
+    let f = Fields::new(d, WHAT, job_id);
+    Ok(RoundRecord {
+        round: f.uint("round")?,
+        eval_loss: f.float("eval_loss")?,
+        eval_accuracy: f.float("eval_accuracy")?,
+        eval_samples: f.uint("eval_samples")?,
+        train_loss: f.float("train_loss")?,
+        updates: f.uint("updates")?,
+        model_version: f.uint("model_version")?,
+        duration_ms: f.uint("duration_ms")?,
+    })
+}
+
+fn parse_page_token(token: Option<&str>) -> Result<i64> {
+    match token {
+        None | Some("") => Ok(0),
+        Some(t) => t.parse().map_err(|_| {
+            StoreError::Conflict(format!(
+                "invalid page token {:?}",
+                t.chars().take(40).collect::<String>()
+            ))
+        }),
+    }
+}
+
+#[async_trait]
+impl JobStore for MongoJobStore {
+    async fn insert_job(&self, job: &JobRecord, reason: &str) -> Result<()> {
+        let seq = self.next_seq().await?;
+        let doc = new_job_doc(job, ObjectId::new(), seq, reason);
+        match self.jobs.insert_one(&doc).await {
+            Ok(_) => {}
+            Err(e) if is_duplicate_key(&e) => {
+                return Err(StoreError::Conflict(format!("job {} exists", job.id)));
+            }
+            Err(e) => return Err(self.db.error(e, WHAT, job.id.as_str())),
+        }
+        self.flush(&doc).await;
+        Ok(())
+    }
+
+    async fn get_job(&self, id: &JobId) -> Result<JobRecord> {
+        let d = self
+            .jobs
+            .find_one(doc! {"id": id.as_str()})
+            .projection(record_projection())
+            .await
+            .map_err(|e| self.db.error(e, WHAT, id.as_str()))?
+            .ok_or_else(|| not_found(id))?;
+        job_from_doc(&d)
+    }
+
+    async fn list_jobs(
+        &self,
+        filter: &JobFilter,
+        page_size: u32,
+        page_token: Option<&str>,
+    ) -> Result<Page<JobRecord>> {
+        let after = parse_page_token(page_token)?;
+        let size = i64::from(page_size.clamp(1, 500));
+        let mut query = doc! {"seq": {"$gt": after}};
+        if let Some(ns) = &filter.namespace {
+            query.insert("namespace", ns.as_str());
+        }
+        if let Some(state) = filter.state {
+            query.insert("state", state.as_str());
+        }
+        // Keyset paging on seq, one extra to know whether a next page exists.
+        let docs = self.find_jobs(query, Some(size + 1)).await?;
+        let mut items = Vec::with_capacity(docs.len());
+        let mut last_seq = 0i64;
+        for d in docs.iter().take(size as usize) {
+            let job = job_from_doc(d)?;
+            last_seq = Fields::new(d, WHAT, job.id.as_str()).int("seq")?;
+            items.push(job);
+        }
+        let next_token = (docs.len() as i64 > size).then(|| last_seq.to_string());
+        Ok(Page { items, next_token })
+    }
+
+    async fn jobs_in_states(&self, states: &[JobState]) -> Result<Vec<JobRecord>> {
+        if states.is_empty() {
+            return Ok(Vec::new());
+        }
+        let states: Vec<&str> = states.iter().map(|s| s.as_str()).collect();
+        let docs = self
+            .find_jobs(doc! {"state": {"$in": states}}, None)
+            .await?;
+        docs.iter().map(job_from_doc).collect()
+    }
+
+    async fn update_job(&self, job: &JobRecord, now_ms: i64) -> Result<JobRecord> {
+        let id = job.id.as_str();
+        let current = self
+            .jobs
+            .find_one(doc! {"id": id})
+            .projection(doc! {"state": 1, "version": 1, "event_seq": 1})
+            .await
+            .map_err(|e| self.db.error(e, WHAT, id))?
+            .ok_or_else(|| not_found(&job.id))?;
+        let f = Fields::new(&current, WHAT, id);
+        let version = f.int("version")?;
+        if version != job.version {
+            return Err(StoreError::Conflict(format!(
+                "job {id} changed (version {version}, update based on {})",
+                job.version
+            )));
+        }
+        let from = parse_state(&f, "state", f.str("state")?)?;
+        let mut set = doc! {
+            "state": job.state.as_str(),
+            "reason": &job.reason,
+            "rounds_completed": i64::from(job.rounds_completed),
+            "coordinator_endpoint": job.coordinator_endpoint.as_deref(),
+            "coordinator_pid": job.coordinator_pid.map(i64::from),
+            "launch_attempts": i64::from(job.launch_attempts),
+            "updated_at_ms": now_ms,
+            "spec_json": &job.spec_json,
+        };
+        let mut update = doc! {"$inc": {"version": 1i64}};
+        if from != job.state {
+            // The event rides in the same single-document write as the
+            // transition; the version filter makes event_seq + 1 ours.
+            let seq = f.int("event_seq")? + 1;
+            set.insert("event_seq", seq);
+            let event = event_doc(seq, now_ms, Some(from), job.state, &job.reason);
+            update.insert("$push", doc! {"pending_events": event});
+        }
+        update.insert("$set", set);
+        let stored = self
+            .jobs
+            .find_one_and_update(doc! {"_id": f.oid("_id")?, "version": job.version}, update)
+            .return_document(ReturnDocument::After)
+            .await
+            .map_err(|e| self.db.error(e, WHAT, id))?;
+        let Some(stored) = stored else {
+            // Changed (or deleted) since we read it.
+            return Err(self.not_found_or_conflict(job).await);
+        };
+        self.flush(&stored).await;
+        job_from_doc(&stored)
+    }
+
+    async fn record_round(&self, id: &JobId, r: &RoundRecord, now_ms: i64) -> Result<JobRecord> {
+        let round = i64::from(r.round);
+        let row = round_doc(r, id.as_str())?;
+        // One write records the round and advances the job, and only if the
+        // round is new: a repeated report matches nothing.
+        let stored = self
+            .jobs
+            .find_one_and_update(
+                doc! {"id": id.as_str(), "rounds_done": {"$ne": round}},
+                doc! {
+                    "$push": {"rounds_done": round, "pending_rounds": row},
+                    "$max": {"rounds_completed": round},
+                    "$inc": {"version": 1i64},
+                    "$set": {"updated_at_ms": now_ms},
+                },
+            )
+            .return_document(ReturnDocument::After)
+            .await
+            .map_err(|e| self.db.error(e, WHAT, id.as_str()))?;
+        match stored {
+            Some(stored) => {
+                self.flush(&stored).await;
+                job_from_doc(&stored)
+            }
+            None => self.get_job(id).await,
+        }
+    }
+
+    async fn list_rounds(&self, id: &JobId) -> Result<Vec<RoundRecord>> {
+        // The job document first: a round pulled out of it since is already
+        // in the collection when that is read.
+        let Some(job) = self
+            .jobs
+            .find_one(doc! {"id": id.as_str()})
+            .projection(doc! {"rounds_done": 1, "pending_rounds": 1})
+            .await
+            .map_err(|e| self.db.error(e, WHAT, id.as_str()))?
+        else {
+            return Ok(Vec::new());
+        };
+        let f = Fields::new(&job, WHAT, id.as_str());
+        let done = f.ints("rounds_done")?;
+        let mut rounds = BTreeMap::new();
+        let cursor = self
+            .rounds
+            .find(doc! {"job": f.oid("_id")?})
+            .sort(doc! {"round": 1})
+            .await
+            .map_err(|e| self.db.error(e, WHAT, id.as_str()))?;
+        let stored: Vec<Document> = cursor
+            .try_collect()
+            .await
+            .map_err(|e| self.db.error(e, WHAT, id.as_str()))?;
+        for d in stored.iter().chain(f.docs("pending_rounds")?) {
+            let r = round_from_doc(d, id.as_str())?;
+            // Rounds recorded after the job document was read wait for the
+            // next call, so the answer is one moment's.
+            if done.contains(&i64::from(r.round)) {
+                rounds.insert(r.round, r);
+            }
+        }
+        Ok(rounds.into_values().collect())
+    }
+
+    async fn list_events(&self, id: &JobId) -> Result<Vec<JobEventRecord>> {
+        // The job document first, as in list_rounds.
+        let Some(job) = self
+            .jobs
+            .find_one(doc! {"id": id.as_str()})
+            .projection(doc! {"event_seq": 1, "pending_events": 1})
+            .await
+            .map_err(|e| self.db.error(e, WHAT, id.as_str()))?
+        else {
+            return Ok(Vec::new());
+        };
+        let f = Fields::new(&job, WHAT, id.as_str());
+        let last = f.int("event_seq")?;
+        let last_seq: u64 = f.fit("event_seq", last)?;
+        let cursor = self
+            .events
+            .find(doc! {"job": f.oid("_id")?, "seq": {"$lte": last}})
+            .sort(doc! {"seq": 1})
+            .await
+            .map_err(|e| self.db.error(e, WHAT, id.as_str()))?;
+        let stored: Vec<Document> = cursor
+            .try_collect()
+            .await
+            .map_err(|e| self.db.error(e, WHAT, id.as_str()))?;
+        let mut events = BTreeMap::new();
+        for d in stored.iter().chain(f.docs("pending_events")?) {
+            let e = event_from_doc(d, id.as_str())?;
+            if e.seq <= last_seq {
+                events.insert(e.seq, e);
+            }
+        }
+        Ok(events.into_values().collect())
+    }
+
+    async fn delete_job(&self, id: &JobId) -> Result<()> {
+        let deleted = self
+            .jobs
+            .find_one_and_delete(doc! {"id": id.as_str()})
+            .projection(doc! {"_id": 1})
+            .await
+            .map_err(|e| self.db.error(e, WHAT, id.as_str()))?
+            .ok_or_else(|| not_found(id))?;
+        let oid = Fields::new(&deleted, WHAT, id.as_str()).oid("_id")?;
+        // The job is gone; history left behind by a failure here points at
+        // a document that no longer exists and is never read again.
+        for coll in [&self.events, &self.rounds] {
+            if let Err(e) = coll.delete_many(doc! {"job": oid}).await {
+                tracing::warn!(job = %id, error = %self.db.error(e, WHAT, id.as_str()),
+                    "deleted job left history behind");
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::conformance::jobs::{job, round};
+
+    #[test]
+    fn job_documents_round_trip() {
+        let mut j = job("a", "team-b");
+        j.state = JobState::Running;
+        j.reason = "it's \"running\" ✓".into();
+        j.spec_json = r#"{"name":"ünïcode"}"#.into();
+        j.rounds_completed = 2;
+        j.coordinator_endpoint = Some("127.0.0.1:5000".into());
+        j.coordinator_pid = Some(u32::MAX);
+        j.launch_attempts = 4;
+        j.created_at_ms = 1_700_000_000_000;
+        j.updated_at_ms = 1_700_000_000_001;
+        j.version = 42;
+        let d = new_job_doc(&j, ObjectId::new(), 7, "adopted");
+        assert_eq!(
+            job_from_doc(&d).unwrap(),
+            JobRecord {
+                version: 1,
+                ..j.clone()
+            }
+        );
+        assert_eq!(d.get_i64("seq").unwrap(), 7);
+
+        // The first event is pending, numbered 1, from nothing.
+        let f = Fields::new(&d, WHAT, j.id.as_str());
+        let pending = f.docs("pending_events").unwrap();
+        assert_eq!(pending.len(), 1);
+        let e = event_from_doc(pending[0], j.id.as_str()).unwrap();
+        assert_eq!(
+            e,
+            JobEventRecord {
+                seq: 1,
+                time_ms: j.created_at_ms,
+                from: None,
+                to: JobState::Running,
+                reason: "adopted".into(),
+            }
+        );
+        assert_eq!(f.int("event_seq").unwrap(), 1);
+
+        let mut none = job("b", "default");
+        none.coordinator_endpoint = None;
+        none.coordinator_pid = None;
+        let d = new_job_doc(&none, ObjectId::new(), 1, "created");
+        assert_eq!(d.get("coordinator_pid"), Some(&Bson::Null));
+        assert_eq!(job_from_doc(&d).unwrap(), none);
+    }
+
+    #[test]
+    fn events_round_trip() {
+        let d = event_doc(3, 60, Some(JobState::Queued), JobState::Running, "ready");
+        let e = event_from_doc(&d, "j").unwrap();
+        assert_eq!(
+            (e.seq, e.time_ms, e.from, e.to, e.reason.as_str()),
+            (3, 60, Some(JobState::Queued), JobState::Running, "ready")
+        );
+    }
+
+    #[test]
+    fn rounds_round_trip_with_nan() {
+        let mut r = round(4);
+        r.train_loss = f64::NAN;
+        r.eval_samples = u64::from(u32::MAX) + 1;
+        let back = round_from_doc(&round_doc(&r, "j").unwrap(), "j").unwrap();
+        assert!(back.train_loss.is_nan());
+        assert_eq!(
+            RoundRecord {
+                train_loss: 0.0,
+                ..back
+            },
+            RoundRecord {
+                train_loss: 0.0,
+                ..r
+            }
+        );
+        let mut huge = round(1);
+        huge.duration_ms = u64::MAX;
+        let err = round_doc(&huge, "j").unwrap_err().to_string();
+        assert!(
+            err.contains("duration_ms") && err.contains("j round 1"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn corrupt_job_documents_name_the_job_and_field() {
+        let j = job("a", "default");
+        let mut d = new_job_doc(&j, ObjectId::new(), 1, "created");
+        d.insert("state", "EXPLODED");
+        match job_from_doc(&d) {
+            Err(StoreError::Corrupt { what, id, message }) => {
+                assert_eq!((what, id.as_str()), ("job", j.id.as_str()));
+                assert!(message.contains("EXPLODED"), "{message}");
+            }
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+        d.insert("state", "QUEUED");
+        d.insert("rounds_total", -1i64);
+        let err = job_from_doc(&d).unwrap_err().to_string();
+        assert!(err.contains("rounds_total"), "{err}");
+        d.remove("id");
+        let err = job_from_doc(&d).unwrap_err().to_string();
+        assert!(err.contains("id is missing"), "{err}");
+    }
+
+    #[test]
+    fn page_tokens() {
+        assert_eq!(parse_page_token(None).unwrap(), 0);
+        assert_eq!(parse_page_token(Some("")).unwrap(), 0);
+        assert_eq!(parse_page_token(Some("41")).unwrap(), 41);
+        assert!(matches!(
+            parse_page_token(Some("x")),
+            Err(StoreError::Conflict(_))
+        ));
+    }
+}

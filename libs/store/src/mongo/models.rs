@@ -1,0 +1,288 @@
+//! `ModelStore` on MongoDB.
+
+use async_trait::async_trait;
+use futures::TryStreamExt;
+use mongodb::Collection;
+use mongodb::bson::{Document, doc};
+
+use super::{Db, Fields, is_duplicate_key, to_i64};
+use crate::models::{ModelStore, ModelVersionRecord, NewModelVersion};
+use crate::open::DatabaseOptions;
+use crate::{Result, StoreError};
+
+const WHAT: &str = "model version";
+const MODELS: &str = "models";
+const VERSIONS: &str = "model_versions";
+
+/// How often an insert may lose the race for a version number before giving
+/// up: each round one of the racers wins, so this bounds the racers.
+const MAX_ATTEMPTS: u32 = 200;
+
+pub struct MongoModelStore {
+    db: Db,
+    models: Collection<Document>,
+    versions: Collection<Document>,
+}
+
+impl MongoModelStore {
+    /// Connects to `url` (`mongodb://...`) and creates the collections and
+    /// indexes.
+    pub async fn open(url: &str, opts: &DatabaseOptions) -> Result<Self> {
+        let db = Db::open(url, opts).await?;
+        db.ensure_collection(MODELS, &[(doc! {"name": 1}, true)])
+            .await?;
+        db.ensure_collection(
+            VERSIONS,
+            &[
+                (doc! {"name": 1, "version": 1}, true),
+                (doc! {"job_id": 1}, false),
+            ],
+        )
+        .await?;
+        Ok(Self {
+            models: db.collection(MODELS),
+            versions: db.collection(VERSIONS),
+            db,
+        })
+    }
+
+    /// The highest stored version of `name`, 0 if none.
+    async fn latest_number(&self, name: &str) -> Result<i64> {
+        let latest = self
+            .versions
+            .find_one(doc! {"name": name})
+            .sort(doc! {"version": -1})
+            .projection(doc! {"version": 1})
+            .await
+            .map_err(|e| self.db.error(e, "model", name))?;
+        match latest {
+            Some(d) => Fields::new(&d, WHAT, name).int("version"),
+            None => Ok(0),
+        }
+    }
+
+    async fn find_versions(&self, filter: Document, id: &str) -> Result<Vec<ModelVersionRecord>> {
+        let cursor = self
+            .versions
+            .find(filter)
+            .sort(doc! {"name": 1, "version": 1})
+            .await
+            .map_err(|e| self.db.error(e, WHAT, id))?;
+        let docs: Vec<Document> = cursor
+            .try_collect()
+            .await
+            .map_err(|e| self.db.error(e, WHAT, id))?;
+        docs.iter().map(version_from_doc).collect()
+    }
+}
+
+fn version_doc(r: &ModelVersionRecord) -> Result<Document> {
+    let id = format!("{}@{}", r.name, r.version);
+    Ok(doc! {
+        "name": &r.name,
+        "version": i64::from(r.version),
+        "digest": &r.digest,
+        "size_bytes": to_i64(r.size_bytes, "size_bytes", WHAT, &id)?,
+        "job_id": &r.job_id,
+        "round": i64::from(r.round),
+        "parent_version": i64::from(r.parent_version),
+        "loss": r.loss,
+        "accuracy": r.accuracy,
+        "samples": to_i64(r.samples, "samples", WHAT, &id)?,
+        "created_at_ms": r.created_at_ms,
+    })
+}
+
+fn version_from_doc(d: &Document) -> Result<ModelVersionRecord> {
+    let name = d.get_str("name").unwrap_or("?");
+    let id = match d.get("version") {
+        Some(v) => format!("{name}@{v}"),
+        None => name.to_string(),
+    };
+    let f = Fields::new(d, WHAT, &id);
+    Ok(ModelVersionRecord {
+        name: f.str("name")?.to_string(),
+        version: f.uint("version")?,
+        digest: f.str("digest")?.to_string(),
+        size_bytes: f.uint("size_bytes")?,
+        job_id: f.str("job_id")?.to_string(),
+        round: f.uint("round")?,
+        parent_version: f.uint("parent_version")?,
+        loss: f.float("loss")?,
+        accuracy: f.float("accuracy")?,
+        samples: f.uint("samples")?,
+        created_at_ms: f.int("created_at_ms")?,
+    })
+}
+
+#[async_trait]
+impl ModelStore for MongoModelStore {
+    async fn insert_version(&self, v: NewModelVersion, now_ms: i64) -> Result<ModelVersionRecord> {
+        // Refuse unstorable values before the model is created.
+        to_i64(v.size_bytes, "size_bytes", WHAT, &v.name)?;
+        to_i64(v.samples, "samples", WHAT, &v.name)?;
+        match self
+            .models
+            .update_one(
+                doc! {"name": &v.name},
+                doc! {"$setOnInsert": {"created_at_ms": now_ms}},
+            )
+            .upsert(true)
+            .await
+        {
+            // A concurrent first insert created it.
+            Err(e) if !is_duplicate_key(&e) => return Err(self.db.error(e, "model", &v.name)),
+            _ => {}
+        }
+        let mut record = ModelVersionRecord {
+            name: v.name,
+            version: 0,
+            digest: v.digest,
+            size_bytes: v.size_bytes,
+            job_id: v.job_id,
+            round: v.round,
+            parent_version: v.parent_version,
+            loss: v.loss,
+            accuracy: v.accuracy,
+            samples: v.samples,
+            created_at_ms: now_ms,
+        };
+        // latest + 1, claimed by the unique (name, version) index: no gaps
+        // even when an insert fails, unlike a counter bumped beforehand.
+        for _ in 0..MAX_ATTEMPTS {
+            let next = self.latest_number(&record.name).await? + 1;
+            record.version = u32::try_from(next).map_err(|_| StoreError::Corrupt {
+                what: "model",
+                id: record.name.clone(),
+                message: format!("version {next} out of range"),
+            })?;
+            match self.versions.insert_one(version_doc(&record)?).await {
+                Ok(_) => return Ok(record),
+                // Another insert took this number: try the next.
+                Err(e) if is_duplicate_key(&e) => tokio::task::yield_now().await,
+                Err(e) => {
+                    let id = format!("{}@{}", record.name, record.version);
+                    return Err(self.db.error(e, WHAT, &id));
+                }
+            }
+        }
+        Err(StoreError::Conflict(format!(
+            "model {}: {MAX_ATTEMPTS} concurrent inserts took every version number tried; retry",
+            record.name
+        )))
+    }
+
+    async fn get_version(&self, name: &str, version: u32) -> Result<ModelVersionRecord> {
+        let id = format!("{name}@{version}");
+        let d = self
+            .versions
+            .find_one(doc! {"name": name, "version": i64::from(version)})
+            .await
+            .map_err(|e| self.db.error(e, WHAT, &id))?
+            .ok_or(StoreError::NotFound { what: WHAT, id })?;
+        version_from_doc(&d)
+    }
+
+    async fn latest_version(&self, name: &str) -> Result<ModelVersionRecord> {
+        let d = self
+            .versions
+            .find_one(doc! {"name": name})
+            .sort(doc! {"version": -1})
+            .await
+            .map_err(|e| self.db.error(e, "model", name))?
+            .ok_or_else(|| StoreError::NotFound {
+                what: "model",
+                id: name.to_string(),
+            })?;
+        version_from_doc(&d)
+    }
+
+    async fn list_versions(
+        &self,
+        name: Option<&str>,
+        job_id: Option<&str>,
+    ) -> Result<Vec<ModelVersionRecord>> {
+        let mut filter = Document::new();
+        if let Some(name) = name {
+            filter.insert("name", name);
+        }
+        if let Some(job_id) = job_id {
+            filter.insert("job_id", job_id);
+        }
+        self.find_versions(filter, name.unwrap_or("*")).await
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use mongodb::bson::Bson;
+
+    fn record() -> ModelVersionRecord {
+        ModelVersionRecord {
+            name: "mnist".into(),
+            version: 3,
+            digest: "ab".repeat(32),
+            size_bytes: u64::from(u32::MAX) + 1,
+            job_id: "job-a".into(),
+            round: 4,
+            parent_version: 2,
+            loss: 0.5,
+            accuracy: 0.75,
+            samples: 100,
+            created_at_ms: 1_700_000_000_000,
+        }
+    }
+
+    #[test]
+    fn versions_round_trip() {
+        let r = record();
+        assert_eq!(version_from_doc(&version_doc(&r).unwrap()).unwrap(), r);
+        let nan = ModelVersionRecord {
+            loss: f64::NAN,
+            job_id: String::new(),
+            ..record()
+        };
+        let back = version_from_doc(&version_doc(&nan).unwrap()).unwrap();
+        assert!(back.loss.is_nan());
+        assert_eq!(back.job_id, "");
+        assert_eq!(back.accuracy, 0.75);
+    }
+
+    #[test]
+    fn unstorable_values_name_the_field() {
+        for (field, r) in [
+            (
+                "size_bytes",
+                ModelVersionRecord {
+                    size_bytes: u64::MAX,
+                    ..record()
+                },
+            ),
+            (
+                "samples",
+                ModelVersionRecord {
+                    samples: 1 << 63,
+                    ..record()
+                },
+            ),
+        ] {
+            let err = version_doc(&r).unwrap_err().to_string();
+            assert!(err.contains(field) && err.contains("mnist@3"), "{err}");
+        }
+    }
+
+    #[test]
+    fn corrupt_versions_name_the_version_and_field() {
+        let mut d = version_doc(&record()).unwrap();
+        d.insert("round", Bson::String("four".into()));
+        match version_from_doc(&d) {
+            Err(StoreError::Corrupt { id, message, .. }) => {
+                assert_eq!(id, "mnist@3");
+                assert!(message.contains("round"), "{message}");
+            }
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+    }
+}

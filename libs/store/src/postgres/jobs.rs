@@ -1,0 +1,358 @@
+//! `JobStore` on PostgreSQL.
+
+use async_trait::async_trait;
+use cohort_core::{JobId, JobState};
+use sqlx::postgres::{PgConnection, PgPool, PgRow};
+
+use super::{column, open_pool, unsigned, with_history_table};
+use crate::jobs::{JobEventRecord, JobFilter, JobRecord, JobStore, RoundRecord};
+use crate::{DatabaseOptions, Page, Result, StoreError};
+
+pub struct PgJobStore {
+    pool: PgPool,
+}
+
+impl PgJobStore {
+    /// Connects to `url` (`postgres://...`) and applies the jobs migrations.
+    pub async fn open(url: &str, opts: &DatabaseOptions) -> Result<Self> {
+        let migrator = with_history_table(
+            sqlx::migrate!("./migrations/postgres/jobs"),
+            "_sqlx_migrations_jobs",
+        );
+        Ok(Self {
+            pool: open_pool(url, &migrator, opts).await?,
+        })
+    }
+}
+
+const JOB_COLUMNS: &str = "seq, id, name, namespace, spec_json, state, reason, rounds_total, \
+    rounds_completed, coordinator_endpoint, coordinator_pid, launch_attempts, created_at_ms, \
+    updated_at_ms, version";
+
+const WHAT: &str = "job";
+
+fn corrupt(id: &str, message: impl Into<String>) -> StoreError {
+    StoreError::Corrupt {
+        what: WHAT,
+        id: id.to_string(),
+        message: message.into(),
+    }
+}
+
+fn not_found(id: &JobId) -> StoreError {
+    StoreError::NotFound {
+        what: WHAT,
+        id: id.to_string(),
+    }
+}
+
+fn parse_state(id: &str, field: &str, s: &str) -> Result<JobState> {
+    s.parse()
+        .map_err(|_| corrupt(id, format!("{field} {s:?} is not a job state")))
+}
+
+fn job_from_row(row: &PgRow) -> Result<JobRecord> {
+    let id: String = column(row, "id", WHAT, "?")?;
+    let state: String = column(row, "state", WHAT, &id)?;
+    Ok(JobRecord {
+        name: column(row, "name", WHAT, &id)?,
+        namespace: column(row, "namespace", WHAT, &id)?,
+        spec_json: column(row, "spec_json", WHAT, &id)?,
+        state: parse_state(&id, "state", &state)?,
+        reason: column(row, "reason", WHAT, &id)?,
+        rounds_total: unsigned(row, "rounds_total", WHAT, &id)?,
+        rounds_completed: unsigned(row, "rounds_completed", WHAT, &id)?,
+        coordinator_endpoint: column(row, "coordinator_endpoint", WHAT, &id)?,
+        coordinator_pid: match column::<Option<i64>>(row, "coordinator_pid", WHAT, &id)? {
+            Some(p) => {
+                Some(u32::try_from(p).map_err(|_| corrupt(&id, format!("coordinator_pid {p}")))?)
+            }
+            None => None,
+        },
+        launch_attempts: unsigned(row, "launch_attempts", WHAT, &id)?,
+        created_at_ms: column(row, "created_at_ms", WHAT, &id)?,
+        updated_at_ms: column(row, "updated_at_ms", WHAT, &id)?,
+        version: column(row, "version", WHAT, &id)?,
+        id: JobId::parse(&id).map_err(|e| corrupt(&id, e.to_string()))?,
+    })
+}
+
+/// Appends the job's next event. Callers hold the job's row lock, which
+/// serialises the `MAX(seq) + 1`.
+async fn insert_event(
+    conn: &mut PgConnection,
+    id: &JobId,
+    time_ms: i64,
+    from: Option<JobState>,
+    to: JobState,
+    reason: &str,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO job_events (job_id, seq, time_ms, from_state, to_state, reason) \
+         VALUES ($1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM job_events WHERE job_id = $1), \
+         $2, $3, $4, $5)",
+    )
+    .bind(id.as_str())
+    .bind(time_ms)
+    .bind(from.map(|s| s.as_str()))
+    .bind(to.as_str())
+    .bind(reason)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+#[async_trait]
+impl JobStore for PgJobStore {
+    async fn insert_job(&self, job: &JobRecord, reason: &str) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO jobs (id, name, namespace, spec_json, state, reason, rounds_total, \
+             rounds_completed, coordinator_endpoint, coordinator_pid, launch_attempts, \
+             created_at_ms, updated_at_ms, version) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, 1) \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(job.id.as_str())
+        .bind(&job.name)
+        .bind(&job.namespace)
+        .bind(&job.spec_json)
+        .bind(job.state.as_str())
+        .bind(&job.reason)
+        .bind(i64::from(job.rounds_total))
+        .bind(i64::from(job.rounds_completed))
+        .bind(&job.coordinator_endpoint)
+        .bind(job.coordinator_pid.map(i64::from))
+        .bind(i64::from(job.launch_attempts))
+        .bind(job.created_at_ms)
+        .bind(job.updated_at_ms)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            return Err(StoreError::Conflict(format!("job {} exists", job.id)));
+        }
+        insert_event(&mut tx, &job.id, job.created_at_ms, None, job.state, reason).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn get_job(&self, id: &JobId) -> Result<JobRecord> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"
+        )))
+        .bind(id.as_str())
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| not_found(id))?;
+        job_from_row(&row)
+    }
+
+    async fn list_jobs(
+        &self,
+        filter: &JobFilter,
+        page_size: u32,
+        page_token: Option<&str>,
+    ) -> Result<Page<JobRecord>> {
+        let after: i64 = match page_token {
+            None | Some("") => 0,
+            Some(t) => t.parse().map_err(|_| {
+                StoreError::Conflict(format!(
+                    "invalid page token {:?}",
+                    t.chars().take(40).collect::<String>()
+                ))
+            })?,
+        };
+        let size = i64::from(page_size.clamp(1, 500));
+        // Keyset pagination on seq: a page never repeats or skips a job that
+        // existed when listing began, however many are inserted meanwhile.
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE seq > $1 \
+             AND ($2::text IS NULL OR namespace = $2) AND ($3::text IS NULL OR state = $3) \
+             ORDER BY seq LIMIT $4"
+        )))
+        .bind(after)
+        .bind(filter.namespace.as_deref())
+        .bind(filter.state.map(|s| s.as_str()))
+        .bind(size + 1)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut items = Vec::with_capacity(rows.len());
+        let mut last_seq = 0i64;
+        for row in rows.iter().take(size as usize) {
+            let job = job_from_row(row)?;
+            last_seq = column(row, "seq", WHAT, job.id.as_str())?;
+            items.push(job);
+        }
+        let next_token = (rows.len() as i64 > size).then(|| last_seq.to_string());
+        Ok(Page { items, next_token })
+    }
+
+    async fn jobs_in_states(&self, states: &[JobState]) -> Result<Vec<JobRecord>> {
+        let states: Vec<&str> = states.iter().map(|s| s.as_str()).collect();
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE state = ANY($1) ORDER BY seq"
+        )))
+        .bind(&states)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    async fn update_job(&self, job: &JobRecord, now_ms: i64) -> Result<JobRecord> {
+        let mut tx = self.pool.begin().await?;
+        // The row lock orders concurrent writers: the later one then sees the
+        // new version and loses.
+        let current = sqlx::query_as::<_, (String, i64)>(
+            "SELECT state, version FROM jobs WHERE id = $1 FOR UPDATE",
+        )
+        .bind(job.id.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((current, version)) = current else {
+            return Err(not_found(&job.id));
+        };
+        if version != job.version {
+            return Err(StoreError::Conflict(format!(
+                "job {} changed (version {version}, update based on {})",
+                job.id, job.version
+            )));
+        }
+        let from = parse_state(job.id.as_str(), "state", &current)?;
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE jobs SET state = $2, reason = $3, rounds_completed = $4, \
+             coordinator_endpoint = $5, coordinator_pid = $6, launch_attempts = $7, \
+             updated_at_ms = $8, version = version + 1, spec_json = $9 WHERE id = $1 \
+             RETURNING {JOB_COLUMNS}"
+        )))
+        .bind(job.id.as_str())
+        .bind(job.state.as_str())
+        .bind(&job.reason)
+        .bind(i64::from(job.rounds_completed))
+        .bind(&job.coordinator_endpoint)
+        .bind(job.coordinator_pid.map(i64::from))
+        .bind(i64::from(job.launch_attempts))
+        .bind(now_ms)
+        .bind(&job.spec_json)
+        .fetch_one(&mut *tx)
+        .await?;
+        let stored = job_from_row(&row)?;
+        if from != job.state {
+            insert_event(&mut tx, &job.id, now_ms, Some(from), job.state, &job.reason).await?;
+        }
+        tx.commit().await?;
+        Ok(stored)
+    }
+
+    async fn record_round(&self, id: &JobId, r: &RoundRecord, now_ms: i64) -> Result<JobRecord> {
+        let mut tx = self.pool.begin().await?;
+        // Locking the job first makes a repeated report wait for the first
+        // one, then find its round and change nothing.
+        let exists: Option<i64> =
+            sqlx::query_scalar("SELECT version FROM jobs WHERE id = $1 FOR UPDATE")
+                .bind(id.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+        if exists.is_none() {
+            return Err(not_found(id));
+        }
+        let what = format!("{id} round {}", r.round);
+        let inserted = sqlx::query(
+            "INSERT INTO job_rounds (job_id, round, eval_loss, eval_accuracy, \
+             eval_samples, train_loss, updates, model_version, duration_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (job_id, round) DO NOTHING",
+        )
+        .bind(id.as_str())
+        .bind(i64::from(r.round))
+        .bind(r.eval_loss)
+        .bind(r.eval_accuracy)
+        .bind(super::to_i64(r.eval_samples, "eval_samples", WHAT, &what)?)
+        .bind(r.train_loss)
+        .bind(i64::from(r.updates))
+        .bind(i64::from(r.model_version))
+        .bind(super::to_i64(r.duration_ms, "duration_ms", WHAT, &what)?)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let row = if inserted > 0 {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "UPDATE jobs SET rounds_completed = GREATEST(rounds_completed, $2), \
+                 updated_at_ms = $3, version = version + 1 WHERE id = $1 RETURNING {JOB_COLUMNS}"
+            )))
+            .bind(id.as_str())
+            .bind(i64::from(r.round))
+            .bind(now_ms)
+            .fetch_one(&mut *tx)
+            .await?
+        } else {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"
+            )))
+            .bind(id.as_str())
+            .fetch_one(&mut *tx)
+            .await?
+        };
+        let stored = job_from_row(&row)?;
+        tx.commit().await?;
+        Ok(stored)
+    }
+
+    async fn list_rounds(&self, id: &JobId) -> Result<Vec<RoundRecord>> {
+        let rows = sqlx::query("SELECT * FROM job_rounds WHERE job_id = $1 ORDER BY round")
+            .bind(id.as_str())
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let at = format!("{id} round");
+                Ok(RoundRecord {
+                    round: unsigned(row, "round", WHAT, &at)?,
+                    eval_loss: column(row, "eval_loss", WHAT, &at)?,
+                    eval_accuracy: column(row, "eval_accuracy", WHAT, &at)?,
+                    eval_samples: unsigned(row, "eval_samples", WHAT, &at)?,
+                    train_loss: column(row, "train_loss", WHAT, &at)?,
+                    updates: unsigned(row, "updates", WHAT, &at)?,
+                    model_version: unsigned(row, "model_version", WHAT, &at)?,
+                    duration_ms: unsigned(row, "duration_ms", WHAT, &at)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn list_events(&self, id: &JobId) -> Result<Vec<JobEventRecord>> {
+        let rows = sqlx::query("SELECT * FROM job_events WHERE job_id = $1 ORDER BY seq")
+            .bind(id.as_str())
+            .fetch_all(&self.pool)
+            .await?;
+        let id = id.as_str();
+        rows.iter()
+            .map(|row| {
+                let from: Option<String> = column(row, "from_state", WHAT, id)?;
+                let to: String = column(row, "to_state", WHAT, id)?;
+                Ok(JobEventRecord {
+                    seq: unsigned(row, "seq", WHAT, id)?,
+                    time_ms: column(row, "time_ms", WHAT, id)?,
+                    from: match from {
+                        Some(f) => Some(parse_state(id, "event from_state", &f)?),
+                        None => None,
+                    },
+                    to: parse_state(id, "event to_state", &to)?,
+                    reason: column(row, "reason", WHAT, id)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn delete_job(&self, id: &JobId) -> Result<()> {
+        // Events and rounds go with it (ON DELETE CASCADE).
+        let n = sqlx::query("DELETE FROM jobs WHERE id = $1")
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        if n == 0 {
+            return Err(not_found(id));
+        }
+        Ok(())
+    }
+}

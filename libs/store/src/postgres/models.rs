@@ -1,0 +1,152 @@
+//! `ModelStore` on PostgreSQL.
+
+use async_trait::async_trait;
+use sqlx::postgres::{PgPool, PgRow};
+
+use super::{column, open_pool, to_i64, unsigned, with_history_table};
+use crate::models::{ModelStore, ModelVersionRecord, NewModelVersion};
+use crate::{DatabaseOptions, Result, StoreError};
+
+pub struct PgModelStore {
+    pool: PgPool,
+}
+
+impl PgModelStore {
+    /// Connects to `url` (`postgres://...`) and applies the models migrations.
+    pub async fn open(url: &str, opts: &DatabaseOptions) -> Result<Self> {
+        let migrator = with_history_table(
+            sqlx::migrate!("./migrations/postgres/models"),
+            "_sqlx_migrations_models",
+        );
+        Ok(Self {
+            pool: open_pool(url, &migrator, opts).await?,
+        })
+    }
+}
+
+macro_rules! columns {
+    () => {
+        "name, version, digest, size_bytes, job_id, round, parent_version, \
+         loss, accuracy, samples, created_at_ms"
+    };
+}
+
+const WHAT: &str = "model version";
+
+fn decode(row: &PgRow) -> Result<ModelVersionRecord> {
+    let name: String = column(row, "name", WHAT, "?")?;
+    let version: i64 = column(row, "version", WHAT, &name)?;
+    let id = format!("{name}@{version}");
+    Ok(ModelVersionRecord {
+        version: unsigned(row, "version", WHAT, &id)?,
+        digest: column(row, "digest", WHAT, &id)?,
+        size_bytes: unsigned(row, "size_bytes", WHAT, &id)?,
+        job_id: column(row, "job_id", WHAT, &id)?,
+        round: unsigned(row, "round", WHAT, &id)?,
+        parent_version: unsigned(row, "parent_version", WHAT, &id)?,
+        loss: column(row, "loss", WHAT, &id)?,
+        accuracy: column(row, "accuracy", WHAT, &id)?,
+        samples: unsigned(row, "samples", WHAT, &id)?,
+        created_at_ms: column(row, "created_at_ms", WHAT, &id)?,
+        name,
+    })
+}
+
+#[async_trait]
+impl ModelStore for PgModelStore {
+    async fn insert_version(&self, v: NewModelVersion, now_ms: i64) -> Result<ModelVersionRecord> {
+        let size_bytes = to_i64(v.size_bytes, "size_bytes", WHAT, &v.name)?;
+        let samples = to_i64(v.samples, "samples", WHAT, &v.name)?;
+        let mut tx = self.pool.begin().await?;
+        // One statement creates the model or bumps its counter, holding the
+        // model's row lock until commit: concurrent inserts queue there and
+        // each gets the next number (a rolled-back insert leaves no gap).
+        let version: i64 = sqlx::query_scalar(
+            "INSERT INTO models (name, created_at_ms, last_version) VALUES ($1, $2, 1) \
+             ON CONFLICT (name) DO UPDATE SET last_version = models.last_version + 1 \
+             RETURNING last_version",
+        )
+        .bind(&v.name)
+        .bind(now_ms)
+        .fetch_one(&mut *tx)
+        .await?;
+        let row = sqlx::query(concat!(
+            "INSERT INTO model_versions (",
+            columns!(),
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING ",
+            columns!()
+        ))
+        .bind(&v.name)
+        .bind(version)
+        .bind(&v.digest)
+        .bind(size_bytes)
+        .bind(&v.job_id)
+        .bind(i64::from(v.round))
+        .bind(i64::from(v.parent_version))
+        .bind(v.loss)
+        .bind(v.accuracy)
+        .bind(samples)
+        .bind(now_ms)
+        .fetch_one(&mut *tx)
+        .await?;
+        let record = decode(&row)?;
+        tx.commit().await?;
+        Ok(record)
+    }
+
+    async fn get_version(&self, name: &str, version: u32) -> Result<ModelVersionRecord> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            columns!(),
+            " FROM model_versions WHERE name = $1 AND version = $2"
+        ))
+        .bind(name)
+        .bind(i64::from(version))
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(row) => decode(&row),
+            None => Err(StoreError::NotFound {
+                what: WHAT,
+                id: format!("{name}@{version}"),
+            }),
+        }
+    }
+
+    async fn latest_version(&self, name: &str) -> Result<ModelVersionRecord> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            columns!(),
+            " FROM model_versions WHERE name = $1 ORDER BY version DESC LIMIT 1"
+        ))
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(row) => decode(&row),
+            None => Err(StoreError::NotFound {
+                what: "model",
+                id: name.to_string(),
+            }),
+        }
+    }
+
+    async fn list_versions(
+        &self,
+        name: Option<&str>,
+        job_id: Option<&str>,
+    ) -> Result<Vec<ModelVersionRecord>> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            columns!(),
+            " FROM model_versions \
+             WHERE ($1::text IS NULL OR name = $1) AND ($2::text IS NULL OR job_id = $2) \
+             ORDER BY name, version"
+        ))
+        .bind(name)
+        .bind(job_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(decode).collect()
+    }
+}
