@@ -67,17 +67,33 @@ fn cases(dir: &Path) -> Vec<Case> {
                 "--work-dir",
                 &dir.join("work").display().to_string(),
             ]),
-            bad: vec![(
-                s(&[
-                    "--database-url",
-                    &db("j2.db"),
+            bad: vec![
+                (
+                    s(&[
+                        "--database-url",
+                        &db("j2.db"),
+                        "--model-manager",
+                        "no port",
+                        "--client-selector",
+                        "127.0.0.1:2",
+                    ]),
                     "--model-manager",
-                    "no port",
-                    "--client-selector",
-                    "127.0.0.1:2",
-                ]),
-                "--model-manager",
-            )],
+                ),
+                // An unreachable database: a clear error before any port is bound, no password in it.
+                (
+                    s(&[
+                        "--database-url",
+                        "postgres://cohort:hunter2@127.0.0.1:1/cohort",
+                        "--database-connect-timeout",
+                        "2s",
+                        "--model-manager",
+                        "127.0.0.1:1",
+                        "--client-selector",
+                        "127.0.0.1:2",
+                    ]),
+                    "database unavailable",
+                ),
+            ],
         },
         Case {
             binary: "proxy",
@@ -165,6 +181,10 @@ async fn run_bad(binary: &str, args: &[String], flag: &str, dir: &Path) {
     assert!(
         !ready.exists(),
         "{binary} must not serve with a bad configuration"
+    );
+    assert!(
+        !err.contains("hunter2"),
+        "{binary} printed a password: {err}"
     );
 }
 
