@@ -194,18 +194,23 @@ impl ClientStore for MongoClientStore {
     }
 
     async fn list_clients(&self) -> Result<Vec<ClientRecord>> {
-        // Binary string order, as SQLite's: "B" before "a".
         let cursor = self
             .clients
             .find(doc! {})
-            .sort(doc! {"party": 1})
             .await
             .map_err(|e| self.db.error(e, WHAT, "list"))?;
         let docs: Vec<Document> = cursor
             .try_collect()
             .await
             .map_err(|e| self.db.error(e, WHAT, "list"))?;
-        docs.iter().map(client_from_doc).collect()
+        let mut clients = docs
+            .iter()
+            .map(client_from_doc)
+            .collect::<Result<Vec<_>>>()?;
+        // Bytewise, as SQLite ("B" before "a"), whatever collation the
+        // collection was given.
+        clients.sort_by(|a, b| a.party.as_str().cmp(b.party.as_str()));
+        Ok(clients)
     }
 
     async fn touch(&self, party: &PartyId, now_ms: i64) -> Result<()> {

@@ -2,7 +2,7 @@
 //! events and rounds pass through its own document on their way to
 //! `job_events` and `job_rounds`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use async_trait::async_trait;
 use cohort_core::{JobId, JobState};
@@ -22,7 +22,7 @@ const JOBS: &str = "jobs";
 const EVENTS: &str = "job_events";
 const ROUNDS: &str = "job_rounds";
 const COUNTERS: &str = "counters";
-/// The counter document that hands out job `seq`s.
+/// The name of the counter document that hands out job `seq`s.
 const JOB_SEQ: &str = "jobs";
 
 pub struct MongoJobStore {
@@ -51,7 +51,8 @@ impl MongoJobStore {
             .await?;
         db.ensure_collection(ROUNDS, &[(doc! {"job": 1, "round": 1}, true)])
             .await?;
-        db.ensure_collection(COUNTERS, &[]).await?;
+        db.ensure_collection(COUNTERS, &[(doc! {"name": 1}, true)])
+            .await?;
         let store = Self {
             jobs: db.collection(JOBS),
             events: db.collection(EVENTS),
@@ -80,7 +81,7 @@ impl MongoJobStore {
         };
         match self
             .counters
-            .update_one(doc! {"_id": JOB_SEQ}, doc! {"$max": {"seq": max}})
+            .update_one(doc! {"name": JOB_SEQ}, doc! {"$max": {"seq": max}})
             .upsert(true)
             .await
         {
@@ -116,7 +117,7 @@ impl MongoJobStore {
             attempt += 1;
             let res = self
                 .counters
-                .find_one_and_update(doc! {"_id": JOB_SEQ}, doc! {"$inc": {"seq": 1i64}})
+                .find_one_and_update(doc! {"name": JOB_SEQ}, doc! {"$inc": {"seq": 1i64}})
                 .upsert(true)
                 .return_document(ReturnDocument::After)
                 .await;
@@ -530,7 +531,7 @@ impl JobStore for MongoJobStore {
             return Ok(Vec::new());
         };
         let f = Fields::new(&job, WHAT, id.as_str());
-        let done = f.ints("rounds_done")?;
+        let done: BTreeSet<i64> = f.ints("rounds_done")?.into_iter().collect();
         let mut rounds = BTreeMap::new();
         let cursor = self
             .rounds

@@ -20,8 +20,10 @@
 //!   the unique `(name, version)` index, retried when a concurrent insert took
 //!   the number, so numbering has no gaps even when a write fails.
 //!
-//! Integers are stored as 64-bit (`u64` values beyond `i64::MAX` are refused),
-//! floats as doubles (NaN included).
+//! Integers are stored as 64-bit (`u64` values beyond `i64::MAX` are refused;
+//! reads also take doubles holding an exact integer), floats as doubles (NaN
+//! included). Listings by name are sorted bytewise here, as SQLite's, whatever
+//! collation a collection was given.
 
 mod clients;
 mod jobs;
@@ -223,9 +225,12 @@ impl Db {
         }
         let coll = self.collection(name);
         for (keys, unique) in indexes {
+            // No options at all on plain indexes, so the spec matches one
+            // created by hand with the same keys.
+            let options = unique.then(|| IndexOptions::builder().unique(true).build());
             let model = IndexModel::builder()
                 .keys(keys.clone())
-                .options(IndexOptions::builder().unique(*unique).build())
+                .options(options)
                 .build();
             coll.create_index(model)
                 .await
@@ -472,10 +477,16 @@ impl<'a> Fields<'a> {
     }
 }
 
+/// Int32 and Int64; also doubles holding an exact integer, as documents
+/// edited by hand (mongosh writes numbers beyond 32 bits as doubles) or
+/// written by other tools may.
 fn int_value(v: &Bson) -> Option<i64> {
+    /// 2^53: beyond it a double no longer holds every integer.
+    const EXACT: f64 = 9_007_199_254_740_992.0;
     match v {
         Bson::Int64(i) => Some(*i),
         Bson::Int32(i) => Some(i64::from(*i)),
+        Bson::Double(f) if f.fract() == 0.0 && f.abs() <= EXACT => Some(*f as i64),
         _ => None,
     }
 }
@@ -621,7 +632,7 @@ mod tests {
         let d = doc! {
             "s": "x", "i32": 7i32, "i64": 1i64 << 40, "neg": -1i64, "nan": f64::NAN,
             "null": Bson::Null, "n": 2i64, "arr": [1i64, 2i32], "docs": [{"a": 1}],
-            "bad_arr": ["x"],
+            "bad_arr": ["x"], "whole": 4294967296.0, "frac": 2.5, "huge": 1e300,
         };
         let f = Fields::new(&d, "job", "j1");
         assert_eq!(f.str("s").unwrap(), "x");
@@ -634,6 +645,11 @@ mod tests {
         assert_eq!(f.opt_str("absent").unwrap(), None);
         assert_eq!(f.opt_int("null").unwrap(), None);
         assert_eq!(f.ints("arr").unwrap(), vec![1, 2]);
+        assert_eq!(
+            f.int("whole").unwrap(),
+            1 << 32,
+            "an exact double is an integer"
+        );
         assert!(f.ints("absent").unwrap().is_empty());
         assert_eq!(f.docs("docs").unwrap().len(), 1);
         for (field, err) in [
@@ -644,6 +660,8 @@ mod tests {
             ("i32", f.str("i32").err()),
             ("bad_arr", f.ints("bad_arr").err()),
             ("s", f.opt_int("s").err()),
+            ("frac", f.int("frac").err()),
+            ("huge", f.int("huge").err()),
         ] {
             match err {
                 Some(StoreError::Corrupt { what, id, message }) => {

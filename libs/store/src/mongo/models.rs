@@ -65,14 +65,19 @@ impl MongoModelStore {
         let cursor = self
             .versions
             .find(filter)
-            .sort(doc! {"name": 1, "version": 1})
             .await
             .map_err(|e| self.db.error(e, WHAT, id))?;
         let docs: Vec<Document> = cursor
             .try_collect()
             .await
             .map_err(|e| self.db.error(e, WHAT, id))?;
-        docs.iter().map(version_from_doc).collect()
+        let mut versions = docs
+            .iter()
+            .map(version_from_doc)
+            .collect::<Result<Vec<_>>>()?;
+        // Names bytewise, as SQLite, whatever collation the collection has.
+        versions.sort_by(|a, b| (a.name.as_str(), a.version).cmp(&(b.name.as_str(), b.version)));
+        Ok(versions)
     }
 }
 

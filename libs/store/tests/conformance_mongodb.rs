@@ -1,0 +1,340 @@
+//! The store conformance suite on MongoDB, plus what only MongoDB has: history
+//! a crash left in a job document, a lost sequence counter, and errors at
+//! open.
+//!
+//! The server comes from `COHORT_TEST_MONGODB_URL` (e.g.
+//! `mongodb://127.0.0.1:27017`, or with credentials of a user that may create
+//! databases); each test uses a database of its own and drops it afterwards.
+//! Unset, the tests that need a server skip, on CI too: no MongoDB server can
+//! be installed on the machines this project is built on.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use cohort_core::JobState;
+use cohort_store::clients::ClientStore;
+use cohort_store::conformance::Fresh;
+use cohort_store::jobs::JobStore;
+use cohort_store::models::ModelStore;
+use cohort_store::{DatabaseOptions, StoreError, mongo};
+use mongodb::bson::doc;
+
+const URL_VAR: &str = "COHORT_TEST_MONGODB_URL";
+
+/// A database of its own on the test server, dropped on drop (best effort).
+struct TestDb {
+    name: String,
+    url: String,
+}
+
+impl TestDb {
+    /// None when no server is configured.
+    fn create() -> Option<TestDb> {
+        let server = match std::env::var(URL_VAR) {
+            Ok(u) if !u.is_empty() => u,
+            _ => {
+                eprintln!("skipped: {URL_VAR} is not set (no MongoDB server on this machine)");
+                return None;
+            }
+        };
+        let name = format!("cohort_t_{:016x}", rand::random::<u64>());
+        let url = with_database(&server, &name);
+        Some(TestDb { name, url })
+    }
+
+    async fn raw(&self) -> mongodb::Database {
+        mongodb::Client::with_uri_str(&self.url)
+            .await
+            .unwrap()
+            .database(&self.name)
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let (url, name) = (self.url.clone(), self.name.clone());
+        // Drop runs inside the test's runtime: use a thread with its own.
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                if let Ok(client) = mongodb::Client::with_uri_str(&url).await {
+                    let _ = client.database(&name).drop().await;
+                    client.shutdown().await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// `url` naming database `db`. Credentials keep authenticating where they
+/// did: against the URL's database (or `admin`) unless `authSource` says.
+fn with_database(url: &str, db: &str) -> String {
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let start = base.find("://").map_or(0, |i| i + 3);
+    let host = base[start..].rfind('@').map_or(start, |i| start + i + 1);
+    let (hosts_end, old_db) = match base[host..].find('/') {
+        Some(i) => (host + i, &base[host + i + 1..]),
+        None => (base.len(), ""),
+    };
+    let mut params: Vec<String> = query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(str::to_string)
+        .collect();
+    let has_user = host > start;
+    let has_auth_source = params
+        .iter()
+        .any(|p| p.to_ascii_lowercase().starts_with("authsource="));
+    if has_user && !has_auth_source {
+        let source = if old_db.is_empty() { "admin" } else { old_db };
+        params.push(format!("authSource={source}"));
+    }
+    let query = if params.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", params.join("&"))
+    };
+    format!("{}/{db}{query}", &base[..hosts_end])
+}
+
+fn options() -> DatabaseOptions {
+    // Small pools: many tests share one server.
+    DatabaseOptions {
+        max_connections: 5,
+        ..DatabaseOptions::default()
+    }
+}
+
+async fn fresh_jobs() -> Option<Fresh<dyn JobStore>> {
+    let db = TestDb::create()?;
+    let store = mongo::open_job_store(&db.url, &options()).await.unwrap();
+    Some(Fresh::new(store, db))
+}
+
+async fn fresh_models() -> Option<Fresh<dyn ModelStore>> {
+    let db = TestDb::create()?;
+    let store = mongo::open_model_store(&db.url, &options()).await.unwrap();
+    Some(Fresh::new(store, db))
+}
+
+async fn fresh_clients() -> Option<Fresh<dyn ClientStore>> {
+    let db = TestDb::create()?;
+    let store = mongo::open_client_store(&db.url, &options()).await.unwrap();
+    Some(Fresh::new(store, db))
+}
+
+cohort_store::job_store_conformance!(jobs, fresh_jobs());
+cohort_store::model_store_conformance!(models, fresh_models());
+cohort_store::client_store_conformance!(clients, fresh_clients());
+
+#[test]
+fn test_urls_name_the_test_database() {
+    for (url, want) in [
+        ("mongodb://127.0.0.1:27017", "mongodb://127.0.0.1:27017/t"),
+        ("mongodb://h:1/", "mongodb://h:1/t"),
+        ("mongodb://h:1/x?w=majority", "mongodb://h:1/t?w=majority"),
+        (
+            "mongodb://u:p@h1,h2/?replicaSet=rs0",
+            "mongodb://u:p@h1,h2/t?replicaSet=rs0&authSource=admin",
+        ),
+        ("mongodb://u:p@h/app", "mongodb://u:p@h/t?authSource=app"),
+        (
+            "mongodb://u:p@h/app?authSource=admin",
+            "mongodb://u:p@h/t?authSource=admin",
+        ),
+    ] {
+        assert_eq!(with_database(url, "t"), want, "{url}");
+    }
+}
+
+// Needs no server: nothing listens on port 1.
+#[tokio::test]
+async fn unreachable_server_fails_within_the_timeout_without_the_password() {
+    let opts = DatabaseOptions {
+        connect_timeout: Duration::from_secs(1),
+        acquire_timeout: Duration::from_secs(1),
+        ..DatabaseOptions::default()
+    };
+    let url = "mongodb://cohort:hunter2@127.0.0.1:1/x?serverSelectionTimeoutMS=60000";
+    let started = Instant::now();
+    let err = match mongo::open_client_store(url, &opts).await {
+        Err(e) => e,
+        Ok(_) => panic!("opened {url}"),
+    };
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    let text = err.to_string();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{text}");
+    assert!(!text.contains("hunter2"), "{text}");
+    assert!(
+        text.contains("cohort:***@127.0.0.1:1"),
+        "names the URL: {text}"
+    );
+}
+
+#[tokio::test]
+async fn malformed_urls_are_invalid_without_the_password() {
+    for url in [
+        "mongodb://u:hunter2@db:notaport/x",
+        "mongodb://u:hunter2@db/x?maxPoolSize=many",
+        "mongodb://u:hunter2@db/bad$name",
+    ] {
+        let err = match mongo::open_job_store(url, &DatabaseOptions::default()).await {
+            Err(e) => e,
+            Ok(_) => panic!("opened {url}"),
+        };
+        let text = err.to_string();
+        assert!(
+            matches!(err, StoreError::InvalidUrl { .. }),
+            "{url}: {text}"
+        );
+        assert!(!text.contains("hunter2"), "{text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn history_a_crash_left_in_the_job_document_is_listed_and_copied_out() {
+    let Some(db) = TestDb::create() else {
+        return;
+    };
+    let store = mongo::open_job_store(&db.url, &options()).await.unwrap();
+    let job = cohort_store::conformance::jobs::job("a", "default");
+    store.insert_job(&job, "created").await.unwrap();
+    // What a transition and a round look like after their one write, when
+    // the process died before copying them out.
+    let raw = db.raw().await;
+    let jobs = raw.collection::<mongodb::bson::Document>("jobs");
+    let pending = |d: &mongodb::bson::Document, field: &str| d.get_array(field).unwrap().len();
+    let stored = jobs
+        .find_one(doc! {"id": job.id.as_str()})
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(pending(&stored, "pending_events"), 0, "copied out at once");
+    let first = raw
+        .collection::<mongodb::bson::Document>("job_events")
+        .find_one(doc! {"job_id": job.id.as_str()})
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.get_str("reason").unwrap(), "created");
+    let res = jobs
+        .update_one(
+            doc! {"id": job.id.as_str()},
+            doc! {
+                "$set": {"state": "STARTING", "reason": "launching", "event_seq": 2i64},
+                "$inc": {"version": 1i64},
+                "$push": {
+                    "pending_events": {"seq": 2i64, "time_ms": 5i64, "from": "QUEUED",
+                        "to": "STARTING", "reason": "launching"},
+                    "rounds_done": 1i64,
+                    "pending_rounds": {"round": 1i64, "eval_loss": 0.5, "eval_accuracy": 0.9,
+                        "eval_samples": 10i64, "train_loss": 0.6, "updates": 2i64,
+                        "model_version": 1i64, "duration_ms": 3i64},
+                },
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.modified_count, 1);
+    let events = store.list_events(&job.id).await.unwrap();
+    assert_eq!(events.len(), 2, "the pending event is listed");
+    assert_eq!((events[1].seq, events[1].to), (2, JobState::Starting));
+    assert_eq!(store.list_rounds(&job.id).await.unwrap().len(), 1);
+    // A round reported again is still recognised.
+    let again = store
+        .record_round(&job.id, &cohort_store::conformance::jobs::round(1), 9)
+        .await
+        .unwrap();
+    assert_eq!(again.version, 2, "a repeated round changes nothing");
+
+    // Reopening copies it out.
+    drop(store);
+    let store = mongo::open_job_store(&db.url, &options()).await.unwrap();
+    let left = jobs
+        .find_one(doc! {"id": job.id.as_str()})
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(pending(&left, "pending_events"), 0, "copied out at open");
+    assert_eq!(pending(&left, "pending_rounds"), 0, "copied out at open");
+    assert_eq!(store.list_events(&job.id).await.unwrap(), events);
+    let mut next = store.get_job(&job.id).await.unwrap();
+    next.state = JobState::Running;
+    store.update_job(&next, 10).await.unwrap();
+    let events = store.list_events(&job.id).await.unwrap();
+    assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2, 3]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn listing_order_survives_a_lost_counter_and_reopening() {
+    let Some(db) = TestDb::create() else {
+        return;
+    };
+    let store = mongo::open_job_store(&db.url, &options()).await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let j = cohort_store::conformance::jobs::job(&format!("j{i}"), "default");
+        store.insert_job(&j, "created").await.unwrap();
+        ids.push(j.id);
+    }
+    drop(store);
+    db.raw()
+        .await
+        .collection::<mongodb::bson::Document>("counters")
+        .drop()
+        .await
+        .unwrap();
+    let store = mongo::open_job_store(&db.url, &options()).await.unwrap();
+    let j = cohort_store::conformance::jobs::job("late", "default");
+    store.insert_job(&j, "created").await.unwrap();
+    ids.push(j.id);
+    let page = store
+        .list_jobs(&Default::default(), 10, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        page.items.into_iter().map(|j| j.id).collect::<Vec<_>>(),
+        ids
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_stores_share_one_database_and_reopen() {
+    let Some(db) = TestDb::create() else {
+        return;
+    };
+    let opts = options();
+    for _ in 0..2 {
+        let (jobs, models, clients) = tokio::join!(
+            mongo::open_job_store(&db.url, &opts),
+            mongo::open_model_store(&db.url, &opts),
+            mongo::open_client_store(&db.url, &opts),
+        );
+        let (jobs, models, clients) = (jobs.unwrap(), models.unwrap(), clients.unwrap());
+        jobs.insert_job(&cohort_store::conformance::jobs::job("a", "default"), "c")
+            .await
+            .unwrap();
+        models
+            .insert_version(cohort_store::conformance::models::new_version("m", "j"), 1)
+            .await
+            .unwrap();
+        let party = cohort_core::PartyId::parse("p").unwrap();
+        clients
+            .upsert_client(&party, &[], &Default::default(), 1)
+            .await
+            .unwrap();
+    }
+    let models = mongo::open_model_store(&db.url, &options()).await.unwrap();
+    assert_eq!(models.latest_version("m").await.unwrap().version, 2);
+}
