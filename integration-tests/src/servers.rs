@@ -218,7 +218,35 @@ impl S3Server {
         Ok(())
     }
 
-    /// Where s3s-fs keeps an object (to alter it behind the server's back).
+    /// Overwrites an object through the S3 API, as someone with write access to
+    /// the bucket could.
+    pub async fn overwrite(&self, bucket: &str, key: &str, body: Vec<u8>) -> anyhow::Result<()> {
+        let creds = aws_sdk_s3::config::Credentials::new(
+            &self.access_key,
+            &self.secret_key,
+            None,
+            None,
+            "test",
+        );
+        let config = aws_sdk_s3::config::Builder::new()
+            .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+            .endpoint_url(&self.endpoint)
+            .region(aws_sdk_s3::config::Region::new("us-east-1"))
+            .credentials_provider(creds)
+            .force_path_style(true)
+            .build();
+        aws_sdk_s3::Client::from_conf(config)
+            .put_object()
+            .bucket(bucket)
+            .key(key)
+            .body(body.into())
+            .send()
+            .await
+            .context("overwrite object")?;
+        Ok(())
+    }
+
+    /// Where s3s-fs keeps an object.
     pub fn object_path(&self, bucket: &str, key: &str) -> PathBuf {
         self._dir.path().join(bucket).join(key)
     }

@@ -217,7 +217,15 @@ async fn a_model_altered_in_s3_is_refused_on_download() {
     let mut bytes = std::fs::read(&object).expect("read object");
     let last = bytes.len() - 1;
     bytes[last] ^= 0xff;
-    std::fs::write(&object, &bytes).expect("alter object");
+    let root = s3.object_path("models", "");
+    let key = object
+        .strip_prefix(root.to_str().expect("path"))
+        .expect("object under the bucket")
+        .trim_start_matches('/')
+        .to_string();
+    s3.overwrite("models", &key, bytes)
+        .await
+        .expect("alter the object in S3");
 
     let mut stream = models
         .download(pb::GetVersionRequest {

@@ -4,7 +4,9 @@
 //!
 //! Must not depend on gRPC, on the metadata store, or on any service crate.
 
+pub mod conformance;
 mod fs;
+mod s3;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -16,6 +18,7 @@ use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt};
 
 pub use fs::FsBlobStore;
+pub use s3::{MAX_SINGLE_COPY, PART_SIZE, S3BlobStore, S3Options};
 
 /// Largest chunk a `get` stream yields (and `bytes_stream` produces).
 pub const CHUNK_SIZE: usize = 1 << 20;
@@ -44,6 +47,33 @@ pub enum BlobError {
     /// The stream handed to `put` failed or was cut short by its producer.
     #[error("input stream failed: {0}")]
     Input(String),
+    /// The remote store could not be reached or failed; a retry may work.
+    /// `target` names bucket, key and endpoint.
+    #[error("cannot {op} {target}: {message}")]
+    Unavailable {
+        op: &'static str,
+        target: String,
+        message: String,
+    },
+    #[error("blob is larger than this store's limit of {limit} bytes")]
+    TooLarge { limit: u64 },
+}
+
+impl cohort_core::HasKind for BlobError {
+    fn kind(&self) -> cohort_core::ErrorKind {
+        use cohort_core::ErrorKind;
+        match self {
+            BlobError::NotFound { .. } => ErrorKind::NotFound,
+            BlobError::DigestMismatch { .. } => ErrorKind::DataLoss,
+            BlobError::InvalidDigest { .. }
+            | BlobError::Unsupported { .. }
+            | BlobError::InvalidUrl { .. }
+            | BlobError::Input(_)
+            | BlobError::TooLarge { .. } => ErrorKind::InvalidArgument,
+            BlobError::Io { .. } => ErrorKind::Internal,
+            BlobError::Unavailable { .. } => ErrorKind::Unavailable,
+        }
+    }
 }
 
 /// Hex sha256 (64 lowercase hex chars), validated.
@@ -145,7 +175,9 @@ pub fn bytes_stream(b: Bytes) -> ByteStream {
 }
 
 /// Opens a store from a URL: `file:///abs/path` or a plain path opens an
-/// `FsBlobStore` rooted there (created if missing).
+/// `FsBlobStore` rooted there (created if missing); `s3://bucket[/prefix]` an
+/// `S3BlobStore` configured from the environment (see `S3Options::from_env`),
+/// once the bucket has answered.
 pub async fn open_blob_store(url: &str) -> Result<Arc<dyn BlobStore>, BlobError> {
     let invalid = |message: &str| BlobError::InvalidUrl {
         url: url.to_string(),
@@ -163,6 +195,7 @@ pub async fn open_blob_store(url: &str) -> Result<Arc<dyn BlobStore>, BlobError>
             }
             PathBuf::from(rest)
         }
+        Some(("s3", _)) => return Ok(Arc::new(S3BlobStore::open(url).await?)),
         Some((scheme, _)) => {
             return Err(BlobError::Unsupported {
                 scheme: scheme.to_string(),
@@ -224,10 +257,14 @@ mod tests {
             .await
             .unwrap();
         assert!(dir.path().join("b/tmp").is_dir());
-        match open_blob_store("s3://bucket/prefix").await {
-            Err(BlobError::Unsupported { scheme, .. }) => assert_eq!(scheme, "s3"),
+        match open_blob_store("gopher://bucket/prefix").await {
+            Err(BlobError::Unsupported { scheme, .. }) => assert_eq!(scheme, "gopher"),
             other => panic!("expected Unsupported, got {:?}", other.err()),
         }
+        assert!(matches!(
+            open_blob_store("s3://Not_A_Bucket/x").await,
+            Err(BlobError::InvalidUrl { .. })
+        ));
         assert!(matches!(
             open_blob_store("file://relative/path").await,
             Err(BlobError::InvalidUrl { .. })

@@ -128,34 +128,22 @@ pub enum Error {
     },
 }
 
-impl From<Error> for Status {
-    fn from(e: Error) -> Status {
-        let message = e.to_string();
-        let internal = |code: tonic::Code| {
-            tracing::error!(error = %message, "request failed");
-            Status::new(code, message.clone())
-        };
-        match &e {
-            Error::Invalid { .. } => Status::invalid_argument(message),
-            Error::Store(StoreError::NotFound { .. }) => Status::not_found(message),
-            // Version numbers are assigned by the store: a clash is a race, retry.
-            Error::Store(StoreError::Conflict(_)) => Status::aborted(message),
-            Error::Store(StoreError::Unavailable(_)) => internal(tonic::Code::Unavailable),
-            Error::Store(StoreError::Corrupt { .. }) => internal(tonic::Code::DataLoss),
-            Error::Store(StoreError::InvalidUrl { .. }) => internal(tonic::Code::Internal),
+impl cohort_core::HasKind for Error {
+    fn kind(&self) -> cohort_core::ErrorKind {
+        match self {
+            Error::Invalid { .. } => cohort_core::ErrorKind::InvalidArgument,
+            Error::Store(e) => e.kind(),
             // Blobs are only ever looked up through a stored version, so a
             // missing blob is lost data, not a bad request.
-            Error::Blob(BlobError::NotFound { .. } | BlobError::DigestMismatch { .. }) => {
-                internal(tonic::Code::DataLoss)
-            }
-            Error::Blob(BlobError::Input(_)) => Status::invalid_argument(message),
-            Error::Blob(
-                BlobError::InvalidDigest { .. }
-                | BlobError::Io { .. }
-                | BlobError::Unsupported { .. }
-                | BlobError::InvalidUrl { .. },
-            ) => internal(tonic::Code::Internal),
+            Error::Blob(BlobError::NotFound { .. }) => cohort_core::ErrorKind::DataLoss,
+            Error::Blob(e) => e.kind(),
         }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        cohort_runtime::ToStatus::to_status(&e)
     }
 }
 
