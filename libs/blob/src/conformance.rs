@@ -41,9 +41,7 @@ use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use sha2::Digest as _;
 
-use crate::{
-    BlobError, BlobInfo, BlobStore, ByteStream, CHUNK_SIZE, Digest, PART_SIZE, get_bytes,
-};
+use crate::{BlobError, BlobInfo, BlobStore, ByteStream, CHUNK_SIZE, Digest, PART_SIZE, get_bytes};
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
@@ -231,7 +229,11 @@ async fn assert_reads_back(store: &dyn BlobStore, digest: &Digest, seed: u64, le
         pos += chunk.len() as u64;
     }
     assert_eq!(pos, len, "bytes read back");
-    assert_eq!(&Digest::from_hasher(hasher), digest, "digest of what came back");
+    assert_eq!(
+        &Digest::from_hasher(hasher),
+        digest,
+        "digest of what came back"
+    );
 }
 
 /// A stream of `good` followed by an error, as from a client that went away.
@@ -371,7 +373,11 @@ pub async fn delete_removes_the_blob(f: &Fresh) {
     let info = put_pattern(store, 41, 5000, CHUNK_SIZE).await;
     store.delete(&info.digest).await.unwrap();
     assert!(!store.exists(&info.digest).await.unwrap());
-    assert_not_found(store.get(&info.digest).await.map(|_| ()), &info.digest, "get");
+    assert_not_found(
+        store.get(&info.digest).await.map(|_| ()),
+        &info.digest,
+        "get",
+    );
     assert_not_found(store.delete(&info.digest).await, &info.digest, "delete");
     // Gone means gone: a new put stores it again.
     let again = put_pattern(store, 41, 5000, CHUNK_SIZE).await;

@@ -42,7 +42,10 @@ async fn peak_rise<T>(f: impl std::future::Future<Output = T>) -> (T, u64) {
 async fn measure(name: &str, store: Arc<dyn BlobStore>) {
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     // Warm up: the first calls allocate pools, clients, TLS state, ...
-    let warm = store.put(pattern_stream(1, 1 << 20, CHUNK_SIZE)).await.unwrap();
+    let warm = store
+        .put(pattern_stream(1, 1 << 20, CHUNK_SIZE))
+        .await
+        .unwrap();
     let _ = cohort_blob::get_bytes(store.as_ref(), &warm.digest).await;
 
     let (info, put_rise) = peak_rise(store.put(pattern_stream(2, BLOB, CHUNK_SIZE))).await;
