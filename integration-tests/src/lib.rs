@@ -134,6 +134,12 @@ impl Federation {
         }
     }
 
+    /// Waits for the job to reach a final state.
+    pub async fn wait_end(&self, id: &str, timeout: Duration) -> anyhow::Result<pb::Job> {
+        self.wait_job(id, timeout, "the job to end", |j| state_of(j).is_terminal())
+            .await
+    }
+
     pub async fn events(&self, id: &str) -> anyhow::Result<Vec<pb::JobEvent>> {
         Ok(self
             .jobs()

@@ -23,9 +23,7 @@ async fn a_party_killed_mid_job_does_not_stop_the_job() {
         .signal("task-manager-party-2", Signal::SIGKILL)
         .expect("kill party");
     let done = fed
-        .wait_job(&job.id, Duration::from_secs(120), "the job to end", |j| {
-            state_of(j).is_terminal()
-        })
+        .wait_end(&job.id, Duration::from_secs(120))
         .await
         .expect("job ends");
     assert_eq!(state_of(&done), JobState::Succeeded, "{}", done.reason);
@@ -47,9 +45,7 @@ async fn a_quorum_that_cannot_be_met_fails_the_job_with_a_reason() {
         .await
         .expect("create");
     let done = fed
-        .wait_job(&job.id, Duration::from_secs(60), "the job to end", |j| {
-            state_of(j).is_terminal()
-        })
+        .wait_end(&job.id, Duration::from_secs(60))
         .await
         .expect("job ends rather than hanging");
     assert_eq!(state_of(&done), JobState::Failed);
@@ -102,12 +98,7 @@ async fn killing_and_restarting_job_scheduler_loses_no_job() {
         .expect("restart scheduler");
 
     let done = fed
-        .wait_job(
-            &running.id,
-            Duration::from_secs(120),
-            "the job to end",
-            |j| state_of(j).is_terminal(),
-        )
+        .wait_end(&running.id, Duration::from_secs(120))
         .await
         .expect("job ends");
     assert_eq!(state_of(&done), JobState::Succeeded, "{}", done.reason);
@@ -150,9 +141,7 @@ async fn a_killed_coordinator_is_relaunched_and_resumes_from_its_checkpoint() {
     assert_eq!(coordinators.len(), 1, "one coordinator for the job");
     cohort_runtime::process::signal_pid(coordinators[0], Signal::SIGKILL);
     let done = fed
-        .wait_job(&job.id, Duration::from_secs(120), "the job to end", |j| {
-            state_of(j).is_terminal()
-        })
+        .wait_end(&job.id, Duration::from_secs(120))
         .await
         .expect("job ends");
     assert_eq!(state_of(&done), JobState::Succeeded, "{}", done.reason);
@@ -198,9 +187,7 @@ async fn a_dataset_no_party_holds_fails_the_job_naming_it() {
         .await
         .expect("create");
     let done = fed
-        .wait_job(&job.id, Duration::from_secs(60), "the job to end", |j| {
-            state_of(j).is_terminal()
-        })
+        .wait_end(&job.id, Duration::from_secs(60))
         .await
         .expect("job ends rather than hanging");
     assert_eq!(state_of(&done), JobState::Failed);

@@ -137,9 +137,7 @@ async fn a_postgres_outage_mid_job_loses_nothing_recorded_before_it() {
     pg.start_server().expect("start PostgreSQL again");
 
     let done = fed
-        .wait_job(&job.id, Duration::from_secs(180), "the job to end", |j| {
-            state_of(j).is_terminal()
-        })
+        .wait_end(&job.id, Duration::from_secs(180))
         .await
         .expect("job ends");
     match state_of(&done) {
@@ -195,9 +193,7 @@ async fn a_model_altered_in_s3_is_refused_on_download() {
         .await
         .expect("create");
     let done = fed
-        .wait_job(&job.id, Duration::from_secs(90), "the job to end", |j| {
-            state_of(j).is_terminal()
-        })
+        .wait_end(&job.id, Duration::from_secs(90))
         .await
         .expect("job ends");
     assert_eq!(state_of(&done), JobState::Succeeded, "{}", done.reason);
