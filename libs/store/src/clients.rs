@@ -5,7 +5,6 @@ use async_trait::async_trait;
 use cohort_core::PartyId;
 use serde::{Deserialize, Serialize};
 use sqlx::sqlite::SqlitePool;
-use sqlx::{Row, sqlite::SqliteRow};
 
 use crate::{DatabaseOptions, Result, StoreError};
 
@@ -95,30 +94,6 @@ const SELECT: &str = "SELECT c.party, c.datasets_json, c.resources_json, c.first
     c.last_seen_ms, s.tasks_offered, s.tasks_accepted, s.tasks_succeeded, s.tasks_failed \
     FROM clients c JOIN client_stats s ON s.party = c.party";
 
-fn client_from_row(row: &SqliteRow) -> Result<ClientRecord> {
-    let party: String = row.try_get("party")?;
-    let corrupt = |m: String| StoreError::Corrupt {
-        what: "client",
-        id: party.clone(),
-        message: m,
-    };
-    let datasets: String = row.try_get("datasets_json")?;
-    let resources: String = row.try_get("resources_json")?;
-    Ok(ClientRecord {
-        party: PartyId::parse(&party).map_err(|e| corrupt(e.to_string()))?,
-        datasets: serde_json::from_str(&datasets).map_err(|e| corrupt(e.to_string()))?,
-        resources: serde_json::from_str(&resources).map_err(|e| corrupt(e.to_string()))?,
-        first_seen_ms: row.try_get("first_seen_ms")?,
-        last_seen_ms: row.try_get("last_seen_ms")?,
-        stats: ClientStats {
-            tasks_offered: row.try_get::<i64, _>("tasks_offered")? as u64,
-            tasks_accepted: row.try_get::<i64, _>("tasks_accepted")? as u64,
-            tasks_succeeded: row.try_get::<i64, _>("tasks_succeeded")? as u64,
-            tasks_failed: row.try_get::<i64, _>("tasks_failed")? as u64,
-        },
-    })
-}
-
 fn not_found(party: &PartyId) -> StoreError {
     StoreError::NotFound {
         what: "client",
@@ -161,7 +136,7 @@ impl ClientStore for SqliteClientStore {
             .bind(party.as_str())
             .fetch_one(&mut *tx)
             .await?;
-        let record = client_from_row(&row)?;
+        let record = crate::rows::client(&row)?;
         tx.commit().await?;
         Ok(record)
     }
@@ -172,14 +147,14 @@ impl ClientStore for SqliteClientStore {
             .fetch_optional(&self.pool)
             .await?
             .ok_or_else(|| not_found(party))?;
-        client_from_row(&row)
+        crate::rows::client(&row)
     }
 
     async fn list_clients(&self) -> Result<Vec<ClientRecord>> {
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT} ORDER BY c.party")))
             .fetch_all(&self.pool)
             .await?;
-        rows.iter().map(client_from_row).collect()
+        rows.iter().map(crate::rows::client).collect()
     }
 
     async fn touch(&self, party: &PartyId, now_ms: i64) -> Result<()> {

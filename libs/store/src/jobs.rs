@@ -2,8 +2,8 @@
 
 use async_trait::async_trait;
 use cohort_core::{JobId, JobState};
+use sqlx::Row;
 use sqlx::sqlite::SqlitePool;
-use sqlx::{Row, sqlite::SqliteRow};
 
 use crate::{DatabaseOptions, Page, Result, StoreError};
 
@@ -117,30 +117,6 @@ fn corrupt(id: &str, message: impl Into<String>) -> StoreError {
     }
 }
 
-fn job_from_row(row: &SqliteRow) -> Result<JobRecord> {
-    let id: String = row.try_get("id")?;
-    let state: String = row.try_get("state")?;
-    let pid: Option<i64> = row.try_get("coordinator_pid")?;
-    Ok(JobRecord {
-        id: JobId::parse(&id).map_err(|e| corrupt(&id, e.to_string()))?,
-        name: row.try_get("name")?,
-        namespace: row.try_get("namespace")?,
-        spec_json: row.try_get("spec_json")?,
-        state: state
-            .parse()
-            .map_err(|_| corrupt(&id, format!("state {state:?}")))?,
-        reason: row.try_get("reason")?,
-        rounds_total: row.try_get::<i64, _>("rounds_total")? as u32,
-        rounds_completed: row.try_get::<i64, _>("rounds_completed")? as u32,
-        coordinator_endpoint: row.try_get("coordinator_endpoint")?,
-        coordinator_pid: pid.map(|p| p as u32),
-        launch_attempts: row.try_get::<i64, _>("launch_attempts")? as u32,
-        created_at_ms: row.try_get("created_at_ms")?,
-        updated_at_ms: row.try_get("updated_at_ms")?,
-        version: row.try_get("version")?,
-    })
-}
-
 /// Write transactions take SQLite's write lock when they begin: a deferred one
 /// that read first fails with "database is locked" if another writer committed
 /// meanwhile, instead of waiting its turn.
@@ -183,7 +159,7 @@ async fn fetch_job(conn: &mut sqlx::SqliteConnection, id: &JobId) -> Result<JobR
     .fetch_optional(&mut *conn)
     .await?
     .ok_or_else(|| not_found(id))?;
-    job_from_row(&row)
+    crate::rows::job(&row)
 }
 
 #[async_trait]
@@ -259,7 +235,7 @@ impl JobStore for SqliteJobStore {
         let mut items = Vec::with_capacity(rows.len());
         let mut last_seq = 0i64;
         for row in rows.iter().take(size as usize) {
-            items.push(job_from_row(row)?);
+            items.push(crate::rows::job(row)?);
             last_seq = row.try_get("seq")?;
         }
         let next_token = (rows.len() as i64 > size).then(|| last_seq.to_string());
@@ -278,7 +254,7 @@ impl JobStore for SqliteJobStore {
         .bind(states)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(job_from_row).collect()
+        rows.iter().map(crate::rows::job).collect()
     }
 
     async fn update_job(&self, job: &JobRecord, now_ms: i64) -> Result<JobRecord> {
@@ -376,20 +352,7 @@ impl JobStore for SqliteJobStore {
             .bind(id.as_str())
             .fetch_all(&self.pool)
             .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(RoundRecord {
-                    round: row.try_get::<i64, _>("round")? as u32,
-                    eval_loss: row.try_get("eval_loss")?,
-                    eval_accuracy: row.try_get("eval_accuracy")?,
-                    eval_samples: row.try_get::<i64, _>("eval_samples")? as u64,
-                    train_loss: row.try_get("train_loss")?,
-                    updates: row.try_get::<i64, _>("updates")? as u32,
-                    model_version: row.try_get::<i64, _>("model_version")? as u32,
-                    duration_ms: row.try_get::<i64, _>("duration_ms")? as u64,
-                })
-            })
-            .collect()
+        rows.iter().map(|row| crate::rows::round(row, id)).collect()
     }
 
     async fn list_events(&self, id: &JobId) -> Result<Vec<JobEventRecord>> {
@@ -397,27 +360,7 @@ impl JobStore for SqliteJobStore {
             .bind(id.as_str())
             .fetch_all(&self.pool)
             .await?;
-        rows.iter()
-            .map(|row| {
-                let from: Option<String> = row.try_get("from_state")?;
-                let to: String = row.try_get("to_state")?;
-                Ok(JobEventRecord {
-                    seq: row.try_get::<i64, _>("seq")? as u64,
-                    time_ms: row.try_get("time_ms")?,
-                    from: match from {
-                        Some(f) => Some(
-                            f.parse()
-                                .map_err(|_| corrupt(id.as_str(), format!("event state {f:?}")))?,
-                        ),
-                        None => None,
-                    },
-                    to: to
-                        .parse()
-                        .map_err(|_| corrupt(id.as_str(), format!("event state {to:?}")))?,
-                    reason: row.try_get("reason")?,
-                })
-            })
-            .collect()
+        rows.iter().map(|row| crate::rows::event(row, id)).collect()
     }
 
     async fn delete_job(&self, id: &JobId) -> Result<()> {

@@ -14,6 +14,7 @@ pub mod models;
 pub mod mongo;
 pub mod open;
 pub mod postgres;
+mod rows;
 mod sqlite;
 
 pub use open::{DatabaseOptions, open_client_store, open_job_store, open_model_store, redact_url};

@@ -3,8 +3,7 @@
 //! themselves live in the blob store, named by `digest`.
 
 use async_trait::async_trait;
-use sqlx::Row;
-use sqlx::sqlite::{SqlitePool, SqliteRow};
+use sqlx::sqlite::SqlitePool;
 
 use crate::{DatabaseOptions, Result, StoreError};
 
@@ -94,52 +93,6 @@ fn to_i64(field: &str, value: u64, id: &str) -> Result<i64> {
     })
 }
 
-fn decode(row: &SqliteRow) -> Result<ModelVersionRecord> {
-    let name: String = column(row, "name", "?")?;
-    let version: i64 = column(row, "version", &name)?;
-    let id = format!("{name}@{version}");
-    let unsigned = |field: &str| -> Result<u64> {
-        let v: i64 = column(row, field, &id)?;
-        u64::try_from(v).map_err(|_| corrupt(&id, format!("{field} is negative: {v}")))
-    };
-    let small = |field: &str, v: u64| -> Result<u32> {
-        u32::try_from(v).map_err(|_| corrupt(&id, format!("{field} out of range: {v}")))
-    };
-    // NULL is how SQLite stores NaN.
-    let real = |field: &str| -> Result<f64> {
-        Ok(column::<Option<f64>>(row, field, &id)?.unwrap_or(f64::NAN))
-    };
-    Ok(ModelVersionRecord {
-        version: small("version", unsigned("version")?)?,
-        digest: column(row, "digest", &id)?,
-        size_bytes: unsigned("size_bytes")?,
-        job_id: column(row, "job_id", &id)?,
-        round: small("round", unsigned("round")?)?,
-        parent_version: small("parent_version", unsigned("parent_version")?)?,
-        loss: real("loss")?,
-        accuracy: real("accuracy")?,
-        samples: unsigned("samples")?,
-        created_at_ms: column(row, "created_at_ms", &id)?,
-        name,
-    })
-}
-
-fn column<'r, T>(row: &'r SqliteRow, field: &str, id: &str) -> Result<T>
-where
-    T: sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>,
-{
-    row.try_get(field)
-        .map_err(|e| corrupt(id, format!("column {field}: {e}")))
-}
-
-fn corrupt(id: &str, message: String) -> StoreError {
-    StoreError::Corrupt {
-        what: "model version",
-        id: id.to_string(),
-        message,
-    }
-}
-
 #[async_trait]
 impl ModelStore for SqliteModelStore {
     async fn insert_version(&self, v: NewModelVersion, now_ms: i64) -> Result<ModelVersionRecord> {
@@ -175,7 +128,7 @@ impl ModelStore for SqliteModelStore {
         .bind(now_ms)
         .fetch_one(&mut *tx)
         .await?;
-        let record = decode(&row)?;
+        let record = crate::rows::model_version(&row)?;
         tx.commit().await?;
         Ok(record)
     }
@@ -191,7 +144,7 @@ impl ModelStore for SqliteModelStore {
         .fetch_optional(&self.pool)
         .await?;
         match row {
-            Some(row) => decode(&row),
+            Some(row) => crate::rows::model_version(&row),
             None => Err(StoreError::NotFound {
                 what: "model version",
                 id: format!("{name}@{version}"),
@@ -209,7 +162,7 @@ impl ModelStore for SqliteModelStore {
         .fetch_optional(&self.pool)
         .await?;
         match row {
-            Some(row) => decode(&row),
+            Some(row) => crate::rows::model_version(&row),
             None => Err(StoreError::NotFound {
                 what: "model",
                 id: name.to_string(),
@@ -233,7 +186,7 @@ impl ModelStore for SqliteModelStore {
         .bind(job_id)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(decode).collect()
+        rows.iter().map(crate::rows::model_version).collect()
     }
 }
 

@@ -2,12 +2,10 @@
 
 use async_trait::async_trait;
 use cohort_core::PartyId;
-use sqlx::postgres::{PgPool, PgRow};
+use sqlx::postgres::PgPool;
 
-use super::{column, open_pool, unsigned, with_history_table};
-use crate::clients::{
-    ClientRecord, ClientStats, ClientStore, DatasetEntry, ResourcesEntry, TaskOutcome,
-};
+use super::{open_pool, with_history_table};
+use crate::clients::{ClientRecord, ClientStore, DatasetEntry, ResourcesEntry, TaskOutcome};
 use crate::{DatabaseOptions, Result, StoreError};
 
 pub struct PgClientStore {
@@ -32,32 +30,6 @@ const WHAT: &str = "client";
 const SELECT: &str = "SELECT c.party, c.datasets_json, c.resources_json, c.first_seen_ms, \
     c.last_seen_ms, s.tasks_offered, s.tasks_accepted, s.tasks_succeeded, s.tasks_failed \
     FROM clients c JOIN client_stats s ON s.party = c.party";
-
-fn client_from_row(row: &PgRow) -> Result<ClientRecord> {
-    let party: String = column(row, "party", WHAT, "?")?;
-    let corrupt = |field: &str, m: String| StoreError::Corrupt {
-        what: WHAT,
-        id: party.clone(),
-        message: format!("{field}: {m}"),
-    };
-    let datasets: String = column(row, "datasets_json", WHAT, &party)?;
-    let resources: String = column(row, "resources_json", WHAT, &party)?;
-    Ok(ClientRecord {
-        party: PartyId::parse(&party).map_err(|e| corrupt("party", e.to_string()))?,
-        datasets: serde_json::from_str(&datasets)
-            .map_err(|e| corrupt("datasets_json", e.to_string()))?,
-        resources: serde_json::from_str(&resources)
-            .map_err(|e| corrupt("resources_json", e.to_string()))?,
-        first_seen_ms: column(row, "first_seen_ms", WHAT, &party)?,
-        last_seen_ms: column(row, "last_seen_ms", WHAT, &party)?,
-        stats: ClientStats {
-            tasks_offered: unsigned(row, "tasks_offered", WHAT, &party)?,
-            tasks_accepted: unsigned(row, "tasks_accepted", WHAT, &party)?,
-            tasks_succeeded: unsigned(row, "tasks_succeeded", WHAT, &party)?,
-            tasks_failed: unsigned(row, "tasks_failed", WHAT, &party)?,
-        },
-    })
-}
 
 fn not_found(party: &PartyId) -> StoreError {
     StoreError::NotFound {
@@ -101,7 +73,7 @@ impl ClientStore for PgClientStore {
             .bind(party.as_str())
             .fetch_one(&mut *tx)
             .await?;
-        let record = client_from_row(&row)?;
+        let record = crate::rows::client(&row)?;
         tx.commit().await?;
         Ok(record)
     }
@@ -112,14 +84,14 @@ impl ClientStore for PgClientStore {
             .fetch_optional(&self.pool)
             .await?
             .ok_or_else(|| not_found(party))?;
-        client_from_row(&row)
+        crate::rows::client(&row)
     }
 
     async fn list_clients(&self) -> Result<Vec<ClientRecord>> {
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT} ORDER BY c.party")))
             .fetch_all(&self.pool)
             .await?;
-        rows.iter().map(client_from_row).collect()
+        rows.iter().map(crate::rows::client).collect()
     }
 
     async fn touch(&self, party: &PartyId, now_ms: i64) -> Result<()> {

@@ -2,9 +2,9 @@
 
 use async_trait::async_trait;
 use cohort_core::{JobId, JobState};
-use sqlx::postgres::{PgConnection, PgPool, PgRow};
+use sqlx::postgres::{PgConnection, PgPool};
 
-use super::{column, open_pool, unsigned, with_history_table};
+use super::{column, open_pool, with_history_table};
 use crate::jobs::{JobEventRecord, JobFilter, JobRecord, JobStore, RoundRecord};
 use crate::{DatabaseOptions, Page, Result, StoreError};
 
@@ -49,32 +49,6 @@ fn not_found(id: &JobId) -> StoreError {
 fn parse_state(id: &str, field: &str, s: &str) -> Result<JobState> {
     s.parse()
         .map_err(|_| corrupt(id, format!("{field} {s:?} is not a job state")))
-}
-
-fn job_from_row(row: &PgRow) -> Result<JobRecord> {
-    let id: String = column(row, "id", WHAT, "?")?;
-    let state: String = column(row, "state", WHAT, &id)?;
-    Ok(JobRecord {
-        name: column(row, "name", WHAT, &id)?,
-        namespace: column(row, "namespace", WHAT, &id)?,
-        spec_json: column(row, "spec_json", WHAT, &id)?,
-        state: parse_state(&id, "state", &state)?,
-        reason: column(row, "reason", WHAT, &id)?,
-        rounds_total: unsigned(row, "rounds_total", WHAT, &id)?,
-        rounds_completed: unsigned(row, "rounds_completed", WHAT, &id)?,
-        coordinator_endpoint: column(row, "coordinator_endpoint", WHAT, &id)?,
-        coordinator_pid: match column::<Option<i64>>(row, "coordinator_pid", WHAT, &id)? {
-            Some(p) => {
-                Some(u32::try_from(p).map_err(|_| corrupt(&id, format!("coordinator_pid {p}")))?)
-            }
-            None => None,
-        },
-        launch_attempts: unsigned(row, "launch_attempts", WHAT, &id)?,
-        created_at_ms: column(row, "created_at_ms", WHAT, &id)?,
-        updated_at_ms: column(row, "updated_at_ms", WHAT, &id)?,
-        version: column(row, "version", WHAT, &id)?,
-        id: JobId::parse(&id).map_err(|e| corrupt(&id, e.to_string()))?,
-    })
 }
 
 /// Appends the job's next event. Callers hold the job's row lock, which
@@ -145,7 +119,7 @@ impl JobStore for PgJobStore {
         .fetch_optional(&self.pool)
         .await?
         .ok_or_else(|| not_found(id))?;
-        job_from_row(&row)
+        crate::rows::job(&row)
     }
 
     async fn list_jobs(
@@ -180,7 +154,7 @@ impl JobStore for PgJobStore {
         let mut items = Vec::with_capacity(rows.len());
         let mut last_seq = 0i64;
         for row in rows.iter().take(size as usize) {
-            let job = job_from_row(row)?;
+            let job = crate::rows::job(row)?;
             last_seq = column(row, "seq", WHAT, job.id.as_str())?;
             items.push(job);
         }
@@ -196,7 +170,7 @@ impl JobStore for PgJobStore {
         .bind(&states)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(job_from_row).collect()
+        rows.iter().map(crate::rows::job).collect()
     }
 
     async fn update_job(&self, job: &JobRecord, now_ms: i64) -> Result<JobRecord> {
@@ -236,7 +210,7 @@ impl JobStore for PgJobStore {
         .bind(&job.spec_json)
         .fetch_one(&mut *tx)
         .await?;
-        let stored = job_from_row(&row)?;
+        let stored = crate::rows::job(&row)?;
         if from != job.state {
             insert_event(&mut tx, &job.id, now_ms, Some(from), job.state, &job.reason).await?;
         }
@@ -292,7 +266,7 @@ impl JobStore for PgJobStore {
             .fetch_one(&mut *tx)
             .await?
         };
-        let stored = job_from_row(&row)?;
+        let stored = crate::rows::job(&row)?;
         tx.commit().await?;
         Ok(stored)
     }
@@ -302,21 +276,7 @@ impl JobStore for PgJobStore {
             .bind(id.as_str())
             .fetch_all(&self.pool)
             .await?;
-        rows.iter()
-            .map(|row| {
-                let at = format!("{id} round");
-                Ok(RoundRecord {
-                    round: unsigned(row, "round", WHAT, &at)?,
-                    eval_loss: column(row, "eval_loss", WHAT, &at)?,
-                    eval_accuracy: column(row, "eval_accuracy", WHAT, &at)?,
-                    eval_samples: unsigned(row, "eval_samples", WHAT, &at)?,
-                    train_loss: column(row, "train_loss", WHAT, &at)?,
-                    updates: unsigned(row, "updates", WHAT, &at)?,
-                    model_version: unsigned(row, "model_version", WHAT, &at)?,
-                    duration_ms: unsigned(row, "duration_ms", WHAT, &at)?,
-                })
-            })
-            .collect()
+        rows.iter().map(|row| crate::rows::round(row, id)).collect()
     }
 
     async fn list_events(&self, id: &JobId) -> Result<Vec<JobEventRecord>> {
@@ -324,23 +284,7 @@ impl JobStore for PgJobStore {
             .bind(id.as_str())
             .fetch_all(&self.pool)
             .await?;
-        let id = id.as_str();
-        rows.iter()
-            .map(|row| {
-                let from: Option<String> = column(row, "from_state", WHAT, id)?;
-                let to: String = column(row, "to_state", WHAT, id)?;
-                Ok(JobEventRecord {
-                    seq: unsigned(row, "seq", WHAT, id)?,
-                    time_ms: column(row, "time_ms", WHAT, id)?,
-                    from: match from {
-                        Some(f) => Some(parse_state(id, "event from_state", &f)?),
-                        None => None,
-                    },
-                    to: parse_state(id, "event to_state", &to)?,
-                    reason: column(row, "reason", WHAT, id)?,
-                })
-            })
-            .collect()
+        rows.iter().map(|row| crate::rows::event(row, id)).collect()
     }
 
     async fn delete_job(&self, id: &JobId) -> Result<()> {

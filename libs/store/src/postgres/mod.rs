@@ -113,22 +113,6 @@ pub(crate) fn with_history_table(mut migrator: Migrator, table: &'static str) ->
     migrator
 }
 
-/// Reads a non-negative integer column that must fit `T`, naming the record
-/// and field when it does not.
-pub(crate) fn unsigned<T: TryFrom<i64>>(
-    row: &PgRow,
-    field: &str,
-    what: &'static str,
-    id: &str,
-) -> Result<T> {
-    let v: i64 = column(row, field, what, id)?;
-    T::try_from(v).map_err(|_| StoreError::Corrupt {
-        what,
-        id: id.to_string(),
-        message: format!("{field} out of range: {v}"),
-    })
-}
-
 pub(crate) fn column<'r, T>(row: &'r PgRow, field: &str, what: &'static str, id: &str) -> Result<T>
 where
     T: sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,

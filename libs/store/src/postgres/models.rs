@@ -1,9 +1,9 @@
 //! `ModelStore` on PostgreSQL.
 
 use async_trait::async_trait;
-use sqlx::postgres::{PgPool, PgRow};
+use sqlx::postgres::PgPool;
 
-use super::{column, open_pool, to_i64, unsigned, with_history_table};
+use super::{open_pool, to_i64, with_history_table};
 use crate::models::{ModelStore, ModelVersionRecord, NewModelVersion};
 use crate::{DatabaseOptions, Result, StoreError};
 
@@ -32,25 +32,6 @@ macro_rules! columns {
 }
 
 const WHAT: &str = "model version";
-
-fn decode(row: &PgRow) -> Result<ModelVersionRecord> {
-    let name: String = column(row, "name", WHAT, "?")?;
-    let version: i64 = column(row, "version", WHAT, &name)?;
-    let id = format!("{name}@{version}");
-    Ok(ModelVersionRecord {
-        version: unsigned(row, "version", WHAT, &id)?,
-        digest: column(row, "digest", WHAT, &id)?,
-        size_bytes: unsigned(row, "size_bytes", WHAT, &id)?,
-        job_id: column(row, "job_id", WHAT, &id)?,
-        round: unsigned(row, "round", WHAT, &id)?,
-        parent_version: unsigned(row, "parent_version", WHAT, &id)?,
-        loss: column(row, "loss", WHAT, &id)?,
-        accuracy: column(row, "accuracy", WHAT, &id)?,
-        samples: unsigned(row, "samples", WHAT, &id)?,
-        created_at_ms: column(row, "created_at_ms", WHAT, &id)?,
-        name,
-    })
-}
 
 #[async_trait]
 impl ModelStore for PgModelStore {
@@ -89,7 +70,7 @@ impl ModelStore for PgModelStore {
         .bind(now_ms)
         .fetch_one(&mut *tx)
         .await?;
-        let record = decode(&row)?;
+        let record = crate::rows::model_version(&row)?;
         tx.commit().await?;
         Ok(record)
     }
@@ -105,7 +86,7 @@ impl ModelStore for PgModelStore {
         .fetch_optional(&self.pool)
         .await?;
         match row {
-            Some(row) => decode(&row),
+            Some(row) => crate::rows::model_version(&row),
             None => Err(StoreError::NotFound {
                 what: WHAT,
                 id: format!("{name}@{version}"),
@@ -123,7 +104,7 @@ impl ModelStore for PgModelStore {
         .fetch_optional(&self.pool)
         .await?;
         match row {
-            Some(row) => decode(&row),
+            Some(row) => crate::rows::model_version(&row),
             None => Err(StoreError::NotFound {
                 what: "model",
                 id: name.to_string(),
@@ -147,6 +128,6 @@ impl ModelStore for PgModelStore {
         .bind(job_id)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(decode).collect()
+        rows.iter().map(crate::rows::model_version).collect()
     }
 }
