@@ -66,6 +66,13 @@ pub struct UpArgs {
     /// Address of the proxy, the federation's one entry point.
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub listen: String,
+    #[command(flatten)]
+    pub storage: StorageArgs,
+}
+
+/// Where the server services keep metadata and models.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StorageArgs {
     /// Metadata database for the server services (sqlite://, postgres://, mongodb://);
     /// default: SQLite files in the data directory.
     #[arg(long, env = "COHORT_DATABASE_URL", hide_env_values = true)]
@@ -93,13 +100,8 @@ pub struct DemoArgs {
     /// Give up after this long.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
-    /// Metadata database for the server services (sqlite://, postgres://, mongodb://);
-    /// default: SQLite files in the data directory.
-    #[arg(long, env = "COHORT_DATABASE_URL", hide_env_values = true)]
-    pub database_url: Option<String>,
-    /// Model storage (file://PATH or s3://BUCKET/PREFIX); default: the data directory.
-    #[arg(long, env = "COHORT_BLOB_URL")]
-    pub blob_url: Option<String>,
+    #[command(flatten)]
+    pub storage: StorageArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -194,34 +196,25 @@ impl Cli {
                     .await?
                     .into_inner()
                     .clients;
-                if json {
-                    println!(
-                        "{}",
-                        json!(clients.iter().map(client_json).collect::<Vec<_>>())
-                    );
-                } else {
-                    for c in &clients {
-                        let ds: Vec<String> = c
-                            .datasets
-                            .iter()
-                            .map(|d| format!("{}({})", d.name, d.samples))
-                            .collect();
-                        println!(
-                            "{:<20} {:<13} tasks {}/{} ok  {}",
-                            c.party,
-                            if c.connected {
-                                "connected"
-                            } else {
-                                "disconnected"
-                            },
-                            c.tasks_succeeded,
-                            c.tasks_offered,
-                            ds.join(" ")
-                        );
-                    }
-                }
+                print_list(&clients, json, client_json, client_line);
                 Ok(0)
             }
+        }
+    }
+}
+
+/// A list as one JSON array, or one line per item.
+fn print_list<T>(
+    items: &[T],
+    json: bool,
+    as_json: fn(&T) -> serde_json::Value,
+    as_line: impl Fn(&T) -> String,
+) {
+    if json {
+        println!("{}", json!(items.iter().map(as_json).collect::<Vec<_>>()));
+    } else {
+        for item in items {
+            println!("{}", as_line(item));
         }
     }
 }
@@ -319,13 +312,7 @@ async fn job_command(api: Api, cmd: JobCommand, json: bool) -> anyhow::Result<i3
                 }
             }
             all.truncate(limit);
-            if json {
-                println!("{}", json!(all.iter().map(job_json).collect::<Vec<_>>()));
-            } else {
-                for j in &all {
-                    println!("{}", job_line(j));
-                }
-            }
+            print_list(&all, json, job_json, job_line);
         }
         JobCommand::Watch { id } => {
             let last = watch(&api, &id, Duration::from_secs(24 * 3600), |job| {
@@ -464,16 +451,7 @@ async fn model_command(api: Api, cmd: ModelCommand, json: bool) -> anyhow::Resul
                 .await?
                 .into_inner()
                 .versions;
-            if json {
-                println!(
-                    "{}",
-                    json!(versions.iter().map(version_json).collect::<Vec<_>>())
-                );
-            } else {
-                for v in &versions {
-                    println!("{}", version_line(v));
-                }
-            }
+            print_list(&versions, json, version_json, version_line);
         }
         ModelCommand::Get { model } => {
             let (name, version) = split_model_ref(&model)?;
@@ -581,8 +559,8 @@ async fn up(a: UpArgs, json: bool) -> anyhow::Result<i32> {
         data_dir: data_dir.clone(),
         parties: a.clients,
         proxy_listen: a.listen.clone(),
-        database_url: a.database_url.clone(),
-        blob_url: a.blob_url.clone(),
+        database_url: a.storage.database_url.clone(),
+        blob_url: a.storage.blob_url.clone(),
         service_env: Vec::new(),
         alpha: 0.5,
         seed: 42,
@@ -661,8 +639,8 @@ async fn demo(a: DemoArgs, json: bool) -> anyhow::Result<i32> {
         data_dir: data_dir.clone(),
         parties: a.clients,
         proxy_listen: "127.0.0.1:0".into(),
-        database_url: a.database_url.clone(),
-        blob_url: a.blob_url.clone(),
+        database_url: a.storage.database_url.clone(),
+        blob_url: a.storage.blob_url.clone(),
         service_env: Vec::new(),
         alpha: a.alpha,
         seed: a.seed,

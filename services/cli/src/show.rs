@@ -173,6 +173,26 @@ pub fn version_line(v: &pb::ModelVersion) -> String {
     )
 }
 
+pub fn client_line(c: &pb::ClientInfo) -> String {
+    let ds: Vec<String> = c
+        .datasets
+        .iter()
+        .map(|d| format!("{}({})", d.name, d.samples))
+        .collect();
+    format!(
+        "{:<20} {:<13} tasks {}/{} ok  {}",
+        c.party,
+        if c.connected {
+            "connected"
+        } else {
+            "disconnected"
+        },
+        c.tasks_succeeded,
+        c.tasks_offered,
+        ds.join(" ")
+    )
+}
+
 pub fn client_json(c: &pb::ClientInfo) -> Value {
     let r = c.resources.unwrap_or_default();
     json!({

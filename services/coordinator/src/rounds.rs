@@ -437,9 +437,6 @@ impl JobRun {
                     tracing::warn!(round, status = %s.message(), "client-selector did not take the offer")
                 }
             }
-            if accepted.len() as u32 >= min && last_refusals.is_empty() {
-                break;
-            }
             if accepted.len() as u32 >= min {
                 // Quorum reached; more parties may still come, but do not hold the round for them.
                 break;
