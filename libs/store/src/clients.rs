@@ -1,5 +1,5 @@
 //! The client store, owned by client-selector: registered parties, what they
-//! hold, and their reliability history.
+//! hold, their reliability history, and whether they are revoked.
 
 use async_trait::async_trait;
 use cohort_core::PartyId;
@@ -39,6 +39,9 @@ pub struct ClientRecord {
     pub resources: ResourcesEntry,
     pub first_seen_ms: i64,
     pub last_seen_ms: i64,
+    /// When the party was revoked (None: it is not). Registering or being
+    /// seen again never lifts a revocation.
+    pub revoked_at_ms: Option<i64>,
     pub stats: ClientStats,
 }
 
@@ -53,6 +56,7 @@ pub enum TaskOutcome {
 #[async_trait]
 pub trait ClientStore: Send + Sync + 'static {
     /// Records a registration: creates the party or replaces what it holds.
+    /// Keeps first_seen, the counters and any revocation.
     async fn upsert_client(
         &self,
         party: &PartyId,
@@ -62,9 +66,26 @@ pub trait ClientStore: Send + Sync + 'static {
     ) -> Result<ClientRecord>;
     async fn get_client(&self, party: &PartyId) -> Result<ClientRecord>;
     async fn list_clients(&self) -> Result<Vec<ClientRecord>>;
+    /// Moves last_seen forward (never back). NotFound if the party is unknown.
     async fn touch(&self, party: &PartyId, now_ms: i64) -> Result<()>;
     /// Adds one to the counter of `outcome` (atomic: no lost increments).
     async fn count_task(&self, party: &PartyId, outcome: TaskOutcome) -> Result<()>;
+    /// Revokes the party at `now_ms` and returns its record. A party that
+    /// never registered gets a record (no datasets, default resources, first
+    /// and last seen = `now_ms`), so it can be revoked before it connects.
+    /// Idempotent: revoking again keeps the first `revoked_at_ms`.
+    async fn revoke_client(&self, party: &PartyId, now_ms: i64) -> Result<ClientRecord>;
+}
+
+/// The holdings a party revoked before it ever registered is recorded with,
+/// as the SQL backends store them.
+pub(crate) fn unregistered_json() -> Result<(String, String)> {
+    let datasets: &[DatasetEntry] = &[];
+    let datasets = serde_json::to_string(datasets)
+        .map_err(|e| StoreError::Conflict(format!("client datasets: {e}")))?;
+    let resources = serde_json::to_string(&ResourcesEntry::default())
+        .map_err(|e| StoreError::Conflict(format!("client resources: {e}")))?;
+    Ok((datasets, resources))
 }
 
 pub struct SqliteClientStore {
@@ -91,7 +112,7 @@ impl SqliteClientStore {
 }
 
 const SELECT: &str = "SELECT c.party, c.datasets_json, c.resources_json, c.first_seen_ms, \
-    c.last_seen_ms, s.tasks_offered, s.tasks_accepted, s.tasks_succeeded, s.tasks_failed \
+    c.last_seen_ms, c.revoked_at_ms, s.tasks_offered, s.tasks_accepted, s.tasks_succeeded, s.tasks_failed \
     FROM clients c JOIN client_stats s ON s.party = c.party";
 
 fn not_found(party: &PartyId) -> StoreError {
@@ -189,5 +210,34 @@ impl ClientStore for SqliteClientStore {
             return Err(not_found(party));
         }
         Ok(())
+    }
+
+    async fn revoke_client(&self, party: &PartyId, now_ms: i64) -> Result<ClientRecord> {
+        let (datasets, resources) = unregistered_json()?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        // A known party keeps its first revocation; an unknown one is created revoked.
+        sqlx::query(
+            "INSERT INTO clients (party, datasets_json, resources_json, first_seen_ms, \
+             last_seen_ms, revoked_at_ms) VALUES (?1, ?2, ?3, ?4, ?4, ?4) \
+             ON CONFLICT (party) DO UPDATE SET \
+             revoked_at_ms = COALESCE(clients.revoked_at_ms, excluded.revoked_at_ms)",
+        )
+        .bind(party.as_str())
+        .bind(&datasets)
+        .bind(&resources)
+        .bind(now_ms)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("INSERT OR IGNORE INTO client_stats (party) VALUES (?1)")
+            .bind(party.as_str())
+            .execute(&mut *tx)
+            .await?;
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT} WHERE c.party = ?1")))
+            .bind(party.as_str())
+            .fetch_one(&mut *tx)
+            .await?;
+        let record = crate::rows::client(&row)?;
+        tx.commit().await?;
+        Ok(record)
     }
 }

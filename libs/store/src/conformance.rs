@@ -3,9 +3,13 @@
 //!
 //! Each check is a `pub async fn` taking a fresh, empty store; it panics when
 //! the backend misbehaves. The macros [`job_store_conformance!`],
-//! [`model_store_conformance!`] and [`client_store_conformance!`] stamp out one
-//! `#[tokio::test]` per check, so a failure names the backend (the test file
+//! [`model_store_conformance!`] and [`client_store_conformance!`] stamp out
+//! one `#[tokio::test]` per check, so a failure names the backend (the test file
 //! and module) and the check (the test name).
+//!
+//! [`job_store_conformance!`]: crate::job_store_conformance
+//! [`model_store_conformance!`]: crate::model_store_conformance
+//! [`client_store_conformance!`]: crate::client_store_conformance
 //!
 //! # Running the suite against a backend
 //!
@@ -98,6 +102,11 @@ macro_rules! job_store_conformance {
                 record_round_is_idempotent,
                 concurrent_record_round_counts_once,
                 delete_cascades,
+                tokens_insert_get_list_delete,
+                tokens_missing_are_not_found,
+                tokens_duplicate_id_or_hash_conflicts,
+                tokens_ensure_is_idempotent,
+                tokens_concurrent_ensure_stores_one,
             ]
         );
     };
@@ -119,6 +128,11 @@ macro_rules! model_store_conformance {
                 nan_metrics_round_trip,
                 list_filters_by_name_and_job,
                 out_of_range_values_are_refused,
+                namespace_is_stored,
+                other_namespace_insert_conflicts,
+                list_filters_by_namespace,
+                concurrent_inserts_in_one_namespace_number_from_one,
+                racing_namespaces_one_wins,
             ]
         );
     };
@@ -140,6 +154,10 @@ macro_rules! client_store_conformance {
                 concurrent_count_task_loses_nothing,
                 concurrent_first_registrations,
                 list_is_ordered_by_party,
+                revoke_before_register,
+                revoke_keeps_the_first_time,
+                reregistration_and_touch_keep_the_revocation,
+                concurrent_revocations_create_one_record,
             ]
         );
     };
@@ -154,6 +172,7 @@ pub mod jobs {
 
     use crate::StoreError;
     use crate::jobs::{JobFilter, JobRecord, JobStore, RoundRecord};
+    use crate::tokens::{NewToken, TokenRecord};
 
     pub fn job(name: &str, namespace: &str) -> JobRecord {
         JobRecord {
@@ -184,6 +203,7 @@ pub mod jobs {
             updates: 2,
             model_version: n,
             duration_ms: 3,
+            refused_updates: n % 3,
         }
     }
 
@@ -645,6 +665,189 @@ pub mod jobs {
         let listed = all_ids(s.as_ref(), &JobFilter::default(), 10).await;
         assert_eq!(listed, vec![other.id.clone(), j.id.clone()]);
     }
+
+    // API tokens: every job store holds them (`JobStore: TokenStore`).
+
+    /// A distinct lowercase hex sha256 per `n`.
+    pub fn token_hash(n: u8) -> String {
+        format!("{n:02x}").repeat(32)
+    }
+
+    pub fn new_token(id: &str, n: u8, namespace: &str, role: &str) -> NewToken {
+        NewToken {
+            id: id.to_string(),
+            name: format!("token {id} ✓"),
+            sha256: token_hash(n),
+            namespace: namespace.to_string(),
+            role: role.to_string(),
+        }
+    }
+
+    fn assert_token_not_found<T: std::fmt::Debug>(r: crate::Result<T>, call: &str) -> String {
+        match r {
+            Err(StoreError::NotFound { what, id }) => {
+                assert_eq!(what, "token", "{call}");
+                id
+            }
+            other => panic!("{call}: expected NotFound, got {other:?}"),
+        }
+    }
+
+    pub async fn tokens_insert_get_list_delete(s: Arc<dyn JobStore>) {
+        let a = s
+            .insert_token(new_token("tok-a", 1, "team-a", "member"), 20)
+            .await
+            .unwrap();
+        assert_eq!(
+            a,
+            TokenRecord {
+                id: "tok-a".into(),
+                name: "token tok-a ✓".into(),
+                sha256: token_hash(1),
+                namespace: "team-a".into(),
+                role: "member".into(),
+                created_at_ms: 20,
+            }
+        );
+        let all = s
+            .insert_token(new_token("tok-Z", 2, "*", "admin"), 10)
+            .await
+            .unwrap();
+        let b = s
+            .insert_token(new_token("tok-b", 3, "team-b", "viewer"), 20)
+            .await
+            .unwrap();
+        let a2 = s
+            .insert_token(new_token("tok-B", 4, "team-a", "viewer"), 20)
+            .await
+            .unwrap();
+        assert_eq!(s.token_by_sha256(&token_hash(3)).await.unwrap(), b);
+        assert_eq!(s.token_by_sha256(&token_hash(1)).await.unwrap(), a);
+        // By creation time, then id bytewise ("tok-B" < "tok-a" < "tok-b").
+        assert_eq!(
+            s.list_tokens(None).await.unwrap(),
+            vec![all.clone(), a2.clone(), a.clone(), b.clone()]
+        );
+        assert_eq!(
+            s.list_tokens(Some("team-a")).await.unwrap(),
+            vec![a2.clone(), a.clone()]
+        );
+        assert_eq!(
+            s.list_tokens(Some("*")).await.unwrap(),
+            vec![all.clone()],
+            "a namespace filter is exact: \"*\" lists the tokens for all namespaces"
+        );
+        assert!(s.list_tokens(Some("nobody")).await.unwrap().is_empty());
+
+        s.delete_token("tok-a").await.unwrap();
+        assert_token_not_found(s.token_by_sha256(&token_hash(1)).await, "deleted token");
+        assert_eq!(s.list_tokens(None).await.unwrap(), vec![all, a2, b.clone()]);
+        // The id and the hash are free again.
+        let again = s
+            .insert_token(new_token("tok-a", 1, "team-c", "admin"), 30)
+            .await
+            .unwrap();
+        assert_eq!(s.token_by_sha256(&token_hash(1)).await.unwrap(), again);
+        // Tokens and jobs live side by side.
+        let j = job("a", "team-b");
+        s.insert_job(&j, "created").await.unwrap();
+        s.delete_job(&j.id).await.unwrap();
+        assert_eq!(s.token_by_sha256(&token_hash(3)).await.unwrap(), b);
+    }
+
+    pub async fn tokens_missing_are_not_found(s: Arc<dyn JobStore>) {
+        assert_token_not_found(s.token_by_sha256(&token_hash(9)).await, "token_by_sha256");
+        let id = assert_token_not_found(s.delete_token("ghost").await, "delete_token");
+        assert_eq!(id, "ghost", "NotFound names the token");
+        assert!(s.list_tokens(None).await.unwrap().is_empty());
+        s.insert_token(new_token("t", 1, "default", "viewer"), 1)
+            .await
+            .unwrap();
+        assert_token_not_found(s.token_by_sha256(&token_hash(2)).await, "other hash");
+        assert_token_not_found(s.delete_token("T").await, "ids are case-sensitive");
+    }
+
+    pub async fn tokens_duplicate_id_or_hash_conflicts(s: Arc<dyn JobStore>) {
+        let first = s
+            .insert_token(new_token("tok", 1, "team-a", "member"), 1)
+            .await
+            .unwrap();
+        for (what, t) in [
+            ("same id", new_token("tok", 2, "team-b", "viewer")),
+            ("same hash", new_token("other", 1, "team-b", "viewer")),
+            ("both", new_token("tok", 1, "team-a", "member")),
+        ] {
+            match s.insert_token(t, 2).await {
+                Err(StoreError::Conflict(m)) => {
+                    assert!(
+                        !m.contains(&token_hash(1)),
+                        "{what}: hash printed whole: {m}"
+                    )
+                }
+                other => panic!("{what}: expected Conflict, got {other:?}"),
+            }
+        }
+        assert_eq!(s.list_tokens(None).await.unwrap(), vec![first]);
+    }
+
+    pub async fn tokens_ensure_is_idempotent(s: Arc<dyn JobStore>) {
+        let boot = s
+            .ensure_token(new_token("boot", 5, "*", "admin"), 100)
+            .await
+            .unwrap();
+        assert_eq!(boot, new_token("boot", 5, "*", "admin").record(100));
+        assert_eq!(s.token_by_sha256(&token_hash(5)).await.unwrap(), boot);
+        // Every start ensures it again, maybe with other details: the stored
+        // token stays as it is.
+        let mut again = new_token("boot-2", 5, "team-a", "viewer");
+        again.name = "renamed".into();
+        assert_eq!(s.ensure_token(again, 200).await.unwrap(), boot);
+        assert_eq!(
+            s.ensure_token(new_token("boot", 5, "*", "admin"), 300)
+                .await
+                .unwrap(),
+            boot
+        );
+        assert_eq!(s.list_tokens(None).await.unwrap(), vec![boot.clone()]);
+        // A new hash under a taken id is refused, and so is inserting the hash.
+        assert!(matches!(
+            s.ensure_token(new_token("boot", 6, "*", "admin"), 400)
+                .await,
+            Err(StoreError::Conflict(_))
+        ));
+        assert!(matches!(
+            s.insert_token(new_token("fresh", 5, "*", "admin"), 400)
+                .await,
+            Err(StoreError::Conflict(_))
+        ));
+        let other = s
+            .ensure_token(new_token("other", 6, "team-a", "member"), 500)
+            .await
+            .unwrap();
+        assert_eq!(other.created_at_ms, 500);
+        assert_eq!(s.list_tokens(None).await.unwrap(), vec![boot, other]);
+    }
+
+    pub async fn tokens_concurrent_ensure_stores_one(s: Arc<dyn JobStore>) {
+        let tasks: Vec<_> = (0..8)
+            .map(|i| {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    s.ensure_token(new_token(&format!("boot-{i}"), 7, "*", "admin"), 100 + i)
+                        .await
+                })
+            })
+            .collect();
+        let mut got = Vec::new();
+        for t in tasks {
+            got.push(t.await.unwrap().unwrap());
+        }
+        let stored = s.list_tokens(None).await.unwrap();
+        assert_eq!(stored.len(), 1, "one token: {stored:?}");
+        for g in got {
+            assert_eq!(g, stored[0], "every caller gets the stored token");
+        }
+    }
 }
 
 /// Checks of [`ModelStore`](crate::models::ModelStore).
@@ -654,8 +857,14 @@ pub mod models {
     use crate::StoreError;
     use crate::models::{ModelStore, ModelVersionRecord, NewModelVersion};
 
+    /// A version of `name` in namespace `default`.
     pub fn new_version(name: &str, job: &str) -> NewModelVersion {
+        new_version_in(name, job, "default")
+    }
+
+    pub fn new_version_in(name: &str, job: &str, namespace: &str) -> NewModelVersion {
         NewModelVersion {
+            namespace: namespace.to_string(),
             name: name.to_string(),
             digest: "ab".repeat(32),
             size_bytes: 1234,
@@ -688,6 +897,7 @@ pub mod models {
                 accuracy: want.accuracy,
                 samples: want.samples,
                 created_at_ms: 1000,
+                namespace: want.namespace,
             }
         );
         let mut second = new_version("mnist", "job-a");
@@ -761,7 +971,10 @@ pub mod models {
         b.sort();
         assert_eq!(a, (1..=16).collect::<Vec<_>>());
         assert_eq!(b, (1..=8).collect::<Vec<_>>());
-        assert_eq!(s.list_versions(Some("a"), None).await.unwrap().len(), 16);
+        assert_eq!(
+            s.list_versions(Some("a"), None, None).await.unwrap().len(),
+            16
+        );
     }
 
     pub async fn nan_metrics_round_trip(s: Arc<dyn ModelStore>) {
@@ -789,7 +1002,7 @@ pub mod models {
         let list = |name: Option<&'static str>, job: Option<&'static str>| {
             let s = s.clone();
             async move {
-                s.list_versions(name, job)
+                s.list_versions(name, job, None)
                     .await
                     .unwrap()
                     .iter()
@@ -835,6 +1048,179 @@ pub mod models {
         let ok = s.insert_version(new_version("huge", "j"), 2).await.unwrap();
         assert_eq!(ok.version, 1);
     }
+
+    pub async fn namespace_is_stored(s: Arc<dyn ModelStore>) {
+        let v1 = s
+            .insert_version(new_version_in("mnist", "j", "team-a"), 1)
+            .await
+            .unwrap();
+        assert_eq!((v1.namespace.as_str(), v1.version), ("team-a", 1));
+        let v2 = s
+            .insert_version(new_version_in("mnist", "j", "team-a"), 2)
+            .await
+            .unwrap();
+        assert_eq!((v2.namespace.as_str(), v2.version), ("team-a", 2));
+        assert_eq!(s.get_version("mnist", 1).await.unwrap(), v1);
+        assert_eq!(s.latest_version("mnist").await.unwrap(), v2);
+        assert_eq!(
+            s.list_versions(None, None, None).await.unwrap(),
+            vec![v1, v2]
+        );
+    }
+
+    pub async fn other_namespace_insert_conflicts(s: Arc<dyn ModelStore>) {
+        s.insert_version(new_version_in("shared", "j", "secret-team"), 1)
+            .await
+            .unwrap();
+        for ns in ["intruders", "default", "secret-team2"] {
+            match s.insert_version(new_version_in("shared", "j", ns), 2).await {
+                Err(StoreError::Conflict(m)) => {
+                    assert!(
+                        m.contains("shared") && m.contains("another namespace"),
+                        "{ns}: {m}"
+                    );
+                    assert!(!m.contains("secret-team"), "names the namespace: {m}");
+                }
+                other => panic!("{ns}: expected Conflict, got {other:?}"),
+            }
+        }
+        // Nothing stored, no number used.
+        assert_eq!(s.latest_version("shared").await.unwrap().version, 1);
+        assert!(
+            s.list_versions(Some("shared"), None, Some("intruders"))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let v2 = s
+            .insert_version(new_version_in("shared", "j", "secret-team"), 3)
+            .await
+            .unwrap();
+        assert_eq!(v2.version, 2);
+        // Other names are free in any namespace.
+        let other = s
+            .insert_version(new_version_in("other", "j", "intruders"), 4)
+            .await
+            .unwrap();
+        assert_eq!((other.version, other.namespace.as_str()), (1, "intruders"));
+    }
+
+    pub async fn list_filters_by_namespace(s: Arc<dyn ModelStore>) {
+        for (name, job, ns) in [
+            ("m1", "j1", "a"),
+            ("m2", "j1", "b"),
+            ("m1", "j2", "a"),
+            ("m3", "j2", "b"),
+            ("m4", "j1", "a"),
+        ] {
+            s.insert_version(new_version_in(name, job, ns), 1)
+                .await
+                .unwrap();
+        }
+        let list =
+            |name: Option<&'static str>, job: Option<&'static str>, ns: Option<&'static str>| {
+                let s = s.clone();
+                async move {
+                    s.list_versions(name, job, ns)
+                        .await
+                        .unwrap()
+                        .iter()
+                        .map(|r| format!("{}@{} {} {}", r.name, r.version, r.job_id, r.namespace))
+                        .collect::<Vec<_>>()
+                }
+            };
+        assert_eq!(
+            list(None, None, Some("a")).await,
+            ["m1@1 j1 a", "m1@2 j2 a", "m4@1 j1 a"]
+        );
+        assert_eq!(
+            list(None, None, Some("b")).await,
+            ["m2@1 j1 b", "m3@1 j2 b"]
+        );
+        assert_eq!(list(None, Some("j1"), Some("b")).await, ["m2@1 j1 b"]);
+        assert_eq!(list(Some("m1"), Some("j2"), Some("a")).await, ["m1@2 j2 a"]);
+        assert!(list(Some("m1"), None, Some("b")).await.is_empty());
+        assert!(list(None, None, Some("c")).await.is_empty());
+        assert!(
+            list(None, None, Some("A")).await.is_empty(),
+            "case-sensitive"
+        );
+        assert_eq!(list(None, None, None).await.len(), 5);
+    }
+
+    pub async fn concurrent_inserts_in_one_namespace_number_from_one(s: Arc<dyn ModelStore>) {
+        let tasks: Vec<_> = (0..20)
+            .map(|i| {
+                let s = s.clone();
+                let name = if i % 2 == 0 { "x" } else { "y" };
+                tokio::spawn(async move {
+                    s.insert_version(new_version_in(name, "job", "team"), i)
+                        .await
+                })
+            })
+            .collect();
+        let (mut x, mut y) = (Vec::new(), Vec::new());
+        for t in tasks {
+            let rec = t.await.unwrap().unwrap();
+            assert_eq!(rec.namespace, "team");
+            if rec.name == "x" {
+                x.push(rec.version)
+            } else {
+                y.push(rec.version)
+            }
+        }
+        x.sort();
+        y.sort();
+        assert_eq!(x, (1..=10).collect::<Vec<_>>());
+        assert_eq!(y, (1..=10).collect::<Vec<_>>());
+        assert_eq!(
+            s.list_versions(None, None, Some("team"))
+                .await
+                .unwrap()
+                .len(),
+            20
+        );
+    }
+
+    pub async fn racing_namespaces_one_wins(s: Arc<dyn ModelStore>) {
+        // First inserts of one name from two namespaces race to create it.
+        let tasks: Vec<_> = (0..16)
+            .map(|i| {
+                let s = s.clone();
+                let ns = if i % 2 == 0 { "a" } else { "b" };
+                tokio::spawn(async move {
+                    s.insert_version(new_version_in("contested", "job", ns), i)
+                        .await
+                })
+            })
+            .collect();
+        let mut won = Vec::new();
+        let mut refused = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(rec) => won.push(rec),
+                Err(StoreError::Conflict(_)) => refused += 1,
+                Err(e) => panic!("expected success or Conflict, got {e:?}"),
+            }
+        }
+        assert_eq!(
+            (won.len(), refused),
+            (8, 8),
+            "one namespace wins, all of it"
+        );
+        let owner = won[0].namespace.clone();
+        assert!(won.iter().all(|r| r.namespace == owner));
+        let mut versions: Vec<_> = won.iter().map(|r| r.version).collect();
+        versions.sort();
+        assert_eq!(versions, (1..=8).collect::<Vec<_>>());
+        assert_eq!(
+            s.list_versions(Some("contested"), None, None)
+                .await
+                .unwrap()
+                .len(),
+            8
+        );
+    }
 }
 
 /// Checks of [`ClientStore`](crate::clients::ClientStore).
@@ -844,7 +1230,9 @@ pub mod clients {
     use cohort_core::PartyId;
 
     use crate::StoreError;
-    use crate::clients::{ClientStats, ClientStore, DatasetEntry, ResourcesEntry, TaskOutcome};
+    use crate::clients::{
+        ClientRecord, ClientStats, ClientStore, DatasetEntry, ResourcesEntry, TaskOutcome,
+    };
 
     fn party(name: &str) -> PartyId {
         PartyId::parse(name).unwrap()
@@ -886,6 +1274,7 @@ pub mod clients {
         assert_eq!(rec.datasets, datasets(10));
         assert_eq!(rec.resources, resources(8));
         assert_eq!((rec.first_seen_ms, rec.last_seen_ms), (1, 1));
+        assert_eq!(rec.revoked_at_ms, None);
         assert_eq!(rec.stats, ClientStats::default());
         assert_eq!(s.get_client(&p).await.unwrap(), rec);
         let empty = s
@@ -1009,5 +1398,104 @@ pub mod clients {
             .map(|c| c.party.to_string())
             .collect();
         assert_eq!(names, ["10", "B-party", "Z.lab", "a_party", "b-party"]);
+    }
+
+    pub async fn revoke_before_register(s: Arc<dyn ClientStore>) {
+        let p = party("late");
+        let rec = s.revoke_client(&p, 5).await.unwrap();
+        assert_eq!(
+            rec,
+            ClientRecord {
+                party: p.clone(),
+                datasets: vec![],
+                resources: ResourcesEntry::default(),
+                first_seen_ms: 5,
+                last_seen_ms: 5,
+                revoked_at_ms: Some(5),
+                stats: ClientStats::default(),
+            }
+        );
+        assert_eq!(s.get_client(&p).await.unwrap(), rec);
+        assert_eq!(s.list_clients().await.unwrap(), vec![rec]);
+        s.count_task(&p, TaskOutcome::Offered).await.unwrap();
+        assert_eq!(s.get_client(&p).await.unwrap().stats.tasks_offered, 1);
+    }
+
+    pub async fn revoke_keeps_the_first_time(s: Arc<dyn ClientStore>) {
+        let p = party("hospital-a");
+        let other = party("hospital-b");
+        s.upsert_client(&p, &datasets(10), &resources(8), 1)
+            .await
+            .unwrap();
+        s.upsert_client(&other, &[], &resources(1), 1)
+            .await
+            .unwrap();
+        let first = s.revoke_client(&p, 10).await.unwrap();
+        assert_eq!(first.revoked_at_ms, Some(10));
+        assert_eq!(first.datasets, datasets(10), "holdings stay");
+        assert_eq!((first.first_seen_ms, first.last_seen_ms), (1, 1));
+        for (at, call) in [(20, "a later revoke"), (5, "an earlier revoke")] {
+            let again = s.revoke_client(&p, at).await.unwrap();
+            assert_eq!(again, first, "{call} changes nothing");
+        }
+        assert_eq!(s.get_client(&p).await.unwrap(), first);
+        assert_eq!(s.get_client(&other).await.unwrap().revoked_at_ms, None);
+    }
+
+    pub async fn reregistration_and_touch_keep_the_revocation(s: Arc<dyn ClientStore>) {
+        let p = party("p1");
+        s.revoke_client(&p, 3).await.unwrap();
+        let rec = s
+            .upsert_client(&p, &datasets(20), &resources(4), 9)
+            .await
+            .unwrap();
+        assert_eq!(rec.revoked_at_ms, Some(3), "registering never lifts it");
+        assert_eq!(rec.datasets, datasets(20));
+        assert_eq!(rec.resources, resources(4));
+        assert_eq!((rec.first_seen_ms, rec.last_seen_ms), (3, 9));
+        s.touch(&p, 12).await.unwrap();
+        s.count_task(&p, TaskOutcome::Failed).await.unwrap();
+        let rec = s.get_client(&p).await.unwrap();
+        assert_eq!((rec.last_seen_ms, rec.revoked_at_ms), (12, Some(3)));
+        assert_eq!(s.list_clients().await.unwrap(), vec![rec]);
+    }
+
+    pub async fn concurrent_revocations_create_one_record(s: Arc<dyn ClientStore>) {
+        // Revocations and first registrations of a new party race.
+        let p = party("contested");
+        let revokes: Vec<_> = (0..8)
+            .map(|i| {
+                let (s, p) = (s.clone(), p.clone());
+                tokio::spawn(async move { s.revoke_client(&p, 100 + i).await })
+            })
+            .collect();
+        let registrations: Vec<_> = (0..4)
+            .map(|i| {
+                let (s, p) = (s.clone(), p.clone());
+                tokio::spawn(async move {
+                    s.upsert_client(&p, &datasets(i), &resources(1), 200 + i as i64)
+                        .await
+                })
+            })
+            .collect();
+        let mut times = Vec::new();
+        for t in revokes {
+            times.push(t.await.unwrap().unwrap().revoked_at_ms);
+        }
+        for t in registrations {
+            t.await.unwrap().unwrap();
+        }
+        let all = s.list_clients().await.unwrap();
+        assert_eq!(all.len(), 1);
+        let revoked = all[0].revoked_at_ms;
+        assert!(
+            matches!(revoked, Some(t) if (100..108).contains(&t)),
+            "{revoked:?}"
+        );
+        assert!(
+            times.iter().all(|t| *t == revoked),
+            "every revocation returns the first: {times:?}"
+        );
+        assert_eq!(all[0].stats, ClientStats::default());
     }
 }

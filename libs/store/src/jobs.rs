@@ -1,10 +1,12 @@
-//! The job store, owned by job-scheduler: jobs, their events and round history.
+//! The job store, owned by job-scheduler: jobs, their events and round
+//! history, and (through the [`TokenStore`] supertrait) the API tokens.
 
 use async_trait::async_trait;
 use cohort_core::{JobId, JobState};
 use sqlx::Row;
 use sqlx::sqlite::SqlitePool;
 
+use crate::tokens::TokenStore;
 use crate::{DatabaseOptions, Page, Result, StoreError};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -45,6 +47,8 @@ pub struct RoundRecord {
     pub updates: u32,
     pub model_version: u32,
     pub duration_ms: u64,
+    /// Round calls the coordinator refused in this round.
+    pub refused_updates: u32,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -53,8 +57,10 @@ pub struct JobFilter {
     pub state: Option<JobState>,
 }
 
+/// Job-scheduler's store. It also holds the API tokens ([`TokenStore`]), so
+/// one `Arc<dyn JobStore>` serves both.
 #[async_trait]
-pub trait JobStore: Send + Sync + 'static {
+pub trait JobStore: TokenStore + Send + Sync + 'static {
     /// Stores a new job and its first event (→ its state). Conflict if the id exists.
     async fn insert_job(&self, job: &JobRecord, reason: &str) -> Result<()>;
     async fn get_job(&self, id: &JobId) -> Result<JobRecord>;
@@ -83,7 +89,7 @@ pub trait JobStore: Send + Sync + 'static {
 }
 
 pub struct SqliteJobStore {
-    pool: SqlitePool,
+    pub(crate) pool: SqlitePool,
 }
 
 const HISTORY_TABLE: &str = "_sqlx_migrations_jobs";
@@ -120,7 +126,7 @@ fn corrupt(id: &str, message: impl Into<String>) -> StoreError {
 /// Write transactions take SQLite's write lock when they begin: a deferred one
 /// that read first fails with "database is locked" if another writer committed
 /// meanwhile, instead of waiting its turn.
-const IMMEDIATE: &str = "BEGIN IMMEDIATE";
+pub(crate) const IMMEDIATE: &str = "BEGIN IMMEDIATE";
 
 fn not_found(id: &JobId) -> StoreError {
     StoreError::NotFound {
@@ -316,8 +322,8 @@ impl JobStore for SqliteJobStore {
         }
         let inserted = sqlx::query(
             "INSERT OR IGNORE INTO job_rounds (job_id, round, eval_loss, eval_accuracy, \
-             eval_samples, train_loss, updates, model_version, duration_ms) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+             eval_samples, train_loss, updates, model_version, duration_ms, refused_updates) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         )
         .bind(id.as_str())
         .bind(r.round as i64)
@@ -328,6 +334,7 @@ impl JobStore for SqliteJobStore {
         .bind(r.updates as i64)
         .bind(r.model_version as i64)
         .bind(r.duration_ms as i64)
+        .bind(i64::from(r.refused_updates))
         .execute(&mut *tx)
         .await?
         .rows_affected();

@@ -4,6 +4,11 @@
 //! and MongoDB, chosen by URL with [`open_job_store`] and its siblings. The
 //! [`conformance`] suite states the behaviour every backend must share.
 //!
+//! What each store holds: jobs with their events and rounds, and the API
+//! tokens ([`TokenStore`], a supertrait of `JobStore`: only token hashes are
+//! stored); model versions, each model in one namespace; parties with their
+//! holdings, counters and revocation.
+//!
 //! Services hold an `Arc<dyn ...Store>` and never see SQL. This crate must not
 //! depend on gRPC, on the blob store or on any service crate.
 
@@ -16,9 +21,11 @@ pub mod open;
 pub mod postgres;
 mod rows;
 mod sqlite;
+pub mod tokens;
 
 pub use open::{DatabaseOptions, open_client_store, open_job_store, open_model_store, redact_url};
 pub use sqlite::open_sqlite;
+pub use tokens::{NewToken, TokenRecord, TokenStore};
 
 /// Store errors, mapped once onto gRPC codes by the services.
 #[derive(Debug, thiserror::Error)]

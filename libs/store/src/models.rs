@@ -1,6 +1,7 @@
 //! The model registry's metadata, owned by model-manager: named models and
-//! their immutable, numbered versions with lineage and metrics. The bytes
-//! themselves live in the blob store, named by `digest`.
+//! their immutable, numbered versions with lineage and metrics. Each model
+//! belongs to one namespace, that of its first version. The bytes themselves
+//! live in the blob store, named by `digest`.
 
 use async_trait::async_trait;
 use sqlx::sqlite::SqlitePool;
@@ -22,6 +23,8 @@ pub struct ModelVersionRecord {
     pub accuracy: f64,
     pub samples: u64,
     pub created_at_ms: i64,
+    /// The model's namespace: that of its first version.
+    pub namespace: String,
 }
 
 /// A version to record; the store assigns its number.
@@ -36,24 +39,37 @@ pub struct NewModelVersion {
     pub loss: f64,
     pub accuracy: f64,
     pub samples: u64,
+    /// Must be the model's namespace when the model exists already.
+    pub namespace: String,
 }
 
 #[async_trait]
 pub trait ModelStore: Send + Sync + 'static {
     /// Assigns the next version number of `name` (1, 2, ...) atomically (two
     /// concurrent inserts never get the same version) and stores it; creates
-    /// the model on first use.
+    /// the model on first use, in `v.namespace`. A model belongs to the
+    /// namespace of its first version: a version for another namespace is a
+    /// `Conflict` (which does not name the model's namespace) and uses no
+    /// version number.
     async fn insert_version(&self, v: NewModelVersion, now_ms: i64) -> Result<ModelVersionRecord>;
     /// `NotFound` names `model@version`.
     async fn get_version(&self, name: &str, version: u32) -> Result<ModelVersionRecord>;
     /// The highest version of `name`; `NotFound` if it has none.
     async fn latest_version(&self, name: &str) -> Result<ModelVersionRecord>;
-    /// Filter by name and/or job id (None = any); ordered by name, version.
+    /// Filter by name, job id and/or namespace (None = any); ordered by
+    /// name, version.
     async fn list_versions(
         &self,
         name: Option<&str>,
         job_id: Option<&str>,
+        namespace: Option<&str>,
     ) -> Result<Vec<ModelVersionRecord>>;
+}
+
+/// The refusal of a version for a model of another namespace. It names
+/// neither that namespace nor whether the caller may see it.
+pub(crate) fn other_namespace(name: &str) -> StoreError {
+    StoreError::Conflict(format!("model name {name:?} belongs to another namespace"))
 }
 
 pub struct SqliteModelStore {
@@ -81,7 +97,7 @@ impl SqliteModelStore {
 macro_rules! columns {
     () => {
         "name, version, digest, size_bytes, job_id, round, parent_version, \
-         loss, accuracy, samples, created_at_ms"
+         loss, accuracy, samples, created_at_ms, namespace"
     };
 }
 
@@ -102,17 +118,25 @@ impl ModelStore for SqliteModelStore {
         // race with another writer.
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         sqlx::query(
-            "INSERT INTO models (name, created_at_ms) VALUES (?1, ?2) \
+            "INSERT INTO models (name, created_at_ms, namespace) VALUES (?1, ?2, ?3) \
              ON CONFLICT (name) DO NOTHING",
         )
         .bind(&v.name)
         .bind(now_ms)
+        .bind(&v.namespace)
         .execute(&mut *tx)
         .await?;
+        let owner: String = sqlx::query_scalar("SELECT namespace FROM models WHERE name = ?1")
+            .bind(&v.name)
+            .fetch_one(&mut *tx)
+            .await?;
+        if owner != v.namespace {
+            return Err(other_namespace(&v.name));
+        }
         let row = sqlx::query(concat!(
             "INSERT INTO model_versions (",
             columns!(),
-            ") SELECT ?1, COALESCE(MAX(version), 0) + 1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10 \
+            ") SELECT ?1, COALESCE(MAX(version), 0) + 1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11 \
              FROM model_versions WHERE name = ?1 RETURNING ",
             columns!()
         ))
@@ -126,6 +150,7 @@ impl ModelStore for SqliteModelStore {
         .bind(v.accuracy)
         .bind(samples)
         .bind(now_ms)
+        .bind(&v.namespace)
         .fetch_one(&mut *tx)
         .await?;
         let record = crate::rows::model_version(&row)?;
@@ -174,16 +199,19 @@ impl ModelStore for SqliteModelStore {
         &self,
         name: Option<&str>,
         job_id: Option<&str>,
+        namespace: Option<&str>,
     ) -> Result<Vec<ModelVersionRecord>> {
         let rows = sqlx::query(concat!(
             "SELECT ",
             columns!(),
             " FROM model_versions \
              WHERE (?1 IS NULL OR name = ?1) AND (?2 IS NULL OR job_id = ?2) \
+             AND (?3 IS NULL OR namespace = ?3) \
              ORDER BY name, version"
         ))
         .bind(name)
         .bind(job_id)
+        .bind(namespace)
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(crate::rows::model_version).collect()
@@ -208,6 +236,7 @@ mod tests {
             loss: 0.5,
             accuracy: 0.75,
             samples: 100,
+            namespace: "default".to_string(),
         }
     }
 

@@ -7,6 +7,7 @@ use cohort_core::{JobId, JobState, PartyId};
 use crate::clients::{ClientRecord, ClientStats};
 use crate::jobs::{JobEventRecord, JobRecord, RoundRecord};
 use crate::models::ModelVersionRecord;
+use crate::tokens::TokenRecord;
 use crate::{Result, StoreError};
 
 /// The column types the stores read.
@@ -85,6 +86,12 @@ impl<'a, R: Columns> Reader<'a, R> {
         self.required(field, self.row.opt_int(field))
     }
 
+    fn opt_int(&self, field: &str) -> Result<Option<i64>> {
+        self.row
+            .opt_int(field)
+            .map_err(|e| self.corrupt(format!("column {field}: {e}")))
+    }
+
     fn unsigned<T: TryFrom<i64>>(&self, field: &str) -> Result<T> {
         let v = self.int(field)?;
         T::try_from(v).map_err(|_| self.corrupt(format!("{field} out of range: {v}")))
@@ -156,6 +163,7 @@ pub(crate) fn round<R: Columns>(row: &R, job: &JobId) -> Result<RoundRecord> {
         updates: r.unsigned("updates")?,
         model_version: r.unsigned("model_version")?,
         duration_ms: r.unsigned("duration_ms")?,
+        refused_updates: r.unsigned("refused_updates")?,
     })
 }
 
@@ -174,6 +182,7 @@ pub(crate) fn model_version<R: Columns>(row: &R) -> Result<ModelVersionRecord> {
         accuracy: r.real("accuracy")?,
         samples: r.unsigned("samples")?,
         created_at_ms: r.int("created_at_ms")?,
+        namespace: r.text("namespace")?,
         name,
     })
 }
@@ -192,11 +201,25 @@ pub(crate) fn client<R: Columns>(row: &R) -> Result<ClientRecord> {
             .map_err(|e| r.corrupt(format!("resources_json: {e}")))?,
         first_seen_ms: r.int("first_seen_ms")?,
         last_seen_ms: r.int("last_seen_ms")?,
+        revoked_at_ms: r.opt_int("revoked_at_ms")?,
         stats: ClientStats {
             tasks_offered: r.unsigned("tasks_offered")?,
             tasks_accepted: r.unsigned("tasks_accepted")?,
             tasks_succeeded: r.unsigned("tasks_succeeded")?,
             tasks_failed: r.unsigned("tasks_failed")?,
         },
+    })
+}
+
+pub(crate) fn token<R: Columns>(row: &R) -> Result<TokenRecord> {
+    let mut r = Reader::new(row, "token");
+    r.id = r.text("id")?;
+    Ok(TokenRecord {
+        name: r.text("name")?,
+        sha256: r.text("sha256")?,
+        namespace: r.text("namespace")?,
+        role: r.text("role")?,
+        created_at_ms: r.int("created_at_ms")?,
+        id: r.id.clone(),
     })
 }

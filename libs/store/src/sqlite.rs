@@ -111,6 +111,7 @@ mod tests {
     use crate::clients::{ClientStore, SqliteClientStore};
     use crate::jobs::{JobStore, SqliteJobStore};
     use crate::models::{ModelStore, SqliteModelStore};
+    use crate::tokens::TokenStore;
 
     fn temp_url() -> (tempfile::TempDir, String) {
         let dir = tempfile::tempdir().unwrap();
@@ -143,6 +144,94 @@ mod tests {
         // And again, now from the store's own table.
         let store = SqliteJobStore::open(&url).await.unwrap();
         assert_eq!(store.get_job(&job.id).await.unwrap().name, "old");
+    }
+
+    /// `migrator` cut down to its first migration, recording in `table`: a
+    /// database as the first release left it.
+    fn first_release(
+        mut migrator: sqlx::migrate::Migrator,
+        table: &'static str,
+    ) -> sqlx::migrate::Migrator {
+        migrator.migrations = std::borrow::Cow::Owned(migrator.migrations[..1].to_vec());
+        migrator.dangerous_set_table_name(table);
+        migrator
+    }
+
+    #[tokio::test]
+    async fn upgrades_keep_existing_rows() {
+        let (_dir, url) = temp_url();
+        let opts = DatabaseOptions::default();
+        let old = [
+            first_release(
+                sqlx::migrate!("./migrations/sqlite/jobs"),
+                "_sqlx_migrations_jobs",
+            ),
+            first_release(
+                sqlx::migrate!("./migrations/sqlite/models"),
+                "_sqlx_migrations_models",
+            ),
+            first_release(
+                sqlx::migrate!("./migrations/sqlite/clients"),
+                "_sqlx_migrations_clients",
+            ),
+        ];
+        for m in &old {
+            assert_eq!(m.migrations.len(), 1);
+            open_sqlite(&url, m, &opts).await.unwrap().close().await;
+        }
+        let pool = connect(&url, &opts).await.unwrap();
+        for stmt in [
+            "INSERT INTO models (name, created_at_ms) VALUES ('old', 1)",
+            "INSERT INTO model_versions (name, version, digest, size_bytes, job_id, round, \
+             parent_version, loss, accuracy, samples, created_at_ms) \
+             VALUES ('old', 1, 'ab', 1, 'j', 1, 0, 0.5, 0.5, 1, 1)",
+            "INSERT INTO clients (party, datasets_json, resources_json, first_seen_ms, \
+             last_seen_ms) VALUES ('p', '[]', '{\"cpus\":1,\"memory_bytes\":2,\"gpus\":0,\"max_tasks\":1}', 1, 2)",
+            "INSERT INTO client_stats (party, tasks_offered) VALUES ('p', 3)",
+        ] {
+            sqlx::query(stmt).execute(&pool).await.unwrap();
+        }
+        pool.close().await;
+
+        let models = SqliteModelStore::open_with(&url, &opts).await.unwrap();
+        let v1 = models.get_version("old", 1).await.unwrap();
+        assert_eq!(v1.namespace, "default", "existing models are in default");
+        let v2 = models
+            .insert_version(crate::conformance::models::new_version("old", "j"), 2)
+            .await
+            .unwrap();
+        assert_eq!((v2.version, v2.namespace.as_str()), (2, "default"));
+        let mut elsewhere = crate::conformance::models::new_version("old", "j");
+        elsewhere.namespace = "team-a".into();
+        assert!(matches!(
+            models.insert_version(elsewhere, 3).await,
+            Err(StoreError::Conflict(_))
+        ));
+        assert_eq!(
+            models
+                .list_versions(None, None, Some("default"))
+                .await
+                .unwrap(),
+            vec![v1, v2]
+        );
+
+        let clients = SqliteClientStore::open_with(&url, &opts).await.unwrap();
+        let party = cohort_core::PartyId::parse("p").unwrap();
+        let rec = clients.get_client(&party).await.unwrap();
+        assert_eq!(
+            (rec.revoked_at_ms, rec.last_seen_ms, rec.stats.tasks_offered),
+            (None, 2, 3)
+        );
+        let revoked = clients.revoke_client(&party, 9).await.unwrap();
+        assert_eq!(
+            (revoked.revoked_at_ms, revoked.resources.cpus),
+            (Some(9), 1)
+        );
+
+        let jobs = SqliteJobStore::open_with(&url, &opts).await.unwrap();
+        let t = crate::conformance::jobs::new_token("t", 1, "*", "admin");
+        let stored = jobs.insert_token(t, 5).await.unwrap();
+        assert_eq!(jobs.token_by_sha256(&stored.sha256).await.unwrap(), stored);
     }
 
     #[tokio::test]

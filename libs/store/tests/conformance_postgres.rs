@@ -225,18 +225,29 @@ async fn three_stores_share_one_database_and_replicas_migrate_once() {
         o.await.unwrap();
     }
     let mut conn = PgConnection::connect(&db.url).await.unwrap();
-    for table in [
-        "_sqlx_migrations_jobs",
-        "_sqlx_migrations_models",
-        "_sqlx_migrations_clients",
+    for (table, migrator) in [
+        (
+            "_sqlx_migrations_jobs",
+            sqlx::migrate!("./migrations/postgres/jobs"),
+        ),
+        (
+            "_sqlx_migrations_models",
+            sqlx::migrate!("./migrations/postgres/models"),
+        ),
+        (
+            "_sqlx_migrations_clients",
+            sqlx::migrate!("./migrations/postgres/clients"),
+        ),
     ] {
-        let applied: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
-            "SELECT count(*) FROM {table} WHERE success"
+        let applied: Vec<(i64, bool)> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT version, success FROM {table} ORDER BY version"
         )))
-        .fetch_one(&mut conn)
+        .fetch_all(&mut conn)
         .await
         .unwrap();
-        assert_eq!(applied, 1, "{table}: each migration applied once");
+        let want: Vec<(i64, bool)> = migrator.iter().map(|m| (m.version, true)).collect();
+        assert!(want.len() >= 2, "{table}: the upgrade migrations are there");
+        assert_eq!(applied, want, "{table}: each migration applied once");
     }
     let default_table: Option<String> =
         sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations')::text")
@@ -248,6 +259,101 @@ async fn three_stores_share_one_database_and_replicas_migrate_once() {
         "no store uses the shared history table"
     );
     let _ = conn.close().await;
+}
+
+/// `migrator` cut down to its first migration, recording in `table`: a
+/// database as the first release left it.
+fn first_release(
+    mut migrator: sqlx::migrate::Migrator,
+    table: &'static str,
+) -> sqlx::migrate::Migrator {
+    migrator.migrations = std::borrow::Cow::Owned(migrator.migrations[..1].to_vec());
+    migrator.dangerous_set_table_name(table);
+    migrator
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn upgrades_keep_existing_rows() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    for m in [
+        first_release(
+            sqlx::migrate!("./migrations/postgres/jobs"),
+            "_sqlx_migrations_jobs",
+        ),
+        first_release(
+            sqlx::migrate!("./migrations/postgres/models"),
+            "_sqlx_migrations_models",
+        ),
+        first_release(
+            sqlx::migrate!("./migrations/postgres/clients"),
+            "_sqlx_migrations_clients",
+        ),
+    ] {
+        m.run(&pool).await.unwrap();
+    }
+    for stmt in [
+        "INSERT INTO models (name, created_at_ms, last_version) VALUES ('old', 1, 1)",
+        "INSERT INTO model_versions (name, version, digest, size_bytes, job_id, round, \
+         parent_version, loss, accuracy, samples, created_at_ms) \
+         VALUES ('old', 1, 'ab', 1, 'j', 1, 0, 0.5, 0.5, 1, 1)",
+        "INSERT INTO clients (party, datasets_json, resources_json, first_seen_ms, last_seen_ms) \
+         VALUES ('p', '[]', '{\"cpus\":1,\"memory_bytes\":2,\"gpus\":0,\"max_tasks\":1}', 1, 2)",
+        "INSERT INTO client_stats (party, tasks_offered) VALUES ('p', 3)",
+    ] {
+        sqlx::query(stmt).execute(&pool).await.unwrap();
+    }
+    pool.close().await;
+
+    let models = cohort_store::open_model_store(&db.url, &options())
+        .await
+        .unwrap();
+    let v1 = models.get_version("old", 1).await.unwrap();
+    assert_eq!(v1.namespace, "default", "existing models are in default");
+    let v2 = models
+        .insert_version(
+            cohort_store::conformance::models::new_version("old", "j"),
+            2,
+        )
+        .await
+        .unwrap();
+    assert_eq!((v2.version, v2.namespace.as_str()), (2, "default"));
+    let elsewhere = cohort_store::conformance::models::new_version_in("old", "j", "team-a");
+    assert!(matches!(
+        models.insert_version(elsewhere, 3).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(
+        models
+            .list_versions(None, None, Some("default"))
+            .await
+            .unwrap(),
+        vec![v1, v2]
+    );
+
+    let clients = cohort_store::open_client_store(&db.url, &options())
+        .await
+        .unwrap();
+    let party = PartyId::parse("p").unwrap();
+    let rec = clients.get_client(&party).await.unwrap();
+    assert_eq!(
+        (rec.revoked_at_ms, rec.last_seen_ms, rec.stats.tasks_offered),
+        (None, 2, 3)
+    );
+    let revoked = clients.revoke_client(&party, 9).await.unwrap();
+    assert_eq!(
+        (revoked.revoked_at_ms, revoked.resources.cpus),
+        (Some(9), 1)
+    );
+
+    let jobs = cohort_store::open_job_store(&db.url, &options())
+        .await
+        .unwrap();
+    let t = cohort_store::conformance::jobs::new_token("t", 1, "*", "admin");
+    let stored = jobs.insert_token(t, 5).await.unwrap();
+    assert_eq!(jobs.token_by_sha256(&stored.sha256).await.unwrap(), stored);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

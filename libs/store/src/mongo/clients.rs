@@ -121,6 +121,7 @@ fn client_from_doc(d: &Document) -> Result<ClientRecord> {
         },
         first_seen_ms: f.int("first_seen_ms")?,
         last_seen_ms: f.int("last_seen_ms")?,
+        revoked_at_ms: f.opt_int("revoked_at_ms")?,
         stats: ClientStats {
             tasks_offered: f.uint("tasks_offered")?,
             tasks_accepted: f.uint("tasks_accepted")?,
@@ -131,7 +132,7 @@ fn client_from_doc(d: &Document) -> Result<ClientRecord> {
 }
 
 /// The upsert of a registration: replaces holdings and last_seen, keeps
-/// first_seen and the counters of a known party.
+/// first_seen, the counters and the revocation of a known party.
 fn registration_update(
     party: &str,
     datasets: &[DatasetEntry],
@@ -152,6 +153,32 @@ fn registration_update(
             "tasks_failed": 0i64,
         },
     })
+}
+
+/// The upsert of a revocation, applied to the party's document only while it
+/// is not revoked (`revocation_filter`): sets revoked_at_ms and, for a party
+/// never seen, creates it with no holdings.
+fn revocation_update(party: &str, now_ms: i64) -> Result<Document> {
+    Ok(doc! {
+        "$set": {"revoked_at_ms": now_ms},
+        "$setOnInsert": {
+            "datasets": datasets_docs(party, &[])?,
+            "resources": resources_doc(party, &ResourcesEntry::default())?,
+            "first_seen_ms": now_ms,
+            "last_seen_ms": now_ms,
+            "tasks_offered": 0i64,
+            "tasks_accepted": 0i64,
+            "tasks_succeeded": 0i64,
+            "tasks_failed": 0i64,
+        },
+    })
+}
+
+/// The party's document while it is not revoked (null matches a missing
+/// field too). On a revoked party the upsert's insert fails on the unique
+/// party index instead: the first revocation stays.
+fn revocation_filter(party: &str) -> Document {
+    doc! {"party": party, "revoked_at_ms": null}
 }
 
 #[async_trait]
@@ -222,6 +249,37 @@ impl ClientStore for MongoClientStore {
         self.update_existing(party, doc! {"$inc": {stat_field(outcome): 1i64}})
             .await
     }
+
+    async fn revoke_client(&self, party: &PartyId, now_ms: i64) -> Result<ClientRecord> {
+        let id = party.as_str();
+        let update = revocation_update(id, now_ms)?;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let res = self
+                .clients
+                .find_one_and_update(revocation_filter(id), update.clone())
+                .upsert(true)
+                .return_document(ReturnDocument::After)
+                .await;
+            match res {
+                Ok(Some(d)) => return client_from_doc(&d),
+                Ok(None) => return Err(no_document(WHAT, id)),
+                // The party exists revoked (keep its time), or a first
+                // registration or revocation won the race to create it.
+                Err(e) if is_duplicate_key(&e) => {
+                    let current = self.get_client(party).await?;
+                    if current.revoked_at_ms.is_some() {
+                        return Ok(current);
+                    }
+                    if attempt >= UPSERT_ATTEMPTS {
+                        return Err(self.db.error(e, WHAT, id));
+                    }
+                }
+                Err(e) => return Err(self.db.error(e, WHAT, id)),
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -278,9 +336,44 @@ mod tests {
                 resources: resources(),
                 first_seen_ms: 5,
                 last_seen_ms: 5,
+                revoked_at_ms: None,
                 stats: ClientStats::default(),
             }
         );
+    }
+
+    #[test]
+    fn revocations_create_unseen_parties_revoked() {
+        let update = revocation_update("late", 7).unwrap();
+        let mut d = doc! {"party": "late"};
+        for op in ["$set", "$setOnInsert"] {
+            d.extend(update.get_document(op).unwrap().clone());
+        }
+        let rec = client_from_doc(&d).unwrap();
+        assert_eq!(
+            rec,
+            ClientRecord {
+                party: PartyId::parse("late").unwrap(),
+                datasets: vec![],
+                resources: ResourcesEntry::default(),
+                first_seen_ms: 7,
+                last_seen_ms: 7,
+                revoked_at_ms: Some(7),
+                stats: ClientStats::default(),
+            }
+        );
+        // Registrations never touch the revocation.
+        let reg = registration_update("late", &datasets(), &resources(), 9).unwrap();
+        for op in ["$set", "$setOnInsert"] {
+            assert!(!reg.get_document(op).unwrap().contains_key("revoked_at_ms"));
+        }
+        assert_eq!(
+            revocation_filter("late").get("revoked_at_ms"),
+            Some(&Bson::Null),
+            "only an unrevoked party is updated"
+        );
+        d.insert("revoked_at_ms", Bson::Null);
+        assert_eq!(client_from_doc(&d).unwrap().revoked_at_ms, None);
     }
 
     #[test]

@@ -22,11 +22,14 @@ const JOBS: &str = "jobs";
 const EVENTS: &str = "job_events";
 const ROUNDS: &str = "job_rounds";
 const COUNTERS: &str = "counters";
+const TOKENS: &str = "api_tokens";
 /// The name of the counter document that hands out job `seq`s.
 const JOB_SEQ: &str = "jobs";
 
 pub struct MongoJobStore {
-    db: Db,
+    pub(super) db: Db,
+    /// API tokens (see `mongo::tokens`).
+    pub(super) tokens: Collection<Document>,
     jobs: Collection<Document>,
     events: Collection<Document>,
     rounds: Collection<Document>,
@@ -53,7 +56,17 @@ impl MongoJobStore {
             .await?;
         db.ensure_collection(COUNTERS, &[(doc! {"name": 1}, true)])
             .await?;
+        db.ensure_collection(
+            TOKENS,
+            &[
+                (doc! {"id": 1}, true),
+                (doc! {"sha256": 1}, true),
+                (doc! {"namespace": 1, "created_at_ms": 1, "id": 1}, false),
+            ],
+        )
+        .await?;
         let store = Self {
+            tokens: db.collection(TOKENS),
             jobs: db.collection(JOBS),
             events: db.collection(EVENTS),
             rounds: db.collection(ROUNDS),
@@ -343,6 +356,7 @@ fn round_doc(r: &RoundRecord, job_id: &str) -> Result<Document> {
         "updates": i64::from(r.updates),
         "model_version": i64::from(r.model_version),
         "duration_ms": to_i64(r.duration_ms, "duration_ms", WHAT, &at)?,
+        "refused_updates": i64::from(r.refused_updates),
     })
 }
 
@@ -357,6 +371,11 @@ fn round_from_doc(d: &Document, job_id: &str) -> Result<RoundRecord> {
         updates: f.uint("updates")?,
         model_version: f.uint("model_version")?,
         duration_ms: f.uint("duration_ms")?,
+        // Rounds recorded before refusals were counted have none.
+        refused_updates: match f.opt_int("refused_updates")? {
+            None => 0,
+            Some(v) => f.fit("refused_updates", v)?,
+        },
     })
 }
 

@@ -19,6 +19,14 @@
 //!   document (`counters`, `$inc`); model versions are `latest + 1` guarded by
 //!   the unique `(name, version)` index, retried when a concurrent insert took
 //!   the number, so numbering has no gaps even when a write fails.
+//! - A model's namespace is set once, by the upsert that creates its document
+//!   (`$setOnInsert`), and checked before each version is written. Documents
+//!   from before namespaces are given `default` at open (and read as such).
+//! - API tokens are one document each (`api_tokens`, unique `id` and
+//!   `sha256`); `ensure_token` is an upsert keyed by the hash.
+//! - A revocation is an upsert that matches only an unrevoked party (or
+//!   creates one); on a revoked party it fails on the unique index and the
+//!   first revocation stays.
 //!
 //! Integers are stored as 64-bit (`u64` values beyond `i64::MAX` are refused;
 //! reads also take doubles holding an exact integer), floats as doubles (NaN
@@ -28,6 +36,7 @@
 mod clients;
 mod jobs;
 mod models;
+mod tokens;
 
 pub use clients::MongoClientStore;
 pub use jobs::MongoJobStore;

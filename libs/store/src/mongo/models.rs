@@ -3,10 +3,11 @@
 use async_trait::async_trait;
 use futures::TryStreamExt;
 use mongodb::Collection;
-use mongodb::bson::{Document, doc};
+use mongodb::bson::{Bson, Document, doc};
+use mongodb::options::ReturnDocument;
 
-use super::{Db, Fields, is_duplicate_key, to_i64};
-use crate::models::{ModelStore, ModelVersionRecord, NewModelVersion};
+use super::{Db, Fields, is_duplicate_key, no_document, to_i64};
+use crate::models::{ModelStore, ModelVersionRecord, NewModelVersion, other_namespace};
 use crate::open::DatabaseOptions;
 use crate::{Result, StoreError};
 
@@ -17,6 +18,14 @@ const VERSIONS: &str = "model_versions";
 /// How often an insert may lose the race for a version number before giving
 /// up: each round one of the racers wins, so this bounds the racers.
 const MAX_ATTEMPTS: u32 = 200;
+
+/// The namespace of models and versions stored before models had one (the
+/// SQL backends' migrations give them the same).
+const LEGACY_NAMESPACE: &str = "default";
+
+/// Concurrent first inserts of one model can make its upsert fail on the
+/// unique name index; the retry then finds the document.
+const UPSERT_ATTEMPTS: u32 = 5;
 
 pub struct MongoModelStore {
     db: Db,
@@ -36,14 +45,57 @@ impl MongoModelStore {
             &[
                 (doc! {"name": 1, "version": 1}, true),
                 (doc! {"job_id": 1}, false),
+                (doc! {"namespace": 1, "name": 1, "version": 1}, false),
             ],
         )
         .await?;
-        Ok(Self {
+        let store = Self {
             models: db.collection(MODELS),
             versions: db.collection(VERSIONS),
             db,
-        })
+        };
+        store.adopt_legacy_documents().await?;
+        Ok(store)
+    }
+
+    /// Gives models and versions stored before namespaces the `default`
+    /// namespace, as the SQL migrations do. Idempotent; until it has run,
+    /// readers take a missing namespace for `default` too.
+    async fn adopt_legacy_documents(&self) -> Result<()> {
+        for (coll, name) in [(&self.models, MODELS), (&self.versions, VERSIONS)] {
+            coll.update_many(
+                doc! {"namespace": {"$exists": false}},
+                doc! {"$set": {"namespace": LEGACY_NAMESPACE}},
+            )
+            .await
+            .map_err(|e| self.db.error(e, "model", name))?;
+        }
+        Ok(())
+    }
+
+    /// Creates model `name` in `namespace` unless it exists; returns the
+    /// namespace it belongs to.
+    async fn model_namespace(&self, name: &str, namespace: &str, now_ms: i64) -> Result<String> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let res = self
+                .models
+                .find_one_and_update(
+                    doc! {"name": name},
+                    doc! {"$setOnInsert": {"created_at_ms": now_ms, "namespace": namespace}},
+                )
+                .upsert(true)
+                .return_document(ReturnDocument::After)
+                .await;
+            match res {
+                Ok(Some(d)) => return namespace_of(&Fields::new(&d, "model", name)),
+                Ok(None) => return Err(no_document("model", name)),
+                // A concurrent first insert created it: read it now.
+                Err(e) if is_duplicate_key(&e) && attempt < UPSERT_ATTEMPTS => {}
+                Err(e) => return Err(self.db.error(e, "model", name)),
+            }
+        }
     }
 
     /// The highest stored version of `name`, 0 if none.
@@ -81,6 +133,22 @@ impl MongoModelStore {
     }
 }
 
+/// A document's namespace; missing (stored before namespaces) is `default`.
+fn namespace_of(f: &Fields<'_>) -> Result<String> {
+    Ok(f.opt_str("namespace")?
+        .unwrap_or_else(|| LEGACY_NAMESPACE.to_string()))
+}
+
+/// The filter on versions of `namespace`, which for `default` also takes
+/// documents stored before namespaces.
+fn namespace_filter(namespace: &str) -> Bson {
+    if namespace == LEGACY_NAMESPACE {
+        Bson::Document(doc! {"$in": [namespace, Bson::Null]})
+    } else {
+        Bson::String(namespace.to_string())
+    }
+}
+
 fn version_doc(r: &ModelVersionRecord) -> Result<Document> {
     let id = format!("{}@{}", r.name, r.version);
     Ok(doc! {
@@ -95,6 +163,7 @@ fn version_doc(r: &ModelVersionRecord) -> Result<Document> {
         "accuracy": r.accuracy,
         "samples": to_i64(r.samples, "samples", WHAT, &id)?,
         "created_at_ms": r.created_at_ms,
+        "namespace": &r.namespace,
     })
 }
 
@@ -117,6 +186,7 @@ fn version_from_doc(d: &Document) -> Result<ModelVersionRecord> {
         accuracy: f.float("accuracy")?,
         samples: f.uint("samples")?,
         created_at_ms: f.int("created_at_ms")?,
+        namespace: namespace_of(&f)?,
     })
 }
 
@@ -126,18 +196,10 @@ impl ModelStore for MongoModelStore {
         // Refuse unstorable values before the model is created.
         to_i64(v.size_bytes, "size_bytes", WHAT, &v.name)?;
         to_i64(v.samples, "samples", WHAT, &v.name)?;
-        match self
-            .models
-            .update_one(
-                doc! {"name": &v.name},
-                doc! {"$setOnInsert": {"created_at_ms": now_ms}},
-            )
-            .upsert(true)
-            .await
-        {
-            // A concurrent first insert created it.
-            Err(e) if !is_duplicate_key(&e) => return Err(self.db.error(e, "model", &v.name)),
-            _ => {}
+        // A model's namespace is set once, when it is created, so checking
+        // it before the version is written cannot race.
+        if self.model_namespace(&v.name, &v.namespace, now_ms).await? != v.namespace {
+            return Err(other_namespace(&v.name));
         }
         let mut record = ModelVersionRecord {
             name: v.name,
@@ -151,6 +213,7 @@ impl ModelStore for MongoModelStore {
             accuracy: v.accuracy,
             samples: v.samples,
             created_at_ms: now_ms,
+            namespace: v.namespace,
         };
         // latest + 1, claimed by the unique (name, version) index: no gaps
         // even when an insert fails, unlike a counter bumped beforehand.
@@ -206,6 +269,7 @@ impl ModelStore for MongoModelStore {
         &self,
         name: Option<&str>,
         job_id: Option<&str>,
+        namespace: Option<&str>,
     ) -> Result<Vec<ModelVersionRecord>> {
         let mut filter = Document::new();
         if let Some(name) = name {
@@ -213,6 +277,9 @@ impl ModelStore for MongoModelStore {
         }
         if let Some(job_id) = job_id {
             filter.insert("job_id", job_id);
+        }
+        if let Some(namespace) = namespace {
+            filter.insert("namespace", namespace_filter(namespace));
         }
         self.find_versions(filter, name.unwrap_or("*")).await
     }
@@ -237,6 +304,7 @@ mod tests {
             accuracy: 0.75,
             samples: 100,
             created_at_ms: 1_700_000_000_000,
+            namespace: "team-a".into(),
         }
     }
 
@@ -253,6 +321,22 @@ mod tests {
         assert!(back.loss.is_nan());
         assert_eq!(back.job_id, "");
         assert_eq!(back.accuracy, 0.75);
+    }
+
+    #[test]
+    fn versions_from_before_namespaces_are_default() {
+        let mut d = version_doc(&record()).unwrap();
+        assert_eq!(d.get_str("namespace").unwrap(), "team-a");
+        d.remove("namespace");
+        assert_eq!(version_from_doc(&d).unwrap().namespace, "default");
+        assert_eq!(
+            namespace_filter("default"),
+            Bson::Document(doc! {"$in": ["default", Bson::Null]})
+        );
+        assert_eq!(namespace_filter("team-a"), Bson::String("team-a".into()));
+        d.insert("namespace", 3i64);
+        let err = version_from_doc(&d).unwrap_err().to_string();
+        assert!(err.contains("namespace"), "{err}");
     }
 
     #[test]

@@ -28,7 +28,7 @@ impl PgClientStore {
 const WHAT: &str = "client";
 
 const SELECT: &str = "SELECT c.party, c.datasets_json, c.resources_json, c.first_seen_ms, \
-    c.last_seen_ms, s.tasks_offered, s.tasks_accepted, s.tasks_succeeded, s.tasks_failed \
+    c.last_seen_ms, c.revoked_at_ms, s.tasks_offered, s.tasks_accepted, s.tasks_succeeded, s.tasks_failed \
     FROM clients c JOIN client_stats s ON s.party = c.party";
 
 fn not_found(party: &PartyId) -> StoreError {
@@ -128,5 +128,36 @@ impl ClientStore for PgClientStore {
             return Err(not_found(party));
         }
         Ok(())
+    }
+
+    async fn revoke_client(&self, party: &PartyId, now_ms: i64) -> Result<ClientRecord> {
+        let (datasets, resources) = crate::clients::unregistered_json()?;
+        let mut tx = self.pool.begin().await?;
+        // One statement under the row lock: a known party keeps its first
+        // revocation, an unknown one is created revoked (concurrent first
+        // revocations included).
+        sqlx::query(
+            "INSERT INTO clients (party, datasets_json, resources_json, first_seen_ms, \
+             last_seen_ms, revoked_at_ms) VALUES ($1, $2, $3, $4, $4, $4) \
+             ON CONFLICT (party) DO UPDATE SET \
+             revoked_at_ms = COALESCE(clients.revoked_at_ms, excluded.revoked_at_ms)",
+        )
+        .bind(party.as_str())
+        .bind(&datasets)
+        .bind(&resources)
+        .bind(now_ms)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("INSERT INTO client_stats (party) VALUES ($1) ON CONFLICT (party) DO NOTHING")
+            .bind(party.as_str())
+            .execute(&mut *tx)
+            .await?;
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT} WHERE c.party = $1")))
+            .bind(party.as_str())
+            .fetch_one(&mut *tx)
+            .await?;
+        let record = crate::rows::client(&row)?;
+        tx.commit().await?;
+        Ok(record)
     }
 }

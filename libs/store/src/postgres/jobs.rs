@@ -9,7 +9,7 @@ use crate::jobs::{JobEventRecord, JobFilter, JobRecord, JobStore, RoundRecord};
 use crate::{DatabaseOptions, Page, Result, StoreError};
 
 pub struct PgJobStore {
-    pool: PgPool,
+    pub(super) pool: PgPool,
 }
 
 impl PgJobStore {
@@ -233,8 +233,8 @@ impl JobStore for PgJobStore {
         let what = format!("{id} round {}", r.round);
         let inserted = sqlx::query(
             "INSERT INTO job_rounds (job_id, round, eval_loss, eval_accuracy, \
-             eval_samples, train_loss, updates, model_version, duration_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (job_id, round) DO NOTHING",
+             eval_samples, train_loss, updates, model_version, duration_ms, refused_updates) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (job_id, round) DO NOTHING",
         )
         .bind(id.as_str())
         .bind(i64::from(r.round))
@@ -245,6 +245,7 @@ impl JobStore for PgJobStore {
         .bind(i64::from(r.updates))
         .bind(i64::from(r.model_version))
         .bind(super::to_i64(r.duration_ms, "duration_ms", WHAT, &what)?)
+        .bind(i64::from(r.refused_updates))
         .execute(&mut *tx)
         .await?
         .rows_affected();

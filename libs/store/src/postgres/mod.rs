@@ -9,6 +9,7 @@
 mod clients;
 mod jobs;
 mod models;
+mod tokens;
 
 pub use clients::PgClientStore;
 pub use jobs::PgJobStore;

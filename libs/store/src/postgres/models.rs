@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use sqlx::postgres::PgPool;
 
 use super::{open_pool, to_i64, with_history_table};
-use crate::models::{ModelStore, ModelVersionRecord, NewModelVersion};
+use crate::models::{ModelStore, ModelVersionRecord, NewModelVersion, other_namespace};
 use crate::{DatabaseOptions, Result, StoreError};
 
 pub struct PgModelStore {
@@ -27,7 +27,7 @@ impl PgModelStore {
 macro_rules! columns {
     () => {
         "name, version, digest, size_bytes, job_id, round, parent_version, \
-         loss, accuracy, samples, created_at_ms"
+         loss, accuracy, samples, created_at_ms, namespace"
     };
 }
 
@@ -42,19 +42,25 @@ impl ModelStore for PgModelStore {
         // One statement creates the model or bumps its counter, holding the
         // model's row lock until commit: concurrent inserts queue there and
         // each gets the next number (a rolled-back insert leaves no gap).
-        let version: i64 = sqlx::query_scalar(
-            "INSERT INTO models (name, created_at_ms, last_version) VALUES ($1, $2, 1) \
+        let (version, owner): (i64, String) = sqlx::query_as(
+            "INSERT INTO models (name, created_at_ms, last_version, namespace) \
+             VALUES ($1, $2, 1, $3) \
              ON CONFLICT (name) DO UPDATE SET last_version = models.last_version + 1 \
-             RETURNING last_version",
+             RETURNING last_version, namespace",
         )
         .bind(&v.name)
         .bind(now_ms)
+        .bind(&v.namespace)
         .fetch_one(&mut *tx)
         .await?;
+        if owner != v.namespace {
+            // Dropping the transaction rolls the counter back.
+            return Err(other_namespace(&v.name));
+        }
         let row = sqlx::query(concat!(
             "INSERT INTO model_versions (",
             columns!(),
-            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING ",
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING ",
             columns!()
         ))
         .bind(&v.name)
@@ -68,6 +74,7 @@ impl ModelStore for PgModelStore {
         .bind(v.accuracy)
         .bind(samples)
         .bind(now_ms)
+        .bind(&v.namespace)
         .fetch_one(&mut *tx)
         .await?;
         let record = crate::rows::model_version(&row)?;
@@ -116,16 +123,19 @@ impl ModelStore for PgModelStore {
         &self,
         name: Option<&str>,
         job_id: Option<&str>,
+        namespace: Option<&str>,
     ) -> Result<Vec<ModelVersionRecord>> {
         let rows = sqlx::query(concat!(
             "SELECT ",
             columns!(),
             " FROM model_versions \
              WHERE ($1::text IS NULL OR name = $1) AND ($2::text IS NULL OR job_id = $2) \
+             AND ($3::text IS NULL OR namespace = $3) \
              ORDER BY name, version"
         ))
         .bind(name)
         .bind(job_id)
+        .bind(namespace)
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(crate::rows::model_version).collect()
