@@ -25,10 +25,14 @@ pg_bin_dir() {
 }
 
 ensure_postgres() {
-    if [ -z "$(pg_bin_dir)" ] || [ ! -x "$(pg_bin_dir)/initdb" ]; then
-        echo "installing PostgreSQL from Debian's packages"
+    local packages=()
+    if [ -z "$(pg_bin_dir)" ] || [ ! -x "$(pg_bin_dir)/initdb" ]; then packages+=(postgresql); fi
+    # tcpdump: the capture test checks that no plaintext gRPC crosses loopback.
+    if ! command -v tcpdump >/dev/null && [ ! -x /usr/bin/tcpdump ] && [ ! -x /usr/sbin/tcpdump ]; then packages+=(tcpdump); fi
+    if [ "${#packages[@]}" -gt 0 ]; then
+        echo "installing ${packages[*]} from Debian's packages"
         as_root apt-get update -qq
-        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}" >/dev/null
         # The packaged cluster is not used: tests run a private one.
         as_root pg_ctlcluster --force "$(basename "$(dirname "$(pg_bin_dir)")")" main stop 2>/dev/null || true
     fi

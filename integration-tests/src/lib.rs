@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use cohort_cli::stack::{Stack, StackConfig};
+use cohort_cli::{Api, AuthChannel};
 use cohort_core::JobState;
 use cohort_proto::v1 as pb;
-use tonic::transport::Channel;
 
 /// target/debug (or whichever profile built this test).
 pub fn bin_dir() -> PathBuf {
@@ -73,12 +73,17 @@ impl Federation {
         Ok(Federation { stack, dir })
     }
 
-    pub fn channel(&self) -> Channel {
-        cohort_runtime::lazy_channel(&self.stack.proxy).expect("proxy endpoint")
+    /// The public API through the proxy, as the federation's admin (TLS + token).
+    pub fn api(&self) -> Api {
+        Api::from_profile(&self.stack.profile()).expect("the stack's profile")
     }
 
-    pub fn jobs(&self) -> pb::jobs_client::JobsClient<Channel> {
-        pb::jobs_client::JobsClient::new(self.channel())
+    pub fn jobs(&self) -> pb::jobs_client::JobsClient<AuthChannel> {
+        self.api().jobs()
+    }
+
+    pub fn models(&self) -> pb::models_client::ModelsClient<AuthChannel> {
+        self.api().models()
     }
 
     pub async fn create_job(&self, spec: &str) -> anyhow::Result<pb::Job> {

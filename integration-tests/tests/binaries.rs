@@ -98,6 +98,7 @@ fn cases(dir: &Path) -> Vec<Case> {
         Case {
             binary: "proxy",
             good: s(&[
+                "--insecure",
                 "--job-scheduler",
                 "127.0.0.1:1",
                 "--model-manager",
@@ -105,21 +106,37 @@ fn cases(dir: &Path) -> Vec<Case> {
                 "--client-selector",
                 "127.0.0.1:3",
             ]),
-            bad: vec![(
-                s(&[
-                    "--job-scheduler",
-                    "127.0.0.1:1",
-                    "--model-manager",
-                    "127.0.0.1:2",
+            bad: vec![
+                (
+                    s(&[
+                        "--insecure",
+                        "--job-scheduler",
+                        "127.0.0.1:1",
+                        "--model-manager",
+                        "127.0.0.1:2",
+                        "--client-selector",
+                        ":::",
+                    ]),
                     "--client-selector",
-                    ":::",
-                ]),
-                "--client-selector",
-            )],
+                ),
+                // Secure by default: no certificate, no start.
+                (
+                    s(&[
+                        "--job-scheduler",
+                        "127.0.0.1:1",
+                        "--model-manager",
+                        "127.0.0.1:2",
+                        "--client-selector",
+                        "127.0.0.1:3",
+                    ]),
+                    "--tls-cert",
+                ),
+            ],
         },
         Case {
             binary: "task-manager",
             good: s(&[
+                "--insecure",
                 "--party",
                 "p1",
                 "--proxy",
@@ -132,6 +149,7 @@ fn cases(dir: &Path) -> Vec<Case> {
             bad: vec![
                 (
                     s(&[
+                        "--insecure",
                         "--party",
                         "p 1",
                         "--proxy",
@@ -145,6 +163,7 @@ fn cases(dir: &Path) -> Vec<Case> {
                 ),
                 (
                     s(&[
+                        "--insecure",
                         "--party",
                         "p1",
                         "--proxy",
@@ -155,6 +174,19 @@ fn cases(dir: &Path) -> Vec<Case> {
                         &ws,
                     ]),
                     "--datasets",
+                ),
+                (
+                    s(&[
+                        "--party",
+                        "p1",
+                        "--proxy",
+                        "127.0.0.1:1",
+                        "--datasets",
+                        &ds,
+                        "--workspace",
+                        &ws,
+                    ]),
+                    "--tls-cert",
                 ),
             ],
         },

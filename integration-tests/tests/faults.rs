@@ -156,10 +156,12 @@ async fn a_killed_coordinator_is_relaunched_and_resumes_from_its_checkpoint() {
         "the relaunch is an event: {events:?}"
     );
     // Versions form one lineage: each round's model derives from the previous one.
-    let versions = cohort_proto::v1::models_client::ModelsClient::new(fed.channel())
+    let versions = fed
+        .models()
         .list_versions(cohort_proto::v1::ListVersionsRequest {
             name: String::new(),
             job_id: job.id.clone(),
+            namespace: String::new(),
         })
         .await
         .expect("versions")

@@ -117,11 +117,12 @@ async fn a_postgres_outage_mid_job_loses_nothing_recorded_before_it() {
         .await
         .expect("job progresses");
     let events_before = fed.events(&job.id).await.expect("events");
-    let models = || pb::models_client::ModelsClient::new(fed.channel());
+    let models = || fed.models();
     let versions_before = models()
         .list_versions(pb::ListVersionsRequest {
             name: String::new(),
             job_id: job.id.clone(),
+            namespace: String::new(),
         })
         .await
         .expect("versions")
@@ -155,6 +156,7 @@ async fn a_postgres_outage_mid_job_loses_nothing_recorded_before_it() {
         .list_versions(pb::ListVersionsRequest {
             name: String::new(),
             job_id: job.id.clone(),
+            namespace: String::new(),
         })
         .await
         .expect("versions")
@@ -197,7 +199,7 @@ async fn a_model_altered_in_s3_is_refused_on_download() {
         .await
         .expect("job ends");
     assert_eq!(state_of(&done), JobState::Succeeded, "{}", done.reason);
-    let mut models = pb::models_client::ModelsClient::new(fed.channel());
+    let mut models = fed.models();
     let v = models
         .get_version(pb::GetVersionRequest {
             name: done.model_name.clone(),

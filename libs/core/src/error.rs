@@ -14,6 +14,8 @@ pub enum ErrorKind {
     Unavailable,
     /// Stored data failed verification.
     DataLoss,
+    /// No credentials, or credentials that do not check out.
+    Unauthenticated,
     PermissionDenied,
     Internal,
 }
@@ -27,6 +29,7 @@ impl ErrorKind {
             ErrorKind::FailedPrecondition => 412,
             ErrorKind::Unavailable => 503,
             ErrorKind::DataLoss => 500,
+            ErrorKind::Unauthenticated => 401,
             ErrorKind::PermissionDenied => 403,
             ErrorKind::Internal => 500,
         }

@@ -4,12 +4,14 @@
 //! Pure and synchronous: no I/O, no async runtime, no protobuf or storage types.
 //! Everything that enters the system is converted into these types at the edge.
 
+pub mod auth;
 pub mod error;
 pub mod ids;
 pub mod spec;
 pub mod state;
 pub mod tensor;
 
+pub use auth::{Action, AuthError, Principal, Role, Scope};
 pub use error::{ErrorKind, HasKind};
 pub use ids::{JobId, PartyId, is_dns_label, random_token};
 pub use spec::{JobSpec, SpecError};

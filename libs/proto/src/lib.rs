@@ -14,3 +14,20 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 
 /// Metadata key naming the job a round call belongs to; the proxy routes on it.
 pub const JOB_METADATA_KEY: &str = "x-cohort-job";
+
+/// Metadata the proxy sets (after removing any copy a caller sent) once it has
+/// authenticated a call; server-internal services trust it only from peers
+/// with a service certificate.
+///
+/// The party named by the caller's client certificate.
+pub const PARTY_METADATA_KEY: &str = "x-cohort-party";
+/// The namespace of the caller's API token (`*`: every namespace).
+pub const NAMESPACE_METADATA_KEY: &str = "x-cohort-namespace";
+/// The role of the caller's API token: admin, member or viewer.
+pub const ROLE_METADATA_KEY: &str = "x-cohort-role";
+/// Every identity header the proxy strips from incoming calls.
+pub const IDENTITY_METADATA_KEYS: [&str; 3] = [
+    PARTY_METADATA_KEY,
+    NAMESPACE_METADATA_KEY,
+    ROLE_METADATA_KEY,
+];

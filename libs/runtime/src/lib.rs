@@ -6,6 +6,9 @@
 
 pub mod launcher;
 pub mod process;
+pub mod tls;
+
+pub use tls::{Tls, TlsArgs, calling_party, calling_principal, peer_identity};
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -37,6 +40,8 @@ pub enum RuntimeError {
         program: String,
         source: std::io::Error,
     },
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -80,8 +85,11 @@ pub struct DatabaseArgs {
 /// Logs go to stderr; `RUST_LOG` filters (default: info).
 pub fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    // Colours only for people: log files and collectors get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
@@ -114,6 +122,7 @@ pub async fn shutdown_signal() {
 pub struct Listener {
     listener: TcpListener,
     local_addr: SocketAddr,
+    tls: Option<Tls>,
 }
 
 impl Listener {
@@ -125,11 +134,18 @@ impl Listener {
         Ok(Self {
             listener,
             local_addr,
+            tls: None,
         })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Serve mutual TLS: only peers with a service certificate of the CA get in.
+    pub fn with_tls(mut self, tls: Option<Tls>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// Serves `routes` plus grpc.health.v1 and server reflection until `shutdown`
@@ -159,11 +175,25 @@ impl Listener {
         }
         tracing::info!(service = service_name, addr = %self.local_addr, "serving gRPC");
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(self.listener);
-        tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(20)))
-            .add_routes(routes)
-            .serve_with_incoming_shutdown(incoming, shutdown)
-            .await?;
+        let mut builder = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(20)));
+        match &self.tls {
+            Some(tls) => {
+                tracing::info!(service = service_name, identity = %tls.identity(), "serving mutual TLS");
+                builder
+                    .tls_config(tls.server_config())?
+                    .layer(tls::RequireServicePeer)
+                    .add_routes(routes)
+                    .serve_with_incoming_shutdown(incoming, shutdown)
+                    .await?
+            }
+            None => {
+                builder
+                    .add_routes(routes)
+                    .serve_with_incoming_shutdown(incoming, shutdown)
+                    .await?
+            }
+        }
         tracing::info!(service = service_name, "stopped");
         Ok(())
     }
@@ -189,13 +219,45 @@ pub fn endpoint_url(endpoint: &str) -> String {
     }
 }
 
-/// A channel that connects on first use and reconnects by itself.
+/// A plaintext channel that connects on first use and reconnects by itself.
 pub fn lazy_channel(endpoint: &str) -> Result<Channel, RuntimeError> {
-    let url = endpoint_url(endpoint);
-    let ep = Endpoint::from_shared(url.clone()).map_err(|e| RuntimeError::Endpoint {
+    channel(endpoint, None)
+}
+
+/// A channel that connects on first use and reconnects by itself; over
+/// mutual TLS with `tls`.
+pub fn channel(endpoint: &str, tls: Option<&Tls>) -> Result<Channel, RuntimeError> {
+    channel_with(endpoint, tls.map(Tls::client_config))
+}
+
+/// A channel to a server that must prove itself with a certificate of the CA
+/// in `ca_pem`; we present none (users authenticate with tokens).
+pub fn server_authenticated_channel(
+    endpoint: &str,
+    ca_pem: &[u8],
+) -> Result<Channel, RuntimeError> {
+    cohort_security::install_crypto_provider();
+    let config = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca_pem));
+    channel_with(endpoint, Some(config))
+}
+
+fn channel_with(
+    endpoint: &str,
+    tls: Option<tonic::transport::ClientTlsConfig>,
+) -> Result<Channel, RuntimeError> {
+    let url = match tls {
+        Some(_) => endpoint_url(endpoint).replacen("http://", "https://", 1),
+        None => endpoint_url(endpoint),
+    };
+    let invalid = |message: String| RuntimeError::Endpoint {
         endpoint: endpoint.to_string(),
-        message: e.to_string(),
-    })?;
+        message,
+    };
+    let mut ep = Endpoint::from_shared(url.clone()).map_err(|e| invalid(e.to_string()))?;
+    if let Some(config) = tls {
+        ep = ep.tls_config(config).map_err(|e| invalid(e.to_string()))?;
+    }
     Ok(ep
         .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(Duration::from_secs(20))
@@ -272,6 +334,7 @@ pub fn status(kind: cohort_core::ErrorKind, message: impl Into<String>) -> tonic
         ErrorKind::FailedPrecondition => tonic::Code::FailedPrecondition,
         ErrorKind::Unavailable => tonic::Code::Unavailable,
         ErrorKind::DataLoss => tonic::Code::DataLoss,
+        ErrorKind::Unauthenticated => tonic::Code::Unauthenticated,
         ErrorKind::PermissionDenied => tonic::Code::PermissionDenied,
         ErrorKind::Internal => tonic::Code::Internal,
     };

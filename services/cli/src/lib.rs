@@ -4,6 +4,7 @@
 //! A client of the public gRPC API only: it must not depend on service crates
 //! or stores.
 
+pub mod certs;
 pub mod data;
 pub mod profile;
 pub mod show;
@@ -53,6 +54,35 @@ pub enum Command {
     /// Registered parties.
     #[command(subcommand)]
     Client(ClientCommand),
+    /// The federation's CA and mutual-TLS certificates (files only, offline).
+    #[command(subcommand)]
+    Cert(certs::CertCommand),
+    /// API tokens (needs an admin token).
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a token; its secret is printed once and only its hash is kept.
+    Create {
+        /// The namespace it works in, or "*" for every namespace.
+        #[arg(long)]
+        namespace: String,
+        /// admin (everything, including tokens), member (jobs and models) or viewer (read only).
+        #[arg(long)]
+        role: String,
+        /// A label saying who or what holds it.
+        #[arg(long, default_value = "cli")]
+        name: String,
+    },
+    List {
+        #[arg(long)]
+        namespace: Option<String>,
+    },
+    Delete {
+        id: String,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -171,6 +201,10 @@ pub enum ModelCommand {
 #[derive(Debug, Subcommand)]
 pub enum ClientCommand {
     List,
+    /// Close the party's connections and refuse it from now on (needs an admin token for "*").
+    Revoke {
+        party: String,
+    },
 }
 
 impl Cli {
@@ -187,6 +221,25 @@ impl Cli {
             Command::Model(c) => {
                 let api = Api::connect(self.profile.as_deref())?;
                 model_command(api, c, json).await
+            }
+            Command::Cert(c) => certs::run(c, json),
+            Command::Token(c) => {
+                let api = Api::connect(self.profile.as_deref())?;
+                token_command(api, c, json).await
+            }
+            Command::Client(ClientCommand::Revoke { party }) => {
+                let api = Api::connect(self.profile.as_deref())?;
+                let info = api
+                    .selector()
+                    .revoke_client(pb::RevokeClientRequest { party })
+                    .await?
+                    .into_inner();
+                if json {
+                    println!("{}", client_json(&info));
+                } else {
+                    println!("party {} revoked", info.party);
+                }
+                Ok(0)
             }
             Command::Client(ClientCommand::List) => {
                 let api = Api::connect(self.profile.as_deref())?;
@@ -219,35 +272,162 @@ fn print_list<T>(
     }
 }
 
+/// Adds the profile's API token to every call.
+#[derive(Clone)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+pub type AuthChannel = tonic::service::interceptor::InterceptedService<Channel, Bearer>;
+
 /// Clients for the public services, all through the proxy.
 #[derive(Clone)]
 pub struct Api {
     channel: Channel,
+    bearer: Bearer,
 }
 
 impl Api {
     pub fn connect(profile: Option<&Path>) -> anyhow::Result<Api> {
-        let p = Profile::resolve(profile)?;
-        Api::at(&p.endpoint)
+        Api::from_profile(&Profile::resolve(profile)?)
     }
 
-    pub fn at(endpoint: &str) -> anyhow::Result<Api> {
+    pub fn from_profile(p: &Profile) -> anyhow::Result<Api> {
+        let channel = match &p.ca_cert {
+            Some(ca) => {
+                let pem = std::fs::read(ca)
+                    .with_context(|| format!("profile: cannot read ca_cert {}", ca.display()))?;
+                cohort_runtime::server_authenticated_channel(&p.endpoint, &pem)?
+            }
+            None => cohort_runtime::lazy_channel(&p.endpoint)?,
+        };
+        let bearer = match &p.token {
+            Some(t) => {
+                let mut v: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
+                    format!("Bearer {t}")
+                        .parse()
+                        .context("profile: token is not a header value")?;
+                v.set_sensitive(true);
+                Some(v)
+            }
+            None => None,
+        };
         Ok(Api {
-            channel: cohort_runtime::lazy_channel(endpoint)?,
+            channel,
+            bearer: Bearer(bearer),
         })
     }
 
-    pub fn jobs(&self) -> pb::jobs_client::JobsClient<Channel> {
-        pb::jobs_client::JobsClient::new(self.channel.clone())
+    pub fn jobs(&self) -> pb::jobs_client::JobsClient<AuthChannel> {
+        pb::jobs_client::JobsClient::with_interceptor(self.channel.clone(), self.bearer.clone())
     }
 
-    pub fn models(&self) -> pb::models_client::ModelsClient<Channel> {
-        pb::models_client::ModelsClient::new(self.channel.clone())
+    pub fn models(&self) -> pb::models_client::ModelsClient<AuthChannel> {
+        pb::models_client::ModelsClient::with_interceptor(self.channel.clone(), self.bearer.clone())
     }
 
-    pub fn selector(&self) -> pb::client_selector_client::ClientSelectorClient<Channel> {
-        pb::client_selector_client::ClientSelectorClient::new(self.channel.clone())
+    pub fn selector(&self) -> pb::client_selector_client::ClientSelectorClient<AuthChannel> {
+        pb::client_selector_client::ClientSelectorClient::with_interceptor(
+            self.channel.clone(),
+            self.bearer.clone(),
+        )
     }
+
+    pub fn tokens(&self) -> pb::tokens_client::TokensClient<AuthChannel> {
+        pb::tokens_client::TokensClient::with_interceptor(self.channel.clone(), self.bearer.clone())
+    }
+}
+
+fn role_name(role: i32) -> &'static str {
+    match pb::Role::try_from(role) {
+        Ok(pb::Role::Admin) => "admin",
+        Ok(pb::Role::Member) => "member",
+        Ok(pb::Role::Viewer) => "viewer",
+        _ => "?",
+    }
+}
+
+fn token_json(t: &pb::TokenInfo) -> serde_json::Value {
+    json!({"id": t.id, "name": t.name, "namespace": t.namespace, "role": role_name(t.role), "created_at_ms": t.created_at_ms})
+}
+
+fn token_line(t: &pb::TokenInfo) -> String {
+    format!(
+        "{:<14} {:<20} {:<7} {}",
+        t.id,
+        t.namespace,
+        role_name(t.role),
+        t.name
+    )
+}
+
+async fn token_command(api: Api, cmd: TokenCommand, json: bool) -> anyhow::Result<i32> {
+    let mut tokens = api.tokens();
+    match cmd {
+        TokenCommand::Create {
+            namespace,
+            role,
+            name,
+        } => {
+            let role =
+                match cohort_core::Role::parse(&role).map_err(|e| anyhow::anyhow!("--{e}"))? {
+                    cohort_core::Role::Admin => pb::Role::Admin,
+                    cohort_core::Role::Member => pb::Role::Member,
+                    cohort_core::Role::Viewer => pb::Role::Viewer,
+                };
+            cohort_core::Scope::parse(&namespace).map_err(|e| anyhow::anyhow!("--{e}"))?;
+            let created = tokens
+                .create_token(pb::CreateTokenRequest {
+                    name,
+                    namespace,
+                    role: role as i32,
+                })
+                .await?
+                .into_inner();
+            let info = created.info.unwrap_or_default();
+            if json {
+                let mut v = token_json(&info);
+                v["token"] = json!(created.token);
+                println!("{v}");
+            } else {
+                println!("{}", created.token);
+                eprintln!(
+                    "token {} ({} in namespace {}): shown once, store it now",
+                    info.id,
+                    role_name(info.role),
+                    info.namespace
+                );
+            }
+        }
+        TokenCommand::List { namespace } => {
+            let list = tokens
+                .list_tokens(pb::ListTokensRequest {
+                    namespace: namespace.unwrap_or_default(),
+                })
+                .await?
+                .into_inner()
+                .tokens;
+            print_list(&list, json, token_json, token_line);
+        }
+        TokenCommand::Delete { id } => {
+            tokens
+                .delete_token(pb::DeleteTokenRequest { id: id.clone() })
+                .await?;
+            if json {
+                println!("{}", json!({"id": id, "deleted": true}));
+            } else {
+                println!("token {id} deleted");
+            }
+        }
+    }
+    Ok(0)
 }
 
 fn parse_state(s: &str) -> anyhow::Result<pb::JobState> {
@@ -447,6 +627,7 @@ async fn model_command(api: Api, cmd: ModelCommand, json: bool) -> anyhow::Resul
                 .list_versions(pb::ListVersionsRequest {
                     name: name.unwrap_or_default(),
                     job_id: job.unwrap_or_default(),
+                    namespace: String::new(),
                 })
                 .await?
                 .into_inner()
@@ -533,6 +714,7 @@ async fn model_command(api: Api, cmd: ModelCommand, json: bool) -> anyhow::Resul
                     name,
                     lineage: None,
                     metrics: None,
+                    namespace: String::new(),
                 })),
             }];
             parts.extend(bytes.chunks(1 << 20).map(|c| pb::UploadVersionRequest {
@@ -566,9 +748,7 @@ async fn up(a: UpArgs, json: bool) -> anyhow::Result<i32> {
         seed: 42,
     })
     .await?;
-    let profile = Profile {
-        endpoint: stack.proxy.clone(),
-    };
+    let profile = stack.profile();
     let profile_path = data_dir.join("profile.toml");
     profile.save(&profile_path)?;
     if let Some(default) = profile::default_path()
@@ -699,7 +879,7 @@ async fn demo(a: DemoArgs, json: bool) -> anyhow::Result<i32> {
 }
 
 async fn run_demo_job(stack: &Stack, a: &DemoArgs, json: bool) -> anyhow::Result<pb::Job> {
-    let api = Api::at(&stack.proxy)?;
+    let api = Api::from_profile(&stack.profile())?;
     let spec = data::demo_job_spec("digits-demo", a.clients, a.rounds);
     let job = api
         .jobs()

@@ -36,6 +36,7 @@ fn finite(v: f64) -> Value {
 pub fn round_json(r: &pb::RoundSummary) -> Value {
     let e = r.evaluation.unwrap_or_default();
     json!({
+        "refused_updates": r.refused_updates,
         "round": r.round,
         "accuracy": if e.samples > 0 { finite(e.accuracy) } else { Value::Null },
         "loss": if e.samples > 0 { finite(e.loss) } else { Value::Null },
@@ -182,7 +183,9 @@ pub fn client_line(c: &pb::ClientInfo) -> String {
     format!(
         "{:<20} {:<13} tasks {}/{} ok  {}",
         c.party,
-        if c.connected {
+        if c.revoked {
+            "revoked"
+        } else if c.connected {
             "connected"
         } else {
             "disconnected"
@@ -207,5 +210,6 @@ pub fn client_json(c: &pb::ClientInfo) -> Value {
         "tasks_offered": c.tasks_offered,
         "tasks_succeeded": c.tasks_succeeded,
         "tasks_failed": c.tasks_failed,
+        "revoked": c.revoked,
     })
 }

@@ -10,7 +10,10 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
+use cohort_security::{ApiToken, Validity};
+
 use crate::data::DIGITS_CSV;
+use crate::profile::Profile;
 
 pub struct StackConfig {
     /// Where the service binaries are (default: next to this executable).
@@ -50,7 +53,13 @@ pub struct Stack {
     pub proxy: String,
     pub data_dir: PathBuf,
     bin_dir: PathBuf,
+    /// The CA, certificates and the admin token (`<data dir>/pki`).
+    pub pki: PathBuf,
+    pub admin_token: ApiToken,
 }
+
+/// How long the local CA lives; certificates are issued afresh at every start.
+const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 fn bin_dir(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
     let dir = match explicit {
@@ -89,12 +98,16 @@ impl Stack {
         for d in [&server, &logs, &cfg.data_dir.join("run")] {
             std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
         }
+        let pki = cfg.data_dir.join("pki");
+        let admin_token = load_or_create_token(&pki.join("admin.token"))?;
         let mut stack = Stack {
             services: Vec::new(),
             pgid: None,
             proxy: String::new(),
             data_dir: cfg.data_dir.clone(),
             bin_dir,
+            pki,
+            admin_token,
         };
         let result = stack.start_all(cfg, &server).await;
         if let Err(e) = result {
@@ -104,27 +117,81 @@ impl Stack {
         Ok(stack)
     }
 
+    /// The profile other commands use to reach this federation as its admin.
+    pub fn profile(&self) -> Profile {
+        Profile {
+            endpoint: self.proxy.clone(),
+            ca_cert: Some(self.pki.join("ca.crt")),
+            token: Some(self.admin_token.expose().to_string()),
+        }
+    }
+
     async fn start_all(&mut self, cfg: &StackConfig, server: &Path) -> anyhow::Result<()> {
-        let db = |name: &str| {
+        let ca = crate::certs::init_or_load_ca(&self.pki, CA_VALIDITY)?;
+        let validity = Validity::for_duration(cohort_security::DEFAULT_VALIDITY);
+        let mut names = vec!["127.0.0.1".to_string(), "localhost".to_string()];
+        if let Some((host, _)) = cfg.proxy_listen.rsplit_once(':') {
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            if !host.is_empty()
+                && host != "0.0.0.0"
+                && host != "::"
+                && !names.iter().any(|n| n == host)
+            {
+                names.push(host.to_string());
+            }
+        }
+        let ca_cert = self.pki.join("ca.crt").display().to_string();
+        // Paths only: the keys stay in files readable by their owner.
+        let tls_env = |cert: PathBuf, key: PathBuf| {
+            vec![
+                ("COHORT_TLS_CERT".to_string(), cert.display().to_string()),
+                ("COHORT_TLS_KEY".to_string(), key.display().to_string()),
+                ("COHORT_TLS_CA".to_string(), ca_cert.clone()),
+            ]
+        };
+        let service_tls = |name: &str| -> anyhow::Result<Vec<(String, String)>> {
+            let pair = ca.issue_service(name, &names, validity)?;
+            let (cert, key) = crate::certs::write_pair(&self.pki, name, &pair)?;
+            Ok(tls_env(cert, key))
+        };
+        let tls_of: Vec<(&str, Vec<(String, String)>)> =
+            ["model-manager", "client-selector", "job-scheduler", "proxy"]
+                .into_iter()
+                .map(|n| service_tls(n).map(|env| (n, env)))
+                .collect::<anyhow::Result<_>>()?;
+        let tls = |name: &str| {
+            tls_of
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, env)| env.clone())
+                .unwrap_or_default()
+        };
+        let db = |name: &str, service: &str| {
             let url = cfg
                 .database_url
                 .clone()
                 .unwrap_or_else(|| format!("sqlite://{}", server.join(name).display()));
             let mut env = cfg.service_env.clone();
             env.push(("COHORT_DATABASE_URL".to_string(), url));
+            env.extend(tls(service));
             env
         };
         let blobs = cfg
             .blob_url
             .clone()
             .unwrap_or_else(|| format!("file://{}", server.join("blobs").display()));
-        let mut mm_env = db("models.db");
+        let mut mm_env = db("models.db", "model-manager");
         mm_env.push(("COHORT_BLOB_URL".to_string(), blobs));
         let model_manager = self
             .spawn_named("model-manager", "model-manager", &[], mm_env)
             .await?;
         let client_selector = self
-            .spawn_named("client-selector", "client-selector", &[], db("clients.db"))
+            .spawn_named(
+                "client-selector",
+                "client-selector",
+                &[],
+                db("clients.db", "client-selector"),
+            )
             .await?;
         let work = server.join("work").display().to_string();
         let job_scheduler = self
@@ -139,7 +206,14 @@ impl Stack {
                     "--work-dir",
                     &work,
                 ],
-                db("jobs.db"),
+                {
+                    let mut env = db("jobs.db", "job-scheduler");
+                    env.push((
+                        "COHORT_ADMIN_TOKEN_SHA256".to_string(),
+                        self.admin_token.sha256(),
+                    ));
+                    env
+                },
             )
             .await?;
         let proxy = self
@@ -155,8 +229,9 @@ impl Stack {
                     &model_manager,
                     "--client-selector",
                     &client_selector,
+                    "--internal-tls",
                 ],
-                cfg.service_env.clone(),
+                [cfg.service_env.clone(), tls("proxy")].concat(),
             )
             .await?;
         self.proxy = proxy.clone();
@@ -168,6 +243,9 @@ impl Stack {
             DIGITS_CSV,
         )?;
         for p in &parties {
+            let pair = ca.issue_party(&p.name, validity)?;
+            let (cert, key) =
+                crate::certs::write_pair(&self.pki, &format!("party-{}", p.name), &pair)?;
             let datasets = p.datasets_json.display().to_string();
             let workspace = p.dir.join("workspace").display().to_string();
             self.spawn_named(
@@ -183,7 +261,7 @@ impl Stack {
                     "--workspace",
                     &workspace,
                 ],
-                Vec::new(),
+                tls_env(cert, key),
             )
             .await?;
         }
@@ -360,4 +438,18 @@ fn tail_of(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// The admin token of this data directory: kept in a 0600 file so `up` can
+/// be run again on the same data; job-scheduler only ever sees its hash.
+fn load_or_create_token(path: &Path) -> anyhow::Result<ApiToken> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => ApiToken::parse(&text).with_context(|| format!("{}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let token = ApiToken::generate();
+            cohort_security::write_key(path, token.expose())?;
+            Ok(token)
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
 }

@@ -30,6 +30,8 @@ pub struct Args {
     /// How often parties must send a heartbeat; three missed ones end the session.
     #[arg(long, env = "COHORT_HEARTBEAT_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub heartbeat_interval: Duration,
+    #[command(flatten)]
+    pub tls: cohort_runtime::TlsArgs,
 }
 
 impl Args {
@@ -39,6 +41,7 @@ impl Args {
         {
             anyhow::bail!("--heartbeat-interval: must be between 100ms and 10m");
         }
+        let tls = self.tls.load().context("TLS")?;
         let store = cohort_store::open::open_client_store(
             &self.database.database_url,
             &cohort_store::open::DatabaseOptions::new(
@@ -48,7 +51,7 @@ impl Args {
         )
         .await
         .context("--database-url: cannot open the clients store")?;
-        let listener = Listener::bind(self.service.listen).await?;
+        let listener = Listener::bind(self.service.listen).await?.with_tls(tls);
         let registry = Registry::new(store, self.heartbeat_interval);
         let routes = Routes::new(PartySessionServer::new(SessionApi {
             registry: registry.clone(),

@@ -5,9 +5,9 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cohort_core::{PartyId, random_token};
+use cohort_core::{Action, PartyId, Scope, random_token};
 use cohort_proto::v1 as pb;
-use cohort_runtime::{ToStatus, now_ms};
+use cohort_runtime::{ToStatus, calling_party, calling_principal, now_ms};
 use cohort_store::clients::{ClientStore, DatasetEntry, ResourcesEntry, TaskOutcome};
 use futures::{Stream, StreamExt};
 use rand::seq::SliceRandom;
@@ -78,6 +78,26 @@ impl Registry {
         });
         if let Some(failed) = dropped {
             tracing::info!(party = %party, failed_tasks = failed, "party disconnected");
+        }
+    }
+
+    /// Tells a revoked party's live session why, then ends it.
+    fn end_revoked_session(&self, party: &PartyId) {
+        let session = self.with_state(|s| {
+            s.sessions.get(party).map(|sess| {
+                let revoked = pb::ServerMessage {
+                    kind: Some(pb::server_message::Kind::Revoked(pb::Revoked {
+                        reason: format!("party {party} was revoked by an administrator"),
+                    })),
+                };
+                // Best effort: a full queue must not keep the session open.
+                let _ = sess.tx.try_send(Ok(revoked));
+                sess.id
+            })
+        });
+        if let Some(id) = session {
+            self.end_session(party, id);
+            tracing::info!(party = %party, "revoked party's session closed");
         }
     }
 
@@ -246,6 +266,7 @@ impl pb::party_session_server::PartySession for SessionApi {
         &self,
         req: Request<Streaming<pb::PartyMessage>>,
     ) -> Result<Response<ServerStream>, Status> {
+        let certified = calling_party(&req)?;
         let mut inbound = req.into_inner();
         let first = tokio::time::timeout(Duration::from_secs(10), inbound.next())
             .await
@@ -257,7 +278,25 @@ impl pb::party_session_server::PartySession for SessionApi {
             ));
         };
         let (party, datasets, resources) = validate_register(register)?;
+        if let Some(certified) = &certified
+            && certified != &party
+        {
+            tracing::warn!(certified = %certified, claimed = %party, "party registering under another name");
+            return Err(Status::permission_denied(format!(
+                "register.party: the client certificate is party {certified}'s, not {party}'s"
+            )));
+        }
         let registry = self.registry.clone();
+        match registry.store.get_client(&party).await {
+            Ok(c) if c.revoked_at_ms.is_some() => {
+                tracing::warn!(party = %party, "revoked party refused");
+                return Err(Status::permission_denied(format!(
+                    "party {party} is revoked"
+                )));
+            }
+            Ok(_) | Err(cohort_store::StoreError::NotFound { .. }) => {}
+            Err(e) => return Err(e.to_status()),
+        }
         registry
             .store
             .upsert_client(&party, &datasets, &resources, now_ms())
@@ -320,10 +359,58 @@ pub struct SelectorApi {
 
 #[tonic::async_trait]
 impl pb::client_selector_server::ClientSelector for SelectorApi {
+    async fn revoke_client(
+        &self,
+        req: Request<pb::RevokeClientRequest>,
+    ) -> Result<Response<pb::ClientInfo>, Status> {
+        if let Some(p) = calling_principal(&req)? {
+            p.authorize_scope(&Scope::All, Action::Administer)
+                .map_err(|e| {
+                    Status::permission_denied(format!(
+                        "{e}: revoking a party needs an admin token for every namespace (\"*\")"
+                    ))
+                })?;
+        }
+        let party = PartyId::parse(&req.get_ref().party)
+            .map_err(|e| Status::invalid_argument(format!("party: {e}")))?;
+        let record = self
+            .registry
+            .store
+            .revoke_client(&party, now_ms())
+            .await
+            .map_err(|e| e.to_status())?;
+        tracing::warn!(party = %party, "party revoked");
+        self.registry.end_revoked_session(&party);
+        Ok(Response::new(client_info(record, &HashMap::new())))
+    }
+
+    async fn list_revoked(
+        &self,
+        _req: Request<pb::ListRevokedRequest>,
+    ) -> Result<Response<pb::ListRevokedResponse>, Status> {
+        let records = self
+            .registry
+            .store
+            .list_clients()
+            .await
+            .map_err(|e| e.to_status())?;
+        Ok(Response::new(pb::ListRevokedResponse {
+            parties: records
+                .into_iter()
+                .filter(|c| c.revoked_at_ms.is_some())
+                .map(|c| c.party.to_string())
+                .collect(),
+        }))
+    }
+
     async fn list_clients(
         &self,
-        _req: Request<pb::ListClientsRequest>,
+        req: Request<pb::ListClientsRequest>,
     ) -> Result<Response<pb::ListClientsResponse>, Status> {
+        if let Some(p) = calling_principal(&req)? {
+            p.authorize_scope(&p.scope, Action::Read)
+                .map_err(|e| e.to_status())?;
+        }
         let records = self
             .registry
             .store
@@ -336,34 +423,7 @@ impl pb::client_selector_server::ClientSelector for SelectorApi {
                 .map(|(p, sess)| (p.clone(), sess.running_tasks))
                 .collect()
         });
-        let clients = records
-            .into_iter()
-            .map(|c| pb::ClientInfo {
-                connected: live.contains_key(&c.party),
-                running_tasks: live.get(&c.party).copied().unwrap_or(0),
-                party: c.party.to_string(),
-                datasets: c
-                    .datasets
-                    .into_iter()
-                    .map(|d| pb::DatasetInfo {
-                        name: d.name,
-                        samples: d.samples,
-                        features: d.features,
-                        classes: d.classes,
-                    })
-                    .collect(),
-                resources: Some(pb::Resources {
-                    cpus: c.resources.cpus,
-                    memory_bytes: c.resources.memory_bytes,
-                    gpus: c.resources.gpus,
-                    max_tasks: c.resources.max_tasks,
-                }),
-                last_seen_ms: c.last_seen_ms,
-                tasks_offered: c.stats.tasks_offered,
-                tasks_succeeded: c.stats.tasks_succeeded,
-                tasks_failed: c.stats.tasks_failed,
-            })
-            .collect();
+        let clients = records.into_iter().map(|c| client_info(c, &live)).collect();
         Ok(Response::new(pb::ListClientsResponse { clients }))
     }
 
@@ -520,5 +580,38 @@ impl pb::client_selector_server::ClientSelector for SelectorApi {
             let _ = tx.send(Ok(msg)).await;
         }
         Ok(Response::new(pb::CancelJobTasksResponse { cancelled }))
+    }
+}
+
+fn client_info(
+    c: cohort_store::clients::ClientRecord,
+    live: &HashMap<PartyId, u32>,
+) -> pb::ClientInfo {
+    pb::ClientInfo {
+        connected: live.contains_key(&c.party),
+        running_tasks: live.get(&c.party).copied().unwrap_or(0),
+        party: c.party.to_string(),
+        datasets: c
+            .datasets
+            .into_iter()
+            .map(|d| pb::DatasetInfo {
+                name: d.name,
+                samples: d.samples,
+                features: d.features,
+                classes: d.classes,
+            })
+            .collect(),
+        resources: Some(pb::Resources {
+            cpus: c.resources.cpus,
+            memory_bytes: c.resources.memory_bytes,
+            gpus: c.resources.gpus,
+            max_tasks: c.resources.max_tasks,
+        }),
+        last_seen_ms: c.last_seen_ms,
+        tasks_offered: c.stats.tasks_offered,
+        tasks_succeeded: c.stats.tasks_succeeded,
+        tasks_failed: c.stats.tasks_failed,
+        revoked: c.revoked_at_ms.is_some(),
+        revoked_at_ms: c.revoked_at_ms.unwrap_or(0),
     }
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::Context;
 use cohort_core::{JobId, JobSpec};
 use cohort_proto::v1 as pb;
-use cohort_runtime::{Listener, ServiceArgs, lazy_channel, retry_unavailable};
+use cohort_runtime::{Listener, ServiceArgs, channel, retry_unavailable};
 use tonic::service::Routes;
 
 use crate::round_service::{ControlApi, RoundApi, RoundShared};
@@ -40,6 +40,10 @@ pub struct Args {
     /// Updates received at once; each holds one model's worth of memory.
     #[arg(long, env = "COHORT_MAX_CONCURRENT_UPLOADS", default_value_t = 4)]
     pub max_concurrent_uploads: usize,
+    /// Mutual TLS with the other services. With it, every round call must
+    /// name its party (the proxy sets it from the party's certificate).
+    #[command(flatten)]
+    pub tls: cohort_runtime::TlsArgs,
 }
 
 /// How long to keep retrying job-scheduler while it restarts.
@@ -48,16 +52,17 @@ const SCHEDULER_PATIENCE: Duration = Duration::from_secs(120);
 impl Args {
     pub async fn run(self) -> anyhow::Result<()> {
         let job_id = JobId::parse(&self.job_id).context("--job-id")?;
+        let tls = self.tls.load().context("TLS")?;
         let scheduler = pb::job_control_client::JobControlClient::new(
-            lazy_channel(&self.job_scheduler).context("--job-scheduler")?,
+            channel(&self.job_scheduler, tls.as_ref()).context("--job-scheduler")?,
         );
         let clients = Clients {
             scheduler,
             models: pb::models_client::ModelsClient::new(
-                lazy_channel(&self.model_manager).context("--model-manager")?,
+                channel(&self.model_manager, tls.as_ref()).context("--model-manager")?,
             ),
             selector: pb::client_selector_client::ClientSelectorClient::new(
-                lazy_channel(&self.client_selector).context("--client-selector")?,
+                channel(&self.client_selector, tls.as_ref()).context("--client-selector")?,
             ),
         };
         let assignment = retry_unavailable("get assignment", SCHEDULER_PATIENCE, || {
@@ -74,7 +79,8 @@ impl Args {
         let job = assignment.job.clone().context("assignment without a job")?;
         let spec = JobSpec::from_json(&job.spec_json).context("the stored job spec is invalid")?;
 
-        let listener = Listener::bind(self.service.listen).await?;
+        let require_party = tls.is_some();
+        let listener = Listener::bind(self.service.listen).await?.with_tls(tls);
         let endpoint = self
             .advertise
             .clone()
@@ -82,6 +88,7 @@ impl Args {
         let shared = RoundShared::new(Vec::new(), self.max_concurrent_uploads);
         let routes = Routes::new(pb::round_server::RoundServer::new(RoundApi {
             shared: shared.clone(),
+            require_party,
         }))
         .add_service(
             pb::coordinator_control_server::CoordinatorControlServer::new(ControlApi {

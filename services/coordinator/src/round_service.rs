@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
-use cohort_core::NamedTensor;
+use cohort_core::{NamedTensor, PartyId};
 use cohort_fl::wire::Layout;
 use cohort_fl::{CHUNK_BYTES, FedAvg, TensorAssembler, chunk_tensors};
 use cohort_proto::v1 as pb;
@@ -127,11 +127,12 @@ impl RoundShared {
         token: &str,
         kind: pb::TaskKind,
         exclusive: bool,
+        caller: Option<&PartyId>,
     ) -> Result<Ticket, Status> {
         let deadline = tokio::time::Instant::now() + BIND_WAIT;
         loop {
             let notified = self.bound.notified();
-            match self.try_claim(token, kind, exclusive) {
+            match self.try_claim(token, kind, exclusive, caller) {
                 Err(Unbound) if tokio::time::Instant::now() < deadline => {
                     let _ = tokio::time::timeout_at(deadline, notified).await;
                 }
@@ -186,6 +187,7 @@ impl RoundShared {
         token: &str,
         kind: pb::TaskKind,
         exclusive: bool,
+        caller: Option<&PartyId>,
     ) -> Result<Result<Ticket, Status>, Unbound> {
         let mut c = self.lock_collect();
         if c.tickets.get(token).is_some_and(|t| t.party.is_empty()) {
@@ -194,6 +196,14 @@ impl RoundShared {
         let round = c.round;
         let outcome = match c.tickets.get_mut(token) {
             None => Err(Status::permission_denied("unknown or expired task token")),
+            // A token is good only for the party it was issued to.
+            Some(t) if caller.is_some_and(|c| c.as_str() != t.party) => {
+                Err(Status::permission_denied(format!(
+                    "task {} was not offered to party {}",
+                    t.task_id,
+                    caller.map(|c| c.as_str()).unwrap_or_default()
+                )))
+            }
             Some(t) if t.round != round => Err(Status::failed_precondition(format!(
                 "task {} belongs to round {}, the current round is {round}",
                 t.task_id, t.round
@@ -229,6 +239,21 @@ impl RoundShared {
 
 pub struct RoundApi {
     pub shared: Arc<RoundShared>,
+    /// Every call must carry the party the proxy authenticated (mutual TLS on).
+    pub require_party: bool,
+}
+
+impl RoundApi {
+    /// The authenticated party of a round call, when there is one.
+    fn caller<T>(&self, req: &Request<T>) -> Result<Option<PartyId>, Status> {
+        let party = cohort_runtime::calling_party(req)?;
+        if party.is_none() && self.require_party {
+            return Err(self.shared.refuse(Status::unauthenticated(
+                "round calls must come through the proxy with a party certificate",
+            )));
+        }
+        Ok(party)
+    }
 }
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::TensorChunk, Status>> + Send>>;
@@ -241,6 +266,7 @@ impl pb::round_server::Round for RoundApi {
         &self,
         req: Request<pb::FetchModelRequest>,
     ) -> Result<Response<ChunkStream>, Status> {
+        let caller = self.caller(&req)?;
         let token = req.into_inner().task_token;
         let kind = self
             .shared
@@ -250,7 +276,12 @@ impl pb::round_server::Round for RoundApi {
             .map(|t| t.kind);
         let ticket = self
             .shared
-            .claim(&token, kind.unwrap_or(pb::TaskKind::Train), false)
+            .claim(
+                &token,
+                kind.unwrap_or(pb::TaskKind::Train),
+                false,
+                caller.as_ref(),
+            )
             .await?;
         tracing::debug!(party = %ticket.party, task = %ticket.task_id, "model fetched");
         let global = self.shared.global();
@@ -271,6 +302,7 @@ impl pb::round_server::Round for RoundApi {
         &self,
         req: Request<Streaming<pb::SubmitUpdateRequest>>,
     ) -> Result<Response<pb::Ack>, Status> {
+        let caller = self.caller(&req)?;
         let mut inbound = req.into_inner();
         let header = match inbound.next().await {
             Some(Ok(pb::SubmitUpdateRequest {
@@ -285,7 +317,12 @@ impl pb::round_server::Round for RoundApi {
         };
         let ticket = self
             .shared
-            .claim(&header.task_token, pb::TaskKind::Train, true)
+            .claim(
+                &header.task_token,
+                pb::TaskKind::Train,
+                true,
+                caller.as_ref(),
+            )
             .await?;
         let token = header.task_token.clone();
         let result = self
@@ -305,10 +342,11 @@ impl pb::round_server::Round for RoundApi {
         &self,
         req: Request<pb::SubmitEvaluationRequest>,
     ) -> Result<Response<pb::Ack>, Status> {
+        let caller = self.caller(&req)?;
         let r = req.into_inner();
         let ticket = self
             .shared
-            .claim(&r.task_token, pb::TaskKind::Evaluate, true)
+            .claim(&r.task_token, pb::TaskKind::Evaluate, true, caller.as_ref())
             .await?;
         let m = r.metrics.unwrap_or_default();
         let valid = m.samples > 0

@@ -122,6 +122,8 @@ impl JobRun {
                 updates,
                 model_version: version,
                 duration_ms: started.elapsed().as_millis() as u64,
+                refused_updates: u32::try_from(self.shared.lock_collect().refused)
+                    .unwrap_or(u32::MAX),
             };
             tracing::info!(job = %self.job_id, round, updates, accuracy = metrics.accuracy, loss = metrics.loss, version, "round complete");
             retry_unavailable("report round", SCHEDULER_PATIENCE, || {
@@ -245,6 +247,7 @@ impl JobRun {
             c.aggregate = Some(FedAvg::new(&global));
             c.train_loss_sum = 0.0;
             c.train_samples = 0;
+            c.refused = 0;
         }
         let clients = &self.spec.clients;
         let deadline = Instant::now() + clients.round_timeout;
@@ -554,6 +557,7 @@ impl JobRun {
         let header = pb::UploadVersionRequest {
             part: Some(pb::upload_version_request::Part::Header(pb::UploadHeader {
                 name: self.model_name.clone(),
+                namespace: self.spec.namespace.clone(),
                 lineage: Some(pb::Lineage {
                     job_id: self.job_id.to_string(),
                     round,

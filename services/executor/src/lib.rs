@@ -12,7 +12,7 @@ use anyhow::{Context, bail};
 use cohort_core::{JobSpec, NamedTensor};
 use cohort_fl::{CHUNK_BYTES, TensorAssembler, chunk_tensors};
 use cohort_proto::v1 as pb;
-use cohort_runtime::{LogFormat, lazy_channel, retry_unavailable};
+use cohort_runtime::{LogFormat, channel, retry_unavailable};
 use cohort_train::{DataFormat, Dataset};
 use futures::StreamExt;
 use tonic::metadata::MetadataValue;
@@ -25,6 +25,9 @@ pub struct Args {
     pub task_file: PathBuf,
     #[arg(long, env = "COHORT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// The party's certificate, key and the federation CA (from task-manager).
+    #[command(flatten)]
+    pub tls: cohort_runtime::TlsArgs,
 }
 
 /// Most elements a fetched model may have (bounds memory on bad input).
@@ -41,7 +44,8 @@ impl Args {
         let spec = JobSpec::from_json(&task.spec_json).context("task file: task.spec_json")?;
         let kind = pb::TaskKind::try_from(task.kind).unwrap_or(pb::TaskKind::Unspecified);
         let started = Instant::now();
-        let client = RoundClient::new(&exec.endpoint, &task)?;
+        let tls = self.tls.load().context("TLS")?;
+        let client = RoundClient::new(&exec.endpoint, &task, tls.as_ref())?;
         let global = client.fetch_model().await?;
         tracing::info!(task = %task.task_id, tensors = global.len(), "model fetched");
         match kind {
@@ -135,8 +139,12 @@ struct RoundClient {
 }
 
 impl RoundClient {
-    fn new(endpoint: &str, task: &pb::Task) -> anyhow::Result<Self> {
-        let channel = lazy_channel(endpoint).context("task file: endpoint")?;
+    fn new(
+        endpoint: &str,
+        task: &pb::Task,
+        tls: Option<&cohort_runtime::Tls>,
+    ) -> anyhow::Result<Self> {
+        let channel = channel(endpoint, tls).context("task file: endpoint")?;
         Ok(Self {
             inner: pb::round_client::RoundClient::new(channel)
                 .max_decoding_message_size(CHUNK_BYTES * 4)

@@ -6,13 +6,17 @@
 
 pub mod manager;
 pub mod service;
+pub mod tokens;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use cohort_proto::v1::{job_control_server::JobControlServer, jobs_server::JobsServer};
+use cohort_proto::v1::{
+    auth_server::AuthServer, job_control_server::JobControlServer, jobs_server::JobsServer,
+    tokens_server::TokensServer,
+};
 use cohort_runtime::launcher::{CoordinatorConfig, Launcher, LocalLauncher};
 use cohort_runtime::{Listener, ServiceArgs};
 use tonic::service::Routes;
@@ -29,6 +33,12 @@ pub struct Args {
     pub service: ServiceArgs,
     #[command(flatten)]
     pub database: cohort_runtime::DatabaseArgs,
+    #[command(flatten)]
+    pub tls: cohort_runtime::TlsArgs,
+    /// SHA-256 (hex) of an API token to keep as an admin of every namespace:
+    /// how the first admin gets in. Only the hash is given, never the token.
+    #[arg(long, env = "COHORT_ADMIN_TOKEN_SHA256")]
+    pub admin_token_sha256: Option<String>,
     /// model-manager endpoint handed to coordinators (host:port).
     #[arg(long, env = "COHORT_MODEL_MANAGER")]
     pub model_manager: String,
@@ -60,6 +70,12 @@ impl Args {
         if self.max_launch_attempts == 0 {
             anyhow::bail!("--max-launch-attempts: must be at least 1");
         }
+        if let Some(hash) = &self.admin_token_sha256
+            && !tokens::is_sha256_hex(hash)
+        {
+            anyhow::bail!("--admin-token-sha256: must be 64 lowercase hex digits");
+        }
+        let tls = self.tls.load().context("TLS")?;
         let coordinator_bin = self
             .coordinator_bin
             .clone()
@@ -79,7 +95,14 @@ impl Args {
         )
         .await
         .context("--database-url: cannot open the jobs store")?;
-        let listener = Listener::bind(self.service.listen).await?;
+        if let Some(hash) = &self.admin_token_sha256 {
+            tokens::ensure_bootstrap_admin(store.as_ref(), hash)
+                .await
+                .context("--admin-token-sha256: cannot store the admin token")?;
+        }
+        let listener = Listener::bind(self.service.listen)
+            .await?
+            .with_tls(tls.clone());
         let advertise = self
             .advertise
             .clone()
@@ -97,7 +120,11 @@ impl Args {
                 client_selector: self.client_selector.clone(),
             },
             self.work_dir.join("coordinators"),
-            vec!["--log-format".into(), log_format.into()],
+            [
+                vec!["--log-format".into(), log_format.into()],
+                self.tls.to_args(),
+            ]
+            .concat(),
             exit_tx,
         )?);
         let manager = JobManager::new(
@@ -106,6 +133,7 @@ impl Args {
             ManagerConfig {
                 max_launch_attempts: self.max_launch_attempts,
                 stop_grace: Duration::from_secs(10),
+                tls,
             },
         );
         manager.recover().await.context("recovering running jobs")?;
@@ -120,6 +148,12 @@ impl Args {
         tokio::spawn(manager.clone().run_scheduling_loop());
         let routes = Routes::new(JobsServer::new(service::JobsApi {
             manager: manager.clone(),
+        }))
+        .add_service(TokensServer::new(tokens::TokensApi {
+            store: manager.store().clone(),
+        }))
+        .add_service(AuthServer::new(tokens::AuthApi {
+            store: manager.store().clone(),
         }))
         .add_service(JobControlServer::new(service::ControlApi { manager }));
         listener

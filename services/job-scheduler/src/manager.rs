@@ -48,6 +48,8 @@ pub struct ManagerConfig {
     pub max_launch_attempts: u32,
     /// How long a stopping coordinator gets before it is killed.
     pub stop_grace: Duration,
+    /// Mutual TLS for calls to coordinators.
+    pub tls: Option<cohort_runtime::Tls>,
 }
 
 pub struct JobManager {
@@ -346,7 +348,8 @@ impl JobManager {
     /// Asks the coordinator to stop; kills it if it does not end in time.
     async fn drive_stop(&self, id: JobId, endpoint: Option<String>, reason: String) {
         if let Some(endpoint) = endpoint
-            && let Err(e) = ask_coordinator_to_stop(&endpoint, &reason).await
+            && let Err(e) =
+                ask_coordinator_to_stop(&endpoint, &reason, self.config.tls.as_ref()).await
         {
             tracing::warn!(job = %id, error = %e, "coordinator did not take the stop request");
         }
@@ -433,11 +436,15 @@ impl JobManager {
     }
 }
 
-async fn ask_coordinator_to_stop(endpoint: &str, reason: &str) -> std::result::Result<(), String> {
+async fn ask_coordinator_to_stop(
+    endpoint: &str,
+    reason: &str,
+    tls: Option<&cohort_runtime::Tls>,
+) -> std::result::Result<(), String> {
     use cohort_proto::v1::{
         StopCoordinatorRequest, coordinator_control_client::CoordinatorControlClient,
     };
-    let channel = cohort_runtime::lazy_channel(endpoint).map_err(|e| e.to_string())?;
+    let channel = cohort_runtime::channel(endpoint, tls).map_err(|e| e.to_string())?;
     let mut client = CoordinatorControlClient::new(channel);
     let mut req = tonic::Request::new(StopCoordinatorRequest {
         reason: reason.to_string(),

@@ -4,9 +4,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cohort_core::{JobId, JobState};
+use cohort_core::{Action, AuthError, JobId, JobSpec, JobState, Principal};
 use cohort_proto::v1 as pb;
-use cohort_runtime::ToStatus;
+use cohort_runtime::{ToStatus, calling_principal};
 use cohort_store::jobs::{JobFilter, JobRecord, RoundRecord};
 use futures::Stream;
 use tonic::{Request, Response, Status};
@@ -58,6 +58,7 @@ fn round_to_pb(r: &RoundRecord) -> pb::RoundSummary {
         updates: r.updates,
         model_version: r.model_version,
         duration_ms: r.duration_ms,
+        refused_updates: r.refused_updates,
     }
 }
 
@@ -87,12 +88,46 @@ pub struct JobsApi {
     pub manager: Arc<JobManager>,
 }
 
+/// Refuses `action` on a job unless the caller's token allows it. A job in
+/// a namespace the token does not reach answers exactly like a missing one.
+fn authorize(principal: Option<&Principal>, job: &JobRecord, action: Action) -> Result<(), Status> {
+    let Some(p) = principal else {
+        return Ok(()); // a server-internal caller
+    };
+    p.authorize(&job.namespace, action).map_err(|e| match e {
+        AuthError::OutOfScope => err(cohort_store::StoreError::NotFound {
+            what: "job",
+            id: job.id.to_string(),
+        }
+        .into()),
+        e => e.to_status(),
+    })
+}
+
 impl JobsApi {
     async fn full_job(&self, id: &JobId) -> Result<pb::Job, Status> {
         let store = self.manager.store();
         let job = store.get_job(id).await.map_err(|e| err(e.into()))?;
         let rounds = store.list_rounds(id).await.map_err(|e| err(e.into()))?;
         Ok(job_to_pb(&job, &rounds))
+    }
+
+    /// The job, if the caller may do `action` on it.
+    async fn authorized<T>(
+        &self,
+        req: &Request<T>,
+        id: &JobId,
+        action: Action,
+    ) -> Result<JobRecord, Status> {
+        let principal = calling_principal(req)?;
+        let job = self
+            .manager
+            .store()
+            .get_job(id)
+            .await
+            .map_err(|e| err(e.into()))?;
+        authorize(principal.as_ref(), &job, action)?;
+        Ok(job)
     }
 }
 
@@ -104,6 +139,24 @@ impl pb::jobs_server::Jobs for JobsApi {
         &self,
         req: Request<pb::CreateJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
+        if let Some(p) = calling_principal(&req)? {
+            // Role first, so a viewer learns nothing from spec errors.
+            if p.role < cohort_core::Role::Member {
+                return Err(AuthError::Forbidden {
+                    role: p.role,
+                    action: Action::Write,
+                }
+                .to_status());
+            }
+            if let Ok(spec) = JobSpec::parse(&req.get_ref().spec)
+                && !p.scope.includes(&spec.namespace)
+            {
+                return Err(Status::permission_denied(format!(
+                    "namespace: the API token is for namespace {}; the spec names {:?}",
+                    p.scope, spec.namespace
+                )));
+            }
+        }
         let job = self
             .manager
             .create(&req.into_inner().spec)
@@ -113,7 +166,8 @@ impl pb::jobs_server::Jobs for JobsApi {
     }
 
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
-        let id = job_id("id", &req.into_inner().id)?;
+        let id = job_id("id", &req.get_ref().id)?;
+        self.authorized(&req, &id, Action::Read).await?;
         Ok(Response::new(self.full_job(&id).await?))
     }
 
@@ -121,12 +175,27 @@ impl pb::jobs_server::Jobs for JobsApi {
         &self,
         req: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let principal = calling_principal(&req)?;
         let r = req.into_inner();
         if r.page_size > 500 {
             return Err(Status::invalid_argument("page_size: at most 500"));
         }
+        let mut namespace = Some(r.namespace).filter(|n| !n.is_empty());
+        if let Some(p) = &principal {
+            p.authorize_scope(&p.scope, Action::Read)
+                .map_err(|e| e.to_status())?;
+            if let Some(own) = p.scope.namespace() {
+                match &namespace {
+                    // Another tenant's namespace looks empty.
+                    Some(asked) if asked != own => {
+                        return Ok(Response::new(pb::ListJobsResponse::default()));
+                    }
+                    _ => namespace = Some(own.to_string()),
+                }
+            }
+        }
         let filter = JobFilter {
-            namespace: Some(r.namespace).filter(|n| !n.is_empty()),
+            namespace,
             state: state_from_pb("state", r.state)?,
         };
         let size = if r.page_size == 0 { 50 } else { r.page_size };
@@ -154,7 +223,8 @@ impl pb::jobs_server::Jobs for JobsApi {
         &self,
         req: Request<pb::GetJobRequest>,
     ) -> Result<Response<JobStream>, Status> {
-        let id = job_id("id", &req.into_inner().id)?;
+        let id = job_id("id", &req.get_ref().id)?;
+        self.authorized(&req, &id, Action::Read).await?;
         // Subscribe before the first read so no change falls in between.
         let mut changes = self.manager.subscribe();
         let first = self.full_job(&id).await?;
@@ -196,8 +266,9 @@ impl pb::jobs_server::Jobs for JobsApi {
         &self,
         req: Request<pb::StopJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
+        let id = job_id("id", &req.get_ref().id)?;
+        self.authorized(&req, &id, Action::Write).await?;
         let r = req.into_inner();
-        let id = job_id("id", &r.id)?;
         self.manager.stop(&id, &r.reason).await.map_err(err)?;
         Ok(Response::new(self.full_job(&id).await?))
     }
@@ -206,7 +277,8 @@ impl pb::jobs_server::Jobs for JobsApi {
         &self,
         req: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::DeleteJobResponse>, Status> {
-        let id = job_id("id", &req.into_inner().id)?;
+        let id = job_id("id", &req.get_ref().id)?;
+        self.authorized(&req, &id, Action::Write).await?;
         self.manager.delete(&id).await.map_err(err)?;
         Ok(Response::new(pb::DeleteJobResponse {}))
     }
@@ -215,9 +287,9 @@ impl pb::jobs_server::Jobs for JobsApi {
         &self,
         req: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::ListJobEventsResponse>, Status> {
-        let id = job_id("id", &req.into_inner().id)?;
+        let id = job_id("id", &req.get_ref().id)?;
+        self.authorized(&req, &id, Action::Read).await?;
         let store = self.manager.store();
-        store.get_job(&id).await.map_err(|e| err(e.into()))?;
         let events = store.list_events(&id).await.map_err(|e| err(e.into()))?;
         Ok(Response::new(pb::ListJobEventsResponse {
             events: events
@@ -321,6 +393,7 @@ impl pb::job_control_server::JobControl for ControlApi {
             updates: round.updates,
             model_version: round.model_version,
             duration_ms: round.duration_ms,
+            refused_updates: round.refused_updates,
         };
         let job = self.manager.report_round(&id, &record).await.map_err(err)?;
         Ok(Response::new(job_to_pb(&job, &[])))

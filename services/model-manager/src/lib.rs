@@ -14,13 +14,14 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use bytes::Bytes;
 use cohort_blob::{BlobError, BlobStore, ByteStream, Digest};
+use cohort_core::{Action, AuthError, Principal};
 use cohort_proto::v1::models_server::{Models, ModelsServer};
 use cohort_proto::v1::upload_version_request::Part;
 use cohort_proto::v1::{
     DataChunk, GetVersionRequest, Lineage, ListVersionsRequest, ListVersionsResponse, Metrics,
     ModelVersion, UploadVersionRequest,
 };
-use cohort_runtime::{Listener, RuntimeError};
+use cohort_runtime::{Listener, RuntimeError, ToStatus, calling_principal};
 use cohort_store::StoreError;
 use cohort_store::models::{ModelStore, ModelVersionRecord, NewModelVersion};
 use futures::{Stream, StreamExt};
@@ -46,11 +47,14 @@ pub struct Args {
     /// model files go under its `models/` prefix.
     #[arg(long, env = "COHORT_BLOB_URL")]
     pub blob_url: String,
+    #[command(flatten)]
+    pub tls: cohort_runtime::TlsArgs,
 }
 
 impl Args {
     /// Opens storage, binds, writes the ready file and serves until SIGTERM/SIGINT.
     pub async fn run(self) -> anyhow::Result<()> {
+        let tls = self.tls.load().context("TLS")?;
         let store = cohort_store::open::open_model_store(
             &self.database.database_url,
             &cohort_store::open::DatabaseOptions::new(
@@ -64,7 +68,7 @@ impl Args {
         let blobs = cohort_blob::open_blob_store(&models_blob_url(&self.blob_url))
             .await
             .context("--blob-url")?;
-        let listener = Listener::bind(self.service.listen).await?;
+        let listener = Listener::bind(self.service.listen).await?.with_tls(tls);
         listener
             .serve(
                 SERVICE_NAME,
@@ -183,7 +187,25 @@ fn to_proto(r: ModelVersionRecord) -> ModelVersion {
             samples: r.samples,
         }),
         created_at_ms: r.created_at_ms,
+        namespace: r.namespace,
     }
+}
+
+/// Refuses `action` on a model of `namespace` unless the caller's token
+/// allows it; another tenant's model answers like a missing one.
+fn authorize(
+    principal: Option<&Principal>,
+    namespace: &str,
+    action: Action,
+    not_found: impl FnOnce() -> StoreError,
+) -> Result<(), Status> {
+    let Some(p) = principal else {
+        return Ok(()); // a server-internal caller
+    };
+    p.authorize(namespace, action).map_err(|e| match e {
+        AuthError::OutOfScope => Error::from(not_found()).into(),
+        e => e.to_status(),
+    })
 }
 
 /// The `cohort.v1.Models` implementation.
@@ -197,14 +219,30 @@ impl ModelsService {
         Self { store, blobs }
     }
 
-    async fn resolve(&self, req: &GetVersionRequest) -> Result<ModelVersionRecord, Status> {
+    async fn resolve(
+        &self,
+        request: &Request<GetVersionRequest>,
+    ) -> Result<ModelVersionRecord, Status> {
+        let principal = calling_principal(request)?;
+        let req = request.get_ref();
         check_name("name", &req.name)?;
         let record = if req.version == 0 {
             self.store.latest_version(&req.name).await
         } else {
             self.store.get_version(&req.name, req.version).await
         };
-        record.map_err(|e| Error::from(e).into())
+        let record = record.map_err(Error::from)?;
+        authorize(principal.as_ref(), &record.namespace, Action::Read, || {
+            StoreError::NotFound {
+                what: "model version",
+                id: if req.version == 0 {
+                    req.name.clone()
+                } else {
+                    format!("{}@{}", req.name, req.version)
+                },
+            }
+        })?;
+        Ok(record)
     }
 }
 
@@ -216,6 +254,7 @@ impl Models for ModelsService {
         &self,
         request: Request<Streaming<UploadVersionRequest>>,
     ) -> Result<Response<ModelVersion>, Status> {
+        let principal = calling_principal(&request)?;
         let mut stream = request.into_inner();
         let header = match stream.message().await? {
             Some(UploadVersionRequest {
@@ -225,6 +264,27 @@ impl Models for ModelsService {
             None => return Err(invalid("header", "empty upload: no header and no data")),
         };
         check_name("header.name", &header.name)?;
+        let namespace = match (header.namespace.as_str(), principal.as_ref()) {
+            ("", Some(p)) => p.scope.namespace().unwrap_or("default").to_string(),
+            ("", None) => "default".to_string(),
+            (ns, _) => ns.to_string(),
+        };
+        if !cohort_core::is_dns_label(&namespace) {
+            return Err(invalid(
+                "header.namespace",
+                format!("{namespace:?} must be a DNS-1123 label"),
+            ));
+        }
+        if let Some(p) = &principal {
+            p.authorize(&namespace, Action::Write)
+                .map_err(|e| match e {
+                    AuthError::OutOfScope => Status::permission_denied(format!(
+                        "header.namespace: the API token is for namespace {}, not {namespace:?}",
+                        p.scope
+                    )),
+                    e => e.to_status(),
+                })?;
+        }
         let lineage = header.lineage.unwrap_or_default();
         let metrics = header.metrics.unwrap_or_default();
         if !lineage.job_id.is_empty() && !cohort_core::is_dns_label(&lineage.job_id) {
@@ -239,8 +299,8 @@ impl Models for ModelsService {
                 .get_version(&header.name, lineage.parent_version)
                 .await
             {
-                Ok(_) => {}
-                Err(StoreError::NotFound { .. }) => {
+                Ok(parent) if parent.namespace == namespace => {}
+                Ok(_) | Err(StoreError::NotFound { .. }) => {
                     return Err(invalid(
                         "header.lineage.parent_version",
                         format!("{}@{} does not exist", header.name, lineage.parent_version),
@@ -268,6 +328,7 @@ impl Models for ModelsService {
             .insert_version(
                 NewModelVersion {
                     name: header.name,
+                    namespace,
                     digest: info.digest.to_string(),
                     size_bytes: info.size,
                     job_id: lineage.job_id,
@@ -296,12 +357,25 @@ impl Models for ModelsService {
         &self,
         request: Request<ListVersionsRequest>,
     ) -> Result<Response<ListVersionsResponse>, Status> {
+        let principal = calling_principal(&request)?;
         let req = request.into_inner();
         let name = Some(req.name.as_str()).filter(|s| !s.is_empty());
         let job_id = Some(req.job_id.as_str()).filter(|s| !s.is_empty());
+        let mut namespace = Some(req.namespace.as_str()).filter(|s| !s.is_empty());
+        if let Some(p) = &principal
+            && let Some(own) = p.scope.namespace()
+        {
+            match namespace {
+                // Another tenant's namespace looks empty.
+                Some(asked) if asked != own => {
+                    return Ok(Response::new(ListVersionsResponse::default()));
+                }
+                _ => namespace = Some(own),
+            }
+        }
         let versions = self
             .store
-            .list_versions(name, job_id)
+            .list_versions(name, job_id, namespace)
             .await
             .map_err(Error::from)?;
         Ok(Response::new(ListVersionsResponse {
@@ -313,7 +387,7 @@ impl Models for ModelsService {
         &self,
         request: Request<GetVersionRequest>,
     ) -> Result<Response<ModelVersion>, Status> {
-        let record = self.resolve(request.get_ref()).await?;
+        let record = self.resolve(&request).await?;
         Ok(Response::new(to_proto(record)))
     }
 
@@ -323,7 +397,7 @@ impl Models for ModelsService {
         &self,
         request: Request<GetVersionRequest>,
     ) -> Result<Response<Self::DownloadStream>, Status> {
-        let record = self.resolve(request.get_ref()).await?;
+        let record = self.resolve(&request).await?;
         let digest = Digest::parse(&record.digest).map_err(Error::from)?;
         let blob = self.blobs.get(&digest).await.map_err(Error::from)?;
         let chunks = blob.map(|item| match item {

@@ -71,6 +71,7 @@ fn header(name: &str, job: &str, round: u32, parent: u32) -> UploadVersionReques
     UploadVersionRequest {
         part: Some(Part::Header(UploadHeader {
             name: name.to_string(),
+            namespace: String::new(),
             lineage: Some(Lineage {
                 job_id: job.to_string(),
                 round,
@@ -143,6 +144,7 @@ async fn list(client: &mut ModelsClient<Channel>, name: &str, job_id: &str) -> V
         .list_versions(ListVersionsRequest {
             name: name.to_string(),
             job_id: job_id.to_string(),
+            namespace: String::new(),
         })
         .await
         .unwrap()

@@ -16,6 +16,10 @@ use tonic::{Code, Status};
 use tower::ServiceExt;
 use tower::util::BoxCloneSyncService;
 
+use cohort_security::Identity;
+use hyper_rustls::HttpsConnector;
+
+use crate::gate::Gate;
 use crate::route_table::{Resolution, RouteTable};
 use crate::routing::{self, Destination, Refusal};
 use crate::{Config, Endpoint, ProxyError};
@@ -27,17 +31,52 @@ pub(crate) struct Proxy {
     model_manager: Endpoint,
     client_selector: Endpoint,
     routes: Arc<RouteTable>,
-    client: Client<HttpConnector, Incoming>,
+    gate: Arc<Gate>,
+    client: Client<HttpsConnector<HttpConnector>, Incoming>,
+    /// https when the internal services serve mutual TLS.
+    upstream_scheme: Scheme,
     health_reporter: tonic_health::server::HealthReporter,
     health: LocalService,
     reflection: LocalService,
 }
 
 impl Proxy {
-    pub(crate) async fn new(config: &Config, routes: Arc<RouteTable>) -> Result<Self, ProxyError> {
+    pub(crate) async fn new(
+        config: &Config,
+        routes: Arc<RouteTable>,
+        gate: Arc<Gate>,
+    ) -> Result<Self, ProxyError> {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(config.connect_timeout));
         connector.set_nodelay(true);
+        connector.enforce_http(false);
+        let upstream = config.security.upstream();
+        let mut tls = match upstream {
+            Some(tls) => {
+                let files = tls.files();
+                cohort_security::client_config(&files.ca, Some((&files.cert, &files.key)))?
+            }
+            // Never used for plaintext upstreams, but the connector wants one.
+            None => rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ProxyError::Config(format!("TLS client: {e}")))?
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth(),
+        };
+        // hyper-rustls sets ALPN itself (h2) and refuses a preset one.
+        tls.alpn_protocols.clear();
+        let upstream_scheme = if upstream.is_some() {
+            Scheme::HTTPS
+        } else {
+            Scheme::HTTP
+        };
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http2()
+            .wrap_connector(connector);
         let client = Client::builder(TokioExecutor::new())
             .http2_only(true)
             .timer(TokioTimer::new())
@@ -67,7 +106,9 @@ impl Proxy {
             model_manager: config.model_manager.clone(),
             client_selector: config.client_selector.clone(),
             routes,
+            gate,
             client,
+            upstream_scheme,
             health_reporter,
             health: BoxCloneSyncService::new(health),
             reflection: BoxCloneSyncService::new(reflection),
@@ -80,9 +121,18 @@ impl Proxy {
             .await;
     }
 
-    pub(crate) async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+    pub(crate) async fn handle(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+        peer: Option<&Identity>,
+    ) -> Response<Body> {
         let path = req.uri().path().to_string();
-        match routing::destination(&path) {
+        let (destination, audience) = routing::route(&path);
+        if let Err(status) = self.gate.admit(audience, peer, req.headers_mut()).await {
+            tracing::info!(%path, peer = ?peer, code = ?status.code(), reason = %status.message(), "refused caller");
+            return grpc_error(status);
+        }
+        match destination {
             Destination::JobScheduler => {
                 self.forward("job-scheduler", &self.job_scheduler, req)
                     .await
@@ -163,7 +213,7 @@ impl Proxy {
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let uri = Uri::builder()
-            .scheme(Scheme::HTTP)
+            .scheme(self.upstream_scheme.clone())
             .authority(endpoint.authority().clone())
             .path_and_query(path_and_query)
             .build();

@@ -9,6 +9,7 @@
 
 mod endpoint;
 mod forward;
+mod gate;
 mod route_table;
 mod routing;
 
@@ -18,15 +19,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use cohort_runtime::Tls;
+use cohort_security::Identity;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 pub use endpoint::Endpoint;
-pub use routing::{Destination, Refusal, destination};
+pub use routing::{Audience, Destination, Refusal, destination, route};
 
 use forward::Proxy;
+use gate::Gate;
 use route_table::RouteTable;
 
 /// Errors of the proxy library. Each names the option or the address at fault.
@@ -43,6 +47,10 @@ pub enum ProxyError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Config(String),
+    #[error("TLS: {0}")]
+    Tls(#[from] cohort_security::SecurityError),
     #[error("reflection service: {0}")]
     Reflection(String),
     #[error(transparent)]
@@ -69,16 +77,57 @@ pub struct Args {
     /// client-selector's gRPC endpoint (host:port): PartySession, ListClients.
     #[arg(long, env = "COHORT_CLIENT_SELECTOR")]
     pub client_selector: String,
+    /// The proxy's certificate (a service certificate whose DNS/IP names are
+    /// what parties and users dial), its key and the federation CA. Parties
+    /// must present a client certificate of that CA; users an API token.
+    #[command(flatten)]
+    pub tls: cohort_runtime::TlsArgs,
+    /// Dial the server-internal services over mutual TLS with the same certificate.
+    #[arg(long, env = "COHORT_INTERNAL_TLS")]
+    pub internal_tls: bool,
+    /// Serve plaintext and check no certificate or token. For local debugging only.
+    #[arg(long, env = "COHORT_INSECURE")]
+    pub insecure: bool,
 }
 
 impl Args {
     /// Validates the upstream endpoints; nothing is bound yet.
     pub fn config(&self) -> Result<Config, ProxyError> {
-        Ok(Config::new(
+        let mut config = Config::new(
             Endpoint::parse_field("--job-scheduler", &self.job_scheduler)?,
             Endpoint::parse_field("--model-manager", &self.model_manager)?,
             Endpoint::parse_field("--client-selector", &self.client_selector)?,
-        ))
+        );
+        config.security = match (self.tls.files(), self.insecure) {
+            (Some(_), true) => {
+                return Err(ProxyError::Config(
+                    "--insecure and --tls-cert exclude each other".into(),
+                ));
+            }
+            (None, true) if self.internal_tls => {
+                return Err(ProxyError::Config(
+                    "--internal-tls needs --tls-cert, --tls-key and --tls-ca".into(),
+                ));
+            }
+            (None, true) => Security::Insecure,
+            (None, false) => {
+                return Err(ProxyError::Config(
+                    "--tls-cert, --tls-key and --tls-ca are required: the proxy serves mutual TLS \
+                     (pass --insecure only to debug on a private machine)"
+                        .into(),
+                ));
+            }
+            (Some(files), false) => {
+                let tls = Tls::load(&files)?;
+                let server =
+                    cohort_security::server_config(&files, cohort_security::ClientAuth::Optional)?;
+                Security::Tls {
+                    server: Arc::new(server),
+                    upstream: self.internal_tls.then_some(tls),
+                }
+            }
+        };
+        Ok(config)
     }
 
     /// Validates, binds, writes the ready file and serves until SIGTERM/SIGINT.
@@ -92,7 +141,19 @@ impl Args {
         if let Some(path) = &self.service.ready_file {
             cohort_runtime::write_atomic(path, local.to_string().as_bytes())?;
         }
-        tracing::info!(service = "proxy", addr = %local, "serving gRPC");
+        match &config.security {
+            Security::Insecure => tracing::warn!(
+                service = "proxy",
+                addr = %local,
+                "serving PLAINTEXT without authentication (--insecure)"
+            ),
+            Security::Tls { upstream, .. } => tracing::info!(
+                service = "proxy",
+                addr = %local,
+                internal_tls = upstream.is_some(),
+                "serving gRPC over mutual TLS"
+            ),
+        }
         serve(config, listener, cohort_runtime::shutdown_signal()).await?;
         tracing::info!(service = "proxy", "stopped");
         Ok(())
@@ -112,6 +173,41 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// How long in-flight calls may run on after shutdown begins.
     pub shutdown_grace: Duration,
+    pub security: Security,
+}
+
+/// What the proxy checks at its door.
+#[derive(Clone)]
+pub enum Security {
+    /// Plaintext, nothing checked (`--insecure`).
+    Insecure,
+    /// TLS with optional client certificates (parties present one, users
+    /// send a token); `upstream`: dial internal services over mutual TLS.
+    Tls {
+        server: Arc<rustls::ServerConfig>,
+        upstream: Option<Tls>,
+    },
+}
+
+impl std::fmt::Debug for Security {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Security::Insecure => f.write_str("Insecure"),
+            Security::Tls { upstream, .. } => f
+                .debug_struct("Tls")
+                .field("internal_tls", &upstream.is_some())
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
+impl Security {
+    fn upstream(&self) -> Option<&Tls> {
+        match self {
+            Security::Insecure => None,
+            Security::Tls { upstream, .. } => upstream.as_ref(),
+        }
+    }
 }
 
 impl Config {
@@ -127,6 +223,7 @@ impl Config {
             refresh_interval: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(3),
             shutdown_grace: Duration::from_secs(5),
+            security: Security::Insecure,
         }
     }
 }
@@ -138,15 +235,35 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ProxyError> {
+    let upstream = config.security.upstream();
     let routes = Arc::new(RouteTable::new(
         &config.job_scheduler,
+        upstream,
         config.connect_timeout,
     )?);
     // The table loads in the background: the other routes serve meanwhile.
     let refresher = AbortOnDrop(tokio::spawn(
         routes.clone().refresh_loop(config.refresh_interval),
     ));
-    let proxy = Arc::new(Proxy::new(&config, routes).await?);
+    let (acceptor, enforce) = match &config.security {
+        Security::Insecure => (None, false),
+        Security::Tls { server, .. } => {
+            (Some(tokio_rustls::TlsAcceptor::from(server.clone())), true)
+        }
+    };
+    let gate = Arc::new(Gate::new(
+        enforce,
+        &config.job_scheduler,
+        &config.client_selector,
+        upstream,
+        config.connect_timeout,
+    )?);
+    let _revocations = enforce.then(|| {
+        AbortOnDrop(tokio::spawn(
+            gate.clone().revocation_loop(config.refresh_interval),
+        ))
+    });
+    let proxy = Arc::new(Proxy::new(&config, routes, gate.clone()).await?);
 
     let mut http = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     http.timer(TokioTimer::new())
@@ -165,25 +282,38 @@ pub async fn serve(
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
                     let proxy = proxy.clone();
-                    let service = hyper::service::service_fn(move |req| {
-                        let proxy = proxy.clone();
-                        async move { Ok::<_, std::convert::Infallible>(proxy.handle(req).await) }
-                    });
-                    let conn = http.serve_connection(TokioIo::new(stream), service);
-                    let mut stop = stop_rx.clone();
+                    let http = http.clone();
+                    let stop = stop_rx.clone();
+                    let acceptor = acceptor.clone();
+                    let revoked = gate.revoked();
                     connections.spawn(async move {
-                        tokio::pin!(conn);
-                        let result = tokio::select! {
-                            r = conn.as_mut() => r,
-                            _ = async { stop.wait_for(|s| *s).await.map(|_| ()) } => {
-                                // GOAWAY: no new calls, running ones go on.
-                                conn.as_mut().graceful_shutdown();
-                                conn.await
+                        let Some(acceptor) = acceptor else {
+                            return serve_connection(http, stream, None, proxy, stop, revoked).await;
+                        };
+                        let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
+                        let tls = match handshake {
+                            Ok(Ok(tls)) => tls,
+                            Ok(Err(e)) => {
+                                tracing::info!(%peer, error = %e, "TLS handshake refused");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::info!(%peer, "TLS handshake timed out");
+                                return;
                             }
                         };
-                        if let Err(e) = result {
-                            tracing::debug!(%peer, error = %e, "connection ended with an error");
-                        }
+                        let identity = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+                            None => None,
+                            Some(cert) => match cohort_security::identity_of(cert) {
+                                Ok(id) => Some(id),
+                                Err(e) => {
+                                    tracing::warn!(%peer, error = %e, "client certificate without a Cohort identity");
+                                    return;
+                                }
+                            },
+                        };
+                        tracing::debug!(%peer, identity = ?identity, "TLS connection");
+                        serve_connection(http, tls, identity, proxy, stop, revoked).await
                     });
                 }
                 Err(e) => {
@@ -211,6 +341,59 @@ pub async fn serve(
     }
     drop(refresher);
     Ok(())
+}
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves one connection until it ends, the proxy stops (GOAWAY, then
+/// running calls finish) or, for a party, the party is revoked (closed at once).
+async fn serve_connection<IO>(
+    http: hyper::server::conn::http2::Builder<TokioExecutor>,
+    io: IO,
+    identity: Option<Identity>,
+    proxy: Arc<Proxy>,
+    mut stop: watch::Receiver<bool>,
+    mut revoked: watch::Receiver<gate::RevokedParties>,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let party = match &identity {
+        Some(Identity::Party(name)) => Some(name.clone()),
+        _ => None,
+    };
+    let identity = Arc::new(identity);
+    let service = hyper::service::service_fn(move |req| {
+        let proxy = proxy.clone();
+        let identity = identity.clone();
+        async move {
+            Ok::<_, std::convert::Infallible>(proxy.handle(req, identity.as_ref().as_ref()).await)
+        }
+    });
+    let conn = http.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let revocation = async {
+        match &party {
+            Some(p) => {
+                let _ = revoked.wait_for(|set| set.contains(p)).await;
+            }
+            None => std::future::pending::<()>().await,
+        }
+    };
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = revocation => {
+            tracing::info!(party = ?party, "party revoked: closing its connection");
+            return;
+        }
+        _ = async { stop.wait_for(|s| *s).await.map(|_| ()) } => {
+            // GOAWAY: no new calls, running ones go on.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
 }
 
 /// Aborts a background task when the owner goes away.

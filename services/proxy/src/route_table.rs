@@ -31,9 +31,13 @@ pub(crate) struct RouteTable {
 }
 
 impl RouteTable {
-    pub(crate) fn new(job_scheduler: &Endpoint, timeout: Duration) -> Result<Self, ProxyError> {
+    pub(crate) fn new(
+        job_scheduler: &Endpoint,
+        tls: Option<&cohort_runtime::Tls>,
+        timeout: Duration,
+    ) -> Result<Self, ProxyError> {
         let scheduler = job_scheduler.to_string();
-        let channel = cohort_runtime::lazy_channel(&scheduler)?;
+        let channel = cohort_runtime::channel(&scheduler, tls)?;
         Ok(Self {
             routes: RwLock::new(HashMap::new()),
             client: JobControlClient::new(channel),

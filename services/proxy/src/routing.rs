@@ -27,44 +27,105 @@ pub enum Refusal {
 pub const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
 pub const REFLECTION_SERVICE: &str = "grpc.reflection.v1.ServerReflection";
 
+/// Who may call a path, and how they prove it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Audience {
+    /// Health and reflection: no credentials.
+    Anyone,
+    /// People and tools: an API token (`authorization: Bearer ...`).
+    User,
+    /// Parties: a party client certificate of the federation CA.
+    Party,
+}
+
 /// Services (or single methods) reachable through the proxy.
-const EXPOSED: &[(&str, Option<&str>, Destination)] = &[
-    ("cohort.v1.Jobs", None, Destination::JobScheduler),
-    ("cohort.v1.Models", None, Destination::ModelManager),
-    ("cohort.v1.PartySession", None, Destination::ClientSelector),
+const EXPOSED: &[(&str, Option<&str>, Destination, Audience)] = &[
+    (
+        "cohort.v1.Jobs",
+        None,
+        Destination::JobScheduler,
+        Audience::User,
+    ),
+    (
+        "cohort.v1.Tokens",
+        None,
+        Destination::JobScheduler,
+        Audience::User,
+    ),
+    (
+        "cohort.v1.Models",
+        None,
+        Destination::ModelManager,
+        Audience::User,
+    ),
+    (
+        "cohort.v1.PartySession",
+        None,
+        Destination::ClientSelector,
+        Audience::Party,
+    ),
     (
         "cohort.v1.ClientSelector",
         Some("ListClients"),
         Destination::ClientSelector,
+        Audience::User,
     ),
-    ("cohort.v1.Round", None, Destination::Coordinator),
-    (HEALTH_SERVICE, None, Destination::Health),
-    (REFLECTION_SERVICE, None, Destination::Reflection),
+    (
+        "cohort.v1.ClientSelector",
+        Some("RevokeClient"),
+        Destination::ClientSelector,
+        Audience::User,
+    ),
+    (
+        "cohort.v1.Round",
+        None,
+        Destination::Coordinator,
+        Audience::Party,
+    ),
+    (HEALTH_SERVICE, None, Destination::Health, Audience::Anyone),
+    (
+        REFLECTION_SERVICE,
+        None,
+        Destination::Reflection,
+        Audience::Anyone,
+    ),
 ];
 
 /// Fully-qualified names of the services the proxy exposes (for reflection).
 pub fn exposed_services() -> impl Iterator<Item = &'static str> {
-    EXPOSED.iter().map(|(service, _, _)| *service)
+    let mut seen = Vec::new();
+    for (service, _, _, _) in EXPOSED {
+        if !seen.contains(service) {
+            seen.push(*service);
+        }
+    }
+    seen.into_iter()
 }
 
 /// Routes a gRPC path `/package.Service/Method`.
 pub fn destination(path: &str) -> Destination {
+    route(path).0
+}
+
+/// Where a path goes and who may call it (refused paths: `Anyone`, they
+/// are answered by the proxy).
+pub fn route(path: &str) -> (Destination, Audience) {
     let Some((service, method)) = path
         .strip_prefix('/')
         .and_then(|p| p.split_once('/'))
         .filter(|(s, m)| !s.is_empty() && !m.is_empty() && !m.contains('/'))
     else {
-        return Destination::Refused(Refusal::Unknown);
+        return (Destination::Refused(Refusal::Unknown), Audience::Anyone);
     };
-    for (exposed, only, dest) in EXPOSED {
+    for (exposed, only, dest, audience) in EXPOSED {
         if *exposed == service && only.is_none_or(|m| m == method) {
-            return *dest;
+            return (*dest, *audience);
         }
     }
     if service.starts_with("cohort.") {
-        Destination::Refused(Refusal::Internal)
+        (Destination::Refused(Refusal::Internal), Audience::Anyone)
     } else {
-        Destination::Refused(Refusal::Unknown)
+        (Destination::Refused(Refusal::Unknown), Audience::Anyone)
     }
 }
 
@@ -80,6 +141,13 @@ mod tests {
             ("/cohort.v1.Models/Download", ModelManager),
             ("/cohort.v1.PartySession/Open", ClientSelector),
             ("/cohort.v1.ClientSelector/ListClients", ClientSelector),
+            ("/cohort.v1.ClientSelector/RevokeClient", ClientSelector),
+            ("/cohort.v1.Tokens/CreateToken", JobScheduler),
+            (
+                "/cohort.v1.ClientSelector/ListRevoked",
+                Refused(Refusal::Internal),
+            ),
+            ("/cohort.v1.Auth/Authenticate", Refused(Refusal::Internal)),
             ("/cohort.v1.Round/SubmitUpdate", Coordinator),
             ("/grpc.health.v1.Health/Check", Health),
             (
@@ -107,5 +175,18 @@ mod tests {
         for (path, want) in cases {
             assert_eq!(destination(path), want, "{path}");
         }
+    }
+
+    #[test]
+    fn parties_prove_themselves_by_certificate_users_by_token() {
+        assert_eq!(route("/cohort.v1.PartySession/Open").1, Audience::Party);
+        assert_eq!(route("/cohort.v1.Round/SubmitUpdate").1, Audience::Party);
+        assert_eq!(route("/cohort.v1.Jobs/StopJob").1, Audience::User);
+        assert_eq!(route("/cohort.v1.Models/Download").1, Audience::User);
+        assert_eq!(
+            route("/cohort.v1.ClientSelector/ListClients").1,
+            Audience::User
+        );
+        assert_eq!(route("/grpc.health.v1.Health/Check").1, Audience::Anyone);
     }
 }

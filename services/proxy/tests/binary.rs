@@ -22,6 +22,8 @@ fn proxy() -> Command {
     ] {
         cmd.env_remove(var);
     }
+    // These tests are about configuration and lifecycle; TLS has its own.
+    cmd.arg("--insecure");
     cmd.stdout(Stdio::null()).stderr(Stdio::piped());
     cmd
 }

@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use cohort_proto::v1 as pb;
-use cohort_runtime::{Listener, LogFormat, lazy_channel};
+use cohort_runtime::{Listener, LogFormat, Tls, channel};
+use cohort_security::Identity;
 use futures::StreamExt;
 use tokio::process::Command;
 use tokio::sync::mpsc;
@@ -46,11 +47,21 @@ pub struct Args {
     /// Local address for health checks (liveness probes); party traffic only dials out.
     #[command(flatten)]
     pub service: cohort_runtime::ServiceArgs,
+    /// The party's certificate (`cohort cert issue --party NAME`), its key and
+    /// the federation CA: the proxy is dialled over mutual TLS with them.
+    #[command(flatten)]
+    pub tls: cohort_runtime::TlsArgs,
+    /// Dial the proxy in plaintext, without a certificate. For local debugging only.
+    #[arg(long, env = "COHORT_INSECURE")]
+    pub insecure: bool,
 }
 
 struct Party {
     name: String,
     proxy: String,
+    tls: Option<Tls>,
+    /// The TLS options again, for executors.
+    tls_args: Vec<String>,
     workspace: PathBuf,
     executor_bin: PathBuf,
     max_tasks: u32,
@@ -66,7 +77,30 @@ impl Args {
         if self.max_tasks == 0 {
             anyhow::bail!("--max-tasks: must be at least 1");
         }
-        lazy_channel(&self.proxy).context("--proxy")?;
+        let tls = match (self.tls.load().context("TLS")?, self.insecure) {
+            (Some(_), true) => anyhow::bail!("--insecure and --tls-cert exclude each other"),
+            (None, false) => anyhow::bail!(
+                "--tls-cert, --tls-key and --tls-ca are required: parties dial the proxy over \
+                 mutual TLS (pass --insecure only to debug on a private machine)"
+            ),
+            (None, true) => {
+                tracing::warn!(
+                    "dialling the proxy in PLAINTEXT without a certificate (--insecure)"
+                );
+                None
+            }
+            (Some(tls), false) => {
+                match tls.identity() {
+                    Identity::Party(name) if name == &self.party => {}
+                    other => anyhow::bail!(
+                        "--tls-cert: the certificate is for {other}, not party {}",
+                        self.party
+                    ),
+                }
+                Some(tls)
+            }
+        };
+        channel(&self.proxy, tls.as_ref()).context("--proxy")?;
         let datasets = datasets::load(&self.datasets).context("--datasets")?;
         if datasets.is_empty() {
             anyhow::bail!("--datasets: {} names no dataset", self.datasets.display());
@@ -84,6 +118,8 @@ impl Args {
         let party = Arc::new(Party {
             name: self.party.clone(),
             proxy: self.proxy.clone(),
+            tls,
+            tls_args: self.tls.to_args(),
             workspace: self.workspace.clone(),
             executor_bin,
             max_tasks: self.max_tasks,
@@ -176,7 +212,7 @@ impl Party {
     }
 
     async fn session(self: Arc<Self>) -> anyhow::Result<()> {
-        let channel = lazy_channel(&self.proxy)?;
+        let channel = channel(&self.proxy, self.tls.as_ref())?;
         let mut client = pb::party_session_client::PartySessionClient::new(channel);
         let (out_tx, out_rx) = mpsc::channel::<pb::PartyMessage>(64);
         out_tx
@@ -325,7 +361,7 @@ impl Party {
             }))
         };
         let mut cmd = Command::new(&self.executor_bin);
-        cmd.arg("--task-file").arg(&task_file);
+        cmd.arg("--task-file").arg(&task_file).args(&self.tls_args);
         if self.log_format == LogFormat::Json {
             cmd.arg("--log-format").arg("json");
         }

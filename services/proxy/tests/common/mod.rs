@@ -312,6 +312,12 @@ impl client_selector_server::ClientSelector for FakeClientSelector {
             }],
         }))
     }
+    async fn revoke_client(&self, _: Request<RevokeClientRequest>) -> Res<ClientInfo> {
+        unimplemented()
+    }
+    async fn list_revoked(&self, _: Request<ListRevokedRequest>) -> Res<ListRevokedResponse> {
+        unimplemented()
+    }
     async fn describe_dataset(&self, _: Request<DescribeDatasetRequest>) -> Res<DatasetSummary> {
         unimplemented()
     }

@@ -1,0 +1,712 @@
+//! Security at the federation's door, with the real binaries over loopback:
+//! parties must hold a client certificate of the federation CA, users an API
+//! token scoped to a namespace and a role, and round calls are bound to the
+//! party a task was offered to. Each test asserts the refusal itself.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use cohort_cli::Api;
+use cohort_cli::profile::Profile;
+use cohort_integration_tests::{Federation, digits_job, state_of};
+use cohort_proto::v1 as pb;
+use cohort_security::{CertAuthority, TlsFiles, Validity};
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tonic::Code;
+use tonic::transport::Channel;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn ca(fed: &Federation) -> CertAuthority {
+    let pki = &fed.stack.pki;
+    CertAuthority::load(&pki.join("ca.crt"), &pki.join("ca.key")).expect("the federation CA")
+}
+
+/// Writes a party certificate issued by `ca` and returns its TLS files.
+fn party_files(
+    dir: &Path,
+    ca: &CertAuthority,
+    ca_cert: &Path,
+    name: &str,
+    validity: Validity,
+) -> TlsFiles {
+    let pair = ca.issue_party(name, validity).expect("issue");
+    let cert = dir.join(format!("{name}.crt"));
+    let key = dir.join(format!("{name}.key"));
+    cohort_security::write_cert(&cert, &pair.cert_pem).expect("test step");
+    cohort_security::write_key(&key, &pair.key_pem).expect("test step");
+    TlsFiles {
+        cert,
+        key,
+        ca: ca_cert.to_path_buf(),
+    }
+}
+
+fn fresh() -> Validity {
+    Validity::for_duration(Duration::from_secs(3600))
+}
+
+/// A channel to the proxy presenting `files` as the client certificate.
+fn party_channel(fed: &Federation, files: &TlsFiles) -> Channel {
+    let tls = cohort_runtime::Tls::load(files).expect("party TLS files");
+    cohort_runtime::channel(&fed.stack.proxy, Some(&tls)).expect("channel")
+}
+
+fn digits_register(party: &str) -> pb::PartyMessage {
+    pb::PartyMessage {
+        kind: Some(pb::party_message::Kind::Register(pb::Register {
+            party: party.to_string(),
+            datasets: vec![pb::DatasetInfo {
+                name: "digits".into(),
+                samples: 300,
+                features: 64,
+                classes: 10,
+            }],
+            resources: Some(pb::Resources {
+                cpus: 1,
+                memory_bytes: 1 << 30,
+                gpus: 0,
+                max_tasks: 4,
+            }),
+        })),
+    }
+}
+
+/// A party played by the test: its session stream and a way to answer.
+struct ScriptedParty {
+    name: String,
+    channel: Channel,
+    out: mpsc::Sender<pb::PartyMessage>,
+    inbound: tonic::Streaming<pb::ServerMessage>,
+}
+
+async fn open_session(
+    channel: Channel,
+    register_as: &str,
+) -> Result<
+    (
+        mpsc::Sender<pb::PartyMessage>,
+        tonic::Streaming<pb::ServerMessage>,
+    ),
+    tonic::Status,
+> {
+    let (out, rx) = mpsc::channel(16);
+    out.send(digits_register(register_as))
+        .await
+        .expect("test step");
+    let mut inbound = pb::party_session_client::PartySessionClient::new(channel)
+        .open(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    // The first answer is Registered, or the refusal.
+    match tokio::time::timeout(WAIT, inbound.next()).await {
+        Ok(Some(Ok(pb::ServerMessage {
+            kind: Some(pb::server_message::Kind::Registered(_)),
+        }))) => Ok((out, inbound)),
+        Ok(Some(Err(s))) => Err(s),
+        other => panic!("unexpected first session message: {other:?}"),
+    }
+}
+
+impl ScriptedParty {
+    async fn connect(fed: &Federation, files: &TlsFiles, name: &str) -> ScriptedParty {
+        let channel = party_channel(fed, files);
+        let (out, inbound) = open_session(channel.clone(), name).await.expect("session");
+        ScriptedParty {
+            name: name.to_string(),
+            channel,
+            out,
+            inbound,
+        }
+    }
+
+    /// The next offer of `kind`, accepted. Other offers are refused.
+    async fn accept_next(&mut self, kind: pb::TaskKind) -> pb::Task {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let msg = tokio::time::timeout_at(deadline, self.inbound.next())
+                .await
+                .unwrap_or_else(|_| panic!("{}: no {kind:?} offer in time", self.name))
+                .expect("session open")
+                .expect("session message");
+            let Some(pb::server_message::Kind::Offer(offer)) = msg.kind else {
+                continue;
+            };
+            let task = offer.task.clone().expect("task");
+            let take = task.kind == kind as i32;
+            self.out
+                .send(pb::PartyMessage {
+                    kind: Some(pb::party_message::Kind::OfferReply(pb::OfferReply {
+                        offer_id: offer.offer_id,
+                        accepted: take,
+                        reason: if take {
+                            String::new()
+                        } else {
+                            "scripted".into()
+                        },
+                    })),
+                })
+                .await
+                .expect("test step");
+            if take {
+                return task;
+            }
+        }
+    }
+
+    fn round(&self) -> pb::round_client::RoundClient<Channel> {
+        pb::round_client::RoundClient::new(self.channel.clone())
+    }
+}
+
+fn for_job<T>(job: &str, msg: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut().insert(
+        cohort_proto::JOB_METADATA_KEY,
+        job.parse().expect("job id as metadata"),
+    );
+    req.set_timeout(Duration::from_secs(30));
+    req
+}
+
+async fn fetch(
+    party: &ScriptedParty,
+    task: &pb::Task,
+) -> Result<Vec<cohort_core::NamedTensor>, tonic::Status> {
+    let mut stream = party
+        .round()
+        .fetch_model(for_job(
+            &task.job_id,
+            pb::FetchModelRequest {
+                task_token: task.task_token.clone(),
+            },
+        ))
+        .await?
+        .into_inner();
+    let mut asm = cohort_fl::TensorAssembler::new(None, 1 << 24);
+    while let Some(chunk) = stream.next().await {
+        asm.push(chunk?).expect("chunk");
+    }
+    Ok(asm.finish().expect("model"))
+}
+
+async fn submit(
+    party: &ScriptedParty,
+    job: &str,
+    token: &str,
+    delta: &[cohort_core::NamedTensor],
+) -> Result<(), tonic::Status> {
+    let header = pb::SubmitUpdateRequest {
+        part: Some(pb::submit_update_request::Part::Header(pb::UpdateHeader {
+            task_token: token.to_string(),
+            samples: 100,
+            train: Some(pb::Metrics {
+                loss: 1.0,
+                accuracy: 0.5,
+                samples: 100,
+            }),
+        })),
+    };
+    let chunks =
+        cohort_fl::chunk_tensors(delta, cohort_fl::CHUNK_BYTES).map(|c| pb::SubmitUpdateRequest {
+            part: Some(pb::submit_update_request::Part::Chunk(c)),
+        });
+    let messages: Vec<_> = std::iter::once(header).chain(chunks).collect();
+    party
+        .round()
+        .submit_update(for_job(job, futures::stream::iter(messages)))
+        .await
+        .map(|_| ())
+}
+
+fn code_of<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> (Code, String) {
+    let s = r.expect_err("the call must be refused");
+    (s.code(), s.message().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn party_certificates_are_checked_at_the_door() {
+    let fed = Federation::start(0).await.expect("federation");
+    let dir = tempfile::tempdir().expect("test step");
+    let ca_cert = fed.stack.pki.join("ca.crt");
+    let real_ca = ca(&fed);
+
+    // No client certificate at all: TLS works (users connect like this), the party API refuses.
+    let pem = std::fs::read(&ca_cert).expect("test step");
+    let anonymous =
+        cohort_runtime::server_authenticated_channel(&fed.stack.proxy, &pem).expect("test step");
+    let (code, msg) = code_of(open_session(anonymous.clone(), "alice").await);
+    assert_eq!(code, Code::Unauthenticated, "{msg}");
+    assert!(msg.contains("client certificate"), "{msg}");
+    let (code, msg) = code_of(
+        pb::round_client::RoundClient::new(anonymous)
+            .fetch_model(for_job("some-job", pb::FetchModelRequest::default()))
+            .await,
+    );
+    assert_eq!(code, Code::Unauthenticated, "{msg}");
+
+    // A certificate from another CA: the handshake itself fails.
+    let other_ca = CertAuthority::generate("not the federation", fresh()).expect("test step");
+    let other_dir = dir.path().join("other");
+    let foreign = party_files(&other_dir, &other_ca, &ca_cert, "alice", fresh());
+    let (code, msg) = code_of(open_session(party_channel(&fed, &foreign), "alice").await);
+    assert_handshake_refused(&fed, code, &msg, 1).await;
+
+    // An expired certificate of the right CA: refused as well.
+    let day = Duration::from_secs(24 * 3600);
+    let expired = Validity {
+        not_before: SystemTime::now() - 2 * day,
+        not_after: SystemTime::now() - day,
+    };
+    let stale = party_files(dir.path(), &real_ca, &ca_cert, "carol", expired);
+    let (code, msg) = code_of(open_session(party_channel(&fed, &stale), "carol").await);
+    assert_handshake_refused(&fed, code, &msg, 2).await;
+
+    // A valid certificate registering under another party's name.
+    let alice = party_files(dir.path(), &real_ca, &ca_cert, "alice", fresh());
+    let (code, msg) = code_of(open_session(party_channel(&fed, &alice), "bob").await);
+    assert_eq!(code, Code::PermissionDenied, "{msg}");
+    assert!(msg.contains("alice"), "{msg}");
+
+    // A party certificate is no API token.
+    let (code, msg) = code_of(
+        pb::jobs_client::JobsClient::new(party_channel(&fed, &alice))
+            .list_jobs(pb::ListJobsRequest::default())
+            .await,
+    );
+    assert_eq!(code, Code::Unauthenticated, "{msg}");
+
+    // Nothing of the refused ones was registered; alice under her own name is fine.
+    let _alice = ScriptedParty::connect(&fed, &alice, "alice").await;
+    let clients = fed
+        .api()
+        .selector()
+        .list_clients(pb::ListClientsRequest {})
+        .await
+        .expect("test step")
+        .into_inner()
+        .clients;
+    let names: Vec<&str> = clients.iter().map(|c| c.party.as_str()).collect();
+    assert_eq!(names, vec!["alice"], "{names:?}");
+}
+
+/// The call died in the TLS handshake (the client sees a broken or cancelled
+/// connection) and the proxy logged a refused handshake, `count` so far.
+async fn assert_handshake_refused(fed: &Federation, code: Code, msg: &str, count: usize) {
+    assert!(
+        matches!(code, Code::Unavailable | Code::Cancelled | Code::Unknown),
+        "{code:?}: {msg}"
+    );
+    let log = fed.dir.path().join("logs/proxy.log");
+    wait_for(Duration::from_secs(10), || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("TLS handshake refused")
+            .count()
+            >= count
+    })
+    .await;
+}
+
+fn api_with_token(fed: &Federation, token: Option<String>) -> Api {
+    Api::from_profile(&Profile {
+        token,
+        ..fed.stack.profile()
+    })
+    .expect("test step")
+}
+
+async fn create_token(fed: &Federation, namespace: &str, role: pb::Role) -> Api {
+    let created = fed
+        .api()
+        .tokens()
+        .create_token(pb::CreateTokenRequest {
+            name: format!("{namespace}-{role:?}"),
+            namespace: namespace.into(),
+            role: role as i32,
+        })
+        .await
+        .expect("admin creates a token")
+        .into_inner();
+    api_with_token(fed, Some(created.token))
+}
+
+fn spec_in(namespace: &str, name: &str) -> String {
+    format!(
+        "namespace: {namespace}\n{}",
+        digits_job(name, 1, 1, 1, "5s")
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn api_tokens_are_scoped_by_namespace_and_role() {
+    let fed = Federation::start(0).await.expect("federation");
+
+    // Missing and unknown tokens.
+    let (code, msg) = code_of(
+        api_with_token(&fed, None)
+            .jobs()
+            .list_jobs(pb::ListJobsRequest::default())
+            .await,
+    );
+    assert_eq!(code, Code::Unauthenticated, "{msg}");
+    let forged = cohort_security::ApiToken::generate().expose().to_string();
+    let (code, msg) = code_of(
+        api_with_token(&fed, Some(forged.clone()))
+            .jobs()
+            .list_jobs(pb::ListJobsRequest::default())
+            .await,
+    );
+    assert_eq!(code, Code::Unauthenticated, "{msg}");
+    assert!(!msg.contains(&forged), "a token must not be echoed: {msg}");
+
+    let member_a = create_token(&fed, "team-a", pb::Role::Member).await;
+    let viewer_a = create_token(&fed, "team-a", pb::Role::Viewer).await;
+    let member_b = create_token(&fed, "team-b", pb::Role::Member).await;
+
+    let job = member_a
+        .jobs()
+        .create_job(pb::CreateJobRequest {
+            spec: spec_in("team-a", "secret-a"),
+        })
+        .await
+        .expect("a member creates a job in its namespace")
+        .into_inner();
+    let get = |id: &str| pb::GetJobRequest { id: id.to_string() };
+
+    // Another namespace's token: the job does not exist for it.
+    for result in [
+        member_b.jobs().get_job(get(&job.id)).await.map(|_| ()),
+        member_b
+            .jobs()
+            .stop_job(pb::StopJobRequest {
+                id: job.id.clone(),
+                reason: "nope".into(),
+            })
+            .await
+            .map(|_| ()),
+        member_b.jobs().delete_job(get(&job.id)).await.map(|_| ()),
+        member_b
+            .jobs()
+            .list_job_events(get(&job.id))
+            .await
+            .map(|_| ()),
+    ] {
+        let (code, msg) = code_of(result);
+        assert_eq!(code, Code::NotFound, "{msg}");
+    }
+    let listed = member_b
+        .jobs()
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .expect("test step")
+        .into_inner()
+        .jobs;
+    assert!(listed.is_empty(), "team-b sees {listed:?}");
+    let listed = member_b
+        .jobs()
+        .list_jobs(pb::ListJobsRequest {
+            namespace: "team-a".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("test step")
+        .into_inner()
+        .jobs;
+    assert!(listed.is_empty(), "team-b sees {listed:?}");
+    let (code, msg) = code_of(
+        member_a
+            .jobs()
+            .create_job(pb::CreateJobRequest {
+                spec: spec_in("team-b", "sneaky"),
+            })
+            .await,
+    );
+    assert_eq!(code, Code::PermissionDenied, "{msg}");
+
+    // A viewer reads but cannot create or stop.
+    let seen = viewer_a
+        .jobs()
+        .get_job(get(&job.id))
+        .await
+        .expect("test step")
+        .into_inner();
+    assert_eq!(seen.id, job.id);
+    let (code, msg) = code_of(
+        viewer_a
+            .jobs()
+            .stop_job(pb::StopJobRequest {
+                id: job.id.clone(),
+                reason: "viewer".into(),
+            })
+            .await,
+    );
+    assert_eq!(code, Code::PermissionDenied, "{msg}");
+    let (code, msg) = code_of(
+        viewer_a
+            .jobs()
+            .create_job(pb::CreateJobRequest {
+                spec: spec_in("team-a", "viewer-job"),
+            })
+            .await,
+    );
+    assert_eq!(code, Code::PermissionDenied, "{msg}");
+    let state = state_of(
+        &viewer_a
+            .jobs()
+            .get_job(get(&job.id))
+            .await
+            .expect("test step")
+            .into_inner(),
+    );
+    assert!(
+        !state.is_terminal(),
+        "the viewer's stop must not have stopped it: {state}"
+    );
+
+    // Only admins handle tokens and parties.
+    let (code, msg) = code_of(
+        member_a
+            .tokens()
+            .create_token(pb::CreateTokenRequest {
+                name: "x".into(),
+                namespace: "team-a".into(),
+                role: pb::Role::Admin as i32,
+            })
+            .await,
+    );
+    assert_eq!(code, Code::PermissionDenied, "{msg}");
+    let admin_a = create_token(&fed, "team-a", pb::Role::Admin).await;
+    let (code, msg) = code_of(
+        admin_a
+            .tokens()
+            .create_token(pb::CreateTokenRequest {
+                name: "x".into(),
+                namespace: "team-b".into(),
+                role: pb::Role::Viewer as i32,
+            })
+            .await,
+    );
+    assert_eq!(code, Code::PermissionDenied, "{msg}");
+    let (code, msg) = code_of(
+        admin_a
+            .selector()
+            .revoke_client(pb::RevokeClientRequest {
+                party: "anyone".into(),
+            })
+            .await,
+    );
+    assert_eq!(code, Code::PermissionDenied, "{msg}");
+
+    // The member of team-a stops its own job.
+    member_a
+        .jobs()
+        .stop_job(pb::StopJobRequest {
+            id: job.id.clone(),
+            reason: "done".into(),
+        })
+        .await
+        .expect("a member stops its job");
+
+    // Tokens are stored as hashes only: no secret in the jobs database.
+    let server = fed.dir.path().join("server");
+    let mut db = std::fs::read(server.join("jobs.db")).unwrap_or_default();
+    db.extend(std::fs::read(server.join("jobs.db-wal")).unwrap_or_default());
+    let text = String::from_utf8_lossy(&db);
+    assert!(!text.contains(fed.stack.admin_token.expose()));
+    assert!(text.contains(&fed.stack.admin_token.sha256()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn round_calls_are_bound_to_the_selected_party() {
+    let fed = Federation::start(0).await.expect("federation");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca_cert = fed.stack.pki.join("ca.crt");
+    let real_ca = ca(&fed);
+    let mut parties = Vec::new();
+    for name in ["alice", "bob", "carol"] {
+        let files = party_files(dir.path(), &real_ca, &ca_cert, name, fresh());
+        parties.push(ScriptedParty::connect(&fed, &files, name).await);
+    }
+
+    // Two of the three are selected; the third plays the intruder.
+    let job = fed
+        .create_job(&digits_job("bound", 1, 2, 2, "60s"))
+        .await
+        .expect("job");
+    let offers: Vec<(usize, pb::Task)> = {
+        let mut pending: futures::stream::FuturesUnordered<_> = parties
+            .iter_mut()
+            .enumerate()
+            .map(|(i, p)| async move { (i, p.accept_next(pb::TaskKind::Train).await) })
+            .collect();
+        let mut offers = Vec::new();
+        while offers.len() < 2 {
+            offers.push(pending.next().await.expect("two offers"));
+        }
+        offers
+    };
+    let (first, task) = offers[0].clone();
+    let (second, second_task) = offers[1].clone();
+    let intruder = (0..3)
+        .find(|i| *i != first && *i != second)
+        .expect("one left out");
+    let model = fetch(&parties[first], &task)
+        .await
+        .expect("a selected party fetches");
+    let zero: Vec<cohort_core::NamedTensor> = model
+        .iter()
+        .map(|t| cohort_core::NamedTensor {
+            name: t.name.clone(),
+            shape: t.shape.clone(),
+            data: vec![0.0; t.data.len()],
+        })
+        .collect();
+
+    // The intruder holds a valid certificate but was not selected.
+    let (code, msg) = code_of(fetch(&parties[intruder], &task).await);
+    assert_eq!(code, Code::PermissionDenied, "{msg}");
+    let (code, msg) =
+        code_of(submit(&parties[intruder], &task.job_id, &task.task_token, &zero).await);
+    assert_eq!(code, Code::PermissionDenied, "{msg}");
+    assert!(msg.contains(&parties[intruder].name), "{msg}");
+    let invented = "x".repeat(43);
+    let (code, msg) = code_of(submit(&parties[intruder], &task.job_id, &invented, &zero).await);
+    assert_eq!(code, Code::PermissionDenied, "{msg}");
+
+    // A selected party's update counts once (the round still waits for the other).
+    submit(&parties[first], &task.job_id, &task.task_token, &zero)
+        .await
+        .expect("the selected party's update");
+    let (code, msg) = code_of(submit(&parties[first], &task.job_id, &task.task_token, &zero).await);
+    assert_eq!(code, Code::AlreadyExists, "{msg}");
+    fetch(&parties[second], &second_task)
+        .await
+        .expect("the other selected party fetches");
+    submit(
+        &parties[second],
+        &second_task.job_id,
+        &second_task.task_token,
+        &zero,
+    )
+    .await
+    .expect("the other selected party's update");
+
+    // Everyone evaluates; then the round is recorded with the refusals counted.
+    futures::future::join_all(parties.iter_mut().map(|p| async move {
+        let eval = p.accept_next(pb::TaskKind::Evaluate).await;
+        p.round()
+            .submit_evaluation(for_job(
+                &eval.job_id,
+                pb::SubmitEvaluationRequest {
+                    task_token: eval.task_token.clone(),
+                    metrics: Some(pb::Metrics {
+                        loss: 1.0,
+                        accuracy: 0.5,
+                        samples: 50,
+                    }),
+                },
+            ))
+            .await
+            .expect("evaluation");
+    }))
+    .await;
+    let done = fed
+        .wait_end(&job.id, Duration::from_secs(60))
+        .await
+        .expect("job end");
+    assert_eq!(state_of(&done).to_string(), "SUCCEEDED", "{}", done.reason);
+    let round = done.rounds.first().expect("round 1");
+    assert_eq!(round.updates, 2);
+    assert!(
+        round.refused_updates >= 4,
+        "refusals counted: {}",
+        round.refused_updates
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_revoked_party_is_disconnected_and_refused() {
+    let fed = Federation::start(2).await.expect("federation");
+    let api = fed.api();
+    let connected = |clients: &[pb::ClientInfo], name: &str| {
+        clients.iter().any(|c| c.party == name && c.connected)
+    };
+    let clients = wait_clients(&api, |c| connected(c, "party-1") && connected(c, "party-2")).await;
+    assert!(clients.iter().all(|c| !c.revoked));
+
+    let revoked = api
+        .selector()
+        .revoke_client(pb::RevokeClientRequest {
+            party: "party-1".into(),
+        })
+        .await
+        .expect("admin revokes")
+        .into_inner();
+    assert!(revoked.revoked);
+
+    // Its session ends, and its task-manager keeps being refused when it redials.
+    let clients = wait_clients(&api, |c| !connected(c, "party-1")).await;
+    assert!(clients.iter().any(|c| c.party == "party-1" && c.revoked));
+    assert!(connected(&clients, "party-2"), "{clients:?}");
+    let log = fed.dir.path().join("logs/task-manager-party-1.log");
+    wait_for(Duration::from_secs(20), || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("revoked")
+    })
+    .await;
+
+    // Its certificate is still valid, but it does not get in.
+    let party_cert = TlsFiles {
+        cert: fed.stack.pki.join("party-party-1.crt"),
+        key: fed.stack.pki.join("party-party-1.key"),
+        ca: fed.stack.pki.join("ca.crt"),
+    };
+    let (code, msg) = code_of(open_session(party_channel(&fed, &party_cert), "party-1").await);
+    assert_eq!(code, Code::PermissionDenied, "{msg}");
+    assert!(msg.contains("revoked"), "{msg}");
+
+    // The federation goes on with the others.
+    let job = fed
+        .create_job(&digits_job("after-revoke", 2, 1, 1, "20s"))
+        .await
+        .expect("test step");
+    let done = fed
+        .wait_end(&job.id, Duration::from_secs(90))
+        .await
+        .expect("test step");
+    assert_eq!(state_of(&done).to_string(), "SUCCEEDED", "{}", done.reason);
+}
+
+async fn wait_clients(api: &Api, pred: impl Fn(&[pb::ClientInfo]) -> bool) -> Vec<pb::ClientInfo> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let clients = api
+            .selector()
+            .list_clients(pb::ListClientsRequest {})
+            .await
+            .map(|r| r.into_inner().clients)
+            .unwrap_or_default();
+        if pred(&clients) {
+            return clients;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "parties never reached the expected state: {clients:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met in {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
