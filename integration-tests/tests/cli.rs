@@ -363,3 +363,167 @@ async fn invalid_specs_are_refused_naming_the_field_and_nothing_is_stored() {
         "nothing was stored"
     );
 }
+
+fn mode_of(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).expect("file").permissions().mode() & 0o777
+}
+
+fn identity_in(cert: &Path) -> cohort_security::Identity {
+    let certs = cohort_security::load_certs(cert).expect("certificate");
+    cohort_security::identity_of(&certs[0]).expect("identity")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_tokens_and_revocation_from_the_command_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = dir.path().join("pki");
+    let pki_arg = pki.to_str().expect("path");
+    let none = dir.path().join("no-profile.toml");
+
+    // A CA, offline; not replaced by accident.
+    json_of(&["--json", "cert", "init", "--dir", pki_arg], &none).await;
+    assert_eq!(mode_of(&pki.join("ca.key")), 0o600);
+    let (code, _, err) = cohort(&["cert", "init", "--dir", pki_arg], &none)
+        .await
+        .expect("run");
+    assert_ne!(code, 0);
+    assert!(err.contains("--force"), "{err}");
+
+    // Party and service certificates carry their names.
+    let party = json_of(
+        &[
+            "--json",
+            "cert",
+            "issue",
+            "--party",
+            "acme",
+            "--dir",
+            pki_arg,
+            "--validity",
+            "30days",
+        ],
+        &none,
+    )
+    .await;
+    let cert = PathBuf::from(party["cert"].as_str().expect("cert path"));
+    assert_eq!(
+        identity_in(&cert),
+        cohort_security::Identity::Party("acme".into())
+    );
+    assert_eq!(mode_of(&pki.join("acme.key")), 0o600);
+    json_of(
+        &[
+            "--json",
+            "cert",
+            "issue",
+            "--service",
+            "proxy",
+            "--dns",
+            "proxy.example.org",
+            "--dns",
+            "10.0.0.7",
+            "--dir",
+            pki_arg,
+        ],
+        &none,
+    )
+    .await;
+    assert_eq!(
+        identity_in(&pki.join("proxy.crt")),
+        cohort_security::Identity::Service("proxy".into())
+    );
+    for (args, field) in [
+        (
+            vec!["cert", "issue", "--party", "Not A Name", "--dir", pki_arg],
+            "party",
+        ),
+        (
+            vec!["cert", "issue", "--service", "proxy", "--dir", pki_arg],
+            "--dns",
+        ),
+        (
+            vec!["cert", "issue", "--party", "x", "--dir", "/nonexistent"],
+            "cert init",
+        ),
+    ] {
+        let (code, _, err) = cohort(&args, &none).await.expect("run");
+        assert_ne!(code, 0, "{args:?}");
+        assert!(err.contains(field), "{args:?}: {err}");
+        assert!(!err.contains("PRIVATE KEY"), "{err}");
+    }
+
+    // Against a running federation: a viewer token, and a revoked party.
+    let up = Up::start(2);
+    let admin = up.profile.clone();
+    let created = json_of(
+        &[
+            "--json",
+            "token",
+            "create",
+            "--namespace",
+            "research",
+            "--role",
+            "viewer",
+            "--name",
+            "auditor",
+        ],
+        &admin,
+    )
+    .await;
+    let secret = created["token"].as_str().expect("token").to_string();
+    let listed = json_of(&["--json", "token", "list"], &admin).await;
+    assert!(
+        listed
+            .as_array()
+            .expect("list")
+            .iter()
+            .any(|t| t["id"] == created["id"]),
+        "{listed}"
+    );
+    assert!(
+        !listed.to_string().contains(&secret),
+        "a listed token shows its secret"
+    );
+    let mut profile: toml::Value =
+        toml::from_str(&std::fs::read_to_string(&admin).expect("profile")).expect("toml");
+    assert_eq!(mode_of(&admin), 0o600, "the profile holds a token");
+    profile["token"] = toml::Value::String(secret);
+    let viewer = dir.path().join("viewer.toml");
+    std::fs::write(&viewer, toml::to_string(&profile).expect("toml")).expect("write");
+    json_of(&["--json", "job", "list"], &viewer).await;
+    let spec = dir.path().join("job.yaml");
+    std::fs::write(&spec, JOB).expect("spec");
+    let (code, _, err) = cohort(
+        &["job", "create", "-f", spec.to_str().expect("path")],
+        &viewer,
+    )
+    .await
+    .expect("run");
+    assert_ne!(code, 0);
+    assert!(err.contains("viewer"), "{err}");
+
+    let revoked = json_of(&["--json", "client", "revoke", "party-1"], &admin).await;
+    assert_eq!(revoked["revoked"], true, "{revoked}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let clients = json_of(&["--json", "client", "list"], &admin).await;
+        let p1 = clients
+            .as_array()
+            .expect("list")
+            .iter()
+            .find(|c| c["party"] == "party-1")
+            .cloned()
+            .expect("party-1 listed");
+        if p1["connected"] == false {
+            assert_eq!(p1["revoked"], true);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "party-1 still connected: {p1}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(up);
+}

@@ -289,6 +289,25 @@ async fn party_certificates_are_checked_at_the_door() {
         .clients;
     let names: Vec<&str> = clients.iter().map(|c| c.party.as_str()).collect();
     assert_eq!(names, vec!["alice"], "{names:?}");
+
+    // Server-internal ports serve mutual TLS for service certificates only:
+    // a party that reaches one directly gets nothing, with or without its certificate.
+    let internal = std::fs::read_to_string(fed.dir.path().join("run/client-selector.addr"))
+        .expect("client-selector address");
+    let alice_tls = cohort_runtime::Tls::load(&alice).expect("alice's files");
+    let direct = cohort_runtime::channel(internal.trim(), Some(&alice_tls)).expect("channel");
+    let (code, msg) = code_of(
+        pb::client_selector_client::ClientSelectorClient::new(direct)
+            .list_revoked(pb::ListRevokedRequest {})
+            .await,
+    );
+    assert_eq!(code, Code::PermissionDenied, "{msg}");
+    assert!(msg.contains("party alice"), "{msg}");
+    let plain = cohort_runtime::lazy_channel(internal.trim()).expect("channel");
+    let refused = pb::client_selector_client::ClientSelectorClient::new(plain)
+        .list_revoked(pb::ListRevokedRequest {})
+        .await;
+    assert!(refused.is_err(), "plaintext reached an internal port");
 }
 
 /// The call died in the TLS handshake (the client sees a broken or cancelled
