@@ -63,6 +63,7 @@ impl Federation {
             data_dir: dir.path().to_path_buf(),
             parties,
             proxy_listen: "127.0.0.1:0".into(),
+            proxy_names: Vec::new(),
             database_url: storage.database_url,
             blob_url: storage.blob_url,
             service_env: storage.env,

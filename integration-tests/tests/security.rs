@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use cohort_cli::Api;
 use cohort_cli::profile::Profile;
-use cohort_integration_tests::{Federation, digits_job, state_of};
+use cohort_integration_tests::{Federation, Storage, digits_job, state_of};
 use cohort_proto::v1 as pb;
 use cohort_security::{CertAuthority, TlsFiles, Validity};
 use futures::StreamExt;
@@ -360,7 +360,15 @@ fn spec_in(namespace: &str, name: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn api_tokens_are_scoped_by_namespace_and_role() {
-    let fed = Federation::start(0).await.expect("federation");
+    let fed = Federation::start_with(
+        0,
+        Storage {
+            env: vec![("COHORT_TOKEN_CACHE_TTL".into(), "1s".into())],
+            ..Storage::default()
+        },
+    )
+    .await
+    .expect("federation");
 
     // Missing and unknown tokens.
     let (code, msg) = code_of(
@@ -527,6 +535,39 @@ async fn api_tokens_are_scoped_by_namespace_and_role() {
         })
         .await
         .expect("a member stops its job");
+
+    // A deleted token stops working (after the proxy's cache, 1 s here).
+    let tokens = fed
+        .api()
+        .tokens()
+        .list_tokens(pb::ListTokensRequest::default())
+        .await
+        .expect("admin lists tokens")
+        .into_inner()
+        .tokens;
+    let viewer_id = tokens
+        .iter()
+        .find(|t| t.namespace == "team-a" && t.role == pb::Role::Viewer as i32)
+        .map(|t| t.id.clone())
+        .expect("the viewer's token is listed");
+    fed.api()
+        .tokens()
+        .delete_token(pb::DeleteTokenRequest { id: viewer_id })
+        .await
+        .expect("admin deletes a token");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match viewer_a.jobs().get_job(get(&job.id)).await {
+            Err(s) if s.code() == Code::Unauthenticated => break,
+            other => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "a deleted token still works: {other:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
 
     // Tokens are stored as hashes only: no secret in the jobs database.
     let server = fed.dir.path().join("server");

@@ -96,6 +96,10 @@ pub struct UpArgs {
     /// Address of the proxy, the federation's one entry point.
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub listen: String,
+    /// A DNS name or address remote parties dial the proxy at, put in its
+    /// certificate (repeatable); loopback and --listen's host are always there.
+    #[arg(long = "proxy-name")]
+    pub proxy_names: Vec<String>,
     #[command(flatten)]
     pub storage: StorageArgs,
 }
@@ -741,6 +745,7 @@ async fn up(a: UpArgs, json: bool) -> anyhow::Result<i32> {
         data_dir: data_dir.clone(),
         parties: a.clients,
         proxy_listen: a.listen.clone(),
+        proxy_names: a.proxy_names.clone(),
         database_url: a.storage.database_url.clone(),
         blob_url: a.storage.blob_url.clone(),
         service_env: Vec::new(),
@@ -819,6 +824,7 @@ async fn demo(a: DemoArgs, json: bool) -> anyhow::Result<i32> {
         data_dir: data_dir.clone(),
         parties: a.clients,
         proxy_listen: "127.0.0.1:0".into(),
+        proxy_names: Vec::new(),
         database_url: a.storage.database_url.clone(),
         blob_url: a.storage.blob_url.clone(),
         service_env: Vec::new(),

@@ -22,6 +22,9 @@ pub struct StackConfig {
     pub parties: u32,
     /// Proxy address; port 0 picks a free one.
     pub proxy_listen: String,
+    /// More DNS names or addresses in the proxy's certificate (what remote
+    /// parties dial); loopback and the listen address are always in it.
+    pub proxy_names: Vec<String>,
     /// Metadata database shared by the server services (default: one SQLite
     /// file each under the data directory).
     pub database_url: Option<String>,
@@ -130,6 +133,7 @@ impl Stack {
         let ca = crate::certs::init_or_load_ca(&self.pki, CA_VALIDITY)?;
         let validity = Validity::for_duration(cohort_security::DEFAULT_VALIDITY);
         let mut names = vec!["127.0.0.1".to_string(), "localhost".to_string()];
+        names.extend(cfg.proxy_names.iter().cloned());
         if let Some((host, _)) = cfg.proxy_listen.rsplit_once(':') {
             let host = host.trim_start_matches('[').trim_end_matches(']');
             if !host.is_empty()

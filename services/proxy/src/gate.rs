@@ -25,9 +25,6 @@ use tonic::{Code, Status};
 use crate::routing::Audience;
 use crate::{Endpoint, ProxyError};
 
-/// How long a checked token is trusted before job-scheduler is asked again
-/// (a deleted token stops working within this time).
-const TOKEN_CACHE_TTL: Duration = Duration::from_secs(10);
 const TOKEN_CACHE_MAX: usize = 4096;
 
 pub(crate) type RevokedParties = Arc<HashSet<String>>;
@@ -38,6 +35,7 @@ pub(crate) struct Gate {
     auth: AuthClient<Channel>,
     selector: ClientSelectorClient<Channel>,
     timeout: Duration,
+    cache_ttl: Duration,
     /// token sha256 -> (checked at, namespace, role).
     cache: Mutex<HashMap<String, (Instant, HeaderValue, HeaderValue)>>,
     revoked: watch::Sender<RevokedParties>,
@@ -50,6 +48,7 @@ impl Gate {
         client_selector: &Endpoint,
         upstream_tls: Option<&Tls>,
         timeout: Duration,
+        cache_ttl: Duration,
     ) -> Result<Self, ProxyError> {
         let auth = cohort_runtime::channel(&job_scheduler.to_string(), upstream_tls)?;
         let selector = cohort_runtime::channel(&client_selector.to_string(), upstream_tls)?;
@@ -58,6 +57,7 @@ impl Gate {
             auth: AuthClient::new(auth),
             selector: ClientSelectorClient::new(selector),
             timeout,
+            cache_ttl,
             cache: Mutex::new(HashMap::new()),
             revoked: watch::Sender::new(Arc::default()),
         })
@@ -129,7 +129,7 @@ impl Gate {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(sha256)
-            && at.elapsed() < TOKEN_CACHE_TTL
+            && at.elapsed() < self.cache_ttl
         {
             return Ok((ns.clone(), role.clone()));
         }

@@ -85,6 +85,10 @@ pub struct Args {
     /// Dial the server-internal services over mutual TLS with the same certificate.
     #[arg(long, env = "COHORT_INTERNAL_TLS")]
     pub internal_tls: bool,
+    /// How long a checked API token is trusted before job-scheduler is asked
+    /// again: a deleted token keeps working at most this long.
+    #[arg(long, env = "COHORT_TOKEN_CACHE_TTL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub token_cache_ttl: Duration,
     /// Serve plaintext and check no certificate or token. For local debugging only.
     #[arg(long, env = "COHORT_INSECURE")]
     pub insecure: bool,
@@ -98,6 +102,12 @@ impl Args {
             Endpoint::parse_field("--model-manager", &self.model_manager)?,
             Endpoint::parse_field("--client-selector", &self.client_selector)?,
         );
+        if self.token_cache_ttl > Duration::from_secs(600) {
+            return Err(ProxyError::Config(
+                "--token-cache-ttl: at most 10m (deleted tokens must stop working)".into(),
+            ));
+        }
+        config.token_cache_ttl = self.token_cache_ttl;
         config.security = match (self.tls.files(), self.insecure) {
             (Some(_), true) => {
                 return Err(ProxyError::Config(
@@ -174,6 +184,8 @@ pub struct Config {
     /// How long in-flight calls may run on after shutdown begins.
     pub shutdown_grace: Duration,
     pub security: Security,
+    /// How long a checked API token is trusted without asking again.
+    pub token_cache_ttl: Duration,
 }
 
 /// What the proxy checks at its door.
@@ -224,6 +236,7 @@ impl Config {
             connect_timeout: Duration::from_secs(3),
             shutdown_grace: Duration::from_secs(5),
             security: Security::Insecure,
+            token_cache_ttl: Duration::from_secs(10),
         }
     }
 }
@@ -257,6 +270,7 @@ pub async fn serve(
         &config.client_selector,
         upstream,
         config.connect_timeout,
+        config.token_cache_ttl,
     )?);
     let _revocations = enforce.then(|| {
         AbortOnDrop(tokio::spawn(
