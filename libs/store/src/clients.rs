@@ -136,30 +136,19 @@ impl ClientStore for SqliteClientStore {
         let resources = serde_json::to_string(resources)
             .map_err(|e| StoreError::Conflict(format!("client {party} resources: {e}")))?;
         // IMMEDIATE: take the write lock up front rather than fail to upgrade.
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query(
+        let tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        write_client(
+            tx,
             "INSERT INTO clients (party, datasets_json, resources_json, first_seen_ms, last_seen_ms) \
              VALUES (?1, ?2, ?3, ?4, ?4) ON CONFLICT (party) DO UPDATE SET \
              datasets_json = excluded.datasets_json, resources_json = excluded.resources_json, \
              last_seen_ms = excluded.last_seen_ms",
+            party,
+            &datasets,
+            &resources,
+            now_ms,
         )
-        .bind(party.as_str())
-        .bind(&datasets)
-        .bind(&resources)
-        .bind(now_ms)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("INSERT OR IGNORE INTO client_stats (party) VALUES (?1)")
-            .bind(party.as_str())
-            .execute(&mut *tx)
-            .await?;
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT} WHERE c.party = ?1")))
-            .bind(party.as_str())
-            .fetch_one(&mut *tx)
-            .await?;
-        let record = crate::rows::client(&row)?;
-        tx.commit().await?;
-        Ok(record)
+        .await
     }
 
     async fn get_client(&self, party: &PartyId) -> Result<ClientRecord> {
@@ -214,30 +203,49 @@ impl ClientStore for SqliteClientStore {
 
     async fn revoke_client(&self, party: &PartyId, now_ms: i64) -> Result<ClientRecord> {
         let (datasets, resources) = unregistered_json()?;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         // A known party keeps its first revocation; an unknown one is created revoked.
-        sqlx::query(
+        write_client(
+            tx,
             "INSERT INTO clients (party, datasets_json, resources_json, first_seen_ms, \
              last_seen_ms, revoked_at_ms) VALUES (?1, ?2, ?3, ?4, ?4, ?4) \
              ON CONFLICT (party) DO UPDATE SET \
              revoked_at_ms = COALESCE(clients.revoked_at_ms, excluded.revoked_at_ms)",
+            party,
+            &datasets,
+            &resources,
+            now_ms,
         )
+        .await
+    }
+}
+
+/// Runs `upsert` (binding party, datasets, resources, now), makes sure the
+/// party has a stats row, reads the record back and commits.
+async fn write_client(
+    mut tx: sqlx::Transaction<'_, sqlx::Sqlite>,
+    upsert: &'static str,
+    party: &PartyId,
+    datasets: &str,
+    resources: &str,
+    now_ms: i64,
+) -> Result<ClientRecord> {
+    sqlx::query(upsert)
         .bind(party.as_str())
-        .bind(&datasets)
-        .bind(&resources)
+        .bind(datasets)
+        .bind(resources)
         .bind(now_ms)
         .execute(&mut *tx)
         .await?;
-        sqlx::query("INSERT OR IGNORE INTO client_stats (party) VALUES (?1)")
-            .bind(party.as_str())
-            .execute(&mut *tx)
-            .await?;
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT} WHERE c.party = ?1")))
-            .bind(party.as_str())
-            .fetch_one(&mut *tx)
-            .await?;
-        let record = crate::rows::client(&row)?;
-        tx.commit().await?;
-        Ok(record)
-    }
+    sqlx::query("INSERT OR IGNORE INTO client_stats (party) VALUES (?1)")
+        .bind(party.as_str())
+        .execute(&mut *tx)
+        .await?;
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT} WHERE c.party = ?1")))
+        .bind(party.as_str())
+        .fetch_one(&mut *tx)
+        .await?;
+    let record = crate::rows::client(&row)?;
+    tx.commit().await?;
+    Ok(record)
 }
