@@ -251,6 +251,10 @@ async fn demo_traffic_is_mutual_tls_with_no_plaintext_grpc() {
             handshakes += 1;
         }
     }
+    eprintln!(
+        "captured {bytes} bytes on {} demo ports, {handshakes} TLS handshake records, no plaintext HTTP/2",
+        ports.len()
+    );
     // The demo moved models and updates through these ports, all of it in TLS records.
     assert!(bytes > 100_000, "only {bytes} bytes captured on {ports:?}");
     assert!(handshakes >= 10, "only {handshakes} TLS handshake records");
