@@ -452,6 +452,20 @@ async fn api_tokens_are_scoped_by_namespace_and_role() {
     );
     assert_eq!(code, Code::PermissionDenied, "{msg}");
 
+    // Identity metadata sent by a caller is thrown away at the door.
+    let mut spoofed = tonic::Request::new(get(&job.id));
+    for (key, value) in [
+        (cohort_proto::NAMESPACE_METADATA_KEY, "*"),
+        (cohort_proto::ROLE_METADATA_KEY, "admin"),
+        (cohort_proto::PARTY_METADATA_KEY, "alice"),
+    ] {
+        spoofed
+            .metadata_mut()
+            .insert(key, value.parse().expect("metadata"));
+    }
+    let (code, msg) = code_of(member_b.jobs().get_job(spoofed).await);
+    assert_eq!(code, Code::NotFound, "{msg}");
+
     // A viewer reads but cannot create or stop.
     let seen = viewer_a
         .jobs()
