@@ -12,6 +12,9 @@ step() { printf '\n==> %s\n' "$*"; }
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
+step "render, lint and validate the Helm charts"
+bash scripts/check-charts.sh
+
 step "build every binary and test (target: ${CARGO_TARGET_DIR:-target})"
 # Integration tests run the real binaries, so they are built first.
 cargo build --locked --workspace --bins --tests

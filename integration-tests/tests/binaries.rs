@@ -228,13 +228,20 @@ async fn services_validate_config_serve_health_and_stop_on_sigterm() {
             run_bad(case.binary, args, flag, dir.path()).await;
         }
         let ready = dir.path().join(format!("{}.addr", case.binary));
-        let mut child = tokio::process::Command::new(bin_dir().join(case.binary))
+        // Server services also answer plaintext health on --health-listen (kubelet probes).
+        let health_port = (case.binary != "task-manager").then(free_port);
+        let mut command = tokio::process::Command::new(bin_dir().join(case.binary));
+        command
             .args(&case.good)
             .args(["--listen", "127.0.0.1:0", "--ready-file"])
             .arg(&ready)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn");
+            .kill_on_drop(true);
+        if let Some(port) = health_port {
+            command
+                .arg("--health-listen")
+                .arg(format!("127.0.0.1:{port}"));
+        }
+        let mut child = command.spawn().expect("spawn");
         let addr = cohort_runtime::wait_for_file(&ready, Duration::from_secs(30))
             .await
             .unwrap_or_else(|| panic!("{} did not become ready", case.binary));
@@ -252,6 +259,21 @@ async fn services_validate_config_serve_health_and_stop_on_sigterm() {
             "{}",
             case.binary
         );
+        if let Some(port) = health_port {
+            let channel =
+                cohort_runtime::lazy_channel(&format!("127.0.0.1:{port}")).expect("channel");
+            let health = HealthClient::new(channel)
+                .check(HealthCheckRequest::default())
+                .await
+                .unwrap_or_else(|e| panic!("{} --health-listen: {e}", case.binary))
+                .into_inner();
+            assert_eq!(
+                health.status,
+                ServingStatus::Serving as i32,
+                "{}",
+                case.binary
+            );
+        }
         cohort_runtime::process::signal_pid(child.id().expect("pid"), Signal::SIGTERM);
         let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
             .await
@@ -263,4 +285,12 @@ async fn services_validate_config_serve_health_and_stop_on_sigterm() {
             case.binary
         );
     }
+}
+
+/// A loopback port nobody listens on right now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
 }

@@ -65,6 +65,10 @@ pub struct ServiceArgs {
     /// Log line format.
     #[arg(long, env = "COHORT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Also serve grpc.health.v1 (and nothing else) in plaintext here, for
+    /// probes that cannot do mutual TLS (kubelet).
+    #[arg(long, env = "COHORT_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
 }
 
 /// The metadata database of a service that owns one.
@@ -123,6 +127,8 @@ pub struct Listener {
     listener: TcpListener,
     local_addr: SocketAddr,
     tls: Option<Tls>,
+    /// Plaintext health only (see `ServiceArgs::health_listen`).
+    health: Option<TcpListener>,
 }
 
 impl Listener {
@@ -135,7 +141,20 @@ impl Listener {
             listener,
             local_addr,
             tls: None,
+            health: None,
         })
+    }
+
+    /// Binds `--listen` and, when given, `--health-listen`.
+    pub async fn bind_service(args: &ServiceArgs) -> Result<Self, RuntimeError> {
+        let mut listener = Self::bind(args.listen).await?;
+        if let Some(addr) = args.health_listen {
+            let health = TcpListener::bind(addr)
+                .await
+                .map_err(|source| RuntimeError::Bind { addr, source })?;
+            listener.health = Some(health);
+        }
+        Ok(listener)
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -169,6 +188,11 @@ impl Listener {
                 endpoint: "reflection".into(),
                 message: e.to_string(),
             })?;
+        let health_only = self.health.map(|l| {
+            let health = health.clone();
+            tokio::spawn(serve_health_only(l, health))
+        });
+        let _health_only = AbortOnDrop(health_only);
         let routes = routes.add_service(health).add_service(reflection);
         if let Some(path) = ready_file {
             write_atomic(path, self.local_addr.to_string().as_bytes())?;
@@ -196,6 +220,43 @@ impl Listener {
         }
         tracing::info!(service = service_name, "stopped");
         Ok(())
+    }
+}
+
+/// Serves only the health service, in plaintext, until aborted.
+pub async fn serve_health_only<S>(listener: TcpListener, health: S)
+where
+    S: tower::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + tonic::server::NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let addr = listener.local_addr().ok();
+    tracing::info!(addr = ?addr, "serving plaintext health checks");
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    if let Err(e) = tonic::transport::Server::builder()
+        .add_service(health)
+        .serve_with_incoming(incoming)
+        .await
+    {
+        tracing::error!(error = %e, "health listener failed");
+    }
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(task) = &self.0 {
+            task.abort();
+        }
     }
 }
 

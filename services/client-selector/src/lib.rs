@@ -51,7 +51,7 @@ impl Args {
         )
         .await
         .context("--database-url: cannot open the clients store")?;
-        let listener = Listener::bind(self.service.listen).await?.with_tls(tls);
+        let listener = Listener::bind_service(&self.service).await?.with_tls(tls);
         let registry = Registry::new(store, self.heartbeat_interval);
         let routes = Routes::new(PartySessionServer::new(SessionApi {
             registry: registry.clone(),

@@ -80,7 +80,7 @@ impl Args {
         let spec = JobSpec::from_json(&job.spec_json).context("the stored job spec is invalid")?;
 
         let require_party = tls.is_some();
-        let listener = Listener::bind(self.service.listen).await?.with_tls(tls);
+        let listener = Listener::bind_service(&self.service).await?.with_tls(tls);
         let endpoint = self
             .advertise
             .clone()

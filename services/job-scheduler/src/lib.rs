@@ -100,7 +100,7 @@ impl Args {
                 .await
                 .context("--admin-token-sha256: cannot store the admin token")?;
         }
-        let listener = Listener::bind(self.service.listen)
+        let listener = Listener::bind_service(&self.service)
             .await?
             .with_tls(tls.clone());
         let advertise = self

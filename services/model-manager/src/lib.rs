@@ -68,7 +68,7 @@ impl Args {
         let blobs = cohort_blob::open_blob_store(&models_blob_url(&self.blob_url))
             .await
             .context("--blob-url")?;
-        let listener = Listener::bind(self.service.listen).await?.with_tls(tls);
+        let listener = Listener::bind_service(&self.service).await?.with_tls(tls);
         listener
             .serve(
                 SERVICE_NAME,

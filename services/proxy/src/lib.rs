@@ -148,6 +148,22 @@ impl Args {
             .await
             .map_err(|source| ProxyError::Bind { addr, source })?;
         let local = listener.local_addr()?;
+        // Probes that cannot do mutual TLS (kubelet) get plaintext health here.
+        let _health_only = match self.service.health_listen {
+            Some(addr) => {
+                let l = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| ProxyError::Bind { addr, source })?;
+                let (reporter, health) = tonic_health::server::health_reporter();
+                reporter
+                    .set_service_status("", tonic_health::ServingStatus::Serving)
+                    .await;
+                Some(AbortOnDrop(tokio::spawn(
+                    cohort_runtime::serve_health_only(l, health),
+                )))
+            }
+            None => None,
+        };
         if let Some(path) = &self.service.ready_file {
             cohort_runtime::write_atomic(path, local.to_string().as_bytes())?;
         }

@@ -74,6 +74,9 @@ struct Party {
 impl Args {
     pub async fn run(self) -> anyhow::Result<()> {
         cohort_core::PartyId::parse(&self.party).context("--party")?;
+        if self.service.health_listen.is_some() {
+            anyhow::bail!("--health-listen: task-manager serves only health, on --listen");
+        }
         if self.max_tasks == 0 {
             anyhow::bail!("--max-tasks: must be at least 1");
         }
