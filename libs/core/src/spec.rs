@@ -29,7 +29,7 @@ impl SpecError {
 /// Longest job name; the job id appends a suffix and must stay a DNS label.
 pub const MAX_JOB_NAME_LEN: usize = 40;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JobSpec {
     pub name: String,
@@ -61,7 +61,7 @@ fn default_rounds() -> u32 {
     10
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Arch {
     Logreg,
@@ -69,7 +69,7 @@ pub enum Arch {
     Cnn,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
     pub arch: Arch,
@@ -81,13 +81,15 @@ pub struct ModelSpec {
     pub init: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DataSpec {
     pub dataset: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Runtime {
     #[default]
@@ -95,7 +97,7 @@ pub enum Runtime {
     Command,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TrainingSpec {
     #[serde(default)]
@@ -126,8 +128,9 @@ impl Default for TrainingSpec {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "name", rename_all = "lowercase", deny_unknown_fields)]
+#[schemars(transform = flatten_optimizer_schema)]
 pub enum OptimizerSpec {
     Sgd {
         lr: f64,
@@ -164,7 +167,9 @@ impl OptimizerSpec {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Selection {
     #[default]
@@ -185,7 +190,7 @@ impl Selection {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ClientsSpec {
     pub per_round: u32,
@@ -197,6 +202,7 @@ pub struct ClientsSpec {
         deserialize_with = "de_duration",
         serialize_with = "ser_duration"
     )]
+    #[schemars(schema_with = "duration_schema")]
     pub round_timeout: Duration,
 }
 
@@ -204,8 +210,9 @@ fn default_round_timeout() -> Duration {
     Duration::from_secs(60)
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default, schemars::JsonSchema)]
 #[serde(tag = "strategy", rename_all = "snake_case", deny_unknown_fields)]
+#[schemars(transform = flatten_aggregation_schema)]
 pub enum AggregationSpec {
     #[default]
     Fedavg,
@@ -225,7 +232,7 @@ pub enum AggregationSpec {
     },
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PrivacySpec {
     #[serde(default)]
@@ -234,7 +241,7 @@ pub struct PrivacySpec {
     pub dp: Option<DpSpec>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DpSpec {
     pub clip: f64,
@@ -242,7 +249,7 @@ pub struct DpSpec {
     pub delta: f64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CompressionSpec {
     #[serde(default)]
@@ -251,7 +258,7 @@ pub struct CompressionSpec {
     pub top_k: Option<f64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EvaluationSpec {
     /// Evaluate the global model every this many rounds (the last round always).
@@ -269,7 +276,7 @@ impl Default for EvaluationSpec {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StopSpec {
     #[serde(default)]
@@ -289,6 +296,76 @@ fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
             serde::de::Error::custom(format!("invalid duration {t:?} ({e}); use e.g. \"60s\""))
         }),
     }
+}
+
+fn flatten_optimizer_schema(schema: &mut schemars::Schema) {
+    flatten_tagged_schema(schema, "name");
+}
+
+fn flatten_aggregation_schema(schema: &mut schemars::Schema) {
+    flatten_tagged_schema(schema, "strategy");
+}
+
+/// JSON Schema for an internally tagged enum as one object instead of a `oneOf`: the tag is a
+/// string enum of every variant's name, the other fields are the union of the variants'
+/// fields, and only the fields every variant requires are required. Kubernetes structural
+/// schemas (the FederatedJob CRD) cannot express the `oneOf`, whose variants give the tag
+/// different values. Parsing is unchanged: serde and [`JobSpec::validate`] still check each
+/// variant exactly.
+fn flatten_tagged_schema(schema: &mut schemars::Schema, tag: &str) {
+    use serde_json::{Map, Value};
+    let Some(obj) = schema.as_object_mut() else {
+        return;
+    };
+    let Some(Value::Array(variants)) = obj.remove("oneOf") else {
+        return;
+    };
+    let mut tags: Vec<Value> = Vec::new();
+    let mut properties = Map::new();
+    let mut required: Option<Vec<Value>> = None;
+    for variant in &variants {
+        if let Some(Value::Object(props)) = variant.get("properties") {
+            for (name, prop) in props {
+                if name == tag {
+                    if let Some(value) = prop.get("const") {
+                        tags.push(value.clone());
+                    } else if let Some(Value::Array(values)) = prop.get("enum") {
+                        tags.extend(values.iter().cloned());
+                    }
+                } else if !properties.contains_key(name) {
+                    properties.insert(name.clone(), prop.clone());
+                }
+            }
+        }
+        let here: Vec<Value> = match variant.get("required") {
+            Some(Value::Array(r)) => r.clone(),
+            _ => Vec::new(),
+        };
+        required = Some(match required {
+            None => here,
+            Some(before) => before.into_iter().filter(|r| here.contains(r)).collect(),
+        });
+    }
+    properties.insert(
+        tag.to_string(),
+        serde_json::json!({"type": "string", "enum": tags}),
+    );
+    obj.insert("type".to_string(), Value::from("object"));
+    obj.insert("properties".to_string(), Value::Object(properties));
+    obj.insert(
+        "required".to_string(),
+        Value::Array(required.unwrap_or_default()),
+    );
+    obj.insert("additionalProperties".to_string(), Value::Bool(false));
+}
+
+/// A duration is seconds (an integer) or text such as "60s" or "1m 30s" (see [`de_duration`]).
+/// In a Kubernetes structural schema that is `x-kubernetes-int-or-string`.
+fn duration_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "description": "seconds (integer) or a duration such as \"60s\"",
+        "x-kubernetes-int-or-string": true
+    })
 }
 
 fn ser_duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -625,6 +702,40 @@ clients: {per_round: 3, min: 2, round_timeout: 30s}
         assert!(f == "spec" || f == "data", "{f}");
         let e = JobSpec::parse(&GOOD.replace("data: {dataset: digits}\n", "")).unwrap_err();
         assert!(e.message.contains("data"), "{e}");
+    }
+
+    #[test]
+    fn tagged_enum_schemas_are_one_object() {
+        let schema = serde_json::to_value(schemars::schema_for!(OptimizerSpec)).expect("json");
+        assert!(schema.get("oneOf").is_none(), "{schema}");
+        assert_eq!(schema["type"], "object");
+        assert_eq!(
+            schema["properties"]["name"],
+            serde_json::json!({"type": "string", "enum": ["sgd", "adam"]})
+        );
+        assert_eq!(schema["required"], serde_json::json!(["name", "lr"]));
+        let schema = serde_json::to_value(schemars::schema_for!(AggregationSpec)).expect("json");
+        assert_eq!(schema["required"], serde_json::json!(["strategy"]));
+        assert_eq!(
+            schema["properties"]["strategy"]["enum"],
+            serde_json::json!([
+                "fedavg",
+                "fedprox",
+                "fedadam",
+                "fedyogi",
+                "fedadagrad",
+                "scaffold",
+                "median",
+                "trimmed_mean",
+                "krum"
+            ])
+        );
+        for field in ["mu", "beta", "f"] {
+            assert!(
+                schema["properties"].get(field).is_some(),
+                "{field}: {schema}"
+            );
+        }
     }
 
     #[test]

@@ -131,6 +131,12 @@ impl Stack {
 
     async fn start_all(&mut self, cfg: &StackConfig, server: &Path) -> anyhow::Result<()> {
         let ca = crate::certs::init_or_load_ca(&self.pki, CA_VALIDITY)?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            // Keys and the admin token live here: owner only.
+            std::fs::set_permissions(&self.pki, std::fs::Permissions::from_mode(0o700))
+                .with_context(|| format!("cannot restrict {}", self.pki.display()))?;
+        }
         let validity = Validity::for_duration(cohort_security::DEFAULT_VALIDITY);
         let mut names = vec!["127.0.0.1".to_string(), "localhost".to_string()];
         names.extend(cfg.proxy_names.iter().cloned());

@@ -1,0 +1,456 @@
+//! `KubernetesLauncher` against a mocked API server.
+//!
+//! No Kubernetes API server can run here (none installs on these machines), so the API server
+//! is mocked with `tower_test::mock::pair`: each test reads the exact HTTP requests the
+//! launcher makes (method, path, JSON body) and answers them as an API server would.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use cohort_core::JobId;
+use cohort_kube::{KubernetesLauncher, KubernetesLauncherConfig};
+use cohort_runtime::launcher::{CoordinatorConfig, CoordinatorExit, Launcher};
+use http::{Method, Request, Response, StatusCode};
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::client::Body;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tower_test::mock::{Handle, SendResponse};
+
+type ApiHandle = Handle<Request<Body>, Response<Body>>;
+
+/// One request as the API server saw it.
+struct Seen {
+    method: Method,
+    /// Path and query.
+    uri: String,
+    body: Value,
+    reply: SendResponse<Response<Body>>,
+}
+
+impl Seen {
+    fn answer(self, status: StatusCode, body: Value) {
+        let response = Response::builder()
+            .status(status)
+            .body(Body::from(serde_json::to_vec(&body).unwrap()))
+            .unwrap();
+        self.reply.send_response(response);
+    }
+
+    /// Answers a create or get with the object itself, as the API server does.
+    fn echo(self) {
+        let body = self.body.clone();
+        self.answer(StatusCode::OK, body);
+    }
+}
+
+async fn next(handle: &mut ApiHandle) -> Seen {
+    let (request, reply) = tokio::time::timeout(Duration::from_secs(10), handle.next_request())
+        .await
+        .expect("the launcher made no request within 10 s")
+        .expect("the client is gone");
+    let method = request.method().clone();
+    let uri = request.uri().to_string();
+    let bytes = request.into_body().collect_bytes().await.unwrap();
+    let body = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes).unwrap()
+    };
+    Seen {
+        method,
+        uri,
+        body,
+        reply,
+    }
+}
+
+fn status(code: u16, reason: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": reason, "reason": reason, "code": code})
+}
+
+fn owner() -> OwnerReference {
+    OwnerReference {
+        api_version: "apps/v1".to_string(),
+        kind: "Deployment".to_string(),
+        name: "job-scheduler".to_string(),
+        uid: "8d3c0b5e-0000-4000-8000-000000000001".to_string(),
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    }
+}
+
+fn config(poll: Duration) -> KubernetesLauncherConfig {
+    let mut c = KubernetesLauncherConfig::new(
+        "cohort",
+        "ghcr.io/cohort/cohort:0.1.0",
+        CoordinatorConfig {
+            job_scheduler: "job-scheduler.cohort.svc:7001".to_string(),
+            model_manager: "model-manager.cohort.svc:7002".to_string(),
+            client_selector: "client-selector.cohort.svc:7003".to_string(),
+        },
+    );
+    c.resources = Some(ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_string(), Quantity("500m".to_string())),
+            ("memory".to_string(), Quantity("1Gi".to_string())),
+        ])),
+        ..Default::default()
+    });
+    c.tls_secret = Some("coordinator-tls".to_string());
+    c.owner = Some(owner());
+    c.poll_interval = poll;
+    c
+}
+
+fn launcher(
+    poll: Duration,
+) -> (
+    KubernetesLauncher,
+    ApiHandle,
+    mpsc::UnboundedReceiver<CoordinatorExit>,
+) {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(service, "default");
+    let (exits_tx, exits) = mpsc::unbounded_channel();
+    (
+        KubernetesLauncher::new(client, config(poll), exits_tx),
+        handle,
+        exits,
+    )
+}
+
+fn job() -> JobId {
+    JobId::parse("digits-fedavg-x1y2z3").unwrap()
+}
+
+const PODS: &str = "/api/v1/namespaces/cohort/pods";
+const SERVICES: &str = "/api/v1/namespaces/cohort/services";
+const NAME: &str = "coordinator-digits-fedavg-x1y2z3";
+
+fn labels() -> Value {
+    json!({
+        "app.kubernetes.io/name": "cohort",
+        "app.kubernetes.io/component": "coordinator",
+        "cohort.dev/job": "digits-fedavg-x1y2z3"
+    })
+}
+
+/// Serves the two creates of a launch; returns the pod and service bodies.
+async fn serve_launch(handle: &mut ApiHandle) -> (Value, Value) {
+    let pod = next(handle).await;
+    assert_eq!(pod.method, Method::POST);
+    assert_eq!(pod.uri, format!("{PODS}?"));
+    let pod_body = pod.body.clone();
+    pod.echo();
+    let svc = next(handle).await;
+    assert_eq!(svc.method, Method::POST);
+    assert_eq!(svc.uri, format!("{SERVICES}?"));
+    let svc_body = svc.body.clone();
+    svc.echo();
+    (pod_body, svc_body)
+}
+
+#[tokio::test]
+async fn launch_creates_the_coordinator_pod_and_service() {
+    let (launcher, mut handle, _exits) = launcher(Duration::from_secs(3600));
+    let job = job();
+    let (launched, (pod, service)) = tokio::join!(launcher.launch(&job), serve_launch(&mut handle));
+    assert_eq!(launched.unwrap(), None, "a pod has no pid");
+
+    let expected_owner = json!([{
+        "apiVersion": "apps/v1", "kind": "Deployment", "name": "job-scheduler",
+        "uid": "8d3c0b5e-0000-4000-8000-000000000001",
+        "controller": true, "blockOwnerDeletion": true
+    }]);
+    assert_eq!(
+        pod,
+        json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": NAME,
+                "namespace": "cohort",
+                "labels": labels(),
+                "ownerReferences": expected_owner
+            },
+            "spec": {
+                "restartPolicy": "Never",
+                "containers": [{
+                    "name": "coordinator",
+                    "image": "ghcr.io/cohort/cohort:0.1.0",
+                    "command": ["coordinator"],
+                    "args": [
+                        "--job-id", "digits-fedavg-x1y2z3",
+                        "--job-scheduler", "job-scheduler.cohort.svc:7001",
+                        "--model-manager", "model-manager.cohort.svc:7002",
+                        "--client-selector", "client-selector.cohort.svc:7003",
+                        "--listen", "0.0.0.0:7000",
+                        "--advertise", "coordinator-digits-fedavg-x1y2z3.cohort.svc.cluster.local:7000"
+                    ],
+                    "env": [
+                        {"name": "COHORT_TLS_CERT", "value": "/etc/cohort/tls/tls.crt"},
+                        {"name": "COHORT_TLS_KEY", "value": "/etc/cohort/tls/tls.key"},
+                        {"name": "COHORT_TLS_CA", "value": "/etc/cohort/tls/ca.crt"}
+                    ],
+                    "ports": [{"name": "grpc", "containerPort": 7000, "protocol": "TCP"}],
+                    "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}},
+                    "volumeMounts": [{"name": "tls", "mountPath": "/etc/cohort/tls", "readOnly": true}]
+                }],
+                "volumes": [{"name": "tls", "secret": {"secretName": "coordinator-tls"}}]
+            }
+        })
+    );
+    assert_eq!(
+        service,
+        json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {
+                "name": NAME,
+                "namespace": "cohort",
+                "labels": labels(),
+                "ownerReferences": expected_owner
+            },
+            "spec": {
+                "selector": {"cohort.dev/job": "digits-fedavg-x1y2z3"},
+                "ports": [{"name": "grpc", "port": 7000, "targetPort": 7000, "protocol": "TCP"}]
+            }
+        })
+    );
+    assert_eq!(launcher.watched(), vec![job]);
+}
+
+#[tokio::test]
+async fn launch_failure_is_an_error_naming_the_pod() {
+    let (launcher, mut handle, _exits) = launcher(Duration::from_secs(3600));
+    let job = job();
+    let serve = async {
+        let pod = next(&mut handle).await;
+        pod.answer(
+            StatusCode::FORBIDDEN,
+            status(403, "pods is forbidden: User cannot create resource"),
+        );
+    };
+    let (launched, ()) = tokio::join!(launcher.launch(&job), serve);
+    let e = launched
+        .expect_err("a refused create is an error")
+        .to_string();
+    assert!(e.contains(NAME) && e.contains("forbidden"), "{e}");
+    assert!(launcher.watched().is_empty());
+}
+
+#[tokio::test]
+async fn relaunch_replaces_an_ended_pod_of_the_same_name() {
+    let (launcher, mut handle, _exits) = launcher(Duration::from_secs(3600));
+    let job = job();
+    let serve = async {
+        let create = next(&mut handle).await;
+        assert_eq!(create.method, Method::POST);
+        create.answer(StatusCode::CONFLICT, status(409, "AlreadyExists"));
+        let get = next(&mut handle).await;
+        assert_eq!(
+            (get.method.clone(), get.uri.as_str()),
+            (Method::GET, &*format!("{PODS}/{NAME}"))
+        );
+        get.answer(
+            StatusCode::OK,
+            json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": NAME, "labels": labels()},
+                   "status": {"phase": "Failed"}}),
+        );
+        let delete = next(&mut handle).await;
+        assert_eq!(delete.method, Method::DELETE);
+        assert_eq!(delete.uri, format!("{PODS}/{NAME}?"));
+        assert_eq!(delete.body["gracePeriodSeconds"], json!(0));
+        delete.answer(
+            StatusCode::OK,
+            json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": NAME}}),
+        );
+        // The second create goes through; the service is left from the first launch.
+        let create = next(&mut handle).await;
+        assert_eq!(create.method, Method::POST);
+        create.echo();
+        let svc = next(&mut handle).await;
+        assert_eq!(svc.uri, format!("{SERVICES}?"));
+        svc.answer(StatusCode::CONFLICT, status(409, "AlreadyExists"));
+    };
+    let (launched, ()) = tokio::join!(launcher.launch(&job), serve);
+    launched.unwrap();
+    assert_eq!(launcher.watched(), vec![job]);
+}
+
+#[tokio::test]
+async fn stop_deletes_the_pod_with_its_grace_period_and_the_service() {
+    let (launcher, mut handle, _exits) = launcher(Duration::from_secs(3600));
+    let job = job();
+    let serve = async {
+        let pod = next(&mut handle).await;
+        assert_eq!(pod.method, Method::DELETE);
+        assert_eq!(pod.uri, format!("{PODS}/{NAME}?"));
+        assert_eq!(pod.body["gracePeriodSeconds"], json!(7));
+        pod.answer(
+            StatusCode::OK,
+            json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": NAME}}),
+        );
+        let svc = next(&mut handle).await;
+        assert_eq!(svc.method, Method::DELETE);
+        assert_eq!(svc.uri, format!("{SERVICES}/{NAME}?"));
+        // Already gone is fine.
+        svc.answer(StatusCode::NOT_FOUND, status(404, "NotFound"));
+    };
+    let ((), ()) = tokio::join!(launcher.stop(&job, Duration::from_secs(7)), serve);
+}
+
+#[tokio::test]
+async fn adopt_watches_a_running_pod_and_refuses_an_ended_or_missing_one() {
+    let (launcher, mut handle, _exits) = launcher(Duration::from_secs(3600));
+    let job = job();
+    let pod = |phase: &str| {
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": NAME, "labels": labels()},
+               "status": {"phase": phase}})
+    };
+    for (answer, adopted) in [
+        ((StatusCode::OK, pod("Running")), true),
+        ((StatusCode::OK, pod("Succeeded")), false),
+        ((StatusCode::NOT_FOUND, status(404, "NotFound")), false),
+    ] {
+        let serve = async {
+            let get = next(&mut handle).await;
+            assert_eq!(get.method, Method::GET);
+            assert_eq!(get.uri, format!("{PODS}/{NAME}"));
+            get.answer(answer.0, answer.1.clone());
+        };
+        let (got, ()) = tokio::join!(launcher.adopt(&job, None), serve);
+        assert_eq!(got, adopted, "{answer:?}");
+    }
+    assert_eq!(launcher.watched(), vec![job]);
+}
+
+fn pod_list(items: Vec<Value>) -> Value {
+    json!({"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "42"}, "items": items})
+}
+
+/// The watcher's list: coordinator pods by label.
+async fn expect_list(handle: &mut ApiHandle) -> Seen {
+    let list = next(handle).await;
+    assert_eq!(list.method, Method::GET);
+    assert_eq!(
+        list.uri,
+        format!(
+            "{PODS}?&labelSelector=app.kubernetes.io%2Fname%3Dcohort%2Capp.kubernetes.io%2Fcomponent%3Dcoordinator"
+        )
+    );
+    list
+}
+
+#[tokio::test]
+async fn a_failed_coordinator_pod_is_reported_as_an_exit_for_relaunch() {
+    let (launcher, mut handle, mut exits) = launcher(Duration::from_millis(20));
+    let job = job();
+    let (launched, _) = tokio::join!(launcher.launch(&job), serve_launch(&mut handle));
+    launched.unwrap();
+
+    // First poll: still running, nothing reported.
+    expect_list(&mut handle).await.answer(
+        StatusCode::OK,
+        pod_list(vec![json!({
+            "metadata": {"name": NAME, "labels": labels()},
+            "status": {"phase": "Running"}
+        })]),
+    );
+    // Second poll: the container failed.
+    expect_list(&mut handle).await.answer(
+        StatusCode::OK,
+        pod_list(vec![json!({
+            "metadata": {"name": NAME, "labels": labels()},
+            "status": {"phase": "Failed", "containerStatuses": [{
+                "name": "coordinator", "image": "i", "imageID": "", "ready": false,
+                "restartCount": 0,
+                "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}
+            }]}
+        })]),
+    );
+    assert!(
+        exits.try_recv().is_err(),
+        "reported before the pod was cleared"
+    );
+    // The ended pod and its service are deleted, so the relaunch can reuse the names.
+    let delete = next(&mut handle).await;
+    assert_eq!(delete.method, Method::DELETE);
+    assert_eq!(delete.uri, format!("{PODS}/{NAME}?"));
+    assert_eq!(delete.body["gracePeriodSeconds"], json!(0));
+    delete.answer(
+        StatusCode::OK,
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": NAME}}),
+    );
+    let delete = next(&mut handle).await;
+    assert_eq!(delete.method, Method::DELETE);
+    assert_eq!(delete.uri, format!("{SERVICES}/{NAME}?"));
+    delete.answer(
+        StatusCode::OK,
+        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": NAME}}),
+    );
+
+    let exit = tokio::time::timeout(Duration::from_secs(10), exits.recv())
+        .await
+        .expect("an exit within 10 s")
+        .expect("channel open");
+    assert_eq!(exit.job_id, job);
+    assert_eq!(exit.description, "pod Failed: exit status 137 (OOMKilled)");
+    assert!(
+        launcher.watched().is_empty(),
+        "reported once, then forgotten"
+    );
+}
+
+#[tokio::test]
+async fn a_deleted_pod_after_stop_is_reported_as_stopped() {
+    let (launcher, mut handle, mut exits) = launcher(Duration::from_millis(20));
+    let job = job();
+    let (launched, _) = tokio::join!(launcher.launch(&job), serve_launch(&mut handle));
+    launched.unwrap();
+    // A poll may come between launch and stop; answer whatever comes in order.
+    let stop = launcher.stop(&job, Duration::from_secs(2));
+    let serve = async {
+        let mut deletes = 0;
+        while deletes < 2 {
+            let seen = next(&mut handle).await;
+            if seen.method == Method::DELETE {
+                deletes += 1;
+                seen.answer(
+                    StatusCode::OK,
+                    json!({"apiVersion": "v1", "kind": "Status", "status": "Success"}),
+                );
+            } else {
+                // Still terminating.
+                seen.answer(
+                    StatusCode::OK,
+                    pod_list(vec![json!({"metadata": {"name": NAME, "labels": labels()},
+                                         "status": {"phase": "Running"}})]),
+                );
+            }
+        }
+    };
+    tokio::join!(stop, serve);
+    // The pod is gone now: the next poll reports the exit.
+    let list = expect_list(&mut handle).await;
+    list.answer(StatusCode::OK, pod_list(vec![]));
+    // A missing pod needs no pod delete, but the service is deleted again (idempotent).
+    let svc = next(&mut handle).await;
+    assert_eq!(
+        (svc.method.clone(), svc.uri.as_str()),
+        (Method::DELETE, &*format!("{SERVICES}/{NAME}?"))
+    );
+    svc.answer(StatusCode::NOT_FOUND, status(404, "NotFound"));
+    let exit = tokio::time::timeout(Duration::from_secs(10), exits.recv())
+        .await
+        .expect("an exit within 10 s")
+        .expect("channel open");
+    assert_eq!(exit.job_id, job);
+    assert_eq!(exit.description, "stopped (pod deleted)");
+}
