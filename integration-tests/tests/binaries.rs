@@ -93,6 +93,37 @@ fn cases(dir: &Path) -> Vec<Case> {
                     ]),
                     "database unavailable",
                 ),
+                // The Kubernetes launcher: options checked before anything is contacted.
+                (
+                    s(&[
+                        "--database-url",
+                        &db("j3.db"),
+                        "--model-manager",
+                        "127.0.0.1:1",
+                        "--client-selector",
+                        "127.0.0.1:2",
+                        "--launcher",
+                        "kubernetes",
+                    ]),
+                    "--coordinator-image",
+                ),
+                (
+                    s(&[
+                        "--database-url",
+                        &db("j4.db"),
+                        "--model-manager",
+                        "127.0.0.1:1",
+                        "--client-selector",
+                        "127.0.0.1:2",
+                        "--launcher",
+                        "kubernetes",
+                        "--coordinator-image",
+                        "cohort:test",
+                        "--coordinator-cpu",
+                        "lots",
+                    ]),
+                    "--coordinator-cpu",
+                ),
             ],
         },
         Case {

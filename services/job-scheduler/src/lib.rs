@@ -57,6 +57,88 @@ pub struct Args {
     /// Coordinator launches per job before the job fails.
     #[arg(long, env = "COHORT_MAX_LAUNCH_ATTEMPTS", default_value_t = 5)]
     pub max_launch_attempts: u32,
+    #[command(flatten)]
+    pub kubernetes: KubernetesArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LauncherKind {
+    /// Coordinators as child processes.
+    Local,
+    /// Coordinators as Pods with a Service each, in --kube-namespace.
+    Kubernetes,
+}
+
+/// Where and how coordinators run on Kubernetes (`--launcher kubernetes`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct KubernetesArgs {
+    #[arg(long, env = "COHORT_LAUNCHER", value_enum, default_value_t = LauncherKind::Local)]
+    pub launcher: LauncherKind,
+    /// Namespace of the coordinator Pods (default: this Pod's namespace).
+    #[arg(long, env = "COHORT_KUBE_NAMESPACE")]
+    pub kube_namespace: Option<String>,
+    /// Image holding the `coordinator` binary.
+    #[arg(long, env = "COHORT_COORDINATOR_IMAGE")]
+    pub coordinator_image: Option<String>,
+    /// CPU request of a coordinator (e.g. 500m).
+    #[arg(long, env = "COHORT_COORDINATOR_CPU")]
+    pub coordinator_cpu: Option<String>,
+    /// Memory request of a coordinator (e.g. 512Mi).
+    #[arg(long, env = "COHORT_COORDINATOR_MEMORY")]
+    pub coordinator_memory: Option<String>,
+    /// `kubernetes.io/tls` Secret (tls.crt, tls.key, ca.crt) with the coordinators' certificate.
+    #[arg(long, env = "COHORT_COORDINATOR_TLS_SECRET")]
+    pub coordinator_tls_secret: Option<String>,
+}
+
+impl KubernetesArgs {
+    /// Checks the options (no cluster contacted).
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.launcher == LauncherKind::Local {
+            return Ok(());
+        }
+        match self.coordinator_image.as_deref().map(str::trim) {
+            None | Some("") => {
+                anyhow::bail!("--coordinator-image: required with --launcher kubernetes")
+            }
+            Some(_) => {}
+        }
+        for (flag, value) in [
+            ("--coordinator-cpu", &self.coordinator_cpu),
+            ("--coordinator-memory", &self.coordinator_memory),
+        ] {
+            if let Some(v) = value
+                && !is_quantity(v)
+            {
+                anyhow::bail!("{flag}: {v:?} is not a Kubernetes quantity (e.g. 500m, 512Mi)");
+            }
+        }
+        if let Some(ns) = &self.kube_namespace
+            && !cohort_core::is_dns_label(ns)
+        {
+            anyhow::bail!("--kube-namespace: {ns:?} must be a DNS-1123 label");
+        }
+        Ok(())
+    }
+}
+
+/// Digits with an optional fraction, then an optional SI or binary suffix.
+fn is_quantity(v: &str) -> bool {
+    let number_end = v
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(v.len());
+    let (number, suffix) = v.split_at(number_end);
+    !number.is_empty()
+        && number.parse::<f64>().is_ok()
+        && ["", "m", "k", "M", "G", "T", "Ki", "Mi", "Gi", "Ti"].contains(&suffix)
+}
+
+/// This Pod's namespace, from the service account mount.
+fn pod_namespace() -> Option<String> {
+    std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
 }
 
 impl Args {
@@ -70,22 +152,33 @@ impl Args {
         if self.max_launch_attempts == 0 {
             anyhow::bail!("--max-launch-attempts: must be at least 1");
         }
+        self.kubernetes.validate()?;
         if let Some(hash) = &self.admin_token_sha256
             && !tokens::is_sha256_hex(hash)
         {
             anyhow::bail!("--admin-token-sha256: must be 64 lowercase hex digits");
         }
         let tls = self.tls.load().context("TLS")?;
-        let coordinator_bin = self
-            .coordinator_bin
-            .clone()
-            .unwrap_or_else(|| cohort_runtime::process::sibling_binary("coordinator"));
-        if !coordinator_bin.is_file() {
-            anyhow::bail!(
-                "--coordinator-bin: {} does not exist",
-                coordinator_bin.display()
-            );
-        }
+        // What the launcher needs is checked before the port is bound.
+        let (coordinator_bin, kube_client) = match self.kubernetes.launcher {
+            LauncherKind::Local => {
+                let bin = self
+                    .coordinator_bin
+                    .clone()
+                    .unwrap_or_else(|| cohort_runtime::process::sibling_binary("coordinator"));
+                if !bin.is_file() {
+                    anyhow::bail!("--coordinator-bin: {} does not exist", bin.display());
+                }
+                (bin, None)
+            }
+            LauncherKind::Kubernetes => {
+                let client = kube::Client::try_default().await.context(
+                    "--launcher kubernetes: cannot configure a Kubernetes client \
+                     (in-cluster service account or kubeconfig)",
+                )?;
+                (PathBuf::new(), Some(client))
+            }
+        };
         let store = cohort_store::open::open_job_store(
             &self.database.database_url,
             &cohort_store::open::DatabaseOptions::new(
@@ -112,21 +205,26 @@ impl Args {
             cohort_runtime::LogFormat::Text => "text",
             cohort_runtime::LogFormat::Json => "json",
         };
-        let launcher: Arc<dyn Launcher> = Arc::new(LocalLauncher::new(
-            coordinator_bin,
-            CoordinatorConfig {
-                job_scheduler: advertise,
-                model_manager: self.model_manager.clone(),
-                client_selector: self.client_selector.clone(),
-            },
-            self.work_dir.join("coordinators"),
-            [
-                vec!["--log-format".into(), log_format.into()],
-                self.tls.to_args(),
-            ]
-            .concat(),
-            exit_tx,
-        )?);
+        let services = CoordinatorConfig {
+            job_scheduler: advertise,
+            model_manager: self.model_manager.clone(),
+            client_selector: self.client_selector.clone(),
+        };
+        let extra_args = [
+            vec!["--log-format".to_string(), log_format.to_string()],
+            self.tls.to_args(),
+        ]
+        .concat();
+        let launcher: Arc<dyn Launcher> = match kube_client {
+            None => Arc::new(LocalLauncher::new(
+                coordinator_bin,
+                services,
+                self.work_dir.join("coordinators"),
+                extra_args,
+                exit_tx,
+            )?),
+            Some(client) => self.kubernetes_launcher(client, services, exit_tx),
+        };
         let manager = JobManager::new(
             store,
             launcher.clone(),
@@ -171,6 +269,50 @@ impl Args {
     }
 }
 
+impl Args {
+    fn kubernetes_launcher(
+        &self,
+        client: kube::Client,
+        services: CoordinatorConfig,
+        exits: tokio::sync::mpsc::UnboundedSender<cohort_runtime::launcher::CoordinatorExit>,
+    ) -> Arc<dyn Launcher> {
+        use k8s_openapi::api::core::v1::ResourceRequirements;
+        use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+        let k = &self.kubernetes;
+        let namespace = k
+            .kube_namespace
+            .clone()
+            .or_else(pod_namespace)
+            .unwrap_or_else(|| "default".to_string());
+        let image = k.coordinator_image.clone().unwrap_or_default();
+        let mut config = cohort_kube::KubernetesLauncherConfig::new(&namespace, image, services);
+        let requests: std::collections::BTreeMap<String, Quantity> = [
+            ("cpu", &k.coordinator_cpu),
+            ("memory", &k.coordinator_memory),
+        ]
+        .into_iter()
+        .filter_map(|(name, v)| v.clone().map(|v| (name.to_string(), Quantity(v))))
+        .collect();
+        if !requests.is_empty() {
+            config.resources = Some(ResourceRequirements {
+                requests: Some(requests),
+                ..Default::default()
+            });
+        }
+        config.tls_secret = k.coordinator_tls_secret.clone();
+        config.extra_args = vec![
+            "--log-format".to_string(),
+            match self.service.log_format {
+                cohort_runtime::LogFormat::Text => "text",
+                cohort_runtime::LogFormat::Json => "json",
+            }
+            .to_string(),
+        ];
+        tracing::info!(%namespace, "coordinators run as Kubernetes Pods");
+        Arc::new(cohort_kube::KubernetesLauncher::new(client, config, exits))
+    }
+}
+
 fn validate_endpoint(field: &str, v: &str) -> anyhow::Result<()> {
     let url = cohort_runtime::endpoint_url(v);
     url.parse::<tonic::codegen::http::Uri>()
@@ -178,4 +320,19 @@ fn validate_endpoint(field: &str, v: &str) -> anyhow::Result<()> {
         .filter(|u| u.host().is_some() && u.port_u16().is_some())
         .map(|_| ())
         .ok_or_else(|| anyhow::anyhow!("{field}: {v:?} is not a host:port endpoint"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantities_are_checked() {
+        for ok in ["500m", "1", "0.5", "512Mi", "2Gi", "1G"] {
+            assert!(is_quantity(ok), "{ok}");
+        }
+        for bad in ["", "lots", "5 Gi", "Mi", "1.2.3", "-1"] {
+            assert!(!is_quantity(bad), "{bad}");
+        }
+    }
 }
