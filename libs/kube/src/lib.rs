@@ -13,6 +13,7 @@
 mod crd;
 mod executor;
 mod launcher;
+pub mod reconciler;
 pub mod schema;
 
 pub use crd::{FederatedJob, FederatedJobSpec, FederatedJobStatus};
@@ -25,3 +26,4 @@ pub use launcher::{
     COORDINATOR_PORT, KubernetesLauncher, KubernetesLauncherConfig, LABEL_COMPONENT, LABEL_JOB,
     LABEL_NAME, coordinator_labels, coordinator_name,
 };
+pub use reconciler::{BackendError, JobBackend, JobView};
