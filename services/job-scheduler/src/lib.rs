@@ -4,6 +4,7 @@
 //! Owns the jobs store and nothing else; talks to other services only over
 //! gRPC. The state machine (`manager`) knows no protobuf; `service` is the edge.
 
+pub mod federated;
 pub mod manager;
 pub mod service;
 pub mod tokens;
@@ -92,6 +93,14 @@ pub struct KubernetesArgs {
 }
 
 impl KubernetesArgs {
+    /// Where coordinators run and FederatedJobs are watched.
+    fn namespace(&self) -> String {
+        self.kube_namespace
+            .clone()
+            .or_else(pod_namespace)
+            .unwrap_or_else(|| "default".to_string())
+    }
+
     /// Checks the options (no cluster contacted).
     fn validate(&self) -> anyhow::Result<()> {
         if self.launcher == LauncherKind::Local {
@@ -215,6 +224,7 @@ impl Args {
             self.tls.to_args(),
         ]
         .concat();
+        let federated_jobs = kube_client.clone();
         let launcher: Arc<dyn Launcher> = match kube_client {
             None => Arc::new(LocalLauncher::new(
                 coordinator_bin,
@@ -244,6 +254,15 @@ impl Args {
             }
         });
         tokio::spawn(manager.clone().run_scheduling_loop());
+        if let Some(client) = federated_jobs {
+            // kubectl-applied FederatedJobs become ordinary jobs of this manager.
+            let backend = federated::ManagerBackend::new(manager.clone());
+            tokio::spawn(cohort_kube::reconciler::run(
+                client,
+                Some(self.kubernetes.namespace()),
+                backend,
+            ));
+        }
         let routes = Routes::new(JobsServer::new(service::JobsApi {
             manager: manager.clone(),
         }))
@@ -279,11 +298,7 @@ impl Args {
         use k8s_openapi::api::core::v1::ResourceRequirements;
         use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
         let k = &self.kubernetes;
-        let namespace = k
-            .kube_namespace
-            .clone()
-            .or_else(pod_namespace)
-            .unwrap_or_else(|| "default".to_string());
+        let namespace = k.namespace();
         let image = k.coordinator_image.clone().unwrap_or_default();
         let mut config = cohort_kube::KubernetesLauncherConfig::new(&namespace, image, services);
         let requests: std::collections::BTreeMap<String, Quantity> = [
