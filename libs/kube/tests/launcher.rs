@@ -19,55 +19,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::client::Body;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
-use tower_test::mock::{Handle, SendResponse};
 
-type ApiHandle = Handle<Request<Body>, Response<Body>>;
-
-/// One request as the API server saw it.
-struct Seen {
-    method: Method,
-    /// Path and query.
-    uri: String,
-    body: Value,
-    reply: SendResponse<Response<Body>>,
-}
-
-impl Seen {
-    fn answer(self, status: StatusCode, body: Value) {
-        let response = Response::builder()
-            .status(status)
-            .body(Body::from(serde_json::to_vec(&body).unwrap()))
-            .unwrap();
-        self.reply.send_response(response);
-    }
-
-    /// Answers a create or get with the object itself, as the API server does.
-    fn echo(self) {
-        let body = self.body.clone();
-        self.answer(StatusCode::OK, body);
-    }
-}
-
-async fn next(handle: &mut ApiHandle) -> Seen {
-    let (request, reply) = tokio::time::timeout(Duration::from_secs(10), handle.next_request())
-        .await
-        .expect("the launcher made no request within 10 s")
-        .expect("the client is gone");
-    let method = request.method().clone();
-    let uri = request.uri().to_string();
-    let bytes = request.into_body().collect_bytes().await.unwrap();
-    let body = if bytes.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&bytes).unwrap()
-    };
-    Seen {
-        method,
-        uri,
-        body,
-        reply,
-    }
-}
+mod support;
+use support::{ApiHandle, Seen, next};
 
 fn status(code: u16, reason: &str) -> Value {
     json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",

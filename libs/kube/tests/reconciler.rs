@@ -8,7 +8,6 @@
 #![allow(clippy::unwrap_used)]
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use async_trait::async_trait;
 use cohort_core::JobSpec;
@@ -21,56 +20,9 @@ use http::{Method, Request, Response, StatusCode};
 use kube::client::Body;
 use kube::runtime::controller::Action;
 use serde_json::{Value, json};
-use tower_test::mock::{Handle, SendResponse};
 
-type ApiHandle = Handle<Request<Body>, Response<Body>>;
-
-/// One request as the API server saw it.
-struct Seen {
-    method: Method,
-    /// Path and query.
-    uri: String,
-    content_type: String,
-    body: Value,
-    reply: SendResponse<Response<Body>>,
-}
-
-impl Seen {
-    fn answer(self, status: StatusCode, body: Value) {
-        let response = Response::builder()
-            .status(status)
-            .body(Body::from(serde_json::to_vec(&body).unwrap()))
-            .unwrap();
-        self.reply.send_response(response);
-    }
-}
-
-async fn next(handle: &mut ApiHandle) -> Seen {
-    let (request, reply) = tokio::time::timeout(Duration::from_secs(10), handle.next_request())
-        .await
-        .expect("the reconciler made no request within 10 s")
-        .expect("the client is gone");
-    let method = request.method().clone();
-    let uri = request.uri().to_string();
-    let content_type = request
-        .headers()
-        .get(http::header::CONTENT_TYPE)
-        .map(|v| v.to_str().unwrap().to_string())
-        .unwrap_or_default();
-    let bytes = request.into_body().collect_bytes().await.unwrap();
-    let body = if bytes.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&bytes).unwrap()
-    };
-    Seen {
-        method,
-        uri,
-        content_type,
-        body,
-        reply,
-    }
-}
+mod support;
+use support::{ApiHandle, next};
 
 /// A backend call, as the fake recorded it.
 #[derive(Debug, Clone, PartialEq)]
