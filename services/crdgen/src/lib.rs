@@ -10,8 +10,41 @@ const HEADER: &str = "\
 # Regenerate: cargo run -p cohort-crdgen -- --out charts/cohort-server/crds/federatedjob.yaml
 ";
 
-/// The CRD as YAML, with the generated-file header.
+/// The CRD as YAML, with the generated-file header. Keys are sorted: the
+/// order serde_json keeps depends on features other crates of a build turn on
+/// (`preserve_order`), and the chart's copy must not depend on the build.
 pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
-    let body = serde_yaml::to_string(&FederatedJob::crd())?;
+    let value = serde_json::to_value(FederatedJob::crd())
+        .map_err(<serde_yaml::Error as serde::ser::Error>::custom)?;
+    let body = serde_yaml::to_string(&sorted(value))?;
     Ok(format!("{HEADER}{body}"))
+}
+
+fn sorted(value: serde_json::Value) -> serde_yaml::Value {
+    use serde_json::Value;
+    match value {
+        Value::Object(map) => {
+            let mut entries: Vec<(String, Value)> = map.into_iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            serde_yaml::Value::Mapping(
+                entries
+                    .into_iter()
+                    .map(|(k, v)| (serde_yaml::Value::String(k), sorted(v)))
+                    .collect(),
+            )
+        }
+        Value::Array(items) => serde_yaml::Value::Sequence(items.into_iter().map(sorted).collect()),
+        Value::String(s) => serde_yaml::Value::String(s),
+        Value::Bool(b) => serde_yaml::Value::Bool(b),
+        Value::Null => serde_yaml::Value::Null,
+        Value::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                serde_yaml::Value::Number(i.into())
+            } else if let Some(u) = n.as_u64() {
+                serde_yaml::Value::Number(u.into())
+            } else {
+                serde_yaml::Value::Number(n.as_f64().unwrap_or(f64::NAN).into())
+            }
+        }
+    }
 }
