@@ -57,7 +57,7 @@ impl JobBackend for ManagerBackend {
         }
         let job = self
             .manager
-            .create(&spec.to_json())
+            .create(spec.clone())
             .await
             .map_err(backend_error)?;
         let id = job.id.to_string();

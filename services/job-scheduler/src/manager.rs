@@ -88,8 +88,10 @@ impl JobManager {
         let _ = self.changes.send(id.clone());
     }
 
-    pub async fn create(&self, spec_text: &str) -> Result<JobRecord> {
-        let spec = JobSpec::parse(spec_text)?;
+    /// Stores a new job (QUEUED). The spec is checked again here: callers may
+    /// have built it rather than parsed it.
+    pub async fn create(&self, spec: JobSpec) -> Result<JobRecord> {
+        spec.validate()?;
         let now = now_ms();
         let job = JobRecord {
             id: JobId::generate(&spec.name),

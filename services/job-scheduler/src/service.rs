@@ -139,29 +139,28 @@ impl pb::jobs_server::Jobs for JobsApi {
         &self,
         req: Request<pb::CreateJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
-        if let Some(p) = calling_principal(&req)? {
-            // Role first, so a viewer learns nothing from spec errors.
-            if p.role < cohort_core::Role::Member {
-                return Err(AuthError::Forbidden {
-                    role: p.role,
-                    action: Action::Write,
-                }
-                .to_status());
+        let principal = calling_principal(&req)?;
+        // Role first, so a viewer learns nothing from spec errors.
+        if let Some(p) = &principal
+            && p.role < cohort_core::Role::Member
+        {
+            return Err(AuthError::Forbidden {
+                role: p.role,
+                action: Action::Write,
             }
-            if let Ok(spec) = JobSpec::parse(&req.get_ref().spec)
-                && !p.scope.includes(&spec.namespace)
-            {
-                return Err(Status::permission_denied(format!(
-                    "namespace: the API token is for namespace {}; the spec names {:?}",
-                    p.scope, spec.namespace
-                )));
-            }
+            .to_status());
         }
-        let job = self
-            .manager
-            .create(&req.into_inner().spec)
-            .await
-            .map_err(err)?;
+        // Parsed once, here at the edge.
+        let spec = JobSpec::parse(&req.get_ref().spec).map_err(|e| err(e.into()))?;
+        if let Some(p) = &principal
+            && !p.scope.includes(&spec.namespace)
+        {
+            return Err(Status::permission_denied(format!(
+                "namespace: the API token is for namespace {}; the spec names {:?}",
+                p.scope, spec.namespace
+            )));
+        }
+        let job = self.manager.create(spec).await.map_err(err)?;
         Ok(Response::new(job_to_pb(&job, &[])))
     }
 
