@@ -4,7 +4,8 @@
 //!   itself ([`cohort_core::JobSpec`]); `crdgen` writes its CRD into the Helm chart.
 //! - [`KubernetesLauncher`], the [`Launcher`](cohort_runtime::launcher::Launcher) that runs each
 //!   job's coordinator as a Pod plus a Service, and reports coordinators that die.
-//! - [`executor_pod`], the Pod a Kubernetes executor launcher (task-manager) would create.
+//! - [`KubernetesExecutors`], task-manager's executor launcher: one Secret (the task file) and
+//!   one Pod per task, placed by the party's [`ExecutorPodConfig`].
 //!
 //! Layering: this crate sits beside `cohort-runtime` and may depend only on `cohort-core`,
 //! `cohort-runtime` and the kube crates. It must not depend on the stores (`cohort-store`,
@@ -18,7 +19,9 @@ pub mod schema;
 
 pub use crd::{FederatedJob, FederatedJobSpec, FederatedJobStatus};
 pub use executor::{
-    DEFAULT_GPU_RESOURCE, ExecutorPodConfig, ExecutorPodSpec, executor_pod, executor_pod_name,
+    DEFAULT_GPU_RESOURCE, ExecutorConfigError, ExecutorEnd, ExecutorOwner, ExecutorPodConfig,
+    ExecutorPodError, KubernetesExecutors, LABEL_PARTY, LABEL_TASK, TASK_FILE, executor_pod,
+    executor_pod_name, executor_secret, pod_owner_reference,
 };
 /// Re-exported so callers can name the CRD helpers without their own kube dependency.
 pub use kube::CustomResourceExt;

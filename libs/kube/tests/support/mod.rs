@@ -32,6 +32,26 @@ impl Seen {
         self.reply.send_response(response);
     }
 
+    /// Answers with plain text (a Pod's log).
+    pub fn answer_text(self, text: &str) {
+        let response = Response::builder()
+            .status(StatusCode::OK)
+            .header(http::header::CONTENT_TYPE, "text/plain")
+            .body(Body::from(text.as_bytes().to_vec()))
+            .unwrap();
+        self.reply.send_response(response);
+    }
+
+    /// Answers with a `Status` failure of `code`, as the API server does.
+    pub fn fail(self, code: u16, reason: &str) {
+        let status = StatusCode::from_u16(code).unwrap();
+        self.answer(
+            status,
+            serde_json::json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                "status": "Failure", "message": reason, "reason": reason, "code": code}),
+        );
+    }
+
     /// Answers a create or get with the object itself, as the API server does.
     pub fn echo(self) {
         let body = self.body.clone();
