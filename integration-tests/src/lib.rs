@@ -5,6 +5,7 @@
 //! project's test script does that. Every process a test starts belongs to a
 //! process group that is killed when the test's handle drops.
 
+pub mod fake_kube;
 pub mod servers;
 
 use std::path::{Path, PathBuf};

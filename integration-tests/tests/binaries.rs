@@ -32,6 +32,35 @@ fn cases(dir: &Path) -> Vec<Case> {
     std::fs::write(dir.join("d.csv"), "1,2,0\n3,4,1\n").expect("csv");
     let ds = datasets.display().to_string();
     let ws = dir.join("ws").display().to_string();
+    let pod_config = |name: &str, json: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, json).expect("executor pod config");
+        path.display().to_string()
+    };
+    let misspelt = pod_config(
+        "misspelt.json",
+        r#"{"namespace": "p", "image": "cohort:1", "tlsSecret": "p-tls",
+            "tolerations": [{"efect": "NoSchedule"}]}"#,
+    );
+    let pinned = pod_config(
+        "pinned.json",
+        r#"{"namespace": "p", "image": "cohort:1", "tlsSecret": "p-tls", "pinToNode": true}"#,
+    );
+    let party = |extra: &[&str]| {
+        let mut args = s(&[
+            "--party",
+            "p1",
+            "--proxy",
+            "127.0.0.1:1",
+            "--datasets",
+            &ds,
+            "--workspace",
+            &ws,
+            "--insecure",
+        ]);
+        args.extend(s(extra));
+        args
+    };
     vec![
         Case {
             binary: "model-manager",
@@ -218,6 +247,33 @@ fn cases(dir: &Path) -> Vec<Case> {
                         &ws,
                     ]),
                     "--tls-cert",
+                ),
+                // Executors as Pods: the pod config is checked before anything is contacted.
+                (
+                    party(&["--executor-launcher", "kubernetes"]),
+                    "--executor-pod-config",
+                ),
+                (
+                    party(&[
+                        "--executor-launcher",
+                        "kubernetes",
+                        "--executor-pod-config",
+                        &misspelt,
+                    ]),
+                    "misspelt.json: tolerations[0].efect: unknown field",
+                ),
+                (
+                    party(&[
+                        "--executor-launcher",
+                        "kubernetes",
+                        "--executor-pod-config",
+                        &pinned,
+                    ]),
+                    "pinToNode",
+                ),
+                (
+                    party(&["--executor-pod-config", &pinned]),
+                    "--executor-pod-config: only with --executor-launcher kubernetes",
                 ),
             ],
         },

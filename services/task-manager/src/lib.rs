@@ -1,10 +1,11 @@
 //! task-manager: a party's daemon. Dials out to the proxy (never listens for
 //! party traffic), registers its datasets and resources, keeps one long-lived
-//! session for heartbeats and offers, and runs one executor process per
-//! accepted task.
+//! session for heartbeats and offers, and runs one executor per accepted task:
+//! a child process (`--executor-launcher local`) or a Pod
+//! (`--executor-launcher kubernetes`, through `cohort-kube`).
 //!
 //! Must not depend on server-side crates or stores: it only speaks the
-//! PartySession protocol.
+//! PartySession protocol (and, for executor Pods, the Kubernetes API).
 
 pub mod datasets;
 
@@ -14,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
+use cohort_kube::{ExecutorEnd, ExecutorOwner, ExecutorPodConfig, KubernetesExecutors};
 use cohort_proto::v1 as pb;
 use cohort_runtime::{Listener, LogFormat, Tls, channel};
 use cohort_security::Identity;
@@ -41,6 +43,25 @@ pub struct Args {
     /// The executor binary (default: `executor` next to this one).
     #[arg(long, env = "COHORT_EXECUTOR_BIN")]
     pub executor_bin: Option<PathBuf>,
+    /// How executors run: child processes of this daemon, or one Pod per task.
+    #[arg(long, env = "COHORT_EXECUTOR_LAUNCHER", value_enum, default_value_t = ExecutorLauncher::Local)]
+    pub executor_launcher: ExecutorLauncher,
+    /// Executor Pod settings (image, resources, GPUs, placement, volumes, TLS Secret): a
+    /// JSON file, written by the cohort-client chart. Required with `--executor-launcher
+    /// kubernetes`.
+    #[arg(long, env = "COHORT_EXECUTOR_POD_CONFIG")]
+    pub executor_pod_config: Option<PathBuf>,
+    /// This task-manager's Pod (downward API `metadata.name`); executor Pods and their
+    /// Secrets are owned by it, so they go when it goes.
+    #[arg(long, env = "COHORT_POD_NAME", requires = "pod_uid")]
+    pub pod_name: Option<String>,
+    /// This task-manager's Pod uid (downward API `metadata.uid`).
+    #[arg(long, env = "COHORT_POD_UID", requires = "pod_name")]
+    pub pod_uid: Option<String>,
+    /// The node this task-manager runs on (downward API `spec.nodeName`), for executor
+    /// Pods pinned to it (`pinToNode`).
+    #[arg(long, env = "COHORT_NODE_NAME")]
+    pub node_name: Option<String>,
     /// Tasks run at once; further offers are refused.
     #[arg(long, env = "COHORT_MAX_TASKS", default_value_t = 2)]
     pub max_tasks: u32,
@@ -56,16 +77,38 @@ pub struct Args {
     pub insecure: bool,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExecutorLauncher {
+    /// Child processes of task-manager (their logs in the workspace).
+    Local,
+    /// One Pod (plus one Secret holding the task file) per task.
+    Kubernetes,
+}
+
+/// Where executors run.
+enum Executors {
+    Processes {
+        bin: PathBuf,
+        /// The TLS options again, for executors.
+        tls_args: Vec<String>,
+        log_format: LogFormat,
+    },
+    Pods(Box<KubernetesExecutors>),
+}
+
+/// What an executor is given: a file on this machine, or the file's bytes for a Secret.
+enum TaskInput {
+    File(PathBuf),
+    Bytes(Vec<u8>),
+}
+
 struct Party {
     name: String,
     proxy: String,
     tls: Option<Tls>,
-    /// The TLS options again, for executors.
-    tls_args: Vec<String>,
     workspace: PathBuf,
-    executor_bin: PathBuf,
+    executors: Executors,
     max_tasks: u32,
-    log_format: LogFormat,
     datasets: Vec<LocalDataset>,
     /// Running executors by task id: the sender stops one.
     running: Mutex<HashMap<String, tokio::sync::oneshot::Sender<()>>>,
@@ -108,13 +151,7 @@ impl Args {
         if datasets.is_empty() {
             anyhow::bail!("--datasets: {} names no dataset", self.datasets.display());
         }
-        let executor_bin = self
-            .executor_bin
-            .clone()
-            .unwrap_or_else(|| cohort_runtime::process::sibling_binary("executor"));
-        if !executor_bin.is_file() {
-            anyhow::bail!("--executor-bin: {} does not exist", executor_bin.display());
-        }
+        let executors = self.executors().await?;
         let health = Listener::bind(self.service.listen).await?;
         std::fs::create_dir_all(self.workspace.join("tasks"))
             .with_context(|| format!("--workspace: cannot create {}", self.workspace.display()))?;
@@ -122,11 +159,9 @@ impl Args {
             name: self.party.clone(),
             proxy: self.proxy.clone(),
             tls,
-            tls_args: self.tls.to_args(),
             workspace: self.workspace.clone(),
-            executor_bin,
+            executors,
             max_tasks: self.max_tasks,
-            log_format: self.service.log_format,
             datasets,
             running: Mutex::default(),
         });
@@ -158,7 +193,70 @@ impl Args {
     }
 }
 
-fn resources(max_tasks: u32) -> pb::Resources {
+impl Args {
+    /// The executor launcher, checked before any port is bound.
+    async fn executors(&self) -> anyhow::Result<Executors> {
+        match self.executor_launcher {
+            ExecutorLauncher::Local => {
+                if self.executor_pod_config.is_some() {
+                    anyhow::bail!(
+                        "--executor-pod-config: only with --executor-launcher kubernetes"
+                    );
+                }
+                let bin = self
+                    .executor_bin
+                    .clone()
+                    .unwrap_or_else(|| cohort_runtime::process::sibling_binary("executor"));
+                if !bin.is_file() {
+                    anyhow::bail!("--executor-bin: {} does not exist", bin.display());
+                }
+                Ok(Executors::Processes {
+                    bin,
+                    tls_args: self.tls.to_args(),
+                    log_format: self.service.log_format,
+                })
+            }
+            ExecutorLauncher::Kubernetes => {
+                let Some(path) = &self.executor_pod_config else {
+                    anyhow::bail!(
+                        "--executor-pod-config: required with --executor-launcher kubernetes"
+                    );
+                };
+                let config = ExecutorPodConfig::load(path).context("--executor-pod-config")?;
+                let owner = ExecutorOwner {
+                    party: self.party.clone(),
+                    pod: self
+                        .pod_name
+                        .as_deref()
+                        .zip(self.pod_uid.as_deref())
+                        .map(|(name, uid)| cohort_kube::pod_owner_reference(name, uid)),
+                    node: self.node_name.clone().filter(|n| !n.is_empty()),
+                    insecure: self.insecure,
+                };
+                KubernetesExecutors::check(&config, &owner).context("--executor-pod-config")?;
+                let client = kube::Client::try_default().await.context(
+                    "--executor-launcher kubernetes: cannot configure a Kubernetes client \
+                     (in-cluster service account or kubeconfig)",
+                )?;
+                let pods = KubernetesExecutors::new(client, config, owner)
+                    .context("--executor-pod-config")?;
+                let left = pods.remove_leftovers().await.context(
+                    "--executor-launcher kubernetes: cannot list this party's executor pods \
+                     (API server reachable? may the service account list pods?)",
+                )?;
+                if left > 0 {
+                    tracing::info!(
+                        pods = left,
+                        "deleted executor pods an earlier task-manager left; their tasks are re-offered"
+                    );
+                }
+                Ok(Executors::Pods(Box::new(pods)))
+            }
+        }
+    }
+}
+
+fn resources(max_tasks: u32, gpus: u32) -> pb::Resources {
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get() as u32)
         .unwrap_or(1);
@@ -175,7 +273,7 @@ fn resources(max_tasks: u32) -> pb::Resources {
     pb::Resources {
         cpus,
         memory_bytes,
-        gpus: 0,
+        gpus,
         max_tasks,
     }
 }
@@ -185,6 +283,14 @@ fn party_msg(kind: pb::party_message::Kind) -> pb::PartyMessage {
 }
 
 impl Party {
+    fn resources(&self) -> pb::Resources {
+        let gpus = match &self.executors {
+            Executors::Processes { .. } => 0,
+            Executors::Pods(pods) => pods.config().gpus,
+        };
+        resources(self.max_tasks, gpus)
+    }
+
     fn running_count(&self) -> u32 {
         self.running.lock().map(|m| m.len() as u32).unwrap_or(0)
     }
@@ -222,7 +328,7 @@ impl Party {
             .send(party_msg(pb::party_message::Kind::Register(pb::Register {
                 party: self.name.clone(),
                 datasets: self.datasets.iter().map(|d| d.info.clone()).collect(),
-                resources: Some(resources(self.max_tasks)),
+                resources: Some(self.resources()),
             })))
             .await?;
         let mut inbound = client
@@ -252,7 +358,7 @@ impl Party {
                             tokio::time::sleep(interval).await;
                             let running = me.running_count();
                             let hb = pb::Heartbeat {
-                                resources: Some(resources(me.max_tasks)),
+                                resources: Some(me.resources()),
                                 running_tasks: running,
                             };
                             if tx
@@ -329,18 +435,19 @@ impl Party {
             endpoint: self.proxy.clone(),
             data: Some(dataset.to_pb()),
         };
-        let task_file = match write_task_file(&dir, &exec) {
-            Ok(p) => p,
-            Err(e) => return refuse(format!("cannot prepare the task: {e}")),
+        let input = match &self.executors {
+            Executors::Processes { .. } => match write_task_file(&dir, &exec) {
+                Ok(p) => TaskInput::File(p),
+                Err(e) => return refuse(format!("cannot prepare the task: {e}")),
+            },
+            // The token goes into the task's Secret only, never onto this disk.
+            Executors::Pods(_) => TaskInput::Bytes(prost::Message::encode_to_vec(&exec)),
         };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
         if let Ok(mut m) = self.running.lock() {
             m.insert(task.task_id.clone(), stop_tx);
         }
-        tokio::spawn(
-            self.clone()
-                .run_executor(task, dir, task_file, stop_rx, out),
-        );
+        tokio::spawn(self.clone().run_executor(task, dir, input, stop_rx, out));
         pb::OfferReply {
             offer_id: offer.offer_id,
             accepted: true,
@@ -352,7 +459,7 @@ impl Party {
         self: Arc<Self>,
         task: pb::Task,
         dir: PathBuf,
-        task_file: PathBuf,
+        input: TaskInput,
         stop: tokio::sync::oneshot::Receiver<()>,
         out: mpsc::Sender<pb::PartyMessage>,
     ) {
@@ -363,44 +470,89 @@ impl Party {
                 message,
             }))
         };
-        let mut cmd = Command::new(&self.executor_bin);
-        cmd.arg("--task-file").arg(&task_file).args(&self.tls_args);
-        if self.log_format == LogFormat::Json {
-            cmd.arg("--log-format").arg("json");
-        }
-        let log = dir.join("executor.log");
-        let program = self.executor_bin.display().to_string();
-        let (phase, message) = match cohort_runtime::process::spawn_logged(cmd, &program, &log) {
-            Err(e) => (pb::TaskPhase::Failed, e.to_string()),
-            Ok(mut child) => {
-                tracing::info!(task = %task.task_id, kind = task.kind, round = task.round, "executor started");
-                let _ = out
-                    .send(status(pb::TaskPhase::Running, String::new()))
-                    .await;
-                tokio::select! {
-                    r = child.wait() => match r {
-                        Ok(s) if s.success() => (pb::TaskPhase::Succeeded, String::new()),
-                        Ok(s) => (pb::TaskPhase::Failed, format!("executor {s}: {}", last_line(&log))),
-                        Err(e) => (pb::TaskPhase::Failed, format!("executor could not be waited on: {e}")),
-                    },
-                    _ = stop => {
-                        cohort_runtime::process::terminate(&mut child, Duration::from_secs(3)).await;
-                        (pb::TaskPhase::Cancelled, "cancelled".to_string())
+        let running = || out.send(status(pb::TaskPhase::Running, String::new()));
+        let (phase, message) = match (&self.executors, &input) {
+            (
+                Executors::Processes {
+                    bin,
+                    tls_args,
+                    log_format,
+                },
+                TaskInput::File(task_file),
+            ) => {
+                let mut cmd = Command::new(bin);
+                cmd.arg("--task-file").arg(task_file).args(tls_args);
+                if *log_format == LogFormat::Json {
+                    cmd.arg("--log-format").arg("json");
+                }
+                let log = dir.join("executor.log");
+                let program = bin.display().to_string();
+                match cohort_runtime::process::spawn_logged(cmd, &program, &log) {
+                    Err(e) => (pb::TaskPhase::Failed, e.to_string()),
+                    Ok(mut child) => {
+                        tracing::info!(task = %task.task_id, kind = task.kind, round = task.round, "executor started");
+                        let _ = running().await;
+                        tokio::select! {
+                            r = child.wait() => match r {
+                                Ok(s) if s.success() => (pb::TaskPhase::Succeeded, String::new()),
+                                Ok(s) => (pb::TaskPhase::Failed, format!("executor {s}: {}", last_line(&log))),
+                                Err(e) => (pb::TaskPhase::Failed, format!("executor could not be waited on: {e}")),
+                            },
+                            _ = stop => {
+                                cohort_runtime::process::terminate(&mut child, Duration::from_secs(3)).await;
+                                (pb::TaskPhase::Cancelled, "cancelled".to_string())
+                            }
+                        }
                     }
                 }
             }
+            (Executors::Pods(pods), TaskInput::Bytes(task_file)) => {
+                match pods.start(&task.task_id, task_file).await {
+                    Err(e) => (pb::TaskPhase::Failed, e.to_string()),
+                    Ok(()) => {
+                        tracing::info!(task = %task.task_id, kind = task.kind, round = task.round, pod = %cohort_kube::executor_pod_name(&task.task_id), "executor pod created");
+                        let _ = running().await;
+                        let (phase, message, grace) = tokio::select! {
+                            end = pods.wait(&task.task_id, wait_deadline(task.deadline_ms)) => match end {
+                                ExecutorEnd::Succeeded => (pb::TaskPhase::Succeeded, String::new(), Duration::ZERO),
+                                ExecutorEnd::Failed(why) => (pb::TaskPhase::Failed, why, Duration::ZERO),
+                            },
+                            _ = stop => (pb::TaskPhase::Cancelled, "cancelled".to_string(), Duration::from_secs(3)),
+                        };
+                        pods.remove(&task.task_id, grace).await;
+                        (phase, message)
+                    }
+                }
+            }
+            _ => (
+                pb::TaskPhase::Failed,
+                "internal: task input does not fit the executor launcher".to_string(),
+            ),
         };
         if let Ok(mut m) = self.running.lock() {
             m.remove(&task.task_id);
         }
         // The token is a credential: do not leave it on disk.
-        let _ = std::fs::remove_file(&task_file);
+        if let TaskInput::File(task_file) = &input {
+            let _ = std::fs::remove_file(task_file);
+        }
         match phase {
             pb::TaskPhase::Failed => tracing::warn!(task = %task.task_id, %message, "task failed"),
             _ => tracing::info!(task = %task.task_id, phase = ?phase, "task ended"),
         }
         let _ = out.send(status(phase, message)).await;
     }
+}
+
+/// How long an executor Pod is waited for: the task's deadline (ms since the epoch, set by
+/// the coordinator) plus a minute for the Pod to go, or a day when the task has none.
+fn wait_deadline(deadline_ms: i64) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    if deadline_ms <= 0 {
+        return now + Duration::from_secs(24 * 3600);
+    }
+    let left = u64::try_from(deadline_ms.saturating_sub(cohort_runtime::now_ms())).unwrap_or(0);
+    now + Duration::from_millis(left) + Duration::from_secs(60)
 }
 
 fn sanitize(s: &str) -> String {

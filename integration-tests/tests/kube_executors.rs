@@ -1,0 +1,257 @@
+//! A party whose task-manager runs executors as Pods (`--executor-launcher kubernetes`) takes
+//! part in a real federation: real binaries over mutual TLS, the real kube-rs client, and a
+//! stand-in API server that runs each Pod it is given as a process (`fake_kube`: no API
+//! server or kubelet can run on these machines).
+
+use std::path::Path;
+use std::time::Duration;
+
+use cohort_core::JobState;
+use cohort_integration_tests::fake_kube::FakeKube;
+use cohort_integration_tests::{Federation, bin_dir, digits_job, state_of};
+use cohort_proto::v1 as pb;
+use cohort_security::{CertAuthority, Validity};
+use serde_json::json;
+
+const PARTY: &str = "party-k8s";
+
+fn read(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_party_with_executor_pods_trains_in_a_federation() {
+    let fed = Federation::start(2).await.expect("federation");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+
+    // The party's certificate, as the Secret the chart mounts and as files for task-manager.
+    let pki = &fed.stack.pki;
+    let ca = CertAuthority::load(&pki.join("ca.crt"), &pki.join("ca.key")).expect("CA");
+    let pair = ca
+        .issue_party(PARTY, Validity::for_duration(Duration::from_secs(3600)))
+        .expect("party certificate");
+    let (cert, key) = (root.join("tls.crt"), root.join("tls.key"));
+    cohort_security::write_cert(&cert, &pair.cert_pem).expect("cert");
+    cohort_security::write_key(&key, &pair.key_pem).expect("key");
+
+    let kubelet_dir = root.join("kubelet");
+    let kube = FakeKube::start(&kubelet_dir, &bin_dir())
+        .await
+        .expect("fake API server");
+    kube.add_secret(
+        "party-k8s-tls",
+        &[
+            ("tls.crt", read(&cert)),
+            ("tls.key", read(&key)),
+            ("ca.crt", read(&pki.join("ca.crt"))),
+        ],
+    );
+    // Left by an earlier task-manager of this party: deleted at start.
+    kube.add_idle_pod(
+        "executor-left-over",
+        json!({"app.kubernetes.io/name": "cohort", "app.kubernetes.io/component": "executor",
+               "cohort.dev/party": PARTY}),
+    );
+    // Another party's executor in the same namespace: left alone.
+    kube.add_idle_pod(
+        "executor-of-another-party",
+        json!({"app.kubernetes.io/name": "cohort", "app.kubernetes.io/component": "executor",
+               "cohort.dev/party": "someone-else"}),
+    );
+    let kubeconfig = root.join("kubeconfig");
+    kube.write_kubeconfig(&kubeconfig, PARTY)
+        .expect("kubeconfig");
+
+    // The data: party-2's shard again, on a "hostPath" volume mounted where task-manager
+    // sees it (the task file names the files by that path).
+    let data = fed.stack.data_dir.join("parties/party-2");
+    let pod_config = root.join("executor-pod.json");
+    std::fs::write(
+        &pod_config,
+        json!({
+            "namespace": PARTY,
+            "image": "cohort:test",
+            "resources": {"requests": {"cpu": "1", "memory": "1Gi"}},
+            "pinToNode": true,
+            "tlsSecret": "party-k8s-tls",
+            "volumes": [{"name": "data-digits", "hostPath": {"path": data, "type": "Directory"}}],
+            "volumeMounts": [{"name": "data-digits", "mountPath": data, "readOnly": true}],
+            "env": [{"name": "COHORT_LOG_FORMAT", "value": "json"}],
+            "pollIntervalSeconds": 1
+        })
+        .to_string(),
+    )
+    .expect("pod config");
+
+    let workspace = root.join("workspace");
+    let log = std::fs::File::create(root.join("task-manager.log")).expect("log");
+    let mut task_manager = tokio::process::Command::new(bin_dir().join("task-manager"))
+        .args([
+            "--party",
+            PARTY,
+            "--proxy",
+            &fed.stack.proxy,
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--datasets")
+        .arg(data.join("datasets.json"))
+        .arg("--workspace")
+        .arg(&workspace)
+        .arg("--tls-cert")
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key)
+        .arg("--tls-ca")
+        .arg(pki.join("ca.crt"))
+        .args(["--executor-launcher", "kubernetes", "--executor-pod-config"])
+        .arg(&pod_config)
+        .env("KUBECONFIG", &kubeconfig)
+        .env("COHORT_NODE_NAME", "edge-node-7")
+        .env("COHORT_POD_NAME", "task-manager-0")
+        .env("COHORT_POD_UID", "uid-task-manager-0")
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("task-manager");
+
+    // All three parties registered, then a job that needs every one of them each round.
+    let api = fed.api();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let clients = api
+            .selector()
+            .list_clients(pb::ListClientsRequest {})
+            .await
+            .map(|r| r.into_inner().clients)
+            .unwrap_or_default();
+        if clients.iter().filter(|c| c.connected).count() == 3 {
+            assert!(clients.iter().any(|c| c.party == PARTY));
+            break;
+        }
+        let tm_log = std::fs::read_to_string(root.join("task-manager.log")).unwrap_or_default();
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the party never registered: {clients:?}\ntask-manager: {tm_log}"
+        );
+        if let Ok(Some(exit)) = task_manager.try_wait() {
+            panic!("task-manager exited ({exit}): {tm_log}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let job = fed
+        .create_job(&digits_job("pods", 2, 3, 3, "90s"))
+        .await
+        .expect("create");
+    let done = fed
+        .wait_end(&job.id, Duration::from_secs(240))
+        .await
+        .expect("job ends");
+    let tm_log = std::fs::read_to_string(root.join("task-manager.log")).unwrap_or_default();
+    assert_eq!(
+        state_of(&done),
+        JobState::Succeeded,
+        "{done:?}\ntask-manager: {tm_log}\nexecutor pods: {}",
+        kube.logs(&kubelet_dir)
+    );
+
+    // What task-manager asked of the API server.
+    let calls = kube.calls();
+    let count = |method: &str, suffix: &str| {
+        calls
+            .iter()
+            .filter(|(m, p)| m == method && p.ends_with(suffix))
+            .count()
+    };
+    let leftover_deleted = calls
+        .iter()
+        .position(|c| {
+            c == &(
+                "DELETE".to_string(),
+                format!("/api/v1/namespaces/{PARTY}/pods/executor-left-over"),
+            )
+        })
+        .expect("the leftover pod was deleted");
+    let first_create = calls
+        .iter()
+        .position(|(m, _)| m == "POST")
+        .expect("pods were created");
+    assert!(leftover_deleted < first_create, "{calls:?}");
+    assert!(
+        kube.live_pods()
+            .contains(&"executor-of-another-party".to_string())
+    );
+
+    let pods = kube.created_pods();
+    // A training task per round, at least (evaluation tasks come on top).
+    assert!(pods.len() >= 2, "{} executor pods", pods.len());
+    assert_eq!(count("POST", "/secrets"), pods.len(), "{calls:?}");
+    assert_eq!(count("POST", "/pods"), pods.len(), "{calls:?}");
+    for pod in &pods {
+        let name = pod["metadata"]["name"].as_str().expect("name");
+        assert!(name.starts_with("executor-"), "{name}");
+        assert_eq!(pod["metadata"]["labels"]["cohort.dev/party"], PARTY);
+        assert_eq!(
+            pod["metadata"]["ownerReferences"][0]["name"],
+            "task-manager-0"
+        );
+        assert_eq!(
+            pod["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+                ["nodeSelectorTerms"][0]["matchFields"][0]["values"],
+            json!(["edge-node-7"])
+        );
+        assert_eq!(
+            pod["spec"]["containers"][0]["resources"]["requests"],
+            json!({"cpu": "1", "memory": "1Gi"})
+        );
+        // Every Pod and its task Secret are gone once the task ended.
+        assert_eq!(count("DELETE", &format!("/pods/{name}")), 1, "{name}");
+        assert_eq!(count("DELETE", &format!("/secrets/{name}")), 1, "{name}");
+    }
+    let mut live_pods = kube.live_pods();
+    live_pods.retain(|p| p != "executor-of-another-party");
+    assert!(live_pods.is_empty(), "{live_pods:?}");
+    assert_eq!(kube.live_secrets(), vec!["party-k8s-tls".to_string()]);
+
+    // The executors really ran, in Pods: JSON logs (the Pod's env), training done.
+    let logs = kube.logs(&kubelet_dir);
+    assert!(logs.contains("\"level\""), "{logs}");
+    // The party's tasks succeeded, as the federation counts them.
+    let clients = api
+        .selector()
+        .list_clients(pb::ListClientsRequest {})
+        .await
+        .expect("clients")
+        .into_inner()
+        .clients;
+    let me = clients.iter().find(|c| c.party == PARTY).expect("party");
+    assert!(me.tasks_succeeded >= 2, "{me:?}");
+    assert_eq!(me.tasks_failed, 0, "{me:?}");
+    // The task token never touched task-manager's disk.
+    let on_disk = walk(&workspace);
+    assert!(
+        on_disk.iter().all(|p| !p.ends_with("task.pb")),
+        "{on_disk:?}"
+    );
+    assert!(
+        tm_log.contains("deleted executor pods an earlier task-manager left"),
+        "{tm_log}"
+    );
+}
+
+fn walk(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p.display().to_string());
+            }
+        }
+    }
+    out
+}
