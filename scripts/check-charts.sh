@@ -71,6 +71,7 @@ import copy
 import glob
 import os
 import sys
+import re
 import tempfile
 from collections import Counter
 
@@ -161,6 +162,23 @@ def check_render(chart_dir, values, label, errors, expect_refusal=None):
             errors.append(f"{label}: {path}: not YAML: {e}")
             continue
         validate_docs(docs, f"{label}: {path}", errors)
+        export_executor_configs(docs, label)
+
+
+def export_executor_configs(docs, label):
+    """Writes each rendered executor-pod.json to $COHORT_CHART_RENDERS (when set), where a
+    Rust test (libs/kube/tests/chart_contract.rs) loads it as task-manager would."""
+    out = os.environ.get("COHORT_CHART_RENDERS")
+    if not out or "bad-" in label:
+        return
+    for doc in docs:
+        if isinstance(doc, dict) and doc.get("kind") == "ConfigMap":
+            text = (doc.get("data") or {}).get("executor-pod.json")
+            if text is not None:
+                os.makedirs(out, exist_ok=True)
+                name = re.sub(r"[^A-Za-z0-9.-]+", "_", label).strip("_")
+                with open(os.path.join(out, f"{name}.executor-pod.json"), "w") as f:
+                    f.write(text)
 
 
 def check_lint(chart_dir, values, label, errors):
@@ -238,8 +256,11 @@ def self_check(charts):
         no_party["party"].pop("name", None)
         bad_volume = copy.deepcopy(minimal)
         bad_volume["datasets"] = {"volumes": [{"name": "d", "mountPath": "/d", "hostPath": {"path": "/srv", "kind": "Directory"}}]}
+        gpu_in_resources = copy.deepcopy(minimal)
+        gpu_in_resources["executor"] = {"launcher": "kubernetes", "resources": {"limits": {"nvidia.com/gpu": 1}}}
         cases += [
             ("cohort-client", no_party, "party.name missing"),
+            ("cohort-client", gpu_in_resources, "GPUs in executor.resources instead of executor.gpus"),
             ("cohort-client", bad_volume, "an unknown field in a hostPath volume"),
         ]
     with tempfile.TemporaryDirectory(prefix="cohort-charts-bad-") as tmp:

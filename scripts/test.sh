@@ -13,7 +13,12 @@ step "cargo fmt --check"
 cargo fmt --all -- --check
 
 step "render, lint and validate the Helm charts"
-bash scripts/check-charts.sh
+# The rendered executor Pod configs go where a Rust test loads them as task-manager would.
+COHORT_TEST_CHART_RENDERS="$(pwd)/${CARGO_TARGET_DIR:-target}/chart-renders"
+case "${CARGO_TARGET_DIR:-}" in /*) COHORT_TEST_CHART_RENDERS="$CARGO_TARGET_DIR/chart-renders" ;; esac
+rm -rf "$COHORT_TEST_CHART_RENDERS"
+export COHORT_TEST_CHART_RENDERS
+COHORT_CHART_RENDERS="$COHORT_TEST_CHART_RENDERS" bash scripts/check-charts.sh
 
 step "build every binary and test (target: ${CARGO_TARGET_DIR:-target})"
 # Integration tests run the real binaries, so they are built first.

@@ -47,3 +47,99 @@ cohort.dev/party: {{ .Values.party.name | quote }}
 {{- define "cohort-client.datasetsConfigMap" -}}
 {{- .Values.datasets.existingConfigMap | default (printf "%s-datasets" (include "cohort-client.fullname" .)) }}
 {{- end }}
+
+{{- define "cohort-client.tlsSecret" -}}
+{{- .Values.party.tlsSecret | default (printf "%s-tls" .Values.party.name) }}
+{{- end }}
+
+{{- define "cohort-client.executorConfigMap" -}}
+{{- printf "%s-executor" (include "cohort-client.fullname" .) }}
+{{- end }}
+
+{{/*
+The executor Pod settings the kubernetes launcher reads (COHORT_EXECUTOR_POD_CONFIG), as JSON.
+The task-manager rejects unknown keys, so only the keys it knows are emitted, and optional ones
+are left out rather than set to null.
+*/}}
+{{- define "cohort-client.executorPodConfig" -}}
+{{- $e := .Values.executor }}
+{{- $gpuResource := required "executor.gpuResource is required" $e.gpuResource }}
+{{- $gpus := $e.gpus | default 0 | int }}
+{{- if lt $gpus 0 }}
+{{- fail (printf "executor.gpus must be 0 or more, not %d" $gpus) }}
+{{- end }}
+{{- $poll := $e.pollIntervalSeconds | default 2 | int }}
+{{- if lt $poll 1 }}
+{{- fail (printf "executor.pollIntervalSeconds must be at least 1, not %d" $poll) }}
+{{- end }}
+{{- $cfg := dict
+      "namespace" .Release.Namespace
+      "image" (include "cohort-client.image" .)
+      "command" (list "/usr/local/bin/executor")
+      "gpuResource" $gpuResource
+      "gpus" $gpus
+      "pinToNode" (eq (toString $e.pinToNode) "true")
+      "hostNetwork" (eq (toString .Values.hostNetwork) "true")
+      "tlsSecret" (include "cohort-client.tlsSecret" .)
+      "env" (list (dict "name" "COHORT_LOG_FORMAT" "value" (toString .Values.logFormat)))
+      "pollIntervalSeconds" $poll }}
+{{- with .Values.image.pullPolicy }}
+{{- $_ := set $cfg "imagePullPolicy" . }}
+{{- end }}
+{{- with .Values.imagePullSecrets }}
+{{- $_ := set $cfg "imagePullSecrets" . }}
+{{- end }}
+{{- /* Quantities as strings (a Quantity is a string), whatever YAML made of them. */}}
+{{- $resources := dict }}
+{{- range $key, $value := $e.resources }}
+{{- if and (has $key (list "requests" "limits")) (kindIs "map" $value) }}
+{{- if hasKey $value $gpuResource }}
+{{- fail (printf "executor.resources.%s.%s: give GPUs as executor.gpus" $key $gpuResource) }}
+{{- end }}
+{{- $quantities := dict }}
+{{- range $name, $amount := $value }}
+{{- if not (kindIs "invalid" $amount) }}
+{{- $_ := set $quantities $name (toString $amount) }}
+{{- end }}
+{{- end }}
+{{- if $quantities }}
+{{- $_ := set $resources $key $quantities }}
+{{- end }}
+{{- else if not (kindIs "invalid" $value) }}
+{{- $_ := set $resources $key $value }}
+{{- end }}
+{{- end }}
+{{- if $resources }}
+{{- $_ := set $cfg "resources" $resources }}
+{{- end }}
+{{- with $e.nodeSelector }}
+{{- $_ := set $cfg "nodeSelector" . }}
+{{- end }}
+{{- with $e.tolerations }}
+{{- $_ := set $cfg "tolerations" . }}
+{{- end }}
+{{- with $e.affinity }}
+{{- $_ := set $cfg "affinity" . }}
+{{- end }}
+{{- /* The dataset volumes, mounted at the task-manager's paths: task files name those. */}}
+{{- $volumes := list }}
+{{- $mounts := list }}
+{{- range .Values.datasets.volumes }}
+{{- $name := printf "data-%s" (required "each datasets.volumes entry needs a name" .name) }}
+{{- $volumes = append $volumes (set (omit . "name" "mountPath" "readOnly" "subPath") "name" $name) }}
+{{- $mount := dict "name" $name "mountPath" (required (printf "datasets.volumes %s needs a mountPath" .name) .mountPath) "readOnly" (ternary .readOnly true (hasKey . "readOnly")) }}
+{{- with .subPath }}
+{{- $_ := set $mount "subPath" . }}
+{{- end }}
+{{- $mounts = append $mounts $mount }}
+{{- end }}
+{{- $_ := set $cfg "volumes" $volumes }}
+{{- $_ := set $cfg "volumeMounts" $mounts }}
+{{- with .Values.podSecurityContext }}
+{{- $_ := set $cfg "podSecurityContext" . }}
+{{- end }}
+{{- with .Values.securityContext }}
+{{- $_ := set $cfg "securityContext" . }}
+{{- end }}
+{{- toPrettyJson $cfg }}
+{{- end }}
