@@ -66,6 +66,28 @@ impl JobId {
             .collect();
         JobId(format!("{name}-{suffix}"))
     }
+
+    /// An id that is a function of `key` (same key, same id): the job name plus six
+    /// characters of a hash of the key. For creates that may be retried after a crash with
+    /// no memory of the first try (a FederatedJob's uid as the key): the retry finds the job
+    /// under the same id instead of making a second one. FNV-1a, so the id does not change
+    /// between builds or platforms.
+    pub fn derived(name: &str, key: &str) -> JobId {
+        const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in key.bytes() {
+            hash ^= u64::from(b);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+        let suffix: String = (0..6)
+            .map(|_| {
+                let c = ALPHABET[(hash % 36) as usize] as char;
+                hash /= 36;
+                c
+            })
+            .collect();
+        JobId(format!("{name}-{suffix}"))
+    }
 }
 
 /// A random hex token of `bytes` bytes of entropy (task tokens, offer ids).
@@ -97,6 +119,16 @@ mod tests {
         assert!(JobId::parse(id.as_str()).is_ok());
         assert!(id.as_str().starts_with("digits-"));
         assert_ne!(JobId::generate("x"), JobId::generate("x"));
+    }
+
+    #[test]
+    fn derived_job_ids_depend_on_the_key_only() {
+        let a = JobId::derived("digits", "k8s:ns/a/0b7c-uid");
+        assert_eq!(a, JobId::derived("digits", "k8s:ns/a/0b7c-uid"));
+        assert_ne!(a, JobId::derived("digits", "k8s:ns/a/0b7d-uid"));
+        assert!(JobId::parse(a.as_str()).is_ok());
+        // Stable across builds: a restarted job-scheduler must find the same id.
+        assert_eq!(JobId::derived("x", "").as_str(), "x-fe74et");
     }
 
     #[test]

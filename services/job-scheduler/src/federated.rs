@@ -2,8 +2,7 @@
 //! backend is the job state machine itself, so a job applied with kubectl is
 //! listed, watched and stopped like any other.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use cohort_core::{JobId, JobSpec};
@@ -12,20 +11,16 @@ use cohort_store::StoreError;
 
 use crate::manager::{JobError, JobManager};
 
+/// The reconciler's backend. A FederatedJob's job id is derived from its origin
+/// (namespace, name, uid), so a create retried after the status patch failed,
+/// or after a crash between the two, finds the job the first try made.
 pub struct ManagerBackend {
     manager: Arc<JobManager>,
-    /// origin -> job id, so a create retried by the reconciler (its status
-    /// patch failed) does not make a second job. In memory: a crash between
-    /// the create and the status patch can still leave one job behind.
-    created: Mutex<HashMap<String, String>>,
 }
 
 impl ManagerBackend {
     pub fn new(manager: Arc<JobManager>) -> Arc<Self> {
-        Arc::new(Self {
-            manager,
-            created: Mutex::default(),
-        })
+        Arc::new(Self { manager })
     }
 }
 
@@ -47,26 +42,18 @@ fn job_id(id: &str) -> Result<JobId, BackendError> {
 #[async_trait]
 impl JobBackend for ManagerBackend {
     async fn create(&self, origin: &str, spec: &JobSpec) -> Result<String, BackendError> {
-        if let Some(id) = self
-            .created
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(origin)
-        {
-            return Ok(id.clone());
-        }
-        let job = self
+        let id = JobId::derived(&spec.name, origin);
+        let (job, created) = self
             .manager
-            .create(spec.clone())
+            .create_once(spec.clone(), id)
             .await
             .map_err(backend_error)?;
-        let id = job.id.to_string();
-        tracing::info!(job = %id, %origin, "job created from a FederatedJob");
-        self.created
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(origin.to_string(), id.clone());
-        Ok(id)
+        if created {
+            tracing::info!(job = %job.id, %origin, "job created from a FederatedJob");
+        } else {
+            tracing::info!(job = %job.id, %origin, "FederatedJob's job exists already");
+        }
+        Ok(job.id.to_string())
     }
 
     async fn get(&self, id: &str) -> Result<Option<JobView>, BackendError> {
@@ -159,6 +146,21 @@ mod tests {
             id,
             "a retried create returns the same job"
         );
+        // Also after a crash between the create and the status patch: a new backend (a
+        // restarted job-scheduler) has no memory of the first try and still finds the job.
+        let restarted = ManagerBackend::new(manager.clone());
+        assert_eq!(restarted.create("k8s:ns/a/uid-1", &spec).await.unwrap(), id);
+        // An id taken by a job of another namespace is not adopted.
+        let elsewhere = JobSpec {
+            namespace: "other".to_string(),
+            ..spec.clone()
+        };
+        assert!(matches!(
+            manager
+                .create_once(elsewhere, JobId::parse(&id).unwrap())
+                .await,
+            Err(JobError::Store(StoreError::Conflict(_)))
+        ));
         // The same job the API lists.
         let listed = store
             .list_jobs(&Default::default(), 10, None)

@@ -91,10 +91,34 @@ impl JobManager {
     /// Stores a new job (QUEUED). The spec is checked again here: callers may
     /// have built it rather than parsed it.
     pub async fn create(&self, spec: JobSpec) -> Result<JobRecord> {
+        let id = JobId::generate(&spec.name);
+        self.insert(spec, id).await
+    }
+
+    /// Creates the job under `id` (from [`JobId::derived`]) unless it exists: a create
+    /// retried after a crash finds the job the first try made. Returns the job and whether
+    /// this call created it. A job of that id with another name or namespace is a conflict.
+    pub async fn create_once(&self, spec: JobSpec, id: JobId) -> Result<(JobRecord, bool)> {
+        let (name, namespace) = (spec.name.clone(), spec.namespace.clone());
+        match self.insert(spec, id.clone()).await {
+            Ok(job) => Ok((job, true)),
+            Err(JobError::Store(StoreError::Conflict(e))) => {
+                let job = self.store.get_job(&id).await?;
+                if job.name == name && job.namespace == namespace {
+                    Ok((job, false))
+                } else {
+                    Err(JobError::Store(StoreError::Conflict(e)))
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn insert(&self, spec: JobSpec, id: JobId) -> Result<JobRecord> {
         spec.validate()?;
         let now = now_ms();
         let job = JobRecord {
-            id: JobId::generate(&spec.name),
+            id,
             name: spec.name.clone(),
             namespace: spec.namespace.clone(),
             spec_json: spec.to_json(),
