@@ -153,6 +153,23 @@ fn cases(dir: &Path) -> Vec<Case> {
                     ]),
                     "--coordinator-cpu",
                 ),
+                (
+                    s(&[
+                        "--database-url",
+                        &db("j5.db"),
+                        "--model-manager",
+                        "127.0.0.1:1",
+                        "--client-selector",
+                        "127.0.0.1:2",
+                        "--launcher",
+                        "kubernetes",
+                        "--coordinator-image",
+                        "cohort:test",
+                        "--coordinator-owner-deployment",
+                        "Job_Scheduler",
+                    ]),
+                    "--coordinator-owner-deployment",
+                ),
             ],
         },
         Case {

@@ -1,8 +1,10 @@
-//! `KubernetesLauncher`: one coordinator Pod and one Service per running job.
+//! `KubernetesLauncher`: one coordinator Pod, one Service and one ConfigMap per running job.
 //!
-//! The Pod and the Service are both named `coordinator-<job id>` and carry the labels of
-//! [`coordinator_labels`]; the Service selects the Pod by its job label, so parties' traffic
-//! (routed by the proxy) reaches `coordinator-<job id>.<namespace>.svc.<cluster domain>:7000`.
+//! All three are named `coordinator-<job id>` and carry the labels of [`coordinator_labels`].
+//! The ConfigMap holds the job's spec (`spec.json`, immutable like the spec itself), mounted
+//! into the Pod and passed as `--job-spec`. The Service selects the Pod by its job label, so
+//! parties' traffic (routed by the proxy) reaches
+//! `coordinator-<job id>.<namespace>.svc.<cluster domain>:7000`.
 //!
 //! Dead coordinators: a background task lists the coordinator Pods (by label) every
 //! `poll_interval` and, for every job this launcher watches whose Pod has ended (phase
@@ -21,8 +23,9 @@ use cohort_core::JobId;
 use cohort_runtime::RuntimeError;
 use cohort_runtime::launcher::{CoordinatorConfig, CoordinatorExit, Launcher};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EnvVar, Pod, PodSpec, ResourceRequirements, SecretVolumeSource,
-    Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, Pod, PodSpec,
+    ResourceRequirements, SecretVolumeSource, Service, ServicePort, ServiceSpec, Volume,
+    VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -40,6 +43,9 @@ pub const COORDINATOR_PORT: u16 = 7000;
 
 /// Where the TLS Secret is mounted in the coordinator container.
 const TLS_MOUNT: &str = "/etc/cohort/tls";
+/// Where the job's ConfigMap is mounted; the spec is `spec.json` there.
+const JOB_MOUNT: &str = "/etc/cohort/job";
+const SPEC_KEY: &str = "spec.json";
 const CONTAINER: &str = "coordinator";
 
 /// How job-scheduler runs coordinators on Kubernetes.
@@ -114,9 +120,24 @@ impl KubernetesLauncherConfig {
         )
     }
 
+    /// The ConfigMap `launch` creates: the job's spec, mounted into the coordinator Pod.
+    pub fn coordinator_config_map(&self, job_id: &JobId, spec_json: &str) -> ConfigMap {
+        ConfigMap {
+            metadata: self.metadata(job_id),
+            immutable: Some(true),
+            data: Some(BTreeMap::from([(
+                SPEC_KEY.to_string(),
+                spec_json.to_string(),
+            )])),
+            ..Default::default()
+        }
+    }
+
     /// The coordinator Pod `launch` creates.
     pub fn coordinator_pod(&self, job_id: &JobId) -> Pod {
         let mut args = vec![
+            "--job-spec".to_string(),
+            format!("{JOB_MOUNT}/{SPEC_KEY}"),
             "--job-id".to_string(),
             job_id.to_string(),
             "--job-scheduler".to_string(),
@@ -132,8 +153,20 @@ impl KubernetesLauncherConfig {
         ];
         args.extend(self.extra_args.iter().cloned());
         let mut env = self.env.clone();
-        let mut volume_mounts = Vec::new();
-        let mut volumes = Vec::new();
+        let mut volume_mounts = vec![VolumeMount {
+            name: "job".to_string(),
+            mount_path: JOB_MOUNT.to_string(),
+            read_only: Some(true),
+            ..Default::default()
+        }];
+        let mut volumes = vec![Volume {
+            name: "job".to_string(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: coordinator_name(job_id),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }];
         if let Some(secret) = &self.tls_secret {
             for (name, file) in [
                 ("COHORT_TLS_CERT", "tls.crt"),
@@ -180,10 +213,10 @@ impl KubernetesLauncherConfig {
                         ..Default::default()
                     }]),
                     resources: self.resources.clone(),
-                    volume_mounts: (!volume_mounts.is_empty()).then_some(volume_mounts),
+                    volume_mounts: Some(volume_mounts),
                     ..Default::default()
                 }],
-                volumes: (!volumes.is_empty()).then_some(volumes),
+                volumes: Some(volumes),
                 ..Default::default()
             }),
             status: None,
@@ -223,6 +256,28 @@ impl KubernetesLauncherConfig {
     }
 }
 
+/// An owner reference to the Deployment `name` (job-scheduler's own), read from the API for its
+/// uid: coordinators owned by it are garbage-collected when the release is uninstalled, and
+/// survive job-scheduler's Pod being replaced (they are adopted by the next one).
+pub async fn deployment_owner(
+    client: kube::Client,
+    namespace: &str,
+    name: &str,
+) -> Result<OwnerReference, kube::Error> {
+    let deployment = Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(client, namespace)
+        .get(name)
+        .await?;
+    Ok(OwnerReference {
+        api_version: "apps/v1".to_string(),
+        kind: "Deployment".to_string(),
+        name: name.to_string(),
+        uid: deployment.metadata.uid.unwrap_or_default(),
+        // The Deployment does not manage these Pods; it only outlives them.
+        controller: None,
+        block_owner_deletion: None,
+    })
+}
+
 /// `coordinator-<job id>`: the Pod's and the Service's name (a job id is a DNS label of at
 /// most 47 characters, so this stays a valid Service name).
 pub fn coordinator_name(job_id: &JobId) -> String {
@@ -259,6 +314,7 @@ struct Watching {
 struct Shared {
     pods: Api<Pod>,
     services: Api<Service>,
+    config_maps: Api<ConfigMap>,
     watching: Mutex<Watching>,
     exits: mpsc::UnboundedSender<CoordinatorExit>,
 }
@@ -317,6 +373,22 @@ fn pod_ended(pod: &Pod) -> Option<String> {
 }
 
 impl Shared {
+    /// Deletes the job's Service and ConfigMap; gone already is fine.
+    async fn delete_service_and_config(&self, job_id: &JobId) {
+        let name = coordinator_name(job_id);
+        let dp = DeleteParams::default();
+        if let Err(e) = self.services.delete(&name, &dp).await
+            && !is_status(&e, 404)
+        {
+            tracing::warn!(job = %job_id, error = %e, "cannot delete coordinator service");
+        }
+        if let Err(e) = self.config_maps.delete(&name, &dp).await
+            && !is_status(&e, 404)
+        {
+            tracing::warn!(job = %job_id, error = %e, "cannot delete coordinator config map");
+        }
+    }
+
     fn watch(&self, job_id: &JobId) {
         if let Ok(mut w) = self.watching.lock() {
             let since_poll = w.polls + 1;
@@ -387,11 +459,7 @@ impl Shared {
             {
                 tracing::warn!(job = %job, error = %e, "cannot delete ended coordinator pod");
             }
-            if let Err(e) = self.services.delete(&name, &DeleteParams::default()).await
-                && !is_status(&e, 404)
-            {
-                tracing::warn!(job = %job, error = %e, "cannot delete coordinator service");
-            }
+            self.delete_service_and_config(&job).await;
             let still_watched = self
                 .watching
                 .lock()
@@ -418,7 +486,8 @@ impl KubernetesLauncher {
     ) -> Self {
         let shared = Arc::new(Shared {
             pods: Api::namespaced(client.clone(), &config.namespace),
-            services: Api::namespaced(client, &config.namespace),
+            services: Api::namespaced(client.clone(), &config.namespace),
+            config_maps: Api::namespaced(client, &config.namespace),
             watching: Mutex::default(),
             exits,
         });
@@ -507,7 +576,24 @@ impl KubernetesLauncher {
 
 #[async_trait]
 impl Launcher for KubernetesLauncher {
-    async fn launch(&self, job_id: &JobId) -> Result<Option<u32>, RuntimeError> {
+    async fn launch(&self, job_id: &JobId, spec_json: &str) -> Result<Option<u32>, RuntimeError> {
+        let config_map = self.config.coordinator_config_map(job_id, spec_json);
+        match self
+            .shared
+            .config_maps
+            .create(&PostParams::default(), &config_map)
+            .await
+        {
+            Ok(_) => {}
+            // Left from an earlier launch of the same job: a job's spec never changes.
+            Err(e) if is_status(&e, 409) => {}
+            Err(e) => {
+                return Err(launch_error(
+                    format!("coordinator config map {}", coordinator_name(job_id)),
+                    e,
+                ));
+            }
+        }
         self.create_pod(job_id).await?;
         let service = self.config.coordinator_service(job_id);
         match self
@@ -572,18 +658,7 @@ impl Launcher for KubernetesLauncher {
             Err(e) if is_status(&e, 404) => {}
             Err(e) => tracing::warn!(job = %job_id, error = %e, "cannot delete coordinator pod"),
         }
-        match self
-            .shared
-            .services
-            .delete(&name, &DeleteParams::default())
-            .await
-        {
-            Ok(_) => {}
-            Err(e) if is_status(&e, 404) => {}
-            Err(e) => {
-                tracing::warn!(job = %job_id, error = %e, "cannot delete coordinator service")
-            }
-        }
+        self.shared.delete_service_and_config(job_id).await;
         // The poller reports the exit once the pod has gone, as LocalLauncher does.
     }
 

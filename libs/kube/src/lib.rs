@@ -27,6 +27,6 @@ pub use executor::{
 pub use kube::CustomResourceExt;
 pub use launcher::{
     COORDINATOR_PORT, KubernetesLauncher, KubernetesLauncherConfig, LABEL_COMPONENT, LABEL_JOB,
-    LABEL_NAME, coordinator_labels, coordinator_name,
+    LABEL_NAME, coordinator_labels, coordinator_name, deployment_owner,
 };
 pub use reconciler::{BackendError, JobBackend, JobView};

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use cohort_core::JobId;
-use cohort_kube::{KubernetesLauncher, KubernetesLauncherConfig};
+use cohort_kube::{KubernetesLauncher, KubernetesLauncherConfig, deployment_owner};
 use cohort_runtime::launcher::{CoordinatorConfig, CoordinatorExit, Launcher};
 use http::{Method, Request, Response, StatusCode};
 use k8s_openapi::api::core::v1::ResourceRequirements;
@@ -85,6 +85,8 @@ fn job() -> JobId {
 
 const PODS: &str = "/api/v1/namespaces/cohort/pods";
 const SERVICES: &str = "/api/v1/namespaces/cohort/services";
+const CONFIG_MAPS: &str = "/api/v1/namespaces/cohort/configmaps";
+const SPEC: &str = r#"{"name":"digits-fedavg","rounds":3}"#;
 const NAME: &str = "coordinator-digits-fedavg-x1y2z3";
 
 fn labels() -> Value {
@@ -95,8 +97,13 @@ fn labels() -> Value {
     })
 }
 
-/// Serves the two creates of a launch; returns the pod and service bodies.
-async fn serve_launch(handle: &mut ApiHandle) -> (Value, Value) {
+/// Serves the three creates of a launch; returns the config map, pod and service bodies.
+async fn serve_launch(handle: &mut ApiHandle) -> (Value, Value, Value) {
+    let cm = next(handle).await;
+    assert_eq!(cm.method, Method::POST);
+    assert_eq!(cm.uri, format!("{CONFIG_MAPS}?"));
+    let cm_body = cm.body.clone();
+    cm.echo();
     let pod = next(handle).await;
     assert_eq!(pod.method, Method::POST);
     assert_eq!(pod.uri, format!("{PODS}?"));
@@ -107,14 +114,39 @@ async fn serve_launch(handle: &mut ApiHandle) -> (Value, Value) {
     assert_eq!(svc.uri, format!("{SERVICES}?"));
     let svc_body = svc.body.clone();
     svc.echo();
-    (pod_body, svc_body)
+    (cm_body, pod_body, svc_body)
+}
+
+/// Expects the deletes of the job's Service and ConfigMap (after the Pod's), answering
+/// `service` and `config_map`.
+async fn expect_service_and_config_deletes(
+    handle: &mut ApiHandle,
+    service: StatusCode,
+    config_map: StatusCode,
+) {
+    for (path, code) in [(SERVICES, service), (CONFIG_MAPS, config_map)] {
+        let delete = next(handle).await;
+        assert_eq!(
+            (delete.method.clone(), delete.uri.as_str()),
+            (Method::DELETE, &*format!("{path}/{NAME}?"))
+        );
+        if code == StatusCode::OK {
+            delete.answer(
+                code,
+                json!({"apiVersion": "v1", "kind": "Status", "status": "Success"}),
+            );
+        } else {
+            delete.answer(code, status(code.as_u16(), "NotFound"));
+        }
+    }
 }
 
 #[tokio::test]
 async fn launch_creates_the_coordinator_pod_and_service() {
     let (launcher, mut handle, _exits) = launcher(Duration::from_secs(3600));
     let job = job();
-    let (launched, (pod, service)) = tokio::join!(launcher.launch(&job), serve_launch(&mut handle));
+    let (launched, (config_map, pod, service)) =
+        tokio::join!(launcher.launch(&job, SPEC), serve_launch(&mut handle));
     assert_eq!(launched.unwrap(), None, "a pod has no pid");
 
     let expected_owner = json!([{
@@ -122,6 +154,21 @@ async fn launch_creates_the_coordinator_pod_and_service() {
         "uid": "8d3c0b5e-0000-4000-8000-000000000001",
         "controller": true, "blockOwnerDeletion": true
     }]);
+    assert_eq!(
+        config_map,
+        json!({
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": NAME,
+                "namespace": "cohort",
+                "labels": labels(),
+                "ownerReferences": expected_owner
+            },
+            "immutable": true,
+            "data": {"spec.json": SPEC}
+        })
+    );
     assert_eq!(
         pod,
         json!({
@@ -140,6 +187,7 @@ async fn launch_creates_the_coordinator_pod_and_service() {
                     "image": "ghcr.io/cohort/cohort:0.1.0",
                     "command": ["coordinator"],
                     "args": [
+                        "--job-spec", "/etc/cohort/job/spec.json",
                         "--job-id", "digits-fedavg-x1y2z3",
                         "--job-scheduler", "job-scheduler.cohort.svc:7001",
                         "--model-manager", "model-manager.cohort.svc:7002",
@@ -154,9 +202,15 @@ async fn launch_creates_the_coordinator_pod_and_service() {
                     ],
                     "ports": [{"name": "grpc", "containerPort": 7000, "protocol": "TCP"}],
                     "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}},
-                    "volumeMounts": [{"name": "tls", "mountPath": "/etc/cohort/tls", "readOnly": true}]
+                    "volumeMounts": [
+                        {"name": "job", "mountPath": "/etc/cohort/job", "readOnly": true},
+                        {"name": "tls", "mountPath": "/etc/cohort/tls", "readOnly": true}
+                    ]
                 }],
-                "volumes": [{"name": "tls", "secret": {"secretName": "coordinator-tls"}}]
+                "volumes": [
+                    {"name": "job", "configMap": {"name": NAME}},
+                    {"name": "tls", "secret": {"secretName": "coordinator-tls"}}
+                ]
             }
         })
     );
@@ -185,13 +239,14 @@ async fn launch_failure_is_an_error_naming_the_pod() {
     let (launcher, mut handle, _exits) = launcher(Duration::from_secs(3600));
     let job = job();
     let serve = async {
+        next(&mut handle).await.echo();
         let pod = next(&mut handle).await;
         pod.answer(
             StatusCode::FORBIDDEN,
             status(403, "pods is forbidden: User cannot create resource"),
         );
     };
-    let (launched, ()) = tokio::join!(launcher.launch(&job), serve);
+    let (launched, ()) = tokio::join!(launcher.launch(&job, SPEC), serve);
     let e = launched
         .expect_err("a refused create is an error")
         .to_string();
@@ -204,6 +259,10 @@ async fn relaunch_replaces_an_ended_pod_of_the_same_name() {
     let (launcher, mut handle, _exits) = launcher(Duration::from_secs(3600));
     let job = job();
     let serve = async {
+        // The config map is left from the first launch: same job, same spec.
+        let cm = next(&mut handle).await;
+        assert_eq!(cm.uri, format!("{CONFIG_MAPS}?"));
+        cm.answer(StatusCode::CONFLICT, status(409, "AlreadyExists"));
         let create = next(&mut handle).await;
         assert_eq!(create.method, Method::POST);
         create.answer(StatusCode::CONFLICT, status(409, "AlreadyExists"));
@@ -233,7 +292,7 @@ async fn relaunch_replaces_an_ended_pod_of_the_same_name() {
         assert_eq!(svc.uri, format!("{SERVICES}?"));
         svc.answer(StatusCode::CONFLICT, status(409, "AlreadyExists"));
     };
-    let (launched, ()) = tokio::join!(launcher.launch(&job), serve);
+    let (launched, ()) = tokio::join!(launcher.launch(&job, SPEC), serve);
     launched.unwrap();
     assert_eq!(launcher.watched(), vec![job]);
 }
@@ -251,11 +310,8 @@ async fn stop_deletes_the_pod_with_its_grace_period_and_the_service() {
             StatusCode::OK,
             json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": NAME}}),
         );
-        let svc = next(&mut handle).await;
-        assert_eq!(svc.method, Method::DELETE);
-        assert_eq!(svc.uri, format!("{SERVICES}/{NAME}?"));
         // Already gone is fine.
-        svc.answer(StatusCode::NOT_FOUND, status(404, "NotFound"));
+        expect_service_and_config_deletes(&mut handle, StatusCode::NOT_FOUND, StatusCode::OK).await;
     };
     let ((), ()) = tokio::join!(launcher.stop(&job, Duration::from_secs(7)), serve);
 }
@@ -306,7 +362,7 @@ async fn expect_list(handle: &mut ApiHandle) -> Seen {
 async fn a_failed_coordinator_pod_is_reported_as_an_exit_for_relaunch() {
     let (launcher, mut handle, mut exits) = launcher(Duration::from_millis(20));
     let job = job();
-    let (launched, _) = tokio::join!(launcher.launch(&job), serve_launch(&mut handle));
+    let (launched, _) = tokio::join!(launcher.launch(&job, SPEC), serve_launch(&mut handle));
     launched.unwrap();
 
     // First poll: still running, nothing reported.
@@ -342,13 +398,7 @@ async fn a_failed_coordinator_pod_is_reported_as_an_exit_for_relaunch() {
         StatusCode::OK,
         json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": NAME}}),
     );
-    let delete = next(&mut handle).await;
-    assert_eq!(delete.method, Method::DELETE);
-    assert_eq!(delete.uri, format!("{SERVICES}/{NAME}?"));
-    delete.answer(
-        StatusCode::OK,
-        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": NAME}}),
-    );
+    expect_service_and_config_deletes(&mut handle, StatusCode::OK, StatusCode::OK).await;
 
     let exit = tokio::time::timeout(Duration::from_secs(10), exits.recv())
         .await
@@ -366,13 +416,13 @@ async fn a_failed_coordinator_pod_is_reported_as_an_exit_for_relaunch() {
 async fn a_deleted_pod_after_stop_is_reported_as_stopped() {
     let (launcher, mut handle, mut exits) = launcher(Duration::from_millis(20));
     let job = job();
-    let (launched, _) = tokio::join!(launcher.launch(&job), serve_launch(&mut handle));
+    let (launched, _) = tokio::join!(launcher.launch(&job, SPEC), serve_launch(&mut handle));
     launched.unwrap();
     // A poll may come between launch and stop; answer whatever comes in order.
     let stop = launcher.stop(&job, Duration::from_secs(2));
     let serve = async {
         let mut deletes = 0;
-        while deletes < 2 {
+        while deletes < 3 {
             let seen = next(&mut handle).await;
             if seen.method == Method::DELETE {
                 deletes += 1;
@@ -394,17 +444,42 @@ async fn a_deleted_pod_after_stop_is_reported_as_stopped() {
     // The pod is gone now: the next poll reports the exit.
     let list = expect_list(&mut handle).await;
     list.answer(StatusCode::OK, pod_list(vec![]));
-    // A missing pod needs no pod delete, but the service is deleted again (idempotent).
-    let svc = next(&mut handle).await;
-    assert_eq!(
-        (svc.method.clone(), svc.uri.as_str()),
-        (Method::DELETE, &*format!("{SERVICES}/{NAME}?"))
-    );
-    svc.answer(StatusCode::NOT_FOUND, status(404, "NotFound"));
+    // A missing pod needs no pod delete, but the service and config map are deleted again
+    // (idempotent).
+    expect_service_and_config_deletes(&mut handle, StatusCode::NOT_FOUND, StatusCode::NOT_FOUND)
+        .await;
     let exit = tokio::time::timeout(Duration::from_secs(10), exits.recv())
         .await
         .expect("an exit within 10 s")
         .expect("channel open");
     assert_eq!(exit.job_id, job);
     assert_eq!(exit.description, "stopped (pod deleted)");
+}
+
+#[tokio::test]
+async fn the_owner_is_job_schedulers_deployment_read_for_its_uid() {
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(service, "default");
+    let serve = async {
+        let get = next(&mut handle).await;
+        assert_eq!(get.method, Method::GET);
+        assert_eq!(
+            get.uri,
+            "/apis/apps/v1/namespaces/cohort/deployments/cohort-server-job-scheduler"
+        );
+        get.answer(
+            StatusCode::OK,
+            json!({"apiVersion": "apps/v1", "kind": "Deployment",
+                   "metadata": {"name": "cohort-server-job-scheduler", "uid": "d-uid-1"}}),
+        );
+    };
+    let (owner, ()) = tokio::join!(
+        deployment_owner(client, "cohort", "cohort-server-job-scheduler"),
+        serve
+    );
+    assert_eq!(
+        serde_json::to_value(owner.unwrap()).unwrap(),
+        json!({"apiVersion": "apps/v1", "kind": "Deployment",
+               "name": "cohort-server-job-scheduler", "uid": "d-uid-1"})
+    );
 }

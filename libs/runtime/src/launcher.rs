@@ -35,8 +35,9 @@ pub struct CoordinatorExit {
 
 #[async_trait]
 pub trait Launcher: Send + Sync + 'static {
-    /// Starts the job's coordinator. Returns its pid where there is one.
-    async fn launch(&self, job_id: &JobId) -> Result<Option<u32>, RuntimeError>;
+    /// Starts the job's coordinator with the job's (validated) spec as JSON, which the
+    /// coordinator is given as a file (`--job-spec`). Returns its pid where there is one.
+    async fn launch(&self, job_id: &JobId, spec_json: &str) -> Result<Option<u32>, RuntimeError>;
     /// Watches a coordinator started by an earlier run of job-scheduler.
     /// Returns false if it is already gone.
     async fn adopt(&self, job_id: &JobId, pid: Option<u32>) -> bool;
@@ -108,9 +109,17 @@ fn describe(status: std::io::Result<std::process::ExitStatus>) -> String {
 
 #[async_trait]
 impl Launcher for LocalLauncher {
-    async fn launch(&self, job_id: &JobId) -> Result<Option<u32>, RuntimeError> {
+    async fn launch(&self, job_id: &JobId, spec_json: &str) -> Result<Option<u32>, RuntimeError> {
+        // The spec holds no secrets; it sits beside the coordinator's log.
+        let spec = self.log_dir.join(format!("coordinator-{job_id}.spec.json"));
+        std::fs::write(&spec, spec_json).map_err(|source| RuntimeError::WriteFile {
+            path: spec.clone(),
+            source,
+        })?;
         let mut cmd = Command::new(&self.binary);
-        cmd.arg("--job-id")
+        cmd.arg("--job-spec")
+            .arg(&spec)
+            .arg("--job-id")
             .arg(job_id.as_str())
             .arg("--job-scheduler")
             .arg(&self.config.job_scheduler)

@@ -28,6 +28,11 @@ pub struct Args {
     /// The job to run.
     #[arg(long, env = "COHORT_JOB_ID")]
     pub job_id: String,
+    /// The job's spec as job-scheduler stored it (JSON; the launcher writes it, on
+    /// Kubernetes into the job's ConfigMap). Read before anything is contacted and checked
+    /// against job-scheduler's copy: a coordinator never runs another spec than the stored one.
+    #[arg(long, env = "COHORT_JOB_SPEC")]
+    pub job_spec: Option<std::path::PathBuf>,
     #[arg(long, env = "COHORT_JOB_SCHEDULER")]
     pub job_scheduler: String,
     #[arg(long, env = "COHORT_MODEL_MANAGER")]
@@ -52,6 +57,17 @@ const SCHEDULER_PATIENCE: Duration = Duration::from_secs(120);
 impl Args {
     pub async fn run(self) -> anyhow::Result<()> {
         let job_id = JobId::parse(&self.job_id).context("--job-id")?;
+        let given_spec = match &self.job_spec {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("--job-spec: {}", path.display()))?;
+                Some(
+                    JobSpec::from_json(&text)
+                        .with_context(|| format!("--job-spec: {}", path.display()))?,
+                )
+            }
+            None => None,
+        };
         let tls = self.tls.load().context("TLS")?;
         let scheduler = pb::job_control_client::JobControlClient::new(
             channel(&self.job_scheduler, tls.as_ref()).context("--job-scheduler")?,
@@ -78,6 +94,11 @@ impl Args {
         .into_inner();
         let job = assignment.job.clone().context("assignment without a job")?;
         let spec = JobSpec::from_json(&job.spec_json).context("the stored job spec is invalid")?;
+        if given_spec.as_ref().is_some_and(|given| given != &spec) {
+            anyhow::bail!(
+                "--job-spec: the spec differs from job-scheduler's for job {job_id} (a stale file?)"
+            );
+        }
 
         let require_party = tls.is_some();
         let listener = Listener::bind_service(&self.service).await?.with_tls(tls);

@@ -90,6 +90,10 @@ pub struct KubernetesArgs {
     /// `kubernetes.io/tls` Secret (tls.crt, tls.key, ca.crt) with the coordinators' certificate.
     #[arg(long, env = "COHORT_COORDINATOR_TLS_SECRET")]
     pub coordinator_tls_secret: Option<String>,
+    /// job-scheduler's own Deployment: coordinator Pods, Services and ConfigMaps are owned by
+    /// it, so uninstalling the release removes them. Read at start (needs `get` on it).
+    #[arg(long, env = "COHORT_COORDINATOR_OWNER_DEPLOYMENT")]
+    pub coordinator_owner_deployment: Option<String>,
 }
 
 impl KubernetesArgs {
@@ -126,6 +130,11 @@ impl KubernetesArgs {
             && !cohort_core::is_dns_label(ns)
         {
             anyhow::bail!("--kube-namespace: {ns:?} must be a DNS-1123 label");
+        }
+        if let Some(name) = &self.coordinator_owner_deployment
+            && !cohort_core::is_dns_label(name)
+        {
+            anyhow::bail!("--coordinator-owner-deployment: {name:?} is not a Deployment name");
         }
         Ok(())
     }
@@ -185,7 +194,21 @@ impl Args {
                     "--launcher kubernetes: cannot configure a Kubernetes client \
                      (in-cluster service account or kubeconfig)",
                 )?;
-                (PathBuf::new(), Some(client))
+                let owner = match &self.kubernetes.coordinator_owner_deployment {
+                    Some(name) => Some(
+                        cohort_kube::deployment_owner(
+                            client.clone(),
+                            &self.kubernetes.namespace(),
+                            name,
+                        )
+                        .await
+                        .with_context(|| {
+                            format!("--coordinator-owner-deployment: cannot read Deployment {name}")
+                        })?,
+                    ),
+                    None => None,
+                };
+                (PathBuf::new(), Some((client, owner)))
             }
         };
         let store = cohort_store::open::open_job_store(
@@ -224,7 +247,7 @@ impl Args {
             self.tls.to_args(),
         ]
         .concat();
-        let federated_jobs = kube_client.clone();
+        let federated_jobs = kube_client.as_ref().map(|(client, _)| client.clone());
         let launcher: Arc<dyn Launcher> = match kube_client {
             None => Arc::new(LocalLauncher::new(
                 coordinator_bin,
@@ -233,7 +256,7 @@ impl Args {
                 extra_args,
                 exit_tx,
             )?),
-            Some(client) => self.kubernetes_launcher(client, services, exit_tx),
+            Some((client, owner)) => self.kubernetes_launcher(client, owner, services, exit_tx),
         };
         let manager = JobManager::new(
             store,
@@ -292,6 +315,7 @@ impl Args {
     fn kubernetes_launcher(
         &self,
         client: kube::Client,
+        owner: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>,
         services: CoordinatorConfig,
         exits: tokio::sync::mpsc::UnboundedSender<cohort_runtime::launcher::CoordinatorExit>,
     ) -> Arc<dyn Launcher> {
@@ -315,6 +339,7 @@ impl Args {
             });
         }
         config.tls_secret = k.coordinator_tls_secret.clone();
+        config.owner = owner;
         config.extra_args = vec![
             "--log-format".to_string(),
             match self.service.log_format {

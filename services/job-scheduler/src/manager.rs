@@ -210,7 +210,7 @@ impl JobManager {
         if job.state != JobState::Starting {
             return Ok(());
         }
-        match self.launcher.launch(id).await {
+        match self.launcher.launch(id, &job.spec_json).await {
             Ok(pid) => {
                 self.modify(id, |j| {
                     if j.state != JobState::Starting || j.coordinator_pid.is_some() {
