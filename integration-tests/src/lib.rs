@@ -275,3 +275,45 @@ pub fn descendant_groups(root: u32) -> Vec<i32> {
     groups.dedup();
     groups
 }
+
+/// Every file below `dir` (recursively); empty when it cannot be read.
+pub fn files_under(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p.display().to_string());
+        }
+    }
+    out
+}
+
+/// Polls the federation's parties until `pred` holds; panics after `timeout`.
+pub async fn wait_clients(
+    api: &Api,
+    timeout: Duration,
+    pred: impl Fn(&[pb::ClientInfo]) -> bool,
+) -> Vec<pb::ClientInfo> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let clients = api
+            .selector()
+            .list_clients(pb::ListClientsRequest {})
+            .await
+            .map(|r| r.into_inner().clients)
+            .unwrap_or_default();
+        if pred(&clients) {
+            return clients;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "parties never reached the expected state: {clients:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use cohort_core::JobState;
 use cohort_integration_tests::fake_kube::FakeKube;
-use cohort_integration_tests::{Federation, bin_dir, digits_job, state_of};
+use cohort_integration_tests::{
+    Federation, bin_dir, digits_job, files_under, state_of, wait_clients,
+};
 use cohort_proto::v1 as pb;
 use cohort_security::{CertAuthority, Validity};
 use serde_json::json;
@@ -86,7 +88,7 @@ async fn a_party_with_executor_pods_trains_in_a_federation() {
 
     let workspace = root.join("workspace");
     let log = std::fs::File::create(root.join("task-manager.log")).expect("log");
-    let mut task_manager = tokio::process::Command::new(bin_dir().join("task-manager"))
+    let _task_manager = tokio::process::Command::new(bin_dir().join("task-manager"))
         .args([
             "--party",
             PARTY,
@@ -119,28 +121,11 @@ async fn a_party_with_executor_pods_trains_in_a_federation() {
 
     // All three parties registered, then a job that needs every one of them each round.
     let api = fed.api();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let clients = api
-            .selector()
-            .list_clients(pb::ListClientsRequest {})
-            .await
-            .map(|r| r.into_inner().clients)
-            .unwrap_or_default();
-        if clients.iter().filter(|c| c.connected).count() == 3 {
-            assert!(clients.iter().any(|c| c.party == PARTY));
-            break;
-        }
-        let tm_log = std::fs::read_to_string(root.join("task-manager.log")).unwrap_or_default();
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the party never registered: {clients:?}\ntask-manager: {tm_log}"
-        );
-        if let Ok(Some(exit)) = task_manager.try_wait() {
-            panic!("task-manager exited ({exit}): {tm_log}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let clients = wait_clients(&api, Duration::from_secs(60), |c| {
+        c.iter().filter(|c| c.connected).count() == 3
+    })
+    .await;
+    assert!(clients.iter().any(|c| c.party == PARTY), "{clients:?}");
     let job = fed
         .create_job(&digits_job("pods", 2, 3, 3, "90s"))
         .await
@@ -230,7 +215,7 @@ async fn a_party_with_executor_pods_trains_in_a_federation() {
     assert!(me.tasks_succeeded >= 2, "{me:?}");
     assert_eq!(me.tasks_failed, 0, "{me:?}");
     // The task token never touched task-manager's disk.
-    let on_disk = walk(&workspace);
+    let on_disk = files_under(&workspace);
     assert!(
         on_disk.iter().all(|p| !p.ends_with("task.pb")),
         "{on_disk:?}"
@@ -239,19 +224,4 @@ async fn a_party_with_executor_pods_trains_in_a_federation() {
         tm_log.contains("deleted executor pods an earlier task-manager left"),
         "{tm_log}"
     );
-}
-
-fn walk(dir: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                out.extend(walk(&p));
-            } else {
-                out.push(p.display().to_string());
-            }
-        }
-    }
-    out
 }

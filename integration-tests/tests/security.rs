@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use cohort_cli::Api;
 use cohort_cli::profile::Profile;
-use cohort_integration_tests::{Federation, Storage, digits_job, state_of};
+use cohort_integration_tests::{Federation, Storage, digits_job, state_of, wait_clients};
 use cohort_proto::v1 as pb;
 use cohort_security::{CertAuthority, TlsFiles, Validity};
 use futures::StreamExt;
@@ -707,7 +707,10 @@ async fn a_revoked_party_is_disconnected_and_refused() {
     let connected = |clients: &[pb::ClientInfo], name: &str| {
         clients.iter().any(|c| c.party == name && c.connected)
     };
-    let clients = wait_clients(&api, |c| connected(c, "party-1") && connected(c, "party-2")).await;
+    let clients = wait_clients(&api, WAIT, |c| {
+        connected(c, "party-1") && connected(c, "party-2")
+    })
+    .await;
     assert!(clients.iter().all(|c| !c.revoked));
 
     let revoked = api
@@ -721,7 +724,7 @@ async fn a_revoked_party_is_disconnected_and_refused() {
     assert!(revoked.revoked);
 
     // Its session ends, and its task-manager keeps being refused when it redials.
-    let clients = wait_clients(&api, |c| !connected(c, "party-1")).await;
+    let clients = wait_clients(&api, WAIT, |c| !connected(c, "party-1")).await;
     assert!(clients.iter().any(|c| c.party == "party-1" && c.revoked));
     assert!(connected(&clients, "party-2"), "{clients:?}");
     let log = fed.dir.path().join("logs/task-manager-party-1.log");
@@ -752,26 +755,6 @@ async fn a_revoked_party_is_disconnected_and_refused() {
         .await
         .expect("test step");
     assert_eq!(state_of(&done).to_string(), "SUCCEEDED", "{}", done.reason);
-}
-
-async fn wait_clients(api: &Api, pred: impl Fn(&[pb::ClientInfo]) -> bool) -> Vec<pb::ClientInfo> {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let clients = api
-            .selector()
-            .list_clients(pb::ListClientsRequest {})
-            .await
-            .map(|r| r.into_inner().clients)
-            .unwrap_or_default();
-        if pred(&clients) {
-            return clients;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "parties never reached the expected state: {clients:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 async fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) {

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use cohort_core::JobState;
 use cohort_integration_tests::servers::{PgCluster, S3Server};
-use cohort_integration_tests::{Federation, Storage, cohort_bin, digits_job, state_of};
+use cohort_integration_tests::{
+    Federation, Storage, cohort_bin, digits_job, files_under, state_of,
+};
 use cohort_proto::v1 as pb;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -51,10 +53,10 @@ async fn demo_succeeds_on_postgres_and_s3_and_logs_no_password() {
     assert_eq!(last["rounds"], 10);
 
     // The models went to S3: one object per round under the prefix.
-    let objects = walk(&s3.object_path("models", "demo"));
+    let objects = files_under(&s3.object_path("models", "demo"));
     assert!(objects.len() >= 10, "models stored in S3: {objects:?}");
     // The metadata went to PostgreSQL, not to SQLite files.
-    let sqlite_files: Vec<_> = walk(dir.path())
+    let sqlite_files: Vec<_> = files_under(dir.path())
         .into_iter()
         .filter(|p| p.ends_with(".db"))
         .collect();
@@ -62,7 +64,7 @@ async fn demo_succeeds_on_postgres_and_s3_and_logs_no_password() {
 
     // No secret in any log line or output.
     let mut text = format!("{stdout}{stderr}");
-    for f in walk(&dir.path().join("logs")) {
+    for f in files_under(&dir.path().join("logs")) {
         text.push_str(&std::fs::read_to_string(&f).unwrap_or_default());
     }
     assert!(
@@ -73,22 +75,6 @@ async fn demo_succeeds_on_postgres_and_s3_and_logs_no_password() {
         !text.contains(&s3.secret_key),
         "the S3 secret leaked into a log"
     );
-}
-
-fn walk(dir: &std::path::Path) -> Vec<String> {
-    let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return out;
-    };
-    for e in rd.flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p.display().to_string());
-        }
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -208,7 +194,7 @@ async fn a_model_altered_in_s3_is_refused_on_download() {
         .await
         .expect("version")
         .into_inner();
-    let object = walk(&s3.object_path("models", "fed"))
+    let object = files_under(&s3.object_path("models", "fed"))
         .into_iter()
         .find(|p| p.ends_with(&v.digest))
         .expect("the object is in the bucket");

@@ -34,7 +34,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use kube::api::{Api, DeleteParams, ListParams, LogParams, PostParams};
 use serde::{Deserialize, Serialize};
 
-use crate::launcher::{LABEL_COMPONENT, LABEL_NAME};
+use crate::launcher::{LABEL_COMPONENT, LABEL_NAME, TlsSecretMount};
 
 /// The extended resource GPUs are requested under unless configured otherwise.
 pub const DEFAULT_GPU_RESOURCE: &str = "nvidia.com/gpu";
@@ -467,21 +467,10 @@ pub fn executor_pod(task_id: &str, config: &ExecutorPodConfig, owner: &ExecutorO
         },
     ];
     if let Some(secret) = &config.tls_secret {
-        {
-            for (var, file) in [
-                ("COHORT_TLS_CERT", "tls.crt"),
-                ("COHORT_TLS_KEY", "tls.key"),
-                ("COHORT_TLS_CA", "ca.crt"),
-            ] {
-                env.push(EnvVar {
-                    name: var.to_string(),
-                    value: Some(format!("{TLS_MOUNT}/{file}")),
-                    ..Default::default()
-                });
-            }
-            volumes.push(secret_volume("tls", secret));
-            mounts.push(read_only_mount("tls", TLS_MOUNT));
-        }
+        let tls = TlsSecretMount::new(secret, TLS_MOUNT, Some(SECRET_MODE));
+        env.extend(tls.env);
+        volumes.push(tls.volume);
+        mounts.push(tls.mount);
     }
     env.extend(config.env.iter().cloned());
     volumes.extend(config.volumes.iter().cloned());

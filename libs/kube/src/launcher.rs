@@ -168,31 +168,10 @@ impl KubernetesLauncherConfig {
             ..Default::default()
         }];
         if let Some(secret) = &self.tls_secret {
-            for (name, file) in [
-                ("COHORT_TLS_CERT", "tls.crt"),
-                ("COHORT_TLS_KEY", "tls.key"),
-                ("COHORT_TLS_CA", "ca.crt"),
-            ] {
-                env.push(EnvVar {
-                    name: name.to_string(),
-                    value: Some(format!("{TLS_MOUNT}/{file}")),
-                    ..Default::default()
-                });
-            }
-            volume_mounts.push(VolumeMount {
-                name: "tls".to_string(),
-                mount_path: TLS_MOUNT.to_string(),
-                read_only: Some(true),
-                ..Default::default()
-            });
-            volumes.push(Volume {
-                name: "tls".to_string(),
-                secret: Some(SecretVolumeSource {
-                    secret_name: Some(secret.clone()),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            });
+            let tls = TlsSecretMount::new(secret, TLS_MOUNT, None);
+            env.extend(tls.env);
+            volumes.push(tls.volume);
+            volume_mounts.push(tls.mount);
         }
         Pod {
             metadata: self.metadata(job_id),
@@ -252,6 +231,50 @@ impl KubernetesLauncherConfig {
             labels: Some(coordinator_labels(job_id)),
             owner_references: self.owner.clone().map(|o| vec![o]),
             ..Default::default()
+        }
+    }
+}
+
+/// A `kubernetes.io/tls`-style Secret (tls.crt, tls.key, ca.crt) mounted read-only at a path,
+/// with `COHORT_TLS_CERT`/`KEY`/`CA` pointing at its files: how coordinator and executor Pods
+/// get their certificates.
+pub(crate) struct TlsSecretMount {
+    pub env: Vec<EnvVar>,
+    pub volume: Volume,
+    pub mount: VolumeMount,
+}
+
+impl TlsSecretMount {
+    pub fn new(secret: &str, path: &str, default_mode: Option<i32>) -> Self {
+        let env = [
+            ("COHORT_TLS_CERT", "tls.crt"),
+            ("COHORT_TLS_KEY", "tls.key"),
+            ("COHORT_TLS_CA", "ca.crt"),
+        ]
+        .into_iter()
+        .map(|(name, file)| EnvVar {
+            name: name.to_string(),
+            value: Some(format!("{path}/{file}")),
+            ..Default::default()
+        })
+        .collect();
+        Self {
+            env,
+            volume: Volume {
+                name: "tls".to_string(),
+                secret: Some(SecretVolumeSource {
+                    secret_name: Some(secret.to_string()),
+                    default_mode,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            mount: VolumeMount {
+                name: "tls".to_string(),
+                mount_path: path.to_string(),
+                read_only: Some(true),
+                ..Default::default()
+            },
         }
     }
 }
