@@ -34,7 +34,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use kube::api::{Api, DeleteParams, ListParams, LogParams, PostParams};
 use serde::{Deserialize, Serialize};
 
-use crate::launcher::{LABEL_COMPONENT, LABEL_NAME, TlsSecretMount};
+use crate::launcher::{LABEL_COMPONENT, LABEL_NAME, TlsSecretMount, describe_end};
 
 /// The extended resource GPUs are requested under unless configured otherwise.
 pub const DEFAULT_GPU_RESOURCE: &str = "nvidia.com/gpu";
@@ -595,21 +595,11 @@ fn pod_end(pod: &Pod) -> Option<ExecutorEnd> {
     }
     match status.phase.as_deref() {
         Some("Succeeded") => Some(ExecutorEnd::Succeeded),
-        Some("Failed") => {
-            let mut how = "executor pod failed".to_string();
-            if let Some(t) = state.and_then(|s| s.terminated.as_ref()) {
-                how.push_str(&format!(": exit status {}", t.exit_code));
-                if let Some(reason) = &t.reason {
-                    how.push_str(&format!(" ({reason})"));
-                }
-            } else if let Some(reason) = &status.reason {
-                how.push_str(&format!(": {reason}"));
-                if let Some(message) = &status.message {
-                    how.push_str(&format!(" ({message})"));
-                }
-            }
-            Some(ExecutorEnd::Failed(how))
-        }
+        Some("Failed") => Some(ExecutorEnd::Failed(describe_end(
+            "executor pod failed".to_string(),
+            state.and_then(|s| s.terminated.as_ref()),
+            status,
+        ))),
         _ => None,
     }
 }

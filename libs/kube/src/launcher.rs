@@ -366,6 +366,28 @@ fn is_status(e: &kube::Error, code: u16) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == code)
 }
 
+/// `what`, then how the container ended (exit status and reason) or, without one, the Pod's
+/// reason and message.
+pub(crate) fn describe_end(
+    what: String,
+    terminated: Option<&k8s_openapi::api::core::v1::ContainerStateTerminated>,
+    status: &k8s_openapi::api::core::v1::PodStatus,
+) -> String {
+    let mut how = what;
+    if let Some(t) = terminated {
+        how.push_str(&format!(": exit status {}", t.exit_code));
+        if let Some(reason) = &t.reason {
+            how.push_str(&format!(" ({reason})"));
+        }
+    } else if let Some(reason) = &status.reason {
+        how.push_str(&format!(": {reason}"));
+        if let Some(message) = &status.message {
+            how.push_str(&format!(" ({message})"));
+        }
+    }
+    how
+}
+
 /// Why a Pod is over, or None while it runs (or may still run).
 fn pod_ended(pod: &Pod) -> Option<String> {
     let status = pod.status.as_ref()?;
@@ -380,19 +402,7 @@ fn pod_ended(pod: &Pod) -> Option<String> {
         .find(|c| c.name == CONTAINER)
         .and_then(|c| c.state.as_ref())
         .and_then(|s| s.terminated.as_ref());
-    let mut how = format!("pod {phase}");
-    if let Some(t) = terminated {
-        how.push_str(&format!(": exit status {}", t.exit_code));
-        if let Some(reason) = &t.reason {
-            how.push_str(&format!(" ({reason})"));
-        }
-    } else if let Some(reason) = &status.reason {
-        how.push_str(&format!(": {reason}"));
-        if let Some(message) = &status.message {
-            how.push_str(&format!(" ({message})"));
-        }
-    }
-    Some(how)
+    Some(describe_end(format!("pod {phase}"), terminated, status))
 }
 
 impl Shared {
