@@ -1,7 +1,7 @@
 //! Mutual TLS between server-side services, and who is calling: the peer's
 //! certificate identity and the identity metadata the proxy vouches for.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use cohort_core::{PartyId, Principal, Role, Scope};
@@ -80,29 +80,25 @@ impl std::fmt::Debug for Tls {
     }
 }
 
-fn read(path: &Path, what: &str) -> Result<Vec<u8>, RuntimeError> {
-    std::fs::read(path)
-        .map_err(|e| RuntimeError::Tls(format!("cannot read {what} {}: {e}", path.display())))
-}
-
 impl Tls {
     /// Reads the three files and checks that they parse: the certificate
     /// carries a Cohort identity and the key is a private key.
     pub fn load(files: &TlsFiles) -> Result<Tls, RuntimeError> {
         cohort_security::install_crypto_provider();
-        let certs = cohort_security::load_certs(&files.cert).map_err(tls_error)?;
+        // Each file is read once: the bytes that were checked are the bytes used.
+        let (cert_pem, certs) = cohort_security::load_certs_pem(&files.cert).map_err(tls_error)?;
         let leaf = certs.first().ok_or_else(|| {
             RuntimeError::Tls(format!("{}: no certificate", files.cert.display()))
         })?;
         let identity = cohort_security::identity_of(leaf)
             .map_err(|e| RuntimeError::Tls(format!("{}: {e}", files.cert.display())))?;
-        cohort_security::load_key(&files.key).map_err(tls_error)?;
-        cohort_security::load_certs(&files.ca).map_err(tls_error)?;
+        let (key_pem, _) = cohort_security::load_key_pem(&files.key).map_err(tls_error)?;
+        let (ca_pem, _) = cohort_security::load_certs_pem(&files.ca).map_err(tls_error)?;
         Ok(Tls {
             files: files.clone(),
-            cert_pem: Arc::new(read(&files.cert, "certificate")?),
-            key_pem: Arc::new(read(&files.key, "private key")?),
-            ca_pem: Arc::new(read(&files.ca, "CA certificate")?),
+            cert_pem: Arc::new(cert_pem),
+            key_pem: Arc::new(key_pem),
+            ca_pem: Arc::new(ca_pem),
             identity,
         })
     }

@@ -109,9 +109,18 @@ fn pem_reason(e: &pem::Error) -> String {
 
 /// Every certificate in a PEM file (leaf first, as written); an error if there is none.
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, SecurityError> {
+    Ok(load_certs_pem(path)?.1)
+}
+
+/// The file's bytes and the certificates in them, from one read: what is checked is what is
+/// used, even while the file is being replaced (a rotated Kubernetes Secret).
+pub fn load_certs_pem(
+    path: &Path,
+) -> Result<(Vec<u8>, Vec<CertificateDer<'static>>), SecurityError> {
     const WHAT: &str = "certificate file";
     let data = read(path, WHAT)?;
-    certs_from_pem(&data, path, WHAT)
+    let certs = certs_from_pem(&data, path, WHAT)?;
+    Ok((data, certs))
 }
 
 /// The certificates in PEM text read from `path`; at least one.
@@ -136,16 +145,22 @@ pub(crate) fn certs_from_pem(
 
 /// The first private key (PKCS#8, SEC1 or PKCS#1) in a PEM file.
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, SecurityError> {
+    Ok(load_key_pem(path)?.1)
+}
+
+/// The file's bytes and the private key in them, from one read.
+pub fn load_key_pem(path: &Path) -> Result<(Vec<u8>, PrivateKeyDer<'static>), SecurityError> {
     const WHAT: &str = "private key file";
     let data = read(path, WHAT)?;
-    PrivateKeyDer::from_pem_slice(&data).map_err(|e| SecurityError::InvalidFile {
+    let key = PrivateKeyDer::from_pem_slice(&data).map_err(|e| SecurityError::InvalidFile {
         what: WHAT,
         path: path.to_path_buf(),
         reason: match e {
             pem::Error::NoItemsFound => "no PRIVATE KEY section".to_string(),
             e => pem_reason(&e),
         },
-    })
+    })?;
+    Ok((data, key))
 }
 
 /// Reads a text file whole (for rcgen, which takes PEM strings).
