@@ -13,9 +13,7 @@ mod token;
 
 pub use ca::{CertAuthority, CertifiedKey, DEFAULT_VALIDITY, Validity};
 pub use error::SecurityError;
-pub use files::{
-    load_certs, load_certs_pem, load_key, load_key_pem, write_cert, write_key,
-};
+pub use files::{load_certs, load_certs_pem, load_key, load_key_pem, write_cert, write_key};
 pub use identity::{Identity, TRUST_DOMAIN, identity_of};
 pub use tls::{ClientAuth, TlsFiles, client_config, install_crypto_provider, server_config};
 pub use token::{ApiToken, bearer_token, token_sha256};

@@ -75,6 +75,9 @@ pub trait ClientStore: Send + Sync + 'static {
     /// and last seen = `now_ms`), so it can be revoked before it connects.
     /// Idempotent: revoking again keeps the first `revoked_at_ms`.
     async fn revoke_client(&self, party: &PartyId, now_ms: i64) -> Result<ClientRecord>;
+    /// The revoked parties' names, bytewise ordered. Reads only those (an index covers them):
+    /// the proxy asks for this every few seconds.
+    async fn list_revoked(&self) -> Result<Vec<PartyId>>;
 }
 
 /// The holdings a party revoked before it ever registered is recorded with,
@@ -87,6 +90,11 @@ pub(crate) fn unregistered_json() -> Result<(String, String)> {
         .map_err(|e| StoreError::Conflict(format!("client resources: {e}")))?;
     Ok((datasets, resources))
 }
+
+/// The revoked parties, in both SQL dialects (the partial index `clients_revoked` covers it;
+/// `party` orders bytewise in both, as in `list_clients`).
+pub(crate) const REVOKED: &str =
+    "SELECT party FROM clients WHERE revoked_at_ms IS NOT NULL ORDER BY party";
 
 pub struct SqliteClientStore {
     pool: SqlitePool,
@@ -165,6 +173,11 @@ impl ClientStore for SqliteClientStore {
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(crate::rows::client).collect()
+    }
+
+    async fn list_revoked(&self) -> Result<Vec<PartyId>> {
+        let rows = sqlx::query(REVOKED).fetch_all(&self.pool).await?;
+        rows.iter().map(crate::rows::party).collect()
     }
 
     async fn touch(&self, party: &PartyId, now_ms: i64) -> Result<()> {

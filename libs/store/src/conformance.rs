@@ -1402,6 +1402,7 @@ pub mod clients {
 
     pub async fn revoke_before_register(s: Arc<dyn ClientStore>) {
         let p = party("late");
+        assert_eq!(s.list_revoked().await.unwrap(), vec![]);
         let rec = s.revoke_client(&p, 5).await.unwrap();
         assert_eq!(
             rec,
@@ -1440,6 +1441,14 @@ pub mod clients {
         }
         assert_eq!(s.get_client(&p).await.unwrap(), first);
         assert_eq!(s.get_client(&other).await.unwrap().revoked_at_ms, None);
+        assert_eq!(s.list_revoked().await.unwrap(), vec![p.clone()]);
+        // Bytewise order, registered or not.
+        s.revoke_client(&party("Z.lab"), 30).await.unwrap();
+        s.revoke_client(&party("a_party"), 31).await.unwrap();
+        assert_eq!(
+            s.list_revoked().await.unwrap(),
+            vec![party("Z.lab"), party("a_party"), p]
+        );
     }
 
     pub async fn reregistration_and_touch_keep_the_revocation(s: Arc<dyn ClientStore>) {

@@ -187,6 +187,13 @@ pub(crate) fn model_version<R: Columns>(row: &R) -> Result<ModelVersionRecord> {
     })
 }
 
+/// A row of one `party` column (a client's name).
+pub(crate) fn party<R: Columns>(row: &R) -> Result<PartyId> {
+    let mut r = Reader::new(row, "client");
+    r.id = r.text("party")?;
+    PartyId::parse(&r.id).map_err(|e| r.corrupt(e.to_string()))
+}
+
 pub(crate) fn client<R: Columns>(row: &R) -> Result<ClientRecord> {
     let mut r = Reader::new(row, "client");
     r.id = r.text("party")?;

@@ -388,18 +388,14 @@ impl pb::client_selector_server::ClientSelector for SelectorApi {
         &self,
         _req: Request<pb::ListRevokedRequest>,
     ) -> Result<Response<pb::ListRevokedResponse>, Status> {
-        let records = self
+        let revoked = self
             .registry
             .store
-            .list_clients()
+            .list_revoked()
             .await
             .map_err(|e| e.to_status())?;
         Ok(Response::new(pb::ListRevokedResponse {
-            parties: records
-                .into_iter()
-                .filter(|c| c.revoked_at_ms.is_some())
-                .map(|c| c.party.to_string())
-                .collect(),
+            parties: revoked.iter().map(ToString::to_string).collect(),
         }))
     }
 

@@ -32,8 +32,14 @@ impl MongoClientStore {
     /// its index.
     pub async fn open(url: &str, opts: &DatabaseOptions) -> Result<Self> {
         let db = Db::open(url, opts).await?;
-        db.ensure_collection(CLIENTS, &[(doc! {"party": 1}, true)])
-            .await?;
+        db.ensure_collection(
+            CLIENTS,
+            &[
+                (doc! {"party": 1}, true),
+                (doc! {"revoked_at_ms": 1}, false),
+            ],
+        )
+        .await?;
         Ok(Self {
             clients: db.collection(CLIENTS),
             db,
@@ -238,6 +244,32 @@ impl ClientStore for MongoClientStore {
         // collection was given.
         clients.sort_by(|a, b| a.party.as_str().cmp(b.party.as_str()));
         Ok(clients)
+    }
+
+    async fn list_revoked(&self) -> Result<Vec<PartyId>> {
+        let docs: Vec<Document> = self
+            .clients
+            .find(doc! {"revoked_at_ms": {"$ne": null}})
+            .projection(doc! {"party": 1, "_id": 0})
+            .await
+            .map_err(|e| self.db.error(e, WHAT, "list revoked"))?
+            .try_collect()
+            .await
+            .map_err(|e| self.db.error(e, WHAT, "list revoked"))?;
+        let mut parties = docs
+            .iter()
+            .map(|d| {
+                let name = d.get_str("party").unwrap_or_default();
+                PartyId::parse(name).map_err(|e| StoreError::Corrupt {
+                    what: WHAT,
+                    id: name.to_string(),
+                    message: e.to_string(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // Bytewise, as the SQL backends.
+        parties.sort();
+        Ok(parties)
     }
 
     async fn touch(&self, party: &PartyId, now_ms: i64) -> Result<()> {

@@ -83,6 +83,13 @@ impl ClientStore for PgClientStore {
         rows.iter().map(crate::rows::client).collect()
     }
 
+    async fn list_revoked(&self) -> Result<Vec<PartyId>> {
+        let rows = sqlx::query(crate::clients::REVOKED)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(crate::rows::party).collect()
+    }
+
     async fn touch(&self, party: &PartyId, now_ms: i64) -> Result<()> {
         let n = sqlx::query(
             "UPDATE clients SET last_seen_ms = GREATEST(last_seen_ms, $2) WHERE party = $1",
