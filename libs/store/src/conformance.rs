@@ -723,6 +723,12 @@ pub mod jobs {
             .unwrap();
         assert_eq!(s.token_by_sha256(&token_hash(3)).await.unwrap(), b);
         assert_eq!(s.token_by_sha256(&token_hash(1)).await.unwrap(), a);
+        assert_eq!(s.get_token("tok-b").await.unwrap(), b);
+        assert_eq!(
+            s.get_token("tok-B").await.unwrap(),
+            a2,
+            "ids are case-sensitive"
+        );
         // By creation time, then id bytewise ("tok-B" < "tok-a" < "tok-b").
         assert_eq!(
             s.list_tokens(None).await.unwrap(),
@@ -741,6 +747,7 @@ pub mod jobs {
 
         s.delete_token("tok-a").await.unwrap();
         assert_token_not_found(s.token_by_sha256(&token_hash(1)).await, "deleted token");
+        assert_token_not_found(s.get_token("tok-a").await, "deleted token by id");
         assert_eq!(s.list_tokens(None).await.unwrap(), vec![all, a2, b.clone()]);
         // The id and the hash are free again.
         let again = s
@@ -757,6 +764,8 @@ pub mod jobs {
 
     pub async fn tokens_missing_are_not_found(s: Arc<dyn JobStore>) {
         assert_token_not_found(s.token_by_sha256(&token_hash(9)).await, "token_by_sha256");
+        let id = assert_token_not_found(s.get_token("ghost").await, "get_token");
+        assert_eq!(id, "ghost", "NotFound names the token");
         let id = assert_token_not_found(s.delete_token("ghost").await, "delete_token");
         assert_eq!(id, "ghost", "NotFound names the token");
         assert!(s.list_tokens(None).await.unwrap().is_empty());

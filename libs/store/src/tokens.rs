@@ -62,6 +62,8 @@ pub trait TokenStore: Send + Sync + 'static {
     async fn ensure_token(&self, t: NewToken, now_ms: i64) -> Result<TokenRecord>;
     /// NotFound (what: "token") if no token has this hash.
     async fn token_by_sha256(&self, sha256: &str) -> Result<TokenRecord>;
+    /// NotFound (what: "token") if no token has this id.
+    async fn get_token(&self, id: &str) -> Result<TokenRecord>;
     /// `namespace` None = all tokens; Some(ns) = the tokens whose namespace is
     /// exactly `ns` (Some("*"): those for all namespaces). Ordered by
     /// created_at_ms, id.
@@ -194,6 +196,19 @@ impl TokenStore for SqliteJobStore {
         sqlite_by_hash(&mut conn, sha256)
             .await?
             .ok_or_else(|| not_found_by_hash(sha256))
+    }
+
+    async fn get_token(&self, id: &str) -> Result<TokenRecord> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM api_tokens WHERE id = ?1"
+        )))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref()
+            .map(crate::rows::token)
+            .transpose()?
+            .ok_or_else(|| not_found(id))
     }
 
     async fn list_tokens(&self, namespace: Option<&str>) -> Result<Vec<TokenRecord>> {

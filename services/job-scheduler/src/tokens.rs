@@ -153,12 +153,11 @@ impl pb::tokens_server::Tokens for TokensApi {
         let principal = calling_principal(&req)?;
         let id = req.into_inner().id;
         let not_found = || Status::not_found(format!("token {id:?} not found"));
-        let tokens = self
-            .store
-            .list_tokens(None)
-            .await
-            .map_err(|e| e.to_status())?;
-        let token = tokens.iter().find(|t| t.id == id).ok_or_else(not_found)?;
+        let token = match self.store.get_token(&id).await {
+            Ok(t) => t,
+            Err(StoreError::NotFound { .. }) => return Err(not_found()),
+            Err(e) => return Err(e.to_status()),
+        };
         let scope = Scope::parse(&token.namespace).map_err(|e| e.to_status())?;
         if let Some(p) = &principal {
             match p.authorize_scope(&scope, Action::Administer) {

@@ -110,6 +110,12 @@ impl TokenStore for MongoJobStore {
             .ok_or_else(|| not_found_by_hash(sha256))
     }
 
+    async fn get_token(&self, id: &str) -> Result<TokenRecord> {
+        self.find_token(doc! {"id": id}, id)
+            .await?
+            .ok_or_else(|| crate::tokens::not_found(id))
+    }
+
     async fn list_tokens(&self, namespace: Option<&str>) -> Result<Vec<TokenRecord>> {
         let filter = match namespace {
             Some(ns) => doc! {"namespace": ns},

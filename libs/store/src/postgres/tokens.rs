@@ -96,6 +96,12 @@ impl TokenStore for PgJobStore {
             .ok_or_else(|| not_found_by_hash(sha256))
     }
 
+    async fn get_token(&self, id: &str) -> Result<TokenRecord> {
+        self.token_where("id", id)
+            .await?
+            .ok_or_else(|| crate::tokens::not_found(id))
+    }
+
     async fn list_tokens(&self, namespace: Option<&str>) -> Result<Vec<TokenRecord>> {
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {COLUMNS} FROM api_tokens WHERE ($1::text IS NULL OR namespace = $1) \
