@@ -4,8 +4,8 @@
 //! delete, log) over plain HTTP on loopback, and *runs* every Pod it is given: secret volumes
 //! are written to a directory per Pod, hostPath volumes are used in place, paths under a
 //! mount in the container's arguments and environment are mapped to those directories, and
-//! `/usr/local/bin/<binary>` is the freshly built binary. The Pod's phase follows the
-//! process. Every request is recorded for assertions.
+//! `/usr/local/bin/<binary>` is the freshly built binary (other commands are the host's).
+//! The Pod's phase follows the process. Every request is recorded for assertions.
 //!
 //! The real client (kube-rs, through a kubeconfig) and the real executor are used
 //! unchanged, so a test checks that what the launcher asks for actually runs.
@@ -459,10 +459,20 @@ impl Kubelet {
         let command = container["command"][0]
             .as_str()
             .context("container without a command")?;
-        let binary = command
-            .strip_prefix("/usr/local/bin/")
-            .with_context(|| format!("command {command} is not in /usr/local/bin"))?;
-        let mut cmd = std::process::Command::new(self.bin_dir.join(binary));
+        // The image's binaries are the freshly built ones; anything else is the host's.
+        let program = match command.strip_prefix("/usr/local/bin/") {
+            Some(binary) => self.bin_dir.join(binary),
+            None => PathBuf::from(command),
+        };
+        let mut cmd = std::process::Command::new(program);
+        for arg in container["command"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .skip(1)
+        {
+            cmd.arg(map(arg.as_str().unwrap_or_default()));
+        }
         for arg in container["args"].as_array().into_iter().flatten() {
             cmd.arg(map(arg.as_str().unwrap_or_default()));
         }

@@ -21,57 +21,73 @@ fn read(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_party_with_executor_pods_trains_in_a_federation() {
-    let fed = Federation::start(2).await.expect("federation");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let root = dir.path();
+/// The Kubernetes party: its certificate (files and Secret), the stand-in API server and
+/// its task-manager running `--executor-launcher kubernetes` against it.
+struct KubeParty {
+    kube: FakeKube,
+    task_manager: tokio::process::Child,
+    root: tempfile::TempDir,
+}
 
-    // The party's certificate, as the Secret the chart mounts and as files for task-manager.
-    let pki = &fed.stack.pki;
-    let ca = CertAuthority::load(&pki.join("ca.crt"), &pki.join("ca.key")).expect("CA");
-    let pair = ca
-        .issue_party(PARTY, Validity::for_duration(Duration::from_secs(3600)))
-        .expect("party certificate");
-    let (cert, key) = (root.join("tls.crt"), root.join("tls.key"));
-    cohort_security::write_cert(&cert, &pair.cert_pem).expect("cert");
-    cohort_security::write_key(&key, &pair.key_pem).expect("key");
+impl KubeParty {
+    fn kubelet_dir(&self) -> std::path::PathBuf {
+        self.root.path().join("kubelet")
+    }
 
-    let kubelet_dir = root.join("kubelet");
-    let kube = FakeKube::start(&kubelet_dir, &bin_dir())
-        .await
-        .expect("fake API server");
-    kube.add_secret(
-        "party-k8s-tls",
-        &[
-            ("tls.crt", read(&cert)),
-            ("tls.key", read(&key)),
-            ("ca.crt", read(&pki.join("ca.crt"))),
-        ],
-    );
-    // Left by an earlier task-manager of this party: deleted at start.
-    kube.add_idle_pod(
-        "executor-left-over",
-        json!({"app.kubernetes.io/name": "cohort", "app.kubernetes.io/component": "executor",
-               "cohort.dev/party": PARTY}),
-    );
-    // Another party's executor in the same namespace: left alone.
-    kube.add_idle_pod(
-        "executor-of-another-party",
-        json!({"app.kubernetes.io/name": "cohort", "app.kubernetes.io/component": "executor",
-               "cohort.dev/party": "someone-else"}),
-    );
-    let kubeconfig = root.join("kubeconfig");
-    kube.write_kubeconfig(&kubeconfig, PARTY)
-        .expect("kubeconfig");
+    fn workspace(&self) -> std::path::PathBuf {
+        self.root.path().join("workspace")
+    }
 
-    // The data: party-2's shard again, on a "hostPath" volume mounted where task-manager
-    // sees it (the task file names the files by that path).
-    let data = fed.stack.data_dir.join("parties/party-2");
-    let pod_config = root.join("executor-pod.json");
-    std::fs::write(
-        &pod_config,
-        json!({
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.root.path().join("task-manager.log")).unwrap_or_default()
+    }
+
+    /// Starts it; `command` replaces the executor image's command when given.
+    async fn start(fed: &Federation, command: Option<serde_json::Value>) -> KubeParty {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+
+        // The party's certificate, as the Secret the chart mounts and as files for task-manager.
+        let pki = &fed.stack.pki;
+        let ca = CertAuthority::load(&pki.join("ca.crt"), &pki.join("ca.key")).expect("CA");
+        let pair = ca
+            .issue_party(PARTY, Validity::for_duration(Duration::from_secs(3600)))
+            .expect("party certificate");
+        let (cert, key) = (root.join("tls.crt"), root.join("tls.key"));
+        cohort_security::write_cert(&cert, &pair.cert_pem).expect("cert");
+        cohort_security::write_key(&key, &pair.key_pem).expect("key");
+
+        let kube = FakeKube::start(&root.join("kubelet"), &bin_dir())
+            .await
+            .expect("fake API server");
+        kube.add_secret(
+            "party-k8s-tls",
+            &[
+                ("tls.crt", read(&cert)),
+                ("tls.key", read(&key)),
+                ("ca.crt", read(&pki.join("ca.crt"))),
+            ],
+        );
+        // Left by an earlier task-manager of this party: deleted at start.
+        kube.add_idle_pod(
+            "executor-left-over",
+            json!({"app.kubernetes.io/name": "cohort", "app.kubernetes.io/component": "executor",
+                   "cohort.dev/party": PARTY}),
+        );
+        // Another party's executor in the same namespace: left alone.
+        kube.add_idle_pod(
+            "executor-of-another-party",
+            json!({"app.kubernetes.io/name": "cohort", "app.kubernetes.io/component": "executor",
+                   "cohort.dev/party": "someone-else"}),
+        );
+        let kubeconfig = root.join("kubeconfig");
+        kube.write_kubeconfig(&kubeconfig, PARTY)
+            .expect("kubeconfig");
+
+        // The data: party-1's shard again, on a "hostPath" volume mounted where task-manager
+        // sees it (the task file names the files by that path).
+        let data = fed.stack.data_dir.join("parties/party-1");
+        let mut config = json!({
             "namespace": PARTY,
             "image": "cohort:test",
             "resources": {"requests": {"cpu": "1", "memory": "1Gi"}},
@@ -81,43 +97,59 @@ async fn a_party_with_executor_pods_trains_in_a_federation() {
             "volumeMounts": [{"name": "data-digits", "mountPath": data, "readOnly": true}],
             "env": [{"name": "COHORT_LOG_FORMAT", "value": "json"}],
             "pollIntervalSeconds": 1
-        })
-        .to_string(),
-    )
-    .expect("pod config");
+        });
+        if let Some(command) = command {
+            config["command"] = command;
+        }
+        let pod_config = root.join("executor-pod.json");
+        std::fs::write(&pod_config, config.to_string()).expect("pod config");
 
-    let workspace = root.join("workspace");
-    let log = std::fs::File::create(root.join("task-manager.log")).expect("log");
-    let _task_manager = tokio::process::Command::new(bin_dir().join("task-manager"))
-        .args([
-            "--party",
-            PARTY,
-            "--proxy",
-            &fed.stack.proxy,
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .arg("--datasets")
-        .arg(data.join("datasets.json"))
-        .arg("--workspace")
-        .arg(&workspace)
-        .arg("--tls-cert")
-        .arg(&cert)
-        .arg("--tls-key")
-        .arg(&key)
-        .arg("--tls-ca")
-        .arg(pki.join("ca.crt"))
-        .args(["--executor-launcher", "kubernetes", "--executor-pod-config"])
-        .arg(&pod_config)
-        .env("KUBECONFIG", &kubeconfig)
-        .env("COHORT_NODE_NAME", "edge-node-7")
-        .env("COHORT_POD_NAME", "task-manager-0")
-        .env("COHORT_POD_UID", "uid-task-manager-0")
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .expect("task-manager");
+        let log = std::fs::File::create(root.join("task-manager.log")).expect("log");
+        let task_manager = tokio::process::Command::new(bin_dir().join("task-manager"))
+            .args([
+                "--party",
+                PARTY,
+                "--proxy",
+                &fed.stack.proxy,
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .arg("--datasets")
+            .arg(data.join("datasets.json"))
+            .arg("--workspace")
+            .arg(root.join("workspace"))
+            .arg("--tls-cert")
+            .arg(&cert)
+            .arg("--tls-key")
+            .arg(&key)
+            .arg("--tls-ca")
+            .arg(pki.join("ca.crt"))
+            .args(["--executor-launcher", "kubernetes", "--executor-pod-config"])
+            .arg(&pod_config)
+            .env("KUBECONFIG", &kubeconfig)
+            .env("COHORT_NODE_NAME", "edge-node-7")
+            .env("COHORT_POD_NAME", "task-manager-0")
+            .env("COHORT_POD_UID", "uid-task-manager-0")
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("task-manager");
+        KubeParty {
+            kube,
+            task_manager,
+            root: dir,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_party_with_executor_pods_trains_in_a_federation() {
+    let fed = Federation::start(2).await.expect("federation");
+    let party = KubeParty::start(&fed, None).await;
+    let kube = &party.kube;
+    let kubelet_dir = party.kubelet_dir();
+    let workspace = party.workspace();
 
     // All three parties registered, then a job that needs every one of them each round.
     let api = fed.api();
@@ -134,7 +166,7 @@ async fn a_party_with_executor_pods_trains_in_a_federation() {
         .wait_end(&job.id, Duration::from_secs(240))
         .await
         .expect("job ends");
-    let tm_log = std::fs::read_to_string(root.join("task-manager.log")).unwrap_or_default();
+    let tm_log = party.log();
     assert_eq!(
         state_of(&done),
         JobState::Succeeded,
@@ -223,5 +255,70 @@ async fn a_party_with_executor_pods_trains_in_a_federation() {
     assert!(
         tm_log.contains("deleted executor pods an earlier task-manager left"),
         "{tm_log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_task_manager_deletes_its_running_executor_pods() {
+    let fed = Federation::start(1).await.expect("federation");
+    // Executors that never finish on their own.
+    let mut party = KubeParty::start(&fed, Some(json!(["/bin/sh", "-c", "sleep 120", "sh"]))).await;
+    let api = fed.api();
+    wait_clients(&api, Duration::from_secs(60), |c| {
+        c.iter().filter(|c| c.connected).count() == 2
+    })
+    .await;
+    fed.create_job(&digits_job("hang", 1, 2, 2, "120s"))
+        .await
+        .expect("create");
+
+    // An executor Pod runs (a process behind the stand-in API server)...
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let running = loop {
+        let pods: Vec<String> = party
+            .kube
+            .live_pods()
+            .into_iter()
+            .filter(|p| p.starts_with("executor-") && p != "executor-of-another-party")
+            .collect();
+        if let Some(pod) = pods.first() {
+            break pod.clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no executor pod: {}",
+            party.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
+    // ...when task-manager is told to stop: it deletes the Pod and its Secret, then exits.
+    let pid = party.task_manager.id().expect("task-manager pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let status = tokio::time::timeout(Duration::from_secs(30), party.task_manager.wait())
+        .await
+        .expect("task-manager exits within 30 s of SIGTERM")
+        .expect("wait");
+    assert!(status.success(), "{status}: {}", party.log());
+    let calls = party.kube.calls();
+    let deleted = |kind: &str| {
+        calls.iter().any(|(m, p)| {
+            m == "DELETE" && p == &format!("/api/v1/namespaces/{PARTY}/{kind}/{running}")
+        })
+    };
+    assert!(deleted("pods") && deleted("secrets"), "{calls:?}");
+    assert_eq!(
+        party.kube.live_pods(),
+        vec!["executor-of-another-party".to_string()]
+    );
+    assert_eq!(party.kube.live_secrets(), vec!["party-k8s-tls".to_string()]);
+    assert!(
+        party.log().contains("stopping executors"),
+        "{}",
+        party.log()
     );
 }

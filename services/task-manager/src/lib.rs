@@ -112,7 +112,13 @@ struct Party {
     datasets: Vec<LocalDataset>,
     /// Running executors by task id: the sender stops one.
     running: Mutex<HashMap<String, tokio::sync::oneshot::Sender<()>>>,
+    /// The tasks watching executors, awaited on shutdown so that stopped executors are
+    /// cleaned up (processes reaped, Pods and their Secrets deleted) before the daemon exits.
+    watchers: Mutex<tokio::task::JoinSet<()>>,
 }
+
+/// How long a stopping task-manager waits for its executors to be stopped and removed.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 impl Args {
     pub async fn run(self) -> anyhow::Result<()> {
@@ -164,6 +170,7 @@ impl Args {
             max_tasks: self.max_tasks,
             datasets,
             running: Mutex::default(),
+            watchers: Mutex::default(),
         });
         tracing::info!(party = %party.name, proxy = %party.proxy, datasets = party.datasets.len(), "task-manager starting");
         let (stop_health, health_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -187,8 +194,21 @@ impl Args {
         let _ = stop_health.send(());
         let _ = health.await;
         party.stop_all();
-        // Give executors a moment to go.
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut watchers =
+            std::mem::take(&mut *party.watchers.lock().unwrap_or_else(|e| e.into_inner()));
+        if !watchers.is_empty() {
+            tracing::info!(executors = watchers.len(), "stopping executors");
+            let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+                while watchers.join_next().await.is_some() {}
+            })
+            .await;
+            if drained.is_err() {
+                tracing::warn!(
+                    "executors not cleaned up within {SHUTDOWN_GRACE:?}; leaving the rest \
+                     (their Pods go with this one, or at the next start)"
+                );
+            }
+        }
         Ok(())
     }
 }
@@ -447,7 +467,12 @@ impl Party {
         if let Ok(mut m) = self.running.lock() {
             m.insert(task.task_id.clone(), stop_tx);
         }
-        tokio::spawn(self.clone().run_executor(task, dir, input, stop_rx, out));
+        let watcher = self.clone().run_executor(task, dir, input, stop_rx, out);
+        let mut watchers = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
+        // Forget the ones that are done.
+        while watchers.try_join_next().is_some() {}
+        watchers.spawn(watcher);
+        drop(watchers);
         pb::OfferReply {
             offer_id: offer.offer_id,
             accepted: true,
