@@ -26,15 +26,15 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{
     Affinity, Container, EmptyDirVolumeSource, EnvVar, LocalObjectReference,
     NodeSelectorRequirement, NodeSelectorTerm, Pod, PodSecurityContext, PodSpec,
-    ResourceRequirements, Secret, SecretVolumeSource, SecurityContext, Toleration, Volume,
-    VolumeMount,
+    ResourceRequirements, Secret, SecurityContext, Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{Api, DeleteParams, ListParams, LogParams, PostParams};
 use serde::{Deserialize, Serialize};
 
-use crate::launcher::{LABEL_COMPONENT, LABEL_NAME, TlsSecretMount, describe_end};
+use crate::launcher::{LABEL_COMPONENT, LABEL_NAME, describe_end};
+use crate::objects::{TlsSecretMount, is_status, read_only_mount, secret_volume};
 
 /// The extended resource GPUs are requested under unless configured otherwise.
 pub const DEFAULT_GPU_RESOURCE: &str = "nvidia.com/gpu";
@@ -174,20 +174,21 @@ impl ExecutorPodConfig {
             file: file.clone(),
             message: e.to_string(),
         })?;
-        let de = &mut serde_json::Deserializer::from_str(&text);
-        let config: Self =
-            serde_path_to_error::deserialize(de).map_err(|e| ExecutorConfigError::Invalid {
-                file: file.clone(),
-                field: e.path().to_string(),
-                message: e.inner().to_string(),
-            })?;
-        // The Kubernetes types inside (volumes, tolerations, ...) ignore unknown keys; a
-        // misspelt one would silently drop a setting, so compare with a round trip.
+        // Parsed once; the typed config is read from that document.
         let written: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| ExecutorConfigError::Read {
                 file: file.clone(),
                 message: e.to_string(),
             })?;
+        let config: Self = serde_path_to_error::deserialize(&written).map_err(|e| {
+            ExecutorConfigError::Invalid {
+                file: file.clone(),
+                field: e.path().to_string(),
+                message: e.inner().to_string(),
+            }
+        })?;
+        // The Kubernetes types inside (volumes, tolerations, ...) ignore unknown keys; a
+        // misspelt one would silently drop a setting, so compare with a round trip.
         let read = serde_json::to_value(&config).map_err(|e| ExecutorConfigError::Read {
             file: file.clone(),
             message: e.to_string(),
@@ -396,27 +397,6 @@ pub fn executor_secret(
     }
 }
 
-fn secret_volume(name: &str, secret: &str) -> Volume {
-    Volume {
-        name: name.to_string(),
-        secret: Some(SecretVolumeSource {
-            secret_name: Some(secret.to_string()),
-            default_mode: Some(SECRET_MODE),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-fn read_only_mount(name: &str, path: &str) -> VolumeMount {
-    VolumeMount {
-        name: name.to_string(),
-        mount_path: path.to_string(),
-        read_only: Some(true),
-        ..Default::default()
-    }
-}
-
 /// The executor Pod of one task.
 pub fn executor_pod(task_id: &str, config: &ExecutorPodConfig, owner: &ExecutorOwner) -> Pod {
     let mut resources = config.resources.clone().unwrap_or_default();
@@ -448,7 +428,7 @@ pub fn executor_pod(task_id: &str, config: &ExecutorPodConfig, owner: &ExecutorO
     let args = vec!["--task-file".to_string(), TASK_FILE.to_string()];
     let mut env = Vec::new();
     let mut volumes = vec![
-        secret_volume("task", &name),
+        secret_volume("task", &name, Some(SECRET_MODE)),
         Volume {
             name: "tmp".to_string(),
             empty_dir: Some(EmptyDirVolumeSource {
@@ -602,10 +582,6 @@ fn pod_end(pod: &Pod) -> Option<ExecutorEnd> {
         ))),
         _ => None,
     }
-}
-
-fn is_status(e: &kube::Error, code: u16) -> bool {
-    matches!(e, kube::Error::Api(s) if s.code == code)
 }
 
 /// Executor Pods of one party (see the module docs).

@@ -24,13 +24,14 @@ use cohort_runtime::RuntimeError;
 use cohort_runtime::launcher::{CoordinatorConfig, CoordinatorExit, Launcher};
 use k8s_openapi::api::core::v1::{
     ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, Pod, PodSpec,
-    ResourceRequirements, SecretVolumeSource, Service, ServicePort, ServiceSpec, Volume,
-    VolumeMount,
+    ResourceRequirements, Service, ServicePort, ServiceSpec, Volume,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use tokio::sync::mpsc;
+
+use crate::objects::{TlsSecretMount, is_status, read_only_mount};
 
 /// `app.kubernetes.io/name`: `cohort` on everything Cohort creates.
 pub const LABEL_NAME: &str = "app.kubernetes.io/name";
@@ -153,12 +154,7 @@ impl KubernetesLauncherConfig {
         ];
         args.extend(self.extra_args.iter().cloned());
         let mut env = self.env.clone();
-        let mut volume_mounts = vec![VolumeMount {
-            name: "job".to_string(),
-            mount_path: JOB_MOUNT.to_string(),
-            read_only: Some(true),
-            ..Default::default()
-        }];
+        let mut volume_mounts = vec![read_only_mount("job", JOB_MOUNT)];
         let mut volumes = vec![Volume {
             name: "job".to_string(),
             config_map: Some(ConfigMapVolumeSource {
@@ -231,50 +227,6 @@ impl KubernetesLauncherConfig {
             labels: Some(coordinator_labels(job_id)),
             owner_references: self.owner.clone().map(|o| vec![o]),
             ..Default::default()
-        }
-    }
-}
-
-/// A `kubernetes.io/tls`-style Secret (tls.crt, tls.key, ca.crt) mounted read-only at a path,
-/// with `COHORT_TLS_CERT`/`KEY`/`CA` pointing at its files: how coordinator and executor Pods
-/// get their certificates.
-pub(crate) struct TlsSecretMount {
-    pub env: Vec<EnvVar>,
-    pub volume: Volume,
-    pub mount: VolumeMount,
-}
-
-impl TlsSecretMount {
-    pub fn new(secret: &str, path: &str, default_mode: Option<i32>) -> Self {
-        let env = [
-            ("COHORT_TLS_CERT", "tls.crt"),
-            ("COHORT_TLS_KEY", "tls.key"),
-            ("COHORT_TLS_CA", "ca.crt"),
-        ]
-        .into_iter()
-        .map(|(name, file)| EnvVar {
-            name: name.to_string(),
-            value: Some(format!("{path}/{file}")),
-            ..Default::default()
-        })
-        .collect();
-        Self {
-            env,
-            volume: Volume {
-                name: "tls".to_string(),
-                secret: Some(SecretVolumeSource {
-                    secret_name: Some(secret.to_string()),
-                    default_mode,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            },
-            mount: VolumeMount {
-                name: "tls".to_string(),
-                mount_path: path.to_string(),
-                read_only: Some(true),
-                ..Default::default()
-            },
         }
     }
 }
@@ -360,10 +312,6 @@ fn launch_error(what: String, e: kube::Error) -> RuntimeError {
         program: what,
         source: std::io::Error::other(e),
     }
-}
-
-fn is_status(e: &kube::Error, code: u16) -> bool {
-    matches!(e, kube::Error::Api(s) if s.code == code)
 }
 
 /// `what`, then how the container ended (exit status and reason) or, without one, the Pod's

@@ -14,6 +14,7 @@
 mod crd;
 mod executor;
 mod launcher;
+mod objects;
 pub mod reconciler;
 pub mod schema;
 
