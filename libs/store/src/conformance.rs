@@ -59,6 +59,17 @@ impl<S: ?Sized> Fresh<S> {
 }
 
 #[doc(hidden)]
+/// `migrator` cut down to its first migration, recording in `table`: a database as the first
+/// release left it, for each SQL backend's upgrade test.
+pub fn first_release(
+    mut migrator: sqlx::migrate::Migrator,
+    table: &'static str,
+) -> sqlx::migrate::Migrator {
+    migrator.migrations = std::borrow::Cow::Owned(migrator.migrations[..1].to_vec());
+    migrator.dangerous_set_table_name(table);
+    migrator
+}
+
 #[macro_export]
 macro_rules! __store_conformance_tests {
     ($module:ident, $fresh:expr, $suite:ident, [$($check:ident),* $(,)?]) => {

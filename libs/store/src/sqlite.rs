@@ -146,31 +146,20 @@ mod tests {
         assert_eq!(store.get_job(&job.id).await.unwrap().name, "old");
     }
 
-    /// `migrator` cut down to its first migration, recording in `table`: a
-    /// database as the first release left it.
-    fn first_release(
-        mut migrator: sqlx::migrate::Migrator,
-        table: &'static str,
-    ) -> sqlx::migrate::Migrator {
-        migrator.migrations = std::borrow::Cow::Owned(migrator.migrations[..1].to_vec());
-        migrator.dangerous_set_table_name(table);
-        migrator
-    }
-
     #[tokio::test]
     async fn upgrades_keep_existing_rows() {
         let (_dir, url) = temp_url();
         let opts = DatabaseOptions::default();
         let old = [
-            first_release(
+            crate::conformance::first_release(
                 sqlx::migrate!("./migrations/sqlite/jobs"),
                 "_sqlx_migrations_jobs",
             ),
-            first_release(
+            crate::conformance::first_release(
                 sqlx::migrate!("./migrations/sqlite/models"),
                 "_sqlx_migrations_models",
             ),
-            first_release(
+            crate::conformance::first_release(
                 sqlx::migrate!("./migrations/sqlite/clients"),
                 "_sqlx_migrations_clients",
             ),

@@ -111,7 +111,7 @@ pub(crate) fn conflict(id_taken: bool, t: &NewToken) -> StoreError {
 /// nothing; it then tries again, at most this often.
 pub(crate) const ENSURE_ATTEMPTS: u32 = 5;
 
-const COLUMNS: &str = "id, name, sha256, namespace, role, created_at_ms";
+pub(crate) const COLUMNS: &str = "id, name, sha256, namespace, role, created_at_ms";
 
 async fn sqlite_insert(
     conn: &mut SqliteConnection,
@@ -133,11 +133,16 @@ async fn sqlite_insert(
     .await
 }
 
-async fn sqlite_by_hash(conn: &mut SqliteConnection, sha256: &str) -> Result<Option<TokenRecord>> {
+/// The token whose `column` (id or sha256) is `value`.
+async fn sqlite_token_where(
+    conn: &mut SqliteConnection,
+    column: &'static str,
+    value: &str,
+) -> Result<Option<TokenRecord>> {
     let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT {COLUMNS} FROM api_tokens WHERE sha256 = ?1"
+        "SELECT {COLUMNS} FROM api_tokens WHERE {column} = ?1"
     )))
-    .bind(sha256)
+    .bind(value)
     .fetch_optional(&mut *conn)
     .await?;
     row.as_ref().map(crate::rows::token).transpose()
@@ -178,7 +183,7 @@ impl TokenStore for SqliteJobStore {
         let inserted = sqlite_insert(&mut tx, &t, now_ms, "ON CONFLICT (sha256) DO NOTHING").await;
         let record = match inserted {
             Ok(Some(row)) => crate::rows::token(&row)?,
-            Ok(None) => sqlite_by_hash(&mut tx, &t.sha256)
+            Ok(None) => sqlite_token_where(&mut tx, "sha256", &t.sha256)
                 .await?
                 .ok_or_else(|| not_found_by_hash(&t.sha256))?,
             // Only the id can clash now.
@@ -193,21 +198,15 @@ impl TokenStore for SqliteJobStore {
 
     async fn token_by_sha256(&self, sha256: &str) -> Result<TokenRecord> {
         let mut conn = self.pool.acquire().await?;
-        sqlite_by_hash(&mut conn, sha256)
+        sqlite_token_where(&mut conn, "sha256", sha256)
             .await?
             .ok_or_else(|| not_found_by_hash(sha256))
     }
 
     async fn get_token(&self, id: &str) -> Result<TokenRecord> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {COLUMNS} FROM api_tokens WHERE id = ?1"
-        )))
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref()
-            .map(crate::rows::token)
-            .transpose()?
+        let mut conn = self.pool.acquire().await?;
+        sqlite_token_where(&mut conn, "id", id)
+            .await?
             .ok_or_else(|| not_found(id))
     }
 

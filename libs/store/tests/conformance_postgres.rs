@@ -261,17 +261,6 @@ async fn three_stores_share_one_database_and_replicas_migrate_once() {
     let _ = conn.close().await;
 }
 
-/// `migrator` cut down to its first migration, recording in `table`: a
-/// database as the first release left it.
-fn first_release(
-    mut migrator: sqlx::migrate::Migrator,
-    table: &'static str,
-) -> sqlx::migrate::Migrator {
-    migrator.migrations = std::borrow::Cow::Owned(migrator.migrations[..1].to_vec());
-    migrator.dangerous_set_table_name(table);
-    migrator
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn upgrades_keep_existing_rows() {
     let Some(db) = TestDb::create().await else {
@@ -279,15 +268,15 @@ async fn upgrades_keep_existing_rows() {
     };
     let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
     for m in [
-        first_release(
+        cohort_store::conformance::first_release(
             sqlx::migrate!("./migrations/postgres/jobs"),
             "_sqlx_migrations_jobs",
         ),
-        first_release(
+        cohort_store::conformance::first_release(
             sqlx::migrate!("./migrations/postgres/models"),
             "_sqlx_migrations_models",
         ),
-        first_release(
+        cohort_store::conformance::first_release(
             sqlx::migrate!("./migrations/postgres/clients"),
             "_sqlx_migrations_clients",
         ),

@@ -4,11 +4,10 @@ use async_trait::async_trait;
 
 use super::jobs::PgJobStore;
 use crate::tokens::{
-    ENSURE_ATTEMPTS, NewToken, TokenRecord, TokenStore, conflict, not_found, not_found_by_hash,
+    COLUMNS, ENSURE_ATTEMPTS, NewToken, TokenRecord, TokenStore, conflict, not_found,
+    not_found_by_hash,
 };
 use crate::{Result, StoreError};
-
-const COLUMNS: &str = "id, name, sha256, namespace, role, created_at_ms";
 
 impl PgJobStore {
     async fn token_where(&self, column: &str, value: &str) -> Result<Option<TokenRecord>> {
