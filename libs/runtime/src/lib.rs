@@ -7,6 +7,7 @@
 pub mod launcher;
 pub mod process;
 pub mod tls;
+pub mod wire;
 
 pub use tls::{Tls, TlsArgs, calling_party, calling_principal, peer_identity};
 

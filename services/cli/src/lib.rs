@@ -350,12 +350,7 @@ impl Api {
 }
 
 fn role_name(role: i32) -> &'static str {
-    match pb::Role::try_from(role) {
-        Ok(pb::Role::Admin) => "admin",
-        Ok(pb::Role::Member) => "member",
-        Ok(pb::Role::Viewer) => "viewer",
-        _ => "?",
-    }
+    cohort_runtime::wire::role_from_wire(role).map_or("?", cohort_core::Role::as_str)
 }
 
 fn token_json(t: &pb::TokenInfo) -> serde_json::Value {
@@ -380,12 +375,9 @@ async fn token_command(api: Api, cmd: TokenCommand, json: bool) -> anyhow::Resul
             role,
             name,
         } => {
-            let role =
-                match cohort_core::Role::parse(&role).map_err(|e| anyhow::anyhow!("--{e}"))? {
-                    cohort_core::Role::Admin => pb::Role::Admin,
-                    cohort_core::Role::Member => pb::Role::Member,
-                    cohort_core::Role::Viewer => pb::Role::Viewer,
-                };
+            let role = cohort_runtime::wire::role_to_wire(
+                cohort_core::Role::parse(&role).map_err(|e| anyhow::anyhow!("--{e}"))?,
+            );
             cohort_core::Scope::parse(&namespace).map_err(|e| anyhow::anyhow!("--{e}"))?;
             let created = tokens
                 .create_token(pb::CreateTokenRequest {

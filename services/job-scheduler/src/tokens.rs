@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use cohort_core::{Action, AuthError, Principal, Role, Scope};
 use cohort_proto::v1 as pb;
+use cohort_runtime::wire::{role_from_wire, role_to_wire};
 use cohort_runtime::{ToStatus, calling_principal};
 use cohort_security::ApiToken;
 use cohort_store::StoreError;
@@ -31,24 +32,14 @@ pub async fn ensure_bootstrap_admin(store: &dyn JobStore, sha256: &str) -> Resul
     Ok(())
 }
 
+/// A stored role's wire value (unspecified for a role this version does not know).
 fn role_to_pb(role: &str) -> i32 {
-    match Role::parse(role) {
-        Ok(Role::Admin) => pb::Role::Admin as i32,
-        Ok(Role::Member) => pb::Role::Member as i32,
-        Ok(Role::Viewer) => pb::Role::Viewer as i32,
-        Err(_) => pb::Role::Unspecified as i32,
-    }
+    Role::parse(role).map_or(pb::Role::Unspecified, role_to_wire) as i32
 }
 
 fn role_from_pb(v: i32) -> Result<Role, Status> {
-    match pb::Role::try_from(v) {
-        Ok(pb::Role::Admin) => Ok(Role::Admin),
-        Ok(pb::Role::Member) => Ok(Role::Member),
-        Ok(pb::Role::Viewer) => Ok(Role::Viewer),
-        _ => Err(Status::invalid_argument(
-            "role: required, one of admin, member, viewer",
-        )),
-    }
+    role_from_wire(v)
+        .ok_or_else(|| Status::invalid_argument("role: required, one of admin, member, viewer"))
 }
 
 fn info(t: &TokenRecord) -> pb::TokenInfo {

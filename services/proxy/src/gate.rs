@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use cohort_proto::v1::auth_client::AuthClient;
 use cohort_proto::v1::client_selector_client::ClientSelectorClient;
-use cohort_proto::v1::{AuthenticateRequest, ListRevokedRequest, Role as WireRole};
+use cohort_proto::v1::{AuthenticateRequest, ListRevokedRequest};
 use cohort_proto::{
     IDENTITY_METADATA_KEYS, NAMESPACE_METADATA_KEY, PARTY_METADATA_KEY, ROLE_METADATA_KEY,
 };
@@ -156,16 +156,9 @@ impl Gate {
             }
             Ok(Ok(p)) => p.into_inner(),
         };
-        let role = match WireRole::try_from(principal.role) {
-            Ok(WireRole::Admin) => "admin",
-            Ok(WireRole::Member) => "member",
-            Ok(WireRole::Viewer) => "viewer",
-            _ => {
-                return Err(Status::internal(
-                    "job-scheduler returned a token without a role",
-                ));
-            }
-        };
+        let role = cohort_runtime::wire::role_from_wire(principal.role)
+            .ok_or_else(|| Status::internal("job-scheduler returned a token without a role"))?
+            .as_str();
         let namespace = HeaderValue::from_str(&principal.namespace)
             .map_err(|_| Status::internal("job-scheduler returned an unusable namespace"))?;
         let role = HeaderValue::from_static(role);
