@@ -85,21 +85,25 @@ pub enum ExecutorLauncher {
     Kubernetes,
 }
 
-/// Where executors run.
-enum Executors {
-    Processes {
-        bin: PathBuf,
-        /// The TLS options again, for executors.
-        tls_args: Vec<String>,
-        log_format: LogFormat,
-    },
-    Pods(Box<KubernetesExecutors>),
+/// Executors as child processes.
+struct ProcessExecutors {
+    bin: PathBuf,
+    /// The TLS options again, for executors.
+    tls_args: Vec<String>,
+    log_format: LogFormat,
 }
 
-/// What an executor is given: a file on this machine, or the file's bytes for a Secret.
-enum TaskInput {
-    File(PathBuf),
-    Bytes(Vec<u8>),
+/// Where executors run.
+enum Executors {
+    Processes(Arc<ProcessExecutors>),
+    Pods(Arc<KubernetesExecutors>),
+}
+
+/// One accepted task's executor: a process given a file on this machine, or a Pod given the
+/// file's bytes in a Secret.
+enum Launch {
+    Process(Arc<ProcessExecutors>, PathBuf),
+    Pod(Arc<KubernetesExecutors>, Vec<u8>),
 }
 
 struct Party {
@@ -230,11 +234,11 @@ impl Args {
                 if !bin.is_file() {
                     anyhow::bail!("--executor-bin: {} does not exist", bin.display());
                 }
-                Ok(Executors::Processes {
+                Ok(Executors::Processes(Arc::new(ProcessExecutors {
                     bin,
                     tls_args: self.tls.to_args(),
                     log_format: self.service.log_format,
-                })
+                })))
             }
             ExecutorLauncher::Kubernetes => {
                 let Some(path) = &self.executor_pod_config else {
@@ -270,7 +274,7 @@ impl Args {
                         "deleted executor pods an earlier task-manager left; their tasks are re-offered"
                     );
                 }
-                Ok(Executors::Pods(Box::new(pods)))
+                Ok(Executors::Pods(Arc::new(pods)))
             }
         }
     }
@@ -305,7 +309,7 @@ fn party_msg(kind: pb::party_message::Kind) -> pb::PartyMessage {
 impl Party {
     fn resources(&self) -> pb::Resources {
         let gpus = match &self.executors {
-            Executors::Processes { .. } => 0,
+            Executors::Processes(_) => 0,
             Executors::Pods(pods) => pods.config().gpus,
         };
         resources(self.max_tasks, gpus)
@@ -449,25 +453,29 @@ impl Party {
         if self.running_count() >= self.max_tasks {
             return refuse(format!("no capacity: {} task(s) running", self.max_tasks));
         }
-        let dir = self.workspace.join("tasks").join(sanitize(&task.task_id));
         let exec = pb::ExecutorTask {
             task: Some(task.clone()),
             endpoint: self.proxy.clone(),
             data: Some(dataset.to_pb()),
         };
-        let input = match &self.executors {
-            Executors::Processes { .. } => match write_task_file(&dir, &exec) {
-                Ok(p) => TaskInput::File(p),
-                Err(e) => return refuse(format!("cannot prepare the task: {e}")),
-            },
+        let launch = match &self.executors {
+            Executors::Processes(processes) => {
+                let dir = self.workspace.join("tasks").join(sanitize(&task.task_id));
+                match write_task_file(&dir, &exec) {
+                    Ok(p) => Launch::Process(processes.clone(), p),
+                    Err(e) => return refuse(format!("cannot prepare the task: {e}")),
+                }
+            }
             // The token goes into the task's Secret only, never onto this disk.
-            Executors::Pods(_) => TaskInput::Bytes(prost::Message::encode_to_vec(&exec)),
+            Executors::Pods(pods) => {
+                Launch::Pod(pods.clone(), prost::Message::encode_to_vec(&exec))
+            }
         };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
         if let Ok(mut m) = self.running.lock() {
             m.insert(task.task_id.clone(), stop_tx);
         }
-        let watcher = self.clone().run_executor(task, dir, input, stop_rx, out);
+        let watcher = self.clone().run_executor(task, launch, stop_rx, out);
         let mut watchers = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
         // Forget the ones that are done.
         while watchers.try_join_next().is_some() {}
@@ -483,8 +491,7 @@ impl Party {
     async fn run_executor(
         self: Arc<Self>,
         task: pb::Task,
-        dir: PathBuf,
-        input: TaskInput,
+        launch: Launch,
         stop: tokio::sync::oneshot::Receiver<()>,
         out: mpsc::Sender<pb::PartyMessage>,
     ) {
@@ -496,22 +503,18 @@ impl Party {
             }))
         };
         let running = || out.send(status(pb::TaskPhase::Running, String::new()));
-        let (phase, message) = match (&self.executors, &input) {
-            (
-                Executors::Processes {
-                    bin,
-                    tls_args,
-                    log_format,
-                },
-                TaskInput::File(task_file),
-            ) => {
-                let mut cmd = Command::new(bin);
-                cmd.arg("--task-file").arg(task_file).args(tls_args);
-                if *log_format == LogFormat::Json {
+        let (phase, message) = match &launch {
+            Launch::Process(processes, task_file) => {
+                let mut cmd = Command::new(&processes.bin);
+                cmd.arg("--task-file")
+                    .arg(task_file)
+                    .args(&processes.tls_args);
+                if processes.log_format == LogFormat::Json {
                     cmd.arg("--log-format").arg("json");
                 }
-                let log = dir.join("executor.log");
-                let program = bin.display().to_string();
+                // Beside the task file, in the task's directory.
+                let log = task_file.with_file_name("executor.log");
+                let program = processes.bin.display().to_string();
                 match cohort_runtime::process::spawn_logged(cmd, &program, &log) {
                     Err(e) => (pb::TaskPhase::Failed, e.to_string()),
                     Ok(mut child) => {
@@ -531,34 +534,28 @@ impl Party {
                     }
                 }
             }
-            (Executors::Pods(pods), TaskInput::Bytes(task_file)) => {
-                match pods.start(&task.task_id, task_file).await {
-                    Err(e) => (pb::TaskPhase::Failed, e.to_string()),
-                    Ok(()) => {
-                        tracing::info!(task = %task.task_id, kind = task.kind, round = task.round, pod = %cohort_kube::executor_pod_name(&task.task_id), "executor pod created");
-                        let _ = running().await;
-                        let (phase, message, grace) = tokio::select! {
-                            end = pods.wait(&task.task_id, wait_deadline(task.deadline_ms)) => match end {
-                                ExecutorEnd::Succeeded => (pb::TaskPhase::Succeeded, String::new(), Duration::ZERO),
-                                ExecutorEnd::Failed(why) => (pb::TaskPhase::Failed, why, Duration::ZERO),
-                            },
-                            _ = stop => (pb::TaskPhase::Cancelled, "cancelled".to_string(), Duration::from_secs(3)),
-                        };
-                        pods.remove(&task.task_id, grace).await;
-                        (phase, message)
-                    }
+            Launch::Pod(pods, task_file) => match pods.start(&task.task_id, task_file).await {
+                Err(e) => (pb::TaskPhase::Failed, e.to_string()),
+                Ok(()) => {
+                    tracing::info!(task = %task.task_id, kind = task.kind, round = task.round, pod = %cohort_kube::executor_pod_name(&task.task_id), "executor pod created");
+                    let _ = running().await;
+                    let (phase, message, grace) = tokio::select! {
+                        end = pods.wait(&task.task_id, wait_deadline(task.deadline_ms)) => match end {
+                            ExecutorEnd::Succeeded => (pb::TaskPhase::Succeeded, String::new(), Duration::ZERO),
+                            ExecutorEnd::Failed(why) => (pb::TaskPhase::Failed, why, Duration::ZERO),
+                        },
+                        _ = stop => (pb::TaskPhase::Cancelled, "cancelled".to_string(), Duration::from_secs(3)),
+                    };
+                    pods.remove(&task.task_id, grace).await;
+                    (phase, message)
                 }
-            }
-            _ => (
-                pb::TaskPhase::Failed,
-                "internal: task input does not fit the executor launcher".to_string(),
-            ),
+            },
         };
         if let Ok(mut m) = self.running.lock() {
             m.remove(&task.task_id);
         }
         // The token is a credential: do not leave it on disk.
-        if let TaskInput::File(task_file) = &input {
+        if let Launch::Process(_, task_file) = &launch {
             let _ = std::fs::remove_file(task_file);
         }
         match phase {
