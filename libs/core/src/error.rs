@@ -17,6 +17,10 @@ pub enum ErrorKind {
     /// No credentials, or credentials that do not check out.
     Unauthenticated,
     PermissionDenied,
+    /// A limit was reached (too many uploads at once, too large); later or smaller may work.
+    ResourceExhausted,
+    /// The caller was too slow (an upload that stalled).
+    DeadlineExceeded,
     Internal,
 }
 
@@ -31,6 +35,8 @@ impl ErrorKind {
             ErrorKind::DataLoss => 500,
             ErrorKind::Unauthenticated => 401,
             ErrorKind::PermissionDenied => 403,
+            ErrorKind::ResourceExhausted => 429,
+            ErrorKind::DeadlineExceeded => 504,
             ErrorKind::Internal => 500,
         }
     }

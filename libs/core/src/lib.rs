@@ -9,6 +9,7 @@ pub mod error;
 pub mod ids;
 pub mod spec;
 pub mod state;
+pub mod task;
 pub mod tensor;
 
 pub use auth::{Action, AuthError, Principal, Role, Scope};
@@ -16,6 +17,7 @@ pub use error::{ErrorKind, HasKind};
 pub use ids::{JobId, PartyId, is_dns_label, random_token};
 pub use spec::{JobSpec, SpecError};
 pub use state::JobState;
+pub use task::TaskKind;
 pub use tensor::NamedTensor;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

@@ -24,6 +24,105 @@ impl SpecError {
             message: message.into(),
         }
     }
+
+    /// Ends the message with "(line L)" when the line is known.
+    fn with_line(mut self, line: Option<usize>) -> Self {
+        if let Some(line) = line {
+            self.message = format!("{} (line {line})", self.message);
+        }
+        self
+    }
+
+    /// The 1-based line of the key at dotted `path` in YAML or JSON `text`. Each segment is
+    /// looked for inside its parent's value (a flow `{...}`/`[...]` or an indented block), so a
+    /// same-named key elsewhere is not taken for it.
+    fn key_line(text: &str, path: &str) -> Option<usize> {
+        let mut scope = 0..text.len();
+        let mut found = None;
+        for segment in path.split('.') {
+            // "hidden[0]": the line of `hidden` is as close as a key gets.
+            let key = segment.split('[').next().unwrap_or(segment);
+            if key.is_empty() {
+                return None;
+            }
+            let at = scope.start + SpecError::find_key(&text[scope.clone()], key)?;
+            found = Some(at);
+            scope = at + key.len()..SpecError::value_end(text, at, key.len(), scope.end);
+        }
+        found.map(|at| text[..at].matches('\n').count() + 1)
+    }
+
+    /// Where `key` first stands as a mapping key in `hay`: after a line start, blank, `{`,
+    /// `,` or `- `, optionally quoted, followed by `:`.
+    fn find_key(hay: &str, key: &str) -> Option<usize> {
+        hay.match_indices(key).find_map(|(at, _)| {
+            let before = &hay[..at];
+            let (start, quote) = match before.chars().last() {
+                Some(q @ ('"' | '\'')) => (at - 1, Some(q)),
+                _ => (at, None),
+            };
+            let boundary = hay[..start]
+                .chars()
+                .last()
+                .is_none_or(|c| c.is_whitespace() || matches!(c, '{' | ',' | '-'));
+            let mut after = &hay[at + key.len()..];
+            if let Some(q) = quote {
+                after = after.strip_prefix(q)?;
+            }
+            (boundary && after.trim_start_matches([' ', '\t']).starts_with(':')).then_some(start)
+        })
+    }
+
+    /// Where the value of the key at `at` ends (at most `limit`): its closing bracket for a flow
+    /// collection, else before the next line indented no deeper than the key.
+    fn value_end(text: &str, at: usize, key_len: usize, limit: usize) -> usize {
+        let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+        let line_end = text[at..].find('\n').map_or(text.len(), |i| at + i);
+        let rest = &text[at + key_len..line_end];
+        let value = rest
+            .find(':')
+            .map_or("", |i| rest[i + 1..].trim_start_matches([' ', '\t']));
+        if value.starts_with(['{', '[']) {
+            let open = line_end - rest.len() + rest.find(value).unwrap_or(0);
+            let (mut depth, mut quote, mut escaped) = (0usize, None, false);
+            for (i, c) in text[open..limit].char_indices() {
+                match (quote, c) {
+                    (Some('"'), '\\') if !escaped => {
+                        escaped = true;
+                        continue;
+                    }
+                    (Some(q), c) if c == q && !escaped => quote = None,
+                    (Some(_), _) => {}
+                    (None, '"' | '\'') => quote = Some(c),
+                    (None, '{' | '[') => depth += 1,
+                    (None, '}' | ']') => {
+                        depth = depth.saturating_sub(1);
+                        if depth == 0 {
+                            return open + i + 1;
+                        }
+                    }
+                    _ => {}
+                }
+                escaped = false;
+            }
+            return limit;
+        }
+        let indent = at - line_start;
+        let mut pos = (line_end + 1).min(limit);
+        while pos < limit {
+            let end = text[pos..limit].find('\n').map_or(limit, |i| pos + i);
+            let line = &text[pos..end];
+            let content = line.trim_start();
+            if !content.is_empty()
+                && !content.starts_with('#')
+                && line.len() - content.len() <= indent
+            {
+                return pos;
+            }
+            pos = end + 1;
+        }
+        limit
+    }
 }
 
 /// Longest job name; the job id appends a suffix and must stay a DNS label.
@@ -52,6 +151,10 @@ pub struct JobSpec {
     pub evaluation: EvaluationSpec,
     #[serde(default)]
     pub stop: StopSpec,
+    /// Fixes the initial weights, the parties' data order and the demo's split: the same
+    /// seed gives the same model. None: a seed derived from the job id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
 }
 
 fn default_namespace() -> String {
@@ -76,9 +179,13 @@ pub struct ModelSpec {
     /// Hidden layer widths (mlp only).
     #[serde(default)]
     pub hidden: Vec<u32>,
-    /// Initial weights: "model-name@version" from model-manager.
+    /// Initial weights: "model-name@version" from model-manager, in the job's namespace.
     #[serde(default)]
     pub init: Option<String>,
+    /// The model the job's versions are stored as, in the job's namespace. None: the job's
+    /// id, so no two jobs share a model; name an existing model to continue it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -210,26 +317,84 @@ fn default_round_timeout() -> Duration {
     Duration::from_secs(60)
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default, schemars::JsonSchema)]
-#[serde(tag = "strategy", rename_all = "snake_case", deny_unknown_fields)]
-#[schemars(transform = flatten_aggregation_schema)]
-pub enum AggregationSpec {
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, schemars::JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
     #[default]
     Fedavg,
-    Fedprox {
-        mu: f64,
-    },
+    Fedprox,
     Fedadam,
     Fedyogi,
     Fedadagrad,
     Scaffold,
     Median,
-    TrimmedMean {
-        beta: f64,
-    },
-    Krum {
-        f: u32,
-    },
+    TrimmedMean,
+    Krum,
+}
+
+impl Strategy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::Fedavg => "fedavg",
+            Strategy::Fedprox => "fedprox",
+            Strategy::Fedadam => "fedadam",
+            Strategy::Fedyogi => "fedyogi",
+            Strategy::Fedadagrad => "fedadagrad",
+            Strategy::Scaffold => "scaffold",
+            Strategy::Median => "median",
+            Strategy::TrimmedMean => "trimmed_mean",
+            Strategy::Krum => "krum",
+        }
+    }
+}
+
+/// What happens to an update whose L2 norm exceeds `aggregation.max_update_norm`.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum NormAction {
+    /// Scaled down to the bound, then aggregated.
+    #[default]
+    Clip,
+    /// Left out of the aggregate (counted, with the reason, in the job's log).
+    Refuse,
+}
+
+impl NormAction {
+    fn is_default(&self) -> bool {
+        *self == NormAction::Clip
+    }
+}
+
+/// How updates become the next global model, and how much one party's word may weigh.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AggregationSpec {
+    #[serde(default)]
+    pub strategy: Strategy,
+    /// fedprox: weight of the proximal term.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mu: Option<f64>,
+    /// trimmed_mean: the fraction trimmed at each end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beta: Option<f64>,
+    /// krum: how many Byzantine parties to tolerate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub f: Option<u32>,
+    /// No party's weight in a round's aggregate (and evaluation) exceeds this share of
+    /// the total, in (0, 1]. Weights start from the samples each party registered for the
+    /// dataset when the job started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_weight_share: Option<f64>,
+    /// Largest L2 norm an update may have; see `norm_action`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_update_norm: Option<f64>,
+    /// `clip` (default) or `refuse` updates over `max_update_norm`.
+    #[serde(default, skip_serializing_if = "NormAction::is_default")]
+    pub norm_action: NormAction,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default, schemars::JsonSchema)]
@@ -300,10 +465,6 @@ fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
 
 fn flatten_optimizer_schema(schema: &mut schemars::Schema) {
     flatten_tagged_schema(schema, "name");
-}
-
-fn flatten_aggregation_schema(schema: &mut schemars::Schema) {
-    flatten_tagged_schema(schema, "strategy");
 }
 
 /// JSON Schema for an internally tagged enum as one object instead of a `oneOf`: the tag is a
@@ -380,22 +541,58 @@ impl JobSpec {
         }
         let de = serde_yaml::Deserializer::from_str(text);
         let spec: JobSpec = serde_path_to_error::deserialize(de).map_err(|e| {
+            // A syntax error stops inside a key not yet read: a "?" segment.
+            let syntax = e
+                .path()
+                .iter()
+                .any(|s| matches!(s, serde_path_to_error::Segment::Unknown));
             let path = e.path().to_string();
-            let inner = e.into_inner().to_string();
-            // serde_yaml appends " at line L column C"; the field path says more.
-            let field = if path == "." || path.is_empty() {
-                unknown_field_name(&inner).unwrap_or_else(|| "spec".to_string())
-            } else {
-                match unknown_field_name(&inner) {
-                    Some(f) if path != f && !path.ends_with(&format!(".{f}")) => {
-                        format!("{path}.{f}")
-                    }
-                    _ => path,
+            let inner = e.into_inner();
+            let location = inner.location();
+            let mut problem = inner.to_string();
+            let unknown = unknown_field_name(&problem);
+            let known: Vec<&str> = path
+                .split('.')
+                .filter(|s| !s.is_empty() && *s != "?")
+                .collect();
+            let field = match (known.is_empty(), &unknown) {
+                (true, None) => "spec".to_string(),
+                (true, Some(f)) => f.clone(),
+                (false, Some(f)) if known.last() != Some(&f.as_str()) => {
+                    format!("{}.{f}", known.join("."))
                 }
+                (false, _) => known.join("."),
             };
-            SpecError::new(field, inner)
+            // serde_yaml words it "[its path: ]problem at line L column C", and its path and
+            // location can be off for nested fields: say the field once, and find the line.
+            if let Some(l) = &location {
+                problem = problem.replacen(
+                    &format!(" at line {} column {}", l.line(), l.column()),
+                    "",
+                    1,
+                );
+            }
+            if let Some((prefix, rest)) = problem.split_once(": ")
+                && (field == prefix
+                    || field.starts_with(&format!("{prefix}."))
+                    || field.starts_with(&format!("{prefix}[")))
+            {
+                problem = rest.to_string();
+            }
+            if let Some(f) = &unknown {
+                problem = problem.replacen(&format!("unknown field `{f}`"), "unknown field", 1);
+            }
+            // A syntax error is where libyaml stopped; otherwise the key's line is surer.
+            let line = match syntax {
+                true => None,
+                false => SpecError::key_line(text, &field),
+            };
+            SpecError::new(field, problem).with_line(line.or(location.map(|l| l.line())))
         })?;
-        spec.validate()?;
+        spec.validate().map_err(|e| {
+            let line = SpecError::key_line(text, &e.field);
+            e.with_line(line)
+        })?;
         Ok(spec)
     }
 
@@ -456,6 +653,14 @@ impl JobSpec {
         }
         if let Some(init) = &self.model.init {
             parse_model_ref(init).map_err(|m| SpecError::new("model.init", m))?;
+        }
+        if let Some(name) = &self.model.name
+            && !is_dns_label(name)
+        {
+            return Err(SpecError::new(
+                "model.name",
+                format!("{name:?} must be a DNS-1123 label"),
+            ));
         }
         if !is_dns_label(&self.data.dataset) && !is_dataset_name(&self.data.dataset) {
             return Err(SpecError::new(
@@ -551,12 +756,7 @@ impl JobSpec {
                 "must be between 1s and 24h",
             ));
         }
-        if self.aggregation != AggregationSpec::Fedavg {
-            return Err(SpecError::new(
-                "aggregation.strategy",
-                "only \"fedavg\" is supported yet",
-            ));
-        }
+        self.aggregation.validate()?;
         if self.privacy.secure_aggregation {
             return Err(SpecError::new(
                 "privacy.secure_aggregation",
@@ -592,6 +792,102 @@ impl JobSpec {
         Ok(())
     }
 }
+
+impl AggregationSpec {
+    fn validate(&self) -> Result<(), SpecError> {
+        if self.strategy != Strategy::Fedavg {
+            return Err(SpecError::new(
+                "aggregation.strategy",
+                format!(
+                    "{:?} is not supported yet; use \"fedavg\"",
+                    self.strategy.as_str()
+                ),
+            ));
+        }
+        for (field, set, wants) in [
+            ("mu", self.mu.is_some(), Strategy::Fedprox),
+            ("beta", self.beta.is_some(), Strategy::TrimmedMean),
+            ("f", self.f.is_some(), Strategy::Krum),
+        ] {
+            if set && self.strategy != wants {
+                return Err(SpecError::new(
+                    format!("aggregation.{field}"),
+                    format!(
+                        "only strategy {:?} takes {field}, not {:?}",
+                        wants.as_str(),
+                        self.strategy.as_str()
+                    ),
+                ));
+            }
+        }
+        if let Some(s) = self.max_weight_share
+            && !(s.is_finite() && s > 0.0 && s <= 1.0)
+        {
+            return Err(SpecError::new(
+                "aggregation.max_weight_share",
+                format!("must be in (0, 1], got {s}"),
+            ));
+        }
+        if let Some(n) = self.max_update_norm
+            && !(n.is_finite() && n > 0.0 && n <= f64::from(f32::MAX))
+        {
+            return Err(SpecError::new(
+                "aggregation.max_update_norm",
+                format!("must be a positive finite number, got {n}"),
+            ));
+        }
+        if self.max_update_norm.is_none() && !self.norm_action.is_default() {
+            return Err(SpecError::new(
+                "aggregation.norm_action",
+                "only means something with aggregation.max_update_norm",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl JobSpec {
+    /// The model-manager name of the job's model versions: `model.name`, or the job's id.
+    pub fn model_name(&self, job: &crate::JobId) -> String {
+        self.model.name.clone().unwrap_or_else(|| job.to_string())
+    }
+}
+
+impl ModelSpec {
+    /// How many parameters the model has for data of `features` inputs and `classes`
+    /// outputs (saturating). The layer layout itself is `cohort_train::param_shapes`, which
+    /// a test there holds to this count.
+    pub fn parameter_count(&self, features: u64, classes: u64) -> u64 {
+        let linear = |fan_in: u64, out: u64| fan_in.saturating_mul(out).saturating_add(out);
+        match self.arch {
+            Arch::Logreg => linear(features, classes),
+            Arch::Mlp => {
+                let mut total = 0u64;
+                let mut width = features;
+                for &h in &self.hidden {
+                    total = total.saturating_add(linear(width, u64::from(h)));
+                    width = u64::from(h);
+                }
+                total.saturating_add(linear(width, classes))
+            }
+            Arch::Cnn => {
+                let (c0, c1) = (CNN_CHANNELS[0], CNN_CHANNELS[1]);
+                let convs = linear(9, c0).saturating_add(linear(c0 * 9, c1));
+                let side = features.isqrt();
+                let after_first = side / 2;
+                let last = if after_first / 2 >= 2 {
+                    after_first / 2
+                } else {
+                    after_first
+                };
+                convs.saturating_add(linear(c1.saturating_mul(last * last), classes))
+            }
+        }
+    }
+}
+
+/// Output channels of the two cnn convolutions (`cohort_train` builds them).
+pub const CNN_CHANNELS: [u64; 2] = [16, 32];
 
 fn is_dataset_name(s: &str) -> bool {
     !s.is_empty()
@@ -651,7 +947,7 @@ clients: {per_round: 3, min: 2, round_timeout: 30s}
         let spec = JobSpec::parse(GOOD).expect("valid");
         assert_eq!(spec.namespace, "default");
         assert_eq!(spec.clients.round_timeout, Duration::from_secs(30));
-        assert_eq!(spec.aggregation, AggregationSpec::Fedavg);
+        assert_eq!(spec.aggregation, AggregationSpec::default());
         assert_eq!(spec.training.batch_size, 32);
         let back = JobSpec::from_json(&spec.to_json()).expect("round trip");
         assert_eq!(back, spec);
@@ -715,22 +1011,15 @@ clients: {per_round: 3, min: 2, round_timeout: 30s}
         );
         assert_eq!(schema["required"], serde_json::json!(["name", "lr"]));
         let schema = serde_json::to_value(schemars::schema_for!(AggregationSpec)).expect("json");
-        assert_eq!(schema["required"], serde_json::json!(["strategy"]));
-        assert_eq!(
-            schema["properties"]["strategy"]["enum"],
-            serde_json::json!([
-                "fedavg",
-                "fedprox",
-                "fedadam",
-                "fedyogi",
-                "fedadagrad",
-                "scaffold",
-                "median",
-                "trimmed_mean",
-                "krum"
-            ])
-        );
-        for field in ["mu", "beta", "f"] {
+        assert!(schema.get("oneOf").is_none(), "{schema}");
+        for field in [
+            "strategy",
+            "mu",
+            "beta",
+            "f",
+            "max_weight_share",
+            "max_update_norm",
+        ] {
             assert!(
                 schema["properties"].get(field).is_some(),
                 "{field}: {schema}"
@@ -739,9 +1028,202 @@ clients: {per_round: 3, min: 2, round_timeout: 30s}
     }
 
     #[test]
+    fn aggregation_bounds_are_checked() {
+        let with = |agg: &str| GOOD.replace("rounds: 5", &format!("rounds: 5\naggregation: {agg}"));
+        let spec = JobSpec::parse(&with(
+            "{strategy: fedavg, max_weight_share: 0.5, max_update_norm: 10, norm_action: refuse}",
+        ))
+        .expect("valid");
+        assert_eq!(spec.aggregation.max_weight_share, Some(0.5));
+        assert_eq!(spec.aggregation.norm_action, NormAction::Refuse);
+        assert_eq!(
+            JobSpec::from_json(&spec.to_json()).expect("round trip"),
+            spec
+        );
+        for (agg, field) in [
+            ("{max_weight_share: 0}", "aggregation.max_weight_share"),
+            ("{max_weight_share: 1.5}", "aggregation.max_weight_share"),
+            ("{max_update_norm: -1}", "aggregation.max_update_norm"),
+            ("{max_update_norm: .inf}", "aggregation.max_update_norm"),
+            ("{norm_action: refuse}", "aggregation.norm_action"),
+            ("{strategy: fedavg, mu: 0.1}", "aggregation.mu"),
+            ("{strategy: krum, f: 1}", "aggregation.strategy"),
+            ("{strategy: fedavg, bogus: 1}", "aggregation.bogus"),
+        ] {
+            assert_eq!(err_field(&with(agg)), field, "{agg}");
+        }
+    }
+
+    #[test]
+    fn seed_and_model_name_round_trip() {
+        let text = GOOD
+            .replace("rounds: 5", "rounds: 5\nseed: 7")
+            .replace("hidden: [128]", "hidden: [128], name: shared-model");
+        let spec = JobSpec::parse(&text).expect("valid");
+        assert_eq!(spec.seed, Some(7));
+        assert_eq!(spec.model.name.as_deref(), Some("shared-model"));
+        assert_eq!(
+            JobSpec::from_json(&spec.to_json()).expect("round trip"),
+            spec
+        );
+        assert_eq!(
+            err_field(&GOOD.replace("hidden: [128]", "hidden: [128], name: Bad_Name")),
+            "model.name"
+        );
+    }
+
+    #[test]
+    fn parameter_counts() {
+        let mlp = |hidden: Vec<u32>| ModelSpec {
+            arch: Arch::Mlp,
+            hidden,
+            init: None,
+            name: None,
+        };
+        assert_eq!(
+            mlp(vec![32]).parameter_count(64, 10),
+            64 * 32 + 32 + 32 * 10 + 10
+        );
+        let huge = mlp(vec![65_536; 4]).parameter_count(1, 2);
+        assert!(huge > 12_000_000_000, "{huge}");
+        assert_eq!(
+            mlp(vec![u32::MAX; 3]).parameter_count(u64::MAX, u64::MAX),
+            u64::MAX,
+            "saturates"
+        );
+    }
+
+    #[test]
     fn model_refs() {
         assert_eq!(parse_model_ref("m@3"), Ok(("m".to_string(), 3)));
         assert!(parse_model_ref("m").is_err());
         assert!(parse_model_ref("m@0").is_err());
+    }
+
+    fn parse_err(text: &str) -> SpecError {
+        match JobSpec::parse(text) {
+            Ok(_) => panic!("spec was accepted"),
+            Err(e) => e,
+        }
+    }
+
+    /// The error's text names the field once, then the problem, then the line.
+    fn assert_error(e: &SpecError, field: &str, problem: &str, line: Option<usize>) {
+        let text = e.to_string();
+        assert_eq!(e.field, field, "{text}");
+        assert!(text.starts_with(&format!("{field}: {problem}")), "{text}");
+        assert_eq!(text.matches(field).count(), 1, "named once: {text}");
+        let last = field.rsplit('.').next().unwrap_or(field);
+        assert!(!text.contains(&format!("`{last}`")), "named once: {text}");
+        assert!(!text.contains("column"), "{text}");
+        match line {
+            Some(l) => assert!(text.ends_with(&format!(" (line {l})")), "{text}"),
+            None => assert!(!text.contains("(line"), "{text}"),
+        }
+    }
+
+    #[test]
+    fn unknown_nested_field_is_named_once_at_its_line() {
+        // serde_yaml places this one at line 6 (`epochs`); the key is on line 7.
+        let e = parse_err(&GOOD.replace("lr: 0.05", "lr: 0.05, momentum: 0.9"));
+        assert_error(
+            &e,
+            "training.optimizer.momentum",
+            "unknown field, expected `lr`",
+            Some(7),
+        );
+        let e = parse_err(&GOOD.replace("epochs: 2", "epochs: 2\n  epoch_count: 3"));
+        assert_error(
+            &e,
+            "training.epoch_count",
+            "unknown field, expected one of",
+            Some(7),
+        );
+        let e = parse_err(&format!("{GOOD}\nbogus: 1\n"));
+        assert_error(
+            &e,
+            "bogus",
+            "unknown field, expected one of `name`",
+            Some(11),
+        );
+    }
+
+    #[test]
+    fn wrong_types_point_at_their_key() {
+        let e = parse_err(&GOOD.replace("rounds: 5", "rounds: five"));
+        assert_error(
+            &e,
+            "rounds",
+            "invalid type: string \"five\", expected u32",
+            Some(8),
+        );
+        let e = parse_err(&GOOD.replace("hidden: [128]", "hidden: [x]"));
+        assert_error(&e, "model.hidden[0]", "invalid type: string", Some(3));
+        // The same key at the top level (`name`, line 2) is not taken for the nested one.
+        let e = parse_err(&GOOD.replace("sgd", "rmsprop"));
+        assert_error(
+            &e,
+            "training.optimizer.name",
+            "unknown variant `rmsprop`",
+            Some(7),
+        );
+        let json = r#"{"name": "j", "model": {"arch": "mlp", "hidden": [3]},
+"data": {"dataset": "digits"},
+"clients": {"per_round": "two", "min": 2}}"#;
+        let e = parse_err(json);
+        assert_error(&e, "clients.per_round", "invalid type: string", Some(3));
+    }
+
+    #[test]
+    fn bad_values_from_validation_point_at_their_key_when_present() {
+        let e = parse_err(&GOOD.replace("lr: 0.05", "lr: -0.1"));
+        assert_error(
+            &e,
+            "training.optimizer.lr",
+            "must be greater than 0",
+            Some(7),
+        );
+        let e = parse_err(&GOOD.replace("digits-fedavg", "Digits_FedAvg"));
+        assert_error(&e, "name", "\"Digits_FedAvg\"", Some(2));
+        // Block style: a key in a nested block, after a same-named key in another block.
+        let block = "name: blocks
+model:
+  arch: mlp
+  hidden: [8]
+data:
+  dataset: digits
+clients:
+  per_round: 2
+  min: 2
+training:
+  epochs: 1
+  optimizer:
+    name: sgd
+    lr: 0
+";
+        let e = parse_err(block);
+        assert_error(
+            &e,
+            "training.optimizer.lr",
+            "must be greater than 0",
+            Some(14),
+        );
+        let e = parse_err(
+            &block
+                .replace("lr: 0", "lr: 0.1")
+                .replace("  min: 2", "  min: 3"),
+        );
+        assert_error(&e, "clients.min", "", Some(9));
+        // A field the text does not have: no line rather than a wrong one.
+        let e = parse_err(&GOOD.replace("arch: mlp, hidden: [128]", "arch: mlp"));
+        assert_error(&e, "model.hidden", "", None);
+    }
+
+    #[test]
+    fn syntax_errors_keep_the_parsers_line() {
+        let e = parse_err(&GOOD.replace("data: {dataset: digits}", "data: {dataset: digits"));
+        assert_eq!(e.field, "data", "{e}");
+        assert!(e.message.contains("(line 5)"), "{e}");
+        assert!(!e.to_string().contains("?"), "{e}");
     }
 }

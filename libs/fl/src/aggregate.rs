@@ -1,26 +1,54 @@
 //! Streaming aggregation: each update is folded into a running sum as it
 //! arrives, so memory is O(model) whatever the number of parties.
+//!
+//! What a party says is bounded before it touches the sum: an update must have the global
+//! model's layout, be finite, keep the model finite when applied alone, and stay within the
+//! job's norm bound (clipped or refused). A party's weight may be capped at a share of the
+//! round's total; only the few updates heavier than the current cap are held back until
+//! the round ends (fewer than ⌈1/share⌉ of them), the rest are folded at once.
+
+use std::sync::Arc;
 
 use cohort_core::NamedTensor;
+use cohort_core::spec::NormAction;
 
 use crate::FlError;
 use crate::wire::Layout;
 
-/// FedAvg over updates (deltas from the global model) weighted by sample count.
-pub struct FedAvg {
-    layout: Layout,
-    sum: Vec<Vec<f64>>,
-    total_weight: f64,
-    updates: u32,
+/// What a round's aggregate accepts, from the job's `aggregation` settings.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct AggregationRules {
+    /// No update's weight exceeds this share of the round's total, in (0, 1].
+    pub max_weight_share: Option<f64>,
+    /// Largest L2 norm of an update, and what happens above it.
+    pub max_update_norm: Option<(f64, NormAction)>,
 }
 
-impl FedAvg {
-    pub fn new(global: &[NamedTensor]) -> Self {
+/// Checks updates against one round's global model. Immutable, so uploads can check in
+/// parallel without holding the aggregate's lock.
+#[derive(Debug)]
+pub struct UpdateCheck {
+    global: Arc<Vec<NamedTensor>>,
+    layout: Layout,
+    rules: AggregationRules,
+}
+
+/// An update that passed [`UpdateCheck::check`]: tensors in the global model's order.
+#[derive(Debug)]
+pub struct CheckedUpdate {
+    data: Vec<Vec<f32>>,
+    /// Its L2 norm as received.
+    pub norm: f64,
+    /// Set when it was scaled down to the norm bound.
+    pub clipped: bool,
+}
+
+impl UpdateCheck {
+    pub fn new(global: Arc<Vec<NamedTensor>>, rules: AggregationRules) -> Self {
         Self {
-            layout: Layout::of(global),
-            sum: global.iter().map(|t| vec![0.0; t.data.len()]).collect(),
-            total_weight: 0.0,
-            updates: 0,
+            layout: Layout::of(&global),
+            global,
+            rules,
         }
     }
 
@@ -28,16 +56,13 @@ impl FedAvg {
         &self.layout
     }
 
-    pub fn updates(&self) -> u32 {
-        self.updates
+    pub fn global(&self) -> &Arc<Vec<NamedTensor>> {
+        &self.global
     }
 
-    /// Adds `samples × delta`. The delta must have the global model's layout
-    /// (any tensor order).
-    pub fn fold(&mut self, delta: &[NamedTensor], samples: u64) -> Result<(), FlError> {
-        if samples == 0 {
-            return Err(FlError::ZeroWeight(samples));
-        }
+    /// Validates `delta` (any tensor order) and applies the norm bound. A refused update
+    /// says why; nothing of it is kept.
+    pub fn check(&self, delta: Vec<NamedTensor>) -> Result<CheckedUpdate, FlError> {
         if delta.len() != self.layout.tensors.len() {
             return Err(FlError::LayoutMismatch(format!(
                 "{} tensors, expected {}",
@@ -45,12 +70,13 @@ impl FedAvg {
                 self.layout.tensors.len()
             )));
         }
-        // Check everything before touching the sum: a bad update changes nothing.
-        let mut order = Vec::with_capacity(delta.len());
+        let mut by_name: std::collections::HashMap<String, NamedTensor> =
+            delta.into_iter().map(|t| (t.name.clone(), t)).collect();
+        let mut data = Vec::with_capacity(self.layout.tensors.len());
+        let mut squares = 0.0f64;
         for (name, shape) in &self.layout.tensors {
-            let t = delta
-                .iter()
-                .find(|t| &t.name == name)
+            let t = by_name
+                .remove(name)
                 .ok_or_else(|| FlError::LayoutMismatch(format!("tensor {name:?} is missing")))?;
             if &t.shape != shape || t.data.len() != t.numel() {
                 return Err(FlError::LayoutMismatch(format!(
@@ -63,42 +89,268 @@ impl FedAvg {
                     tensor: name.clone(),
                 });
             }
-            order.push(t);
+            squares += t.data.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>();
+            data.push(t.data);
         }
-        let w = samples as f64;
-        for (acc, t) in self.sum.iter_mut().zip(order) {
-            for (a, v) in acc.iter_mut().zip(&t.data) {
-                *a += w * f64::from(*v);
+        let norm = squares.sqrt();
+        // A norm no f32 can hold cannot come from training a model of f32 weights.
+        if !norm.is_finite() || norm > f64::from(f32::MAX) {
+            return Err(FlError::UpdateTooLarge {
+                norm,
+                bound: f64::from(f32::MAX),
+            });
+        }
+        let mut clipped = false;
+        if let Some((bound, action)) = self.rules.max_update_norm
+            && norm > bound
+        {
+            match action {
+                NormAction::Refuse => return Err(FlError::UpdateTooLarge { norm, bound }),
+                NormAction::Clip => {
+                    let scale = bound / norm;
+                    for values in &mut data {
+                        for v in values.iter_mut() {
+                            *v = (f64::from(*v) * scale) as f32;
+                        }
+                    }
+                    clipped = true;
+                }
             }
         }
-        self.total_weight += w;
-        self.updates += 1;
+        // Applied alone, the update must leave every weight finite.
+        for ((name, _), (g, d)) in self
+            .layout
+            .tensors
+            .iter()
+            .zip(self.global.iter().zip(&data))
+        {
+            if g.data.iter().zip(d).any(|(g, d)| !(g + d).is_finite()) {
+                return Err(FlError::NonFiniteResult {
+                    tensor: name.clone(),
+                });
+            }
+        }
+        Ok(CheckedUpdate {
+            data,
+            norm,
+            clipped,
+        })
+    }
+}
+
+struct Held {
+    weight: f64,
+    data: Vec<Vec<f32>>,
+}
+
+/// FedAvg over updates (deltas from the global model), weighted by sample count, with the
+/// weight of any one update capped at `max_weight_share` of the total.
+pub struct FedAvg {
+    check: Arc<UpdateCheck>,
+    sum: Vec<Vec<f64>>,
+    folded_weight: f64,
+    folded: u32,
+    /// Updates heavier than the current cap: their final weight is known only at the end.
+    held: Vec<Held>,
+}
+
+impl FedAvg {
+    pub fn new(global: Arc<Vec<NamedTensor>>, rules: AggregationRules) -> Self {
+        let check = Arc::new(UpdateCheck::new(global, rules));
+        Self {
+            sum: check
+                .global
+                .iter()
+                .map(|t| vec![0.0; t.data.len()])
+                .collect(),
+            check,
+            folded_weight: 0.0,
+            folded: 0,
+            held: Vec::new(),
+        }
+    }
+
+    /// The checker for this round's updates (shareable, lock-free).
+    pub fn checker(&self) -> Arc<UpdateCheck> {
+        self.check.clone()
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.check.layout
+    }
+
+    /// Updates added so far.
+    pub fn updates(&self) -> u32 {
+        self.folded + self.held.len() as u32
+    }
+
+    /// Checks and adds an update in one step (see [`UpdateCheck::check`]).
+    pub fn fold(&mut self, delta: &[NamedTensor], weight: u64) -> Result<(), FlError> {
+        let update = self.check.check(delta.to_vec())?;
+        self.add(update, weight)
+    }
+
+    /// Adds a checked update of `weight` (its sample count, already bounded by the caller).
+    pub fn add(&mut self, update: CheckedUpdate, weight: u64) -> Result<(), FlError> {
+        if weight == 0 {
+            return Err(FlError::ZeroWeight(weight));
+        }
+        if update.data.len() != self.sum.len()
+            || update
+                .data
+                .iter()
+                .zip(&self.sum)
+                .any(|(d, s)| d.len() != s.len())
+        {
+            return Err(FlError::LayoutMismatch(
+                "update was checked against another round's model".into(),
+            ));
+        }
+        let weight = weight as f64;
+        match self.check.rules.max_weight_share {
+            None => self.fold_weighted(&update.data, weight),
+            Some(share) => {
+                self.held.push(Held {
+                    weight,
+                    data: update.data,
+                });
+                // Fold whatever can no longer be capped: the cap only rises as updates come.
+                let weights: Vec<f64> = self.held.iter().map(|h| h.weight).collect();
+                let fold_up_to = match cap_level(self.folded_weight, &weights, share) {
+                    Cap::None => f64::INFINITY,
+                    Cap::At(c) => c,
+                    Cap::Equal => return Ok(()),
+                };
+                let (fold, keep): (Vec<Held>, Vec<Held>) = std::mem::take(&mut self.held)
+                    .into_iter()
+                    .partition(|h| h.weight <= fold_up_to);
+                self.held = keep;
+                for h in fold {
+                    self.fold_weighted(&h.data, h.weight);
+                }
+            }
+        }
         Ok(())
     }
 
-    /// The new global model: `global + Σ wᵢ·deltaᵢ / Σ wᵢ`.
-    pub fn apply(&self, global: &[NamedTensor]) -> Result<Vec<NamedTensor>, FlError> {
-        if self.updates == 0 {
+    fn fold_weighted(&mut self, data: &[Vec<f32>], weight: f64) {
+        for (acc, values) in self.sum.iter_mut().zip(data) {
+            for (a, v) in acc.iter_mut().zip(values) {
+                *a += weight * f64::from(*v);
+            }
+        }
+        self.folded_weight += weight;
+        self.folded += 1;
+    }
+
+    /// The new global model: `global + Σ wᵢ·deltaᵢ / Σ wᵢ` with capped weights. Refuses an
+    /// aggregate that is not finite: such a model is never to be stored.
+    pub fn finish(mut self) -> Result<Vec<NamedTensor>, FlError> {
+        if self.updates() == 0 {
             return Err(FlError::Empty);
         }
-        if Layout::of(global) != self.layout {
-            return Err(FlError::LayoutMismatch("global model changed".into()));
+        let held = std::mem::take(&mut self.held);
+        if !held.is_empty() {
+            let weights: Vec<f64> = held.iter().map(|h| h.weight).collect();
+            let share = self.check.rules.max_weight_share.unwrap_or(1.0);
+            let level = cap_level(self.folded_weight, &weights, share);
+            for h in held {
+                let w = match level {
+                    Cap::None => h.weight,
+                    Cap::At(c) => h.weight.min(c),
+                    // No cap can keep every share under the bound (too few updates):
+                    // everyone weighs the same.
+                    Cap::Equal => 1.0,
+                };
+                self.fold_weighted(&h.data, w);
+            }
         }
-        Ok(global
-            .iter()
-            .zip(&self.sum)
-            .map(|(g, acc)| NamedTensor {
+        let total = self.folded_weight;
+        let mut out = Vec::with_capacity(self.check.global.len());
+        for (g, acc) in self.check.global.iter().zip(&self.sum) {
+            let data: Vec<f32> = g
+                .data
+                .iter()
+                .zip(acc)
+                .map(|(x, s)| (f64::from(*x) + s / total) as f32)
+                .collect();
+            if data.iter().any(|v| !v.is_finite()) {
+                return Err(FlError::NonFiniteAggregate {
+                    tensor: g.name.clone(),
+                });
+            }
+            out.push(NamedTensor {
                 name: g.name.clone(),
                 shape: g.shape.clone(),
-                data: g
-                    .data
-                    .iter()
-                    .zip(acc)
-                    .map(|(x, s)| (f64::from(*x) + s / self.total_weight) as f32)
-                    .collect(),
-            })
-            .collect())
+                data,
+            });
+        }
+        Ok(out)
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Cap {
+    /// Every weight is within its share already.
+    None,
+    /// Weights above this level count as this level.
+    At(f64),
+    /// No level works (fewer than 1/share updates): weigh them equally.
+    Equal,
+}
+
+/// Relative slack for comparisons of sums of floats.
+const SLACK: f64 = 1e-12;
+
+/// The level `c` with `c = share · (folded + Σ min(wᵢ, c))`: capping the weights `w` at `c`
+/// makes each at most `share` of the total. `folded` is weight known to lie below the level.
+fn cap_level(folded: f64, weights: &[f64], share: f64) -> Cap {
+    let mut w = weights.to_vec();
+    w.sort_by(|a, b| b.total_cmp(a));
+    let mut rest = folded + w.iter().sum::<f64>();
+    for k in 0..=w.len() {
+        let capped_share = k as f64 * share;
+        if capped_share >= 1.0 - SLACK {
+            break;
+        }
+        let c = share * rest / (1.0 - capped_share);
+        if c <= 0.0 {
+            break;
+        }
+        let above = k == 0 || w[k - 1] >= c * (1.0 - SLACK);
+        let below = k == w.len() || w[k] <= c * (1.0 + SLACK);
+        if above && below {
+            return if k == 0 { Cap::None } else { Cap::At(c) };
+        }
+        if k < w.len() {
+            rest -= w[k];
+        }
+    }
+    Cap::Equal
+}
+
+/// `weights` with each capped so that none exceeds `share` of their total (equal weights
+/// when too few to make that possible). For evaluation reports, which are few and small.
+pub fn capped_weights(weights: &[f64], share: Option<f64>) -> Vec<f64> {
+    let Some(share) = share else {
+        return weights.to_vec();
+    };
+    match cap_level(0.0, weights, share) {
+        Cap::None => weights.to_vec(),
+        Cap::At(c) => weights.iter().map(|w| w.min(c)).collect(),
+        Cap::Equal => vec![1.0; weights.len()],
+    }
+}
+
+/// The lower median: the ⌈n/2⌉-th smallest value. With n ≥ 2 no single value can raise
+/// it above every other one's.
+pub fn lower_median(values: &[f64]) -> Option<f64> {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    Some(v[(v.len() - 1) / 2])
 }
 
 #[cfg(test)]
@@ -114,31 +366,168 @@ mod tests {
         }
     }
 
+    fn plain(global: &[NamedTensor]) -> FedAvg {
+        FedAvg::new(Arc::new(global.to_vec()), AggregationRules::default())
+    }
+
     #[test]
     fn weighted_average_of_deltas() {
         let global = vec![t("w", vec![1.0, 1.0]), t("b", vec![0.0])];
-        let mut agg = FedAvg::new(&global);
+        let mut agg = plain(&global);
         agg.fold(&[t("w", vec![1.0, 0.0]), t("b", vec![3.0])], 1)
             .unwrap();
         // Order of tensors in an update does not matter.
         agg.fold(&[t("b", vec![0.0]), t("w", vec![-1.0, 4.0])], 3)
             .unwrap();
-        let new = agg.apply(&global).unwrap();
+        assert_eq!(agg.updates(), 2);
+        let new = agg.finish().unwrap();
         assert_eq!(new[0].data, vec![1.0 + (1.0 - 3.0) / 4.0, 1.0 + 12.0 / 4.0]);
         assert_eq!(new[1].data, vec![0.75]);
-        assert_eq!(agg.updates(), 2);
     }
 
     #[test]
     fn bad_updates_change_nothing() {
         let global = vec![t("w", vec![1.0, 1.0])];
-        let mut agg = FedAvg::new(&global);
-        assert!(agg.apply(&global).is_err(), "nothing folded yet");
-        assert!(agg.fold(&[t("w", vec![1.0])], 1).is_err());
+        let mut agg = plain(&global);
+        assert!(matches!(
+            agg.fold(&[t("w", vec![1.0])], 1),
+            Err(FlError::LayoutMismatch(_))
+        ));
         assert!(agg.fold(&[t("v", vec![1.0, 2.0])], 1).is_err());
-        assert!(agg.fold(&[t("w", vec![f32::INFINITY, 2.0])], 1).is_err());
+        assert!(matches!(
+            agg.fold(&[t("w", vec![f32::INFINITY, 2.0])], 1),
+            Err(FlError::NonFinite { .. })
+        ));
         assert!(agg.fold(&[t("w", vec![1.0, 2.0])], 0).is_err());
         agg.fold(&[t("w", vec![2.0, 2.0])], 5).unwrap();
-        assert_eq!(agg.apply(&global).unwrap()[0].data, vec![3.0, 3.0]);
+        assert_eq!(agg.finish().unwrap()[0].data, vec![3.0, 3.0]);
+        assert!(matches!(plain(&global).finish(), Err(FlError::Empty)));
+    }
+
+    #[test]
+    fn finite_updates_that_overflow_are_refused() {
+        // f32::MAX everywhere is finite, but its norm is not an f32 and applied to the model
+        // it overflows: the sum of such updates used to turn the model into +Inf.
+        let global = vec![t("w", vec![0.5; 4])];
+        let mut agg = plain(&global);
+        let err = agg.fold(&[t("w", vec![f32::MAX; 4])], 10).unwrap_err();
+        assert!(matches!(err, FlError::UpdateTooLarge { .. }), "{err}");
+        // One value near the top of f32 does not overflow the norm but does the model.
+        let global = vec![t("w", vec![f32::MAX, 0.0])];
+        let mut agg = plain(&global);
+        let err = agg.fold(&[t("w", vec![f32::MAX, 0.0])], 1).unwrap_err();
+        assert!(matches!(err, FlError::NonFiniteResult { .. }), "{err}");
+        agg.fold(&[t("w", vec![-1.0, 1.0])], 1).unwrap();
+        assert!(agg.finish().unwrap()[0].data.iter().all(|v| v.is_finite()));
+    }
+
+    #[test]
+    fn norm_bound_clips_or_refuses() {
+        let global = vec![t("w", vec![0.0, 0.0])];
+        let rules = |action| AggregationRules {
+            max_update_norm: Some((1.0, action)),
+            ..AggregationRules::default()
+        };
+        let mut clip = FedAvg::new(Arc::new(global.clone()), rules(NormAction::Clip));
+        let u = clip.checker().check(vec![t("w", vec![3.0, 4.0])]).unwrap();
+        assert!(u.clipped);
+        assert_eq!(u.norm, 5.0);
+        clip.add(u, 1).unwrap();
+        let new = clip.finish().unwrap();
+        assert!((new[0].data[0] - 0.6).abs() < 1e-6 && (new[0].data[1] - 0.8).abs() < 1e-6);
+
+        let refuse = FedAvg::new(Arc::new(global.clone()), rules(NormAction::Refuse));
+        let err = refuse
+            .checker()
+            .check(vec![t("w", vec![3.0, 4.0])])
+            .unwrap_err();
+        assert_eq!(
+            err,
+            FlError::UpdateTooLarge {
+                norm: 5.0,
+                bound: 1.0
+            }
+        );
+        let ok = refuse
+            .checker()
+            .check(vec![t("w", vec![0.6, 0.0])])
+            .unwrap();
+        assert!(!ok.clipped);
+    }
+
+    #[test]
+    fn one_heavy_party_is_capped_at_its_share() {
+        // Two honest parties of 600 samples and one claiming a billion, capped at half.
+        let global = vec![t("w", vec![0.0])];
+        let rules = AggregationRules {
+            max_weight_share: Some(0.5),
+            ..AggregationRules::default()
+        };
+        for order in [[0usize, 1, 2], [2, 0, 1], [1, 2, 0]] {
+            let updates = [(600u64, 1.0f32), (600, 1.0), (1_000_000_000, 100.0)];
+            let mut agg = FedAvg::new(Arc::new(global.clone()), rules);
+            for i in order {
+                let (w, v) = updates[i];
+                agg.fold(&[t("w", vec![v])], w).unwrap();
+            }
+            let new = agg.finish().unwrap();
+            // Weights 600, 600 and 1200 (capped): (600 + 600 + 1200·100) / 2400.
+            let expected = (600.0 + 600.0 + 1200.0 * 100.0) / 2400.0;
+            assert!(
+                (f64::from(new[0].data[0]) - expected).abs() < 1e-3,
+                "{order:?}: {new:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn heavy_updates_are_held_only_while_they_may_be_capped() {
+        let global = vec![t("w", vec![0.0])];
+        let rules = AggregationRules {
+            max_weight_share: Some(0.5),
+            ..AggregationRules::default()
+        };
+        let mut agg = FedAvg::new(Arc::new(global), rules);
+        agg.fold(&[t("w", vec![1.0])], 100).unwrap();
+        // Alone, any weight is "all of it": held.
+        assert_eq!(agg.held.len(), 1);
+        agg.fold(&[t("w", vec![1.0])], 100).unwrap();
+        // Two equal weights are exactly half each: both folded.
+        assert_eq!(agg.held.len(), 0);
+        agg.fold(&[t("w", vec![1.0])], 10_000).unwrap();
+        assert_eq!(agg.held.len(), 1);
+        agg.fold(&[t("w", vec![1.0])], 50).unwrap();
+        assert_eq!(agg.updates(), 4);
+    }
+
+    #[test]
+    fn too_few_updates_for_the_share_weigh_the_same() {
+        let global = vec![t("w", vec![0.0])];
+        let rules = AggregationRules {
+            max_weight_share: Some(0.3),
+            ..AggregationRules::default()
+        };
+        let mut agg = FedAvg::new(Arc::new(global), rules);
+        agg.fold(&[t("w", vec![3.0])], 1).unwrap();
+        agg.fold(&[t("w", vec![0.0])], 1000).unwrap();
+        assert_eq!(agg.finish().unwrap()[0].data, vec![1.5]);
+    }
+
+    #[test]
+    fn capped_weights_respect_the_share() {
+        let w = capped_weights(&[1e9, 600.0, 600.0, 300.0], Some(0.4));
+        let total: f64 = w.iter().sum();
+        assert!(w.iter().all(|x| *x / total <= 0.4 + 1e-9), "{w:?}");
+        assert_eq!(&w[1..], &[600.0, 600.0, 300.0]);
+        assert_eq!(capped_weights(&[5.0, 1.0], None), vec![5.0, 1.0]);
+        assert_eq!(capped_weights(&[5.0, 1.0], Some(0.2)), vec![1.0, 1.0]);
+    }
+
+    #[test]
+    fn lower_median_ignores_one_outlier() {
+        assert_eq!(lower_median(&[0.9, 0.91, 1.0]), Some(0.91));
+        assert_eq!(lower_median(&[0.9, 1.0]), Some(0.9));
+        assert_eq!(lower_median(&[0.7]), Some(0.7));
+        assert_eq!(lower_median(&[]), None);
     }
 }

@@ -1,6 +1,6 @@
 //! Federated-learning math and tensor framing: chunking tensors for the wire,
 //! reassembling them with validation, safetensors encoding, and streaming
-//! aggregation (FedAvg).
+//! aggregation (FedAvg with bounded weights and update norms).
 //!
 //! No I/O and no async: callers feed chunks in and take tensors out. Must not
 //! depend on candle, storage or networking crates.
@@ -8,7 +8,9 @@
 pub mod aggregate;
 pub mod wire;
 
-pub use aggregate::FedAvg;
+pub use aggregate::{
+    AggregationRules, CheckedUpdate, FedAvg, UpdateCheck, capped_weights, lower_median,
+};
 pub use wire::{TensorAssembler, chunk_tensors, from_safetensors, to_safetensors};
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -25,6 +27,12 @@ pub enum FlError {
     Safetensors(String),
     #[error("tensor {tensor:?} holds a non-finite value")]
     NonFinite { tensor: String },
+    #[error("update norm {norm:.4e} is over the bound {bound:.4e}")]
+    UpdateTooLarge { norm: f64, bound: f64 },
+    #[error("tensor {tensor:?} would no longer be finite with this update applied")]
+    NonFiniteResult { tensor: String },
+    #[error("the aggregate is not finite (tensor {tensor:?}); it is not stored")]
+    NonFiniteAggregate { tensor: String },
 }
 
 /// Default chunk size on the wire (DESIGN §1: 1 MiB).

@@ -11,8 +11,12 @@ use rand::{Rng, SeedableRng};
 
 use crate::{Dataset, NamedTensor, TrainError};
 
-/// Output channels of the two cnn convolutions.
-const CONV_CHANNELS: [usize; 2] = [16, 32];
+/// Output channels of the two cnn convolutions (one definition, in core, which also
+/// counts parameters for the server's size limit).
+const CONV_CHANNELS: [usize; 2] = [
+    cohort_core::spec::CNN_CHANNELS[0] as usize,
+    cohort_core::spec::CNN_CHANNELS[1] as usize,
+];
 /// Rows per forward pass in [`evaluate`]; bounds memory on large test sets.
 const EVAL_BATCH: usize = 1024;
 
@@ -225,6 +229,31 @@ pub fn init_model(
         .collect();
     out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
+}
+
+/// Checks that `weights` are a `spec` model for data of `features` inputs and `classes`
+/// outputs: every tensor there, of the right shape, finite. The error names the tensor.
+pub fn check_weights(
+    spec: &ModelSpec,
+    weights: &[NamedTensor],
+    features: usize,
+    classes: usize,
+) -> Result<(), TrainError> {
+    let expected = layout(spec, features, classes)?;
+    let output = &expected.params[expected.params.len() - 2];
+    if let Some(t) = weights.iter().find(|t| t.name == output.name)
+        && t.shape != output.shape
+    {
+        return Err(TrainError::weights(
+            &output.name,
+            format!(
+                "has shape {:?} but a {:?} model for {features} features and {classes} \
+                 classes needs {:?}",
+                t.shape, spec.arch, output.shape
+            ),
+        ));
+    }
+    match_weights(spec, weights, features).map(|_| ())
 }
 
 /// Checks `weights` against the model `spec` describes for `features` inputs; returns the

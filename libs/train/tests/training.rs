@@ -27,6 +27,7 @@ fn model(arch: Arch, hidden: &[u32]) -> ModelSpec {
         arch,
         hidden: hidden.to_vec(),
         init: None,
+        name: None,
     }
 }
 
@@ -261,5 +262,51 @@ fn fedavg_over_dirichlet_shards_reaches_target() {
     assert!(
         last >= 0.90,
         "FedAvg held-out accuracy {last} after 10 rounds"
+    );
+}
+
+#[test]
+fn parameter_count_matches_the_built_layout() {
+    // The server limits model size with core's count before any model is built: it must
+    // be exactly what training builds.
+    for (spec, features, classes) in [
+        (model(Arch::Logreg, &[]), 64, 10),
+        (model(Arch::Mlp, &[32]), 64, 10),
+        (model(Arch::Mlp, &[128, 7, 3]), 784, 10),
+        (model(Arch::Cnn, &[]), 64, 10),
+        (model(Arch::Cnn, &[]), 784, 10),
+        (model(Arch::Cnn, &[]), 9, 3),
+    ] {
+        let built: usize = cohort_train::param_shapes(&spec, features, classes)
+            .expect("layout")
+            .iter()
+            .map(|(_, shape)| shape.iter().product::<usize>())
+            .sum();
+        assert_eq!(
+            spec.parameter_count(features as u64, classes as u64),
+            built as u64,
+            "{spec:?} {features}x{classes}"
+        );
+    }
+}
+
+#[test]
+fn weights_are_checked_against_the_data_shape() {
+    let spec = model(Arch::Mlp, &[32]);
+    let weights = cohort_train::init_model(&spec, 64, 10, 1).expect("init");
+    cohort_train::check_weights(&spec, &weights, 64, 10).expect("fits its own shape");
+    let err = cohort_train::check_weights(&spec, &weights, 32, 10)
+        .expect_err("fewer features")
+        .to_string();
+    assert!(
+        err.contains("fc0.weight") && err.contains("[32, 64]"),
+        "{err}"
+    );
+    let err = cohort_train::check_weights(&spec, &weights, 64, 3)
+        .expect_err("other classes")
+        .to_string();
+    assert!(
+        err.contains("fc1.weight") && err.contains("[3, 32]"),
+        "{err}"
     );
 }

@@ -1,12 +1,16 @@
 //! coordinator: runs one job's rounds. Selects a cohort through
 //! client-selector, serves the global model, folds updates into a streaming
-//! FedAvg aggregate, runs federated evaluation, stores each round's model in
-//! model-manager and reports progress to job-scheduler.
+//! FedAvg aggregate with bounded weights and norms, runs federated evaluation,
+//! stores each round's model in model-manager (as a member of the job's
+//! namespace) and reports progress, failures and their reasons to job-scheduler.
 //!
 //! Owns no store: its checkpoint is the last round job-scheduler recorded with
 //! the model version model-manager holds. Talks to other services over gRPC only.
+//! `round_state` holds the round's rules and knows no gRPC; `round_service` is the
+//! edge parties call; `rounds` drives the job.
 
 pub mod round_service;
+pub mod round_state;
 mod rounds;
 
 use std::time::Duration;
@@ -17,7 +21,8 @@ use cohort_proto::v1 as pb;
 use cohort_runtime::{Listener, ServiceArgs, channel, retry_unavailable};
 use tonic::service::Routes;
 
-use crate::round_service::{ControlApi, RoundApi, RoundShared};
+use crate::round_service::{ControlApi, RoundApi};
+use crate::round_state::RoundState;
 use crate::rounds::{Clients, JobRun, Outcome};
 
 #[derive(Debug, clap::Parser)]
@@ -45,6 +50,10 @@ pub struct Args {
     /// Updates received at once; each holds one model's worth of memory.
     #[arg(long, env = "COHORT_MAX_CONCURRENT_UPLOADS", default_value_t = 4)]
     pub max_concurrent_uploads: usize,
+    /// An update upload or model fetch that moves nothing for this long is dropped (the
+    /// party may try again, a few times per task).
+    #[arg(long, env = "COHORT_UPLOAD_IDLE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub upload_idle_timeout: Duration,
     /// Mutual TLS with the other services. With it, every round call must
     /// name its party (the proxy sets it from the party's certificate).
     #[command(flatten)]
@@ -53,6 +62,30 @@ pub struct Args {
 
 /// How long to keep retrying job-scheduler while it restarts.
 const SCHEDULER_PATIENCE: Duration = Duration::from_secs(120);
+
+/// Cancels the job's tasks on the parties and reports its end to job-scheduler.
+async fn finish(clients: &Clients, job_id: &JobId, state: pb::JobState, reason: &str) {
+    let mut c = clients.selector.clone();
+    let _ = c
+        .cancel_job_tasks(pb::CancelJobTasksRequest {
+            job_id: job_id.to_string(),
+            reason: reason.to_string(),
+        })
+        .await;
+    let res = retry_unavailable("finish job", SCHEDULER_PATIENCE, || {
+        let mut c = clients.scheduler.clone();
+        let req = pb::FinishJobRequest {
+            job_id: job_id.to_string(),
+            state: state as i32,
+            reason: reason.to_string(),
+        };
+        async move { c.finish_job(req).await }
+    })
+    .await;
+    if let Err(s) = res {
+        tracing::error!(job = %job_id, status = %s.message(), "cannot report the job's end");
+    }
+}
 
 impl Args {
     pub async fn run(self) -> anyhow::Result<()> {
@@ -92,8 +125,19 @@ impl Args {
         .await
         .context("cannot get the job's assignment from job-scheduler")?
         .into_inner();
+        if self.upload_idle_timeout < Duration::from_secs(1) {
+            anyhow::bail!("--upload-idle-timeout: must be at least 1s");
+        }
         let job = assignment.job.clone().context("assignment without a job")?;
-        let spec = JobSpec::from_json(&job.spec_json).context("the stored job spec is invalid")?;
+        let spec = match JobSpec::from_json(&job.spec_json) {
+            Ok(spec) => spec,
+            Err(e) => {
+                // Deterministic: a relaunch would fail the same way.
+                let reason = format!("the stored job spec is invalid: {e}");
+                finish(&clients, &job_id, pb::JobState::Failed, &reason).await;
+                anyhow::bail!(reason);
+            }
+        };
         if given_spec.as_ref().is_some_and(|given| given != &spec) {
             anyhow::bail!(
                 "--job-spec: the spec differs from job-scheduler's for job {job_id} (a stale file?)"
@@ -106,14 +150,15 @@ impl Args {
             .advertise
             .clone()
             .unwrap_or_else(|| cohort_runtime::advertised(listener.local_addr()));
-        let shared = RoundShared::new(Vec::new(), self.max_concurrent_uploads);
+        let state = RoundState::new(self.max_concurrent_uploads);
         let routes = Routes::new(pb::round_server::RoundServer::new(RoundApi {
-            shared: shared.clone(),
+            state: state.clone(),
             require_party,
+            idle_timeout: self.upload_idle_timeout,
         }))
         .add_service(
             pb::coordinator_control_server::CoordinatorControlServer::new(ControlApi {
-                shared: shared.clone(),
+                state: state.clone(),
             }),
         );
         let (server_stop_tx, server_stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -128,11 +173,11 @@ impl Args {
 
         let run = JobRun {
             job_id: job_id.clone(),
-            model_name: job.model_name.clone(),
             spec,
             clients: clients.clone(),
-            shared: shared.clone(),
+            state: state.clone(),
             endpoint: endpoint.clone(),
+            max_model_parameters: assignment.max_model_parameters,
         };
         let outcome = tokio::select! {
             outcome = run.run(assignment) => Some(outcome),
@@ -149,26 +194,7 @@ impl Args {
             }
             Some(Outcome::Finish(state, reason)) => {
                 tracing::info!(job = %job_id, state = ?state, %reason, "job finished");
-                let mut c = clients.selector.clone();
-                let _ = c
-                    .cancel_job_tasks(pb::CancelJobTasksRequest {
-                        job_id: job_id.to_string(),
-                        reason: reason.clone(),
-                    })
-                    .await;
-                let res = retry_unavailable("finish job", SCHEDULER_PATIENCE, || {
-                    let mut c = clients.scheduler.clone();
-                    let req = pb::FinishJobRequest {
-                        job_id: job_id.to_string(),
-                        state: state as i32,
-                        reason: reason.clone(),
-                    };
-                    async move { c.finish_job(req).await }
-                })
-                .await;
-                if let Err(s) = res {
-                    tracing::error!(job = %job_id, status = %s.message(), "cannot report the job's end");
-                }
+                finish(&clients, &job_id, state, &reason).await;
             }
         }
         let _ = server_stop_tx.send(());

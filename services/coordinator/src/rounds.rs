@@ -1,20 +1,22 @@
-//! The round loop: offer tasks, collect updates until quorum and completion or
-//! the round timeout, aggregate, evaluate, checkpoint, report.
+//! The round loop: offer tasks, collect updates until quorum and completion or the round
+//! timeout, aggregate, evaluate, checkpoint, report. Every failure ends as the job's reason
+//! (or the round's log entries), not only as a line in this process's log.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cohort_core::{JobId, JobSpec, NamedTensor, spec::parse_model_ref};
-use cohort_fl::{FedAvg, from_safetensors, to_safetensors};
+use cohort_core::{JobId, JobSpec, NamedTensor, Role, TaskKind, spec::parse_model_ref};
+use cohort_fl::{AggregationRules, capped_weights, from_safetensors, lower_median, to_safetensors};
 use cohort_proto::v1 as pb;
 use cohort_runtime::retry_unavailable;
+use cohort_runtime::wire::{act_as, task_kind_to_wire};
 use futures::StreamExt;
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
 use crate::SCHEDULER_PATIENCE;
-use crate::round_service::{EvalSum, RoundShared, Ticket, TicketState};
+use crate::round_state::{Accepted, EvalReport, Note, NoteKind, RoundState, TaskProgress};
 
 #[derive(Clone)]
 pub struct Clients {
@@ -32,17 +34,20 @@ pub enum Outcome {
 
 pub struct JobRun {
     pub job_id: JobId,
-    pub model_name: String,
     pub spec: JobSpec,
     pub clients: Clients,
-    pub shared: Arc<RoundShared>,
+    pub state: Arc<RoundState>,
     pub endpoint: String,
+    /// Most parameters the model may have (from job-scheduler); 0: no limit.
+    pub max_model_parameters: u64,
 }
 
 /// How long parties get to answer an offer.
 const OFFER_REPLY_TIMEOUT_MS: u32 = 5_000;
 /// How often a waiting round re-checks its tasks' liveness.
 const TASK_POLL: Duration = Duration::from_millis(500);
+/// How long model-manager may be away before a round's model counts as unstorable.
+const STORAGE_PATIENCE: Duration = Duration::from_secs(120);
 
 enum Failure {
     Fail(String),
@@ -60,26 +65,86 @@ impl From<Failure> for Outcome {
     }
 }
 
-/// Services the coordinator depends on may restart; keep trying for a while.
-fn unavailable(what: &str, s: tonic::Status) -> Failure {
-    Failure::Abandon(format!("{what}: {}", s.message()))
+/// The parties of the job's dataset as the coordinator sees them.
+struct Cohort {
+    /// The data shape the job's model is built for.
+    features: u32,
+    classes: u32,
+    /// Samples each party registered when the job started (or when first seen): what its
+    /// word weighs at most.
+    registered: HashMap<String, u64>,
+    /// Parties already logged as left out (data of another shape).
+    left_out: HashSet<String>,
+}
+
+/// A round's training, once collected.
+struct Trained {
+    updates: u32,
+    train_loss: f64,
+    dropped: u32,
+    task_failures: u32,
+}
+
+/// A round's evaluation, bounded: weights capped like updates; `robust` is the lower median
+/// of the parties' accuracies (None with fewer than two reports).
+struct Evaluated {
+    metrics: pb::Metrics,
+    robust: Option<f64>,
+}
+
+/// Tasks of one offer that did not deliver, with their parties' reasons.
+#[derive(Default)]
+struct Waited {
+    failures: Vec<(String, String, String)>,
 }
 
 impl JobRun {
     fn stop_reason(&self) -> Option<String> {
-        self.shared.stop.borrow().clone()
+        self.state.stop_reason()
     }
 
-    pub async fn run(&self, assignment: pb::Assignment) -> Outcome {
-        match self.run_inner(assignment).await {
-            Ok(outcome) => outcome,
-            Err(f) => f.into(),
+    fn model_name(&self) -> String {
+        self.spec.model_name(&self.job_id)
+    }
+
+    fn rules(&self) -> AggregationRules {
+        let a = &self.spec.aggregation;
+        AggregationRules {
+            max_weight_share: a.max_weight_share,
+            max_update_norm: a.max_update_norm.map(|n| (n, a.norm_action)),
         }
     }
 
+    /// A model-manager request made for the job's namespace: the coordinator reads and
+    /// writes models as a member of it, never as an all-powerful internal caller.
+    fn for_job<T>(&self, msg: T) -> Result<tonic::Request<T>, Failure> {
+        let mut req = tonic::Request::new(msg);
+        act_as(&mut req, &self.spec.namespace, Role::Member)
+            .map_err(|s| Failure::Fail(s.message().to_string()))?;
+        Ok(req)
+    }
+
+    pub async fn run(&self, assignment: pb::Assignment) -> Outcome {
+        let outcome = match self.run_inner(assignment).await {
+            Ok(outcome) => outcome,
+            Err(f) => f.into(),
+        };
+        if let Outcome::Finish(pb::JobState::Failed, reason) = &outcome {
+            self.state.note(Note {
+                kind: NoteKind::RoundFailed,
+                round: 0,
+                party: String::new(),
+                task_id: String::new(),
+                message: reason.clone(),
+            });
+        }
+        self.flush_log().await;
+        outcome
+    }
+
     async fn run_inner(&self, assignment: pb::Assignment) -> Result<Outcome, Failure> {
-        let global = self.initial_model(&assignment).await?;
-        self.shared.set_global(global);
+        let (global, mut cohort) = self.initial_model(&assignment).await?;
+        self.state.set_global(global);
         let ready = retry_unavailable("coordinator ready", SCHEDULER_PATIENCE, || {
             let mut c = self.clients.scheduler.clone();
             let req = pb::CoordinatorReadyRequest {
@@ -105,27 +170,35 @@ impl JobRun {
                 return Err(Failure::Stopped(r));
             }
             let started = Instant::now();
-            let (updates, train_loss) = self.train_round(round).await?;
+            self.refresh_cohort(&mut cohort, round).await;
+            let trained = self.train_round(round, &cohort).await?;
+            let refused = self.state.refused();
             let evaluate = round % self.spec.evaluation.every == 0 || round == rounds;
-            let eval = if evaluate {
-                self.evaluate_round(round).await?
+            let evaluated = if evaluate {
+                self.evaluate_round(round, &cohort).await?
             } else {
-                EvalSum::default()
+                Evaluated {
+                    metrics: pb::Metrics::default(),
+                    robust: None,
+                }
             };
-            let metrics = eval.metrics();
+            let metrics = evaluated.metrics;
             let version = self.checkpoint(round, parent_version, &metrics).await?;
             parent_version = version;
             let summary = pb::RoundSummary {
                 round,
                 evaluation: Some(metrics),
-                train_loss,
-                updates,
+                train_loss: trained.train_loss,
+                updates: trained.updates,
                 model_version: version,
                 duration_ms: started.elapsed().as_millis() as u64,
-                refused_updates: u32::try_from(self.shared.lock_collect().refused)
-                    .unwrap_or(u32::MAX),
+                refused_updates: u32::try_from(refused).unwrap_or(u32::MAX),
+                dropped_updates: trained.dropped,
+                task_failures: trained.task_failures,
+                robust_accuracy: evaluated.robust.unwrap_or(0.0),
             };
-            tracing::info!(job = %self.job_id, round, updates, accuracy = metrics.accuracy, loss = metrics.loss, version, "round complete");
+            tracing::info!(job = %self.job_id, round, updates = trained.updates, accuracy = metrics.accuracy, robust_accuracy = ?evaluated.robust, loss = metrics.loss, version, "round complete");
+            self.flush_log().await;
             retry_unavailable("report round", SCHEDULER_PATIENCE, || {
                 let mut c = self.clients.scheduler.clone();
                 let req = pb::ReportRoundRequest {
@@ -135,16 +208,25 @@ impl JobRun {
                 async move { c.report_round(req).await }
             })
             .await
-            .map_err(|s| unavailable("cannot report the round to job-scheduler", s))?;
+            .map_err(|s| {
+                Failure::Abandon(format!(
+                    "cannot report the round to job-scheduler: {}",
+                    s.message()
+                ))
+            })?;
             if metrics.samples > 0 {
                 last_accuracy = Some(metrics.accuracy);
             }
-            if let (Some(target), Some(acc)) = (self.spec.stop.target_accuracy, last_accuracy)
-                && acc >= target
+            // One party's claim cannot end the job: the stop rule reads the lower median.
+            if let (Some(target), Some(robust)) = (self.spec.stop.target_accuracy, evaluated.robust)
+                && robust >= target
             {
                 return Ok(Outcome::Finish(
                     pb::JobState::Succeeded,
-                    format!("target accuracy {target} reached in round {round} ({acc:.4})"),
+                    format!(
+                        "target accuracy {target} reached in round {round} (median party \
+                         accuracy {robust:.4})"
+                    ),
                 ));
             }
         }
@@ -155,217 +237,408 @@ impl JobRun {
         Ok(Outcome::Finish(pb::JobState::Succeeded, reason))
     }
 
-    /// Resume from the checkpoint, start from `model.init`, or initialise from
-    /// the dataset's shape as the connected parties describe it.
+    /// Sends the job's pending log entries to job-scheduler (best effort: a log that cannot
+    /// be written does not stop the job).
+    async fn flush_log(&self) {
+        let notes = self.state.take_notes();
+        for batch in notes.chunks(100) {
+            let events: Vec<pb::EventNote> = batch
+                .iter()
+                .map(|n| pb::EventNote {
+                    kind: n.kind.as_str().to_string(),
+                    round: n.round,
+                    party: n.party.clone(),
+                    task_id: n.task_id.clone(),
+                    message: n.message.clone(),
+                })
+                .collect();
+            let res = retry_unavailable("record events", Duration::from_secs(10), || {
+                let mut c = self.clients.scheduler.clone();
+                let req = pb::RecordEventsRequest {
+                    job_id: self.job_id.to_string(),
+                    events: events.clone(),
+                };
+                async move { c.record_events(req).await }
+            })
+            .await;
+            if let Err(s) = res {
+                tracing::warn!(job = %self.job_id, entries = events.len(), status = %s.message(), "cannot write the job's log");
+                return;
+            }
+        }
+    }
+
+    /// Resumes from the checkpoint, starts from `model.init`, or initialises from the
+    /// dataset's shape. The shape is the one most holders registered, or the one the given
+    /// model fits; parties of another shape are left out of the job.
     async fn initial_model(
         &self,
         assignment: &pb::Assignment,
-    ) -> Result<Vec<NamedTensor>, Failure> {
-        if assignment.resume_model_version > 0 {
+    ) -> Result<(Vec<NamedTensor>, Cohort), Failure> {
+        let summary = self.describe_dataset().await?;
+        let mut shapes: Vec<(u32, u32, usize, u64)> = Vec::new();
+        for h in &summary.holders {
+            match shapes
+                .iter_mut()
+                .find(|s| (s.0, s.1) == (h.features, h.classes))
+            {
+                Some(s) => {
+                    s.2 += 1;
+                    s.3 += h.samples;
+                }
+                None => shapes.push((h.features, h.classes, 1, h.samples)),
+            }
+        }
+        shapes.sort_by(|a, b| {
+            b.2.cmp(&a.2)
+                .then(b.3.cmp(&a.3))
+                .then((a.0, a.1).cmp(&(b.0, b.1)))
+        });
+        if shapes.is_empty() {
+            shapes.push((summary.features, summary.classes, 0, 0));
+        }
+        let given = if assignment.resume_model_version > 0 {
             tracing::info!(
                 version = assignment.resume_model_version,
                 "resuming from checkpoint"
             );
-            return self
-                .download(&self.model_name, assignment.resume_model_version)
-                .await;
-        }
-        if let Some(init) = &self.spec.model.init {
+            let name = self.model_name();
+            Some((
+                "the checkpoint",
+                self.download(&name, assignment.resume_model_version)
+                    .await
+                    .map_err(|e| Failure::Fail(format!("cannot resume: {e}")))?,
+            ))
+        } else if let Some(init) = &self.spec.model.init {
             let (name, version) = parse_model_ref(init).map_err(Failure::Fail)?;
-            return self.download(&name, version).await;
-        }
-        let dataset = &self.spec.data.dataset;
-        let deadline = Instant::now() + self.spec.clients.round_timeout;
-        let summary = loop {
-            let mut c = self.clients.selector.clone();
-            match c
-                .describe_dataset(pb::DescribeDatasetRequest {
-                    name: dataset.clone(),
-                })
+            let weights = self
+                .download(&name, version)
                 .await
-            {
-                Ok(s) => break s.into_inner(),
-                Err(s) if s.code() == tonic::Code::FailedPrecondition => {
-                    return Err(Failure::Fail(format!("data.dataset: {}", s.message())));
-                }
-                Err(s) if Instant::now() >= deadline => {
+                .map_err(|e| Failure::Fail(format!("model.init: {e}")))?;
+            Some(("model.init", weights))
+        } else {
+            None
+        };
+        let (weights, features, classes) = match given {
+            Some((what, weights)) => {
+                let fits = |f: u32, c: u32| {
+                    cohort_train::check_weights(&self.spec.model, &weights, f as usize, c as usize)
+                };
+                let Some(&(f, c, _, _)) = shapes.iter().find(|s| fits(s.0, s.1).is_ok()) else {
+                    let (f, c) = (shapes[0].0, shapes[0].1);
+                    let why = fits(f, c).err().map(|e| e.to_string()).unwrap_or_default();
                     return Err(Failure::Fail(format!(
-                        "cannot size the model: {} (waited {:?})",
-                        s.message(),
-                        self.spec.clients.round_timeout
+                        "{what} does not fit dataset {:?} ({f} features, {c} classes): {why}",
+                        self.spec.data.dataset
                     )));
-                }
-                Err(_) => {
-                    if let Some(r) = self.stop_reason() {
-                        return Err(Failure::Stopped(r));
-                    }
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
+                };
+                self.check_size(f, c)?;
+                (weights, f, c)
+            }
+            None => {
+                let (f, c) = (shapes[0].0, shapes[0].1);
+                self.check_size(f, c)?;
+                let seed = self
+                    .spec
+                    .seed
+                    .unwrap_or_else(|| seed_of(self.job_id.as_str()));
+                let weights =
+                    cohort_train::init_model(&self.spec.model, f as usize, c as usize, seed)
+                        .map_err(|e| Failure::Fail(format!("cannot build the model: {e}")))?;
+                (weights, f, c)
             }
         };
-        cohort_train::init_model(
-            &self.spec.model,
-            summary.features as usize,
-            summary.classes as usize,
-            seed_of(self.job_id.as_str()),
-        )
-        .map_err(|e| Failure::Fail(format!("cannot initialise the model: {e}")))
+        tracing::info!(
+            features,
+            classes,
+            tensors = weights.len(),
+            "model ready for dataset {}",
+            self.spec.data.dataset
+        );
+        let cohort = Cohort {
+            features,
+            classes,
+            registered: HashMap::new(),
+            left_out: HashSet::new(),
+        };
+        Ok((weights, cohort))
     }
 
-    async fn download(&self, name: &str, version: u32) -> Result<Vec<NamedTensor>, Failure> {
-        let mut c = self.clients.models.clone();
-        let mut stream = c
-            .download(pb::GetVersionRequest {
-                name: name.to_string(),
-                version,
-            })
-            .await
-            .map_err(|s| match s.code() {
-                tonic::Code::NotFound => {
-                    Failure::Fail(format!("model {name}@{version}: {}", s.message()))
-                }
-                _ => unavailable("cannot download the model", s),
-            })?
-            .into_inner();
-        let mut bytes = Vec::new();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk
-                .map_err(|s| Failure::Fail(format!("model {name}@{version}: {}", s.message())))?;
-            bytes.extend_from_slice(&chunk.data);
-        }
-        from_safetensors(&bytes).map_err(|e| Failure::Fail(format!("model {name}@{version}: {e}")))
-    }
-
-    /// Offers training to the cohort and collects updates. Returns the number
-    /// of updates and the sample-weighted mean training loss.
-    async fn train_round(&self, round: u32) -> Result<(u32, f64), Failure> {
-        let global = self.shared.global();
-        {
-            let mut c = self.shared.lock_collect();
-            c.round = round;
-            c.tickets.clear();
-            c.aggregate = Some(FedAvg::new(&global));
-            c.train_loss_sum = 0.0;
-            c.train_samples = 0;
-            c.refused = 0;
-        }
-        let clients = &self.spec.clients;
-        let deadline = Instant::now() + clients.round_timeout;
-        let mut accepted_total = 0usize;
-        let mut missing: Vec<String>;
-        // Tasks that fail early (an executor crash, a party gone) are offered
-        // again, to other parties first, until quorum or the round timeout.
-        loop {
-            let (updates, delivered) = self.delivered(round);
-            let accepted = self
-                .offer_until(
-                    round,
-                    pb::TaskKind::Train,
-                    clients.per_round.saturating_sub(updates),
-                    clients.min.saturating_sub(updates),
-                    deadline,
-                    delivered.clone(),
-                )
-                .await?;
-            accepted_total += accepted.len();
-            if updates + (accepted.len() as u32) < clients.min {
-                return Err(Failure::Fail(format!(
-                    "round {round}: quorum not met: {} of the required {} parties (clients.min) accepted the task within clients.round_timeout {}",
-                    updates as usize + accepted.len(),
-                    clients.min,
-                    humantime::format_duration(clients.round_timeout)
-                )));
-            }
-            let done = self.wait_for(round, &accepted, deadline).await?;
-            missing = accepted
-                .iter()
-                .filter(|a| !done.contains(&a.task_id))
-                .map(|a| a.party.clone())
-                .collect();
-            let (updates, _) = self.delivered(round);
-            if updates >= clients.min || Instant::now() + Duration::from_secs(1) >= deadline {
-                break;
-            }
-            tracing::warn!(
-                round,
-                updates,
-                "quorum not reached yet; offering the task again"
-            );
-            self.shared.forget_undelivered(round);
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-        let mut c = self.shared.lock_collect();
-        let agg = c.aggregate.take();
-        let updates = agg.as_ref().map(|a| a.updates()).unwrap_or(0);
-        if updates < clients.min {
+    /// The model must fit the server's limit for this data shape.
+    fn check_size(&self, features: u32, classes: u32) -> Result<(), Failure> {
+        let count = self
+            .spec
+            .model
+            .parameter_count(u64::from(features), u64::from(classes));
+        if self.max_model_parameters > 0 && count > self.max_model_parameters {
             return Err(Failure::Fail(format!(
-                "round {round}: quorum not met: {updates} update(s) received from {accepted_total} accepted task(s), clients.min is {}; no update from {} within clients.round_timeout {}",
-                clients.min,
-                missing.join(", "),
-                humantime::format_duration(clients.round_timeout)
+                "model.hidden: a {:?} model for {features} features and {classes} classes has \
+                 {count} parameters; this server allows at most {}",
+                self.spec.model.arch, self.max_model_parameters
             )));
         }
-        let train_loss = if c.train_samples > 0 {
-            c.train_loss_sum / c.train_samples as f64
-        } else {
-            f64::NAN
-        };
-        drop(c);
-        let new_global = agg
-            .ok_or_else(|| Failure::Fail("aggregate vanished".into()))?
-            .apply(&global)
-            .map_err(|e| Failure::Fail(format!("round {round}: aggregation failed: {e}")))?;
-        self.shared.set_global(new_global);
-        Ok((updates, train_loss))
+        Ok(())
     }
 
-    /// Federated evaluation of the new global model on the parties' held-out data.
-    async fn evaluate_round(&self, round: u32) -> Result<EvalSum, Failure> {
-        {
-            let mut c = self.shared.lock_collect();
-            c.tickets.clear();
-            c.eval = EvalSum::default();
-        }
+    /// What the connected parties hold of the job's dataset, waiting up to a round timeout
+    /// for a first holder to connect.
+    async fn describe_dataset(&self) -> Result<pb::DatasetSummary, Failure> {
+        let dataset = &self.spec.data.dataset;
         let deadline = Instant::now() + self.spec.clients.round_timeout;
-        // Evaluate on every party that holds the dataset (up to a bound):
-        // evaluation is cheap and covers the whole held-out data.
-        let parties = {
+        loop {
+            if let Some(r) = self.stop_reason() {
+                return Err(Failure::Stopped(r));
+            }
             let mut c = self.clients.selector.clone();
-            c.describe_dataset(pb::DescribeDatasetRequest {
+            let req = pb::DescribeDatasetRequest {
+                name: dataset.clone(),
+            };
+            match c.describe_dataset(req).await {
+                Ok(s) => return Ok(s.into_inner()),
+                Err(s) if Instant::now() >= deadline => {
+                    return Err(Failure::Fail(format!(
+                        "data.dataset: no connected party holds {dataset:?} within \
+                         clients.round_timeout {} ({})",
+                        humantime::format_duration(self.spec.clients.round_timeout),
+                        s.message()
+                    )));
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+            }
+        }
+    }
+
+    /// Takes note of parties that joined (what they registered now is what they weigh at
+    /// most from now on) and of parties whose data does not fit the job's model.
+    async fn refresh_cohort(&self, cohort: &mut Cohort, round: u32) {
+        let mut c = self.clients.selector.clone();
+        let Ok(summary) = c
+            .describe_dataset(pb::DescribeDatasetRequest {
                 name: self.spec.data.dataset.clone(),
             })
             .await
-            .map(|s| s.into_inner().parties)
-            .unwrap_or(self.spec.clients.per_round)
+        else {
+            return;
         };
+        for h in summary.into_inner().holders {
+            if (h.features, h.classes) != (cohort.features, cohort.classes) {
+                if cohort.left_out.insert(h.party.clone()) {
+                    self.state.note(Note {
+                        kind: NoteKind::PartyLeftOut,
+                        round,
+                        party: h.party.clone(),
+                        task_id: String::new(),
+                        message: format!(
+                            "dataset {:?} has {} features and {} classes at this party; the \
+                             job's model needs {} features and {} classes",
+                            self.spec.data.dataset,
+                            h.features,
+                            h.classes,
+                            cohort.features,
+                            cohort.classes
+                        ),
+                    });
+                    tracing::warn!(party = %h.party, "party left out: its data does not fit the model");
+                }
+                continue;
+            }
+            cohort.registered.entry(h.party).or_insert(h.samples);
+        }
+    }
+
+    /// Downloads `name@version` of the job's namespace. Another namespace's model answers
+    /// exactly like a missing one.
+    async fn download(&self, name: &str, version: u32) -> Result<Vec<NamedTensor>, String> {
+        let mut bytes = Vec::new();
+        let req = self
+            .for_job(pb::GetVersionRequest {
+                name: name.to_string(),
+                version,
+                namespace: self.spec.namespace.clone(),
+            })
+            .map_err(|_| "invalid namespace".to_string())?;
+        let mut c = self.clients.models.clone();
+        let mut stream = c
+            .download(req)
+            .await
+            .map_err(|s| format!("model {name}@{version}: {}", s.message()))?
+            .into_inner();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|s| format!("model {name}@{version}: {}", s.message()))?;
+            bytes.extend_from_slice(&chunk.data);
+        }
+        from_safetensors(&bytes).map_err(|e| format!("model {name}@{version}: {e}"))
+    }
+
+    /// Offers training to the cohort and collects updates. Tasks that fail early (an
+    /// executor crash, a party gone) are offered again, to other parties first, until quorum
+    /// or the round timeout; the same failure from every party fails the round at once.
+    async fn train_round(&self, round: u32, cohort: &Cohort) -> Result<Trained, Failure> {
+        let clients = &self.spec.clients;
+        let deadline = Instant::now() + clients.round_timeout;
+        self.state.begin_training(round, self.rules(), deadline);
+        let mut failures: Vec<(String, String, String)> = Vec::new();
+        let mut accepted_total = 0usize;
+        loop {
+            let engaged = self.state.engaged_parties();
+            let counted = self.state.delivered() + self.state.in_flight();
+            let accepted = self
+                .offer_until(
+                    round,
+                    TaskKind::Train,
+                    clients.per_round.saturating_sub(counted),
+                    clients.min.saturating_sub(counted),
+                    deadline,
+                    engaged,
+                    cohort,
+                )
+                .await?;
+            accepted_total += accepted.len();
+            if counted + (accepted.len() as u32) < clients.min {
+                return Err(self.round_failed(
+                    round,
+                    format!(
+                        "quorum not met: {} of the required {} parties (clients.min) accepted the \
+                         task within clients.round_timeout {}{}",
+                        counted as usize + accepted.len(),
+                        clients.min,
+                        humantime::format_duration(clients.round_timeout),
+                        failure_summary(&failures)
+                    ),
+                ));
+            }
+            let waited = self.wait_for(round, &accepted, deadline).await?;
+            failures.extend(waited.failures);
+            self.flush_log().await;
+            let delivered = self.state.delivered();
+            if delivered >= clients.min || Instant::now() + Duration::from_secs(1) >= deadline {
+                break;
+            }
+            if delivered == 0
+                && self.state.in_flight() == 0
+                && failures.len() >= 2
+                && let Some(reason) = common_reason(&failures)
+            {
+                return Err(self.round_failed(
+                    round,
+                    format!(
+                        "every task failed the same way ({} failures): {reason}",
+                        failures.len()
+                    ),
+                ));
+            }
+            tracing::warn!(
+                round,
+                delivered,
+                "quorum not reached yet; offering the task again"
+            );
+            self.state.forget_undelivered();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let training = self
+            .state
+            .finish_training()
+            .ok_or_else(|| Failure::Fail(format!("round {round}: no training was collected")))?;
+        let updates = training.aggregate.updates();
+        if updates < clients.min {
+            return Err(self.round_failed(
+                round,
+                format!(
+                    "quorum not met: {updates} update(s) received from {accepted_total} accepted \
+                     task(s), clients.min is {} ({} dropped); within clients.round_timeout {}{}",
+                    clients.min,
+                    training.dropped,
+                    humantime::format_duration(clients.round_timeout),
+                    failure_summary(&failures)
+                ),
+            ));
+        }
+        let new_global = training
+            .aggregate
+            .finish()
+            .map_err(|e| self.round_failed(round, format!("aggregation failed: {e}")))?;
+        self.state.set_global(new_global);
+        Ok(Trained {
+            updates,
+            train_loss: training.train_loss,
+            dropped: training.dropped,
+            task_failures: failures.len() as u32,
+        })
+    }
+
+    fn round_failed(&self, round: u32, why: String) -> Failure {
+        Failure::Fail(format!("round {round}: {why}"))
+    }
+
+    /// Federated evaluation of the new global model on the parties' held-out data.
+    async fn evaluate_round(&self, round: u32, cohort: &Cohort) -> Result<Evaluated, Failure> {
+        let deadline = Instant::now() + self.spec.clients.round_timeout;
+        self.state.begin_evaluation(round, deadline);
+        // Evaluate on every party that holds the dataset (up to a bound): evaluation is
+        // cheap and covers the whole held-out data.
+        let parties = cohort.registered.len().clamp(1, 1000) as u32;
         let accepted = self
             .offer_until(
                 round,
-                pb::TaskKind::Evaluate,
-                parties.clamp(1, 1000),
+                TaskKind::Evaluate,
+                parties,
                 1,
                 deadline,
                 Vec::new(),
+                cohort,
             )
             .await?;
         if accepted.is_empty() {
             tracing::warn!(round, "no party accepted the evaluation");
-            return Ok(EvalSum::default());
+        } else {
+            self.wait_for(round, &accepted, deadline).await?;
         }
-        self.wait_for(round, &accepted, deadline).await?;
-        Ok(self.shared.lock_collect().eval.clone())
+        let reports = self.state.finish_evaluation();
+        Ok(self.summarise(&reports))
     }
 
-    /// Offers tasks until `want` parties accepted, or at least `min` did and no
-    /// more are available, or the deadline passes.
+    /// The round's evaluation from the parties' reports, with their weights capped like
+    /// updates.
+    fn summarise(&self, reports: &[EvalReport]) -> Evaluated {
+        if reports.is_empty() {
+            return Evaluated {
+                metrics: pb::Metrics::default(),
+                robust: None,
+            };
+        }
+        let raw: Vec<f64> = reports.iter().map(|r| r.weight).collect();
+        let weights = capped_weights(&raw, self.spec.aggregation.max_weight_share);
+        let total: f64 = weights.iter().sum();
+        let (mut loss, mut accuracy) = (0.0, 0.0);
+        for (r, w) in reports.iter().zip(&weights) {
+            loss += r.loss * w / total;
+            accuracy += r.accuracy * w / total;
+        }
+        let accuracies: Vec<f64> = reports.iter().map(|r| r.accuracy).collect();
+        Evaluated {
+            metrics: pb::Metrics {
+                loss,
+                accuracy,
+                samples: raw.iter().sum::<f64>() as u64,
+            },
+            robust: (reports.len() >= 2)
+                .then(|| lower_median(&accuracies))
+                .flatten(),
+        }
+    }
+
+    /// Offers tasks until `want` parties accepted, or at least `min` did and no more are
+    /// available, or the deadline passes.
+    #[allow(clippy::too_many_arguments)]
     async fn offer_until(
         &self,
         round: u32,
-        kind: pb::TaskKind,
+        kind: TaskKind,
         want: u32,
         min: u32,
         deadline: Instant,
         exclude: Vec<String>,
+        cohort: &Cohort,
     ) -> Result<Vec<pb::AcceptedTask>, Failure> {
         let mut accepted: Vec<pb::AcceptedTask> = Vec::new();
         let mut last_refusals: HashMap<String, String> = HashMap::new();
@@ -378,30 +651,20 @@ impl JobRun {
                 break;
             }
             // Mint the tokens first, so a party that is quick to call finds them.
-            let tokens: Vec<String> = (0..need).map(|_| cohort_core::random_token(32)).collect();
-            self.shared.bind(tokens.iter().map(|t| {
-                (
-                    t.clone(),
-                    Ticket {
-                        party: String::new(),
-                        task_id: String::new(),
-                        kind,
-                        round,
-                        samples_cap: 0,
-                        state: TicketState::Issued,
-                    },
-                )
-            }));
+            let tokens = self.state.mint(kind, need);
             let template = pb::Task {
                 spec_json: self.spec.to_json(),
                 deadline_ms: cohort_runtime::now_ms()
-                    + (deadline - Instant::now()).as_millis() as i64,
+                    + deadline
+                        .saturating_duration_since(Instant::now())
+                        .as_millis() as i64,
+                seed: self.task_seed(round),
                 ..Default::default()
             };
             let req = pb::OfferTasksRequest {
                 job_id: self.job_id.to_string(),
                 round,
-                kind: kind as i32,
+                kind: task_kind_to_wire(kind) as i32,
                 dataset: self.spec.data.dataset.clone(),
                 count: need,
                 selection: self.spec.clients.selection.as_str().to_string(),
@@ -413,30 +676,34 @@ impl JobRun {
                     .chain(accepted.iter().map(|a| a.party.clone()))
                     .collect(),
                 task_tokens: tokens.clone(),
+                features: cohort.features,
+                classes: cohort.classes,
             };
             let mut c = self.clients.selector.clone();
             match c.offer_tasks(req).await {
                 Ok(resp) => {
                     let resp = resp.into_inner();
-                    self.shared.forget_unbound(&tokens, &resp.accepted);
-                    self.shared.bind(resp.accepted.iter().map(|a| {
-                        (
-                            a.task_token.clone(),
-                            Ticket {
-                                party: a.party.clone(),
-                                task_id: a.task_id.clone(),
-                                kind,
-                                round,
-                                samples_cap: a.samples,
-                                state: TicketState::Issued,
-                            },
-                        )
-                    }));
+                    // A party weighs at most what it registered when the job started.
+                    let bound: Vec<Accepted> = resp
+                        .accepted
+                        .iter()
+                        .map(|a| Accepted {
+                            token: a.task_token.clone(),
+                            party: a.party.clone(),
+                            task_id: a.task_id.clone(),
+                            samples_cap: cohort
+                                .registered
+                                .get(&a.party)
+                                .map_or(a.samples, |r| (*r).min(a.samples))
+                                .max(1),
+                        })
+                        .collect();
+                    self.state.bind(&tokens, &bound);
                     accepted.extend(resp.accepted);
                     last_refusals = resp.refused;
                 }
                 Err(s) => {
-                    self.shared.forget_unbound(&tokens, &[]);
+                    self.state.bind(&tokens, &[]);
                     tracing::warn!(round, status = %s.message(), "client-selector did not take the offer")
                 }
             }
@@ -460,103 +727,125 @@ impl JobRun {
         Ok(accepted)
     }
 
-    /// Updates folded so far this round, and the parties that sent them.
-    fn delivered(&self, round: u32) -> (u32, Vec<String>) {
-        let c = self.shared.lock_collect();
-        let parties: Vec<String> = c
-            .tickets
-            .values()
-            .filter(|t| t.round == round && t.state == TicketState::Done)
-            .map(|t| t.party.clone())
-            .collect();
-        (parties.len() as u32, parties)
+    /// The seed handed to this round's tasks: from the spec's `seed`, so a rerun repeats the
+    /// parties' data order (client-selector mixes in the party); 0 (random) without one.
+    fn task_seed(&self, round: u32) -> u64 {
+        match self.spec.seed {
+            Some(seed) => seed_of(&format!("{seed}/{round}")).max(1),
+            None => 0,
+        }
     }
 
-    /// Waits until every accepted task delivered or ended, or the deadline.
-    /// Returns the ids of tasks that delivered.
+    /// Waits until every accepted task delivered or ended, or the deadline. Failed tasks go
+    /// to the job's log with their party's reason.
     async fn wait_for(
         &self,
         round: u32,
         accepted: &[pb::AcceptedTask],
         deadline: Instant,
-    ) -> Result<Vec<String>, Failure> {
+    ) -> Result<Waited, Failure> {
         let ids: Vec<String> = accepted.iter().map(|a| a.task_id.clone()).collect();
+        let party_of: HashMap<&str, &str> = accepted
+            .iter()
+            .map(|a| (a.task_id.as_str(), a.party.as_str()))
+            .collect();
+        let mut waited = Waited::default();
         loop {
             if let Some(r) = self.stop_reason() {
                 return Err(Failure::Stopped(r));
             }
-            let delivered: Vec<String> = {
-                let c = self.shared.lock_collect();
-                c.tickets
-                    .values()
-                    .filter(|t| t.round == round && t.state == TicketState::Done)
-                    .map(|t| t.task_id.clone())
-                    .collect()
-            };
-            let pending: Vec<&String> = ids.iter().filter(|id| !delivered.contains(id)).collect();
+            let progress = self.state.task_progress(&ids);
+            let pending: Vec<String> = ids
+                .iter()
+                .filter(|id| {
+                    matches!(
+                        progress.get(*id),
+                        Some(TaskProgress::Pending | TaskProgress::InFlight)
+                    )
+                })
+                .cloned()
+                .collect();
             if pending.is_empty() || Instant::now() >= deadline {
-                return Ok(delivered);
+                return Ok(waited);
             }
             // Tasks whose party left or whose executor failed will not deliver.
             let mut c = self.clients.selector.clone();
             if let Ok(states) = c
                 .task_states(pb::TaskStatesRequest {
-                    task_ids: pending.iter().map(|s| s.to_string()).collect(),
+                    task_ids: pending.clone(),
                 })
                 .await
             {
-                let phases = states.into_inner().phases;
-                let in_flight: Vec<String> = {
-                    let c = self.shared.lock_collect();
-                    c.tickets
-                        .values()
-                        .filter(|t| t.state == TicketState::InFlight)
-                        .map(|t| t.task_id.clone())
-                        .collect()
-                };
-                let all_dead = pending.iter().all(|id| {
-                    !in_flight.contains(id)
-                        && matches!(
-                            phases
-                                .get(*id)
-                                .and_then(|p| pb::TaskPhase::try_from(*p).ok()),
-                            Some(
-                                pb::TaskPhase::Failed
-                                    | pb::TaskPhase::Cancelled
-                                    | pb::TaskPhase::Succeeded
+                let states = states.into_inner();
+                let dead: Vec<&String> = pending
+                    .iter()
+                    .filter(|id| {
+                        progress.get(*id) != Some(&TaskProgress::InFlight)
+                            && matches!(
+                                states
+                                    .phases
+                                    .get(*id)
+                                    .and_then(|p| pb::TaskPhase::try_from(*p).ok()),
+                                Some(
+                                    pb::TaskPhase::Failed
+                                        | pb::TaskPhase::Cancelled
+                                        | pb::TaskPhase::Succeeded
+                                )
                             )
-                        )
-                });
-                if all_dead {
+                    })
+                    .collect();
+                if dead.len() == pending.len() {
                     // A task that reported success may still be uploading: give it a moment.
                     tokio::time::sleep(TASK_POLL).await;
-                    let c = self.shared.lock_collect();
-                    return Ok(c
-                        .tickets
-                        .values()
-                        .filter(|t| t.round == round && t.state == TicketState::Done)
-                        .map(|t| t.task_id.clone())
-                        .collect());
+                    let progress = self.state.task_progress(&ids);
+                    for id in dead {
+                        if matches!(
+                            progress.get(id),
+                            Some(TaskProgress::Delivered | TaskProgress::Dropped)
+                        ) {
+                            continue;
+                        }
+                        let party = party_of.get(id.as_str()).copied().unwrap_or_default();
+                        let reason = states
+                            .messages
+                            .get(id)
+                            .filter(|m| !m.is_empty())
+                            .cloned()
+                            .unwrap_or_else(|| "ended without delivering".to_string());
+                        self.state.note(Note {
+                            kind: NoteKind::TaskFailed,
+                            round,
+                            party: party.to_string(),
+                            task_id: id.clone(),
+                            message: reason.clone(),
+                        });
+                        tracing::warn!(round, %party, task = %id, %reason, "task failed");
+                        waited
+                            .failures
+                            .push((party.to_string(), id.clone(), reason));
+                    }
+                    return Ok(waited);
                 }
             }
             let wait = TASK_POLL.min(deadline.saturating_duration_since(Instant::now()));
-            let _ = tokio::time::timeout(wait, self.shared.progress.notified()).await;
+            self.state.progressed(wait).await;
         }
     }
 
-    /// Stores the round's global model as a new version of the job's model.
+    /// Stores the round's global model as a new version of the job's model, as a member of
+    /// the job's namespace. A model that cannot be stored fails the job with the reason.
     async fn checkpoint(
         &self,
         round: u32,
         parent: u32,
         metrics: &pb::Metrics,
     ) -> Result<u32, Failure> {
-        let global = self.shared.global();
+        let global = self.state.global();
         let bytes = to_safetensors(&global)
             .map_err(|e| Failure::Fail(format!("cannot encode the model: {e}")))?;
         let header = pb::UploadVersionRequest {
             part: Some(pb::upload_version_request::Part::Header(pb::UploadHeader {
-                name: self.model_name.clone(),
+                name: self.model_name(),
                 namespace: self.spec.namespace.clone(),
                 lineage: Some(pb::Lineage {
                     job_id: self.job_id.to_string(),
@@ -567,7 +856,7 @@ impl JobRun {
             })),
         };
         let bytes = bytes::Bytes::from(bytes);
-        let version = retry_unavailable("upload model", SCHEDULER_PATIENCE, || {
+        let version = retry_unavailable("upload model", STORAGE_PATIENCE, || {
             let mut c = self.clients.models.clone();
             let mut parts = vec![header.clone()];
             let mut offset = 0;
@@ -580,13 +869,47 @@ impl JobRun {
                 });
                 offset = end;
             }
-            async move { c.upload_version(futures::stream::iter(parts)).await }
+            let req = self.for_job(futures::stream::iter(parts));
+            async move {
+                match req {
+                    Ok(req) => c.upload_version(req).await,
+                    Err(_) => Err(tonic::Status::invalid_argument("namespace")),
+                }
+            }
         })
         .await
-        .map_err(|s| unavailable("cannot store the round's model", s))?
+        .map_err(|s| {
+            Failure::Fail(format!(
+                "round {round}: cannot store the model in model-manager: {}",
+                s.message()
+            ))
+        })?
         .into_inner();
         Ok(version.version)
     }
+}
+
+/// The reason every failure gave, when they all gave the same one.
+fn common_reason(failures: &[(String, String, String)]) -> Option<String> {
+    let first = &failures.first()?.2;
+    failures
+        .iter()
+        .all(|(_, _, reason)| reason == first)
+        .then(|| first.clone())
+}
+
+/// The last few task failures, for a round's failure reason.
+fn failure_summary(failures: &[(String, String, String)]) -> String {
+    if failures.is_empty() {
+        return String::new();
+    }
+    let shown: Vec<String> = failures
+        .iter()
+        .rev()
+        .take(3)
+        .map(|(party, _, reason)| format!("{party}: {reason}"))
+        .collect();
+    format!("; task failures: {}", shown.join("; "))
 }
 
 /// A stable seed per job so a relaunched coordinator initialises identically.
@@ -594,4 +917,23 @@ fn seed_of(s: &str) -> u64 {
     s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failure(party: &str, reason: &str) -> (String, String, String) {
+        (party.into(), format!("{party}-task"), reason.into())
+    }
+
+    #[test]
+    fn a_reason_is_common_only_when_every_failure_gave_it() {
+        let same = [failure("a", "boom"), failure("b", "boom")];
+        assert_eq!(common_reason(&same).as_deref(), Some("boom"));
+        let mixed = [failure("a", "boom"), failure("b", "other")];
+        assert_eq!(common_reason(&mixed), None);
+        assert_eq!(common_reason(&[]), None);
+        assert!(failure_summary(&mixed).contains("b: other"));
+    }
 }
