@@ -3,19 +3,27 @@
 //!
 //! Owns the clients store. Live sessions are in memory: a party that
 //! reconnects after a restart registers again. Must not depend on other
-//! services' stores.
+//! services' stores. What a party claims when it registers is bounded by the
+//! `--max-dataset-*` flags.
 
+pub mod registry;
 pub mod sessions;
 
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use cohort_proto::v1::client_selector_server::ClientSelectorServer;
 use cohort_proto::v1::party_session_server::PartySessionServer;
-use cohort_runtime::{Listener, ServiceArgs};
+use cohort_runtime::{Listener, RuntimeError, ServiceArgs};
+use cohort_store::clients::ClientStore;
+use tokio::sync::oneshot;
 use tonic::service::Routes;
 
-use crate::sessions::{Registry, SelectorApi, SessionApi};
+use crate::registry::Registry;
+pub use crate::registry::{RegistrationLimits, Settings};
+use crate::sessions::{SelectorApi, SessionApi};
 
 #[derive(Debug, clap::Parser)]
 #[command(
@@ -30,17 +38,60 @@ pub struct Args {
     /// How often parties must send a heartbeat; three missed ones end the session.
     #[arg(long, env = "COHORT_HEARTBEAT_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub heartbeat_interval: Duration,
+    /// Most samples a party may register for one dataset (its weight in a job
+    /// is capped by what it registered).
+    #[arg(
+        long,
+        env = "COHORT_MAX_DATASET_SAMPLES",
+        default_value_t = 1_000_000_000
+    )]
+    pub max_dataset_samples: u64,
+    /// Most datasets one party may register.
+    #[arg(long, env = "COHORT_MAX_DATASETS_PER_PARTY", default_value_t = 64)]
+    pub max_datasets_per_party: u32,
+    /// Most features a registered dataset may have.
+    #[arg(long, env = "COHORT_MAX_DATASET_FEATURES", default_value_t = 1_000_000)]
+    pub max_dataset_features: u32,
+    /// Most classes a registered dataset may have.
+    #[arg(long, env = "COHORT_MAX_DATASET_CLASSES", default_value_t = 100_000)]
+    pub max_dataset_classes: u32,
     #[command(flatten)]
     pub tls: cohort_runtime::TlsArgs,
 }
 
 impl Args {
-    pub async fn run(self) -> anyhow::Result<()> {
+    /// The settings these flags give, checked.
+    pub fn settings(&self) -> anyhow::Result<Settings> {
         if self.heartbeat_interval < Duration::from_millis(100)
             || self.heartbeat_interval > Duration::from_secs(600)
         {
             anyhow::bail!("--heartbeat-interval: must be between 100ms and 10m");
         }
+        if self.max_dataset_samples == 0 {
+            anyhow::bail!("--max-dataset-samples: must be at least 1");
+        }
+        if self.max_datasets_per_party == 0 {
+            anyhow::bail!("--max-datasets-per-party: must be at least 1");
+        }
+        if self.max_dataset_features == 0 {
+            anyhow::bail!("--max-dataset-features: must be at least 1");
+        }
+        if self.max_dataset_classes < 2 {
+            anyhow::bail!("--max-dataset-classes: must be at least 2");
+        }
+        Ok(Settings {
+            heartbeat_interval: self.heartbeat_interval,
+            limits: RegistrationLimits {
+                max_datasets: self.max_datasets_per_party as usize,
+                max_samples: self.max_dataset_samples,
+                max_features: self.max_dataset_features,
+                max_classes: self.max_dataset_classes,
+            },
+        })
+    }
+
+    pub async fn run(self) -> anyhow::Result<()> {
+        let settings = self.settings()?;
         let tls = self.tls.load().context("TLS")?;
         let store = cohort_store::open::open_client_store(
             &self.database.database_url,
@@ -52,19 +103,46 @@ impl Args {
         .await
         .context("--database-url: cannot open the clients store")?;
         let listener = Listener::bind_service(&self.service).await?.with_tls(tls);
-        let registry = Registry::new(store, self.heartbeat_interval);
-        let routes = Routes::new(PartySessionServer::new(SessionApi {
-            registry: registry.clone(),
-        }))
-        .add_service(ClientSelectorServer::new(SelectorApi { registry }));
         listener
             .serve(
                 "client-selector",
-                routes,
+                routes(store, settings),
                 self.service.ready_file.as_deref(),
                 cohort_runtime::shutdown_signal(),
             )
             .await?;
         Ok(())
     }
+}
+
+fn routes(store: Arc<dyn ClientStore>, settings: Settings) -> Routes {
+    let registry = Registry::new(store, settings);
+    Routes::new(PartySessionServer::new(SessionApi {
+        registry: registry.clone(),
+    }))
+    .add_service(ClientSelectorServer::new(SelectorApi { registry }))
+}
+
+/// Serves client-selector on a loopback port of this process (plaintext) until
+/// the returned sender is dropped or sent to: for tests.
+pub async fn serve_in_process(
+    store: Arc<dyn ClientStore>,
+    settings: Settings,
+) -> Result<(SocketAddr, oneshot::Sender<()>), RuntimeError> {
+    let listener = Listener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+    let addr = listener.local_addr();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let routes = routes(store, settings);
+    tokio::spawn(async move {
+        let shutdown = async {
+            let _ = stopped.await;
+        };
+        if let Err(e) = listener
+            .serve("client-selector", routes, None, shutdown)
+            .await
+        {
+            tracing::error!(error = %e, "in-process client-selector failed");
+        }
+    });
+    Ok((addr, stop))
 }

@@ -1,218 +1,24 @@
-//! Live party sessions, task offers and task tracking.
+//! The gRPC edge: parties' sessions (PartySession) and the coordinator- and
+//! operator-facing ClientSelector API, over the state in `registry.rs`.
+//! Registrations are validated here, against the configured limits.
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
-use cohort_core::{Action, PartyId, Scope, random_token};
+use cohort_core::{Action, PartyId, Scope};
 use cohort_proto::v1 as pb;
 use cohort_runtime::{ToStatus, calling_party, calling_principal, now_ms};
-use cohort_store::clients::{ClientStore, DatasetEntry, ResourcesEntry, TaskOutcome};
+use cohort_store::clients::{DatasetEntry, ResourcesEntry};
 use futures::{Stream, StreamExt};
 use rand::seq::SliceRandom;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 
-struct Session {
-    id: u64,
-    tx: mpsc::Sender<Result<pb::ServerMessage, Status>>,
-    datasets: Vec<DatasetEntry>,
-    running_tasks: u32,
-}
-
-struct TaskInfo {
-    party: PartyId,
-    job_id: String,
-    phase: pb::TaskPhase,
-    ended_at: Option<Instant>,
-}
-
-#[derive(Default)]
-struct State {
-    sessions: HashMap<PartyId, Session>,
-    offers: HashMap<String, oneshot::Sender<pb::OfferReply>>,
-    tasks: HashMap<String, TaskInfo>,
-    next_session: u64,
-}
-
-pub struct Registry {
-    store: Arc<dyn ClientStore>,
-    heartbeat_interval: Duration,
-    state: Mutex<State>,
-}
-
-/// Ended tasks are remembered this long for TaskStates queries.
-const TASK_MEMORY: Duration = Duration::from_secs(600);
-
-impl Registry {
-    pub fn new(store: Arc<dyn ClientStore>, heartbeat_interval: Duration) -> Arc<Self> {
-        Arc::new(Self {
-            store,
-            heartbeat_interval,
-            state: Mutex::default(),
-        })
-    }
-
-    fn with_state<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
-        let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        f(&mut guard)
-    }
-
-    fn end_session(&self, party: &PartyId, session_id: u64) {
-        let dropped = self.with_state(|s| {
-            if s.sessions.get(party).is_some_and(|x| x.id == session_id) {
-                s.sessions.remove(party);
-                let mut failed = 0;
-                for t in s.tasks.values_mut() {
-                    if &t.party == party && t.phase == pb::TaskPhase::Running {
-                        t.phase = pb::TaskPhase::Failed;
-                        t.ended_at = Some(Instant::now());
-                        failed += 1;
-                    }
-                }
-                Some(failed)
-            } else {
-                None
-            }
-        });
-        if let Some(failed) = dropped {
-            tracing::info!(party = %party, failed_tasks = failed, "party disconnected");
-        }
-    }
-
-    /// Tells a revoked party's live session why, then ends it.
-    fn end_revoked_session(&self, party: &PartyId) {
-        let session = self.with_state(|s| {
-            s.sessions.get(party).map(|sess| {
-                let revoked = pb::ServerMessage {
-                    kind: Some(pb::server_message::Kind::Revoked(pb::Revoked {
-                        reason: format!("party {party} was revoked by an administrator"),
-                    })),
-                };
-                // Best effort: a full queue must not keep the session open.
-                let _ = sess.tx.try_send(Ok(revoked));
-                sess.id
-            })
-        });
-        if let Some(id) = session {
-            self.end_session(party, id);
-            tracing::info!(party = %party, "revoked party's session closed");
-        }
-    }
-
-    async fn handle_message(&self, party: &PartyId, session_id: u64, msg: pb::PartyMessage) {
-        match msg.kind {
-            Some(pb::party_message::Kind::Heartbeat(hb)) => {
-                self.with_state(|s| {
-                    if let Some(sess) = s.sessions.get_mut(party).filter(|x| x.id == session_id) {
-                        sess.running_tasks = hb.running_tasks;
-                    }
-                });
-                if let Err(e) = self.store.touch(party, now_ms()).await {
-                    tracing::warn!(party = %party, error = %e, "cannot record heartbeat");
-                }
-            }
-            Some(pb::party_message::Kind::OfferReply(reply)) => {
-                if let Some(waiter) = self.with_state(|s| s.offers.remove(&reply.offer_id)) {
-                    let _ = waiter.send(reply);
-                }
-            }
-            Some(pb::party_message::Kind::TaskStatus(status)) => {
-                let phase =
-                    pb::TaskPhase::try_from(status.phase).unwrap_or(pb::TaskPhase::Unspecified);
-                let known = self.with_state(|s| match s.tasks.get_mut(&status.task_id) {
-                    Some(t) if &t.party == party => {
-                        t.phase = phase;
-                        if phase != pb::TaskPhase::Running {
-                            t.ended_at = Some(Instant::now());
-                        }
-                        true
-                    }
-                    _ => false,
-                });
-                if !known {
-                    tracing::debug!(party = %party, task = %status.task_id, "status for an unknown task");
-                    return;
-                }
-                let outcome = match phase {
-                    pb::TaskPhase::Succeeded => Some(TaskOutcome::Succeeded),
-                    pb::TaskPhase::Failed => Some(TaskOutcome::Failed),
-                    _ => None,
-                };
-                if phase == pb::TaskPhase::Failed {
-                    tracing::warn!(party = %party, task = %status.task_id, message = %status.message, "task failed");
-                }
-                if let Some(o) = outcome
-                    && let Err(e) = self.store.count_task(party, o).await
-                {
-                    tracing::warn!(party = %party, error = %e, "cannot count task outcome");
-                }
-            }
-            Some(pb::party_message::Kind::Register(_)) => {
-                tracing::warn!(party = %party, "second Register on one session ignored");
-            }
-            None => {}
-        }
-    }
-
-    async fn offer_one(
-        self: &Arc<Self>,
-        party: PartyId,
-        tx: mpsc::Sender<Result<pb::ServerMessage, Status>>,
-        mut task: pb::Task,
-        samples: u64,
-        timeout: Duration,
-    ) -> Result<pb::AcceptedTask, (PartyId, String)> {
-        let offer_id = random_token(12);
-        task.task_id = format!("{}-r{}-{}", task.job_id, task.round, random_token(4));
-        task.party = party.to_string();
-        task.seed = rand::random();
-        let (reply_tx, reply_rx) = oneshot::channel();
-        self.with_state(|s| s.offers.insert(offer_id.clone(), reply_tx));
-        if let Err(e) = self.store.count_task(&party, TaskOutcome::Offered).await {
-            tracing::warn!(party = %party, error = %e, "cannot count offer");
-        }
-        let offer = pb::ServerMessage {
-            kind: Some(pb::server_message::Kind::Offer(pb::Offer {
-                offer_id: offer_id.clone(),
-                task: Some(task.clone()),
-                reply_by_ms: now_ms() + timeout.as_millis() as i64,
-            })),
-        };
-        if tx.send(Ok(offer)).await.is_err() {
-            self.with_state(|s| s.offers.remove(&offer_id));
-            return Err((party, "disconnected".to_string()));
-        }
-        let reply = tokio::time::timeout(timeout, reply_rx).await;
-        self.with_state(|s| s.offers.remove(&offer_id));
-        match reply {
-            Ok(Ok(r)) if r.accepted => {
-                self.with_state(|s| {
-                    s.tasks.insert(
-                        task.task_id.clone(),
-                        TaskInfo {
-                            party: party.clone(),
-                            job_id: task.job_id.clone(),
-                            phase: pb::TaskPhase::Running,
-                            ended_at: None,
-                        },
-                    )
-                });
-                let _ = self.store.count_task(&party, TaskOutcome::Accepted).await;
-                Ok(pb::AcceptedTask {
-                    party: party.to_string(),
-                    task_id: task.task_id,
-                    task_token: task.task_token,
-                    samples,
-                })
-            }
-            Ok(Ok(r)) => Err((party, format!("refused: {}", r.reason))),
-            Ok(Err(_)) => Err((party, "disconnected".to_string())),
-            Err(_) => Err((party, format!("no answer within {timeout:?}"))),
-        }
-    }
-}
+use crate::registry::{
+    MAX_DATASET_NAME, RegistrationLimits, Registry, is_dataset_name, majority_shape,
+};
 
 type ServerStream = Pin<Box<dyn Stream<Item = Result<pb::ServerMessage, Status>> + Send>>;
 
@@ -220,23 +26,65 @@ pub struct SessionApi {
     pub registry: Arc<Registry>,
 }
 
+/// A party's registration, checked against `limits`: what it claims is
+/// bounded, and a refusal names the field at fault.
 fn validate_register(
     r: pb::Register,
+    limits: &RegistrationLimits,
 ) -> Result<(PartyId, Vec<DatasetEntry>, ResourcesEntry), Status> {
     let party = PartyId::parse(&r.party)
         .map_err(|e| Status::invalid_argument(format!("register.party: {e}")))?;
+    let invalid = |field: String, message: String| {
+        Status::invalid_argument(format!("register.{field}: {message}"))
+    };
+    if r.datasets.len() > limits.max_datasets {
+        return Err(invalid(
+            "datasets".into(),
+            format!(
+                "{} datasets is over the limit of {} per party",
+                r.datasets.len(),
+                limits.max_datasets
+            ),
+        ));
+    }
     let mut datasets = Vec::new();
     for (i, d) in r.datasets.into_iter().enumerate() {
-        if d.name.is_empty() || d.samples == 0 || d.features == 0 || d.classes < 2 {
-            return Err(Status::invalid_argument(format!(
-                "register.datasets[{i}]: name, samples > 0, features > 0 and classes >= 2 are required"
-            )));
+        let field = |name: &str| format!("datasets[{i}].{name}");
+        if !is_dataset_name(&d.name) {
+            return Err(invalid(
+                field("name"),
+                format!("must be 1 to {MAX_DATASET_NAME} letters, digits, '-', '_' or '.'"),
+            ));
+        }
+        if d.samples == 0 || d.samples > limits.max_samples {
+            return Err(invalid(
+                field("samples"),
+                format!(
+                    "{} is not between 1 and the limit of {}",
+                    d.samples, limits.max_samples
+                ),
+            ));
+        }
+        if d.features == 0 || d.features > limits.max_features {
+            return Err(invalid(
+                field("features"),
+                format!(
+                    "{} is not between 1 and the limit of {}",
+                    d.features, limits.max_features
+                ),
+            ));
+        }
+        if d.classes < 2 || d.classes > limits.max_classes {
+            return Err(invalid(
+                field("classes"),
+                format!(
+                    "{} is not between 2 and the limit of {}",
+                    d.classes, limits.max_classes
+                ),
+            ));
         }
         if datasets.iter().any(|x: &DatasetEntry| x.name == d.name) {
-            return Err(Status::invalid_argument(format!(
-                "register.datasets[{i}]: {:?} listed twice",
-                d.name
-            )));
+            return Err(invalid(field("name"), format!("{:?} listed twice", d.name)));
         }
         datasets.push(DatasetEntry {
             name: d.name,
@@ -277,7 +125,12 @@ impl pb::party_session_server::PartySession for SessionApi {
                 "the first message must be Register",
             ));
         };
-        let (party, datasets, resources) = validate_register(register)?;
+        let (party, datasets, resources) =
+            validate_register(register, &self.registry.settings().limits).inspect_err(|e| {
+                // Logged once here; the party is told why.
+                let certified = certified.as_ref().map_or("", PartyId::as_str);
+                tracing::warn!(certified, error = %e.message(), "registration refused");
+            })?;
         if let Some(certified) = &certified
             && certified != &party
         {
@@ -287,7 +140,7 @@ impl pb::party_session_server::PartySession for SessionApi {
             )));
         }
         let registry = self.registry.clone();
-        match registry.store.get_client(&party).await {
+        match registry.store().get_client(&party).await {
             Ok(c) if c.revoked_at_ms.is_some() => {
                 tracing::warn!(party = %party, "revoked party refused");
                 return Err(Status::permission_denied(format!(
@@ -298,38 +151,24 @@ impl pb::party_session_server::PartySession for SessionApi {
             Err(e) => return Err(e.to_status()),
         }
         registry
-            .store
+            .store()
             .upsert_client(&party, &datasets, &resources, now_ms())
             .await
             .map_err(|e| e.to_status())?;
         let (tx, rx) = mpsc::channel(64);
-        let session_id = registry.with_state(|s| {
-            s.next_session += 1;
-            let id = s.next_session;
-            // A party that reconnects replaces its old session; dropping the old
-            // sender ends that stream.
-            s.sessions.insert(
-                party.clone(),
-                Session {
-                    id,
-                    tx: tx.clone(),
-                    datasets: datasets.clone(),
-                    running_tasks: 0,
-                },
-            );
-            id
-        });
-        tracing::info!(party = %party, datasets = datasets.len(), "party registered");
+        let dataset_count = datasets.len();
+        let session_id = registry.add_session(&party, tx.clone(), datasets);
+        tracing::info!(party = %party, datasets = dataset_count, "party registered");
         let registered = pb::ServerMessage {
             kind: Some(pb::server_message::Kind::Registered(pb::Registered {
                 party: party.to_string(),
-                heartbeat_interval_ms: registry.heartbeat_interval.as_millis() as u32,
+                heartbeat_interval_ms: registry.settings().heartbeat_interval.as_millis() as u32,
             })),
         };
         tx.send(Ok(registered))
             .await
             .map_err(|_| Status::cancelled("session closed"))?;
-        let silence = registry.heartbeat_interval * 3;
+        let silence = registry.settings().heartbeat_interval * 3;
         tokio::spawn(async move {
             loop {
                 match tokio::time::timeout(silence, inbound.next()).await {
@@ -353,6 +192,9 @@ impl pb::party_session_server::PartySession for SessionApi {
     }
 }
 
+/// How long a Cancel may wait for room in a party's session queue.
+const CANCEL_SEND_TIMEOUT: Duration = Duration::from_secs(2);
+
 pub struct SelectorApi {
     pub registry: Arc<Registry>,
 }
@@ -375,7 +217,7 @@ impl pb::client_selector_server::ClientSelector for SelectorApi {
             .map_err(|e| Status::invalid_argument(format!("party: {e}")))?;
         let record = self
             .registry
-            .store
+            .store()
             .revoke_client(&party, now_ms())
             .await
             .map_err(|e| e.to_status())?;
@@ -390,7 +232,7 @@ impl pb::client_selector_server::ClientSelector for SelectorApi {
     ) -> Result<Response<pb::ListRevokedResponse>, Status> {
         let revoked = self
             .registry
-            .store
+            .store()
             .list_revoked()
             .await
             .map_err(|e| e.to_status())?;
@@ -409,16 +251,11 @@ impl pb::client_selector_server::ClientSelector for SelectorApi {
         }
         let records = self
             .registry
-            .store
+            .store()
             .list_clients()
             .await
             .map_err(|e| e.to_status())?;
-        let live: HashMap<PartyId, u32> = self.registry.with_state(|s| {
-            s.sessions
-                .iter()
-                .map(|(p, sess)| (p.clone(), sess.running_tasks))
-                .collect()
-        });
+        let live = self.registry.running_tasks();
         let clients = records.into_iter().map(|c| client_info(c, &live)).collect();
         Ok(Response::new(pb::ListClientsResponse { clients }))
     }
@@ -428,32 +265,31 @@ impl pb::client_selector_server::ClientSelector for SelectorApi {
         req: Request<pb::DescribeDatasetRequest>,
     ) -> Result<Response<pb::DatasetSummary>, Status> {
         let name = req.into_inner().name;
-        let holders: Vec<DatasetEntry> = self.registry.with_state(|s| {
-            s.sessions
-                .values()
-                .filter_map(|sess| sess.datasets.iter().find(|d| d.name == name).cloned())
-                .collect()
-        });
-        let Some(first) = holders.first() else {
+        let holders = self.registry.holders(&name);
+        // Parties that disagree on the shape are listed, not an error: the
+        // coordinator leaves out those that do not fit the job's model.
+        let Some((features, classes)) = majority_shape(&holders) else {
             return Err(Status::not_found(format!(
                 "no connected party holds dataset {name:?}"
             )));
         };
-        if let Some(other) = holders
-            .iter()
-            .find(|d| d.features != first.features || d.classes != first.classes)
-        {
-            return Err(Status::failed_precondition(format!(
-                "parties disagree on dataset {name:?}: {} features/{} classes vs {} features/{} classes",
-                first.features, first.classes, other.features, other.classes
-            )));
-        }
         Ok(Response::new(pb::DatasetSummary {
             name,
             parties: holders.len() as u32,
-            samples: holders.iter().map(|d| d.samples).sum(),
-            features: first.features,
-            classes: first.classes,
+            samples: holders
+                .iter()
+                .fold(0u64, |sum, h| sum.saturating_add(h.dataset.samples)),
+            features,
+            classes,
+            holders: holders
+                .into_iter()
+                .map(|h| pb::DatasetHolder {
+                    party: h.party.to_string(),
+                    samples: h.dataset.samples,
+                    features: h.dataset.features,
+                    classes: h.dataset.classes,
+                })
+                .collect(),
         }))
     }
 
@@ -480,20 +316,11 @@ impl pb::client_selector_server::ClientSelector for SelectorApi {
             )));
         }
         let timeout = Duration::from_millis(u64::from(r.reply_timeout_ms.clamp(100, 60_000)));
-        let mut candidates: Vec<(PartyId, mpsc::Sender<_>, u64)> = self.registry.with_state(|s| {
-            s.tasks
-                .retain(|_, t| t.ended_at.is_none_or(|at| at.elapsed() < TASK_MEMORY));
-            s.sessions
-                .iter()
-                .filter(|(p, _)| !r.exclude.iter().any(|e| e == p.as_str()))
-                .filter_map(|(p, sess)| {
-                    sess.datasets
-                        .iter()
-                        .find(|d| d.name == r.dataset)
-                        .map(|d| (p.clone(), sess.tx.clone(), d.samples))
-                })
-                .collect()
-        });
+        // A party whose data does not have the job's shape is never offered
+        // its tasks.
+        let mut candidates = self
+            .registry
+            .candidates(&r.dataset, &r.exclude, r.features, r.classes);
         candidates.shuffle(&mut rand::rng());
         candidates.truncate(r.count as usize);
         let mut task = template;
@@ -501,16 +328,15 @@ impl pb::client_selector_server::ClientSelector for SelectorApi {
         task.round = r.round;
         task.kind = r.kind;
         task.dataset = r.dataset.clone();
-        let offers =
-            candidates
-                .into_iter()
-                .zip(r.task_tokens)
-                .map(|((party, tx, samples), token)| {
-                    let registry = self.registry.clone();
-                    let mut task = task.clone();
-                    task.task_token = token;
-                    async move { registry.offer_one(party, tx, task, samples, timeout).await }
-                });
+        let offers = candidates
+            .into_iter()
+            .zip(r.task_tokens)
+            .map(|(candidate, token)| {
+                let registry = self.registry.clone();
+                let mut task = task.clone();
+                task.task_token = token;
+                async move { registry.offer_one(candidate, task, timeout).await }
+            });
         let mut resp = pb::OfferTasksResponse::default();
         for result in futures::future::join_all(offers).await {
             match result {
@@ -528,20 +354,8 @@ impl pb::client_selector_server::ClientSelector for SelectorApi {
         &self,
         req: Request<pb::TaskStatesRequest>,
     ) -> Result<Response<pb::TaskStatesResponse>, Status> {
-        let ids = req.into_inner().task_ids;
-        let phases = self.registry.with_state(|s| {
-            ids.into_iter()
-                .map(|id| {
-                    let phase = s
-                        .tasks
-                        .get(&id)
-                        .map(|t| t.phase)
-                        .unwrap_or(pb::TaskPhase::Unspecified);
-                    (id, phase as i32)
-                })
-                .collect()
-        });
-        Ok(Response::new(pb::TaskStatesResponse { phases }))
+        let (phases, messages) = self.registry.task_states(req.into_inner().task_ids);
+        Ok(Response::new(pb::TaskStatesResponse { phases, messages }))
     }
 
     async fn cancel_job_tasks(
@@ -549,32 +363,21 @@ impl pb::client_selector_server::ClientSelector for SelectorApi {
         req: Request<pb::CancelJobTasksRequest>,
     ) -> Result<Response<pb::CancelJobTasksResponse>, Status> {
         let r = req.into_inner();
-        let targets: Vec<(String, mpsc::Sender<_>)> = self.registry.with_state(|s| {
-            let mut out = Vec::new();
-            let State {
-                tasks, sessions, ..
-            } = s;
-            for (id, t) in tasks.iter_mut() {
-                if t.job_id == r.job_id && t.phase == pb::TaskPhase::Running {
-                    t.phase = pb::TaskPhase::Cancelled;
-                    t.ended_at = Some(Instant::now());
-                    if let Some(sess) = sessions.get(&t.party) {
-                        out.push((id.clone(), sess.tx.clone()));
-                    }
-                }
-            }
-            out
-        });
+        let targets = self.registry.cancel_job(&r.job_id);
         let cancelled = targets.len() as u32;
-        for (task_id, tx) in targets {
+        let sends = targets.into_iter().map(|(task_id, tx)| {
             let msg = pb::ServerMessage {
                 kind: Some(pb::server_message::Kind::Cancel(pb::Cancel {
                     task_id,
                     reason: r.reason.clone(),
                 })),
             };
-            let _ = tx.send(Ok(msg)).await;
-        }
+            // A party that does not read its stream must not hold the caller.
+            tokio::time::timeout(CANCEL_SEND_TIMEOUT, async move {
+                let _ = tx.send(Ok(msg)).await;
+            })
+        });
+        futures::future::join_all(sends).await;
         Ok(Response::new(pb::CancelJobTasksResponse { cancelled }))
     }
 }
