@@ -258,8 +258,14 @@ def self_check(charts):
         bad_volume["datasets"] = {"volumes": [{"name": "d", "mountPath": "/d", "hostPath": {"path": "/srv", "kind": "Directory"}}]}
         gpu_in_resources = copy.deepcopy(minimal)
         gpu_in_resources["executor"] = {"launcher": "kubernetes", "resources": {"limits": {"nvidia.com/gpu": 1}}}
+        bad_namespace = copy.deepcopy(minimal)
+        bad_namespace["acceptNamespaces"] = ["Team_A"]
+        no_cohort = copy.deepcopy(minimal)
+        no_cohort["minCohort"] = 0
         cases += [
             ("cohort-client", no_party, "party.name missing"),
+            ("cohort-client", bad_namespace, "an accepted namespace that is not a DNS label"),
+            ("cohort-client", no_cohort, "minCohort 0"),
             ("cohort-client", gpu_in_resources, "GPUs in executor.resources instead of executor.gpus"),
             ("cohort-client", bad_volume, "an unknown field in a hostPath volume"),
         ]

@@ -3,7 +3,9 @@
 //! streams the update (new weights minus global) back in chunks.
 //!
 //! Started by task-manager with a task file; holds no state of its own. Must
-//! not depend on server-side crates.
+//! not depend on server-side crates. Its last log line, when it fails, is its fatal error on
+//! one line (`error: ` and the whole cause chain): task-manager reports that line to the
+//! server as the task's reason.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -90,6 +92,19 @@ impl Args {
         }
         Ok(())
     }
+}
+
+/// The executor's final log line for a fatal error: the whole cause chain, on one line
+/// (control characters, such as the newlines of a multi-line cause, become spaces).
+pub fn error_line(error: &anyhow::Error) -> String {
+    one_line(&format!("error: {error:#}"))
+}
+
+/// `text` with control characters (newlines, tabs, escapes) replaced by spaces.
+pub fn one_line(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
 }
 
 fn load(data: &pb::LocalDataset, eval: bool) -> anyhow::Result<Dataset> {
@@ -225,5 +240,23 @@ impl RoundClient {
         .await
         .context("the evaluation was refused")?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_error_line_holds_the_whole_chain_on_one_line() {
+        let e = anyhow::anyhow!("datasets.json:\n  line 3: expected a string\r\n")
+            .context("cannot load the data");
+        let line = error_line(&e);
+        assert_eq!(
+            line,
+            "error: cannot load the data: datasets.json:   line 3: expected a string  "
+        );
+        assert!(!line.contains('\n'), "{line}");
     }
 }

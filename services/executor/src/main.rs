@@ -4,8 +4,19 @@ use clap::Parser;
 async fn main() {
     let args = cohort_executor::Args::parse();
     cohort_runtime::init_tracing(args.log_format);
+    // A panic's report spans lines; its message also goes out as one line, last, for
+    // task-manager to report.
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        eprintln!(
+            "error: executor {}",
+            cohort_executor::one_line(&info.to_string())
+        );
+    }));
     if let Err(e) = args.run().await {
-        eprintln!("error: {e:#}");
+        // The last line of the log: task-manager sends it to the server as the reason.
+        eprintln!("{}", cohort_executor::error_line(&e));
         std::process::exit(1);
     }
 }

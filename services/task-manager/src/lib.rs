@@ -4,20 +4,26 @@
 //! a child process (`--executor-launcher local`) or a Pod
 //! (`--executor-launcher kubernetes`, through `cohort-kube`).
 //!
+//! The party decides who uses its data: offers from namespaces it does not accept
+//! (`--accept-namespaces`) and jobs whose rounds are too small to hide its update
+//! (`--min-cohort`) are refused, with the reason in the reply. Its only listener
+//! (`--listen`) serves grpc.health.v1 and nothing else.
+//!
 //! Must not depend on server-side crates or stores: it only speaks the
 //! PartySession protocol (and, for executor Pods, the Kubernetes API).
 
 pub mod datasets;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
+use cohort_core::JobSpec;
 use cohort_kube::{ExecutorEnd, ExecutorOwner, ExecutorPodConfig, KubernetesExecutors};
 use cohort_proto::v1 as pb;
-use cohort_runtime::{Listener, LogFormat, Tls, channel};
+use cohort_runtime::{LogFormat, Tls, channel};
 use cohort_security::Identity;
 use futures::StreamExt;
 use tokio::process::Command;
@@ -65,6 +71,20 @@ pub struct Args {
     /// Tasks run at once; further offers are refused.
     #[arg(long, env = "COHORT_MAX_TASKS", default_value_t = 2)]
     pub max_tasks: u32,
+    /// Namespaces whose jobs may use this party's data, comma-separated; offers from
+    /// others are refused. None given, or `*`: every namespace.
+    #[arg(
+        long,
+        env = "COHORT_ACCEPT_NAMESPACES",
+        value_name = "NS[,NS...]",
+        value_delimiter = ','
+    )]
+    pub accept_namespaces: Vec<String>,
+    /// Refuse jobs whose rounds have fewer parties than this (`clients.per_round`) or
+    /// succeed with fewer (`clients.min`): with a cohort of one, this party's own update
+    /// is published as the global model.
+    #[arg(long, env = "COHORT_MIN_COHORT", value_name = "K", default_value_t = 2)]
+    pub min_cohort: u32,
     /// Local address for health checks (liveness probes); party traffic only dials out.
     #[command(flatten)]
     pub service: cohort_runtime::ServiceArgs,
@@ -106,6 +126,86 @@ enum Launch {
     Pod(Arc<KubernetesExecutors>, Vec<u8>),
 }
 
+/// Which jobs may use this party's data at all, whatever its datasets and capacity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct AcceptPolicy {
+    /// None: every namespace.
+    namespaces: Option<BTreeSet<String>>,
+    min_cohort: u32,
+}
+
+impl AcceptPolicy {
+    /// From `--accept-namespaces` and `--min-cohort`; errors name the flag.
+    fn from_flags(namespaces: &[String], min_cohort: u32) -> anyhow::Result<Self> {
+        if min_cohort == 0 {
+            anyhow::bail!("--min-cohort: must be at least 1");
+        }
+        let mut accepted = BTreeSet::new();
+        let mut every = false;
+        for ns in namespaces.iter().map(|ns| ns.trim()) {
+            if ns == "*" {
+                every = true;
+            } else if ns.is_empty() {
+                anyhow::bail!(
+                    "--accept-namespaces: an empty namespace (give NS[,NS...], or \"*\" for \
+                     every namespace)"
+                );
+            } else if cohort_core::is_dns_label(ns) {
+                accepted.insert(ns.to_string());
+            } else {
+                anyhow::bail!(
+                    "--accept-namespaces: {:?} is not a namespace (a DNS-1123 label: lowercase \
+                     letters, digits, '-'), nor \"*\"",
+                    ns.chars().take(80).collect::<String>()
+                );
+            }
+        }
+        if every && !accepted.is_empty() {
+            anyhow::bail!(
+                "--accept-namespaces: \"*\" already accepts every namespace; list no others with it"
+            );
+        }
+        Ok(Self {
+            namespaces: (!accepted.is_empty()).then_some(accepted),
+            min_cohort,
+        })
+    }
+
+    /// For the log at start.
+    fn describe(&self) -> String {
+        match &self.namespaces {
+            None => "accepting tasks from every namespace".to_string(),
+            Some(list) => format!(
+                "accepting tasks from namespace(s) {}",
+                list.iter().cloned().collect::<Vec<_>>().join(", ")
+            ),
+        }
+    }
+
+    /// Why a job may not use this party's data, if it may not.
+    fn refusal(&self, spec: &JobSpec) -> Option<String> {
+        if let Some(list) = &self.namespaces
+            && !list.contains(&spec.namespace)
+        {
+            return Some(format!(
+                "this party does not accept tasks from namespace {:?}",
+                spec.namespace
+            ));
+        }
+        let k = self.min_cohort;
+        let small = [
+            ("clients.per_round", spec.clients.per_round),
+            ("clients.min", spec.clients.min),
+        ];
+        small.into_iter().find(|(_, n)| *n < k).map(|(field, n)| {
+            format!(
+                "{field} is {n}, below this party's minimum cohort of {k}: in so small a round \
+                 its own update could be published as the global model"
+            )
+        })
+    }
+}
+
 struct Party {
     name: String,
     proxy: String,
@@ -113,6 +213,7 @@ struct Party {
     workspace: PathBuf,
     executors: Executors,
     max_tasks: u32,
+    policy: AcceptPolicy,
     datasets: Vec<LocalDataset>,
     /// Running executors by task id: the sender stops one.
     running: Mutex<HashMap<String, tokio::sync::oneshot::Sender<()>>>,
@@ -133,6 +234,7 @@ impl Args {
         if self.max_tasks == 0 {
             anyhow::bail!("--max-tasks: must be at least 1");
         }
+        let policy = AcceptPolicy::from_flags(&self.accept_namespaces, self.min_cohort)?;
         let tls = match (self.tls.load().context("TLS")?, self.insecure) {
             (Some(_), true) => anyhow::bail!("--insecure and --tls-cert exclude each other"),
             (None, false) => anyhow::bail!(
@@ -162,7 +264,11 @@ impl Args {
             anyhow::bail!("--datasets: {} names no dataset", self.datasets.display());
         }
         let executors = self.executors().await?;
-        let health = Listener::bind(self.service.listen).await?;
+        let listen = self.service.listen;
+        let health_listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("--listen: cannot listen on {listen}"))?;
+        let health_addr = health_listener.local_addr().context("--listen")?;
         std::fs::create_dir_all(self.workspace.join("tasks"))
             .with_context(|| format!("--workspace: cannot create {}", self.workspace.display()))?;
         let party = Arc::new(Party {
@@ -172,30 +278,34 @@ impl Args {
             workspace: self.workspace.clone(),
             executors,
             max_tasks: self.max_tasks,
+            policy,
             datasets,
             running: Mutex::default(),
             watchers: Mutex::default(),
         });
-        tracing::info!(party = %party.name, proxy = %party.proxy, datasets = party.datasets.len(), "task-manager starting");
-        let (stop_health, health_stopped) = tokio::sync::oneshot::channel::<()>();
-        let ready_file = self.service.ready_file.clone();
-        let health = tokio::spawn(async move {
-            health
-                .serve(
-                    "task-manager",
-                    tonic::service::Routes::default(),
-                    ready_file.as_deref(),
-                    async {
-                        let _ = health_stopped.await;
-                    },
-                )
-                .await
-        });
+        tracing::info!(
+            party = %party.name, proxy = %party.proxy, datasets = party.datasets.len(),
+            min_cohort = party.policy.min_cohort,
+            "task-manager starting, {}", party.policy.describe()
+        );
+        // Health only: no reflection, no other service on the party's one listener.
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
+        let health = tokio::spawn(cohort_runtime::serve_health_only(
+            health_listener,
+            health_service,
+        ));
+        if let Some(path) = &self.service.ready_file {
+            cohort_runtime::write_atomic(path, health_addr.to_string().as_bytes())
+                .context("--ready-file")?;
+        }
         tokio::select! {
             _ = party.clone().run_sessions() => {}
             _ = cohort_runtime::shutdown_signal() => {}
         }
-        let _ = stop_health.send(());
+        health.abort();
         let _ = health.await;
         party.stop_all();
         let mut watchers =
@@ -431,7 +541,9 @@ impl Party {
         out: mpsc::Sender<pb::PartyMessage>,
     ) -> pb::OfferReply {
         let refuse = |reason: String| {
-            tracing::info!(offer = %offer.offer_id, %reason, "offer refused");
+            let reason = bounded(reason);
+            let job = offer.task.as_ref().map_or("", |t| t.job_id.as_str());
+            tracing::info!(offer = %offer.offer_id, job = %bounded(job.to_string()), %reason, "offer refused");
             pb::OfferReply {
                 offer_id: offer.offer_id.clone(),
                 accepted: false,
@@ -441,15 +553,23 @@ impl Party {
         let Some(task) = offer.task.clone() else {
             return refuse("offer without a task".into());
         };
-        let Some(dataset) = self.datasets.iter().find(|d| d.name == task.dataset) else {
-            return refuse(format!("unknown dataset {:?}", task.dataset));
-        };
         if cohort_core::JobId::parse(&task.job_id).is_err()
             || task.task_id.is_empty()
             || task.task_token.is_empty()
         {
             return refuse("malformed task".into());
         }
+        // Who asks and how many take part come from the job's own spec.
+        let spec = match JobSpec::from_json(&task.spec_json) {
+            Ok(spec) => spec,
+            Err(e) => return refuse(format!("malformed task: spec_json: {e}")),
+        };
+        if let Some(reason) = self.policy.refusal(&spec) {
+            return refuse(reason);
+        }
+        let Some(dataset) = self.datasets.iter().find(|d| d.name == task.dataset) else {
+            return refuse(format!("unknown dataset {:?}", task.dataset));
+        };
         if self.running_count() >= self.max_tasks {
             return refuse(format!("no capacity: {} task(s) running", self.max_tasks));
         }
@@ -558,6 +678,8 @@ impl Party {
         if let Launch::Process(_, task_file) = &launch {
             let _ = std::fs::remove_file(task_file);
         }
+        // Whatever produced it (this log, a Pod's status), the server gets one bounded line.
+        let message = bounded(message);
         match phase {
             pb::TaskPhase::Failed => tracing::warn!(task = %task.task_id, %message, "task failed"),
             _ => tracing::info!(task = %task.task_id, phase = ?phase, "task ended"),
@@ -605,14 +727,51 @@ fn write_task_file(dir: &Path, task: &pb::ExecutorTask) -> std::io::Result<PathB
     Ok(path)
 }
 
+/// Longest task status message or refusal reason sent to the server, in characters.
+const MAX_REASON_CHARS: usize = 1000;
+/// How much of an executor log's end is read for its last line.
+const LOG_TAIL_BYTES: u64 = 64 * 1024;
+
+/// `text` on one line (control characters become spaces), cut to `MAX_REASON_CHARS`.
+fn bounded(text: String) -> String {
+    let one_line = text.chars().map(|c| if c.is_control() { ' ' } else { c });
+    if text.chars().count() <= MAX_REASON_CHARS {
+        one_line.collect()
+    } else {
+        one_line
+            .take(MAX_REASON_CHARS - 1)
+            .chain(std::iter::once('…'))
+            .collect()
+    }
+}
+
+/// The executor log's last non-empty line (its fatal error, when it failed), read from the
+/// log's end only: a long log is not loaded whole.
 fn last_line(log: &Path) -> String {
-    std::fs::read_to_string(log)
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .rev()
-                .find(|l| !l.trim().is_empty())
-                .map(|l| l.chars().take(300).collect())
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut file) = std::fs::File::open(log) else {
+        return String::new();
+    };
+    let start = file
+        .metadata()
+        .map_or(0, |m| m.len().saturating_sub(LOG_TAIL_BYTES));
+    let mut tail = Vec::new();
+    if file.seek(SeekFrom::Start(start)).is_err()
+        || file.take(LOG_TAIL_BYTES).read_to_end(&mut tail).is_err()
+    {
+        return String::new();
+    }
+    let text = String::from_utf8_lossy(&tail);
+    let lines: Vec<&str> = text.lines().collect();
+    lines
+        .iter()
+        .enumerate()
+        .rev()
+        .find(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            // The window's first line may have begun before it.
+            let cut = if i == 0 && start > 0 { "…" } else { "" };
+            format!("{cut}{}", l.trim())
         })
         .unwrap_or_default()
 }

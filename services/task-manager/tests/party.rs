@@ -1,0 +1,549 @@
+//! A real task-manager process against an in-process federation stand-in: one loopback
+//! server answering PartySession (as client-selector would, through the proxy) and Round (as
+//! the job's coordinator would). The test sends offers and reads the replies and task
+//! statuses; accepted tasks run the real executor built next to task-manager.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cohort_core::{JobSpec, NamedTensor};
+use cohort_proto::v1 as pb;
+use futures::{Stream, StreamExt};
+use tokio::sync::mpsc;
+use tonic::{Code, Request, Response, Status, Streaming};
+
+/// Every wait in these tests ends by this, even on a loaded machine.
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Round tokens the stand-in coordinator knows.
+const SHAPE_TOKEN: &str = "token-wrong-shape";
+const LONG_TOKEN: &str = "token-long-error";
+
+/// One open party session, as the server sees it.
+struct Session {
+    to_party: mpsc::Sender<Result<pb::ServerMessage, Status>>,
+    from_party: Streaming<pb::PartyMessage>,
+    /// Read but not yet asked for.
+    pending: Vec<pb::party_message::Kind>,
+}
+
+struct PartySession {
+    sessions: mpsc::Sender<Session>,
+}
+
+type ServerStream = Pin<Box<dyn Stream<Item = Result<pb::ServerMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::party_session_server::PartySession for PartySession {
+    type OpenStream = ServerStream;
+
+    async fn open(
+        &self,
+        req: Request<Streaming<pb::PartyMessage>>,
+    ) -> Result<Response<ServerStream>, Status> {
+        let (to_party, rx) = mpsc::channel(16);
+        let session = Session {
+            to_party,
+            from_party: req.into_inner(),
+            pending: Vec::new(),
+        };
+        self.sessions
+            .send(session)
+            .await
+            .map_err(|_| Status::unavailable("the test is over"))?;
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
+/// The job's coordinator: a model made for `hidden: [64]`, or a long, multi-line refusal.
+struct Round {
+    model: Arc<Vec<NamedTensor>>,
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::TensorChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::round_server::Round for Round {
+    type FetchModelStream = ChunkStream;
+
+    async fn fetch_model(
+        &self,
+        req: Request<pb::FetchModelRequest>,
+    ) -> Result<Response<ChunkStream>, Status> {
+        match req.into_inner().task_token.as_str() {
+            SHAPE_TOKEN => {
+                let chunks: Vec<_> = cohort_fl::chunk_tensors(&self.model, cohort_fl::CHUNK_BYTES)
+                    .map(Ok)
+                    .collect();
+                Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
+            }
+            LONG_TOKEN => Err(Status::failed_precondition(format!(
+                "first line\nsecond line\n{}",
+                "x".repeat(3000)
+            ))),
+            _ => Err(Status::permission_denied("unknown task token")),
+        }
+    }
+
+    async fn submit_update(
+        &self,
+        _req: Request<Streaming<pb::SubmitUpdateRequest>>,
+    ) -> Result<Response<pb::Ack>, Status> {
+        Err(Status::failed_precondition("no update expected"))
+    }
+
+    async fn submit_evaluation(
+        &self,
+        _req: Request<pb::SubmitEvaluationRequest>,
+    ) -> Result<Response<pb::Ack>, Status> {
+        Err(Status::failed_precondition("no evaluation expected"))
+    }
+}
+
+/// The stand-in federation's address and its incoming party sessions.
+async fn federation() -> (String, mpsc::Receiver<Session>) {
+    let (sessions, incoming) = mpsc::channel(4);
+    let model = cohort_train::init_model(&spec("default", 2, 2, "[64]").model, 64, 10, 7).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(pb::party_session_server::PartySessionServer::new(
+                PartySession { sessions },
+            ))
+            .add_service(pb::round_server::RoundServer::new(Round {
+                model: Arc::new(model),
+            }))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    (addr, incoming)
+}
+
+fn spec(namespace: &str, per_round: u32, min: u32, hidden: &str) -> JobSpec {
+    JobSpec::parse(&format!(
+        "name: trust\n\
+         namespace: {namespace}\n\
+         model: {{arch: mlp, hidden: {hidden}}}\n\
+         data: {{dataset: digits}}\n\
+         training: {{epochs: 1, batch_size: 16, optimizer: {{name: sgd, lr: 0.1}}}}\n\
+         rounds: 1\n\
+         clients: {{per_round: {per_round}, min: {min}}}\n"
+    ))
+    .unwrap()
+}
+
+fn offer(id: &str, spec_json: String, token: &str) -> pb::ServerMessage {
+    pb::ServerMessage {
+        kind: Some(pb::server_message::Kind::Offer(pb::Offer {
+            offer_id: id.into(),
+            task: Some(pb::Task {
+                task_id: format!("task-{id}"),
+                job_id: "trust-abc123".into(),
+                round: 1,
+                kind: pb::TaskKind::Train as i32,
+                party: "p1".into(),
+                dataset: "digits".into(),
+                task_token: token.into(),
+                spec_json,
+                seed: 1,
+                deadline_ms: 0,
+            }),
+            reply_by_ms: 0,
+        })),
+    }
+}
+
+impl Session {
+    /// The next message `pick` takes, keeping the others for later.
+    async fn wait_for<T>(
+        &mut self,
+        what: &str,
+        mut pick: impl FnMut(&pb::party_message::Kind) -> Option<T>,
+    ) -> T {
+        if let Some(i) = self.pending.iter().position(|m| pick(m).is_some()) {
+            return pick(&self.pending.remove(i)).unwrap();
+        }
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let msg = tokio::time::timeout_at(deadline, self.from_party.next())
+                .await
+                .unwrap_or_else(|_| panic!("no {what} within {WAIT:?}: {:?}", self.pending))
+                .unwrap_or_else(|| panic!("session closed before {what}"))
+                .unwrap();
+            let Some(kind) = msg.kind else { continue };
+            match pick(&kind) {
+                Some(found) => return found,
+                None => self.pending.push(kind),
+            }
+        }
+    }
+
+    async fn send(&self, msg: pb::ServerMessage) {
+        self.to_party.send(Ok(msg)).await.unwrap();
+    }
+
+    async fn register(&mut self) {
+        let party = self
+            .wait_for("Register", |m| match m {
+                pb::party_message::Kind::Register(r) => Some(r.party.clone()),
+                _ => None,
+            })
+            .await;
+        self.send(pb::ServerMessage {
+            kind: Some(pb::server_message::Kind::Registered(pb::Registered {
+                party,
+                heartbeat_interval_ms: 60_000,
+            })),
+        })
+        .await;
+    }
+
+    async fn reply(&mut self, offer_id: &str) -> pb::OfferReply {
+        self.wait_for(&format!("reply to {offer_id}"), |m| match m {
+            pb::party_message::Kind::OfferReply(r) if r.offer_id == offer_id => Some(r.clone()),
+            _ => None,
+        })
+        .await
+    }
+
+    /// The task's final status (not RUNNING).
+    async fn end_of(&mut self, task_id: &str) -> pb::TaskStatus {
+        self.wait_for(&format!("end of {task_id}"), |m| match m {
+            pb::party_message::Kind::TaskStatus(s)
+                if s.task_id == task_id && s.phase != pb::TaskPhase::Running as i32 =>
+            {
+                Some(s.clone())
+            }
+            _ => None,
+        })
+        .await
+    }
+}
+
+/// A running task-manager; its log (stderr) goes to a file.
+struct Party {
+    child: tokio::process::Child,
+    log: PathBuf,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Party {
+    async fn start(proxy: &str, flags: &[&str]) -> Party {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut command, log, ready) = task_manager(dir.path(), proxy);
+        let mut child = command.args(flags).spawn().unwrap();
+        let addr = match cohort_runtime::wait_for_file(&ready, WAIT).await {
+            Some(addr) => addr,
+            None => {
+                let _ = child.kill().await;
+                panic!(
+                    "task-manager did not become ready: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+        };
+        Party {
+            child,
+            log,
+            addr,
+            _dir: dir,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap()
+    }
+
+    async fn stop(mut self) {
+        cohort_runtime::process::signal_pid(
+            self.child.id().unwrap(),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let status = tokio::time::timeout(WAIT, self.child.wait())
+            .await
+            .expect("task-manager stops on SIGTERM")
+            .unwrap();
+        assert!(status.success(), "{status}: {}", self.log());
+    }
+}
+
+fn digits_csv() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/digits.csv")
+}
+
+/// The real executor, built next to task-manager (`cargo test -p cohort-task-manager -p
+/// cohort-executor`, or the workspace).
+fn executor_bin() -> PathBuf {
+    let bin = Path::new(env!("CARGO_BIN_EXE_task-manager")).with_file_name("executor");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it with `cargo build -p cohort-executor`",
+        bin.display()
+    );
+    bin
+}
+
+/// A task-manager command for party p1 in `dir` (plaintext, to the stand-in), its log file
+/// and its ready file.
+fn task_manager(dir: &Path, proxy: &str) -> (tokio::process::Command, PathBuf, PathBuf) {
+    let datasets = dir.join("datasets.json");
+    let json = serde_json::json!({
+        "digits": {"path": digits_csv(), "format": "csv", "scale": 0.0625, "classes": 10}
+    });
+    std::fs::write(&datasets, json.to_string()).unwrap();
+    let log = dir.join("task-manager.log");
+    let ready = dir.join("ready");
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_task-manager"));
+    command
+        .args(["--insecure", "--party", "p1", "--proxy", proxy])
+        .arg("--datasets")
+        .arg(&datasets)
+        .arg("--workspace")
+        .arg(dir.join("workspace"))
+        .arg("--executor-bin")
+        .arg(executor_bin())
+        .args(["--listen", "127.0.0.1:0", "--ready-file"])
+        .arg(&ready)
+        .env_remove("COHORT_ACCEPT_NAMESPACES")
+        .env_remove("COHORT_MIN_COHORT")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .kill_on_drop(true);
+    (command, log, ready)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offers_outside_the_partys_terms_are_refused_with_the_reason() {
+    let (proxy, mut sessions) = federation().await;
+    let party = Party::start(&proxy, &["--accept-namespaces", "team-a,team-b"]).await;
+    let mut session = tokio::time::timeout(WAIT, sessions.recv())
+        .await
+        .expect("the party opens a session")
+        .unwrap();
+    session.register().await;
+    assert!(
+        party
+            .log()
+            .contains("accepting tasks from namespace(s) team-a, team-b"),
+        "{}",
+        party.log()
+    );
+
+    let refused = [
+        (
+            "other-namespace",
+            spec("team-c", 3, 2, "[32]").to_json(),
+            r#"this party does not accept tasks from namespace "team-c""#,
+        ),
+        (
+            "cohort-of-one",
+            spec("team-a", 1, 1, "[32]").to_json(),
+            "clients.per_round is 1, below this party's minimum cohort of 2",
+        ),
+        (
+            "quorum-of-one",
+            spec("team-b", 3, 1, "[32]").to_json(),
+            "clients.min is 1, below this party's minimum cohort of 2",
+        ),
+        ("bad-spec", "{}".to_string(), "malformed task: spec_json: "),
+    ];
+    for (id, spec_json, reason) in &refused {
+        session
+            .send(offer(id, spec_json.clone(), SHAPE_TOKEN))
+            .await;
+        let reply = session.reply(id).await;
+        assert!(!reply.accepted, "{id} was accepted");
+        assert!(reply.reason.contains(reason), "{id}: {}", reply.reason);
+    }
+
+    // Within its terms, the same party takes the task; the executor's fatal error comes back.
+    session
+        .send(offer(
+            "ok",
+            spec("team-a", 2, 2, "[32]").to_json(),
+            SHAPE_TOKEN,
+        ))
+        .await;
+    let reply = session.reply("ok").await;
+    assert!(reply.accepted, "{}", reply.reason);
+    let end = session.end_of("task-ok").await;
+    assert_eq!(end.phase, pb::TaskPhase::Failed as i32, "{end:?}");
+    assert!(
+        end.message.starts_with(
+            r#"executor exit status: 1: error: training failed: weights: tensor "fc0.weight": has shape [64, 64]"#
+        ) && end.message.contains("needs [32, 64]"),
+        "{}",
+        end.message
+    );
+
+    // Each refusal is in the party's log at INFO, with its reason.
+    let log = party.log();
+    for (id, _, reason) in &refused {
+        assert!(
+            log.lines().any(|l| l.contains(" INFO ")
+                && l.contains("offer refused")
+                && l.contains(id)
+                && l.contains(reason)),
+            "no INFO line for {id}: {log}"
+        );
+    }
+    party.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_tasks_reason_reaches_the_server_on_one_bounded_line() {
+    let (proxy, mut sessions) = federation().await;
+    let party = Party::start(&proxy, &["--accept-namespaces", "*"]).await;
+    let mut session = tokio::time::timeout(WAIT, sessions.recv())
+        .await
+        .expect("the party opens a session")
+        .unwrap();
+    session.register().await;
+    assert!(
+        party.log().contains("accepting tasks from every namespace"),
+        "{}",
+        party.log()
+    );
+
+    session
+        .send(offer(
+            "long",
+            spec("anyone", 2, 2, "[32]").to_json(),
+            LONG_TOKEN,
+        ))
+        .await;
+    assert!(session.reply("long").await.accepted);
+    let end = session.end_of("task-long").await;
+    assert_eq!(end.phase, pb::TaskPhase::Failed as i32, "{end:?}");
+    assert!(
+        end.message
+            .starts_with("executor exit status: 1: error: cannot fetch the model: ")
+            && end.message.contains("first line"),
+        "{}",
+        end.message
+    );
+    assert_eq!(end.message.chars().count(), 1000, "{}", end.message);
+    assert!(end.message.ends_with('…'), "{}", end.message);
+    assert!(!end.message.contains(char::is_control), "{}", end.message);
+    party.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_port_serves_health_only() {
+    // Nothing at the proxy's address: the health port answers anyway.
+    let party = Party::start("127.0.0.1:1", &[]).await;
+    assert!(
+        party.log().contains("accepting tasks from every namespace"),
+        "{}",
+        party.log()
+    );
+    let channel = cohort_runtime::lazy_channel(&party.addr).unwrap();
+
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let status = tokio::time::timeout(
+        WAIT,
+        health.check(tonic_health::pb::HealthCheckRequest::default()),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+    .into_inner()
+    .status;
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut reflection = ServerReflectionClient::new(channel);
+    let refused = tokio::time::timeout(WAIT, async {
+        // UNIMPLEMENTED may come as the call's answer or as the stream's first item.
+        let mut stream = reflection
+            .server_reflection_info(futures::stream::iter([request]))
+            .await?
+            .into_inner();
+        stream.message().await
+    })
+    .await
+    .unwrap()
+    .expect_err("reflection is not served");
+    assert_eq!(refused.code(), Code::Unimplemented, "{refused}");
+    party.stop().await;
+}
+
+/// Starting with `flags` and `env` fails before anything is served, saying `says`.
+async fn refused_at_start(dir: &Path, flags: &[&str], env: &[(&str, &str)], says: &str) {
+    let (mut command, log, ready) = task_manager(dir, "127.0.0.1:1");
+    let status = tokio::time::timeout(WAIT, command.args(flags).envs(env.iter().copied()).status())
+        .await
+        .expect("a bad configuration exits promptly")
+        .unwrap();
+    let err = std::fs::read_to_string(&log).unwrap();
+    assert!(!status.success(), "{flags:?} {env:?} accepted: {err}");
+    assert!(err.contains(says), "{flags:?} {env:?}: says {says}: {err}");
+    assert!(!ready.exists(), "{flags:?} {env:?}: served anyway");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_terms_are_refused_at_start_naming_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let flag = |value: &'static str| ["--accept-namespaces", value];
+    refused_at_start(
+        dir,
+        &flag("Team_A"),
+        &[],
+        r#"--accept-namespaces: "Team_A" is not a namespace"#,
+    )
+    .await;
+    refused_at_start(
+        dir,
+        &flag("team-a,,team-b"),
+        &[],
+        "--accept-namespaces: an empty namespace",
+    )
+    .await;
+    refused_at_start(
+        dir,
+        &flag("*,team-a"),
+        &[],
+        r#"--accept-namespaces: "*" already accepts every namespace"#,
+    )
+    .await;
+    refused_at_start(
+        dir,
+        &[],
+        &[("COHORT_ACCEPT_NAMESPACES", "team-a,-bad")],
+        r#"--accept-namespaces: "-bad" is not a namespace"#,
+    )
+    .await;
+    refused_at_start(
+        dir,
+        &["--min-cohort", "0"],
+        &[],
+        "--min-cohort: must be at least 1",
+    )
+    .await;
+    refused_at_start(
+        dir,
+        &[],
+        &[("COHORT_MIN_COHORT", "0")],
+        "--min-cohort: must be at least 1",
+    )
+    .await;
+}
