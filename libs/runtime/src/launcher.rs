@@ -1,10 +1,13 @@
 //! Launchers start and stop one coordinator per running job (DESIGN §1).
 //!
 //! `LocalLauncher` runs coordinators as child processes. Exits, expected or
-//! not, are reported on a channel; job-scheduler decides what they mean.
+//! not, are reported on a channel with their cause (the exit status and the
+//! last error or warning the coordinator logged); job-scheduler decides what
+//! they mean.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,7 +32,9 @@ pub struct CoordinatorConfig {
 #[derive(Debug, Clone)]
 pub struct CoordinatorExit {
     pub job_id: JobId,
-    /// How it ended, for the job's event log ("exit status 1", "killed by SIGKILL").
+    /// How it ended, for the job's event log ("exit status 1", "killed by SIGKILL"),
+    /// with the last error or warning it logged where there is one
+    /// ("exit status 1: error: cannot store round 3: ...").
     pub description: String,
 }
 
@@ -92,6 +97,156 @@ impl LocalLauncher {
     }
 }
 
+/// How much of the end of a coordinator's log is searched for its last problem.
+const LOG_TAIL_BYTES: u64 = 64 * 1024;
+/// The most characters of a log line an exit description carries.
+const CAUSE_CHARS: usize = 300;
+
+/// The log's length now: where the lines of a process started now begin.
+fn log_length(log: &Path) -> u64 {
+    std::fs::metadata(log).map(|m| m.len()).unwrap_or(0)
+}
+
+/// `how` the process ended, with the last problem it logged after byte `from`
+/// of `log` (earlier runs of the job's coordinator wrote what comes before).
+async fn describe_with_cause(how: String, log: PathBuf, from: u64) -> String {
+    let cause = tokio::task::spawn_blocking(move || last_problem(&log, from))
+        .await
+        .ok()
+        .flatten();
+    match cause {
+        Some(cause) => format!("{how}: {cause}"),
+        None => how,
+    }
+}
+
+/// The last ERROR line (or, without one, WARN line) in `log` after byte
+/// `from`, looking at most [`LOG_TAIL_BYTES`] back from its end, cleaned up
+/// and cut to [`CAUSE_CHARS`]. Coordinators log no secrets, so a line may be
+/// shown to the job's users.
+fn last_problem(log: &Path, from: u64) -> Option<String> {
+    let mut file = std::fs::File::open(log).ok()?;
+    let len = file.metadata().ok()?.len();
+    let start = from.max(len.saturating_sub(LOG_TAIL_BYTES));
+    if start >= len {
+        return None;
+    }
+    file.seek(SeekFrom::Start(start)).ok()?;
+    let mut bytes = Vec::new();
+    file.take(len - start).read_to_end(&mut bytes).ok()?;
+    let text = String::from_utf8_lossy(&bytes);
+    let mut lines: Vec<&str> = text.lines().collect();
+    if start > from && !lines.is_empty() {
+        lines.remove(0); // cut in the middle
+    }
+    let mut warning = None;
+    for (i, line) in lines.iter().enumerate().rev() {
+        match problem_in(line) {
+            Some((Level::Error, mut cause)) => {
+                // A panic's message is on the line after "panicked at".
+                if cause.contains(" panicked at ")
+                    && let Some(next) = lines.get(i + 1)
+                {
+                    cause = format!("{cause} {}", next.trim());
+                }
+                return Some(clean(&cause));
+            }
+            Some((Level::Warn, cause)) if warning.is_none() => warning = Some(cause),
+            _ => {}
+        }
+    }
+    warning.map(|w| clean(&w))
+}
+
+#[derive(Debug, PartialEq)]
+enum Level {
+    Error,
+    Warn,
+}
+
+/// A problem in one log line: `error: ...` (how a service's main ends), a
+/// panic, or an ERROR or WARN line of the text or JSON log format.
+fn problem_in(line: &str) -> Option<(Level, String)> {
+    let line = line.trim();
+    if line.starts_with("error:") || line.contains(" panicked at ") {
+        return Some((Level::Error, line.to_string()));
+    }
+    if line.starts_with('{') {
+        let level = if line.contains(r#""level":"ERROR""#) {
+            Level::Error
+        } else if line.contains(r#""level":"WARN""#) {
+            Level::Warn
+        } else {
+            return None;
+        };
+        let message = json_string_field(line, "message").unwrap_or_default();
+        let target = json_string_field(line, "target").unwrap_or_default();
+        let word = if level == Level::Error {
+            "ERROR"
+        } else {
+            "WARN"
+        };
+        let mut text = format!("{word} {target}: {message}");
+        // The cause usually rides in an `error` field, as in the text format.
+        if let Some(error) = json_string_field(line, "error") {
+            text.push_str(&format!(" error={error}"));
+        }
+        return Some((level, text));
+    }
+    // "2026-12-06T10:00:00.123456Z ERROR target: message fields" (levels are padded).
+    let mut words = line.split_whitespace();
+    let _time = words.next()?;
+    let (level, word) = match words.next()? {
+        "ERROR" => (Level::Error, "ERROR"),
+        "WARN" => (Level::Warn, "WARN"),
+        _ => return None,
+    };
+    let at = line.find(word)?;
+    Some((level, line[at..].to_string()))
+}
+
+/// The first string value of `"field":` in a JSON line, unescaped (enough
+/// for what tracing writes; anything odd ends the value).
+fn json_string_field(line: &str, field: &str) -> Option<String> {
+    let key = format!(r#""{field}":""#);
+    let rest = &line[line.find(&key)? + key.len()..];
+    let mut out = String::new();
+    let mut chars = rest.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => return Some(out),
+            '\\' => match chars.next()? {
+                'n' | 't' | 'r' => out.push(' '),
+                'u' => {
+                    let hex: String = chars.by_ref().take(4).collect();
+                    out.push(
+                        u32::from_str_radix(&hex, 16)
+                            .ok()
+                            .and_then(char::from_u32)
+                            .unwrap_or('?'),
+                    );
+                }
+                other => out.push(other),
+            },
+            c => out.push(c),
+        }
+    }
+    Some(out)
+}
+
+/// One line of plain text, at most [`CAUSE_CHARS`] characters.
+fn clean(cause: &str) -> String {
+    let flat: String = cause
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    let flat = flat.trim();
+    match flat.char_indices().nth(CAUSE_CHARS) {
+        Some((cut, _)) => format!("{}…", &flat[..cut]),
+        None => flat.to_string(),
+    }
+}
+
 fn describe(status: std::io::Result<std::process::ExitStatus>) -> String {
     use std::os::unix::process::ExitStatusExt;
     match status {
@@ -130,6 +285,8 @@ impl Launcher for LocalLauncher {
             .args(&self.extra_args);
         let log = self.log_dir.join(format!("coordinator-{job_id}.log"));
         let program = self.binary.display().to_string();
+        // The log is appended to across launches: this run's lines start here.
+        let log_start = log_length(&log);
         let mut child = spawn_logged(cmd, &program, &log)?;
         let pid = child.id();
         let (stop_tx, mut stop_rx) = oneshot::channel::<Duration>();
@@ -145,6 +302,7 @@ impl Launcher for LocalLauncher {
         let running = self.running.clone();
         let exits = self.exits.clone();
         let job = job_id.clone();
+        let log_path = log.clone();
         tokio::spawn(async move {
             let status = tokio::select! {
                 status = child.wait() => status,
@@ -156,9 +314,10 @@ impl Launcher for LocalLauncher {
                 }
             };
             LocalLauncher::forget(&running, &job);
+            let description = describe_with_cause(describe(status), log_path, log_start).await;
             let _ = exits.send(CoordinatorExit {
                 job_id: job,
-                description: describe(status),
+                description,
             });
         });
         tracing::info!(job = %job_id, pid = ?pid, log = %log.display(), "coordinator launched");
@@ -182,6 +341,9 @@ impl Launcher for LocalLauncher {
         let running = self.running.clone();
         let exits = self.exits.clone();
         let job = job_id.clone();
+        // It still appends to the log its launch opened; what it writes from now on is ours.
+        let log = self.log_dir.join(format!("coordinator-{job_id}.log"));
+        let log_start = log_length(&log);
         // Not our child: poll for its end.
         tokio::spawn(async move {
             let mut stop_deadline: Option<tokio::time::Instant> = None;
@@ -199,9 +361,11 @@ impl Launcher for LocalLauncher {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             LocalLauncher::forget(&running, &job);
+            let description =
+                describe_with_cause("exited (adopted process)".to_string(), log, log_start).await;
             let _ = exits.send(CoordinatorExit {
                 job_id: job,
-                description: "exited (adopted process)".to_string(),
+                description,
             });
         });
         tracing::info!(job = %job_id, pid, "adopted running coordinator");
@@ -234,5 +398,200 @@ impl Launcher for LocalLauncher {
         {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// A directory of its own under the system's temporary directory.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new() -> Self {
+            let dir = std::env::temp_dir().join(format!(
+                "cohort-launcher-{}-{:016x}",
+                std::process::id(),
+                rand::random::<u64>()
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            TempDir(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn log_with(dir: &TempDir, text: &str) -> PathBuf {
+        let log = dir.0.join("c.log");
+        std::fs::write(&log, text).unwrap();
+        log
+    }
+
+    #[test]
+    fn the_last_error_wins_over_later_warnings_and_info() {
+        let dir = TempDir::new();
+        let log = log_with(
+            &dir,
+            "2026-12-06T10:00:00.000001Z  INFO cohort_coordinator: serving\n\
+             2026-12-06T10:00:01.000001Z ERROR cohort_coordinator::rounds: first failure\n\
+             2026-12-06T10:00:02.000001Z ERROR cohort_coordinator::rounds: storing round 3 failed error=belongs to another namespace\n\
+             2026-12-06T10:00:03.000001Z  WARN cohort_coordinator: shutting down\n\
+             2026-12-06T10:00:04.000001Z  INFO cohort_coordinator: bye\n",
+        );
+        assert_eq!(
+            last_problem(&log, 0).as_deref(),
+            Some(
+                "ERROR cohort_coordinator::rounds: storing round 3 failed error=belongs to another namespace"
+            )
+        );
+        // Without an error, the last warning.
+        let log = log_with(
+            &dir,
+            "2026-12-06T10:00:00.000001Z  WARN a: early\n2026-12-06T10:00:03.000001Z  WARN a: late\nplain output\n",
+        );
+        assert_eq!(last_problem(&log, 0).as_deref(), Some("WARN a: late"));
+        let log = log_with(&dir, "2026-12-06T10:00:00.000001Z  INFO a: fine\n");
+        assert_eq!(last_problem(&log, 0), None);
+        assert_eq!(last_problem(&dir.0.join("missing.log"), 0), None);
+    }
+
+    #[test]
+    fn only_lines_after_the_start_count() {
+        let dir = TempDir::new();
+        let earlier = "error: an earlier launch failed\n";
+        let log = log_with(
+            &dir,
+            &format!("{earlier}2026-12-06T10:00:00.000001Z  INFO a: fine\n"),
+        );
+        assert_eq!(last_problem(&log, earlier.len() as u64), None);
+        assert_eq!(
+            last_problem(&log, 0).as_deref(),
+            Some("error: an earlier launch failed")
+        );
+    }
+
+    #[test]
+    fn main_errors_panics_and_json_lines_are_found() {
+        let dir = TempDir::new();
+        let log = log_with(
+            &dir,
+            "2026-12-06T10:00:00.000001Z ERROR a: something\nerror: job spec: model.init: tensor \"fc0.weight\" has shape [64, 64]\n",
+        );
+        assert_eq!(
+            last_problem(&log, 0).as_deref(),
+            Some("error: job spec: model.init: tensor \"fc0.weight\" has shape [64, 64]")
+        );
+        let log = log_with(
+            &dir,
+            "\nthread 'main' panicked at services/coordinator/src/rounds.rs:10:5:\nindex out of bounds\nnote: run with `RUST_BACKTRACE=1`\n",
+        );
+        assert_eq!(
+            last_problem(&log, 0).as_deref(),
+            Some(
+                "thread 'main' panicked at services/coordinator/src/rounds.rs:10:5: index out of bounds"
+            )
+        );
+        let log = log_with(
+            &dir,
+            concat!(
+                r#"{"timestamp":"2026-12-06T10:00:00Z","level":"ERROR","fields":{"message":"round failed","error":"no \"quorum\"\nat all \u00e9"},"target":"cohort_coordinator::rounds"}"#,
+                "\n",
+                r#"{"timestamp":"2026-12-06T10:00:01Z","level":"INFO","fields":{"message":"bye"},"target":"cohort_coordinator"}"#,
+                "\n"
+            ),
+        );
+        assert_eq!(
+            last_problem(&log, 0).as_deref(),
+            Some("ERROR cohort_coordinator::rounds: round failed error=no \"quorum\" at all é")
+        );
+    }
+
+    #[test]
+    fn causes_are_one_bounded_line() {
+        let dir = TempDir::new();
+        let long = format!("error: {}\u{7}end", "é".repeat(1000));
+        let log = log_with(&dir, &format!("{long}\n"));
+        let cause = last_problem(&log, 0).unwrap();
+        assert_eq!(
+            cause.chars().count(),
+            CAUSE_CHARS + 1,
+            "cut, with an ellipsis"
+        );
+        assert!(
+            cause.starts_with("error: éé") && cause.ends_with("é…"),
+            "{cause}"
+        );
+        // Only the end of a large log is read; a line cut there is skipped.
+        let filler = "x".repeat(LOG_TAIL_BYTES as usize);
+        let log = log_with(
+            &dir,
+            &format!(
+                "error: far back {filler}\n2026-12-06T10:00:00.000001Z  WARN a: near the end\n"
+            ),
+        );
+        assert_eq!(
+            last_problem(&log, 0).as_deref(),
+            Some("WARN a: near the end")
+        );
+    }
+
+    async fn next_exit(rx: &mut mpsc::UnboundedReceiver<CoordinatorExit>) -> CoordinatorExit {
+        tokio::time::timeout(Duration::from_secs(30), rx.recv())
+            .await
+            .expect("no exit reported within 30 s")
+            .expect("exit channel closed")
+    }
+
+    #[tokio::test]
+    async fn an_exit_carries_the_last_error_of_that_run() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = TempDir::new();
+        // Fails on its first run, succeeds quietly on the second.
+        let bin = dir.0.join("coordinator");
+        let marker = dir.0.join("ran-once");
+        std::fs::write(
+            &bin,
+            format!(
+                "#!/bin/sh\n\
+                 if [ -e '{marker}' ]; then echo '2026-12-06T10:00:00.000001Z  INFO c: done'; exit 0; fi\n\
+                 touch '{marker}'\n\
+                 echo '2026-12-06T10:00:00.000001Z  WARN c: slow party'\n\
+                 echo 'error: storing round 1: model \"m\" is not yours' >&2\n\
+                 exit 3\n",
+                marker = marker.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let launcher = LocalLauncher::new(
+            bin,
+            CoordinatorConfig {
+                job_scheduler: "127.0.0.1:1".into(),
+                model_manager: "127.0.0.1:2".into(),
+                client_selector: "127.0.0.1:3".into(),
+            },
+            dir.0.join("logs"),
+            Vec::new(),
+            tx,
+        )
+        .unwrap();
+        let job = JobId::parse("job-a1b2c3").unwrap();
+        launcher.launch(&job, "{}").await.unwrap();
+        let exit = next_exit(&mut rx).await;
+        assert_eq!(exit.job_id, job);
+        assert_eq!(
+            exit.description,
+            "exit status 3: error: storing round 1: model \"m\" is not yours"
+        );
+        // The log keeps the first run's lines; the second run's exit is its own.
+        launcher.launch(&job, "{}").await.unwrap();
+        assert_eq!(next_exit(&mut rx).await.description, "exit status 0");
     }
 }

@@ -168,27 +168,45 @@ impl Listener {
         self
     }
 
-    /// Serves `routes` plus grpc.health.v1 and server reflection until `shutdown`
-    /// resolves. Writes the ready file once the health service reports SERVING.
+    /// Serves `services` plus grpc.health.v1 and server reflection until
+    /// `shutdown` resolves. Health answers SERVING for "" and for the name of
+    /// each service in `services` (NOT_FOUND for any other name); reflection
+    /// lists those services. Writes the ready file once health reports SERVING.
     pub async fn serve(
         self,
         service_name: &str,
-        routes: tonic::service::Routes,
+        services: impl Into<Services>,
         ready_file: Option<&Path>,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), RuntimeError> {
+        let Services { routes, names } = services.into();
+        let listed = names.is_some();
+        let names = names.unwrap_or_default();
         let (reporter, health) = tonic_health::server::health_reporter();
         reporter
             .set_service_status("", tonic_health::ServingStatus::Serving)
             .await;
-        let reflection = tonic_reflection::server::Builder::configure()
+        for name in &names {
+            reporter
+                .set_service_status(*name, tonic_health::ServingStatus::Serving)
+                .await;
+        }
+        let mut reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(cohort_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .map_err(|e| RuntimeError::Endpoint {
-                endpoint: "reflection".into(),
-                message: e.to_string(),
-            })?;
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+        // Plain `Routes` carry no names: then every known service is listed.
+        if listed {
+            for name in names.iter().copied().chain([
+                tonic_health::pb::health_server::SERVICE_NAME,
+                tonic_reflection::pb::v1::server_reflection_server::SERVICE_NAME,
+            ]) {
+                reflection = reflection.with_service_name(name);
+            }
+        }
+        let reflection = reflection.build_v1().map_err(|e| RuntimeError::Endpoint {
+            endpoint: "reflection".into(),
+            message: e.to_string(),
+        })?;
         let health_only = self.health.map(|l| {
             let health = health.clone();
             tokio::spawn(serve_health_only(l, health))
@@ -221,6 +239,73 @@ impl Listener {
         }
         tracing::info!(service = service_name, "stopped");
         Ok(())
+    }
+}
+
+/// The gRPC services a process serves, with their names: health answers per
+/// name. Built like tonic's `Routes`: `Services::new(a).add_service(b)`.
+/// Plain `Routes` convert too, but then health knows only "".
+#[derive(Debug, Clone)]
+pub struct Services {
+    routes: tonic::service::Routes,
+    /// `None`: converted from `Routes`, whose services are not known by name.
+    names: Option<Vec<&'static str>>,
+}
+
+impl Default for Services {
+    /// No service but health and reflection.
+    fn default() -> Self {
+        Self {
+            routes: tonic::service::Routes::default(),
+            names: Some(Vec::new()),
+        }
+    }
+}
+
+impl Services {
+    /// Starts with `service`.
+    pub fn new<S>(service: S) -> Self
+    where
+        S: tower::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<tonic::body::Body>,
+                Error = std::convert::Infallible,
+            > + tonic::server::NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        Self::default().add_service(service)
+    }
+
+    /// Adds `service`; health reports SERVING for its name.
+    pub fn add_service<S>(mut self, service: S) -> Self
+    where
+        S: tower::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<tonic::body::Body>,
+                Error = std::convert::Infallible,
+            > + tonic::server::NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        self.names.get_or_insert_default().push(S::NAME);
+        self.routes = self.routes.add_service(service);
+        self
+    }
+}
+
+impl From<tonic::service::Routes> for Services {
+    fn from(routes: tonic::service::Routes) -> Self {
+        Self {
+            routes,
+            names: None,
+        }
     }
 }
 
@@ -398,6 +483,8 @@ pub fn status(kind: cohort_core::ErrorKind, message: impl Into<String>) -> tonic
         ErrorKind::DataLoss => tonic::Code::DataLoss,
         ErrorKind::Unauthenticated => tonic::Code::Unauthenticated,
         ErrorKind::PermissionDenied => tonic::Code::PermissionDenied,
+        ErrorKind::ResourceExhausted => tonic::Code::ResourceExhausted,
+        ErrorKind::DeadlineExceeded => tonic::Code::DeadlineExceeded,
         ErrorKind::Internal => tonic::Code::Internal,
     };
     tonic::Status::new(code, message)
@@ -427,5 +514,146 @@ pub fn advertised(addr: SocketAddr) -> String {
         format!("127.0.0.1:{}", addr.port())
     } else {
         addr.to_string()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use cohort_proto::v1::coordinator_control_server::{
+        CoordinatorControl, CoordinatorControlServer,
+    };
+    use cohort_proto::v1::{Ack, StopCoordinatorRequest};
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    struct Control;
+
+    #[tonic::async_trait]
+    impl CoordinatorControl for Control {
+        async fn stop(
+            &self,
+            _: tonic::Request<StopCoordinatorRequest>,
+        ) -> Result<tonic::Response<Ack>, tonic::Status> {
+            Ok(tonic::Response::new(Ack::default()))
+        }
+    }
+
+    /// The status health gives for `service`, or the error code.
+    async fn check(addr: SocketAddr, service: &str) -> Result<i32, tonic::Code> {
+        let mut health = HealthClient::new(lazy_channel(&addr.to_string()).unwrap());
+        let answer = tokio::time::timeout(
+            WAIT,
+            health.check(HealthCheckRequest {
+                service: service.into(),
+            }),
+        )
+        .await
+        .expect("health check timed out");
+        answer.map(|r| r.into_inner().status).map_err(|s| s.code())
+    }
+
+    async fn listed_services(addr: SocketAddr) -> Vec<String> {
+        use tonic_reflection::pb::v1::ServerReflectionRequest;
+        use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+        let mut client = ServerReflectionClient::new(lazy_channel(&addr.to_string()).unwrap());
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let answer = tokio::time::timeout(WAIT, async {
+            let mut stream = client
+                .server_reflection_info(futures::stream::iter([request]))
+                .await
+                .unwrap()
+                .into_inner();
+            stream.message().await.unwrap().unwrap()
+        })
+        .await
+        .expect("reflection timed out");
+        let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
+            panic!("unexpected reflection answer {answer:?}");
+        };
+        let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        names.sort();
+        names
+    }
+
+    #[tokio::test]
+    async fn health_answers_for_each_served_service_on_both_ports() {
+        let args = ServiceArgs {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            ready_file: None,
+            log_format: LogFormat::Text,
+            health_listen: Some("127.0.0.1:0".parse().unwrap()),
+        };
+        let listener = Listener::bind_service(&args).await.unwrap();
+        let addr = listener.local_addr();
+        let health_addr = listener.health.as_ref().unwrap().local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(listener.serve(
+            "test",
+            Services::new(CoordinatorControlServer::new(Control)),
+            None,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+
+        let serving = ServingStatus::Serving as i32;
+        for port in [addr, health_addr] {
+            assert_eq!(check(port, "").await, Ok(serving), "{port}");
+            assert_eq!(
+                check(port, "cohort.v1.CoordinatorControl").await,
+                Ok(serving),
+                "{port}"
+            );
+            // Not served here: NOT_FOUND, as grpc.health.v1 defines it.
+            for other in ["cohort.v1.Jobs", "cohort.v1.JobControl", "nonsense"] {
+                assert_eq!(
+                    check(port, other).await,
+                    Err(tonic::Code::NotFound),
+                    "{port} {other}"
+                );
+            }
+        }
+        assert_eq!(
+            listed_services(addr).await,
+            [
+                "cohort.v1.CoordinatorControl",
+                "grpc.health.v1.Health",
+                "grpc.reflection.v1.ServerReflection",
+            ]
+        );
+
+        let _ = stop.send(());
+        tokio::time::timeout(WAIT, server)
+            .await
+            .expect("server did not stop")
+            .unwrap()
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn plain_routes_still_serve_with_overall_health() {
+        let listener = Listener::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let addr = listener.local_addr();
+        let routes = tonic::service::Routes::new(CoordinatorControlServer::new(Control));
+        let server = tokio::spawn(listener.serve("test", routes, None, std::future::pending()));
+        assert_eq!(check(addr, "").await, Ok(ServingStatus::Serving as i32));
+        let listed = listed_services(addr).await;
+        assert!(
+            listed.contains(&"cohort.v1.CoordinatorControl".to_string()),
+            "{listed:?}"
+        );
+        server.abort();
     }
 }

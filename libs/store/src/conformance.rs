@@ -113,6 +113,10 @@ macro_rules! job_store_conformance {
                 record_round_is_idempotent,
                 concurrent_record_round_counts_once,
                 delete_cascades,
+                round_outcomes_round_trip,
+                notes_follow_the_events_with_the_jobs_state,
+                notes_are_bounded_per_job,
+                concurrent_notes_and_transitions_keep_seqs_unique,
                 tokens_insert_get_list_delete,
                 tokens_missing_are_not_found,
                 tokens_duplicate_id_or_hash_conflicts,
@@ -140,10 +144,11 @@ macro_rules! model_store_conformance {
                 list_filters_by_name_and_job,
                 out_of_range_values_are_refused,
                 namespace_is_stored,
-                other_namespace_insert_conflicts,
+                same_name_in_two_namespaces_is_two_models,
+                reads_never_cross_namespaces,
                 list_filters_by_namespace,
                 concurrent_inserts_in_one_namespace_number_from_one,
-                racing_namespaces_one_wins,
+                concurrent_first_inserts_in_two_namespaces_number_apart,
             ]
         );
     };
@@ -182,7 +187,7 @@ pub mod jobs {
     use cohort_core::{JobId, JobState};
 
     use crate::StoreError;
-    use crate::jobs::{JobFilter, JobRecord, JobStore, RoundRecord};
+    use crate::jobs::{JobEventRecord, JobFilter, JobNote, JobRecord, JobStore, RoundRecord};
     use crate::tokens::{NewToken, TokenRecord};
 
     pub fn job(name: &str, namespace: &str) -> JobRecord {
@@ -215,6 +220,20 @@ pub mod jobs {
             model_version: n,
             duration_ms: 3,
             refused_updates: n % 3,
+            dropped_updates: n % 2,
+            task_failures: n + 1,
+            robust_accuracy: 0.8 + 0.01 * f64::from(n),
+        }
+    }
+
+    /// A log entry; `i` makes it distinct.
+    pub fn note(kind: &str, i: u32) -> JobNote {
+        JobNote {
+            kind: kind.into(),
+            round: i,
+            party: format!("party-{i}"),
+            task_id: format!("t-r{i}-{i:08x}"),
+            message: format!("task failed: \"reason\" ✓ {i}"),
         }
     }
 
@@ -248,7 +267,7 @@ pub mod jobs {
         let j = job("a", "default");
         s.insert_job(&j, "created by test").await.unwrap();
         assert_eq!(s.get_job(&j.id).await.unwrap(), j);
-        let events = s.list_events(&j.id).await.unwrap();
+        let events = s.list_events(&j.id, 0).await.unwrap();
         assert_eq!(events.len(), 1, "insert records the first event");
         assert_eq!(
             (events[0].seq, events[0].from, events[0].to),
@@ -285,7 +304,12 @@ pub mod jobs {
             "record_round",
         );
         assert_not_found(s.delete_job(&j.id).await, &j.id, "delete_job");
-        assert!(s.list_events(&j.id).await.unwrap().is_empty());
+        assert_not_found(
+            s.append_notes(&j.id, &[note("note", 1)], 10, 2).await,
+            &j.id,
+            "append_notes",
+        );
+        assert!(s.list_events(&j.id, 0).await.unwrap().is_empty());
         assert!(s.list_rounds(&j.id).await.unwrap().is_empty());
     }
 
@@ -303,7 +327,7 @@ pub mod jobs {
             "a",
             "first insert kept"
         );
-        assert_eq!(s.list_events(&j.id).await.unwrap().len(), 1);
+        assert_eq!(s.list_events(&j.id, 0).await.unwrap().len(), 1);
     }
 
     pub async fn stale_update_conflicts(s: Arc<dyn JobStore>) {
@@ -323,7 +347,7 @@ pub mod jobs {
             other => panic!("expected Conflict, got {other:?}"),
         }
         assert_eq!(s.get_job(&j.id).await.unwrap(), stored);
-        assert_eq!(s.list_events(&j.id).await.unwrap().len(), 2);
+        assert_eq!(s.list_events(&j.id, 0).await.unwrap().len(), 2);
     }
 
     pub async fn update_writes_fields_and_records_state_changes(s: Arc<dyn JobStore>) {
@@ -351,7 +375,7 @@ pub mod jobs {
             "update returns what it stored"
         );
         assert_eq!(
-            s.list_events(&j.id).await.unwrap().len(),
+            s.list_events(&j.id, 0).await.unwrap().len(),
             1,
             "no event without a state change"
         );
@@ -364,7 +388,7 @@ pub mod jobs {
         assert_eq!(stored.version, 3);
         assert_eq!(stored.coordinator_endpoint, None);
         assert_eq!(stored.coordinator_pid, None);
-        let events = s.list_events(&j.id).await.unwrap();
+        let events = s.list_events(&j.id, 0).await.unwrap();
         assert_eq!(events.len(), 2);
         assert_eq!(events[1].seq, 2);
         assert_eq!(events[1].time_ms, 60);
@@ -388,7 +412,7 @@ pub mod jobs {
             cur.reason = format!("step {i}");
             cur = s.update_job(&cur, 10 + i as i64).await.unwrap();
         }
-        let events = s.list_events(&j.id).await.unwrap();
+        let events = s.list_events(&j.id, 0).await.unwrap();
         assert_eq!(events.len(), path.len() + 1);
         for (i, e) in events.iter().enumerate() {
             assert_eq!(e.seq, i as u64 + 1, "seq counts from 1 without gaps");
@@ -426,7 +450,7 @@ pub mod jobs {
         }
         assert_eq!(won, 1, "one writer wins the version");
         assert_eq!(s.get_job(&j.id).await.unwrap().version, 2);
-        assert_eq!(s.list_events(&j.id).await.unwrap().len(), 2);
+        assert_eq!(s.list_events(&j.id, 0).await.unwrap().len(), 2);
     }
 
     pub async fn concurrent_updates_lose_no_increment(s: Arc<dyn JobStore>) {
@@ -460,7 +484,7 @@ pub mod jobs {
         let end = s.get_job(&j.id).await.unwrap();
         assert_eq!(end.launch_attempts, WRITERS * EACH, "no lost update");
         assert_eq!(end.version, 1 + i64::from(WRITERS * EACH));
-        assert_eq!(s.list_events(&j.id).await.unwrap().len(), 1);
+        assert_eq!(s.list_events(&j.id, 0).await.unwrap().len(), 1);
     }
 
     pub async fn pages_are_stable_under_concurrent_inserts(s: Arc<dyn JobStore>) {
@@ -617,7 +641,7 @@ pub mod jobs {
             "first report of each round kept, ordered by round"
         );
         assert_eq!(
-            s.list_events(&j.id).await.unwrap().len(),
+            s.list_events(&j.id, 0).await.unwrap().len(),
             1,
             "rounds are not events"
         );
@@ -649,11 +673,13 @@ pub mod jobs {
             next.state = JobState::Starting;
             s.update_job(&next, 2).await.unwrap();
             s.record_round(&x.id, &round(1), 3).await.unwrap();
+            let full = [note("task_failed", 1), note("note", 2)];
+            assert_eq!(s.append_notes(&x.id, &full, 2, 4).await.unwrap(), 2);
         }
         s.delete_job(&j.id).await.unwrap();
         assert_not_found(s.get_job(&j.id).await, &j.id, "get_job after delete");
         assert!(
-            s.list_events(&j.id).await.unwrap().is_empty(),
+            s.list_events(&j.id, 0).await.unwrap().is_empty(),
             "events deleted"
         );
         assert!(
@@ -662,19 +688,300 @@ pub mod jobs {
         );
         assert_not_found(s.delete_job(&j.id).await, &j.id, "second delete_job");
         assert_eq!(
-            s.list_events(&other.id).await.unwrap().len(),
-            2,
+            s.list_events(&other.id, 0).await.unwrap().len(),
+            4,
             "others untouched"
         );
         assert_eq!(s.list_rounds(&other.id).await.unwrap().len(), 1);
         // The id is free again, with a fresh history.
         s.insert_job(&j, "recreated").await.unwrap();
-        let events = s.list_events(&j.id).await.unwrap();
+        let events = s.list_events(&j.id, 0).await.unwrap();
         assert_eq!(events.len(), 1);
         assert_eq!((events[0].seq, events[0].reason.as_str()), (1, "recreated"));
         assert!(s.list_rounds(&j.id).await.unwrap().is_empty());
+        assert_eq!(
+            s.append_notes(&j.id, &[note("note", 3)], 2, 5)
+                .await
+                .unwrap(),
+            1,
+            "a recreated job's log starts empty"
+        );
         let listed = all_ids(s.as_ref(), &JobFilter::default(), 10).await;
         assert_eq!(listed, vec![other.id.clone(), j.id.clone()]);
+    }
+
+    pub async fn round_outcomes_round_trip(s: Arc<dyn JobStore>) {
+        let j = job("a", "default");
+        s.insert_job(&j, "created").await.unwrap();
+        let mut r1 = round(1);
+        (r1.dropped_updates, r1.task_failures, r1.robust_accuracy) = (u32::MAX, 7, 0.0);
+        let mut r2 = round(2);
+        (r2.dropped_updates, r2.task_failures, r2.robust_accuracy) = (0, 0, 1.0);
+        let mut r3 = round(3);
+        r3.robust_accuracy = f64::NAN;
+        for r in [&r1, &r2, &r3] {
+            s.record_round(&j.id, r, 5).await.unwrap();
+        }
+        let got = s.list_rounds(&j.id).await.unwrap();
+        assert_eq!(got[..2], [r1, r2]);
+        assert!(
+            got[2].robust_accuracy.is_nan(),
+            "NaN survives: {:?}",
+            got[2]
+        );
+        assert_eq!(
+            RoundRecord {
+                robust_accuracy: 0.0,
+                ..got[2].clone()
+            },
+            RoundRecord {
+                robust_accuracy: 0.0,
+                ..r3
+            }
+        );
+    }
+
+    pub async fn notes_follow_the_events_with_the_jobs_state(s: Arc<dyn JobStore>) {
+        let j = job("a", "default");
+        s.insert_job(&j, "created").await.unwrap();
+        let mut running = j.clone();
+        running.state = JobState::Running;
+        running.reason = "coordinator ready".into();
+        let running = s.update_job(&running, 10).await.unwrap();
+        let notes = [
+            note("task_failed", 1),
+            note("party_left_out", 2),
+            note("note", 0),
+        ];
+        assert_eq!(s.append_notes(&j.id, &notes, 100, 20).await.unwrap(), 3);
+        assert_eq!(
+            s.get_job(&j.id).await.unwrap(),
+            running,
+            "notes leave the job record (and its version) alone"
+        );
+        let mut stopping = running.clone();
+        stopping.state = JobState::Stopping;
+        stopping.reason = "stopped by user".into();
+        s.update_job(&stopping, 30).await.unwrap();
+
+        let events = s.list_events(&j.id, 0).await.unwrap();
+        let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, [1, 2, 3, 4, 5, 6]);
+        for (e, n) in events[2..5].iter().zip(&notes) {
+            assert_eq!(
+                e,
+                &JobEventRecord {
+                    seq: e.seq,
+                    time_ms: 20,
+                    from: Some(JobState::Running),
+                    to: JobState::Running,
+                    reason: n.message.clone(),
+                    kind: n.kind.clone(),
+                    round: n.round,
+                    party: n.party.clone(),
+                    task_id: n.task_id.clone(),
+                }
+            );
+        }
+        let last = &events[5];
+        assert_eq!(
+            (last.from, last.to, last.kind.as_str(), last.round),
+            (Some(JobState::Running), JobState::Stopping, "", 0),
+            "a state change after notes is an ordinary one"
+        );
+        assert!(
+            events[..2]
+                .iter()
+                .all(|e| e.kind.is_empty() && e.party.is_empty() && e.task_id.is_empty())
+        );
+
+        let tail = s.list_events(&j.id, 4).await.unwrap();
+        assert_eq!(tail, events[4..].to_vec(), "only events after seq 4");
+        assert!(s.list_events(&j.id, 6).await.unwrap().is_empty());
+        assert!(s.list_events(&j.id, u64::MAX).await.unwrap().is_empty());
+        assert_eq!(s.append_notes(&j.id, &[], 100, 40).await.unwrap(), 0);
+        assert_eq!(s.list_events(&j.id, 0).await.unwrap().len(), 6);
+    }
+
+    pub async fn notes_are_bounded_per_job(s: Arc<dyn JobStore>) {
+        let j = job("a", "default");
+        let other = job("b", "default");
+        for x in [&j, &other] {
+            s.insert_job(x, "created").await.unwrap();
+        }
+        let batch = |from: u32, n: u32| -> Vec<JobNote> {
+            (from..from + n)
+                .map(|i| note("update_refused", i))
+                .collect()
+        };
+        assert_eq!(s.append_notes(&j.id, &batch(0, 3), 5, 2).await.unwrap(), 3);
+        assert_eq!(
+            s.append_notes(&j.id, &batch(3, 4), 5, 3).await.unwrap(),
+            2,
+            "only what fits is stored"
+        );
+        assert_eq!(s.append_notes(&j.id, &batch(7, 1), 5, 4).await.unwrap(), 0);
+        // State changes do not count against the bound and still go in.
+        let mut next = j.clone();
+        next.state = JobState::Starting;
+        s.update_job(&next, 5).await.unwrap();
+        let events = s.list_events(&j.id, 0).await.unwrap();
+        let rounds: Vec<u32> = events
+            .iter()
+            .filter(|e| !e.kind.is_empty())
+            .map(|e| e.round)
+            .collect();
+        assert_eq!(rounds, [0, 1, 2, 3, 4], "the first five kept, in order");
+        assert_eq!(events.len(), 7);
+        assert_eq!(events[6].to, JobState::Starting);
+        // A larger bound makes room again; other jobs have their own.
+        assert_eq!(s.append_notes(&j.id, &batch(8, 3), 6, 6).await.unwrap(), 1);
+        assert_eq!(
+            s.append_notes(&other.id, &batch(0, 4), 5, 7).await.unwrap(),
+            4
+        );
+    }
+
+    pub async fn concurrent_notes_and_transitions_keep_seqs_unique(s: Arc<dyn JobStore>) {
+        const WRITERS: u32 = 8;
+        const CALLS: u32 = 5;
+        const MAX: u64 = 60;
+        let j = job("a", "default");
+        s.insert_job(&j, "created").await.unwrap();
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|w| {
+                let (s, id) = (s.clone(), j.id.clone());
+                tokio::spawn(async move {
+                    let mut stored = 0u32;
+                    for c in 0..CALLS {
+                        let notes = [note("note", w * 100 + c), note("note", w * 100 + 50 + c)];
+                        stored += s.append_notes(&id, &notes, MAX, 10).await.unwrap();
+                    }
+                    stored
+                })
+            })
+            .collect();
+        let path = [
+            JobState::Starting,
+            JobState::Running,
+            JobState::Stopping,
+            JobState::Stopped,
+        ];
+        for state in path {
+            loop {
+                let mut cur = s.get_job(&j.id).await.unwrap();
+                cur.state = state;
+                cur.reason = format!("to {state}");
+                match s.update_job(&cur, 11).await {
+                    Ok(_) => break,
+                    Err(StoreError::Conflict(_)) => {}
+                    Err(e) => panic!("update_job: {e}"),
+                }
+            }
+            tokio::task::yield_now().await;
+        }
+        let mut stored = 0;
+        for w in writers {
+            stored += w.await.unwrap();
+        }
+        let offered = u64::from(WRITERS * CALLS * 2);
+        assert_eq!(
+            u64::from(stored),
+            offered.min(MAX),
+            "what the calls said they stored"
+        );
+        let events = s.list_events(&j.id, 0).await.unwrap();
+        let notes = events.iter().filter(|e| !e.kind.is_empty()).count();
+        assert_eq!(notes as u64, offered.min(MAX), "what is stored");
+        assert_eq!(
+            events.len() - notes,
+            1 + path.len(),
+            "every transition recorded"
+        );
+        for (i, e) in events.iter().enumerate() {
+            assert_eq!(e.seq, i as u64 + 1, "seqs are unique and without gaps");
+        }
+        // Each note carries the state the job was in when it was appended.
+        let mut state = JobState::Queued;
+        for e in &events {
+            if e.kind.is_empty() {
+                assert_eq!(e.from.unwrap_or(state), state, "seq {}", e.seq);
+                state = e.to;
+            } else {
+                assert_eq!((e.from, e.to), (Some(state), state), "seq {}", e.seq);
+            }
+        }
+        assert_eq!(state, JobState::Stopped);
+    }
+
+    /// A job with one event and one round, as the first release's schema
+    /// stores them (the same SQL on SQLite and PostgreSQL), for the upgrade
+    /// tests; [`check_first_release_job`] then reads them through the store.
+    pub const FIRST_RELEASE_JOB_ROWS: [&str; 3] = [
+        "INSERT INTO jobs (id, name, namespace, spec_json, state, reason, rounds_total, \
+         rounds_completed, created_at_ms, updated_at_ms) \
+         VALUES ('old-abc123', 'old', 'default', '{}', 'RUNNING', 'coordinator ready', 3, 1, 1, 2)",
+        "INSERT INTO job_events (job_id, seq, time_ms, from_state, to_state, reason) \
+         VALUES ('old-abc123', 1, 1, NULL, 'RUNNING', 'created')",
+        "INSERT INTO job_rounds (job_id, round, eval_loss, eval_accuracy, eval_samples, \
+         train_loss, updates, model_version, duration_ms) \
+         VALUES ('old-abc123', 1, 0.5, 0.75, 10, 0.6, 2, 1, 3)",
+    ];
+
+    /// The rows of [`FIRST_RELEASE_JOB_ROWS`] after the upgrade: what later
+    /// columns add reads as nothing, and the job takes log entries.
+    pub async fn check_first_release_job(s: &dyn JobStore) {
+        let id = JobId::parse("old-abc123").unwrap();
+        let job = s.get_job(&id).await.unwrap();
+        assert_eq!((job.state, job.rounds_completed), (JobState::Running, 1));
+        let rounds = s.list_rounds(&id).await.unwrap();
+        assert_eq!(rounds.len(), 1);
+        let r = &rounds[0];
+        assert_eq!((r.round, r.eval_accuracy, r.updates), (1, 0.75, 2));
+        assert_eq!(
+            (
+                r.refused_updates,
+                r.dropped_updates,
+                r.task_failures,
+                r.robust_accuracy
+            ),
+            (0, 0, 0, 0.0)
+        );
+        let events = s.list_events(&id, 0).await.unwrap();
+        assert_eq!(
+            events,
+            vec![JobEventRecord {
+                seq: 1,
+                time_ms: 1,
+                from: None,
+                to: JobState::Running,
+                reason: "created".into(),
+                kind: String::new(),
+                round: 0,
+                party: String::new(),
+                task_id: String::new(),
+            }]
+        );
+        assert_eq!(
+            s.append_notes(&id, &[note("task_failed", 2)], 1, 9)
+                .await
+                .unwrap(),
+            1
+        );
+        let added = s.list_events(&id, 1).await.unwrap();
+        assert_eq!(added.len(), 1);
+        assert_eq!(
+            (added[0].seq, added[0].from, added[0].kind.as_str()),
+            (2, Some(JobState::Running), "task_failed")
+        );
+        assert_eq!(
+            s.append_notes(&id, &[note("note", 3)], 1, 9).await.unwrap(),
+            0,
+            "the bound counts from the upgrade"
+        );
+        let r2 = round(2);
+        s.record_round(&id, &r2, 10).await.unwrap();
+        assert_eq!(s.list_rounds(&id).await.unwrap()[1], r2);
     }
 
     // API tokens: every job store holds them (`JobStore: TokenStore`).
@@ -877,9 +1184,12 @@ pub mod models {
     use crate::StoreError;
     use crate::models::{ModelStore, ModelVersionRecord, NewModelVersion};
 
-    /// A version of `name` in namespace `default`.
+    /// The namespace of [`new_version`]'s versions.
+    pub const NS: &str = "default";
+
+    /// A version of `name` in namespace [`NS`].
     pub fn new_version(name: &str, job: &str) -> NewModelVersion {
-        new_version_in(name, job, "default")
+        new_version_in(name, job, NS)
     }
 
     pub fn new_version_in(name: &str, job: &str, namespace: &str) -> NewModelVersion {
@@ -894,6 +1204,20 @@ pub mod models {
             loss: 0.5,
             accuracy: 0.75,
             samples: 100,
+        }
+    }
+
+    /// The answer, as text, to reading `name@version` (0: the latest) in
+    /// `namespace`, which must be a miss.
+    async fn miss(s: &dyn ModelStore, namespace: &str, name: &str, version: u32) -> String {
+        let r = if version == 0 {
+            s.latest_version(namespace, name).await
+        } else {
+            s.get_version(namespace, name, version).await
+        };
+        match r {
+            Err(e @ StoreError::NotFound { .. }) => e.to_string(),
+            other => panic!("{namespace}/{name}@{version}: expected NotFound, got {other:?}"),
         }
     }
 
@@ -935,26 +1259,26 @@ pub mod models {
             .await
             .unwrap();
         assert_eq!(other.version, 1, "numbering is per name");
-        assert_eq!(s.get_version("mnist", 1).await.unwrap(), v1);
-        assert_eq!(s.get_version("mnist", 2).await.unwrap(), v2);
+        assert_eq!(s.get_version(NS, "mnist", 1).await.unwrap(), v1);
+        assert_eq!(s.get_version(NS, "mnist", 2).await.unwrap(), v2);
     }
 
     pub async fn missing_versions_are_not_found(s: Arc<dyn ModelStore>) {
-        match s.get_version("nope", 7).await {
+        match s.get_version(NS, "nope", 7).await {
             Err(StoreError::NotFound { id, .. }) => assert_eq!(id, "nope@7"),
             other => panic!("expected NotFound, got {other:?}"),
         }
-        match s.latest_version("nope").await {
+        match s.latest_version(NS, "nope").await {
             Err(StoreError::NotFound { id, .. }) => assert_eq!(id, "nope"),
             other => panic!("expected NotFound, got {other:?}"),
         }
         s.insert_version(new_version("nope", "j"), 1).await.unwrap();
-        match s.get_version("nope", 2).await {
+        match s.get_version(NS, "nope", 2).await {
             Err(StoreError::NotFound { id, .. }) => assert_eq!(id, "nope@2"),
             other => panic!("expected NotFound, got {other:?}"),
         }
         assert!(matches!(
-            s.get_version("nope", 0).await,
+            s.get_version(NS, "nope", 0).await,
             Err(StoreError::NotFound { .. })
         ));
     }
@@ -965,8 +1289,8 @@ pub mod models {
             last = Some(s.insert_version(new_version("m", "j"), i).await.unwrap());
         }
         s.insert_version(new_version("n", "j"), 9).await.unwrap();
-        assert_eq!(Some(s.latest_version("m").await.unwrap()), last);
-        assert_eq!(s.latest_version("m").await.unwrap().version, 4);
+        assert_eq!(Some(s.latest_version(NS, "m").await.unwrap()), last);
+        assert_eq!(s.latest_version(NS, "m").await.unwrap().version, 4);
     }
 
     pub async fn concurrent_inserts_get_distinct_consecutive_versions(s: Arc<dyn ModelStore>) {
@@ -1003,7 +1327,7 @@ pub mod models {
         let rec = s.insert_version(v, 1).await.unwrap();
         assert!(rec.loss.is_nan());
         assert_eq!(rec.accuracy, 0.75);
-        let read = s.get_version("diverged", 1).await.unwrap();
+        let read = s.get_version(NS, "diverged", 1).await.unwrap();
         assert!(read.loss.is_nan());
         assert_eq!(read.job_id, "");
     }
@@ -1061,7 +1385,7 @@ pub mod models {
             Ok(r) => panic!("stored an unrepresentable size: {r:?}"),
         }
         assert!(matches!(
-            s.latest_version("huge").await,
+            s.latest_version(NS, "huge").await,
             Err(StoreError::NotFound { .. })
         ));
         // The refused insert used no version number.
@@ -1080,49 +1404,148 @@ pub mod models {
             .await
             .unwrap();
         assert_eq!((v2.namespace.as_str(), v2.version), ("team-a", 2));
-        assert_eq!(s.get_version("mnist", 1).await.unwrap(), v1);
-        assert_eq!(s.latest_version("mnist").await.unwrap(), v2);
+        assert_eq!(s.get_version("team-a", "mnist", 1).await.unwrap(), v1);
+        assert_eq!(s.latest_version("team-a", "mnist").await.unwrap(), v2);
         assert_eq!(
             s.list_versions(None, None, None).await.unwrap(),
             vec![v1, v2]
         );
     }
 
-    pub async fn other_namespace_insert_conflicts(s: Arc<dyn ModelStore>) {
-        s.insert_version(new_version_in("shared", "j", "secret-team"), 1)
+    pub async fn same_name_in_two_namespaces_is_two_models(s: Arc<dyn ModelStore>) {
+        // Interleaved: each model numbers its own versions from 1.
+        let mut got = Vec::new();
+        for (i, ns) in ["team-a", "team-b", "team-a", "team-b", "team-b"]
+            .into_iter()
+            .enumerate()
+        {
+            let mut v = new_version_in("shared", &format!("job-{ns}"), ns);
+            v.digest = format!("{i:064x}");
+            let rec = s.insert_version(v, i as i64).await.unwrap();
+            assert_eq!(rec.namespace, ns);
+            got.push((rec.namespace.clone(), rec.version));
+        }
+        let ns_version = |ns: &str, v: u32| (ns.to_string(), v);
+        assert_eq!(
+            got,
+            [
+                ns_version("team-a", 1),
+                ns_version("team-b", 1),
+                ns_version("team-a", 2),
+                ns_version("team-b", 2),
+                ns_version("team-b", 3),
+            ]
+        );
+        let a1 = s.get_version("team-a", "shared", 1).await.unwrap();
+        let b1 = s.get_version("team-b", "shared", 1).await.unwrap();
+        assert_eq!(
+            (a1.digest, b1.digest),
+            (format!("{:064x}", 0), format!("{:064x}", 1)),
+            "each namespace reads its own version 1"
+        );
+        assert_eq!(
+            s.latest_version("team-a", "shared").await.unwrap().version,
+            2
+        );
+        assert_eq!(
+            s.latest_version("team-b", "shared").await.unwrap().version,
+            3
+        );
+        let listed = |ns: &'static str| {
+            let s = s.clone();
+            async move {
+                s.list_versions(Some("shared"), None, Some(ns))
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|r| (r.namespace, r.version, r.job_id))
+                    .collect::<Vec<_>>()
+            }
+        };
+        let row = |ns: &str, v: u32| (ns.to_string(), v, format!("job-{ns}"));
+        assert_eq!(listed("team-a").await, [row("team-a", 1), row("team-a", 2)]);
+        assert_eq!(
+            listed("team-b").await,
+            [row("team-b", 1), row("team-b", 2), row("team-b", 3)]
+        );
+        // Without a namespace filter: by namespace, then name and version.
+        let all: Vec<_> = s
+            .list_versions(Some("shared"), None, None)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.namespace, r.version, r.job_id))
+            .collect();
+        assert_eq!(
+            all,
+            [
+                row("team-a", 1),
+                row("team-a", 2),
+                row("team-b", 1),
+                row("team-b", 2),
+                row("team-b", 3)
+            ]
+        );
+    }
+
+    pub async fn reads_never_cross_namespaces(s: Arc<dyn ModelStore>) {
+        // What another namespace answers before the model exists anywhere...
+        let before = [
+            miss(&*s, "intruders", "secret", 1).await,
+            miss(&*s, "intruders", "secret", 0).await,
+        ];
+        assert_eq!(
+            before,
+            [
+                "model version \"secret@1\" not found",
+                "model \"secret\" not found"
+            ]
+        );
+        s.insert_version(new_version_in("secret", "j", "secret-team"), 1)
             .await
             .unwrap();
-        for ns in ["intruders", "default", "secret-team2"] {
-            match s.insert_version(new_version_in("shared", "j", ns), 2).await {
-                Err(StoreError::Conflict(m)) => {
-                    assert!(
-                        m.contains("shared") && m.contains("another namespace"),
-                        "{ns}: {m}"
-                    );
-                    assert!(!m.contains("secret-team"), "names the namespace: {m}");
-                }
-                other => panic!("{ns}: expected Conflict, got {other:?}"),
-            }
+        s.insert_version(new_version_in("secret", "j", "secret-team"), 2)
+            .await
+            .unwrap();
+        // ...it answers after, word for word: no existence oracle.
+        for ns in ["intruders", "default", "secret-team2", "Secret-team"] {
+            assert_eq!(
+                [
+                    miss(&*s, ns, "secret", 1).await,
+                    miss(&*s, ns, "secret", 0).await
+                ],
+                before,
+                "{ns}"
+            );
+            assert!(
+                s.list_versions(Some("secret"), None, Some(ns))
+                    .await
+                    .unwrap()
+                    .is_empty(),
+                "{ns}"
+            );
         }
-        // Nothing stored, no number used.
-        assert_eq!(s.latest_version("shared").await.unwrap().version, 1);
-        assert!(
-            s.list_versions(Some("shared"), None, Some("intruders"))
+        // A version beyond the owner's latest is missing there too, and the
+        // answer names neither namespace.
+        let beyond = miss(&*s, "secret-team", "secret", 3).await;
+        assert_eq!(beyond, "model version \"secret@3\" not found");
+        // The owner's model is untouched: an intruder's first version of the
+        // name is its own model's version 1.
+        let intruder = s
+            .insert_version(new_version_in("secret", "j", "intruders"), 3)
+            .await
+            .unwrap();
+        assert_eq!(
+            (intruder.namespace.as_str(), intruder.version),
+            ("intruders", 1)
+        );
+        assert_eq!(
+            s.latest_version("secret-team", "secret")
                 .await
                 .unwrap()
-                .is_empty()
+                .version,
+            2
         );
-        let v2 = s
-            .insert_version(new_version_in("shared", "j", "secret-team"), 3)
-            .await
-            .unwrap();
-        assert_eq!(v2.version, 2);
-        // Other names are free in any namespace.
-        let other = s
-            .insert_version(new_version_in("other", "j", "intruders"), 4)
-            .await
-            .unwrap();
-        assert_eq!((other.version, other.namespace.as_str()), (1, "intruders"));
     }
 
     pub async fn list_filters_by_namespace(s: Arc<dyn ModelStore>) {
@@ -1132,6 +1555,7 @@ pub mod models {
             ("m1", "j2", "a"),
             ("m3", "j2", "b"),
             ("m4", "j1", "a"),
+            ("m1", "j3", "b"),
         ] {
             s.insert_version(new_version_in(name, job, ns), 1)
                 .await
@@ -1155,17 +1579,18 @@ pub mod models {
         );
         assert_eq!(
             list(None, None, Some("b")).await,
-            ["m2@1 j1 b", "m3@1 j2 b"]
+            ["m1@1 j3 b", "m2@1 j1 b", "m3@1 j2 b"]
         );
         assert_eq!(list(None, Some("j1"), Some("b")).await, ["m2@1 j1 b"]);
         assert_eq!(list(Some("m1"), Some("j2"), Some("a")).await, ["m1@2 j2 a"]);
-        assert!(list(Some("m1"), None, Some("b")).await.is_empty());
+        assert_eq!(list(Some("m1"), None, Some("b")).await, ["m1@1 j3 b"]);
+        assert!(list(Some("m2"), None, Some("a")).await.is_empty());
         assert!(list(None, None, Some("c")).await.is_empty());
         assert!(
             list(None, None, Some("A")).await.is_empty(),
             "case-sensitive"
         );
-        assert_eq!(list(None, None, None).await.len(), 5);
+        assert_eq!(list(None, None, None).await.len(), 6);
     }
 
     pub async fn concurrent_inserts_in_one_namespace_number_from_one(s: Arc<dyn ModelStore>) {
@@ -1202,44 +1627,165 @@ pub mod models {
         );
     }
 
-    pub async fn racing_namespaces_one_wins(s: Arc<dyn ModelStore>) {
-        // First inserts of one name from two namespaces race to create it.
-        let tasks: Vec<_> = (0..16)
+    pub async fn concurrent_first_inserts_in_two_namespaces_number_apart(s: Arc<dyn ModelStore>) {
+        // First inserts of one name from two namespaces race: each namespace
+        // creates its own model, and no two versions of a model share a number.
+        let tasks: Vec<_> = (0..24)
             .map(|i| {
                 let s = s.clone();
-                let ns = if i % 2 == 0 { "a" } else { "b" };
+                let ns = if i % 3 == 0 { "b" } else { "a" };
                 tokio::spawn(async move {
                     s.insert_version(new_version_in("contested", "job", ns), i)
                         .await
                 })
             })
             .collect();
-        let mut won = Vec::new();
-        let mut refused = 0;
+        let (mut a, mut b) = (Vec::new(), Vec::new());
         for t in tasks {
-            match t.await.unwrap() {
-                Ok(rec) => won.push(rec),
-                Err(StoreError::Conflict(_)) => refused += 1,
-                Err(e) => panic!("expected success or Conflict, got {e:?}"),
+            let rec = t.await.unwrap().unwrap();
+            match rec.namespace.as_str() {
+                "a" => a.push(rec.version),
+                "b" => b.push(rec.version),
+                other => panic!("stored in namespace {other:?}"),
             }
         }
-        assert_eq!(
-            (won.len(), refused),
-            (8, 8),
-            "one namespace wins, all of it"
-        );
-        let owner = won[0].namespace.clone();
-        assert!(won.iter().all(|r| r.namespace == owner));
-        let mut versions: Vec<_> = won.iter().map(|r| r.version).collect();
-        versions.sort();
-        assert_eq!(versions, (1..=8).collect::<Vec<_>>());
-        assert_eq!(
-            s.list_versions(Some("contested"), None, None)
+        a.sort();
+        b.sort();
+        assert_eq!(a, (1..=16).collect::<Vec<_>>());
+        assert_eq!(b, (1..=8).collect::<Vec<_>>());
+        for (ns, n) in [("a", 16), ("b", 8)] {
+            let listed = s
+                .list_versions(Some("contested"), None, Some(ns))
                 .await
-                .unwrap()
-                .len(),
-            8
+                .unwrap();
+            assert_eq!(listed.len(), n, "{ns}");
+            assert_eq!(
+                s.latest_version(ns, "contested").await.unwrap().version,
+                n as u32,
+                "{ns}"
+            );
+        }
+    }
+
+    /// The first models migration that scopes names by namespace.
+    const SCOPED_NAMES_MIGRATION: i64 = 3;
+
+    #[doc(hidden)]
+    /// The models `migrator` cut down to the migrations before names were
+    /// scoped by namespace: a database as that release left it, for each SQL
+    /// backend's upgrade test.
+    pub fn before_scoped_names(mut migrator: sqlx::migrate::Migrator) -> sqlx::migrate::Migrator {
+        let before: Vec<_> = migrator
+            .migrations
+            .iter()
+            .filter(|m| m.version < SCOPED_NAMES_MIGRATION)
+            .cloned()
+            .collect();
+        assert!(
+            before.len() < migrator.migrations.len(),
+            "the scoping migration is there"
         );
+        migrator.migrations = std::borrow::Cow::Owned(before);
+        migrator.dangerous_set_table_name("_sqlx_migrations_models");
+        migrator
+    }
+
+    #[doc(hidden)]
+    /// Rows as a database from [`before_scoped_names`] holds them, as SQL
+    /// statements to run in order: `m` in team-a (versions 1, 2) and `n` in
+    /// team-b (1). `counters`: the models table has PostgreSQL's
+    /// `last_version` column.
+    pub fn rows_before_scoped_names(counters: bool) -> Vec<String> {
+        let model = |name: &str, created: i64, namespace: &str, last: i64| {
+            if counters {
+                format!(
+                    "INSERT INTO models (name, created_at_ms, namespace, last_version) \
+                     VALUES ('{name}', {created}, '{namespace}', {last})"
+                )
+            } else {
+                format!(
+                    "INSERT INTO models (name, created_at_ms, namespace) \
+                     VALUES ('{name}', {created}, '{namespace}')"
+                )
+            }
+        };
+        let version = |values: &str| {
+            format!(
+                "INSERT INTO model_versions (name, version, digest, size_bytes, job_id, round, \
+                 parent_version, loss, accuracy, samples, created_at_ms, namespace) \
+                 VALUES ({values})"
+            )
+        };
+        vec![
+            model("m", 1, "team-a", 2),
+            model("n", 2, "team-b", 1),
+            version("'m', 1, 'a1', 10, 'job-a', 1, 0, 0.5, 0.25, 7, 3, 'team-a'"),
+            version("'m', 2, 'a2', 20, 'job-a', 2, 1, 0.4, 0.5, 7, 4, 'team-a'"),
+            version("'n', 1, 'b1', 30, 'job-b', 1, 0, 0.3, 0.75, 9, 5, 'team-b'"),
+        ]
+    }
+
+    #[doc(hidden)]
+    /// Checks a store opened on [`rows_before_scoped_names`]: every version
+    /// is there, in its namespace, and numbering goes on per (namespace, name).
+    pub async fn rows_from_before_scoped_names_survive(s: Arc<dyn ModelStore>) {
+        let row = |ns: &str, name: &str, version: u32, digest: &str| {
+            (
+                ns.to_string(),
+                name.to_string(),
+                version,
+                digest.to_string(),
+            )
+        };
+        let all: Vec<_> = s
+            .list_versions(None, None, None)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.namespace, r.name, r.version, r.digest))
+            .collect();
+        assert_eq!(
+            all,
+            [
+                row("team-a", "m", 1, "a1"),
+                row("team-a", "m", 2, "a2"),
+                row("team-b", "n", 1, "b1"),
+            ]
+        );
+        let a2 = s.get_version("team-a", "m", 2).await.unwrap();
+        assert_eq!(
+            (
+                a2.size_bytes,
+                a2.job_id.as_str(),
+                a2.round,
+                a2.parent_version
+            ),
+            (20, "job-a", 2, 1)
+        );
+        assert_eq!(
+            (a2.loss, a2.accuracy, a2.samples, a2.created_at_ms),
+            (0.4, 0.5, 7, 4)
+        );
+        assert_eq!(s.latest_version("team-a", "m").await.unwrap(), a2);
+        assert!(matches!(
+            s.latest_version("team-b", "m").await,
+            Err(StoreError::NotFound { .. })
+        ));
+        let a3 = s
+            .insert_version(new_version_in("m", "j", "team-a"), 10)
+            .await
+            .unwrap();
+        assert_eq!(a3.version, 3, "team-a's m goes on from its last version");
+        let b1 = s
+            .insert_version(new_version_in("m", "j", "team-b"), 11)
+            .await
+            .unwrap();
+        assert_eq!(b1.version, 1, "the name is free in team-b");
+        let n2 = s
+            .insert_version(new_version_in("n", "j", "team-b"), 12)
+            .await
+            .unwrap();
+        assert_eq!(n2.version, 2);
     }
 }
 

@@ -1,5 +1,6 @@
-//! The job store, owned by job-scheduler: jobs, their events and round
-//! history, and (through the [`TokenStore`] supertrait) the API tokens.
+//! The job store, owned by job-scheduler: jobs, their log (state changes and
+//! the entries coordinators report), round history, and (through the
+//! [`TokenStore`] supertrait) the API tokens.
 
 use async_trait::async_trait;
 use cohort_core::{JobId, JobState};
@@ -28,6 +29,9 @@ pub struct JobRecord {
     pub version: i64,
 }
 
+/// One entry of a job's log: a state change (`kind` empty, `from` → `to`) or
+/// something that happened to the job's tasks, parties or updates (`kind` set,
+/// `from` = `to` = the job's state then, `reason` the message).
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobEventRecord {
     pub seq: u64,
@@ -35,6 +39,25 @@ pub struct JobEventRecord {
     pub from: Option<JobState>,
     pub to: JobState,
     pub reason: String,
+    /// Empty for a state change.
+    pub kind: String,
+    /// The round it concerns; 0 if none.
+    pub round: u32,
+    /// The party it concerns; empty if none.
+    pub party: String,
+    /// The task it concerns; empty if none.
+    pub task_id: String,
+}
+
+/// A log entry to append (see [`JobStore::append_notes`]). The caller
+/// validates it; `kind` must not be empty (empty means a state change).
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobNote {
+    pub kind: String,
+    pub round: u32,
+    pub party: String,
+    pub task_id: String,
+    pub message: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -49,6 +72,12 @@ pub struct RoundRecord {
     pub duration_ms: u64,
     /// Round calls the coordinator refused in this round.
     pub refused_updates: u32,
+    /// Updates received but left out of the aggregate.
+    pub dropped_updates: u32,
+    /// Tasks of this round that failed on their party.
+    pub task_failures: u32,
+    /// The accuracy the stop rule looks at (robust to one party's claim).
+    pub robust_accuracy: f64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -83,7 +112,19 @@ pub trait JobStore: TokenStore + Send + Sync + 'static {
     async fn record_round(&self, id: &JobId, round: &RoundRecord, now_ms: i64)
     -> Result<JobRecord>;
     async fn list_rounds(&self, id: &JobId) -> Result<Vec<RoundRecord>>;
-    async fn list_events(&self, id: &JobId) -> Result<Vec<JobEventRecord>>;
+    /// The job's events with a seq above `after_seq` (0: all), oldest first.
+    async fn list_events(&self, id: &JobId, after_seq: u64) -> Result<Vec<JobEventRecord>>;
+    /// Appends `notes` to the job's log, in order after its existing events,
+    /// each with `from` = `to` = the job's state. A job keeps at most
+    /// `max_per_job` notes (state changes do not count): once it is full the
+    /// rest are dropped. Returns how many were stored. NotFound for a missing job.
+    async fn append_notes(
+        &self,
+        id: &JobId,
+        notes: &[JobNote],
+        max_per_job: u64,
+        now_ms: i64,
+    ) -> Result<u32>;
     /// Removes the job with its events and rounds.
     async fn delete_job(&self, id: &JobId) -> Result<()>;
 }
@@ -133,6 +174,12 @@ fn not_found(id: &JobId) -> StoreError {
         what: "job",
         id: id.to_string(),
     }
+}
+
+/// How many of `offered` notes a job holding `held` of at most `max` takes.
+pub(crate) fn notes_that_fit(offered: usize, held: u64, max: u64) -> usize {
+    let room = usize::try_from(max.saturating_sub(held)).unwrap_or(usize::MAX);
+    offered.min(room).min(u32::MAX as usize)
 }
 
 async fn insert_event(
@@ -322,8 +369,9 @@ impl JobStore for SqliteJobStore {
         }
         let inserted = sqlx::query(
             "INSERT OR IGNORE INTO job_rounds (job_id, round, eval_loss, eval_accuracy, \
-             eval_samples, train_loss, updates, model_version, duration_ms, refused_updates) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+             eval_samples, train_loss, updates, model_version, duration_ms, refused_updates, \
+             dropped_updates, task_failures, robust_accuracy) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
         )
         .bind(id.as_str())
         .bind(r.round as i64)
@@ -335,6 +383,9 @@ impl JobStore for SqliteJobStore {
         .bind(r.model_version as i64)
         .bind(r.duration_ms as i64)
         .bind(i64::from(r.refused_updates))
+        .bind(i64::from(r.dropped_updates))
+        .bind(i64::from(r.task_failures))
+        .bind(r.robust_accuracy)
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -362,12 +413,68 @@ impl JobStore for SqliteJobStore {
         rows.iter().map(|row| crate::rows::round(row, id)).collect()
     }
 
-    async fn list_events(&self, id: &JobId) -> Result<Vec<JobEventRecord>> {
-        let rows = sqlx::query("SELECT * FROM job_events WHERE job_id = ?1 ORDER BY seq")
-            .bind(id.as_str())
-            .fetch_all(&self.pool)
-            .await?;
+    async fn list_events(&self, id: &JobId, after_seq: u64) -> Result<Vec<JobEventRecord>> {
+        let rows =
+            sqlx::query("SELECT * FROM job_events WHERE job_id = ?1 AND seq > ?2 ORDER BY seq")
+                .bind(id.as_str())
+                .bind(i64::try_from(after_seq).unwrap_or(i64::MAX))
+                .fetch_all(&self.pool)
+                .await?;
         rows.iter().map(|row| crate::rows::event(row, id)).collect()
+    }
+
+    async fn append_notes(
+        &self,
+        id: &JobId,
+        notes: &[JobNote],
+        max_per_job: u64,
+        now_ms: i64,
+    ) -> Result<u32> {
+        // The write lock taken at BEGIN orders this with every other event
+        // writer, so the MAX(seq) + 1 below stays unique.
+        let mut tx = self.pool.begin_with(IMMEDIATE).await?;
+        let current: Option<(String, i64)> =
+            sqlx::query_as("SELECT state, log_entries FROM jobs WHERE id = ?1")
+                .bind(id.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some((state, held)) = current else {
+            return Err(not_found(id));
+        };
+        let state: JobState = state
+            .parse()
+            .map_err(|_| corrupt(id.as_str(), format!("state {state:?}")))?;
+        let held =
+            u64::try_from(held).map_err(|_| corrupt(id.as_str(), format!("log_entries {held}")))?;
+        let take = notes_that_fit(notes.len(), held, max_per_job);
+        if take == 0 {
+            return Ok(0);
+        }
+        for note in &notes[..take] {
+            sqlx::query(
+                "INSERT INTO job_events (job_id, seq, time_ms, from_state, to_state, reason, \
+                 kind, round, party, task_id) \
+                 VALUES (?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM job_events WHERE job_id = ?1), \
+                 ?2, ?3, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )
+            .bind(id.as_str())
+            .bind(now_ms)
+            .bind(state.as_str())
+            .bind(&note.message)
+            .bind(&note.kind)
+            .bind(i64::from(note.round))
+            .bind(&note.party)
+            .bind(&note.task_id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query("UPDATE jobs SET log_entries = log_entries + ?2 WHERE id = ?1")
+            .bind(id.as_str())
+            .bind(take as i64)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(take as u32)
     }
 
     async fn delete_job(&self, id: &JobId) -> Result<()> {

@@ -1,7 +1,8 @@
 //! The model registry's metadata, owned by model-manager: named models and
-//! their immutable, numbered versions with lineage and metrics. Each model
-//! belongs to one namespace, that of its first version. The bytes themselves
-//! live in the blob store, named by `digest`.
+//! their immutable, numbered versions with lineage and metrics. A model is
+//! identified by its namespace and name: the same name in two namespaces is
+//! two models, each numbering its own versions. The bytes themselves live in
+//! the blob store, named by `digest`.
 
 use async_trait::async_trait;
 use sqlx::sqlite::SqlitePool;
@@ -23,7 +24,7 @@ pub struct ModelVersionRecord {
     pub accuracy: f64,
     pub samples: u64,
     pub created_at_ms: i64,
-    /// The model's namespace: that of its first version.
+    /// With `name`, what identifies the model.
     pub namespace: String,
 }
 
@@ -39,25 +40,30 @@ pub struct NewModelVersion {
     pub loss: f64,
     pub accuracy: f64,
     pub samples: u64,
-    /// Must be the model's namespace when the model exists already.
+    /// With `name`, what identifies the model.
     pub namespace: String,
 }
 
 #[async_trait]
 pub trait ModelStore: Send + Sync + 'static {
-    /// Assigns the next version number of `name` (1, 2, ...) atomically (two
-    /// concurrent inserts never get the same version) and stores it; creates
-    /// the model on first use, in `v.namespace`. A model belongs to the
-    /// namespace of its first version: a version for another namespace is a
-    /// `Conflict` (which does not name the model's namespace) and uses no
-    /// version number.
+    /// Assigns the next version number of model (`v.namespace`, `v.name`)
+    /// (1, 2, ...) atomically (two concurrent inserts never get the same
+    /// version) and stores it; creates the model on first use. Models of the
+    /// same name in other namespaces are neither seen nor touched.
     async fn insert_version(&self, v: NewModelVersion, now_ms: i64) -> Result<ModelVersionRecord>;
-    /// `NotFound` names `model@version`.
-    async fn get_version(&self, name: &str, version: u32) -> Result<ModelVersionRecord>;
-    /// The highest version of `name`; `NotFound` if it has none.
-    async fn latest_version(&self, name: &str) -> Result<ModelVersionRecord>;
+    /// Version `version` of `name` in `namespace`; `NotFound` is
+    /// [`version_not_found`], which does not name the namespace.
+    async fn get_version(
+        &self,
+        namespace: &str,
+        name: &str,
+        version: u32,
+    ) -> Result<ModelVersionRecord>;
+    /// The highest version of `name` in `namespace`; `NotFound`
+    /// ([`version_not_found`] with version 0) if it has none.
+    async fn latest_version(&self, namespace: &str, name: &str) -> Result<ModelVersionRecord>;
     /// Filter by name, job id and/or namespace (None = any); ordered by
-    /// name, version.
+    /// namespace, name, version.
     async fn list_versions(
         &self,
         name: Option<&str>,
@@ -66,10 +72,21 @@ pub trait ModelStore: Send + Sync + 'static {
     ) -> Result<Vec<ModelVersionRecord>>;
 }
 
-/// The refusal of a version for a model of another namespace. It names
-/// neither that namespace nor whether the caller may see it.
-pub(crate) fn other_namespace(name: &str) -> StoreError {
-    StoreError::Conflict(format!("model name {name:?} belongs to another namespace"))
+/// The answer for a version that is not there: `model@version`, or the
+/// model's name for its latest (`version` 0). It never names the namespace,
+/// so a caller told "not found" for another tenant's model learns nothing.
+pub fn version_not_found(name: &str, version: u32) -> StoreError {
+    if version == 0 {
+        StoreError::NotFound {
+            what: "model",
+            id: name.to_string(),
+        }
+    } else {
+        StoreError::NotFound {
+            what: "model version",
+            id: format!("{name}@{version}"),
+        }
+    }
 }
 
 pub struct SqliteModelStore {
@@ -96,8 +113,8 @@ impl SqliteModelStore {
 
 macro_rules! columns {
     () => {
-        "name, version, digest, size_bytes, job_id, round, parent_version, \
-         loss, accuracy, samples, created_at_ms, namespace"
+        "namespace, name, version, digest, size_bytes, job_id, round, parent_version, \
+         loss, accuracy, samples, created_at_ms"
     };
 }
 
@@ -118,28 +135,22 @@ impl ModelStore for SqliteModelStore {
         // race with another writer.
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         sqlx::query(
-            "INSERT INTO models (name, created_at_ms, namespace) VALUES (?1, ?2, ?3) \
-             ON CONFLICT (name) DO NOTHING",
+            "INSERT INTO models (namespace, name, created_at_ms) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (namespace, name) DO NOTHING",
         )
+        .bind(&v.namespace)
         .bind(&v.name)
         .bind(now_ms)
-        .bind(&v.namespace)
         .execute(&mut *tx)
         .await?;
-        let owner: String = sqlx::query_scalar("SELECT namespace FROM models WHERE name = ?1")
-            .bind(&v.name)
-            .fetch_one(&mut *tx)
-            .await?;
-        if owner != v.namespace {
-            return Err(other_namespace(&v.name));
-        }
         let row = sqlx::query(concat!(
             "INSERT INTO model_versions (",
             columns!(),
-            ") SELECT ?1, COALESCE(MAX(version), 0) + 1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11 \
-             FROM model_versions WHERE name = ?1 RETURNING ",
+            ") SELECT ?1, ?2, COALESCE(MAX(version), 0) + 1, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11 \
+             FROM model_versions WHERE namespace = ?1 AND name = ?2 RETURNING ",
             columns!()
         ))
+        .bind(&v.namespace)
         .bind(&v.name)
         .bind(&v.digest)
         .bind(size_bytes)
@@ -150,7 +161,6 @@ impl ModelStore for SqliteModelStore {
         .bind(v.accuracy)
         .bind(samples)
         .bind(now_ms)
-        .bind(&v.namespace)
         .fetch_one(&mut *tx)
         .await?;
         let record = crate::rows::model_version(&row)?;
@@ -158,40 +168,42 @@ impl ModelStore for SqliteModelStore {
         Ok(record)
     }
 
-    async fn get_version(&self, name: &str, version: u32) -> Result<ModelVersionRecord> {
+    async fn get_version(
+        &self,
+        namespace: &str,
+        name: &str,
+        version: u32,
+    ) -> Result<ModelVersionRecord> {
         let row = sqlx::query(concat!(
             "SELECT ",
             columns!(),
-            " FROM model_versions WHERE name = ?1 AND version = ?2"
+            " FROM model_versions WHERE namespace = ?1 AND name = ?2 AND version = ?3"
         ))
+        .bind(namespace)
         .bind(name)
         .bind(i64::from(version))
         .fetch_optional(&self.pool)
         .await?;
         match row {
             Some(row) => crate::rows::model_version(&row),
-            None => Err(StoreError::NotFound {
-                what: "model version",
-                id: format!("{name}@{version}"),
-            }),
+            None => Err(version_not_found(name, version)),
         }
     }
 
-    async fn latest_version(&self, name: &str) -> Result<ModelVersionRecord> {
+    async fn latest_version(&self, namespace: &str, name: &str) -> Result<ModelVersionRecord> {
         let row = sqlx::query(concat!(
             "SELECT ",
             columns!(),
-            " FROM model_versions WHERE name = ?1 ORDER BY version DESC LIMIT 1"
+            " FROM model_versions WHERE namespace = ?1 AND name = ?2 \
+             ORDER BY version DESC LIMIT 1"
         ))
+        .bind(namespace)
         .bind(name)
         .fetch_optional(&self.pool)
         .await?;
         match row {
             Some(row) => crate::rows::model_version(&row),
-            None => Err(StoreError::NotFound {
-                what: "model",
-                id: name.to_string(),
-            }),
+            None => Err(version_not_found(name, 0)),
         }
     }
 
@@ -207,7 +219,7 @@ impl ModelStore for SqliteModelStore {
             " FROM model_versions \
              WHERE (?1 IS NULL OR name = ?1) AND (?2 IS NULL OR job_id = ?2) \
              AND (?3 IS NULL OR namespace = ?3) \
-             ORDER BY name, version"
+             ORDER BY namespace, name, version"
         ))
         .bind(name)
         .bind(job_id)
@@ -223,6 +235,8 @@ impl ModelStore for SqliteModelStore {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     fn new_version(name: &str) -> NewModelVersion {
@@ -250,9 +264,59 @@ mod tests {
         drop(store);
         // Migrations are not re-applied, numbering goes on.
         let store = SqliteModelStore::open(&url).await.unwrap();
-        assert_eq!(store.get_version("mnist", 2).await.unwrap(), v2);
+        assert_eq!(store.get_version("default", "mnist", 2).await.unwrap(), v2);
         let v3 = store.insert_version(new_version("mnist"), 3).await.unwrap();
         assert_eq!(v3.version, 3);
+    }
+
+    #[tokio::test]
+    async fn models_from_before_scoped_names_upgrade() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("models.db").display());
+        let old = crate::conformance::models::before_scoped_names(sqlx::migrate!(
+            "./migrations/sqlite/models"
+        ));
+        let pool = crate::sqlite::open_sqlite(&url, &old, &DatabaseOptions::default())
+            .await
+            .unwrap();
+        for stmt in crate::conformance::models::rows_before_scoped_names(false) {
+            sqlx::query(sqlx::AssertSqlSafe(stmt))
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+        pool.close().await;
+
+        let store = Arc::new(SqliteModelStore::open(&url).await.unwrap());
+        crate::conformance::models::rows_from_before_scoped_names_survive(store.clone()).await;
+        // The old tables are gone, the new keys hold.
+        let tables: Vec<String> = sqlx::query_scalar(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE 'model%' \
+             ORDER BY name",
+        )
+        .fetch_all(&store.pool)
+        .await
+        .unwrap();
+        assert_eq!(tables, ["model_versions", "models"]);
+        let duplicate = sqlx::query(
+            "INSERT INTO model_versions (namespace, name, version, digest, size_bytes, job_id, \
+             round, parent_version, samples, created_at_ms) \
+             VALUES ('team-a', 'm', 1, 'x', 1, '', 0, 0, 0, 0)",
+        )
+        .execute(&store.pool)
+        .await;
+        assert!(duplicate.is_err(), "(namespace, name, version) is unique");
+        let orphan = sqlx::query(
+            "INSERT INTO model_versions (namespace, name, version, digest, size_bytes, job_id, \
+             round, parent_version, samples, created_at_ms) \
+             VALUES ('team-c', 'm', 1, 'x', 1, '', 0, 0, 0, 0)",
+        )
+        .execute(&store.pool)
+        .await;
+        assert!(
+            orphan.is_err(),
+            "versions belong to a model of their namespace"
+        );
     }
 
     #[tokio::test]

@@ -148,6 +148,10 @@ pub(crate) fn event<R: Columns>(row: &R, job: &JobId) -> Result<JobEventRecord> 
         },
         to: r.state("to_state")?,
         reason: r.text("reason")?,
+        kind: r.text("kind")?,
+        round: r.unsigned("round")?,
+        party: r.text("party")?,
+        task_id: r.text("task_id")?,
     })
 }
 
@@ -164,6 +168,9 @@ pub(crate) fn round<R: Columns>(row: &R, job: &JobId) -> Result<RoundRecord> {
         model_version: r.unsigned("model_version")?,
         duration_ms: r.unsigned("duration_ms")?,
         refused_updates: r.unsigned("refused_updates")?,
+        dropped_updates: r.unsigned("dropped_updates")?,
+        task_failures: r.unsigned("task_failures")?,
+        robust_accuracy: r.real("robust_accuracy")?,
     })
 }
 

@@ -247,7 +247,7 @@ async fn history_a_crash_left_in_the_job_document_is_listed_and_copied_out() {
         .await
         .unwrap();
     assert_eq!(res.modified_count, 1);
-    let events = store.list_events(&job.id).await.unwrap();
+    let events = store.list_events(&job.id, 0).await.unwrap();
     assert_eq!(events.len(), 2, "the pending event is listed");
     assert_eq!((events[1].seq, events[1].to), (2, JobState::Starting));
     assert_eq!(store.list_rounds(&job.id).await.unwrap().len(), 1);
@@ -268,12 +268,29 @@ async fn history_a_crash_left_in_the_job_document_is_listed_and_copied_out() {
         .unwrap();
     assert_eq!(pending(&left, "pending_events"), 0, "copied out at open");
     assert_eq!(pending(&left, "pending_rounds"), 0, "copied out at open");
-    assert_eq!(store.list_events(&job.id).await.unwrap(), events);
+    assert_eq!(store.list_events(&job.id, 0).await.unwrap(), events);
     let mut next = store.get_job(&job.id).await.unwrap();
     next.state = JobState::Running;
     store.update_job(&next, 10).await.unwrap();
-    let events = store.list_events(&job.id).await.unwrap();
+    let events = store.list_events(&job.id, 0).await.unwrap();
     assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2, 3]);
+    // Log entries number on from there, and are copied out at once too.
+    let note = cohort_store::conformance::jobs::note("task_failed", 1);
+    assert_eq!(
+        store.append_notes(&job.id, &[note], 10, 11).await.unwrap(),
+        1
+    );
+    let added = store.list_events(&job.id, 3).await.unwrap();
+    assert_eq!(
+        (added.len(), added[0].seq, added[0].kind.as_str()),
+        (1, 4, "task_failed")
+    );
+    let after = jobs
+        .find_one(doc! {"id": job.id.as_str()})
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(pending(&after, "pending_events"), 0, "copied out at once");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -336,5 +353,91 @@ async fn three_stores_share_one_database_and_reopen() {
             .unwrap();
     }
     let models = mongo::open_model_store(&db.url, &options()).await.unwrap();
-    assert_eq!(models.latest_version("m").await.unwrap().version, 2);
+    assert_eq!(
+        models.latest_version("default", "m").await.unwrap().version,
+        2
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn models_from_before_scoped_names_upgrade() {
+    use futures::TryStreamExt;
+    use mongodb::bson::Document;
+    use mongodb::options::IndexOptions;
+    use mongodb::{Collection, IndexModel};
+
+    let Some(db) = TestDb::create() else {
+        return;
+    };
+    let raw = db.raw().await;
+    let models: Collection<Document> = raw.collection("models");
+    let versions: Collection<Document> = raw.collection("model_versions");
+    // The indexes and documents the release before scoped names left.
+    for (coll, keys, unique) in [
+        (&models, doc! {"name": 1}, true),
+        (&versions, doc! {"name": 1, "version": 1}, true),
+        (&versions, doc! {"job_id": 1}, false),
+        (
+            &versions,
+            doc! {"namespace": 1, "name": 1, "version": 1},
+            false,
+        ),
+    ] {
+        let options = unique.then(|| IndexOptions::builder().unique(true).build());
+        coll.create_index(IndexModel::builder().keys(keys).options(options).build())
+            .await
+            .unwrap();
+    }
+    models
+        .insert_many([
+            doc! {"name": "m", "created_at_ms": 1i64, "namespace": "team-a"},
+            doc! {"name": "n", "created_at_ms": 2i64, "namespace": "team-b"},
+        ])
+        .await
+        .unwrap();
+    // As `rows_before_scoped_names` has them for the SQL backends.
+    let version = |name: &str, v: i64, digest: &str, size: i64, loss: f64, accuracy: f64| {
+        let (job, ns, samples) = if name == "m" {
+            ("job-a", "team-a", 7i64)
+        } else {
+            ("job-b", "team-b", 9i64)
+        };
+        let created_at_ms = if name == "m" { v + 2 } else { 5 };
+        doc! {
+            "name": name, "version": v, "digest": digest, "size_bytes": size,
+            "job_id": job, "round": v, "parent_version": v - 1, "loss": loss,
+            "accuracy": accuracy, "samples": samples, "created_at_ms": created_at_ms,
+            "namespace": ns,
+        }
+    };
+    versions
+        .insert_many([
+            version("m", 1, "a1", 10, 0.5, 0.25),
+            version("m", 2, "a2", 20, 0.4, 0.5),
+            version("n", 1, "b1", 30, 0.3, 0.75),
+        ])
+        .await
+        .unwrap();
+
+    let store = mongo::open_model_store(&db.url, &options()).await.unwrap();
+    cohort_store::conformance::models::rows_from_before_scoped_names_survive(store).await;
+    // Names are no longer unique across namespaces; the new keys are.
+    for (coll, gone) in [
+        (&models, doc! {"name": 1}),
+        (&versions, doc! {"name": 1, "version": 1}),
+    ] {
+        let keys: Vec<Document> = coll
+            .list_indexes()
+            .await
+            .unwrap()
+            .try_collect::<Vec<IndexModel>>()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|i| i.keys)
+            .collect();
+        assert!(!keys.contains(&gone), "{gone} is still there: {keys:?}");
+    }
+    // Reopening (a replica starting later) finds nothing left to change.
+    mongo::open_model_store(&db.url, &options()).await.unwrap();
 }

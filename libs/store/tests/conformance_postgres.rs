@@ -299,7 +299,7 @@ async fn upgrades_keep_existing_rows() {
     let models = cohort_store::open_model_store(&db.url, &options())
         .await
         .unwrap();
-    let v1 = models.get_version("old", 1).await.unwrap();
+    let v1 = models.get_version("default", "old", 1).await.unwrap();
     assert_eq!(v1.namespace, "default", "existing models are in default");
     let v2 = models
         .insert_version(
@@ -309,11 +309,10 @@ async fn upgrades_keep_existing_rows() {
         .await
         .unwrap();
     assert_eq!((v2.version, v2.namespace.as_str()), (2, "default"));
+    // Another namespace's model of the same name is a model of its own.
     let elsewhere = cohort_store::conformance::models::new_version_in("old", "j", "team-a");
-    assert!(matches!(
-        models.insert_version(elsewhere, 3).await,
-        Err(StoreError::Conflict(_))
-    ));
+    let other = models.insert_version(elsewhere, 3).await.unwrap();
+    assert_eq!((other.version, other.namespace.as_str()), (1, "team-a"));
     assert_eq!(
         models
             .list_versions(None, None, Some("default"))
@@ -343,6 +342,83 @@ async fn upgrades_keep_existing_rows() {
     let t = cohort_store::conformance::jobs::new_token("t", 1, "*", "admin");
     let stored = jobs.insert_token(t, 5).await.unwrap();
     assert_eq!(jobs.token_by_sha256(&stored.sha256).await.unwrap(), stored);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn models_from_before_scoped_names_upgrade() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    cohort_store::conformance::models::before_scoped_names(sqlx::migrate!(
+        "./migrations/postgres/models"
+    ))
+    .run(&pool)
+    .await
+    .unwrap();
+    for stmt in cohort_store::conformance::models::rows_before_scoped_names(true) {
+        sqlx::query(AssertSqlSafe(stmt))
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    pool.close().await;
+
+    let models = cohort_store::open_model_store(&db.url, &options())
+        .await
+        .unwrap();
+    cohort_store::conformance::models::rows_from_before_scoped_names_survive(models).await;
+    let mut conn = PgConnection::connect(&db.url).await.unwrap();
+    let keys: Vec<(String, String)> = sqlx::query_as(
+        "SELECT conrelid::regclass::text, pg_get_constraintdef(oid) FROM pg_constraint \
+         WHERE conrelid IN ('models'::regclass, 'model_versions'::regclass) \
+         AND contype IN ('p', 'f') ORDER BY 1, 2",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(
+        keys,
+        [
+            (
+                "model_versions".to_string(),
+                "FOREIGN KEY (namespace, name) REFERENCES models(namespace, name)".to_string()
+            ),
+            (
+                "model_versions".to_string(),
+                "PRIMARY KEY (namespace, name, version)".to_string()
+            ),
+            (
+                "models".to_string(),
+                "PRIMARY KEY (namespace, name)".to_string()
+            ),
+        ]
+    );
+    let _ = conn.close().await;
+}
+
+/// A jobs database as the first release left it reads and takes log entries after the upgrade.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn job_upgrades_keep_events_and_rounds() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    cohort_store::conformance::first_release(
+        sqlx::migrate!("./migrations/postgres/jobs"),
+        "_sqlx_migrations_jobs",
+    )
+    .run(&pool)
+    .await
+    .unwrap();
+    for stmt in cohort_store::conformance::jobs::FIRST_RELEASE_JOB_ROWS {
+        sqlx::query(stmt).execute(&pool).await.unwrap();
+    }
+    pool.close().await;
+    let jobs = cohort_store::open_job_store(&db.url, &options())
+        .await
+        .unwrap();
+    cohort_store::conformance::jobs::check_first_release_job(jobs.as_ref()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -380,7 +456,10 @@ async fn stores_reconnect_after_their_connections_are_terminated() {
     let mut unavailable = 0;
     loop {
         let j = ok_or_unavailable("get_job", jobs.get_job(&job.id).await);
-        let m = ok_or_unavailable("latest_version", models.latest_version("m").await);
+        let m = ok_or_unavailable(
+            "latest_version",
+            models.latest_version("default", "m").await,
+        );
         let c = ok_or_unavailable("get_client", clients.get_client(&party).await);
         if let (Some(j), Some(m), Some(c)) = (&j, &m, &c) {
             assert_eq!(

@@ -41,3 +41,23 @@ async fn fresh_clients() -> Option<Fresh<dyn ClientStore>> {
 cohort_store::job_store_conformance!(jobs, fresh_jobs());
 cohort_store::model_store_conformance!(models, fresh_models());
 cohort_store::client_store_conformance!(clients, fresh_clients());
+
+/// A jobs database as the first release left it reads and takes log entries after the upgrade.
+#[tokio::test]
+async fn job_upgrades_keep_events_and_rounds() {
+    let (_dir, url) = temp_url();
+    let opts = DatabaseOptions::default();
+    let first = cohort_store::conformance::first_release(
+        sqlx::migrate!("./migrations/sqlite/jobs"),
+        "_sqlx_migrations_jobs",
+    );
+    let pool = cohort_store::open_sqlite(&url, &first, &opts)
+        .await
+        .unwrap();
+    for stmt in cohort_store::conformance::jobs::FIRST_RELEASE_JOB_ROWS {
+        sqlx::query(stmt).execute(&pool).await.unwrap();
+    }
+    pool.close().await;
+    let jobs = cohort_store::open_job_store(&url, &opts).await.unwrap();
+    cohort_store::conformance::jobs::check_first_release_job(jobs.as_ref()).await;
+}

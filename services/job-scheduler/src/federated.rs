@@ -135,6 +135,8 @@ mod tests {
                 max_launch_attempts: 1,
                 stop_grace: Duration::from_secs(1),
                 tls: None,
+                max_job_log_entries: 10,
+                max_model_parameters: 1_000_000,
             },
         );
         let backend = ManagerBackend::new(manager.clone());
@@ -190,5 +192,20 @@ mod tests {
             backend.create("k8s:ns/b/uid-2", &invalid).await,
             Err(BackendError::Invalid(_))
         ));
+        // The server's model size limit holds for FederatedJobs too.
+        let mut huge = spec.clone();
+        huge.model.arch = cohort_core::spec::Arch::Mlp;
+        huge.model.hidden = vec![2_000, 2_000];
+        match backend.create("k8s:ns/c/uid-3", &huge).await {
+            Err(BackendError::Invalid(m)) => {
+                assert!(
+                    m.starts_with("model.hidden:") && m.contains("1000000"),
+                    "{m}"
+                )
+            }
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+        huge.model.hidden = vec![128];
+        backend.create("k8s:ns/c/uid-3", &huge).await.unwrap();
     }
 }

@@ -20,7 +20,7 @@ use cohort_proto::v1::{
 };
 use cohort_runtime::launcher::{CoordinatorConfig, Launcher, LocalLauncher};
 use cohort_runtime::{Listener, ServiceArgs};
-use tonic::service::Routes;
+use cohort_runtime::Services;
 
 use crate::manager::{JobManager, ManagerConfig};
 
@@ -36,6 +36,14 @@ pub struct Args {
     pub database: cohort_runtime::DatabaseArgs,
     #[command(flatten)]
     pub tls: cohort_runtime::TlsArgs,
+    /// The certificate local coordinators present (a service certificate for "coordinator":
+    /// model-manager then lets them act only for their job's namespace). Default: this
+    /// service's own --tls-cert.
+    #[arg(long, env = "COHORT_COORDINATOR_TLS_CERT", requires = "coordinator_tls_key")]
+    pub coordinator_tls_cert: Option<PathBuf>,
+    /// The key of --coordinator-tls-cert.
+    #[arg(long, env = "COHORT_COORDINATOR_TLS_KEY", requires = "coordinator_tls_cert")]
+    pub coordinator_tls_key: Option<PathBuf>,
     /// SHA-256 (hex) of an API token to keep as an admin of every namespace:
     /// how the first admin gets in. Only the hash is given, never the token.
     #[arg(long, env = "COHORT_ADMIN_TOKEN_SHA256")]
@@ -58,6 +66,19 @@ pub struct Args {
     /// Coordinator launches per job before the job fails.
     #[arg(long, env = "COHORT_MAX_LAUNCH_ATTEMPTS", default_value_t = 5)]
     pub max_launch_attempts: u32,
+    /// Entries (task failures, parties left out, refused updates; not state changes) a job's
+    /// log keeps; later ones are dropped. At least 1.
+    #[arg(long, env = "COHORT_MAX_JOB_LOG_ENTRIES", default_value_t = 10_000)]
+    pub max_job_log_entries: u64,
+    /// The most parameters a job's model may have. Jobs whose model exceeds it even on the
+    /// smallest data are refused at create; coordinators check the exact count. At least 1:
+    /// there is always a limit.
+    #[arg(
+        long,
+        env = "COHORT_MAX_MODEL_PARAMETERS",
+        default_value_t = 100_000_000
+    )]
+    pub max_model_parameters: u64,
     #[command(flatten)]
     pub kubernetes: KubernetesArgs,
 }
@@ -170,6 +191,12 @@ impl Args {
         if self.max_launch_attempts == 0 {
             anyhow::bail!("--max-launch-attempts: must be at least 1");
         }
+        if self.max_job_log_entries == 0 {
+            anyhow::bail!("--max-job-log-entries: must be at least 1");
+        }
+        if self.max_model_parameters == 0 {
+            anyhow::bail!("--max-model-parameters: must be at least 1 (there is always a limit)");
+        }
         self.kubernetes.validate()?;
         if let Some(hash) = &self.admin_token_sha256
             && !tokens::is_sha256_hex(hash)
@@ -177,6 +204,7 @@ impl Args {
             anyhow::bail!("--admin-token-sha256: must be 64 lowercase hex digits");
         }
         let tls = self.tls.load().context("TLS")?;
+        let coordinator_tls = self.coordinator_tls()?;
         // What the launcher needs is checked before the port is bound.
         let (coordinator_bin, kube_client) = match self.kubernetes.launcher {
             LauncherKind::Local => {
@@ -244,7 +272,7 @@ impl Args {
         };
         let extra_args = [
             vec!["--log-format".to_string(), log_format.to_string()],
-            self.tls.to_args(),
+            coordinator_tls.to_args(),
         ]
         .concat();
         let federated_jobs = kube_client.as_ref().map(|(client, _)| client.clone());
@@ -265,6 +293,8 @@ impl Args {
                 max_launch_attempts: self.max_launch_attempts,
                 stop_grace: Duration::from_secs(10),
                 tls,
+                max_job_log_entries: self.max_job_log_entries,
+                max_model_parameters: self.max_model_parameters,
             },
         );
         manager.recover().await.context("recovering running jobs")?;
@@ -286,7 +316,7 @@ impl Args {
                 backend,
             ));
         }
-        let routes = Routes::new(JobsServer::new(service::JobsApi {
+        let routes = Services::new(JobsServer::new(service::JobsApi {
             manager: manager.clone(),
         }))
         .add_service(TokensServer::new(tokens::TokensApi {
@@ -312,6 +342,31 @@ impl Args {
 }
 
 impl Args {
+    /// What local coordinators dial and serve with: their own service certificate when
+    /// given (checked to be one), else this service's.
+    fn coordinator_tls(&self) -> anyhow::Result<cohort_runtime::TlsArgs> {
+        let (Some(cert), Some(key)) = (&self.coordinator_tls_cert, &self.coordinator_tls_key)
+        else {
+            return Ok(self.tls.clone());
+        };
+        let Some(ca) = &self.tls.tls_ca else {
+            anyhow::bail!("--coordinator-tls-cert: needs --tls-ca (mutual TLS) as well");
+        };
+        let args = cohort_runtime::TlsArgs {
+            tls_cert: Some(cert.clone()),
+            tls_key: Some(key.clone()),
+            tls_ca: Some(ca.clone()),
+        };
+        let loaded = args.load().context("--coordinator-tls-cert")?;
+        match loaded.as_ref().map(|t| t.identity()) {
+            Some(cohort_security::Identity::Service(_)) => Ok(args),
+            Some(other) => {
+                anyhow::bail!("--coordinator-tls-cert: must be a service certificate, not {other}")
+            }
+            None => anyhow::bail!("--coordinator-tls-cert: no certificate loaded"),
+        }
+    }
+
     fn kubernetes_launcher(
         &self,
         client: kube::Client,

@@ -1,16 +1,18 @@
 //! The job state machine: every transition goes through here, is checked
 //! against `JobState::can_become`, persisted with an event, and announced to
-//! watchers.
+//! watchers. Also what a job may be (its model's size) and hold (its log's
+//! length).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use cohort_core::HasKind;
+use cohort_core::spec::Arch;
 use cohort_core::{ErrorKind, JobId, JobSpec, JobState, SpecError};
 use cohort_runtime::launcher::{CoordinatorExit, Launcher};
 use cohort_runtime::now_ms;
 use cohort_store::StoreError;
-use cohort_store::jobs::{JobRecord, JobStore, RoundRecord};
+use cohort_store::jobs::{JobNote, JobRecord, JobStore, RoundRecord};
 use tokio::sync::{Notify, broadcast};
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +52,32 @@ pub struct ManagerConfig {
     pub stop_grace: Duration,
     /// Mutual TLS for calls to coordinators.
     pub tls: Option<cohort_runtime::Tls>,
+    /// Log entries (not state changes) a job keeps; later ones are dropped.
+    pub max_job_log_entries: u64,
+    /// The most parameters a job's model may have.
+    pub max_model_parameters: u64,
+}
+
+/// Refuses a spec whose model has more than `max` parameters even on the
+/// smallest data it could meet (1 feature, or a 2×2 image for cnn, and 2
+/// classes). The coordinator checks the exact count once it knows the data.
+pub fn check_model_size(spec: &JobSpec, max: u64) -> std::result::Result<(), SpecError> {
+    let (field, features, shape) = match spec.model.arch {
+        Arch::Logreg => ("model.arch", 1, "1 feature"),
+        Arch::Mlp => ("model.hidden", 1, "1 feature"),
+        Arch::Cnn => ("model.arch", 4, "a 2×2 image"),
+    };
+    let count = spec.model.parameter_count(features, 2);
+    if count > max {
+        return Err(SpecError::new(
+            field,
+            format!(
+                "the model has at least {count} parameters (with the smallest data: {shape} \
+                 and 2 classes); this server allows at most {max}"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 pub struct JobManager {
@@ -116,6 +144,7 @@ impl JobManager {
 
     async fn insert(&self, spec: JobSpec, id: JobId) -> Result<JobRecord> {
         spec.validate()?;
+        check_model_size(&spec, self.config.max_model_parameters)?;
         let now = now_ms();
         let job = JobRecord {
             id,
@@ -320,6 +349,27 @@ impl JobManager {
         let job = self.store.record_round(id, round, now_ms()).await?;
         self.announce(id);
         Ok(job)
+    }
+
+    /// Appends `notes` to the job's log, as many as its bound leaves room
+    /// for; returns how many were kept.
+    pub async fn record_notes(&self, id: &JobId, notes: &[JobNote]) -> Result<u32> {
+        let kept = self
+            .store
+            .append_notes(id, notes, self.config.max_job_log_entries, now_ms())
+            .await?;
+        let (offered, max) = (notes.len(), self.config.max_job_log_entries);
+        // Once per job (the call that fills the log), not on every call after.
+        if kept > 0 && (kept as usize) < offered {
+            tracing::warn!(job = %id, max, "the job's log is full; further entries are dropped");
+        } else if kept == 0 && offered > 0 {
+            tracing::debug!(job = %id, offered, "the job's log is full; entries dropped");
+        }
+        Ok(kept)
+    }
+
+    pub fn max_model_parameters(&self) -> u64 {
+        self.config.max_model_parameters
     }
 
     pub async fn finish(&self, id: &JobId, state: JobState, reason: &str) -> Result<JobRecord> {

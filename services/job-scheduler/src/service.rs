@@ -1,13 +1,14 @@
-//! gRPC edge of job-scheduler: converts protobuf to domain types and back.
+//! gRPC edge of job-scheduler: converts protobuf to domain types and back,
+//! and bounds what callers send (log entries, round counts) before it is stored.
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cohort_core::{Action, AuthError, JobId, JobSpec, JobState, Principal};
+use cohort_core::{Action, AuthError, JobId, JobSpec, JobState, PartyId, Principal};
 use cohort_proto::v1 as pb;
 use cohort_runtime::{ToStatus, calling_principal};
-use cohort_store::jobs::{JobFilter, JobRecord, RoundRecord};
+use cohort_store::jobs::{JobEventRecord, JobFilter, JobNote, JobRecord, RoundRecord};
 use futures::Stream;
 use tonic::{Request, Response, Status};
 
@@ -46,6 +47,27 @@ fn job_id(field: &str, s: &str) -> Result<JobId, Status> {
     JobId::parse(s).map_err(|e| Status::invalid_argument(format!("{field}: {e}")))
 }
 
+/// Entries one RecordEvents call may carry.
+pub const MAX_NOTES_PER_CALL: usize = 100;
+/// Characters of an entry's message that are kept.
+pub const MAX_NOTE_MESSAGE_CHARS: usize = 1000;
+/// Kinds of entries a coordinator may add to a job's log.
+pub const NOTE_KINDS: [&str; 6] = [
+    "task_failed",
+    "party_left_out",
+    "update_refused",
+    "update_dropped",
+    "round_failed",
+    "note",
+];
+/// Longest task id an entry may name.
+const MAX_TASK_ID_LEN: usize = 128;
+/// Events one ListJobEvents answer holds (a few MB at most); callers page on
+/// with `after_seq` = the last seq they got.
+pub const MAX_EVENTS_PER_ANSWER: usize = 500;
+/// The largest count a round may report (updates, refusals, failures).
+pub const MAX_ROUND_COUNT: u32 = 1_000_000;
+
 fn round_to_pb(r: &RoundRecord) -> pb::RoundSummary {
     pb::RoundSummary {
         round: r.round,
@@ -59,9 +81,152 @@ fn round_to_pb(r: &RoundRecord) -> pb::RoundSummary {
         model_version: r.model_version,
         duration_ms: r.duration_ms,
         refused_updates: r.refused_updates,
+        dropped_updates: r.dropped_updates,
+        task_failures: r.task_failures,
+        robust_accuracy: r.robust_accuracy,
     }
 }
 
+/// A reported round, checked: its counts bounded, its robust accuracy in [0, 1].
+fn round_from_pb(round: pb::RoundSummary) -> Result<RoundRecord, Status> {
+    for (field, v) in [
+        ("updates", round.updates),
+        ("refused_updates", round.refused_updates),
+        ("dropped_updates", round.dropped_updates),
+        ("task_failures", round.task_failures),
+    ] {
+        if v > MAX_ROUND_COUNT {
+            return Err(Status::invalid_argument(format!(
+                "round.{field}: {v} is more than {MAX_ROUND_COUNT}"
+            )));
+        }
+    }
+    let robust = round.robust_accuracy;
+    if !(robust.is_finite() && (0.0..=1.0).contains(&robust)) {
+        return Err(Status::invalid_argument(format!(
+            "round.robust_accuracy: must be in [0, 1], got {robust}"
+        )));
+    }
+    let eval = round.evaluation.unwrap_or_default();
+    Ok(RoundRecord {
+        round: round.round,
+        eval_loss: eval.loss,
+        eval_accuracy: eval.accuracy,
+        eval_samples: eval.samples,
+        train_loss: round.train_loss,
+        updates: round.updates,
+        model_version: round.model_version,
+        duration_ms: round.duration_ms,
+        refused_updates: round.refused_updates,
+        dropped_updates: round.dropped_updates,
+        task_failures: round.task_failures,
+        robust_accuracy: robust,
+    })
+}
+
+/// The round whose evaluation scored highest (its robust accuracy where it
+/// has one, else the evaluated accuracy), the earliest of equals; 0 if no
+/// round was evaluated.
+pub fn best_round(rounds: &[RoundRecord]) -> u32 {
+    let mut best: Option<(f64, u32)> = None;
+    for r in rounds {
+        let score = if r.robust_accuracy > 0.0 {
+            r.robust_accuracy
+        } else if r.eval_samples > 0 {
+            r.eval_accuracy
+        } else {
+            continue;
+        };
+        if score.is_finite() && best.is_none_or(|(top, _)| score > top) {
+            best = Some((score, r.round));
+        }
+    }
+    best.map_or(0, |(_, round)| round)
+}
+
+/// Where the job's model versions are stored: the spec's `model.name`, or the job id.
+fn model_name(j: &JobRecord) -> String {
+    JobSpec::from_json(&j.spec_json)
+        .map(|spec| spec.model_name(&j.id))
+        .unwrap_or_else(|_| j.id.to_string())
+}
+
+/// A coordinator's log entry, checked; `rounds_total` bounds its round.
+fn note_from_pb(i: usize, n: pb::EventNote, rounds_total: u32) -> Result<JobNote, Status> {
+    let bad = |field: &str, message: String| {
+        Status::invalid_argument(format!("events[{i}].{field}: {message}"))
+    };
+    if !NOTE_KINDS.contains(&n.kind.as_str()) {
+        return Err(bad(
+            "kind",
+            format!(
+                "{:?} is not one of {}",
+                n.kind.chars().take(40).collect::<String>(),
+                NOTE_KINDS.join(", ")
+            ),
+        ));
+    }
+    if n.round > rounds_total {
+        return Err(bad(
+            "round",
+            format!("{} is outside 0..={rounds_total}", n.round),
+        ));
+    }
+    if !n.party.is_empty() {
+        PartyId::parse(&n.party).map_err(|e| bad("party", e.to_string()))?;
+    }
+    if !(n.task_id.len() <= MAX_TASK_ID_LEN
+        && n.task_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        return Err(bad(
+            "task_id",
+            format!("must be at most {MAX_TASK_ID_LEN} of [A-Za-z0-9._-]"),
+        ));
+    }
+    Ok(JobNote {
+        kind: n.kind,
+        round: n.round,
+        party: n.party,
+        task_id: n.task_id,
+        message: clip_message(&n.message),
+    })
+}
+
+/// At most [`MAX_NOTE_MESSAGE_CHARS`] characters, cut on a character
+/// boundary, with control characters other than newline and tab as spaces
+/// (PostgreSQL text cannot hold NUL).
+fn clip_message(message: &str) -> String {
+    message
+        .chars()
+        .take(MAX_NOTE_MESSAGE_CHARS)
+        .map(|c| {
+            if c.is_control() && c != '\n' && c != '\t' {
+                ' '
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
+fn event_to_pb(e: JobEventRecord) -> pb::JobEvent {
+    pb::JobEvent {
+        seq: e.seq,
+        time_ms: e.time_ms,
+        from: e.from.map(|s| state_to_pb(s) as i32).unwrap_or(0),
+        to: state_to_pb(e.to) as i32,
+        reason: e.reason,
+        kind: e.kind,
+        round: e.round,
+        party: e.party,
+        task_id: e.task_id,
+    }
+}
+
+/// The job for the API; `rounds` are the job's recorded rounds (empty where
+/// the answer leaves them out).
 pub fn job_to_pb(j: &JobRecord, rounds: &[RoundRecord]) -> pb::Job {
     pb::Job {
         id: j.id.to_string(),
@@ -75,7 +240,9 @@ pub fn job_to_pb(j: &JobRecord, rounds: &[RoundRecord]) -> pb::Job {
         reason: j.reason.clone(),
         created_at_ms: j.created_at_ms,
         updated_at_ms: j.updated_at_ms,
-        model_name: j.name.clone(),
+        model_name: model_name(j),
+        best_round: best_round(rounds),
+        last_round: j.rounds_completed,
     }
 }
 
@@ -210,8 +377,18 @@ impl pb::jobs_server::Jobs for JobsApi {
                 }
                 e => err(e.into()),
             })?;
+        let store = self.manager.store();
+        let mut jobs = Vec::with_capacity(page.items.len());
+        for j in &page.items {
+            // The rounds give best_round; the listing leaves them out.
+            let rounds = store.list_rounds(&j.id).await.map_err(|e| err(e.into()))?;
+            jobs.push(pb::Job {
+                rounds: Vec::new(),
+                ..job_to_pb(j, &rounds)
+            });
+        }
         Ok(Response::new(pb::ListJobsResponse {
-            jobs: page.items.iter().map(|j| job_to_pb(j, &[])).collect(),
+            jobs,
             next_page_token: page.next_token.unwrap_or_default(),
         }))
     }
@@ -284,23 +461,33 @@ impl pb::jobs_server::Jobs for JobsApi {
 
     async fn list_job_events(
         &self,
-        req: Request<pb::GetJobRequest>,
+        req: Request<pb::ListJobEventsRequest>,
     ) -> Result<Response<pb::ListJobEventsResponse>, Status> {
         let id = job_id("id", &req.get_ref().id)?;
         self.authorized(&req, &id, Action::Read).await?;
         let store = self.manager.store();
-        let events = store.list_events(&id).await.map_err(|e| err(e.into()))?;
+        let events = store
+            .list_events(&id, req.get_ref().after_seq)
+            .await
+            .map_err(|e| err(e.into()))?;
         Ok(Response::new(pb::ListJobEventsResponse {
             events: events
                 .into_iter()
-                .map(|e| pb::JobEvent {
-                    seq: e.seq,
-                    time_ms: e.time_ms,
-                    from: e.from.map(|s| state_to_pb(s) as i32).unwrap_or(0),
-                    to: state_to_pb(e.to) as i32,
-                    reason: e.reason,
-                })
+                .take(MAX_EVENTS_PER_ANSWER)
+                .map(event_to_pb)
                 .collect(),
+        }))
+    }
+
+    async fn get_server_info(
+        &self,
+        req: Request<pb::GetServerInfoRequest>,
+    ) -> Result<Response<pb::ServerInfo>, Status> {
+        // Any token the proxy accepted, or an internal caller; identity
+        // metadata must still be well-formed.
+        calling_principal(&req)?;
+        Ok(Response::new(pb::ServerInfo {
+            version: env!("CARGO_PKG_VERSION").to_string(),
         }))
     }
 }
@@ -353,6 +540,7 @@ impl pb::job_control_server::JobControl for ControlApi {
             next_round: job.rounds_completed + 1,
             resume_model_version,
             job: Some(job_to_pb(&job, &rounds)),
+            max_model_parameters: self.manager.max_model_parameters(),
         }))
     }
 
@@ -382,18 +570,7 @@ impl pb::job_control_server::JobControl for ControlApi {
         let round = r
             .round
             .ok_or_else(|| Status::invalid_argument("round: missing"))?;
-        let eval = round.evaluation.unwrap_or_default();
-        let record = RoundRecord {
-            round: round.round,
-            eval_loss: eval.loss,
-            eval_accuracy: eval.accuracy,
-            eval_samples: eval.samples,
-            train_loss: round.train_loss,
-            updates: round.updates,
-            model_version: round.model_version,
-            duration_ms: round.duration_ms,
-            refused_updates: round.refused_updates,
-        };
+        let record = round_from_pb(round)?;
         let job = self.manager.report_round(&id, &record).await.map_err(err)?;
         Ok(Response::new(job_to_pb(&job, &[])))
     }
@@ -412,6 +589,34 @@ impl pb::job_control_server::JobControl for ControlApi {
             .await
             .map_err(err)?;
         Ok(Response::new(job_to_pb(&job, &[])))
+    }
+
+    async fn record_events(
+        &self,
+        req: Request<pb::RecordEventsRequest>,
+    ) -> Result<Response<pb::RecordEventsResponse>, Status> {
+        let r = req.into_inner();
+        let id = job_id("job_id", &r.job_id)?;
+        if r.events.len() > MAX_NOTES_PER_CALL {
+            return Err(Status::invalid_argument(format!(
+                "events: at most {MAX_NOTES_PER_CALL} per call, got {}",
+                r.events.len()
+            )));
+        }
+        let job = self
+            .manager
+            .store()
+            .get_job(&id)
+            .await
+            .map_err(|e| err(e.into()))?;
+        let notes = r
+            .events
+            .into_iter()
+            .enumerate()
+            .map(|(i, n)| note_from_pb(i, n, job.rounds_total))
+            .collect::<Result<Vec<_>, _>>()?;
+        let recorded = self.manager.record_notes(&id, &notes).await.map_err(err)?;
+        Ok(Response::new(pb::RecordEventsResponse { recorded }))
     }
 
     async fn list_routes(

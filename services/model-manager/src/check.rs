@@ -1,13 +1,27 @@
 //! Incremental safetensors validation, fed chunk by chunk as an upload
 //! streams in: the header is parsed (and validated by the `safetensors` crate)
 //! as soon as it has arrived, and the total length is checked at the end, so
-//! the file is never held in memory.
+//! the file is never held in memory. Only the JSON header is buffered, and
+//! never more of it than `max_header_len`; the file is never allowed past
+//! `max_total` bytes.
 
-/// `safetensors`' own bound on the JSON header.
-const MAX_HEADER_LEN: u64 = 100_000_000;
+/// `safetensors`' own bound on the JSON header: a longer one is not a
+/// safetensors file, whatever `max_header_len` allows.
+pub(crate) const SAFETENSORS_MAX_HEADER_LEN: u64 = 100_000_000;
 
-#[derive(Debug, Default)]
+/// Why an upload is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// Not a valid safetensors file.
+    Invalid(String),
+    /// Over one of model-manager's limits; the message names the flag.
+    TooLarge(String),
+}
+
+#[derive(Debug)]
 pub(crate) struct SafetensorsCheck {
+    max_header_len: u64,
+    max_total: u64,
     /// The 8-byte length prefix and then the JSON header, until parsed.
     header: Vec<u8>,
     header_len: Option<u64>,
@@ -25,8 +39,29 @@ pub(crate) struct Summary {
 }
 
 impl SafetensorsCheck {
-    pub fn feed(&mut self, mut chunk: &[u8]) -> Result<(), String> {
+    /// A check that refuses headers over `max_header_len` bytes and files
+    /// over `max_total` bytes.
+    pub fn new(max_header_len: u64, max_total: u64) -> Self {
+        Self {
+            max_header_len,
+            max_total,
+            header: Vec::new(),
+            header_len: None,
+            expected_total: None,
+            tensors: 0,
+            seen: 0,
+        }
+    }
+
+    pub fn feed(&mut self, mut chunk: &[u8]) -> Result<(), Refusal> {
         self.seen += chunk.len() as u64;
+        if self.seen > self.max_total {
+            return Err(Refusal::TooLarge(format!(
+                "the upload is larger than the {} bytes model-manager accepts \
+                 (--max-upload-bytes)",
+                self.max_total
+            )));
+        }
         while self.expected_total.is_none() {
             let need = 8 + self.header_len.unwrap_or(0);
             let missing = need - self.header.len() as u64;
@@ -44,31 +79,48 @@ impl SafetensorsCheck {
             }
         }
         match self.expected_total {
-            Some(total) if self.seen > total => Err(format!(
+            Some(total) if self.seen > total => Err(Refusal::Invalid(format!(
                 "file is longer than its header declares ({total} bytes)"
-            )),
+            ))),
             _ => Ok(()),
         }
     }
 
-    fn read_length_prefix(&mut self) -> Result<(), String> {
+    fn read_length_prefix(&mut self) -> Result<(), Refusal> {
         let mut prefix = [0u8; 8];
         prefix.copy_from_slice(&self.header[..8]);
         let n = u64::from_le_bytes(prefix);
-        if n > MAX_HEADER_LEN {
-            return Err(format!(
-                "header length {n} exceeds the {MAX_HEADER_LEN}-byte limit"
-            ));
+        if n > SAFETENSORS_MAX_HEADER_LEN {
+            // Text and other non-safetensors files end up here.
+            return Err(Refusal::Invalid(format!(
+                "header length {n} exceeds the format's {SAFETENSORS_MAX_HEADER_LEN}-byte limit"
+            )));
+        }
+        if n > self.max_header_len {
+            return Err(Refusal::TooLarge(format!(
+                "the safetensors header is {n} bytes, over the {}-byte limit \
+                 (--max-safetensors-header-bytes)",
+                self.max_header_len
+            )));
         }
         self.header_len = Some(n);
         Ok(())
     }
 
-    fn parse_header(&mut self, n: u64) -> Result<(), String> {
+    fn parse_header(&mut self, n: u64) -> Result<(), Refusal> {
         let metadata: safetensors::tensor::Metadata = serde_json::from_slice(&self.header[8..])
-            .map_err(|e| format!("invalid header: {e}"))?;
+            .map_err(|e| Refusal::Invalid(format!("invalid header: {e}")))?;
         self.tensors = metadata.tensors().len();
-        self.expected_total = Some(8 + n + metadata.data_len() as u64);
+        let total = (8 + n).saturating_add(metadata.data_len() as u64);
+        // Refused as soon as the header says so, not after max_total bytes.
+        if total > self.max_total {
+            return Err(Refusal::TooLarge(format!(
+                "the file's header declares {total} bytes, over the {} bytes model-manager \
+                 accepts (--max-upload-bytes)",
+                self.max_total
+            )));
+        }
+        self.expected_total = Some(total);
         self.header = Vec::new();
         Ok(())
     }
@@ -114,12 +166,35 @@ mod tests {
         safetensors::serialize(tensors, None).unwrap()
     }
 
-    fn check_in_chunks(data: &[u8], chunk: usize) -> Result<Summary, String> {
-        let mut c = SafetensorsCheck::default();
+    const UNLIMITED: u64 = u64::MAX;
+
+    fn check_with(
+        data: &[u8],
+        chunk: usize,
+        max_header_len: u64,
+        max_total: u64,
+    ) -> Result<Summary, Refusal> {
+        let mut c = SafetensorsCheck::new(max_header_len, max_total);
         for part in data.chunks(chunk) {
             c.feed(part)?;
         }
-        c.finish()
+        c.finish().map_err(Refusal::Invalid)
+    }
+
+    /// The reason an invalid file is refused.
+    fn check_in_chunks(data: &[u8], chunk: usize) -> Result<Summary, String> {
+        check_with(data, chunk, 1 << 20, UNLIMITED).map_err(|r| match r {
+            Refusal::Invalid(m) => m,
+            Refusal::TooLarge(m) => panic!("refused as too large: {m}"),
+        })
+    }
+
+    /// The reason an oversized file is refused.
+    fn too_large(data: &[u8], chunk: usize, max_header_len: u64, max_total: u64) -> String {
+        match check_with(data, chunk, max_header_len, max_total) {
+            Err(Refusal::TooLarge(m)) => m,
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
     }
 
     #[test]
@@ -177,5 +252,40 @@ mod tests {
         let mut zero = 0u64.to_le_bytes().to_vec();
         zero.extend_from_slice(b"xx");
         assert!(check_in_chunks(&zero, 3).is_err());
+    }
+
+    #[test]
+    fn refuses_files_over_the_limits_as_soon_as_they_show() {
+        let data = sample();
+        let header_len = u64::from_le_bytes(data[..8].try_into().unwrap());
+        // Exactly at the limits passes.
+        let s = check_with(&data, 5, header_len, data.len() as u64).unwrap();
+        assert_eq!(s.size, data.len() as u64);
+
+        // A header one byte over its bound: refused on the length prefix,
+        // before any of it is buffered.
+        let m = too_large(&data[..8], 8, header_len - 1, UNLIMITED);
+        assert!(m.contains("--max-safetensors-header-bytes"), "{m}");
+        assert!(m.contains(&format!("{}-byte", header_len - 1)), "{m}");
+        // Past safetensors' own bound it is not a safetensors file at all.
+        let huge = (SAFETENSORS_MAX_HEADER_LEN + 1).to_le_bytes();
+        match check_with(&huge, 8, UNLIMITED, UNLIMITED) {
+            Err(Refusal::Invalid(m)) => assert!(m.contains("100000000-byte"), "{m}"),
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+
+        // A file whose header declares more than the upload limit: refused
+        // once the header is in, with no data sent yet.
+        let header_end = 8 + header_len as usize;
+        let m = too_large(&data[..header_end], 4, UNLIMITED, data.len() as u64 - 1);
+        assert!(m.contains("--max-upload-bytes"), "{m}");
+        assert!(m.contains(&format!("declares {} bytes", data.len())), "{m}");
+
+        // Bytes past the limit before the header is complete.
+        let mut slow = (1u64 << 20).to_le_bytes().to_vec();
+        slow.extend_from_slice(&[b' '; 100]);
+        let m = too_large(&slow, 10, 1 << 20, 64);
+        assert!(m.contains("larger than the 64 bytes"), "{m}");
+        assert!(m.contains("--max-upload-bytes"), "{m}");
     }
 }

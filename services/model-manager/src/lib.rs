@@ -2,6 +2,18 @@
 //! models with immutable, numbered, sha256-addressed safetensors versions and
 //! their lineage (job, round, parent), uploaded and downloaded as chunk streams.
 //!
+//! Models are identified by namespace and name. A caller with an API token of
+//! one namespace (identity metadata the proxy sets) works in that namespace
+//! only: other namespaces answer like missing models. A token of every
+//! namespace, or a server-internal caller (no metadata), names the namespace
+//! in the request (default `default`). Coordinators act for their job's
+//! namespace: a call from the `coordinator` service certificate must carry
+//! that metadata.
+//!
+//! Uploads are bounded (`UploadLimits`): bytes per upload, safetensors header
+//! bytes (the only part buffered), uploads at once, the wait for a slot, and
+//! how long an upload may send nothing.
+//!
 //! Metadata lives in a `ModelStore`, bytes in a `BlobStore` (under `models/`
 //! of the blob URL). Must not depend on other services' crates or tables.
 
@@ -10,6 +22,7 @@ mod check;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use bytes::Bytes;
@@ -21,16 +34,100 @@ use cohort_proto::v1::{
     DataChunk, GetVersionRequest, Lineage, ListVersionsRequest, ListVersionsResponse, Metrics,
     ModelVersion, UploadVersionRequest,
 };
-use cohort_runtime::{Listener, RuntimeError, ToStatus, calling_principal};
+use cohort_runtime::{Listener, RuntimeError, Tls, ToStatus, calling_principal, peer_identity};
+use cohort_security::Identity;
 use cohort_store::StoreError;
-use cohort_store::models::{ModelStore, ModelVersionRecord, NewModelVersion};
+use cohort_store::models::{ModelStore, ModelVersionRecord, NewModelVersion, version_not_found};
 use futures::{Stream, StreamExt};
-use tokio::sync::oneshot;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::check::{SafetensorsCheck, Summary};
+use crate::check::{Refusal, SAFETENSORS_MAX_HEADER_LEN, SafetensorsCheck, Summary};
 
 const SERVICE_NAME: &str = "model-manager";
+
+/// The service name in coordinators' certificates.
+const COORDINATOR_SERVICE: &str = "coordinator";
+
+/// The namespace of a request that names none, from a caller not bound to one.
+const DEFAULT_NAMESPACE: &str = "default";
+
+/// Bounds on uploads, so that hostile or broken uploaders cannot hold
+/// unbounded memory, disk or slots: at most `max_concurrent_uploads` ×
+/// `max_safetensors_header_bytes` of headers are buffered at once.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct UploadLimits {
+    /// The largest model file accepted, in bytes; a larger upload is refused
+    /// (RESOURCE_EXHAUSTED) and nothing of it is kept.
+    #[arg(long, env = "COHORT_MAX_UPLOAD_BYTES", default_value_t = 4 << 30)]
+    pub max_upload_bytes: u64,
+    /// Uploads received at once; further ones wait for a slot.
+    #[arg(long, env = "COHORT_MAX_CONCURRENT_UPLOADS", default_value_t = 8)]
+    pub max_concurrent_uploads: usize,
+    /// How long an upload waits for a slot before it is refused
+    /// (RESOURCE_EXHAUSTED).
+    #[arg(long, env = "COHORT_UPLOAD_SLOT_WAIT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub upload_slot_wait: Duration,
+    /// An upload that sends nothing for this long is aborted
+    /// (DEADLINE_EXCEEDED) and frees its slot.
+    #[arg(long, env = "COHORT_UPLOAD_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub upload_idle_timeout: Duration,
+    /// The largest safetensors JSON header accepted, in bytes: the one part
+    /// of an upload held in memory (to be parsed).
+    #[arg(long, env = "COHORT_MAX_SAFETENSORS_HEADER_BYTES", default_value_t = 16 << 20)]
+    pub max_safetensors_header_bytes: u64,
+}
+
+impl Default for UploadLimits {
+    fn default() -> Self {
+        Self {
+            max_upload_bytes: 4 << 30,
+            max_concurrent_uploads: 8,
+            upload_slot_wait: Duration::from_secs(30),
+            upload_idle_timeout: Duration::from_secs(60),
+            max_safetensors_header_bytes: 16 << 20,
+        }
+    }
+}
+
+impl UploadLimits {
+    /// The most uploads at once that may be configured.
+    pub const MAX_CONCURRENT_UPLOADS: usize = 4096;
+    /// The longest wait or idle time that may be configured.
+    pub const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
+
+    /// Refuses limits that would refuse everything or bound nothing, naming the flag.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.max_upload_bytes > 0,
+            "--max-upload-bytes: must be at least 1"
+        );
+        anyhow::ensure!(
+            (1..=Self::MAX_CONCURRENT_UPLOADS).contains(&self.max_concurrent_uploads),
+            "--max-concurrent-uploads: {} is not in 1..={}",
+            self.max_concurrent_uploads,
+            Self::MAX_CONCURRENT_UPLOADS
+        );
+        for (flag, d) in [
+            ("--upload-slot-wait", self.upload_slot_wait),
+            ("--upload-idle-timeout", self.upload_idle_timeout),
+        ] {
+            anyhow::ensure!(
+                !d.is_zero() && d <= Self::MAX_WAIT,
+                "{flag}: {} is not between 1ns and {}",
+                humantime::format_duration(d),
+                humantime::format_duration(Self::MAX_WAIT)
+            );
+        }
+        anyhow::ensure!(
+            (1..=SAFETENSORS_MAX_HEADER_LEN).contains(&self.max_safetensors_header_bytes),
+            "--max-safetensors-header-bytes: {} is not in 1..={SAFETENSORS_MAX_HEADER_LEN} \
+             (the safetensors format's own bound)",
+            self.max_safetensors_header_bytes
+        );
+        Ok(())
+    }
+}
 
 /// Command line of the `model-manager` binary.
 #[derive(Debug, Clone, clap::Parser)]
@@ -49,11 +146,14 @@ pub struct Args {
     pub blob_url: String,
     #[command(flatten)]
     pub tls: cohort_runtime::TlsArgs,
+    #[command(flatten)]
+    pub limits: UploadLimits,
 }
 
 impl Args {
     /// Opens storage, binds, writes the ready file and serves until SIGTERM/SIGINT.
     pub async fn run(self) -> anyhow::Result<()> {
+        self.limits.validate()?;
         let tls = self.tls.load().context("TLS")?;
         let store = cohort_store::open::open_model_store(
             &self.database.database_url,
@@ -72,7 +172,7 @@ impl Args {
         listener
             .serve(
                 SERVICE_NAME,
-                routes(store, blobs),
+                routes(store, blobs, self.limits),
                 self.service.ready_file.as_deref(),
                 cohort_runtime::shutdown_signal(),
             )
@@ -93,20 +193,37 @@ fn models_blob_url(blob_url: &str) -> String {
 }
 
 /// The Models service as routes, for `Listener::serve` or an in-process server.
-pub fn routes(store: Arc<dyn ModelStore>, blobs: Arc<dyn BlobStore>) -> tonic::service::Routes {
-    tonic::service::Routes::new(ModelsServer::new(ModelsService::new(store, blobs)))
+pub fn routes(
+    store: Arc<dyn ModelStore>,
+    blobs: Arc<dyn BlobStore>,
+    limits: UploadLimits,
+) -> cohort_runtime::Services {
+    cohort_runtime::Services::new(ModelsServer::new(ModelsService::new(store, blobs, limits)))
 }
 
 /// Serves Models (plus health and reflection) on 127.0.0.1 on a free port
-/// until the returned sender fires or is dropped. For tests and `cohort up`.
+/// until the returned sender fires or is dropped, with the default limits
+/// and no TLS. For tests and `cohort up`.
 pub async fn serve_in_process(
     store: Arc<dyn ModelStore>,
     blobs: Arc<dyn BlobStore>,
 ) -> Result<(SocketAddr, oneshot::Sender<()>), RuntimeError> {
-    let listener = Listener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+    serve_in_process_with(store, blobs, UploadLimits::default(), None).await
+}
+
+/// [`serve_in_process`] with `limits`, and over mutual TLS with `tls`.
+pub async fn serve_in_process_with(
+    store: Arc<dyn ModelStore>,
+    blobs: Arc<dyn BlobStore>,
+    limits: UploadLimits,
+    tls: Option<Tls>,
+) -> Result<(SocketAddr, oneshot::Sender<()>), RuntimeError> {
+    let listener = Listener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await?
+        .with_tls(tls);
     let addr = listener.local_addr();
     let (stop, stopped) = oneshot::channel::<()>();
-    let routes = routes(store, blobs);
+    let routes = routes(store, blobs, limits);
     tokio::spawn(async move {
         let shutdown = async {
             let _ = stopped.await;
@@ -191,20 +308,40 @@ fn to_proto(r: ModelVersionRecord) -> ModelVersion {
     }
 }
 
-/// Refuses `action` on a model of `namespace` unless the caller's token
-/// allows it; another tenant's model answers like a missing one.
-fn authorize(
+/// Who is calling: the holder of an API token (or a coordinator acting for
+/// its job's namespace, with the same metadata), or None for a
+/// server-internal caller, which may do anything.
+fn caller<T>(request: &Request<T>) -> Result<Option<Principal>, Status> {
+    let principal = calling_principal(request)?;
+    if principal.is_none()
+        && matches!(peer_identity(request), Some(Identity::Service(name)) if name == COORDINATOR_SERVICE)
+    {
+        return Err(Status::permission_denied(
+            "coordinators act for a job's namespace: principal metadata required",
+        ));
+    }
+    Ok(principal)
+}
+
+/// The namespace a call is about: a one-namespace token's own; otherwise
+/// (a token of every namespace, a server-internal caller) `asked`, default
+/// `default`. None: `asked` names a namespace the token does not reach.
+fn namespace_of_call(
     principal: Option<&Principal>,
-    namespace: &str,
-    action: Action,
-    not_found: impl FnOnce() -> StoreError,
-) -> Result<(), Status> {
-    let Some(p) = principal else {
-        return Ok(()); // a server-internal caller
-    };
-    p.authorize(namespace, action).map_err(|e| match e {
-        AuthError::OutOfScope => Error::from(not_found()).into(),
-        e => e.to_status(),
+    field: &'static str,
+    asked: &str,
+) -> Result<Option<String>, Status> {
+    if !asked.is_empty() && !cohort_core::is_dns_label(asked) {
+        return Err(invalid(
+            field,
+            format!("{asked:?} must be a DNS-1123 label"),
+        ));
+    }
+    Ok(match principal.and_then(|p| p.scope.namespace()) {
+        Some(own) if asked.is_empty() || asked == own => Some(own.to_string()),
+        Some(_) => None,
+        None if asked.is_empty() => Some(DEFAULT_NAMESPACE.to_string()),
+        None => Some(asked.to_string()),
     })
 }
 
@@ -212,37 +349,83 @@ fn authorize(
 pub struct ModelsService {
     store: Arc<dyn ModelStore>,
     blobs: Arc<dyn BlobStore>,
+    limits: UploadLimits,
+    upload_slots: Arc<Semaphore>,
 }
 
 impl ModelsService {
-    pub fn new(store: Arc<dyn ModelStore>, blobs: Arc<dyn BlobStore>) -> Self {
-        Self { store, blobs }
+    pub fn new(
+        store: Arc<dyn ModelStore>,
+        blobs: Arc<dyn BlobStore>,
+        limits: UploadLimits,
+    ) -> Self {
+        let upload_slots = Arc::new(Semaphore::new(limits.max_concurrent_uploads.max(1)));
+        Self {
+            store,
+            blobs,
+            limits,
+            upload_slots,
+        }
     }
 
+    /// The version a Get or Download names. Whatever the caller may not see
+    /// answers exactly as a missing version does.
     async fn resolve(
         &self,
         request: &Request<GetVersionRequest>,
     ) -> Result<ModelVersionRecord, Status> {
-        let principal = calling_principal(request)?;
+        let principal = caller(request)?;
         let req = request.get_ref();
         check_name("name", &req.name)?;
-        let record = if req.version == 0 {
-            self.store.latest_version(&req.name).await
-        } else {
-            self.store.get_version(&req.name, req.version).await
+        let not_found = || Status::from(Error::from(version_not_found(&req.name, req.version)));
+        let Some(namespace) = namespace_of_call(principal.as_ref(), "namespace", &req.namespace)?
+        else {
+            return Err(not_found());
         };
-        let record = record.map_err(Error::from)?;
-        authorize(principal.as_ref(), &record.namespace, Action::Read, || {
-            StoreError::NotFound {
-                what: "model version",
-                id: if req.version == 0 {
-                    req.name.clone()
-                } else {
-                    format!("{}@{}", req.name, req.version)
-                },
-            }
-        })?;
-        Ok(record)
+        if let Some(p) = &principal {
+            p.authorize(&namespace, Action::Read).map_err(|e| match e {
+                AuthError::OutOfScope => not_found(),
+                e => e.to_status(),
+            })?;
+        }
+        let record = if req.version == 0 {
+            self.store.latest_version(&namespace, &req.name).await
+        } else {
+            self.store
+                .get_version(&namespace, &req.name, req.version)
+                .await
+        };
+        record.map_err(|e| Error::from(e).into())
+    }
+
+    /// A slot for one upload, waiting at most `upload_slot_wait` for one.
+    async fn upload_slot(&self) -> Result<OwnedSemaphorePermit, Status> {
+        let wait = self.limits.upload_slot_wait;
+        match tokio::time::timeout(wait, self.upload_slots.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            Ok(Err(_)) => Err(Status::unavailable("model-manager is shutting down")),
+            Err(_) => Err(Status::resource_exhausted(format!(
+                "model-manager is receiving its limit of {} uploads at once \
+                 (--max-concurrent-uploads) and none finished within {} \
+                 (--upload-slot-wait); retry later",
+                self.limits.max_concurrent_uploads,
+                humantime::format_duration(wait)
+            ))),
+        }
+    }
+}
+
+/// The next message of an upload, or DEADLINE_EXCEEDED after `idle` without one.
+async fn next_message(
+    stream: &mut Streaming<UploadVersionRequest>,
+    idle: Duration,
+) -> Result<Option<UploadVersionRequest>, Status> {
+    match tokio::time::timeout(idle, stream.message()).await {
+        Ok(message) => message,
+        Err(_) => Err(Status::deadline_exceeded(format!(
+            "the upload sent nothing for {} (--upload-idle-timeout): aborted",
+            humantime::format_duration(idle)
+        ))),
     }
 }
 
@@ -254,9 +437,12 @@ impl Models for ModelsService {
         &self,
         request: Request<Streaming<UploadVersionRequest>>,
     ) -> Result<Response<ModelVersion>, Status> {
-        let principal = calling_principal(&request)?;
+        let principal = caller(&request)?;
+        // Held until the answer: the slot bounds what uploads hold at once.
+        let _slot = self.upload_slot().await?;
+        let idle = self.limits.upload_idle_timeout;
         let mut stream = request.into_inner();
-        let header = match stream.message().await? {
+        let header = match next_message(&mut stream, idle).await? {
             Some(UploadVersionRequest {
                 part: Some(Part::Header(h)),
             }) => h,
@@ -264,24 +450,25 @@ impl Models for ModelsService {
             None => return Err(invalid("header", "empty upload: no header and no data")),
         };
         check_name("header.name", &header.name)?;
-        let namespace = match (header.namespace.as_str(), principal.as_ref()) {
-            ("", Some(p)) => p.scope.namespace().unwrap_or("default").to_string(),
-            ("", None) => "default".to_string(),
-            (ns, _) => ns.to_string(),
+        // Names only the caller's own scope and the namespace it asked for.
+        let elsewhere = || {
+            Status::permission_denied(format!(
+                "header.namespace: the API token is for namespace {}, not {:?}",
+                principal
+                    .as_ref()
+                    .map_or(cohort_core::Scope::ALL, |p| p.scope.as_str()),
+                header.namespace
+            ))
         };
-        if !cohort_core::is_dns_label(&namespace) {
-            return Err(invalid(
-                "header.namespace",
-                format!("{namespace:?} must be a DNS-1123 label"),
-            ));
-        }
+        let Some(namespace) =
+            namespace_of_call(principal.as_ref(), "header.namespace", &header.namespace)?
+        else {
+            return Err(elsewhere());
+        };
         if let Some(p) = &principal {
             p.authorize(&namespace, Action::Write)
                 .map_err(|e| match e {
-                    AuthError::OutOfScope => Status::permission_denied(format!(
-                        "header.namespace: the API token is for namespace {}, not {namespace:?}",
-                        p.scope
-                    )),
+                    AuthError::OutOfScope => elsewhere(),
                     e => e.to_status(),
                 })?;
         }
@@ -296,11 +483,11 @@ impl Models for ModelsService {
         if lineage.parent_version != 0 {
             match self
                 .store
-                .get_version(&header.name, lineage.parent_version)
+                .get_version(&namespace, &header.name, lineage.parent_version)
                 .await
             {
-                Ok(parent) if parent.namespace == namespace => {}
-                Ok(_) | Err(StoreError::NotFound { .. }) => {
+                Ok(_) => {}
+                Err(StoreError::NotFound { .. }) => {
                     return Err(invalid(
                         "header.lineage.parent_version",
                         format!("{}@{} does not exist", header.name, lineage.parent_version),
@@ -311,7 +498,14 @@ impl Models for ModelsService {
         }
 
         let (verdict_tx, mut verdict_rx) = oneshot::channel();
-        let put = self.blobs.put(upload_data(stream, verdict_tx)).await;
+        let check = SafetensorsCheck::new(
+            self.limits.max_safetensors_header_bytes,
+            self.limits.max_upload_bytes,
+        );
+        let put = self
+            .blobs
+            .put(upload_data(stream, check, idle, verdict_tx))
+            .await;
         let summary = match (verdict_rx.try_recv(), put) {
             // The data was refused (or the client failed): that is the answer.
             (Ok(Err(status)), _) => return Err(status),
@@ -343,6 +537,7 @@ impl Models for ModelsService {
             .await
             .map_err(Error::from)?;
         tracing::info!(
+            namespace = %record.namespace,
             model = %record.name,
             version = record.version,
             digest = %record.digest,
@@ -357,7 +552,7 @@ impl Models for ModelsService {
         &self,
         request: Request<ListVersionsRequest>,
     ) -> Result<Response<ListVersionsResponse>, Status> {
-        let principal = calling_principal(&request)?;
+        let principal = caller(&request)?;
         let req = request.into_inner();
         let name = Some(req.name.as_str()).filter(|s| !s.is_empty());
         let job_id = Some(req.job_id.as_str()).filter(|s| !s.is_empty());
@@ -415,16 +610,32 @@ type Verdict = oneshot::Sender<Result<Summary, Status>>;
 struct Upload {
     inner: Streaming<UploadVersionRequest>,
     check: SafetensorsCheck,
+    idle: Duration,
     verdict: Verdict,
 }
 
-/// The data messages of an upload as a byte stream, validated as it goes.
-/// The outcome (a summary, or the status to answer with) goes to `verdict`
+/// The status for data `check` refused.
+fn refused(refusal: Refusal) -> Status {
+    match refusal {
+        Refusal::Invalid(m) => invalid("data", format!("not a safetensors file: {m}")),
+        Refusal::TooLarge(m) => Status::resource_exhausted(format!("data: {m}")),
+    }
+}
+
+/// The data messages of an upload as a byte stream, validated and bounded
+/// by `check` as it goes, failing when nothing arrives for `idle`. The
+/// outcome (a summary, or the status to answer with) goes to `verdict`
 /// before the stream ends or fails.
-fn upload_data(inner: Streaming<UploadVersionRequest>, verdict: Verdict) -> ByteStream {
+fn upload_data(
+    inner: Streaming<UploadVersionRequest>,
+    check: SafetensorsCheck,
+    idle: Duration,
+    verdict: Verdict,
+) -> ByteStream {
     let state = Upload {
         inner,
-        check: SafetensorsCheck::default(),
+        check,
+        idle,
         verdict,
     };
     let fail = |verdict: Verdict, status: Status| {
@@ -436,15 +647,15 @@ fn upload_data(inner: Streaming<UploadVersionRequest>, verdict: Verdict) -> Byte
         Some(state),
         move |state| async move {
             let mut st = state?;
-            match st.inner.message().await {
+            match next_message(&mut st.inner, st.idle).await {
                 Ok(Some(UploadVersionRequest {
                     part: Some(Part::Data(data)),
                 })) => match st.check.feed(&data) {
                     Ok(()) => Some((Ok(Bytes::from(data)), Some(st))),
-                    Err(m) => fail(
-                        st.verdict,
-                        invalid("data", format!("not a safetensors file: {m}")),
-                    ),
+                    Err(refusal) => {
+                        tracing::warn!(reason = ?refusal, "upload refused");
+                        fail(st.verdict, refused(refusal))
+                    }
                 },
                 Ok(Some(UploadVersionRequest {
                     part: Some(Part::Header(_)),
@@ -464,20 +675,39 @@ fn upload_data(inner: Streaming<UploadVersionRequest>, verdict: Verdict) -> Byte
                         let _ = st.verdict.send(Ok(summary));
                         None
                     }
-                    Err(m) => fail(
-                        st.verdict,
-                        invalid("data", format!("not a safetensors file: {m}")),
-                    ),
+                    Err(m) => fail(st.verdict, refused(Refusal::Invalid(m))),
                 },
-                Err(status) => fail(st.verdict, status),
+                Err(status) => {
+                    if status.code() == tonic::Code::DeadlineExceeded {
+                        tracing::warn!(reason = %status.message(), "upload aborted");
+                    }
+                    fail(st.verdict, status)
+                }
             }
         },
     ))
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
-    use super::models_blob_url;
+    use super::{Args, UploadLimits, models_blob_url};
+
+    #[test]
+    fn flag_defaults_are_the_default_limits() {
+        use clap::Parser as _;
+        // (Unless COHORT_* variables for these flags are set where tests run.)
+        let args = Args::try_parse_from([
+            "model-manager",
+            "--database-url",
+            "sqlite://m.db",
+            "--blob-url",
+            "blobs",
+        ])
+        .unwrap();
+        assert_eq!(args.limits, UploadLimits::default());
+        args.limits.validate().unwrap();
+    }
 
     #[test]
     fn models_prefix_is_joined_onto_the_blob_url() {

@@ -1,6 +1,9 @@
 //! `JobStore` on MongoDB. See the module docs of `mongo` for why a job's
 //! events and rounds pass through its own document on their way to
-//! `job_events` and `job_rounds`.
+//! `job_events` and `job_rounds`. Log entries a coordinator reports take the
+//! same path: one write pushes them with their seqs, advances `event_seq` and
+//! counts them in `log_entries`, matching only the `event_seq` it read, so
+//! they never share a seq with a transition (which matches it too).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -13,7 +16,9 @@ use mongodb::bson::{Bson, Document, doc};
 use mongodb::options::ReturnDocument;
 
 use super::{Db, Fields, is_duplicate_key, no_document, to_i64};
-use crate::jobs::{JobEventRecord, JobFilter, JobRecord, JobStore, RoundRecord};
+use crate::jobs::{
+    JobEventRecord, JobFilter, JobNote, JobRecord, JobStore, RoundRecord, notes_that_fit,
+};
 use crate::open::DatabaseOptions;
 use crate::{Page, Result, StoreError};
 
@@ -25,6 +30,8 @@ const COUNTERS: &str = "counters";
 const TOKENS: &str = "api_tokens";
 /// The name of the counter document that hands out job `seq`s.
 const JOB_SEQ: &str = "jobs";
+/// Tries of a write that lost its race to a concurrent append to the job's log.
+const WRITE_ATTEMPTS: usize = 16;
 
 pub struct MongoJobStore {
     pub(super) db: Db,
@@ -220,28 +227,6 @@ impl MongoJobStore {
             .await
             .map_err(|e| self.db.error(e, WHAT, "list"))
     }
-
-    /// The job's current version, or NotFound: to explain why a conditional
-    /// write matched nothing.
-    async fn not_found_or_conflict(&self, job: &JobRecord) -> StoreError {
-        let id = job.id.as_str();
-        match self
-            .jobs
-            .find_one(doc! {"id": id})
-            .projection(doc! {"version": 1})
-            .await
-        {
-            Ok(None) => not_found(&job.id),
-            Ok(Some(d)) => match Fields::new(&d, WHAT, id).int("version") {
-                Ok(v) => StoreError::Conflict(format!(
-                    "job {id} changed (version {v}, update based on {})",
-                    job.version
-                )),
-                Err(e) => e,
-            },
-            Err(e) => self.db.error(e, WHAT, id),
-        }
-    }
 }
 
 /// A job's fields without its pending history.
@@ -281,6 +266,7 @@ fn new_job_doc(job: &JobRecord, oid: ObjectId, seq: i64, reason: &str) -> Docume
         "updated_at_ms": job.updated_at_ms,
         "version": 1i64,
         "event_seq": 1i64,
+        "log_entries": 0i64,
         "pending_events": [event_doc(1, job.created_at_ms, None, job.state, reason)],
         "rounds_done": [],
         "pending_rounds": [],
@@ -331,8 +317,25 @@ fn event_doc(
     }
 }
 
+/// A reported log entry: from = to = the job's `state`.
+fn note_doc(seq: i64, time_ms: i64, state: JobState, note: &JobNote) -> Document {
+    doc! {
+        "seq": seq,
+        "time_ms": time_ms,
+        "from": state.as_str(),
+        "to": state.as_str(),
+        "reason": &note.message,
+        "kind": &note.kind,
+        "round": i64::from(note.round),
+        "party": &note.party,
+        "task_id": &note.task_id,
+    }
+}
+
 fn event_from_doc(d: &Document, job_id: &str) -> Result<JobEventRecord> {
     let f = Fields::new(d, WHAT, job_id);
+    // State changes, and events from before the log had entries, have no
+    // kind, round, party or task.
     Ok(JobEventRecord {
         seq: f.uint("seq")?,
         time_ms: f.int("time_ms")?,
@@ -342,6 +345,13 @@ fn event_from_doc(d: &Document, job_id: &str) -> Result<JobEventRecord> {
         },
         to: parse_state(&f, "event to", f.str("to")?)?,
         reason: f.str("reason")?.to_string(),
+        kind: f.opt_str("kind")?.unwrap_or_default(),
+        round: match f.opt_int("round")? {
+            None => 0,
+            Some(v) => f.fit("round", v)?,
+        },
+        party: f.opt_str("party")?.unwrap_or_default(),
+        task_id: f.opt_str("task_id")?.unwrap_or_default(),
     })
 }
 
@@ -357,7 +367,18 @@ fn round_doc(r: &RoundRecord, job_id: &str) -> Result<Document> {
         "model_version": i64::from(r.model_version),
         "duration_ms": to_i64(r.duration_ms, "duration_ms", WHAT, &at)?,
         "refused_updates": i64::from(r.refused_updates),
+        "dropped_updates": i64::from(r.dropped_updates),
+        "task_failures": i64::from(r.task_failures),
+        "robust_accuracy": r.robust_accuracy,
     })
+}
+
+/// A count a round recorded before it was counted lacks: 0.
+fn count_or_zero(f: &Fields<'_>, field: &str) -> Result<u32> {
+    match f.opt_int(field)? {
+        None => Ok(0),
+        Some(v) => f.fit(field, v),
+    }
 }
 
 fn round_from_doc(d: &Document, job_id: &str) -> Result<RoundRecord> {
@@ -371,10 +392,13 @@ fn round_from_doc(d: &Document, job_id: &str) -> Result<RoundRecord> {
         updates: f.uint("updates")?,
         model_version: f.uint("model_version")?,
         duration_ms: f.uint("duration_ms")?,
-        // Rounds recorded before refusals were counted have none.
-        refused_updates: match f.opt_int("refused_updates")? {
-            None => 0,
-            Some(v) => f.fit("refused_updates", v)?,
+        // Rounds recorded before these were counted have none.
+        refused_updates: count_or_zero(&f, "refused_updates")?,
+        dropped_updates: count_or_zero(&f, "dropped_updates")?,
+        task_failures: count_or_zero(&f, "task_failures")?,
+        robust_accuracy: match d.get("robust_accuracy") {
+            None => 0.0,
+            Some(_) => f.float("robust_accuracy")?,
         },
     })
 }
@@ -459,54 +483,63 @@ impl JobStore for MongoJobStore {
 
     async fn update_job(&self, job: &JobRecord, now_ms: i64) -> Result<JobRecord> {
         let id = job.id.as_str();
-        let current = self
-            .jobs
-            .find_one(doc! {"id": id})
-            .projection(doc! {"state": 1, "version": 1, "event_seq": 1})
-            .await
-            .map_err(|e| self.db.error(e, WHAT, id))?
-            .ok_or_else(|| not_found(&job.id))?;
-        let f = Fields::new(&current, WHAT, id);
-        let version = f.int("version")?;
-        if version != job.version {
-            return Err(StoreError::Conflict(format!(
-                "job {id} changed (version {version}, update based on {})",
-                job.version
-            )));
+        // Log entries appended meanwhile move event_seq without changing the
+        // version: then read again and retry. Anything else ends the loop.
+        for _ in 0..WRITE_ATTEMPTS {
+            let current = self
+                .jobs
+                .find_one(doc! {"id": id})
+                .projection(doc! {"state": 1, "version": 1, "event_seq": 1})
+                .await
+                .map_err(|e| self.db.error(e, WHAT, id))?
+                .ok_or_else(|| not_found(&job.id))?;
+            let f = Fields::new(&current, WHAT, id);
+            let version = f.int("version")?;
+            if version != job.version {
+                return Err(StoreError::Conflict(format!(
+                    "job {id} changed (version {version}, update based on {})",
+                    job.version
+                )));
+            }
+            let from = parse_state(&f, "state", f.str("state")?)?;
+            let event_seq = f.int("event_seq")?;
+            let mut set = doc! {
+                "state": job.state.as_str(),
+                "reason": &job.reason,
+                "rounds_completed": i64::from(job.rounds_completed),
+                "coordinator_endpoint": job.coordinator_endpoint.as_deref(),
+                "coordinator_pid": job.coordinator_pid.map(i64::from),
+                "launch_attempts": i64::from(job.launch_attempts),
+                "updated_at_ms": now_ms,
+                "spec_json": &job.spec_json,
+            };
+            let mut update = doc! {"$inc": {"version": 1i64}};
+            if from != job.state {
+                // The event rides in the same single-document write as the
+                // transition; the event_seq filter makes event_seq + 1 ours.
+                let seq = event_seq + 1;
+                set.insert("event_seq", seq);
+                let event = event_doc(seq, now_ms, Some(from), job.state, &job.reason);
+                update.insert("$push", doc! {"pending_events": event});
+            }
+            update.insert("$set", set);
+            let filter =
+                doc! {"_id": f.oid("_id")?, "version": job.version, "event_seq": event_seq};
+            let stored = self
+                .jobs
+                .find_one_and_update(filter, update)
+                .return_document(ReturnDocument::After)
+                .await
+                .map_err(|e| self.db.error(e, WHAT, id))?;
+            if let Some(stored) = stored {
+                self.flush(&stored).await;
+                return job_from_doc(&stored);
+            }
+            // Changed, deleted or logged to since we read it: the next read says which.
         }
-        let from = parse_state(&f, "state", f.str("state")?)?;
-        let mut set = doc! {
-            "state": job.state.as_str(),
-            "reason": &job.reason,
-            "rounds_completed": i64::from(job.rounds_completed),
-            "coordinator_endpoint": job.coordinator_endpoint.as_deref(),
-            "coordinator_pid": job.coordinator_pid.map(i64::from),
-            "launch_attempts": i64::from(job.launch_attempts),
-            "updated_at_ms": now_ms,
-            "spec_json": &job.spec_json,
-        };
-        let mut update = doc! {"$inc": {"version": 1i64}};
-        if from != job.state {
-            // The event rides in the same single-document write as the
-            // transition; the version filter makes event_seq + 1 ours.
-            let seq = f.int("event_seq")? + 1;
-            set.insert("event_seq", seq);
-            let event = event_doc(seq, now_ms, Some(from), job.state, &job.reason);
-            update.insert("$push", doc! {"pending_events": event});
-        }
-        update.insert("$set", set);
-        let stored = self
-            .jobs
-            .find_one_and_update(doc! {"_id": f.oid("_id")?, "version": job.version}, update)
-            .return_document(ReturnDocument::After)
-            .await
-            .map_err(|e| self.db.error(e, WHAT, id))?;
-        let Some(stored) = stored else {
-            // Changed (or deleted) since we read it.
-            return Err(self.not_found_or_conflict(job).await);
-        };
-        self.flush(&stored).await;
-        job_from_doc(&stored)
+        Err(StoreError::Conflict(format!(
+            "job {id}: its log kept growing during the update; try again"
+        )))
     }
 
     async fn record_round(&self, id: &JobId, r: &RoundRecord, now_ms: i64) -> Result<JobRecord> {
@@ -573,7 +606,7 @@ impl JobStore for MongoJobStore {
         Ok(rounds.into_values().collect())
     }
 
-    async fn list_events(&self, id: &JobId) -> Result<Vec<JobEventRecord>> {
+    async fn list_events(&self, id: &JobId, after_seq: u64) -> Result<Vec<JobEventRecord>> {
         // The job document first, as in list_rounds.
         let Some(job) = self
             .jobs
@@ -587,9 +620,10 @@ impl JobStore for MongoJobStore {
         let f = Fields::new(&job, WHAT, id.as_str());
         let last = f.int("event_seq")?;
         let last_seq: u64 = f.fit("event_seq", last)?;
+        let after = i64::try_from(after_seq).unwrap_or(i64::MAX);
         let cursor = self
             .events
-            .find(doc! {"job": f.oid("_id")?, "seq": {"$lte": last}})
+            .find(doc! {"job": f.oid("_id")?, "seq": {"$gt": after, "$lte": last}})
             .sort(doc! {"seq": 1})
             .await
             .map_err(|e| self.db.error(e, WHAT, id.as_str()))?;
@@ -600,11 +634,68 @@ impl JobStore for MongoJobStore {
         let mut events = BTreeMap::new();
         for d in stored.iter().chain(f.docs("pending_events")?) {
             let e = event_from_doc(d, id.as_str())?;
-            if e.seq <= last_seq {
+            if e.seq > after_seq && e.seq <= last_seq {
                 events.insert(e.seq, e);
             }
         }
         Ok(events.into_values().collect())
+    }
+
+    async fn append_notes(
+        &self,
+        id: &JobId,
+        notes: &[JobNote],
+        max_per_job: u64,
+        now_ms: i64,
+    ) -> Result<u32> {
+        for _ in 0..WRITE_ATTEMPTS {
+            let current = self
+                .jobs
+                .find_one(doc! {"id": id.as_str()})
+                .projection(doc! {"state": 1, "event_seq": 1, "log_entries": 1})
+                .await
+                .map_err(|e| self.db.error(e, WHAT, id.as_str()))?
+                .ok_or_else(|| not_found(id))?;
+            let f = Fields::new(&current, WHAT, id.as_str());
+            let state = parse_state(&f, "state", f.str("state")?)?;
+            let event_seq = f.int("event_seq")?;
+            // Jobs from before the log had entries hold none.
+            let held: u64 = match f.opt_int("log_entries")? {
+                None => 0,
+                Some(v) => f.fit("log_entries", v)?,
+            };
+            let take = notes_that_fit(notes.len(), held, max_per_job);
+            if take == 0 {
+                return Ok(0);
+            }
+            let entries: Vec<Document> = notes[..take]
+                .iter()
+                .zip(event_seq + 1..)
+                .map(|(note, seq)| note_doc(seq, now_ms, state, note))
+                .collect();
+            // Matching the event_seq read: no transition or other append
+            // came between, so the state and the seqs are still right.
+            let stored = self
+                .jobs
+                .find_one_and_update(
+                    doc! {"_id": f.oid("_id")?, "event_seq": event_seq},
+                    doc! {
+                        "$set": {"event_seq": event_seq + take as i64},
+                        "$inc": {"log_entries": take as i64},
+                        "$push": {"pending_events": {"$each": entries}},
+                    },
+                )
+                .return_document(ReturnDocument::After)
+                .await
+                .map_err(|e| self.db.error(e, WHAT, id.as_str()))?;
+            if let Some(stored) = stored {
+                self.flush(&stored).await;
+                return Ok(take as u32);
+            }
+        }
+        Err(StoreError::Conflict(format!(
+            "job {id}: its log kept growing; try again"
+        )))
     }
 
     async fn delete_job(&self, id: &JobId) -> Result<()> {
@@ -670,8 +761,13 @@ mod tests {
                 from: None,
                 to: JobState::Running,
                 reason: "adopted".into(),
+                kind: String::new(),
+                round: 0,
+                party: String::new(),
+                task_id: String::new(),
             }
         );
+        assert_eq!(f.int("log_entries").unwrap(), 0);
         assert_eq!(f.int("event_seq").unwrap(), 1);
 
         let mut none = job("b", "default");
@@ -690,6 +786,80 @@ mod tests {
             (e.seq, e.time_ms, e.from, e.to, e.reason.as_str()),
             (3, 60, Some(JobState::Queued), JobState::Running, "ready")
         );
+        assert_eq!(
+            (
+                e.kind.as_str(),
+                e.round,
+                e.party.as_str(),
+                e.task_id.as_str()
+            ),
+            ("", 0, "", ""),
+            "a state change has no kind, round, party or task"
+        );
+
+        let note = JobNote {
+            kind: "task_failed".into(),
+            round: 4,
+            party: "hospital-a".into(),
+            task_id: "j-r4-0a1b2c3d".into(),
+            message: "tensor \"fc0.weight\" has shape [64, 64] ✓".into(),
+        };
+        let d = note_doc(9, 70, JobState::Running, &note);
+        assert_eq!(
+            event_from_doc(&d, "j").unwrap(),
+            JobEventRecord {
+                seq: 9,
+                time_ms: 70,
+                from: Some(JobState::Running),
+                to: JobState::Running,
+                reason: note.message.clone(),
+                kind: note.kind.clone(),
+                round: 4,
+                party: note.party.clone(),
+                task_id: note.task_id.clone(),
+            }
+        );
+        let mut bad = d.clone();
+        bad.insert("round", -1i64);
+        let err = event_from_doc(&bad, "j").unwrap_err().to_string();
+        assert!(err.contains("round"), "{err}");
+    }
+
+    #[test]
+    fn rounds_from_before_the_outcome_counts_read_as_zero() {
+        let mut d = round_doc(&round(2), "j").unwrap();
+        for field in [
+            "refused_updates",
+            "dropped_updates",
+            "task_failures",
+            "robust_accuracy",
+        ] {
+            d.remove(field);
+        }
+        let r = round_from_doc(&d, "j").unwrap();
+        assert_eq!(
+            (
+                r.refused_updates,
+                r.dropped_updates,
+                r.task_failures,
+                r.robust_accuracy
+            ),
+            (0, 0, 0, 0.0)
+        );
+    }
+
+    #[test]
+    fn notes_that_fit_the_bound() {
+        assert_eq!(notes_that_fit(5, 0, 10), 5);
+        assert_eq!(notes_that_fit(5, 8, 10), 2);
+        assert_eq!(notes_that_fit(5, 10, 10), 0);
+        assert_eq!(
+            notes_that_fit(5, 12, 10),
+            0,
+            "over the bound (lowered since): none"
+        );
+        assert_eq!(notes_that_fit(5, 0, 0), 0);
+        assert_eq!(notes_that_fit(5, 0, u64::MAX), 5);
     }
 
     #[test]

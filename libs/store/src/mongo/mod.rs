@@ -17,11 +17,12 @@
 //!   later created with the same id.
 //! - Job `seq` (insertion order, for keyset paging) comes from a counter
 //!   document (`counters`, `$inc`); model versions are `latest + 1` guarded by
-//!   the unique `(name, version)` index, retried when a concurrent insert took
-//!   the number, so numbering has no gaps even when a write fails.
-//! - A model's namespace is set once, by the upsert that creates its document
-//!   (`$setOnInsert`), and checked before each version is written. Documents
-//!   from before namespaces are given `default` at open (and read as such).
+//!   the unique `(namespace, name, version)` index, retried when a concurrent
+//!   insert took the number, so numbering has no gaps even when a write fails.
+//! - A model is identified by `(namespace, name)` (unique indexes on both
+//!   collections; the name-only indexes of older databases are dropped at
+//!   open). Documents from before namespaces are given `default` at open (and
+//!   read as such).
 //! - API tokens are one document each (`api_tokens`, unique `id` and
 //!   `sha256`); `ensure_token` is an upsert keyed by the hash.
 //! - A revocation is an upsert that matches only an unrevoked party (or

@@ -2,12 +2,13 @@
 
 use async_trait::async_trait;
 use futures::TryStreamExt;
-use mongodb::Collection;
 use mongodb::bson::{Bson, Document, doc};
+use mongodb::error::ErrorKind;
 use mongodb::options::ReturnDocument;
+use mongodb::{Collection, IndexModel};
 
 use super::{Db, Fields, is_duplicate_key, no_document, to_i64};
-use crate::models::{ModelStore, ModelVersionRecord, NewModelVersion, other_namespace};
+use crate::models::{ModelStore, ModelVersionRecord, NewModelVersion, version_not_found};
 use crate::open::DatabaseOptions;
 use crate::{Result, StoreError};
 
@@ -24,8 +25,15 @@ const MAX_ATTEMPTS: u32 = 200;
 const LEGACY_NAMESPACE: &str = "default";
 
 /// Concurrent first inserts of one model can make its upsert fail on the
-/// unique name index; the retry then finds the document.
+/// unique (namespace, name) index; the retry then finds the document.
 const UPSERT_ATTEMPTS: u32 = 5;
+
+/// The keys of indexes from before models were scoped by namespace: unique
+/// names (and versions per name) across namespaces, and the listing index the
+/// unique (namespace, name, version) index now serves. Dropped at open.
+const OBSOLETE_MODEL_INDEXES: &[&[&str]] = &[&["name"]];
+const OBSOLETE_VERSION_INDEXES: &[&[&str]] =
+    &[&["name", "version"], &["namespace", "name", "version"]];
 
 pub struct MongoModelStore {
     db: Db,
@@ -38,14 +46,16 @@ impl MongoModelStore {
     /// indexes.
     pub async fn open(url: &str, opts: &DatabaseOptions) -> Result<Self> {
         let db = Db::open(url, opts).await?;
-        db.ensure_collection(MODELS, &[(doc! {"name": 1}, true)])
+        // The new unique indexes come before the old ones go, so numbering
+        // is guarded throughout; newest first in the versions key, which
+        // also serves the search for the latest version.
+        db.ensure_collection(MODELS, &[(doc! {"namespace": 1, "name": 1}, true)])
             .await?;
         db.ensure_collection(
             VERSIONS,
             &[
-                (doc! {"name": 1, "version": 1}, true),
+                (doc! {"namespace": 1, "name": 1, "version": -1}, true),
                 (doc! {"job_id": 1}, false),
-                (doc! {"namespace": 1, "name": 1, "version": 1}, false),
             ],
         )
         .await?;
@@ -55,7 +65,50 @@ impl MongoModelStore {
             db,
         };
         store.adopt_legacy_documents().await?;
+        store
+            .drop_indexes(&store.models, MODELS, OBSOLETE_MODEL_INDEXES)
+            .await?;
+        store
+            .drop_indexes(&store.versions, VERSIONS, OBSOLETE_VERSION_INDEXES)
+            .await?;
         Ok(store)
+    }
+
+    /// Drops the indexes of `coll` whose keys are, in order and ascending,
+    /// one of `obsolete`. Replicas opening together may race to drop one:
+    /// an index already gone is fine.
+    async fn drop_indexes(
+        &self,
+        coll: &Collection<Document>,
+        coll_name: &str,
+        obsolete: &[&[&str]],
+    ) -> Result<()> {
+        const INDEX_NOT_FOUND: i32 = 27;
+        let indexes: Vec<IndexModel> = coll
+            .list_indexes()
+            .await
+            .map_err(|e| self.db.error(e, "model", coll_name))?
+            .try_collect()
+            .await
+            .map_err(|e| self.db.error(e, "model", coll_name))?;
+        for index in indexes {
+            if !obsolete
+                .iter()
+                .any(|keys| has_ascending_keys(&index.keys, keys))
+            {
+                continue;
+            }
+            let Some(name) = index.options.as_ref().and_then(|o| o.name.clone()) else {
+                continue;
+            };
+            match coll.drop_index(&name).await {
+                Ok(()) => tracing::info!(collection = coll_name, index = %name, "dropped index"),
+                Err(e) if matches!(&*e.kind, ErrorKind::Command(c) if c.code == INDEX_NOT_FOUND) => {
+                }
+                Err(e) => return Err(self.db.error(e, "model", coll_name)),
+            }
+        }
+        Ok(())
     }
 
     /// Gives models and versions stored before namespaces the `default`
@@ -73,23 +126,22 @@ impl MongoModelStore {
         Ok(())
     }
 
-    /// Creates model `name` in `namespace` unless it exists; returns the
-    /// namespace it belongs to.
-    async fn model_namespace(&self, name: &str, namespace: &str, now_ms: i64) -> Result<String> {
+    /// Creates model `name` in `namespace` unless it exists.
+    async fn ensure_model(&self, namespace: &str, name: &str, now_ms: i64) -> Result<()> {
         let mut attempt = 0;
         loop {
             attempt += 1;
             let res = self
                 .models
                 .find_one_and_update(
-                    doc! {"name": name},
-                    doc! {"$setOnInsert": {"created_at_ms": now_ms, "namespace": namespace}},
+                    doc! {"namespace": namespace, "name": name},
+                    doc! {"$setOnInsert": {"created_at_ms": now_ms}},
                 )
                 .upsert(true)
                 .return_document(ReturnDocument::After)
                 .await;
             match res {
-                Ok(Some(d)) => return namespace_of(&Fields::new(&d, "model", name)),
+                Ok(Some(_)) => return Ok(()),
                 Ok(None) => return Err(no_document("model", name)),
                 // A concurrent first insert created it: read it now.
                 Err(e) if is_duplicate_key(&e) && attempt < UPSERT_ATTEMPTS => {}
@@ -98,11 +150,11 @@ impl MongoModelStore {
         }
     }
 
-    /// The highest stored version of `name`, 0 if none.
-    async fn latest_number(&self, name: &str) -> Result<i64> {
+    /// The highest stored version of `name` in `namespace`, 0 if none.
+    async fn latest_number(&self, namespace: &str, name: &str) -> Result<i64> {
         let latest = self
             .versions
-            .find_one(doc! {"name": name})
+            .find_one(doc! {"namespace": namespace_filter(namespace), "name": name})
             .sort(doc! {"version": -1})
             .projection(doc! {"version": 1})
             .await
@@ -127,10 +179,30 @@ impl MongoModelStore {
             .iter()
             .map(version_from_doc)
             .collect::<Result<Vec<_>>>()?;
-        // Names bytewise, as SQLite, whatever collation the collection has.
-        versions.sort_by(|a, b| (a.name.as_str(), a.version).cmp(&(b.name.as_str(), b.version)));
+        // Bytewise, as SQLite, whatever collation the collection has.
+        versions.sort_by(|a, b| {
+            (a.namespace.as_str(), a.name.as_str(), a.version).cmp(&(
+                b.namespace.as_str(),
+                b.name.as_str(),
+                b.version,
+            ))
+        });
         Ok(versions)
     }
+}
+
+/// Whether index `keys` are exactly `fields`, in order, each ascending.
+fn has_ascending_keys(keys: &Document, fields: &[&str]) -> bool {
+    keys.len() == fields.len()
+        && keys.iter().zip(fields).all(|((k, v), f)| {
+            k == f
+                && match v {
+                    Bson::Int32(n) => *n == 1,
+                    Bson::Int64(n) => *n == 1,
+                    Bson::Double(n) => *n == 1.0,
+                    _ => false,
+                }
+        })
 }
 
 /// A document's namespace; missing (stored before namespaces) is `default`.
@@ -196,11 +268,7 @@ impl ModelStore for MongoModelStore {
         // Refuse unstorable values before the model is created.
         to_i64(v.size_bytes, "size_bytes", WHAT, &v.name)?;
         to_i64(v.samples, "samples", WHAT, &v.name)?;
-        // A model's namespace is set once, when it is created, so checking
-        // it before the version is written cannot race.
-        if self.model_namespace(&v.name, &v.namespace, now_ms).await? != v.namespace {
-            return Err(other_namespace(&v.name));
-        }
+        self.ensure_model(&v.namespace, &v.name, now_ms).await?;
         let mut record = ModelVersionRecord {
             name: v.name,
             version: 0,
@@ -215,10 +283,10 @@ impl ModelStore for MongoModelStore {
             created_at_ms: now_ms,
             namespace: v.namespace,
         };
-        // latest + 1, claimed by the unique (name, version) index: no gaps
-        // even when an insert fails, unlike a counter bumped beforehand.
+        // latest + 1, claimed by the unique (namespace, name, version) index:
+        // no gaps even when an insert fails, unlike a counter bumped beforehand.
         for _ in 0..MAX_ATTEMPTS {
-            let next = self.latest_number(&record.name).await? + 1;
+            let next = self.latest_number(&record.namespace, &record.name).await? + 1;
             record.version = u32::try_from(next).map_err(|_| StoreError::Corrupt {
                 what: "model",
                 id: record.name.clone(),
@@ -240,28 +308,34 @@ impl ModelStore for MongoModelStore {
         )))
     }
 
-    async fn get_version(&self, name: &str, version: u32) -> Result<ModelVersionRecord> {
-        let id = format!("{name}@{version}");
+    async fn get_version(
+        &self,
+        namespace: &str,
+        name: &str,
+        version: u32,
+    ) -> Result<ModelVersionRecord> {
+        let filter = doc! {
+            "namespace": namespace_filter(namespace),
+            "name": name,
+            "version": i64::from(version),
+        };
         let d = self
             .versions
-            .find_one(doc! {"name": name, "version": i64::from(version)})
+            .find_one(filter)
             .await
-            .map_err(|e| self.db.error(e, WHAT, &id))?
-            .ok_or(StoreError::NotFound { what: WHAT, id })?;
+            .map_err(|e| self.db.error(e, WHAT, &format!("{name}@{version}")))?
+            .ok_or_else(|| version_not_found(name, version))?;
         version_from_doc(&d)
     }
 
-    async fn latest_version(&self, name: &str) -> Result<ModelVersionRecord> {
+    async fn latest_version(&self, namespace: &str, name: &str) -> Result<ModelVersionRecord> {
         let d = self
             .versions
-            .find_one(doc! {"name": name})
+            .find_one(doc! {"namespace": namespace_filter(namespace), "name": name})
             .sort(doc! {"version": -1})
             .await
             .map_err(|e| self.db.error(e, "model", name))?
-            .ok_or_else(|| StoreError::NotFound {
-                what: "model",
-                id: name.to_string(),
-            })?;
+            .ok_or_else(|| version_not_found(name, 0))?;
         version_from_doc(&d)
     }
 

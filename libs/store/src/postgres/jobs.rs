@@ -5,7 +5,9 @@ use cohort_core::{JobId, JobState};
 use sqlx::postgres::{PgConnection, PgPool};
 
 use super::{column, open_pool, with_history_table};
-use crate::jobs::{JobEventRecord, JobFilter, JobRecord, JobStore, RoundRecord};
+use crate::jobs::{
+    JobEventRecord, JobFilter, JobNote, JobRecord, JobStore, RoundRecord, notes_that_fit,
+};
 use crate::{DatabaseOptions, Page, Result, StoreError};
 
 pub struct PgJobStore {
@@ -233,8 +235,10 @@ impl JobStore for PgJobStore {
         let what = format!("{id} round {}", r.round);
         let inserted = sqlx::query(
             "INSERT INTO job_rounds (job_id, round, eval_loss, eval_accuracy, \
-             eval_samples, train_loss, updates, model_version, duration_ms, refused_updates) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (job_id, round) DO NOTHING",
+             eval_samples, train_loss, updates, model_version, duration_ms, refused_updates, \
+             dropped_updates, task_failures, robust_accuracy) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
+             ON CONFLICT (job_id, round) DO NOTHING",
         )
         .bind(id.as_str())
         .bind(i64::from(r.round))
@@ -246,6 +250,9 @@ impl JobStore for PgJobStore {
         .bind(i64::from(r.model_version))
         .bind(super::to_i64(r.duration_ms, "duration_ms", WHAT, &what)?)
         .bind(i64::from(r.refused_updates))
+        .bind(i64::from(r.dropped_updates))
+        .bind(i64::from(r.task_failures))
+        .bind(r.robust_accuracy)
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -280,12 +287,67 @@ impl JobStore for PgJobStore {
         rows.iter().map(|row| crate::rows::round(row, id)).collect()
     }
 
-    async fn list_events(&self, id: &JobId) -> Result<Vec<JobEventRecord>> {
-        let rows = sqlx::query("SELECT * FROM job_events WHERE job_id = $1 ORDER BY seq")
-            .bind(id.as_str())
-            .fetch_all(&self.pool)
-            .await?;
+    async fn list_events(&self, id: &JobId, after_seq: u64) -> Result<Vec<JobEventRecord>> {
+        let rows =
+            sqlx::query("SELECT * FROM job_events WHERE job_id = $1 AND seq > $2 ORDER BY seq")
+                .bind(id.as_str())
+                .bind(i64::try_from(after_seq).unwrap_or(i64::MAX))
+                .fetch_all(&self.pool)
+                .await?;
         rows.iter().map(|row| crate::rows::event(row, id)).collect()
+    }
+
+    async fn append_notes(
+        &self,
+        id: &JobId,
+        notes: &[JobNote],
+        max_per_job: u64,
+        now_ms: i64,
+    ) -> Result<u32> {
+        let mut tx = self.pool.begin().await?;
+        // The job's row lock orders this with every other event writer (see
+        // insert_event) and with other appends counting against the bound.
+        let current = sqlx::query_as::<_, (String, i64)>(
+            "SELECT state, log_entries FROM jobs WHERE id = $1 FOR UPDATE",
+        )
+        .bind(id.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((state, held)) = current else {
+            return Err(not_found(id));
+        };
+        let state = parse_state(id.as_str(), "state", &state)?;
+        let held =
+            u64::try_from(held).map_err(|_| corrupt(id.as_str(), format!("log_entries {held}")))?;
+        let take = notes_that_fit(notes.len(), held, max_per_job);
+        if take == 0 {
+            return Ok(0);
+        }
+        for note in &notes[..take] {
+            sqlx::query(
+                "INSERT INTO job_events (job_id, seq, time_ms, from_state, to_state, reason, \
+                 kind, round, party, task_id) \
+                 VALUES ($1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM job_events WHERE job_id = $1), \
+                 $2, $3, $3, $4, $5, $6, $7, $8)",
+            )
+            .bind(id.as_str())
+            .bind(now_ms)
+            .bind(state.as_str())
+            .bind(&note.message)
+            .bind(&note.kind)
+            .bind(i64::from(note.round))
+            .bind(&note.party)
+            .bind(&note.task_id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query("UPDATE jobs SET log_entries = log_entries + $2 WHERE id = $1")
+            .bind(id.as_str())
+            .bind(take as i64)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(take as u32)
     }
 
     async fn delete_job(&self, id: &JobId) -> Result<()> {

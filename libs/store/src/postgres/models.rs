@@ -4,8 +4,8 @@ use async_trait::async_trait;
 use sqlx::postgres::PgPool;
 
 use super::{open_pool, to_i64, with_history_table};
-use crate::models::{ModelStore, ModelVersionRecord, NewModelVersion, other_namespace};
-use crate::{DatabaseOptions, Result, StoreError};
+use crate::models::{ModelStore, ModelVersionRecord, NewModelVersion, version_not_found};
+use crate::{DatabaseOptions, Result};
 
 pub struct PgModelStore {
     pool: PgPool,
@@ -26,8 +26,8 @@ impl PgModelStore {
 
 macro_rules! columns {
     () => {
-        "name, version, digest, size_bytes, job_id, round, parent_version, \
-         loss, accuracy, samples, created_at_ms, namespace"
+        "namespace, name, version, digest, size_bytes, job_id, round, parent_version, \
+         loss, accuracy, samples, created_at_ms"
     };
 }
 
@@ -42,27 +42,24 @@ impl ModelStore for PgModelStore {
         // One statement creates the model or bumps its counter, holding the
         // model's row lock until commit: concurrent inserts queue there and
         // each gets the next number (a rolled-back insert leaves no gap).
-        let (version, owner): (i64, String) = sqlx::query_as(
-            "INSERT INTO models (name, created_at_ms, last_version, namespace) \
-             VALUES ($1, $2, 1, $3) \
-             ON CONFLICT (name) DO UPDATE SET last_version = models.last_version + 1 \
-             RETURNING last_version, namespace",
+        let version: i64 = sqlx::query_scalar(
+            "INSERT INTO models (namespace, name, created_at_ms, last_version) \
+             VALUES ($1, $2, $3, 1) \
+             ON CONFLICT (namespace, name) DO UPDATE SET last_version = models.last_version + 1 \
+             RETURNING last_version",
         )
+        .bind(&v.namespace)
         .bind(&v.name)
         .bind(now_ms)
-        .bind(&v.namespace)
         .fetch_one(&mut *tx)
         .await?;
-        if owner != v.namespace {
-            // Dropping the transaction rolls the counter back.
-            return Err(other_namespace(&v.name));
-        }
         let row = sqlx::query(concat!(
             "INSERT INTO model_versions (",
             columns!(),
             ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING ",
             columns!()
         ))
+        .bind(&v.namespace)
         .bind(&v.name)
         .bind(version)
         .bind(&v.digest)
@@ -74,7 +71,6 @@ impl ModelStore for PgModelStore {
         .bind(v.accuracy)
         .bind(samples)
         .bind(now_ms)
-        .bind(&v.namespace)
         .fetch_one(&mut *tx)
         .await?;
         let record = crate::rows::model_version(&row)?;
@@ -82,40 +78,42 @@ impl ModelStore for PgModelStore {
         Ok(record)
     }
 
-    async fn get_version(&self, name: &str, version: u32) -> Result<ModelVersionRecord> {
+    async fn get_version(
+        &self,
+        namespace: &str,
+        name: &str,
+        version: u32,
+    ) -> Result<ModelVersionRecord> {
         let row = sqlx::query(concat!(
             "SELECT ",
             columns!(),
-            " FROM model_versions WHERE name = $1 AND version = $2"
+            " FROM model_versions WHERE namespace = $1 AND name = $2 AND version = $3"
         ))
+        .bind(namespace)
         .bind(name)
         .bind(i64::from(version))
         .fetch_optional(&self.pool)
         .await?;
         match row {
             Some(row) => crate::rows::model_version(&row),
-            None => Err(StoreError::NotFound {
-                what: WHAT,
-                id: format!("{name}@{version}"),
-            }),
+            None => Err(version_not_found(name, version)),
         }
     }
 
-    async fn latest_version(&self, name: &str) -> Result<ModelVersionRecord> {
+    async fn latest_version(&self, namespace: &str, name: &str) -> Result<ModelVersionRecord> {
         let row = sqlx::query(concat!(
             "SELECT ",
             columns!(),
-            " FROM model_versions WHERE name = $1 ORDER BY version DESC LIMIT 1"
+            " FROM model_versions WHERE namespace = $1 AND name = $2 \
+             ORDER BY version DESC LIMIT 1"
         ))
+        .bind(namespace)
         .bind(name)
         .fetch_optional(&self.pool)
         .await?;
         match row {
             Some(row) => crate::rows::model_version(&row),
-            None => Err(StoreError::NotFound {
-                what: "model",
-                id: name.to_string(),
-            }),
+            None => Err(version_not_found(name, 0)),
         }
     }
 
@@ -131,7 +129,7 @@ impl ModelStore for PgModelStore {
             " FROM model_versions \
              WHERE ($1::text IS NULL OR name = $1) AND ($2::text IS NULL OR job_id = $2) \
              AND ($3::text IS NULL OR namespace = $3) \
-             ORDER BY name, version"
+             ORDER BY namespace, name, version"
         ))
         .bind(name)
         .bind(job_id)
