@@ -19,7 +19,7 @@ use anyhow::Context;
 use cohort_core::{JobId, JobSpec};
 use cohort_proto::v1 as pb;
 use cohort_runtime::{Listener, ServiceArgs, channel, retry_unavailable};
-use tonic::service::Routes;
+use cohort_runtime::Services;
 
 use crate::round_service::{ControlApi, RoundApi};
 use crate::round_state::RoundState;
@@ -54,6 +54,10 @@ pub struct Args {
     /// party may try again, a few times per task).
     #[arg(long, env = "COHORT_UPLOAD_IDLE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub upload_idle_timeout: Duration,
+    /// How long model-manager may refuse a round's model as unavailable before the job fails
+    /// with that cause.
+    #[arg(long, env = "COHORT_STORAGE_PATIENCE", default_value = "2m", value_parser = humantime::parse_duration)]
+    pub storage_patience: Duration,
     /// Mutual TLS with the other services. With it, every round call must
     /// name its party (the proxy sets it from the party's certificate).
     #[command(flatten)]
@@ -151,7 +155,7 @@ impl Args {
             .clone()
             .unwrap_or_else(|| cohort_runtime::advertised(listener.local_addr()));
         let state = RoundState::new(self.max_concurrent_uploads);
-        let routes = Routes::new(pb::round_server::RoundServer::new(RoundApi {
+        let routes = Services::new(pb::round_server::RoundServer::new(RoundApi {
             state: state.clone(),
             require_party,
             idle_timeout: self.upload_idle_timeout,
@@ -178,6 +182,7 @@ impl Args {
             state: state.clone(),
             endpoint: endpoint.clone(),
             max_model_parameters: assignment.max_model_parameters,
+            storage_patience: self.storage_patience,
         };
         let outcome = tokio::select! {
             outcome = run.run(assignment) => Some(outcome),

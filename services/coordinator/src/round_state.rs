@@ -274,7 +274,6 @@ impl RoundState {
         self.next_phase(&mut inner);
         inner.round = round;
         inner.deadline = deadline;
-        inner.refused = 0;
         inner.collecting = Collecting::Updates {
             aggregate,
             check,
@@ -327,9 +326,10 @@ impl RoundState {
         }
     }
 
-    /// Round calls refused in the current round (bad token, wrong party, duplicate, ...).
-    pub fn refused(&self) -> u64 {
-        self.lock().refused
+    /// Round calls refused since the last time this was asked (bad token, wrong party,
+    /// duplicate, ...).
+    pub fn take_refused(&self) -> u64 {
+        std::mem::take(&mut self.lock().refused)
     }
 
     // --- tickets ---
@@ -934,7 +934,8 @@ mod tests {
             .unwrap();
         assert_eq!(err.kind, ErrorKind::Conflict);
         assert_eq!(state.delivered(), 1);
-        assert_eq!(state.refused(), 3);
+        assert_eq!(state.take_refused(), 3);
+        assert_eq!(state.take_refused(), 0);
     }
 
     #[tokio::test]

@@ -40,14 +40,14 @@ pub struct JobRun {
     pub endpoint: String,
     /// Most parameters the model may have (from job-scheduler); 0: no limit.
     pub max_model_parameters: u64,
+    /// How long model-manager may be away before a round's model counts as unstorable.
+    pub storage_patience: Duration,
 }
 
 /// How long parties get to answer an offer.
 const OFFER_REPLY_TIMEOUT_MS: u32 = 5_000;
 /// How often a waiting round re-checks its tasks' liveness.
 const TASK_POLL: Duration = Duration::from_millis(500);
-/// How long model-manager may be away before a round's model counts as unstorable.
-const STORAGE_PATIENCE: Duration = Duration::from_secs(120);
 
 enum Failure {
     Fail(String),
@@ -172,7 +172,6 @@ impl JobRun {
             let started = Instant::now();
             self.refresh_cohort(&mut cohort, round).await;
             let trained = self.train_round(round, &cohort).await?;
-            let refused = self.state.refused();
             let evaluate = round % self.spec.evaluation.every == 0 || round == rounds;
             let evaluated = if evaluate {
                 self.evaluate_round(round, &cohort).await?
@@ -183,6 +182,7 @@ impl JobRun {
                 }
             };
             let metrics = evaluated.metrics;
+            let refused = self.state.take_refused();
             let version = self.checkpoint(round, parent_version, &metrics).await?;
             parent_version = version;
             let summary = pb::RoundSummary {
@@ -856,7 +856,7 @@ impl JobRun {
             })),
         };
         let bytes = bytes::Bytes::from(bytes);
-        let version = retry_unavailable("upload model", STORAGE_PATIENCE, || {
+        let version = retry_unavailable("upload model", self.storage_patience, || {
             let mut c = self.clients.models.clone();
             let mut parts = vec![header.clone()];
             let mut offset = 0;
@@ -889,13 +889,39 @@ impl JobRun {
     }
 }
 
-/// The reason every failure gave, when they all gave the same one.
+/// The reason every failure gave, when they all gave the same one (a party's own name in
+/// its reason, e.g. in a path, does not make it another reason).
 fn common_reason(failures: &[(String, String, String)]) -> Option<String> {
-    let first = &failures.first()?.2;
+    let general = |(party, _, reason): &(String, String, String)| without_word(reason, party);
+    let first = general(failures.first()?);
     failures
         .iter()
-        .all(|(_, _, reason)| reason == first)
-        .then(|| first.clone())
+        .all(|f| general(f) == first)
+        .then(|| failures[0].2.clone())
+}
+
+/// `text` with every occurrence of `word` that stands alone (not inside a longer name)
+/// replaced by a placeholder.
+fn without_word(text: &str, word: &str) -> String {
+    if word.is_empty() {
+        return text.to_string();
+    }
+    let part_of_name = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find(word) {
+        let before = rest[..i].chars().next_back();
+        let after = rest[i + word.len()..].chars().next();
+        out.push_str(&rest[..i]);
+        if before.is_some_and(part_of_name) || after.is_some_and(part_of_name) {
+            out.push_str(word);
+        } else {
+            out.push_str("<party>");
+        }
+        rest = &rest[i + word.len()..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The last few task failures, for a round's failure reason.
@@ -931,6 +957,14 @@ mod tests {
     fn a_reason_is_common_only_when_every_failure_gave_it() {
         let same = [failure("a", "boom"), failure("b", "boom")];
         assert_eq!(common_reason(&same).as_deref(), Some("boom"));
+        let paths = [
+            failure("party-1", "cannot read /d/party-1/train.csv"),
+            failure("party-2", "cannot read /d/party-2/train.csv"),
+        ];
+        assert_eq!(
+            common_reason(&paths).as_deref(),
+            Some("cannot read /d/party-1/train.csv")
+        );
         let mixed = [failure("a", "boom"), failure("b", "other")];
         assert_eq!(common_reason(&mixed), None);
         assert_eq!(common_reason(&[]), None);

@@ -19,7 +19,9 @@ use tower::util::BoxCloneSyncService;
 use cohort_security::Identity;
 use hyper_rustls::HttpsConnector;
 
+use crate::descriptors;
 use crate::gate::Gate;
+use crate::limits::{LogThrottle, REFUSAL_LOG_INTERVAL};
 use crate::route_table::{Resolution, RouteTable};
 use crate::routing::{self, Destination, Refusal};
 use crate::{Config, Endpoint, ProxyError};
@@ -36,9 +38,17 @@ pub(crate) struct Proxy {
     /// https when the internal services serve mutual TLS.
     upstream_scheme: Scheme,
     health_reporter: tonic_health::server::HealthReporter,
-    health: LocalService,
-    reflection: LocalService,
+    /// For a plaintext health-only listener (`--health-listen`).
+    health: HealthServer,
+    /// Health and reflection, answered here.
+    local: LocalService,
+    /// Per-call refusals: anyone can cause them, so their log lines are rationed.
+    refused_callers: LogThrottle,
+    refused_internal: LogThrottle,
 }
+
+pub(crate) type HealthServer =
+    tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>;
 
 impl Proxy {
     pub(crate) async fn new(
@@ -86,20 +96,42 @@ impl Proxy {
             .http2_adaptive_window(true)
             .build(connector);
 
-        let (health_reporter, health) = tonic_health::server::health_reporter();
-        health_reporter
-            .set_service_status("", tonic_health::ServingStatus::Serving)
-            .await;
-        let mut reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(cohort_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
-        // Advertise only what is reachable from outside.
-        for service in routing::exposed_services() {
-            reflection = reflection.with_service_name(service);
+        // Health answers "" and each exposed service by name; reflection
+        // shows only what is exposed (both API versions).
+        let health_reporter = tonic_health::server::HealthReporter::new();
+        let health = HealthServer::new(tonic_health::server::HealthService::from_health_reporter(
+            health_reporter.clone(),
+        ));
+        for name in std::iter::once("").chain(routing::exposed_services()) {
+            health_reporter
+                .set_service_status(name, tonic_health::ServingStatus::Serving)
+                .await;
         }
-        let reflection = reflection
+        let public = descriptors::public_descriptor_set(cohort_proto::FILE_DESCRIPTOR_SET)
+            .map_err(|e| ProxyError::Reflection(format!("Cohort descriptors: {e}")))?;
+        let reflection = || {
+            let mut builder = tonic_reflection::server::Builder::configure()
+                .register_file_descriptor_set(public.clone())
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(
+                    tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+                )
+                .include_reflection_service(false);
+            for service in routing::exposed_services() {
+                builder = builder.with_service_name(service);
+            }
+            builder
+        };
+        let reflection_v1 = reflection()
             .build_v1()
             .map_err(|e| ProxyError::Reflection(e.to_string()))?;
+        let reflection_v1alpha = reflection()
+            .build_v1alpha()
+            .map_err(|e| ProxyError::Reflection(e.to_string()))?;
+        let local = tonic::service::Routes::new(health.clone())
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha);
 
         Ok(Self {
             job_scheduler: config.job_scheduler.clone(),
@@ -110,15 +142,23 @@ impl Proxy {
             client,
             upstream_scheme,
             health_reporter,
-            health: BoxCloneSyncService::new(health),
-            reflection: BoxCloneSyncService::new(reflection),
+            health,
+            local: BoxCloneSyncService::new(local),
+            refused_callers: LogThrottle::new(REFUSAL_LOG_INTERVAL),
+            refused_internal: LogThrottle::new(REFUSAL_LOG_INTERVAL),
         })
     }
 
+    pub(crate) fn health(&self) -> HealthServer {
+        self.health.clone()
+    }
+
     pub(crate) async fn set_not_serving(&self) {
-        self.health_reporter
-            .set_service_status("", tonic_health::ServingStatus::NotServing)
-            .await;
+        for name in std::iter::once("").chain(routing::exposed_services()) {
+            self.health_reporter
+                .set_service_status(name, tonic_health::ServingStatus::NotServing)
+                .await;
+        }
     }
 
     pub(crate) async fn handle(
@@ -129,7 +169,9 @@ impl Proxy {
         let path = req.uri().path().to_string();
         let (destination, audience) = routing::route(&path);
         if let Err(status) = self.gate.admit(audience, peer, req.headers_mut()).await {
-            tracing::info!(%path, peer = ?peer, code = ?status.code(), reason = %status.message(), "refused caller");
+            if let Some(held_back) = self.refused_callers.admit() {
+                tracing::info!(%path, peer = ?peer, code = ?status.code(), reason = %status.message(), held_back, "refused caller");
+            }
             return grpc_error(status);
         }
         match destination {
@@ -146,10 +188,11 @@ impl Proxy {
                     .await
             }
             Destination::Coordinator => self.to_coordinator(&path, req).await,
-            Destination::Health => local(self.health.clone(), req).await,
-            Destination::Reflection => local(self.reflection.clone(), req).await,
+            Destination::Health | Destination::Reflection => local(self.local.clone(), req).await,
             Destination::Refused(Refusal::Internal) => {
-                tracing::warn!(%path, "refused: server-internal service");
+                if let Some(held_back) = self.refused_internal.admit() {
+                    tracing::warn!(%path, held_back, "refused: server-internal service");
+                }
                 grpc_error(Status::permission_denied(format!(
                     "{path} is server-internal and not exposed by the proxy"
                 )))

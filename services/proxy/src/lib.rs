@@ -6,10 +6,15 @@
 //! Must not depend on any other service crate or on storage: it only knows
 //! the wire (cohort-proto) and process plumbing (cohort-runtime). Its route
 //! table lives in memory and is rebuilt from job-scheduler's `ListRoutes`.
+//! Health and reflection are answered here, and show only what is exposed;
+//! connections are bounded in number, handshake time, streams and headers.
 
+mod descriptors;
 mod endpoint;
 mod forward;
 mod gate;
+mod limits;
+mod preface;
 mod route_table;
 mod routing;
 
@@ -23,14 +28,16 @@ use cohort_runtime::Tls;
 use cohort_security::Identity;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
 pub use endpoint::Endpoint;
+pub use limits::ConnectionLimits;
 pub use routing::{Audience, Destination, Refusal, destination, route};
 
 use forward::Proxy;
 use gate::Gate;
+use limits::{LogThrottle, REFUSAL_LOG_INTERVAL};
 use route_table::RouteTable;
 
 /// Errors of the proxy library. Each names the option or the address at fault.
@@ -92,6 +99,25 @@ pub struct Args {
     /// Serve plaintext and check no certificate or token. For local debugging only.
     #[arg(long, env = "COHORT_INSECURE")]
     pub insecure: bool,
+    /// Connections open at once; beyond it new connections are closed at once.
+    #[arg(long, env = "COHORT_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+    /// A new connection must finish its TLS handshake and send the HTTP/2
+    /// preface this soon, or it is closed (a silent client holds nothing).
+    #[arg(long, env = "COHORT_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Duration,
+    /// Concurrent calls (HTTP/2 streams) per connection.
+    #[arg(long, env = "COHORT_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
+    pub max_concurrent_streams: u32,
+    /// Bytes of request headers (gRPC metadata) per call.
+    #[arg(long, env = "COHORT_MAX_HEADER_LIST_SIZE", default_value_t = 16 * 1024)]
+    pub max_header_list_size: u32,
+    /// How often an idle connection is pinged (HTTP/2 PING) ...
+    #[arg(long, env = "COHORT_HTTP2_KEEPALIVE_INTERVAL", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub http2_keepalive_interval: Duration,
+    /// ... and how long the answer may take before the connection is closed.
+    #[arg(long, env = "COHORT_HTTP2_KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub http2_keepalive_timeout: Duration,
 }
 
 impl Args {
@@ -108,6 +134,15 @@ impl Args {
             ));
         }
         config.token_cache_ttl = self.token_cache_ttl;
+        config.limits = ConnectionLimits {
+            max_connections: self.max_connections,
+            handshake_timeout: self.handshake_timeout,
+            max_concurrent_streams: self.max_concurrent_streams,
+            max_header_list_size: self.max_header_list_size,
+            keepalive_interval: self.http2_keepalive_interval,
+            keepalive_timeout: self.http2_keepalive_timeout,
+        };
+        config.limits.validate()?;
         config.security = match (self.tls.files(), self.insecure) {
             (Some(_), true) => {
                 return Err(ProxyError::Config(
@@ -149,19 +184,12 @@ impl Args {
             .map_err(|source| ProxyError::Bind { addr, source })?;
         let local = listener.local_addr()?;
         // Probes that cannot do mutual TLS (kubelet) get plaintext health here.
-        let _health_only = match self.service.health_listen {
-            Some(addr) => {
-                let l = TcpListener::bind(addr)
+        let health_only = match self.service.health_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
                     .await
-                    .map_err(|source| ProxyError::Bind { addr, source })?;
-                let (reporter, health) = tonic_health::server::health_reporter();
-                reporter
-                    .set_service_status("", tonic_health::ServingStatus::Serving)
-                    .await;
-                Some(AbortOnDrop(tokio::spawn(
-                    cohort_runtime::serve_health_only(l, health),
-                )))
-            }
+                    .map_err(|source| ProxyError::Bind { addr, source })?,
+            ),
             None => None,
         };
         if let Some(path) = &self.service.ready_file {
@@ -180,7 +208,21 @@ impl Args {
                 "serving gRPC over mutual TLS"
             ),
         }
-        serve(config, listener, cohort_runtime::shutdown_signal()).await?;
+        tracing::info!(
+            service = "proxy",
+            max_connections = config.limits.max_connections,
+            handshake_timeout = ?config.limits.handshake_timeout,
+            max_concurrent_streams = config.limits.max_concurrent_streams,
+            max_header_list_size = config.limits.max_header_list_size,
+            "connection limits"
+        );
+        serve_with_health(
+            config,
+            listener,
+            health_only,
+            cohort_runtime::shutdown_signal(),
+        )
+        .await?;
         tracing::info!(service = "proxy", "stopped");
         Ok(())
     }
@@ -202,6 +244,8 @@ pub struct Config {
     pub security: Security,
     /// How long a checked API token is trusted without asking again.
     pub token_cache_ttl: Duration,
+    /// Bounds on connections at the door.
+    pub limits: ConnectionLimits,
 }
 
 /// What the proxy checks at its door.
@@ -253,6 +297,7 @@ impl Config {
             shutdown_grace: Duration::from_secs(5),
             security: Security::Insecure,
             token_cache_ttl: Duration::from_secs(10),
+            limits: ConnectionLimits::default(),
         }
     }
 }
@@ -264,6 +309,19 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ProxyError> {
+    serve_with_health(config, listener, None, shutdown).await
+}
+
+/// [`serve`], plus the proxy's own health service in plaintext on
+/// `health_only` (for probes that cannot do TLS).
+pub async fn serve_with_health(
+    config: Config,
+    listener: TcpListener,
+    health_only: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ProxyError> {
+    config.limits.validate()?;
+    let limits = config.limits.clone();
     let upstream = config.security.upstream();
     let routes = Arc::new(RouteTable::new(
         &config.job_scheduler,
@@ -294,13 +352,26 @@ pub async fn serve(
         ))
     });
     let proxy = Arc::new(Proxy::new(&config, routes, gate.clone()).await?);
+    let _health_only = health_only.map(|l| {
+        AbortOnDrop(tokio::spawn(cohort_runtime::serve_health_only(
+            l,
+            proxy.health(),
+        )))
+    });
 
     let mut http = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     http.timer(TokioTimer::new())
-        .keep_alive_interval(Some(Duration::from_secs(20)))
+        // A peer that stops answering PINGs is gone: its connection closes.
+        .keep_alive_interval(Some(limits.keepalive_interval))
+        .keep_alive_timeout(limits.keepalive_timeout)
         .adaptive_window(true)
-        // Each party holds one long-lived stream; leave room for many more calls.
-        .max_concurrent_streams(1024);
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_header_list_size(limits.max_header_list_size);
+
+    // One permit per open connection, held until it closes (TLS handshake included).
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let door_logs = Arc::new(DoorLogs::new());
+    let handshake_timeout = limits.handshake_timeout;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut connections = JoinSet::new();
@@ -310,25 +381,42 @@ pub async fn serve(
             _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    let Ok(slot) = slots.clone().try_acquire_owned() else {
+                        // Closed at once: the ones already open keep working.
+                        drop(stream);
+                        door_logs.over_limit(peer, limits.max_connections);
+                        continue;
+                    };
                     let _ = stream.set_nodelay(true);
+                    let door_logs = door_logs.clone();
                     let proxy = proxy.clone();
                     let http = http.clone();
                     let stop = stop_rx.clone();
                     let acceptor = acceptor.clone();
                     let revoked = gate.revoked();
                     connections.spawn(async move {
+                        let _slot = slot;
+                        // One deadline for the whole handshake: TLS, then the HTTP/2 preface.
+                        let deadline = tokio::time::Instant::now() + handshake_timeout;
                         let Some(acceptor) = acceptor else {
-                            return serve_connection(http, stream, None, proxy, stop, revoked).await;
+                            if let Some(io) = door_logs.preface(stream, deadline, peer).await {
+                                serve_connection(http, io, None, proxy, stop, revoked).await;
+                            }
+                            return;
                         };
-                        let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
+                        let handshake = tokio::time::timeout_at(deadline, acceptor.accept(stream)).await;
                         let tls = match handshake {
                             Ok(Ok(tls)) => tls,
                             Ok(Err(e)) => {
-                                tracing::info!(%peer, error = %e, "TLS handshake refused");
+                                if let Some(held_back) = door_logs.handshake_failed.admit() {
+                                    tracing::info!(%peer, error = %e, held_back, "TLS handshake refused");
+                                }
                                 return;
                             }
                             Err(_) => {
-                                tracing::info!(%peer, "TLS handshake timed out");
+                                if let Some(held_back) = door_logs.handshake_timed_out.admit() {
+                                    tracing::info!(%peer, timeout = ?handshake_timeout, held_back, "TLS handshake timed out");
+                                }
                                 return;
                             }
                         };
@@ -337,13 +425,17 @@ pub async fn serve(
                             Some(cert) => match cohort_security::identity_of(cert) {
                                 Ok(id) => Some(id),
                                 Err(e) => {
-                                    tracing::warn!(%peer, error = %e, "client certificate without a Cohort identity");
+                                    if let Some(held_back) = door_logs.bad_certificate.admit() {
+                                        tracing::warn!(%peer, error = %e, held_back, "client certificate without a Cohort identity");
+                                    }
                                     return;
                                 }
                             },
                         };
                         tracing::debug!(%peer, identity = ?identity, "TLS connection");
-                        serve_connection(http, tls, identity, proxy, stop, revoked).await
+                        if let Some(io) = door_logs.preface(tls, deadline, peer).await {
+                            serve_connection(http, io, identity, proxy, stop, revoked).await;
+                        }
                     });
                 }
                 Err(e) => {
@@ -373,7 +465,76 @@ pub async fn serve(
     Ok(())
 }
 
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Refusals at the door, each kind logged at a bounded rate.
+struct DoorLogs {
+    over_limit: LogThrottle,
+    refused_total: std::sync::atomic::AtomicU64,
+    handshake_failed: LogThrottle,
+    handshake_timed_out: LogThrottle,
+    bad_certificate: LogThrottle,
+    not_http2: LogThrottle,
+}
+
+impl DoorLogs {
+    fn new() -> Self {
+        Self {
+            over_limit: LogThrottle::new(REFUSAL_LOG_INTERVAL),
+            refused_total: Default::default(),
+            handshake_failed: LogThrottle::new(REFUSAL_LOG_INTERVAL),
+            handshake_timed_out: LogThrottle::new(REFUSAL_LOG_INTERVAL),
+            bad_certificate: LogThrottle::new(REFUSAL_LOG_INTERVAL),
+            not_http2: LogThrottle::new(REFUSAL_LOG_INTERVAL),
+        }
+    }
+
+    /// The connection once its client sent the HTTP/2 preface before
+    /// `deadline`; `None` (logged at a bounded rate) otherwise.
+    async fn preface<IO>(
+        &self,
+        io: IO,
+        deadline: tokio::time::Instant,
+        peer: SocketAddr,
+    ) -> Option<preface::Prefaced<IO>>
+    where
+        IO: tokio::io::AsyncRead + Unpin,
+    {
+        match tokio::time::timeout_at(deadline, preface::read_preface(io)).await {
+            Ok(Ok(Some(io))) => Some(io),
+            Ok(Ok(None)) => {
+                if let Some(held_back) = self.not_http2.admit() {
+                    tracing::info!(%peer, held_back, "not an HTTP/2 client: connection closed");
+                }
+                None
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "connection closed before the HTTP/2 preface");
+                None
+            }
+            Err(_) => {
+                if let Some(held_back) = self.handshake_timed_out.admit() {
+                    tracing::info!(%peer, held_back, "no HTTP/2 preface before the handshake deadline");
+                }
+                None
+            }
+        }
+    }
+
+    fn over_limit(&self, peer: SocketAddr, max_connections: usize) {
+        let total = self
+            .refused_total
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        if let Some(held_back) = self.over_limit.admit() {
+            tracing::warn!(
+                %peer,
+                max_connections,
+                refused_total = total,
+                held_back,
+                "connection limit reached: new connection closed"
+            );
+        }
+    }
+}
 
 /// Serves one connection until it ends, the proxy stops (GOAWAY, then
 /// running calls finish) or, for a party, the party is revoked (closed at once).

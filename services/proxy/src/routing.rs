@@ -26,6 +26,8 @@ pub enum Refusal {
 
 pub const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
 pub const REFLECTION_SERVICE: &str = "grpc.reflection.v1.ServerReflection";
+/// The older reflection API, still what grpcurl and Python's grpcio-reflection ask.
+pub const REFLECTION_V1ALPHA_SERVICE: &str = "grpc.reflection.v1alpha.ServerReflection";
 
 /// Who may call a path, and how they prove it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,9 +91,16 @@ const EXPOSED: &[(&str, Option<&str>, Destination, Audience)] = &[
         Destination::Reflection,
         Audience::Anyone,
     ),
+    (
+        REFLECTION_V1ALPHA_SERVICE,
+        None,
+        Destination::Reflection,
+        Audience::Anyone,
+    ),
 ];
 
-/// Fully-qualified names of the services the proxy exposes (for reflection).
+/// Fully-qualified names of the services the proxy exposes (for reflection
+/// and health).
 pub fn exposed_services() -> impl Iterator<Item = &'static str> {
     let mut seen = Vec::new();
     for (service, _, _, _) in EXPOSED {
@@ -155,6 +164,10 @@ mod tests {
                 Reflection,
             ),
             (
+                "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+                Reflection,
+            ),
+            (
                 "/cohort.v1.ClientSelector/OfferTasks",
                 Refused(Refusal::Internal),
             ),
@@ -188,5 +201,9 @@ mod tests {
             Audience::User
         );
         assert_eq!(route("/grpc.health.v1.Health/Check").1, Audience::Anyone);
+        assert_eq!(
+            route("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo").1,
+            Audience::Anyone
+        );
     }
 }

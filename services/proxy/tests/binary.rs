@@ -19,6 +19,12 @@ fn proxy() -> Command {
         "COHORT_JOB_SCHEDULER",
         "COHORT_MODEL_MANAGER",
         "COHORT_CLIENT_SELECTOR",
+        "COHORT_MAX_CONNECTIONS",
+        "COHORT_HANDSHAKE_TIMEOUT",
+        "COHORT_MAX_CONCURRENT_STREAMS",
+        "COHORT_MAX_HEADER_LIST_SIZE",
+        "COHORT_HTTP2_KEEPALIVE_INTERVAL",
+        "COHORT_HTTP2_KEEPALIVE_TIMEOUT",
     ] {
         cmd.env_remove(var);
     }
@@ -44,6 +50,45 @@ fn bad_endpoint_is_named_and_nothing_is_bound() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("error: --model-manager"), "{stderr}");
     assert!(!ready.exists());
+}
+
+#[test]
+fn connection_limits_are_checked_before_anything_is_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let ready = dir.path().join("ready");
+    let upstreams = [
+        "--job-scheduler",
+        "127.0.0.1:7000",
+        "--model-manager",
+        "127.0.0.1:7001",
+        "--client-selector",
+        "127.0.0.1:7002",
+    ];
+    // From the environment and from flags; each error names the flag.
+    type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str], &'a str);
+    let cases: [Case; 3] = [
+        (&[("COHORT_MAX_CONNECTIONS", "0")], &[], "--max-connections"),
+        (&[], &["--handshake-timeout", "10m"], "--handshake-timeout"),
+        (
+            &[("COHORT_MAX_HEADER_LIST_SIZE", "100")],
+            &[],
+            "--max-header-list-size",
+        ),
+    ];
+    for (env, args, flag) in cases {
+        let out = proxy()
+            .args(["--listen", "127.0.0.1:0", "--ready-file"])
+            .arg(&ready)
+            .args(upstreams)
+            .args(args)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{flag}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(&format!("error: {flag}")), "{stderr}");
+        assert!(!ready.exists(), "{flag}");
+    }
 }
 
 #[tokio::test]
@@ -92,6 +137,7 @@ async fn serves_health_writes_ready_file_and_stops_on_sigterm() {
         models.get_version(cohort_proto::v1::GetVersionRequest {
             name: "m".into(),
             version: 1,
+            ..Default::default()
         }),
     )
     .await

@@ -46,6 +46,7 @@ async fn unary_and_server_streaming_calls_reach_each_upstream() {
         models.get_version(GetVersionRequest {
             name: "digits".into(),
             version: 4,
+            ..Default::default()
         }),
     )
     .await
@@ -76,6 +77,7 @@ async fn large_download_streams_through() {
             .download(GetVersionRequest {
                 name: "big".into(),
                 version: chunks,
+                ..Default::default()
             })
             .await
             .unwrap()

@@ -91,12 +91,25 @@ pub struct TestProxy {
 
 impl TestProxy {
     pub async fn start(config: cohort_proxy::Config) -> Self {
+        Self::start_with_health(config, None).await
+    }
+
+    /// Also serves plaintext health on `health_only`.
+    pub async fn start_with_health(
+        config: cohort_proxy::Config,
+        health_only: Option<TcpListener>,
+    ) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(cohort_proxy::serve(config, listener, async {
-            let _ = rx.await;
-        }));
+        let task = tokio::spawn(cohort_proxy::serve_with_health(
+            config,
+            listener,
+            health_only,
+            async {
+                let _ = rx.await;
+            },
+        ));
         Self {
             addr,
             stop: Some(tx),
@@ -138,6 +151,55 @@ impl Drop for TestProxy {
         if let Some(task) = self.task.take() {
             task.abort();
         }
+    }
+}
+
+/// A federation CA and a proxy certificate for 127.0.0.1, on disk.
+pub struct TlsFixture {
+    _dir: tempfile::TempDir,
+    pub ca_pem: String,
+    pub files: cohort_security::TlsFiles,
+}
+
+impl TlsFixture {
+    pub fn new() -> Self {
+        cohort_security::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let validity = cohort_security::Validity::for_duration(Duration::from_secs(3600));
+        let ca = cohort_security::CertAuthority::generate("test-ca", validity).unwrap();
+        let proxy = ca
+            .issue_service("proxy", &["127.0.0.1".to_string()], validity)
+            .unwrap();
+        let files = cohort_security::TlsFiles {
+            cert: dir.path().join("proxy.crt"),
+            key: dir.path().join("proxy.key"),
+            ca: dir.path().join("ca.crt"),
+        };
+        proxy.write(&files.cert, &files.key).unwrap();
+        cohort_security::write_cert(&files.ca, ca.cert_pem()).unwrap();
+        Self {
+            ca_pem: ca.cert_pem().to_string(),
+            files,
+            _dir: dir,
+        }
+    }
+
+    /// TLS at the door with credentials checked (no client certificate
+    /// required to connect: users send tokens).
+    pub fn security(&self) -> cohort_proxy::Security {
+        let server =
+            cohort_security::server_config(&self.files, cohort_security::ClientAuth::Optional)
+                .unwrap();
+        cohort_proxy::Security::Tls {
+            server: Arc::new(server),
+            upstream: None,
+        }
+    }
+
+    /// A channel that checks the proxy's certificate and presents none.
+    pub fn channel(&self, addr: SocketAddr) -> tonic::transport::Channel {
+        cohort_runtime::server_authenticated_channel(&addr.to_string(), self.ca_pem.as_bytes())
+            .unwrap()
     }
 }
 
@@ -194,7 +256,13 @@ impl jobs_server::Jobs for FakeJobs {
     async fn delete_job(&self, _: Request<GetJobRequest>) -> Res<DeleteJobResponse> {
         unimplemented()
     }
-    async fn list_job_events(&self, _: Request<GetJobRequest>) -> Res<ListJobEventsResponse> {
+    async fn list_job_events(
+        &self,
+        _: Request<ListJobEventsRequest>,
+    ) -> Res<ListJobEventsResponse> {
+        unimplemented()
+    }
+    async fn get_server_info(&self, _: Request<GetServerInfoRequest>) -> Res<ServerInfo> {
         unimplemented()
     }
 }
@@ -226,6 +294,9 @@ impl job_control_server::JobControl for FakeJobControl {
         unimplemented()
     }
     async fn finish_job(&self, _: Request<FinishJobRequest>) -> Res<Job> {
+        unimplemented()
+    }
+    async fn record_events(&self, _: Request<RecordEventsRequest>) -> Res<RecordEventsResponse> {
         unimplemented()
     }
     async fn list_routes(&self, _: Request<ListRoutesRequest>) -> Res<ListRoutesResponse> {
