@@ -5,6 +5,7 @@
 //! project's test script does that. Every process a test starts belongs to a
 //! process group that is killed when the test's handle drops.
 
+pub mod adversary;
 pub mod fake_kube;
 pub mod servers;
 
@@ -16,6 +17,7 @@ use cohort_cli::stack::{Stack, StackConfig};
 use cohort_cli::{Api, AuthChannel};
 use cohort_core::JobState;
 use cohort_proto::v1 as pb;
+use futures::StreamExt;
 
 /// target/debug (or whichever profile built this test).
 pub fn bin_dir() -> PathBuf {
@@ -150,10 +152,48 @@ impl Federation {
     pub async fn events(&self, id: &str) -> anyhow::Result<Vec<pb::JobEvent>> {
         Ok(self
             .jobs()
-            .list_job_events(pb::GetJobRequest { id: id.to_string() })
+            .list_job_events(pb::ListJobEventsRequest {
+                id: id.to_string(),
+                after_seq: 0,
+            })
             .await?
             .into_inner()
             .events)
+    }
+}
+
+impl Federation {
+    /// Accuracy of the job's last model on the held-out digits samples no party trains
+    /// on, measured here: what a forged evaluation cannot move.
+    pub async fn heldout_accuracy(&self, job: &pb::Job) -> anyhow::Result<f64> {
+        let spec = cohort_core::JobSpec::from_json(&job.spec_json)?;
+        let mut stream = self
+            .models()
+            .download(pb::GetVersionRequest {
+                name: job.model_name.clone(),
+                version: 0,
+                namespace: job.namespace.clone(),
+            })
+            .await?
+            .into_inner();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            bytes.extend_from_slice(&chunk?.data);
+        }
+        let weights = cohort_fl::from_safetensors(&bytes)?;
+        let path = self.dir.path().join("heldout-digits.csv");
+        std::fs::write(&path, cohort_cli::data::DIGITS_CSV)?;
+        let all = cohort_train::load_dataset(
+            &path,
+            cohort_train::DataFormat::Csv,
+            None,
+            Some(1.0 / 16.0),
+        )?;
+        // The split `cohort up` deals from (seed 42): its test part is never trained on.
+        let (_, test_idx) =
+            cohort_train::split_train_test(&all.labels, cohort_cli::data::TEST_FRACTION, 42);
+        let test = all.subset(&test_idx);
+        Ok(cohort_train::evaluate(&spec.model, &weights, &test)?.accuracy)
     }
 }
 

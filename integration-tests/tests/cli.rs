@@ -1,5 +1,7 @@
-//! The CLI against a running `cohort up`: a job from YAML, the model registry,
-//! stopping and deleting jobs, spec validation.
+//! The CLI against a running `cohort up`: a job from YAML (a file or stdin), the model
+//! registry, the job's log, stopping and deleting jobs, spec validation; and without one:
+//! the error contract (`--json` errors on stderr), an unreachable federation, a broken
+//! profile, completions and help.
 
 use std::io::BufRead;
 use std::os::unix::process::CommandExt;
@@ -98,6 +100,46 @@ impl Drop for Up {
     }
 }
 
+/// Runs `cohort --profile PROFILE ARGS` with `input` on its stdin: (exit code, stdout, stderr).
+async fn cohort_with_stdin(args: &[&str], profile: &Path, input: &str) -> (i32, String, String) {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new(cohort_bin())
+        .arg("--profile")
+        .arg(profile)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start cohort");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin
+        .write_all(input.as_bytes())
+        .await
+        .expect("write stdin");
+    drop(stdin);
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("cohort finished in time")
+        .expect("cohort output");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The one JSON error line a failed `--json` command leaves on stderr.
+fn json_error(stderr: &str) -> Value {
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line on stderr: {stderr}");
+    let v: Value = serde_json::from_str(lines[0])
+        .unwrap_or_else(|e| panic!("stderr is not JSON ({e}): {stderr}"));
+    assert!(v["error"]["message"].is_string(), "{v}");
+    v["error"].clone()
+}
+
 async fn json_of(args: &[&str], profile: &Path) -> Value {
     let (code, out, err) = cohort(args, profile).await.expect("run cohort");
     assert_eq!(code, 0, "cohort {args:?} failed: {err}");
@@ -161,6 +203,13 @@ async fn a_yaml_job_under_cohort_up_succeeds_and_its_models_download_verified() 
     assert_eq!(created["state"], "QUEUED");
     assert_eq!(created["namespace"], "research");
 
+    // Following the log from the start: it ends by itself when the job does.
+    let follow = {
+        let (profile, id) = (profile.clone(), id.clone());
+        tokio::spawn(
+            async move { cohort(&["--json", "job", "logs", "--follow", &id], &profile).await },
+        )
+    };
     let (code, out, err) = cohort(&["--json", "job", "watch", &id], &profile)
         .await
         .expect("watch");
@@ -185,7 +234,8 @@ async fn a_yaml_job_under_cohort_up_succeeds_and_its_models_download_verified() 
     }
     assert!(versions[3]["metrics"]["accuracy"].as_f64().expect("acc") > 0.5);
 
-    // Download verifies, and the file's sha256 is the listed digest.
+    // Download verifies, and the file's sha256 is the listed digest. The model lives in the
+    // job's namespace; the admin token's own ("*") reads "default" unless told.
     let name = versions[3]["name"].as_str().expect("name");
     let version = versions[3]["version"].as_u64().expect("version");
     let out_file = dir.path().join("model.safetensors");
@@ -197,6 +247,8 @@ async fn a_yaml_job_under_cohort_up_succeeds_and_its_models_download_verified() 
             &format!("{name}@{version}"),
             "-o",
             out_file.to_str().expect("path"),
+            "--namespace",
+            "research",
         ],
         &profile,
     )
@@ -208,21 +260,65 @@ async fn a_yaml_job_under_cohort_up_succeeds_and_its_models_download_verified() 
     let tensors = cohort_fl_check(&bytes);
     assert!(tensors >= 4, "an mlp has weights and biases per layer");
 
+    // `model get` reads the job's namespace when told.
+    let (code, _, err) = cohort(&["--json", "model", "get", name], &profile)
+        .await
+        .expect("get");
+    assert_eq!(code, 1, "not in the default namespace");
+    assert_eq!(json_error(&err)["code"], "not_found");
+    let got = json_of(
+        &["--json", "model", "get", name, "--namespace", "research"],
+        &profile,
+    )
+    .await;
+    assert_eq!(got["version"], version, "the latest: {got}");
+
+    // The job reports its last and best rounds.
+    let job = json_of(&["--json", "job", "get", &id], &profile).await;
+    assert_eq!(job["last_round"], 4, "{job}");
+    assert!(
+        (1..=4).contains(&job["best_round"].as_u64().unwrap_or(0)),
+        "{job}"
+    );
+    let (code, text, err) = cohort(&["job", "get", &id], &profile).await.expect("get");
+    assert_eq!(code, 0, "{err}");
+    assert!(text.contains("last round  4"), "{text}");
+
     // Events record every transition with a reason.
     let (code, out, _) = cohort(&["--json", "job", "logs", &id], &profile)
         .await
         .expect("logs");
     assert_eq!(code, 0);
-    let states: Vec<String> = out
+    let events: Vec<Value> = out
         .lines()
-        .map(|l| {
-            serde_json::from_str::<Value>(l).expect("JSON")["to"]
-                .as_str()
-                .unwrap_or("")
-                .to_string()
-        })
+        .map(|l| serde_json::from_str::<Value>(l).expect("JSON"))
+        .collect();
+    let states: Vec<&str> = events
+        .iter()
+        .filter(|e| e["kind"] == "state")
+        .map(|e| e["to"].as_str().unwrap_or(""))
         .collect();
     assert_eq!(states, ["QUEUED", "STARTING", "RUNNING", "SUCCEEDED"]);
+    let (code, followed, err) = follow.await.expect("join").expect("logs --follow");
+    assert_eq!(code, 0, "{err}");
+    // It printed each entry once, in order, up to (at least) the job's end.
+    assert!(
+        out.starts_with(&followed),
+        "followed:\n{followed}\nlog:\n{out}"
+    );
+    assert!(
+        followed.lines().any(|l| l.contains("\"to\":\"SUCCEEDED\"")),
+        "{followed}"
+    );
+    let (code, table, _) = cohort(&["job", "logs", &id], &profile).await.expect("logs");
+    assert_eq!(code, 0);
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[0].starts_with("TIME"), "{table}");
+    assert_eq!(lines.len(), events.len() + 1, "{table}");
+    assert!(
+        lines.iter().any(|l| l.contains("RUNNING -> SUCCEEDED")),
+        "{table}"
+    );
 
     // Listing filters by namespace and state.
     let listed = json_of(
@@ -275,26 +371,16 @@ fn cohort_fl_check(bytes: &[u8]) -> usize {
 async fn stop_takes_a_running_job_to_stopped_within_seconds_and_delete_removes_it() {
     let up = Up::start(2);
     let profile = up.profile.clone();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let spec = dir.path().join("long.yaml");
-    std::fs::write(
-        &spec,
-        JOB.replace("rounds: 4", "rounds: 500")
-            .replace("per_round: 3", "per_round: 2")
-            .replace("yaml-job", "long-job"),
-    )
-    .expect("write");
-    let created = json_of(
-        &[
-            "--json",
-            "job",
-            "create",
-            "-f",
-            spec.to_str().expect("path"),
-        ],
-        &profile,
-    )
-    .await;
+    // The spec comes from stdin.
+    let spec = JOB
+        .replace("rounds: 4", "rounds: 500")
+        .replace("per_round: 3", "per_round: 2")
+        .replace("yaml-job", "long-job");
+    let (code, out, err) =
+        cohort_with_stdin(&["--json", "job", "create", "-f", "-"], &profile, &spec).await;
+    assert_eq!(code, 0, "{err}");
+    let created: Value = serde_json::from_str(out.trim()).expect("JSON");
+    assert_eq!(created["name"], "long-job", "{created}");
     let id = created["id"].as_str().expect("id").to_string();
     wait_for(&profile, &id, "a completed round", |j| {
         j["rounds_completed"].as_u64() >= Some(1)
@@ -333,17 +419,27 @@ async fn invalid_specs_are_refused_naming_the_field_and_nothing_is_stored() {
     let up = Up::start(0);
     let profile = up.profile.clone();
     let dir = tempfile::tempdir().expect("tempdir");
+    // (spec, field at fault, the line of its key)
     let cases = [
         (
             JOB.replace("  epochs: 1\n", "  epochs: 1\n  epoch: 2\n"),
             "training.epoch",
+            10,
         ),
-        (JOB.replace("lr: 0.1", "lr: -0.1"), "training.optimizer.lr"),
-        (JOB.replace("min: 2", "min: 5"), "clients.min"),
-        (JOB.replace("arch: mlp", "arch: transformer"), "model.arch"),
-        (format!("{JOB}colour: blue\n"), "colour"),
+        (
+            JOB.replace("lr: 0.1", "lr: -0.1"),
+            "training.optimizer.lr",
+            11,
+        ),
+        (JOB.replace("min: 2", "min: 5"), "clients.min", 15),
+        (
+            JOB.replace("arch: mlp", "arch: transformer"),
+            "model.arch",
+            4,
+        ),
+        (format!("{JOB}colour: blue\n"), "colour", 17),
     ];
-    for (i, (spec, field)) in cases.iter().enumerate() {
+    for (i, (spec, field, line)) in cases.iter().enumerate() {
         let path = dir.path().join(format!("bad{i}.yaml"));
         std::fs::write(&path, spec).expect("write");
         let (code, _, err) = cohort(
@@ -353,9 +449,49 @@ async fn invalid_specs_are_refused_naming_the_field_and_nothing_is_stored() {
         .await
         .expect("create");
         assert_ne!(code, 0, "{field}: accepted");
-        assert!(err.contains(field), "error for {field} names it: {err}");
+        assert!(
+            err.contains(&format!("{field}: ")),
+            "error for {field} names it: {err}"
+        );
+        assert_eq!(err.matches(field).count(), 1, "{field} named once: {err}");
+        assert!(err.contains(&format!("(line {line})")), "{err}");
         assert!(err.contains("InvalidArgument"), "{err}");
+
+        // The same under --json: one JSON line on stderr, with the code and the field.
+        let (code, out, err) =
+            cohort_with_stdin(&["--json", "job", "create", "-f", "-"], &profile, spec).await;
+        assert_eq!(code, 1, "{err}");
+        assert_eq!(out, "", "nothing on stdout");
+        let e = json_error(&err);
+        assert_eq!(e["code"], "invalid_argument", "{e}");
+        assert_eq!(e["field"], *field, "{e}");
+        assert!(
+            e["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains(&format!("(line {line})")),
+            "{e}"
+        );
     }
+    // Other answers of the server take the same shape, with their own code.
+    let (code, _, err) = cohort(&["--json", "job", "get", "nosuchjob-abc"], &profile)
+        .await
+        .expect("get");
+    assert_eq!(code, 1);
+    let e = json_error(&err);
+    assert!(
+        matches!(e["code"].as_str(), Some("not_found" | "invalid_argument")),
+        "{e}"
+    );
+
+    // The server's version comes through the profile's proxy.
+    let (code, out, err) = cohort(&["--json", "version"], &profile)
+        .await
+        .expect("version");
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(out.trim()).expect("JSON");
+    assert_eq!(v["cli"], env!("CARGO_PKG_VERSION"), "{v}");
+    assert_eq!(v["server"], env!("CARGO_PKG_VERSION"), "{v}");
     let listed = json_of(&["--json", "job", "list"], &profile).await;
     assert_eq!(
         listed.as_array().map(|a| a.len()),
@@ -526,4 +662,175 @@ async fn certificates_tokens_and_revocation_from_the_command_line() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     drop(up);
+}
+
+/// A loopback port nothing listens on.
+fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr").port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_errors_follow_the_json_contract_and_every_command_has_help() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let none = dir.path().join("no-profile.toml");
+
+    let (code, out, err) = cohort(&["--json", "job", "list", "--bogus"], &none)
+        .await
+        .expect("run");
+    assert_eq!(code, 2, "{err}");
+    assert_eq!(out, "");
+    let e = json_error(&err);
+    assert_eq!(e["code"], "usage", "{e}");
+    assert_eq!(e["field"], "--bogus", "{e}");
+    // Without --json, clap's own text.
+    let (code, _, err) = cohort(&["job", "list", "--bogus"], &none)
+        .await
+        .expect("run");
+    assert_eq!(code, 2);
+    assert!(
+        err.starts_with("error: unexpected argument '--bogus'"),
+        "{err}"
+    );
+    assert!(err.contains("Usage: cohort job list"), "{err}");
+
+    // Our own checks of arguments are usage errors too (made before any call).
+    let profile = dir.path().join("profile.toml");
+    std::fs::write(
+        &profile,
+        format!("endpoint = \"127.0.0.1:{}\"\n", closed_port()),
+    )
+    .expect("write");
+    let (code, _, err) = cohort(&["--json", "job", "list", "--state", "sleepy"], &profile)
+        .await
+        .expect("run");
+    assert_eq!(code, 1);
+    let e = json_error(&err);
+    assert_eq!(
+        (e["code"].as_str(), e["field"].as_str()),
+        (Some("usage"), Some("--state")),
+        "{e}"
+    );
+
+    // A local failure: the profile named does not exist.
+    let (code, _, err) = cohort(&["--json", "job", "list"], &none)
+        .await
+        .expect("run");
+    assert_eq!(code, 1);
+    let e = json_error(&err);
+    assert_eq!(e["code"], "local", "{e}");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no-profile.toml"),
+        "{e}"
+    );
+
+    let (code, out, err) = cohort(&["help", "job", "create"], &none)
+        .await
+        .expect("run");
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("\"-\" reads it from stdin"), "{out}");
+    let (code, out, _) = cohort(&["help", "version"], &none).await.expect("run");
+    assert_eq!(code, 0);
+    assert!(out.contains("--client"), "{out}");
+
+    let (code, out, err) = cohort(&["completions", "bash"], &none).await.expect("run");
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("_cohort()"),
+        "a bash completion function: {out}"
+    );
+    assert!(out.contains("logs"), "{out}");
+    let (code, _, err) = cohort(&["--json", "completions", "tcsh"], &none)
+        .await
+        .expect("run");
+    assert_eq!(code, 2);
+    assert_eq!(json_error(&err)["field"], "SHELL");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_federation_is_named_with_its_profile_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let profile = dir.path().join("profile.toml");
+    let endpoint = format!("127.0.0.1:{}", closed_port());
+    std::fs::write(&profile, format!("endpoint = \"{endpoint}\"\n")).expect("write");
+    let named = format!(
+        "cannot reach the federation at {endpoint} (profile {}): connection refused",
+        profile.display()
+    );
+
+    // `version` still tells the CLI's version, and why the server's is unknown.
+    let started = Instant::now();
+    let (code, out, err) = cohort(&["version"], &profile).await.expect("run");
+    assert_eq!(code, 1, "the server's version is unknown");
+    assert_eq!(out, format!("cohort {}\n", env!("CARGO_PKG_VERSION")));
+    assert!(err.contains(&named), "{err}");
+    assert!(err.contains("the server's version is unknown"), "{err}");
+    let (code, out, err) = cohort(&["--json", "version"], &profile).await.expect("run");
+    assert_eq!(code, 1);
+    let v: Value = serde_json::from_str(out.trim()).expect("JSON");
+    assert_eq!(v["cli"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(v["server"], Value::Null);
+    let e = json_error(&err);
+    assert_eq!(e["code"], "unavailable", "{e}");
+    assert!(e["message"].as_str().unwrap_or("").contains(&named), "{e}");
+    let (code, out, _) = cohort(&["version", "--client"], &profile)
+        .await
+        .expect("run");
+    assert_eq!(code, 0);
+    assert!(out.starts_with("cohort "), "{out}");
+
+    // `job watch` says so at once rather than retrying for a minute.
+    let (code, _, err) = cohort(&["--json", "job", "watch", "some-job"], &profile)
+        .await
+        .expect("run");
+    assert_eq!(code, 1);
+    let e = json_error(&err);
+    assert_eq!(e["code"], "unavailable", "{e}");
+    assert_eq!(e["message"], named.as_str(), "{e}");
+    let (code, _, err) = cohort(&["job", "logs", "--follow", "some-job"], &profile)
+        .await
+        .expect("run");
+    assert_eq!(code, 1);
+    assert!(err.contains(&named), "{err}");
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_profile_is_named_without_its_token() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let profile = dir.path().join("profile.toml");
+    let token = "cohort_Zm9yZ2VkLXNlY3JldC10aGF0LW11c3Qtbm90LWxlYWsxMjM0NTY3";
+    for broken in [
+        format!("endpoint = \"127.0.0.1:7070\"\ntoken = {token}\n"),
+        format!("endpoint = \"127.0.0.1:7070\"\ntoken = \"{token}\n"),
+        format!("endpoint = \"127.0.0.1:7070\"\ntoken = 7{token}\n"),
+    ] {
+        std::fs::write(&profile, &broken).expect("write");
+        for json in [false, true] {
+            let args: &[&str] = if json {
+                &["--json", "job", "list"]
+            } else {
+                &["job", "list"]
+            };
+            let (code, out, err) = cohort(args, &profile).await.expect("run");
+            assert_eq!(code, 1, "{err}");
+            assert!(
+                !err.contains(&token[7..]) && !out.contains(&token[7..]),
+                "token leaked: {err}"
+            );
+            assert!(err.contains(&profile.display().to_string()), "{err}");
+            assert!(err.contains("line 2, key `token`"), "{err}");
+            if json {
+                let e = json_error(&err);
+                assert_eq!(
+                    (e["code"].as_str(), e["field"].as_str()),
+                    (Some("local"), Some("token"))
+                );
+            }
+        }
+    }
 }

@@ -109,3 +109,39 @@ async fn demo_succeeds_with_separate_processes_and_leaves_none_behind() {
     let left = in_groups(&groups.into_iter().collect::<Vec<_>>());
     assert!(left.is_empty(), "processes left behind: {left:?}");
 }
+
+/// Runs `cohort demo --json` with these extra arguments; returns its last line.
+async fn demo_result(args: &[&str]) -> serde_json::Value {
+    let out = tokio::time::timeout(
+        Duration::from_secs(300),
+        tokio::process::Command::new(cohort_bin())
+            .args(["demo", "--json"])
+            .args(args)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("demo finishes in time")
+    .expect("demo runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.lines().last().expect("output")).expect("last line is JSON")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_seed_gives_the_same_accuracy() {
+    let args = ["--clients", "2", "--rounds", "3", "--seed", "11"];
+    let first = demo_result(&args).await;
+    let second = demo_result(&args).await;
+    assert_eq!(first["state"], "SUCCEEDED", "{first}");
+    let accuracy = |v: &serde_json::Value| v["accuracy"].as_f64().expect("accuracy");
+    assert_eq!(
+        accuracy(&first),
+        accuracy(&second),
+        "two runs with seed 11: {first} / {second}"
+    );
+}

@@ -177,7 +177,7 @@ async fn a_model_altered_in_s3_is_refused_on_download() {
     .await
     .expect("federation on S3");
     let job = fed
-        .create_job(&digits_job("tamper", 2, 2, 1, "30s"))
+        .create_job(&digits_job("tamper", 2, 2, 2, "30s"))
         .await
         .expect("create");
     let done = fed
@@ -190,6 +190,7 @@ async fn a_model_altered_in_s3_is_refused_on_download() {
         .get_version(pb::GetVersionRequest {
             name: done.model_name.clone(),
             version: 2,
+            namespace: done.namespace.clone(),
         })
         .await
         .expect("version")
@@ -215,6 +216,7 @@ async fn a_model_altered_in_s3_is_refused_on_download() {
         .download(pb::GetVersionRequest {
             name: done.model_name.clone(),
             version: 2,
+            namespace: done.namespace.clone(),
         })
         .await
         .expect("download starts")

@@ -45,16 +45,17 @@ impl SpecError {
             if key.is_empty() {
                 return None;
             }
-            let at = scope.start + SpecError::find_key(&text[scope.clone()], key)?;
-            found = Some(at);
-            scope = at + key.len()..SpecError::value_end(text, at, key.len(), scope.end);
+            let (start, end) = SpecError::find_key(&text[scope.clone()], key)?;
+            let (start, end) = (scope.start + start, scope.start + end);
+            found = Some(start);
+            scope = end..SpecError::value_end(text, start, end, scope.end);
         }
         found.map(|at| text[..at].matches('\n').count() + 1)
     }
 
-    /// Where `key` first stands as a mapping key in `hay`: after a line start, blank, `{`,
-    /// `,` or `- `, optionally quoted, followed by `:`.
-    fn find_key(hay: &str, key: &str) -> Option<usize> {
+    /// Where `key` first stands as a mapping key in `hay` (after a line start, blank, `{`,
+    /// `,` or `- `, optionally quoted, followed by `:`): its start and end, quotes included.
+    fn find_key(hay: &str, key: &str) -> Option<(usize, usize)> {
         hay.match_indices(key).find_map(|(at, _)| {
             let before = &hay[..at];
             let (start, quote) = match before.chars().last() {
@@ -65,25 +66,27 @@ impl SpecError {
                 .chars()
                 .last()
                 .is_none_or(|c| c.is_whitespace() || matches!(c, '{' | ',' | '-'));
-            let mut after = &hay[at + key.len()..];
+            let mut end = at + key.len();
             if let Some(q) = quote {
-                after = after.strip_prefix(q)?;
+                end += hay[end..].strip_prefix(q).map(|_| q.len_utf8())?;
             }
-            (boundary && after.trim_start_matches([' ', '\t']).starts_with(':')).then_some(start)
+            let colon = hay[end..].trim_start_matches([' ', '\t']).starts_with(':');
+            (boundary && colon).then_some((start, end))
         })
     }
 
-    /// Where the value of the key at `at` ends (at most `limit`): its closing bracket for a flow
-    /// collection, else before the next line indented no deeper than the key.
-    fn value_end(text: &str, at: usize, key_len: usize, limit: usize) -> usize {
-        let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
-        let line_end = text[at..].find('\n').map_or(text.len(), |i| at + i);
-        let rest = &text[at + key_len..line_end];
+    /// Where the value of the key at `start..end` ends (at most `limit`): its closing bracket
+    /// for a flow collection, else before the next line indented no deeper than the key.
+    fn value_end(text: &str, start: usize, end: usize, limit: usize) -> usize {
+        let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+        let line_end = text[end..].find('\n').map_or(text.len(), |i| end + i);
+        let rest = &text[end..line_end];
         let value = rest
             .find(':')
             .map_or("", |i| rest[i + 1..].trim_start_matches([' ', '\t']));
-        if value.starts_with(['{', '[']) {
-            let open = line_end - rest.len() + rest.find(value).unwrap_or(0);
+        // `value` is a suffix of the key's line.
+        let open = line_end - value.len();
+        if value.starts_with(['{', '[']) && open < limit {
             let (mut depth, mut quote, mut escaped) = (0usize, None, false);
             for (i, c) in text[open..limit].char_indices() {
                 match (quote, c) {
@@ -107,7 +110,7 @@ impl SpecError {
             }
             return limit;
         }
-        let indent = at - line_start;
+        let indent = start - line_start;
         let mut pos = (line_end + 1).min(limit);
         while pos < limit {
             let end = text[pos..limit].find('\n').map_or(limit, |i| pos + i);
@@ -1217,6 +1220,38 @@ training:
         // A field the text does not have: no line rather than a wrong one.
         let e = parse_err(&GOOD.replace("arch: mlp, hidden: [128]", "arch: mlp"));
         assert_error(&e, "model.hidden", "", None);
+    }
+
+    #[test]
+    fn finding_a_key_survives_any_text() {
+        let texts = [
+            GOOD.to_string(),
+            r#"{"a": {"b": [1, {"c": "x\\"}]}, 'd': {e: "}{"}, "é": {"b": 2}}"#.to_string(),
+            "a:\n  b:\n    c: {d: [\n  e: 1".to_string(),
+        ];
+        for text in &texts {
+            for end in (0..=text.len()).filter(|&i| text.is_char_boundary(i)) {
+                for path in [
+                    "a.b.c",
+                    "training.optimizer.lr",
+                    "d.e",
+                    "é.b",
+                    "a",
+                    "model.hidden[0]",
+                ] {
+                    if let Some(line) = SpecError::key_line(&text[..end], path) {
+                        assert!(
+                            line <= text[..end].lines().count().max(1),
+                            "{path} in {end}"
+                        );
+                    }
+                }
+            }
+        }
+        let json = &texts[1];
+        assert_eq!(SpecError::key_line(json, "a.b"), Some(1));
+        assert_eq!(SpecError::key_line(json, "d.e"), Some(1));
+        assert_eq!(SpecError::key_line(json, "d.b"), None, "b is not under d");
     }
 
     #[test]

@@ -12,6 +12,7 @@ use serde_json::json;
 pub enum CertCommand {
     /// Create the federation CA (ca.crt, ca.key) in --dir.
     Init {
+        /// Where to write ca.crt and ca.key.
         #[arg(long, default_value = "cohort-pki")]
         dir: PathBuf,
         /// How long the CA is valid.
@@ -38,6 +39,7 @@ pub enum CertCommand {
         /// Where to write NAME.crt and NAME.key.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// How long the certificate is valid.
         #[arg(long, default_value = "365days", value_parser = humantime::parse_duration)]
         validity: std::time::Duration,
     },

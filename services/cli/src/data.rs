@@ -75,15 +75,18 @@ pub fn write_party_data(
     Ok(out)
 }
 
-/// The demo's job: an MLP on digits, every party in every round.
-pub fn demo_job_spec(name: &str, parties: u32, rounds: u32) -> String {
-    let min = parties.div_ceil(2).max(1);
+/// The demo's job: an MLP on digits, every party in every round. The quorum is half the
+/// parties but at least two (the smallest cohort parties take by default), and `seed` fixes
+/// the initial weights and the parties' data order: the same seed gives the same accuracy.
+pub fn demo_job_spec(name: &str, parties: u32, rounds: u32, seed: u64) -> String {
+    let min = parties.div_ceil(2).max(2).min(parties.max(1));
     format!(
         "name: {name}\n\
          model: {{arch: mlp, hidden: [128]}}\n\
          data: {{dataset: digits}}\n\
          training:\n  epochs: 3\n  batch_size: 16\n  optimizer: {{name: sgd, lr: 0.1}}\n\
          rounds: {rounds}\n\
+         seed: {seed}\n\
          clients: {{per_round: {parties}, min: {min}, round_timeout: 60s}}\n"
     )
 }
@@ -106,6 +109,9 @@ mod tests {
             "{test}"
         );
         assert!(parties.iter().all(|p| p.train_samples >= 20));
-        assert!(cohort_core::JobSpec::parse(&demo_job_spec("digits-demo", 3, 10)).is_ok());
+        let spec = cohort_core::JobSpec::parse(&demo_job_spec("digits-demo", 3, 10, 5)).unwrap();
+        assert_eq!((spec.clients.min, spec.seed), (2, Some(5)));
+        let one = cohort_core::JobSpec::parse(&demo_job_spec("digits-demo", 1, 10, 5)).unwrap();
+        assert_eq!(one.clients.min, 1);
     }
 }

@@ -6,33 +6,42 @@
 
 pub mod certs;
 pub mod data;
+pub mod error;
 pub mod profile;
 pub mod show;
 pub mod stack;
 
-use std::io::{IsTerminal, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use cohort_proto::v1 as pb;
 use futures::StreamExt;
 use serde_json::json;
 use sha2::Digest;
 use tonic::transport::Channel;
 
+use crate::error::usage;
 use crate::profile::Profile;
 use crate::show::*;
 use crate::stack::{Stack, StackConfig};
 
 #[derive(Debug, Parser)]
-#[command(name = "cohort", version, about = "Cohort federated learning")]
+#[command(
+    name = "cohort",
+    version,
+    about = "Cohort federated learning",
+    after_help = "With --json, output is JSON and a failure is one JSON line on stderr: \
+                  {\"error\": {\"code\", \"message\", \"field\"}}."
+)]
 pub struct Cli {
-    /// Print machine-readable JSON (one object, or one per line for streams).
+    /// Print machine-readable JSON (one object, or one per line for streams); errors too.
     #[arg(long, global = true)]
     pub json: bool,
-    /// Profile naming the federation to talk to.
+    /// Profile naming the federation to talk to (default: ~/.config/cohort/profile.toml).
     #[arg(long, global = true, env = "COHORT_PROFILE")]
     pub profile: Option<PathBuf>,
     #[command(subcommand)]
@@ -60,6 +69,21 @@ pub enum Command {
     /// API tokens (needs an admin token).
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Show this CLI's version and the server's.
+    ///
+    /// The server's version comes from job-scheduler through the profile's proxy. When it
+    /// cannot be learned, the CLI's version is still printed, the error says why, and the
+    /// exit code is 1 (with or without --json); --client asks no server.
+    Version {
+        /// Only this CLI's version; no server is asked.
+        #[arg(long)]
+        client: bool,
+    },
+    /// Print a shell completion script (e.g. `source <(cohort completions bash)`).
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -76,11 +100,15 @@ pub enum TokenCommand {
         #[arg(long, default_value = "cli")]
         name: String,
     },
+    /// List tokens (ids, names, namespaces and roles; never secrets).
     List {
+        /// Only tokens of this namespace.
         #[arg(long)]
         namespace: Option<String>,
     },
+    /// Delete a token: it stops working at once.
     Delete {
+        /// The token's id (from `token list`).
         id: String,
     },
 }
@@ -118,14 +146,17 @@ pub struct StorageArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
+    /// Local parties, each with a share of the digits data (1 to 64).
     #[arg(long, default_value_t = 3)]
     pub clients: u32,
+    /// Federated rounds to run.
     #[arg(long, default_value_t = 10)]
     pub rounds: u32,
     /// Dirichlet alpha of the label skew across parties (smaller: more skewed).
     #[arg(long, default_value_t = 0.5)]
     pub alpha: f64,
-    /// Seed of the data split.
+    /// Seed of the data split, the initial weights and the parties' data order: the same
+    /// seed gives the same accuracy.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// Keep everything in this directory (default: a temporary one, removed afterwards).
@@ -142,13 +173,18 @@ pub struct DemoArgs {
 pub enum JobCommand {
     /// Create a job from a YAML or JSON spec.
     Create {
+        /// The spec file; "-" reads it from stdin.
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
     },
+    /// Show a job: state, reason, best and last round, and each round's record.
     Get {
+        /// The job's id.
         id: String,
     },
+    /// List jobs (at most --limit).
     List {
+        /// Only jobs of this namespace.
         #[arg(long)]
         namespace: Option<String>,
         /// QUEUED, RUNNING, SUCCEEDED, ...
@@ -160,24 +196,36 @@ pub enum JobCommand {
     },
     /// Follow a job until it ends; exits 0 if it SUCCEEDED.
     Watch {
+        /// The job's id.
         id: String,
     },
-    /// The job's events: every state change with its reason.
+    /// The job's log: state changes, and task failures, parties left out and refused or
+    /// dropped updates (round, party, task, reason).
     Logs {
+        /// The job's id.
         id: String,
+        /// Keep printing new entries (asking every second) until the job ends.
+        #[arg(long)]
+        follow: bool,
     },
+    /// Stop a job; it ends as STOPPED.
     Stop {
+        /// The job's id.
         id: String,
+        /// Why, recorded in the job's log.
         #[arg(long, default_value = "")]
         reason: String,
     },
+    /// Delete a job that has ended (stop it first).
     Delete {
+        /// The job's id.
         id: String,
     },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum ModelCommand {
+    /// List model versions.
     List {
         /// Only this model.
         #[arg(long)]
@@ -185,18 +233,36 @@ pub enum ModelCommand {
         /// Only versions made by this job.
         #[arg(long)]
         job: Option<String>,
+        /// Only this namespace (default: every namespace the token may read).
+        #[arg(long)]
+        namespace: Option<String>,
     },
-    /// NAME or NAME@VERSION (default: latest).
-    Get { model: String },
+    /// Show one version: digest, size, lineage and metrics.
+    Get {
+        /// NAME or NAME@VERSION (default: latest).
+        model: String,
+        /// The model's namespace (default: the token's, or "default" for a token of
+        /// every namespace).
+        #[arg(long)]
+        namespace: Option<String>,
+    },
     /// Write a version's safetensors file; its sha256 is checked.
     Download {
+        /// NAME or NAME@VERSION (default: latest).
         model: String,
+        /// The file to write.
         #[arg(short = 'o', long = "output")]
         output: PathBuf,
+        /// The model's namespace (default: the token's, or "default" for a token of
+        /// every namespace).
+        #[arg(long)]
+        namespace: Option<String>,
     },
     /// Store a safetensors file as a new version of NAME.
     Upload {
+        /// The model's name.
         name: String,
+        /// The safetensors file.
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
     },
@@ -204,9 +270,11 @@ pub enum ModelCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum ClientCommand {
+    /// List registered parties: connection, datasets, tasks.
     List,
     /// Close the party's connections and refuse it from now on (needs an admin token for "*").
     Revoke {
+        /// The party's name.
         party: String,
     },
 }
@@ -218,6 +286,13 @@ impl Cli {
         match self.command {
             Command::Up(a) => up(a, json).await,
             Command::Demo(a) => demo(a, json).await,
+            Command::Version { client } => version(self.profile.as_deref(), client, json).await,
+            Command::Completions { shell } => {
+                let mut out = std::io::stdout().lock();
+                clap_complete::generate(shell, &mut Cli::command(), "cohort", &mut out);
+                out.flush()?;
+                Ok(0)
+            }
             Command::Job(c) => {
                 let api = Api::connect(self.profile.as_deref())?;
                 job_command(api, c, json).await
@@ -260,6 +335,52 @@ impl Cli {
     }
 }
 
+/// `cohort version`: the CLI's version always; the server's when it answers.
+async fn version(profile: Option<&Path>, client_only: bool, json: bool) -> anyhow::Result<i32> {
+    let cli = env!("CARGO_PKG_VERSION");
+    let server = match client_only {
+        true => None,
+        false => Some(server_version(profile).await),
+    };
+    let known = match &server {
+        Some(Ok(v)) => Some(v.as_str()),
+        _ => None,
+    };
+    if json {
+        println!("{}", json!({"cli": cli, "server": known}));
+    } else {
+        println!("cohort {cli}");
+        if let Some(v) = known {
+            println!("server {v}");
+        }
+    }
+    match server {
+        Some(Err(e)) => Err(e.context("the server's version is unknown")),
+        _ => Ok(0),
+    }
+}
+
+/// How long `cohort version` waits for the server's answer.
+const SERVER_INFO_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn server_version(profile: Option<&Path>) -> anyhow::Result<String> {
+    let api = Api::connect(profile)?;
+    let mut jobs = api.jobs();
+    let ask = jobs.get_server_info(pb::GetServerInfoRequest {});
+    let info = match tokio::time::timeout(SERVER_INFO_TIMEOUT, ask).await {
+        Ok(answer) => answer?.into_inner(),
+        Err(_) => {
+            return Err(tonic::Status::deadline_exceeded(format!(
+                "the federation at {} did not answer within {}",
+                api.place,
+                humantime::format_duration(SERVER_INFO_TIMEOUT)
+            ))
+            .into());
+        }
+    };
+    Ok(info.version)
+}
+
 /// A list as one JSON array, or one line per item.
 fn print_list<T>(
     items: &[T],
@@ -289,21 +410,106 @@ impl tonic::service::Interceptor for Bearer {
     }
 }
 
-pub type AuthChannel = tonic::service::interceptor::InterceptedService<Channel, Bearer>;
+pub type AuthChannel = tonic::service::interceptor::InterceptedService<Reach, Bearer>;
+
+/// The channel to the proxy. A call that cannot reach it fails UNAVAILABLE with a message
+/// naming the endpoint and the profile it came from, and [`is_unreachable`] says so.
+#[derive(Clone)]
+pub struct Reach {
+    channel: Channel,
+    place: Arc<str>,
+}
+
+/// Marks a status as "the federation could not be reached" (its source).
+#[derive(Debug)]
+struct Unreachable;
+
+impl std::fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the federation could not be reached")
+    }
+}
+
+impl std::error::Error for Unreachable {}
+
+/// Whether a call failed because the federation could not be reached at all (as opposed to
+/// an answer from it).
+pub fn is_unreachable(status: &tonic::Status) -> bool {
+    std::error::Error::source(status).is_some_and(|s| s.is::<Unreachable>())
+}
+
+impl Reach {
+    fn failed(&self, e: tonic::transport::Error) -> tonic::Status {
+        let reason = connection_failure(&e);
+        let status = tonic::Status::from_error(Box::new(e));
+        if status.code() != tonic::Code::Unavailable {
+            return status;
+        }
+        let mut status = tonic::Status::unavailable(format!(
+            "cannot reach the federation at {}: {reason}",
+            self.place
+        ));
+        status.set_source(Arc::new(Unreachable));
+        status
+    }
+}
+
+/// The innermost cause of a transport failure, e.g. "connection refused".
+fn connection_failure(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    match cause.downcast_ref::<std::io::Error>() {
+        // An OS error reads better as its kind ("connection refused").
+        Some(io) if io.get_ref().is_none() => io.kind().to_string(),
+        _ => cause.to_string(),
+    }
+}
+
+type HttpRequest = tonic::codegen::http::Request<tonic::body::Body>;
+type HttpResponse = tonic::codegen::http::Response<tonic::body::Body>;
+
+impl tonic::codegen::Service<HttpRequest> for Reach {
+    type Response = HttpResponse;
+    type Error = tonic::Status;
+    type Future = tonic::codegen::BoxFuture<HttpResponse, tonic::Status>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), tonic::Status>> {
+        self.channel.poll_ready(cx).map_err(|e| self.failed(e))
+    }
+
+    fn call(&mut self, req: HttpRequest) -> Self::Future {
+        let this = self.clone();
+        let call = self.channel.call(req);
+        Box::pin(async move { call.await.map_err(|e| this.failed(e)) })
+    }
+}
 
 /// Clients for the public services, all through the proxy.
 #[derive(Clone)]
 pub struct Api {
-    channel: Channel,
+    channel: Reach,
     bearer: Bearer,
+    /// The endpoint and the profile file it came from, for errors.
+    place: Arc<str>,
 }
 
 impl Api {
+    /// The federation named by the profile `--profile`/`COHORT_PROFILE`/the default names.
     pub fn connect(profile: Option<&Path>) -> anyhow::Result<Api> {
-        Api::from_profile(&Profile::resolve(profile)?)
+        let path = Profile::resolve_path(profile)?;
+        Api::build(&Profile::load(&path)?, Some(&path))
     }
 
     pub fn from_profile(p: &Profile) -> anyhow::Result<Api> {
+        Api::build(p, None)
+    }
+
+    fn build(p: &Profile, path: Option<&Path>) -> anyhow::Result<Api> {
         let channel = match &p.ca_cert {
             Some(ca) => {
                 let pem = std::fs::read(ca)
@@ -323,9 +529,17 @@ impl Api {
             }
             None => None,
         };
+        let place: Arc<str> = match path {
+            Some(path) => format!("{} (profile {})", p.endpoint, path.display()).into(),
+            None => p.endpoint.clone().into(),
+        };
         Ok(Api {
-            channel,
+            channel: Reach {
+                channel,
+                place: place.clone(),
+            },
             bearer: Bearer(bearer),
+            place,
         })
     }
 
@@ -376,9 +590,19 @@ async fn token_command(api: Api, cmd: TokenCommand, json: bool) -> anyhow::Resul
             name,
         } => {
             let role = cohort_runtime::wire::role_to_wire(
-                cohort_core::Role::parse(&role).map_err(|e| anyhow::anyhow!("--{e}"))?,
+                cohort_core::Role::parse(&role).map_err(|_| {
+                    usage(
+                        "--role",
+                        format!("{role:?} is not one of admin, member, viewer"),
+                    )
+                })?,
             );
-            cohort_core::Scope::parse(&namespace).map_err(|e| anyhow::anyhow!("--{e}"))?;
+            cohort_core::Scope::parse(&namespace).map_err(|_| {
+                usage(
+                    "--namespace",
+                    format!("{namespace:?} must be a DNS-1123 label or \"*\""),
+                )
+            })?;
             let created = tokens
                 .create_token(pb::CreateTokenRequest {
                     name,
@@ -429,7 +653,7 @@ async fn token_command(api: Api, cmd: TokenCommand, json: bool) -> anyhow::Resul
 fn parse_state(s: &str) -> anyhow::Result<pb::JobState> {
     let state: cohort_core::JobState = s
         .parse()
-        .with_context(|| format!("--state: {s:?} is not a job state"))?;
+        .map_err(|_| usage("--state", format!("{s:?} is not a job state")))?;
     Ok(
         pb::JobState::from_str_name(&format!("JOB_STATE_{}", state.as_str()))
             .unwrap_or(pb::JobState::Unspecified),
@@ -440,8 +664,7 @@ async fn job_command(api: Api, cmd: JobCommand, json: bool) -> anyhow::Result<i3
     let mut jobs = api.jobs();
     match cmd {
         JobCommand::Create { file } => {
-            let spec = std::fs::read_to_string(&file)
-                .with_context(|| format!("-f: cannot read {}", file.display()))?;
+            let spec = read_spec(&file)?;
             let job = jobs
                 .create_job(pb::CreateJobRequest { spec })
                 .await?
@@ -505,27 +728,7 @@ async fn job_command(api: Api, cmd: JobCommand, json: bool) -> anyhow::Result<i3
                 1
             });
         }
-        JobCommand::Logs { id } => {
-            let events = jobs
-                .list_job_events(pb::GetJobRequest { id })
-                .await?
-                .into_inner()
-                .events;
-            for e in &events {
-                if json {
-                    println!("{}", event_json(e));
-                } else {
-                    let v = event_json(e);
-                    println!(
-                        "{}  {:>9} -> {:<9}  {}",
-                        v["time"].as_str().unwrap_or(""),
-                        v["from"].as_str().unwrap_or("-"),
-                        state_name(e.to),
-                        e.reason
-                    );
-                }
-            }
-        }
+        JobCommand::Logs { id, follow } => job_logs(&api, &id, follow, json).await?,
         JobCommand::Stop { id, reason } => {
             let job = jobs
                 .stop_job(pb::StopJobRequest { id, reason })
@@ -550,8 +753,122 @@ async fn job_command(api: Api, cmd: JobCommand, json: bool) -> anyhow::Result<i3
     Ok(0)
 }
 
+/// Largest job spec `job create` reads (a spec is a page of YAML).
+const MAX_SPEC_BYTES: u64 = 1 << 20;
+
+/// The spec text from `-f FILE`, or from stdin for `-f -`.
+fn read_spec(file: &Path) -> anyhow::Result<String> {
+    let (source, reader): (String, Box<dyn Read>) = if file == Path::new("-") {
+        ("stdin".into(), Box::new(std::io::stdin().lock()))
+    } else {
+        let f = std::fs::File::open(file)
+            .with_context(|| format!("-f: cannot read {}", file.display()))?;
+        (file.display().to_string(), Box::new(f))
+    };
+    let mut text = String::new();
+    reader
+        .take(MAX_SPEC_BYTES + 1)
+        .read_to_string(&mut text)
+        .with_context(|| format!("-f: cannot read {source}"))?;
+    if text.len() as u64 > MAX_SPEC_BYTES {
+        return Err(usage(
+            "--file",
+            format!("{source} is larger than {MAX_SPEC_BYTES} bytes"),
+        ));
+    }
+    Ok(text)
+}
+
+/// How often `job logs --follow` asks for new entries.
+const LOG_POLL: Duration = Duration::from_secs(1);
+
+/// Consecutive failed polls `job logs --follow` rides out once it has read the log.
+const MAX_LOG_POLL_FAILURES: u32 = 60;
+
+/// `job logs`: prints the job's log; with `follow`, keeps printing new entries until the
+/// job has ended.
+async fn job_logs(api: &Api, id: &str, follow: bool, json: bool) -> anyhow::Result<()> {
+    let mut jobs = api.jobs();
+    let mut after = 0u64;
+    let mut failures = 0u32;
+    let mut read_once = false;
+    // The job was seen ended: one more read for what came in meanwhile, then stop.
+    let mut last_read = false;
+    loop {
+        let asked = jobs
+            .list_job_events(pb::ListJobEventsRequest {
+                id: id.to_string(),
+                after_seq: after,
+            })
+            .await;
+        let events = match asked {
+            Ok(r) => r.into_inner().events,
+            // Once the log was read, a restarting proxy or job-scheduler is waited out.
+            Err(st)
+                if follow
+                    && read_once
+                    && cohort_runtime::is_retryable(&st)
+                    && failures < MAX_LOG_POLL_FAILURES =>
+            {
+                failures += 1;
+                tokio::time::sleep(LOG_POLL).await;
+                continue;
+            }
+            Err(st) => return Err(st.into()),
+        };
+        if !read_once && !json {
+            println!("{}", event_header());
+        }
+        read_once = true;
+        failures = 0;
+        let mut ended = false;
+        let mut new = 0usize;
+        // Only entries after the last one shown, whatever the server sends.
+        for e in &events {
+            if e.seq <= after {
+                continue;
+            }
+            print_event(e, json);
+            after = e.seq;
+            new += 1;
+            ended |= e.kind.is_empty() && is_terminal(e.to);
+        }
+        let _ = std::io::stdout().flush();
+        if ended || last_read {
+            return Ok(());
+        }
+        if new == 0 {
+            if !follow {
+                return Ok(());
+            }
+            // Nothing new: the job may have ended with its last state change already shown
+            // (or dropped from a full log).
+            let job = jobs.get_job(pb::GetJobRequest { id: id.to_string() }).await;
+            if let Ok(job) = job
+                && is_terminal(job.get_ref().state)
+            {
+                last_read = true;
+                continue;
+            }
+        }
+        if !follow {
+            continue;
+        }
+        tokio::time::sleep(LOG_POLL).await;
+    }
+}
+
+fn print_event(e: &pb::JobEvent, json: bool) {
+    if json {
+        println!("{}", event_json(e));
+    } else {
+        println!("{}", event_line(e));
+    }
+}
+
 /// Follows a job until it ends, calling `on_change` for every new snapshot.
-/// Survives job-scheduler and proxy restarts by watching again.
+/// Fails at once when the federation cannot be reached at first; once the watch is
+/// established, survives job-scheduler and proxy restarts by watching again.
 pub async fn watch(
     api: &Api,
     id: &str,
@@ -560,6 +877,7 @@ pub async fn watch(
 ) -> anyhow::Result<pb::Job> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut last: Option<pb::Job> = None;
+    let mut established = false;
     let mut failures = 0u32;
     loop {
         if tokio::time::Instant::now() >= deadline {
@@ -572,13 +890,14 @@ pub async fn watch(
             .jobs()
             .watch_job(pb::GetJobRequest { id: id.to_string() })
             .await;
-        match stream {
+        let broke = match stream {
             Ok(resp) => {
+                established = true;
                 let mut s = resp.into_inner();
                 loop {
                     let next = tokio::time::timeout_at(deadline, s.next()).await;
                     match next {
-                        Err(_) => break,
+                        Err(_) => break None,
                         Ok(Some(Ok(job))) => {
                             failures = 0;
                             if last.as_ref() != Some(&job) {
@@ -591,18 +910,24 @@ pub async fn watch(
                             }
                         }
                         Ok(Some(Err(st))) if !cohort_runtime::is_retryable(&st) => {
-                            bail!("{}", st.message())
+                            return Err(st.into());
                         }
-                        Ok(_) => break,
+                        Ok(Some(Err(st))) => break Some(st),
+                        Ok(None) => break None,
                     }
                 }
             }
-            Err(st) if !cohort_runtime::is_retryable(&st) => bail!("{}", st.message()),
-            Err(_) => {}
-        }
+            Err(st) if !cohort_runtime::is_retryable(&st) => return Err(st.into()),
+            Err(st) if !established && is_unreachable(&st) => return Err(st.into()),
+            Err(st) => Some(st),
+        };
         failures += 1;
         if failures > 120 {
-            bail!("lost the connection to the federation while watching job {id}");
+            let why = broke.map(|st| format!(": {}", st.message()));
+            bail!(
+                "lost the connection to the federation while watching job {id}{}",
+                why.unwrap_or_default()
+            );
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -611,29 +936,37 @@ pub async fn watch(
 fn split_model_ref(s: &str) -> anyhow::Result<(String, u32)> {
     match s.split_once('@') {
         None => Ok((s.to_string(), 0)),
-        Some(_) => cohort_core::spec::parse_model_ref(s).map_err(|m| anyhow::anyhow!("{m}")),
+        Some(_) => cohort_core::spec::parse_model_ref(s).map_err(|m| usage("MODEL", m)),
     }
 }
 
 async fn model_command(api: Api, cmd: ModelCommand, json: bool) -> anyhow::Result<i32> {
     let mut models = api.models();
     match cmd {
-        ModelCommand::List { name, job } => {
+        ModelCommand::List {
+            name,
+            job,
+            namespace,
+        } => {
             let versions = models
                 .list_versions(pb::ListVersionsRequest {
                     name: name.unwrap_or_default(),
                     job_id: job.unwrap_or_default(),
-                    namespace: String::new(),
+                    namespace: namespace.unwrap_or_default(),
                 })
                 .await?
                 .into_inner()
                 .versions;
             print_list(&versions, json, version_json, version_line);
         }
-        ModelCommand::Get { model } => {
+        ModelCommand::Get { model, namespace } => {
             let (name, version) = split_model_ref(&model)?;
             let v = models
-                .get_version(pb::GetVersionRequest { name, version })
+                .get_version(pb::GetVersionRequest {
+                    name,
+                    version,
+                    namespace: namespace.unwrap_or_default(),
+                })
                 .await?
                 .into_inner();
             if json {
@@ -642,12 +975,18 @@ async fn model_command(api: Api, cmd: ModelCommand, json: bool) -> anyhow::Resul
                 println!("{}", version_line(&v));
             }
         }
-        ModelCommand::Download { model, output } => {
+        ModelCommand::Download {
+            model,
+            output,
+            namespace,
+        } => {
             let (name, version) = split_model_ref(&model)?;
+            let namespace = namespace.unwrap_or_default();
             let v = models
                 .get_version(pb::GetVersionRequest {
                     name: name.clone(),
                     version,
+                    namespace: namespace.clone(),
                 })
                 .await?
                 .into_inner();
@@ -660,6 +999,7 @@ async fn model_command(api: Api, cmd: ModelCommand, json: bool) -> anyhow::Resul
                 .download(pb::GetVersionRequest {
                     name,
                     version: v.version,
+                    namespace,
                 })
                 .await?
                 .into_inner();
@@ -794,13 +1134,13 @@ fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
 
 async fn demo(a: DemoArgs, json: bool) -> anyhow::Result<i32> {
     if a.clients == 0 || a.clients > 64 {
-        bail!("--clients: must be between 1 and 64");
+        return Err(usage("--clients", "must be between 1 and 64"));
     }
     if a.rounds == 0 {
-        bail!("--rounds: must be at least 1");
+        return Err(usage("--rounds", "must be at least 1"));
     }
     if !(a.alpha.is_finite() && a.alpha > 0.0) {
-        bail!("--alpha: must be a positive number");
+        return Err(usage("--alpha", "must be a positive number"));
     }
     let temp;
     let data_dir = match &a.data_dir {
@@ -878,7 +1218,7 @@ async fn demo(a: DemoArgs, json: bool) -> anyhow::Result<i32> {
 
 async fn run_demo_job(stack: &Stack, a: &DemoArgs, json: bool) -> anyhow::Result<pb::Job> {
     let api = Api::from_profile(&stack.profile())?;
-    let spec = data::demo_job_spec("digits-demo", a.clients, a.rounds);
+    let spec = data::demo_job_spec("digits-demo", a.clients, a.rounds, a.seed);
     let job = api
         .jobs()
         .create_job(pb::CreateJobRequest { spec })
@@ -943,4 +1283,107 @@ async fn run_demo_job(stack: &Stack, a: &DemoArgs, json: bool) -> anyhow::Result
     })
     .await?;
     Ok(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every command, subcommand, flag and argument says what it is for (`cohort help ...`).
+    #[test]
+    fn every_command_and_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {}", arg.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                let sub_path = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() && sub.get_long_about().is_none() {
+                    missing.push(sub_path.clone());
+                }
+                walk(sub, &sub_path, missing);
+            }
+        }
+        let mut cli = Cli::command();
+        cli.build();
+        let mut missing = Vec::new();
+        walk(&cli, "cohort", &mut missing);
+        assert!(missing.is_empty(), "without help text: {missing:?}");
+
+        let logs = cli
+            .find_subcommand_mut("job")
+            .and_then(|j| j.find_subcommand_mut("logs"))
+            .expect("job logs")
+            .render_long_help()
+            .to_string();
+        assert!(logs.contains("--follow"), "{logs}");
+        assert!(logs.contains("until the job ends"), "{logs}");
+    }
+
+    /// A loopback port nothing listens on.
+    fn closed_port() -> u16 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_federation_is_named_with_its_profile() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("profile.toml");
+        let endpoint = format!("127.0.0.1:{}", closed_port());
+        Profile {
+            endpoint: endpoint.clone(),
+            ca_cert: None,
+            token: None,
+        }
+        .save(&path)
+        .expect("save");
+        let api = Api::connect(Some(&path)).expect("api");
+        let st = api
+            .jobs()
+            .get_job(pb::GetJobRequest { id: "j-1".into() })
+            .await
+            .expect_err("nothing listens");
+        assert_eq!(st.code(), tonic::Code::Unavailable);
+        assert!(is_unreachable(&st), "{st:?}");
+        assert_eq!(
+            st.message(),
+            format!(
+                "cannot reach the federation at {endpoint} (profile {}): connection refused",
+                path.display()
+            )
+        );
+        let failure = error::Failure::of(&st.into());
+        assert_eq!(failure.code, "unavailable");
+
+        // A watch says so at once instead of retrying.
+        let started = std::time::Instant::now();
+        let e = watch(&api, "j-1", Duration::from_secs(120), |_| {})
+            .await
+            .expect_err("nothing listens");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(
+            format!("{e:#}").contains(&format!("cannot reach the federation at {endpoint}")),
+            "{e:#}"
+        );
+    }
+
+    #[test]
+    fn a_spec_is_read_whole_and_bounded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("job.yaml");
+        std::fs::write(&path, "name: x\n").expect("write");
+        assert_eq!(read_spec(&path).expect("read"), "name: x\n");
+        std::fs::write(&path, "#".repeat(MAX_SPEC_BYTES as usize + 1)).expect("write");
+        let e = read_spec(&path).expect_err("too large");
+        assert_eq!(error::Failure::of(&e).code, "usage");
+        let e = read_spec(&dir.path().join("missing.yaml")).expect_err("missing");
+        assert!(format!("{e:#}").contains("missing.yaml"), "{e:#}");
+    }
 }

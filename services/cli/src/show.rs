@@ -37,6 +37,9 @@ pub fn round_json(r: &pb::RoundSummary) -> Value {
     let e = r.evaluation.unwrap_or_default();
     json!({
         "refused_updates": r.refused_updates,
+        "dropped_updates": r.dropped_updates,
+        "task_failures": r.task_failures,
+        "robust_accuracy": if r.robust_accuracy > 0.0 { finite(r.robust_accuracy) } else { Value::Null },
         "round": r.round,
         "accuracy": if e.samples > 0 { finite(e.accuracy) } else { Value::Null },
         "loss": if e.samples > 0 { finite(e.loss) } else { Value::Null },
@@ -66,6 +69,8 @@ pub fn job_json(j: &pb::Job) -> Value {
         "reason": j.reason,
         "rounds_total": j.rounds_total,
         "rounds_completed": j.rounds_completed,
+        "best_round": if j.best_round > 0 { json!(j.best_round) } else { Value::Null },
+        "last_round": if j.last_round > 0 { json!(j.last_round) } else { Value::Null },
         "accuracy": last_accuracy(j),
         "model": j.model_name,
         "created_at": time(j.created_at_ms),
@@ -92,25 +97,32 @@ pub fn job_line(j: &pb::Job) -> String {
 }
 
 pub fn job_text(j: &pb::Job) -> String {
+    let round = |r: u32| if r > 0 { r.to_string() } else { "-".into() };
     let mut s = format!(
-        "job        {}\nnamespace  {}\nstate      {}\nreason     {}\nrounds     {}/{}\nmodel      {}\ncreated    {}\n",
+        "job         {}\nnamespace   {}\nstate       {}\nreason      {}\nrounds      {}/{}\nbest round  {}\nlast round  {}\nmodel       {}\ncreated     {}\n",
         j.id,
         j.namespace,
         state_name(j.state),
         j.reason,
         j.rounds_completed,
         j.rounds_total,
+        round(j.best_round),
+        round(j.last_round),
         j.model_name,
         time(j.created_at_ms)
     );
     if !j.rounds.is_empty() {
-        s.push_str("\nround  updates  accuracy  loss      train_loss  version  seconds\n");
+        s.push_str(
+            "\nround  updates  dropped  task_failures  accuracy  loss      train_loss  version  seconds\n",
+        );
         for r in &j.rounds {
             let e = r.evaluation.unwrap_or_default();
             s.push_str(&format!(
-                "{:>5}  {:>7}  {:>8}  {:>8}  {:>10.4}  {:>7}  {:>7.2}\n",
+                "{:>5}  {:>7}  {:>7}  {:>13}  {:>8}  {:>8}  {:>10.4}  {:>7}  {:>7.2}\n",
                 r.round,
                 r.updates,
+                r.dropped_updates,
+                r.task_failures,
                 if e.samples > 0 {
                     format!("{:.4}", e.accuracy)
                 } else {
@@ -130,14 +142,59 @@ pub fn job_text(j: &pb::Job) -> String {
     s
 }
 
+/// A job log entry: `kind` is "state" for a state change (from -> to), else what happened
+/// ("task_failed", "party_left_out", ...); round, party and task are null when not about one.
 pub fn event_json(e: &pb::JobEvent) -> Value {
+    let text = |s: &str| if s.is_empty() { Value::Null } else { json!(s) };
     json!({
         "seq": e.seq,
         "time": time(e.time_ms),
+        "kind": if e.kind.is_empty() { "state" } else { e.kind.as_str() },
         "from": if e.from == 0 { Value::Null } else { json!(state_name(e.from)) },
         "to": state_name(e.to),
+        "round": if e.round > 0 { json!(e.round) } else { Value::Null },
+        "party": text(&e.party),
+        "task_id": text(&e.task_id),
         "reason": e.reason,
     })
+}
+
+/// The column titles above [`event_line`]s.
+pub fn event_header() -> String {
+    format!(
+        "{:<24}  {:<22}  {:>5}  {:<16}  {:<16}  REASON",
+        "TIME", "EVENT", "ROUND", "PARTY", "TASK"
+    )
+}
+
+/// One log entry as a line: time, what (from -> to, or the kind), round, party, task, reason.
+pub fn event_line(e: &pb::JobEvent) -> String {
+    let what = if e.kind.is_empty() {
+        let from = if e.from == 0 { "-" } else { state_name(e.from) };
+        format!("{from} -> {}", state_name(e.to))
+    } else {
+        e.kind.clone()
+    };
+    let or_dash = |s: &str| {
+        if s.is_empty() {
+            "-".to_string()
+        } else {
+            s.to_string()
+        }
+    };
+    format!(
+        "{:<24}  {:<22}  {:>5}  {:<16}  {:<16}  {}",
+        time(e.time_ms),
+        what,
+        if e.round > 0 {
+            e.round.to_string()
+        } else {
+            "-".into()
+        },
+        or_dash(&e.party),
+        or_dash(&e.task_id),
+        e.reason
+    )
 }
 
 pub fn version_json(v: &pb::ModelVersion) -> Value {

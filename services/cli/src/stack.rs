@@ -169,6 +169,20 @@ impl Stack {
                 .into_iter()
                 .map(|n| service_tls(n).map(|env| (n, env)))
                 .collect::<anyhow::Result<_>>()?;
+        let coordinator_tls = {
+            let pair = ca.issue_service("coordinator", &names, validity)?;
+            let (cert, key) = crate::certs::write_pair(&self.pki, "coordinator", &pair)?;
+            [
+                (
+                    "COHORT_COORDINATOR_TLS_CERT".to_string(),
+                    cert.display().to_string(),
+                ),
+                (
+                    "COHORT_COORDINATOR_TLS_KEY".to_string(),
+                    key.display().to_string(),
+                ),
+            ]
+        };
         let tls = |name: &str| {
             tls_of
                 .iter()
@@ -222,6 +236,9 @@ impl Stack {
                         "COHORT_ADMIN_TOKEN_SHA256".to_string(),
                         self.admin_token.sha256(),
                     ));
+                    // Coordinators have their own identity: model-manager lets them act only
+                    // for their job's namespace.
+                    env.extend(coordinator_tls.iter().cloned());
                     env
                 },
             )
@@ -271,7 +288,16 @@ impl Stack {
                     "--workspace",
                     &workspace,
                 ],
-                tls_env(cert, key),
+                {
+                    let mut env = tls_env(cert, key);
+                    // Parties refuse cohorts smaller than two (their own update would be
+                    // published as the global model); a one-party federation on one machine
+                    // shares nothing with anyone, so its party takes them.
+                    if cfg.parties == 1 {
+                        env.push(("COHORT_MIN_COHORT".to_string(), "1".to_string()));
+                    }
+                    env
+                },
             )
             .await?;
         }

@@ -140,10 +140,10 @@ impl pb::round_server::Round for RoundApi {
             }
         };
         let train_loss = header.train.map(|m| m.loss).unwrap_or(f64::NAN);
-        upload
+        let norm = upload
             .complete(delta, train_loss)
             .map_err(|e| e.to_status())?;
-        tracing::info!(%party, %task, samples = header.samples, "update folded");
+        tracing::info!(%party, %task, samples = header.samples, norm, "update folded");
         Ok(Response::new(pb::Ack {
             message: "update accepted".into(),
         }))

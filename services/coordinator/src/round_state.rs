@@ -754,7 +754,8 @@ impl Upload {
     /// Checks the received update and folds it into the round's aggregate. An update the
     /// round cannot take (wrong layout, over the norm bound, not finite once applied) is
     /// dropped: the task delivered, but nothing of it counts; the job's log says why.
-    pub fn complete(self, delta: Vec<NamedTensor>, train_loss: f64) -> Result<(), RoundError> {
+    /// Returns the update's L2 norm as received.
+    pub fn complete(self, delta: Vec<NamedTensor>, train_loss: f64) -> Result<f64, RoundError> {
         let checked = self.check.check(delta).map_err(|e| e.to_string());
         self.finish(checked.map(|update| (update, train_loss)))
     }
@@ -763,14 +764,14 @@ impl Upload {
     pub fn reject(self, why: String) -> RoundError {
         match self.finish(Err(why)) {
             Err(e) => e,
-            Ok(()) => RoundError::invalid("rejected"),
+            Ok(_) => RoundError::invalid("rejected"),
         }
     }
 
     fn finish(
         mut self,
         checked: Result<(cohort_fl::CheckedUpdate, f64), String>,
-    ) -> Result<(), RoundError> {
+    ) -> Result<f64, RoundError> {
         let state = self.state.clone();
         let mut inner = state.lock();
         if inner.phase != self.phase || !inner.tickets.contains_key(&self.token) {
@@ -792,13 +793,14 @@ impl Upload {
                 if update.clipped {
                     tracing::info!(party = %self.ticket.party, norm = update.norm, "update clipped to the norm bound");
                 }
+                let norm = update.norm;
                 match aggregate.add(update, self.samples) {
                     Ok(()) => {
                         if train_loss.is_finite() && train_loss >= 0.0 {
                             *loss_sum += train_loss * self.samples as f64;
                             *loss_samples += self.samples;
                         }
-                        Ok(())
+                        Ok(norm)
                     }
                     Err(e) => Err(e.to_string()),
                 }
@@ -824,7 +826,7 @@ impl Upload {
         self.finished = true;
         state.progress.notify_waiters();
         match outcome {
-            Ok(()) => Ok(()),
+            Ok(norm) => Ok(norm),
             Err(why) => {
                 state.note(Note {
                     kind: NoteKind::UpdateDropped,
