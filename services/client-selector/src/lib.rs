@@ -16,10 +16,10 @@ use std::time::Duration;
 use anyhow::Context;
 use cohort_proto::v1::client_selector_server::ClientSelectorServer;
 use cohort_proto::v1::party_session_server::PartySessionServer;
+use cohort_runtime::Services;
 use cohort_runtime::{Listener, RuntimeError, ServiceArgs};
 use cohort_store::clients::ClientStore;
 use tokio::sync::oneshot;
-use tonic::service::Routes;
 
 use crate::registry::Registry;
 pub use crate::registry::{RegistrationLimits, Settings};
@@ -115,9 +115,9 @@ impl Args {
     }
 }
 
-fn routes(store: Arc<dyn ClientStore>, settings: Settings) -> Routes {
+fn routes(store: Arc<dyn ClientStore>, settings: Settings) -> Services {
     let registry = Registry::new(store, settings);
-    Routes::new(PartySessionServer::new(SessionApi {
+    Services::new(PartySessionServer::new(SessionApi {
         registry: registry.clone(),
     }))
     .add_service(ClientSelectorServer::new(SelectorApi { registry }))

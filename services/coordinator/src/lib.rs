@@ -18,8 +18,8 @@ use std::time::Duration;
 use anyhow::Context;
 use cohort_core::{JobId, JobSpec};
 use cohort_proto::v1 as pb;
-use cohort_runtime::{Listener, ServiceArgs, channel, retry_unavailable};
 use cohort_runtime::Services;
+use cohort_runtime::{Listener, ServiceArgs, channel, retry_unavailable};
 
 use crate::round_service::{ControlApi, RoundApi};
 use crate::round_state::RoundState;

@@ -18,9 +18,9 @@ use cohort_proto::v1::{
     auth_server::AuthServer, job_control_server::JobControlServer, jobs_server::JobsServer,
     tokens_server::TokensServer,
 };
+use cohort_runtime::Services;
 use cohort_runtime::launcher::{CoordinatorConfig, Launcher, LocalLauncher};
 use cohort_runtime::{Listener, ServiceArgs};
-use cohort_runtime::Services;
 
 use crate::manager::{JobManager, ManagerConfig};
 
@@ -39,10 +39,18 @@ pub struct Args {
     /// The certificate local coordinators present (a service certificate for "coordinator":
     /// model-manager then lets them act only for their job's namespace). Default: this
     /// service's own --tls-cert.
-    #[arg(long, env = "COHORT_COORDINATOR_TLS_CERT", requires = "coordinator_tls_key")]
+    #[arg(
+        long,
+        env = "COHORT_COORDINATOR_TLS_CERT",
+        requires = "coordinator_tls_key"
+    )]
     pub coordinator_tls_cert: Option<PathBuf>,
     /// The key of --coordinator-tls-cert.
-    #[arg(long, env = "COHORT_COORDINATOR_TLS_KEY", requires = "coordinator_tls_cert")]
+    #[arg(
+        long,
+        env = "COHORT_COORDINATOR_TLS_KEY",
+        requires = "coordinator_tls_cert"
+    )]
     pub coordinator_tls_key: Option<PathBuf>,
     /// SHA-256 (hex) of an API token to keep as an admin of every namespace:
     /// how the first admin gets in. Only the hash is given, never the token.
