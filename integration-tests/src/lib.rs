@@ -235,6 +235,42 @@ pub fn digits_job(
     )
 }
 
+/// A digits mlp (64 features, 10 classes) with these hidden widths, as safetensors; the
+/// weights differ with `seed`.
+pub fn digits_mlp(hidden: &[u32], seed: u64) -> Vec<u8> {
+    let model = cohort_core::spec::ModelSpec {
+        arch: cohort_core::spec::Arch::Mlp,
+        hidden: hidden.to_vec(),
+        init: None,
+        name: None,
+    };
+    let weights = cohort_train::init_model(&model, 64, 10, seed).expect("weights");
+    cohort_fl::to_safetensors(&weights).expect("safetensors")
+}
+
+/// Uploads `bytes` as a new version of `name` in the namespace `api`'s token belongs to.
+pub async fn upload_model(
+    api: &Api,
+    name: &str,
+    bytes: Vec<u8>,
+) -> Result<pb::ModelVersion, tonic::Status> {
+    let parts = vec![
+        pb::UploadVersionRequest {
+            part: Some(pb::upload_version_request::Part::Header(pb::UploadHeader {
+                name: name.to_string(),
+                ..Default::default()
+            })),
+        },
+        pb::UploadVersionRequest {
+            part: Some(pb::upload_version_request::Part::Data(bytes)),
+        },
+    ];
+    api.models()
+        .upload_version(futures::stream::iter(parts))
+        .await
+        .map(|r| r.into_inner())
+}
+
 /// Every process on the machine: (pid, ppid, pgid, comm).
 pub fn processes() -> Vec<(u32, u32, i32, String)> {
     let mut out = Vec::new();

@@ -5,8 +5,7 @@
 use std::time::{Duration, Instant};
 
 use cohort_core::JobState;
-use cohort_integration_tests::{Federation, Storage, cohort, state_of};
-use cohort_proto::v1 as pb;
+use cohort_integration_tests::{Federation, Storage, cohort, digits_mlp, state_of, upload_model};
 
 const JOB_WAIT: Duration = Duration::from_secs(120);
 
@@ -19,33 +18,6 @@ fn spec(name: &str, extra: &str) -> String {
          rounds: 2\n\
          clients: {{per_round: 2, min: 2, round_timeout: 30s}}\n"
     )
-}
-
-/// Uploads a digits mlp with these hidden widths as `name`.
-async fn upload_model(fed: &Federation, name: &str, hidden: &[u32]) {
-    let model = cohort_core::spec::ModelSpec {
-        arch: cohort_core::spec::Arch::Mlp,
-        hidden: hidden.to_vec(),
-        init: None,
-        name: None,
-    };
-    let weights = cohort_train::init_model(&model, 64, 10, 3).expect("weights");
-    let bytes = cohort_fl::to_safetensors(&weights).expect("safetensors");
-    let parts = vec![
-        pb::UploadVersionRequest {
-            part: Some(pb::upload_version_request::Part::Header(pb::UploadHeader {
-                name: name.to_string(),
-                ..Default::default()
-            })),
-        },
-        pb::UploadVersionRequest {
-            part: Some(pb::upload_version_request::Part::Data(bytes)),
-        },
-    ];
-    fed.models()
-        .upload_version(futures::stream::iter(parts))
-        .await
-        .expect("upload");
 }
 
 /// Every reason in the job's log (state changes and entries).
@@ -62,7 +34,9 @@ async fn log_text(fed: &Federation, id: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_model_init_of_the_wrong_shape_fails_at_once_naming_the_tensor() {
     let fed = Federation::start(2).await.expect("federation");
-    upload_model(&fed, "wide", &[64]).await;
+    upload_model(&fed.api(), "wide", digits_mlp(&[64], 3))
+        .await
+        .expect("upload");
     let started = Instant::now();
     let job = fed
         .create_job(&spec("narrow", ", init: \"wide@1\""))

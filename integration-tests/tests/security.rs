@@ -261,7 +261,9 @@ async fn party_certificates_are_checked_at_the_door() {
     };
     let stale = party_files(dir.path(), &real_ca, &ca_cert, "carol", expired);
     let (code, msg) = code_of(open_session(party_channel(&fed, &stale), "carol").await);
-    assert_handshake_refused(&fed, code, &msg, 2).await;
+    // Refused; the proxy logs refused handshakes at most once per 10 s (a hostile client must
+    // not flood its log), so this one is counted in the next line rather than logged now.
+    assert_handshake_refused(&fed, code, &msg, 1).await;
 
     // A valid certificate registering under another party's name.
     let alice = party_files(dir.path(), &real_ca, &ca_cert, "alice", fresh());

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use cohort_core::JobState;
 use cohort_integration_tests::adversary::{Adversary, Behaviour, UpdateKind, for_job};
-use cohort_integration_tests::{Federation, Storage, state_of, wait_clients};
+use cohort_integration_tests::{
+    Federation, Storage, digits_mlp, state_of, upload_model, wait_clients,
+};
 use cohort_proto::v1 as pb;
 use tonic::Code;
 
@@ -408,40 +410,6 @@ async fn token_for(fed: &Federation, namespace: &str, role: pb::Role) -> cohort_
     .expect("api")
 }
 
-/// A digits mlp [32] as safetensors, different for each `seed`.
-fn model_bytes(seed: u64) -> Vec<u8> {
-    let model = cohort_core::spec::ModelSpec {
-        arch: cohort_core::spec::Arch::Mlp,
-        hidden: vec![32],
-        init: None,
-        name: None,
-    };
-    let weights = cohort_train::init_model(&model, 64, 10, seed).expect("weights");
-    cohort_fl::to_safetensors(&weights).expect("safetensors")
-}
-
-async fn upload(
-    api: &cohort_cli::Api,
-    name: &str,
-    bytes: Vec<u8>,
-) -> Result<pb::ModelVersion, tonic::Status> {
-    let parts = vec![
-        pb::UploadVersionRequest {
-            part: Some(pb::upload_version_request::Part::Header(pb::UploadHeader {
-                name: name.to_string(),
-                ..Default::default()
-            })),
-        },
-        pb::UploadVersionRequest {
-            part: Some(pb::upload_version_request::Part::Data(bytes)),
-        },
-    ];
-    api.models()
-        .upload_version(futures::stream::iter(parts))
-        .await
-        .map(|r| r.into_inner())
-}
-
 async fn download(api: &cohort_cli::Api, name: &str) -> Result<Vec<u8>, tonic::Status> {
     use futures::StreamExt;
     let mut stream = api
@@ -465,7 +433,7 @@ async fn another_namespaces_model_is_neither_readable_nor_detectable() {
     let fed = federation().await;
     let team_a = token_for(&fed, "team-a", pb::Role::Member).await;
     let team_b = token_for(&fed, "team-b", pb::Role::Member).await;
-    upload(&team_a, "a-secret", model_bytes(1))
+    upload_model(&team_a, "a-secret", digits_mlp(&[32], 1))
         .await
         .expect("team-a uploads");
 
@@ -520,20 +488,20 @@ async fn model_names_belong_to_their_namespace_and_jobs_do_not_collide() {
     let team_a = token_for(&fed, "team-a", pb::Role::Member).await;
     let team_b = token_for(&fed, "team-b", pb::Role::Member).await;
     // team-b takes the name first; team-a's model of that name is its own all the same.
-    let b = upload(&team_b, "shared-name", model_bytes(2))
+    let b = upload_model(&team_b, "shared-name", digits_mlp(&[32], 2))
         .await
         .expect("team-b");
-    let a = upload(&team_a, "shared-name", model_bytes(3))
+    let a = upload_model(&team_a, "shared-name", digits_mlp(&[32], 3))
         .await
         .expect("team-a is not squatted");
     assert_eq!((a.version, b.version), (1, 1));
     assert_eq!(
         download(&team_a, "shared-name").await.expect("a"),
-        model_bytes(3)
+        digits_mlp(&[32], 3)
     );
     assert_eq!(
         download(&team_b, "shared-name").await.expect("b"),
-        model_bytes(2)
+        digits_mlp(&[32], 2)
     );
 
     // Two jobs of one name in one namespace each get their own model.

@@ -6,8 +6,10 @@ pub enum ErrorKind {
     /// The request is wrong; retrying it unchanged will fail again.
     InvalidArgument,
     NotFound,
-    /// Exists already, or changed under the caller.
+    /// Changed under the caller, or taken by another (optimistic concurrency).
     Conflict,
+    /// A second delivery of something that may be delivered once.
+    AlreadyExists,
     /// The request is valid but not in the current state (e.g. delete a running job).
     FailedPrecondition,
     /// A dependency is down; retrying later may work.
@@ -30,6 +32,7 @@ impl ErrorKind {
             ErrorKind::InvalidArgument => 400,
             ErrorKind::NotFound => 404,
             ErrorKind::Conflict => 409,
+            ErrorKind::AlreadyExists => 409,
             ErrorKind::FailedPrecondition => 412,
             ErrorKind::Unavailable => 503,
             ErrorKind::DataLoss => 500,

@@ -478,6 +478,7 @@ pub fn status(kind: cohort_core::ErrorKind, message: impl Into<String>) -> tonic
         ErrorKind::InvalidArgument => tonic::Code::InvalidArgument,
         ErrorKind::NotFound => tonic::Code::NotFound,
         ErrorKind::Conflict => tonic::Code::Aborted,
+        ErrorKind::AlreadyExists => tonic::Code::AlreadyExists,
         ErrorKind::FailedPrecondition => tonic::Code::FailedPrecondition,
         ErrorKind::Unavailable => tonic::Code::Unavailable,
         ErrorKind::DataLoss => tonic::Code::DataLoss,

@@ -559,7 +559,7 @@ impl RoundState {
                 RoundError::denied(format!("task {} is a {} task", t.task_id, t.kind))
             }
             Some(t) if exclusive && t.state != TicketState::Issued => RoundError::new(
-                ErrorKind::Conflict,
+                ErrorKind::AlreadyExists,
                 format!("task {} already delivered or delivering", t.task_id),
             ),
             Some(t) if exclusive && t.attempts >= MAX_ATTEMPTS => {
@@ -927,14 +927,14 @@ mod tests {
             .await
             .err()
             .unwrap();
-        assert_eq!(err.kind, ErrorKind::Conflict);
+        assert_eq!(err.kind, ErrorKind::AlreadyExists);
         upload.complete(delta(1.0), 0.5).unwrap();
         let err = state
             .start_upload(&tokens[0], Some(&party("a")), 5)
             .await
             .err()
             .unwrap();
-        assert_eq!(err.kind, ErrorKind::Conflict);
+        assert_eq!(err.kind, ErrorKind::AlreadyExists);
         assert_eq!(state.delivered(), 1);
         assert_eq!(state.take_refused(), 3);
         assert_eq!(state.take_refused(), 0);
@@ -1076,7 +1076,7 @@ mod tests {
         let again = state
             .record_evaluation(&tokens[0], Some(&party("a")), 10, 0.1, 0.9)
             .await;
-        assert_eq!(again.unwrap_err().kind, ErrorKind::Conflict);
+        assert_eq!(again.unwrap_err().kind, ErrorKind::AlreadyExists);
         let reports = state.finish_evaluation();
         assert_eq!(reports.len(), 1);
         assert_eq!(reports[0].weight, 50.0, "capped at the registered samples");
