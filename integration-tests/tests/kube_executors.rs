@@ -235,16 +235,15 @@ async fn a_party_with_executor_pods_trains_in_a_federation() {
     // The executors really ran, in Pods: JSON logs (the Pod's env), training done.
     let logs = kube.logs(&kubelet_dir);
     assert!(logs.contains("\"level\""), "{logs}");
-    // The party's tasks succeeded, as the federation counts them.
-    let clients = api
-        .selector()
-        .list_clients(pb::ListClientsRequest {})
-        .await
-        .expect("clients")
-        .into_inner()
-        .clients;
+    // The party's tasks succeeded, as the federation counts them: a task's status reaches
+    // client-selector after its update reached the coordinator, so wait for the count.
+    let clients = wait_clients(&api, Duration::from_secs(30), |clients| {
+        clients
+            .iter()
+            .any(|c| c.party == PARTY && c.tasks_succeeded >= 2)
+    })
+    .await;
     let me = clients.iter().find(|c| c.party == PARTY).expect("party");
-    assert!(me.tasks_succeeded >= 2, "{me:?}");
     assert_eq!(me.tasks_failed, 0, "{me:?}");
     // The task token never touched task-manager's disk.
     let on_disk = files_under(&workspace);
