@@ -125,7 +125,7 @@ async fn demo_traffic_is_mutual_tls_with_no_plaintext_grpc() {
     let pcap = dir.path().join("lo.pcap");
     let data = dir.path().join("demo");
     let mut capture = tokio::process::Command::new(&tcpdump)
-        .args(["-i", "lo", "-U", "-s", "0", "-n", "-w"])
+        .args(["-i", "lo", "--immediate-mode", "-U", "-s", "0", "-n", "-w"])
         .arg(&pcap)
         .arg("tcp")
         .stdout(Stdio::null())
@@ -198,7 +198,21 @@ async fn demo_traffic_is_mutual_tls_with_no_plaintext_grpc() {
         .check(tonic_health::pb::HealthCheckRequest::default())
         .await;
     server.abort();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Packets reach the file as they come (--immediate-mode, -U); on a loaded machine that
+    // can still take a moment: wait for the control call to be in it before stopping.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while tokio::time::Instant::now() < deadline {
+        let seen = tcp_segments(&std::fs::read(&pcap).unwrap_or_default())
+            .iter()
+            .any(|s| {
+                (s.src == control_port || s.dst == control_port) && contains(&s.payload, H2_PREFACE)
+            });
+        if seen {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(capture.id().expect("tcpdump pid") as i32),
         nix::sys::signal::Signal::SIGINT,
