@@ -11,7 +11,6 @@ use cohort_integration_tests::fake_kube::FakeKube;
 use cohort_integration_tests::{
     Federation, bin_dir, digits_job, files_under, state_of, wait_clients,
 };
-use cohort_proto::v1 as pb;
 use cohort_security::{CertAuthority, Validity};
 use serde_json::json;
 

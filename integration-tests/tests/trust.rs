@@ -262,17 +262,13 @@ async fn claims_beyond_the_registration_at_job_start_are_refused() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn stalled_uploads_are_dropped_and_free_their_slots() {
+/// An upload that stalls is ended by the coordinator's idle timeout (2 s here) and the round
+/// goes on with the others.
+async fn stalled_uploads_end_without_stopping_the_job(stall: UpdateKind) {
     let fed = federation().await;
     let dir = tempfile::tempdir().expect("temp dir");
-    let (job, adversary) = clean_then_attacked(
-        &fed,
-        dir.path(),
-        "",
-        Behaviour::digits(600, UpdateKind::StallAfterFirstChunk),
-    )
-    .await;
+    let (job, adversary) =
+        clean_then_attacked(&fed, dir.path(), "", Behaviour::digits(600, stall)).await;
     assert!(
         job.rounds.iter().all(|r| r.updates == 2),
         "{:?}",
@@ -285,6 +281,16 @@ async fn stalled_uploads_are_dropped_and_free_their_slots() {
         ),
         "the stall was ended by the idle timeout: {answers:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upload_stalled_mid_stream_is_dropped_and_frees_its_slot() {
+    stalled_uploads_end_without_stopping_the_job(UpdateKind::StallAfterFirstChunk).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upload_stalled_after_its_header_is_dropped() {
+    stalled_uploads_end_without_stopping_the_job(UpdateKind::Stall).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -78,10 +78,14 @@ pub struct Ticket {
     state: TicketState,
     /// Deliveries begun with this token: an upload that breaks may be tried again, a few times.
     attempts: u32,
+    /// Model fetches with this token: a fetch that breaks may be tried again, a few times.
+    fetches: u32,
 }
 
 /// Deliveries one token may begin; then it is dropped for the round.
 const MAX_ATTEMPTS: u32 = 3;
+/// Model fetches one token may make: each streams the whole model.
+const MAX_FETCHES: u32 = 5;
 
 /// What happened to one task of the current phase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -351,6 +355,7 @@ impl RoundState {
                     samples_cap: 0,
                     state: TicketState::Minted,
                     attempts: 0,
+                    fetches: 0,
                 },
             );
         }
@@ -572,10 +577,19 @@ impl RoundState {
                     ),
                 )
             }
+            Some(t) if !exclusive && t.fetches >= MAX_FETCHES => RoundError::new(
+                ErrorKind::ResourceExhausted,
+                format!(
+                    "task {}: the model was fetched {MAX_FETCHES} times",
+                    t.task_id
+                ),
+            ),
             Some(t) => {
                 if exclusive {
                     t.state = TicketState::InFlight;
                     t.attempts += 1;
+                } else {
+                    t.fetches += 1;
                 }
                 return Some(Ok(t.clone()));
             }
@@ -1001,6 +1015,23 @@ mod tests {
             state.task_progress(&["task-a".to_string()])["task-a"],
             TaskProgress::Dropped
         );
+    }
+
+    #[tokio::test]
+    async fn a_token_fetches_the_model_a_few_times_only() {
+        let (state, tokens) = training(&[("a", 10)]);
+        for _ in 0..MAX_FETCHES {
+            state
+                .claim_fetch(&tokens[0], Some(&party("a")))
+                .await
+                .unwrap();
+        }
+        let err = state
+            .claim_fetch(&tokens[0], Some(&party("a")))
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(err.kind, ErrorKind::ResourceExhausted);
     }
 
     #[tokio::test]
