@@ -31,3 +31,9 @@ pub const IDENTITY_METADATA_KEYS: [&str; 3] = [
     NAMESPACE_METADATA_KEY,
     ROLE_METADATA_KEY,
 ];
+
+/// Why client-selector failed a task whose party went away (TaskStates messages): the party's
+/// session, not its work, failed — another try may well succeed.
+pub const TASK_PARTY_DISCONNECTED: &str = "party disconnected";
+/// Why client-selector failed a task its party did not list when it registered again.
+pub const TASK_PARTY_RECONNECTED_WITHOUT_IT: &str = "the party reconnected without it";

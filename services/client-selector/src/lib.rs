@@ -4,8 +4,11 @@
 //! Owns the clients store. Live sessions are in memory: a party that
 //! reconnects after a restart registers again. Must not depend on other
 //! services' stores. What a party claims when it registers is bounded by the
-//! `--max-dataset-*` flags.
+//! `--max-dataset-*` flags. A party whose session drops keeps its running
+//! tasks for `--reconnect-grace`; sessions never wait on the store (heartbeat
+//! times and task counters are written in the background).
 
+pub mod bookkeeping;
 pub mod registry;
 pub mod sessions;
 
@@ -25,6 +28,10 @@ use crate::registry::Registry;
 pub use crate::registry::{RegistrationLimits, Settings};
 use crate::sessions::{SelectorApi, SessionApi};
 
+/// The longest `--reconnect-grace`: a task whose party is away is not
+/// re-offered until the grace ends, so a long one stalls rounds.
+const MAX_RECONNECT_GRACE: Duration = Duration::from_secs(3600);
+
 #[derive(Debug, clap::Parser)]
 #[command(
     name = "client-selector",
@@ -38,6 +45,12 @@ pub struct Args {
     /// How often parties must send a heartbeat; three missed ones end the session.
     #[arg(long, env = "COHORT_HEARTBEAT_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub heartbeat_interval: Duration,
+    /// How long a party whose session dropped keeps its running tasks: if it
+    /// registers again within this time listing them, they go on; otherwise
+    /// they fail with "party disconnected". Zero fails them when the session
+    /// ends.
+    #[arg(long, env = "COHORT_RECONNECT_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub reconnect_grace: Duration,
     /// Most samples a party may register for one dataset (its weight in a job
     /// is capped by what it registered).
     #[arg(
@@ -67,6 +80,9 @@ impl Args {
         {
             anyhow::bail!("--heartbeat-interval: must be between 100ms and 10m");
         }
+        if self.reconnect_grace > MAX_RECONNECT_GRACE {
+            anyhow::bail!("--reconnect-grace: must be at most 1h");
+        }
         if self.max_dataset_samples == 0 {
             anyhow::bail!("--max-dataset-samples: must be at least 1");
         }
@@ -81,6 +97,7 @@ impl Args {
         }
         Ok(Settings {
             heartbeat_interval: self.heartbeat_interval,
+            reconnect_grace: self.reconnect_grace,
             limits: RegistrationLimits {
                 max_datasets: self.max_datasets_per_party as usize,
                 max_samples: self.max_dataset_samples,

@@ -3,8 +3,15 @@
 //!
 //! Parties are not trusted: what a session sends can only touch that party's
 //! own offers and tasks, and every collection here has a bound.
+//!
+//! Nothing here waits on the database: heartbeat times and task counters go
+//! through `bookkeeping.rs`. A party whose session ends keeps its running
+//! tasks for the reconnect grace: when it registers again and lists them they
+//! stay RUNNING (so the coordinator keeps their tokens and waits for their
+//! updates); what it does not list, or everything once the grace is over,
+//! becomes FAILED.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,6 +21,8 @@ use cohort_runtime::now_ms;
 use cohort_store::clients::{ClientStore, DatasetEntry, TaskOutcome};
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
+
+use crate::bookkeeping::{Bookkeeping, MAX_PENDING_PARTIES};
 
 /// Ended tasks are remembered this long for TaskStates queries.
 const TASK_MEMORY: Duration = Duration::from_secs(600);
@@ -25,8 +34,19 @@ const MAX_REMEMBERED_TASKS: usize = 100_000;
 /// a character boundary).
 pub const MAX_TASK_MESSAGE_BYTES: usize = 1000;
 
-/// What a task that failed because its party's session ended says.
-pub const PARTY_DISCONNECTED: &str = "party disconnected";
+/// What a task says that failed because its party's session ended and the
+/// party did not come back within the reconnect grace (or was revoked).
+pub const PARTY_DISCONNECTED: &str = cohort_proto::TASK_PARTY_DISCONNECTED;
+
+/// What a running task says that its party did not list when it registered
+/// again.
+pub const PARTY_RECONNECTED_WITHOUT_IT: &str = cohort_proto::TASK_PARTY_RECONNECTED_WITHOUT_IT;
+
+/// Most task ids a Register may list as running.
+pub const MAX_LISTED_TASKS: usize = 1024;
+
+/// Longest task id a Register may list.
+pub const MAX_TASK_ID_BYTES: usize = 256;
 
 /// How much a party may claim when it registers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,6 +84,9 @@ pub fn is_dataset_name(s: &str) -> bool {
 pub struct Settings {
     /// How often parties must send a heartbeat; three missed ones end the session.
     pub heartbeat_interval: Duration,
+    /// How long a party whose session ended keeps its running tasks (zero:
+    /// they fail when the session ends).
+    pub reconnect_grace: Duration,
     pub limits: RegistrationLimits,
 }
 
@@ -90,6 +113,10 @@ struct TaskInfo {
     message: Option<String>,
     accepted_at: Instant,
     ended_at: Option<Instant>,
+    /// The party's own final word (succeeded or failed) was counted: once per task, also
+    /// when the server had already ended it (cancelled at the job's end, or failed while the
+    /// party was away), so a party's record shows the work it did.
+    outcome_counted: bool,
 }
 
 /// Tasks parties accepted: remembered until `TASK_MEMORY` after they end,
@@ -124,6 +151,7 @@ impl TaskBook {
                 message: None,
                 accepted_at: Instant::now(),
                 ended_at: None,
+                outcome_counted: false,
             },
         );
     }
@@ -164,16 +192,27 @@ impl TaskBook {
     }
 
     /// Records a status `party` sent for `task_id`. `None` when the task is
-    /// unknown or another party's; otherwise the phase it had before.
+    /// unknown or another party's; otherwise the phase it had before. Only a
+    /// running task changes: an ended one keeps the phase the coordinator may
+    /// already have acted on.
+    /// Records a status of `party`'s task: the phase changes only while the task runs.
+    /// Returns the phase before, and whether this is the party's first final word on the task
+    /// (to be counted).
     fn record_status(
         &mut self,
         party: &PartyId,
         task_id: &str,
         phase: pb::TaskPhase,
         message: &str,
-    ) -> Option<pb::TaskPhase> {
+    ) -> Option<(pb::TaskPhase, bool)> {
         let t = self.tasks.get_mut(task_id).filter(|t| &t.party == party)?;
         let before = t.phase;
+        let count =
+            matches!(phase, pb::TaskPhase::Succeeded | pb::TaskPhase::Failed) && !t.outcome_counted;
+        t.outcome_counted |= count;
+        if before != pb::TaskPhase::Running {
+            return Some((before, count));
+        }
         t.phase = phase;
         if phase != pb::TaskPhase::Running {
             t.ended_at = Some(Instant::now());
@@ -184,16 +223,24 @@ impl TaskBook {
             }
             _ => None,
         };
-        Some(before)
+        Some((before, count))
     }
 
-    /// Fails the running tasks of a party whose session ended.
-    fn fail_party(&mut self, party: &PartyId) -> usize {
+    /// How many tasks `party` runs.
+    fn running_of(&self, party: &PartyId) -> usize {
+        self.tasks
+            .values()
+            .filter(|t| &t.party == party && t.phase == pb::TaskPhase::Running)
+            .count()
+    }
+
+    /// Fails the running tasks of `party` with `message`.
+    fn fail_party(&mut self, party: &PartyId, message: &str) -> usize {
         let mut failed = 0;
         for t in self.tasks.values_mut() {
             if &t.party == party && t.phase == pb::TaskPhase::Running {
                 t.phase = pb::TaskPhase::Failed;
-                t.message = Some(PARTY_DISCONNECTED.to_string());
+                t.message = Some(message.to_string());
                 t.ended_at = Some(Instant::now());
                 failed += 1;
             }
@@ -201,18 +248,65 @@ impl TaskBook {
         failed
     }
 
-    /// Marks a job's running tasks cancelled; returns them with their parties.
-    fn cancel_job(&mut self, job_id: &str) -> Vec<(String, PartyId)> {
+    /// Settles `party`'s tasks against what it listed as running when it
+    /// registered again. Ids that are unknown or another party's are ignored.
+    fn reattach(&mut self, party: &PartyId, listed: &HashSet<String>) -> Reattached {
+        let mut out = Reattached::default();
+        for (id, t) in self.tasks.iter_mut().filter(|(_, t)| &t.party == party) {
+            match (t.phase, listed.contains(id)) {
+                (pb::TaskPhase::Running, true) => out.kept += 1,
+                (pb::TaskPhase::Running, false) => {
+                    t.phase = pb::TaskPhase::Failed;
+                    t.message = Some(PARTY_RECONNECTED_WITHOUT_IT.to_string());
+                    t.ended_at = Some(Instant::now());
+                    out.failed += 1;
+                }
+                // It still runs a task that ended here (cancelled, or failed
+                // while the party was away): its work is no longer wanted.
+                (pb::TaskPhase::Failed | pb::TaskPhase::Cancelled, true) => {
+                    let reason = t
+                        .message
+                        .clone()
+                        .unwrap_or_else(|| "the task has ended".into());
+                    out.cancels.push((id.clone(), reason));
+                }
+                _ => {}
+            }
+        }
+        out.ignored = listed
+            .iter()
+            .filter(|id| self.tasks.get(*id).is_none_or(|t| &t.party != party))
+            .count();
+        out
+    }
+
+    /// Marks a job's running tasks cancelled, with `reason` as their message
+    /// (when given); returns them with their parties.
+    fn cancel_job(&mut self, job_id: &str, reason: &str) -> Vec<(String, PartyId)> {
         let mut out = Vec::new();
         for (id, t) in self.tasks.iter_mut() {
             if t.job_id == job_id && t.phase == pb::TaskPhase::Running {
                 t.phase = pb::TaskPhase::Cancelled;
                 t.ended_at = Some(Instant::now());
+                t.message = (!reason.is_empty()).then(|| bounded_message(reason).to_string());
                 out.push((id.clone(), t.party.clone()));
             }
         }
         out
     }
+}
+
+/// What became of a party's tasks when it registered again.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Reattached {
+    /// Listed and still running: they stay RUNNING.
+    pub kept: usize,
+    /// Running here but not listed: now FAILED.
+    pub failed: usize,
+    /// Listed but ended here: (task id, why) to send the party as Cancel.
+    pub cancels: Vec<(String, String)>,
+    /// Listed ids that are unknown or another party's.
+    pub ignored: usize,
 }
 
 /// At most `MAX_TASK_MESSAGE_BYTES` of `s`, cut on a character boundary.
@@ -291,17 +385,36 @@ struct State {
     offers: HashMap<String, PendingOffer>,
     tasks: TaskBook,
     next_session: u64,
+    /// Parties whose session ended while they ran tasks, within the
+    /// reconnect grace: the id of the session that ended.
+    away: HashMap<PartyId, u64>,
+}
+
+impl State {
+    /// Removes `party`'s session if `session_id` is still its current one.
+    fn close_session(&mut self, party: &PartyId, session_id: u64) -> bool {
+        if self.sessions.get(party).is_none_or(|x| x.id != session_id) {
+            return false;
+        }
+        self.sessions.remove(party);
+        // Its offers can no longer be answered.
+        self.offers.retain(|_, o| &o.party != party);
+        true
+    }
 }
 
 pub struct Registry {
     store: Arc<dyn ClientStore>,
+    bookkeeping: Bookkeeping,
     settings: Settings,
     state: Mutex<State>,
 }
 
 impl Registry {
+    /// Must be called on a Tokio runtime: it starts the bookkeeping writer.
     pub fn new(store: Arc<dyn ClientStore>, settings: Settings) -> Arc<Self> {
         Arc::new(Self {
+            bookkeeping: Bookkeeping::start(store.clone(), MAX_PENDING_PARTIES),
             store,
             settings,
             state: Mutex::new(State {
@@ -309,6 +422,7 @@ impl Registry {
                 offers: HashMap::new(),
                 tasks: TaskBook::new(MAX_REMEMBERED_TASKS),
                 next_session: 0,
+                away: HashMap::new(),
             }),
         })
     }
@@ -327,13 +441,15 @@ impl Registry {
     }
 
     /// Makes `tx` the party's session, replacing (and so ending) an older
-    /// one. Returns the session's id.
+    /// one, and settles the party's tasks against those it `listed` as
+    /// running (see `Reattached`). Returns the session's id.
     pub fn add_session(
         &self,
         party: &PartyId,
         tx: SessionSender,
         datasets: Vec<DatasetEntry>,
-    ) -> u64 {
+        listed: &HashSet<String>,
+    ) -> (u64, Reattached) {
         self.with_state(|s| {
             s.next_session += 1;
             let id = s.next_session;
@@ -347,47 +463,93 @@ impl Registry {
                     running_tasks: 0,
                 },
             );
-            id
+            s.away.remove(party);
+            (id, s.tasks.reattach(party, listed))
         })
     }
 
-    pub fn end_session(&self, party: &PartyId, session_id: u64) {
-        let dropped = self.with_state(|s| {
-            if s.sessions.get(party).is_some_and(|x| x.id == session_id) {
-                s.sessions.remove(party);
-                // Its offers can no longer be answered.
-                s.offers.retain(|_, o| &o.party != party);
-                Some(s.tasks.fail_party(party))
-            } else {
-                None
+    /// Ends the party's session `session_id`, if it is still its current one.
+    /// Its running tasks stay RUNNING for the reconnect grace and then fail
+    /// with `PARTY_DISCONNECTED`, unless the party registers again first.
+    pub fn end_session(self: &Arc<Self>, party: &PartyId, session_id: u64) {
+        let grace = self.settings.reconnect_grace;
+        let ended = self.with_state(|s| {
+            if !s.close_session(party, session_id) {
+                return None;
             }
+            let running = s.tasks.running_of(party);
+            if running == 0 || grace.is_zero() {
+                s.away.remove(party);
+                return Some((0, s.tasks.fail_party(party, PARTY_DISCONNECTED)));
+            }
+            s.away.insert(party.clone(), session_id);
+            Some((running, 0))
         });
-        if let Some(failed) = dropped {
-            tracing::info!(party = %party, failed_tasks = failed, "party disconnected");
+        let Some((kept, failed)) = ended else {
+            return;
+        };
+        tracing::info!(party = %party, kept_tasks = kept, failed_tasks = failed, "party disconnected");
+        if kept > 0 {
+            let registry = Arc::downgrade(self);
+            let party = party.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(grace).await;
+                if let Some(registry) = registry.upgrade() {
+                    registry.give_up_on(&party, session_id);
+                }
+            });
         }
     }
 
-    /// Tells a revoked party's live session why, then ends it.
+    /// Fails the tasks of a party still away since its session `session_id`
+    /// ended.
+    fn give_up_on(&self, party: &PartyId, session_id: u64) {
+        let failed = self.with_state(|s| {
+            if s.away.get(party) != Some(&session_id) {
+                return None;
+            }
+            s.away.remove(party);
+            Some(s.tasks.fail_party(party, PARTY_DISCONNECTED))
+        });
+        if let Some(failed) = failed {
+            tracing::warn!(
+                party = %party,
+                failed_tasks = failed,
+                grace = ?self.settings.reconnect_grace,
+                "party did not come back within the reconnect grace; its tasks failed"
+            );
+        }
+    }
+
+    /// Tells a revoked party's live session why, then ends it; its tasks fail
+    /// at once (it will not be let back).
     pub fn end_revoked_session(&self, party: &PartyId) {
-        let session = self.with_state(|s| {
-            s.sessions.get(party).map(|sess| {
-                let revoked = pb::ServerMessage {
-                    kind: Some(pb::server_message::Kind::Revoked(pb::Revoked {
-                        reason: format!("party {party} was revoked by an administrator"),
-                    })),
-                };
-                // Best effort: a full queue must not keep the session open.
-                let _ = sess.tx.try_send(Ok(revoked));
-                sess.id
-            })
+        let (closed, failed) = self.with_state(|s| {
+            let closed = match s.sessions.get(party) {
+                Some(sess) => {
+                    let revoked = pb::ServerMessage {
+                        kind: Some(pb::server_message::Kind::Revoked(pb::Revoked {
+                            reason: format!("party {party} was revoked by an administrator"),
+                        })),
+                    };
+                    // Best effort: a full queue must not keep the session open.
+                    let _ = sess.tx.try_send(Ok(revoked));
+                    let id = sess.id;
+                    s.close_session(party, id)
+                }
+                None => false,
+            };
+            s.away.remove(party);
+            (closed, s.tasks.fail_party(party, PARTY_DISCONNECTED))
         });
-        if let Some(id) = session {
-            self.end_session(party, id);
-            tracing::info!(party = %party, "revoked party's session closed");
+        if closed || failed > 0 {
+            tracing::info!(party = %party, failed_tasks = failed, "revoked party's session closed");
         }
     }
 
-    pub async fn handle_message(&self, party: &PartyId, session_id: u64, msg: pb::PartyMessage) {
+    /// Handles one message of `party`'s session. Never waits: what goes to
+    /// the store is queued.
+    pub fn handle_message(&self, party: &PartyId, session_id: u64, msg: pb::PartyMessage) {
         match msg.kind {
             Some(pb::party_message::Kind::Heartbeat(hb)) => {
                 self.with_state(|s| {
@@ -395,9 +557,7 @@ impl Registry {
                         sess.running_tasks = hb.running_tasks;
                     }
                 });
-                if let Err(e) = self.store.touch(party, now_ms()).await {
-                    tracing::warn!(party = %party, error = %e, "cannot record heartbeat");
-                }
+                self.bookkeeping.seen(party, now_ms());
             }
             Some(pb::party_message::Kind::OfferReply(reply)) => {
                 // Only the party an offer went to can answer it; nothing is
@@ -423,27 +583,24 @@ impl Registry {
                     s.tasks
                         .record_status(party, &status.task_id, phase, message)
                 });
-                let Some(before) = before else {
+                let Some((before, count)) = before else {
                     tracing::debug!(party = %party, task = %bounded_message(&status.task_id), "status for an unknown task");
                     return;
                 };
-                // A repeated status changes nothing: no second count, no
-                // second log line.
-                if before == phase {
-                    return;
-                }
-                let outcome = match phase {
-                    pb::TaskPhase::Succeeded => Some(TaskOutcome::Succeeded),
-                    pb::TaskPhase::Failed => Some(TaskOutcome::Failed),
-                    _ => None,
-                };
-                if phase == pb::TaskPhase::Failed {
-                    tracing::warn!(party = %party, task = %status.task_id, message = %message, "task failed");
-                }
-                if let Some(o) = outcome
-                    && let Err(e) = self.store.count_task(party, o).await
-                {
-                    tracing::warn!(party = %party, error = %e, "cannot count task outcome");
+                // A repeated final status changes nothing and counts once; one for a task
+                // the server ended first still counts the party's own outcome once.
+                if count {
+                    if phase == pb::TaskPhase::Failed && before == pb::TaskPhase::Running {
+                        tracing::warn!(party = %party, task = %status.task_id, message = %message, "task failed");
+                    }
+                    self.bookkeeping.count(
+                        party,
+                        if phase == pb::TaskPhase::Succeeded {
+                            TaskOutcome::Succeeded
+                        } else {
+                            TaskOutcome::Failed
+                        },
+                    );
                 }
             }
             Some(pb::party_message::Kind::Register(_)) => {
@@ -539,9 +696,7 @@ impl Registry {
                 },
             )
         });
-        if let Err(e) = self.store.count_task(&party, TaskOutcome::Offered).await {
-            tracing::warn!(party = %party, error = %e, "cannot count offer");
-        }
+        self.bookkeeping.count(&party, TaskOutcome::Offered);
         let offer = pb::ServerMessage {
             kind: Some(pb::server_message::Kind::Offer(pb::Offer {
                 offer_id: offer_id.clone(),
@@ -563,7 +718,7 @@ impl Registry {
                     s.tasks
                         .insert(task.task_id.clone(), party.clone(), task.job_id.clone())
                 });
-                let _ = self.store.count_task(&party, TaskOutcome::Accepted).await;
+                self.bookkeeping.count(&party, TaskOutcome::Accepted);
                 Ok(pb::AcceptedTask {
                     party: party.to_string(),
                     task_id: task.task_id,
@@ -598,15 +753,19 @@ impl Registry {
         })
     }
 
-    /// Marks a job's running tasks cancelled; returns each with its party's
-    /// session, where the party is connected.
-    pub fn cancel_job(&self, job_id: &str) -> Vec<(String, SessionSender)> {
+    /// Marks a job's running tasks cancelled (`reason` is their message);
+    /// returns how many, and each whose party is connected with its session.
+    /// A party away within the reconnect grace is sent the Cancel when it
+    /// registers again listing the task.
+    pub fn cancel_job(&self, job_id: &str, reason: &str) -> (usize, Vec<(String, SessionSender)>) {
         self.with_state(|s| {
-            let cancelled = s.tasks.cancel_job(job_id);
-            cancelled
+            let cancelled = s.tasks.cancel_job(job_id, reason);
+            let count = cancelled.len();
+            let connected = cancelled
                 .into_iter()
                 .filter_map(|(id, party)| s.sessions.get(&party).map(|sess| (id, sess.tx.clone())))
-                .collect()
+                .collect();
+            (count, connected)
         })
     }
 }
@@ -724,6 +883,31 @@ mod tests {
         assert_eq!(
             (t.phase, t.message.as_deref()),
             (pb::TaskPhase::Running, None)
+        );
+    }
+
+    #[test]
+    fn the_partys_own_outcome_counts_once_even_after_the_server_ended_the_task() {
+        let mut book = TaskBook::new(10);
+        let a = party("a");
+        book.insert("t0".into(), a.clone(), "job".into());
+        book.insert("t1".into(), a.clone(), "job".into());
+        // The job ended: its running tasks are cancelled; the party then reports.
+        assert_eq!(book.cancel_job("job", "done").len(), 2);
+        assert_eq!(
+            book.record_status(&a, "t0", pb::TaskPhase::Succeeded, ""),
+            Some((pb::TaskPhase::Cancelled, true))
+        );
+        assert_eq!(
+            book.record_status(&a, "t0", pb::TaskPhase::Succeeded, ""),
+            Some((pb::TaskPhase::Cancelled, false)),
+            "a repeated report counts once"
+        );
+        assert_eq!(book.tasks["t0"].phase, pb::TaskPhase::Cancelled);
+        // A cancellation the party confirms is no outcome.
+        assert_eq!(
+            book.record_status(&a, "t1", pb::TaskPhase::Cancelled, "cancelled"),
+            Some((pb::TaskPhase::Cancelled, false))
         );
     }
 }

@@ -1,8 +1,12 @@
 //! The gRPC edge: parties' sessions (PartySession) and the coordinator- and
 //! operator-facing ClientSelector API, over the state in `registry.rs`.
 //! Registrations are validated here, against the configured limits.
+//!
+//! Registering reads and writes the clients store (a revoked party must be
+//! refused, so with the store down a registration fails UNAVAILABLE); once a
+//! session is open, nothing it does waits on the store.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +21,8 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::registry::{
-    MAX_DATASET_NAME, RegistrationLimits, Registry, is_dataset_name, majority_shape,
+    MAX_DATASET_NAME, MAX_LISTED_TASKS, MAX_TASK_ID_BYTES, RegistrationLimits, Registry,
+    is_dataset_name, majority_shape,
 };
 
 type ServerStream = Pin<Box<dyn Stream<Item = Result<pb::ServerMessage, Status>> + Send>>;
@@ -26,12 +31,18 @@ pub struct SessionApi {
     pub registry: Arc<Registry>,
 }
 
-/// A party's registration, checked against `limits`: what it claims is
-/// bounded, and a refusal names the field at fault.
-fn validate_register(
-    r: pb::Register,
-    limits: &RegistrationLimits,
-) -> Result<(PartyId, Vec<DatasetEntry>, ResourcesEntry), Status> {
+/// A party's registration, validated.
+struct Registration {
+    party: PartyId,
+    datasets: Vec<DatasetEntry>,
+    resources: ResourcesEntry,
+    /// The tasks it says it still runs.
+    running_tasks: HashSet<String>,
+}
+
+/// `r` checked against `limits`: what a party claims is bounded, and a
+/// refusal names the field at fault.
+fn validate_register(r: pb::Register, limits: &RegistrationLimits) -> Result<Registration, Status> {
     let party = PartyId::parse(&r.party)
         .map_err(|e| Status::invalid_argument(format!("register.party: {e}")))?;
     let invalid = |field: String, message: String| {
@@ -93,17 +104,37 @@ fn validate_register(
             classes: d.classes,
         });
     }
+    if r.running_tasks.len() > MAX_LISTED_TASKS {
+        return Err(invalid(
+            "running_tasks".into(),
+            format!(
+                "{} task ids is over the limit of {MAX_LISTED_TASKS}",
+                r.running_tasks.len()
+            ),
+        ));
+    }
+    if let Some(i) = r
+        .running_tasks
+        .iter()
+        .position(|id| id.len() > MAX_TASK_ID_BYTES)
+    {
+        return Err(invalid(
+            format!("running_tasks[{i}]"),
+            format!("longer than {MAX_TASK_ID_BYTES} bytes"),
+        ));
+    }
     let res = r.resources.unwrap_or_default();
-    Ok((
+    Ok(Registration {
         party,
         datasets,
-        ResourcesEntry {
+        resources: ResourcesEntry {
             cpus: res.cpus,
             memory_bytes: res.memory_bytes,
             gpus: res.gpus,
             max_tasks: res.max_tasks,
         },
-    ))
+        running_tasks: r.running_tasks.into_iter().collect(),
+    })
 }
 
 #[tonic::async_trait]
@@ -125,12 +156,16 @@ impl pb::party_session_server::PartySession for SessionApi {
                 "the first message must be Register",
             ));
         };
-        let (party, datasets, resources) =
-            validate_register(register, &self.registry.settings().limits).inspect_err(|e| {
-                // Logged once here; the party is told why.
-                let certified = certified.as_ref().map_or("", PartyId::as_str);
-                tracing::warn!(certified, error = %e.message(), "registration refused");
-            })?;
+        let Registration {
+            party,
+            datasets,
+            resources,
+            running_tasks,
+        } = validate_register(register, &self.registry.settings().limits).inspect_err(|e| {
+            // Logged once here; the party is told why.
+            let certified = certified.as_ref().map_or("", PartyId::as_str);
+            tracing::warn!(certified, error = %e.message(), "registration refused");
+        })?;
         if let Some(certified) = &certified
             && certified != &party
         {
@@ -140,6 +175,8 @@ impl pb::party_session_server::PartySession for SessionApi {
             )));
         }
         let registry = self.registry.clone();
+        // Both stay synchronous: a revoked party must be refused, and the
+        // party must be recorded before its counters are written.
         match registry.store().get_client(&party).await {
             Ok(c) if c.revoked_at_ms.is_some() => {
                 tracing::warn!(party = %party, "revoked party refused");
@@ -157,8 +194,18 @@ impl pb::party_session_server::PartySession for SessionApi {
             .map_err(|e| e.to_status())?;
         let (tx, rx) = mpsc::channel(64);
         let dataset_count = datasets.len();
-        let session_id = registry.add_session(&party, tx.clone(), datasets);
-        tracing::info!(party = %party, datasets = dataset_count, "party registered");
+        let (session_id, tasks) =
+            registry.add_session(&party, tx.clone(), datasets, &running_tasks);
+        tracing::info!(
+            party = %party,
+            datasets = dataset_count,
+            kept_tasks = tasks.kept,
+            failed_tasks = tasks.failed,
+            "party registered"
+        );
+        if tasks.ignored > 0 {
+            tracing::warn!(party = %party, ignored = tasks.ignored, "party listed running tasks that are unknown or not its own; ignored");
+        }
         let registered = pb::ServerMessage {
             kind: Some(pb::server_message::Kind::Registered(pb::Registered {
                 party: party.to_string(),
@@ -168,11 +215,30 @@ impl pb::party_session_server::PartySession for SessionApi {
         tx.send(Ok(registered))
             .await
             .map_err(|_| Status::cancelled("session closed"))?;
+        if !tasks.cancels.is_empty() {
+            // From a task: the stream reaches the party only once this
+            // handler returns, and its queue holds 64 messages.
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                for (task_id, reason) in tasks.cancels {
+                    let msg = pb::ServerMessage {
+                        kind: Some(pb::server_message::Kind::Cancel(pb::Cancel {
+                            task_id,
+                            reason,
+                        })),
+                    };
+                    match tokio::time::timeout(CANCEL_SEND_TIMEOUT, tx.send(Ok(msg))).await {
+                        Ok(Ok(())) => {}
+                        _ => break,
+                    }
+                }
+            });
+        }
         let silence = registry.settings().heartbeat_interval * 3;
         tokio::spawn(async move {
             loop {
                 match tokio::time::timeout(silence, inbound.next()).await {
-                    Ok(Some(Ok(msg))) => registry.handle_message(&party, session_id, msg).await,
+                    Ok(Some(Ok(msg))) => registry.handle_message(&party, session_id, msg),
                     Ok(Some(Err(status))) => {
                         tracing::debug!(party = %party, status = %status.message(), "session stream broke");
                         break;
@@ -241,6 +307,10 @@ impl pb::client_selector_server::ClientSelector for SelectorApi {
         }))
     }
 
+    /// Parties as the store has them, with whether each is connected now.
+    /// Last-seen times and task counters are written in the background
+    /// (`bookkeeping.rs`): they may lag a moment behind, and for as long as
+    /// the store is unavailable.
     async fn list_clients(
         &self,
         req: Request<pb::ListClientsRequest>,
@@ -363,8 +433,8 @@ impl pb::client_selector_server::ClientSelector for SelectorApi {
         req: Request<pb::CancelJobTasksRequest>,
     ) -> Result<Response<pb::CancelJobTasksResponse>, Status> {
         let r = req.into_inner();
-        let targets = self.registry.cancel_job(&r.job_id);
-        let cancelled = targets.len() as u32;
+        let (cancelled, targets) = self.registry.cancel_job(&r.job_id, &r.reason);
+        let cancelled = u32::try_from(cancelled).unwrap_or(u32::MAX);
         let sends = targets.into_iter().map(|(task_id, tx)| {
             let msg = pb::ServerMessage {
                 kind: Some(pb::server_message::Kind::Cancel(pb::Cancel {

@@ -1,21 +1,25 @@
-//! client-selector over real gRPC on loopback, with SQLite in a temporary
-//! directory and fake parties: real PartySession streams, driven by the test.
+//! client-selector over real gRPC on loopback, with a real store (SQLite in a
+//! temporary directory; for the database outage, a private PostgreSQL
+//! cluster the test stops and starts) and fake parties: real PartySession
+//! streams, driven by the test.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::Parser;
-use cohort_client_selector::registry::{PARTY_DISCONNECTED, task_seed};
+use cohort_client_selector::registry::{
+    MAX_LISTED_TASKS, PARTY_DISCONNECTED, PARTY_RECONNECTED_WITHOUT_IT, task_seed,
+};
 use cohort_client_selector::{Args, RegistrationLimits, Settings, serve_in_process};
 use cohort_core::PartyId;
 use cohort_proto::v1::client_selector_client::ClientSelectorClient;
 use cohort_proto::v1::party_session_client::PartySessionClient;
 use cohort_proto::v1::*;
-use cohort_store::clients::SqliteClientStore;
+use cohort_store::clients::{ClientStore, SqliteClientStore};
 use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 use tonic::Code;
@@ -23,19 +27,34 @@ use tonic::transport::Channel;
 
 const DEADLINE: Duration = Duration::from_secs(20);
 
+/// The default `--reconnect-grace`.
+const GRACE: Duration = Duration::from_secs(30);
+
 async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
-    tokio::time::timeout(DEADLINE, fut)
+    within_for(DEADLINE, what, fut).await
+}
+
+async fn within_for<T>(deadline: Duration, what: &str, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(deadline, fut)
         .await
-        .unwrap_or_else(|_| panic!("{what}: no result within {DEADLINE:?}"))
+        .unwrap_or_else(|_| panic!("{what}: no result within {deadline:?}"))
 }
 
 /// Polls `check` until it returns Some, or panics after the deadline.
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+async fn eventually<T, F, Fut>(what: &str, check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    within(what, async {
+    eventually_for(DEADLINE, what, check).await
+}
+
+async fn eventually_for<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    within_for(deadline, what, async {
         loop {
             if let Some(v) = check().await {
                 return v;
@@ -47,21 +66,32 @@ where
 }
 
 struct Server {
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
     addr: SocketAddr,
     selector: ClientSelectorClient<Channel>,
     _stop: oneshot::Sender<()>,
 }
 
 async fn start(limits: RegistrationLimits) -> Server {
+    start_with(limits, GRACE).await
+}
+
+async fn start_with(limits: RegistrationLimits, reconnect_grace: Duration) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("clients.db").display());
     let store = Arc::new(SqliteClientStore::open(&url).await.unwrap());
     let settings = Settings {
         // Long enough that no test session ends for silence.
         heartbeat_interval: Duration::from_secs(60),
+        reconnect_grace,
         limits,
     };
+    let mut server = serve(store, settings).await;
+    server._dir = Some(dir);
+    server
+}
+
+async fn serve(store: Arc<dyn ClientStore>, settings: Settings) -> Server {
     let (addr, stop) = serve_in_process(store, settings).await.unwrap();
     let selector = within(
         "connect",
@@ -70,7 +100,7 @@ async fn start(limits: RegistrationLimits) -> Server {
     .await
     .unwrap();
     Server {
-        _dir: dir,
+        _dir: None,
         addr,
         selector,
         _stop: stop,
@@ -98,20 +128,34 @@ enum Answer {
 }
 
 /// A party: a real PartySession stream whose offers are answered by a task
-/// of the test and recorded.
+/// of the test and recorded, as are the Cancels it is sent.
 struct FakeParty {
     name: String,
     out: mpsc::Sender<PartyMessage>,
     offers: Arc<Mutex<Vec<Offer>>>,
+    cancels: Arc<Mutex<Vec<Cancel>>>,
     reader: tokio::task::JoinHandle<()>,
+    heartbeats: Option<tokio::task::JoinHandle<()>>,
 }
+
+type Session = (mpsc::Sender<PartyMessage>, tonic::Streaming<ServerMessage>);
 
 impl FakeParty {
     async fn register(
         addr: SocketAddr,
         name: &str,
         datasets: Vec<DatasetInfo>,
-    ) -> Result<(mpsc::Sender<PartyMessage>, tonic::Streaming<ServerMessage>), tonic::Status> {
+    ) -> Result<Session, tonic::Status> {
+        Self::register_listing(addr, name, datasets, vec![]).await
+    }
+
+    /// Registers saying the party still runs `running_tasks`.
+    async fn register_listing(
+        addr: SocketAddr,
+        name: &str,
+        datasets: Vec<DatasetInfo>,
+        running_tasks: Vec<String>,
+    ) -> Result<Session, tonic::Status> {
         let mut client = PartySessionClient::connect(format!("http://{addr}"))
             .await
             .unwrap();
@@ -120,6 +164,7 @@ impl FakeParty {
             party: name.into(),
             datasets,
             resources: None,
+            running_tasks,
         })))
         .await
         .unwrap();
@@ -149,23 +194,51 @@ impl FakeParty {
         datasets: Vec<DatasetInfo>,
         answer: Answer,
     ) -> Self {
-        let (out, mut inbound) = Self::register(addr, name, datasets).await.unwrap();
+        Self::open(addr, name, datasets, answer, vec![]).await
+    }
+
+    /// Registers again after a lost session, listing the tasks it still runs.
+    async fn rejoin(
+        addr: SocketAddr,
+        name: &str,
+        datasets: Vec<DatasetInfo>,
+        running_tasks: &[&str],
+    ) -> Self {
+        let listed = running_tasks.iter().map(|s| s.to_string()).collect();
+        Self::open(addr, name, datasets, Answer::Accept, listed).await
+    }
+
+    async fn open(
+        addr: SocketAddr,
+        name: &str,
+        datasets: Vec<DatasetInfo>,
+        answer: Answer,
+        running_tasks: Vec<String>,
+    ) -> Self {
+        let (out, mut inbound) = Self::register_listing(addr, name, datasets, running_tasks)
+            .await
+            .unwrap();
         let offers = Arc::new(Mutex::new(Vec::new()));
-        let (seen, replies) = (offers.clone(), out.clone());
+        let cancels = Arc::new(Mutex::new(Vec::new()));
+        let (seen, cancelled, replies) = (offers.clone(), cancels.clone(), out.clone());
         let reader = tokio::spawn(async move {
             while let Some(Ok(msg)) = inbound.next().await {
-                if let Some(server_message::Kind::Offer(offer)) = msg.kind {
-                    seen.lock().unwrap().push(offer.clone());
-                    if answer == Answer::Accept {
-                        let reply = OfferReply {
-                            offer_id: offer.offer_id,
-                            accepted: true,
-                            reason: String::new(),
-                        };
-                        let _ = replies
-                            .send(message(party_message::Kind::OfferReply(reply)))
-                            .await;
+                match msg.kind {
+                    Some(server_message::Kind::Offer(offer)) => {
+                        seen.lock().unwrap().push(offer.clone());
+                        if answer == Answer::Accept {
+                            let reply = OfferReply {
+                                offer_id: offer.offer_id,
+                                accepted: true,
+                                reason: String::new(),
+                            };
+                            let _ = replies
+                                .send(message(party_message::Kind::OfferReply(reply)))
+                                .await;
+                        }
                     }
+                    Some(server_message::Kind::Cancel(c)) => cancelled.lock().unwrap().push(c),
+                    _ => {}
                 }
             }
         });
@@ -173,12 +246,35 @@ impl FakeParty {
             name: name.into(),
             out,
             offers,
+            cancels,
             reader,
+            heartbeats: None,
         }
+    }
+
+    /// Sends a heartbeat every `interval` until the party disconnects.
+    fn beat_every(&mut self, interval: Duration) {
+        let out = self.out.clone();
+        self.heartbeats = Some(tokio::spawn(async move {
+            loop {
+                let beat = party_message::Kind::Heartbeat(Heartbeat {
+                    resources: None,
+                    running_tasks: 1,
+                });
+                if out.send(message(beat)).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(interval).await;
+            }
+        }));
     }
 
     fn offers(&self) -> Vec<Offer> {
         self.offers.lock().unwrap().clone()
+    }
+
+    fn cancels(&self) -> Vec<Cancel> {
+        self.cancels.lock().unwrap().clone()
     }
 
     async fn send(&self, kind: party_message::Kind) {
@@ -197,6 +293,9 @@ impl FakeParty {
     /// Ends the session as a crashed party would: the stream closes.
     fn disconnect(self) {
         self.reader.abort();
+        if let Some(h) = &self.heartbeats {
+            h.abort();
+        }
         drop(self.out);
     }
 }
@@ -397,6 +496,7 @@ fn limit_flags_have_defaults_and_are_checked_at_start() {
         Args::try_parse_from(argv).unwrap()
     };
     let settings = parse(&[]).settings().unwrap();
+    assert_eq!(settings.reconnect_grace, GRACE);
     assert_eq!(settings.limits, RegistrationLimits::default());
     assert_eq!(
         settings.limits,
@@ -428,7 +528,10 @@ fn limit_flags_have_defaults_and_are_checked_at_start() {
             max_classes: 4,
         }
     );
+    let no_grace = parse(&["--reconnect-grace", "0s"]).settings().unwrap();
+    assert_eq!(no_grace.reconnect_grace, Duration::ZERO);
     for (flag, value) in [
+        ("--reconnect-grace", "61m"),
         ("--max-dataset-samples", "0"),
         ("--max-datasets-per-party", "0"),
         ("--max-dataset-features", "0"),
@@ -528,7 +631,8 @@ async fn offer_tasks_with_a_shape_offers_only_parties_whose_data_fits() {
 
 #[tokio::test]
 async fn task_states_carry_the_reason_a_party_gave_and_disconnects() {
-    let server = start(RegistrationLimits::default()).await;
+    // No reconnect grace: a task fails when its party's session ends.
+    let server = start_with(RegistrationLimits::default(), Duration::ZERO).await;
     let a = FakeParty::connect(server.addr, "party-a", vec![dataset("digits", 100, 64, 10)]).await;
     let b = FakeParty::connect(server.addr, "party-b", vec![dataset("digits", 100, 64, 10)]).await;
     let resp = offer(&server, offer_request(1, 2, 0)).await;
@@ -695,4 +799,541 @@ async fn a_job_seed_gives_each_party_the_same_seed_per_round_on_every_run() {
     let random_again = seeds(&offer(&server, offer_request(1, 2, 0)).await);
     assert_ne!(random.0, random_again.0);
     assert_ne!(random.1, random_again.1);
+}
+
+async fn list_clients(server: &Server) -> Result<Vec<ClientInfo>, tonic::Status> {
+    within(
+        "ListClients",
+        server.selector.clone().list_clients(ListClientsRequest {}),
+    )
+    .await
+    .map(|r| r.into_inner().clients)
+}
+
+/// `name`'s record, once `check` holds for it.
+async fn client_when(
+    server: &Server,
+    name: &str,
+    what: &str,
+    deadline: Duration,
+    check: impl Fn(&ClientInfo) -> bool,
+) -> ClientInfo {
+    eventually_for(deadline, what, || async {
+        let clients = list_clients(server).await.ok()?;
+        clients.into_iter().find(|c| c.party == name && check(c))
+    })
+    .await
+}
+
+/// Waits until client-selector has noticed that `name`'s session ended.
+async fn wait_disconnected(server: &Server, name: &str) {
+    client_when(server, name, "the session's end", DEADLINE, |c| {
+        !c.connected
+    })
+    .await;
+}
+
+/// Each task's (phase, message).
+async fn phases(server: &Server, ids: &[&str]) -> Vec<(TaskPhase, Option<String>)> {
+    let states = task_states(server, ids).await;
+    ids.iter()
+        .map(|id| {
+            (
+                TaskPhase::try_from(states.phases[*id]).unwrap(),
+                states.messages.get(*id).cloned(),
+            )
+        })
+        .collect()
+}
+
+fn digits() -> Vec<DatasetInfo> {
+    vec![dataset("digits", 100, 64, 10)]
+}
+
+/// Offers one more task and waits for the answer: a party's session handles
+/// its messages in order, so once `party` has accepted, everything it sent
+/// before has been handled.
+async fn flush(server: &Server, party: &str, round: u32) {
+    let mut req = offer_request(round, 1, 0);
+    req.job_id = "job-flush".into();
+    req.exclude = list_clients(server)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.party)
+        .filter(|p| p != party)
+        .collect();
+    let resp = offer(server, req).await;
+    task_of(&resp, party);
+}
+
+#[tokio::test]
+async fn a_party_back_within_the_grace_keeps_the_tasks_it_lists_and_fails_the_rest() {
+    let server = start(RegistrationLimits::default()).await;
+    let a = FakeParty::connect(server.addr, "party-a", digits()).await;
+    let b = FakeParty::connect(server.addr, "party-b", digits()).await;
+    let first = offer(&server, offer_request(1, 2, 0)).await;
+    let kept = task_of(&first, "party-a").task_id.clone();
+    let others = task_of(&first, "party-b").task_id.clone();
+    let second = offer(&server, offer_request(2, 2, 0)).await;
+    let forgotten = task_of(&second, "party-a").task_id.clone();
+
+    a.disconnect();
+    wait_disconnected(&server, "party-a").await;
+    // Away: its tasks still run, and no offer reaches it.
+    assert_eq!(
+        phases(&server, &[&kept, &forgotten]).await,
+        [(TaskPhase::Running, None), (TaskPhase::Running, None)]
+    );
+    let third = offer(&server, offer_request(3, 2, 0)).await;
+    let accepted: Vec<&str> = third.accepted.iter().map(|t| t.party.as_str()).collect();
+    assert_eq!(accepted, ["party-b"], "{third:?}");
+    assert!(third.refused.is_empty(), "{third:?}");
+
+    // Back, listing one of its tasks, party-b's and one nobody has. The
+    // tasks are settled before Registered is sent, so no polling is needed.
+    let a = FakeParty::rejoin(
+        server.addr,
+        "party-a",
+        digits(),
+        &[&kept, &others, "job-1-r9-nope"],
+    )
+    .await;
+    assert_eq!(
+        phases(&server, &[&kept, &forgotten, &others, "job-1-r9-nope"]).await,
+        [
+            (TaskPhase::Running, None),
+            (
+                TaskPhase::Failed,
+                Some(PARTY_RECONNECTED_WITHOUT_IT.to_string())
+            ),
+            (TaskPhase::Running, None),
+            (TaskPhase::Unspecified, None),
+        ]
+    );
+
+    // The new session finishes the kept task, and it counts; listing
+    // party-b's task gave party-a no hold on it.
+    a.status(&others, TaskPhase::Succeeded, "").await;
+    a.status(&kept, TaskPhase::Succeeded, "").await;
+    let done = eventually("the kept task's success", || async {
+        let p = phases(&server, &[&kept, &others]).await;
+        (p[0].0 == TaskPhase::Succeeded).then_some(p)
+    })
+    .await;
+    assert_eq!(done[1], (TaskPhase::Running, None));
+    let counted = client_when(&server, "party-a", "party-a's counters", DEADLINE, |c| {
+        c.tasks_succeeded == 1 && c.tasks_offered == 2
+    })
+    .await;
+    assert_eq!(counted.tasks_failed, 0);
+    assert!(counted.connected);
+    assert!(a.cancels().is_empty(), "{:?}", a.cancels());
+    let b_record = client_when(&server, "party-b", "party-b's counters", DEADLINE, |c| {
+        c.tasks_offered == 3
+    })
+    .await;
+    assert_eq!(b_record.tasks_succeeded, 0);
+    drop(b);
+}
+
+#[tokio::test]
+async fn a_party_away_past_the_grace_fails_its_tasks_and_no_other_party_can_adopt_them() {
+    let grace = Duration::from_secs(1);
+    let server = start_with(RegistrationLimits::default(), grace).await;
+    let a = FakeParty::connect(server.addr, "party-a", digits()).await;
+    let b = FakeParty::connect(server.addr, "party-b", digits()).await;
+    let first = offer(&server, offer_request(1, 2, 0)).await;
+    let task_a = task_of(&first, "party-a").task_id.clone();
+    let task_b = task_of(&first, "party-b").task_id.clone();
+
+    let b_left = Instant::now();
+    b.disconnect();
+    wait_disconnected(&server, "party-b").await;
+    assert_eq!(
+        phases(&server, &[&task_b]).await,
+        [(TaskPhase::Running, None)]
+    );
+    // party-a drops too, and comes back claiming party-b's task as its own.
+    let a_left = Instant::now();
+    a.disconnect();
+    wait_disconnected(&server, "party-a").await;
+    let a = FakeParty::rejoin(server.addr, "party-a", digits(), &[&task_a, &task_b]).await;
+    a.status(&task_b, TaskPhase::Succeeded, "").await;
+
+    let failed = eventually("party-b's task to fail", || async {
+        let p = phases(&server, &[&task_b]).await.remove(0);
+        (p.0 != TaskPhase::Running).then_some(p)
+    })
+    .await;
+    assert_eq!(
+        failed,
+        (TaskPhase::Failed, Some(PARTY_DISCONNECTED.to_string()))
+    );
+    assert!(b_left.elapsed() >= grace, "failed before the grace ended");
+    // party-a came back in time: its task outlives its own grace.
+    tokio::time::sleep(
+        (a_left + grace + Duration::from_millis(500)).saturating_duration_since(Instant::now()),
+    )
+    .await;
+    assert_eq!(
+        phases(&server, &[&task_a]).await,
+        [(TaskPhase::Running, None)]
+    );
+
+    // party-b returns still running its failed task: it is told to stop,
+    // and what it reports then does not change the failure.
+    let b = FakeParty::rejoin(server.addr, "party-b", digits(), &[&task_b]).await;
+    let cancel = eventually("the Cancel", || async { b.cancels().first().cloned() }).await;
+    assert_eq!(
+        (cancel.task_id.as_str(), cancel.reason.as_str()),
+        (task_b.as_str(), PARTY_DISCONNECTED)
+    );
+    b.status(&task_b, TaskPhase::Cancelled, "cancelled").await;
+    flush(&server, "party-b", 2).await;
+    assert_eq!(
+        phases(&server, &[&task_b]).await,
+        [(TaskPhase::Failed, Some(PARTY_DISCONNECTED.to_string()))]
+    );
+    assert!(a.cancels().is_empty(), "{:?}", a.cancels());
+}
+
+#[tokio::test]
+async fn a_job_cancelled_while_its_party_is_away_ends_at_once_and_the_party_is_told_on_return() {
+    let server = start(RegistrationLimits::default()).await;
+    let a = FakeParty::connect(server.addr, "party-a", digits()).await;
+    let resp = offer(&server, offer_request(1, 1, 0)).await;
+    let task = task_of(&resp, "party-a").task_id.clone();
+    a.disconnect();
+    wait_disconnected(&server, "party-a").await;
+
+    let reason = "job cancelled by an administrator";
+    let cancelled = within(
+        "CancelJobTasks",
+        server
+            .selector
+            .clone()
+            .cancel_job_tasks(CancelJobTasksRequest {
+                job_id: "job-1".into(),
+                reason: reason.into(),
+            }),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    assert_eq!(cancelled.cancelled, 1);
+    assert_eq!(
+        phases(&server, &[&task]).await,
+        [(TaskPhase::Cancelled, Some(reason.to_string()))]
+    );
+
+    let a = FakeParty::rejoin(server.addr, "party-a", digits(), &[&task]).await;
+    let cancel = eventually("the Cancel", || async { a.cancels().first().cloned() }).await;
+    assert_eq!(
+        (cancel.task_id.as_str(), cancel.reason.as_str()),
+        (task.as_str(), reason)
+    );
+    // A success reported after the cancel changes nothing.
+    a.status(&task, TaskPhase::Succeeded, "").await;
+    flush(&server, "party-a", 2).await;
+    assert_eq!(
+        phases(&server, &[&task]).await,
+        [(TaskPhase::Cancelled, Some(reason.to_string()))]
+    );
+    assert_eq!(a.cancels().len(), 1);
+}
+
+#[tokio::test]
+async fn a_register_listing_too_many_or_too_long_task_ids_is_refused() {
+    let server = start(RegistrationLimits::default()).await;
+    let too_many = (0..=MAX_LISTED_TASKS).map(|i| format!("t{i}")).collect();
+    let status = FakeParty::register_listing(server.addr, "p", digits(), too_many)
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().starts_with("register.running_tasks: ")
+            && status.message().contains("1024"),
+        "{}",
+        status.message()
+    );
+    let long = vec!["ok".to_string(), "t".repeat(257)];
+    let status = FakeParty::register_listing(server.addr, "p", digits(), long)
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().starts_with("register.running_tasks[1]: "),
+        "{}",
+        status.message()
+    );
+    let at_limit = (0..MAX_LISTED_TASKS)
+        .map(|i| format!("{i:0>256}"))
+        .collect();
+    FakeParty::register_listing(server.addr, "p", digits(), at_limit)
+        .await
+        .unwrap();
+}
+
+/// A PostgreSQL cluster of the test's own (a few lines of
+/// integration-tests/src/servers.rs), so that the test can stop and start it.
+/// Stopped immediately on drop.
+struct PgCluster {
+    bin: std::path::PathBuf,
+    dir: tempfile::TempDir,
+    port: u16,
+    password: String,
+}
+
+impl PgCluster {
+    /// None (the test skips) without `COHORT_PG_BIN`, except in CI.
+    fn start() -> Option<PgCluster> {
+        let bin = match std::env::var("COHORT_PG_BIN") {
+            Ok(v) if !v.is_empty() => std::path::PathBuf::from(v),
+            _ if std::env::var_os("CI").is_some() => {
+                panic!("COHORT_PG_BIN is not set: scripts/test.sh must provide PostgreSQL in CI")
+            }
+            _ => {
+                eprintln!(
+                    "skipped: COHORT_PG_BIN is not set (run scripts/test.sh to get PostgreSQL)"
+                );
+                return None;
+            }
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("cohort-pg-")
+            .tempdir()
+            .unwrap();
+        let password = format!("pw-{}", std::process::id());
+        std::fs::write(dir.path().join("pwfile"), format!("{password}\n")).unwrap();
+        if is_root() {
+            let mut chown = std::process::Command::new("chown");
+            chown.args(["-R", "postgres"]).arg(dir.path());
+            run(chown, "chown");
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let cluster = PgCluster {
+            bin,
+            dir,
+            port,
+            password,
+        };
+        let mut initdb = cluster.command("initdb");
+        initdb
+            .arg("-D")
+            .arg(cluster.dir.path().join("data"))
+            .args(["-U", "cohort", "--auth=scram-sha-256"])
+            .arg(format!(
+                "--pwfile={}",
+                cluster.dir.path().join("pwfile").display()
+            ));
+        run(initdb, "initdb");
+        cluster.start_server();
+        Some(cluster)
+    }
+
+    /// PostgreSQL refuses to run as root: its tools run as `postgres` then.
+    fn command(&self, tool: &str) -> std::process::Command {
+        if is_root() {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(self.bin.join(tool));
+            c
+        } else {
+            std::process::Command::new(self.bin.join(tool))
+        }
+    }
+
+    fn start_server(&self) {
+        let mut c = self.command("pg_ctl");
+        c.arg("-D")
+            .arg(self.dir.path().join("data"))
+            .arg("-l")
+            .arg(self.dir.path().join("log"))
+            .args(["-w", "-t", "30", "-o"])
+            .arg(format!(
+                "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+                self.port,
+                self.dir.path().display()
+            ))
+            .arg("start");
+        run(c, "pg_ctl start");
+    }
+
+    /// Fast shutdown: clients are disconnected, as in an outage.
+    fn stop_server(&self) {
+        let mut c = self.command("pg_ctl");
+        c.arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-m", "fast", "-w", "stop"]);
+        run(c, "pg_ctl stop");
+    }
+
+    /// Creates the database `clients`; returns its URL.
+    fn create_database(&self) -> String {
+        let mut c = self.command("createdb");
+        c.args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-U", "cohort", "clients"])
+            .env("PGPASSWORD", &self.password);
+        run(c, "createdb");
+        format!(
+            "postgres://cohort:{}@127.0.0.1:{}/clients",
+            self.password, self.port
+        )
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let mut c = self.command("pg_ctl");
+        c.arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-m", "immediate", "stop"]);
+        let _ = c.output();
+    }
+}
+
+/// Whether this process runs as root (`/proc/self` belongs to the effective
+/// user).
+fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").unwrap().uid() == 0
+}
+
+fn run(mut cmd: std::process::Command, what: &str) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Offers one task and waits for the answer; also says how long that took.
+async fn offer_timed(server: &Server, round: u32) -> (OfferTasksResponse, Duration) {
+    let started = Instant::now();
+    let resp = offer(server, offer_request(round, 1, 0)).await;
+    (resp, started.elapsed())
+}
+
+/// Offers `party` a task, which it accepts within the 5 s reply deadline,
+/// and reports it done; TaskStates says so.
+async fn offer_and_succeed_within_the_reply_deadline(
+    server: &Server,
+    party: &FakeParty,
+    round: u32,
+) {
+    let (resp, took) = offer_timed(server, round).await;
+    assert_eq!(resp.accepted.len(), 1, "round {round}: {resp:?}");
+    assert!(
+        took < Duration::from_secs(5),
+        "round {round}: the offer took {took:?}, past its 5 s reply deadline"
+    );
+    let task = resp.accepted[0].task_id.clone();
+    party.status(&task, TaskPhase::Succeeded, "").await;
+    eventually("the success, in memory", || async {
+        let p = phases(server, &[&task]).await;
+        (p[0].0 == TaskPhase::Succeeded).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_database_down_sessions_flow_and_the_counters_catch_up_when_it_returns() {
+    let Some(pg) = tokio::task::spawn_blocking(PgCluster::start).await.unwrap() else {
+        return;
+    };
+    let pg = Arc::new(pg);
+    let url = {
+        let pg = pg.clone();
+        tokio::task::spawn_blocking(move || pg.create_database())
+            .await
+            .unwrap()
+    };
+    // The services' default pool timeout: with the database down, each store
+    // call takes this long to fail.
+    let options = cohort_store::DatabaseOptions::default();
+    assert!(options.acquire_timeout >= Duration::from_secs(10));
+    let store = cohort_store::postgres::PgClientStore::open(&url, &options)
+        .await
+        .unwrap();
+    let server = serve(
+        Arc::new(store),
+        Settings {
+            heartbeat_interval: Duration::from_secs(1),
+            reconnect_grace: GRACE,
+            limits: RegistrationLimits::default(),
+        },
+    )
+    .await;
+    let mut a = FakeParty::connect(server.addr, "party-a", digits()).await;
+    a.beat_every(Duration::from_millis(250));
+    let (before, _) = offer_timed(&server, 1).await;
+    a.status(&before.accepted[0].task_id, TaskPhase::Succeeded, "")
+        .await;
+    client_when(
+        &server,
+        "party-a",
+        "counters before the outage",
+        DEADLINE,
+        |c| c.tasks_offered == 1 && c.tasks_succeeded == 1,
+    )
+    .await;
+
+    {
+        let pg = pg.clone();
+        tokio::task::spawn_blocking(move || pg.stop_server())
+            .await
+            .unwrap();
+    }
+    let stopped_ms = cohort_runtime::now_ms();
+    // A newcomer cannot be checked against the revocations: refused, and
+    // only after a store timeout, while the open session goes on.
+    let newcomer = tokio::spawn({
+        let addr = server.addr;
+        async move {
+            FakeParty::register(addr, "party-b", digits())
+                .await
+                .map(|_| ())
+        }
+    });
+    offer_and_succeed_within_the_reply_deadline(&server, &a, 2).await;
+    let refused = within("the newcomer's refusal", newcomer)
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    // Past a store timeout: heartbeats kept the session open.
+    offer_and_succeed_within_the_reply_deadline(&server, &a, 3).await;
+    let (_, took) = offer_timed(&server, 4).await;
+    assert!(took < Duration::from_secs(5), "{took:?}");
+
+    {
+        let pg = pg.clone();
+        tokio::task::spawn_blocking(move || pg.start_server())
+            .await
+            .unwrap();
+    }
+    // Everything counted during the outage reaches the store: a write under
+    // way may take a pool timeout to fail, then the writer backs off.
+    let caught_up = client_when(
+        &server,
+        "party-a",
+        "counters after the outage",
+        Duration::from_secs(60),
+        |c| c.tasks_offered == 4 && c.tasks_succeeded == 3,
+    )
+    .await;
+    assert_eq!(caught_up.tasks_failed, 0);
+    assert!(caught_up.last_seen_ms > stopped_ms);
+    assert!(caught_up.connected);
 }
