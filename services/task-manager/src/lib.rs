@@ -9,12 +9,18 @@
 //! (`--min-cohort`) are refused, with the reason in the reply. Its only listener
 //! (`--listen`) serves grpc.health.v1 and nothing else.
 //!
+//! Nothing stale runs: an offer considered after its reply deadline is refused, and an
+//! executor still running past its task's deadline (plus a grace) is stopped and the task
+//! reported failed. A session that breaks does not stop the executors: the next session's
+//! Register lists the tasks the server should keep, and task statuses wait in a bounded
+//! queue until a session is registered to take them.
+//!
 //! Must not depend on server-side crates or stores: it only speaks the
 //! PartySession protocol (and, for executor Pods, the Kubernetes API).
 
 pub mod datasets;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -26,8 +32,9 @@ use cohort_proto::v1 as pb;
 use cohort_runtime::{LogFormat, Tls, channel};
 use cohort_security::Identity;
 use futures::StreamExt;
+use futures::stream::PollNext;
 use tokio::process::Command;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::datasets::LocalDataset;
 
@@ -126,6 +133,139 @@ enum Launch {
     Pod(Arc<KubernetesExecutors>, Vec<u8>),
 }
 
+/// An accepted offer whose executor is not started yet: the acceptance goes out first, so
+/// that the server knows the task before any status of it.
+struct Accepted {
+    task: pb::Task,
+    launch: Launch,
+}
+
+impl Accepted {
+    /// Nothing runs after all (the acceptance could not be sent).
+    fn discard(self) {
+        // The token is a credential: do not leave it on disk.
+        if let Launch::Process(_, task_file) = &self.launch {
+            let _ = std::fs::remove_file(task_file);
+        }
+    }
+}
+
+/// Most task statuses kept waiting for a session, and most remembered as sent; beyond it
+/// the oldest go (RUNNING first).
+const MAX_QUEUED_STATUSES: usize = 1000;
+
+/// Final statuses handed to a session this long before it broke are sent again on the next:
+/// a gRPC stream has no receipts, and a dead connection can go unnoticed for the HTTP/2
+/// keepalive's interval and timeout (20 s each). The server ignores a status it already has.
+const RESEND_WINDOW: Duration = Duration::from_secs(60);
+
+/// Task statuses on their way to the server. They wait here rather than in one session's
+/// stream, so that those produced while the session is down (or not yet registered) go out
+/// on the next one.
+#[derive(Default)]
+struct StatusOutbox {
+    inner: Mutex<OutboxInner>,
+    queued: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct OutboxInner {
+    queue: VecDeque<pb::TaskStatus>,
+    /// Final statuses handed to the current session, and when.
+    sent: VecDeque<(tokio::time::Instant, pb::TaskStatus)>,
+}
+
+fn is_final(status: &pb::TaskStatus) -> bool {
+    status.phase != pb::TaskPhase::Running as i32
+}
+
+impl StatusOutbox {
+    fn lock(&self) -> std::sync::MutexGuard<'_, OutboxInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn push(&self, status: pb::TaskStatus) {
+        let mut inner = self.lock();
+        if is_final(&status) {
+            // A task's end supersedes whatever of it still waits.
+            inner.queue.retain(|s| s.task_id != status.task_id);
+        }
+        inner.queue.push_back(status);
+        trim(&mut inner.queue);
+        drop(inner);
+        self.queued.notify_one();
+    }
+
+    /// The next status to send, waiting for one. Cancel-safe: a status is taken only when
+    /// returned (and, if final, remembered as sent in the same step).
+    async fn pop(&self) -> pb::TaskStatus {
+        loop {
+            {
+                let mut inner = self.lock();
+                if let Some(status) = inner.queue.pop_front() {
+                    if is_final(&status) {
+                        if inner.sent.len() >= MAX_QUEUED_STATUSES {
+                            inner.sent.pop_front();
+                        }
+                        let now = tokio::time::Instant::now();
+                        inner.sent.push_back((now, status.clone()));
+                    }
+                    return status;
+                }
+            }
+            // notify_one keeps a permit when nobody waits: a push in between is not missed.
+            self.queued.notified().await;
+        }
+    }
+
+    /// Before a new session: final statuses handed to the last one at or after `since`
+    /// (all, with None) go first again; older ones are taken as delivered.
+    fn resend_sent_since(&self, since: Option<tokio::time::Instant>) {
+        let mut inner = self.lock();
+        let sent = std::mem::take(&mut inner.sent);
+        let mut again = 0;
+        for (at, status) in sent.into_iter().rev() {
+            let waiting = inner.queue.iter().any(|s| s.task_id == status.task_id);
+            if since.is_none_or(|since| at >= since) && !waiting {
+                inner.queue.push_front(status);
+                again += 1;
+            }
+        }
+        trim(&mut inner.queue);
+        drop(inner);
+        if again > 0 {
+            tracing::info!(
+                statuses = again,
+                "sending again the task statuses the broken session may have lost"
+            );
+            self.queued.notify_one();
+        }
+    }
+
+    /// Tasks whose end waits here, untold to the server.
+    fn unreported_ends(&self) -> Vec<String> {
+        self.lock()
+            .queue
+            .iter()
+            .filter(|s| is_final(s))
+            .map(|s| s.task_id.clone())
+            .collect()
+    }
+}
+
+/// Keeps the queue within `MAX_QUEUED_STATUSES`, dropping RUNNING statuses first.
+fn trim(queue: &mut VecDeque<pb::TaskStatus>) {
+    while queue.len() > MAX_QUEUED_STATUSES {
+        let oldest = queue.iter().position(|s| !is_final(s)).unwrap_or(0);
+        if let Some(dropped) = queue.remove(oldest) {
+            tracing::warn!(
+                task = %dropped.task_id,
+                "{MAX_QUEUED_STATUSES} task statuses wait for the server; dropping the oldest"
+            );
+        }
+    }
+}
+
 /// Which jobs may use this party's data at all, whatever its datasets and capacity.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct AcceptPolicy {
@@ -216,7 +356,9 @@ struct Party {
     policy: AcceptPolicy,
     datasets: Vec<LocalDataset>,
     /// Running executors by task id: the sender stops one.
-    running: Mutex<HashMap<String, tokio::sync::oneshot::Sender<()>>>,
+    running: Mutex<HashMap<String, oneshot::Sender<()>>>,
+    /// Task statuses not yet handed to a session.
+    outbox: StatusOutbox,
     /// The tasks watching executors, awaited on shutdown so that stopped executors are
     /// cleaned up (processes reaped, Pods and their Secrets deleted) before the daemon exits.
     watchers: Mutex<tokio::task::JoinSet<()>>,
@@ -224,6 +366,13 @@ struct Party {
 
 /// How long a stopping task-manager waits for its executors to be stopped and removed.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// How long past its task's deadline an executor may run (an update submitted at the
+/// deadline is still on its way) before it is stopped and the task reported failed.
+const TASK_DEADLINE_GRACE: Duration = Duration::from_secs(10);
+
+/// Why a task past its deadline failed, or its offer was refused.
+const DEADLINE_PASSED: &str = "the task's deadline passed";
 
 impl Args {
     pub async fn run(self) -> anyhow::Result<()> {
@@ -281,6 +430,7 @@ impl Args {
             policy,
             datasets,
             running: Mutex::default(),
+            outbox: StatusOutbox::default(),
             watchers: Mutex::default(),
         });
         tracing::info!(
@@ -440,12 +590,18 @@ impl Party {
     /// Keeps a session open, reconnecting with backoff when it breaks.
     async fn run_sessions(self: Arc<Self>) {
         let mut backoff = Duration::from_millis(200);
+        let mut last_ended: Option<tokio::time::Instant> = None;
         loop {
             let started = tokio::time::Instant::now();
+            // Done here, not when the session returns: the transport may still take a
+            // status from the ended session's stream for a moment.
+            self.outbox
+                .resend_sent_since(last_ended.and_then(|at| at.checked_sub(RESEND_WINDOW)));
             match self.clone().session().await {
                 Ok(()) => tracing::warn!("session closed by the server; reconnecting"),
                 Err(e) => tracing::warn!(error = %e, "session failed; reconnecting in {backoff:?}"),
             }
+            last_ended = Some(tokio::time::Instant::now());
             if started.elapsed() > Duration::from_secs(30) {
                 backoff = Duration::from_millis(200);
             }
@@ -454,19 +610,65 @@ impl Party {
         }
     }
 
+    /// Tasks the server should keep for this party: those running here and those whose end
+    /// it has not heard yet (their status follows the registration).
+    fn tasks_to_keep(&self) -> Vec<String> {
+        let mut tasks: BTreeSet<String> = self
+            .running
+            .lock()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default();
+        tasks.extend(self.outbox.unreported_ends());
+        tasks.into_iter().collect()
+    }
+
     async fn session(self: Arc<Self>) -> anyhow::Result<()> {
         let channel = channel(&self.proxy, self.tls.as_ref())?;
         let mut client = pb::party_session_client::PartySessionClient::new(channel);
         let (out_tx, out_rx) = mpsc::channel::<pb::PartyMessage>(64);
+        let running_tasks = self.tasks_to_keep();
+        if !running_tasks.is_empty() {
+            tracing::info!(
+                tasks = running_tasks.len(),
+                "registering with tasks still running or unreported"
+            );
+        }
         out_tx
             .send(party_msg(pb::party_message::Kind::Register(pb::Register {
                 party: self.name.clone(),
                 datasets: self.datasets.iter().map(|d| d.info.clone()).collect(),
                 resources: Some(self.resources()),
+                running_tasks,
             })))
             .await?;
+        // Task statuses are taken from the outbox only once the server has registered this
+        // session, and only while it lasts: when this function returns, the stream ends
+        // (even if the transport still polls it) and what was not taken waits for the next.
+        let (registered_tx, registered_rx) = oneshot::channel::<()>();
+        let mut registered_tx = Some(registered_tx);
+        let (_session_over, session_over) = oneshot::channel::<()>();
+        let statuses = futures::stream::unfold(
+            (self.clone(), Some(registered_rx)),
+            |(me, gate)| async move {
+                if let Some(gate) = gate {
+                    gate.await.ok()?;
+                }
+                let status = me.outbox.pop().await;
+                Some((
+                    party_msg(pb::party_message::Kind::TaskStatus(status)),
+                    (me, None),
+                ))
+            },
+        );
+        // Replies and heartbeats first: an offer's deadline is short.
+        let outbound = futures::stream::select_with_strategy(
+            tokio_stream::wrappers::ReceiverStream::new(out_rx),
+            statuses,
+            |_: &mut ()| PollNext::Left,
+        )
+        .take_until(session_over);
         let mut inbound = client
-            .open(tokio_stream::wrappers::ReceiverStream::new(out_rx))
+            .open(outbound)
             .await
             .context("cannot open the party session")?
             .into_inner();
@@ -480,6 +682,9 @@ impl Party {
             match msg.kind {
                 Some(pb::server_message::Kind::Registered(r)) => {
                     tracing::info!(party = %r.party, "registered");
+                    if let Some(tx) = registered_tx.take() {
+                        let _ = tx.send(());
+                    }
                     let interval = Duration::from_millis(
                         u64::from(r.heartbeat_interval_ms).clamp(100, 600_000),
                     );
@@ -506,10 +711,31 @@ impl Party {
                     }));
                 }
                 Some(pb::server_message::Kind::Offer(offer)) => {
-                    let reply = self.clone().consider(offer, out_tx.clone());
-                    out_tx
+                    let (reply, accepted) = match self.consider(&offer) {
+                        Ok(accepted) => (
+                            pb::OfferReply {
+                                offer_id: offer.offer_id.clone(),
+                                accepted: true,
+                                reason: String::new(),
+                            },
+                            Some(accepted),
+                        ),
+                        Err(reason) => (refusal(&offer, reason), None),
+                    };
+                    let sent = out_tx
                         .send(party_msg(pb::party_message::Kind::OfferReply(reply)))
-                        .await?;
+                        .await;
+                    match (sent, accepted) {
+                        (Ok(()), Some(accepted)) => self.start(accepted),
+                        (Ok(()), None) => {}
+                        (Err(e), accepted) => {
+                            // The server will not hear of it: run nothing.
+                            if let Some(accepted) = accepted {
+                                accepted.discard();
+                            }
+                            break Err(e.into());
+                        }
+                    }
                 }
                 Some(pb::server_message::Kind::Cancel(c)) => {
                     let stop = self
@@ -534,44 +760,41 @@ impl Party {
         result
     }
 
-    /// Accepts an offer (and starts its executor) or says why not.
-    fn consider(
-        self: Arc<Self>,
-        offer: pb::Offer,
-        out: mpsc::Sender<pb::PartyMessage>,
-    ) -> pb::OfferReply {
-        let refuse = |reason: String| {
-            let reason = bounded(reason);
-            let job = offer.task.as_ref().map_or("", |t| t.job_id.as_str());
-            tracing::info!(offer = %offer.offer_id, job = %bounded(job.to_string()), %reason, "offer refused");
-            pb::OfferReply {
-                offer_id: offer.offer_id.clone(),
-                accepted: false,
-                reason,
-            }
-        };
+    /// Whether to take an offer: its executor, ready to start, or why not.
+    fn consider(&self, offer: &pb::Offer) -> Result<Accepted, String> {
+        // Whoever offered it has stopped waiting (this party was slow, or stopped): what it
+        // offered may have been given to another party or be long over.
+        let now = cohort_runtime::now_ms();
+        if offer.reply_by_ms > 0 && now > offer.reply_by_ms {
+            return Err(format!(
+                "the offer expired (reply by {} passed {:.1} s ago)",
+                utc_time_of_day(offer.reply_by_ms),
+                now.saturating_sub(offer.reply_by_ms) as f64 / 1000.0
+            ));
+        }
         let Some(task) = offer.task.clone() else {
-            return refuse("offer without a task".into());
+            return Err("offer without a task".into());
         };
         if cohort_core::JobId::parse(&task.job_id).is_err()
             || task.task_id.is_empty()
             || task.task_token.is_empty()
         {
-            return refuse("malformed task".into());
+            return Err("malformed task".into());
+        }
+        if task.deadline_ms > 0 && now >= task.deadline_ms {
+            return Err(DEADLINE_PASSED.into());
         }
         // Who asks and how many take part come from the job's own spec.
-        let spec = match JobSpec::from_json(&task.spec_json) {
-            Ok(spec) => spec,
-            Err(e) => return refuse(format!("malformed task: spec_json: {e}")),
-        };
+        let spec = JobSpec::from_json(&task.spec_json)
+            .map_err(|e| format!("malformed task: spec_json: {e}"))?;
         if let Some(reason) = self.policy.refusal(&spec) {
-            return refuse(reason);
+            return Err(reason);
         }
         let Some(dataset) = self.datasets.iter().find(|d| d.name == task.dataset) else {
-            return refuse(format!("unknown dataset {:?}", task.dataset));
+            return Err(format!("unknown dataset {:?}", task.dataset));
         };
         if self.running_count() >= self.max_tasks {
-            return refuse(format!("no capacity: {} task(s) running", self.max_tasks));
+            return Err(format!("no capacity: {} task(s) running", self.max_tasks));
         }
         let exec = pb::ExecutorTask {
             task: Some(task.clone()),
@@ -581,48 +804,56 @@ impl Party {
         let launch = match &self.executors {
             Executors::Processes(processes) => {
                 let dir = self.workspace.join("tasks").join(sanitize(&task.task_id));
-                match write_task_file(&dir, &exec) {
-                    Ok(p) => Launch::Process(processes.clone(), p),
-                    Err(e) => return refuse(format!("cannot prepare the task: {e}")),
-                }
+                let file = write_task_file(&dir, &exec)
+                    .map_err(|e| format!("cannot prepare the task: {e}"))?;
+                Launch::Process(processes.clone(), file)
             }
             // The token goes into the task's Secret only, never onto this disk.
             Executors::Pods(pods) => {
                 Launch::Pod(pods.clone(), prost::Message::encode_to_vec(&exec))
             }
         };
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+        Ok(Accepted { task, launch })
+    }
+
+    /// Starts an accepted task's executor and its watcher.
+    fn start(self: &Arc<Self>, accepted: Accepted) {
+        let Accepted { task, launch } = accepted;
+        let (stop_tx, stop_rx) = oneshot::channel();
         if let Ok(mut m) = self.running.lock() {
             m.insert(task.task_id.clone(), stop_tx);
         }
-        let watcher = self.clone().run_executor(task, launch, stop_rx, out);
+        let watcher = self.clone().run_executor(task, launch, stop_rx);
         let mut watchers = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
         // Forget the ones that are done.
         while watchers.try_join_next().is_some() {}
         watchers.spawn(watcher);
-        drop(watchers);
-        pb::OfferReply {
-            offer_id: offer.offer_id,
-            accepted: true,
-            reason: String::new(),
-        }
     }
 
     async fn run_executor(
         self: Arc<Self>,
         task: pb::Task,
         launch: Launch,
-        stop: tokio::sync::oneshot::Receiver<()>,
-        out: mpsc::Sender<pb::PartyMessage>,
+        stop: oneshot::Receiver<()>,
     ) {
-        let status = |phase: pb::TaskPhase, message: String| {
-            party_msg(pb::party_message::Kind::TaskStatus(pb::TaskStatus {
-                task_id: task.task_id.clone(),
-                phase: phase as i32,
-                message,
-            }))
+        let status = |phase: pb::TaskPhase, message: String| pb::TaskStatus {
+            task_id: task.task_id.clone(),
+            phase: phase as i32,
+            message,
         };
-        let running = || out.send(status(pb::TaskPhase::Running, String::new()));
+        let running = || {
+            self.outbox
+                .push(status(pb::TaskPhase::Running, String::new()))
+        };
+        // Whatever the executor is doing then (hung on the network, stopped with this
+        // daemon), its work can no longer count.
+        let abandon_at = abandon_at(task.deadline_ms);
+        let past_deadline = async {
+            match abandon_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         let (phase, message) = match &launch {
             Launch::Process(processes, task_file) => {
                 let mut cmd = Command::new(&processes.bin);
@@ -639,17 +870,29 @@ impl Party {
                     Err(e) => (pb::TaskPhase::Failed, e.to_string()),
                     Ok(mut child) => {
                         tracing::info!(task = %task.task_id, kind = task.kind, round = task.round, "executor started");
-                        let _ = running().await;
-                        tokio::select! {
-                            r = child.wait() => match r {
+                        running();
+                        let stopped = tokio::select! {
+                            r = child.wait() => Err(match r {
                                 Ok(s) if s.success() => (pb::TaskPhase::Succeeded, String::new()),
                                 Ok(s) => (pb::TaskPhase::Failed, format!("executor {s}: {}", last_line(&log))),
                                 Err(e) => (pb::TaskPhase::Failed, format!("executor could not be waited on: {e}")),
-                            },
-                            _ = stop => {
-                                cohort_runtime::process::terminate(&mut child, Duration::from_secs(3)).await;
-                                (pb::TaskPhase::Cancelled, "cancelled".to_string())
+                            }),
+                            _ = stop => Ok((pb::TaskPhase::Cancelled, "cancelled".to_string())),
+                            _ = past_deadline => {
+                                tracing::warn!(task = %task.task_id, "executor still running past the task's deadline; stopping it");
+                                Ok((pb::TaskPhase::Failed, DEADLINE_PASSED.to_string()))
                             }
+                        };
+                        match stopped {
+                            Ok(end) => {
+                                cohort_runtime::process::terminate(
+                                    &mut child,
+                                    Duration::from_secs(3),
+                                )
+                                .await;
+                                end
+                            }
+                            Err(end) => end,
                         }
                     }
                 }
@@ -658,13 +901,17 @@ impl Party {
                 Err(e) => (pb::TaskPhase::Failed, e.to_string()),
                 Ok(()) => {
                     tracing::info!(task = %task.task_id, kind = task.kind, round = task.round, pod = %cohort_kube::executor_pod_name(&task.task_id), "executor pod created");
-                    let _ = running().await;
+                    running();
                     let (phase, message, grace) = tokio::select! {
                         end = pods.wait(&task.task_id, wait_deadline(task.deadline_ms)) => match end {
                             ExecutorEnd::Succeeded => (pb::TaskPhase::Succeeded, String::new(), Duration::ZERO),
                             ExecutorEnd::Failed(why) => (pb::TaskPhase::Failed, why, Duration::ZERO),
                         },
                         _ = stop => (pb::TaskPhase::Cancelled, "cancelled".to_string(), Duration::from_secs(3)),
+                        _ = past_deadline => {
+                            tracing::warn!(task = %task.task_id, "executor pod still running past the task's deadline; deleting it");
+                            (pb::TaskPhase::Failed, DEADLINE_PASSED.to_string(), Duration::from_secs(3))
+                        }
                     };
                     pods.remove(&task.task_id, grace).await;
                     (phase, message)
@@ -684,12 +931,34 @@ impl Party {
             pb::TaskPhase::Failed => tracing::warn!(task = %task.task_id, %message, "task failed"),
             _ => tracing::info!(task = %task.task_id, phase = ?phase, "task ended"),
         }
-        let _ = out.send(status(phase, message)).await;
+        self.outbox.push(status(phase, message));
     }
 }
 
-/// How long an executor Pod is waited for: the task's deadline (ms since the epoch, set by
-/// the coordinator) plus a minute for the Pod to go, or a day when the task has none.
+/// A refusal's reply, logged with its reason.
+fn refusal(offer: &pb::Offer, reason: String) -> pb::OfferReply {
+    let reason = bounded(reason);
+    let job = offer.task.as_ref().map_or("", |t| t.job_id.as_str());
+    tracing::info!(offer = %offer.offer_id, job = %bounded(job.to_string()), %reason, "offer refused");
+    pb::OfferReply {
+        offer_id: offer.offer_id.clone(),
+        accepted: false,
+        reason,
+    }
+}
+
+/// When an executor still running is stopped: its task's deadline (ms since the epoch, set
+/// by the coordinator) plus `TASK_DEADLINE_GRACE`; never when the task has none.
+fn abandon_at(deadline_ms: i64) -> Option<tokio::time::Instant> {
+    if deadline_ms <= 0 {
+        return None;
+    }
+    let left = u64::try_from(deadline_ms.saturating_sub(cohort_runtime::now_ms())).unwrap_or(0);
+    Some(tokio::time::Instant::now() + Duration::from_millis(left) + TASK_DEADLINE_GRACE)
+}
+
+/// How long an executor Pod's status is watched: a backstop a minute past the task's
+/// deadline (the Pod is deleted at `abandon_at` before), or a day when the task has none.
 fn wait_deadline(deadline_ms: i64) -> tokio::time::Instant {
     let now = tokio::time::Instant::now();
     if deadline_ms <= 0 {
@@ -697,6 +966,18 @@ fn wait_deadline(deadline_ms: i64) -> tokio::time::Instant {
     }
     let left = u64::try_from(deadline_ms.saturating_sub(cohort_runtime::now_ms())).unwrap_or(0);
     now + Duration::from_millis(left) + Duration::from_secs(60)
+}
+
+/// `ms` since the epoch as a UTC time of day, e.g. `14:03:07.250 UTC`.
+fn utc_time_of_day(ms: i64) -> String {
+    let ms = ms.rem_euclid(86_400_000);
+    format!(
+        "{:02}:{:02}:{:02}.{:03} UTC",
+        ms / 3_600_000,
+        ms / 60_000 % 60,
+        ms / 1000 % 60,
+        ms % 1000
+    )
 }
 
 fn sanitize(s: &str) -> String {
@@ -774,4 +1055,93 @@ fn last_line(log: &Path) -> String {
             format!("{cut}{}", l.trim())
         })
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(task: &str, phase: pb::TaskPhase) -> pb::TaskStatus {
+        pb::TaskStatus {
+            task_id: task.to_string(),
+            phase: phase as i32,
+            message: String::new(),
+        }
+    }
+
+    fn queued(outbox: &StatusOutbox) -> Vec<(String, i32)> {
+        let inner = outbox.lock();
+        inner
+            .queue
+            .iter()
+            .map(|s| (s.task_id.clone(), s.phase))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_tasks_end_supersedes_its_queued_start() {
+        let outbox = StatusOutbox::default();
+        outbox.push(status("a", pb::TaskPhase::Running));
+        outbox.push(status("b", pb::TaskPhase::Running));
+        outbox.push(status("a", pb::TaskPhase::Succeeded));
+        assert_eq!(
+            queued(&outbox),
+            [
+                ("b".to_string(), pb::TaskPhase::Running as i32),
+                ("a".to_string(), pb::TaskPhase::Succeeded as i32)
+            ]
+        );
+        assert_eq!(outbox.unreported_ends(), ["a"]);
+    }
+
+    #[tokio::test]
+    async fn final_statuses_handed_to_a_broken_session_are_sent_again() {
+        let outbox = StatusOutbox::default();
+        outbox.push(status("a", pb::TaskPhase::Running));
+        outbox.push(status("a", pb::TaskPhase::Failed));
+        outbox.push(status("b", pb::TaskPhase::Cancelled));
+        assert_eq!(outbox.pop().await.task_id, "a");
+        assert_eq!(outbox.pop().await.task_id, "b");
+        assert!(outbox.unreported_ends().is_empty());
+        outbox.push(status("c", pb::TaskPhase::Succeeded));
+
+        // The session broke: what it was handed goes first again, before what waited.
+        outbox.resend_sent_since(None);
+        assert_eq!(outbox.unreported_ends(), ["a", "b", "c"]);
+        // Once: the next session starts with nothing remembered as sent.
+        outbox.resend_sent_since(None);
+        assert_eq!(outbox.unreported_ends(), ["a", "b", "c"]);
+
+        // Handed long before the break: taken as delivered.
+        for _ in 0..3 {
+            outbox.pop().await;
+        }
+        let later = tokio::time::Instant::now() + Duration::from_secs(1);
+        outbox.resend_sent_since(Some(later));
+        assert!(queued(&outbox).is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_queue_is_bounded_dropping_starts_first() {
+        let outbox = StatusOutbox::default();
+        outbox.push(status("end-0", pb::TaskPhase::Failed));
+        outbox.push(status("start-0", pb::TaskPhase::Running));
+        for i in 1..MAX_QUEUED_STATUSES {
+            outbox.push(status(&format!("end-{i}"), pb::TaskPhase::Failed));
+        }
+        let queue = queued(&outbox);
+        assert_eq!(queue.len(), MAX_QUEUED_STATUSES);
+        assert!(queue.iter().all(|(task, _)| task.starts_with("end-")));
+        outbox.push(status("end-last", pb::TaskPhase::Failed));
+        let queue = queued(&outbox);
+        assert_eq!(queue.len(), MAX_QUEUED_STATUSES);
+        assert_eq!(queue[0].0, "end-1");
+    }
+
+    #[test]
+    fn times_of_day_are_utc() {
+        assert_eq!(utc_time_of_day(0), "00:00:00.000 UTC");
+        // 2024-05-06T14:03:07.250Z
+        assert_eq!(utc_time_of_day(1_715_004_187_250), "14:03:07.250 UTC");
+    }
 }

@@ -1,7 +1,9 @@
 //! A real task-manager process against an in-process federation stand-in: one loopback
 //! server answering PartySession (as client-selector would, through the proxy) and Round (as
 //! the job's coordinator would). The test sends offers and reads the replies and task
-//! statuses; accepted tasks run the real executor built next to task-manager.
+//! statuses; accepted tasks run the real executor built next to task-manager. The stand-in
+//! can close sessions, refuse new ones (the proxy down) and hold an executor's model fetch,
+//! to show that tasks outlive a session and that nothing stale runs.
 
 #![allow(clippy::unwrap_used)]
 
@@ -9,12 +11,13 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::Stdio;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use cohort_core::{JobSpec, NamedTensor};
 use cohort_proto::v1 as pb;
 use futures::{Stream, StreamExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tonic::{Code, Request, Response, Status, Streaming};
 
 /// Every wait in these tests ends by this, even on a loaded machine.
@@ -23,6 +26,11 @@ const WAIT: Duration = Duration::from_secs(60);
 /// Round tokens the stand-in coordinator knows.
 const SHAPE_TOKEN: &str = "token-wrong-shape";
 const LONG_TOKEN: &str = "token-long-error";
+/// The model fetch never answers.
+const HANG_TOKEN: &str = "token-hang";
+/// The model fetch waits for the test's release, then fails with `RELEASED`.
+const HOLD_TOKEN: &str = "token-hold";
+const RELEASED: &str = "released by the test";
 
 /// One open party session, as the server sees it.
 struct Session {
@@ -34,6 +42,8 @@ struct Session {
 
 struct PartySession {
     sessions: mpsc::Sender<Session>,
+    /// While set, sessions are refused (as by a proxy that is down).
+    down: Arc<AtomicBool>,
 }
 
 type ServerStream = Pin<Box<dyn Stream<Item = Result<pb::ServerMessage, Status>> + Send>>;
@@ -46,6 +56,9 @@ impl pb::party_session_server::PartySession for PartySession {
         &self,
         req: Request<Streaming<pb::PartyMessage>>,
     ) -> Result<Response<ServerStream>, Status> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(Status::unavailable("the proxy is down for the test"));
+        }
         let (to_party, rx) = mpsc::channel(16);
         let session = Session {
             to_party,
@@ -62,9 +75,11 @@ impl pb::party_session_server::PartySession for PartySession {
     }
 }
 
-/// The job's coordinator: a model made for `hidden: [64]`, or a long, multi-line refusal.
+/// The job's coordinator: a model made for `hidden: [64]`, a long, multi-line refusal, no
+/// answer at all, or a refusal once the test releases it.
 struct Round {
     model: Arc<Vec<NamedTensor>>,
+    release: watch::Receiver<bool>,
 }
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::TensorChunk, Status>> + Send>>;
@@ -88,6 +103,11 @@ impl pb::round_server::Round for Round {
                 "first line\nsecond line\n{}",
                 "x".repeat(3000)
             ))),
+            HANG_TOKEN => std::future::pending().await,
+            HOLD_TOKEN => {
+                let _ = self.release.clone().wait_for(|released| *released).await;
+                Err(Status::failed_precondition(RELEASED))
+            }
             _ => Err(Status::permission_denied("unknown task token")),
         }
     }
@@ -107,23 +127,55 @@ impl pb::round_server::Round for Round {
     }
 }
 
-/// The stand-in federation's address and its incoming party sessions.
-async fn federation() -> (String, mpsc::Receiver<Session>) {
+/// The stand-in federation.
+struct Federation {
+    /// Its address, for `--proxy`.
+    proxy: String,
+    /// Party sessions as they open.
+    sessions: mpsc::Receiver<Session>,
+    /// Set: new sessions are refused.
+    down: Arc<AtomicBool>,
+    /// Send `true`: held model fetches fail with `RELEASED`.
+    release: watch::Sender<bool>,
+}
+
+async fn federation() -> Federation {
     let (sessions, incoming) = mpsc::channel(4);
+    let (release, released) = watch::channel(false);
+    let down = Arc::new(AtomicBool::new(false));
     let model = cohort_train::init_model(&spec("default", 2, 2, "[64]").model, 64, 10, 7).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(pb::party_session_server::PartySessionServer::new(
-                PartySession { sessions },
+                PartySession {
+                    sessions,
+                    down: down.clone(),
+                },
             ))
             .add_service(pb::round_server::RoundServer::new(Round {
                 model: Arc::new(model),
+                release: released,
             }))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
-    (addr, incoming)
+    Federation {
+        proxy: addr,
+        sessions: incoming,
+        down,
+        release,
+    }
+}
+
+impl Federation {
+    /// The next session the party opens.
+    async fn next_session(&mut self) -> Session {
+        tokio::time::timeout(WAIT, self.sessions.recv())
+            .await
+            .expect("the party opens a session")
+            .unwrap()
+    }
 }
 
 fn spec(namespace: &str, per_round: u32, min: u32, hidden: &str) -> JobSpec {
@@ -140,6 +192,17 @@ fn spec(namespace: &str, per_round: u32, min: u32, hidden: &str) -> JobSpec {
 }
 
 fn offer(id: &str, spec_json: String, token: &str) -> pb::ServerMessage {
+    offer_until(id, spec_json, token, 0, 0)
+}
+
+/// An offer to be answered by `reply_by_ms`, for a task due by `deadline_ms` (0: none).
+fn offer_until(
+    id: &str,
+    spec_json: String,
+    token: &str,
+    reply_by_ms: i64,
+    deadline_ms: i64,
+) -> pb::ServerMessage {
     pb::ServerMessage {
         kind: Some(pb::server_message::Kind::Offer(pb::Offer {
             offer_id: id.into(),
@@ -153,9 +216,18 @@ fn offer(id: &str, spec_json: String, token: &str) -> pb::ServerMessage {
                 task_token: token.into(),
                 spec_json,
                 seed: 1,
-                deadline_ms: 0,
+                deadline_ms,
             }),
-            reply_by_ms: 0,
+            reply_by_ms,
+        })),
+    }
+}
+
+fn cancel(task_id: &str) -> pb::ServerMessage {
+    pb::ServerMessage {
+        kind: Some(pb::server_message::Kind::Cancel(pb::Cancel {
+            task_id: task_id.into(),
+            reason: "cancelled by the test".into(),
         })),
     }
 }
@@ -189,20 +261,46 @@ impl Session {
         self.to_party.send(Ok(msg)).await.unwrap();
     }
 
-    async fn register(&mut self) {
-        let party = self
+    /// Reads the party's Register (returned) and registers it.
+    async fn register(&mut self) -> pb::Register {
+        let register = self
             .wait_for("Register", |m| match m {
-                pb::party_message::Kind::Register(r) => Some(r.party.clone()),
+                pb::party_message::Kind::Register(r) => Some(r.clone()),
                 _ => None,
             })
             .await;
         self.send(pb::ServerMessage {
             kind: Some(pb::server_message::Kind::Registered(pb::Registered {
-                party,
+                party: register.party.clone(),
                 heartbeat_interval_ms: 60_000,
             })),
         })
         .await;
+        register
+    }
+
+    /// Waits for the task's RUNNING status.
+    async fn running(&mut self, task_id: &str) {
+        self.wait_for(&format!("{task_id} running"), |m| match m {
+            pb::party_message::Kind::TaskStatus(s)
+                if s.task_id == task_id && s.phase == pb::TaskPhase::Running as i32 =>
+            {
+                Some(())
+            }
+            _ => None,
+        })
+        .await
+    }
+
+    /// No status of this task was read (nor is one waiting unread among those read).
+    fn no_status_of(&self, task_id: &str) {
+        assert!(
+            !self.pending.iter().any(
+                |m| matches!(m, pb::party_message::Kind::TaskStatus(s) if s.task_id == task_id)
+            ),
+            "{task_id} has a status: {:?}",
+            self.pending
+        );
     }
 
     async fn reply(&mut self, offer_id: &str) -> pb::OfferReply {
@@ -232,7 +330,7 @@ struct Party {
     child: tokio::process::Child,
     log: PathBuf,
     addr: String,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Party {
@@ -254,12 +352,69 @@ impl Party {
             child,
             log,
             addr,
-            _dir: dir,
+            dir,
         }
     }
 
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap()
+    }
+
+    /// Waits until a line of the log satisfies `line`.
+    async fn wait_log(&self, what: &str, line: impl Fn(&str) -> bool) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !self.log().lines().any(&line) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no {what} in the log within {WAIT:?}: {}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        cohort_runtime::process::signal_pid(self.child.id().unwrap(), signal);
+    }
+
+    /// The task's directory in the workspace (its task file, its executor's log).
+    fn task_dir(&self, task_id: &str) -> PathBuf {
+        self.dir.path().join("workspace/tasks").join(task_id)
+    }
+
+    /// The live processes task-manager started (its executors).
+    fn executors(&self) -> Vec<u32> {
+        let me = self.child.id().unwrap();
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                // `pid (comm) state ppid ...`; comm may hold spaces, never a ')' at its end.
+                std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .ok()
+                    .and_then(|stat| {
+                        let (_, rest) = stat.rsplit_once(')')?;
+                        let mut fields = rest.split_whitespace();
+                        let state = fields.next()?;
+                        let ppid = fields.next()?.parse::<u32>().ok()?;
+                        Some(ppid == me && state != "Z")
+                    })
+                    .unwrap_or(false)
+            })
+            .collect()
+    }
+
+    /// Waits until task-manager runs `count` executors.
+    async fn wait_executors(&self, count: usize) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while self.executors().len() != count {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "not {count} executor(s) within {WAIT:?}: {:?}",
+                self.executors()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     async fn stop(mut self) {
@@ -323,12 +478,9 @@ fn task_manager(dir: &Path, proxy: &str) -> (tokio::process::Command, PathBuf, P
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offers_outside_the_partys_terms_are_refused_with_the_reason() {
-    let (proxy, mut sessions) = federation().await;
-    let party = Party::start(&proxy, &["--accept-namespaces", "team-a,team-b"]).await;
-    let mut session = tokio::time::timeout(WAIT, sessions.recv())
-        .await
-        .expect("the party opens a session")
-        .unwrap();
+    let mut fed = federation().await;
+    let party = Party::start(&fed.proxy, &["--accept-namespaces", "team-a,team-b"]).await;
+    let mut session = fed.next_session().await;
     session.register().await;
     assert!(
         party
@@ -401,12 +553,9 @@ async fn offers_outside_the_partys_terms_are_refused_with_the_reason() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_tasks_reason_reaches_the_server_on_one_bounded_line() {
-    let (proxy, mut sessions) = federation().await;
-    let party = Party::start(&proxy, &["--accept-namespaces", "*"]).await;
-    let mut session = tokio::time::timeout(WAIT, sessions.recv())
-        .await
-        .expect("the party opens a session")
-        .unwrap();
+    let mut fed = federation().await;
+    let party = Party::start(&fed.proxy, &["--accept-namespaces", "*"]).await;
+    let mut session = fed.next_session().await;
     session.register().await;
     assert!(
         party.log().contains("accepting tasks from every namespace"),
@@ -546,4 +695,275 @@ async fn bad_terms_are_refused_at_start_naming_the_flag() {
         "--min-cohort: must be at least 1",
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_tasks_and_their_statuses_outlive_a_session() {
+    let mut fed = federation().await;
+    let party = Party::start(&fed.proxy, &["--max-tasks", "3"]).await;
+    let mut session = fed.next_session().await;
+    assert!(session.register().await.running_tasks.is_empty());
+    for (id, token) in [("held", HOLD_TOKEN), ("kept", HANG_TOKEN)] {
+        session
+            .send(offer(id, spec("anyone", 2, 2, "[64]").to_json(), token))
+            .await;
+        let reply = session.reply(id).await;
+        assert!(reply.accepted, "{id}: {}", reply.reason);
+        session.running(&format!("task-{id}")).await;
+    }
+    party.wait_executors(2).await;
+
+    // The server closes the session: the executors keep running, and the party's next
+    // Register asks the server to keep both tasks.
+    drop(session);
+    let mut session = fed.next_session().await;
+    let register = session.register().await;
+    assert_eq!(register.running_tasks, ["task-held", "task-kept"]);
+    assert_eq!(party.executors().len(), 2);
+
+    // A third task ends on this session, but its status is lost with the session (read
+    // here, never acted on): the party cannot know, and tells the next session again.
+    session
+        .send(offer(
+            "lost",
+            spec("anyone", 2, 2, "[32]").to_json(),
+            SHAPE_TOKEN,
+        ))
+        .await;
+    assert!(session.reply("lost").await.accepted);
+    assert_eq!(
+        session.end_of("task-lost").await.phase,
+        pb::TaskPhase::Failed as i32
+    );
+
+    // The proxy goes down, and the held task ends while no session is open.
+    fed.down.store(true, Ordering::SeqCst);
+    drop(session);
+    let closed = |log: &str| log.matches("session closed by the server").count();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while closed(&party.log()) < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "{}", party.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    fed.release.send(true).unwrap();
+    party
+        .wait_log("the held task's end", |l| {
+            l.contains("task failed") && l.contains("task-held") && l.contains(RELEASED)
+        })
+        .await;
+    party.wait_executors(1).await;
+
+    // Back: the ended tasks are listed (the server may not have heard of their end), and
+    // their statuses follow the registration.
+    fed.down.store(false, Ordering::SeqCst);
+    let mut session = fed.next_session().await;
+    let register = session.register().await;
+    assert_eq!(
+        register.running_tasks,
+        ["task-held", "task-kept", "task-lost"]
+    );
+    let end = session.end_of("task-held").await;
+    assert_eq!(end.phase, pb::TaskPhase::Failed as i32, "{end:?}");
+    assert!(
+        end.message
+            .starts_with("executor exit status: 1: error: cannot fetch the model: ")
+            && end.message.contains(RELEASED),
+        "{}",
+        end.message
+    );
+    let end = session.end_of("task-lost").await;
+    assert_eq!(end.phase, pb::TaskPhase::Failed as i32, "{end:?}");
+    assert!(end.message.contains("needs [32, 64]"), "{}", end.message);
+
+    // The other executor ran on throughout: it answers this session's cancel, here.
+    session.send(cancel("task-kept")).await;
+    let end = session.end_of("task-kept").await;
+    assert_eq!(end.phase, pb::TaskPhase::Cancelled as i32, "{end:?}");
+    party.wait_executors(0).await;
+    assert!(
+        party
+            .log()
+            .contains("sending again the task statuses the broken session may have lost"),
+        "{}",
+        party.log()
+    );
+    party.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offers_past_their_reply_deadline_or_their_tasks_are_refused_and_nothing_runs() {
+    let mut fed = federation().await;
+    let party = Party::start(&fed.proxy, &[]).await;
+    let mut session = fed.next_session().await;
+    session.register().await;
+    let now = cohort_runtime::now_ms();
+    let spec_json = spec("anyone", 2, 2, "[32]").to_json();
+
+    session
+        .send(offer_until(
+            "late",
+            spec_json.clone(),
+            SHAPE_TOKEN,
+            now - 1500,
+            now + 60_000,
+        ))
+        .await;
+    let reply = session.reply("late").await;
+    assert!(!reply.accepted);
+    assert!(
+        reply.reason.starts_with("the offer expired (reply by ")
+            && reply.reason.contains(" UTC passed ")
+            && reply.reason.ends_with(" s ago)"),
+        "{}",
+        reply.reason
+    );
+
+    session
+        .send(offer_until(
+            "overdue",
+            spec_json.clone(),
+            SHAPE_TOKEN,
+            now + 60_000,
+            now - 1500,
+        ))
+        .await;
+    let reply = session.reply("overdue").await;
+    assert!(!reply.accepted);
+    assert_eq!(reply.reason, "the task's deadline passed");
+
+    // The same offer in time is taken, and its executor runs (and fails on the model).
+    session
+        .send(offer_until(
+            "in-time",
+            spec_json,
+            SHAPE_TOKEN,
+            now + 60_000,
+            now + 120_000,
+        ))
+        .await;
+    let reply = session.reply("in-time").await;
+    assert!(reply.accepted, "{}", reply.reason);
+    let end = session.end_of("task-in-time").await;
+    assert_eq!(end.phase, pb::TaskPhase::Failed as i32, "{end:?}");
+    assert!(end.message.contains("needs [32, 64]"), "{}", end.message);
+
+    for task in ["task-late", "task-overdue"] {
+        session.no_status_of(task);
+        assert!(!party.task_dir(task).exists(), "{task} was prepared");
+    }
+    let log = party.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("executor started") && l.contains("task-in-time")),
+        "{log}"
+    );
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("executor started") && !l.contains("task-in-time")),
+        "{log}"
+    );
+    party.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_executor_past_its_tasks_deadline_is_stopped_and_the_task_failed() {
+    let mut fed = federation().await;
+    let party = Party::start(&fed.proxy, &[]).await;
+    let mut session = fed.next_session().await;
+    session.register().await;
+    // Far enough ahead to be accepted on a loaded machine.
+    let deadline_ms = cohort_runtime::now_ms() + 3000;
+    session
+        .send(offer_until(
+            "stuck",
+            spec("anyone", 2, 2, "[64]").to_json(),
+            HANG_TOKEN,
+            deadline_ms,
+            deadline_ms,
+        ))
+        .await;
+    let reply = session.reply("stuck").await;
+    assert!(reply.accepted, "{}", reply.reason);
+    session.running("task-stuck").await;
+    party.wait_executors(1).await;
+
+    let end = session.end_of("task-stuck").await;
+    assert_eq!(end.phase, pb::TaskPhase::Failed as i32, "{end:?}");
+    assert_eq!(end.message, "the task's deadline passed");
+    // Not before the grace after the deadline (10 s; the clocks agree here).
+    assert!(
+        cohort_runtime::now_ms() >= deadline_ms + 10_000,
+        "stopped before the grace"
+    );
+    // The executor is gone (reaped before the status went), its task file removed.
+    assert!(party.executors().is_empty(), "{:?}", party.executors());
+    assert!(!party.task_dir("task-stuck").join("task.pb").exists());
+    assert!(
+        party
+            .log()
+            .contains("executor still running past the task's deadline; stopping it"),
+        "{}",
+        party.log()
+    );
+    party.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_party_stopped_past_an_offers_reply_deadline_runs_nothing_stale() {
+    use nix::sys::signal::Signal;
+    let mut fed = federation().await;
+    let party = Party::start(&fed.proxy, &[]).await;
+    let mut session = fed.next_session().await;
+    session.register().await;
+    let spec_json = spec("anyone", 2, 2, "[32]").to_json();
+
+    // The offer reaches a stopped party and waits in its socket past the reply deadline.
+    party.signal(Signal::SIGSTOP);
+    let reply_by = cohort_runtime::now_ms() + 1000;
+    session
+        .send(offer_until(
+            "stale",
+            spec_json.clone(),
+            SHAPE_TOKEN,
+            reply_by,
+            reply_by + 60_000,
+        ))
+        .await;
+    while cohort_runtime::now_ms() <= reply_by + 500 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    party.signal(Signal::SIGCONT);
+
+    let reply = session.reply("stale").await;
+    assert!(!reply.accepted, "a stale offer was taken");
+    assert!(
+        reply.reason.starts_with("the offer expired (reply by "),
+        "{}",
+        reply.reason
+    );
+    assert!(party.executors().is_empty(), "{:?}", party.executors());
+    assert!(!party.task_dir("task-stale").exists());
+
+    // Awake, the party takes a fresh offer: the stale one was refused for its age alone.
+    let now = cohort_runtime::now_ms();
+    session
+        .send(offer_until(
+            "fresh",
+            spec_json,
+            SHAPE_TOKEN,
+            now + 60_000,
+            now + 120_000,
+        ))
+        .await;
+    let reply = session.reply("fresh").await;
+    assert!(reply.accepted, "{}", reply.reason);
+    session.end_of("task-fresh").await;
+    session.no_status_of("task-stale");
+    let log = party.log();
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("executor started") && l.contains("task-stale")),
+        "{log}"
+    );
+    party.stop().await;
 }
