@@ -70,8 +70,9 @@ impl cohort_core::HasKind for BlobError {
             | BlobError::InvalidUrl { .. }
             | BlobError::Input(_)
             | BlobError::TooLarge { .. } => ErrorKind::InvalidArgument,
-            BlobError::Io { .. } => ErrorKind::Internal,
-            BlobError::Unavailable { .. } => ErrorKind::Unavailable,
+            // The disk filled up, a mount went away, permissions changed: storage that may
+            // heal, so callers retry (for a bounded time) rather than give up at once.
+            BlobError::Io { .. } | BlobError::Unavailable { .. } => ErrorKind::Unavailable,
         }
     }
 }

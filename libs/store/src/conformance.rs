@@ -114,6 +114,7 @@ macro_rules! job_store_conformance {
                 concurrent_record_round_counts_once,
                 delete_cascades,
                 round_outcomes_round_trip,
+                round_eval_coverage_round_trips,
                 notes_follow_the_events_with_the_jobs_state,
                 notes_are_bounded_per_job,
                 concurrent_notes_and_transitions_keep_seqs_unique,
@@ -149,6 +150,8 @@ macro_rules! model_store_conformance {
                 list_filters_by_namespace,
                 concurrent_inserts_in_one_namespace_number_from_one,
                 concurrent_first_inserts_in_two_namespaces_number_apart,
+                a_jobs_round_is_stored_once,
+                concurrent_inserts_of_one_round_store_one_version,
             ]
         );
     };
@@ -223,6 +226,8 @@ pub mod jobs {
             dropped_updates: n % 2,
             task_failures: n + 1,
             robust_accuracy: 0.8 + 0.01 * f64::from(n),
+            eval_parties: n + 2,
+            eval_parties_expected: 2 * n + 3,
         }
     }
 
@@ -741,6 +746,25 @@ pub mod jobs {
         );
     }
 
+    pub async fn round_eval_coverage_round_trips(s: Arc<dyn JobStore>) {
+        let j = job("a", "default");
+        s.insert_job(&j, "created").await.unwrap();
+        let coverage = [(0, 0), (0, 5), (3, 5), (u32::MAX, u32::MAX)];
+        let mut want = Vec::new();
+        for (i, (parties, expected)) in coverage.into_iter().enumerate() {
+            let mut r = round(i as u32 + 1);
+            (r.eval_parties, r.eval_parties_expected) = (parties, expected);
+            s.record_round(&j.id, &r, 5).await.unwrap();
+            want.push(r);
+        }
+        assert_eq!(s.list_rounds(&j.id).await.unwrap(), want);
+        // A repeated report with other coverage changes nothing.
+        let mut again = want[2].clone();
+        (again.eval_parties, again.eval_parties_expected) = (5, 5);
+        s.record_round(&j.id, &again, 6).await.unwrap();
+        assert_eq!(s.list_rounds(&j.id).await.unwrap()[2], want[2]);
+    }
+
     pub async fn notes_follow_the_events_with_the_jobs_state(s: Arc<dyn JobStore>) {
         let j = job("a", "default");
         s.insert_job(&j, "created").await.unwrap();
@@ -929,7 +953,8 @@ pub mod jobs {
     ];
 
     /// The rows of [`FIRST_RELEASE_JOB_ROWS`] after the upgrade: what later
-    /// columns add reads as nothing, and the job takes log entries.
+    /// columns add reads as nothing (evaluation coverage 0 of 0), the job
+    /// takes log entries, and new rounds keep every field.
     pub async fn check_first_release_job(s: &dyn JobStore) {
         let id = JobId::parse("old-abc123").unwrap();
         let job = s.get_job(&id).await.unwrap();
@@ -947,6 +972,7 @@ pub mod jobs {
             ),
             (0, 0, 0, 0.0)
         );
+        assert_eq!((r.eval_parties, r.eval_parties_expected), (0, 0));
         let events = s.list_events(&id, 0).await.unwrap();
         assert_eq!(
             events,
@@ -1182,14 +1208,31 @@ pub mod models {
     use std::sync::Arc;
 
     use crate::StoreError;
-    use crate::models::{ModelStore, ModelVersionRecord, NewModelVersion};
+    use crate::models::{ModelStore, ModelVersionRecord, NewModelVersion, StoredVersion};
 
     /// The namespace of [`new_version`]'s versions.
     pub const NS: &str = "default";
 
-    /// A version of `name` in namespace [`NS`].
+    /// A version of `name` in namespace [`NS`], round 3 of `job` (a job's
+    /// round is stored once: see [`in_round`]).
     pub fn new_version(name: &str, job: &str) -> NewModelVersion {
         new_version_in(name, job, NS)
+    }
+
+    /// `v` as round `round` of its job.
+    pub fn in_round(v: NewModelVersion, round: u32) -> NewModelVersion {
+        NewModelVersion { round, ..v }
+    }
+
+    /// Inserts `v`, which must be stored as a new version: its record.
+    pub async fn insert_new(
+        s: &dyn ModelStore,
+        v: NewModelVersion,
+        now_ms: i64,
+    ) -> ModelVersionRecord {
+        let stored = s.insert_version(v, now_ms).await.unwrap();
+        assert!(stored.created, "expected a new version, got {stored:?}");
+        stored.record
     }
 
     pub fn new_version_in(name: &str, job: &str, namespace: &str) -> NewModelVersion {
@@ -1207,6 +1250,13 @@ pub mod models {
         }
     }
 
+    /// The record of an insert that must have stored a new version.
+    fn new_record(r: crate::Result<StoredVersion>) -> ModelVersionRecord {
+        let stored = r.unwrap();
+        assert!(stored.created, "expected a new version, got {stored:?}");
+        stored.record
+    }
+
     /// The answer, as text, to reading `name@version` (0: the latest) in
     /// `namespace`, which must be a miss.
     async fn miss(s: &dyn ModelStore, namespace: &str, name: &str, version: u32) -> String {
@@ -1222,10 +1272,7 @@ pub mod models {
     }
 
     pub async fn versions_number_from_one_per_name(s: Arc<dyn ModelStore>) {
-        let v1 = s
-            .insert_version(new_version("mnist", "job-a"), 1000)
-            .await
-            .unwrap();
+        let v1 = insert_new(&*s, new_version("mnist", "job-a"), 1000).await;
         let want = new_version("mnist", "job-a");
         assert_eq!(
             v1,
@@ -1248,16 +1295,13 @@ pub mod models {
         second.parent_version = 1;
         second.round = 4;
         second.size_bytes = u64::from(u32::MAX) + 1;
-        let v2 = s.insert_version(second, 2000).await.unwrap();
+        let v2 = insert_new(&*s, second, 2000).await;
         assert_eq!(
             (v2.version, v2.parent_version, v2.round, v2.created_at_ms),
             (2, 1, 4, 2000)
         );
         assert_eq!(v2.size_bytes, u64::from(u32::MAX) + 1);
-        let other = s
-            .insert_version(new_version("cifar", "job-b"), 3000)
-            .await
-            .unwrap();
+        let other = insert_new(&*s, new_version("cifar", "job-b"), 3000).await;
         assert_eq!(other.version, 1, "numbering is per name");
         assert_eq!(s.get_version(NS, "mnist", 1).await.unwrap(), v1);
         assert_eq!(s.get_version(NS, "mnist", 2).await.unwrap(), v2);
@@ -1272,7 +1316,7 @@ pub mod models {
             Err(StoreError::NotFound { id, .. }) => assert_eq!(id, "nope"),
             other => panic!("expected NotFound, got {other:?}"),
         }
-        s.insert_version(new_version("nope", "j"), 1).await.unwrap();
+        insert_new(&*s, new_version("nope", "j"), 1).await;
         match s.get_version(NS, "nope", 2).await {
             Err(StoreError::NotFound { id, .. }) => assert_eq!(id, "nope@2"),
             other => panic!("expected NotFound, got {other:?}"),
@@ -1286,9 +1330,10 @@ pub mod models {
     pub async fn latest_is_the_highest(s: Arc<dyn ModelStore>) {
         let mut last = None;
         for i in 0..4 {
-            last = Some(s.insert_version(new_version("m", "j"), i).await.unwrap());
+            let v = in_round(new_version("m", "j"), i as u32 + 1);
+            last = Some(insert_new(&*s, v, i).await);
         }
-        s.insert_version(new_version("n", "j"), 9).await.unwrap();
+        insert_new(&*s, new_version("n", "j"), 9).await;
         assert_eq!(Some(s.latest_version(NS, "m").await.unwrap()), last);
         assert_eq!(s.latest_version(NS, "m").await.unwrap().version, 4);
     }
@@ -1299,12 +1344,13 @@ pub mod models {
             .map(|i| {
                 let s = s.clone();
                 let name = if i % 3 == 0 { "b" } else { "a" };
-                tokio::spawn(async move { s.insert_version(new_version(name, "job"), i).await })
+                let v = in_round(new_version(name, "job"), i as u32 + 1);
+                tokio::spawn(async move { s.insert_version(v, i).await })
             })
             .collect();
         let (mut a, mut b) = (Vec::new(), Vec::new());
         for t in tasks {
-            let rec = t.await.unwrap().unwrap();
+            let rec = new_record(t.await.unwrap());
             if rec.name == "a" {
                 a.push(rec.version)
             } else {
@@ -1324,7 +1370,7 @@ pub mod models {
     pub async fn nan_metrics_round_trip(s: Arc<dyn ModelStore>) {
         let mut v = new_version("diverged", "");
         v.loss = f64::NAN;
-        let rec = s.insert_version(v, 1).await.unwrap();
+        let rec = insert_new(&*s, v, 1).await;
         assert!(rec.loss.is_nan());
         assert_eq!(rec.accuracy, 0.75);
         let read = s.get_version(NS, "diverged", 1).await.unwrap();
@@ -1333,14 +1379,17 @@ pub mod models {
     }
 
     pub async fn list_filters_by_name_and_job(s: Arc<dyn ModelStore>) {
-        for (name, job) in [
+        for (round, (name, job)) in [
             ("m2", "j1"),
             ("m1", "j1"),
             ("m1", "j2"),
             ("m2", "j2"),
             ("m1", "j1"),
-        ] {
-            s.insert_version(new_version(name, job), 1).await.unwrap();
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            insert_new(&*s, in_round(new_version(name, job), round as u32 + 1), 1).await;
         }
         let key = |r: &ModelVersionRecord| (r.name.clone(), r.version, r.job_id.clone());
         let list = |name: Option<&'static str>, job: Option<&'static str>| {
@@ -1389,20 +1438,14 @@ pub mod models {
             Err(StoreError::NotFound { .. })
         ));
         // The refused insert used no version number.
-        let ok = s.insert_version(new_version("huge", "j"), 2).await.unwrap();
+        let ok = insert_new(&*s, new_version("huge", "j"), 2).await;
         assert_eq!(ok.version, 1);
     }
 
     pub async fn namespace_is_stored(s: Arc<dyn ModelStore>) {
-        let v1 = s
-            .insert_version(new_version_in("mnist", "j", "team-a"), 1)
-            .await
-            .unwrap();
+        let v1 = insert_new(&*s, in_round(new_version_in("mnist", "j", "team-a"), 1), 1).await;
         assert_eq!((v1.namespace.as_str(), v1.version), ("team-a", 1));
-        let v2 = s
-            .insert_version(new_version_in("mnist", "j", "team-a"), 2)
-            .await
-            .unwrap();
+        let v2 = insert_new(&*s, in_round(new_version_in("mnist", "j", "team-a"), 2), 2).await;
         assert_eq!((v2.namespace.as_str(), v2.version), ("team-a", 2));
         assert_eq!(s.get_version("team-a", "mnist", 1).await.unwrap(), v1);
         assert_eq!(s.latest_version("team-a", "mnist").await.unwrap(), v2);
@@ -1419,9 +1462,12 @@ pub mod models {
             .into_iter()
             .enumerate()
         {
-            let mut v = new_version_in("shared", &format!("job-{ns}"), ns);
+            let mut v = in_round(
+                new_version_in("shared", &format!("job-{ns}"), ns),
+                i as u32 + 1,
+            );
             v.digest = format!("{i:064x}");
-            let rec = s.insert_version(v, i as i64).await.unwrap();
+            let rec = insert_new(&*s, v, i as i64).await;
             assert_eq!(rec.namespace, ns);
             got.push((rec.namespace.clone(), rec.version));
         }
@@ -1501,12 +1547,10 @@ pub mod models {
                 "model \"secret\" not found"
             ]
         );
-        s.insert_version(new_version_in("secret", "j", "secret-team"), 1)
-            .await
-            .unwrap();
-        s.insert_version(new_version_in("secret", "j", "secret-team"), 2)
-            .await
-            .unwrap();
+        for round in [1, 2] {
+            let v = in_round(new_version_in("secret", "j", "secret-team"), round);
+            insert_new(&*s, v, 1).await;
+        }
         // ...it answers after, word for word: no existence oracle.
         for ns in ["intruders", "default", "secret-team2", "Secret-team"] {
             assert_eq!(
@@ -1531,10 +1575,7 @@ pub mod models {
         assert_eq!(beyond, "model version \"secret@3\" not found");
         // The owner's model is untouched: an intruder's first version of the
         // name is its own model's version 1.
-        let intruder = s
-            .insert_version(new_version_in("secret", "j", "intruders"), 3)
-            .await
-            .unwrap();
+        let intruder = insert_new(&*s, new_version_in("secret", "j", "intruders"), 3).await;
         assert_eq!(
             (intruder.namespace.as_str(), intruder.version),
             ("intruders", 1)
@@ -1557,9 +1598,7 @@ pub mod models {
             ("m4", "j1", "a"),
             ("m1", "j3", "b"),
         ] {
-            s.insert_version(new_version_in(name, job, ns), 1)
-                .await
-                .unwrap();
+            insert_new(&*s, new_version_in(name, job, ns), 1).await;
         }
         let list =
             |name: Option<&'static str>, job: Option<&'static str>, ns: Option<&'static str>| {
@@ -1598,15 +1637,13 @@ pub mod models {
             .map(|i| {
                 let s = s.clone();
                 let name = if i % 2 == 0 { "x" } else { "y" };
-                tokio::spawn(async move {
-                    s.insert_version(new_version_in(name, "job", "team"), i)
-                        .await
-                })
+                let v = in_round(new_version_in(name, "job", "team"), i as u32 + 1);
+                tokio::spawn(async move { s.insert_version(v, i).await })
             })
             .collect();
         let (mut x, mut y) = (Vec::new(), Vec::new());
         for t in tasks {
-            let rec = t.await.unwrap().unwrap();
+            let rec = new_record(t.await.unwrap());
             assert_eq!(rec.namespace, "team");
             if rec.name == "x" {
                 x.push(rec.version)
@@ -1634,15 +1671,13 @@ pub mod models {
             .map(|i| {
                 let s = s.clone();
                 let ns = if i % 3 == 0 { "b" } else { "a" };
-                tokio::spawn(async move {
-                    s.insert_version(new_version_in("contested", "job", ns), i)
-                        .await
-                })
+                let v = in_round(new_version_in("contested", "job", ns), i as u32 + 1);
+                tokio::spawn(async move { s.insert_version(v, i).await })
             })
             .collect();
         let (mut a, mut b) = (Vec::new(), Vec::new());
         for t in tasks {
-            let rec = t.await.unwrap().unwrap();
+            let rec = new_record(t.await.unwrap());
             match rec.namespace.as_str() {
                 "a" => a.push(rec.version),
                 "b" => b.push(rec.version),
@@ -1667,27 +1702,307 @@ pub mod models {
         }
     }
 
+    pub async fn a_jobs_round_is_stored_once(s: Arc<dyn ModelStore>) {
+        let first = insert_new(&*s, in_round(new_version("m", "job-a"), 1), 10).await;
+        // The round again, as a retried upload with other bytes and metrics
+        // would send it: the stored version is the answer, unchanged.
+        let retry = NewModelVersion {
+            digest: "cd".repeat(32),
+            size_bytes: 99,
+            loss: 0.1,
+            accuracy: 0.2,
+            samples: 3,
+            ..in_round(new_version("m", "job-a"), 1)
+        };
+        let again = s.insert_version(retry, 20).await.unwrap();
+        assert_eq!(
+            again,
+            StoredVersion {
+                record: first.clone(),
+                created: false
+            }
+        );
+        assert_eq!(
+            s.list_versions(None, None, None).await.unwrap(),
+            vec![first.clone()]
+        );
+        // The next round is a new version; versions without a job, or of
+        // round 0, append every time.
+        let second = insert_new(&*s, in_round(new_version("m", "job-a"), 2), 30).await;
+        assert_eq!(second.version, 2);
+        let mut appended = Vec::new();
+        for v in [
+            in_round(new_version("m", ""), 1),
+            in_round(new_version("m", ""), 1),
+            in_round(new_version("m", "job-a"), 0),
+            in_round(new_version("m", "job-a"), 0),
+        ] {
+            appended.push(insert_new(&*s, v, 40).await.version);
+        }
+        assert_eq!(appended, [3, 4, 5, 6]);
+        // Round 1 of another job, model or namespace is a version of its own,
+        // and each of those is stored once too.
+        for (v, version) in [
+            (in_round(new_version("m", "job-b"), 1), 7),
+            (in_round(new_version("n", "job-a"), 1), 1),
+            (in_round(new_version_in("m", "job-a", "team-b"), 1), 1),
+        ] {
+            let stored = insert_new(&*s, v.clone(), 50).await;
+            assert_eq!(stored.version, version, "{v:?}");
+            let again = s.insert_version(v, 60).await.unwrap();
+            assert_eq!(
+                again,
+                StoredVersion {
+                    record: stored,
+                    created: false
+                }
+            );
+        }
+        assert_eq!(s.latest_version(NS, "m").await.unwrap().version, 7);
+        let round = |ns: &'static str, name: &'static str, job: &'static str, round: u32| {
+            let s = s.clone();
+            async move { s.round_version(ns, name, job, round).await.unwrap() }
+        };
+        assert_eq!(round(NS, "m", "job-a", 1).await, Some(first));
+        assert_eq!(round(NS, "m", "job-a", 2).await, Some(second));
+        assert_eq!(round(NS, "m", "job-b", 1).await.map(|r| r.version), Some(7));
+        assert_eq!(round(NS, "m", "job-a", 3).await, None);
+        assert_eq!(round(NS, "m", "", 1).await, None, "no job: not a round");
+        assert_eq!(
+            round(NS, "m", "job-a", 0).await,
+            None,
+            "round 0: not a round"
+        );
+        assert_eq!(round("team-c", "m", "job-a", 1).await, None);
+        assert_eq!(
+            round("team-b", "m", "job-a", 1).await.map(|r| r.namespace),
+            Some("team-b".into())
+        );
+    }
+
+    pub async fn concurrent_inserts_of_one_round_store_one_version(s: Arc<dyn ModelStore>) {
+        const ROUNDS: u32 = 4;
+        const RETRIES: usize = 8;
+        const UPLOADS: usize = 4;
+        let mut numbers = Vec::new();
+        for round in 1..=ROUNDS {
+            // Retries of one round (each with its own bytes) race with user
+            // uploads of the same model, all let go at once.
+            let start = Arc::new(tokio::sync::Barrier::new(RETRIES + UPLOADS));
+            let tasks: Vec<_> = (0..RETRIES + UPLOADS)
+                .map(|i| {
+                    let (s, start) = (s.clone(), start.clone());
+                    let mut v = if i < UPLOADS {
+                        new_version("m", "")
+                    } else {
+                        in_round(new_version("m", "job-a"), round)
+                    };
+                    v.digest = format!("{i:064x}");
+                    tokio::spawn(async move {
+                        start.wait().await;
+                        s.insert_version(v, i as i64).await
+                    })
+                })
+                .collect();
+            let mut retries = Vec::new();
+            for t in tasks {
+                let stored = t.await.unwrap().unwrap();
+                if stored.record.job_id.is_empty() {
+                    assert!(stored.created, "user uploads append: {stored:?}");
+                    numbers.push(stored.record.version);
+                } else {
+                    retries.push(stored);
+                }
+            }
+            let created: Vec<_> = retries.iter().filter(|r| r.created).collect();
+            assert_eq!(
+                created.len(),
+                1,
+                "round {round}: one insert stores it: {retries:?}"
+            );
+            let winner = created[0].record.clone();
+            assert_eq!(retries.len(), RETRIES);
+            assert!(
+                retries.iter().all(|r| r.record == winner),
+                "round {round}: every insert answers the stored version: {retries:?}"
+            );
+            assert_eq!(
+                s.round_version(NS, "m", "job-a", round).await.unwrap(),
+                Some(winner.clone())
+            );
+            numbers.push(winner.version);
+        }
+        // The inserts that found their round took no number: no gaps.
+        numbers.sort();
+        let total = ROUNDS * (1 + UPLOADS as u32);
+        assert_eq!(numbers, (1..=total).collect::<Vec<_>>());
+        let rounds: Vec<u32> = s
+            .list_versions(Some("m"), Some("job-a"), None)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.round)
+            .collect();
+        assert_eq!(rounds.len(), ROUNDS as usize, "one version per round");
+        assert_eq!(
+            s.list_versions(None, None, None).await.unwrap().len(),
+            total as usize
+        );
+    }
+
     /// The first models migration that scopes names by namespace.
     const SCOPED_NAMES_MIGRATION: i64 = 3;
+    /// The first models migration that stores a job's round once.
+    const ROUND_ONCE_MIGRATION: i64 = 4;
+
+    /// `migrator` cut down to the migrations before `version`.
+    fn before(mut migrator: sqlx::migrate::Migrator, version: i64) -> sqlx::migrate::Migrator {
+        let before: Vec<_> = migrator
+            .migrations
+            .iter()
+            .filter(|m| m.version < version)
+            .cloned()
+            .collect();
+        assert!(
+            before.len() < migrator.migrations.len(),
+            "migration {version} is there"
+        );
+        migrator.migrations = std::borrow::Cow::Owned(before);
+        migrator.dangerous_set_table_name("_sqlx_migrations_models");
+        migrator
+    }
+
+    #[doc(hidden)]
+    /// The models `migrator` cut down to the migrations before a job's
+    /// rounds were stored once: a database as that release left it, for each
+    /// SQL backend's upgrade test.
+    pub fn before_rounds_stored_once(migrator: sqlx::migrate::Migrator) -> sqlx::migrate::Migrator {
+        before(migrator, ROUND_ONCE_MIGRATION)
+    }
+
+    #[doc(hidden)]
+    /// Rows as a database from [`before_rounds_stored_once`] may hold them,
+    /// as SQL statements to run in order: in team-a, `m` has round 1 of
+    /// job-a three times (versions 1, 2 and 4), its round 2 (3) and a user
+    /// upload (5); in team-b, `n` has round 1 of job-a (1). `counters`: the
+    /// models table has PostgreSQL's `last_version` column.
+    pub fn rows_with_repeated_rounds(counters: bool) -> Vec<String> {
+        let model = |name: &str, namespace: &str, last: i64| {
+            if counters {
+                format!(
+                    "INSERT INTO models (namespace, name, created_at_ms, last_version) \
+                     VALUES ('{namespace}', '{name}', 1, {last})"
+                )
+            } else {
+                format!(
+                    "INSERT INTO models (namespace, name, created_at_ms) \
+                     VALUES ('{namespace}', '{name}', 1)"
+                )
+            }
+        };
+        let version = |ns: &str, name: &str, v: u32, job: &str, round: u32| {
+            format!(
+                "INSERT INTO model_versions (namespace, name, version, digest, size_bytes, \
+                 job_id, round, parent_version, loss, accuracy, samples, created_at_ms) \
+                 VALUES ('{ns}', '{name}', {v}, 'd{v}', {v}, '{job}', {round}, 0, 0.5, 0.5, 7, {v})"
+            )
+        };
+        vec![
+            model("m", "team-a", 5),
+            model("n", "team-b", 1),
+            version("team-a", "m", 1, "job-a", 1),
+            version("team-a", "m", 2, "job-a", 1),
+            version("team-a", "m", 3, "job-a", 2),
+            version("team-a", "m", 4, "job-a", 1),
+            version("team-a", "m", 5, "", 1),
+            version("team-b", "n", 1, "job-a", 1),
+        ]
+    }
+
+    #[doc(hidden)]
+    /// Checks a store opened on [`rows_with_repeated_rounds`]: every version
+    /// is kept, a round's earliest version is the one it answers, and from
+    /// now on rounds are stored once.
+    pub async fn repeated_rounds_survive(s: Arc<dyn ModelStore>) {
+        let all: Vec<_> = s
+            .list_versions(None, None, None)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| {
+                format!(
+                    "{}/{}@{} {} r{} {}",
+                    r.namespace, r.name, r.version, r.job_id, r.round, r.digest
+                )
+            })
+            .collect();
+        assert_eq!(
+            all,
+            [
+                "team-a/m@1 job-a r1 d1",
+                "team-a/m@2 job-a r1 d2",
+                "team-a/m@3 job-a r2 d3",
+                "team-a/m@4 job-a r1 d4",
+                "team-a/m@5  r1 d5",
+                "team-b/n@1 job-a r1 d1",
+            ]
+        );
+        let m1 = s.get_version("team-a", "m", 1).await.unwrap();
+        assert_eq!(
+            s.round_version("team-a", "m", "job-a", 1).await.unwrap(),
+            Some(m1.clone()),
+            "the earliest version of a repeated round"
+        );
+        let retry =
+            |ns: &str, name: &str, round: u32| in_round(new_version_in(name, "job-a", ns), round);
+        let again = s.insert_version(retry("team-a", "m", 1), 10).await.unwrap();
+        assert_eq!(
+            again,
+            StoredVersion {
+                record: m1,
+                created: false
+            }
+        );
+        let m3 = s.get_version("team-a", "m", 3).await.unwrap();
+        assert_eq!(
+            s.insert_version(retry("team-a", "m", 2), 11).await.unwrap(),
+            StoredVersion {
+                record: m3,
+                created: false
+            }
+        );
+        let n1 = s.get_version("team-b", "n", 1).await.unwrap();
+        assert_eq!(
+            s.insert_version(retry("team-b", "n", 1), 12).await.unwrap(),
+            StoredVersion {
+                record: n1,
+                created: false
+            }
+        );
+        // Numbering goes on; new rounds are stored once, user uploads append.
+        let m6 = insert_new(&*s, retry("team-a", "m", 3), 13).await;
+        assert_eq!(m6.version, 6);
+        assert!(
+            !s.insert_version(retry("team-a", "m", 3), 14)
+                .await
+                .unwrap()
+                .created
+        );
+        assert_eq!(
+            insert_new(&*s, new_version_in("m", "", "team-a"), 15)
+                .await
+                .version,
+            7
+        );
+        assert_eq!(s.list_versions(None, None, None).await.unwrap().len(), 8);
+    }
 
     #[doc(hidden)]
     /// The models `migrator` cut down to the migrations before names were
     /// scoped by namespace: a database as that release left it, for each SQL
     /// backend's upgrade test.
-    pub fn before_scoped_names(mut migrator: sqlx::migrate::Migrator) -> sqlx::migrate::Migrator {
-        let before: Vec<_> = migrator
-            .migrations
-            .iter()
-            .filter(|m| m.version < SCOPED_NAMES_MIGRATION)
-            .cloned()
-            .collect();
-        assert!(
-            before.len() < migrator.migrations.len(),
-            "the scoping migration is there"
-        );
-        migrator.migrations = std::borrow::Cow::Owned(before);
-        migrator.dangerous_set_table_name("_sqlx_migrations_models");
-        migrator
+    pub fn before_scoped_names(migrator: sqlx::migrate::Migrator) -> sqlx::migrate::Migrator {
+        before(migrator, SCOPED_NAMES_MIGRATION)
     }
 
     #[doc(hidden)]
@@ -1771,20 +2086,11 @@ pub mod models {
             s.latest_version("team-b", "m").await,
             Err(StoreError::NotFound { .. })
         ));
-        let a3 = s
-            .insert_version(new_version_in("m", "j", "team-a"), 10)
-            .await
-            .unwrap();
+        let a3 = insert_new(&*s, new_version_in("m", "j", "team-a"), 10).await;
         assert_eq!(a3.version, 3, "team-a's m goes on from its last version");
-        let b1 = s
-            .insert_version(new_version_in("m", "j", "team-b"), 11)
-            .await
-            .unwrap();
+        let b1 = insert_new(&*s, new_version_in("m", "j", "team-b"), 11).await;
         assert_eq!(b1.version, 1, "the name is free in team-b");
-        let n2 = s
-            .insert_version(new_version_in("n", "j", "team-b"), 12)
-            .await
-            .unwrap();
+        let n2 = insert_new(&*s, new_version_in("n", "j", "team-b"), 12).await;
         assert_eq!(n2.version, 2);
     }
 }

@@ -78,6 +78,11 @@ pub struct RoundRecord {
     pub task_failures: u32,
     /// The accuracy the stop rule looks at (robust to one party's claim).
     pub robust_accuracy: f64,
+    /// Parties whose evaluation the round's metrics rest on, of
+    /// `eval_parties_expected` (those holding the dataset when evaluation
+    /// was offered); 0 of 0 for rounds recorded before this was counted.
+    pub eval_parties: u32,
+    pub eval_parties_expected: u32,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -370,8 +375,9 @@ impl JobStore for SqliteJobStore {
         let inserted = sqlx::query(
             "INSERT OR IGNORE INTO job_rounds (job_id, round, eval_loss, eval_accuracy, \
              eval_samples, train_loss, updates, model_version, duration_ms, refused_updates, \
-             dropped_updates, task_failures, robust_accuracy) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+             dropped_updates, task_failures, robust_accuracy, eval_parties, \
+             eval_parties_expected) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
         )
         .bind(id.as_str())
         .bind(r.round as i64)
@@ -386,6 +392,8 @@ impl JobStore for SqliteJobStore {
         .bind(i64::from(r.dropped_updates))
         .bind(i64::from(r.task_failures))
         .bind(r.robust_accuracy)
+        .bind(i64::from(r.eval_parties))
+        .bind(i64::from(r.eval_parties_expected))
         .execute(&mut *tx)
         .await?
         .rows_affected();

@@ -1,8 +1,9 @@
 //! The model registry's metadata, owned by model-manager: named models and
 //! their immutable, numbered versions with lineage and metrics. A model is
 //! identified by its namespace and name: the same name in two namespaces is
-//! two models, each numbering its own versions. The bytes themselves live in
-//! the blob store, named by `digest`.
+//! two models, each numbering its own versions. A job stores one version per
+//! round: inserting a (job, round) again returns the version already stored.
+//! The bytes themselves live in the blob store, named by `digest`.
 
 use async_trait::async_trait;
 use sqlx::sqlite::SqlitePool;
@@ -44,13 +45,53 @@ pub struct NewModelVersion {
     pub namespace: String,
 }
 
+impl NewModelVersion {
+    /// Whether the version is a job's round (a job id and a round above 0),
+    /// stored at most once per (namespace, name, job, round).
+    pub fn is_job_round(&self) -> bool {
+        is_job_round(&self.job_id, self.round)
+    }
+}
+
+pub(crate) fn is_job_round(job_id: &str, round: u32) -> bool {
+    !job_id.is_empty() && round > 0
+}
+
+/// What [`ModelStore::insert_version`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredVersion {
+    /// The version stored: the new one, or the one stored earlier for the
+    /// same (job, round).
+    pub record: ModelVersionRecord,
+    /// False when the (job, round) had a version already: nothing was written
+    /// (a re-delivered upload).
+    pub created: bool,
+}
+
 #[async_trait]
 pub trait ModelStore: Send + Sync + 'static {
     /// Assigns the next version number of model (`v.namespace`, `v.name`)
     /// (1, 2, ...) atomically (two concurrent inserts never get the same
     /// version) and stores it; creates the model on first use. Models of the
     /// same name in other namespaces are neither seen nor touched.
-    async fn insert_version(&self, v: NewModelVersion, now_ms: i64) -> Result<ModelVersionRecord>;
+    ///
+    /// A job's round ([`NewModelVersion::is_job_round`]) is stored once: if
+    /// the model has a version of that job and round, that version is returned
+    /// (`created` false) and nothing changes, atomically (of racing inserts of
+    /// one round, one stores it and the others get it). Other versions (user
+    /// uploads) always append.
+    async fn insert_version(&self, v: NewModelVersion, now_ms: i64) -> Result<StoredVersion>;
+    /// The version model (`namespace`, `name`) stored for `round` of job
+    /// `job_id` (the earliest, in databases from before versions were stored
+    /// once per round); None if there is none, or if `job_id` is empty or
+    /// `round` is 0 (such versions are not a job's round).
+    async fn round_version(
+        &self,
+        namespace: &str,
+        name: &str,
+        job_id: &str,
+        round: u32,
+    ) -> Result<Option<ModelVersionRecord>>;
     /// Version `version` of `name` in `namespace`; `NotFound` is
     /// [`version_not_found`], which does not name the namespace.
     async fn get_version(
@@ -126,14 +167,49 @@ fn to_i64(field: &str, value: u64, id: &str) -> Result<i64> {
     })
 }
 
+/// The version of (`job_id`, `round`), a job's round; the terms repeat the
+/// unique index's condition so that the index serves the lookup. Versions
+/// marked `round_duplicate` are later copies, never the one to return.
+async fn fetch_round_version(
+    conn: &mut sqlx::SqliteConnection,
+    namespace: &str,
+    name: &str,
+    job_id: &str,
+    round: u32,
+) -> Result<Option<ModelVersionRecord>> {
+    let row = sqlx::query(concat!(
+        "SELECT ",
+        columns!(),
+        " FROM model_versions WHERE namespace = ?1 AND name = ?2 AND job_id = ?3 \
+         AND round = ?4 AND job_id <> '' AND round > 0 AND round_duplicate = 0"
+    ))
+    .bind(namespace)
+    .bind(name)
+    .bind(job_id)
+    .bind(i64::from(round))
+    .fetch_optional(&mut *conn)
+    .await?;
+    row.as_ref().map(crate::rows::model_version).transpose()
+}
+
 #[async_trait]
 impl ModelStore for SqliteModelStore {
-    async fn insert_version(&self, v: NewModelVersion, now_ms: i64) -> Result<ModelVersionRecord> {
+    async fn insert_version(&self, v: NewModelVersion, now_ms: i64) -> Result<StoredVersion> {
         let size_bytes = to_i64("size_bytes", v.size_bytes, &v.name)?;
         let samples = to_i64("samples", v.samples, &v.name)?;
         // IMMEDIATE takes the write lock up front, so MAX(version) + 1 cannot
-        // race with another writer.
+        // race with another writer, nor can a second insert of one round.
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        if v.is_job_round()
+            && let Some(stored) =
+                fetch_round_version(&mut tx, &v.namespace, &v.name, &v.job_id, v.round).await?
+        {
+            tx.rollback().await?;
+            return Ok(StoredVersion {
+                record: stored,
+                created: false,
+            });
+        }
         sqlx::query(
             "INSERT INTO models (namespace, name, created_at_ms) VALUES (?1, ?2, ?3) \
              ON CONFLICT (namespace, name) DO NOTHING",
@@ -165,7 +241,24 @@ impl ModelStore for SqliteModelStore {
         .await?;
         let record = crate::rows::model_version(&row)?;
         tx.commit().await?;
-        Ok(record)
+        Ok(StoredVersion {
+            record,
+            created: true,
+        })
+    }
+
+    async fn round_version(
+        &self,
+        namespace: &str,
+        name: &str,
+        job_id: &str,
+        round: u32,
+    ) -> Result<Option<ModelVersionRecord>> {
+        if !is_job_round(job_id, round) {
+            return Ok(None);
+        }
+        let mut conn = self.pool.acquire().await?;
+        fetch_round_version(&mut conn, namespace, name, job_id, round).await
     }
 
     async fn get_version(
@@ -239,13 +332,13 @@ mod tests {
 
     use super::*;
 
-    fn new_version(name: &str) -> NewModelVersion {
+    fn new_version(name: &str, round: u32) -> NewModelVersion {
         NewModelVersion {
             name: name.to_string(),
             digest: "ab".repeat(32),
             size_bytes: 1234,
             job_id: "job-a".to_string(),
-            round: 3,
+            round,
             parent_version: 0,
             loss: 0.5,
             accuracy: 0.75,
@@ -259,14 +352,30 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("models.db").display());
         let store = SqliteModelStore::open(&url).await.unwrap();
-        store.insert_version(new_version("mnist"), 1).await.unwrap();
-        let v2 = store.insert_version(new_version("mnist"), 2).await.unwrap();
+        store
+            .insert_version(new_version("mnist", 1), 1)
+            .await
+            .unwrap();
+        let v2 = store
+            .insert_version(new_version("mnist", 2), 2)
+            .await
+            .unwrap()
+            .record;
         drop(store);
-        // Migrations are not re-applied, numbering goes on.
+        // Migrations are not re-applied, numbering goes on, and so does the
+        // rule of one version per round.
         let store = SqliteModelStore::open(&url).await.unwrap();
         assert_eq!(store.get_version("default", "mnist", 2).await.unwrap(), v2);
-        let v3 = store.insert_version(new_version("mnist"), 3).await.unwrap();
-        assert_eq!(v3.version, 3);
+        let again = store
+            .insert_version(new_version("mnist", 2), 3)
+            .await
+            .unwrap();
+        assert_eq!((again.record, again.created), (v2, false));
+        let v3 = store
+            .insert_version(new_version("mnist", 3), 3)
+            .await
+            .unwrap();
+        assert_eq!((v3.record.version, v3.created), (3, true));
     }
 
     #[tokio::test]
@@ -317,6 +426,58 @@ mod tests {
             orphan.is_err(),
             "versions belong to a model of their namespace"
         );
+    }
+
+    #[tokio::test]
+    async fn models_with_repeated_rounds_upgrade() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("models.db").display());
+        let old = crate::conformance::models::before_rounds_stored_once(sqlx::migrate!(
+            "./migrations/sqlite/models"
+        ));
+        let pool = crate::sqlite::open_sqlite(&url, &old, &DatabaseOptions::default())
+            .await
+            .unwrap();
+        for stmt in crate::conformance::models::rows_with_repeated_rounds(false) {
+            sqlx::query(sqlx::AssertSqlSafe(stmt))
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+        pool.close().await;
+
+        let store = Arc::new(SqliteModelStore::open(&url).await.unwrap());
+        let flagged: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT name, version FROM model_versions WHERE round_duplicate = 1 \
+             ORDER BY namespace, name, version",
+        )
+        .fetch_all(&store.pool)
+        .await
+        .unwrap();
+        assert_eq!(flagged, [("m".to_string(), 2), ("m".to_string(), 4)]);
+        crate::conformance::models::repeated_rounds_survive(store.clone()).await;
+        // The index holds a round to one version even for writers that
+        // bypass the store.
+        let duplicate = sqlx::query(
+            "INSERT INTO model_versions (namespace, name, version, digest, size_bytes, job_id, \
+             round, parent_version, samples, created_at_ms) \
+             VALUES ('team-a', 'm', 99, 'x', 1, 'job-a', 2, 0, 0, 0)",
+        )
+        .execute(&store.pool)
+        .await;
+        assert!(
+            matches!(&duplicate, Err(e) if e.to_string().contains("UNIQUE")),
+            "{duplicate:?}"
+        );
+        // Versions outside jobs' rounds are not held by it.
+        sqlx::query(
+            "INSERT INTO model_versions (namespace, name, version, digest, size_bytes, job_id, \
+             round, parent_version, samples, created_at_ms) \
+             VALUES ('team-a', 'm', 99, 'x', 1, 'job-a', 0, 0, 0, 0)",
+        )
+        .execute(&store.pool)
+        .await
+        .unwrap();
     }
 
     #[tokio::test]

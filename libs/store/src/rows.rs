@@ -171,6 +171,8 @@ pub(crate) fn round<R: Columns>(row: &R, job: &JobId) -> Result<RoundRecord> {
         dropped_updates: r.unsigned("dropped_updates")?,
         task_failures: r.unsigned("task_failures")?,
         robust_accuracy: r.real("robust_accuracy")?,
+        eval_parties: r.unsigned("eval_parties")?,
+        eval_parties_expected: r.unsigned("eval_parties_expected")?,
     })
 }
 

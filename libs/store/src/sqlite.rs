@@ -185,14 +185,23 @@ mod tests {
         let models = SqliteModelStore::open_with(&url, &opts).await.unwrap();
         let v1 = models.get_version("default", "old", 1).await.unwrap();
         assert_eq!(v1.namespace, "default", "existing models are in default");
-        let v2 = models
-            .insert_version(crate::conformance::models::new_version("old", "j"), 2)
-            .await
-            .unwrap();
+        // Round 1 of job j is stored: a retry finds it; round 3 is new.
+        let old_round = crate::conformance::models::in_round(
+            crate::conformance::models::new_version("old", "j"),
+            1,
+        );
+        let again = models.insert_version(old_round, 2).await.unwrap();
+        assert_eq!((again.record, again.created), (v1.clone(), false));
+        let v2 = crate::conformance::models::insert_new(
+            &models,
+            crate::conformance::models::new_version("old", "j"),
+            2,
+        )
+        .await;
         assert_eq!((v2.version, v2.namespace.as_str()), (2, "default"));
         // Another namespace's model of the same name is a model of its own.
         let elsewhere = crate::conformance::models::new_version_in("old", "j", "team-a");
-        let other = models.insert_version(elsewhere, 3).await.unwrap();
+        let other = crate::conformance::models::insert_new(&models, elsewhere, 3).await;
         assert_eq!((other.version, other.namespace.as_str()), (1, "team-a"));
         assert_eq!(
             models

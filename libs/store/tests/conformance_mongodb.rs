@@ -332,7 +332,7 @@ async fn three_stores_share_one_database_and_reopen() {
         return;
     };
     let opts = options();
-    for _ in 0..2 {
+    for round in [1, 2] {
         let (jobs, models, clients) = tokio::join!(
             mongo::open_job_store(&db.url, &opts),
             mongo::open_model_store(&db.url, &opts),
@@ -342,10 +342,11 @@ async fn three_stores_share_one_database_and_reopen() {
         jobs.insert_job(&cohort_store::conformance::jobs::job("a", "default"), "c")
             .await
             .unwrap();
-        models
-            .insert_version(cohort_store::conformance::models::new_version("m", "j"), 1)
-            .await
-            .unwrap();
+        let v = cohort_store::conformance::models::in_round(
+            cohort_store::conformance::models::new_version("m", "j"),
+            round,
+        );
+        cohort_store::conformance::models::insert_new(&*models, v, 1).await;
         let party = cohort_core::PartyId::parse("p").unwrap();
         clients
             .upsert_client(&party, &[], &Default::default(), 1)
@@ -438,6 +439,95 @@ async fn models_from_before_scoped_names_upgrade() {
             .collect();
         assert!(!keys.contains(&gone), "{gone} is still there: {keys:?}");
     }
+    // Reopening (a replica starting later) finds nothing left to change.
+    mongo::open_model_store(&db.url, &options()).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn models_with_repeated_rounds_upgrade() {
+    use futures::TryStreamExt;
+    use mongodb::bson::Document;
+    use mongodb::options::IndexOptions;
+    use mongodb::{Collection, IndexModel};
+
+    let Some(db) = TestDb::create() else {
+        return;
+    };
+    let raw = db.raw().await;
+    let models: Collection<Document> = raw.collection("models");
+    let versions: Collection<Document> = raw.collection("model_versions");
+    // The indexes and documents the release before rounds were stored once
+    // left: as `rows_with_repeated_rounds` has them for the SQL backends.
+    for (coll, keys, unique) in [
+        (&models, doc! {"namespace": 1, "name": 1}, true),
+        (
+            &versions,
+            doc! {"namespace": 1, "name": 1, "version": -1},
+            true,
+        ),
+        (&versions, doc! {"job_id": 1}, false),
+    ] {
+        let options = unique.then(|| IndexOptions::builder().unique(true).build());
+        coll.create_index(IndexModel::builder().keys(keys).options(options).build())
+            .await
+            .unwrap();
+    }
+    models
+        .insert_many([
+            doc! {"namespace": "team-a", "name": "m", "created_at_ms": 1i64},
+            doc! {"namespace": "team-b", "name": "n", "created_at_ms": 1i64},
+        ])
+        .await
+        .unwrap();
+    let version = |ns: &str, name: &str, v: i64, job: &str, round: i64| {
+        doc! {
+            "namespace": ns, "name": name, "version": v, "digest": format!("d{v}"),
+            "size_bytes": v, "job_id": job, "round": round, "parent_version": 0i64,
+            "loss": 0.5, "accuracy": 0.5, "samples": 7i64, "created_at_ms": v,
+        }
+    };
+    versions
+        .insert_many([
+            version("team-a", "m", 1, "job-a", 1),
+            version("team-a", "m", 2, "job-a", 1),
+            version("team-a", "m", 3, "job-a", 2),
+            version("team-a", "m", 4, "job-a", 1),
+            version("team-a", "m", 5, "", 1),
+            version("team-b", "n", 1, "job-a", 1),
+        ])
+        .await
+        .unwrap();
+
+    let store = mongo::open_model_store(&db.url, &options()).await.unwrap();
+    let flagged: Vec<i64> = versions
+        .find(doc! {"round_duplicate": true})
+        .sort(doc! {"version": 1})
+        .await
+        .unwrap()
+        .try_collect::<Vec<Document>>()
+        .await
+        .unwrap()
+        .iter()
+        .map(|d| d.get_i64("version").unwrap())
+        .collect();
+    assert_eq!(flagged, [2, 4], "later copies of a round are flagged");
+    assert_eq!(
+        versions
+            .count_documents(doc! {"round_duplicate": {"$exists": false}})
+            .await
+            .unwrap(),
+        0,
+        "every version carries the flag"
+    );
+    cohort_store::conformance::models::repeated_rounds_survive(store).await;
+    // The index holds a round to one version even for writers that bypass
+    // the store; versions outside jobs' rounds are not held by it.
+    let mut copy = version("team-a", "m", 99, "job-a", 2);
+    copy.insert("round_duplicate", false);
+    let err = versions.insert_one(copy.clone()).await.unwrap_err();
+    assert!(err.to_string().contains("E11000"), "{err}");
+    copy.insert("round", 0i64);
+    versions.insert_one(copy).await.unwrap();
     // Reopening (a replica starting later) finds nothing left to change.
     mongo::open_model_store(&db.url, &options()).await.unwrap();
 }

@@ -301,17 +301,23 @@ async fn upgrades_keep_existing_rows() {
         .unwrap();
     let v1 = models.get_version("default", "old", 1).await.unwrap();
     assert_eq!(v1.namespace, "default", "existing models are in default");
-    let v2 = models
-        .insert_version(
-            cohort_store::conformance::models::new_version("old", "j"),
-            2,
-        )
-        .await
-        .unwrap();
+    // Round 1 of job j is stored: a retry finds it; round 3 is new.
+    let old_round = cohort_store::conformance::models::in_round(
+        cohort_store::conformance::models::new_version("old", "j"),
+        1,
+    );
+    let again = models.insert_version(old_round, 2).await.unwrap();
+    assert_eq!((again.record, again.created), (v1.clone(), false));
+    let v2 = cohort_store::conformance::models::insert_new(
+        &*models,
+        cohort_store::conformance::models::new_version("old", "j"),
+        2,
+    )
+    .await;
     assert_eq!((v2.version, v2.namespace.as_str()), (2, "default"));
     // Another namespace's model of the same name is a model of its own.
     let elsewhere = cohort_store::conformance::models::new_version_in("old", "j", "team-a");
-    let other = models.insert_version(elsewhere, 3).await.unwrap();
+    let other = cohort_store::conformance::models::insert_new(&*models, elsewhere, 3).await;
     assert_eq!((other.version, other.namespace.as_str()), (1, "team-a"));
     assert_eq!(
         models
@@ -394,6 +400,64 @@ async fn models_from_before_scoped_names_upgrade() {
             ),
         ]
     );
+    let _ = conn.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn models_with_repeated_rounds_upgrade() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    cohort_store::conformance::models::before_rounds_stored_once(sqlx::migrate!(
+        "./migrations/postgres/models"
+    ))
+    .run(&pool)
+    .await
+    .unwrap();
+    for stmt in cohort_store::conformance::models::rows_with_repeated_rounds(true) {
+        sqlx::query(AssertSqlSafe(stmt))
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    pool.close().await;
+
+    let models = cohort_store::open_model_store(&db.url, &options())
+        .await
+        .unwrap();
+    let mut conn = PgConnection::connect(&db.url).await.unwrap();
+    let flagged: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT name, version FROM model_versions WHERE round_duplicate \
+         ORDER BY namespace, name, version",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(flagged, [("m".to_string(), 2), ("m".to_string(), 4)]);
+    cohort_store::conformance::models::repeated_rounds_survive(models).await;
+    // The index holds a round to one version even for writers that bypass
+    // the store; versions outside jobs' rounds are not held by it.
+    let insert = |round: u32| {
+        format!(
+            "INSERT INTO model_versions (namespace, name, version, digest, size_bytes, job_id, \
+             round, parent_version, loss, accuracy, samples, created_at_ms) \
+             VALUES ('team-a', 'm', 99, 'x', 1, 'job-a', {round}, 0, 0, 0, 0, 0)"
+        )
+    };
+    match sqlx::query(AssertSqlSafe(insert(2)))
+        .execute(&mut conn)
+        .await
+    {
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+            assert_eq!(e.constraint(), Some("model_versions_job_round"), "{e}")
+        }
+        other => panic!("expected a unique violation, got {other:?}"),
+    }
+    sqlx::query(AssertSqlSafe(insert(0)))
+        .execute(&mut conn)
+        .await
+        .unwrap();
     let _ = conn.close().await;
 }
 

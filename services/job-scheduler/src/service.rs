@@ -67,6 +67,8 @@ const MAX_TASK_ID_LEN: usize = 128;
 pub const MAX_EVENTS_PER_ANSWER: usize = 500;
 /// The largest count a round may report (updates, refusals, failures).
 pub const MAX_ROUND_COUNT: u32 = 1_000_000;
+/// The most parties a round's evaluation may be offered to.
+pub const MAX_EVAL_PARTIES: u32 = 100_000;
 
 fn round_to_pb(r: &RoundRecord) -> pb::RoundSummary {
     pb::RoundSummary {
@@ -84,10 +86,13 @@ fn round_to_pb(r: &RoundRecord) -> pb::RoundSummary {
         dropped_updates: r.dropped_updates,
         task_failures: r.task_failures,
         robust_accuracy: r.robust_accuracy,
+        eval_parties: r.eval_parties,
+        eval_parties_expected: r.eval_parties_expected,
     }
 }
 
-/// A reported round, checked: its counts bounded, its robust accuracy in [0, 1].
+/// A reported round, checked: its counts bounded, its robust accuracy in
+/// [0, 1], its evaluating parties no more than were offered the evaluation.
 fn round_from_pb(round: pb::RoundSummary) -> Result<RoundRecord, Status> {
     for (field, v) in [
         ("updates", round.updates),
@@ -100,6 +105,18 @@ fn round_from_pb(round: pb::RoundSummary) -> Result<RoundRecord, Status> {
                 "round.{field}: {v} is more than {MAX_ROUND_COUNT}"
             )));
         }
+    }
+    if round.eval_parties_expected > MAX_EVAL_PARTIES {
+        return Err(Status::invalid_argument(format!(
+            "round.eval_parties_expected: {} is more than {MAX_EVAL_PARTIES}",
+            round.eval_parties_expected
+        )));
+    }
+    if round.eval_parties > round.eval_parties_expected {
+        return Err(Status::invalid_argument(format!(
+            "round.eval_parties: {} is more than round.eval_parties_expected ({})",
+            round.eval_parties, round.eval_parties_expected
+        )));
     }
     let robust = round.robust_accuracy;
     if !(robust.is_finite() && (0.0..=1.0).contains(&robust)) {
@@ -121,6 +138,8 @@ fn round_from_pb(round: pb::RoundSummary) -> Result<RoundRecord, Status> {
         dropped_updates: round.dropped_updates,
         task_failures: round.task_failures,
         robust_accuracy: robust,
+        eval_parties: round.eval_parties,
+        eval_parties_expected: round.eval_parties_expected,
     })
 }
 
@@ -640,5 +659,75 @@ impl pb::job_control_server::JobControl for ControlApi {
                 })
                 .collect(),
         }))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn summary(eval_parties: u32, eval_parties_expected: u32) -> pb::RoundSummary {
+        pb::RoundSummary {
+            round: 4,
+            evaluation: Some(pb::Metrics {
+                loss: 0.5,
+                accuracy: 0.75,
+                samples: 239,
+            }),
+            train_loss: 0.4,
+            updates: 3,
+            model_version: 4,
+            duration_ms: 1200,
+            refused_updates: 1,
+            dropped_updates: 2,
+            task_failures: 5,
+            robust_accuracy: 0.7,
+            eval_parties,
+            eval_parties_expected,
+        }
+    }
+
+    #[test]
+    fn rounds_keep_their_evaluation_coverage_both_ways() {
+        for (parties, expected) in [(0, 0), (0, 3), (2, 3), (MAX_EVAL_PARTIES, MAX_EVAL_PARTIES)] {
+            let reported = summary(parties, expected);
+            let record = round_from_pb(reported).unwrap();
+            assert_eq!(
+                (record.eval_parties, record.eval_parties_expected),
+                (parties, expected)
+            );
+            assert_eq!(round_to_pb(&record), reported, "every field comes back");
+        }
+    }
+
+    #[test]
+    fn rounds_claiming_more_evaluating_parties_than_offered_are_refused() {
+        for (parties, expected, field) in [
+            (
+                3,
+                2,
+                "round.eval_parties: 3 is more than round.eval_parties_expected (2)",
+            ),
+            (
+                1,
+                0,
+                "round.eval_parties: 1 is more than round.eval_parties_expected (0)",
+            ),
+            (
+                0,
+                MAX_EVAL_PARTIES + 1,
+                "round.eval_parties_expected: 100001 is more than 100000",
+            ),
+            (
+                u32::MAX,
+                u32::MAX,
+                "round.eval_parties_expected: 4294967295 is more than 100000",
+            ),
+        ] {
+            let status = round_from_pb(summary(parties, expected)).unwrap_err();
+            assert_eq!(status.code(), tonic::Code::InvalidArgument);
+            assert_eq!(status.message(), field);
+        }
     }
 }

@@ -2,6 +2,10 @@
 //! models with immutable, numbered, sha256-addressed safetensors versions and
 //! their lineage (job, round, parent), uploaded and downloaded as chunk streams.
 //!
+//! A job stores one version per round: an upload naming a (job, round) the
+//! model already has a version of (a retry after a lost answer) is checked
+//! as ever, but its data is not kept, and the stored version is the answer.
+//!
 //! Models are identified by namespace and name. A caller with an API token of
 //! one namespace (identity metadata the proxy sets) works in that namespace
 //! only: other namespaces answer like missing models. A token of every
@@ -502,14 +506,35 @@ impl Models for ModelsService {
             self.limits.max_safetensors_header_bytes,
             self.limits.max_upload_bytes,
         );
-        let put = self
-            .blobs
-            .put(upload_data(stream, check, idle, verdict_tx))
-            .await;
+        let data = upload_data(stream, check, idle, verdict_tx);
+
+        // A round the job stored already (its coordinator retrying an upload
+        // whose answer was lost): the stored version is the answer. The data
+        // is received and checked (the uploader gets the same refusals), not
+        // kept.
+        if let Some(stored) = self
+            .store
+            .round_version(&namespace, &header.name, &lineage.job_id, lineage.round)
+            .await
+            .map_err(Error::from)?
+        {
+            discard(data).await;
+            match verdict_rx.try_recv() {
+                Ok(Ok(_)) => {}
+                Ok(Err(status)) => return Err(status),
+                Err(_) => return Err(Status::internal("upload ended without a verdict")),
+            }
+            log_redelivery(&stored);
+            return Ok(Response::new(to_proto(stored)));
+        }
+        let put = self.blobs.put(data).await;
         let summary = match (verdict_rx.try_recv(), put) {
             // The data was refused (or the client failed): that is the answer.
             (Ok(Err(status)), _) => return Err(status),
-            (_, Err(e)) => return Err(Error::from(e).into()),
+            (_, Err(e)) => {
+                tracing::warn!(model = %header.name, error = %e, "cannot store a model's bytes");
+                return Err(Error::from(e).into());
+            }
             (Ok(Ok(summary)), Ok(info)) => (summary, info),
             (Err(_), Ok(_)) => {
                 return Err(Status::internal("upload ended without a verdict"));
@@ -517,7 +542,7 @@ impl Models for ModelsService {
         };
         let (Summary { tensors, .. }, info) = summary;
 
-        let record = self
+        let stored = self
             .store
             .insert_version(
                 NewModelVersion {
@@ -536,6 +561,14 @@ impl Models for ModelsService {
             )
             .await
             .map_err(Error::from)?;
+        let record = stored.record;
+        if !stored.created {
+            // An upload of the same round won the race since the check
+            // above. The data just put stays unreferenced unless it is the
+            // stored version's (content addressing makes equal data one blob).
+            log_redelivery(&record);
+            return Ok(Response::new(to_proto(record)));
+        }
         tracing::info!(
             namespace = %record.namespace,
             model = %record.name,
@@ -603,6 +636,23 @@ impl Models for ModelsService {
         });
         Ok(Response::new(Box::pin(chunks)))
     }
+}
+
+/// Logs an upload of a round the job has a version of already.
+fn log_redelivery(stored: &ModelVersionRecord) {
+    tracing::info!(
+        namespace = %stored.namespace,
+        model = %stored.name,
+        version = stored.version,
+        job = %stored.job_id,
+        round = stored.round,
+        "model version re-delivered: the round's stored version answers"
+    );
+}
+
+/// Reads `data` to its end (or its first error), keeping nothing.
+async fn discard(mut data: ByteStream) {
+    while let Some(Ok(_)) = data.next().await {}
 }
 
 type Verdict = oneshot::Sender<Result<Summary, Status>>;

@@ -1,7 +1,7 @@
 //! model-manager over real gRPC on loopback, with SQLite and the filesystem
-//! blob store in a temporary directory: versions, namespaces (API-token
-//! metadata as the proxy sets it, coordinators over mutual TLS) and the
-//! upload limits.
+//! blob store in a temporary directory: versions, one version per job round,
+//! namespaces (API-token metadata as the proxy sets it, coordinators over
+//! mutual TLS) and the upload limits.
 #![allow(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
@@ -860,6 +860,107 @@ async fn uploads_over_the_limits_are_refused_and_nothing_is_stored() {
         .unwrap();
     assert_eq!(v.version, 1);
     assert_eq!(blob_files(h.blobs.root()).len(), 1);
+}
+
+#[tokio::test]
+async fn a_round_uploaded_again_answers_the_stored_version() {
+    let mut h = start().await;
+    let (file1, file2) = (small_file(41), small_file(42));
+    let v1 = upload_as(&mut h.client, TEAM_A, header("m", "job-a", 1, 0), &file1)
+        .await
+        .unwrap();
+    assert_eq!(
+        (v1.version, v1.digest.as_str()),
+        (1, sha256_hex(&file1).as_str())
+    );
+    assert_eq!(blob_files(h.blobs.root()).len(), 1);
+    // A retry of the round, with the same bytes or (retrained) other ones,
+    // is answered with the stored version; the other bytes are not kept.
+    for file in [&file1, &file2] {
+        let again = upload_as(&mut h.client, TEAM_A, header("m", "job-a", 1, 0), file)
+            .await
+            .unwrap();
+        assert_eq!(again, v1);
+    }
+    assert!(!h.blobs.exists(&Digest::of(&file2)).await.unwrap());
+    assert_eq!(blob_files(h.blobs.root()).len(), 1);
+    let back = download_as(&mut h.client, TEAM_A, "", "m", 1)
+        .await
+        .unwrap();
+    assert!(back == file1, "the stored version's bytes");
+    // Its data is still checked.
+    let (code, message) = answer(
+        upload_as(
+            &mut h.client,
+            TEAM_A,
+            header("m", "job-a", 1, 0),
+            &file2[..file2.len() - 10],
+        )
+        .await,
+    );
+    assert_eq!(code, Code::InvalidArgument);
+    assert!(message.contains("truncated"), "{message}");
+
+    // The next round, and uploads outside a job's rounds, are new versions.
+    let v2 = upload_as(&mut h.client, TEAM_A, header("m", "job-a", 2, 1), &file2)
+        .await
+        .unwrap();
+    assert_eq!(v2.version, 2);
+    for (job, round, version) in [("", 1, 3), ("", 1, 4), ("job-a", 0, 5), ("job-a", 0, 6)] {
+        let v = upload_as(&mut h.client, TEAM_A, header("m", job, round, 0), &file1)
+            .await
+            .unwrap();
+        assert_eq!(v.version, version, "job {job:?} round {round}");
+    }
+    // Another namespace's round of the same name and job is its own.
+    let b1 = upload_as(&mut h.client, TEAM_B, header("m", "job-a", 1, 0), &file2)
+        .await
+        .unwrap();
+    assert_eq!(
+        (b1.namespace.as_str(), b1.version, b1.digest.as_str()),
+        ("team-b", 1, sha256_hex(&file2).as_str())
+    );
+
+    // Retries racing each other store the round once.
+    let uploads: Vec<_> = (0..6u8)
+        .map(|i| {
+            let mut client = h.client.clone();
+            let file = small_file(50 + i);
+            tokio::spawn(async move {
+                upload_as(&mut client, TEAM_A, header("m", "job-a", 3, 2), &file).await
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for u in uploads {
+        answers.push(
+            tokio::time::timeout(WAIT, u)
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    assert!(
+        answers.iter().all(|a| *a == answers[0]),
+        "every retry answers the one stored version: {answers:?}"
+    );
+    assert_eq!(answers[0].version, 7);
+    let rounds: Vec<u32> = h
+        .client
+        .list_versions(TEAM_A.request(ListVersionsRequest {
+            name: "m".into(),
+            job_id: "job-a".into(),
+            namespace: String::new(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .versions
+        .iter()
+        .map(|v| v.lineage.as_ref().unwrap().round)
+        .collect();
+    assert_eq!(rounds, [1, 2, 0, 0, 3]);
 }
 
 /// Every file under `dir` (the blob store's root), temporary ones included.

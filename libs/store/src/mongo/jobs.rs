@@ -370,6 +370,8 @@ fn round_doc(r: &RoundRecord, job_id: &str) -> Result<Document> {
         "dropped_updates": i64::from(r.dropped_updates),
         "task_failures": i64::from(r.task_failures),
         "robust_accuracy": r.robust_accuracy,
+        "eval_parties": i64::from(r.eval_parties),
+        "eval_parties_expected": i64::from(r.eval_parties_expected),
     })
 }
 
@@ -400,6 +402,8 @@ fn round_from_doc(d: &Document, job_id: &str) -> Result<RoundRecord> {
             None => 0.0,
             Some(_) => f.float("robust_accuracy")?,
         },
+        eval_parties: count_or_zero(&f, "eval_parties")?,
+        eval_parties_expected: count_or_zero(&f, "eval_parties_expected")?,
     })
 }
 
@@ -826,13 +830,15 @@ mod tests {
     }
 
     #[test]
-    fn rounds_from_before_the_outcome_counts_read_as_zero() {
+    fn rounds_from_before_the_outcome_counts_and_coverage_read_as_zero() {
         let mut d = round_doc(&round(2), "j").unwrap();
         for field in [
             "refused_updates",
             "dropped_updates",
             "task_failures",
             "robust_accuracy",
+            "eval_parties",
+            "eval_parties_expected",
         ] {
             d.remove(field);
         }
@@ -846,6 +852,7 @@ mod tests {
             ),
             (0, 0, 0, 0.0)
         );
+        assert_eq!((r.eval_parties, r.eval_parties_expected), (0, 0));
     }
 
     #[test]

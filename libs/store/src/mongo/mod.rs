@@ -19,6 +19,10 @@
 //!   document (`counters`, `$inc`); model versions are `latest + 1` guarded by
 //!   the unique `(namespace, name, version)` index, retried when a concurrent
 //!   insert took the number, so numbering has no gaps even when a write fails.
+//!   A job's round is claimed the same way, by a partial unique
+//!   `(namespace, name, job_id, round)` index: the insert that loses finds the
+//!   winner's version. Versions from before carry a `round_duplicate` flag
+//!   given at open (true for later copies of a round, kept outside the index).
 //! - A model is identified by `(namespace, name)` (unique indexes on both
 //!   collections; the name-only indexes of older databases are dropped at
 //!   open). Documents from before namespaces are given `default` at open (and

@@ -4,11 +4,13 @@ use async_trait::async_trait;
 use futures::TryStreamExt;
 use mongodb::bson::{Bson, Document, doc};
 use mongodb::error::ErrorKind;
-use mongodb::options::ReturnDocument;
+use mongodb::options::{IndexOptions, ReturnDocument};
 use mongodb::{Collection, IndexModel};
 
 use super::{Db, Fields, is_duplicate_key, no_document, to_i64};
-use crate::models::{ModelStore, ModelVersionRecord, NewModelVersion, version_not_found};
+use crate::models::{
+    ModelStore, ModelVersionRecord, NewModelVersion, StoredVersion, is_job_round, version_not_found,
+};
 use crate::open::DatabaseOptions;
 use crate::{Result, StoreError};
 
@@ -34,6 +36,17 @@ const UPSERT_ATTEMPTS: u32 = 5;
 const OBSOLETE_MODEL_INDEXES: &[&[&str]] = &[&["name"]];
 const OBSOLETE_VERSION_INDEXES: &[&[&str]] =
     &[&["name", "version"], &["namespace", "name", "version"]];
+
+/// The unique index on a job's rounds: one version per (namespace, name,
+/// job, round), for versions with a job and a round above 0 that are not a
+/// later copy kept from before (`round_duplicate` true). Partial indexes
+/// take no `$ne` or `$exists: false`, hence the flag every version carries.
+const ROUND_INDEX: &str = "one_version_per_job_round";
+
+/// The unique index's condition, as the partial filter.
+fn round_index_filter() -> Document {
+    doc! {"job_id": {"$gt": ""}, "round": {"$gt": 0i64}, "round_duplicate": false}
+}
 
 pub struct MongoModelStore {
     db: Db,
@@ -65,6 +78,8 @@ impl MongoModelStore {
             db,
         };
         store.adopt_legacy_documents().await?;
+        store.ensure_round_index().await?;
+        store.mark_legacy_round_duplicates().await?;
         store
             .drop_indexes(&store.models, MODELS, OBSOLETE_MODEL_INDEXES)
             .await?;
@@ -124,6 +139,106 @@ impl MongoModelStore {
             .map_err(|e| self.db.error(e, "model", name))?;
         }
         Ok(())
+    }
+
+    /// Creates the unique index on a job's rounds. Versions without the
+    /// `round_duplicate` flag (stored before it) are outside it until
+    /// [`Self::mark_legacy_round_duplicates`] flags them.
+    async fn ensure_round_index(&self) -> Result<()> {
+        let model = IndexModel::builder()
+            .keys(doc! {"namespace": 1, "name": 1, "job_id": 1, "round": 1})
+            .options(
+                IndexOptions::builder()
+                    .name(ROUND_INDEX.to_string())
+                    .unique(true)
+                    .partial_filter_expression(round_index_filter())
+                    .build(),
+            )
+            .build();
+        self.versions.create_index(model).await.map_err(|e| {
+            self.db
+                .setup_error(e, &format!("creating index {ROUND_INDEX}"))
+        })?;
+        Ok(())
+    }
+
+    /// Gives versions stored before rounds were stored once their
+    /// `round_duplicate` flag: true for a later copy of a (job, round) an
+    /// earlier version holds, which stays but outside the unique index; false
+    /// otherwise. Idempotent (flagged versions are not looked at again), so
+    /// replicas may run it together.
+    async fn mark_legacy_round_duplicates(&self) -> Result<()> {
+        let legacy: Vec<Document> = self
+            .versions
+            .find(doc! {"round_duplicate": {"$exists": false}})
+            .projection(doc! {"namespace": 1, "name": 1, "version": 1, "job_id": 1, "round": 1})
+            .sort(doc! {"version": 1})
+            .await
+            .map_err(|e| self.db.error(e, WHAT, "*"))?
+            .try_collect()
+            .await
+            .map_err(|e| self.db.error(e, WHAT, "*"))?;
+        for d in legacy {
+            let r = version_key(&d)?;
+            let id = format!("{}@{}", r.name, r.version);
+            let earlier = is_job_round(&r.job_id, r.round)
+                && self
+                    .versions
+                    .find_one(doc! {
+                        "namespace": namespace_filter(&r.namespace),
+                        "name": &r.name,
+                        "job_id": &r.job_id,
+                        "round": i64::from(r.round),
+                        "version": {"$lt": i64::from(r.version)},
+                    })
+                    .projection(doc! {"version": 1})
+                    .await
+                    .map_err(|e| self.db.error(e, WHAT, &id))?
+                    .is_some();
+            let this = doc! {"_id": d.get("_id").cloned().unwrap_or(Bson::Null)};
+            let flag = |duplicate: bool| doc! {"$set": {"round_duplicate": duplicate}};
+            match self.versions.update_one(this.clone(), flag(earlier)).await {
+                Ok(_) => {}
+                // A version of this round came in meanwhile (versions are
+                // numbered upwards, so it is a later one): keep it out of the
+                // index's way.
+                Err(e) if is_duplicate_key(&e) => {
+                    self.versions
+                        .update_one(this, flag(true))
+                        .await
+                        .map_err(|e| self.db.error(e, WHAT, &id))?;
+                }
+                Err(e) => return Err(self.db.error(e, WHAT, &id)),
+            }
+        }
+        Ok(())
+    }
+
+    /// The version of a job's round, as [`ModelStore::round_version`] says.
+    async fn find_round_version(
+        &self,
+        namespace: &str,
+        name: &str,
+        job_id: &str,
+        round: u32,
+    ) -> Result<Option<ModelVersionRecord>> {
+        if !is_job_round(job_id, round) {
+            return Ok(None);
+        }
+        // The earliest: in a database from before, later copies of the round
+        // may be there, flagged or not yet.
+        let d = self
+            .versions
+            .find_one(doc! {
+                "namespace": namespace_filter(namespace),
+                "name": name,
+                "job_id": job_id,
+                "round": i64::from(round),
+            })
+            .sort(doc! {"version": 1})
+            .await
+            .map_err(|e| self.db.error(e, WHAT, name))?;
+        d.as_ref().map(version_from_doc).transpose()
     }
 
     /// Creates model `name` in `namespace` unless it exists.
@@ -236,6 +351,30 @@ fn version_doc(r: &ModelVersionRecord) -> Result<Document> {
         "samples": to_i64(r.samples, "samples", WHAT, &id)?,
         "created_at_ms": r.created_at_ms,
         "namespace": &r.namespace,
+        // New versions are never a later copy of their round.
+        "round_duplicate": false,
+    })
+}
+
+/// What identifies a version and its round, from a document projected to
+/// those fields.
+struct VersionKey {
+    namespace: String,
+    name: String,
+    version: u32,
+    job_id: String,
+    round: u32,
+}
+
+fn version_key(d: &Document) -> Result<VersionKey> {
+    let name = d.get_str("name").unwrap_or("?");
+    let f = Fields::new(d, WHAT, name);
+    Ok(VersionKey {
+        namespace: namespace_of(&f)?,
+        name: f.str("name")?.to_string(),
+        version: f.uint("version")?,
+        job_id: f.str("job_id")?.to_string(),
+        round: f.uint("round")?,
     })
 }
 
@@ -264,7 +403,7 @@ fn version_from_doc(d: &Document) -> Result<ModelVersionRecord> {
 
 #[async_trait]
 impl ModelStore for MongoModelStore {
-    async fn insert_version(&self, v: NewModelVersion, now_ms: i64) -> Result<ModelVersionRecord> {
+    async fn insert_version(&self, v: NewModelVersion, now_ms: i64) -> Result<StoredVersion> {
         // Refuse unstorable values before the model is created.
         to_i64(v.size_bytes, "size_bytes", WHAT, &v.name)?;
         to_i64(v.samples, "samples", WHAT, &v.name)?;
@@ -283,9 +422,27 @@ impl ModelStore for MongoModelStore {
             created_at_ms: now_ms,
             namespace: v.namespace,
         };
+        let job_round = is_job_round(&record.job_id, record.round);
         // latest + 1, claimed by the unique (namespace, name, version) index:
         // no gaps even when an insert fails, unlike a counter bumped beforehand.
+        // A job's round is also claimed by the unique round index: whoever
+        // loses that race finds the winner's version on its next try.
         for _ in 0..MAX_ATTEMPTS {
+            if job_round
+                && let Some(stored) = self
+                    .find_round_version(
+                        &record.namespace,
+                        &record.name,
+                        &record.job_id,
+                        record.round,
+                    )
+                    .await?
+            {
+                return Ok(StoredVersion {
+                    record: stored,
+                    created: false,
+                });
+            }
             let next = self.latest_number(&record.namespace, &record.name).await? + 1;
             record.version = u32::try_from(next).map_err(|_| StoreError::Corrupt {
                 what: "model",
@@ -293,8 +450,13 @@ impl ModelStore for MongoModelStore {
                 message: format!("version {next} out of range"),
             })?;
             match self.versions.insert_one(version_doc(&record)?).await {
-                Ok(_) => return Ok(record),
-                // Another insert took this number: try the next.
+                Ok(_) => {
+                    return Ok(StoredVersion {
+                        record,
+                        created: true,
+                    });
+                }
+                // Another insert took this number (or this round): try again.
                 Err(e) if is_duplicate_key(&e) => tokio::task::yield_now().await,
                 Err(e) => {
                     let id = format!("{}@{}", record.name, record.version);
@@ -306,6 +468,17 @@ impl ModelStore for MongoModelStore {
             "model {}: {MAX_ATTEMPTS} concurrent inserts took every version number tried; retry",
             record.name
         )))
+    }
+
+    async fn round_version(
+        &self,
+        namespace: &str,
+        name: &str,
+        job_id: &str,
+        round: u32,
+    ) -> Result<Option<ModelVersionRecord>> {
+        self.find_round_version(namespace, name, job_id, round)
+            .await
     }
 
     async fn get_version(

@@ -236,8 +236,9 @@ impl JobStore for PgJobStore {
         let inserted = sqlx::query(
             "INSERT INTO job_rounds (job_id, round, eval_loss, eval_accuracy, \
              eval_samples, train_loss, updates, model_version, duration_ms, refused_updates, \
-             dropped_updates, task_failures, robust_accuracy) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
+             dropped_updates, task_failures, robust_accuracy, eval_parties, \
+             eval_parties_expected) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
              ON CONFLICT (job_id, round) DO NOTHING",
         )
         .bind(id.as_str())
@@ -253,6 +254,8 @@ impl JobStore for PgJobStore {
         .bind(i64::from(r.dropped_updates))
         .bind(i64::from(r.task_failures))
         .bind(r.robust_accuracy)
+        .bind(i64::from(r.eval_parties))
+        .bind(i64::from(r.eval_parties_expected))
         .execute(&mut *tx)
         .await?
         .rows_affected();

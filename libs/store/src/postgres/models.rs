@@ -4,7 +4,9 @@ use async_trait::async_trait;
 use sqlx::postgres::PgPool;
 
 use super::{open_pool, to_i64, with_history_table};
-use crate::models::{ModelStore, ModelVersionRecord, NewModelVersion, version_not_found};
+use crate::models::{
+    ModelStore, ModelVersionRecord, NewModelVersion, StoredVersion, is_job_round, version_not_found,
+};
 use crate::{DatabaseOptions, Result};
 
 pub struct PgModelStore {
@@ -33,9 +35,34 @@ macro_rules! columns {
 
 const WHAT: &str = "model version";
 
+/// The version of (`job_id`, `round`), a job's round; the terms repeat the
+/// unique index's condition so that the index serves the lookup. Versions
+/// marked `round_duplicate` are later copies, never the one to return.
+async fn fetch_round_version(
+    conn: &mut sqlx::PgConnection,
+    namespace: &str,
+    name: &str,
+    job_id: &str,
+    round: u32,
+) -> Result<Option<ModelVersionRecord>> {
+    let row = sqlx::query(concat!(
+        "SELECT ",
+        columns!(),
+        " FROM model_versions WHERE namespace = $1 AND name = $2 AND job_id = $3 \
+         AND round = $4 AND job_id <> '' AND round > 0 AND NOT round_duplicate"
+    ))
+    .bind(namespace)
+    .bind(name)
+    .bind(job_id)
+    .bind(i64::from(round))
+    .fetch_optional(&mut *conn)
+    .await?;
+    row.as_ref().map(crate::rows::model_version).transpose()
+}
+
 #[async_trait]
 impl ModelStore for PgModelStore {
-    async fn insert_version(&self, v: NewModelVersion, now_ms: i64) -> Result<ModelVersionRecord> {
+    async fn insert_version(&self, v: NewModelVersion, now_ms: i64) -> Result<StoredVersion> {
         let size_bytes = to_i64(v.size_bytes, "size_bytes", WHAT, &v.name)?;
         let samples = to_i64(v.samples, "samples", WHAT, &v.name)?;
         let mut tx = self.pool.begin().await?;
@@ -53,6 +80,20 @@ impl ModelStore for PgModelStore {
         .bind(now_ms)
         .fetch_one(&mut *tx)
         .await?;
+        // Under the model's row lock, so a racing insert of the same round
+        // waits above and then finds this one's version (each statement reads
+        // what committed before it began).
+        if v.is_job_round()
+            && let Some(stored) =
+                fetch_round_version(&mut tx, &v.namespace, &v.name, &v.job_id, v.round).await?
+        {
+            // Rolling back returns the number taken above.
+            tx.rollback().await?;
+            return Ok(StoredVersion {
+                record: stored,
+                created: false,
+            });
+        }
         let row = sqlx::query(concat!(
             "INSERT INTO model_versions (",
             columns!(),
@@ -75,7 +116,24 @@ impl ModelStore for PgModelStore {
         .await?;
         let record = crate::rows::model_version(&row)?;
         tx.commit().await?;
-        Ok(record)
+        Ok(StoredVersion {
+            record,
+            created: true,
+        })
+    }
+
+    async fn round_version(
+        &self,
+        namespace: &str,
+        name: &str,
+        job_id: &str,
+        round: u32,
+    ) -> Result<Option<ModelVersionRecord>> {
+        if !is_job_round(job_id, round) {
+            return Ok(None);
+        }
+        let mut conn = self.pool.acquire().await?;
+        fetch_round_version(&mut conn, namespace, name, job_id, round).await
     }
 
     async fn get_version(
