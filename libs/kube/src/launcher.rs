@@ -12,7 +12,9 @@
 //! [`CoordinatorExit`] on the exits channel, exactly as `LocalLauncher` does when a child
 //! process ends; job-scheduler then relaunches the coordinator or, for a stopping job,
 //! records it stopped. Polling rather than a watch: fewer moving parts, the same at-least-one
-//! report per exit, and a delay of at most one interval.
+//! report per exit, and a delay of at most one interval. [`Launcher::alive`] reads the job's Pod
+//! (its phase, or that it is gone or being deleted) for job-scheduler's reconcile pass, which
+//! catches what a missed report would leave behind.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -621,6 +623,25 @@ impl Launcher for KubernetesLauncher {
         }
     }
 
+    async fn alive(&self, job_id: &JobId) -> Option<bool> {
+        match self.shared.pods.get_opt(&coordinator_name(job_id)).await {
+            Ok(None) => Some(false),
+            Ok(Some(pod)) if pod.metadata.deletion_timestamp.is_some() => Some(false),
+            Ok(Some(pod)) if pod_ended(&pod).is_some() => Some(false),
+            // "Unknown": the node stopped reporting; the Pod may still run.
+            Ok(Some(pod))
+                if pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Unknown") =>
+            {
+                None
+            }
+            Ok(Some(_)) => Some(true),
+            Err(e) => {
+                tracing::warn!(job = %job_id, error = %e, "cannot look up coordinator pod");
+                None
+            }
+        }
+    }
+
     async fn stop(&self, job_id: &JobId, grace: Duration) {
         if let Ok(mut w) = self.shared.watching.lock()
             && let Some(watched) = w.jobs.get_mut(job_id)
@@ -643,17 +664,18 @@ impl Launcher for KubernetesLauncher {
         // The poller reports the exit once the pod has gone, as LocalLauncher does.
     }
 
-    async fn stop_all(&self, grace: Duration) {
+    async fn stop_all(&self, grace: Duration) -> Vec<JobId> {
         let jobs = self.watched();
         if !self.config.stop_on_shutdown {
             tracing::info!(
                 coordinators = jobs.len(),
                 "leaving coordinator pods running for the next job-scheduler to adopt"
             );
-            return;
+            return Vec::new();
         }
         for job in &jobs {
             self.stop(job, grace).await;
         }
+        jobs
     }
 }

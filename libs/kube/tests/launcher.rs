@@ -483,3 +483,98 @@ async fn the_owner_is_job_schedulers_deployment_read_for_its_uid() {
                "name": "cohort-server-job-scheduler", "uid": "d-uid-1"})
     );
 }
+
+#[tokio::test]
+async fn alive_reads_the_pod_phase() {
+    let (launcher, mut handle, _exits) = launcher(Duration::from_secs(3600));
+    let job = job();
+    let pod = |phase: &str, deleting: bool| {
+        let mut metadata = json!({"name": NAME, "labels": labels()});
+        if deleting {
+            metadata["deletionTimestamp"] = json!("2026-12-06T10:00:00Z");
+        }
+        (
+            StatusCode::OK,
+            json!({"apiVersion": "v1", "kind": "Pod", "metadata": metadata,
+                   "status": {"phase": phase}}),
+        )
+    };
+    for (answer, want) in [
+        (pod("Pending", false), Some(true)),
+        (pod("Running", false), Some(true)),
+        // Being deleted: it is going away, whatever its phase says.
+        (pod("Running", true), Some(false)),
+        (pod("Failed", false), Some(false)),
+        (pod("Succeeded", false), Some(false)),
+        // The node stopped reporting: cannot tell.
+        (pod("Unknown", false), None),
+        (
+            (StatusCode::NOT_FOUND, status(404, "NotFound")),
+            Some(false),
+        ),
+        (
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                status(500, "InternalError"),
+            ),
+            None,
+        ),
+    ] {
+        let serve = async {
+            let get = next(&mut handle).await;
+            assert_eq!(
+                (get.method.clone(), get.uri.as_str()),
+                (Method::GET, &*format!("{PODS}/{NAME}"))
+            );
+            get.answer(answer.0, answer.1.clone());
+        };
+        let (got, ()) = tokio::join!(launcher.alive(&job), serve);
+        assert_eq!(got, want, "{answer:?}");
+    }
+    assert!(
+        launcher.watched().is_empty(),
+        "asking watches nothing: adopt does"
+    );
+}
+
+#[tokio::test]
+async fn stop_all_names_the_coordinators_it_stopped() {
+    // By default coordinator pods outlive job-scheduler: nothing stopped, nothing named.
+    let (launcher, mut handle, _exits) = launcher(Duration::from_secs(3600));
+    let job = job();
+    let (launched, _) = tokio::join!(launcher.launch(&job, SPEC), serve_launch(&mut handle));
+    launched.unwrap();
+    let stopped = tokio::time::timeout(
+        Duration::from_secs(10),
+        launcher.stop_all(Duration::from_secs(2)),
+    )
+    .await
+    .expect("stop_all makes no request to wait for");
+    assert!(stopped.is_empty(), "{stopped:?}");
+    assert_eq!(launcher.watched(), vec![job.clone()], "still watched");
+
+    // With stop_on_shutdown, every watched pod is deleted and its job named.
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(service, "default");
+    let (exits_tx, _exits) = mpsc::unbounded_channel();
+    let mut stopping = config(Duration::from_secs(3600));
+    stopping.stop_on_shutdown = true;
+    let launcher = KubernetesLauncher::new(client, stopping, exits_tx);
+    let (launched, _) = tokio::join!(launcher.launch(&job, SPEC), serve_launch(&mut handle));
+    launched.unwrap();
+    let serve = async {
+        let pod = next(&mut handle).await;
+        assert_eq!(
+            (pod.method.clone(), pod.uri.as_str()),
+            (Method::DELETE, &*format!("{PODS}/{NAME}?"))
+        );
+        assert_eq!(pod.body["gracePeriodSeconds"], json!(2));
+        pod.answer(
+            StatusCode::OK,
+            json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": NAME}}),
+        );
+        expect_service_and_config_deletes(&mut handle, StatusCode::OK, StatusCode::OK).await;
+    };
+    let (stopped, ()) = tokio::join!(launcher.stop_all(Duration::from_secs(2)), serve);
+    assert_eq!(stopped, vec![job]);
+}

@@ -3,7 +3,9 @@
 //! `LocalLauncher` runs coordinators as child processes. Exits, expected or
 //! not, are reported on a channel with their cause (the exit status and the
 //! last error or warning the coordinator logged); job-scheduler decides what
-//! they mean.
+//! they mean. Reports are edges that can be missed (a full store, a restart),
+//! so a launcher also answers [`Launcher::alive`]: job-scheduler's periodic
+//! reconcile pass compares that level with what its jobs need.
 
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
@@ -46,13 +48,24 @@ pub trait Launcher: Send + Sync + 'static {
     /// Watches a coordinator started by an earlier run of job-scheduler.
     /// Returns false if it is already gone.
     async fn adopt(&self, job_id: &JobId, pid: Option<u32>) -> bool;
+    /// Whether the job's coordinator runs now (or is starting): `Some(false)` when this
+    /// launcher knows of none for the job or the one it knows has ended, `None` when it
+    /// cannot tell now (the cluster's API does not answer). A coordinator of an earlier
+    /// job-scheduler that was not adopted is not known: try [`Launcher::adopt`] before
+    /// taking `Some(false)` for gone.
+    async fn alive(&self, job_id: &JobId) -> Option<bool>;
     /// Terminates the job's coordinator: SIGTERM, then SIGKILL after `grace`.
     async fn stop(&self, job_id: &JobId, grace: Duration);
-    /// Stops every coordinator this launcher watches (on shutdown).
-    async fn stop_all(&self, grace: Duration);
+    /// Stops every coordinator this launcher watches (on shutdown). Returns the jobs whose
+    /// coordinators it stopped (none where coordinators outlive job-scheduler): they were
+    /// stopped on purpose and need a coordinator again at the next start.
+    async fn stop_all(&self, grace: Duration) -> Vec<JobId>;
 }
 
 struct Running {
+    /// Which launch (or adoption) of this launcher: a watcher forgets its own entry only,
+    /// never that of a coordinator launched for the job after it.
+    serial: u64,
     pid: Option<u32>,
     /// Dropping or firing this ends the watcher; used to stop a child.
     stop: Option<oneshot::Sender<Duration>>,
@@ -65,6 +78,8 @@ pub struct LocalLauncher {
     log_dir: PathBuf,
     extra_args: Vec<String>,
     running: Arc<Mutex<HashMap<JobId, Running>>>,
+    /// The serial of the last launch or adoption.
+    serials: std::sync::atomic::AtomicU64,
     exits: mpsc::UnboundedSender<CoordinatorExit>,
 }
 
@@ -86,15 +101,53 @@ impl LocalLauncher {
             log_dir,
             extra_args,
             running: Arc::default(),
+            serials: std::sync::atomic::AtomicU64::new(0),
             exits,
         })
     }
 
-    fn forget(running: &Mutex<HashMap<JobId, Running>>, job_id: &JobId) {
-        if let Ok(mut map) = running.lock() {
+    /// Records the job's coordinator (replacing an older entry); returns its serial.
+    fn remember(&self, job_id: &JobId, pid: Option<u32>, stop: oneshot::Sender<Duration>) -> u64 {
+        let serial = self
+            .serials
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        if let Ok(mut map) = self.running.lock() {
+            map.insert(
+                job_id.clone(),
+                Running {
+                    serial,
+                    pid,
+                    stop: Some(stop),
+                },
+            );
+        }
+        serial
+    }
+
+    /// Forgets the coordinator of launch `serial`, unless a later one replaced it.
+    fn forget(running: &Mutex<HashMap<JobId, Running>>, job_id: &JobId, serial: u64) {
+        if let Ok(mut map) = running.lock()
+            && map.get(job_id).is_some_and(|r| r.serial == serial)
+        {
             map.remove(job_id);
         }
     }
+}
+
+/// Whether process `pid` is a coordinator of `job_id` (its command line names the job):
+/// a pid stored by an earlier job-scheduler may have been reused by another process since.
+fn is_coordinator_of(pid: u32, job_id: &JobId) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let mut args = cmdline.split(|b| *b == 0);
+    while let Some(arg) = args.next() {
+        if arg == b"--job-id" {
+            return args.next() == Some(job_id.as_str().as_bytes());
+        }
+    }
+    false
 }
 
 /// How much of the end of a coordinator's log is searched for its last problem.
@@ -290,15 +343,7 @@ impl Launcher for LocalLauncher {
         let mut child = spawn_logged(cmd, &program, &log)?;
         let pid = child.id();
         let (stop_tx, mut stop_rx) = oneshot::channel::<Duration>();
-        if let Ok(mut map) = self.running.lock() {
-            map.insert(
-                job_id.clone(),
-                Running {
-                    pid,
-                    stop: Some(stop_tx),
-                },
-            );
-        }
+        let serial = self.remember(job_id, pid, stop_tx);
         let running = self.running.clone();
         let exits = self.exits.clone();
         let job = job_id.clone();
@@ -313,7 +358,7 @@ impl Launcher for LocalLauncher {
                     child.wait().await
                 }
             };
-            LocalLauncher::forget(&running, &job);
+            LocalLauncher::forget(&running, &job, serial);
             let description = describe_with_cause(describe(status), log_path, log_start).await;
             let _ = exits.send(CoordinatorExit {
                 job_id: job,
@@ -325,19 +370,11 @@ impl Launcher for LocalLauncher {
     }
 
     async fn adopt(&self, job_id: &JobId, pid: Option<u32>) -> bool {
-        let Some(pid) = pid.filter(|p| pid_alive(*p)) else {
+        let Some(pid) = pid.filter(|p| pid_alive(*p) && is_coordinator_of(*p, job_id)) else {
             return false;
         };
         let (stop_tx, mut stop_rx) = oneshot::channel::<Duration>();
-        if let Ok(mut map) = self.running.lock() {
-            map.insert(
-                job_id.clone(),
-                Running {
-                    pid: Some(pid),
-                    stop: Some(stop_tx),
-                },
-            );
-        }
+        let serial = self.remember(job_id, Some(pid), stop_tx);
         let running = self.running.clone();
         let exits = self.exits.clone();
         let job = job_id.clone();
@@ -360,7 +397,7 @@ impl Launcher for LocalLauncher {
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            LocalLauncher::forget(&running, &job);
+            LocalLauncher::forget(&running, &job, serial);
             let description =
                 describe_with_cause("exited (adopted process)".to_string(), log, log_start).await;
             let _ = exits.send(CoordinatorExit {
@@ -370,6 +407,16 @@ impl Launcher for LocalLauncher {
         });
         tracing::info!(job = %job_id, pid, "adopted running coordinator");
         true
+    }
+
+    async fn alive(&self, job_id: &JobId) -> Option<bool> {
+        let pid = self.running.lock().ok()?.get(job_id).map(|r| r.pid);
+        Some(match pid {
+            None => false,
+            // Watched, but a dead child not reaped yet is no coordinator either.
+            Some(Some(pid)) => pid_alive(pid),
+            Some(None) => true,
+        })
     }
 
     async fn stop(&self, job_id: &JobId, grace: Duration) {
@@ -383,7 +430,7 @@ impl Launcher for LocalLauncher {
         }
     }
 
-    async fn stop_all(&self, grace: Duration) {
+    async fn stop_all(&self, grace: Duration) -> Vec<JobId> {
         let (jobs, pids): (Vec<JobId>, Vec<Option<u32>>) = self
             .running
             .lock()
@@ -398,6 +445,7 @@ impl Launcher for LocalLauncher {
         {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        jobs
     }
 }
 
@@ -546,6 +594,129 @@ mod tests {
             .await
             .expect("no exit reported within 30 s")
             .expect("exit channel closed")
+    }
+
+    fn launcher_with(
+        dir: &TempDir,
+        script: &str,
+    ) -> (LocalLauncher, mpsc::UnboundedReceiver<CoordinatorExit>) {
+        use std::os::unix::fs::PermissionsExt;
+        let bin = dir.0.join("coordinator");
+        std::fs::write(&bin, script).unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let launcher = LocalLauncher::new(
+            bin,
+            CoordinatorConfig {
+                job_scheduler: "127.0.0.1:1".into(),
+                model_manager: "127.0.0.1:2".into(),
+                client_selector: "127.0.0.1:3".into(),
+            },
+            dir.0.join("logs"),
+            Vec::new(),
+            tx,
+        )
+        .unwrap();
+        (launcher, rx)
+    }
+
+    /// Runs until killed (or its parent, the test, ends).
+    const WAITS: &str = "#!/bin/sh\nwhile kill -0 \"$PPID\" 2>/dev/null; do sleep 0.1; done\n";
+
+    async fn wait_alive(launcher: &LocalLauncher, job: &JobId, want: Option<bool>) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while launcher.alive(job).await != want {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "alive never became {want:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn alive_follows_the_coordinator_and_an_old_exit_forgets_only_its_own() {
+        let dir = TempDir::new();
+        let (launcher, mut exits) = launcher_with(&dir, WAITS);
+        let job = JobId::parse("job-a1b2c3").unwrap();
+        assert_eq!(launcher.alive(&job).await, Some(false), "never launched");
+        let first = launcher.launch(&job, "{}").await.unwrap().unwrap();
+        assert_eq!(launcher.alive(&job).await, Some(true));
+        signal_pid(first, Signal::SIGKILL);
+        assert_eq!(next_exit(&mut exits).await.description, "killed by SIGKILL");
+        assert_eq!(launcher.alive(&job).await, Some(false));
+
+        // A relaunch while the old one still runs (a missed exit): the old one's end
+        // must not make the launcher forget the new one.
+        let old = launcher.launch(&job, "{}").await.unwrap().unwrap();
+        let new = launcher.launch(&job, "{}").await.unwrap().unwrap();
+        signal_pid(old, Signal::SIGKILL);
+        assert_eq!(next_exit(&mut exits).await.job_id, job);
+        assert!(pid_alive(new));
+        assert_eq!(
+            launcher.alive(&job).await,
+            Some(true),
+            "the new one is known"
+        );
+
+        // Shutdown stops it and names the job: it was stopped on purpose.
+        assert_eq!(
+            launcher.stop_all(Duration::from_secs(5)).await,
+            vec![job.clone()]
+        );
+        assert!(!pid_alive(new));
+        assert!(next_exit(&mut exits).await.description.contains("SIGTERM"));
+        wait_alive(&launcher, &job, Some(false)).await;
+        assert!(launcher.stop_all(Duration::from_secs(1)).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn adopt_takes_only_a_live_coordinator_of_the_job() {
+        let dir = TempDir::new();
+        let (launcher, mut exits) = launcher_with(&dir, WAITS);
+        let job = JobId::parse("job-a1b2c3").unwrap();
+        let spawn = |args: &[&str]| {
+            // No output handles: the shell's `sleep` outlives a killed shell and must not
+            // hold the test's.
+            let child = std::process::Command::new("sh")
+                .args(["-c", "sleep 30; true", "coordinator"])
+                .args(args)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            // Until it has exec'd, its command line is this test's.
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while !std::fs::read(format!("/proc/{}/cmdline", child.id()))
+                .unwrap_or_default()
+                .starts_with(b"sh\0")
+            {
+                assert!(std::time::Instant::now() < deadline, "sh never started");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            child
+        };
+        // A live process that is not the job's coordinator (a reused pid).
+        let mut stranger = spawn(&["--job-id", "job-other1"]);
+        assert!(!launcher.adopt(&job, Some(stranger.id())).await);
+        assert_eq!(launcher.alive(&job).await, Some(false));
+        assert!(!launcher.adopt(&job, None).await);
+        let mut orphan = spawn(&["--job-spec", "x", "--job-id", job.as_str()]);
+        assert!(launcher.adopt(&job, Some(orphan.id())).await);
+        assert_eq!(launcher.alive(&job).await, Some(true));
+        signal_pid(orphan.id(), Signal::SIGKILL);
+        let _ = orphan.wait();
+        let exit = next_exit(&mut exits).await;
+        assert_eq!(
+            (exit.job_id, exit.description.as_str()),
+            (job.clone(), "exited (adopted process)")
+        );
+        assert_eq!(launcher.alive(&job).await, Some(false));
+        // A dead pid is not adopted.
+        assert!(!launcher.adopt(&job, Some(orphan.id())).await);
+        let _ = stranger.kill();
+        let _ = stranger.wait();
     }
 
     #[tokio::test]

@@ -46,6 +46,11 @@ struct Service {
     /// Passed by environment, not argument: URLs may carry passwords.
     env: Vec<(String, String)>,
     child: Child,
+    /// Times `revive` found it ended and started it again.
+    restarts: u32,
+    /// The last restart failed (it ended while starting, or was not ready in time): an
+    /// end found next is that of the failed start, not of a running service.
+    restart_failed: bool,
 }
 
 /// The running processes, stopped in reverse order of start by `shutdown`.
@@ -316,7 +321,10 @@ impl Stack {
         if !args.iter().any(|a| a == "--listen") {
             args.extend(["--listen".to_string(), "127.0.0.1:0".to_string()]);
         }
-        let (child, addr) = self.launch(name, binary, &args, &env).await?;
+        let (child, addr) = self
+            .launch(name, binary, &args, &env, OnSlowStart::Kill)
+            .await?;
+        let addr = addr.with_context(|| format!("{name} did not report its address"))?;
         // Pin the port for restarts.
         if let Some(i) = args.iter().position(|a| a == "--listen") {
             args[i + 1] = addr.clone();
@@ -327,17 +335,22 @@ impl Stack {
             args,
             env,
             child,
+            restarts: 0,
+            restart_failed: false,
         });
         Ok(addr)
     }
 
+    /// Starts `binary` and waits for its ready file: the address, or None when it still
+    /// starts after 30 s and `slow` says to keep it.
     async fn launch(
         &mut self,
         name: &str,
         binary: &str,
         args: &[String],
         env: &[(String, String)],
-    ) -> anyhow::Result<(Child, String)> {
+        slow: OnSlowStart,
+    ) -> anyhow::Result<(Child, Option<String>)> {
         let ready = self.data_dir.join("run").join(format!("{name}.addr"));
         let _ = std::fs::remove_file(&ready);
         let log_path = self.data_dir.join("logs").join(format!("{name}.log"));
@@ -367,7 +380,7 @@ impl Stack {
             if let Ok(addr) = std::fs::read_to_string(&ready)
                 && !addr.trim().is_empty()
             {
-                return Ok((child, addr.trim().to_string()));
+                return Ok((child, Some(addr.trim().to_string())));
             }
             if let Ok(Some(status)) = child.try_wait() {
                 let tail = tail_of(&log_path, 5);
@@ -377,6 +390,9 @@ impl Stack {
                 );
             }
             if tokio::time::Instant::now() >= deadline {
+                if slow == OnSlowStart::Keep {
+                    return Ok((child, None));
+                }
                 let _ = child.kill().await;
                 bail!(
                     "{name} did not become ready within 30s; see {}",
@@ -402,7 +418,9 @@ impl Stack {
         Ok(pid)
     }
 
-    /// Starts a service that ended again, with the same arguments and address.
+    /// Starts a service that ended again, with the same arguments and address. One that
+    /// runs but is not ready within 30 s (waiting for its database, say) is kept running
+    /// (it serves once ready) and the error says so.
     pub async fn restart(&mut self, name: &str) -> anyhow::Result<()> {
         let i = self
             .services
@@ -415,28 +433,54 @@ impl Stack {
             self.services[i].args.clone(),
             self.services[i].env.clone(),
         );
-        let (child, _) = self.launch(name, &binary, &args, &env).await?;
+        let (child, addr) = self
+            .launch(name, &binary, &args, &env, OnSlowStart::Keep)
+            .await?;
         self.services[i].child = child;
+        if addr.is_none() {
+            bail!(
+                "{name} is not ready within 30s; it keeps starting (see {})",
+                self.data_dir
+                    .join("logs")
+                    .join(format!("{name}.log"))
+                    .display()
+            );
+        }
         Ok(())
     }
 
-    /// Restarts services that exited on their own; returns what was restarted.
+    /// Restarts services that exited on their own; returns those restarted, as
+    /// "name (how it ended, restart n)". Every restart that fails is reported on stderr
+    /// with its cause, each time: the next call tries again.
     pub async fn revive(&mut self) -> Vec<String> {
-        let dead: Vec<String> = self
+        let dead: Vec<(String, String, u32)> = self
             .services
             .iter_mut()
             .filter_map(|s| match s.child.try_wait() {
-                Ok(Some(status)) => Some(format!("{} ({status})", s.name)),
+                Ok(Some(status)) => {
+                    s.restarts += 1;
+                    let how = if s.restart_failed {
+                        "did not start".to_string()
+                    } else {
+                        status.to_string()
+                    };
+                    Some((s.name.clone(), how, s.restarts))
+                }
                 _ => None,
             })
             .collect();
-        for d in &dead {
-            let name = d.split(' ').next().unwrap_or_default().to_string();
-            if let Err(e) = self.restart(&name).await {
-                tracing::error!(service = %name, error = %e, "cannot restart");
+        let mut restarted = Vec::new();
+        for (name, how, n) in dead {
+            let result = self.restart(&name).await;
+            if let Some(s) = self.services.iter_mut().find(|s| s.name == name) {
+                s.restart_failed = result.is_err();
+            }
+            match result {
+                Ok(()) => restarted.push(format!("{name} ({how}, restart {n})")),
+                Err(e) => eprintln!("warning: {name} ({how}): restart {n} failed: {e:#}"),
             }
         }
-        dead
+        restarted
     }
 
     /// Pids of the services (not their children), for tests and diagnostics.
@@ -468,6 +512,15 @@ impl Stack {
             }
         }
     }
+}
+
+/// What `launch` does with a service that runs but is not ready in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OnSlowStart {
+    /// Kill it and fail (a first start: its address is needed).
+    Kill,
+    /// Keep it (a restart: its address is pinned already).
+    Keep,
 }
 
 fn tail_of(path: &Path, lines: usize) -> String {

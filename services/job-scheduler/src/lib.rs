@@ -22,7 +22,7 @@ use cohort_runtime::Services;
 use cohort_runtime::launcher::{CoordinatorConfig, Launcher, LocalLauncher};
 use cohort_runtime::{Listener, ServiceArgs};
 
-use crate::manager::{JobManager, ManagerConfig};
+use crate::manager::{JobManager, ManagerConfig, SupervisionConfig};
 
 #[derive(Debug, clap::Parser)]
 #[command(
@@ -71,9 +71,22 @@ pub struct Args {
     /// Where coordinator logs are written.
     #[arg(long, env = "COHORT_WORK_DIR", default_value = "cohort-work")]
     pub work_dir: PathBuf,
-    /// Coordinator launches per job before the job fails.
+    /// Coordinator launches in a row without a completed round before the job fails (a
+    /// round completed resets the count; a coordinator stopped because job-scheduler shuts
+    /// down does not count).
     #[arg(long, env = "COHORT_MAX_LAUNCH_ATTEMPTS", default_value_t = 5)]
     pub max_launch_attempts: u32,
+    /// How often every job that needs a coordinator is checked against the coordinators
+    /// that run; a missing one is relaunched. At least 100ms.
+    #[arg(long, env = "COHORT_RECONCILE_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub reconcile_interval: Duration,
+    /// The wait before the second coordinator launch in a row without a completed round;
+    /// it doubles with each further one, up to --relaunch-backoff-max.
+    #[arg(long, env = "COHORT_RELAUNCH_BACKOFF", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub relaunch_backoff: Duration,
+    /// The longest wait before a coordinator is relaunched.
+    #[arg(long, env = "COHORT_RELAUNCH_BACKOFF_MAX", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub relaunch_backoff_max: Duration,
     /// Entries (task failures, parties left out, refused updates; not state changes) a job's
     /// log keeps; later ones are dropped. At least 1.
     #[arg(long, env = "COHORT_MAX_JOB_LOG_ENTRIES", default_value_t = 10_000)]
@@ -199,6 +212,12 @@ impl Args {
         if self.max_launch_attempts == 0 {
             anyhow::bail!("--max-launch-attempts: must be at least 1");
         }
+        if self.reconcile_interval < Duration::from_millis(100) {
+            anyhow::bail!("--reconcile-interval: must be at least 100ms");
+        }
+        if self.relaunch_backoff_max < self.relaunch_backoff {
+            anyhow::bail!("--relaunch-backoff-max: must be at least --relaunch-backoff");
+        }
         if self.max_job_log_entries == 0 {
             anyhow::bail!("--max-job-log-entries: must be at least 1");
         }
@@ -247,20 +266,10 @@ impl Args {
                 (PathBuf::new(), Some((client, owner)))
             }
         };
-        let store = cohort_store::open::open_job_store(
-            &self.database.database_url,
-            &cohort_store::open::DatabaseOptions::new(
-                self.database.database_max_connections,
-                self.database.database_connect_timeout,
-            ),
-        )
-        .await
-        .context("--database-url: cannot open the jobs store")?;
-        if let Some(hash) = &self.admin_token_sha256 {
-            tokens::ensure_bootstrap_admin(store.as_ref(), hash)
-                .await
-                .context("--admin-token-sha256: cannot store the admin token")?;
-        }
+        let store = tokio::select! {
+            store = self.open_store() => store?,
+            _ = cohort_runtime::shutdown_signal() => return Ok(()),
+        };
         let listener = Listener::bind_service(&self.service)
             .await?
             .with_tls(tls.clone());
@@ -268,7 +277,7 @@ impl Args {
             .advertise
             .clone()
             .unwrap_or_else(|| cohort_runtime::advertised(listener.local_addr()));
-        let (exit_tx, mut exit_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (exit_tx, exit_rx) = tokio::sync::mpsc::unbounded_channel();
         let log_format = match self.service.log_format {
             cohort_runtime::LogFormat::Text => "text",
             cohort_runtime::LogFormat::Json => "json",
@@ -294,9 +303,9 @@ impl Args {
             )?),
             Some((client, owner)) => self.kubernetes_launcher(client, owner, services, exit_tx),
         };
-        let manager = JobManager::new(
+        let manager = JobManager::with_supervision(
             store,
-            launcher.clone(),
+            launcher,
             ManagerConfig {
                 max_launch_attempts: self.max_launch_attempts,
                 stop_grace: Duration::from_secs(10),
@@ -304,17 +313,14 @@ impl Args {
                 max_job_log_entries: self.max_job_log_entries,
                 max_model_parameters: self.max_model_parameters,
             },
+            SupervisionConfig {
+                reconcile_interval: self.reconcile_interval,
+                relaunch_backoff: self.relaunch_backoff,
+                relaunch_backoff_max: self.relaunch_backoff_max,
+            },
         );
-        manager.recover().await.context("recovering running jobs")?;
-        let exits = manager.clone();
-        tokio::spawn(async move {
-            while let Some(exit) = exit_rx.recv().await {
-                if let Err(e) = exits.coordinator_exited(exit).await {
-                    tracing::error!(error = %e, "cannot handle coordinator exit");
-                }
-            }
-        });
-        tokio::spawn(manager.clone().run_scheduling_loop());
+        manager.recover().await;
+        tokio::spawn(manager.clone().supervise(exit_rx));
         if let Some(client) = federated_jobs {
             // kubectl-applied FederatedJobs become ordinary jobs of this manager.
             let backend = federated::ManagerBackend::new(manager.clone());
@@ -333,19 +339,73 @@ impl Args {
         .add_service(AuthServer::new(tokens::AuthApi {
             store: manager.store().clone(),
         }))
-        .add_service(JobControlServer::new(service::ControlApi { manager }));
+        .add_service(JobControlServer::new(service::ControlApi {
+            manager: manager.clone(),
+        }));
+        // On a signal, supervision ends first (nothing is relaunched while the server
+        // drains), then local coordinators, our children, are stopped; they resume from
+        // their last checkpoint when job-scheduler comes back.
+        let shutdown = async move {
+            cohort_runtime::shutdown_signal().await;
+            manager.shut_down(Duration::from_secs(5)).await;
+        };
         listener
             .serve(
                 "job-scheduler",
                 routes,
                 self.service.ready_file.as_deref(),
-                cohort_runtime::shutdown_signal(),
+                shutdown,
             )
             .await?;
-        // Local coordinators are our children: stop them; they resume from their
-        // last checkpoint when job-scheduler comes back.
-        launcher.stop_all(Duration::from_secs(5)).await;
         Ok(())
+    }
+
+    /// Opens the jobs store (and keeps the bootstrap admin in it), waiting for its
+    /// database: while it cannot be reached, each try is logged with its cause and retried
+    /// with backoff. Any other error (a malformed URL, a corrupt record) ends the start.
+    async fn open_store(&self) -> anyhow::Result<Arc<dyn cohort_store::jobs::JobStore>> {
+        let options = cohort_store::open::DatabaseOptions::new(
+            self.database.database_max_connections,
+            self.database.database_connect_timeout,
+        );
+        let mut wait = Duration::from_millis(500);
+        let mut attempt = 0u64;
+        loop {
+            attempt += 1;
+            let opened =
+                match cohort_store::open::open_job_store(&self.database.database_url, &options)
+                    .await
+                {
+                    Ok(store) => match &self.admin_token_sha256 {
+                        Some(hash) => tokens::ensure_bootstrap_admin(store.as_ref(), hash)
+                            .await
+                            .map(|()| store)
+                            .map_err(|e| ("--admin-token-sha256: cannot store the admin token", e)),
+                        None => Ok(store),
+                    },
+                    Err(e) => Err(("--database-url: cannot open the jobs store", e)),
+                };
+            match opened {
+                Ok(store) => {
+                    if attempt > 1 {
+                        tracing::info!(attempt, "the jobs store is open");
+                    }
+                    return Ok(store);
+                }
+                // Store errors name the database by its redacted URL only.
+                Err((what, cohort_store::StoreError::Unavailable(cause))) => {
+                    tracing::warn!(
+                        attempt,
+                        retry_in = %humantime::format_duration(wait),
+                        error = %cause,
+                        "{what}: database unavailable; retrying"
+                    );
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(10));
+                }
+                Err((what, e)) => return Err(anyhow::Error::new(e).context(what)),
+            }
+        }
     }
 }
 

@@ -2,8 +2,19 @@
 //! against `JobState::can_become`, persisted with an event, and announced to
 //! watchers. Also what a job may be (its model's size) and hold (its log's
 //! length).
+//!
+//! Coordinators are supervised level-triggered ([`JobManager::supervise`]): one
+//! task launches queued jobs, handles the exits the launcher reports (keeping
+//! those the store could not take, to try again), and every reconcile interval
+//! compares each job that needs a coordinator with what the launcher runs, so a
+//! lost exit cannot strand a job. The launch budget counts launches since the
+//! job's last completed round, relaunches back off exponentially, and a
+//! coordinator stopped because job-scheduler shuts down is neither relaunched
+//! nor counted ([`JobManager::shut_down`]).
 
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cohort_core::HasKind;
@@ -13,7 +24,8 @@ use cohort_runtime::launcher::{CoordinatorExit, Launcher};
 use cohort_runtime::now_ms;
 use cohort_store::StoreError;
 use cohort_store::jobs::{JobNote, JobRecord, JobStore, RoundRecord};
-use tokio::sync::{Notify, broadcast};
+use tokio::sync::{Notify, broadcast, mpsc};
+use tokio::time::Instant;
 
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
@@ -46,7 +58,7 @@ pub type Result<T> = std::result::Result<T, JobError>;
 /// Settings of the state machine.
 #[derive(Debug, Clone)]
 pub struct ManagerConfig {
-    /// Coordinator launches per job before it is failed.
+    /// Coordinator launches in a row without a completed round before the job is failed.
     pub max_launch_attempts: u32,
     /// How long a stopping coordinator gets before it is killed.
     pub stop_grace: Duration,
@@ -56,6 +68,52 @@ pub struct ManagerConfig {
     pub max_job_log_entries: u64,
     /// The most parameters a job's model may have.
     pub max_model_parameters: u64,
+}
+
+/// How coordinators are supervised (see the module docs).
+#[derive(Debug, Clone)]
+pub struct SupervisionConfig {
+    /// How often every job that needs a coordinator is checked against what the launcher
+    /// runs: the longest a missed exit strands a job.
+    pub reconcile_interval: Duration,
+    /// The wait before the second launch in a row without a completed round; it doubles
+    /// with each further one. The first launch after progress is immediate.
+    pub relaunch_backoff: Duration,
+    /// The longest wait before a relaunch.
+    pub relaunch_backoff_max: Duration,
+}
+
+impl Default for SupervisionConfig {
+    fn default() -> Self {
+        Self {
+            reconcile_interval: Duration::from_secs(5),
+            relaunch_backoff: Duration::from_secs(1),
+            relaunch_backoff_max: Duration::from_secs(60),
+        }
+    }
+}
+
+impl SupervisionConfig {
+    /// The wait before launch number `attempt` since the last completed round.
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        if attempt <= 1 {
+            return Duration::ZERO;
+        }
+        let factor = 1u32.checked_shl(attempt - 2).unwrap_or(u32::MAX);
+        self.relaunch_backoff
+            .saturating_mul(factor)
+            .min(self.relaunch_backoff_max)
+    }
+}
+
+/// What the supervisor has decided but not done yet. Locked briefly, never across an await.
+#[derive(Default)]
+struct Pending {
+    /// Relaunches waiting out their backoff (already counted): when each is due.
+    relaunches: BTreeMap<JobId, Instant>,
+    /// Coordinator exits not handled yet (the store or the launcher did not answer):
+    /// how each ended, and how often handling it failed.
+    exits: BTreeMap<JobId, (String, u32)>,
 }
 
 /// Refuses a spec whose model has more than `max` parameters even on the
@@ -84,8 +142,15 @@ pub struct JobManager {
     store: Arc<dyn JobStore>,
     launcher: Arc<dyn Launcher>,
     config: ManagerConfig,
+    supervision: SupervisionConfig,
     changes: broadcast::Sender<JobId>,
     wake: Notify,
+    pending: Mutex<Pending>,
+    /// Held by whoever launches or handles exits (the supervisor, recovery, shutdown), so
+    /// no two of them act on a job at once.
+    acting: tokio::sync::Mutex<()>,
+    /// Set when job-scheduler shuts down: nothing is launched or relaunched after.
+    shutting_down: AtomicBool,
 }
 
 impl JobManager {
@@ -94,13 +159,26 @@ impl JobManager {
         launcher: Arc<dyn Launcher>,
         config: ManagerConfig,
     ) -> Arc<Self> {
+        Self::with_supervision(store, launcher, config, SupervisionConfig::default())
+    }
+
+    pub fn with_supervision(
+        store: Arc<dyn JobStore>,
+        launcher: Arc<dyn Launcher>,
+        config: ManagerConfig,
+        supervision: SupervisionConfig,
+    ) -> Arc<Self> {
         let (changes, _) = broadcast::channel(1024);
         Arc::new(Self {
             store,
             launcher,
             config,
+            supervision,
             changes,
             wake: Notify::new(),
+            pending: Mutex::default(),
+            acting: tokio::sync::Mutex::new(()),
+            shutting_down: AtomicBool::new(false),
         })
     }
 
@@ -204,16 +282,172 @@ impl JobManager {
         ))))
     }
 
-    /// Launches coordinators for queued jobs. Called by the scheduling loop.
-    pub async fn launch_queued(&self) -> Result<()> {
+    fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        // Nothing panics while holding it; a poisoned lock still holds sound maps.
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Supervises coordinators until job-scheduler shuts down: launches queued jobs,
+    /// handles the exits `exits` reports, relaunches what has waited out its backoff, and
+    /// every reconcile interval compares the jobs with the coordinators that run.
+    pub async fn supervise(self: Arc<Self>, mut exits: mpsc::UnboundedReceiver<CoordinatorExit>) {
+        let interval = self.supervision.reconcile_interval;
+        let mut next_reconcile = Instant::now() + interval;
+        let mut exits_open = true;
+        loop {
+            // Queued jobs and exits not handled yet are looked at every second.
+            let mut wake_at = next_reconcile.min(Instant::now() + Duration::from_secs(1));
+            if let Some(due) = self.pending().relaunches.values().min() {
+                wake_at = wake_at.min(*due);
+            }
+            tokio::select! {
+                exit = exits.recv(), if exits_open => match exit {
+                    Some(exit) => self.note_exit(exit),
+                    None => exits_open = false,
+                },
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep_until(wake_at) => {}
+            }
+            while let Ok(exit) = exits.try_recv() {
+                self.note_exit(exit);
+            }
+            if self.is_shutting_down() {
+                return;
+            }
+            let _acting = self.acting.lock().await;
+            if self.is_shutting_down() {
+                return;
+            }
+            if let Err(e) = self.launch_queued().await {
+                tracing::error!(error = %e, "scheduling pass failed");
+            }
+            self.handle_exits().await;
+            self.relaunch_due().await;
+            if Instant::now() >= next_reconcile {
+                self.reconcile("is gone (found by job-scheduler's periodic check)")
+                    .await;
+                next_reconcile = Instant::now() + interval;
+            }
+        }
+    }
+
+    fn note_exit(&self, exit: CoordinatorExit) {
+        self.pending()
+            .exits
+            .insert(exit.job_id, (exit.description, 0));
+    }
+
+    /// Launches coordinators for queued jobs.
+    async fn launch_queued(&self) -> Result<()> {
         for job in self.store.jobs_in_states(&[JobState::Queued]).await? {
-            self.launch(&job.id, "launching coordinator").await?;
+            if self.is_shutting_down() {
+                break;
+            }
+            self.relaunch(&job.id, "launching coordinator").await?;
         }
         Ok(())
     }
 
-    async fn launch(&self, id: &JobId, why: &str) -> Result<()> {
+    /// Handles the exits reported (or left from earlier passes); keeps those that cannot
+    /// be handled now, to try again.
+    async fn handle_exits(&self) {
+        let exits: Vec<(JobId, String)> = self
+            .pending()
+            .exits
+            .iter()
+            .map(|(id, (how, _))| (id.clone(), how.clone()))
+            .collect();
+        for (id, how) in exits {
+            if self.is_shutting_down() {
+                return;
+            }
+            let outcome = self.handle_exit(&id, &how).await;
+            let mut pending = self.pending();
+            // A newer report of the same job waits for the next pass.
+            if pending.exits.get(&id).is_none_or(|(h, _)| h != &how) {
+                continue;
+            }
+            match outcome {
+                Ok(true) => {
+                    pending.exits.remove(&id);
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    if let Some((_, failures)) = pending.exits.get_mut(&id) {
+                        *failures += 1;
+                        // The first failure, then one in 30: an outage is not a flood.
+                        if *failures % 30 == 1 {
+                            tracing::warn!(job = %id, how = %how, failures = *failures, error = %e,
+                                "cannot handle coordinator exit yet; trying again");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// One coordinator exit. Ok(false): cannot tell yet whether the job still has a
+    /// coordinator; try again later.
+    async fn handle_exit(&self, id: &JobId, how: &str) -> Result<bool> {
+        if self.pending().relaunches.contains_key(id) {
+            return Ok(true); // its relaunch is decided already
+        }
+        match self.launcher.alive(id).await {
+            // A later coordinator of the job runs: this exit is old news.
+            Some(true) => return Ok(true),
+            None => return Ok(false),
+            Some(false) => {}
+        }
+        let job = match self.store.get_job(id).await {
+            Ok(j) => j,
+            Err(StoreError::NotFound { .. }) => return Ok(true),
+            Err(e) => return Err(e.into()),
+        };
+        self.coordinator_gone(&job, how).await?;
+        Ok(true)
+    }
+
+    /// The job's coordinator is gone (`how` says how it ended): a stopping job is
+    /// stopped, a starting or running one relaunched.
+    async fn coordinator_gone(&self, job: &JobRecord, how: &str) -> Result<()> {
+        match job.state {
+            JobState::Stopping => {
+                self.pending().relaunches.remove(&job.id);
+                self.modify(&job.id, |j| {
+                    let mut n = j.clone();
+                    n.state = JobState::Stopped;
+                    n.reason = format!("stopped ({how})");
+                    n.coordinator_endpoint = None;
+                    Ok((j.state == JobState::Stopping).then_some(n))
+                })
+                .await?;
+            }
+            JobState::Starting | JobState::Running => {
+                tracing::warn!(job = %job.id, how = %how, "coordinator died");
+                let why = format!(
+                    "coordinator {how}; relaunching from round {}",
+                    job.rounds_completed + 1
+                );
+                self.relaunch(&job.id, &why).await?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Counts a launch of the job's coordinator and starts it now or, when launches
+    /// without progress repeat, once its backoff has passed; past the budget the job
+    /// fails instead. Every launch is in the job's log with its number.
+    async fn relaunch(&self, id: &JobId, why: &str) -> Result<()> {
         let max = self.config.max_launch_attempts;
+        let mut from = JobState::Queued;
+        let mut delay = Duration::ZERO;
         let job = self
             .modify(id, |j| {
                 if !matches!(
@@ -222,21 +456,100 @@ impl JobManager {
                 ) {
                     return Ok(None);
                 }
+                from = j.state;
                 let mut n = j.clone();
-                n.launch_attempts += 1;
-                if n.launch_attempts > max {
-                    n.state = JobState::Failed;
-                    n.reason = format!("{why}: gave up after {max} coordinator launches");
-                } else {
-                    n.state = JobState::Starting;
-                    n.reason = format!("{why} (attempt {} of {max})", n.launch_attempts);
-                }
+                n.launch_attempts = j.launch_attempts.saturating_add(1);
                 n.coordinator_endpoint = None;
                 n.coordinator_pid = None;
+                if n.launch_attempts > max {
+                    n.state = JobState::Failed;
+                    n.reason = format!(
+                        "{why}: gave up after {max} coordinator launches without a completed round"
+                    );
+                } else {
+                    delay = self.supervision.backoff(n.launch_attempts);
+                    n.state = JobState::Starting;
+                    let after = if delay.is_zero() {
+                        String::new()
+                    } else {
+                        format!(" in {}", humantime::format_duration(delay))
+                    };
+                    n.reason = format!("{why}{after} (attempt {} of {max})", n.launch_attempts);
+                }
                 Ok(Some(n))
             })
             .await?;
         if job.state != JobState::Starting {
+            return Ok(());
+        }
+        if from == JobState::Starting {
+            // No state change, so no event of its own: the relaunch goes in the log.
+            let note = JobNote {
+                kind: "note".to_string(),
+                round: 0,
+                party: String::new(),
+                task_id: String::new(),
+                message: job.reason.clone(),
+            };
+            if let Err(e) = self.record_notes(id, &[note]).await {
+                tracing::warn!(job = %id, error = %e, "cannot log the relaunch");
+            }
+        }
+        // Pending until started: a launch counted but not started is retried, never
+        // counted again.
+        self.pending()
+            .relaunches
+            .insert(id.clone(), Instant::now() + delay);
+        if delay.is_zero() {
+            self.start_pending(id).await;
+        } else {
+            tracing::info!(job = %id, delay = %humantime::format_duration(delay), "relaunch backs off");
+        }
+        Ok(())
+    }
+
+    /// Starts the relaunches whose backoff has passed.
+    async fn relaunch_due(&self) {
+        let now = Instant::now();
+        let due: Vec<JobId> = self
+            .pending()
+            .relaunches
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in due {
+            if self.is_shutting_down() {
+                return;
+            }
+            self.start_pending(&id).await;
+        }
+    }
+
+    /// Starts the pending launch of the job; one that fails on the store stays pending
+    /// for the next pass.
+    async fn start_pending(&self, id: &JobId) {
+        match self.start_coordinator(id).await {
+            Ok(()) => {
+                self.pending().relaunches.remove(id);
+            }
+            Err(e) => {
+                tracing::warn!(job = %id, error = %e, "cannot launch coordinator yet; trying again")
+            }
+        }
+    }
+
+    /// Launches the coordinator of a job whose launch was counted (STARTING, none yet).
+    async fn start_coordinator(&self, id: &JobId) -> Result<()> {
+        let job = match self.store.get_job(id).await {
+            Ok(j) => j,
+            Err(StoreError::NotFound { .. }) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        if job.state != JobState::Starting || job.coordinator_pid.is_some() {
+            return Ok(()); // stopped meanwhile, or launched already
+        }
+        if self.is_shutting_down() {
             return Ok(());
         }
         match self.launcher.launch(id, &job.spec_json).await {
@@ -266,36 +579,63 @@ impl JobManager {
         Ok(())
     }
 
-    /// A coordinator process ended; relaunch it if its job still needs one.
-    pub async fn coordinator_exited(&self, exit: CoordinatorExit) -> Result<()> {
-        let job = match self.store.get_job(&exit.job_id).await {
-            Ok(j) => j,
-            Err(StoreError::NotFound { .. }) => return Ok(()),
-            Err(e) => return Err(e.into()),
+    /// Compares every job that needs a coordinator with what the launcher runs: adopts a
+    /// coordinator of an earlier job-scheduler, and handles a missing one as an exit
+    /// (`gone` says how, unless an exit reported earlier does). Also finishes interrupted
+    /// deletes.
+    async fn reconcile(&self, gone: &str) {
+        let jobs = match self
+            .store
+            .jobs_in_states(&[
+                JobState::Starting,
+                JobState::Running,
+                JobState::Stopping,
+                JobState::Deleting,
+            ])
+            .await
+        {
+            Ok(jobs) => jobs,
+            Err(e) => {
+                tracing::warn!(error = %e, "reconcile pass: cannot list the jobs; trying again later");
+                return;
+            }
         };
-        match job.state {
-            JobState::Stopping => {
-                self.modify(&job.id, |j| {
-                    let mut n = j.clone();
-                    n.state = JobState::Stopped;
-                    n.reason = format!("stopped ({})", exit.description);
-                    n.coordinator_endpoint = None;
-                    Ok((j.state == JobState::Stopping).then_some(n))
-                })
-                .await?;
+        for job in jobs {
+            if self.is_shutting_down() {
+                return;
             }
-            JobState::Starting | JobState::Running => {
-                tracing::warn!(job = %job.id, how = %exit.description, "coordinator died");
-                let why = format!(
-                    "coordinator {}; relaunching from round {}",
-                    exit.description,
-                    job.rounds_completed + 1
-                );
-                self.launch(&job.id, &why).await?;
+            if job.state == JobState::Deleting {
+                match self.store.delete_job(&job.id).await {
+                    Ok(()) | Err(StoreError::NotFound { .. }) => self.announce(&job.id),
+                    Err(e) => tracing::warn!(job = %job.id, error = %e, "cannot finish a delete"),
+                }
+                continue;
             }
-            _ => {}
+            // A relaunch waiting out its backoff has no coordinator yet, by design.
+            if job.state != JobState::Stopping && self.pending().relaunches.contains_key(&job.id) {
+                continue;
+            }
+            match self.launcher.alive(&job.id).await {
+                Some(true) | None => continue,
+                Some(false) => {}
+            }
+            if self.launcher.adopt(&job.id, job.coordinator_pid).await {
+                continue;
+            }
+            let reported = self.pending().exits.remove(&job.id);
+            let how = reported
+                .as_ref()
+                .map_or(gone.to_string(), |(how, _)| how.clone());
+            if reported.is_none() {
+                tracing::warn!(job = %job.id, state = %job.state, "reconcile pass: the job's coordinator is gone");
+            }
+            if let Err(e) = self.coordinator_gone(&job, &how).await {
+                tracing::warn!(job = %job.id, error = %e, "cannot handle a gone coordinator yet; trying again");
+                self.pending()
+                    .exits
+                    .insert(job.id.clone(), reported.unwrap_or((how, 1)));
+            }
         }
-        Ok(())
     }
 
     pub async fn coordinator_ready(
@@ -345,6 +685,20 @@ impl JobManager {
                 "round.round {} is outside 1..={}",
                 round.round, job.rounds_total
             )));
+        }
+        // A round completed since the launch proves the coordinator works: the budget
+        // counts launches from here. Written before the round, so whoever sees the round
+        // sees the reset; a report retried after a failure resets again.
+        if round.round > job.rounds_completed && job.launch_attempts > 0 {
+            self.modify(id, |j| {
+                if j.launch_attempts == 0 || !j.state.has_coordinator() {
+                    return Ok(None);
+                }
+                let mut n = j.clone();
+                n.launch_attempts = 0;
+                Ok(Some(n))
+            })
+            .await?;
         }
         let job = self.store.record_round(id, round, now_ms()).await?;
         self.announce(id);
@@ -466,49 +820,70 @@ impl JobManager {
             Ok((j.state != JobState::Deleting).then_some(n))
         })
         .await?;
-        self.store.delete_job(id).await?;
+        match self.store.delete_job(id).await {
+            // The reconcile pass finishes deletes too; it may have been first.
+            Ok(()) | Err(StoreError::NotFound { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
         self.announce(id);
         Ok(())
     }
 
-    /// After a restart: adopt coordinators that still run, relaunch the rest,
-    /// finish interrupted deletes.
-    pub async fn recover(&self) -> Result<()> {
-        let jobs = self
-            .store
-            .jobs_in_states(&[
-                JobState::Starting,
-                JobState::Running,
-                JobState::Stopping,
-                JobState::Deleting,
-            ])
-            .await?;
-        for job in jobs {
-            if job.state == JobState::Deleting {
-                self.store.delete_job(&job.id).await?;
-                continue;
-            }
-            if self.launcher.adopt(&job.id, job.coordinator_pid).await {
-                continue;
-            }
-            self.coordinator_exited(CoordinatorExit {
-                job_id: job.id.clone(),
-                description: "was gone when job-scheduler restarted".to_string(),
-            })
-            .await?;
-        }
-        Ok(())
+    /// After a restart: adopts coordinators that still run, relaunches the rest,
+    /// finishes interrupted deletes. The supervisor keeps doing this every
+    /// reconcile interval.
+    pub async fn recover(&self) {
+        let _acting = self.acting.lock().await;
+        self.reconcile("was gone when job-scheduler restarted")
+            .await;
     }
 
-    /// Launches queued jobs as they come; also sweeps periodically so nothing
-    /// is missed after a store hiccup.
-    pub async fn run_scheduling_loop(self: Arc<Self>) {
-        loop {
-            if let Err(e) = self.launch_queued().await {
-                tracing::error!(error = %e, "scheduling pass failed");
+    /// job-scheduler shuts down: stops supervising, stops the coordinators the launcher
+    /// runs (waiting `grace` for them) and gives their launches back to their jobs'
+    /// budgets, as it does the relaunches still waiting out a backoff: a planned stop is
+    /// no failure. The jobs stay as they are; the next start relaunches (or adopts) their
+    /// coordinators. Bounded in time even while the database is down.
+    pub async fn shut_down(&self, grace: Duration) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        self.wake.notify_one();
+        // Let a pass in progress finish its step; it launches nothing from now on.
+        let _acting = tokio::time::timeout(Duration::from_secs(2), self.acting.lock())
+            .await
+            .ok();
+        let stopped = self.launcher.stop_all(grace).await;
+        let mut planned: BTreeSet<JobId> = stopped.into_iter().collect();
+        planned.extend(self.pending().relaunches.keys().cloned());
+        let refunds = async {
+            for id in &planned {
+                let refunded = self
+                    .modify(id, |j| {
+                        if !matches!(j.state, JobState::Starting | JobState::Running)
+                            || j.launch_attempts == 0
+                        {
+                            return Ok(None);
+                        }
+                        let mut n = j.clone();
+                        n.launch_attempts -= 1;
+                        Ok(Some(n))
+                    })
+                    .await;
+                if let Err(e) = refunded {
+                    tracing::warn!(job = %id, error = %e, "cannot give the stopped launch back to the job's budget");
+                }
             }
-            let _ = tokio::time::timeout(Duration::from_secs(1), self.wake.notified()).await;
+        };
+        if tokio::time::timeout(Duration::from_secs(3), refunds)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "the store did not answer in time: stopped launches may count at the next start"
+            );
         }
+        tracing::info!(
+            coordinators = planned.len(),
+            "coordinators stopped for shutdown; they resume at the next start"
+        );
     }
 }
 

@@ -401,6 +401,8 @@ async fn rounds_give_the_best_and_last_round() {
         dropped_updates: n,
         task_failures: n + 1,
         robust_accuracy: robust,
+        eval_parties: n % 3,
+        eval_parties_expected: 2,
     };
     let report = |summary: pb::RoundSummary| pb::ReportRoundRequest {
         job_id: id.clone(),
@@ -423,6 +425,20 @@ async fn rounds_give_the_best_and_last_round() {
                 ..round(1, 0.5, 0.5)
             },
             "round.task_failures",
+        ),
+        (
+            pb::RoundSummary {
+                eval_parties: 3,
+                ..round(1, 0.5, 0.5)
+            },
+            "round.eval_parties: 3 is more than round.eval_parties_expected (2)",
+        ),
+        (
+            pb::RoundSummary {
+                eval_parties_expected: 100_001,
+                ..round(1, 0.5, 0.5)
+            },
+            "round.eval_parties_expected",
         ),
     ] {
         assert_invalid(control.report_round(report(bad)).await, field);
@@ -515,7 +531,11 @@ async fn create_refuses_models_over_the_size_limit() {
 
 #[tokio::test]
 async fn limits_of_zero_are_refused_at_start() {
-    for flag in ["--max-model-parameters", "--max-job-log-entries"] {
+    for flag in [
+        "--max-model-parameters",
+        "--max-job-log-entries",
+        "--reconcile-interval",
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let out = job_scheduler(dir.path(), &[flag, "0"]).output().unwrap();
         assert!(!out.status.success(), "{flag} 0 was accepted");
