@@ -184,6 +184,7 @@ fn register(name: &str, b: &Behaviour) -> pb::PartyMessage {
                 gpus: 0,
                 max_tasks: 8,
             }),
+            running_tasks: Vec::new(),
         })),
     }
 }

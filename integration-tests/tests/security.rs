@@ -69,6 +69,7 @@ fn digits_register(party: &str) -> pb::PartyMessage {
                 gpus: 0,
                 max_tasks: 4,
             }),
+            running_tasks: Vec::new(),
         })),
     }
 }

@@ -44,6 +44,8 @@ pub fn round_json(r: &pb::RoundSummary) -> Value {
         "accuracy": if e.samples > 0 { finite(e.accuracy) } else { Value::Null },
         "loss": if e.samples > 0 { finite(e.loss) } else { Value::Null },
         "eval_samples": e.samples,
+        "eval_parties": r.eval_parties,
+        "eval_parties_expected": r.eval_parties_expected,
         "train_loss": finite(r.train_loss),
         "updates": r.updates,
         "model_version": r.model_version,
@@ -113,16 +115,24 @@ pub fn job_text(j: &pb::Job) -> String {
     );
     if !j.rounds.is_empty() {
         s.push_str(
-            "\nround  updates  dropped  task_failures  accuracy  loss      train_loss  version  seconds\n",
+            "\nround  updates  dropped  task_failures  evaluated  accuracy  loss      train_loss  version  seconds\n",
         );
+        let mut partial = false;
         for r in &j.rounds {
             let e = r.evaluation.unwrap_or_default();
+            let evaluated = if r.eval_parties_expected > 0 {
+                partial |= r.eval_parties < r.eval_parties_expected;
+                format!("{}/{}", r.eval_parties, r.eval_parties_expected)
+            } else {
+                "-".into()
+            };
             s.push_str(&format!(
-                "{:>5}  {:>7}  {:>7}  {:>13}  {:>8}  {:>8}  {:>10.4}  {:>7}  {:>7.2}\n",
+                "{:>5}  {:>7}  {:>7}  {:>13}  {:>9}  {:>8}  {:>8}  {:>10.4}  {:>7}  {:>7.2}\n",
                 r.round,
                 r.updates,
                 r.dropped_updates,
                 r.task_failures,
+                evaluated,
                 if e.samples > 0 {
                     format!("{:.4}", e.accuracy)
                 } else {
@@ -137,6 +147,12 @@ pub fn job_text(j: &pb::Job) -> String {
                 r.model_version,
                 r.duration_ms as f64 / 1000.0
             ));
+        }
+        if partial {
+            s.push_str(
+                "\nevaluated p/q: p of the q parties holding the data reported; a round with p < q \
+                 measured its accuracy on part of the held-out data only\n",
+            );
         }
     }
     s

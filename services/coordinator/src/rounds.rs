@@ -12,6 +12,7 @@ use cohort_proto::v1 as pb;
 use cohort_runtime::retry_unavailable;
 use cohort_runtime::wire::{act_as, task_kind_to_wire};
 use futures::StreamExt;
+use sha2::Digest as _;
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
@@ -75,6 +76,9 @@ struct Cohort {
     registered: HashMap<String, u64>,
     /// Parties already logged as left out (data of another shape).
     left_out: HashSet<String>,
+    /// Connected parties holding the dataset in the job's shape, as last seen: whom a
+    /// round's evaluation should cover.
+    holders: u32,
 }
 
 /// A round's training, once collected.
@@ -90,6 +94,9 @@ struct Trained {
 struct Evaluated {
     metrics: pb::Metrics,
     robust: Option<f64>,
+    /// Parties that reported, of those holding the dataset.
+    parties: u32,
+    expected: u32,
 }
 
 /// Tasks of one offer that did not deliver, with their parties' reasons.
@@ -179,6 +186,8 @@ impl JobRun {
                 Evaluated {
                     metrics: pb::Metrics::default(),
                     robust: None,
+                    parties: 0,
+                    expected: 0,
                 }
             };
             let metrics = evaluated.metrics;
@@ -196,6 +205,8 @@ impl JobRun {
                 dropped_updates: trained.dropped,
                 task_failures: trained.task_failures,
                 robust_accuracy: evaluated.robust.unwrap_or(0.0),
+                eval_parties: evaluated.parties,
+                eval_parties_expected: evaluated.expected,
             };
             tracing::info!(job = %self.job_id, round, updates = trained.updates, accuracy = metrics.accuracy, robust_accuracy = ?evaluated.robust, loss = metrics.loss, version, "round complete");
             self.flush_log().await;
@@ -360,6 +371,7 @@ impl JobRun {
             classes,
             registered: HashMap::new(),
             left_out: HashSet::new(),
+            holders: 0,
         };
         Ok((weights, cohort))
     }
@@ -420,7 +432,12 @@ impl JobRun {
         else {
             return;
         };
-        for h in summary.into_inner().holders {
+        let holders = summary.into_inner().holders;
+        cohort.holders = holders
+            .iter()
+            .filter(|h| (h.features, h.classes) == (cohort.features, cohort.classes))
+            .count() as u32;
+        for h in holders {
             if (h.features, h.classes) != (cohort.features, cohort.classes) {
                 if cohort.left_out.insert(h.party.clone()) {
                     self.state.note(Note {
@@ -594,7 +611,17 @@ impl JobRun {
             self.wait_for(round, &accepted, deadline).await?;
         }
         let reports = self.state.finish_evaluation();
-        Ok(self.summarise(&reports))
+        let mut evaluated = self.summarise(&reports);
+        evaluated.expected = cohort.holders.max(evaluated.parties);
+        if evaluated.parties < evaluated.expected {
+            tracing::warn!(
+                round,
+                reported = evaluated.parties,
+                holders = evaluated.expected,
+                "the round's evaluation covers only part of the parties"
+            );
+        }
+        Ok(evaluated)
     }
 
     /// The round's evaluation from the parties' reports, with their weights capped like
@@ -604,6 +631,8 @@ impl JobRun {
             return Evaluated {
                 metrics: pb::Metrics::default(),
                 robust: None,
+                parties: 0,
+                expected: 0,
             };
         }
         let raw: Vec<f64> = reports.iter().map(|r| r.weight).collect();
@@ -624,6 +653,8 @@ impl JobRun {
             robust: (reports.len() >= 2)
                 .then(|| lower_median(&accuracies))
                 .flatten(),
+            parties: reports.len() as u32,
+            expected: 0,
         }
     }
 
@@ -811,7 +842,7 @@ impl JobRun {
                             .get(id)
                             .filter(|m| !m.is_empty())
                             .cloned()
-                            .unwrap_or_else(|| "ended without delivering".to_string());
+                            .unwrap_or_else(|| NO_REASON.to_string());
                         self.state.note(Note {
                             kind: NoteKind::TaskFailed,
                             round,
@@ -885,13 +916,45 @@ impl JobRun {
             ))
         })?
         .into_inner();
+        // Versions are idempotent per (job, round): a round an earlier coordinator of this job
+        // already stored (its report to job-scheduler was lost) answers with that version.
+        // Continue from the stored model, so the lineage and the next round agree.
+        if version.digest != hex::encode(sha2::Sha256::digest(&bytes)) {
+            tracing::info!(
+                round,
+                version = version.version,
+                "round {round} was stored before; continuing from the stored model"
+            );
+            let stored = self
+                .download(&self.model_name(), version.version)
+                .await
+                .map_err(|e| Failure::Fail(format!("round {round}: {e}")))?;
+            self.state.set_global(stored);
+        }
         Ok(version.version)
     }
 }
 
-/// The reason every failure gave, when they all gave the same one (a party's own name in
-/// its reason, e.g. in a path, does not make it another reason).
+/// Failures that say nothing about the job: the party's session broke, not its work.
+const TRANSIENT_REASONS: [&str; 3] = [
+    cohort_proto::TASK_PARTY_DISCONNECTED,
+    cohort_proto::TASK_PARTY_RECONNECTED_WITHOUT_IT,
+    NO_REASON,
+];
+
+/// What a task that ended without delivering and without a reason is noted with.
+const NO_REASON: &str = "ended without delivering";
+
+/// The reason every failure gave, when they all gave the same one and it is about the job's
+/// work (a party's own name in its reason, e.g. in a path, does not make it another reason;
+/// a lost session is no such reason).
 fn common_reason(failures: &[(String, String, String)]) -> Option<String> {
+    if failures
+        .iter()
+        .any(|(_, _, reason)| TRANSIENT_REASONS.contains(&reason.as_str()))
+    {
+        return None;
+    }
     let general = |(party, _, reason): &(String, String, String)| without_word(reason, party);
     let first = general(failures.first()?);
     failures
@@ -969,5 +1032,14 @@ mod tests {
         assert_eq!(common_reason(&mixed), None);
         assert_eq!(common_reason(&[]), None);
         assert!(failure_summary(&mixed).contains("b: other"));
+        let gone = [
+            failure("a", cohort_proto::TASK_PARTY_DISCONNECTED),
+            failure("b", cohort_proto::TASK_PARTY_DISCONNECTED),
+        ];
+        assert_eq!(
+            common_reason(&gone),
+            None,
+            "a lost session is not the job's fault"
+        );
     }
 }

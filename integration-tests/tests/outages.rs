@@ -1,0 +1,180 @@
+//! Outages that heal: storage that refuses writes for a while, a database that goes away, a
+//! proxy that restarts mid-training. Jobs must come through them with every round, without
+//! losing evaluations or retraining rounds.
+
+use std::time::Duration;
+
+use cohort_core::JobState;
+use cohort_integration_tests::servers::PgCluster;
+use cohort_integration_tests::{Federation, Storage, state_of};
+use cohort_proto::v1 as pb;
+use nix::sys::signal::Signal;
+
+fn spec(name: &str, rounds: u32, epochs: u32) -> String {
+    spec_with(name, rounds, epochs, 16)
+}
+
+fn spec_with(name: &str, rounds: u32, epochs: u32, batch_size: u32) -> String {
+    format!(
+        "name: {name}\n\
+         model: {{arch: mlp, hidden: [32]}}\n\
+         data: {{dataset: digits}}\n\
+         training: {{epochs: {epochs}, batch_size: {batch_size}, optimizer: {{name: sgd, lr: 0.01}}}}\n\
+         rounds: {rounds}\n\
+         clients: {{per_round: 3, min: 3, round_timeout: 120s}}\n"
+    )
+}
+
+/// Versions of the job's model, in order.
+async fn versions(fed: &Federation, job: &pb::Job) -> Vec<pb::ModelVersion> {
+    fed.models()
+        .list_versions(pb::ListVersionsRequest {
+            name: job.model_name.clone(),
+            job_id: job.id.clone(),
+            namespace: job.namespace.clone(),
+        })
+        .await
+        .expect("versions")
+        .into_inner()
+        .versions
+}
+
+/// One version per round, each the child of the one before.
+fn assert_one_version_per_round(versions: &[pb::ModelVersion], rounds: u32) {
+    let lineage: Vec<(u32, u32, u32)> = versions
+        .iter()
+        .map(|v| {
+            let l = v.lineage.clone().unwrap_or_default();
+            (v.version, l.round, l.parent_version)
+        })
+        .collect();
+    let expected: Vec<(u32, u32, u32)> = (1..=rounds).map(|r| (r, r, r - 1)).collect();
+    assert_eq!(lineage, expected, "versions (version, round, parent)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_storage_refusing_writes_for_a_while_delays_the_job_only() {
+    let fed = Federation::start(3).await.expect("federation");
+    let job = fed
+        .create_job(&spec("patient", 6, 1))
+        .await
+        .expect("create");
+    fed.wait_job(&job.id, Duration::from_secs(90), "round 2", |j| {
+        j.rounds_completed >= 2
+    })
+    .await
+    .expect("job progresses");
+    // Model files cannot be written for 15 s: their directory is a file meanwhile.
+    let models = fed.dir.path().join("server/blobs/models");
+    let aside = fed.dir.path().join("server/blobs/models-aside");
+    std::fs::rename(&models, &aside).expect("move the blob directory aside");
+    std::fs::write(&models, b"in the way").expect("block the blob directory");
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    std::fs::remove_file(&models).expect("unblock");
+    std::fs::rename(&aside, &models).expect("put the blob directory back");
+
+    let done = fed
+        .wait_end(&job.id, Duration::from_secs(180))
+        .await
+        .expect("job ends");
+    assert_eq!(state_of(&done), JobState::Succeeded, "{}", done.reason);
+    assert_eq!(done.rounds_completed, 6);
+    assert_one_version_per_round(&versions(&fed, &done).await, 6);
+    let events = fed.events(&job.id).await.expect("events");
+    assert!(
+        !events.iter().any(|e| e.reason.contains("relaunching")),
+        "the coordinator waited for the storage instead of dying: {events:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_loses_no_evaluation_and_no_work_in_flight() {
+    let Some(pg) = PgCluster::start() else {
+        return;
+    };
+    let url = pg.create_database("cohort").expect("database");
+    let fed = Federation::start_with(
+        3,
+        Storage {
+            database_url: Some(url),
+            ..Storage::default()
+        },
+    )
+    .await
+    .expect("federation on PostgreSQL");
+    let job = fed
+        .create_job(&spec("outlast", 10, 1))
+        .await
+        .expect("create");
+    fed.wait_job(&job.id, Duration::from_secs(90), "round 2", |j| {
+        j.rounds_completed >= 2
+    })
+    .await
+    .expect("job progresses");
+    pg.stop_server().expect("stop PostgreSQL");
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    pg.start_server().expect("start PostgreSQL again");
+
+    let done = fed
+        .wait_end(&job.id, Duration::from_secs(240))
+        .await
+        .expect("job ends");
+    assert_eq!(state_of(&done), JobState::Succeeded, "{}", done.reason);
+    assert_eq!(done.rounds_completed, 10);
+    for r in &done.rounds {
+        assert_eq!(
+            (r.eval_parties, r.eval_parties_expected),
+            (3, 3),
+            "round {} evaluated on every party's data: {r:?}",
+            r.round
+        );
+        assert_eq!(r.task_failures, 0, "no party's work was refused: {r:?}");
+    }
+    assert_one_version_per_round(&versions(&fed, &done).await, 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_restart_mid_training_keeps_the_work_in_flight() {
+    let mut fed = Federation::start(3).await.expect("federation");
+    // Long local training (one sample a step): the proxy goes away while every executor
+    // trains.
+    let job = fed
+        .create_job(&spec_with("steadfast", 2, 15, 1))
+        .await
+        .expect("create");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    while cohort_integration_tests::processes()
+        .iter()
+        .filter(|(_, _, _, comm)| comm == "executor")
+        .count()
+        < 3
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the executors never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    fed.stack
+        .signal("proxy", Signal::SIGKILL)
+        .expect("kill the proxy");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    fed.stack.restart("proxy").await.expect("restart the proxy");
+
+    let done = fed
+        .wait_end(&job.id, Duration::from_secs(240))
+        .await
+        .expect("job ends");
+    assert_eq!(state_of(&done), JobState::Succeeded, "{}", done.reason);
+    let first = &done.rounds[0];
+    assert_eq!(first.updates, 3, "{first:?}");
+    assert_eq!(
+        first.task_failures, 0,
+        "no task was failed for its party's session dropping: {first:?}"
+    );
+    let events = fed.events(&job.id).await.expect("events");
+    assert!(
+        !events.iter().any(|e| e.kind == "task_failed"),
+        "the round was not retrained: {events:?}"
+    );
+}
