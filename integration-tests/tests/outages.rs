@@ -111,8 +111,38 @@ async fn a_database_outage_loses_no_evaluation_and_no_work_in_flight() {
     })
     .await
     .expect("job progresses");
+    // A token the proxy has not seen yet: checking it needs the database.
+    let fresh = fed
+        .api()
+        .tokens()
+        .create_token(pb::CreateTokenRequest {
+            name: "during-the-outage".into(),
+            namespace: "default".into(),
+            role: pb::Role::Viewer as i32,
+        })
+        .await
+        .expect("create a token")
+        .into_inner()
+        .token;
+    let fresh = cohort_cli::Api::from_profile(&cohort_cli::profile::Profile {
+        token: Some(fresh),
+        ..fed.stack.profile()
+    })
+    .expect("api");
     pg.stop_server().expect("stop PostgreSQL");
-    tokio::time::sleep(Duration::from_secs(30)).await;
+    let started = tokio::time::Instant::now();
+    // The user is told the cause, not that a service "did not answer in time".
+    let refused = fresh
+        .jobs()
+        .get_job(pb::GetJobRequest { id: job.id.clone() })
+        .await
+        .expect_err("no database, no token check");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(
+        refused.message().contains("database unavailable"),
+        "{refused:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(30).saturating_sub(started.elapsed())).await;
     pg.start_server().expect("start PostgreSQL again");
 
     let done = fed

@@ -184,7 +184,17 @@ impl pb::auth_server::Auth for AuthApi {
                 "token_sha256: 64 lowercase hex digits",
             ));
         }
-        match self.store.token_by_sha256(&sha256).await {
+        // The proxy waits a few seconds for this answer; a database that is down would make
+        // the lookup wait out the pool's timeout, and the user see "did not answer in time"
+        // instead of the cause.
+        let lookup = tokio::time::timeout(AUTH_LOOKUP_TIMEOUT, self.store.token_by_sha256(&sha256));
+        let Ok(found) = lookup.await else {
+            return Err(Status::unavailable(format!(
+                "database unavailable: no answer within {}",
+                humantime::format_duration(AUTH_LOOKUP_TIMEOUT)
+            )));
+        };
+        match found {
             Ok(t) => Ok(Response::new(pb::Principal {
                 namespace: t.namespace.clone(),
                 role: role_to_pb(&t.role),
@@ -195,6 +205,9 @@ impl pb::auth_server::Auth for AuthApi {
         }
     }
 }
+
+/// How long a token lookup may wait for the database (less than the proxy's patience).
+const AUTH_LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 #[cfg(test)]
 mod tests {
