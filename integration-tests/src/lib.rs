@@ -271,6 +271,48 @@ pub async fn upload_model(
         .map(|r| r.into_inner())
 }
 
+/// The job's model versions: exactly one per round 1..=`rounds`, each the child of the one
+/// before (no round stored twice, none missing, the lineage unbroken).
+pub async fn assert_one_version_per_round(api: &Api, job: &pb::Job, rounds: u32) {
+    let versions = api
+        .models()
+        .list_versions(pb::ListVersionsRequest {
+            name: job.model_name.clone(),
+            job_id: job.id.clone(),
+            namespace: job.namespace.clone(),
+        })
+        .await
+        .expect("versions")
+        .into_inner()
+        .versions;
+    let lineage: Vec<(u32, u32, u32)> = versions
+        .iter()
+        .map(|v| {
+            let l = v.lineage.clone().unwrap_or_default();
+            (v.version, l.round, l.parent_version)
+        })
+        .collect();
+    let expected: Vec<(u32, u32, u32)> = (1..=rounds).map(|r| (r, r, r - 1)).collect();
+    assert_eq!(lineage, expected, "versions as (version, round, parent)");
+}
+
+/// A federation of `parties` whose services keep their metadata in a private PostgreSQL
+/// cluster the test may stop and start; None (the test skips) where PostgreSQL is missing.
+pub async fn on_postgres(parties: u32) -> Option<(servers::PgCluster, Federation)> {
+    let pg = servers::PgCluster::start()?;
+    let url = pg.create_database("cohort").expect("database");
+    let fed = Federation::start_with(
+        parties,
+        Storage {
+            database_url: Some(url),
+            ..Storage::default()
+        },
+    )
+    .await
+    .expect("federation on PostgreSQL");
+    Some((pg, fed))
+}
+
 /// Every process on the machine: (pid, ppid, pgid, comm).
 pub fn processes() -> Vec<(u32, u32, i32, String)> {
     let mut out = Vec::new();

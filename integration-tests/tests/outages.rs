@@ -5,8 +5,7 @@
 use std::time::Duration;
 
 use cohort_core::JobState;
-use cohort_integration_tests::servers::PgCluster;
-use cohort_integration_tests::{Federation, Storage, state_of};
+use cohort_integration_tests::{Federation, assert_one_version_per_round, on_postgres, state_of};
 use cohort_proto::v1 as pb;
 use nix::sys::signal::Signal;
 
@@ -23,33 +22,6 @@ fn spec_with(name: &str, rounds: u32, epochs: u32, batch_size: u32) -> String {
          rounds: {rounds}\n\
          clients: {{per_round: 3, min: 3, round_timeout: 120s}}\n"
     )
-}
-
-/// Versions of the job's model, in order.
-async fn versions(fed: &Federation, job: &pb::Job) -> Vec<pb::ModelVersion> {
-    fed.models()
-        .list_versions(pb::ListVersionsRequest {
-            name: job.model_name.clone(),
-            job_id: job.id.clone(),
-            namespace: job.namespace.clone(),
-        })
-        .await
-        .expect("versions")
-        .into_inner()
-        .versions
-}
-
-/// One version per round, each the child of the one before.
-fn assert_one_version_per_round(versions: &[pb::ModelVersion], rounds: u32) {
-    let lineage: Vec<(u32, u32, u32)> = versions
-        .iter()
-        .map(|v| {
-            let l = v.lineage.clone().unwrap_or_default();
-            (v.version, l.round, l.parent_version)
-        })
-        .collect();
-    let expected: Vec<(u32, u32, u32)> = (1..=rounds).map(|r| (r, r, r - 1)).collect();
-    assert_eq!(lineage, expected, "versions (version, round, parent)");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -79,7 +51,7 @@ async fn model_storage_refusing_writes_for_a_while_delays_the_job_only() {
         .expect("job ends");
     assert_eq!(state_of(&done), JobState::Succeeded, "{}", done.reason);
     assert_eq!(done.rounds_completed, 6);
-    assert_one_version_per_round(&versions(&fed, &done).await, 6);
+    assert_one_version_per_round(&fed.api(), &done, 6).await;
     let events = fed.events(&job.id).await.expect("events");
     assert!(
         !events.iter().any(|e| e.reason.contains("relaunching")),
@@ -89,19 +61,9 @@ async fn model_storage_refusing_writes_for_a_while_delays_the_job_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_outage_loses_no_evaluation_and_no_work_in_flight() {
-    let Some(pg) = PgCluster::start() else {
+    let Some((pg, fed)) = on_postgres(3).await else {
         return;
     };
-    let url = pg.create_database("cohort").expect("database");
-    let fed = Federation::start_with(
-        3,
-        Storage {
-            database_url: Some(url),
-            ..Storage::default()
-        },
-    )
-    .await
-    .expect("federation on PostgreSQL");
     let job = fed
         .create_job(&spec("outlast", 10, 1))
         .await
@@ -160,7 +122,7 @@ async fn a_database_outage_loses_no_evaluation_and_no_work_in_flight() {
         );
         assert_eq!(r.task_failures, 0, "no party's work was refused: {r:?}");
     }
-    assert_one_version_per_round(&versions(&fed, &done).await, 10);
+    assert_one_version_per_round(&fed.api(), &done, 10).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

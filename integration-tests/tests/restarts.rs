@@ -13,9 +13,9 @@ use std::time::Duration;
 use cohort_cli::Api;
 use cohort_cli::profile::Profile;
 use cohort_core::JobState;
-use cohort_integration_tests::servers::PgCluster;
 use cohort_integration_tests::{
-    Federation, Storage, cohort_bin, descendant_groups, digits_job, processes, state_of,
+    Federation, assert_one_version_per_round, cohort_bin, descendant_groups, digits_job,
+    on_postgres, processes, state_of,
 };
 use cohort_proto::v1 as pb;
 use nix::sys::signal::Signal;
@@ -68,46 +68,11 @@ fn attempts(events: &[pb::JobEvent]) -> Vec<u32> {
         .collect()
 }
 
-/// Every round from 1 to `rounds` has a stored model version of the job.
-async fn assert_a_version_per_round(api: &Api, job: &pb::Job, rounds: u32) {
-    let versions = api
-        .models()
-        .list_versions(pb::ListVersionsRequest {
-            name: String::new(),
-            job_id: job.id.clone(),
-            namespace: String::new(),
-        })
-        .await
-        .expect("versions")
-        .into_inner()
-        .versions;
-    let stored: Vec<u32> = versions
-        .iter()
-        .filter_map(|v| v.lineage.as_ref().map(|l| l.round))
-        .collect();
-    for r in 1..=rounds {
-        assert!(
-            stored.contains(&r),
-            "round {r} has a stored model: {stored:?}"
-        );
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_coordinator_that_dies_while_postgres_is_down_is_relaunched_once_it_is_back() {
-    let Some(pg) = PgCluster::start() else {
+    let Some((pg, fed)) = on_postgres(3).await else {
         return;
     };
-    let url = pg.create_database("cohort").expect("database");
-    let fed = Federation::start_with(
-        3,
-        Storage {
-            database_url: Some(url),
-            ..Storage::default()
-        },
-    )
-    .await
-    .expect("federation on PostgreSQL");
     let services_before = fed.stack.pids();
     let job = fed
         .create_job(&digits_job("stranded", 8, 3, 2, "60s"))
@@ -136,7 +101,7 @@ async fn a_coordinator_that_dies_while_postgres_is_down_is_relaunched_once_it_is
     assert_eq!(state_of(&done), JobState::Succeeded, "{}", done.reason);
     let rounds: Vec<u32> = done.rounds.iter().map(|r| r.round).collect();
     assert_eq!(rounds, (1..=8).collect::<Vec<_>>());
-    assert_a_version_per_round(&fed.api(), &done, 8).await;
+    assert_one_version_per_round(&fed.api(), &done, 8).await;
     // One relaunch, for the kill; no service was restarted (job-scheduler included).
     let events = fed.events(&job.id).await.expect("events");
     let relaunches: Vec<&str> = events
@@ -212,7 +177,7 @@ async fn ten_coordinator_kills_over_thirty_rounds_do_not_fail_the_job() {
     assert_eq!(state_of(&done), JobState::Succeeded, "{}", done.reason);
     let rounds: Vec<u32> = done.rounds.iter().map(|r| r.round).collect();
     assert_eq!(rounds, (1..=30).collect::<Vec<_>>());
-    assert_a_version_per_round(&fed.api(), &done, 30).await;
+    assert_one_version_per_round(&fed.api(), &done, 30).await;
     // The first launch and ten relaunches, each the first since a completed round.
     let events = fed.events(&job.id).await.expect("events");
     assert_eq!(attempts(&events), [1; 11], "{events:#?}");
@@ -377,7 +342,7 @@ async fn five_ctrl_c_restarts_of_cohort_up_do_not_fail_the_job() {
     assert_eq!(state_of(&done), JobState::Succeeded, "{}", done.reason);
     let rounds: Vec<u32> = done.rounds.iter().map(|r| r.round).collect();
     assert_eq!(rounds, (1..=30).collect::<Vec<_>>());
-    assert_a_version_per_round(&api, &done, 30).await;
+    assert_one_version_per_round(&api, &done, 30).await;
     let events = api
         .jobs()
         .list_job_events(pb::ListJobEventsRequest {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use cohort_core::JobState;
 use cohort_integration_tests::servers::{PgCluster, S3Server};
 use cohort_integration_tests::{
-    Federation, Storage, cohort_bin, digits_job, files_under, state_of,
+    Federation, Storage, cohort_bin, digits_job, files_under, on_postgres, state_of,
 };
 use cohort_proto::v1 as pb;
 
@@ -79,19 +79,9 @@ async fn demo_succeeds_on_postgres_and_s3_and_logs_no_password() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgres_outage_mid_job_loses_nothing_recorded_before_it() {
-    let Some(pg) = PgCluster::start() else {
+    let Some((pg, fed)) = on_postgres(3).await else {
         return;
     };
-    let url = pg.create_database("cohort").expect("database");
-    let fed = Federation::start_with(
-        3,
-        Storage {
-            database_url: Some(url),
-            ..Storage::default()
-        },
-    )
-    .await
-    .expect("federation on PostgreSQL");
     let job = fed
         .create_job(&digits_job("outage", 12, 3, 2, "60s"))
         .await
