@@ -1035,6 +1035,55 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn tokens_of_another_kind_round_or_offer_are_refused() {
+        let (state, tokens) = training(&[("a", 10), ("b", 10)]);
+        // A training token is no evaluation token.
+        let err = state
+            .record_evaluation(&tokens[0], Some(&party("a")), 5, 0.1, 0.9)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind, ErrorKind::PermissionDenied);
+        // Offered again: the undelivered tokens die, the delivered one stays.
+        state
+            .start_upload(&tokens[1], Some(&party("b")), 5)
+            .await
+            .unwrap()
+            .complete(delta(1.0), 0.1)
+            .unwrap();
+        state.forget_undelivered();
+        let err = state
+            .start_upload(&tokens[0], Some(&party("a")), 5)
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(
+            (err.kind, err.message.as_str()),
+            (ErrorKind::PermissionDenied, "unknown or expired task token")
+        );
+        assert_eq!(state.engaged_parties(), vec!["b".to_string()]);
+        // The next round: every token of the last one is unknown.
+        state.finish_training().unwrap();
+        state.begin_training(
+            2,
+            AggregationRules::default(),
+            Instant::now() + Duration::from_secs(30),
+        );
+        let err = state
+            .claim_fetch(&tokens[1], Some(&party("b")))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind, ErrorKind::PermissionDenied);
+        // A minted token is usable only once bound, by its party.
+        let minted = state.mint(TaskKind::Evaluate, 1);
+        state.bind(&minted, &[]);
+        let err = state
+            .claim_fetch(&minted[0], Some(&party("a")))
+            .await
+            .unwrap_err();
+        assert_eq!(err.message, "unknown or expired task token");
+    }
+
+    #[tokio::test]
     async fn the_end_of_a_phase_stops_its_uploads() {
         let (state, tokens) = training(&[("a", 10)]);
         let upload = state
