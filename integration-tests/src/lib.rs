@@ -435,3 +435,101 @@ pub async fn wait_clients(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Pids of the running coordinators of `job_id` (their command line names the job).
+pub fn coordinator_pids(job_id: &str) -> Vec<u32> {
+    processes()
+        .into_iter()
+        .filter(|(_, _, _, comm)| comm == "coordinator")
+        .filter(|(pid, _, _, _)| {
+            std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                .map(|c| c.contains(job_id))
+                .unwrap_or(false)
+        })
+        .map(|(pid, _, _, _)| pid)
+        .collect()
+}
+
+/// One row of `/proc/<pid>/net/tcp{,6}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpSocket {
+    pub local: std::net::SocketAddr,
+    pub remote: std::net::SocketAddr,
+    /// The kernel's TCP state: 0x01 ESTABLISHED, 0x0A LISTEN, ...
+    pub state: u8,
+    pub inode: u64,
+}
+
+pub const TCP_ESTABLISHED: u8 = 0x01;
+pub const TCP_LISTEN: u8 = 0x0A;
+
+/// The TCP sockets of the network namespace `pid` is in (IPv4 and IPv6); empty when the
+/// process is gone.
+pub fn tcp_sockets(pid: u32) -> Vec<TcpSocket> {
+    let mut out = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        out.extend(text.lines().skip(1).filter_map(parse_tcp_row));
+    }
+    out
+}
+
+/// `sl local_address rem_address st ... inode ...`: addresses as hex words in host byte order.
+fn parse_tcp_row(line: &str) -> Option<TcpSocket> {
+    let cols: Vec<&str> = line.split_whitespace().collect();
+    let addr = |col: &str| -> Option<std::net::SocketAddr> {
+        let (ip, port) = col.split_once(':')?;
+        let port = u16::from_str_radix(port, 16).ok()?;
+        let words: Vec<u32> = (0..ip.len() / 8)
+            .map(|i| u32::from_str_radix(ip.get(i * 8..i * 8 + 8)?, 16).ok())
+            .collect::<Option<_>>()?;
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let ip: std::net::IpAddr = match bytes.len() {
+            4 => <[u8; 4]>::try_from(bytes).ok()?.into(),
+            16 => <[u8; 16]>::try_from(bytes).ok()?.into(),
+            _ => return None,
+        };
+        Some(std::net::SocketAddr::new(ip, port))
+    };
+    Some(TcpSocket {
+        local: addr(cols.get(1)?)?,
+        remote: addr(cols.get(2)?)?,
+        state: u8::from_str_radix(cols.get(3)?, 16).ok()?,
+        inode: cols.get(9)?.parse().ok()?,
+    })
+}
+
+/// Inodes of the sockets `pid` holds open; None when its descriptors cannot be read (it
+/// ended, or is not ours).
+pub fn socket_inodes(pid: u32) -> Option<std::collections::BTreeSet<u64>> {
+    let dir = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+    Some(
+        dir.flatten()
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .filter_map(|l| {
+                let l = l.to_string_lossy().into_owned();
+                l.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+            })
+            .collect(),
+    )
+}
+
+/// The TCP addresses `pid` listens on; None when its descriptors cannot be read.
+pub fn listening_addresses(pid: u32) -> Option<Vec<std::net::SocketAddr>> {
+    let mine = socket_inodes(pid)?;
+    let listening = tcp_sockets(pid)
+        .into_iter()
+        .filter(|s| s.state == TCP_LISTEN && mine.contains(&s.inode))
+        .map(|s| s.local)
+        .collect();
+    // The process may have ended between the two reads: then its answer is unknown.
+    socket_inodes(pid).map(|_| listening)
+}
+
+/// Every file below `dir` whose name ends with `.log`.
+pub fn log_files_under(dir: &Path) -> Vec<String> {
+    files_under(dir)
+        .into_iter()
+        .filter(|f| f.ends_with(".log"))
+        .collect()
+}

@@ -9,16 +9,14 @@ use cohort_kube::{ExecutorOwner, ExecutorPodConfig, KubernetesExecutors, executo
 
 #[test]
 fn every_rendered_executor_pod_config_loads() {
-    let Some(dir) = std::env::var_os("COHORT_TEST_CHART_RENDERS") else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "COHORT_TEST_CHART_RENDERS is unset: run the suite with scripts/test.sh"
-        );
-        eprintln!("skipped: COHORT_TEST_CHART_RENDERS unset (scripts/test.sh sets it)");
+    let Some(dir) = cohort_testkit::require_env(
+        "COHORT_TEST_CHART_RENDERS",
+        "the chart renders scripts/test.sh writes with scripts/check-charts.sh",
+    ) else {
         return;
     };
     let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.to_string_lossy()))
+        .unwrap_or_else(|e| panic!("{dir}: {e}"))
         .map(|e| e.unwrap().path())
         .filter(|p| p.to_string_lossy().ends_with(".executor-pod.json"))
         .collect();

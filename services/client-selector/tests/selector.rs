@@ -1090,18 +1090,10 @@ struct PgCluster {
 impl PgCluster {
     /// None (the test skips) without `COHORT_PG_BIN`, except in CI.
     fn start() -> Option<PgCluster> {
-        let bin = match std::env::var("COHORT_PG_BIN") {
-            Ok(v) if !v.is_empty() => std::path::PathBuf::from(v),
-            _ if std::env::var_os("CI").is_some() => {
-                panic!("COHORT_PG_BIN is not set: scripts/test.sh must provide PostgreSQL in CI")
-            }
-            _ => {
-                eprintln!(
-                    "skipped: COHORT_PG_BIN is not set (run scripts/test.sh to get PostgreSQL)"
-                );
-                return None;
-            }
-        };
+        let bin = std::path::PathBuf::from(cohort_testkit::require_env(
+            "COHORT_PG_BIN",
+            "PostgreSQL's bin directory; scripts/test.sh installs PostgreSQL",
+        )?);
         let dir = tempfile::Builder::new()
             .prefix("cohort-pg-")
             .tempdir()

@@ -7,23 +7,16 @@ use aws_sdk_s3::types::{BucketLocationConstraint, CreateBucketConfiguration};
 use cohort_blob::S3Options;
 
 /// The S3 server under test (`COHORT_TEST_S3_ENDPOINT`, credentials in
-/// `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY`). None: skip, except under
-/// `CI`, where the test script must provide one.
+/// `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY`). None: the test reports
+/// itself skipped, or fails under CI (`cohort_testkit`'s rule).
+#[track_caller]
 pub fn endpoint() -> Option<String> {
-    match std::env::var("COHORT_TEST_S3_ENDPOINT") {
-        Ok(e) if !e.trim().is_empty() => Some(e),
-        _ => {
-            if std::env::var_os("CI").is_some_and(|v| !v.is_empty()) {
-                panic!(
-                    "COHORT_TEST_S3_ENDPOINT is not set: on CI the test script must provide an \
-                     S3 server (e.g. s3s-fs) and its credentials in AWS_ACCESS_KEY_ID / \
-                     AWS_SECRET_ACCESS_KEY"
-                );
-            }
-            eprintln!("skipped: COHORT_TEST_S3_ENDPOINT is not set");
-            None
-        }
-    }
+    cohort_testkit::require_env(
+        "COHORT_TEST_S3_ENDPOINT",
+        "an S3 server such as s3s-fs, credentials in AWS_ACCESS_KEY_ID / \
+         AWS_SECRET_ACCESS_KEY; scripts/test.sh starts one",
+    )
+    .map(|e| e.trim().to_string())
 }
 
 /// Options for `endpoint`, the rest (region) from the environment.
