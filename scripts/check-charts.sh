@@ -14,6 +14,9 @@
 #
 # Tools live in ${COHORT_TOOLS:-$HOME/.cache/cohort-tools}/charts-venv (created once).
 # Usage: bash scripts/check-charts.sh [CHART_DIR...]   (default: every charts/*/Chart.yaml)
+#        bash scripts/check-charts.sh --objects DIR
+# The second form validates the objects the launchers post (one JSON file each, written by
+# libs/kube/tests/posted_objects.rs) the same strict way, custom resources against our CRDs.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -53,6 +56,12 @@ ensure_venv() {
 }
 
 ensure_venv
+export KUBE_VERSION
+
+if [ "${1:-}" = "--objects" ]; then
+    [ $# -eq 2 ] || { echo "usage: check-charts.sh --objects DIR" >&2; exit 2; }
+    exec "$VENV/bin/python" "$ROOT/scripts/validate-kube-objects.py" "$2" "$ROOT"/charts/*/crds/*.yaml
+fi
 
 charts=("$@")
 if [ ${#charts[@]} -eq 0 ]; then
@@ -65,7 +74,6 @@ if [ ${#charts[@]} -eq 0 ]; then
     exit 1
 fi
 
-export KUBE_VERSION
 exec "$VENV/bin/python" - "${charts[@]}" <<'PY'
 import copy
 import glob

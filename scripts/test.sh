@@ -19,6 +19,9 @@ case "${CARGO_TARGET_DIR:-}" in /*) COHORT_TEST_CHART_RENDERS="$CARGO_TARGET_DIR
 rm -rf "$COHORT_TEST_CHART_RENDERS"
 export COHORT_TEST_CHART_RENDERS
 COHORT_CHART_RENDERS="$COHORT_TEST_CHART_RENDERS" bash scripts/check-charts.sh
+# The same validator checks the objects the launchers post (libs/kube/tests/posted_objects.rs).
+COHORT_TEST_KUBE_VALIDATE="$(pwd)/scripts/check-charts.sh"
+export COHORT_TEST_KUBE_VALIDATE
 
 step "build every binary and test (target: ${CARGO_TARGET_DIR:-target})"
 # Integration tests run the real binaries, so they are built first.
@@ -26,15 +29,22 @@ cargo build --locked --workspace --bins --tests
 
 step "start PostgreSQL and S3 for the tests"
 start_test_services
+# A test whose service is missing fails under CI (libs/testkit). No MongoDB server can be
+# installed on this project's machines, so without one the MongoDB store tests that need a
+# server (module mongodb_server) are left out of the run: counted skipped, never passed.
+nextest_filter=()
+libtest_skip=()
 if [ -z "${COHORT_TEST_MONGODB_URL:-}" ]; then
-    echo "no MongoDB server on this machine: the MongoDB store suite will report itself skipped"
-    echo "(set COHORT_TEST_MONGODB_URL=mongodb://host:port to run it)"
+    echo "no MongoDB server on this machine: the MongoDB store tests that need one are left out"
+    echo "of this run (set COHORT_TEST_MONGODB_URL=mongodb://host:port to run them)"
+    nextest_filter=(-E 'not (package(cohort-store) & binary(conformance_mongodb) & test(/^mongodb_server::/))')
+    libtest_skip=(-- --skip mongodb_server::)
 fi
 
 step "run the tests"
 if cargo nextest --version >/dev/null 2>&1; then
     # No crate has doctests; nextest runs everything else.
-    cargo nextest run --locked --workspace --no-tests=fail
+    cargo nextest run --locked --workspace --no-tests=fail "${nextest_filter[@]}"
 else
-    cargo test --locked --workspace
+    cargo test --locked --workspace "${libtest_skip[@]}"
 fi
