@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use cohort_integration_tests::bin_dir;
+use cohort_integration_tests::{bin_dir, listening_addresses};
 use nix::sys::signal::Signal;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
@@ -320,54 +320,32 @@ async fn services_validate_config_serve_health_and_stop_on_sigterm() {
             run_bad(case.binary, args, flag, dir.path()).await;
         }
         let ready = dir.path().join(format!("{}.addr", case.binary));
-        // Server services also answer plaintext health on --health-listen (kubelet probes).
-        let health_port = (case.binary != "task-manager").then(free_port);
+        // Server services also answer plaintext health on --health-listen (kubelet probes), on
+        // a port of their choosing: one picked here and bound later could be taken meanwhile.
+        let health_listen = case.binary != "task-manager";
         let mut command = tokio::process::Command::new(bin_dir().join(case.binary));
         command
             .args(&case.good)
             .args(["--listen", "127.0.0.1:0", "--ready-file"])
             .arg(&ready)
             .kill_on_drop(true);
-        if let Some(port) = health_port {
-            command
-                .arg("--health-listen")
-                .arg(format!("127.0.0.1:{port}"));
+        if health_listen {
+            command.args(["--health-listen", "127.0.0.1:0"]);
         }
         let mut child = command.spawn().expect("spawn");
+        let pid = child.id().expect("pid");
         let addr = cohort_runtime::wait_for_file(&ready, Duration::from_secs(30))
             .await
             .unwrap_or_else(|| panic!("{} did not become ready", case.binary));
-        let channel = cohort_runtime::lazy_channel(&addr).expect("channel");
-        let health = HealthClient::new(channel)
-            .check(HealthCheckRequest {
-                service: String::new(),
-            })
-            .await
-            .unwrap_or_else(|e| panic!("{} health: {e}", case.binary))
-            .into_inner();
-        assert_eq!(
-            health.status,
-            ServingStatus::Serving as i32,
-            "{}",
-            case.binary
-        );
-        if let Some(port) = health_port {
-            let channel =
-                cohort_runtime::lazy_channel(&format!("127.0.0.1:{port}")).expect("channel");
-            let health = HealthClient::new(channel)
-                .check(HealthCheckRequest::default())
-                .await
-                .unwrap_or_else(|e| panic!("{} --health-listen: {e}", case.binary))
-                .into_inner();
-            assert_eq!(
-                health.status,
-                ServingStatus::Serving as i32,
-                "{}",
-                case.binary
-            );
+        assert_serving(case.binary, &addr).await;
+        if health_listen {
+            let health_addr = health_listener(pid, &addr).await;
+            assert_serving(&format!("{} --health-listen", case.binary), &health_addr).await;
         }
-        cohort_runtime::process::signal_pid(child.id().expect("pid"), Signal::SIGTERM);
-        let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        cohort_runtime::process::signal_pid(pid, Signal::SIGTERM);
+        // Well within the 30 s Kubernetes waits before it kills; one that ignored SIGTERM would
+        // never exit.
+        let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
             .await
             .unwrap_or_else(|_| panic!("{} ignored SIGTERM", case.binary))
             .expect("wait");
@@ -379,10 +357,39 @@ async fn services_validate_config_serve_health_and_stop_on_sigterm() {
     }
 }
 
-/// A loopback port nobody listens on right now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+/// Asks grpc.health.v1 at `addr` for the server's status: SERVING, within 30 s.
+async fn assert_serving(what: &str, addr: &str) {
+    let channel = cohort_runtime::lazy_channel(addr).expect("channel");
+    let health = tokio::time::timeout(
+        Duration::from_secs(30),
+        HealthClient::new(channel).check(HealthCheckRequest::default()),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{what}: no health answer within 30 s"))
+    .unwrap_or_else(|e| panic!("{what} health: {e}"))
+    .into_inner();
+    assert_eq!(health.status, ServingStatus::Serving as i32, "{what}");
+}
+
+/// The address `pid` listens on besides `main` (its --health-listen port), read from /proc.
+async fn health_listener(pid: u32, main: &str) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let others: Vec<String> = listening_addresses(pid)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|a| a.to_string())
+            .filter(|a| a != main)
+            .collect();
+        match others.as_slice() {
+            [health] => return health.clone(),
+            [] => {}
+            more => panic!("pid {pid} listens on more than {main} and a health port: {more:?}"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "pid {pid} listens on no health port besides {main}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

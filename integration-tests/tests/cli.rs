@@ -10,6 +10,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use cohort_integration_tests::{cohort, cohort_bin, descendant_groups, in_groups};
+use cohort_proto::v1 as pb;
 use serde_json::Value;
 use sha2::Digest;
 
@@ -338,14 +339,25 @@ async fn a_yaml_job_under_cohort_up_succeeds_and_its_models_download_verified() 
     let none = json_of(&["--json", "job", "list", "--namespace", "other"], &profile).await;
     assert_eq!(none.as_array().map(|a| a.len()), Some(0));
 
-    let clients = json_of(&["--json", "client", "list"], &profile).await;
-    let clients = clients.as_array().expect("array");
-    assert_eq!(clients.len(), 3);
-    assert!(
-        clients
-            .iter()
-            .all(|c| c["connected"] == true && c["tasks_succeeded"].as_u64() > Some(0))
-    );
+    // Every party took part: a task's status reaches client-selector after its update reached
+    // the coordinator, so the counts may trail the job's end.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let clients = json_of(&["--json", "client", "list"], &profile).await;
+        let all_counted = clients.as_array().is_some_and(|c| {
+            c.len() == 3
+                && c.iter()
+                    .all(|c| c["connected"] == true && c["tasks_succeeded"].as_u64() > Some(0))
+        });
+        if all_counted {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "parties not all connected with a task succeeded: {clients}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // Ending `up` stops every process it started.
     let mut groups = descendant_groups(up.child.id());
@@ -353,8 +365,17 @@ async fn a_yaml_job_under_cohort_up_succeeds_and_its_models_download_verified() 
     groups.push(up.pgid());
     let status = up.stop();
     assert!(status.success(), "{status}");
-    let left = in_groups(&groups);
-    assert!(left.is_empty(), "left behind: {left:?}");
+    // Its last step is a SIGKILL to its process group, which takes effect (and the orphans are
+    // reaped) a moment after `up` exits.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = in_groups(&groups);
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "left behind: {left:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Parses a safetensors file and returns its tensor count.
@@ -365,6 +386,33 @@ fn cohort_fl_check(bytes: &[u8]) -> usize {
         .as_object()
         .map(|o| o.keys().filter(|k| *k != "__metadata__").count())
         .unwrap_or(0)
+}
+
+/// From the job's STOPPING entry to its STOPPED one, by the server's timestamps.
+async fn stop_took(profile: &Path, id: &str) -> Duration {
+    cohort_security::install_crypto_provider();
+    let api = cohort_cli::Api::connect(Some(profile)).expect("profile");
+    let events = tokio::time::timeout(
+        Duration::from_secs(30),
+        api.jobs().list_job_events(pb::ListJobEventsRequest {
+            id: id.to_string(),
+            after_seq: 0,
+        }),
+    )
+    .await
+    .expect("job log within 30 s")
+    .expect("job log")
+    .into_inner()
+    .events;
+    let at = |state: pb::JobState| {
+        events
+            .iter()
+            .find(|e| e.kind.is_empty() && e.to == state as i32)
+            .map(|e| e.time_ms)
+            .unwrap_or_else(|| panic!("no {state:?} entry: {events:?}"))
+    };
+    let ms = at(pb::JobState::Stopped) - at(pb::JobState::Stopping);
+    Duration::from_millis(u64::try_from(ms).expect("STOPPED after STOPPING"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -394,16 +442,17 @@ async fn stop_takes_a_running_job_to_stopped_within_seconds_and_delete_removes_i
     assert_ne!(code, 0);
     assert!(err.contains("stop it"), "{err}");
 
-    let asked = Instant::now();
     let stopping = json_of(&["--json", "job", "stop", &id], &profile).await;
-    assert!(
-        matches!(stopping["state"].as_str(), Some("STOPPING" | "STOPPED")),
-        "{stopping}"
-    );
+    assert_eq!(stopping["state"], "STOPPING", "{stopping}");
     let stopped = wait_for(&profile, &id, "STOPPED", |j| j["state"] == "STOPPED").await;
-    let took = asked.elapsed();
-    assert!(took < Duration::from_secs(5), "stop took {took:?}");
     assert!(stopped["rounds_completed"].as_u64() < Some(500));
+    // The coordinator itself stopped, mid-round: had it ignored the request, job-scheduler
+    // would have terminated it after its 10 s stop grace and said so in the reason.
+    let reason = stopped["reason"].as_str().unwrap_or_default();
+    assert!(!reason.contains("terminated"), "{stopped}");
+    // Timed by job-scheduler's own log, not by CLI processes started on a loaded machine.
+    let took = stop_took(&profile, &id).await;
+    assert!(took < Duration::from_secs(10), "stop took {took:?}");
 
     let (code, _, err) = cohort(&["job", "delete", &id], &profile)
         .await
@@ -664,10 +713,15 @@ async fn certificates_tokens_and_revocation_from_the_command_line() {
     drop(up);
 }
 
-/// A loopback port nothing listens on.
-fn closed_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("addr").port()
+/// A loopback port that refuses connections for as long as the socket is kept: bound, so no
+/// other test can take it, but not listening.
+fn closed_port() -> (tokio::net::TcpSocket, u16) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.1:0".parse().expect("address"))
+        .expect("bind");
+    let port = socket.local_addr().expect("addr").port();
+    (socket, port)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -696,11 +750,8 @@ async fn usage_errors_follow_the_json_contract_and_every_command_has_help() {
 
     // Our own checks of arguments are usage errors too (made before any call).
     let profile = dir.path().join("profile.toml");
-    std::fs::write(
-        &profile,
-        format!("endpoint = \"127.0.0.1:{}\"\n", closed_port()),
-    )
-    .expect("write");
+    let (_closed, port) = closed_port();
+    std::fs::write(&profile, format!("endpoint = \"127.0.0.1:{port}\"\n")).expect("write");
     let (code, _, err) = cohort(&["--json", "job", "list", "--state", "sleepy"], &profile)
         .await
         .expect("run");
@@ -754,7 +805,8 @@ async fn usage_errors_follow_the_json_contract_and_every_command_has_help() {
 async fn an_unreachable_federation_is_named_with_its_profile_at_once() {
     let dir = tempfile::tempdir().expect("tempdir");
     let profile = dir.path().join("profile.toml");
-    let endpoint = format!("127.0.0.1:{}", closed_port());
+    let (_closed, port) = closed_port();
+    let endpoint = format!("127.0.0.1:{port}");
     std::fs::write(&profile, format!("endpoint = \"{endpoint}\"\n")).expect("write");
     let named = format!(
         "cannot reach the federation at {endpoint} (profile {}): connection refused",
@@ -795,8 +847,10 @@ async fn an_unreachable_federation_is_named_with_its_profile_at_once() {
         .expect("run");
     assert_eq!(code, 1);
     assert!(err.contains(&named), "{err}");
+    // Six CLI runs: seconds on a loaded machine, where a `watch` that retried would take a
+    // minute on its own.
     let took = started.elapsed();
-    assert!(took < Duration::from_secs(10), "took {took:?}");
+    assert!(took < Duration::from_secs(30), "took {took:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -142,6 +142,22 @@ impl KubeParty {
     }
 }
 
+/// Polls `check` (Ok when the condition holds, else what it saw) until it holds; panics with
+/// the last thing seen after 30 s: a 1 s poll, then a few API calls, on a loaded machine.
+async fn wait_until(what: &str, check: impl Fn() -> Result<(), String>) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match check() {
+            Ok(()) => return,
+            Err(seen) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}: {seen}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_party_with_executor_pods_trains_in_a_federation() {
     let fed = Federation::start(2).await.expect("federation");
@@ -172,6 +188,18 @@ async fn a_party_with_executor_pods_trains_in_a_federation() {
         "{done:?}\ntask-manager: {tm_log}\nexecutor pods: {}",
         kube.logs(&kubelet_dir)
     );
+
+    // task-manager learns that a Pod ended by polling it (pollIntervalSeconds: 1), then deletes
+    // it and its task Secret, then reports: the last ones may go after the job has ended.
+    wait_until("executor pods and task secrets deleted", || {
+        let mut live_pods = kube.live_pods();
+        live_pods.retain(|p| p != "executor-of-another-party");
+        let live_secrets = kube.live_secrets();
+        (live_pods.is_empty() && live_secrets == ["party-k8s-tls"])
+            .then_some(())
+            .ok_or(format!("pods {live_pods:?}, secrets {live_secrets:?}"))
+    })
+    .await;
 
     // What task-manager asked of the API server.
     let calls = kube.calls();
@@ -222,14 +250,10 @@ async fn a_party_with_executor_pods_trains_in_a_federation() {
             pod["spec"]["containers"][0]["resources"]["requests"],
             json!({"cpu": "1", "memory": "1Gi"})
         );
-        // Every Pod and its task Secret are gone once the task ended.
+        // Every Pod and its task Secret were deleted once, by name, when the task ended.
         assert_eq!(count("DELETE", &format!("/pods/{name}")), 1, "{name}");
         assert_eq!(count("DELETE", &format!("/secrets/{name}")), 1, "{name}");
     }
-    let mut live_pods = kube.live_pods();
-    live_pods.retain(|p| p != "executor-of-another-party");
-    assert!(live_pods.is_empty(), "{live_pods:?}");
-    assert_eq!(kube.live_secrets(), vec!["party-k8s-tls".to_string()]);
 
     // The executors really ran, in Pods: JSON logs (the Pod's env), training done.
     let logs = kube.logs(&kubelet_dir);

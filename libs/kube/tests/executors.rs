@@ -128,7 +128,8 @@ async fn serve_remove(handle: &mut ApiHandle, pod_grace: u32) {
     secret.fail(404, "NotFound");
 }
 
-#[tokio::test]
+// Paused time: the polls are tokio timers against an in-process mock, so none waits a real second.
+#[tokio::test(start_paused = true)]
 async fn a_task_is_a_secret_and_a_pod_polled_until_it_succeeds_then_removed() {
     let (executors, mut handle) = executors();
     let task_file = b"\x0a\x03t-7 task bytes";
@@ -278,7 +279,9 @@ async fn a_pod_that_cannot_pull_its_image_fails_at_once_and_a_deleted_one_too() 
     assert_eq!(end, ExecutorEnd::Failed("executor pod deleted".to_string()));
 }
 
-#[tokio::test]
+// Paused time: the clock moves only when every task waits on a timer, so the 1 s poll and the
+// 1.5 s deadline are exact however loaded the machine is.
+#[tokio::test(start_paused = true)]
 async fn waiting_ends_at_the_deadline_and_api_errors_are_retried() {
     let (executors, mut handle) = executors();
     let started = Instant::now();
@@ -289,13 +292,23 @@ async fn waiting_ends_at_the_deadline_and_api_errors_are_retried() {
             .answer(StatusCode::OK, pod_in("Pending", json!({"waiting": {}})));
     };
     // Two polls fit before the deadline (1 s apart), a third would not.
-    let (end, ()) = tokio::join!(
-        executors.wait("t-7", started + Duration::from_millis(1500)),
-        serve
-    );
+    let (end, ()) = tokio::time::timeout(Duration::from_secs(60), async {
+        tokio::join!(
+            executors.wait("t-7", started + Duration::from_millis(1500)),
+            serve
+        )
+    })
+    .await
+    .expect("wait returns at its deadline, not after a third poll");
     assert_eq!(
         end,
         ExecutorEnd::Failed("executor pod did not end before the task's deadline".to_string())
+    );
+    // It gave up after the second poll: not before it, and without sleeping past the deadline.
+    let took = started.elapsed();
+    assert!(
+        (Duration::from_secs(1)..Duration::from_millis(1500)).contains(&took),
+        "gave up after {took:?}"
     );
 }
 
