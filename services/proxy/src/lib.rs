@@ -564,7 +564,10 @@ async fn serve_connection<IO>(
     tokio::pin!(conn);
     let revocation = async {
         match &party {
+            // Closed when the party is revoked while connected. A party that connects while
+            // revoked is served: the gate refuses each call saying why.
             Some(p) => {
+                let _ = revoked.wait_for(|set| !set.contains(p)).await;
                 let _ = revoked.wait_for(|set| set.contains(p)).await;
             }
             None => std::future::pending::<()>().await,
