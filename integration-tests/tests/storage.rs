@@ -7,7 +7,8 @@ use std::time::Duration;
 use cohort_core::JobState;
 use cohort_integration_tests::servers::{PgCluster, S3Server};
 use cohort_integration_tests::{
-    Federation, Storage, cohort_bin, digits_job, files_under, on_postgres, state_of,
+    Federation, Storage, assert_one_version_per_round, cohort_bin, digits_job, files_under,
+    on_postgres, state_of,
 };
 use cohort_proto::v1 as pb;
 
@@ -117,11 +118,13 @@ async fn a_postgres_outage_mid_job_loses_nothing_recorded_before_it() {
         .wait_end(&job.id, Duration::from_secs(180))
         .await
         .expect("job ends");
-    match state_of(&done) {
-        JobState::Succeeded => assert_eq!(done.rounds_completed, 12),
-        JobState::Failed => assert!(!done.reason.is_empty()),
-        other => panic!("job ended {other}: {}", done.reason),
-    }
+    // The outage is shorter than every patience involved (the coordinator's storage and
+    // scheduler patience, the services' pools): the job rides it out.
+    assert_eq!(state_of(&done), JobState::Succeeded, "{}", done.reason);
+    assert_eq!(done.rounds_completed, 12);
+    let rounds: Vec<u32> = done.rounds.iter().map(|r| r.round).collect();
+    assert_eq!(rounds, (1..=12).collect::<Vec<_>>());
+    assert_one_version_per_round(&fed.api(), &done, 12).await;
     // Everything recorded before the outage is still there.
     for r in &before.rounds {
         assert!(done.rounds.contains(r), "round {} survived", r.round);
