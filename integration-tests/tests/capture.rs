@@ -146,7 +146,6 @@ async fn demo_traffic_is_mutual_tls_with_no_plaintext_grpc() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
 
     let demo = tokio::time::timeout(
         Duration::from_secs(240),
@@ -195,7 +194,8 @@ async fn demo_traffic_is_mutual_tls_with_no_plaintext_grpc() {
         .await;
     server.abort();
     // Packets reach the file as they come (--immediate-mode, -U); on a loaded machine that
-    // can still take a moment: wait for the control call to be in it before stopping.
+    // can still take a moment: wait for the control call, the last traffic, to be in it
+    // before stopping (everything before it then is too).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while tokio::time::Instant::now() < deadline {
         let seen = tcp_segments(&std::fs::read(&pcap).unwrap_or_default())
@@ -208,7 +208,6 @@ async fn demo_traffic_is_mutual_tls_with_no_plaintext_grpc() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(capture.id().expect("tcpdump pid") as i32),
         nix::sys::signal::Signal::SIGINT,
