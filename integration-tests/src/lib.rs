@@ -533,3 +533,23 @@ pub fn log_files_under(dir: &Path) -> Vec<String> {
         .filter(|f| f.ends_with(".log"))
         .collect()
 }
+
+/// `root`'s descendants now, not `root` itself: (pid, process group, comm).
+pub fn descendants(root: u32) -> Vec<(u32, i32, String)> {
+    let procs = processes();
+    let mut tree = std::collections::BTreeSet::from([root]);
+    let mut grew = true;
+    while grew {
+        grew = false;
+        for (pid, ppid, _, _) in &procs {
+            if tree.contains(ppid) && tree.insert(*pid) {
+                grew = true;
+            }
+        }
+    }
+    procs
+        .into_iter()
+        .filter(|(pid, _, _, _)| *pid != root && tree.contains(pid))
+        .map(|(pid, _, group, comm)| (pid, group, comm))
+        .collect()
+}

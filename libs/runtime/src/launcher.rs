@@ -151,6 +151,28 @@ fn is_coordinator_of(pid: u32, job_id: &JobId) -> bool {
 }
 
 /// How much of the end of a coordinator's log is searched for its last problem.
+/// Settings of a local coordinator that it takes from job-scheduler's environment (an
+/// operator tunes coordinators there). Nothing else of job-scheduler's configuration reaches
+/// a coordinator: not its database URL (a password), nor its listen, health or ready-file
+/// settings, which would collide with job-scheduler's own; the rest comes as flags.
+pub const COORDINATOR_TUNABLES: [&str; 3] = [
+    "COHORT_MAX_CONCURRENT_UPLOADS",
+    "COHORT_UPLOAD_IDLE_TIMEOUT",
+    "COHORT_STORAGE_PATIENCE",
+];
+
+/// What any process needs of its parent's environment.
+const PROCESS_BASICS: [&str; 8] = [
+    "PATH",
+    "HOME",
+    "TMPDIR",
+    "LANG",
+    "LC_ALL",
+    "TZ",
+    "RUST_LOG",
+    "RUST_BACKTRACE",
+];
+
 const LOG_TAIL_BYTES: u64 = 64 * 1024;
 /// The most characters of a log line an exit description carries.
 const CAUSE_CHARS: usize = 300;
@@ -325,6 +347,12 @@ impl Launcher for LocalLauncher {
             source,
         })?;
         let mut cmd = Command::new(&self.binary);
+        cmd.env_clear();
+        for name in PROCESS_BASICS.iter().chain(&COORDINATOR_TUNABLES) {
+            if let Some(value) = std::env::var_os(name) {
+                cmd.env(name, value);
+            }
+        }
         cmd.arg("--job-spec")
             .arg(&spec)
             .arg("--job-id")
@@ -668,6 +696,36 @@ mod tests {
         assert!(next_exit(&mut exits).await.description.contains("SIGTERM"));
         wait_alive(&launcher, &job, Some(false)).await;
         assert!(launcher.stop_all(Duration::from_secs(1)).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_coordinator_gets_only_the_allowed_part_of_the_environment() {
+        let dir = TempDir::new();
+        let seen = dir.0.join("env.txt");
+        let script = format!("#!/bin/sh\nenv > '{}'\n", seen.display());
+        let (launcher, mut exits) = launcher_with(&dir, &script);
+        let job = JobId::parse("job-a1b2c3").unwrap();
+        launcher.launch(&job, "{}").await.unwrap();
+        assert_eq!(next_exit(&mut exits).await.description, "exit status 0");
+        let env = std::fs::read_to_string(&seen).unwrap();
+        let names: Vec<&str> = env
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(n, _)| n)
+            .collect();
+        assert!(names.contains(&"PATH"), "{names:?}");
+        // cargo sets it for every test run: the parent has it, the coordinator must not.
+        assert!(std::env::var_os("CARGO_MANIFEST_DIR").is_some());
+        for name in &names {
+            assert!(
+                PROCESS_BASICS.contains(name)
+                    || COORDINATOR_TUNABLES.contains(name)
+                    || *name == "PWD"
+                    || *name == "SHLVL"
+                    || *name == "_",
+                "{name} reached the coordinator"
+            );
+        }
     }
 
     #[tokio::test]

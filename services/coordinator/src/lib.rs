@@ -207,3 +207,54 @@ impl Args {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every setting a coordinator reads from its environment is accounted for: given as a
+    /// flag by the launchers, one of the tunables a local coordinator takes from
+    /// job-scheduler's environment, or one it must not take from there. A new setting has to
+    /// be placed in one of these before this passes.
+    #[test]
+    fn every_environment_setting_is_a_flag_a_tunable_or_withheld() {
+        let by_flags = [
+            "COHORT_JOB_ID",
+            "COHORT_JOB_SPEC",
+            "COHORT_JOB_SCHEDULER",
+            "COHORT_MODEL_MANAGER",
+            "COHORT_CLIENT_SELECTOR",
+            "COHORT_LOG_FORMAT",
+            "COHORT_TLS_CERT",
+            "COHORT_TLS_KEY",
+            "COHORT_TLS_CA",
+        ];
+        // job-scheduler's own: its port, files and database are not the coordinator's.
+        let withheld = [
+            "COHORT_LISTEN",
+            "COHORT_READY_FILE",
+            "COHORT_HEALTH_LISTEN",
+            "COHORT_ADVERTISE",
+        ];
+        let tunables = cohort_runtime::launcher::COORDINATOR_TUNABLES;
+        for arg in super::Args::command().get_arguments() {
+            let Some(env) = arg.get_env() else { continue };
+            let env = env.to_string_lossy();
+            assert!(
+                by_flags.contains(&env.as_ref())
+                    || withheld.contains(&env.as_ref())
+                    || tunables.contains(&env.as_ref()),
+                "--{}: {env} is neither given as a flag, a tunable nor withheld",
+                arg.get_id()
+            );
+        }
+        for tunable in tunables {
+            assert!(
+                super::Args::command()
+                    .get_arguments()
+                    .any(|a| a.get_env().is_some_and(|e| e == tunable)),
+                "{tunable} is no coordinator setting"
+            );
+        }
+    }
+}
