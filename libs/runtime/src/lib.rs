@@ -219,7 +219,10 @@ impl Listener {
         tracing::info!(service = service_name, addr = %self.local_addr, "serving gRPC");
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(self.listener);
         let mut builder = tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(20)));
+            .http2_keepalive_interval(Some(Duration::from_secs(20)))
+            .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+            .initial_stream_window_size(STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(CONNECTION_WINDOW_BYTES);
         match &self.tls {
             Some(tls) => {
                 tracing::info!(service = service_name, identity = %tls.identity(), "serving mutual TLS");
@@ -334,6 +337,20 @@ where
         tracing::error!(error = %e, "health listener failed");
     }
 }
+
+/// HTTP/2 flow control of every service. The proxy carries every party's calls to a service
+/// over one connection, and a stream whose data waits unread (an upload queued for one of the
+/// coordinator's or model-manager's slots) holds up to its stream window of the connection's
+/// window. A connection window of one stream window would let queued uploads starve those
+/// being received; this one covers `CONNECTION_WINDOW_BYTES / STREAM_WINDOW_BYTES` (1024)
+/// queued streams. What queued uploads buffer is at most one stream window each.
+pub const STREAM_WINDOW_BYTES: u32 = 1 << 20;
+/// See [`STREAM_WINDOW_BYTES`].
+pub const CONNECTION_WINDOW_BYTES: u32 = 1 << 30;
+/// Concurrent streams on one connection to a service (tonic sets no limit by default). The
+/// proxy's connection carries one session stream per connected party, so it is as high as the
+/// proxy's own ceiling per connection.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 10_000;
 
 /// Aborts a background task when dropped.
 struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);

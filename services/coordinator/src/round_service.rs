@@ -11,6 +11,7 @@ use cohort_fl::{CHUNK_BYTES, TensorAssembler, chunk_tensors};
 use cohort_proto::v1 as pb;
 use cohort_runtime::ToStatus;
 use futures::{Stream, StreamExt};
+use tokio::sync::OwnedSemaphorePermit;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::round_state::{RoundError, RoundState};
@@ -129,8 +130,9 @@ impl pb::round_server::Round for RoundApi {
                 "the round's deadline passed while the update was uploaded",
             ))),
         };
-        let delta = match received {
-            Ok(delta) => delta,
+        // The slot is held until the update is folded: until then it is in memory.
+        let (delta, _slot) = match received {
+            Ok(received) => received,
             // Content the model cannot take: the update is dropped, with its reason.
             Err(Received::Bad(why)) => return Err(upload.reject(why).to_status()),
             Err(Received::Broken(e)) => {
@@ -183,12 +185,13 @@ enum Received {
 impl RoundApi {
     /// Reassembles the update, checking its layout as it comes. The upload takes one of the
     /// slots bounding the updates in memory once its first chunk arrived: a party that sends
-    /// a header and stalls holds no slot.
+    /// a header and stalls holds no slot. Returns the update with its slot, which the caller
+    /// holds until the update is folded.
     async fn receive(
         &self,
         upload: &crate::round_state::Upload,
         inbound: &mut Streaming<pb::SubmitUpdateRequest>,
-    ) -> Result<Vec<cohort_core::NamedTensor>, Received> {
+    ) -> Result<(Vec<cohort_core::NamedTensor>, Option<OwnedSemaphorePermit>), Received> {
         let check = upload.check();
         let max = cohort_core::tensor::total_elements(check.global());
         let mut asm = TensorAssembler::new(Some(check.layout()), max);
@@ -207,7 +210,8 @@ impl RoundApi {
                 None => {}
             }
         }
-        asm.finish().map_err(|e| Received::Bad(e.to_string()))
+        let update = asm.finish().map_err(|e| Received::Bad(e.to_string()))?;
+        Ok((update, slot))
     }
 }
 
