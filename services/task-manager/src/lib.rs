@@ -371,6 +371,9 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// deadline is still on its way) before it is stopped and the task reported failed.
 const TASK_DEADLINE_GRACE: Duration = Duration::from_secs(10);
 
+/// How long a cancelled task's Pod is looked at once more (did it succeed meanwhile?).
+const POD_LAST_LOOK: Duration = Duration::from_secs(5);
+
 /// Why a task past its deadline failed, or its offer was refused.
 const DEADLINE_PASSED: &str = "the task's deadline passed";
 
@@ -884,6 +887,12 @@ impl Party {
                             }
                         };
                         match stopped {
+                            // Cancelled just after it succeeded: its outcome stands.
+                            Ok((pb::TaskPhase::Cancelled, _))
+                                if child.try_wait().ok().flatten().is_some_and(|s| s.success()) =>
+                            {
+                                (pb::TaskPhase::Succeeded, String::new())
+                            }
                             Ok(end) => {
                                 cohort_runtime::process::terminate(
                                     &mut child,
@@ -907,7 +916,14 @@ impl Party {
                             ExecutorEnd::Succeeded => (pb::TaskPhase::Succeeded, String::new(), Duration::ZERO),
                             ExecutorEnd::Failed(why) => (pb::TaskPhase::Failed, why, Duration::ZERO),
                         },
-                        _ = stop => (pb::TaskPhase::Cancelled, "cancelled".to_string(), Duration::from_secs(3)),
+                        // The Pod may have succeeded since the last poll: its outcome stands.
+                        _ = stop => match tokio::time::timeout(
+                            POD_LAST_LOOK,
+                            pods.wait(&task.task_id, tokio::time::Instant::now()),
+                        ).await {
+                            Ok(ExecutorEnd::Succeeded) => (pb::TaskPhase::Succeeded, String::new(), Duration::ZERO),
+                            _ => (pb::TaskPhase::Cancelled, "cancelled".to_string(), Duration::from_secs(3)),
+                        },
                         _ = past_deadline => {
                             tracing::warn!(task = %task.task_id, "executor pod still running past the task's deadline; deleting it");
                             (pb::TaskPhase::Failed, DEADLINE_PASSED.to_string(), Duration::from_secs(3))
