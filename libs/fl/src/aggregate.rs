@@ -152,6 +152,8 @@ pub struct FedAvg {
     folded: u32,
     /// Updates heavier than the current cap: their final weight is known only at the end.
     held: Vec<Held>,
+    /// Threads a large tensor's fold is split over.
+    fold_threads: usize,
 }
 
 impl FedAvg {
@@ -167,7 +169,15 @@ impl FedAvg {
             folded_weight: 0.0,
             folded: 0,
             held: Vec::new(),
+            fold_threads: 1,
         }
+    }
+
+    /// Splits the fold of each large tensor over `threads` (at least 1). The result is the
+    /// same bit for bit: every element is still summed in the order updates come.
+    pub fn with_fold_threads(mut self, threads: usize) -> Self {
+        self.fold_threads = threads.max(1);
+        self
     }
 
     /// The checker for this round's updates (shareable, lock-free).
@@ -235,9 +245,7 @@ impl FedAvg {
 
     fn fold_weighted(&mut self, data: &[Vec<f32>], weight: f64) {
         for (acc, values) in self.sum.iter_mut().zip(data) {
-            for (a, v) in acc.iter_mut().zip(values) {
-                *a += weight * f64::from(*v);
-            }
+            fold_into(acc, values, weight, self.fold_threads);
         }
         self.folded_weight += weight;
         self.folded += 1;
@@ -287,6 +295,26 @@ impl FedAvg {
         }
         Ok(out)
     }
+}
+
+/// Elements below which a thread of its own costs more than it saves.
+const MIN_ELEMENTS_PER_THREAD: usize = 1 << 16;
+
+/// `acc += weight · values`, split over up to `threads` scoped threads for large tensors.
+fn fold_into(acc: &mut [f64], values: &[f32], weight: f64, threads: usize) {
+    let threads = threads.min(acc.len() / MIN_ELEMENTS_PER_THREAD).max(1);
+    if threads == 1 {
+        for (a, v) in acc.iter_mut().zip(values) {
+            *a += weight * f64::from(*v);
+        }
+        return;
+    }
+    let part = acc.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        for (acc, values) in acc.chunks_mut(part).zip(values.chunks(part)) {
+            scope.spawn(move || fold_into(acc, values, weight, 1));
+        }
+    });
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -383,6 +411,29 @@ mod tests {
         let new = agg.finish().unwrap();
         assert_eq!(new[0].data, vec![1.0 + (1.0 - 3.0) / 4.0, 1.0 + 12.0 / 4.0]);
         assert_eq!(new[1].data, vec![0.75]);
+    }
+
+    #[test]
+    fn a_fold_split_over_threads_is_the_same_bit_for_bit() {
+        // Large enough for 3 threads; an odd length so the parts differ in size.
+        let n = 3 * MIN_ELEMENTS_PER_THREAD + 17;
+        let global = vec![t("w", vec![0.5; n]), t("b", vec![0.0; 3])];
+        let update = |c: usize| {
+            let w = (0..n).map(|k| ((k * 7 + c * 13) % 1024) as f32 / 1024.0 - 0.5);
+            vec![t("w", w.collect()), t("b", vec![c as f32; 3])]
+        };
+        let run = |threads: usize| {
+            let mut agg = plain(&global).with_fold_threads(threads);
+            for c in 0..4 {
+                agg.fold(&update(c), 100 + c as u64).unwrap();
+            }
+            agg.finish().unwrap()
+        };
+        let serial = run(1);
+        for threads in [2, 3, 8] {
+            assert_eq!(run(threads), serial, "{threads} threads");
+        }
+        assert_ne!(serial[0].data[1], 0.5, "the updates were folded");
     }
 
     #[test]

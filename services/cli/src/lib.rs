@@ -4,6 +4,7 @@
 //! A client of the public gRPC API only: it must not depend on service crates
 //! or stores.
 
+pub mod bench;
 pub mod certs;
 pub mod data;
 pub mod error;
@@ -69,6 +70,9 @@ pub enum Command {
     /// API tokens (needs an admin token).
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Measure Cohort's own machinery (no federation needed for `aggregate`).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
     /// Show this CLI's version and the server's.
     ///
     /// The server's version comes from job-scheduler through the profile's proxy. When it
@@ -287,6 +291,7 @@ impl Cli {
             Command::Up(a) => up(a, json).await,
             Command::Demo(a) => demo(a, json).await,
             Command::Version { client } => version(self.profile.as_deref(), client, json).await,
+            Command::Bench(c) => bench::run(c, json),
             Command::Completions { shell } => {
                 let mut out = std::io::stdout().lock();
                 clap_complete::generate(shell, &mut Cli::command(), "cohort", &mut out);

@@ -1,0 +1,71 @@
+//! The FedAvg fold alone: 10 updates of `COHORT_BENCH_PARAMS` parameters (default 4M, 16 MB
+//! each) folded into one aggregate, on one thread and on every core. Throughput is in update
+//! bytes. `cohort bench aggregate` measures the same at any size, with the check apart.
+
+use std::sync::Arc;
+
+use cohort_core::NamedTensor;
+use cohort_fl::{AggregationRules, FedAvg};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+
+const UPDATES: usize = 10;
+
+fn params() -> usize {
+    std::env::var("COHORT_BENCH_PARAMS")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(4_000_000)
+}
+
+fn tensors(params: usize, value: impl Fn(usize) -> f32) -> Vec<NamedTensor> {
+    let each = params / 4;
+    (0..4)
+        .map(|l| {
+            let n = if l == 3 { params - 3 * each } else { each };
+            NamedTensor {
+                name: format!("layer{l}"),
+                shape: vec![n],
+                data: (0..n).map(&value).collect(),
+            }
+        })
+        .collect()
+}
+
+fn fold(c: &mut Criterion) {
+    let params = params();
+    let global = Arc::new(tensors(params, |_| 0.0));
+    let updates: Vec<Vec<NamedTensor>> = (0..UPDATES)
+        .map(|u| tensors(params, |k| ((k % 1024 + u) as f32 / 1024.0 - 0.5) * 1e-3))
+        .collect();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut group = c.benchmark_group("fedavg_fold");
+    group.throughput(Throughput::Bytes((UPDATES * params * 4) as u64));
+    group.sample_size(10);
+    for threads in [1, cores] {
+        group.bench_function(format!("{UPDATES}x{params}/{threads}_threads"), |b| {
+            b.iter_batched(
+                || {
+                    let fedavg = FedAvg::new(global.clone(), AggregationRules::default())
+                        .with_fold_threads(threads);
+                    let check = fedavg.checker();
+                    let checked: Vec<_> = updates
+                        .iter()
+                        .map(|u| check.check(u.clone()).expect("a valid update"))
+                        .collect();
+                    (fedavg, checked)
+                },
+                |(mut fedavg, checked)| {
+                    for (u, update) in checked.into_iter().enumerate() {
+                        fedavg.add(update, 100 + u as u64).expect("fold");
+                    }
+                    fedavg
+                },
+                criterion::BatchSize::LargeInput,
+            )
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, fold);
+criterion_main!(benches);
