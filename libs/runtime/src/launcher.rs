@@ -126,12 +126,22 @@ impl LocalLauncher {
     }
 
     /// Forgets the coordinator of launch `serial`, unless a later one replaced it.
-    fn forget(running: &Mutex<HashMap<JobId, Running>>, job_id: &JobId, serial: u64) {
-        if let Ok(mut map) = running.lock()
-            && map.get(job_id).is_some_and(|r| r.serial == serial)
-        {
-            map.remove(job_id);
+    /// Reports launch (or adoption) `serial`'s exit and forgets it, in one step under the
+    /// lock `alive` takes: whoever sees the coordinator not alive finds its exit, with the
+    /// cause, already sent, and no one sees it alive after its exit was reported.
+    fn report_exit(
+        running: &Mutex<HashMap<JobId, Running>>,
+        exits: &mpsc::UnboundedSender<CoordinatorExit>,
+        exit: CoordinatorExit,
+        serial: u64,
+    ) {
+        let mut map = running
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if map.get(&exit.job_id).is_some_and(|r| r.serial == serial) {
+            map.remove(&exit.job_id);
         }
+        let _ = exits.send(exit);
     }
 }
 
@@ -386,12 +396,12 @@ impl Launcher for LocalLauncher {
                     child.wait().await
                 }
             };
-            LocalLauncher::forget(&running, &job, serial);
             let description = describe_with_cause(describe(status), log_path, log_start).await;
-            let _ = exits.send(CoordinatorExit {
+            let exit = CoordinatorExit {
                 job_id: job,
                 description,
-            });
+            };
+            LocalLauncher::report_exit(&running, &exits, exit, serial);
         });
         tracing::info!(job = %job_id, pid = ?pid, log = %log.display(), "coordinator launched");
         Ok(pid)
@@ -425,13 +435,13 @@ impl Launcher for LocalLauncher {
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            LocalLauncher::forget(&running, &job, serial);
             let description =
                 describe_with_cause("exited (adopted process)".to_string(), log, log_start).await;
-            let _ = exits.send(CoordinatorExit {
+            let exit = CoordinatorExit {
                 job_id: job,
                 description,
-            });
+            };
+            LocalLauncher::report_exit(&running, &exits, exit, serial);
         });
         tracing::info!(job = %job_id, pid, "adopted running coordinator");
         true
@@ -672,7 +682,7 @@ mod tests {
         assert_eq!(launcher.alive(&job).await, Some(true));
         signal_pid(first, Signal::SIGKILL);
         assert_eq!(next_exit(&mut exits).await.description, "killed by SIGKILL");
-        assert_eq!(launcher.alive(&job).await, Some(false));
+        wait_alive(&launcher, &job, Some(false)).await;
 
         // A relaunch while the old one still runs (a missed exit): the old one's end
         // must not make the launcher forget the new one.
@@ -770,7 +780,7 @@ mod tests {
             (exit.job_id, exit.description.as_str()),
             (job.clone(), "exited (adopted process)")
         );
-        assert_eq!(launcher.alive(&job).await, Some(false));
+        wait_alive(&launcher, &job, Some(false)).await;
         // A dead pid is not adopted.
         assert!(!launcher.adopt(&job, Some(orphan.id())).await);
         let _ = stranger.kill();

@@ -330,8 +330,11 @@ impl JobManager {
             self.handle_exits().await;
             self.relaunch_due().await;
             if Instant::now() >= next_reconcile {
-                self.reconcile("is gone (found by job-scheduler's periodic check)")
-                    .await;
+                self.reconcile(
+                    "is gone (found by job-scheduler's periodic check)",
+                    Some(&mut exits),
+                )
+                .await;
                 next_reconcile = Instant::now() + interval;
             }
         }
@@ -583,7 +586,11 @@ impl JobManager {
     /// coordinator of an earlier job-scheduler, and handles a missing one as an exit
     /// (`gone` says how, unless an exit reported earlier does). Also finishes interrupted
     /// deletes.
-    async fn reconcile(&self, gone: &str) {
+    async fn reconcile(
+        &self,
+        gone: &str,
+        mut exits: Option<&mut mpsc::UnboundedReceiver<CoordinatorExit>>,
+    ) {
         let jobs = match self
             .store
             .jobs_in_states(&[
@@ -621,6 +628,13 @@ impl JobManager {
             }
             if self.launcher.adopt(&job.id, job.coordinator_pid).await {
                 continue;
+            }
+            // A launcher reports an exit before it forgets the coordinator: one found not
+            // alive has its exit, with its cause, in the channel by now.
+            if let Some(exits) = exits.as_deref_mut() {
+                while let Ok(exit) = exits.try_recv() {
+                    self.note_exit(exit);
+                }
             }
             let reported = self.pending().exits.remove(&job.id);
             let how = reported
@@ -834,7 +848,7 @@ impl JobManager {
     /// reconcile interval.
     pub async fn recover(&self) {
         let _acting = self.acting.lock().await;
-        self.reconcile("was gone when job-scheduler restarted")
+        self.reconcile("was gone when job-scheduler restarted", None)
             .await;
     }
 
