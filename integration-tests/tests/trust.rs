@@ -349,8 +349,10 @@ async fn round_calls_at_another_job_are_refused_without_flooding_its_log() {
     )
     .await
     .expect("registers");
+    // Long enough that the 200 calls below all reach a running coordinator on a loaded
+    // machine (four rounds were over before them under stress-ng).
     let job = fed
-        .create_job(&spec("target", ""))
+        .create_job(&spec("target", "").replace("rounds: 4", "rounds: 20"))
         .await
         .expect("create job");
     fed.wait_job(&job.id, JOB_WAIT, "round 1 to start", |j| {
