@@ -373,22 +373,7 @@ pub async fn cohort(args: &[&str], profile: &Path) -> anyhow::Result<(i32, Strin
 
 /// Process groups of `root`'s descendants (not `root`'s own).
 pub fn descendant_groups(root: u32) -> Vec<i32> {
-    let procs = processes();
-    let mut tree = std::collections::BTreeSet::from([root]);
-    let mut grew = true;
-    while grew {
-        grew = false;
-        for (pid, ppid, _, _) in &procs {
-            if tree.contains(ppid) && tree.insert(*pid) {
-                grew = true;
-            }
-        }
-    }
-    let mut groups: Vec<i32> = procs
-        .iter()
-        .filter(|(pid, _, _, _)| *pid != root && tree.contains(pid))
-        .map(|(_, _, g, _)| *g)
-        .collect();
+    let mut groups: Vec<i32> = descendants(root).into_iter().map(|(_, g, _)| g).collect();
     groups.sort();
     groups.dedup();
     groups

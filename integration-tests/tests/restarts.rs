@@ -14,8 +14,8 @@ use cohort_cli::Api;
 use cohort_cli::profile::Profile;
 use cohort_core::JobState;
 use cohort_integration_tests::{
-    Federation, assert_one_version_per_round, cohort_bin, descendant_groups, digits_job,
-    on_postgres, processes, state_of,
+    Federation, assert_one_version_per_round, cohort_bin, coordinator_pids, descendant_groups,
+    digits_job, on_postgres, state_of,
 };
 use cohort_proto::v1 as pb;
 use nix::sys::signal::Signal;
@@ -25,16 +25,7 @@ use tokio::time::Instant;
 async fn coordinator_of(job_id: &str) -> u32 {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let pids: Vec<u32> = processes()
-            .into_iter()
-            .filter(|(_, _, _, comm)| comm == "coordinator")
-            .filter(|(pid, _, _, _)| {
-                std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
-                    .map(|c| c.contains(job_id))
-                    .unwrap_or(false)
-            })
-            .map(|(pid, _, _, _)| pid)
-            .collect();
+        let pids = coordinator_pids(job_id);
         if let [pid] = pids[..] {
             return pid;
         }
