@@ -72,6 +72,7 @@ impl Federation {
             service_env: storage.env,
             alpha: 0.5,
             seed: 42,
+            synthetic: false,
         })
         .await?;
         Ok(Federation { stack, dir })
@@ -243,6 +244,8 @@ pub fn digits_mlp(hidden: &[u32], seed: u64) -> Vec<u8> {
         hidden: hidden.to_vec(),
         init: None,
         name: None,
+        params: None,
+        layers: None,
     };
     let weights = cohort_train::init_model(&model, 64, 10, seed).expect("weights");
     cohort_fl::to_safetensors(&weights).expect("safetensors")

@@ -287,6 +287,8 @@ async fn a_round_with_more_parties_than_upload_slots_keeps_the_coordinator_o_mod
         hidden: vec![HIDDEN, HIDDEN],
         init: None,
         name: None,
+        params: None,
+        layers: None,
     };
     let weights = cohort_train::init_model(&spec, 64, 10, 5).expect("weights");
     let model: u64 = weights.iter().map(|t| t.data.len() as u64 * 4).sum();

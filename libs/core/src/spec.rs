@@ -173,6 +173,11 @@ pub enum Arch {
     Logreg,
     Mlp,
     Cnn,
+    /// No training: `model.params` float32 parameters in `model.layers` tensors, and
+    /// updates of a known pattern (`cohort_fl::synthetic`), to measure the federation's
+    /// machinery (`cohort bench round`). Parties serve it from a dataset of format
+    /// `synthetic`.
+    Synthetic,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -189,6 +194,24 @@ pub struct ModelSpec {
     /// id, so no two jobs share a model; name an existing model to continue it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// Parameters of a synthetic model (synthetic only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub params: Option<u64>,
+    /// Tensors a synthetic model's parameters are split into (synthetic only; default 4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layers: Option<u32>,
+}
+
+/// Most parameters a synthetic model may have (what an executor accepts).
+pub const MAX_SYNTHETIC_PARAMS: u64 = 1 << 30;
+/// Most tensors a synthetic model may have.
+pub const MAX_SYNTHETIC_LAYERS: u32 = 1024;
+
+impl ModelSpec {
+    /// The synthetic model's (parameters, tensors), for `arch: synthetic`.
+    pub fn synthetic(&self) -> Option<(u64, u32)> {
+        (self.arch == Arch::Synthetic).then(|| (self.params.unwrap_or(0), self.layers.unwrap_or(4)))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -645,11 +668,54 @@ impl JobSpec {
                     ));
                 }
             }
-            Arch::Logreg | Arch::Cnn => {
+            Arch::Logreg | Arch::Cnn | Arch::Synthetic => {
                 if !self.model.hidden.is_empty() {
                     return Err(SpecError::new(
                         "model.hidden",
                         format!("only mlp takes hidden layers, not {:?}", self.model.arch),
+                    ));
+                }
+            }
+        }
+        if self.model.arch == Arch::Synthetic {
+            match self.model.params {
+                None => {
+                    return Err(SpecError::new(
+                        "model.params",
+                        "a synthetic model needs its number of parameters",
+                    ));
+                }
+                Some(p) if !(1..=MAX_SYNTHETIC_PARAMS).contains(&p) => {
+                    return Err(SpecError::new(
+                        "model.params",
+                        format!("must be between 1 and {MAX_SYNTHETIC_PARAMS}, got {p}"),
+                    ));
+                }
+                Some(_) => {}
+            }
+            if let Some(l) = self.model.layers
+                && !(1..=MAX_SYNTHETIC_LAYERS).contains(&l)
+            {
+                return Err(SpecError::new(
+                    "model.layers",
+                    format!("must be between 1 and {MAX_SYNTHETIC_LAYERS}, got {l}"),
+                ));
+            }
+            if self.stop.target_accuracy.is_some() {
+                return Err(SpecError::new(
+                    "stop.target_accuracy",
+                    "a synthetic model is not evaluated, so it has no accuracy to stop at",
+                ));
+            }
+        } else {
+            for (field, set) in [
+                ("model.params", self.model.params.is_some()),
+                ("model.layers", self.model.layers.is_some()),
+            ] {
+                if set {
+                    return Err(SpecError::new(
+                        field,
+                        format!("only a synthetic model takes it, not {:?}", self.model.arch),
                     ));
                 }
             }
@@ -885,6 +951,7 @@ impl ModelSpec {
                 };
                 convs.saturating_add(linear(c1.saturating_mul(last * last), classes))
             }
+            Arch::Synthetic => self.params.unwrap_or(0),
         }
     }
 }
@@ -1082,6 +1149,8 @@ clients: {per_round: 3, min: 2, round_timeout: 30s}
             hidden,
             init: None,
             name: None,
+            params: None,
+            layers: None,
         };
         assert_eq!(
             mlp(vec![32]).parameter_count(64, 10),

@@ -12,6 +12,8 @@ use std::sync::Arc;
 use cohort_core::NamedTensor;
 use cohort_core::spec::NormAction;
 
+use cohort_proto::v1::TensorChunk;
+
 use crate::FlError;
 use crate::wire::Layout;
 
@@ -33,14 +35,45 @@ pub struct UpdateCheck {
     rules: AggregationRules,
 }
 
-/// An update that passed [`UpdateCheck::check`]: tensors in the global model's order.
-#[derive(Debug)]
+/// An update's values, visited piece by piece: whole tensors in memory, or chunks a caller
+/// staged elsewhere (on disk) while the update streamed in. Each element is visited once.
+pub trait UpdateValues: Send {
+    /// Calls `f(tensor, offset, values)` for every piece: `tensor` indexes the global
+    /// model's layout, `offset` is the piece's first element in it.
+    fn visit(&mut self, f: &mut dyn FnMut(usize, usize, &[f32])) -> Result<(), FlError>;
+}
+
+/// An update held in memory, tensors in the global model's order.
+struct InMemory(Vec<Vec<f32>>);
+
+impl UpdateValues for InMemory {
+    fn visit(&mut self, f: &mut dyn FnMut(usize, usize, &[f32])) -> Result<(), FlError> {
+        for (tensor, values) in self.0.iter().enumerate() {
+            f(tensor, 0, values);
+        }
+        Ok(())
+    }
+}
+
+/// An update that passed [`UpdateCheck::check`] or [`UpdateStream::finish`].
 pub struct CheckedUpdate {
-    data: Vec<Vec<f32>>,
+    values: Box<dyn UpdateValues>,
+    /// What its values are multiplied by when folded (below 1 when clipped).
+    scale: f64,
     /// Its L2 norm as received.
     pub norm: f64,
     /// Set when it was scaled down to the norm bound.
     pub clipped: bool,
+}
+
+impl std::fmt::Debug for CheckedUpdate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckedUpdate")
+            .field("scale", &self.scale)
+            .field("norm", &self.norm)
+            .field("clipped", &self.clipped)
+            .finish_non_exhaustive()
+    }
 }
 
 impl UpdateCheck {
@@ -131,7 +164,174 @@ impl UpdateCheck {
             }
         }
         Ok(CheckedUpdate {
-            data,
+            values: Box::new(InMemory(data)),
+            scale: 1.0,
+            norm,
+            clipped,
+        })
+    }
+
+    /// Checks an update chunk by chunk as it streams in (see [`UpdateStream`]).
+    pub fn stream(self: &Arc<Self>) -> UpdateStream {
+        UpdateStream {
+            check: self.clone(),
+            received: vec![0; self.layout.tensors.len()],
+            started: vec![false; self.layout.tensors.len()],
+            current: None,
+            squares: 0.0,
+        }
+    }
+
+    fn tensor_index(&self, name: &str) -> Option<usize> {
+        self.layout.tensors.iter().position(|(n, _)| n == name)
+    }
+}
+
+/// An update checked as its chunks arrive, so it never has to be whole in memory: each
+/// chunk must continue its tensor in order (a tensor once left must be complete), hold f32
+/// values that are finite and keep the model finite when added to it. The caller keeps
+/// the values (e.g. staged on disk) and hands them to [`UpdateStream::finish`], which
+/// checks completeness and the norm bound.
+pub struct UpdateStream {
+    check: Arc<UpdateCheck>,
+    received: Vec<usize>,
+    started: Vec<bool>,
+    current: Option<usize>,
+    squares: f64,
+}
+
+impl UpdateStream {
+    /// Checks one chunk; returns the tensor (index in the layout) and the element offset
+    /// its values go to.
+    pub fn push(&mut self, chunk: &TensorChunk) -> Result<(usize, usize), FlError> {
+        let bad = |m: String| FlError::BadChunk {
+            tensor: chunk.tensor.clone(),
+            message: m,
+        };
+        if !chunk.data.len().is_multiple_of(4) {
+            return Err(bad(format!(
+                "{} data bytes is not a whole number of f32",
+                chunk.data.len()
+            )));
+        }
+        let Some(t) = self.check.tensor_index(&chunk.tensor) else {
+            return Err(FlError::LayoutMismatch(format!(
+                "unexpected tensor {:?}",
+                chunk.tensor
+            )));
+        };
+        let (_, shape) = &self.check.layout.tensors[t];
+        let numel: usize = shape.iter().product();
+        if self.current != Some(t) {
+            if let Some(c) = self.current {
+                self.complete(c)?;
+            }
+            if self.started[t] {
+                return Err(bad("sent twice".into()));
+            }
+            if chunk.offset != 0 {
+                return Err(bad(format!(
+                    "first chunk at offset {}, expected 0",
+                    chunk.offset
+                )));
+            }
+            if chunk.dtype != "f32" {
+                return Err(bad(format!(
+                    "dtype {:?} is not supported (f32 only)",
+                    chunk.dtype
+                )));
+            }
+            let sent: Vec<usize> = chunk.shape.iter().map(|&d| d as usize).collect();
+            if &sent != shape {
+                return Err(FlError::LayoutMismatch(format!(
+                    "tensor {:?} has shape {sent:?}, expected {shape:?}",
+                    chunk.tensor
+                )));
+            }
+            self.started[t] = true;
+            self.current = Some(t);
+        }
+        let offset = self.received[t];
+        if chunk.offset != offset as u64 {
+            return Err(bad(format!(
+                "chunk at offset {}, expected {offset}",
+                chunk.offset
+            )));
+        }
+        let values = chunk.data.len() / 4;
+        if offset + values > numel {
+            return Err(bad(format!("more data than shape {shape:?} holds")));
+        }
+        let global = &self.check.global[t].data[offset..offset + values];
+        let mut squares = 0.0f64;
+        for (b, g) in chunk.data.chunks_exact(4).zip(global) {
+            let v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            if !v.is_finite() {
+                return Err(FlError::NonFinite {
+                    tensor: chunk.tensor.clone(),
+                });
+            }
+            // Applied alone, the update must leave every weight finite.
+            if !(g + v).is_finite() {
+                return Err(FlError::NonFiniteResult {
+                    tensor: chunk.tensor.clone(),
+                });
+            }
+            squares += f64::from(v) * f64::from(v);
+        }
+        self.squares += squares;
+        self.received[t] = offset + values;
+        Ok((t, offset))
+    }
+
+    fn complete(&self, t: usize) -> Result<(), FlError> {
+        let (name, shape) = &self.check.layout.tensors[t];
+        let numel: usize = shape.iter().product();
+        if self.received[t] != numel {
+            return Err(FlError::BadChunk {
+                tensor: name.clone(),
+                message: format!("got {} of {numel} elements", self.received[t]),
+            });
+        }
+        Ok(())
+    }
+
+    /// Ends the update: every tensor complete, the norm within the bound (clipped or
+    /// refused). `values` are the chunks as pushed.
+    pub fn finish(self, values: Box<dyn UpdateValues>) -> Result<CheckedUpdate, FlError> {
+        if let Some(c) = self.current {
+            self.complete(c)?;
+        }
+        if let Some(t) = self.started.iter().position(|s| !s) {
+            return Err(FlError::LayoutMismatch(format!(
+                "tensor {:?} is missing",
+                self.check.layout.tensors[t].0
+            )));
+        }
+        let norm = self.squares.sqrt();
+        if !norm.is_finite() || norm > f64::from(f32::MAX) {
+            return Err(FlError::UpdateTooLarge {
+                norm,
+                bound: f64::from(f32::MAX),
+            });
+        }
+        let mut scale = 1.0;
+        let mut clipped = false;
+        if let Some((bound, action)) = self.check.rules.max_update_norm
+            && norm > bound
+        {
+            match action {
+                NormAction::Refuse => return Err(FlError::UpdateTooLarge { norm, bound }),
+                // Between the model and the model plus the update: finite as both are.
+                NormAction::Clip => {
+                    scale = bound / norm;
+                    clipped = true;
+                }
+            }
+        }
+        Ok(CheckedUpdate {
+            values,
+            scale,
             norm,
             clipped,
         })
@@ -140,36 +340,69 @@ impl UpdateCheck {
 
 struct Held {
     weight: f64,
-    data: Vec<Vec<f32>>,
+    update: CheckedUpdate,
+}
+
+/// Models above this many parameters are averaged in f32 (a running mean, numerically
+/// stable) instead of an f64 sum, which would take twice the model's memory again.
+pub const F64_SUM_MAX_PARAMS: usize = 1 << 24;
+
+/// The running aggregate of a round's deltas.
+enum Accumulator {
+    /// `Σ wᵢ·deltaᵢ`, exact to f64 rounding.
+    Sum(Vec<Vec<f64>>),
+    /// `Σ wᵢ·deltaᵢ / Σ wᵢ` so far, updated in place: as large as the model.
+    Mean(Vec<Vec<f32>>),
 }
 
 /// FedAvg over updates (deltas from the global model), weighted by sample count, with the
-/// weight of any one update capped at `max_weight_share` of the total.
+/// weight of any one update capped at `max_weight_share` of the total. Memory: the global
+/// model (shared) and one accumulator, f64 (2× the model) up to [`F64_SUM_MAX_PARAMS`]
+/// parameters, f32 above; updates are folded as they come, or held (as their caller keeps
+/// them) while their capped weight is unknown.
 pub struct FedAvg {
     check: Arc<UpdateCheck>,
-    sum: Vec<Vec<f64>>,
+    acc: Accumulator,
     folded_weight: f64,
     folded: u32,
     /// Updates heavier than the current cap: their final weight is known only at the end.
     held: Vec<Held>,
     /// Threads a large tensor's fold is split over.
     fold_threads: usize,
+    /// Set when an update could not be read back halfway through its fold: the sum is
+    /// no longer an average of whole updates.
+    broken: Option<String>,
 }
 
 impl FedAvg {
     pub fn new(global: Arc<Vec<NamedTensor>>, rules: AggregationRules) -> Self {
         let check = Arc::new(UpdateCheck::new(global, rules));
+        let params: usize = check.global.iter().map(|t| t.data.len()).sum();
+        let acc = if params <= F64_SUM_MAX_PARAMS {
+            Accumulator::Sum(
+                check
+                    .global
+                    .iter()
+                    .map(|t| vec![0.0; t.data.len()])
+                    .collect(),
+            )
+        } else {
+            Accumulator::Mean(
+                check
+                    .global
+                    .iter()
+                    .map(|t| vec![0.0; t.data.len()])
+                    .collect(),
+            )
+        };
         Self {
-            sum: check
-                .global
-                .iter()
-                .map(|t| vec![0.0; t.data.len()])
-                .collect(),
+            acc,
             check,
             folded_weight: 0.0,
             folded: 0,
             held: Vec::new(),
             fold_threads: 1,
+            broken: None,
         }
     }
 
@@ -178,6 +411,29 @@ impl FedAvg {
     pub fn with_fold_threads(mut self, threads: usize) -> Self {
         self.fold_threads = threads.max(1);
         self
+    }
+
+    /// Averages in f32 whatever the model's size (see [`F64_SUM_MAX_PARAMS`]); before any
+    /// update is added.
+    pub fn with_f32_mean(mut self) -> Self {
+        if self.updates() == 0 {
+            self.acc = Accumulator::Mean(
+                self.check
+                    .global
+                    .iter()
+                    .map(|t| vec![0.0; t.data.len()])
+                    .collect(),
+            );
+        }
+        self
+    }
+
+    /// Which accumulator this aggregate uses: "f64-sum" or "f32-mean".
+    pub fn accumulator(&self) -> &'static str {
+        match self.acc {
+            Accumulator::Sum(_) => "f64-sum",
+            Accumulator::Mean(_) => "f32-mean",
+        }
     }
 
     /// The checker for this round's updates (shareable, lock-free).
@@ -205,25 +461,11 @@ impl FedAvg {
         if weight == 0 {
             return Err(FlError::ZeroWeight(weight));
         }
-        if update.data.len() != self.sum.len()
-            || update
-                .data
-                .iter()
-                .zip(&self.sum)
-                .any(|(d, s)| d.len() != s.len())
-        {
-            return Err(FlError::LayoutMismatch(
-                "update was checked against another round's model".into(),
-            ));
-        }
         let weight = weight as f64;
         match self.check.rules.max_weight_share {
-            None => self.fold_weighted(&update.data, weight),
+            None => self.fold_weighted(update, weight)?,
             Some(share) => {
-                self.held.push(Held {
-                    weight,
-                    data: update.data,
-                });
+                self.held.push(Held { weight, update });
                 // Fold whatever can no longer be capped: the cap only rises as updates come.
                 let weights: Vec<f64> = self.held.iter().map(|h| h.weight).collect();
                 let fold_up_to = match cap_level(self.folded_weight, &weights, share) {
@@ -236,19 +478,57 @@ impl FedAvg {
                     .partition(|h| h.weight <= fold_up_to);
                 self.held = keep;
                 for h in fold {
-                    self.fold_weighted(&h.data, h.weight);
+                    self.fold_weighted(h.update, h.weight)?;
                 }
             }
         }
         Ok(())
     }
 
-    fn fold_weighted(&mut self, data: &[Vec<f32>], weight: f64) {
-        for (acc, values) in self.sum.iter_mut().zip(data) {
-            fold_into(acc, values, weight, self.fold_threads);
+    fn fold_weighted(&mut self, mut update: CheckedUpdate, weight: f64) -> Result<(), FlError> {
+        if let Some(why) = &self.broken {
+            return Err(FlError::Broken(why.clone()));
+        }
+        let threads = self.fold_threads;
+        let mut misfit = None;
+        let visited = match &mut self.acc {
+            Accumulator::Sum(sum) => {
+                let factor = weight * update.scale;
+                update.values.visit(&mut |tensor, offset, values| match sum
+                    .get_mut(tensor)
+                    .and_then(|acc| acc.get_mut(offset..offset + values.len()))
+                {
+                    Some(acc) => fold_into(acc, values, factor, threads),
+                    None => misfit = Some(tensor),
+                })
+            }
+            Accumulator::Mean(mean) => {
+                // m += w/W·(s·d − m): the mean of the updates so far, W their total weight.
+                let share = (weight / (self.folded_weight + weight)) as f32;
+                let scale = update.scale as f32;
+                update.values.visit(&mut |tensor, offset, values| match mean
+                    .get_mut(tensor)
+                    .and_then(|acc| acc.get_mut(offset..offset + values.len()))
+                {
+                    Some(acc) => mean_into(acc, values, scale, share, threads),
+                    None => misfit = Some(tensor),
+                })
+            }
+        };
+        let failed = match (visited, misfit) {
+            (Err(e), _) => Some(e.to_string()),
+            (Ok(()), Some(t)) => Some(format!(
+                "an update was checked against another round's model (tensor {t})"
+            )),
+            (Ok(()), None) => None,
+        };
+        if let Some(why) = failed {
+            self.broken = Some(why.clone());
+            return Err(FlError::Broken(why));
         }
         self.folded_weight += weight;
         self.folded += 1;
+        Ok(())
     }
 
     /// The new global model: `global + Σ wᵢ·deltaᵢ / Σ wᵢ` with capped weights. Refuses an
@@ -256,6 +536,9 @@ impl FedAvg {
     pub fn finish(mut self) -> Result<Vec<NamedTensor>, FlError> {
         if self.updates() == 0 {
             return Err(FlError::Empty);
+        }
+        if let Some(why) = &self.broken {
+            return Err(FlError::Broken(why.clone()));
         }
         let held = std::mem::take(&mut self.held);
         if !held.is_empty() {
@@ -270,18 +553,36 @@ impl FedAvg {
                     // everyone weighs the same.
                     Cap::Equal => 1.0,
                 };
-                self.fold_weighted(&h.data, w);
+                self.fold_weighted(h.update, w)?;
             }
         }
         let total = self.folded_weight;
         let mut out = Vec::with_capacity(self.check.global.len());
-        for (g, acc) in self.check.global.iter().zip(&self.sum) {
-            let data: Vec<f32> = g
-                .data
-                .iter()
-                .zip(acc)
-                .map(|(x, s)| (f64::from(*x) + s / total) as f32)
-                .collect();
+        let mut layers: Vec<Vec<f32>> = Vec::with_capacity(self.check.global.len());
+        match std::mem::replace(&mut self.acc, Accumulator::Sum(Vec::new())) {
+            // Each layer's sum is freed once converted: never the whole sum and model twice.
+            Accumulator::Sum(sum) => {
+                for (g, acc) in self.check.global.iter().zip(sum) {
+                    layers.push(
+                        g.data
+                            .iter()
+                            .zip(&acc)
+                            .map(|(x, s)| (f64::from(*x) + s / total) as f32)
+                            .collect(),
+                    );
+                }
+            }
+            // The new model is made in the mean's own memory.
+            Accumulator::Mean(mean) => {
+                for (g, mut acc) in self.check.global.iter().zip(mean) {
+                    for (m, x) in acc.iter_mut().zip(&g.data) {
+                        *m += x;
+                    }
+                    layers.push(acc);
+                }
+            }
+        }
+        for (g, data) in self.check.global.iter().zip(layers) {
             if data.iter().any(|v| !v.is_finite()) {
                 return Err(FlError::NonFiniteAggregate {
                     tensor: g.name.clone(),
@@ -299,6 +600,23 @@ impl FedAvg {
 
 /// Elements below which a thread of its own costs more than it saves.
 const MIN_ELEMENTS_PER_THREAD: usize = 1 << 16;
+
+/// `acc += share · (scale · values − acc)`, split over threads like [`fold_into`].
+fn mean_into(acc: &mut [f32], values: &[f32], scale: f32, share: f32, threads: usize) {
+    let threads = threads.min(acc.len() / MIN_ELEMENTS_PER_THREAD).max(1);
+    if threads == 1 {
+        for (a, v) in acc.iter_mut().zip(values) {
+            *a += share * (scale * v - *a);
+        }
+        return;
+    }
+    let part = acc.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        for (acc, values) in acc.chunks_mut(part).zip(values.chunks(part)) {
+            scope.spawn(move || mean_into(acc, values, scale, share, 1));
+        }
+    });
+}
 
 /// `acc += weight · values`, split over up to `threads` scoped threads for large tensors.
 fn fold_into(acc: &mut [f64], values: &[f32], weight: f64, threads: usize) {
@@ -396,6 +714,137 @@ mod tests {
 
     fn plain(global: &[NamedTensor]) -> FedAvg {
         FedAvg::new(Arc::new(global.to_vec()), AggregationRules::default())
+    }
+
+    /// Pieces kept as pushed, like a caller's staging.
+    struct Pieces(Vec<(usize, usize, Vec<f32>)>);
+
+    impl UpdateValues for Pieces {
+        fn visit(&mut self, f: &mut dyn FnMut(usize, usize, &[f32])) -> Result<(), FlError> {
+            for (t, o, v) in &self.0 {
+                f(*t, *o, v);
+            }
+            Ok(())
+        }
+    }
+
+    fn streamed(
+        check: &Arc<UpdateCheck>,
+        chunks: &[TensorChunk],
+    ) -> Result<CheckedUpdate, FlError> {
+        let mut stream = check.stream();
+        let mut pieces = Vec::new();
+        for c in chunks {
+            let (t, o) = stream.push(c)?;
+            let values = c
+                .data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            pieces.push((t, o, values));
+        }
+        stream.finish(Box::new(Pieces(pieces)))
+    }
+
+    #[test]
+    fn a_streamed_update_folds_like_a_whole_one() {
+        let global = vec![t("a", vec![0.5; 10]), t("b", vec![1.0; 7])];
+        let delta_a: Vec<f32> = (0..10).map(|i| i as f32 * 0.1).collect();
+        let delta = vec![t("b", vec![-0.25; 7]), t("a", delta_a)];
+        let rules = AggregationRules {
+            max_weight_share: None,
+            max_update_norm: Some((0.5, NormAction::Clip)),
+        };
+        let mut whole = FedAvg::new(Arc::new(global.clone()), rules);
+        whole.fold(&delta, 3).unwrap();
+        let mut parts = FedAvg::new(Arc::new(global), rules);
+        let chunks: Vec<TensorChunk> = crate::chunk_tensors(&delta, 12).collect();
+        assert!(chunks.len() > 4);
+        let update = streamed(&parts.checker(), &chunks).unwrap();
+        assert!(update.clipped);
+        parts.add(update, 3).unwrap();
+        let (whole, parts) = (whole.finish().unwrap(), parts.finish().unwrap());
+        for (w, p) in whole.iter().zip(&parts) {
+            for (x, y) in w.data.iter().zip(&p.data) {
+                assert!((x - y).abs() < 1e-6, "{x} vs {y}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_stream_is_refused_at_the_first_bad_chunk() {
+        let global = vec![t("a", vec![0.0; 8]), t("b", vec![f32::MAX; 2])];
+        let check = Arc::new(UpdateCheck::new(
+            Arc::new(global),
+            AggregationRules {
+                max_weight_share: None,
+                max_update_norm: Some((100.0, NormAction::Refuse)),
+            },
+        ));
+        let good = || -> Vec<TensorChunk> {
+            crate::chunk_tensors(&[t("a", vec![1.0; 8]), t("b", vec![0.0; 2])], 8).collect()
+        };
+        assert!(streamed(&check, &good()).is_ok());
+        let refused = |chunks: Vec<TensorChunk>| streamed(&check, &chunks).unwrap_err().to_string();
+        let mut nan = good();
+        nan[2].data[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+        assert!(refused(nan).contains("non-finite"));
+        let overflow = [t("a", vec![1.0; 8]), t("b", vec![f32::MAX; 2])];
+        assert!(
+            refused(crate::chunk_tensors(&overflow, 8).collect()).contains("no longer be finite")
+        );
+        let mut skipped = good();
+        skipped.remove(1);
+        assert!(refused(skipped).contains("expected 2"));
+        let mut twice = good();
+        twice.push(twice[0].clone());
+        assert!(refused(twice).contains("sent twice"));
+        let mut missing = good();
+        missing.pop();
+        assert!(refused(missing).contains("\"b\" is missing"));
+        let mut shape = good();
+        shape[0].shape = vec![4, 2];
+        assert!(refused(shape).contains("expected [8]"));
+        let mut stranger = good();
+        stranger[0].tensor = "c".into();
+        assert!(refused(stranger).contains("unexpected tensor"));
+        let large = [t("a", vec![50.0; 8]), t("b", vec![0.0; 2])];
+        assert!(refused(crate::chunk_tensors(&large, 8).collect()).contains("over the bound"));
+    }
+
+    #[test]
+    fn the_f32_mean_agrees_with_the_f64_sum() {
+        let global = vec![t("w", vec![0.25; 300]), t("b", vec![-1.0; 5])];
+        let rules = AggregationRules {
+            max_weight_share: Some(0.4),
+            max_update_norm: Some((3.0, NormAction::Clip)),
+        };
+        let mut sum = FedAvg::new(Arc::new(global.clone()), rules);
+        let mut mean = FedAvg::new(Arc::new(global), rules).with_f32_mean();
+        assert_eq!(
+            (sum.accumulator(), mean.accumulator()),
+            ("f64-sum", "f32-mean")
+        );
+        for (i, weight) in [(0u32, 5u64), (1, 900), (2, 40), (3, 41), (4, 7)] {
+            let delta = vec![
+                t(
+                    "w",
+                    (0..300)
+                        .map(|k| ((k * 7 + i * 13) % 17) as f32 * 0.01 - 0.08)
+                        .collect(),
+                ),
+                t("b", vec![i as f32 * 0.5; 5]),
+            ];
+            sum.fold(&delta, weight).unwrap();
+            mean.fold(&delta, weight).unwrap();
+        }
+        let (sum, mean) = (sum.finish().unwrap(), mean.finish().unwrap());
+        for (a, b) in sum.iter().zip(&mean) {
+            for (x, y) in a.data.iter().zip(&b.data) {
+                assert!((x - y).abs() < 1e-6, "{x} vs {y}");
+            }
+        }
+        assert_ne!(sum[0].data, vec![0.25; 300], "the updates moved the model");
     }
 
     #[test]

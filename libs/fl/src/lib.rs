@@ -6,12 +6,18 @@
 //! depend on candle, storage or networking crates.
 
 pub mod aggregate;
+pub mod synthetic;
 pub mod wire;
 
 pub use aggregate::{
-    AggregationRules, CheckedUpdate, FedAvg, UpdateCheck, capped_weights, lower_median,
+    AggregationRules, CheckedUpdate, FedAvg, UpdateCheck, UpdateStream, UpdateValues,
+    capped_weights, lower_median,
 };
-pub use wire::{TensorAssembler, chunk_tensors, from_safetensors, to_safetensors};
+pub use synthetic::SyntheticModel;
+pub use wire::{
+    TensorAssembler, chunk_tensors, chunk_tensors_shared, from_safetensors, safetensors_stream,
+    to_safetensors,
+};
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum FlError {
@@ -33,6 +39,10 @@ pub enum FlError {
     NonFiniteResult { tensor: String },
     #[error("the aggregate is not finite (tensor {tensor:?}); it is not stored")]
     NonFiniteAggregate { tensor: String },
+    #[error("the aggregate is incomplete: {0}")]
+    Broken(String),
+    #[error("cannot read a staged update back: {0}")]
+    Staging(String),
 }
 
 /// Default chunk size on the wire (DESIGN §1: 1 MiB).

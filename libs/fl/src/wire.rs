@@ -1,6 +1,7 @@
 //! Tensors on the wire (`TensorChunk`) and in files (safetensors).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use cohort_core::NamedTensor;
 use cohort_proto::v1::TensorChunk;
@@ -13,29 +14,51 @@ pub fn chunk_tensors(
     chunk_bytes: usize,
 ) -> impl Iterator<Item = TensorChunk> + '_ {
     let per_chunk = (chunk_bytes / 4).max(1);
-    tensors.iter().flat_map(move |t| {
-        let n = t.data.len();
-        let pieces = n.div_ceil(per_chunk).max(1);
-        (0..pieces).map(move |i| {
-            let start = i * per_chunk;
-            let end = (start + per_chunk).min(n);
-            let mut data = Vec::with_capacity((end - start) * 4);
-            for v in &t.data[start..end] {
-                data.extend_from_slice(&v.to_le_bytes());
-            }
-            TensorChunk {
-                tensor: t.name.clone(),
-                dtype: if i == 0 { "f32".into() } else { String::new() },
-                shape: if i == 0 {
-                    t.shape.iter().map(|&d| d as u64).collect()
-                } else {
-                    Vec::new()
-                },
-                offset: start as u64,
-                data,
-            }
-        })
-    })
+    tensors
+        .iter()
+        .flat_map(move |t| (0..pieces(t, per_chunk)).map(move |i| chunk_of(t, i, per_chunk)))
+}
+
+/// [`chunk_tensors`] over shared tensors: the chunks are made as they are taken, and the
+/// iterator may outlive the caller (a stream sent in the background).
+pub fn chunk_tensors_shared(
+    tensors: Arc<Vec<NamedTensor>>,
+    chunk_bytes: usize,
+) -> impl Iterator<Item = TensorChunk> + Send + 'static {
+    let per_chunk = (chunk_bytes / 4).max(1);
+    let places: Vec<(usize, usize)> = tensors
+        .iter()
+        .enumerate()
+        .flat_map(|(ti, t)| (0..pieces(t, per_chunk)).map(move |i| (ti, i)))
+        .collect();
+    places
+        .into_iter()
+        .map(move |(ti, i)| chunk_of(&tensors[ti], i, per_chunk))
+}
+
+fn pieces(t: &NamedTensor, per_chunk: usize) -> usize {
+    t.data.len().div_ceil(per_chunk).max(1)
+}
+
+/// Chunk `i` of `t`: its shape and dtype ride on the first.
+fn chunk_of(t: &NamedTensor, i: usize, per_chunk: usize) -> TensorChunk {
+    let start = (i * per_chunk).min(t.data.len());
+    let end = (start + per_chunk).min(t.data.len());
+    let mut data = Vec::with_capacity((end - start) * 4);
+    for v in &t.data[start..end] {
+        data.extend_from_slice(&v.to_le_bytes());
+    }
+    TensorChunk {
+        tensor: t.name.clone(),
+        dtype: if i == 0 { "f32".into() } else { String::new() },
+        shape: if i == 0 {
+            t.shape.iter().map(|&d| d as u64).collect()
+        } else {
+            Vec::new()
+        },
+        offset: start as u64,
+        data,
+    }
 }
 
 /// The expected names and shapes of a set of tensors.
@@ -199,27 +222,71 @@ impl TensorAssembler {
     }
 }
 
-/// Encodes tensors as a safetensors file (f32).
+/// Encodes tensors as one safetensors file (f32, tensors in name order).
 pub fn to_safetensors(tensors: &[NamedTensor]) -> Result<Vec<u8>, FlError> {
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+    let shared = Arc::new(tensors.to_vec());
+    let (len, parts) = safetensors_stream(shared, 1 << 20)?;
+    let mut out = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+    for part in parts {
+        out.extend_from_slice(&part);
+    }
+    Ok(out)
+}
+
+/// The safetensors encoding of `tensors` (f32, in name order) as pieces of at most
+/// `chunk_bytes` after the header, made as they are taken: a model is sent or hashed
+/// without a second copy of it in memory. Returns the file's length with the pieces.
+pub fn safetensors_stream(
+    tensors: Arc<Vec<NamedTensor>>,
+    chunk_bytes: usize,
+) -> Result<(u64, impl Iterator<Item = Vec<u8>> + Send + 'static), FlError> {
+    let mut order: Vec<usize> = (0..tensors.len()).collect();
+    order.sort_by(|a, b| tensors[*a].name.cmp(&tensors[*b].name));
+    let mut header = serde_json::Map::new();
+    let mut offset = 0u64;
+    for &i in &order {
+        let t = &tensors[i];
+        if t.data.len() != t.numel() {
+            return Err(FlError::Safetensors(format!(
+                "{}: {} values for shape {:?}",
+                t.name,
+                t.data.len(),
+                t.shape
+            )));
+        }
+        let end = offset + t.data.len() as u64 * 4;
+        header.insert(
+            t.name.clone(),
+            serde_json::json!({"dtype": "F32", "shape": t.shape, "data_offsets": [offset, end]}),
+        );
+        offset = end;
+    }
+    let mut json = serde_json::to_vec(&header).map_err(|e| FlError::Safetensors(e.to_string()))?;
+    // The data starts 8-byte aligned: the header is padded with spaces.
+    while (json.len() + 8) % 8 != 0 {
+        json.push(b' ');
+    }
+    let mut first = (json.len() as u64).to_le_bytes().to_vec();
+    first.extend_from_slice(&json);
+    let total = first.len() as u64 + offset;
+    let per_chunk = (chunk_bytes / 4).max(1);
+    let pieces: Vec<(usize, usize)> = order
         .iter()
-        .map(|t| {
-            let mut b = Vec::with_capacity(t.data.len() * 4);
-            for v in &t.data {
-                b.extend_from_slice(&v.to_le_bytes());
-            }
-            (t.name.clone(), t.shape.clone(), b)
+        .flat_map(|&i| {
+            let n = tensors[i].data.len();
+            (0..n.div_ceil(per_chunk)).map(move |k| (i, k * per_chunk))
         })
         .collect();
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
-        .iter()
-        .map(|(n, s, b)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
-                .map(|v| (n.clone(), v))
-                .map_err(|e| FlError::Safetensors(format!("{n}: {e}")))
-        })
-        .collect::<Result<_, _>>()?;
-    safetensors::serialize(views, None).map_err(|e| FlError::Safetensors(e.to_string()))
+    let data = pieces.into_iter().map(move |(i, start)| {
+        let values = &tensors[i].data;
+        let end = (start + per_chunk).min(values.len());
+        let mut bytes = Vec::with_capacity((end - start) * 4);
+        for v in &values[start..end] {
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+        bytes
+    });
+    Ok((total, std::iter::once(first).chain(data)))
 }
 
 /// Decodes a safetensors file of f32 tensors, sorted by name.
@@ -253,6 +320,27 @@ pub fn from_safetensors(data: &[u8]) -> Result<Vec<NamedTensor>, FlError> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_streamed_encoding_is_a_safetensors_file_in_small_pieces() {
+        let mut tensors = model();
+        tensors.reverse();
+        let (len, pieces) = safetensors_stream(Arc::new(tensors.clone()), 8).unwrap();
+        let pieces: Vec<Vec<u8>> = pieces.collect();
+        assert!(pieces[1..].iter().all(|p| p.len() <= 8 && !p.is_empty()));
+        let bytes = pieces.concat();
+        assert_eq!(bytes.len() as u64, len);
+        // The reference reader takes it, and the data starts 8-byte aligned.
+        let parsed = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(parsed.len(), tensors.len());
+        let header = u64::from_le_bytes(bytes[..8].try_into().unwrap());
+        assert_eq!(header % 8, 0);
+        let mut back = from_safetensors(&bytes).unwrap();
+        back.sort_by(|a, b| a.name.cmp(&b.name));
+        tensors.sort_by(|a, b| a.name.cmp(&b.name));
+        assert_eq!(back, tensors);
+        assert_eq!(to_safetensors(&tensors).unwrap(), bytes);
+    }
 
     fn model() -> Vec<NamedTensor> {
         vec![

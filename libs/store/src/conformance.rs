@@ -115,6 +115,7 @@ macro_rules! job_store_conformance {
                 delete_cascades,
                 round_outcomes_round_trip,
                 round_eval_coverage_round_trips,
+                round_bytes_round_trip,
                 notes_follow_the_events_with_the_jobs_state,
                 notes_are_bounded_per_job,
                 concurrent_notes_and_transitions_keep_seqs_unique,
@@ -228,6 +229,10 @@ pub mod jobs {
             robust_accuracy: 0.8 + 0.01 * f64::from(n),
             eval_parties: n + 2,
             eval_parties_expected: 2 * n + 3,
+            // Beyond u32 and different from each other, so a backend that
+            // truncates or swaps them fails every round check.
+            bytes_to_parties: 3_000_000_000 + u64::from(n),
+            bytes_from_parties: 5_000_000_000 + 7 * u64::from(n),
         }
     }
 
@@ -765,6 +770,43 @@ pub mod jobs {
         assert_eq!(s.list_rounds(&j.id).await.unwrap()[2], want[2]);
     }
 
+    pub async fn round_bytes_round_trip(s: Arc<dyn JobStore>) {
+        let j = job("a", "default");
+        s.insert_job(&j, "created").await.unwrap();
+        let max = i64::MAX as u64;
+        let bytes = [
+            (0, 0),
+            (3_000_000_000, 7),
+            (1, 3_000_000_000),
+            (max, max - 1),
+        ];
+        let mut want = Vec::new();
+        for (i, (to, from)) in bytes.into_iter().enumerate() {
+            let mut r = round(i as u32 + 1);
+            (r.bytes_to_parties, r.bytes_from_parties) = (to, from);
+            s.record_round(&j.id, &r, 5).await.unwrap();
+            want.push(r);
+        }
+        assert_eq!(s.list_rounds(&j.id).await.unwrap(), want);
+        // Above the databases' 63-bit range: refused, naming the field, and
+        // nothing is recorded.
+        for (to, from, field) in [
+            (max + 1, 0, "bytes_to_parties"),
+            (0, u64::MAX, "bytes_from_parties"),
+        ] {
+            let mut r = round(9);
+            (r.bytes_to_parties, r.bytes_from_parties) = (to, from);
+            match s.record_round(&j.id, &r, 6).await {
+                Err(StoreError::Corrupt { message, .. }) => {
+                    assert!(message.contains(field), "names {field}: {message}")
+                }
+                other => panic!("{field}: expected Corrupt, got {other:?}"),
+            }
+        }
+        assert_eq!(s.list_rounds(&j.id).await.unwrap(), want);
+        assert_eq!(s.get_job(&j.id).await.unwrap().rounds_completed, 4);
+    }
+
     pub async fn notes_follow_the_events_with_the_jobs_state(s: Arc<dyn JobStore>) {
         let j = job("a", "default");
         s.insert_job(&j, "created").await.unwrap();
@@ -953,8 +995,8 @@ pub mod jobs {
     ];
 
     /// The rows of [`FIRST_RELEASE_JOB_ROWS`] after the upgrade: what later
-    /// columns add reads as nothing (evaluation coverage 0 of 0), the job
-    /// takes log entries, and new rounds keep every field.
+    /// columns add reads as nothing (evaluation coverage 0 of 0, 0 bytes),
+    /// the job takes log entries, and new rounds keep every field.
     pub async fn check_first_release_job(s: &dyn JobStore) {
         let id = JobId::parse("old-abc123").unwrap();
         let job = s.get_job(&id).await.unwrap();
@@ -973,6 +1015,7 @@ pub mod jobs {
             (0, 0, 0, 0.0)
         );
         assert_eq!((r.eval_parties, r.eval_parties_expected), (0, 0));
+        assert_eq!((r.bytes_to_parties, r.bytes_from_parties), (0, 0));
         let events = s.list_events(&id, 0).await.unwrap();
         assert_eq!(
             events,

@@ -83,6 +83,11 @@ pub struct RoundRecord {
     /// was offered); 0 of 0 for rounds recorded before this was counted.
     pub eval_parties: u32,
     pub eval_parties_expected: u32,
+    /// Tensor bytes of the global model served to the round's parties, and
+    /// of the updates they uploaded; 0 for rounds recorded before these were
+    /// counted. Stores refuse values above `i64::MAX` (their 63-bit range).
+    pub bytes_to_parties: u64,
+    pub bytes_from_parties: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -173,6 +178,16 @@ fn corrupt(id: &str, message: impl Into<String>) -> StoreError {
 /// that read first fails with "database is locked" if another writer committed
 /// meanwhile, instead of waiting its turn.
 pub(crate) const IMMEDIATE: &str = "BEGIN IMMEDIATE";
+
+/// A u64 into INTEGER, naming the field that does not fit.
+fn to_i64(value: u64, field: &str, at: &str) -> Result<i64> {
+    i64::try_from(value).map_err(|_| {
+        corrupt(
+            at,
+            format!("{field} {value} exceeds the database's 63-bit range"),
+        )
+    })
+}
 
 fn not_found(id: &JobId) -> StoreError {
     StoreError::NotFound {
@@ -364,6 +379,13 @@ impl JobStore for SqliteJobStore {
     }
 
     async fn record_round(&self, id: &JobId, r: &RoundRecord, now_ms: i64) -> Result<JobRecord> {
+        // Checked before anything is written, like the other backends: a
+        // wrapped `as i64` would store a negative count.
+        let at = format!("{id} round {}", r.round);
+        let eval_samples = to_i64(r.eval_samples, "eval_samples", &at)?;
+        let duration_ms = to_i64(r.duration_ms, "duration_ms", &at)?;
+        let bytes_to_parties = to_i64(r.bytes_to_parties, "bytes_to_parties", &at)?;
+        let bytes_from_parties = to_i64(r.bytes_from_parties, "bytes_from_parties", &at)?;
         let mut tx = self.pool.begin_with(IMMEDIATE).await?;
         let exists: Option<i64> = sqlx::query_scalar("SELECT version FROM jobs WHERE id = ?1")
             .bind(id.as_str())
@@ -376,24 +398,26 @@ impl JobStore for SqliteJobStore {
             "INSERT OR IGNORE INTO job_rounds (job_id, round, eval_loss, eval_accuracy, \
              eval_samples, train_loss, updates, model_version, duration_ms, refused_updates, \
              dropped_updates, task_failures, robust_accuracy, eval_parties, \
-             eval_parties_expected) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+             eval_parties_expected, bytes_to_parties, bytes_from_parties) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
         )
         .bind(id.as_str())
         .bind(r.round as i64)
         .bind(r.eval_loss)
         .bind(r.eval_accuracy)
-        .bind(r.eval_samples as i64)
+        .bind(eval_samples)
         .bind(r.train_loss)
         .bind(r.updates as i64)
         .bind(r.model_version as i64)
-        .bind(r.duration_ms as i64)
+        .bind(duration_ms)
         .bind(i64::from(r.refused_updates))
         .bind(i64::from(r.dropped_updates))
         .bind(i64::from(r.task_failures))
         .bind(r.robust_accuracy)
         .bind(i64::from(r.eval_parties))
         .bind(i64::from(r.eval_parties_expected))
+        .bind(bytes_to_parties)
+        .bind(bytes_from_parties)
         .execute(&mut *tx)
         .await?
         .rows_affected();

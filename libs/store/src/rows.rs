@@ -173,6 +173,8 @@ pub(crate) fn round<R: Columns>(row: &R, job: &JobId) -> Result<RoundRecord> {
         robust_accuracy: r.real("robust_accuracy")?,
         eval_parties: r.unsigned("eval_parties")?,
         eval_parties_expected: r.unsigned("eval_parties_expected")?,
+        bytes_to_parties: r.unsigned("bytes_to_parties")?,
+        bytes_from_parties: r.unsigned("bytes_from_parties")?,
     })
 }
 

@@ -158,6 +158,10 @@ fn layout(spec: &ModelSpec, features: usize, classes: usize) -> Result<Layout, T
                 cnn: Some(Cnn { side, second_pool }),
             })
         }
+        Arch::Synthetic => Err(TrainError::invalid(
+            "model.arch",
+            "a synthetic model is not built or trained with candle (see cohort_fl::synthetic)",
+        )),
     }
 }
 
@@ -178,7 +182,7 @@ pub fn param_shapes(
 pub fn model_classes(spec: &ModelSpec, weights: &[NamedTensor]) -> Result<usize, TrainError> {
     let name = match spec.arch {
         Arch::Mlp => format!("fc{}.weight", spec.hidden.len()),
-        Arch::Logreg | Arch::Cnn => "fc0.weight".to_string(),
+        Arch::Logreg | Arch::Cnn | Arch::Synthetic => "fc0.weight".to_string(),
     };
     let t = weights
         .iter()

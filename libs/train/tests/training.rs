@@ -28,6 +28,8 @@ fn model(arch: Arch, hidden: &[u32]) -> ModelSpec {
         hidden: hidden.to_vec(),
         init: None,
         name: None,
+        params: None,
+        layers: None,
     }
 }
 

@@ -75,6 +75,36 @@ pub fn write_party_data(
     Ok(out)
 }
 
+/// Writes each party's datasets.json with only the synthetic dataset `synthetic`: party
+/// `party-<i+1>` has index i and weight 100 + i (`cohort_fl::synthetic`).
+pub fn write_synthetic_parties(root: &Path, parties: u32) -> anyhow::Result<Vec<PartyData>> {
+    let mut out = Vec::new();
+    for i in 0..parties {
+        let name = format!("party-{}", i + 1);
+        let dir = root.join(&name);
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let datasets_json = dir.join("datasets.json");
+        let json = serde_json::json!({
+            "synthetic": {
+                "format": "synthetic",
+                "samples": cohort_fl::synthetic::weight(u64::from(i)),
+                "index": i,
+            }
+        });
+        std::fs::write(&datasets_json, serde_json::to_vec_pretty(&json)?)
+            .with_context(|| format!("cannot write {}", datasets_json.display()))?;
+        out.push(PartyData {
+            name,
+            dir,
+            datasets_json,
+            train_samples: 0,
+            test_samples: 0,
+        });
+    }
+    Ok(out)
+}
+
 /// The demo's job: an MLP on digits, every party in every round. The quorum is half the
 /// parties but at least two (the smallest cohort parties take by default), and `seed` fixes
 /// the initial weights and the parties' data order: the same seed gives the same accuracy.

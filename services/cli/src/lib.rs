@@ -291,7 +291,7 @@ impl Cli {
             Command::Up(a) => up(a, json).await,
             Command::Demo(a) => demo(a, json).await,
             Command::Version { client } => version(self.profile.as_deref(), client, json).await,
-            Command::Bench(c) => bench::run(c, json),
+            Command::Bench(c) => bench::run(c, json).await,
             Command::Completions { shell } => {
                 let mut out = std::io::stdout().lock();
                 clap_complete::generate(shell, &mut Cli::command(), "cohort", &mut out);
@@ -1088,6 +1088,7 @@ async fn up(a: UpArgs, json: bool) -> anyhow::Result<i32> {
         service_env: Vec::new(),
         alpha: 0.5,
         seed: 42,
+        synthetic: false,
     })
     .await?;
     let profile = stack.profile();
@@ -1167,6 +1168,7 @@ async fn demo(a: DemoArgs, json: bool) -> anyhow::Result<i32> {
         service_env: Vec::new(),
         alpha: a.alpha,
         seed: a.seed,
+        synthetic: false,
     })
     .await?;
     if json {

@@ -50,7 +50,21 @@ pub fn round_json(r: &pb::RoundSummary) -> Value {
         "updates": r.updates,
         "model_version": r.model_version,
         "duration_ms": r.duration_ms,
+        "bytes_to_parties": r.bytes_to_parties,
+        "bytes_from_parties": r.bytes_from_parties,
     })
+}
+
+/// Bytes as megabytes (10^6) to three significant digits or so.
+fn megabytes(bytes: u64) -> String {
+    let mb = bytes as f64 / 1e6;
+    if mb < 10.0 {
+        format!("{mb:.2}")
+    } else if mb < 1000.0 {
+        format!("{mb:.1}")
+    } else {
+        format!("{mb:.0}")
+    }
 }
 
 /// The last evaluated round's accuracy.
@@ -115,7 +129,7 @@ pub fn job_text(j: &pb::Job) -> String {
     );
     if !j.rounds.is_empty() {
         s.push_str(
-            "\nround  updates  dropped  task_failures  evaluated  accuracy  loss      train_loss  version  seconds\n",
+            "\nround  updates  dropped  task_failures  evaluated  accuracy  loss      train_loss  version  seconds   MB to/from\n",
         );
         let mut partial = false;
         for r in &j.rounds {
@@ -126,8 +140,18 @@ pub fn job_text(j: &pb::Job) -> String {
             } else {
                 "-".into()
             };
+            // Rounds recorded before bytes were counted show none.
+            let moved = if r.bytes_to_parties > 0 || r.bytes_from_parties > 0 {
+                format!(
+                    "{}/{}",
+                    megabytes(r.bytes_to_parties),
+                    megabytes(r.bytes_from_parties)
+                )
+            } else {
+                "-".into()
+            };
             s.push_str(&format!(
-                "{:>5}  {:>7}  {:>7}  {:>13}  {:>9}  {:>8}  {:>8}  {:>10.4}  {:>7}  {:>7.2}\n",
+                "{:>5}  {:>7}  {:>7}  {:>13}  {:>9}  {:>8}  {:>8}  {:>10.4}  {:>7}  {:>7.2}  {:>11}\n",
                 r.round,
                 r.updates,
                 r.dropped_updates,
@@ -145,7 +169,8 @@ pub fn job_text(j: &pb::Job) -> String {
                 },
                 r.train_loss,
                 r.model_version,
-                r.duration_ms as f64 / 1000.0
+                r.duration_ms as f64 / 1000.0,
+                moved
             ));
         }
         if partial {
@@ -285,4 +310,74 @@ pub fn client_json(c: &pb::ClientInfo) -> Value {
         "tasks_failed": c.tasks_failed,
         "revoked": c.revoked,
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn round(n: u32, bytes_to_parties: u64, bytes_from_parties: u64) -> pb::RoundSummary {
+        pb::RoundSummary {
+            round: n,
+            updates: 4,
+            model_version: n,
+            duration_ms: 850,
+            bytes_to_parties,
+            bytes_from_parties,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn rounds_show_the_bytes_they_moved() {
+        let job = pb::Job {
+            id: "j-abc123".into(),
+            rounds_total: 3,
+            rounds_completed: 3,
+            rounds: vec![
+                round(1, 0, 0),
+                round(2, 400_000_000, 1_600_000_008),
+                round(3, 80_000, 3_000_000_000),
+            ],
+            ..Default::default()
+        };
+        let json = job_json(&job);
+        let bytes: Vec<(u64, u64)> = json["rounds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["bytes_to_parties"].as_u64().unwrap(),
+                    r["bytes_from_parties"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            bytes,
+            [
+                (0, 0),
+                (400_000_000, 1_600_000_008),
+                (80_000, 3_000_000_000)
+            ]
+        );
+
+        let text = job_text(&job);
+        let lines: Vec<&str> = text.lines().collect();
+        let header = lines.iter().position(|l| l.starts_with("round  ")).unwrap();
+        assert!(lines[header].ends_with("seconds   MB to/from"), "{text}");
+        let last_column = |l: &str| l.split_whitespace().last().unwrap().to_string();
+        let moved: Vec<String> = lines[header + 1..header + 4]
+            .iter()
+            .map(|l| last_column(l))
+            .collect();
+        assert_eq!(moved, ["-", "400.0/1600", "0.08/3000"], "{text}");
+        assert!(
+            lines[header + 1..header + 4]
+                .iter()
+                .all(|l| l.len() == lines[header].len()),
+            "columns line up:\n{text}"
+        );
+    }
 }

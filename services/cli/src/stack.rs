@@ -34,6 +34,9 @@ pub struct StackConfig {
     pub service_env: Vec<(String, String)>,
     /// Dirichlet alpha of the digits split across parties.
     pub alpha: f64,
+    /// Parties hold only the synthetic dataset `synthetic` (`cohort bench round`), party
+    /// `party-<i+1>` with index i and weight 100 + i, instead of the digits.
+    pub synthetic: bool,
     pub seed: u64,
 }
 
@@ -267,13 +270,17 @@ impl Stack {
             )
             .await?;
         self.proxy = proxy.clone();
-        let parties = crate::data::write_party_data(
-            &cfg.data_dir.join("parties"),
-            cfg.parties,
-            cfg.alpha,
-            cfg.seed,
-            DIGITS_CSV,
-        )?;
+        let parties = if cfg.synthetic {
+            crate::data::write_synthetic_parties(&cfg.data_dir.join("parties"), cfg.parties)?
+        } else {
+            crate::data::write_party_data(
+                &cfg.data_dir.join("parties"),
+                cfg.parties,
+                cfg.alpha,
+                cfg.seed,
+                DIGITS_CSV,
+            )?
+        };
         for p in &parties {
             let pair = ca.issue_party(&p.name, validity)?;
             let (cert, key) =

@@ -12,6 +12,7 @@
 pub mod round_service;
 pub mod round_state;
 mod rounds;
+mod staging;
 
 use std::time::Duration;
 
@@ -159,6 +160,7 @@ impl Args {
             state: state.clone(),
             require_party,
             idle_timeout: self.upload_idle_timeout,
+            staging_dir: std::env::temp_dir(),
         }))
         .add_service(
             pb::coordinator_control_server::CoordinatorControlServer::new(ControlApi {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cohort_core::PartyId;
-use cohort_fl::{CHUNK_BYTES, TensorAssembler, chunk_tensors};
+use cohort_fl::{CHUNK_BYTES, chunk_tensors};
 use cohort_proto::v1 as pb;
 use cohort_runtime::ToStatus;
 use futures::{Stream, StreamExt};
@@ -15,6 +15,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::round_state::{RoundError, RoundState};
+use crate::staging::StagedUpdate;
 
 pub struct RoundApi {
     pub state: Arc<RoundState>,
@@ -22,6 +23,8 @@ pub struct RoundApi {
     pub require_party: bool,
     /// An upload or fetch that moves nothing for this long is dropped.
     pub idle_timeout: Duration,
+    /// Where updates are staged while they stream in.
+    pub staging_dir: std::path::PathBuf,
 }
 
 impl RoundApi {
@@ -79,9 +82,11 @@ impl pb::round_server::Round for RoundApi {
         tracing::debug!(party = %ticket.party, task = %ticket.task_id, "model fetched");
         let global = self.state.global();
         let idle = self.idle_timeout;
+        let state = self.state.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
             for chunk in chunk_tensors(&global, CHUNK_BYTES) {
+                state.sent(chunk.data.len());
                 // A reader that stops reading does not keep the model alive.
                 match tokio::time::timeout(idle, tx.send(Ok(chunk))).await {
                     Ok(Ok(())) => {}
@@ -130,8 +135,8 @@ impl pb::round_server::Round for RoundApi {
                 "the round's deadline passed while the update was uploaded",
             ))),
         };
-        // The slot is held until the update is folded: until then it is in memory.
-        let (delta, _slot) = match received {
+        // The slot is held until the update is folded: until then it is staged.
+        let (update, _slot) = match received {
             Ok(received) => received,
             // Content the model cannot take: the update is dropped, with its reason.
             Err(Received::Bad(why)) => return Err(upload.reject(why).to_status()),
@@ -142,8 +147,10 @@ impl pb::round_server::Round for RoundApi {
             }
         };
         let train_loss = header.train.map(|m| m.loss).unwrap_or(f64::NAN);
-        let norm = upload
-            .complete(delta, train_loss)
+        // The fold reads the staged update back: off the threads that serve the network.
+        let norm = tokio::task::spawn_blocking(move || upload.complete_checked(update, train_loss))
+            .await
+            .map_err(|e| Status::internal(format!("the fold of the update failed: {e}")))?
             .map_err(|e| e.to_status())?;
         tracing::info!(%party, %task, samples = header.samples, norm, "update folded");
         Ok(Response::new(pb::Ack {
@@ -183,18 +190,23 @@ enum Received {
 }
 
 impl RoundApi {
-    /// Reassembles the update, checking its layout as it comes. The upload takes one of the
-    /// slots bounding the updates in memory once its first chunk arrived: a party that sends
-    /// a header and stalls holds no slot. Returns the update with its slot, which the caller
-    /// holds until the update is folded.
+    /// Checks the update chunk by chunk as it comes (layout, finiteness, effect on the
+    /// model) and stages it on disk, so no update is ever whole in memory; a bad chunk
+    /// ends it at once. The upload takes one of the slots bounding the updates received at
+    /// once when its first chunk arrived: a party that sends a header and stalls holds no
+    /// slot. Returns the checked update with its slot, which the caller holds until the
+    /// update is folded.
     async fn receive(
         &self,
         upload: &crate::round_state::Upload,
         inbound: &mut Streaming<pb::SubmitUpdateRequest>,
-    ) -> Result<(Vec<cohort_core::NamedTensor>, Option<OwnedSemaphorePermit>), Received> {
-        let check = upload.check();
-        let max = cohort_core::tensor::total_elements(check.global());
-        let mut asm = TensorAssembler::new(Some(check.layout()), max);
+    ) -> Result<(cohort_fl::CheckedUpdate, Option<OwnedSemaphorePermit>), Received> {
+        let mut check = upload.check().stream();
+        let mut staged = StagedUpdate::create(&self.staging_dir).map_err(|e| {
+            Received::Broken(RoundError::unavailable(format!(
+                "the coordinator cannot stage the update: {e}"
+            )))
+        })?;
         let mut slot = None;
         while let Some(msg) = self.next(inbound).await.map_err(Received::Broken)? {
             if slot.is_none() {
@@ -202,7 +214,14 @@ impl RoundApi {
             }
             match msg.part {
                 Some(pb::submit_update_request::Part::Chunk(c)) => {
-                    asm.push(c).map_err(|e| Received::Bad(e.to_string()))?
+                    self.state.received(c.data.len());
+                    let (tensor, offset) =
+                        check.push(&c).map_err(|e| Received::Bad(e.to_string()))?;
+                    staged.append(tensor, offset, &c.data).map_err(|e| {
+                        Received::Broken(RoundError::unavailable(format!(
+                            "the coordinator cannot stage the update: {e}"
+                        )))
+                    })?;
                 }
                 Some(pb::submit_update_request::Part::Header(_)) => {
                     return Err(Received::Bad("header sent twice".into()));
@@ -210,7 +229,9 @@ impl RoundApi {
                 None => {}
             }
         }
-        let update = asm.finish().map_err(|e| Received::Bad(e.to_string()))?;
+        let update = check
+            .finish(Box::new(staged))
+            .map_err(|e| Received::Bad(e.to_string()))?;
         Ok((update, slot))
     }
 }

@@ -8,6 +8,7 @@
 //! metrics) is bounded by what it registered when the job started.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -45,6 +46,10 @@ impl RoundError {
     }
     fn ended(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::FailedPrecondition, message)
+    }
+    /// The coordinator itself cannot take the update now (e.g. its disk): try again.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Unavailable, message)
     }
 }
 
@@ -199,11 +204,21 @@ pub struct RoundState {
     /// Signalled when minted tokens are bound to parties (or forgotten).
     bound: Notify,
     /// Signalled whenever an update or evaluation lands or is dropped.
-    progress: Notify,
+    /// Counts landings: a waiter that subscribed before looking misses none.
+    progress: watch::Sender<u64>,
     upload_slots: Arc<Semaphore>,
     phase: watch::Sender<u64>,
     stop: watch::Sender<Option<String>>,
     refusal_log: Mutex<RefusalLog>,
+    traffic_to_parties: AtomicU64,
+    traffic_from_parties: AtomicU64,
+}
+
+/// Tensor bytes moved between the coordinator and the parties.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub to_parties: u64,
+    pub from_parties: u64,
 }
 
 impl RoundState {
@@ -223,7 +238,7 @@ impl RoundState {
             }),
             global: Mutex::new(Arc::new(Vec::new())),
             bound: Notify::new(),
-            progress: Notify::new(),
+            progress: watch::channel(0).0,
             upload_slots: Arc::new(Semaphore::new(max_concurrent_uploads.max(1))),
             phase,
             stop,
@@ -232,7 +247,29 @@ impl RoundState {
                 logged: 0,
                 suppressed: 0,
             }),
+            traffic_to_parties: AtomicU64::new(0),
+            traffic_from_parties: AtomicU64::new(0),
         })
+    }
+
+    /// Counts model bytes sent to a party.
+    pub fn sent(&self, bytes: usize) {
+        self.traffic_to_parties
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// Counts update bytes received from a party.
+    pub fn received(&self, bytes: usize) {
+        self.traffic_from_parties
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// The bytes moved since the last time this was asked.
+    pub fn take_traffic(&self) -> Traffic {
+        Traffic {
+            to_parties: self.traffic_to_parties.swap(0, Ordering::Relaxed),
+            from_parties: self.traffic_from_parties.swap(0, Ordering::Relaxed),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -254,7 +291,7 @@ impl RoundState {
 
     pub fn request_stop(&self, reason: String) {
         self.stop.send_replace(Some(reason));
-        self.progress.notify_waiters();
+        self.landed();
     }
 
     pub fn stop_reason(&self) -> Option<String> {
@@ -447,9 +484,15 @@ impl RoundState {
         out
     }
 
-    /// Waits until something lands or `wait` passes.
-    pub async fn progressed(&self, wait: Duration) {
-        let _ = tokio::time::timeout(wait, self.progress.notified()).await;
+    fn landed(&self) {
+        self.progress.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Sees every landing (update, evaluation, drop, stop) after this call: take it before
+    /// looking at the tasks' progress, then wait on it, and nothing that lands in between
+    /// is missed.
+    pub fn watch_progress(&self) -> watch::Receiver<u64> {
+        self.progress.subscribe()
     }
 
     // --- the job's log ---
@@ -713,7 +756,7 @@ impl RoundState {
             t.state = TicketState::Done;
         }
         drop(inner);
-        self.progress.notify_waiters();
+        self.landed();
         Ok(())
     }
 }
@@ -737,7 +780,7 @@ impl Upload {
     }
 
     /// The model the update must match.
-    pub fn check(&self) -> &UpdateCheck {
+    pub fn check(&self) -> &Arc<UpdateCheck> {
         &self.check
     }
 
@@ -772,6 +815,15 @@ impl Upload {
     pub fn complete(self, delta: Vec<NamedTensor>, train_loss: f64) -> Result<f64, RoundError> {
         let checked = self.check.check(delta).map_err(|e| e.to_string());
         self.finish(checked.map(|update| (update, train_loss)))
+    }
+
+    /// Folds an update checked as it streamed in (see [`Upload::complete`]).
+    pub fn complete_checked(
+        self,
+        update: cohort_fl::CheckedUpdate,
+        train_loss: f64,
+    ) -> Result<f64, RoundError> {
+        self.finish(Ok((update, train_loss)))
     }
 
     /// Drops the update for a fault of its content (`why`), as [`Upload::complete`] would.
@@ -838,7 +890,7 @@ impl Upload {
         }
         drop(inner);
         self.finished = true;
-        state.progress.notify_waiters();
+        state.landed();
         match outcome {
             Ok(norm) => Ok(norm),
             Err(why) => {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cohort_core::{JobId, JobSpec, NamedTensor, Role, TaskKind, spec::parse_model_ref};
-use cohort_fl::{AggregationRules, capped_weights, from_safetensors, lower_median, to_safetensors};
+use cohort_fl::{AggregationRules, capped_weights, from_safetensors, lower_median};
 use cohort_proto::v1 as pb;
 use cohort_runtime::retry_unavailable;
 use cohort_runtime::wire::{act_as, task_kind_to_wire};
@@ -176,10 +176,13 @@ impl JobRun {
             if let Some(r) = self.stop_reason() {
                 return Err(Failure::Stopped(r));
             }
-            let started = Instant::now();
             self.refresh_cohort(&mut cohort, round).await;
+            // A round runs from its offer to its model stored.
+            let started = Instant::now();
             let trained = self.train_round(round, &cohort).await?;
-            let evaluate = round % self.spec.evaluation.every == 0 || round == rounds;
+            // A synthetic model has nothing to evaluate.
+            let evaluate = self.spec.model.synthetic().is_none()
+                && (round % self.spec.evaluation.every == 0 || round == rounds);
             let evaluated = if evaluate {
                 self.evaluate_round(round, &cohort).await?
             } else {
@@ -193,6 +196,7 @@ impl JobRun {
             let metrics = evaluated.metrics;
             let refused = self.state.take_refused();
             let version = self.checkpoint(round, parent_version, &metrics).await?;
+            let traffic = self.state.take_traffic();
             parent_version = version;
             let summary = pb::RoundSummary {
                 round,
@@ -207,8 +211,10 @@ impl JobRun {
                 robust_accuracy: evaluated.robust.unwrap_or(0.0),
                 eval_parties: evaluated.parties,
                 eval_parties_expected: evaluated.expected,
+                bytes_to_parties: traffic.to_parties,
+                bytes_from_parties: traffic.from_parties,
             };
-            tracing::info!(job = %self.job_id, round, updates = trained.updates, accuracy = metrics.accuracy, robust_accuracy = ?evaluated.robust, loss = metrics.loss, version, "round complete");
+            tracing::info!(job = %self.job_id, round, seconds = summary.duration_ms as f64 / 1e3, bytes_to_parties = traffic.to_parties, bytes_from_parties = traffic.from_parties, updates = trained.updates, accuracy = metrics.accuracy, robust_accuracy = ?evaluated.robust, loss = metrics.loss, version, "round complete");
             self.flush_log().await;
             retry_unavailable("report round", SCHEDULER_PATIENCE, || {
                 let mut c = self.clients.scheduler.clone();
@@ -330,7 +336,26 @@ impl JobRun {
         } else {
             None
         };
+        let synthetic = self
+            .spec
+            .model
+            .synthetic()
+            .map(|(params, layers)| cohort_fl::SyntheticModel { params, layers });
         let (weights, features, classes) = match given {
+            Some((what, weights)) if let Some(model) = synthetic => {
+                if !model.fits(&weights) {
+                    return Err(Failure::Fail(format!(
+                        "{what} is not the synthetic model of {} parameters in {} tensors \
+                         (model.params, model.layers)",
+                        model.params, model.layers
+                    )));
+                }
+                (weights, shapes[0].0, shapes[0].1)
+            }
+            None if let Some(model) = synthetic => {
+                self.check_size(shapes[0].0, shapes[0].1)?;
+                (model.zeros(), shapes[0].0, shapes[0].1)
+            }
             Some((what, weights)) => {
                 let fits = |f: u32, c: u32| {
                     cohort_train::check_weights(&self.spec.model, &weights, f as usize, c as usize)
@@ -781,6 +806,7 @@ impl JobRun {
             .map(|a| (a.task_id.as_str(), a.party.as_str()))
             .collect();
         let mut waited = Waited::default();
+        let mut landings = self.state.watch_progress();
         loop {
             if let Some(r) = self.stop_reason() {
                 return Err(Failure::Stopped(r));
@@ -859,7 +885,7 @@ impl JobRun {
                 }
             }
             let wait = TASK_POLL.min(deadline.saturating_duration_since(Instant::now()));
-            self.state.progressed(wait).await;
+            let _ = tokio::time::timeout(wait, landings.changed()).await;
         }
     }
 
@@ -872,8 +898,17 @@ impl JobRun {
         metrics: &pb::Metrics,
     ) -> Result<u32, Failure> {
         let global = self.state.global();
-        let bytes = to_safetensors(&global)
-            .map_err(|e| Failure::Fail(format!("cannot encode the model: {e}")))?;
+        // Encoded piece by piece as it is hashed and sent: no second copy of the model.
+        let encode = || {
+            cohort_fl::safetensors_stream(global.clone(), cohort_fl::CHUNK_BYTES)
+                .map(|(_, pieces)| pieces)
+                .map_err(|e| Failure::Fail(format!("cannot encode the model: {e}")))
+        };
+        let mut hasher = sha2::Sha256::new();
+        for piece in encode()? {
+            hasher.update(&piece);
+        }
+        let digest = hex::encode(hasher.finalize());
         let header = pb::UploadVersionRequest {
             part: Some(pb::upload_version_request::Part::Header(pb::UploadHeader {
                 name: self.model_name(),
@@ -886,21 +921,16 @@ impl JobRun {
                 metrics: Some(*metrics),
             })),
         };
-        let bytes = bytes::Bytes::from(bytes);
         let version = retry_unavailable("upload model", self.storage_patience, || {
             let mut c = self.clients.models.clone();
-            let mut parts = vec![header.clone()];
-            let mut offset = 0;
-            while offset < bytes.len() {
-                let end = (offset + cohort_fl::CHUNK_BYTES).min(bytes.len());
-                parts.push(pb::UploadVersionRequest {
-                    part: Some(pb::upload_version_request::Part::Data(
-                        bytes[offset..end].to_vec(),
-                    )),
-                });
-                offset = end;
-            }
-            let req = self.for_job(futures::stream::iter(parts));
+            let req = encode().and_then(|pieces| {
+                let parts = std::iter::once(header.clone()).chain(pieces.map(|data| {
+                    pb::UploadVersionRequest {
+                        part: Some(pb::upload_version_request::Part::Data(data)),
+                    }
+                }));
+                self.for_job(futures::stream::iter(parts))
+            });
             async move {
                 match req {
                     Ok(req) => c.upload_version(req).await,
@@ -919,7 +949,7 @@ impl JobRun {
         // Versions are idempotent per (job, round): a round an earlier coordinator of this job
         // already stored (its report to job-scheduler was lost) answers with that version.
         // Continue from the stored model, so the lineage and the next round agree.
-        if version.digest != hex::encode(sha2::Sha256::digest(&bytes)) {
+        if version.digest != digest {
             tracing::info!(
                 round,
                 version = version.version,

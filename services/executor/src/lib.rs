@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use cohort_core::{JobSpec, NamedTensor};
-use cohort_fl::{CHUNK_BYTES, TensorAssembler, chunk_tensors};
+use cohort_fl::{CHUNK_BYTES, SyntheticModel, TensorAssembler, chunk_tensors_shared};
 use cohort_proto::v1 as pb;
 use cohort_runtime::{LogFormat, channel, retry_unavailable};
 use cohort_train::{DataFormat, Dataset};
@@ -50,6 +50,9 @@ impl Args {
         let client = RoundClient::new(&exec.endpoint, &task, tls.as_ref())?;
         let global = client.fetch_model().await?;
         tracing::info!(task = %task.task_id, tensors = global.len(), "model fetched");
+        if let Some((params, layers)) = spec.model.synthetic() {
+            return synthetic_task(&client, &task, &data, kind, &global, params, layers).await;
+        }
         match kind {
             pb::TaskKind::Train => {
                 let dataset = load(&data, false)?;
@@ -63,7 +66,7 @@ impl Args {
                 );
                 client
                     .submit_update(
-                        &delta,
+                        delta,
                         outcome.samples as u64,
                         pb::Metrics {
                             loss: outcome.loss,
@@ -92,6 +95,53 @@ impl Args {
         }
         Ok(())
     }
+}
+
+/// A task of the synthetic workload: no training, the update `cohort_fl::synthetic` defines
+/// for this party and round, made chunk by chunk as it is sent.
+async fn synthetic_task(
+    client: &RoundClient,
+    task: &pb::Task,
+    data: &pb::LocalDataset,
+    kind: pb::TaskKind,
+    global: &[NamedTensor],
+    params: u64,
+    layers: u32,
+) -> anyhow::Result<()> {
+    let model = SyntheticModel { params, layers };
+    if !model.fits(global) {
+        bail!(
+            "the fetched model is not the synthetic model of {params} parameters in {layers} tensors"
+        );
+    }
+    let Some(synthetic) = &data.synthetic else {
+        bail!(
+            "dataset {:?} is not synthetic (format {:?}); a synthetic model needs a dataset of \
+             format \"synthetic\"",
+            task.dataset,
+            data.format
+        );
+    };
+    if kind != pb::TaskKind::Train {
+        bail!(
+            "a synthetic model is not evaluated (task.kind {})",
+            task.kind
+        );
+    }
+    let (party, round) = (u64::from(synthetic.index), u64::from(task.round));
+    client
+        .submit_chunks(
+            move || model.update_chunks(party, round, CHUNK_BYTES),
+            synthetic.samples,
+            pb::Metrics {
+                loss: 0.0,
+                accuracy: 0.0,
+                samples: synthetic.samples,
+            },
+        )
+        .await?;
+    tracing::info!(task = %task.task_id, params, party, round, "synthetic update sent");
+    Ok(())
 }
 
 /// The executor's final log line for a fatal error: the whole cause chain, on one line
@@ -178,35 +228,54 @@ impl RoundClient {
     }
 
     async fn fetch_model(&self) -> anyhow::Result<Vec<NamedTensor>> {
-        let chunks = retry_unavailable("fetch model", RETRY_FOR, || {
+        let model = retry_unavailable("fetch model", RETRY_FOR, || {
             let mut inner = self.inner.clone();
             let req = self.request(pb::FetchModelRequest {
                 task_token: self.token.clone(),
             });
             async move {
                 let mut stream = inner.fetch_model(req).await?.into_inner();
-                let mut chunks = Vec::new();
+                // Assembled as it arrives: the model is in memory once, not twice.
+                let mut asm = TensorAssembler::new(None, MAX_MODEL_ELEMENTS);
                 while let Some(chunk) = stream.next().await {
-                    chunks.push(chunk?);
+                    asm.push(chunk?)
+                        .map_err(|e| tonic::Status::data_loss(e.to_string()))?;
                 }
-                Ok(chunks)
+                asm.finish()
+                    .map_err(|e| tonic::Status::data_loss(e.to_string()))
             }
         })
         .await
         .context("cannot fetch the model")?;
-        let mut asm = TensorAssembler::new(None, MAX_MODEL_ELEMENTS);
-        for chunk in chunks {
-            asm.push(chunk)?;
-        }
-        Ok(asm.finish()?)
+        Ok(model)
     }
 
     async fn submit_update(
         &self,
-        delta: &[NamedTensor],
+        delta: Vec<NamedTensor>,
         samples: u64,
         train: pb::Metrics,
     ) -> anyhow::Result<()> {
+        let delta = std::sync::Arc::new(delta);
+        self.submit_chunks(
+            move || chunk_tensors_shared(delta.clone(), CHUNK_BYTES),
+            samples,
+            train,
+        )
+        .await
+    }
+
+    /// Streams an update made by `chunks` (called again for each retry), so no encoded copy
+    /// of it is ever whole in memory.
+    async fn submit_chunks<I>(
+        &self,
+        chunks: impl Fn() -> I,
+        samples: u64,
+        train: pb::Metrics,
+    ) -> anyhow::Result<()>
+    where
+        I: Iterator<Item = pb::TensorChunk> + Send + 'static,
+    {
         let header = pb::SubmitUpdateRequest {
             part: Some(pb::submit_update_request::Part::Header(pb::UpdateHeader {
                 task_token: self.token.clone(),
@@ -214,13 +283,13 @@ impl RoundClient {
                 train: Some(train),
             })),
         };
-        let chunks = chunk_tensors(delta, CHUNK_BYTES).map(|c| pb::SubmitUpdateRequest {
-            part: Some(pb::submit_update_request::Part::Chunk(c)),
-        });
-        let messages: Vec<_> = std::iter::once(header).chain(chunks).collect();
         retry_unavailable("submit update", RETRY_FOR, || {
             let mut inner = self.inner.clone();
-            let req = self.request(futures::stream::iter(messages.clone()));
+            let messages =
+                std::iter::once(header.clone()).chain(chunks().map(|c| pb::SubmitUpdateRequest {
+                    part: Some(pb::submit_update_request::Part::Chunk(c)),
+                }));
+            let req = self.request(futures::stream::iter(messages));
             async move { inner.submit_update(req).await }
         })
         .await

@@ -124,6 +124,7 @@ pub fn check_model_size(spec: &JobSpec, max: u64) -> std::result::Result<(), Spe
         Arch::Logreg => ("model.arch", 1, "1 feature"),
         Arch::Mlp => ("model.hidden", 1, "1 feature"),
         Arch::Cnn => ("model.arch", 4, "a 2×2 image"),
+        Arch::Synthetic => ("model.params", 1, "any data"),
     };
     let count = spec.model.parameter_count(features, 2);
     if count > max {

@@ -69,6 +69,9 @@ pub const MAX_EVENTS_PER_ANSWER: usize = 500;
 pub const MAX_ROUND_COUNT: u32 = 1_000_000;
 /// The most parties a round's evaluation may be offered to.
 pub const MAX_EVAL_PARTIES: u32 = 100_000;
+/// The most tensor bytes a round may report moving each way (1 PiB: far
+/// beyond any real round, well inside the stores' 63-bit range).
+pub const MAX_ROUND_BYTES: u64 = 1 << 50;
 
 fn round_to_pb(r: &RoundRecord) -> pb::RoundSummary {
     pb::RoundSummary {
@@ -88,11 +91,14 @@ fn round_to_pb(r: &RoundRecord) -> pb::RoundSummary {
         robust_accuracy: r.robust_accuracy,
         eval_parties: r.eval_parties,
         eval_parties_expected: r.eval_parties_expected,
+        bytes_to_parties: r.bytes_to_parties,
+        bytes_from_parties: r.bytes_from_parties,
     }
 }
 
-/// A reported round, checked: its counts bounded, its robust accuracy in
-/// [0, 1], its evaluating parties no more than were offered the evaluation.
+/// A reported round, checked: its counts and bytes bounded, its robust
+/// accuracy in [0, 1], its evaluating parties no more than were offered the
+/// evaluation.
 fn round_from_pb(round: pb::RoundSummary) -> Result<RoundRecord, Status> {
     for (field, v) in [
         ("updates", round.updates),
@@ -103,6 +109,16 @@ fn round_from_pb(round: pb::RoundSummary) -> Result<RoundRecord, Status> {
         if v > MAX_ROUND_COUNT {
             return Err(Status::invalid_argument(format!(
                 "round.{field}: {v} is more than {MAX_ROUND_COUNT}"
+            )));
+        }
+    }
+    for (field, v) in [
+        ("bytes_to_parties", round.bytes_to_parties),
+        ("bytes_from_parties", round.bytes_from_parties),
+    ] {
+        if v > MAX_ROUND_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "round.{field}: {v} is more than {MAX_ROUND_BYTES}"
             )));
         }
     }
@@ -140,6 +156,8 @@ fn round_from_pb(round: pb::RoundSummary) -> Result<RoundRecord, Status> {
         robust_accuracy: robust,
         eval_parties: round.eval_parties,
         eval_parties_expected: round.eval_parties_expected,
+        bytes_to_parties: round.bytes_to_parties,
+        bytes_from_parties: round.bytes_from_parties,
     })
 }
 
@@ -685,6 +703,8 @@ mod tests {
             robust_accuracy: 0.7,
             eval_parties,
             eval_parties_expected,
+            bytes_to_parties: 3_000_000_000,
+            bytes_from_parties: 5_000_000_007,
         }
     }
 
@@ -728,6 +748,52 @@ mod tests {
             let status = round_from_pb(summary(parties, expected)).unwrap_err();
             assert_eq!(status.code(), tonic::Code::InvalidArgument);
             assert_eq!(status.message(), field);
+        }
+    }
+
+    #[test]
+    fn rounds_keep_their_bytes_both_ways() {
+        for (to, from) in [
+            (0, 0),
+            (3_000_000_000, 7),
+            (MAX_ROUND_BYTES, MAX_ROUND_BYTES - 1),
+        ] {
+            let reported = pb::RoundSummary {
+                bytes_to_parties: to,
+                bytes_from_parties: from,
+                ..summary(2, 3)
+            };
+            let record = round_from_pb(reported).unwrap();
+            assert_eq!(
+                (record.bytes_to_parties, record.bytes_from_parties),
+                (to, from)
+            );
+            assert_eq!(round_to_pb(&record), reported, "every field comes back");
+        }
+    }
+
+    #[test]
+    fn rounds_claiming_more_bytes_than_the_bound_are_refused() {
+        for (to, from, message) in [
+            (
+                MAX_ROUND_BYTES + 1,
+                0,
+                "round.bytes_to_parties: 1125899906842625 is more than 1125899906842624",
+            ),
+            (
+                0,
+                u64::MAX,
+                "round.bytes_from_parties: 18446744073709551615 is more than 1125899906842624",
+            ),
+        ] {
+            let reported = pb::RoundSummary {
+                bytes_to_parties: to,
+                bytes_from_parties: from,
+                ..summary(2, 3)
+            };
+            let status = round_from_pb(reported).unwrap_err();
+            assert_eq!(status.code(), tonic::Code::InvalidArgument);
+            assert_eq!(status.message(), message);
         }
     }
 }

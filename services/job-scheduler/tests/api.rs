@@ -403,6 +403,8 @@ async fn rounds_give_the_best_and_last_round() {
         robust_accuracy: robust,
         eval_parties: n % 3,
         eval_parties_expected: 2,
+        bytes_to_parties: 3_000_000_000 + u64::from(n),
+        bytes_from_parties: 5_000_000_000 + u64::from(n),
     };
     let report = |summary: pb::RoundSummary| pb::ReportRoundRequest {
         job_id: id.clone(),
@@ -439,6 +441,13 @@ async fn rounds_give_the_best_and_last_round() {
                 ..round(1, 0.5, 0.5)
             },
             "round.eval_parties_expected",
+        ),
+        (
+            pb::RoundSummary {
+                bytes_to_parties: (1 << 50) + 1,
+                ..round(1, 0.5, 0.5)
+            },
+            "round.bytes_to_parties",
         ),
     ] {
         assert_invalid(control.report_round(report(bad)).await, field);

@@ -147,6 +147,8 @@ fn round(n: u32) -> RoundRecord {
         robust_accuracy: 0.8,
         eval_parties: 2,
         eval_parties_expected: 2,
+        bytes_to_parties: 0,
+        bytes_from_parties: 0,
     }
 }
 

@@ -6,6 +6,12 @@
 //! ```
 //! Relative paths are relative to the file's directory. Every dataset is read
 //! once at start so a bad file is reported before the party registers.
+//!
+//! A `synthetic` dataset has no files: `{"synthetic": {"format": "synthetic", "samples": 100,
+//! "index": 0}}` serves jobs of `model.arch: synthetic` (`cohort bench round`) with the
+//! weight `samples` and the party's `index` in the synthetic workload. It registers as one
+//! feature and two classes (the smallest shape a registration may have); a synthetic model
+//! does not depend on it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -17,8 +23,16 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatasetEntry {
-    pub path: PathBuf,
+    /// The data file (every format but `synthetic`).
+    #[serde(default)]
+    pub path: Option<PathBuf>,
     pub format: String,
+    /// A synthetic dataset's weight (its "samples").
+    #[serde(default)]
+    pub samples: Option<u64>,
+    /// A synthetic dataset's party index.
+    #[serde(default)]
+    pub index: Option<u32>,
     #[serde(default)]
     pub labels: Option<PathBuf>,
     #[serde(default)]
@@ -47,8 +61,13 @@ impl LocalDataset {
                 .map(|p| p.display().to_string())
                 .unwrap_or_default()
         };
+        let synthetic = (self.entry.format == SYNTHETIC).then(|| pb::SyntheticData {
+            samples: self.entry.samples.unwrap_or(0),
+            index: self.entry.index.unwrap_or(0),
+        });
         pb::LocalDataset {
-            path: self.entry.path.display().to_string(),
+            synthetic,
+            path: s(&self.entry.path),
             format: self.entry.format.clone(),
             eval_path: s(&self.entry.eval_path),
             scale: self.entry.scale.unwrap_or(0.0),
@@ -100,8 +119,23 @@ pub fn load(path: &Path) -> Result<Vec<LocalDataset>, DatasetsError> {
                 *p = base.join(&*p);
             }
         };
-        resolve(&mut entry.path);
+        if entry.format == SYNTHETIC {
+            out.push(synthetic(&name, &entry).map_err(err)?);
+            continue;
+        }
+        for (field, set) in [
+            ("samples", entry.samples.is_some()),
+            ("index", entry.index.is_some()),
+        ] {
+            if set {
+                return Err(err(format!("{field}: only a synthetic dataset takes it")));
+            }
+        }
+        if entry.path.is_none() {
+            return Err(err("path: missing (the data file)".into()));
+        }
         for p in [
+            &mut entry.path,
             &mut entry.labels,
             &mut entry.eval_path,
             &mut entry.eval_labels,
@@ -120,8 +154,9 @@ pub fn load(path: &Path) -> Result<Vec<LocalDataset>, DatasetsError> {
         {
             return Err(err(format!("scale: must be a positive number, got {s}")));
         }
+        let data_path = entry.path.clone().unwrap_or_default();
         let data =
-            cohort_train::load_dataset(&entry.path, format, entry.labels.as_deref(), entry.scale)
+            cohort_train::load_dataset(&data_path, format, entry.labels.as_deref(), entry.scale)
                 .map_err(|e| err(e.to_string()))?;
         if data.n == 0 {
             return Err(err("holds no samples".into()));
@@ -160,4 +195,49 @@ pub fn load(path: &Path) -> Result<Vec<LocalDataset>, DatasetsError> {
         });
     }
     Ok(out)
+}
+
+/// The format of a dataset without files (`cohort bench round`).
+pub const SYNTHETIC: &str = "synthetic";
+
+/// Most weight a synthetic dataset may claim (like a file of a billion samples).
+const MAX_SYNTHETIC_SAMPLES: u64 = 1_000_000_000;
+
+fn synthetic(name: &str, entry: &DatasetEntry) -> Result<LocalDataset, String> {
+    for (field, set) in [
+        ("path", entry.path.is_some()),
+        ("labels", entry.labels.is_some()),
+        ("eval_path", entry.eval_path.is_some()),
+        ("eval_labels", entry.eval_labels.is_some()),
+        ("scale", entry.scale.is_some()),
+        ("classes", entry.classes.is_some()),
+    ] {
+        if set {
+            return Err(format!(
+                "{field}: a synthetic dataset has no files or labels"
+            ));
+        }
+    }
+    let samples = match entry.samples {
+        Some(n) if (1..=MAX_SYNTHETIC_SAMPLES).contains(&n) => n,
+        Some(n) => {
+            return Err(format!(
+                "samples: must be between 1 and {MAX_SYNTHETIC_SAMPLES}, got {n}"
+            ));
+        }
+        None => return Err("samples: missing (the weight of the synthetic updates)".into()),
+    };
+    if entry.index.is_none() {
+        return Err("index: missing (the party's index in the synthetic workload)".into());
+    }
+    Ok(LocalDataset {
+        info: pb::DatasetInfo {
+            name: name.to_string(),
+            samples,
+            features: 1,
+            classes: 2,
+        },
+        name: name.to_string(),
+        entry: entry.clone(),
+    })
 }

@@ -372,13 +372,15 @@ fn round_doc(r: &RoundRecord, job_id: &str) -> Result<Document> {
         "robust_accuracy": r.robust_accuracy,
         "eval_parties": i64::from(r.eval_parties),
         "eval_parties_expected": i64::from(r.eval_parties_expected),
+        "bytes_to_parties": to_i64(r.bytes_to_parties, "bytes_to_parties", WHAT, &at)?,
+        "bytes_from_parties": to_i64(r.bytes_from_parties, "bytes_from_parties", WHAT, &at)?,
     })
 }
 
 /// A count a round recorded before it was counted lacks: 0.
-fn count_or_zero(f: &Fields<'_>, field: &str) -> Result<u32> {
+fn count_or_zero<T: TryFrom<i64> + Default>(f: &Fields<'_>, field: &str) -> Result<T> {
     match f.opt_int(field)? {
-        None => Ok(0),
+        None => Ok(T::default()),
         Some(v) => f.fit(field, v),
     }
 }
@@ -404,6 +406,8 @@ fn round_from_doc(d: &Document, job_id: &str) -> Result<RoundRecord> {
         },
         eval_parties: count_or_zero(&f, "eval_parties")?,
         eval_parties_expected: count_or_zero(&f, "eval_parties_expected")?,
+        bytes_to_parties: count_or_zero(&f, "bytes_to_parties")?,
+        bytes_from_parties: count_or_zero(&f, "bytes_from_parties")?,
     })
 }
 
@@ -830,7 +834,7 @@ mod tests {
     }
 
     #[test]
-    fn rounds_from_before_the_outcome_counts_and_coverage_read_as_zero() {
+    fn rounds_from_before_the_outcome_counts_coverage_and_bytes_read_as_zero() {
         let mut d = round_doc(&round(2), "j").unwrap();
         for field in [
             "refused_updates",
@@ -839,6 +843,8 @@ mod tests {
             "robust_accuracy",
             "eval_parties",
             "eval_parties_expected",
+            "bytes_to_parties",
+            "bytes_from_parties",
         ] {
             d.remove(field);
         }
@@ -853,6 +859,7 @@ mod tests {
             (0, 0, 0, 0.0)
         );
         assert_eq!((r.eval_parties, r.eval_parties_expected), (0, 0));
+        assert_eq!((r.bytes_to_parties, r.bytes_from_parties), (0, 0));
     }
 
     #[test]
@@ -893,6 +900,10 @@ mod tests {
             err.contains("duration_ms") && err.contains("j round 1"),
             "{err}"
         );
+        let mut huge = round(1);
+        huge.bytes_from_parties = i64::MAX as u64 + 1;
+        let err = round_doc(&huge, "j").unwrap_err().to_string();
+        assert!(err.contains("bytes_from_parties"), "{err}");
     }
 
     #[test]

@@ -1,0 +1,371 @@
+//! `cohort bench round`: the real federation, a synthetic job, and what it cost. Peak memory
+//! is each process's high-water mark (`VmHWM`), read from `/proc` while it runs (executors
+//! and the coordinator come and go: they are found as children of task-managers and
+//! job-scheduler every few milliseconds).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use cohort_fl::SyntheticModel;
+use cohort_proto::v1 as pb;
+use futures::StreamExt;
+use serde_json::json;
+
+use super::RoundArgs;
+use crate::Api;
+use crate::show::state_name;
+use crate::stack::{Stack, StackConfig};
+
+/// How often process memory is sampled.
+const SAMPLE_EVERY: Duration = Duration::from_millis(20);
+/// How long the parties get to connect before the job is created.
+const PARTIES_CONNECT_WITHIN: Duration = Duration::from_secs(120);
+
+pub async fn run(args: &RoundArgs, json: bool) -> anyhow::Result<i32> {
+    let temp;
+    let data_dir = match &args.data_dir {
+        Some(d) => crate::absolute(d)?,
+        None => {
+            temp = tempfile::Builder::new().prefix("cohort-bench-").tempdir()?;
+            temp.path().to_path_buf()
+        }
+    };
+    let model = SyntheticModel {
+        params: args.params,
+        layers: args.layers,
+    };
+    let started_ms = now_ms();
+    let mut stack = Stack::start(&StackConfig {
+        bin_dir: None,
+        data_dir: data_dir.clone(),
+        parties: args.parties,
+        proxy_listen: "127.0.0.1:0".into(),
+        proxy_names: Vec::new(),
+        database_url: None,
+        blob_url: None,
+        service_env: vec![(
+            "COHORT_MAX_MODEL_PARAMETERS".to_string(),
+            args.params.max(100_000_000).to_string(),
+        )],
+        alpha: 0.5,
+        seed: 42,
+        synthetic: true,
+    })
+    .await?;
+    let memory = Memory::watch(&stack);
+    let result = tokio::select! {
+        r = run_job(&stack, args, json) => r,
+        _ = cohort_runtime::shutdown_signal() => Err(anyhow::anyhow!("interrupted")),
+    };
+    let peaks = memory.finish().await;
+    let pgid = stack.pgid();
+    stack.shutdown().await;
+    let (job, running_ms, final_model) = result?;
+    let Some(final_model) = final_model else {
+        bail!(
+            "job {} ended {}: {}",
+            job.id,
+            state_name(job.state),
+            job.reason
+        );
+    };
+    let error = model.max_abs_error(
+        &final_model,
+        u64::from(args.parties),
+        u64::from(args.rounds),
+    );
+    let round_s: Vec<f64> = job
+        .rounds
+        .iter()
+        .map(|r| r.duration_ms as f64 / 1000.0)
+        .collect();
+    let startup_s = running_ms.map(|t| (t - started_ms).max(0) as f64 / 1000.0);
+    let to_parties: u64 = job.rounds.iter().map(|r| r.bytes_to_parties).sum();
+    let from_parties: u64 = job.rounds.iter().map(|r| r.bytes_from_parties).sum();
+    let summary = json!({
+        "parties": args.parties,
+        "params": args.params,
+        "layers": model.sizes().len(),
+        "rounds": job.rounds.len(),
+        "round_s": round_s,
+        "median_round_s": median(&round_s),
+        "startup_s": startup_s,
+        "coordinator_peak_rss_bytes": peaks.coordinator,
+        "proxy_peak_rss_bytes": peaks.of("proxy"),
+        "model_manager_peak_rss_bytes": peaks.of("model-manager"),
+        "job_scheduler_peak_rss_bytes": peaks.of("job-scheduler"),
+        "client_selector_peak_rss_bytes": peaks.of("client-selector"),
+        "party_peak_rss_bytes": peaks.party,
+        "bytes_to_parties": to_parties,
+        "bytes_from_parties": from_parties,
+        "aggregate_max_abs_error": error,
+        "job": job.id,
+        "state": state_name(job.state),
+        "process_group": pgid,
+    });
+    if json {
+        println!("{summary}");
+    } else {
+        for (i, s) in round_s.iter().enumerate() {
+            println!("round {:>3}  {:.3} s", i + 1, s);
+        }
+        let mb = |b: u64| b as f64 / 1e6;
+        println!(
+            "{} parties × {} parameters, {} rounds: median round {:.3} s, start-up {}; peak RSS \
+             coordinator {:.0} MB, proxy {:.0} MB, model-manager {:.0} MB, party {:.0} MB; \
+             {:.1} MB to parties, {:.1} MB from parties; aggregate max abs error {error:.3e}",
+            args.parties,
+            args.params,
+            round_s.len(),
+            median(&round_s).unwrap_or(f64::NAN),
+            startup_s.map_or("-".to_string(), |s| format!("{s:.2} s")),
+            mb(peaks.coordinator),
+            mb(peaks.of("proxy")),
+            mb(peaks.of("model-manager")),
+            mb(peaks.party),
+            mb(to_parties),
+            mb(from_parties),
+        );
+    }
+    Ok(0)
+}
+
+/// Creates the synthetic job once every party is connected, follows it to its end and
+/// downloads the final model when it succeeded.
+async fn run_job(
+    stack: &Stack,
+    args: &RoundArgs,
+    json: bool,
+) -> anyhow::Result<(pb::Job, Option<i64>, Option<Vec<cohort_core::NamedTensor>>)> {
+    let api = Api::from_profile(&stack.profile())?;
+    wait_for_parties(&api, args.parties).await?;
+    // A round moves the model to and from every party through the proxy: leave minutes per GB.
+    let model_gb = args.params as f64 * 4.0 / 1e9;
+    let round_timeout = 60 + (model_gb * 120.0 * f64::from(args.parties).max(1.0)) as u64;
+    let spec = json!({
+        "name": "bench-round",
+        "model": {"arch": "synthetic", "params": args.params, "layers": args.layers},
+        "data": {"dataset": "synthetic"},
+        "rounds": args.rounds,
+        "clients": {
+            "per_round": args.parties,
+            "min": args.parties,
+            "round_timeout": format!("{round_timeout}s"),
+        },
+    });
+    let job = api
+        .jobs()
+        .create_job(pb::CreateJobRequest {
+            spec: spec.to_string(),
+        })
+        .await?
+        .into_inner();
+    let mut shown = 0usize;
+    let timeout = Duration::from_secs(round_timeout * u64::from(args.rounds) + 300);
+    let job = crate::watch(&api, &job.id, timeout, |j| {
+        for r in j.rounds.iter().skip(shown) {
+            if !json {
+                eprintln!(
+                    "round {:>3}/{} stored in {:.3} s",
+                    r.round,
+                    j.rounds_total,
+                    r.duration_ms as f64 / 1000.0
+                );
+            }
+        }
+        shown = j.rounds.len();
+    })
+    .await?;
+    let events = api
+        .jobs()
+        .list_job_events(pb::ListJobEventsRequest {
+            id: job.id.clone(),
+            after_seq: 0,
+        })
+        .await?
+        .into_inner()
+        .events;
+    let running_ms = events
+        .iter()
+        .find(|e| e.to == pb::JobState::Running as i32)
+        .map(|e| e.time_ms);
+    if job.state != pb::JobState::Succeeded as i32 {
+        return Ok((job, running_ms, None));
+    }
+    let version = job
+        .rounds
+        .last()
+        .map(|r| r.model_version)
+        .context("the job succeeded without a round")?;
+    let mut bytes = Vec::new();
+    let mut stream = api
+        .models()
+        .download(pb::GetVersionRequest {
+            name: job.model_name.clone(),
+            version,
+            namespace: job.namespace.clone(),
+        })
+        .await?
+        .into_inner();
+    while let Some(chunk) = stream.next().await {
+        bytes.extend_from_slice(&chunk?.data);
+    }
+    let model = cohort_fl::from_safetensors(&bytes).context("the final model")?;
+    Ok((job, running_ms, Some(model)))
+}
+
+async fn wait_for_parties(api: &Api, parties: u32) -> anyhow::Result<()> {
+    let deadline = Instant::now() + PARTIES_CONNECT_WITHIN;
+    loop {
+        let connected = api
+            .selector()
+            .list_clients(pb::ListClientsRequest {})
+            .await
+            .map(|r| {
+                r.into_inner()
+                    .clients
+                    .iter()
+                    .filter(|c| c.connected)
+                    .count()
+            })
+            .unwrap_or(0);
+        if connected >= parties as usize {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "only {connected} of {parties} parties connected within {}",
+                humantime::format_duration(PARTIES_CONNECT_WITHIN)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn median(values: &[f64]) -> Option<f64> {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => None,
+        n if n % 2 == 1 => Some(v[n / 2]),
+        n => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
+}
+
+/// Peak resident memory of the federation's processes.
+#[derive(Debug, Default, Clone)]
+struct Peaks {
+    /// By service name (`proxy`, `model-manager`, ...).
+    services: HashMap<String, u64>,
+    /// The largest of the job's coordinator.
+    coordinator: u64,
+    /// The largest task-manager plus its largest executor.
+    party: u64,
+}
+
+impl Peaks {
+    fn of(&self, service: &str) -> u64 {
+        self.services.get(service).copied().unwrap_or(0)
+    }
+}
+
+struct Memory {
+    peaks: Arc<Mutex<Peaks>>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Memory {
+    /// Samples the stack's processes and their children until `finish`.
+    fn watch(stack: &Stack) -> Memory {
+        let services = stack.pids();
+        let peaks = Arc::new(Mutex::new(Peaks::default()));
+        let (stop, mut stopped) = tokio::sync::oneshot::channel();
+        let shared = peaks.clone();
+        let task = tokio::spawn(async move {
+            // Per party (task-manager pid): its own peak and its executors' largest.
+            let mut parties: HashMap<u32, (u64, u64)> = HashMap::new();
+            loop {
+                sample(&services, &mut parties, &shared);
+                tokio::select! {
+                    _ = &mut stopped => return,
+                    _ = tokio::time::sleep(SAMPLE_EVERY) => {}
+                }
+            }
+        });
+        Memory { peaks, stop, task }
+    }
+
+    async fn finish(self) -> Peaks {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+        self.peaks.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// One look at every process: `parties` holds each task-manager's own peak and its
+/// executors' largest.
+fn sample(
+    services: &[(String, u32)],
+    parties: &mut HashMap<u32, (u64, u64)>,
+    peaks: &Mutex<Peaks>,
+) {
+    let mut p = peaks.lock().unwrap_or_else(|e| e.into_inner());
+    for (name, pid) in services {
+        let own = high_water_mark(*pid);
+        let children: u64 = children(*pid)
+            .into_iter()
+            .map(high_water_mark)
+            .max()
+            .unwrap_or(0);
+        if name.starts_with("task-manager") {
+            let e = parties.entry(*pid).or_default();
+            e.0 = e.0.max(own);
+            e.1 = e.1.max(children);
+        } else {
+            let e = p.services.entry(name.clone()).or_default();
+            *e = (*e).max(own);
+            if name == "job-scheduler" {
+                p.coordinator = p.coordinator.max(children);
+            }
+        }
+    }
+    p.party = parties.values().map(|(tm, ex)| tm + ex).max().unwrap_or(0);
+}
+
+/// A process's peak resident memory in bytes (0 once it is gone).
+fn high_water_mark(pid: u32) -> u64 {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return 0;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// A process's children now (from every one of its threads).
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for t in tasks.flatten() {
+        if let Ok(list) = std::fs::read_to_string(t.path().join("children")) {
+            out.extend(
+                list.split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok()),
+            );
+        }
+    }
+    out
+}
