@@ -103,7 +103,7 @@ fn schema_follows_the_job_spec() {
     let props = &spec["properties"];
     assert_eq!(
         props["model"]["properties"]["arch"]["enum"],
-        json!(["logreg", "mlp", "cnn"])
+        json!(["logreg", "mlp", "cnn", "synthetic"])
     );
     assert_eq!(props["rounds"]["type"], "integer");
     // "60s" or 60: both parse (cohort_core::spec).

@@ -217,7 +217,7 @@ impl Listener {
             write_atomic(path, self.local_addr.to_string().as_bytes())?;
         }
         tracing::info!(service = service_name, addr = %self.local_addr, "serving gRPC");
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(self.listener);
+        let incoming = without_delay(self.listener);
         let mut builder = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
@@ -328,7 +328,7 @@ where
 {
     let addr = listener.local_addr().ok();
     tracing::info!(addr = ?addr, "serving plaintext health checks");
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let incoming = without_delay(listener);
     if let Err(e) = tonic::transport::Server::builder()
         .add_service(health)
         .serve_with_incoming(incoming)
@@ -386,6 +386,20 @@ pub fn endpoint_url(endpoint: &str) -> String {
 /// A plaintext channel that connects on first use and reconnects by itself.
 pub fn lazy_channel(endpoint: &str) -> Result<Channel, RuntimeError> {
     channel(endpoint, None)
+}
+
+/// Accepted connections with Nagle's algorithm off: a small answer (an Ack, a status) goes
+/// out at once instead of waiting for the peer's delayed acknowledgement (tens of ms).
+fn without_delay(
+    listener: TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use futures::StreamExt as _;
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|stream| {
+        if let Ok(s) = &stream {
+            let _ = s.set_nodelay(true);
+        }
+        stream
+    })
 }
 
 /// A channel that connects on first use and reconnects by itself; over
