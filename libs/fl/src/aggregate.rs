@@ -179,6 +179,7 @@ impl UpdateCheck {
             started: vec![false; self.layout.tensors.len()],
             current: None,
             squares: 0.0,
+            values: Vec::new(),
         }
     }
 
@@ -198,6 +199,8 @@ pub struct UpdateStream {
     started: Vec<bool>,
     current: Option<usize>,
     squares: f64,
+    /// The chunk being checked, decoded (reused).
+    values: Vec<f32>,
 }
 
 impl UpdateStream {
@@ -263,23 +266,29 @@ impl UpdateStream {
             return Err(bad(format!("more data than shape {shape:?} holds")));
         }
         let global = &self.check.global[t].data[offset..offset + values];
-        let mut squares = 0.0f64;
-        for (b, g) in chunk.data.chunks_exact(4).zip(global) {
-            let v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-            if !v.is_finite() {
-                return Err(FlError::NonFinite {
-                    tensor: chunk.tensor.clone(),
-                });
-            }
-            // Applied alone, the update must leave every weight finite.
-            if !(g + v).is_finite() {
-                return Err(FlError::NonFiniteResult {
-                    tensor: chunk.tensor.clone(),
-                });
-            }
-            squares += f64::from(v) * f64::from(v);
+        self.values.clear();
+        crate::wire::extend_from_le_bytes(&mut self.values, &chunk.data);
+        if !crate::wire::all_finite(&self.values) {
+            return Err(FlError::NonFinite {
+                tensor: chunk.tensor.clone(),
+            });
         }
-        self.squares += squares;
+        // Applied alone, the update must leave every weight finite.
+        let applied_finite = self
+            .values
+            .iter()
+            .zip(global)
+            .fold(true, |ok, (v, g)| ok & (g + v).is_finite());
+        if !applied_finite {
+            return Err(FlError::NonFiniteResult {
+                tensor: chunk.tensor.clone(),
+            });
+        }
+        self.squares += self
+            .values
+            .iter()
+            .map(|v| f64::from(*v) * f64::from(*v))
+            .sum::<f64>();
         self.received[t] = offset + values;
         Ok((t, offset))
     }

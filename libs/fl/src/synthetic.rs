@@ -75,13 +75,20 @@ impl SyntheticModel {
             .enumerate()
             .flat_map(move |(layer, n)| {
                 let pieces = n.div_ceil(per_chunk).max(1);
+                // The update repeats every 1024 elements: made once per tensor, then copied.
+                let period: Vec<f32> = (0..PERIOD as u64)
+                    .map(|k| delta(k, party, round, layer as u64))
+                    .collect();
                 (0..pieces).map(move |i| {
                     let start = i * per_chunk;
                     let end = (start + per_chunk).min(n);
                     let mut data = Vec::with_capacity((end - start) * 4);
-                    for k in start..end {
-                        let v = delta(k as u64, party, round, layer as u64);
-                        data.extend_from_slice(&v.to_le_bytes());
+                    let mut k = start;
+                    while k < end {
+                        let from = k % PERIOD;
+                        let take = (PERIOD - from).min(end - k);
+                        crate::wire::extend_le_bytes(&mut data, &period[from..from + take]);
+                        k += take;
                     }
                     TensorChunk {
                         tensor: Self::tensor_name(layer),
@@ -124,6 +131,9 @@ impl SyntheticModel {
         worst
     }
 }
+
+/// The update's period in elements.
+const PERIOD: usize = 1024;
 
 /// Party `party`'s (0-based) update in round `round` (1-based) at element `k` of layer
 /// `layer`: small values in [-5e-4, 5e-4).

@@ -40,14 +40,38 @@ fn pieces(t: &NamedTensor, per_chunk: usize) -> usize {
     t.data.len().div_ceil(per_chunk).max(1)
 }
 
+/// Appends `values` to `out` as little-endian bytes (one copy on little-endian machines).
+pub fn extend_le_bytes(out: &mut Vec<u8>, values: &[f32]) {
+    if cfg!(target_endian = "little") {
+        out.extend_from_slice(bytemuck::cast_slice(values));
+    } else {
+        for v in values {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+}
+
+/// Appends the f32 values of little-endian `bytes` (a whole number of f32) to `out`.
+pub fn extend_from_le_bytes(out: &mut Vec<f32>, bytes: &[u8]) {
+    let start = out.len();
+    out.resize(start + bytes.len() / 4, 0.0);
+    let dest = &mut out[start..];
+    if cfg!(target_endian = "little") {
+        let len = dest.len() * 4;
+        bytemuck::cast_slice_mut::<f32, u8>(dest).copy_from_slice(&bytes[..len]);
+    } else {
+        for (d, b) in dest.iter_mut().zip(bytes.chunks_exact(4)) {
+            *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        }
+    }
+}
+
 /// Chunk `i` of `t`: its shape and dtype ride on the first.
 fn chunk_of(t: &NamedTensor, i: usize, per_chunk: usize) -> TensorChunk {
     let start = (i * per_chunk).min(t.data.len());
     let end = (start + per_chunk).min(t.data.len());
     let mut data = Vec::with_capacity((end - start) * 4);
-    for v in &t.data[start..end] {
-        data.extend_from_slice(&v.to_le_bytes());
-    }
+    extend_le_bytes(&mut data, &t.data[start..end]);
     TensorChunk {
         tensor: t.name.clone(),
         dtype: if i == 0 { "f32".into() } else { String::new() },
@@ -59,6 +83,11 @@ fn chunk_of(t: &NamedTensor, i: usize, per_chunk: usize) -> TensorChunk {
         offset: start as u64,
         data,
     }
+}
+
+/// Are all values finite? Branch-free, so it vectorises.
+pub fn all_finite(values: &[f32]) -> bool {
+    values.iter().fold(true, |ok, v| ok & v.is_finite())
 }
 
 /// The expected names and shapes of a set of tensors.
@@ -178,14 +207,12 @@ impl TensorAssembler {
         if cur.data.len() + values > cur.numel() {
             return Err(bad(format!("more data than shape {:?} holds", cur.shape)));
         }
-        for b in chunk.data.chunks_exact(4) {
-            let v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-            if !v.is_finite() {
-                return Err(FlError::NonFinite {
-                    tensor: chunk.tensor.clone(),
-                });
-            }
-            cur.data.push(v);
+        let start = cur.data.len();
+        extend_from_le_bytes(&mut cur.data, &chunk.data);
+        if !all_finite(&cur.data[start..]) {
+            return Err(FlError::NonFinite {
+                tensor: chunk.tensor.clone(),
+            });
         }
         Ok(())
     }
@@ -281,9 +308,7 @@ pub fn safetensors_stream(
         let values = &tensors[i].data;
         let end = (start + per_chunk).min(values.len());
         let mut bytes = Vec::with_capacity((end - start) * 4);
-        for v in &values[start..end] {
-            bytes.extend_from_slice(&v.to_le_bytes());
-        }
+        extend_le_bytes(&mut bytes, &values[start..end]);
         bytes
     });
     Ok((total, std::iter::once(first).chain(data)))
@@ -301,11 +326,8 @@ pub fn from_safetensors(data: &[u8]) -> Result<Vec<NamedTensor>, FlError> {
                 view.dtype()
             )));
         }
-        let data = view
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
+        let mut data = Vec::new();
+        extend_from_le_bytes(&mut data, view.data());
         out.push(NamedTensor {
             name,
             shape: view.shape().to_vec(),

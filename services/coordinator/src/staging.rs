@@ -46,11 +46,7 @@ impl UpdateValues for StagedUpdate {
             let bytes = &mut bytes[..len * 4];
             self.file.read_exact(bytes).map_err(io)?;
             values.clear();
-            values.extend(
-                bytes
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-            );
+            cohort_fl::wire::extend_from_le_bytes(&mut values, bytes);
             f(tensor, offset, &values);
         }
         Ok(())
