@@ -28,6 +28,10 @@ pub enum UpdateKind {
     Stall,
     /// The header and the first chunk, then nothing.
     StallAfterFirstChunk,
+    /// Small finite values, but one NaN in the middle chunk.
+    NanHalfway,
+    /// Small finite values, but the tensor that starts halfway declares a wrong shape.
+    WrongShapeHalfway,
 }
 
 /// How the adversary behaves.
@@ -43,6 +47,16 @@ pub struct Behaviour {
 }
 
 impl Behaviour {
+    /// The synthetic dataset of `cohort bench round`'s parties, with this weight.
+    pub fn synthetic(samples: u64, update: UpdateKind) -> Behaviour {
+        Behaviour {
+            datasets: vec![("synthetic".into(), samples, 1, 2)],
+            claimed_samples: None,
+            update,
+            evaluation: None,
+        }
+    }
+
     /// Digits as the honest parties hold it, with this many samples claimed.
     pub fn digits(samples: u64, update: UpdateKind) -> Behaviour {
         Behaviour {
@@ -337,7 +351,19 @@ async fn run_task(
         })),
     };
     let delta = forge(&global, b.update);
-    let chunks: Vec<pb::SubmitUpdateRequest> = cohort_fl::chunk_tensors(&delta, 4096)
+    let mut chunks: Vec<pb::TensorChunk> = cohort_fl::chunk_tensors(&delta, 4096).collect();
+    let middle = chunks.len() / 2;
+    match b.update {
+        UpdateKind::NanHalfway => chunks[middle].data[..4].copy_from_slice(&f32::NAN.to_le_bytes()),
+        UpdateKind::WrongShapeHalfway => {
+            if let Some(start) = chunks[middle..].iter_mut().find(|c| !c.shape.is_empty()) {
+                start.shape.push(2);
+            }
+        }
+        _ => {}
+    }
+    let chunks: Vec<pb::SubmitUpdateRequest> = chunks
+        .into_iter()
         .map(|c| pb::SubmitUpdateRequest {
             part: Some(pb::submit_update_request::Part::Chunk(c)),
         })
@@ -403,6 +429,7 @@ pub fn forge(global: &[NamedTensor], kind: UpdateKind) -> Vec<NamedTensor> {
         UpdateKind::Noise { norm } => norm / (total.max(1) as f32).sqrt(),
         UpdateKind::Constant(v) => v,
         UpdateKind::Stall | UpdateKind::StallAfterFirstChunk => 0.0,
+        UpdateKind::NanHalfway | UpdateKind::WrongShapeHalfway => 1e-3,
     };
     global
         .iter()

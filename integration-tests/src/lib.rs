@@ -60,6 +60,19 @@ impl Federation {
     }
 
     pub async fn start_with(parties: u32, storage: Storage) -> anyhow::Result<Federation> {
+        Federation::start_as(parties, storage, false).await
+    }
+
+    /// Parties holding only the synthetic dataset (`cohort bench round`'s workload).
+    pub async fn synthetic(parties: u32) -> anyhow::Result<Federation> {
+        Federation::start_as(parties, Storage::default(), true).await
+    }
+
+    async fn start_as(
+        parties: u32,
+        storage: Storage,
+        synthetic: bool,
+    ) -> anyhow::Result<Federation> {
         let dir = tempfile::Builder::new().prefix("cohort-it-").tempdir()?;
         let stack = Stack::start(&StackConfig {
             bin_dir: Some(bin_dir()),
@@ -72,7 +85,7 @@ impl Federation {
             service_env: storage.env,
             alpha: 0.5,
             seed: 42,
-            synthetic: false,
+            synthetic,
         })
         .await?;
         Ok(Federation { stack, dir })
@@ -142,6 +155,28 @@ impl Federation {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Version `version` of the job's model, downloaded through the proxy.
+    pub async fn model_version(
+        &self,
+        job: &pb::Job,
+        version: u32,
+    ) -> anyhow::Result<Vec<cohort_core::NamedTensor>> {
+        let mut stream = self
+            .models()
+            .download(pb::GetVersionRequest {
+                name: job.model_name.clone(),
+                version,
+                namespace: job.namespace.clone(),
+            })
+            .await?
+            .into_inner();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            bytes.extend_from_slice(&chunk?.data);
+        }
+        Ok(cohort_fl::from_safetensors(&bytes)?)
     }
 
     /// Waits for the job to reach a final state.

@@ -144,30 +144,6 @@ async fn updates_of_f32_max_are_dropped_and_the_job_learns_from_the_others() {
     );
 }
 
-/// Version `version` of the job's model.
-async fn model_version(
-    fed: &Federation,
-    job: &pb::Job,
-    version: u32,
-) -> Vec<cohort_core::NamedTensor> {
-    use futures::StreamExt;
-    let mut stream = fed
-        .models()
-        .download(pb::GetVersionRequest {
-            name: job.model_name.clone(),
-            version,
-            namespace: job.namespace.clone(),
-        })
-        .await
-        .expect("download")
-        .into_inner();
-    let mut bytes = Vec::new();
-    while let Some(chunk) = stream.next().await {
-        bytes.extend_from_slice(&chunk.expect("chunk").data);
-    }
-    cohort_fl::from_safetensors(&bytes).expect("safetensors")
-}
-
 /// L2 distance between two models of one layout.
 fn distance(a: &[cohort_core::NamedTensor], b: &[cohort_core::NamedTensor]) -> f64 {
     a.iter()
@@ -234,8 +210,11 @@ async fn a_party_whose_weight_is_inflated_is_refused_or_capped() {
         .expect("spec")
         .model;
     let start = cohort_train::init_model(&model, 64, 10, 7).expect("the seed's initial model");
-    let moved_clean = distance(&model_version(&fed, &clean, 1).await, &start);
-    let moved_attacked = distance(&model_version(&fed, &attacked, 1).await, &start);
+    let moved_clean = distance(&fed.model_version(&clean, 1).await.expect("model"), &start);
+    let moved_attacked = distance(
+        &fed.model_version(&attacked, 1).await.expect("model"),
+        &start,
+    );
     let ratio = moved_attacked / moved_clean;
     assert!(
         (0.4..=0.6).contains(&ratio),

@@ -1,6 +1,6 @@
 //! The FedAvg fold alone: 10 updates of `COHORT_BENCH_PARAMS` parameters (default 4M, 16 MB
-//! each) folded into one aggregate, on one thread and on every core. Throughput is in update
-//! bytes. `cohort bench aggregate` measures the same at any size, with the check apart.
+//! each) folded into one aggregate, into an f64 sum and into an f32 running mean (what models
+//! over 16M parameters use), on one thread and on every core. Throughput is in update bytes. `cohort bench aggregate` measures the same at any size, with the check apart.
 
 use std::sync::Arc;
 
@@ -41,28 +41,37 @@ fn fold(c: &mut Criterion) {
     let mut group = c.benchmark_group("fedavg_fold");
     group.throughput(Throughput::Bytes((UPDATES * params * 4) as u64));
     group.sample_size(10);
-    for threads in [1, cores] {
-        group.bench_function(format!("{UPDATES}x{params}/{threads}_threads"), |b| {
-            b.iter_batched(
-                || {
-                    let fedavg = FedAvg::new(global.clone(), AggregationRules::default())
-                        .with_fold_threads(threads);
-                    let check = fedavg.checker();
-                    let checked: Vec<_> = updates
-                        .iter()
-                        .map(|u| check.check(u.clone()).expect("a valid update"))
-                        .collect();
-                    (fedavg, checked)
-                },
-                |(mut fedavg, checked)| {
-                    for (u, update) in checked.into_iter().enumerate() {
-                        fedavg.add(update, 100 + u as u64).expect("fold");
-                    }
-                    fedavg
-                },
-                criterion::BatchSize::LargeInput,
-            )
-        });
+    for (threads, f32_mean) in [(1, false), (cores, false), (1, true), (cores, true)] {
+        let accumulator = if f32_mean { "f32_mean" } else { "f64_sum" };
+        group.bench_function(
+            format!("{UPDATES}x{params}/{accumulator}/{threads}_threads"),
+            |b| {
+                b.iter_batched(
+                    || {
+                        let fedavg = FedAvg::new(global.clone(), AggregationRules::default())
+                            .with_fold_threads(threads);
+                        let fedavg = if f32_mean {
+                            fedavg.with_f32_mean()
+                        } else {
+                            fedavg
+                        };
+                        let check = fedavg.checker();
+                        let checked: Vec<_> = updates
+                            .iter()
+                            .map(|u| check.check(u.clone()).expect("a valid update"))
+                            .collect();
+                        (fedavg, checked)
+                    },
+                    |(mut fedavg, checked)| {
+                        for (u, update) in checked.into_iter().enumerate() {
+                            fedavg.add(update, 100 + u as u64).expect("fold");
+                        }
+                        fedavg
+                    },
+                    criterion::BatchSize::LargeInput,
+                )
+            },
+        );
     }
     group.finish();
 }
