@@ -1013,6 +1013,47 @@ clients: {per_round: 3, min: 2, round_timeout: 30s}
     }
 
     #[test]
+    fn a_synthetic_model_has_its_size_and_nothing_to_evaluate() {
+        let spec = |model: &str, extra: &str| {
+            format!(
+                "name: s\nmodel: {model}\ndata: {{dataset: synthetic}}\n\
+                 clients: {{per_round: 2, min: 2}}\n{extra}"
+            )
+        };
+        let ok = JobSpec::parse(&spec("{arch: synthetic, params: 1000}", "")).unwrap();
+        assert_eq!(ok.model.synthetic(), Some((1000, 4)));
+        assert_eq!(ok.model.parameter_count(64, 10), 1000);
+        let layered =
+            JobSpec::parse(&spec("{arch: synthetic, params: 10, layers: 3}", "")).unwrap();
+        assert_eq!(layered.model.synthetic(), Some((10, 3)));
+        assert_eq!(JobSpec::from_json(&layered.to_json()).unwrap(), layered);
+        for (model, extra, field) in [
+            ("{arch: synthetic}", "", "model.params"),
+            ("{arch: synthetic, params: 0}", "", "model.params"),
+            ("{arch: synthetic, params: 2000000000}", "", "model.params"),
+            (
+                "{arch: synthetic, params: 10, layers: 0}",
+                "",
+                "model.layers",
+            ),
+            (
+                "{arch: synthetic, params: 10, hidden: [4]}",
+                "",
+                "model.hidden",
+            ),
+            ("{arch: mlp, hidden: [4], params: 10}", "", "model.params"),
+            ("{arch: cnn, layers: 2}", "", "model.layers"),
+            (
+                "{arch: synthetic, params: 10}",
+                "stop: {target_accuracy: 0.9}\n",
+                "stop.target_accuracy",
+            ),
+        ] {
+            assert_eq!(err_field(&spec(model, extra)), field, "{model} {extra}");
+        }
+    }
+
+    #[test]
     fn good_spec_parses_with_defaults() {
         let spec = JobSpec::parse(GOOD).expect("valid");
         assert_eq!(spec.namespace, "default");

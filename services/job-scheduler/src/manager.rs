@@ -121,19 +121,23 @@ struct Pending {
 /// classes). The coordinator checks the exact count once it knows the data.
 pub fn check_model_size(spec: &JobSpec, max: u64) -> std::result::Result<(), SpecError> {
     let (field, features, shape) = match spec.model.arch {
-        Arch::Logreg => ("model.arch", 1, "1 feature"),
-        Arch::Mlp => ("model.hidden", 1, "1 feature"),
-        Arch::Cnn => ("model.arch", 4, "a 2×2 image"),
-        Arch::Synthetic => ("model.params", 1, "any data"),
+        Arch::Logreg => ("model.arch", 1, Some("1 feature")),
+        Arch::Mlp => ("model.hidden", 1, Some("1 feature")),
+        Arch::Cnn => ("model.arch", 4, Some("a 2×2 image")),
+        // Its size is its own, whatever the data.
+        Arch::Synthetic => ("model.params", 1, None),
     };
     let count = spec.model.parameter_count(features, 2);
     if count > max {
+        let size = match shape {
+            Some(shape) => format!(
+                "at least {count} parameters (with the smallest data: {shape} and 2 classes)"
+            ),
+            None => format!("{count} parameters"),
+        };
         return Err(SpecError::new(
             field,
-            format!(
-                "the model has at least {count} parameters (with the smallest data: {shape} \
-                 and 2 classes); this server allows at most {max}"
-            ),
+            format!("the model has {size}; this server allows at most {max}"),
         ));
     }
     Ok(())
@@ -921,4 +925,35 @@ async fn ask_coordinator_to_stop(
         .await
         .map(|_| ())
         .map_err(|s| s.message().to_string())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn spec(model: &str) -> JobSpec {
+        JobSpec::parse(&format!(
+            "name: j\nmodel: {model}\ndata: {{dataset: d}}\nclients: {{per_round: 2, min: 2}}\n"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_model_over_the_limit_is_refused_naming_what_sizes_it() {
+        let synthetic = spec("{arch: synthetic, params: 200000000}");
+        assert!(check_model_size(&synthetic, 200_000_000).is_ok());
+        let e = check_model_size(&synthetic, 100_000_000).unwrap_err();
+        assert_eq!(e.field, "model.params");
+        assert!(
+            e.message.contains(
+                "the model has 200000000 parameters; this server allows at most 100000000"
+            ),
+            "{e}"
+        );
+        let mlp = spec("{arch: mlp, hidden: [65536, 65536]}");
+        let e = check_model_size(&mlp, 1_000_000).unwrap_err();
+        assert_eq!(e.field, "model.hidden");
+        assert!(e.message.contains("at least"), "{e}");
+    }
 }

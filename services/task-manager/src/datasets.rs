@@ -241,3 +241,55 @@ fn synthetic(name: &str, entry: &DatasetEntry) -> Result<LocalDataset, String> {
         entry: entry.clone(),
     })
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn load_json(json: &str) -> Result<Vec<LocalDataset>, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("datasets.json");
+        std::fs::write(&path, json).unwrap();
+        load(&path).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_synthetic_dataset_has_a_weight_and_an_index_and_no_files() {
+        let loaded =
+            load_json(r#"{"synthetic": {"format": "synthetic", "samples": 101, "index": 1}}"#)
+                .unwrap();
+        assert_eq!(loaded[0].info.samples, 101);
+        assert_eq!((loaded[0].info.features, loaded[0].info.classes), (1, 2));
+        let wire = loaded[0].to_pb();
+        assert_eq!(wire.path, "");
+        let synthetic = wire.synthetic.unwrap();
+        assert_eq!((synthetic.samples, synthetic.index), (101, 1));
+        for (json, field) in [
+            (
+                r#"{"s": {"format": "synthetic", "index": 0}}"#,
+                "samples: missing",
+            ),
+            (
+                r#"{"s": {"format": "synthetic", "samples": 0, "index": 0}}"#,
+                "samples: must",
+            ),
+            (
+                r#"{"s": {"format": "synthetic", "samples": 5}}"#,
+                "index: missing",
+            ),
+            (
+                r#"{"s": {"format": "synthetic", "samples": 5, "index": 0, "path": "x.csv"}}"#,
+                "path: a synthetic dataset",
+            ),
+            (
+                r#"{"s": {"format": "csv", "path": "x.csv", "index": 0}}"#,
+                "index: only",
+            ),
+            (r#"{"s": {"format": "csv"}}"#, "path: missing"),
+        ] {
+            let e = load_json(json).unwrap_err();
+            assert!(e.contains(field) && e.contains("\"s\""), "{json}: {e}");
+        }
+    }
+}
