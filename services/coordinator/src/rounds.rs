@@ -807,6 +807,9 @@ impl JobRun {
             .collect();
         let mut waited = Waited::default();
         let mut landings = self.state.watch_progress();
+        // Landings wake the loop at once; client-selector is asked about tasks that may
+        // have died at most every TASK_POLL, not once per landing.
+        let mut next_poll = Instant::now();
         loop {
             if let Some(r) = self.stop_reason() {
                 return Err(Failure::Stopped(r));
@@ -825,13 +828,18 @@ impl JobRun {
             if pending.is_empty() || Instant::now() >= deadline {
                 return Ok(waited);
             }
+            let poll = Instant::now() >= next_poll;
+            if poll {
+                next_poll = Instant::now() + TASK_POLL;
+            }
             // Tasks whose party left or whose executor failed will not deliver.
             let mut c = self.clients.selector.clone();
-            if let Ok(states) = c
-                .task_states(pb::TaskStatesRequest {
-                    task_ids: pending.clone(),
-                })
-                .await
+            if poll
+                && let Ok(states) = c
+                    .task_states(pb::TaskStatesRequest {
+                        task_ids: pending.clone(),
+                    })
+                    .await
             {
                 let states = states.into_inner();
                 let dead: Vec<&String> = pending
@@ -884,7 +892,9 @@ impl JobRun {
                     return Ok(waited);
                 }
             }
-            let wait = TASK_POLL.min(deadline.saturating_duration_since(Instant::now()));
+            let wait = next_poll
+                .min(deadline)
+                .saturating_duration_since(Instant::now());
             let _ = tokio::time::timeout(wait, landings.changed()).await;
         }
     }
