@@ -354,7 +354,11 @@ async fn run_task(
     let mut chunks: Vec<pb::TensorChunk> = cohort_fl::chunk_tensors(&delta, 4096).collect();
     let middle = chunks.len() / 2;
     match b.update {
-        UpdateKind::NanHalfway => chunks[middle].data[..4].copy_from_slice(&f32::NAN.to_le_bytes()),
+        UpdateKind::NanHalfway => {
+            let mut data = chunks[middle].data.to_vec();
+            data[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+            chunks[middle].data = data.into();
+        }
         UpdateKind::WrongShapeHalfway => {
             if let Some(start) = chunks[middle..].iter_mut().find(|c| !c.shape.is_empty()) {
                 start.shape.push(2);

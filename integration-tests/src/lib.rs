@@ -300,7 +300,7 @@ pub async fn upload_model(
             })),
         },
         pb::UploadVersionRequest {
-            part: Some(pb::upload_version_request::Part::Data(bytes)),
+            part: Some(pb::upload_version_request::Part::Data(bytes.into())),
         },
     ];
     api.models()

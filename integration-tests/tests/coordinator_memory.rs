@@ -77,7 +77,7 @@ async fn upload_in_parts(fed: &Federation, name: &str, bytes: &[u8]) -> pb::Mode
             bytes
                 .chunks(cohort_fl::CHUNK_BYTES)
                 .map(|c| pb::UploadVersionRequest {
-                    part: Some(pb::upload_version_request::Part::Data(c.to_vec())),
+                    part: Some(pb::upload_version_request::Part::Data(c.to_vec().into())),
                 }),
         )
         .collect();

@@ -19,7 +19,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out.join("cohort_descriptor.bin"),
         prost::Message::encode_to_vec(&fds),
     )?;
+    // `bytes` fields decode as slices of the received buffer (`bytes::Bytes`), not copies:
+    // model and update chunks are most of what moves.
     tonic_prost_build::configure()
+        .bytes(".")
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;

@@ -796,7 +796,9 @@ mod tests {
         assert!(streamed(&check, &good()).is_ok());
         let refused = |chunks: Vec<TensorChunk>| streamed(&check, &chunks).unwrap_err().to_string();
         let mut nan = good();
-        nan[2].data[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+        let mut data = nan[2].data.to_vec();
+        data[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+        nan[2].data = data.into();
         assert!(refused(nan).contains("non-finite"));
         let overflow = [t("a", vec![1.0; 8]), t("b", vec![f32::MAX; 2])];
         assert!(

@@ -95,7 +95,7 @@ impl SyntheticModel {
                         dtype: if i == 0 { "f32".into() } else { String::new() },
                         shape: if i == 0 { vec![n as u64] } else { Vec::new() },
                         offset: start as u64,
-                        data,
+                        data: data.into(),
                     }
                 })
             })

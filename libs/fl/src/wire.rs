@@ -81,7 +81,7 @@ fn chunk_of(t: &NamedTensor, i: usize, per_chunk: usize) -> TensorChunk {
             Vec::new()
         },
         offset: start as u64,
-        data,
+        data: data.into(),
     }
 }
 

@@ -1059,7 +1059,7 @@ async fn model_command(api: Api, cmd: ModelCommand, json: bool) -> anyhow::Resul
                 })),
             }];
             parts.extend(bytes.chunks(1 << 20).map(|c| pb::UploadVersionRequest {
-                part: Some(pb::upload_version_request::Part::Data(c.to_vec())),
+                part: Some(pb::upload_version_request::Part::Data(c.to_vec().into())),
             }));
             let v = models
                 .upload_version(futures::stream::iter(parts))

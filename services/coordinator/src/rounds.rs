@@ -936,7 +936,7 @@ impl JobRun {
             let req = encode().and_then(|pieces| {
                 let parts = std::iter::once(header.clone()).chain(pieces.map(|data| {
                     pb::UploadVersionRequest {
-                        part: Some(pb::upload_version_request::Part::Data(data)),
+                        part: Some(pb::upload_version_request::Part::Data(data.into())),
                     }
                 }));
                 self.for_job(futures::stream::iter(parts))

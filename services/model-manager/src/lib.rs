@@ -29,7 +29,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use bytes::Bytes;
 use cohort_blob::{BlobError, BlobStore, ByteStream, Digest};
 use cohort_core::{Action, AuthError, Principal};
 use cohort_proto::v1::models_server::{Models, ModelsServer};
@@ -629,9 +628,7 @@ impl Models for ModelsService {
         let digest = Digest::parse(&record.digest).map_err(Error::from)?;
         let blob = self.blobs.get(&digest).await.map_err(Error::from)?;
         let chunks = blob.map(|item| match item {
-            Ok(data) => Ok(DataChunk {
-                data: Vec::from(data),
-            }),
+            Ok(data) => Ok(DataChunk { data }),
             Err(e) => Err(Status::from(Error::from(e))),
         });
         Ok(Response::new(Box::pin(chunks)))
@@ -701,7 +698,7 @@ fn upload_data(
                 Ok(Some(UploadVersionRequest {
                     part: Some(Part::Data(data)),
                 })) => match st.check.feed(&data) {
-                    Ok(()) => Some((Ok(Bytes::from(data)), Some(st))),
+                    Ok(()) => Some((Ok(data), Some(st))),
                     Err(refusal) => {
                         tracing::warn!(reason = ?refusal, "upload refused");
                         fail(st.verdict, refused(refusal))

@@ -136,7 +136,7 @@ fn data_messages(bytes: &[u8], chunk: usize) -> Vec<UploadVersionRequest> {
     bytes
         .chunks(chunk)
         .map(|c| UploadVersionRequest {
-            part: Some(Part::Data(c.to_vec())),
+            part: Some(Part::Data(c.to_vec().into())),
         })
         .collect()
 }
@@ -982,7 +982,7 @@ fn blob_files(dir: &Path) -> Vec<std::path::PathBuf> {
 
 fn data(bytes: &[u8]) -> UploadVersionRequest {
     UploadVersionRequest {
-        part: Some(Part::Data(bytes.to_vec())),
+        part: Some(Part::Data(bytes.to_vec().into())),
     }
 }
 

@@ -218,7 +218,7 @@ async fn round_calls_go_to_the_coordinator_of_their_job() {
         .map(|i| SubmitUpdateRequest {
             part: Some(submit_update_request::Part::Chunk(TensorChunk {
                 offset: i,
-                data: vec![1; 1024],
+                data: vec![1; 1024].into(),
                 ..Default::default()
             })),
         })

@@ -358,7 +358,7 @@ impl models_server::Models for FakeModels {
         let chunks = req.into_inner().version;
         let stream = futures::stream::iter(0..chunks).map(|i| {
             Ok(DataChunk {
-                data: vec![i as u8; MIB],
+                data: vec![i as u8; MIB].into(),
             })
         });
         Ok(Response::new(stream.boxed()))
