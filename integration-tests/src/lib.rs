@@ -17,7 +17,6 @@ use cohort_cli::stack::{Stack, StackConfig};
 use cohort_cli::{Api, AuthChannel};
 use cohort_core::JobState;
 use cohort_proto::v1 as pb;
-use futures::StreamExt;
 
 /// target/debug (or whichever profile built this test).
 pub fn bin_dir() -> PathBuf {
@@ -163,20 +162,7 @@ impl Federation {
         job: &pb::Job,
         version: u32,
     ) -> anyhow::Result<Vec<cohort_core::NamedTensor>> {
-        let mut stream = self
-            .models()
-            .download(pb::GetVersionRequest {
-                name: job.model_name.clone(),
-                version,
-                namespace: job.namespace.clone(),
-            })
-            .await?
-            .into_inner();
-        let mut bytes = Vec::new();
-        while let Some(chunk) = stream.next().await {
-            bytes.extend_from_slice(&chunk?.data);
-        }
-        Ok(cohort_fl::from_safetensors(&bytes)?)
+        self.api().job_model(job, version).await
     }
 
     /// Waits for the job to reach a final state.
@@ -203,20 +189,8 @@ impl Federation {
     /// on, measured here: what a forged evaluation cannot move.
     pub async fn heldout_accuracy(&self, job: &pb::Job) -> anyhow::Result<f64> {
         let spec = cohort_core::JobSpec::from_json(&job.spec_json)?;
-        let mut stream = self
-            .models()
-            .download(pb::GetVersionRequest {
-                name: job.model_name.clone(),
-                version: 0,
-                namespace: job.namespace.clone(),
-            })
-            .await?
-            .into_inner();
-        let mut bytes = Vec::new();
-        while let Some(chunk) = stream.next().await {
-            bytes.extend_from_slice(&chunk?.data);
-        }
-        let weights = cohort_fl::from_safetensors(&bytes)?;
+        // Version 0: the latest.
+        let weights = self.api().job_model(job, 0).await?;
         let path = self.dir.path().join("heldout-digits.csv");
         std::fs::write(&path, cohort_cli::data::DIGITS_CSV)?;
         let all = cohort_train::load_dataset(

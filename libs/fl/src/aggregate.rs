@@ -211,12 +211,7 @@ impl UpdateStream {
             tensor: chunk.tensor.clone(),
             message: m,
         };
-        if !chunk.data.len().is_multiple_of(4) {
-            return Err(bad(format!(
-                "{} data bytes is not a whole number of f32",
-                chunk.data.len()
-            )));
-        }
+        crate::wire::check_whole_f32(chunk)?;
         let Some(t) = self.check.tensor_index(&chunk.tensor) else {
             return Err(FlError::LayoutMismatch(format!(
                 "unexpected tensor {:?}",
@@ -232,18 +227,7 @@ impl UpdateStream {
             if self.started[t] {
                 return Err(bad("sent twice".into()));
             }
-            if chunk.offset != 0 {
-                return Err(bad(format!(
-                    "first chunk at offset {}, expected 0",
-                    chunk.offset
-                )));
-            }
-            if chunk.dtype != "f32" {
-                return Err(bad(format!(
-                    "dtype {:?} is not supported (f32 only)",
-                    chunk.dtype
-                )));
-            }
+            crate::wire::check_first_chunk(chunk)?;
             let sent: Vec<usize> = chunk.shape.iter().map(|&d| d as usize).collect();
             if &sent != shape {
                 return Err(FlError::LayoutMismatch(format!(
@@ -612,34 +596,41 @@ const MIN_ELEMENTS_PER_THREAD: usize = 1 << 16;
 
 /// `acc += share · (scale · values − acc)`, split over threads like [`fold_into`].
 fn mean_into(acc: &mut [f32], values: &[f32], scale: f32, share: f32, threads: usize) {
-    let threads = threads.min(acc.len() / MIN_ELEMENTS_PER_THREAD).max(1);
-    if threads == 1 {
+    over_threads(acc, values, threads, |acc, values| {
         for (a, v) in acc.iter_mut().zip(values) {
             *a += share * (scale * v - *a);
-        }
-        return;
-    }
-    let part = acc.len().div_ceil(threads);
-    std::thread::scope(|scope| {
-        for (acc, values) in acc.chunks_mut(part).zip(values.chunks(part)) {
-            scope.spawn(move || mean_into(acc, values, scale, share, 1));
         }
     });
 }
 
 /// `acc += weight · values`, split over up to `threads` scoped threads for large tensors.
 fn fold_into(acc: &mut [f64], values: &[f32], weight: f64, threads: usize) {
-    let threads = threads.min(acc.len() / MIN_ELEMENTS_PER_THREAD).max(1);
-    if threads == 1 {
+    over_threads(acc, values, threads, |acc, values| {
         for (a, v) in acc.iter_mut().zip(values) {
             *a += weight * f64::from(*v);
         }
+    });
+}
+
+/// Runs `fold` over matching parts of `acc` and `values`, one scoped thread per part when
+/// the tensor is large enough to pay for them. Every element is still folded once, in the
+/// same order of updates: the result does not depend on `threads`.
+fn over_threads<A: Send>(
+    acc: &mut [A],
+    values: &[f32],
+    threads: usize,
+    fold: impl Fn(&mut [A], &[f32]) + Sync,
+) {
+    let threads = threads.min(acc.len() / MIN_ELEMENTS_PER_THREAD).max(1);
+    if threads == 1 {
+        fold(acc, values);
         return;
     }
     let part = acc.len().div_ceil(threads);
+    let fold = &fold;
     std::thread::scope(|scope| {
         for (acc, values) in acc.chunks_mut(part).zip(values.chunks(part)) {
-            scope.spawn(move || fold_into(acc, values, weight, 1));
+            scope.spawn(move || fold(acc, values));
         }
     });
 }

@@ -85,6 +85,41 @@ fn chunk_of(t: &NamedTensor, i: usize, per_chunk: usize) -> TensorChunk {
     }
 }
 
+/// A chunk carries a whole number of f32 values.
+pub(crate) fn check_whole_f32(chunk: &TensorChunk) -> Result<(), FlError> {
+    if chunk.data.len().is_multiple_of(4) {
+        return Ok(());
+    }
+    Err(FlError::BadChunk {
+        tensor: chunk.tensor.clone(),
+        message: format!(
+            "{} data bytes is not a whole number of f32",
+            chunk.data.len()
+        ),
+    })
+}
+
+/// A tensor's first chunk starts at offset 0 and says its dtype, f32.
+pub(crate) fn check_first_chunk(chunk: &TensorChunk) -> Result<(), FlError> {
+    let bad = |message: String| FlError::BadChunk {
+        tensor: chunk.tensor.clone(),
+        message,
+    };
+    if chunk.offset != 0 {
+        return Err(bad(format!(
+            "first chunk at offset {}, expected 0",
+            chunk.offset
+        )));
+    }
+    if chunk.dtype != "f32" {
+        return Err(bad(format!(
+            "dtype {:?} is not supported (f32 only)",
+            chunk.dtype
+        )));
+    }
+    Ok(())
+}
+
 /// Are all values finite? Branch-free, so it vectorises.
 pub fn all_finite(values: &[f32]) -> bool {
     values.iter().fold(true, |ok, v| ok & v.is_finite())
@@ -134,27 +169,11 @@ impl TensorAssembler {
             tensor: chunk.tensor.clone(),
             message: m,
         };
-        if !chunk.data.len().is_multiple_of(4) {
-            return Err(bad(format!(
-                "{} data bytes is not a whole number of f32",
-                chunk.data.len()
-            )));
-        }
+        crate::wire::check_whole_f32(&chunk)?;
         let starts_new = self.current.as_ref().is_none_or(|c| c.name != chunk.tensor);
         if starts_new {
             self.finish_current()?;
-            if chunk.offset != 0 {
-                return Err(bad(format!(
-                    "first chunk at offset {}, expected 0",
-                    chunk.offset
-                )));
-            }
-            if chunk.dtype != "f32" {
-                return Err(bad(format!(
-                    "dtype {:?} is not supported (f32 only)",
-                    chunk.dtype
-                )));
-            }
+            check_first_chunk(&chunk)?;
             if self.done.iter().any(|t| t.name == chunk.tensor) {
                 return Err(bad("sent twice".into()));
             }

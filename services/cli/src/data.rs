@@ -52,18 +52,18 @@ pub fn write_party_data(
             .with_context(|| format!("cannot create {}", dir.display()))?;
         write_csv(&train.subset(tr), &dir.join("train.csv"))?;
         write_csv(&test.subset(te), &dir.join("test.csv"))?;
-        let datasets_json = dir.join("datasets.json");
-        let json = serde_json::json!({
-            "digits": {
-                "path": "train.csv",
-                "format": "csv",
-                "eval_path": "test.csv",
-                "scale": 1.0 / 16.0,
-                "classes": 10,
-            }
-        });
-        std::fs::write(&datasets_json, serde_json::to_vec_pretty(&json)?)
-            .with_context(|| format!("cannot write {}", datasets_json.display()))?;
+        let datasets_json = write_datasets_json(
+            &dir,
+            serde_json::json!({
+                "digits": {
+                    "path": "train.csv",
+                    "format": "csv",
+                    "eval_path": "test.csv",
+                    "scale": 1.0 / 16.0,
+                    "classes": 10,
+                }
+            }),
+        )?;
         out.push(PartyData {
             name,
             dir,
@@ -84,16 +84,16 @@ pub fn write_synthetic_parties(root: &Path, parties: u32) -> anyhow::Result<Vec<
         let dir = root.join(&name);
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
-        let datasets_json = dir.join("datasets.json");
-        let json = serde_json::json!({
-            "synthetic": {
-                "format": "synthetic",
-                "samples": cohort_fl::synthetic::weight(u64::from(i)),
-                "index": i,
-            }
-        });
-        std::fs::write(&datasets_json, serde_json::to_vec_pretty(&json)?)
-            .with_context(|| format!("cannot write {}", datasets_json.display()))?;
+        let datasets_json = write_datasets_json(
+            &dir,
+            serde_json::json!({
+                "synthetic": {
+                    "format": "synthetic",
+                    "samples": cohort_fl::synthetic::weight(u64::from(i)),
+                    "index": i,
+                }
+            }),
+        )?;
         out.push(PartyData {
             name,
             dir,
@@ -103,6 +103,14 @@ pub fn write_synthetic_parties(root: &Path, parties: u32) -> anyhow::Result<Vec<
         });
     }
     Ok(out)
+}
+
+/// Writes a party's `datasets.json` in `dir`; returns its path.
+fn write_datasets_json(dir: &Path, datasets: serde_json::Value) -> anyhow::Result<PathBuf> {
+    let path = dir.join("datasets.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&datasets)?)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(path)
 }
 
 /// The demo's job: an MLP on digits, every party in every round. The quorum is half the

@@ -563,6 +563,29 @@ impl Api {
         )
     }
 
+    /// Version `version` of a job's model, downloaded whole and decoded.
+    pub async fn job_model(
+        &self,
+        job: &pb::Job,
+        version: u32,
+    ) -> anyhow::Result<Vec<cohort_core::NamedTensor>> {
+        let mut stream = self
+            .models()
+            .download(pb::GetVersionRequest {
+                name: job.model_name.clone(),
+                version,
+                namespace: job.namespace.clone(),
+            })
+            .await?
+            .into_inner();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            bytes.extend_from_slice(&chunk?.data);
+        }
+        cohort_fl::from_safetensors(&bytes)
+            .with_context(|| format!("model {}@{version}", job.model_name))
+    }
+
     pub fn tokens(&self) -> pb::tokens_client::TokensClient<AuthChannel> {
         pb::tokens_client::TokensClient::with_interceptor(self.channel.clone(), self.bearer.clone())
     }

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, bail};
 use cohort_fl::SyntheticModel;
 use cohort_proto::v1 as pb;
-use futures::StreamExt;
 use serde_json::json;
 
 use super::RoundArgs;
@@ -199,20 +198,7 @@ async fn run_job(
         .last()
         .map(|r| r.model_version)
         .context("the job succeeded without a round")?;
-    let mut bytes = Vec::new();
-    let mut stream = api
-        .models()
-        .download(pb::GetVersionRequest {
-            name: job.model_name.clone(),
-            version,
-            namespace: job.namespace.clone(),
-        })
-        .await?
-        .into_inner();
-    while let Some(chunk) = stream.next().await {
-        bytes.extend_from_slice(&chunk?.data);
-    }
-    let model = cohort_fl::from_safetensors(&bytes).context("the final model")?;
+    let model = api.job_model(&job, version).await?;
     Ok((job, running_ms, Some(model)))
 }
 
