@@ -154,7 +154,9 @@ async fn parties_listen_only_on_their_loopback_health_port() {
             }
             *sampled.samples.entry(key).or_default() += 1;
             listening.sort();
-            if listening != allowed {
+            // Listening on nothing is no exposure: a task-manager closes its health port when
+            // it is stopped, and the demo (about a second now) stops them while we sample.
+            if !listening.is_empty() && listening != allowed {
                 sampled.violations.push(format!(
                     "{comm} {pid} listens on {listening:?}; allowed: {allowed:?}"
                 ));
