@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use cohort_cli::stack::{Stack, StackConfig};
+use cohort_cli::stack::{PartyData, Stack, StackConfig};
 use cohort_cli::{Api, AuthChannel};
 use cohort_core::JobState;
 use cohort_proto::v1 as pb;
@@ -59,18 +59,22 @@ impl Federation {
     }
 
     pub async fn start_with(parties: u32, storage: Storage) -> anyhow::Result<Federation> {
-        Federation::start_as(parties, storage, false).await
+        let digits = PartyData::Digits {
+            alpha: 0.5,
+            seed: 42,
+        };
+        Federation::start_as(parties, storage, digits).await
     }
 
     /// Parties holding only the synthetic dataset (`cohort bench round`'s workload).
     pub async fn synthetic(parties: u32) -> anyhow::Result<Federation> {
-        Federation::start_as(parties, Storage::default(), true).await
+        Federation::start_as(parties, Storage::default(), PartyData::Synthetic).await
     }
 
     async fn start_as(
         parties: u32,
         storage: Storage,
-        synthetic: bool,
+        party_data: PartyData,
     ) -> anyhow::Result<Federation> {
         let dir = tempfile::Builder::new().prefix("cohort-it-").tempdir()?;
         let stack = Stack::start(&StackConfig {
@@ -82,9 +86,7 @@ impl Federation {
             database_url: storage.database_url,
             blob_url: storage.blob_url,
             service_env: storage.env,
-            alpha: 0.5,
-            seed: 42,
-            synthetic,
+            party_data,
         })
         .await?;
         Ok(Federation { stack, dir })

@@ -372,21 +372,9 @@ impl FedAvg {
         let check = Arc::new(UpdateCheck::new(global, rules));
         let params: usize = check.global.iter().map(|t| t.data.len()).sum();
         let acc = if params <= F64_SUM_MAX_PARAMS {
-            Accumulator::Sum(
-                check
-                    .global
-                    .iter()
-                    .map(|t| vec![0.0; t.data.len()])
-                    .collect(),
-            )
+            Accumulator::Sum(zeros_like(&check.global))
         } else {
-            Accumulator::Mean(
-                check
-                    .global
-                    .iter()
-                    .map(|t| vec![0.0; t.data.len()])
-                    .collect(),
-            )
+            Accumulator::Mean(zeros_like(&check.global))
         };
         Self {
             acc,
@@ -410,13 +398,7 @@ impl FedAvg {
     /// update is added.
     pub fn with_f32_mean(mut self) -> Self {
         if self.updates() == 0 {
-            self.acc = Accumulator::Mean(
-                self.check
-                    .global
-                    .iter()
-                    .map(|t| vec![0.0; t.data.len()])
-                    .collect(),
-            );
+            self.acc = Accumulator::Mean(zeros_like(&self.check.global));
         }
         self
     }
@@ -589,6 +571,14 @@ impl FedAvg {
         }
         Ok(out)
     }
+}
+
+/// One zero per element of `tensors`, tensor by tensor: an empty accumulator.
+fn zeros_like<T: Clone + Default>(tensors: &[NamedTensor]) -> Vec<Vec<T>> {
+    tensors
+        .iter()
+        .map(|t| vec![T::default(); t.data.len()])
+        .collect()
 }
 
 /// Elements below which a thread of its own costs more than it saves.

@@ -51,6 +51,12 @@ impl SyntheticModel {
             .collect()
     }
 
+    /// The synthetic model a job's `model` section describes, if it describes one.
+    pub fn of(spec: &cohort_core::spec::ModelSpec) -> Option<SyntheticModel> {
+        spec.synthetic()
+            .map(|(params, layers)| SyntheticModel { params, layers })
+    }
+
     /// Does `tensors` have this model's layout?
     pub fn fits(&self, tensors: &[NamedTensor]) -> bool {
         let sizes = self.sizes();
@@ -90,13 +96,7 @@ impl SyntheticModel {
                         crate::wire::extend_le_bytes(&mut data, &period[from..from + take]);
                         k += take;
                     }
-                    TensorChunk {
-                        tensor: Self::tensor_name(layer),
-                        dtype: if i == 0 { "f32".into() } else { String::new() },
-                        shape: if i == 0 { vec![n as u64] } else { Vec::new() },
-                        offset: start as u64,
-                        data: data.into(),
-                    }
+                    crate::wire::tensor_chunk(&Self::tensor_name(layer), &[n], start, data)
                 })
             })
     }

@@ -66,21 +66,33 @@ pub fn extend_from_le_bytes(out: &mut Vec<f32>, bytes: &[u8]) {
     }
 }
 
+/// `values` as a new vector of little-endian bytes.
+pub fn le_bytes(values: &[f32]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(values.len() * 4);
+    extend_le_bytes(&mut bytes, values);
+    bytes
+}
+
 /// Chunk `i` of `t`: its shape and dtype ride on the first.
 fn chunk_of(t: &NamedTensor, i: usize, per_chunk: usize) -> TensorChunk {
     let start = (i * per_chunk).min(t.data.len());
     let end = (start + per_chunk).min(t.data.len());
-    let mut data = Vec::with_capacity((end - start) * 4);
-    extend_le_bytes(&mut data, &t.data[start..end]);
+    tensor_chunk(&t.name, &t.shape, start, le_bytes(&t.data[start..end]))
+}
+
+/// The chunk of tensor `name` (of `shape`) holding `data` from element `offset`: the shape
+/// and dtype ride on a tensor's first chunk only.
+pub fn tensor_chunk(name: &str, shape: &[usize], offset: usize, data: Vec<u8>) -> TensorChunk {
+    let first = offset == 0;
     TensorChunk {
-        tensor: t.name.clone(),
-        dtype: if i == 0 { "f32".into() } else { String::new() },
-        shape: if i == 0 {
-            t.shape.iter().map(|&d| d as u64).collect()
+        tensor: name.to_string(),
+        dtype: if first { "f32".into() } else { String::new() },
+        shape: if first {
+            shape.iter().map(|&d| d as u64).collect()
         } else {
             Vec::new()
         },
-        offset: start as u64,
+        offset: offset as u64,
         data: data.into(),
     }
 }
@@ -169,7 +181,7 @@ impl TensorAssembler {
             tensor: chunk.tensor.clone(),
             message: m,
         };
-        crate::wire::check_whole_f32(&chunk)?;
+        check_whole_f32(&chunk)?;
         let starts_new = self.current.as_ref().is_none_or(|c| c.name != chunk.tensor);
         if starts_new {
             self.finish_current()?;
@@ -270,11 +282,11 @@ impl TensorAssembler {
 
 /// Encodes tensors as one safetensors file (f32, tensors in name order).
 pub fn to_safetensors(tensors: &[NamedTensor]) -> Result<Vec<u8>, FlError> {
-    let shared = Arc::new(tensors.to_vec());
-    let (len, parts) = safetensors_stream(shared, 1 << 20)?;
-    let mut out = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
-    for part in parts {
-        out.extend_from_slice(&part);
+    let (header, order, total) = safetensors_header(tensors)?;
+    let mut out = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
+    out.extend_from_slice(&header);
+    for i in order {
+        extend_le_bytes(&mut out, &tensors[i].data);
     }
     Ok(out)
 }
@@ -286,6 +298,26 @@ pub fn safetensors_stream(
     tensors: Arc<Vec<NamedTensor>>,
     chunk_bytes: usize,
 ) -> Result<(u64, impl Iterator<Item = Vec<u8>> + Send + 'static), FlError> {
+    let (header, order, total) = safetensors_header(&tensors)?;
+    let per_chunk = (chunk_bytes / 4).max(1);
+    let pieces: Vec<(usize, usize)> = order
+        .iter()
+        .flat_map(|&i| {
+            let n = tensors[i].data.len();
+            (0..n.div_ceil(per_chunk)).map(move |k| (i, k * per_chunk))
+        })
+        .collect();
+    let data = pieces.into_iter().map(move |(i, start)| {
+        let values = &tensors[i].data;
+        le_bytes(&values[start..(start + per_chunk).min(values.len())])
+    });
+    Ok((total, std::iter::once(header).chain(data)))
+}
+
+/// A safetensors file's header (its length, then the JSON, padded so the data starts
+/// 8-byte aligned), the order the tensors' data follows it in (by name), and the file's
+/// whole length.
+fn safetensors_header(tensors: &[NamedTensor]) -> Result<(Vec<u8>, Vec<usize>, u64), FlError> {
     let mut order: Vec<usize> = (0..tensors.len()).collect();
     order.sort_by(|a, b| tensors[*a].name.cmp(&tensors[*b].name));
     let mut header = serde_json::Map::new();
@@ -308,29 +340,13 @@ pub fn safetensors_stream(
         offset = end;
     }
     let mut json = serde_json::to_vec(&header).map_err(|e| FlError::Safetensors(e.to_string()))?;
-    // The data starts 8-byte aligned: the header is padded with spaces.
     while (json.len() + 8) % 8 != 0 {
         json.push(b' ');
     }
-    let mut first = (json.len() as u64).to_le_bytes().to_vec();
-    first.extend_from_slice(&json);
-    let total = first.len() as u64 + offset;
-    let per_chunk = (chunk_bytes / 4).max(1);
-    let pieces: Vec<(usize, usize)> = order
-        .iter()
-        .flat_map(|&i| {
-            let n = tensors[i].data.len();
-            (0..n.div_ceil(per_chunk)).map(move |k| (i, k * per_chunk))
-        })
-        .collect();
-    let data = pieces.into_iter().map(move |(i, start)| {
-        let values = &tensors[i].data;
-        let end = (start + per_chunk).min(values.len());
-        let mut bytes = Vec::with_capacity((end - start) * 4);
-        extend_le_bytes(&mut bytes, &values[start..end]);
-        bytes
-    });
-    Ok((total, std::iter::once(first).chain(data)))
+    let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(&json);
+    let total = bytes.len() as u64 + offset;
+    Ok((bytes, order, total))
 }
 
 /// Decodes a safetensors file of f32 tensors, sorted by name.

@@ -179,16 +179,6 @@ fn corrupt(id: &str, message: impl Into<String>) -> StoreError {
 /// meanwhile, instead of waiting its turn.
 pub(crate) const IMMEDIATE: &str = "BEGIN IMMEDIATE";
 
-/// A u64 into INTEGER, naming the field that does not fit.
-fn to_i64(value: u64, field: &str, at: &str) -> Result<i64> {
-    i64::try_from(value).map_err(|_| {
-        corrupt(
-            at,
-            format!("{field} {value} exceeds the database's 63-bit range"),
-        )
-    })
-}
-
 fn not_found(id: &JobId) -> StoreError {
     StoreError::NotFound {
         what: "job",
@@ -382,10 +372,11 @@ impl JobStore for SqliteJobStore {
         // Checked before anything is written, like the other backends: a
         // wrapped `as i64` would store a negative count.
         let at = format!("{id} round {}", r.round);
-        let eval_samples = to_i64(r.eval_samples, "eval_samples", &at)?;
-        let duration_ms = to_i64(r.duration_ms, "duration_ms", &at)?;
-        let bytes_to_parties = to_i64(r.bytes_to_parties, "bytes_to_parties", &at)?;
-        let bytes_from_parties = to_i64(r.bytes_from_parties, "bytes_from_parties", &at)?;
+        let eval_samples = crate::to_i64(r.eval_samples, "eval_samples", "job", &at)?;
+        let duration_ms = crate::to_i64(r.duration_ms, "duration_ms", "job", &at)?;
+        let bytes_to_parties = crate::to_i64(r.bytes_to_parties, "bytes_to_parties", "job", &at)?;
+        let bytes_from_parties =
+            crate::to_i64(r.bytes_from_parties, "bytes_from_parties", "job", &at)?;
         let mut tx = self.pool.begin_with(IMMEDIATE).await?;
         let exists: Option<i64> = sqlx::query_scalar("SELECT version FROM jobs WHERE id = ?1")
             .bind(id.as_str())

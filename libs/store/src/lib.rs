@@ -78,6 +78,16 @@ impl From<sqlx::migrate::MigrateError> for StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// A u64 as the i64 every backend stores (INTEGER, BIGINT, MongoDB's int64), naming the
+/// record and the field that does not fit.
+pub(crate) fn to_i64(value: u64, field: &str, what: &'static str, id: &str) -> Result<i64> {
+    i64::try_from(value).map_err(|_| StoreError::Corrupt {
+        what,
+        id: id.to_string(),
+        message: format!("{field} {value} exceeds the database's 63-bit range"),
+    })
+}
+
 /// A page of results and the token for the next one (None: last page).
 #[derive(Debug, Clone)]
 pub struct Page<T> {

@@ -159,14 +159,6 @@ macro_rules! columns {
     };
 }
 
-fn to_i64(field: &str, value: u64, id: &str) -> Result<i64> {
-    i64::try_from(value).map_err(|_| StoreError::Corrupt {
-        what: "model version",
-        id: id.to_string(),
-        message: format!("{field} {value} exceeds the database's 63-bit range"),
-    })
-}
-
 /// The version of (`job_id`, `round`), a job's round; the terms repeat the
 /// unique index's condition so that the index serves the lookup. Versions
 /// marked `round_duplicate` are later copies, never the one to return.
@@ -195,8 +187,8 @@ async fn fetch_round_version(
 #[async_trait]
 impl ModelStore for SqliteModelStore {
     async fn insert_version(&self, v: NewModelVersion, now_ms: i64) -> Result<StoredVersion> {
-        let size_bytes = to_i64("size_bytes", v.size_bytes, &v.name)?;
-        let samples = to_i64("samples", v.samples, &v.name)?;
+        let size_bytes = crate::to_i64(v.size_bytes, "size_bytes", "model version", &v.name)?;
+        let samples = crate::to_i64(v.samples, "samples", "model version", &v.name)?;
         // IMMEDIATE takes the write lock up front, so MAX(version) + 1 cannot
         // race with another writer, nor can a second insert of one round.
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;

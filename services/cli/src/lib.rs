@@ -28,7 +28,7 @@ use tonic::transport::Channel;
 use crate::error::usage;
 use crate::profile::Profile;
 use crate::show::*;
-use crate::stack::{Stack, StackConfig};
+use crate::stack::{PartyData, Stack, StackConfig};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -1081,8 +1081,13 @@ async fn model_command(api: Api, cmd: ModelCommand, json: bool) -> anyhow::Resul
                     namespace: String::new(),
                 })),
             }];
-            parts.extend(bytes.chunks(1 << 20).map(|c| pb::UploadVersionRequest {
-                part: Some(pb::upload_version_request::Part::Data(c.to_vec().into())),
+            // Chunks are slices of the file's bytes, not copies.
+            let bytes = bytes::Bytes::from(bytes);
+            parts.extend((0..bytes.len()).step_by(1 << 20).map(|at| {
+                let end = (at + (1 << 20)).min(bytes.len());
+                pb::UploadVersionRequest {
+                    part: Some(pb::upload_version_request::Part::Data(bytes.slice(at..end))),
+                }
             }));
             let v = models
                 .upload_version(futures::stream::iter(parts))
@@ -1109,9 +1114,10 @@ async fn up(a: UpArgs, json: bool) -> anyhow::Result<i32> {
         database_url: a.storage.database_url.clone(),
         blob_url: a.storage.blob_url.clone(),
         service_env: Vec::new(),
-        alpha: 0.5,
-        seed: 42,
-        synthetic: false,
+        party_data: PartyData::Digits {
+            alpha: 0.5,
+            seed: 42,
+        },
     })
     .await?;
     let profile = stack.profile();
@@ -1189,9 +1195,10 @@ async fn demo(a: DemoArgs, json: bool) -> anyhow::Result<i32> {
         database_url: a.storage.database_url.clone(),
         blob_url: a.storage.blob_url.clone(),
         service_env: Vec::new(),
-        alpha: a.alpha,
-        seed: a.seed,
-        synthetic: false,
+        party_data: PartyData::Digits {
+            alpha: a.alpha,
+            seed: a.seed,
+        },
     })
     .await?;
     if json {

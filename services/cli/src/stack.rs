@@ -32,12 +32,18 @@ pub struct StackConfig {
     pub blob_url: Option<String>,
     /// More environment for the server services (e.g. S3 endpoint and credentials).
     pub service_env: Vec<(String, String)>,
-    /// Dirichlet alpha of the digits split across parties.
-    pub alpha: f64,
-    /// Parties hold only the synthetic dataset `synthetic` (`cohort bench round`), party
-    /// `party-<i+1>` with index i and weight 100 + i, instead of the digits.
-    pub synthetic: bool,
-    pub seed: u64,
+    /// What the parties hold.
+    pub party_data: PartyData,
+}
+
+/// The data each local party is given.
+#[derive(Debug, Clone, Copy)]
+pub enum PartyData {
+    /// A shard of the bundled digits: Dirichlet(`alpha`) label skew, split by `seed`.
+    Digits { alpha: f64, seed: u64 },
+    /// Only the synthetic dataset `synthetic` (`cohort bench round`): party `party-<i+1>`
+    /// with index i and weight 100 + i.
+    Synthetic,
 }
 
 struct Service {
@@ -270,16 +276,12 @@ impl Stack {
             )
             .await?;
         self.proxy = proxy.clone();
-        let parties = if cfg.synthetic {
-            crate::data::write_synthetic_parties(&cfg.data_dir.join("parties"), cfg.parties)?
-        } else {
-            crate::data::write_party_data(
-                &cfg.data_dir.join("parties"),
-                cfg.parties,
-                cfg.alpha,
-                cfg.seed,
-                DIGITS_CSV,
-            )?
+        let root = cfg.data_dir.join("parties");
+        let parties = match cfg.party_data {
+            PartyData::Synthetic => crate::data::write_synthetic_parties(&root, cfg.parties)?,
+            PartyData::Digits { alpha, seed } => {
+                crate::data::write_party_data(&root, cfg.parties, alpha, seed, DIGITS_CSV)?
+            }
         };
         for p in &parties {
             let pair = ca.issue_party(&p.name, validity)?;

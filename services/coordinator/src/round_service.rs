@@ -202,11 +202,13 @@ impl RoundApi {
         inbound: &mut Streaming<pb::SubmitUpdateRequest>,
     ) -> Result<(cohort_fl::CheckedUpdate, Option<OwnedSemaphorePermit>), Received> {
         let mut check = upload.check().stream();
-        let mut staged = StagedUpdate::create(&self.staging_dir).map_err(|e| {
+        // The coordinator's disk, not the party's upload: the party may try again.
+        let unstaged = |e: std::io::Error| {
             Received::Broken(RoundError::unavailable(format!(
                 "the coordinator cannot stage the update: {e}"
             )))
-        })?;
+        };
+        let mut staged = StagedUpdate::create(&self.staging_dir).map_err(unstaged)?;
         let mut slot = None;
         while let Some(msg) = self.next(inbound).await.map_err(Received::Broken)? {
             if slot.is_none() {
@@ -217,11 +219,7 @@ impl RoundApi {
                     self.state.received(c.data.len());
                     let (tensor, offset) =
                         check.push(&c).map_err(|e| Received::Bad(e.to_string()))?;
-                    staged.append(tensor, offset, &c.data).map_err(|e| {
-                        Received::Broken(RoundError::unavailable(format!(
-                            "the coordinator cannot stage the update: {e}"
-                        )))
-                    })?;
+                    staged.append(tensor, offset, &c.data).map_err(unstaged)?;
                 }
                 Some(pb::submit_update_request::Part::Header(_)) => {
                     return Err(Received::Bad("header sent twice".into()));

@@ -203,8 +203,8 @@ pub struct RoundState {
     global: Mutex<Arc<Vec<NamedTensor>>>,
     /// Signalled when minted tokens are bound to parties (or forgotten).
     bound: Notify,
-    /// Signalled whenever an update or evaluation lands or is dropped.
-    /// Counts landings: a waiter that subscribed before looking misses none.
+    /// Counts landings (an update or evaluation received or dropped, a stop): a waiter
+    /// that subscribed before looking misses none.
     progress: watch::Sender<u64>,
     upload_slots: Arc<Semaphore>,
     phase: watch::Sender<u64>,

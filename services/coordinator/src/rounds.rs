@@ -336,11 +336,7 @@ impl JobRun {
         } else {
             None
         };
-        let synthetic = self
-            .spec
-            .model
-            .synthetic()
-            .map(|(params, layers)| cohort_fl::SyntheticModel { params, layers });
+        let synthetic = cohort_fl::SyntheticModel::of(&self.spec.model);
         let (weights, features, classes) = match given {
             Some((what, weights)) if let Some(model) = synthetic => {
                 if !model.fits(&weights) {
@@ -908,17 +904,6 @@ impl JobRun {
         metrics: &pb::Metrics,
     ) -> Result<u32, Failure> {
         let global = self.state.global();
-        // Encoded piece by piece as it is hashed and sent: no second copy of the model.
-        let encode = || {
-            cohort_fl::safetensors_stream(global.clone(), cohort_fl::CHUNK_BYTES)
-                .map(|(_, pieces)| pieces)
-                .map_err(|e| Failure::Fail(format!("cannot encode the model: {e}")))
-        };
-        let mut hasher = sha2::Sha256::new();
-        for piece in encode()? {
-            hasher.update(&piece);
-        }
-        let digest = hex::encode(hasher.finalize());
         let header = pb::UploadVersionRequest {
             part: Some(pb::upload_version_request::Part::Header(pb::UploadHeader {
                 name: self.model_name(),
@@ -931,22 +916,26 @@ impl JobRun {
                 metrics: Some(*metrics),
             })),
         };
+        // Encoded piece by piece as it is sent, and hashed on the way: no second copy of
+        // the model, no second pass over it. Each attempt starts the hash afresh.
+        let sent = Arc::new(std::sync::Mutex::new(sha2::Sha256::new()));
         let version = retry_unavailable("upload model", self.storage_patience, || {
             let mut c = self.clients.models.clone();
-            let req = encode().and_then(|pieces| {
-                let parts = std::iter::once(header.clone()).chain(pieces.map(|data| {
-                    pb::UploadVersionRequest {
-                        part: Some(pb::upload_version_request::Part::Data(data.into())),
-                    }
-                }));
-                self.for_job(futures::stream::iter(parts))
-            });
-            async move {
-                match req {
-                    Ok(req) => c.upload_version(req).await,
-                    Err(_) => Err(tonic::Status::invalid_argument("namespace")),
-                }
-            }
+            *lock(&sent) = sha2::Sha256::new();
+            let hasher = sent.clone();
+            let req = cohort_fl::safetensors_stream(global.clone(), cohort_fl::CHUNK_BYTES)
+                .map_err(|e| tonic::Status::internal(format!("cannot encode the model: {e}")))
+                .and_then(|(_, pieces)| {
+                    let parts = std::iter::once(header.clone()).chain(pieces.map(move |data| {
+                        lock(&hasher).update(&data);
+                        pb::UploadVersionRequest {
+                            part: Some(pb::upload_version_request::Part::Data(data.into())),
+                        }
+                    }));
+                    self.for_job(futures::stream::iter(parts))
+                        .map_err(|_| tonic::Status::invalid_argument("namespace"))
+                });
+            async move { c.upload_version(req?).await }
         })
         .await
         .map_err(|s| {
@@ -959,6 +948,7 @@ impl JobRun {
         // Versions are idempotent per (job, round): a round an earlier coordinator of this job
         // already stored (its report to job-scheduler was lost) answers with that version.
         // Continue from the stored model, so the lineage and the next round agree.
+        let digest = hex::encode(lock(&sent).clone().finalize());
         if version.digest != digest {
             tracing::info!(
                 round,
@@ -1039,6 +1029,10 @@ fn failure_summary(failures: &[(String, String, String)]) -> String {
         .map(|(party, _, reason)| format!("{party}: {reason}"))
         .collect();
     format!("; task failures: {}", shown.join("; "))
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A stable seed per job so a relaunched coordinator initialises identically.

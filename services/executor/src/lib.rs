@@ -50,8 +50,8 @@ impl Args {
         let client = RoundClient::new(&exec.endpoint, &task, tls.as_ref())?;
         let global = client.fetch_model().await?;
         tracing::info!(task = %task.task_id, tensors = global.len(), "model fetched");
-        if let Some((params, layers)) = spec.model.synthetic() {
-            return synthetic_task(&client, &task, &data, kind, &global, params, layers).await;
+        if let Some(model) = SyntheticModel::of(&spec.model) {
+            return synthetic_task(&client, &task, &data, kind, &global, model).await;
         }
         match kind {
             pb::TaskKind::Train => {
@@ -105,13 +105,13 @@ async fn synthetic_task(
     data: &pb::LocalDataset,
     kind: pb::TaskKind,
     global: &[NamedTensor],
-    params: u64,
-    layers: u32,
+    model: SyntheticModel,
 ) -> anyhow::Result<()> {
-    let model = SyntheticModel { params, layers };
     if !model.fits(global) {
         bail!(
-            "the fetched model is not the synthetic model of {params} parameters in {layers} tensors"
+            "the fetched model is not the synthetic model of {} parameters in {} tensors",
+            model.params,
+            model.layers
         );
     }
     let Some(synthetic) = &data.synthetic else {
@@ -140,7 +140,7 @@ async fn synthetic_task(
             },
         )
         .await?;
-    tracing::info!(task = %task.task_id, params, party, round, "synthetic update sent");
+    tracing::info!(task = %task.task_id, params = model.params, party, round, "synthetic update sent");
     Ok(())
 }
 

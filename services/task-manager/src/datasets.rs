@@ -131,9 +131,6 @@ pub fn load(path: &Path) -> Result<Vec<LocalDataset>, DatasetsError> {
                 return Err(err(format!("{field}: only a synthetic dataset takes it")));
             }
         }
-        if entry.path.is_none() {
-            return Err(err("path: missing (the data file)".into()));
-        }
         for p in [
             &mut entry.path,
             &mut entry.labels,
@@ -154,9 +151,11 @@ pub fn load(path: &Path) -> Result<Vec<LocalDataset>, DatasetsError> {
         {
             return Err(err(format!("scale: must be a positive number, got {s}")));
         }
-        let data_path = entry.path.clone().unwrap_or_default();
+        let Some(data_path) = entry.path.as_deref() else {
+            return Err(err("path: missing (the data file)".into()));
+        };
         let data =
-            cohort_train::load_dataset(&data_path, format, entry.labels.as_deref(), entry.scale)
+            cohort_train::load_dataset(data_path, format, entry.labels.as_deref(), entry.scale)
                 .map_err(|e| err(e.to_string()))?;
         if data.n == 0 {
             return Err(err("holds no samples".into()));

@@ -331,14 +331,7 @@ fn describe(e: &MongoError) -> String {
     }
 }
 
-/// A u64 as the i64 MongoDB stores, naming the field that does not fit.
-pub(crate) fn to_i64(value: u64, field: &str, what: &'static str, id: &str) -> Result<i64> {
-    i64::try_from(value).map_err(|_| StoreError::Corrupt {
-        what,
-        id: id.to_string(),
-        message: format!("{field} {value} exceeds the database's 63-bit range"),
-    })
-}
+pub(crate) use crate::to_i64;
 
 /// Typed reads of a stored document; failures are `Corrupt`, naming the
 /// record and the field.

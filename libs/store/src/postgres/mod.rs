@@ -125,11 +125,4 @@ where
     })
 }
 
-/// A u64 into BIGINT, naming the field that does not fit.
-pub(crate) fn to_i64(value: u64, field: &str, what: &'static str, id: &str) -> Result<i64> {
-    i64::try_from(value).map_err(|_| StoreError::Corrupt {
-        what,
-        id: id.to_string(),
-        message: format!("{field} {value} exceeds the database's 63-bit range"),
-    })
-}
+pub(crate) use crate::to_i64;

@@ -1,11 +1,10 @@
 //! `cohort bench round`: the real federation, a synthetic job, and what it cost. Peak memory
-//! is each process's high-water mark (`VmHWM`), read from `/proc` while it runs (executors
-//! and the coordinator come and go: they are found as children of task-managers and
-//! job-scheduler every few milliseconds).
+//! is each process's high-water mark (`VmHWM`, which the kernel keeps): the services' is read
+//! once at the end, while the coordinator and the executors, which come and go, are found as
+//! children of job-scheduler and the task-managers and sampled every few milliseconds.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use cohort_fl::SyntheticModel;
@@ -15,7 +14,7 @@ use serde_json::json;
 use super::RoundArgs;
 use crate::Api;
 use crate::show::state_name;
-use crate::stack::{Stack, StackConfig};
+use crate::stack::{PartyData, Stack, StackConfig};
 
 /// How often process memory is sampled.
 const SAMPLE_EVERY: Duration = Duration::from_millis(20);
@@ -35,7 +34,7 @@ pub async fn run(args: &RoundArgs, json: bool) -> anyhow::Result<i32> {
         params: args.params,
         layers: args.layers,
     };
-    let started_ms = now_ms();
+    let started_ms = cohort_runtime::now_ms();
     let mut stack = Stack::start(&StackConfig {
         bin_dir: None,
         data_dir: data_dir.clone(),
@@ -48,9 +47,7 @@ pub async fn run(args: &RoundArgs, json: bool) -> anyhow::Result<i32> {
             "COHORT_MAX_MODEL_PARAMETERS".to_string(),
             args.params.max(100_000_000).to_string(),
         )],
-        alpha: 0.5,
-        seed: 42,
-        synthetic: true,
+        party_data: PartyData::Synthetic,
     })
     .await?;
     let memory = Memory::watch(&stack);
@@ -230,12 +227,6 @@ async fn wait_for_parties(api: &Api, parties: u32) -> anyhow::Result<()> {
     }
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
 fn median(values: &[f64]) -> Option<f64> {
     let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);
@@ -247,7 +238,7 @@ fn median(values: &[f64]) -> Option<f64> {
 }
 
 /// Peak resident memory of the federation's processes.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default)]
 struct Peaks {
     /// By service name (`proxy`, `model-manager`, ...).
     services: HashMap<String, u64>,
@@ -264,67 +255,67 @@ impl Peaks {
 }
 
 struct Memory {
-    peaks: Arc<Mutex<Peaks>>,
+    services: Vec<(String, u32)>,
     stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<()>,
+    /// The largest child each sampled parent had, by the parent's pid.
+    children: tokio::task::JoinHandle<HashMap<u32, u64>>,
 }
 
 impl Memory {
-    /// Samples the stack's processes and their children until `finish`.
+    /// Samples the children of job-scheduler (the coordinator) and of the task-managers
+    /// (their executors) until `finish`.
     fn watch(stack: &Stack) -> Memory {
         let services = stack.pids();
-        let peaks = Arc::new(Mutex::new(Peaks::default()));
+        let parents: Vec<u32> = services
+            .iter()
+            .filter(|(name, _)| name == "job-scheduler" || name.starts_with("task-manager"))
+            .map(|(_, pid)| *pid)
+            .collect();
         let (stop, mut stopped) = tokio::sync::oneshot::channel();
-        let shared = peaks.clone();
-        let task = tokio::spawn(async move {
-            // Per party (task-manager pid): its own peak and its executors' largest.
-            let mut parties: HashMap<u32, (u64, u64)> = HashMap::new();
+        let children = tokio::spawn(async move {
+            let mut largest: HashMap<u32, u64> = HashMap::new();
             loop {
-                sample(&services, &mut parties, &shared);
+                for parent in &parents {
+                    let child = children(*parent)
+                        .into_iter()
+                        .map(high_water_mark)
+                        .max()
+                        .unwrap_or(0);
+                    let seen = largest.entry(*parent).or_default();
+                    *seen = (*seen).max(child);
+                }
                 tokio::select! {
-                    _ = &mut stopped => return,
+                    _ = &mut stopped => return largest,
                     _ = tokio::time::sleep(SAMPLE_EVERY) => {}
                 }
             }
         });
-        Memory { peaks, stop, task }
-    }
-
-    async fn finish(self) -> Peaks {
-        let _ = self.stop.send(());
-        let _ = self.task.await;
-        self.peaks.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-}
-
-/// One look at every process: `parties` holds each task-manager's own peak and its
-/// executors' largest.
-fn sample(
-    services: &[(String, u32)],
-    parties: &mut HashMap<u32, (u64, u64)>,
-    peaks: &Mutex<Peaks>,
-) {
-    let mut p = peaks.lock().unwrap_or_else(|e| e.into_inner());
-    for (name, pid) in services {
-        let own = high_water_mark(*pid);
-        let children: u64 = children(*pid)
-            .into_iter()
-            .map(high_water_mark)
-            .max()
-            .unwrap_or(0);
-        if name.starts_with("task-manager") {
-            let e = parties.entry(*pid).or_default();
-            e.0 = e.0.max(own);
-            e.1 = e.1.max(children);
-        } else {
-            let e = p.services.entry(name.clone()).or_default();
-            *e = (*e).max(own);
-            if name == "job-scheduler" {
-                p.coordinator = p.coordinator.max(children);
-            }
+        Memory {
+            services,
+            stop,
+            children,
         }
     }
-    p.party = parties.values().map(|(tm, ex)| tm + ex).max().unwrap_or(0);
+
+    /// Stops sampling and reads the services' own peaks (they still run).
+    async fn finish(self) -> Peaks {
+        let _ = self.stop.send(());
+        let children = self.children.await.unwrap_or_default();
+        let mut peaks = Peaks::default();
+        for (name, pid) in &self.services {
+            let own = high_water_mark(*pid);
+            let child = children.get(pid).copied().unwrap_or(0);
+            if name.starts_with("task-manager") {
+                peaks.party = peaks.party.max(own + child);
+            } else {
+                if name == "job-scheduler" {
+                    peaks.coordinator = child;
+                }
+                peaks.services.insert(name.clone(), own);
+            }
+        }
+        peaks
+    }
 }
 
 /// A process's peak resident memory in bytes (0 once it is gone).
