@@ -25,7 +25,9 @@ for row in "${rows[@]}"; do
     echo "bench round: $parties parties, $params parameters, $rounds rounds" >&2
     "$cohort" bench round --parties "$parties" --params "$params" --rounds "$rounds" --json
 done
-for threads in 1 2; do
-    echo "bench aggregate: 10 updates of 25000000 parameters, $threads thread(s)" >&2
-    "$cohort" bench aggregate --updates 10 --params 25000000 --threads "$threads" --json
+for batch in 10 1; do
+    for threads in 1 2; do
+        echo "bench aggregate: 10 updates of 25000000 parameters, $batch at a time, $threads thread(s)" >&2
+        "$cohort" bench aggregate --updates 10 --params 25000000 --threads "$threads" --batch "$batch" --passes 5 --json
+    done
 done

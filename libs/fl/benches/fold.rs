@@ -1,6 +1,8 @@
 //! The FedAvg fold alone: 10 updates of `COHORT_BENCH_PARAMS` parameters (default 4M, 16 MB
 //! each) folded into one aggregate, into an f64 sum and into an f32 running mean (what models
-//! over 16M parameters use), on one thread and on every core. Throughput is in update bytes. `cohort bench aggregate` measures the same at any size, with the check apart.
+//! over 16M parameters use), on one thread and on every core, one by one (as a coordinator
+//! folds an update that lands) and all at once (`FedAvg::add_all`). Throughput is in update
+//! bytes. `cohort bench aggregate` measures the same at any size, with the check apart.
 
 use std::sync::Arc;
 
@@ -41,10 +43,19 @@ fn fold(c: &mut Criterion) {
     let mut group = c.benchmark_group("fedavg_fold");
     group.throughput(Throughput::Bytes((UPDATES * params * 4) as u64));
     group.sample_size(10);
-    for (threads, f32_mean) in [(1, false), (cores, false), (1, true), (cores, true)] {
+    let runs = [
+        (1, false, false),
+        (cores, false, false),
+        (1, true, false),
+        (cores, true, false),
+        (cores, false, true),
+        (cores, true, true),
+    ];
+    for (threads, f32_mean, batched) in runs {
         let accumulator = if f32_mean { "f32_mean" } else { "f64_sum" };
+        let how = if batched { "batched" } else { "one_by_one" };
         group.bench_function(
-            format!("{UPDATES}x{params}/{accumulator}/{threads}_threads"),
+            format!("{UPDATES}x{params}/{accumulator}/{threads}_threads/{how}"),
             |b| {
                 b.iter_batched(
                     || {
@@ -63,8 +74,16 @@ fn fold(c: &mut Criterion) {
                         (fedavg, checked)
                     },
                     |(mut fedavg, checked)| {
-                        for (u, update) in checked.into_iter().enumerate() {
-                            fedavg.add(update, 100 + u as u64).expect("fold");
+                        let weighted = checked
+                            .into_iter()
+                            .enumerate()
+                            .map(|(u, update)| (update, 100 + u as u64));
+                        if batched {
+                            fedavg.add_all(weighted.collect()).expect("fold");
+                        } else {
+                            for (update, weight) in weighted {
+                                fedavg.add(update, weight).expect("fold");
+                            }
                         }
                         fedavg
                     },

@@ -35,29 +35,46 @@ pub struct UpdateCheck {
     rules: AggregationRules,
 }
 
-/// An update's values, visited piece by piece: whole tensors in memory, or chunks a caller
-/// staged elsewhere (on disk) while the update streamed in. Each element is visited once.
-pub trait UpdateValues: Send {
-    /// Calls `f(tensor, offset, values)` for every piece: `tensor` indexes the global
-    /// model's layout, `offset` is the piece's first element in it.
-    fn visit(&mut self, f: &mut dyn FnMut(usize, usize, &[f32])) -> Result<(), FlError>;
+/// An update's values, read range by range: whole tensors in memory, or chunks a caller
+/// staged elsewhere (on disk) while the update streamed in. Reads may come from several
+/// threads at once, each for its own part of a tensor.
+pub trait UpdateValues: Send + Sync {
+    /// Elements `offset..offset + buf.len()` of tensor `tensor` (its index in the global
+    /// model's layout): a slice of memory the update holds, or `buf` filled with them.
+    fn read<'a>(
+        &'a self,
+        tensor: usize,
+        offset: usize,
+        buf: &'a mut [f32],
+    ) -> Result<&'a [f32], FlError>;
 }
 
 /// An update held in memory, tensors in the global model's order.
 struct InMemory(Vec<Vec<f32>>);
 
 impl UpdateValues for InMemory {
-    fn visit(&mut self, f: &mut dyn FnMut(usize, usize, &[f32])) -> Result<(), FlError> {
-        for (tensor, values) in self.0.iter().enumerate() {
-            f(tensor, 0, values);
-        }
-        Ok(())
+    fn read<'a>(
+        &'a self,
+        tensor: usize,
+        offset: usize,
+        buf: &'a mut [f32],
+    ) -> Result<&'a [f32], FlError> {
+        self.0
+            .get(tensor)
+            .and_then(|t| t.get(offset..offset + buf.len()))
+            .ok_or_else(|| {
+                FlError::Broken(format!(
+                    "an update was checked against another round's model (tensor {tensor})"
+                ))
+            })
     }
 }
 
-/// An update that passed [`UpdateCheck::check`] or [`UpdateStream::finish`].
+/// An update that passed [`UpdateCheck::check`] or [`UpdateStream::finish`]. Clones share
+/// its values.
+#[derive(Clone)]
 pub struct CheckedUpdate {
-    values: Box<dyn UpdateValues>,
+    values: Arc<dyn UpdateValues>,
     /// What its values are multiplied by when folded (below 1 when clipped).
     scale: f64,
     /// Its L2 norm as received.
@@ -164,7 +181,7 @@ impl UpdateCheck {
             }
         }
         Ok(CheckedUpdate {
-            values: Box::new(InMemory(data)),
+            values: Arc::new(InMemory(data)),
             scale: 1.0,
             norm,
             clipped,
@@ -323,7 +340,7 @@ impl UpdateStream {
             }
         }
         Ok(CheckedUpdate {
-            values,
+            values: Arc::from(values),
             scale,
             norm,
             clipped,
@@ -438,7 +455,7 @@ impl FedAvg {
         }
         let weight = weight as f64;
         match self.check.rules.max_weight_share {
-            None => self.fold_weighted(update, weight)?,
+            None => self.fold_batch(vec![(update, weight)])?,
             Some(share) => {
                 self.held.push(Held { weight, update });
                 // Fold whatever can no longer be capped: the cap only rises as updates come.
@@ -452,57 +469,69 @@ impl FedAvg {
                     .into_iter()
                     .partition(|h| h.weight <= fold_up_to);
                 self.held = keep;
-                for h in fold {
-                    self.fold_weighted(h.update, h.weight)?;
-                }
+                self.fold_batch(fold.into_iter().map(|h| (h.update, h.weight)).collect())?;
             }
         }
         Ok(())
     }
 
-    fn fold_weighted(&mut self, mut update: CheckedUpdate, weight: f64) -> Result<(), FlError> {
+    /// Adds checked updates with their weights as [`FedAvg::add`] would one by one, in
+    /// order, with the same result; without a weight cap they are folded together, reading
+    /// the accumulator once for all of them instead of once each.
+    pub fn add_all(&mut self, updates: Vec<(CheckedUpdate, u64)>) -> Result<(), FlError> {
+        if self.check.rules.max_weight_share.is_some() {
+            return updates
+                .into_iter()
+                .try_for_each(|(update, weight)| self.add(update, weight));
+        }
+        if let Some((_, weight)) = updates.iter().find(|(_, w)| *w == 0) {
+            return Err(FlError::ZeroWeight(*weight));
+        }
+        self.fold_batch(updates.into_iter().map(|(u, w)| (u, w as f64)).collect())
+    }
+
+    /// Folds `batch` (updates with their final weights) in that order, reading the
+    /// accumulator once for all of them: block by block, every update's values for a block
+    /// are folded while the block is in cache. Each element still sees the updates in
+    /// order, so the result is the same bit for bit as folding them one by one.
+    fn fold_batch(&mut self, batch: Vec<(CheckedUpdate, f64)>) -> Result<(), FlError> {
         if let Some(why) = &self.broken {
             return Err(FlError::Broken(why.clone()));
         }
-        let threads = self.fold_threads;
-        let mut misfit = None;
-        let visited = match &mut self.acc {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let values: Vec<&dyn UpdateValues> = batch.iter().map(|(u, _)| &*u.values).collect();
+        let mut weight_so_far = self.folded_weight;
+        let folded = match &mut self.acc {
             Accumulator::Sum(sum) => {
-                let factor = weight * update.scale;
-                update.values.visit(&mut |tensor, offset, values| match sum
-                    .get_mut(tensor)
-                    .and_then(|acc| acc.get_mut(offset..offset + values.len()))
-                {
-                    Some(acc) => fold_into(acc, values, factor, threads),
-                    None => misfit = Some(tensor),
+                let factors: Vec<f64> = batch.iter().map(|(u, w)| w * u.scale).collect();
+                fold_tensors(sum, &values, self.fold_threads, |acc, views| {
+                    sum_block(acc, views, &factors)
                 })
             }
             Accumulator::Mean(mean) => {
-                // m += w/W·(s·d − m): the mean of the updates so far, W their total weight.
-                let share = (weight / (self.folded_weight + weight)) as f32;
-                let scale = update.scale as f32;
-                update.values.visit(&mut |tensor, offset, values| match mean
-                    .get_mut(tensor)
-                    .and_then(|acc| acc.get_mut(offset..offset + values.len()))
-                {
-                    Some(acc) => mean_into(acc, values, scale, share, threads),
-                    None => misfit = Some(tensor),
+                let steps: Vec<MeanStep> = batch
+                    .iter()
+                    .map(|(u, w)| {
+                        weight_so_far += w;
+                        MeanStep::new(u.scale, *w, weight_so_far)
+                    })
+                    .collect();
+                fold_tensors(mean, &values, self.fold_threads, |acc, views| {
+                    mean_block(acc, views, &steps)
                 })
             }
         };
-        let failed = match (visited, misfit) {
-            (Err(e), _) => Some(e.to_string()),
-            (Ok(()), Some(t)) => Some(format!(
-                "an update was checked against another round's model (tensor {t})"
-            )),
-            (Ok(()), None) => None,
-        };
-        if let Some(why) = failed {
+        if let Err(e) = folded {
+            let why = e.to_string();
             self.broken = Some(why.clone());
             return Err(FlError::Broken(why));
         }
-        self.folded_weight += weight;
-        self.folded += 1;
+        for (_, weight) in &batch {
+            self.folded_weight += weight;
+            self.folded += 1;
+        }
         Ok(())
     }
 
@@ -520,7 +549,7 @@ impl FedAvg {
             let weights: Vec<f64> = held.iter().map(|h| h.weight).collect();
             let share = self.check.rules.max_weight_share.unwrap_or(1.0);
             let level = cap_level(self.folded_weight, &weights, share);
-            for h in held {
+            let capped = held.into_iter().map(|h| {
                 let w = match level {
                     Cap::None => h.weight,
                     Cap::At(c) => h.weight.min(c),
@@ -528,8 +557,9 @@ impl FedAvg {
                     // everyone weighs the same.
                     Cap::Equal => 1.0,
                 };
-                self.fold_weighted(h.update, w)?;
-            }
+                (h.update, w)
+            });
+            self.fold_batch(capped.collect())?;
         }
         let total = self.folded_weight;
         let mut out = Vec::with_capacity(self.check.global.len());
@@ -573,56 +603,139 @@ impl FedAvg {
     }
 }
 
-/// One zero per element of `tensors`, tensor by tensor: an empty accumulator.
-fn zeros_like<T: Clone + Default>(tensors: &[NamedTensor]) -> Vec<Vec<T>> {
+/// One zero per element of `tensors`, tensor by tensor: an empty accumulator. Written, not
+/// just allocated: its pages are faulted in now, when the round opens, instead of during
+/// the first update's fold.
+fn zeros_like<T: Copy + Default>(tensors: &[NamedTensor]) -> Vec<Vec<T>> {
     tensors
         .iter()
-        .map(|t| vec![T::default(); t.data.len()])
+        .map(|t| {
+            let mut zeros = Vec::with_capacity(t.data.len());
+            zeros.resize(t.data.len(), T::default());
+            zeros
+        })
         .collect()
 }
 
 /// Elements below which a thread of its own costs more than it saves.
 const MIN_ELEMENTS_PER_THREAD: usize = 1 << 16;
 
-/// `acc += share · (scale · values − acc)`, split over threads like [`fold_into`].
-fn mean_into(acc: &mut [f32], values: &[f32], scale: f32, share: f32, threads: usize) {
-    over_threads(acc, values, threads, |acc, values| {
-        for (a, v) in acc.iter_mut().zip(values) {
-            *a += share * (scale * v - *a);
-        }
-    });
+/// Elements of the accumulator folded at once: with its updates' values for the block,
+/// it stays in the core's cache (10 updates: 40 KB of f32 accumulator, 160 KB of reads).
+const FOLD_BLOCK: usize = 262144;
+
+/// Elements each update adds to a block in one pass: one vector register's worth of
+/// accumulator stays in registers while every update is added to it.
+const LANES: usize = 16;
+
+/// One update's step of the running mean `m ← keep·m + gain·x`: `keep = 1 − w/W` and
+/// `gain = s·w/W` for an update of weight w scaled by s, W the weight so far with it.
+#[derive(Clone, Copy)]
+struct MeanStep {
+    keep: f32,
+    gain: f32,
 }
 
-/// `acc += weight · values`, split over up to `threads` scoped threads for large tensors.
-fn fold_into(acc: &mut [f64], values: &[f32], weight: f64, threads: usize) {
-    over_threads(acc, values, threads, |acc, values| {
-        for (a, v) in acc.iter_mut().zip(values) {
-            *a += weight * f64::from(*v);
+impl MeanStep {
+    fn new(scale: f64, weight: f64, weight_so_far: f64) -> MeanStep {
+        let share = weight / weight_so_far;
+        MeanStep {
+            keep: (1.0 - share) as f32,
+            gain: (share * scale) as f32,
         }
-    });
-}
-
-/// Runs `fold` over matching parts of `acc` and `values`, one scoped thread per part when
-/// the tensor is large enough to pay for them. Every element is still folded once, in the
-/// same order of updates: the result does not depend on `threads`.
-fn over_threads<A: Send>(
-    acc: &mut [A],
-    values: &[f32],
-    threads: usize,
-    fold: impl Fn(&mut [A], &[f32]) + Sync,
-) {
-    let threads = threads.min(acc.len() / MIN_ELEMENTS_PER_THREAD).max(1);
-    if threads == 1 {
-        fold(acc, values);
-        return;
     }
-    let part = acc.len().div_ceil(threads);
-    let fold = &fold;
-    std::thread::scope(|scope| {
-        for (acc, values) in acc.chunks_mut(part).zip(values.chunks(part)) {
-            scope.spawn(move || fold(acc, values));
+}
+
+/// `acc ← keep·acc + gain·values` for each update in order: two multiplications and an
+/// addition per element and update.
+fn mean_block(acc: &mut [f32], views: &[&[f32]], steps: &[MeanStep]) {
+    let lanes = acc.len() / LANES * LANES;
+    let (body, tail) = acc.split_at_mut(lanes);
+    for (i, a) in body.chunks_exact_mut(LANES).enumerate() {
+        let mut r = [0f32; LANES];
+        r.copy_from_slice(a);
+        for (v, step) in views.iter().zip(steps) {
+            let x = &v[i * LANES..(i + 1) * LANES];
+            for (r, x) in r.iter_mut().zip(x) {
+                *r = step.keep * *r + step.gain * x;
+            }
         }
-    });
+        a.copy_from_slice(&r);
+    }
+    for (k, a) in tail.iter_mut().enumerate() {
+        for (v, step) in views.iter().zip(steps) {
+            *a = step.keep * *a + step.gain * v[lanes + k];
+        }
+    }
+}
+
+/// `acc += factor · values` for each update in order.
+fn sum_block(acc: &mut [f64], views: &[&[f32]], factors: &[f64]) {
+    let lanes = acc.len() / LANES * LANES;
+    let (body, tail) = acc.split_at_mut(lanes);
+    for (i, a) in body.chunks_exact_mut(LANES).enumerate() {
+        let mut r = [0f64; LANES];
+        r.copy_from_slice(a);
+        for (v, factor) in views.iter().zip(factors) {
+            let x = &v[i * LANES..(i + 1) * LANES];
+            for (r, x) in r.iter_mut().zip(x) {
+                *r += factor * f64::from(*x);
+            }
+        }
+        a.copy_from_slice(&r);
+    }
+    for (k, a) in tail.iter_mut().enumerate() {
+        for (v, factor) in views.iter().zip(factors) {
+            *a += factor * f64::from(v[lanes + k]);
+        }
+    }
+}
+
+/// Runs `fold_block` over every tensor of `acc`, [`FOLD_BLOCK`] elements at a time, with
+/// each update's values for the block. A large tensor is split over up to `threads`
+/// scoped threads, each folding its own part: every element is still folded once, in the
+/// same order of updates, so the result does not depend on `threads`.
+fn fold_tensors<A: Send>(
+    acc: &mut [Vec<A>],
+    updates: &[&dyn UpdateValues],
+    threads: usize,
+    fold_block: impl Fn(&mut [A], &[&[f32]]) + Sync,
+) -> Result<(), FlError> {
+    let fold_block = &fold_block;
+    for (tensor, acc) in acc.iter_mut().enumerate() {
+        let threads = threads.min(acc.len() / MIN_ELEMENTS_PER_THREAD).max(1);
+        let fold_part = move |offset: usize, part: &mut [A]| -> Result<(), FlError> {
+            let mut bufs = vec![vec![0f32; FOLD_BLOCK.min(part.len())]; updates.len()];
+            let mut done = 0;
+            for block in part.chunks_mut(FOLD_BLOCK) {
+                let views = updates
+                    .iter()
+                    .zip(bufs.iter_mut())
+                    .map(|(u, buf)| u.read(tensor, offset + done, &mut buf[..block.len()]))
+                    .collect::<Result<Vec<&[f32]>, FlError>>()?;
+                fold_block(block, &views);
+                done += block.len();
+            }
+            Ok(())
+        };
+        if threads == 1 {
+            fold_part(0, acc)?;
+            continue;
+        }
+        let part = acc.len().div_ceil(threads);
+        std::thread::scope(|scope| {
+            let parts: Vec<_> = acc
+                .chunks_mut(part)
+                .enumerate()
+                .map(|(i, acc)| scope.spawn(move || fold_part(i * part, acc)))
+                .collect();
+            parts.into_iter().try_for_each(|p| {
+                p.join()
+                    .unwrap_or_else(|_| Err(FlError::Broken("a fold thread panicked".into())))
+            })
+        })?;
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -710,11 +823,20 @@ mod tests {
     struct Pieces(Vec<(usize, usize, Vec<f32>)>);
 
     impl UpdateValues for Pieces {
-        fn visit(&mut self, f: &mut dyn FnMut(usize, usize, &[f32])) -> Result<(), FlError> {
+        fn read<'a>(
+            &'a self,
+            tensor: usize,
+            offset: usize,
+            buf: &'a mut [f32],
+        ) -> Result<&'a [f32], FlError> {
+            let end = offset + buf.len();
             for (t, o, v) in &self.0 {
-                f(*t, *o, v);
+                let (from, to) = (offset.max(*o), end.min(o + v.len()));
+                if *t == tensor && from < to {
+                    buf[from - offset..to - offset].copy_from_slice(&v[from - o..to - o]);
+                }
             }
-            Ok(())
+            Ok(buf)
         }
     }
 
@@ -875,6 +997,54 @@ mod tests {
             assert_eq!(run(threads), serial, "{threads} threads");
         }
         assert_ne!(serial[0].data[1], 0.5, "the updates were folded");
+    }
+
+    #[test]
+    fn a_batch_folds_like_its_updates_one_by_one_bit_for_bit() {
+        // Tensors that are not whole blocks, lanes or thread parts.
+        let n = 2 * MIN_ELEMENTS_PER_THREAD + FOLD_BLOCK + LANES + 3;
+        let global = vec![t("w", vec![0.5; n]), t("b", vec![0.0; 5])];
+        let update = |c: usize| {
+            let w = (0..n).map(|k| ((k * 7 + c * 13) % 1024) as f32 / 1024.0 - 0.5);
+            vec![t("w", w.collect()), t("b", vec![c as f32; 5])]
+        };
+        let rules = AggregationRules {
+            max_weight_share: None,
+            max_update_norm: Some((50.0, NormAction::Clip)),
+        };
+        for f32_mean in [false, true] {
+            let fresh = |threads: usize| {
+                let agg = FedAvg::new(Arc::new(global.clone()), rules).with_fold_threads(threads);
+                if f32_mean { agg.with_f32_mean() } else { agg }
+            };
+            let mut one_by_one = fresh(1);
+            for c in 0..5 {
+                one_by_one.fold(&update(c), 100 + c as u64).unwrap();
+            }
+            let one_by_one = one_by_one.finish().unwrap();
+            for threads in [1, 3] {
+                let mut batched = fresh(threads);
+                let check = batched.checker();
+                let first = check.check(update(0)).unwrap();
+                assert!(first.clipped, "the norm bound takes part");
+                batched.add(first, 100).unwrap();
+                let rest = (1..5)
+                    .map(|c| (check.check(update(c)).unwrap(), 100 + c as u64))
+                    .collect();
+                batched.add_all(rest).unwrap();
+                assert_eq!(batched.updates(), 5);
+                assert_eq!(
+                    batched.finish().unwrap(),
+                    one_by_one,
+                    "f32 mean: {f32_mean}, {threads} threads"
+                );
+            }
+            assert_ne!(one_by_one[0].data[1], 0.5, "the updates were folded");
+        }
+        let mut agg = plain(&global);
+        let zero = vec![(agg.checker().check(update(0)).unwrap(), 0)];
+        assert!(matches!(agg.add_all(zero), Err(FlError::ZeroWeight(0))));
+        assert_eq!(agg.updates(), 0);
     }
 
     #[test]

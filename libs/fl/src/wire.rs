@@ -66,6 +66,21 @@ pub fn extend_from_le_bytes(out: &mut Vec<f32>, bytes: &[u8]) {
     }
 }
 
+/// Fills `values` from little-endian bytes that `fill` writes into the values' own memory
+/// (no copy on little-endian machines).
+pub fn fill_from_le<E>(
+    values: &mut [f32],
+    fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
+) -> Result<(), E> {
+    fill(bytemuck::cast_slice_mut(values))?;
+    if cfg!(target_endian = "big") {
+        for v in values.iter_mut() {
+            *v = f32::from_bits(u32::from_le(v.to_bits()));
+        }
+    }
+    Ok(())
+}
+
 /// `values` as a new vector of little-endian bytes.
 pub fn le_bytes(values: &[f32]) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(values.len() * 4);

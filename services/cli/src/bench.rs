@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 mod round;
 
+use anyhow::Context;
 use clap::Subcommand;
 use cohort_fl::{AggregationRules, FedAvg, SyntheticModel, synthetic};
 use serde_json::json;
@@ -15,7 +16,8 @@ use serde_json::json;
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// The FedAvg fold alone: N synthetic updates of P parameters folded into one aggregate,
-    /// in GB/s of update bytes. Needs about 24 bytes of memory per parameter.
+    /// in GB/s of update bytes, `--batch` updates at a time. Needs about 4·(updates + 2)
+    /// bytes of memory per parameter.
     Aggregate(AggregateArgs),
     /// Whole rounds of a real federation on this machine (the processes of `cohort up`, N
     /// parties) with a synthetic model of P parameters: per-round times, peak memory of
@@ -56,6 +58,14 @@ pub struct AggregateArgs {
     /// Threads a tensor's fold is split over (default: the machine's cores).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=256))]
     threads: Option<u32>,
+    /// Updates folded together, reading the aggregate once for all of them (default: all
+    /// of them; 1 is how a coordinator folds an update the moment it lands).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    batch: Option<u32>,
+    /// Times the updates are folded, each time into a fresh aggregate: the median is
+    /// reported, and the first pass apart.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    passes: u32,
 }
 
 /// 1.5·10⁹ parameters need about 36 GB here: beyond that the bench would only swap.
@@ -78,11 +88,15 @@ fn aggregate(args: &AggregateArgs, json: bool) -> anyhow::Result<i32> {
         layers: args.layers,
     };
     let global = std::sync::Arc::new(model.zeros());
-    let mut fedavg = FedAvg::new(global, AggregationRules::default()).with_fold_threads(threads);
-    let check = fedavg.checker();
-    let accumulator = fedavg.accumulator();
+    // A fresh aggregate per pass, made (and its memory touched) before the clock starts,
+    // as a coordinator makes it when the round opens.
+    let fresh =
+        || FedAvg::new(global.clone(), AggregationRules::default()).with_fold_threads(threads);
+    let check = fresh().checker();
     let round = 1;
-    let (mut check_time, mut fold_time) = (Duration::ZERO, Duration::ZERO);
+    let batch = args.batch.unwrap_or(args.updates).min(args.updates) as usize;
+    let mut check_time = Duration::ZERO;
+    let mut updates = Vec::with_capacity(args.updates as usize);
     for party in 0..u64::from(args.updates) {
         // Made before the clock starts: only the check and the fold are timed.
         let mut delta = model.zeros();
@@ -92,23 +106,43 @@ fn aggregate(args: &AggregateArgs, json: bool) -> anyhow::Result<i32> {
             }
         }
         let started = Instant::now();
-        let checked = check.check(delta)?;
-        let checked_at = Instant::now();
-        fedavg.add(checked, synthetic::weight(party))?;
-        fold_time += checked_at.elapsed();
-        check_time += checked_at - started;
+        updates.push((check.check(delta)?, synthetic::weight(party)));
+        check_time += started.elapsed();
         if !json {
-            eprint!("\rfolded {} of {} updates", party + 1, args.updates);
+            eprint!("\rchecked {} of {} updates", party + 1, args.updates);
+        }
+    }
+    // The first pass reads updates just written, which this machine's caches still hold
+    // dirty; later passes read them as the fold of a round's staged updates does.
+    let mut passes = Vec::with_capacity(args.passes as usize);
+    let mut last = None;
+    for pass in 0..args.passes {
+        drop(last.take());
+        let mut fedavg = fresh();
+        let started = Instant::now();
+        for group in updates.chunks(batch) {
+            fedavg.add_all(group.to_vec())?;
+        }
+        passes.push(started.elapsed());
+        last = Some(fedavg);
+        if !json {
+            eprint!("\rfolded them, pass {} of {}", pass + 1, args.passes);
         }
     }
     if !json {
         eprintln!();
     }
+    let fedavg = last.context("no pass was made")?;
+    let accumulator = fedavg.accumulator();
+    let first_pass = passes.first().copied().unwrap_or_default();
+    passes.sort();
+    let fold_time = passes[passes.len() / 2];
     let aggregate = fedavg.finish()?;
     let error = model.max_abs_error(&aggregate, u64::from(args.updates), round);
     let bytes = u64::from(args.updates) * args.params * 4;
-    let fold_gb_s = bytes as f64 / fold_time.as_secs_f64().max(1e-9) / 1e9;
-    let check_gb_s = bytes as f64 / check_time.as_secs_f64().max(1e-9) / 1e9;
+    let gb_s = |time: Duration| bytes as f64 / time.as_secs_f64().max(1e-9) / 1e9;
+    let (fold_gb_s, first_pass_gb_s) = (gb_s(fold_time), gb_s(first_pass));
+    let check_gb_s = gb_s(check_time);
     if json {
         println!(
             "{}",
@@ -117,10 +151,14 @@ fn aggregate(args: &AggregateArgs, json: bool) -> anyhow::Result<i32> {
                 "params": args.params,
                 "layers": model.sizes().len(),
                 "threads": threads,
+                "batch": batch,
                 "accumulator": accumulator,
                 "update_bytes": bytes,
                 "fold_s": fold_time.as_secs_f64(),
                 "fold_gb_per_s": fold_gb_s,
+                "passes": args.passes,
+                "first_pass_s": first_pass.as_secs_f64(),
+                "first_pass_gb_per_s": first_pass_gb_s,
                 "check_s": check_time.as_secs_f64(),
                 "check_gb_per_s": check_gb_s,
                 "aggregate_max_abs_error": error,
@@ -128,12 +166,13 @@ fn aggregate(args: &AggregateArgs, json: bool) -> anyhow::Result<i32> {
         );
     } else {
         println!(
-            "{} updates × {} parameters ({:.2} GB), {threads} threads: fold {:.3} s ({fold_gb_s:.2} GB/s), \
-             check {:.3} s ({check_gb_s:.2} GB/s), aggregate max abs error {error:.3e}",
+            "{} updates × {} parameters ({:.2} GB), {threads} threads, {batch} at a time: fold {:.3} s ({fold_gb_s:.2} GB/s, \
+             median of {} passes; the first {first_pass_gb_s:.2} GB/s), check {:.3} s ({check_gb_s:.2} GB/s), aggregate max abs error {error:.3e}",
             args.updates,
             args.params,
             bytes as f64 / 1e9,
             fold_time.as_secs_f64(),
+            args.passes,
             check_time.as_secs_f64(),
         );
     }
