@@ -96,7 +96,7 @@ impl SyntheticModel {
                         crate::wire::extend_le_bytes(&mut data, &period[from..from + take]);
                         k += take;
                     }
-                    crate::wire::tensor_chunk(&Self::tensor_name(layer), &[n], start, data)
+                    crate::wire::tensor_chunk(&Self::tensor_name(layer), &[n], start, data.into())
                 })
             })
     }

@@ -20,7 +20,9 @@ pub fn chunk_tensors(
 }
 
 /// [`chunk_tensors`] over shared tensors: the chunks are made as they are taken, and the
-/// iterator may outlive the caller (a stream sent in the background).
+/// iterator may outlive the caller (a stream sent in the background). On little-endian
+/// machines a chunk's bytes are the tensor's own memory, shared, not a copy: every party's
+/// fetch of one global model sends from the same memory.
 pub fn chunk_tensors_shared(
     tensors: Arc<Vec<NamedTensor>>,
     chunk_bytes: usize,
@@ -31,9 +33,37 @@ pub fn chunk_tensors_shared(
         .enumerate()
         .flat_map(|(ti, t)| (0..pieces(t, per_chunk)).map(move |i| (ti, i)))
         .collect();
-    places
-        .into_iter()
-        .map(move |(ti, i)| chunk_of(&tensors[ti], i, per_chunk))
+    places.into_iter().map(move |(ti, i)| {
+        let t = &tensors[ti];
+        let start = (i * per_chunk).min(t.data.len());
+        let end = (start + per_chunk).min(t.data.len());
+        let data = if cfg!(target_endian = "little") {
+            bytes::Bytes::from_owner(SharedValues {
+                tensors: tensors.clone(),
+                tensor: ti,
+                start,
+                end,
+            })
+        } else {
+            le_bytes(&t.data[start..end]).into()
+        };
+        tensor_chunk(&t.name, &t.shape, start, data)
+    })
+}
+
+/// Elements `start..end` of one of `tensors`, as the bytes of their memory (little-endian
+/// machines only).
+struct SharedValues {
+    tensors: Arc<Vec<NamedTensor>>,
+    tensor: usize,
+    start: usize,
+    end: usize,
+}
+
+impl AsRef<[u8]> for SharedValues {
+    fn as_ref(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.tensors[self.tensor].data[self.start..self.end])
+    }
 }
 
 fn pieces(t: &NamedTensor, per_chunk: usize) -> usize {
@@ -92,12 +122,17 @@ pub fn le_bytes(values: &[f32]) -> Vec<u8> {
 fn chunk_of(t: &NamedTensor, i: usize, per_chunk: usize) -> TensorChunk {
     let start = (i * per_chunk).min(t.data.len());
     let end = (start + per_chunk).min(t.data.len());
-    tensor_chunk(&t.name, &t.shape, start, le_bytes(&t.data[start..end]))
+    tensor_chunk(
+        &t.name,
+        &t.shape,
+        start,
+        le_bytes(&t.data[start..end]).into(),
+    )
 }
 
 /// The chunk of tensor `name` (of `shape`) holding `data` from element `offset`: the shape
 /// and dtype ride on a tensor's first chunk only.
-pub fn tensor_chunk(name: &str, shape: &[usize], offset: usize, data: Vec<u8>) -> TensorChunk {
+pub fn tensor_chunk(name: &str, shape: &[usize], offset: usize, data: bytes::Bytes) -> TensorChunk {
     let first = offset == 0;
     TensorChunk {
         tensor: name.to_string(),
@@ -108,7 +143,7 @@ pub fn tensor_chunk(name: &str, shape: &[usize], offset: usize, data: Vec<u8>) -
             Vec::new()
         },
         offset: offset as u64,
-        data: data.into(),
+        data,
     }
 }
 
@@ -439,6 +474,25 @@ mod tests {
             asm.push(c).unwrap();
         }
         assert_eq!(asm.finish().unwrap(), m);
+    }
+
+    #[test]
+    fn shared_chunks_are_the_same_bytes_from_the_model_s_memory() {
+        let m = Arc::new(model());
+        let copied: Vec<_> = chunk_tensors(&m, 8).collect();
+        let shared: Vec<_> = chunk_tensors_shared(m.clone(), 8).collect();
+        assert_eq!(shared, copied);
+        if cfg!(target_endian = "little") {
+            // The first chunk of the first tensor starts where its values do.
+            assert_eq!(shared[0].data.as_ptr(), m[0].data.as_ptr().cast::<u8>());
+        }
+        // The chunks keep the model alive after every other owner is gone.
+        drop(m);
+        let mut asm = TensorAssembler::new(None, 1000);
+        for c in shared {
+            asm.push(c).unwrap();
+        }
+        assert_eq!(asm.finish().unwrap(), model());
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cohort_core::PartyId;
-use cohort_fl::{CHUNK_BYTES, chunk_tensors};
+use cohort_fl::{CHUNK_BYTES, chunk_tensors_shared};
 use cohort_proto::v1 as pb;
 use cohort_runtime::ToStatus;
 use futures::{Stream, StreamExt};
@@ -85,7 +85,8 @@ impl pb::round_server::Round for RoundApi {
         let state = self.state.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
-            for chunk in chunk_tensors(&global, CHUNK_BYTES) {
+            // The chunks share the global model's memory: no copy per party.
+            for chunk in chunk_tensors_shared(global, CHUNK_BYTES) {
                 state.sent(chunk.data.len());
                 // A reader that stops reading does not keep the model alive.
                 match tokio::time::timeout(idle, tx.send(Ok(chunk))).await {
