@@ -63,18 +63,36 @@ impl Federation {
             alpha: 0.5,
             seed: 42,
         };
-        Federation::start_as(parties, storage, digits).await
+        Federation::start_as(parties, storage, digits, Vec::new()).await
+    }
+
+    /// Parties that start a new executor process for every task, given a task file
+    /// (`--executor-idle-secs 0`), instead of keeping one per job.
+    pub async fn with_executor_per_task(parties: u32) -> anyhow::Result<Federation> {
+        let digits = PartyData::Digits {
+            alpha: 0.5,
+            seed: 42,
+        };
+        let env = vec![("COHORT_EXECUTOR_IDLE_SECS".to_string(), "0".to_string())];
+        Federation::start_as(parties, Storage::default(), digits, env).await
     }
 
     /// Parties holding only the synthetic dataset (`cohort bench round`'s workload).
     pub async fn synthetic(parties: u32) -> anyhow::Result<Federation> {
-        Federation::start_as(parties, Storage::default(), PartyData::Synthetic).await
+        Federation::start_as(
+            parties,
+            Storage::default(),
+            PartyData::Synthetic,
+            Vec::new(),
+        )
+        .await
     }
 
     async fn start_as(
         parties: u32,
         storage: Storage,
         party_data: PartyData,
+        party_env: Vec<(String, String)>,
     ) -> anyhow::Result<Federation> {
         let dir = tempfile::Builder::new().prefix("cohort-it-").tempdir()?;
         let stack = Stack::start(&StackConfig {
@@ -87,6 +105,7 @@ impl Federation {
             blob_url: storage.blob_url,
             service_env: storage.env,
             party_data,
+            party_env,
         })
         .await?;
         Ok(Federation { stack, dir })

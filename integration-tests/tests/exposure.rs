@@ -314,7 +314,13 @@ async fn create_token(fed: &Federation, name: &str, role: pb::Role) -> pb::Creat
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_reaches_a_log_a_command_line_or_an_environment() {
-    let fed = Federation::start(2).await.expect("federation");
+    // One executor process per task, each given a task file: the test reads the task
+    // tokens from those files, to look for them everywhere else. Executors kept for a
+    // job's tasks (the default) get the same tasks over a pipe and run the same code;
+    // warm_executors.rs checks that no task file is written then.
+    let fed = Federation::with_executor_per_task(2)
+        .await
+        .expect("federation");
     let data = fed.dir.path().to_path_buf();
     let parties = data.join("parties");
 

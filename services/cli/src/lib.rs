@@ -1118,6 +1118,7 @@ async fn up(a: UpArgs, json: bool) -> anyhow::Result<i32> {
             alpha: 0.5,
             seed: 42,
         },
+        party_env: Vec::new(),
     })
     .await?;
     let profile = stack.profile();
@@ -1199,6 +1200,7 @@ async fn demo(a: DemoArgs, json: bool) -> anyhow::Result<i32> {
             alpha: a.alpha,
             seed: a.seed,
         },
+        party_env: Vec::new(),
     })
     .await?;
     if json {

@@ -34,6 +34,8 @@ pub struct StackConfig {
     pub service_env: Vec<(String, String)>,
     /// What the parties hold.
     pub party_data: PartyData,
+    /// More environment for the task-managers (e.g. `COHORT_EXECUTOR_IDLE_SECS`).
+    pub party_env: Vec<(String, String)>,
 }
 
 /// The data each local party is given.
@@ -310,6 +312,7 @@ impl Stack {
                     if cfg.parties == 1 {
                         env.push(("COHORT_MIN_COHORT".to_string(), "1".to_string()));
                     }
+                    env.extend(cfg.party_env.iter().cloned());
                     env
                 },
             )

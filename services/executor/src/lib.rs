@@ -1,12 +1,16 @@
-//! executor: runs one task for its party. Fetches the global model through the
+//! executor: runs tasks for its party. Fetches the global model through the
 //! proxy, trains (or evaluates) on the party's local data with candle, and
 //! streams the update (new weights minus global) back in chunks.
 //!
-//! Started by task-manager with a task file; holds no state of its own. Must
-//! not depend on server-side crates. Its last log line, when it fails, is its fatal error on
-//! one line (`error: ` and the whole cause chain): task-manager reports that line to the
-//! server as the task's reason.
+//! Started by task-manager, either for one task given in a task file, or (`--serve`) for
+//! the successive tasks of one job on one party, handed over its stdin
+//! (`cohort_runtime::executor_pipe`), answering each on its stdout and keeping its
+//! connection to the proxy between them. Holds no state from one task to the next but that
+//! connection. Must not depend on server-side crates. A task's fatal error is one line
+//! (`error: ` and the whole cause chain): the answer of a serving executor, or the last log
+//! line of a one-task executor; task-manager reports it to the server as the task's reason.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -14,17 +18,28 @@ use anyhow::{Context, bail};
 use cohort_core::{JobSpec, NamedTensor};
 use cohort_fl::{CHUNK_BYTES, SyntheticModel, TensorAssembler, chunk_tensors_shared};
 use cohort_proto::v1 as pb;
-use cohort_runtime::{LogFormat, channel, retry_unavailable};
+use cohort_runtime::{LogFormat, channel, executor_pipe, retry_unavailable};
 use cohort_train::{DataFormat, Dataset};
 use futures::StreamExt;
 use tonic::metadata::MetadataValue;
 
 #[derive(Debug, clap::Parser)]
-#[command(name = "executor", about = "Cohort executor for one task")]
+#[command(
+    name = "executor",
+    about = "Cohort executor for one task, or for one job's tasks"
+)]
+#[command(group(clap::ArgGroup::new("tasks").required(true).args(["task_file", "serve"])))]
 pub struct Args {
-    /// The task file written by task-manager.
+    /// The task file written by task-manager: run this one task, then exit.
     #[arg(long, env = "COHORT_TASK_FILE")]
-    pub task_file: PathBuf,
+    pub task_file: Option<PathBuf>,
+    /// Run the tasks task-manager writes to stdin, one after the other, answering each on
+    /// stdout; exit when stdin closes.
+    #[arg(long)]
+    pub serve: bool,
+    /// With --serve: exit after this many seconds without a task.
+    #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub idle_exit_secs: u64,
     #[arg(long, env = "COHORT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     /// The party's certificate, key and the federation CA (from task-manager).
@@ -37,64 +52,121 @@ const MAX_MODEL_ELEMENTS: usize = 1 << 30;
 
 impl Args {
     pub async fn run(self) -> anyhow::Result<()> {
-        let bytes = std::fs::read(&self.task_file)
-            .with_context(|| format!("--task-file: cannot read {}", self.task_file.display()))?;
+        let mut channels = Channels {
+            tls: self.tls.load().context("TLS")?,
+            open: HashMap::new(),
+        };
+        let Some(file) = &self.task_file else {
+            return serve(&mut channels, Duration::from_secs(self.idle_exit_secs)).await;
+        };
+        let bytes = std::fs::read(file)
+            .with_context(|| format!("--task-file: cannot read {}", file.display()))?;
         let exec: pb::ExecutorTask = prost::Message::decode(bytes.as_slice())
-            .with_context(|| format!("--task-file: {} is not a task", self.task_file.display()))?;
-        let task = exec.task.context("task file: task is missing")?;
-        let data = exec.data.context("task file: data is missing")?;
-        let spec = JobSpec::from_json(&task.spec_json).context("task file: task.spec_json")?;
-        let kind = pb::TaskKind::try_from(task.kind).unwrap_or(pb::TaskKind::Unspecified);
-        let started = Instant::now();
-        let tls = self.tls.load().context("TLS")?;
-        let client = RoundClient::new(&exec.endpoint, &task, tls.as_ref())?;
-        let global = client.fetch_model().await?;
-        tracing::info!(task = %task.task_id, tensors = global.len(), "model fetched");
-        if let Some(model) = SyntheticModel::of(&spec.model) {
-            return synthetic_task(&client, &task, &data, kind, &global, model).await;
-        }
-        match kind {
-            pb::TaskKind::Train => {
-                let dataset = load(&data, false)?;
-                let outcome =
-                    cohort_train::train(&spec.model, &spec.training, &global, &dataset, task.seed)
-                        .context("training failed")?;
-                let delta = difference(&outcome.weights, &global)?;
-                tracing::info!(
-                    task = %task.task_id, samples = outcome.samples, loss = outcome.loss,
-                    accuracy = outcome.accuracy, seconds = started.elapsed().as_secs_f64(), "trained"
-                );
-                client
-                    .submit_update(
-                        delta,
-                        outcome.samples as u64,
-                        pb::Metrics {
-                            loss: outcome.loss,
-                            accuracy: outcome.accuracy,
-                            samples: outcome.samples as u64,
-                        },
-                    )
-                    .await?;
-            }
-            pb::TaskKind::Evaluate => {
-                let dataset = load(&data, true)?;
-                let e = cohort_train::evaluate(&spec.model, &global, &dataset)
-                    .context("evaluation failed")?;
-                tracing::info!(task = %task.task_id, samples = e.samples, loss = e.loss, accuracy = e.accuracy, "evaluated");
-                client
-                    .submit_evaluation(pb::Metrics {
-                        loss: e.loss,
-                        accuracy: e.accuracy,
-                        samples: e.samples as u64,
-                    })
-                    .await?;
-            }
-            pb::TaskKind::Unspecified => {
-                bail!("task file: task.kind {} is not a task kind", task.kind)
-            }
-        }
-        Ok(())
+            .with_context(|| format!("--task-file: {} is not a task", file.display()))?;
+        run_task(&mut channels, exec).await
     }
+}
+
+/// Runs the tasks that come on stdin until it closes (or none comes for `idle`), answering
+/// each on stdout. A failed task is answered, not fatal: the next one may succeed.
+async fn serve(channels: &mut Channels, idle: Duration) -> anyhow::Result<()> {
+    let mut tasks = tokio::io::stdin();
+    let mut answers = tokio::io::stdout();
+    tracing::info!("serving tasks from stdin");
+    loop {
+        let exec = match tokio::time::timeout(idle, executor_pipe::read_task(&mut tasks)).await {
+            Err(_) => {
+                tracing::info!(idle_secs = idle.as_secs(), "no task came; exiting");
+                return Ok(());
+            }
+            Ok(read) => match read.context("stdin: cannot read the next task")? {
+                Some(exec) => exec,
+                None => return Ok(()),
+            },
+        };
+        let outcome = run_task(channels, exec).await.map_err(|e| {
+            let line = error_line(&e);
+            tracing::warn!("{line}");
+            line
+        });
+        executor_pipe::write_answer(&mut answers, outcome)
+            .await
+            .context("stdout: cannot answer")?;
+    }
+}
+
+/// Channels to the proxy by endpoint, kept from one task to the next: a serving executor
+/// makes one TLS connection, not one per task.
+struct Channels {
+    tls: Option<cohort_runtime::Tls>,
+    open: HashMap<String, tonic::transport::Channel>,
+}
+
+impl Channels {
+    fn to(&mut self, endpoint: &str) -> anyhow::Result<tonic::transport::Channel> {
+        if let Some(channel) = self.open.get(endpoint) {
+            return Ok(channel.clone());
+        }
+        let channel = channel(endpoint, self.tls.as_ref()).context("task: endpoint")?;
+        self.open.insert(endpoint.to_string(), channel.clone());
+        Ok(channel)
+    }
+}
+
+/// Runs one task to its end: model fetched, trained or evaluated, result submitted.
+async fn run_task(channels: &mut Channels, exec: pb::ExecutorTask) -> anyhow::Result<()> {
+    let task = exec.task.context("task file: task is missing")?;
+    let data = exec.data.context("task file: data is missing")?;
+    let spec = JobSpec::from_json(&task.spec_json).context("task file: task.spec_json")?;
+    let kind = pb::TaskKind::try_from(task.kind).unwrap_or(pb::TaskKind::Unspecified);
+    let started = Instant::now();
+    let client = RoundClient::new(channels.to(&exec.endpoint)?, &task)?;
+    let global = client.fetch_model().await?;
+    tracing::info!(task = %task.task_id, tensors = global.len(), "model fetched");
+    if let Some(model) = SyntheticModel::of(&spec.model) {
+        return synthetic_task(&client, &task, &data, kind, &global, model).await;
+    }
+    match kind {
+        pb::TaskKind::Train => {
+            let dataset = load(&data, false)?;
+            let outcome =
+                cohort_train::train(&spec.model, &spec.training, &global, &dataset, task.seed)
+                    .context("training failed")?;
+            let delta = difference(&outcome.weights, &global)?;
+            tracing::info!(
+                task = %task.task_id, samples = outcome.samples, loss = outcome.loss,
+                accuracy = outcome.accuracy, seconds = started.elapsed().as_secs_f64(), "trained"
+            );
+            client
+                .submit_update(
+                    delta,
+                    outcome.samples as u64,
+                    pb::Metrics {
+                        loss: outcome.loss,
+                        accuracy: outcome.accuracy,
+                        samples: outcome.samples as u64,
+                    },
+                )
+                .await?;
+        }
+        pb::TaskKind::Evaluate => {
+            let dataset = load(&data, true)?;
+            let e = cohort_train::evaluate(&spec.model, &global, &dataset)
+                .context("evaluation failed")?;
+            tracing::info!(task = %task.task_id, samples = e.samples, loss = e.loss, accuracy = e.accuracy, "evaluated");
+            client
+                .submit_evaluation(pb::Metrics {
+                    loss: e.loss,
+                    accuracy: e.accuracy,
+                    samples: e.samples as u64,
+                })
+                .await?;
+        }
+        pb::TaskKind::Unspecified => {
+            bail!("task file: task.kind {} is not a task kind", task.kind)
+        }
+    }
+    Ok(())
 }
 
 /// A task of the synthetic workload: no training, the update `cohort_fl::synthetic` defines
@@ -204,12 +276,7 @@ struct RoundClient {
 }
 
 impl RoundClient {
-    fn new(
-        endpoint: &str,
-        task: &pb::Task,
-        tls: Option<&cohort_runtime::Tls>,
-    ) -> anyhow::Result<Self> {
-        let channel = channel(endpoint, tls).context("task file: endpoint")?;
+    fn new(channel: tonic::transport::Channel, task: &pb::Task) -> anyhow::Result<Self> {
         Ok(Self {
             inner: pb::round_client::RoundClient::new(channel)
                 .max_decoding_message_size(CHUNK_BYTES * 4)

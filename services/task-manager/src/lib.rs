@@ -19,6 +19,7 @@
 //! PartySession protocol (and, for executor Pods, the Kubernetes API).
 
 pub mod datasets;
+mod warm;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -78,6 +79,11 @@ pub struct Args {
     /// Tasks run at once; further offers are refused.
     #[arg(long, env = "COHORT_MAX_TASKS", default_value_t = 2)]
     pub max_tasks: u32,
+    /// Local executors: how long an executor waits, idle, for its job's next task on this
+    /// party before it is stopped (it serves one job only). 0: a new executor process for
+    /// every task, given the task in a file.
+    #[arg(long, env = "COHORT_EXECUTOR_IDLE_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub executor_idle_secs: u64,
     /// Namespaces whose jobs may use this party's data, comma-separated; offers from
     /// others are refused. None given, or `*`: every namespace.
     #[arg(
@@ -118,6 +124,20 @@ struct ProcessExecutors {
     /// The TLS options again, for executors.
     tls_args: Vec<String>,
     log_format: LogFormat,
+    /// Executors kept between a job's tasks; None: one process per task.
+    warm: Option<warm::WarmPool>,
+}
+
+impl ProcessExecutors {
+    /// The executor's command, with the options every executor gets.
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(&self.tls_args);
+        if self.log_format == LogFormat::Json {
+            cmd.arg("--log-format").arg("json");
+        }
+        cmd
+    }
 }
 
 /// Where executors run.
@@ -126,10 +146,11 @@ enum Executors {
     Pods(Arc<KubernetesExecutors>),
 }
 
-/// One accepted task's executor: a process given a file on this machine, or a Pod given the
-/// file's bytes in a Secret.
+/// One accepted task's executor: a process given a file on this machine, a serving process
+/// given the task's bytes on its stdin, or a Pod given them in a Secret.
 enum Launch {
     Process(Arc<ProcessExecutors>, PathBuf),
+    Warm(Arc<ProcessExecutors>, Vec<u8>),
     Pod(Arc<KubernetesExecutors>, Vec<u8>),
 }
 
@@ -421,8 +442,13 @@ impl Args {
             .await
             .with_context(|| format!("--listen: cannot listen on {listen}"))?;
         let health_addr = health_listener.local_addr().context("--listen")?;
-        std::fs::create_dir_all(self.workspace.join("tasks"))
-            .with_context(|| format!("--workspace: cannot create {}", self.workspace.display()))?;
+        for dir in [
+            self.workspace.join("tasks"),
+            warm::logs_dir(&self.workspace),
+        ] {
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("--workspace: cannot create {}", dir.display()))?;
+        }
         let party = Arc::new(Party {
             name: self.party.clone(),
             proxy: self.proxy.clone(),
@@ -454,12 +480,27 @@ impl Args {
             cohort_runtime::write_atomic(path, health_addr.to_string().as_bytes())
                 .context("--ready-file")?;
         }
+        let expiry = party.warm_pool().map(|pool| pool.keep()).map(|keep| {
+            let party = party.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval((keep / 2).max(Duration::from_millis(100)));
+                loop {
+                    every.tick().await;
+                    if let Some(pool) = party.warm_pool() {
+                        pool.expire().await;
+                    }
+                }
+            })
+        });
         tokio::select! {
             _ = party.clone().run_sessions() => {}
             _ = cohort_runtime::shutdown_signal() => {}
         }
         health.abort();
         let _ = health.await;
+        if let Some(expiry) = expiry {
+            expiry.abort();
+        }
         party.stop_all();
         let mut watchers =
             std::mem::take(&mut *party.watchers.lock().unwrap_or_else(|e| e.into_inner()));
@@ -475,6 +516,9 @@ impl Args {
                      (their Pods go with this one, or at the next start)"
                 );
             }
+        }
+        if let Some(pool) = party.warm_pool() {
+            pool.stop_all().await;
         }
         Ok(())
     }
@@ -497,10 +541,18 @@ impl Args {
                 if !bin.is_file() {
                     anyhow::bail!("--executor-bin: {} does not exist", bin.display());
                 }
+                let warm = (self.executor_idle_secs > 0).then(|| {
+                    warm::WarmPool::new(
+                        Duration::from_secs(self.executor_idle_secs),
+                        self.max_tasks as usize,
+                        warm::logs_dir(&self.workspace),
+                    )
+                });
                 Ok(Executors::Processes(Arc::new(ProcessExecutors {
                     bin,
                     tls_args: self.tls.to_args(),
                     log_format: self.service.log_format,
+                    warm,
                 })))
             }
             ExecutorLauncher::Kubernetes => {
@@ -580,6 +632,15 @@ impl Party {
 
     fn running_count(&self) -> u32 {
         self.running.lock().map(|m| m.len() as u32).unwrap_or(0)
+    }
+
+    /// The serving executors kept between tasks, when executors are local processes kept
+    /// warm.
+    fn warm_pool(&self) -> Option<&warm::WarmPool> {
+        match &self.executors {
+            Executors::Processes(processes) => processes.warm.as_ref(),
+            Executors::Pods(_) => None,
+        }
     }
 
     fn stop_all(&self) {
@@ -805,6 +866,10 @@ impl Party {
             data: Some(dataset.to_pb()),
         };
         let launch = match &self.executors {
+            // The token goes down the executor's stdin, never onto this disk.
+            Executors::Processes(processes) if processes.warm.is_some() => {
+                Launch::Warm(processes.clone(), prost::Message::encode_to_vec(&exec))
+            }
             Executors::Processes(processes) => {
                 let dir = self.workspace.join("tasks").join(sanitize(&task.task_id));
                 let file = write_task_file(&dir, &exec)
@@ -859,13 +924,8 @@ impl Party {
         };
         let (phase, message) = match &launch {
             Launch::Process(processes, task_file) => {
-                let mut cmd = Command::new(&processes.bin);
-                cmd.arg("--task-file")
-                    .arg(task_file)
-                    .args(&processes.tls_args);
-                if processes.log_format == LogFormat::Json {
-                    cmd.arg("--log-format").arg("json");
-                }
+                let mut cmd = processes.command();
+                cmd.arg("--task-file").arg(task_file);
                 // Beside the task file, in the task's directory.
                 let log = task_file.with_file_name("executor.log");
                 let program = processes.bin.display().to_string();
@@ -905,6 +965,10 @@ impl Party {
                         }
                     }
                 }
+            }
+            Launch::Warm(processes, task_bytes) => {
+                self.run_warm(&task, processes, task_bytes, stop, past_deadline, running)
+                    .await
             }
             Launch::Pod(pods, task_file) => match pods.start(&task.task_id, task_file).await {
                 Err(e) => (pb::TaskPhase::Failed, e.to_string()),
@@ -948,6 +1012,74 @@ impl Party {
             _ => tracing::info!(task = %task.task_id, phase = ?phase, "task ended"),
         }
         self.outbox.push(status(phase, message));
+    }
+}
+
+impl Party {
+    /// Runs a task on a serving executor of its job, reused or started for it; returns how
+    /// the task ended. An executor that answered is kept for the job's next task; one that
+    /// is stopped (cancelled, past the deadline) is ended with the task.
+    async fn run_warm(
+        &self,
+        task: &pb::Task,
+        processes: &ProcessExecutors,
+        task_bytes: &[u8],
+        stop: oneshot::Receiver<()>,
+        past_deadline: impl std::future::Future<Output = ()>,
+        running: impl Fn(),
+    ) -> (pb::TaskPhase, String) {
+        enum End {
+            Answered(Result<(), String>),
+            Ended,
+            Stopped(pb::TaskPhase, String),
+        }
+        let Some(pool) = &processes.warm else {
+            return (pb::TaskPhase::Failed, "no executor pool".into());
+        };
+        let handed = pool
+            .hand(&task.job_id, task_bytes, || processes.command())
+            .await;
+        let (mut executor, reused) = match handed {
+            Ok(handed) => handed,
+            Err(why) => return (pb::TaskPhase::Failed, why),
+        };
+        tracing::info!(task = %task.task_id, kind = task.kind, round = task.round, pid = executor.child.id(), reused, "task handed to the job's executor");
+        running();
+        let end = tokio::select! {
+            // An answer already there stands, whatever else happened meanwhile.
+            biased;
+            answer = executor.answer() => match answer {
+                Some(answer) => End::Answered(answer),
+                None => End::Ended,
+            },
+            _ = stop => End::Stopped(pb::TaskPhase::Cancelled, "cancelled".to_string()),
+            _ = past_deadline => {
+                tracing::warn!(task = %task.task_id, "executor still running past the task's deadline; stopping it");
+                End::Stopped(pb::TaskPhase::Failed, DEADLINE_PASSED.to_string())
+            }
+        };
+        match end {
+            End::Answered(answer) => {
+                pool.put_back(&task.job_id, executor);
+                match answer {
+                    Ok(()) => (pb::TaskPhase::Succeeded, String::new()),
+                    Err(line) => (pb::TaskPhase::Failed, line),
+                }
+            }
+            End::Ended => {
+                let status = match executor.child.wait().await {
+                    Ok(status) => status.to_string(),
+                    Err(e) => format!("could not be waited on ({e})"),
+                };
+                let log = last_line(&executor.log);
+                (pb::TaskPhase::Failed, format!("executor {status}: {log}"))
+            }
+            End::Stopped(phase, message) => {
+                cohort_runtime::process::terminate(&mut executor.child, Duration::from_secs(3))
+                    .await;
+                (phase, message)
+            }
+        }
     }
 }
 

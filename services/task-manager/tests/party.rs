@@ -1,7 +1,8 @@
 //! A real task-manager process against an in-process federation stand-in: one loopback
 //! server answering PartySession (as client-selector would, through the proxy) and Round (as
 //! the job's coordinator would). The test sends offers and reads the replies and task
-//! statuses; accepted tasks run the real executor built next to task-manager. The stand-in
+//! statuses; accepted tasks run the real executor built next to task-manager, one process per
+//! task given a task file, or (the last test) one kept for the job's tasks. The stand-in
 //! can close sessions, refuse new ones (the proxy down) and hold an executor's model fetch,
 //! to show that tasks outlive a session and that nothing stale runs.
 
@@ -334,9 +335,14 @@ struct Party {
 }
 
 impl Party {
+    /// A task-manager with `flags`; one executor process per task (`--executor-idle-secs
+    /// 0`) unless the flags say otherwise.
     async fn start(proxy: &str, flags: &[&str]) -> Party {
         let dir = tempfile::tempdir().unwrap();
         let (mut command, log, ready) = task_manager(dir.path(), proxy);
+        if !flags.contains(&"--executor-idle-secs") {
+            command.args(["--executor-idle-secs", "0"]);
+        }
         let mut child = command.args(flags).spawn().unwrap();
         let addr = match cohort_runtime::wait_for_file(&ready, WAIT).await {
             Some(addr) => addr,
@@ -966,4 +972,92 @@ async fn a_party_stopped_past_an_offers_reply_deadline_runs_nothing_stale() {
         "{log}"
     );
     party.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_s_executor_is_kept_between_its_tasks_and_ends_with_them() {
+    let mut fed = federation().await;
+    let party = Party::start(&fed.proxy, &["--executor-idle-secs", "30"]).await;
+    let mut session = fed.next_session().await;
+    session.register().await;
+    let spec_json = spec("anyone", 2, 2, "[32]").to_json();
+
+    // Two tasks of the job, one after the other, on one executor process that answers
+    // each: a failed task does not end it.
+    let mut kept = None;
+    for id in ["first", "second"] {
+        session
+            .send(offer(id, spec_json.clone(), SHAPE_TOKEN))
+            .await;
+        assert!(session.reply(id).await.accepted);
+        let end = session.end_of(&format!("task-{id}")).await;
+        assert_eq!(end.phase, pb::TaskPhase::Failed as i32, "{end:?}");
+        assert!(
+            end.message.starts_with(
+                r#"error: training failed: weights: tensor "fc0.weight": has shape [64, 64]"#
+            ),
+            "{}",
+            end.message
+        );
+        party.wait_executors(1).await;
+        let pid = party.executors()[0];
+        assert_eq!(
+            *kept.get_or_insert(pid),
+            pid,
+            "{id} ran on another executor"
+        );
+        // The task went down a pipe: nothing of it is on the disk.
+        assert!(!party.task_dir(&format!("task-{id}")).exists());
+    }
+    assert!(
+        party
+            .log()
+            .lines()
+            .any(|l| l.contains("task-second") && l.contains("reused=true")),
+        "{}",
+        party.log()
+    );
+
+    // Its answer is the task's reason, on one bounded line.
+    session
+        .send(offer("long", spec_json.clone(), LONG_TOKEN))
+        .await;
+    assert!(session.reply("long").await.accepted);
+    let end = session.end_of("task-long").await;
+    assert!(
+        end.message.starts_with("error: cannot fetch the model: ")
+            && end.message.contains("first line"),
+        "{}",
+        end.message
+    );
+    assert_eq!(end.message.chars().count(), 1000, "{}", end.message);
+    assert!(!end.message.contains(char::is_control), "{}", end.message);
+
+    // A cancelled task ends its executor; the next task gets a new one.
+    session
+        .send(offer("stuck", spec_json.clone(), HANG_TOKEN))
+        .await;
+    assert!(session.reply("stuck").await.accepted);
+    session.running("task-stuck").await;
+    session.send(cancel("task-stuck")).await;
+    let end = session.end_of("task-stuck").await;
+    assert_eq!(end.phase, pb::TaskPhase::Cancelled as i32, "{end:?}");
+    party.wait_executors(0).await;
+    session.send(offer("after", spec_json, SHAPE_TOKEN)).await;
+    assert!(session.reply("after").await.accepted);
+    session.end_of("task-after").await;
+    party.wait_executors(1).await;
+    let fresh = party.executors()[0];
+    assert_ne!(Some(fresh), kept, "the cancelled task's executor came back");
+
+    // Stopping the task-manager stops the executor it kept.
+    party.stop().await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while Path::new(&format!("/proc/{fresh}")).exists() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "executor {fresh} outlived its task-manager"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -48,6 +48,7 @@ pub async fn run(args: &RoundArgs, json: bool) -> anyhow::Result<i32> {
             args.params.max(100_000_000).to_string(),
         )],
         party_data: PartyData::Synthetic,
+        party_env: Vec::new(),
     })
     .await?;
     let memory = Memory::watch(&stack);
