@@ -505,9 +505,9 @@ impl FedAvg {
         let mut weight_so_far = self.folded_weight;
         let folded = match &mut self.acc {
             Accumulator::Sum(sum) => {
-                let factors: Vec<f64> = batch.iter().map(|(u, w)| w * u.scale).collect();
+                let steps: Vec<SumStep> = batch.iter().map(|(u, w)| SumStep(w * u.scale)).collect();
                 fold_tensors(sum, &values, self.fold_threads, |acc, views| {
-                    sum_block(acc, views, &factors)
+                    fold_block(acc, views, &steps)
                 })
             }
             Accumulator::Mean(mean) => {
@@ -519,7 +519,7 @@ impl FedAvg {
                     })
                     .collect();
                 fold_tensors(mean, &values, self.fold_threads, |acc, views| {
-                    mean_block(acc, views, &steps)
+                    fold_block(acc, views, &steps)
                 })
             }
         };
@@ -628,6 +628,11 @@ const FOLD_BLOCK: usize = 262144;
 /// accumulator stays in registers while every update is added to it.
 const LANES: usize = 16;
 
+/// What one update does to one element of the accumulator.
+trait FoldStep<A>: Sync {
+    fn apply(&self, acc: A, value: f32) -> A;
+}
+
 /// One update's step of the running mean `m ← keep·m + gain·x`: `keep = 1 − w/W` and
 /// `gain = s·w/W` for an update of weight w scaled by s, W the weight so far with it.
 #[derive(Clone, Copy)]
@@ -646,52 +651,46 @@ impl MeanStep {
     }
 }
 
-/// `acc ← keep·acc + gain·values` for each update in order: two multiplications and an
-/// addition per element and update.
-fn mean_block(acc: &mut [f32], views: &[&[f32]], steps: &[MeanStep]) {
+impl FoldStep<f32> for MeanStep {
+    fn apply(&self, acc: f32, value: f32) -> f32 {
+        self.keep * acc + self.gain * value
+    }
+}
+
+/// One update's step of the sum: `s ← s + factor·x`, factor its weight times its scale.
+#[derive(Clone, Copy)]
+struct SumStep(f64);
+
+impl FoldStep<f64> for SumStep {
+    fn apply(&self, acc: f64, value: f32) -> f64 {
+        acc + self.0 * f64::from(value)
+    }
+}
+
+/// Applies each update's step, in order, to every element of `acc`: [`LANES`] elements at a
+/// time stay in registers while every update is applied to them.
+fn fold_block<A: Copy + Default, S: FoldStep<A>>(acc: &mut [A], views: &[&[f32]], steps: &[S]) {
     let lanes = acc.len() / LANES * LANES;
     let (body, tail) = acc.split_at_mut(lanes);
     for (i, a) in body.chunks_exact_mut(LANES).enumerate() {
-        let mut r = [0f32; LANES];
+        let mut r = [A::default(); LANES];
         r.copy_from_slice(a);
         for (v, step) in views.iter().zip(steps) {
             let x = &v[i * LANES..(i + 1) * LANES];
             for (r, x) in r.iter_mut().zip(x) {
-                *r = step.keep * *r + step.gain * x;
+                *r = step.apply(*r, *x);
             }
         }
         a.copy_from_slice(&r);
     }
     for (k, a) in tail.iter_mut().enumerate() {
         for (v, step) in views.iter().zip(steps) {
-            *a = step.keep * *a + step.gain * v[lanes + k];
+            *a = step.apply(*a, v[lanes + k]);
         }
     }
 }
 
-/// `acc += factor · values` for each update in order.
-fn sum_block(acc: &mut [f64], views: &[&[f32]], factors: &[f64]) {
-    let lanes = acc.len() / LANES * LANES;
-    let (body, tail) = acc.split_at_mut(lanes);
-    for (i, a) in body.chunks_exact_mut(LANES).enumerate() {
-        let mut r = [0f64; LANES];
-        r.copy_from_slice(a);
-        for (v, factor) in views.iter().zip(factors) {
-            let x = &v[i * LANES..(i + 1) * LANES];
-            for (r, x) in r.iter_mut().zip(x) {
-                *r += factor * f64::from(*x);
-            }
-        }
-        a.copy_from_slice(&r);
-    }
-    for (k, a) in tail.iter_mut().enumerate() {
-        for (v, factor) in views.iter().zip(factors) {
-            *a += factor * f64::from(v[lanes + k]);
-        }
-    }
-}
-
-/// Runs `fold_block` over every tensor of `acc`, [`FOLD_BLOCK`] elements at a time, with
+/// Runs `fold` over every tensor of `acc`, [`FOLD_BLOCK`] elements at a time, with
 /// each update's values for the block. A large tensor is split over up to `threads`
 /// scoped threads, each folding its own part: every element is still folded once, in the
 /// same order of updates, so the result does not depend on `threads`.
@@ -699,9 +698,9 @@ fn fold_tensors<A: Send>(
     acc: &mut [Vec<A>],
     updates: &[&dyn UpdateValues],
     threads: usize,
-    fold_block: impl Fn(&mut [A], &[&[f32]]) + Sync,
+    fold: impl Fn(&mut [A], &[&[f32]]) + Sync,
 ) -> Result<(), FlError> {
-    let fold_block = &fold_block;
+    let fold = &fold;
     for (tensor, acc) in acc.iter_mut().enumerate() {
         let threads = threads.min(acc.len() / MIN_ELEMENTS_PER_THREAD).max(1);
         let fold_part = move |offset: usize, part: &mut [A]| -> Result<(), FlError> {
@@ -713,7 +712,7 @@ fn fold_tensors<A: Send>(
                     .zip(bufs.iter_mut())
                     .map(|(u, buf)| u.read(tensor, offset + done, &mut buf[..block.len()]))
                     .collect::<Result<Vec<&[f32]>, FlError>>()?;
-                fold_block(block, &views);
+                fold(block, &views);
                 done += block.len();
             }
             Ok(())
