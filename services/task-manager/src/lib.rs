@@ -1,7 +1,8 @@
 //! task-manager: a party's daemon. Dials out to the proxy (never listens for
 //! party traffic), registers its datasets and resources, keeps one long-lived
-//! session for heartbeats and offers, and runs one executor per accepted task:
-//! a child process (`--executor-launcher local`) or a Pod
+//! session for heartbeats and offers, and runs each accepted task on an executor: a
+//! child process kept for the job's tasks on this party (`--executor-launcher local`,
+//! `warm.rs`; one process per task with `--executor-idle-secs 0`) or a Pod per task
 //! (`--executor-launcher kubernetes`, through `cohort-kube`).
 //!
 //! The party decides who uses its data: offers from namespaces it does not accept
