@@ -1,7 +1,9 @@
 //! `cohort bench round`: the real federation, a synthetic job, and what it cost. Peak memory
 //! is each process's high-water mark (`VmHWM`, which the kernel keeps): the services' is read
 //! once at the end, while the coordinator and the executors, which come and go, are found as
-//! children of job-scheduler and the task-managers and sampled every few milliseconds.
+//! children of job-scheduler and the task-managers and sampled as they run (the coordinator
+//! every 20 ms, the executors every 100 ms and once more at the end: a kept executor's mark
+//! holds its peak). Sampling costs the machine the rounds run on, so it is kept light.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -16,8 +18,10 @@ use crate::Api;
 use crate::show::state_name;
 use crate::stack::{PartyData, Stack, StackConfig};
 
-/// How often process memory is sampled.
+/// How often the coordinator's memory is sampled.
 const SAMPLE_EVERY: Duration = Duration::from_millis(20);
+/// Every how many samples of the coordinator the executors are sampled.
+const EXECUTORS_EVERY: u32 = 5;
 /// How long the parties get to connect before the job is created.
 const PARTIES_CONNECT_WITHIN: Duration = Duration::from_secs(120);
 
@@ -267,16 +271,20 @@ impl Memory {
     /// (their executors) until `finish`.
     fn watch(stack: &Stack) -> Memory {
         let services = stack.pids();
-        let parents: Vec<u32> = services
-            .iter()
-            .filter(|(name, _)| name == "job-scheduler" || name.starts_with("task-manager"))
-            .map(|(_, pid)| *pid)
-            .collect();
+        let of = |pick: &dyn Fn(&str) -> bool| -> Vec<u32> {
+            services
+                .iter()
+                .filter(|(name, _)| pick(name))
+                .map(|(_, pid)| *pid)
+                .collect()
+        };
+        let scheduler = of(&|name| name == "job-scheduler");
+        let managers = of(&|name| name.starts_with("task-manager"));
         let (stop, mut stopped) = tokio::sync::oneshot::channel();
         let children = tokio::spawn(async move {
             let mut largest: HashMap<u32, u64> = HashMap::new();
-            loop {
-                for parent in &parents {
+            let mut sample = |parents: &[u32]| {
+                for parent in parents {
                     let child = children(*parent)
                         .into_iter()
                         .map(high_water_mark)
@@ -285,11 +293,19 @@ impl Memory {
                     let seen = largest.entry(*parent).or_default();
                     *seen = (*seen).max(child);
                 }
+            };
+            for tick in 0u32.. {
+                sample(&scheduler);
+                if tick % EXECUTORS_EVERY == 0 {
+                    sample(&managers);
+                }
                 tokio::select! {
-                    _ = &mut stopped => return largest,
+                    _ = &mut stopped => break,
                     _ = tokio::time::sleep(SAMPLE_EVERY) => {}
                 }
             }
+            sample(&managers);
+            largest
         });
         Memory {
             services,
