@@ -41,8 +41,9 @@ impl WarmExecutor {
 pub(crate) struct WarmPool {
     /// How long one waits, idle, before it is stopped.
     keep: Duration,
-    /// Most kept per job (the party's task capacity).
-    per_job: usize,
+    /// Most kept idle at once, whatever their jobs (the party's task capacity): a party
+    /// that worked for many jobs does not keep an executor for each.
+    max_idle: usize,
     /// Where their logs go, one file each.
     logs: PathBuf,
     idle: Mutex<HashMap<String, Vec<WarmExecutor>>>,
@@ -50,10 +51,10 @@ pub(crate) struct WarmPool {
 }
 
 impl WarmPool {
-    pub(crate) fn new(keep: Duration, per_job: usize, logs: PathBuf) -> WarmPool {
+    pub(crate) fn new(keep: Duration, max_idle: usize, logs: PathBuf) -> WarmPool {
         WarmPool {
             keep,
-            per_job: per_job.max(1),
+            max_idle: max_idle.max(1),
             logs,
             idle: Mutex::default(),
             started: AtomicU64::new(0),
@@ -149,15 +150,30 @@ impl WarmPool {
         })
     }
 
-    /// Keeps an executor that answered its task for the job's next one.
+    /// Keeps an executor that answered its task for the job's next one. When as many are
+    /// idle as the pool keeps, the one idle longest goes (killed: it was idle).
     pub(crate) fn put_back(&self, job: &str, mut executor: WarmExecutor) {
         executor.idle_since = Instant::now();
         let mut idle = self.lock();
-        let waiting = idle.entry(job.to_string()).or_default();
-        if waiting.len() < self.per_job {
-            waiting.push(executor);
+        while idle.values().map(Vec::len).sum::<usize>() >= self.max_idle {
+            let oldest = idle
+                .iter()
+                .flat_map(|(job, waiting)| {
+                    waiting
+                        .iter()
+                        .enumerate()
+                        .map(move |(i, e)| (e.idle_since, job.clone(), i))
+                })
+                .min();
+            let Some((_, job, i)) = oldest else { break };
+            if let Some(waiting) = idle.get_mut(&job) {
+                drop(waiting.remove(i));
+                if waiting.is_empty() {
+                    idle.remove(&job);
+                }
+            }
         }
-        // Beyond the job's share it is dropped, which kills it: it was idle.
+        idle.entry(job.to_string()).or_default().push(executor);
     }
 
     /// Stops the executors idle longer than the pool keeps them.
@@ -252,6 +268,26 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(250)).await;
         pool.expire().await;
         assert_eq!(pool.idle_count(), 0, "idle past its time");
+    }
+
+    #[tokio::test]
+    async fn no_more_are_kept_idle_than_the_party_runs_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = WarmPool::new(Duration::from_secs(60), 2, dir.path().to_path_buf());
+        let mut pids = Vec::new();
+        for job in ["job-a", "job-b", "job-c"] {
+            let (executor, _) = pool.hand(job, b"", cat_like).await.unwrap();
+            pids.push(executor.child.id());
+            pool.put_back(job, executor);
+        }
+        assert_eq!(pool.idle_count(), 2);
+        // The one idle longest (job-a's) went; the others are still kept.
+        assert!(pool.take_idle("job-a").is_none());
+        for (job, pid) in [("job-b", pids[1]), ("job-c", pids[2])] {
+            let (executor, reused) = pool.hand(job, b"", cat_like).await.unwrap();
+            assert!(reused, "{job}");
+            assert_eq!(executor.child.id(), pid, "{job}");
+        }
     }
 
     #[tokio::test]
