@@ -450,44 +450,37 @@ impl FedAvg {
 
     /// Adds a checked update of `weight` (its sample count, already bounded by the caller).
     pub fn add(&mut self, update: CheckedUpdate, weight: u64) -> Result<(), FlError> {
-        if weight == 0 {
-            return Err(FlError::ZeroWeight(weight));
-        }
-        let weight = weight as f64;
-        match self.check.rules.max_weight_share {
-            None => self.fold_batch(vec![(update, weight)])?,
-            Some(share) => {
-                self.held.push(Held { weight, update });
-                // Fold whatever can no longer be capped: the cap only rises as updates come.
-                let weights: Vec<f64> = self.held.iter().map(|h| h.weight).collect();
-                let fold_up_to = match cap_level(self.folded_weight, &weights, share) {
-                    Cap::None => f64::INFINITY,
-                    Cap::At(c) => c,
-                    Cap::Equal => return Ok(()),
-                };
-                let (fold, keep): (Vec<Held>, Vec<Held>) = std::mem::take(&mut self.held)
-                    .into_iter()
-                    .partition(|h| h.weight <= fold_up_to);
-                self.held = keep;
-                self.fold_batch(fold.into_iter().map(|h| (h.update, h.weight)).collect())?;
-            }
-        }
-        Ok(())
+        self.add_all(vec![(update, weight)])
     }
 
-    /// Adds checked updates with their weights as [`FedAvg::add`] would one by one, in
-    /// order, with the same result; without a weight cap they are folded together, reading
-    /// the accumulator once for all of them instead of once each.
+    /// Adds checked updates with their weights, in order. Without a weight cap they are
+    /// folded together, reading the accumulator once for all of them; with one, each is held
+    /// until its capped weight is known (the cap only rises as updates come). The result is
+    /// the same bit for bit as adding them one by one.
     pub fn add_all(&mut self, updates: Vec<(CheckedUpdate, u64)>) -> Result<(), FlError> {
-        if self.check.rules.max_weight_share.is_some() {
-            return updates
-                .into_iter()
-                .try_for_each(|(update, weight)| self.add(update, weight));
-        }
         if let Some((_, weight)) = updates.iter().find(|(_, w)| *w == 0) {
             return Err(FlError::ZeroWeight(*weight));
         }
-        self.fold_batch(updates.into_iter().map(|(u, w)| (u, w as f64)).collect())
+        let weighted = updates.into_iter().map(|(u, w)| (u, w as f64));
+        let Some(share) = self.check.rules.max_weight_share else {
+            return self.fold_batch(weighted.collect());
+        };
+        for (update, weight) in weighted {
+            self.held.push(Held { weight, update });
+            // Fold whatever can no longer be capped.
+            let weights: Vec<f64> = self.held.iter().map(|h| h.weight).collect();
+            let fold_up_to = match cap_level(self.folded_weight, &weights, share) {
+                Cap::None => f64::INFINITY,
+                Cap::At(c) => c,
+                Cap::Equal => continue,
+            };
+            let (fold, keep): (Vec<Held>, Vec<Held>) = std::mem::take(&mut self.held)
+                .into_iter()
+                .partition(|h| h.weight <= fold_up_to);
+            self.held = keep;
+            self.fold_batch(fold.into_iter().map(|h| (h.update, h.weight)).collect())?;
+        }
+        Ok(())
     }
 
     /// Folds `batch` (updates with their final weights) in that order, reading the
@@ -620,9 +613,9 @@ fn zeros_like<T: Copy + Default>(tensors: &[NamedTensor]) -> Vec<Vec<T>> {
 /// Elements below which a thread of its own costs more than it saves.
 const MIN_ELEMENTS_PER_THREAD: usize = 1 << 16;
 
-/// Elements of the accumulator folded at once: with its updates' values for the block,
-/// it stays in the core's cache (10 updates: 40 KB of f32 accumulator, 160 KB of reads).
-const FOLD_BLOCK: usize = 262144;
+/// Elements of the accumulator folded at once: the block (256 KB as f32, 512 KB as f64)
+/// stays in the core's cache while every update's values for it stream past.
+const FOLD_BLOCK: usize = 1 << 16;
 
 /// Elements each update adds to a block in one pass: one vector register's worth of
 /// accumulator stays in registers while every update is added to it.

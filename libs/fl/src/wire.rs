@@ -35,20 +35,35 @@ pub fn chunk_tensors_shared(
         .collect();
     places.into_iter().map(move |(ti, i)| {
         let t = &tensors[ti];
-        let start = (i * per_chunk).min(t.data.len());
-        let end = (start + per_chunk).min(t.data.len());
-        let data = if cfg!(target_endian = "little") {
-            bytes::Bytes::from_owner(SharedValues {
-                tensors: tensors.clone(),
-                tensor: ti,
-                start,
-                end,
-            })
-        } else {
-            le_bytes(&t.data[start..end]).into()
-        };
-        tensor_chunk(&t.name, &t.shape, start, data)
+        let (start, end) = chunk_range(t, i, per_chunk);
+        tensor_chunk(
+            &t.name,
+            &t.shape,
+            start,
+            shared_le_bytes(&tensors, ti, start, end),
+        )
     })
+}
+
+/// Elements `start..end` of tensor `tensor` as little-endian bytes: on little-endian
+/// machines the tensor's own memory, shared (it stays alive as long as the bytes do), else
+/// a copy.
+fn shared_le_bytes(
+    tensors: &Arc<Vec<NamedTensor>>,
+    tensor: usize,
+    start: usize,
+    end: usize,
+) -> bytes::Bytes {
+    if cfg!(target_endian = "little") {
+        bytes::Bytes::from_owner(SharedValues {
+            tensors: tensors.clone(),
+            tensor,
+            start,
+            end,
+        })
+    } else {
+        le_bytes(&tensors[tensor].data[start..end]).into()
+    }
 }
 
 /// Elements `start..end` of one of `tensors`, as the bytes of their memory (little-endian
@@ -118,10 +133,15 @@ pub fn le_bytes(values: &[f32]) -> Vec<u8> {
     bytes
 }
 
+/// The elements `start..end` of chunk `i` of `t`.
+fn chunk_range(t: &NamedTensor, i: usize, per_chunk: usize) -> (usize, usize) {
+    let start = (i * per_chunk).min(t.data.len());
+    (start, (start + per_chunk).min(t.data.len()))
+}
+
 /// Chunk `i` of `t`: its shape and dtype ride on the first.
 fn chunk_of(t: &NamedTensor, i: usize, per_chunk: usize) -> TensorChunk {
-    let start = (i * per_chunk).min(t.data.len());
-    let end = (start + per_chunk).min(t.data.len());
+    let (start, end) = chunk_range(t, i, per_chunk);
     tensor_chunk(
         &t.name,
         &t.shape,
@@ -342,26 +362,24 @@ pub fn to_safetensors(tensors: &[NamedTensor]) -> Result<Vec<u8>, FlError> {
 }
 
 /// The safetensors encoding of `tensors` (f32, in name order) as pieces of at most
-/// `chunk_bytes` after the header, made as they are taken: a model is sent or hashed
-/// without a second copy of it in memory. Returns the file's length with the pieces.
+/// `chunk_bytes` after the header, made as they are taken and sharing the tensors' memory
+/// (little-endian): a model is sent or hashed without a copy of it. Returns the file's
+/// length with the pieces.
 pub fn safetensors_stream(
     tensors: Arc<Vec<NamedTensor>>,
     chunk_bytes: usize,
-) -> Result<(u64, impl Iterator<Item = Vec<u8>> + Send + 'static), FlError> {
+) -> Result<(u64, impl Iterator<Item = bytes::Bytes> + Send + 'static), FlError> {
     let (header, order, total) = safetensors_header(&tensors)?;
     let per_chunk = (chunk_bytes / 4).max(1);
     let pieces: Vec<(usize, usize)> = order
         .iter()
-        .flat_map(|&i| {
-            let n = tensors[i].data.len();
-            (0..n.div_ceil(per_chunk)).map(move |k| (i, k * per_chunk))
-        })
+        .flat_map(|&i| (0..tensors[i].data.len().div_ceil(per_chunk)).map(move |k| (i, k)))
         .collect();
-    let data = pieces.into_iter().map(move |(i, start)| {
-        let values = &tensors[i].data;
-        le_bytes(&values[start..(start + per_chunk).min(values.len())])
+    let data = pieces.into_iter().map(move |(i, k)| {
+        let (start, end) = chunk_range(&tensors[i], k, per_chunk);
+        shared_le_bytes(&tensors, i, start, end)
     });
-    Ok((total, std::iter::once(header).chain(data)))
+    Ok((total, std::iter::once(header.into()).chain(data)))
 }
 
 /// A safetensors file's header (its length, then the JSON, padded so the data starts
@@ -433,7 +451,7 @@ mod tests {
         let mut tensors = model();
         tensors.reverse();
         let (len, pieces) = safetensors_stream(Arc::new(tensors.clone()), 8).unwrap();
-        let pieces: Vec<Vec<u8>> = pieces.collect();
+        let pieces: Vec<bytes::Bytes> = pieces.collect();
         assert!(pieces[1..].iter().all(|p| p.len() <= 8 && !p.is_empty()));
         let bytes = pieces.concat();
         assert_eq!(bytes.len() as u64, len);

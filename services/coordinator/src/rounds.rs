@@ -929,7 +929,7 @@ impl JobRun {
                     let parts = std::iter::once(header.clone()).chain(pieces.map(move |data| {
                         lock(&hasher).update(&data);
                         pb::UploadVersionRequest {
-                            part: Some(pb::upload_version_request::Part::Data(data.into())),
+                            part: Some(pb::upload_version_request::Part::Data(data)),
                         }
                     }));
                     self.for_job(futures::stream::iter(parts))

@@ -10,7 +10,6 @@
 //! (`error: ` and the whole cause chain): the answer of a serving executor, or the last log
 //! line of a one-task executor; task-manager reports it to the server as the task's reason.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -54,7 +53,7 @@ impl Args {
     pub async fn run(self) -> anyhow::Result<()> {
         let mut channels = Channels {
             tls: self.tls.load().context("TLS")?,
-            open: HashMap::new(),
+            open: None,
         };
         let Some(file) = &self.task_file else {
             return serve(&mut channels, Duration::from_secs(self.idle_exit_secs)).await;
@@ -95,20 +94,22 @@ async fn serve(channels: &mut Channels, idle: Duration) -> anyhow::Result<()> {
     }
 }
 
-/// Channels to the proxy by endpoint, kept from one task to the next: a serving executor
-/// makes one TLS connection, not one per task.
+/// The channel to the proxy, kept from one task to the next: a serving executor makes one
+/// TLS connection, not one per task (a task naming another endpoint replaces it).
 struct Channels {
     tls: Option<cohort_runtime::Tls>,
-    open: HashMap<String, tonic::transport::Channel>,
+    open: Option<(String, tonic::transport::Channel)>,
 }
 
 impl Channels {
     fn to(&mut self, endpoint: &str) -> anyhow::Result<tonic::transport::Channel> {
-        if let Some(channel) = self.open.get(endpoint) {
+        if let Some((open, channel)) = &self.open
+            && open == endpoint
+        {
             return Ok(channel.clone());
         }
         let channel = channel(endpoint, self.tls.as_ref()).context("task: endpoint")?;
-        self.open.insert(endpoint.to_string(), channel.clone());
+        self.open = Some((endpoint.to_string(), channel.clone()));
         Ok(channel)
     }
 }
