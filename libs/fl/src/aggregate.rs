@@ -196,7 +196,6 @@ impl UpdateCheck {
             started: vec![false; self.layout.tensors.len()],
             current: None,
             squares: 0.0,
-            values: Vec::new(),
         }
     }
 
@@ -216,8 +215,6 @@ pub struct UpdateStream {
     started: Vec<bool>,
     current: Option<usize>,
     squares: f64,
-    /// The chunk being checked, decoded (reused).
-    values: Vec<f32>,
 }
 
 impl UpdateStream {
@@ -267,29 +264,19 @@ impl UpdateStream {
             return Err(bad(format!("more data than shape {shape:?} holds")));
         }
         let global = &self.check.global[t].data[offset..offset + values];
-        self.values.clear();
-        crate::wire::extend_from_le_bytes(&mut self.values, &chunk.data);
-        if !crate::wire::all_finite(&self.values) {
+        let scan = ChunkScan::of(&chunk.data[..values * 4], global);
+        if !scan.finite {
             return Err(FlError::NonFinite {
                 tensor: chunk.tensor.clone(),
             });
         }
         // Applied alone, the update must leave every weight finite.
-        let applied_finite = self
-            .values
-            .iter()
-            .zip(global)
-            .fold(true, |ok, (v, g)| ok & (g + v).is_finite());
-        if !applied_finite {
+        if !scan.applied_finite {
             return Err(FlError::NonFiniteResult {
                 tensor: chunk.tensor.clone(),
             });
         }
-        self.squares += self
-            .values
-            .iter()
-            .map(|v| f64::from(*v) * f64::from(*v))
-            .sum::<f64>();
+        self.squares += scan.squares;
         self.received[t] = offset + values;
         Ok((t, offset))
     }
@@ -346,6 +333,81 @@ impl UpdateStream {
             clipped,
         })
     }
+}
+
+/// What one pass over a chunk's little-endian f32 values finds.
+struct ChunkScan {
+    finite: bool,
+    /// Every value added to its weight of the global model stays finite.
+    applied_finite: bool,
+    /// The sum of the values' squares, in f64.
+    squares: f64,
+}
+
+impl ChunkScan {
+    /// Reads `bytes` (four per value of `global`) once, in [`LANES`] independent lanes of
+    /// plain float arithmetic that the compiler vectorises: `v - v` is 0 for a finite `v`
+    /// and NaN otherwise, so a lane's sum of them stays 0 only while every value is finite.
+    /// Squares are summed in f32 over [`SQUARES_RUN`] values per lane, then in f64: at most
+    /// about 1e-6 relative error, three times faster than f64 throughout.
+    // `x - x` is the point: it is how a non-finite value shows.
+    #[allow(clippy::eq_op)]
+    fn of(bytes: &[u8], global: &[f32]) -> ChunkScan {
+        const RUN: usize = SQUARES_RUN * LANES;
+        let mut probe = [0f32; LANES];
+        let mut probe_applied = [0f32; LANES];
+        let mut squares = 0f64;
+        let runs = bytes.chunks_exact(4 * RUN).zip(global.chunks_exact(RUN));
+        for (run_bytes, run_global) in runs {
+            let mut run_squares = [0f32; LANES];
+            for (b, g) in run_bytes
+                .chunks_exact(4 * LANES)
+                .zip(run_global.chunks_exact(LANES))
+            {
+                let mut v = [0f32; LANES];
+                for (v, b) in v.iter_mut().zip(b.chunks_exact(4)) {
+                    *v = f32::from_le_bytes(b.try_into().unwrap_or_default());
+                }
+                for k in 0..LANES {
+                    let applied = g[k] + v[k];
+                    probe[k] += v[k] - v[k];
+                    probe_applied[k] += applied - applied;
+                    run_squares[k] += v[k] * v[k];
+                }
+            }
+            let run_sum: f64 = run_squares.iter().map(|s| f64::from(*s)).sum();
+            // Values over ~1e19 overflow an f32 square but not the f64 norm.
+            squares += if run_sum.is_finite() {
+                run_sum
+            } else {
+                squares_f64(run_bytes)
+            };
+        }
+        let done = global.len() / RUN * RUN;
+        let mut tail_finite = true;
+        let mut tail_applied = true;
+        for (b, g) in bytes[4 * done..].chunks_exact(4).zip(&global[done..]) {
+            let v = f32::from_le_bytes(b.try_into().unwrap_or_default());
+            tail_finite &= v.is_finite();
+            tail_applied &= (g + v).is_finite();
+        }
+        squares += squares_f64(&bytes[4 * done..]);
+        ChunkScan {
+            finite: tail_finite && probe.iter().all(|p| *p == 0.0),
+            applied_finite: tail_applied && probe_applied.iter().all(|p| *p == 0.0),
+            squares,
+        }
+    }
+}
+
+/// Values per lane whose squares [`ChunkScan`] sums in f32 before adding them in f64.
+const SQUARES_RUN: usize = 16;
+
+fn squares_f64(bytes: &[u8]) -> f64 {
+    bytes
+        .chunks_exact(4)
+        .map(|b| f64::from(f32::from_le_bytes(b.try_into().unwrap_or_default())).powi(2))
+        .sum()
 }
 
 struct Held {
@@ -556,32 +618,36 @@ impl FedAvg {
         }
         let total = self.folded_weight;
         let mut out = Vec::with_capacity(self.check.global.len());
-        let mut layers: Vec<Vec<f32>> = Vec::with_capacity(self.check.global.len());
+        // Each layer with whether all of it is finite, checked in the pass that makes it.
+        let mut layers: Vec<(Vec<f32>, bool)> = Vec::with_capacity(self.check.global.len());
         match std::mem::replace(&mut self.acc, Accumulator::Sum(Vec::new())) {
             // Each layer's sum is freed once converted: never the whole sum and model twice.
             Accumulator::Sum(sum) => {
                 for (g, acc) in self.check.global.iter().zip(sum) {
-                    layers.push(
-                        g.data
-                            .iter()
-                            .zip(&acc)
-                            .map(|(x, s)| (f64::from(*x) + s / total) as f32)
-                            .collect(),
-                    );
+                    let data: Vec<f32> = g
+                        .data
+                        .iter()
+                        .zip(&acc)
+                        .map(|(x, s)| (f64::from(*x) + s / total) as f32)
+                        .collect();
+                    let finite = crate::wire::all_finite(&data);
+                    layers.push((data, finite));
                 }
             }
             // The new model is made in the mean's own memory.
             Accumulator::Mean(mean) => {
                 for (g, mut acc) in self.check.global.iter().zip(mean) {
+                    let mut finite = true;
                     for (m, x) in acc.iter_mut().zip(&g.data) {
                         *m += x;
+                        finite &= m.is_finite();
                     }
-                    layers.push(acc);
+                    layers.push((acc, finite));
                 }
             }
         }
-        for (g, data) in self.check.global.iter().zip(layers) {
-            if data.iter().any(|v| !v.is_finite()) {
+        for (g, (data, finite)) in self.check.global.iter().zip(layers) {
+            if !finite {
                 return Err(FlError::NonFiniteAggregate {
                     tensor: g.name.clone(),
                 });
@@ -1056,6 +1122,38 @@ mod tests {
         agg.fold(&[t("w", vec![2.0, 2.0])], 5).unwrap();
         assert_eq!(agg.finish().unwrap()[0].data, vec![3.0, 3.0]);
         assert!(matches!(plain(&global).finish(), Err(FlError::Empty)));
+    }
+
+    #[test]
+    fn a_chunk_scan_finds_a_bad_value_in_any_lane_and_sums_every_square() {
+        // Several runs, lanes past the last run and a tail: every position is looked at.
+        let n = 3 * SQUARES_RUN * LANES + 2 * LANES + 5;
+        let global: Vec<f32> = (0..n).map(|k| k as f32 * 0.25 - 3.0).collect();
+        let values: Vec<f32> = (0..n).map(|k| (k % 7) as f32 * 0.5 - 1.5).collect();
+        let bytes = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+        let scan = ChunkScan::of(&bytes(&values), &global);
+        assert!(scan.finite && scan.applied_finite);
+        let squares: f64 = values.iter().map(|v| f64::from(*v) * f64::from(*v)).sum();
+        assert!(
+            (scan.squares - squares).abs() <= 1e-6 * squares,
+            "{}",
+            scan.squares
+        );
+        // Squares too large for f32 are summed in f64.
+        let huge = vec![1e20f32; n];
+        let scan = ChunkScan::of(&bytes(&huge), &global);
+        assert!((scan.squares - 1e40 * n as f64).abs() <= 1e-6 * 1e40 * n as f64);
+        for k in 0..n {
+            let mut bad = values.clone();
+            bad[k] = f32::NAN;
+            assert!(!ChunkScan::of(&bytes(&bad), &global).finite, "NaN at {k}");
+            let mut big = global.clone();
+            big[k] = f32::MAX;
+            let mut push = values.clone();
+            push[k] = f32::MAX;
+            let scan = ChunkScan::of(&bytes(&push), &big);
+            assert!(scan.finite && !scan.applied_finite, "overflow at {k}");
+        }
     }
 
     #[test]

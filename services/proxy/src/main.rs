@@ -2,6 +2,11 @@
 
 use clap::Parser;
 
+// mimalloc, not glibc's malloc: streams of 1 MiB chunks made glibc map and unmap fresh
+// pages for each (page clearing was 8 % of a 25M round); a 25M round is 15–40 % faster.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() {
     let args = cohort_proxy::Args::parse();
