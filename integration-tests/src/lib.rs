@@ -106,6 +106,8 @@ impl Federation {
             service_env: storage.env,
             party_data,
             party_env,
+            // Every test federation serves metrics: the endpoints are exercised by all.
+            metrics: true,
         })
         .await?;
         Ok(Federation { stack, dir })

@@ -27,6 +27,24 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// The kind in snake case: for metric labels and machine-read output.
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorKind::InvalidArgument => "invalid_argument",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::Conflict => "conflict",
+            ErrorKind::AlreadyExists => "already_exists",
+            ErrorKind::FailedPrecondition => "failed_precondition",
+            ErrorKind::Unavailable => "unavailable",
+            ErrorKind::DataLoss => "data_loss",
+            ErrorKind::Unauthenticated => "unauthenticated",
+            ErrorKind::PermissionDenied => "permission_denied",
+            ErrorKind::ResourceExhausted => "resource_exhausted",
+            ErrorKind::DeadlineExceeded => "deadline_exceeded",
+            ErrorKind::Internal => "internal",
+        }
+    }
+
     pub fn http_status(self) -> u16 {
         match self {
             ErrorKind::InvalidArgument => 400,

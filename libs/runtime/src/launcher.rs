@@ -77,6 +77,9 @@ pub struct LocalLauncher {
     config: CoordinatorConfig,
     log_dir: PathBuf,
     extra_args: Vec<String>,
+    /// Where coordinators publish their metrics targets (`--metrics-target-file`), if
+    /// they serve metrics.
+    metrics_dir: Option<PathBuf>,
     running: Arc<Mutex<HashMap<JobId, Running>>>,
     /// The serial of the last launch or adoption.
     serials: std::sync::atomic::AtomicU64,
@@ -100,10 +103,18 @@ impl LocalLauncher {
             config,
             log_dir,
             extra_args,
+            metrics_dir: None,
             running: Arc::default(),
             serials: std::sync::atomic::AtomicU64::new(0),
             exits,
         })
+    }
+
+    /// Coordinators serve metrics on a loopback port of their choosing and publish it as
+    /// a Prometheus file-based discovery target in `dir` (`coordinator-<job>.json`).
+    pub fn with_metrics_dir(mut self, dir: PathBuf) -> Self {
+        self.metrics_dir = Some(dir);
+        self
     }
 
     /// Records the job's coordinator (replacing an older entry); returns its serial.
@@ -374,6 +385,12 @@ impl Launcher for LocalLauncher {
             .arg("--client-selector")
             .arg(&self.config.client_selector)
             .args(&self.extra_args);
+        if let Some(dir) = &self.metrics_dir {
+            cmd.arg("--metrics-listen")
+                .arg("127.0.0.1:0")
+                .arg("--metrics-target-file")
+                .arg(dir.join(format!("coordinator-{job_id}.json")));
+        }
         let log = self.log_dir.join(format!("coordinator-{job_id}.log"));
         let program = self.binary.display().to_string();
         // The log is appended to across launches: this run's lines start here.

@@ -71,6 +71,14 @@ pub struct ServiceArgs {
     /// probes that cannot do mutual TLS (kubelet).
     #[arg(long, env = "COHORT_HEALTH_LISTEN")]
     pub health_listen: Option<SocketAddr>,
+    /// Serve Prometheus metrics in plaintext at http://ADDR/metrics (scrapers rarely hold
+    /// client certificates; metrics carry no secret).
+    #[arg(long, env = "COHORT_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Once serving metrics, write a Prometheus file-based discovery target list naming
+    /// them here (removed at exit): how `cohort up` finds ports picked at random.
+    #[arg(long, env = "COHORT_METRICS_TARGET_FILE", requires = "metrics_listen")]
+    pub metrics_target_file: Option<PathBuf>,
 }
 
 /// The metadata database of a service that owns one.
@@ -131,6 +139,9 @@ pub struct Listener {
     tls: Option<Tls>,
     /// Plaintext health only (see `ServiceArgs::health_listen`).
     health: Option<TcpListener>,
+    /// Plaintext `/metrics` (see `ServiceArgs::metrics_listen`).
+    metrics: Option<TcpListener>,
+    metrics_target_file: Option<PathBuf>,
 }
 
 impl Listener {
@@ -144,6 +155,8 @@ impl Listener {
             local_addr,
             tls: None,
             health: None,
+            metrics: None,
+            metrics_target_file: None,
         })
     }
 
@@ -156,7 +169,16 @@ impl Listener {
                 .map_err(|source| RuntimeError::Bind { addr, source })?;
             listener.health = Some(health);
         }
+        if let Some(addr) = args.metrics_listen {
+            listener.metrics = Some(bind_metrics(addr).await?);
+            listener.metrics_target_file = args.metrics_target_file.clone();
+        }
         Ok(listener)
+    }
+
+    /// Where `/metrics` is served, when it is.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -208,11 +230,17 @@ impl Listener {
             endpoint: "reflection".into(),
             message: e.to_string(),
         })?;
+        let metrics_addr = self.metrics_addr();
         let health_only = self.health.map(|l| {
             let health = health.clone();
             tokio::spawn(serve_health_only(l, health))
         });
         let _health_only = AbortOnDrop(health_only);
+        let _target = match (metrics_addr, &self.metrics_target_file) {
+            (Some(addr), Some(path)) => Some(MetricsTarget::publish(path, addr, service_name)?),
+            _ => None,
+        };
+        let _metrics = AbortOnDrop(self.metrics.map(spawn_metrics));
         let routes = routes.add_service(health).add_service(reflection);
         if let Some(path) = ready_file {
             write_atomic(path, self.local_addr.to_string().as_bytes())?;
@@ -220,6 +248,7 @@ impl Listener {
         tracing::info!(service = service_name, addr = %self.local_addr, "serving gRPC");
         let incoming = without_delay(self.listener);
         let mut builder = tonic::transport::Server::builder()
+            .layer(grpc_metrics_layer())
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
             .initial_stream_window_size(STREAM_WINDOW_BYTES)
@@ -311,6 +340,95 @@ impl From<tonic::service::Routes> for Services {
             names: None,
         }
     }
+}
+
+/// Binds the plaintext metrics port.
+pub async fn bind_metrics(addr: SocketAddr) -> Result<TcpListener, RuntimeError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| RuntimeError::Bind { addr, source })
+}
+
+/// Serves `/metrics` on `listener` until the task is aborted.
+pub fn spawn_metrics(listener: TcpListener) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        if let Err(e) = cohort_metrics::serve(listener, std::future::pending()).await {
+            tracing::error!(error = %e, "metrics listener failed");
+        }
+    })
+}
+
+/// A Prometheus file-based discovery target list (`file_sd_configs`) naming one metrics
+/// endpoint, written atomically; removed when dropped (the process ends).
+#[derive(Debug)]
+pub struct MetricsTarget {
+    path: PathBuf,
+}
+
+impl MetricsTarget {
+    pub fn publish(path: &Path, addr: SocketAddr, service: &str) -> Result<Self, RuntimeError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|source| RuntimeError::WriteFile {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        }
+        let json = format!(
+            "[{{\"targets\": [\"{addr}\"], \"labels\": {{\"service\": \"{}\"}}}}]\n",
+            service.escape_default()
+        );
+        write_atomic(path, json.as_bytes())?;
+        tracing::info!(url = %format!("http://{addr}/metrics"), file = %path.display(), "metrics target published");
+        Ok(Self {
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for MetricsTarget {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// The gRPC metrics layer, knowing every method of Cohort's services, health and
+/// reflection (any other path a caller sends counts as `unknown`).
+pub fn grpc_metrics_layer() -> cohort_metrics::grpc::GrpcMetricsLayer {
+    static LAYER: std::sync::LazyLock<cohort_metrics::grpc::GrpcMetricsLayer> =
+        std::sync::LazyLock::new(|| {
+            let mut methods = Vec::new();
+            for encoded in [
+                cohort_proto::FILE_DESCRIPTOR_SET,
+                tonic_health::pb::FILE_DESCRIPTOR_SET,
+                tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+            ] {
+                match <prost_types::FileDescriptorSet as prost::Message>::decode(encoded) {
+                    Ok(set) => methods.extend(method_paths(&set)),
+                    Err(e) => tracing::error!(error = %e, "cannot read a built-in descriptor set"),
+                }
+            }
+            cohort_metrics::grpc::GrpcMetricsLayer::new(methods)
+        });
+    LAYER.clone()
+}
+
+/// `/package.Service/Method` for every method in `set`.
+fn method_paths(set: &prost_types::FileDescriptorSet) -> Vec<String> {
+    let mut out = Vec::new();
+    for file in &set.file {
+        let package = file.package();
+        for service in &file.service {
+            let qualified = if package.is_empty() {
+                service.name().to_string()
+            } else {
+                format!("{package}.{}", service.name())
+            };
+            for method in &service.method {
+                out.push(format!("/{qualified}/{}", method.name()));
+            }
+        }
+    }
+    out
 }
 
 /// Serves only the health service, in plaintext, until aborted.
@@ -595,6 +713,19 @@ mod tests {
         answer.map(|r| r.into_inner().status).map_err(|s| s.code())
     }
 
+    async fn scrape(addr: SocketAddr) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut page = String::new();
+        tokio::time::timeout(WAIT, stream.read_to_string(&mut page))
+            .await
+            .expect("scrape timed out")
+            .unwrap();
+        page
+    }
+
     async fn listed_services(addr: SocketAddr) -> Vec<String> {
         use tonic_reflection::pb::v1::ServerReflectionRequest;
         use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
@@ -630,9 +761,16 @@ mod tests {
             ready_file: None,
             log_format: LogFormat::Text,
             health_listen: Some("127.0.0.1:0".parse().unwrap()),
+            metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+            metrics_target_file: Some(std::env::temp_dir().join(format!(
+                "cohort-runtime-test-{}/metrics/test.json",
+                std::process::id()
+            ))),
         };
+        let target_file = args.metrics_target_file.clone().unwrap();
         let listener = Listener::bind_service(&args).await.unwrap();
         let addr = listener.local_addr();
+        let metrics_addr = listener.metrics_addr().unwrap();
         let health_addr = listener.health.as_ref().unwrap().local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(listener.serve(
@@ -669,6 +807,38 @@ mod tests {
                 "grpc.reflection.v1.ServerReflection",
             ]
         );
+        // The calls on the gRPC port were counted, with their codes (other tests of this
+        // process count into the same registry: at least).
+        let page = scrape(metrics_addr).await;
+        let count = |labels: &str| -> u64 {
+            let prefix = format!("cohort_grpc_server_requests_total{{{labels}}} ");
+            page.lines()
+                .find_map(|l| l.strip_prefix(&prefix))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        // Prometheus' text format sorts the labels.
+        let health = r#"grpc_method="Check",grpc_service="grpc.health.v1.Health""#;
+        assert!(
+            count(&format!(r#"grpc_code="NOT_FOUND",{health}"#)) >= 3,
+            "{page}"
+        );
+        assert!(count(&format!(r#"grpc_code="OK",{health}"#)) >= 2, "{page}");
+        assert!(
+            page.contains("cohort_grpc_server_request_duration_seconds_bucket"),
+            "{page}"
+        );
+        assert!(
+            page.contains("cohort_process_resident_memory_bytes"),
+            "{page}"
+        );
+        // Discoverable by Prometheus' file_sd while it serves, gone after.
+        let targets = std::fs::read_to_string(&target_file).unwrap();
+        assert!(
+            targets.contains(&format!("\"{metrics_addr}\"")),
+            "{targets}"
+        );
+        assert!(targets.contains("\"service\": \"test\""), "{targets}");
 
         let _ = stop.send(());
         tokio::time::timeout(WAIT, server)
@@ -676,6 +846,7 @@ mod tests {
             .expect("server did not stop")
             .unwrap()
             .unwrap();
+        assert!(!target_file.exists());
     }
 
     #[tokio::test]

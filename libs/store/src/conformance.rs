@@ -110,6 +110,7 @@ macro_rules! job_store_conformance {
                 pages_are_stable_under_concurrent_inserts,
                 list_filters,
                 jobs_in_states_oldest_first,
+                jobs_are_counted_by_state,
                 record_round_is_idempotent,
                 concurrent_record_round_counts_once,
                 delete_cascades,
@@ -624,6 +625,36 @@ pub mod jobs {
                 .await
                 .unwrap()
                 .is_empty()
+        );
+    }
+
+    pub async fn jobs_are_counted_by_state(s: Arc<dyn JobStore>) {
+        assert!(s.count_jobs_by_state().await.unwrap().is_empty());
+        let states = [
+            JobState::Running,
+            JobState::Queued,
+            JobState::Running,
+            JobState::Failed,
+            JobState::Running,
+        ];
+        for (i, state) in states.iter().enumerate() {
+            // Namespaces do not matter: the count is the whole store's.
+            let mut j = job(
+                &format!("c{i}"),
+                if i % 2 == 0 { "default" } else { "other" },
+            );
+            j.state = *state;
+            s.insert_job(&j, "created").await.unwrap();
+        }
+        let mut got = s.count_jobs_by_state().await.unwrap();
+        got.sort_by_key(|(state, _)| state.as_str());
+        assert_eq!(
+            got,
+            [
+                (JobState::Failed, 1),
+                (JobState::Queued, 1),
+                (JobState::Running, 3)
+            ]
         );
     }
 

@@ -114,6 +114,9 @@ pub trait JobStore: TokenStore + Send + Sync + 'static {
     ) -> Result<Page<JobRecord>>;
     /// Jobs in any of `states`, oldest first (recovery after a restart).
     async fn jobs_in_states(&self, states: &[JobState]) -> Result<Vec<JobRecord>>;
+    /// How many jobs are in each state, over every namespace; states without a job are
+    /// absent. One query, counted by the database (the `cohort_jobs` metric).
+    async fn count_jobs_by_state(&self) -> Result<Vec<(JobState, u64)>>;
     /// Writes `job` if its version is still the stored one, recording an event when
     /// the state changed. Returns the stored record (version + 1). Conflict otherwise.
     async fn update_job(&self, job: &JobRecord, now_ms: i64) -> Result<JobRecord>;
@@ -318,6 +321,15 @@ impl JobStore for SqliteJobStore {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(crate::rows::job).collect()
+    }
+
+    async fn count_jobs_by_state(&self) -> Result<Vec<(JobState, u64)>> {
+        let rows = sqlx::query_as::<_, (String, i64)>(
+            "SELECT state, COUNT(*) FROM jobs GROUP BY state ORDER BY state",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(crate::rows::state_count).collect()
     }
 
     async fn update_job(&self, job: &JobRecord, now_ms: i64) -> Result<JobRecord> {

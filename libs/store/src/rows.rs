@@ -112,6 +112,20 @@ impl<'a, R: Columns> Reader<'a, R> {
     }
 }
 
+/// A state and its job count as a backend's GROUP BY returns them.
+pub(crate) fn state_count((state, count): (String, i64)) -> Result<(JobState, u64)> {
+    let corrupt = |message: String| StoreError::Corrupt {
+        what: "job count",
+        id: state.clone(),
+        message,
+    };
+    let parsed = state
+        .parse()
+        .map_err(|_| corrupt(format!("{state:?} is not a job state")))?;
+    let count = u64::try_from(count).map_err(|_| corrupt(format!("count {count} < 0")))?;
+    Ok((parsed, count))
+}
+
 pub(crate) fn job<R: Columns>(row: &R) -> Result<JobRecord> {
     let mut r = Reader::new(row, "job");
     r.id = r.text("id")?;

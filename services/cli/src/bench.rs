@@ -42,6 +42,9 @@ pub struct RoundArgs {
     /// Where the federation keeps its files (default: a temporary directory, removed after).
     #[arg(long)]
     data_dir: Option<std::path::PathBuf>,
+    /// Every process serves Prometheus metrics, as under `cohort up` (to measure their cost).
+    #[arg(long)]
+    metrics: bool,
 }
 
 #[derive(Debug, clap::Args)]

@@ -1119,6 +1119,7 @@ async fn up(a: UpArgs, json: bool) -> anyhow::Result<i32> {
             seed: 42,
         },
         party_env: Vec::new(),
+        metrics: true,
     })
     .await?;
     let profile = stack.profile();
@@ -1132,7 +1133,9 @@ async fn up(a: UpArgs, json: bool) -> anyhow::Result<i32> {
     if json {
         println!(
             "{}",
-            json!({"event": "up", "proxy": stack.proxy, "profile": profile_path, "data_dir": data_dir, "clients": a.clients})
+            json!({"event": "up", "proxy": stack.proxy, "profile": profile_path, "data_dir": data_dir, "clients": a.clients,
+                   "metrics_dir": stack.metrics_dir(),
+                   "metrics": stack.metrics_urls().into_iter().map(|(p, u)| json!({"process": p, "url": u})).collect::<Vec<_>>()})
         );
     } else {
         println!(
@@ -1141,6 +1144,15 @@ async fn up(a: UpArgs, json: bool) -> anyhow::Result<i32> {
         );
         println!("profile: {}", profile_path.display());
         println!("logs:    {}", data_dir.join("logs").display());
+        if let Some(dir) = stack.metrics_dir() {
+            println!(
+                "metrics: Prometheus file_sd targets in {} (coordinators appear there while their job runs)",
+                dir.display()
+            );
+            for (process, url) in stack.metrics_urls() {
+                println!("  {process:<24} {url}");
+            }
+        }
         println!("press Ctrl-C to stop");
     }
     let _ = std::io::stdout().flush();
@@ -1201,6 +1213,7 @@ async fn demo(a: DemoArgs, json: bool) -> anyhow::Result<i32> {
             seed: a.seed,
         },
         party_env: Vec::new(),
+        metrics: false,
     })
     .await?;
     if json {

@@ -36,6 +36,9 @@ pub struct StackConfig {
     pub party_data: PartyData,
     /// More environment for the task-managers (e.g. `COHORT_EXECUTOR_IDLE_SECS`).
     pub party_env: Vec<(String, String)>,
+    /// Every process serves Prometheus metrics on a loopback port and publishes it as a
+    /// file-based discovery target in `<data dir>/run/metrics` (coordinators too).
+    pub metrics: bool,
 }
 
 /// The data each local party is given.
@@ -75,6 +78,8 @@ pub struct Stack {
     /// The CA, certificates and the admin token (`<data dir>/pki`).
     pub pki: PathBuf,
     pub admin_token: ApiToken,
+    /// Where metrics targets are published, when metrics are served.
+    metrics_dir: Option<PathBuf>,
 }
 
 /// How long the local CA lives; certificates are issued afresh at every start.
@@ -127,6 +132,9 @@ impl Stack {
             bin_dir,
             pki,
             admin_token,
+            metrics_dir: cfg
+                .metrics
+                .then(|| cfg.data_dir.join("run").join("metrics")),
         };
         let result = stack.start_all(cfg, &server).await;
         if let Err(e) = result {
@@ -134,6 +142,35 @@ impl Stack {
             return Err(e);
         }
         Ok(stack)
+    }
+
+    /// The Prometheus file-based discovery directory (`<data dir>/run/metrics`), when
+    /// every process serves metrics.
+    pub fn metrics_dir(&self) -> Option<&Path> {
+        self.metrics_dir.as_deref()
+    }
+
+    /// Each process's metrics URL as it published it: (process, URL), by process name.
+    pub fn metrics_urls(&self) -> Vec<(String, String)> {
+        let Some(dir) = &self.metrics_dir else {
+            return Vec::new();
+        };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return Vec::new();
+        };
+        let mut urls: Vec<(String, String)> = entries
+            .flatten()
+            .filter_map(|e| {
+                let path = e.path();
+                let name = path.file_stem()?.to_str()?.to_string();
+                let text = std::fs::read_to_string(&path).ok()?;
+                let groups: serde_json::Value = serde_json::from_str(&text).ok()?;
+                let target = groups.get(0)?.get("targets")?.get(0)?.as_str()?.to_string();
+                Some((name, format!("http://{target}/metrics")))
+            })
+            .collect();
+        urls.sort();
+        urls
     }
 
     /// The profile other commands use to reach this federation as its admin.
@@ -255,6 +292,12 @@ impl Stack {
                     // Coordinators have their own identity: model-manager lets them act only
                     // for their job's namespace.
                     env.extend(coordinator_tls.iter().cloned());
+                    if let Some(dir) = &self.metrics_dir {
+                        env.push((
+                            "COHORT_COORDINATOR_METRICS_DIR".to_string(),
+                            dir.display().to_string(),
+                        ));
+                    }
                     env
                 },
             )
@@ -332,6 +375,14 @@ impl Stack {
         let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         if !args.iter().any(|a| a == "--listen") {
             args.extend(["--listen".to_string(), "127.0.0.1:0".to_string()]);
+        }
+        if let Some(dir) = &self.metrics_dir {
+            args.extend([
+                "--metrics-listen".to_string(),
+                "127.0.0.1:0".to_string(),
+                "--metrics-target-file".to_string(),
+                dir.join(format!("{name}.json")).display().to_string(),
+            ]);
         }
         let (child, addr) = self
             .launch(name, binary, &args, &env, OnSlowStart::Kill)

@@ -184,6 +184,7 @@ impl Bookkeeping {
 
     /// Adds one to `party`'s counter of `outcome`.
     pub fn count(&self, party: &PartyId, outcome: TaskOutcome) {
+        crate::metrics::task(outcome);
         let mut p = Pending::default();
         p.counts[slot(outcome)] = 1;
         self.queue(party, p);

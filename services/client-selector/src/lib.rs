@@ -9,6 +9,7 @@
 //! times and task counters are written in the background).
 
 pub mod bookkeeping;
+mod metrics;
 pub mod registry;
 pub mod sessions;
 

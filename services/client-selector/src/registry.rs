@@ -11,6 +11,7 @@
 //! updates); what it does not list, or everything once the grace is over,
 //! becomes FAILED.
 
+use crate::metrics::OfferAnswer;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -397,6 +398,8 @@ impl State {
             return false;
         }
         self.sessions.remove(party);
+        crate::metrics::session(false);
+        crate::metrics::connected(self.sessions.len());
         // Its offers can no longer be answered.
         self.offers.retain(|_, o| &o.party != party);
         true
@@ -454,7 +457,7 @@ impl Registry {
             s.next_session += 1;
             let id = s.next_session;
             // Dropping the old sender ends that stream.
-            s.sessions.insert(
+            let replaced = s.sessions.insert(
                 party.clone(),
                 Session {
                     id,
@@ -464,6 +467,11 @@ impl Registry {
                 },
             );
             s.away.remove(party);
+            if replaced.is_some() {
+                crate::metrics::session(false);
+            }
+            crate::metrics::session(true);
+            crate::metrics::connected(s.sessions.len());
             (id, s.tasks.reattach(party, listed))
         })
     }
@@ -714,6 +722,7 @@ impl Registry {
         self.with_state(|s| s.offers.remove(&offer_id));
         match reply {
             Ok(Some(r)) if r.accepted => {
+                crate::metrics::offer(OfferAnswer::Accepted);
                 self.with_state(|s| {
                     s.tasks
                         .insert(task.task_id.clone(), party.clone(), task.job_id.clone())
@@ -726,9 +735,18 @@ impl Registry {
                     samples,
                 })
             }
-            Ok(Some(r)) => Err((party, format!("refused: {}", bounded_message(&r.reason)))),
-            Ok(None) => Err((party, "disconnected".to_string())),
-            Err(_) => Err((party, format!("no answer within {timeout:?}"))),
+            Ok(Some(r)) => {
+                crate::metrics::offer(OfferAnswer::Declined);
+                Err((party, format!("refused: {}", bounded_message(&r.reason))))
+            }
+            Ok(None) => {
+                crate::metrics::offer(OfferAnswer::Disconnected);
+                Err((party, "disconnected".to_string()))
+            }
+            Err(_) => {
+                crate::metrics::offer(OfferAnswer::Unanswered);
+                Err((party, format!("no answer within {timeout:?}")))
+            }
         }
     }
 

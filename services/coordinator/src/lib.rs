@@ -9,6 +9,7 @@
 //! `round_state` holds the round's rules and knows no gRPC; `round_service` is the
 //! edge parties call; `rounds` drives the job.
 
+mod metrics;
 pub mod round_service;
 pub mod round_state;
 mod rounds;
@@ -150,6 +151,7 @@ impl Args {
         }
 
         let require_party = tls.is_some();
+        metrics::set_job(&job_id.to_string());
         let listener = Listener::bind_service(&self.service).await?.with_tls(tls);
         let endpoint = self
             .advertise
@@ -230,6 +232,9 @@ mod tests {
             "COHORT_TLS_CERT",
             "COHORT_TLS_KEY",
             "COHORT_TLS_CA",
+            // The local launcher's, with --coordinator-metrics-dir.
+            "COHORT_METRICS_LISTEN",
+            "COHORT_METRICS_TARGET_FILE",
         ];
         // job-scheduler's own: its port, files and database are not the coordinator's.
         let withheld = [

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use cohort_core::PartyId;
 use cohort_fl::{CHUNK_BYTES, chunk_tensors_shared};
+
+use crate::metrics::UpdateOutcome;
 use cohort_proto::v1 as pb;
 use cohort_runtime::ToStatus;
 use futures::{Stream, StreamExt};
@@ -140,8 +142,12 @@ impl pb::round_server::Round for RoundApi {
         let (update, _slot) = match received {
             Ok(received) => received,
             // Content the model cannot take: the update is dropped, with its reason.
-            Err(Received::Bad(why)) => return Err(upload.reject(why).to_status()),
+            Err(Received::Bad(why)) => {
+                crate::metrics::update(UpdateOutcome::Rejected);
+                return Err(upload.reject(why).to_status());
+            }
             Err(Received::Broken(e)) => {
+                crate::metrics::update(UpdateOutcome::Broken);
                 tracing::warn!(%party, %task, error = %e, "update not received");
                 // Dropping the upload gives the token back for another try.
                 return Err(e.to_status());
@@ -152,7 +158,11 @@ impl pb::round_server::Round for RoundApi {
         let norm = tokio::task::spawn_blocking(move || upload.complete_checked(update, train_loss))
             .await
             .map_err(|e| Status::internal(format!("the fold of the update failed: {e}")))?
-            .map_err(|e| e.to_status())?;
+            .map_err(|e| {
+                crate::metrics::update(UpdateOutcome::Rejected);
+                e.to_status()
+            })?;
+        crate::metrics::update(UpdateOutcome::Accepted);
         tracing::info!(%party, %task, samples = header.samples, norm, "update folded");
         Ok(Response::new(pb::Ack {
             message: "update accepted".into(),

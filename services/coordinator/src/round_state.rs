@@ -254,12 +254,14 @@ impl RoundState {
 
     /// Counts model bytes sent to a party.
     pub fn sent(&self, bytes: usize) {
+        crate::metrics::sent(bytes);
         self.traffic_to_parties
             .fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
     /// Counts update bytes received from a party.
     pub fn received(&self, bytes: usize) {
+        crate::metrics::received(bytes);
         self.traffic_from_parties
             .fetch_add(bytes as u64, Ordering::Relaxed);
     }
@@ -513,6 +515,7 @@ impl RoundState {
     /// Counts a refused call and logs it, at most a few lines a minute: a hostile party
     /// aiming calls at this coordinator cannot flood its log.
     pub fn refuse(&self, e: RoundError) -> RoundError {
+        crate::metrics::refused(e.kind);
         let round = {
             let mut inner = self.lock();
             inner.refused += 1;

@@ -10,6 +10,8 @@ use cohort_core::{JobId, JobSpec, NamedTensor, Role, TaskKind, spec::parse_model
 use cohort_fl::{AggregationRules, capped_weights, from_safetensors, lower_median};
 use cohort_proto::v1 as pb;
 use cohort_runtime::retry_unavailable;
+
+use crate::metrics::Phase;
 use cohort_runtime::wire::{act_as, task_kind_to_wire};
 use futures::StreamExt;
 use sha2::Digest as _;
@@ -180,11 +182,18 @@ impl JobRun {
             // A round runs from its offer to its model stored.
             let started = Instant::now();
             let trained = self.train_round(round, &cohort).await?;
+            crate::metrics::phase(Phase::Train, started.elapsed());
             // A synthetic model has nothing to evaluate.
             let evaluate = self.spec.model.synthetic().is_none()
                 && (round % self.spec.evaluation.every == 0 || round == rounds);
             let evaluated = if evaluate {
-                self.evaluate_round(round, &cohort).await?
+                let evaluating = Instant::now();
+                let evaluated = self.evaluate_round(round, &cohort).await?;
+                crate::metrics::phase(Phase::Evaluate, evaluating.elapsed());
+                if evaluated.metrics.samples > 0 {
+                    crate::metrics::evaluated(evaluated.metrics.accuracy, evaluated.metrics.loss);
+                }
+                evaluated
             } else {
                 Evaluated {
                     metrics: pb::Metrics::default(),
@@ -195,7 +204,9 @@ impl JobRun {
             };
             let metrics = evaluated.metrics;
             let refused = self.state.take_refused();
+            let checkpointing = Instant::now();
             let version = self.checkpoint(round, parent_version, &metrics).await?;
+            crate::metrics::phase(Phase::Checkpoint, checkpointing.elapsed());
             let traffic = self.state.take_traffic();
             parent_version = version;
             let summary = pb::RoundSummary {

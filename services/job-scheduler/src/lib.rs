@@ -6,6 +6,7 @@
 
 pub mod federated;
 pub mod manager;
+pub mod metrics;
 pub mod service;
 pub mod tokens;
 
@@ -71,6 +72,11 @@ pub struct Args {
     /// Where coordinator logs are written.
     #[arg(long, env = "COHORT_WORK_DIR", default_value = "cohort-work")]
     pub work_dir: PathBuf,
+    /// Local coordinators serve Prometheus metrics on a loopback port and publish it as a
+    /// file-based discovery target here (`coordinator-<job>.json`); off when unset. In
+    /// Kubernetes, coordinator Pods carry the scrape annotations instead.
+    #[arg(long, env = "COHORT_COORDINATOR_METRICS_DIR")]
+    pub coordinator_metrics_dir: Option<PathBuf>,
     /// Coordinator launches in a row without a completed round before the job fails (a
     /// round completed resets the count; a coordinator stopped because job-scheduler shuts
     /// down does not count).
@@ -294,13 +300,19 @@ impl Args {
         .concat();
         let federated_jobs = kube_client.as_ref().map(|(client, _)| client.clone());
         let launcher: Arc<dyn Launcher> = match kube_client {
-            None => Arc::new(LocalLauncher::new(
-                coordinator_bin,
-                services,
-                self.work_dir.join("coordinators"),
-                extra_args,
-                exit_tx,
-            )?),
+            None => Arc::new(
+                LocalLauncher::new(
+                    coordinator_bin,
+                    services,
+                    self.work_dir.join("coordinators"),
+                    extra_args,
+                    exit_tx,
+                )
+                .map(|l| match &self.coordinator_metrics_dir {
+                    Some(dir) => l.with_metrics_dir(dir.clone()),
+                    None => l,
+                })?,
+            ),
             Some((client, owner)) => self.kubernetes_launcher(client, owner, services, exit_tx),
         };
         let manager = JobManager::with_supervision(
@@ -321,6 +333,7 @@ impl Args {
         );
         manager.recover().await;
         tokio::spawn(manager.clone().supervise(exit_rx));
+        let job_counts = metrics::spawn_job_counts(manager.store().clone());
         if let Some(client) = federated_jobs {
             // kubectl-applied FederatedJobs become ordinary jobs of this manager.
             let backend = federated::ManagerBackend::new(manager.clone());
@@ -357,6 +370,7 @@ impl Args {
                 shutdown,
             )
             .await?;
+        job_counts.abort();
         Ok(())
     }
 

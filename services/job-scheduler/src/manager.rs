@@ -719,7 +719,12 @@ impl JobManager {
             })
             .await?;
         }
+        let before = job.rounds_completed;
         let job = self.store.record_round(id, round, now_ms()).await?;
+        // A retried report is stored once, and counted once.
+        if job.rounds_completed > before {
+            crate::metrics::round_completed(Duration::from_millis(round.duration_ms));
+        }
         self.announce(id);
         Ok(job)
     }

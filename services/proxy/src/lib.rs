@@ -192,6 +192,19 @@ impl Args {
             ),
             None => None,
         };
+        let metrics = match self.service.metrics_listen {
+            Some(addr) => Some(cohort_runtime::bind_metrics(addr).await?),
+            None => None,
+        };
+        let _target = match (&metrics, &self.service.metrics_target_file) {
+            (Some(l), Some(path)) => Some(cohort_runtime::MetricsTarget::publish(
+                path,
+                l.local_addr()?,
+                "proxy",
+            )?),
+            _ => None,
+        };
+        let _metrics = metrics.map(|l| AbortOnDrop(cohort_runtime::spawn_metrics(l)));
         if let Some(path) = &self.service.ready_file {
             cohort_runtime::write_atomic(path, local.to_string().as_bytes())?;
         }
@@ -553,13 +566,16 @@ async fn serve_connection<IO>(
         _ => None,
     };
     let identity = Arc::new(identity);
-    let service = hyper::service::service_fn(move |req| {
+    let handle = tower::service_fn(move |req| {
         let proxy = proxy.clone();
         let identity = identity.clone();
         async move {
             Ok::<_, std::convert::Infallible>(proxy.handle(req, identity.as_ref().as_ref()).await)
         }
     });
+    let metered = tower::Layer::layer(&cohort_runtime::grpc_metrics_layer(), handle);
+    let service =
+        hyper::service::service_fn(move |req| tower::ServiceExt::oneshot(metered.clone(), req));
     let conn = http.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     let revocation = async {

@@ -489,6 +489,41 @@ impl JobStore for MongoJobStore {
         docs.iter().map(job_from_doc).collect()
     }
 
+    async fn count_jobs_by_state(&self) -> Result<Vec<(JobState, u64)>> {
+        let docs: Vec<Document> = self
+            .jobs
+            .aggregate(vec![
+                doc! {"$group": {"_id": "$state", "count": {"$sum": 1}}},
+                doc! {"$sort": {"_id": 1}},
+            ])
+            .await
+            .map_err(|e| self.db.error(e, WHAT, "count by state"))?
+            .try_collect()
+            .await
+            .map_err(|e| self.db.error(e, WHAT, "count by state"))?;
+        docs.iter()
+            .map(|d| {
+                let state = d.get_str("_id").map_err(|e| StoreError::Corrupt {
+                    what: "job count",
+                    id: String::new(),
+                    message: format!("a state counted is not a string: {e}"),
+                })?;
+                let count = match d.get("count") {
+                    Some(Bson::Int32(n)) => i64::from(*n),
+                    Some(Bson::Int64(n)) => *n,
+                    other => {
+                        return Err(StoreError::Corrupt {
+                            what: "job count",
+                            id: state.to_string(),
+                            message: format!("the count is {other:?}"),
+                        });
+                    }
+                };
+                crate::rows::state_count((state.to_string(), count))
+            })
+            .collect()
+    }
+
     async fn update_job(&self, job: &JobRecord, now_ms: i64) -> Result<JobRecord> {
         let id = job.id.as_str();
         // Log entries appended meanwhile move event_seq without changing the

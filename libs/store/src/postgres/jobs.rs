@@ -175,6 +175,15 @@ impl JobStore for PgJobStore {
         rows.iter().map(crate::rows::job).collect()
     }
 
+    async fn count_jobs_by_state(&self) -> Result<Vec<(JobState, u64)>> {
+        let rows = sqlx::query_as::<_, (String, i64)>(
+            "SELECT state, COUNT(*) FROM jobs GROUP BY state ORDER BY state",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(crate::rows::state_count).collect()
+    }
+
     async fn update_job(&self, job: &JobRecord, now_ms: i64) -> Result<JobRecord> {
         let mut tx = self.pool.begin().await?;
         // The row lock orders concurrent writers: the later one then sees the

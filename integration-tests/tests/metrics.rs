@@ -1,0 +1,291 @@
+//! Prometheus metrics of a running federation (issue 14): every process publishes its
+//! `/metrics` endpoint as a file-based discovery target, serves the text format that
+//! `promtool check metrics` accepts, and counts what really happened — the job's rounds,
+//! the coordinator's updates and bytes, the parties' sessions and offers, gRPC calls by
+//! code. `promtool` comes from Debian's `prometheus` package (the test script installs it).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cohort_core::JobState;
+use cohort_integration_tests::{Federation, state_of, wait_clients};
+
+const ROUNDS: u32 = 200;
+
+fn promtool() -> Option<PathBuf> {
+    ["/usr/bin/promtool", "/usr/local/bin/promtool"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+}
+
+/// Every published target: file stem (the process) → address.
+fn targets(dir: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        let Some(name) = path.file_stem().and_then(|s| s.to_str()) else {
+            continue;
+        };
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let groups: serde_json::Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{} is not JSON: {e}: {text}", path.display()));
+        let target = groups[0]["targets"][0]
+            .as_str()
+            .unwrap_or_else(|| panic!("{} names no target: {text}", path.display()));
+        out.insert(name.to_string(), target.to_string());
+    }
+    out
+}
+
+async fn scrape(addr: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::net::TcpStream::connect(addr),
+    )
+    .await
+    .expect("connect in time")
+    .expect("connect to the metrics port");
+    let request = "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut page = String::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut page))
+        .await
+        .expect("scrape in time")
+        .expect("read the page");
+    assert!(page.starts_with("HTTP/1.1 200"), "{addr}: {page}");
+    page.split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default()
+}
+
+/// The sum of every sample of `name` whose labels contain each of `labels`.
+fn value(page: &str, name: &str, labels: &[&str]) -> f64 {
+    page.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, v) = l.rsplit_once(' ')?;
+            let (metric, rest) = match series.split_once('{') {
+                Some((m, rest)) => (m, rest),
+                None => (series, ""),
+            };
+            (metric == name && labels.iter().all(|want| rest.contains(want)))
+                .then(|| v.parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
+}
+
+async fn promtool_accepts(promtool: &Path, process: &str, page: &str) {
+    use tokio::io::AsyncWriteExt;
+    let mut check = tokio::process::Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start promtool");
+    let mut stdin = check.stdin.take().expect("stdin");
+    stdin
+        .write_all(page.as_bytes())
+        .await
+        .expect("feed promtool");
+    drop(stdin);
+    let out = tokio::time::timeout(Duration::from_secs(30), check.wait_with_output())
+        .await
+        .expect("promtool in time")
+        .expect("promtool runs");
+    assert!(
+        out.status.success(),
+        "promtool check metrics refuses {process}'s metrics:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_process_serves_metrics_that_count_what_happened() {
+    let promtool = promtool();
+    if promtool.is_none() {
+        cohort_testkit::skip("promtool is not installed (scripts/test.sh installs prometheus)");
+    }
+    let fed = Federation::synthetic(2).await.expect("federation");
+    let dir = fed
+        .stack
+        .metrics_dir()
+        .expect("metrics are on")
+        .to_path_buf();
+    wait_clients(&fed.api(), Duration::from_secs(30), |c| {
+        c.iter().filter(|c| c.connected).count() == 2
+    })
+    .await;
+    let services = targets(&dir);
+    for process in [
+        "proxy",
+        "job-scheduler",
+        "model-manager",
+        "client-selector",
+        "task-manager-party-1",
+        "task-manager-party-2",
+    ] {
+        assert!(services.contains_key(process), "{process}: {services:?}");
+    }
+
+    let job = fed
+        .create_job(&format!(
+            "name: metrics\nmodel: {{arch: synthetic, params: 1000, layers: 2}}\n\
+             data: {{dataset: synthetic}}\nrounds: {ROUNDS}\n\
+             clients: {{per_round: 2, min: 2, round_timeout: 60s}}\n"
+        ))
+        .await
+        .expect("create");
+
+    // The job's coordinator publishes its own target while it runs: its updates and bytes
+    // are counted there, with the job's id.
+    let coordinator = format!("coordinator-{}", job.id);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let coordinator_page = loop {
+        if let Some(addr) = targets(&dir).get(&coordinator).cloned() {
+            let page = scrape(&addr).await;
+            let job_label = format!("job_id=\"{}\"", job.id);
+            if value(
+                &page,
+                "cohort_updates_total",
+                &[&job_label, "outcome=\"accepted\""],
+            ) >= 2.0
+            {
+                break page;
+            }
+        }
+        let current = fed.get_job(&job.id).await.expect("get job");
+        assert!(
+            !matches!(
+                state_of(&current),
+                JobState::Succeeded | JobState::Failed | JobState::Stopped
+            ),
+            "the job ended before its coordinator's metrics could be read: {current:?}"
+        );
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the coordinator's metrics never showed an accepted update"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let job_label = format!("job_id=\"{}\"", job.id);
+    for direction in ["to_parties", "from_parties"] {
+        let bytes = value(
+            &coordinator_page,
+            "cohort_update_bytes_total",
+            &[&job_label, &format!("direction=\"{direction}\"")],
+        );
+        // 1000 float32 parameters per party and round, at least one round.
+        assert!(bytes >= 8000.0, "{direction}: {bytes}\n{coordinator_page}");
+    }
+    assert!(
+        value(
+            &coordinator_page,
+            "cohort_round_phase_duration_seconds_count",
+            &[&job_label, "phase=\"train\""]
+        ) >= 1.0,
+        "{coordinator_page}"
+    );
+    assert!(
+        value(
+            &coordinator_page,
+            "cohort_grpc_server_requests_total",
+            &["grpc_method=\"SubmitUpdate\"", "grpc_code=\"OK\""]
+        ) >= 2.0,
+        "{coordinator_page}"
+    );
+    if let Some(promtool) = &promtool {
+        promtool_accepts(promtool, &coordinator, &coordinator_page).await;
+    }
+
+    let job = fed
+        .wait_end(&job.id, Duration::from_secs(300))
+        .await
+        .expect("the job ends");
+    assert_eq!(state_of(&job), JobState::Succeeded, "{}", job.reason);
+    // Gone with its coordinator.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while targets(&dir).contains_key(&coordinator) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the coordinator's target outlived it"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let mut pages = BTreeMap::new();
+    for (process, addr) in targets(&dir) {
+        let page = scrape(&addr).await;
+        if let Some(promtool) = &promtool {
+            promtool_accepts(promtool, &process, &page).await;
+        }
+        assert!(
+            value(&page, "cohort_process_resident_memory_bytes", &[]) > 0.0,
+            "{process}: {page}"
+        );
+        pages.insert(process, page);
+    }
+    let scheduler = &pages["job-scheduler"];
+    assert_eq!(
+        value(scheduler, "cohort_rounds_total", &[]),
+        f64::from(ROUNDS),
+        "{scheduler}"
+    );
+    assert_eq!(
+        value(scheduler, "cohort_round_duration_seconds_count", &[]),
+        f64::from(ROUNDS)
+    );
+    // Read from the store every few seconds: wait for the count that includes this job.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let page = scrape(&targets(&dir)["job-scheduler"]).await;
+        if value(&page, "cohort_jobs", &["state=\"succeeded\""]) == 1.0 {
+            assert_eq!(value(&page, "cohort_jobs", &["state=\"running\""]), 0.0);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "cohort_jobs never counted the job: {page}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let selector = &pages["client-selector"];
+    assert_eq!(value(selector, "cohort_clients_connected", &[]), 2.0);
+    assert!(
+        value(
+            selector,
+            "cohort_party_sessions_total",
+            &["event=\"opened\""]
+        ) >= 2.0
+    );
+    assert!(
+        value(selector, "cohort_offers_total", &["answer=\"accepted\""]) >= f64::from(2 * ROUNDS),
+        "{selector}"
+    );
+    let proxy = &pages["proxy"];
+    assert!(
+        value(
+            proxy,
+            "cohort_grpc_server_requests_total",
+            &["grpc_method=\"SubmitUpdate\"", "grpc_code=\"OK\""]
+        ) >= f64::from(2 * ROUNDS),
+        "{proxy}"
+    );
+    assert!(
+        value(
+            proxy,
+            "cohort_grpc_server_request_duration_seconds_count",
+            &["grpc_method=\"CreateJob\""]
+        ) >= 1.0
+    );
+    let mut fed = fed;
+    fed.stack.shutdown().await;
+}
