@@ -270,6 +270,33 @@ async fn every_process_serves_metrics_that_count_what_happened() {
         value(selector, "cohort_offers_total", &["answer=\"accepted\""]) >= f64::from(2 * ROUNDS),
         "{selector}"
     );
+    // Each party took every round's task, and its executors reported through it.
+    for party in ["task-manager-party-1", "task-manager-party-2"] {
+        let page = &pages[party];
+        assert_eq!(
+            value(
+                page,
+                "cohort_party_tasks_total",
+                &["kind=\"train\"", "outcome=\"succeeded\""]
+            ),
+            f64::from(ROUNDS),
+            "{party}: {page}"
+        );
+        assert_eq!(
+            value(page, "cohort_party_offers_total", &["answer=\"accepted\""]),
+            f64::from(ROUNDS),
+            "{party}"
+        );
+        assert_eq!(
+            value(
+                page,
+                "cohort_executor_start_duration_seconds_count",
+                &["launcher=\"warm\""]
+            ),
+            f64::from(ROUNDS),
+            "{party}"
+        );
+    }
     let proxy = &pages["proxy"];
     assert!(
         value(

@@ -324,11 +324,9 @@ impl JobStore for SqliteJobStore {
     }
 
     async fn count_jobs_by_state(&self) -> Result<Vec<(JobState, u64)>> {
-        let rows = sqlx::query_as::<_, (String, i64)>(
-            "SELECT state, COUNT(*) FROM jobs GROUP BY state ORDER BY state",
-        )
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query_as::<_, (String, i64)>(crate::rows::COUNT_JOBS_BY_STATE)
+            .fetch_all(&self.pool)
+            .await?;
         rows.into_iter().map(crate::rows::state_count).collect()
     }
 

@@ -112,6 +112,10 @@ impl<'a, R: Columns> Reader<'a, R> {
     }
 }
 
+/// Jobs per state, in SQL both SQL backends speak.
+pub(crate) const COUNT_JOBS_BY_STATE: &str =
+    "SELECT state, COUNT(*) FROM jobs GROUP BY state ORDER BY state";
+
 /// A state and its job count as a backend's GROUP BY returns them.
 pub(crate) fn state_count((state, count): (String, i64)) -> Result<(JobState, u64)> {
     let corrupt = |message: String| StoreError::Corrupt {

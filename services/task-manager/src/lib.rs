@@ -20,6 +20,7 @@
 //! PartySession protocol (and, for executor Pods, the Kubernetes API).
 
 pub mod datasets;
+mod metrics;
 mod warm;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -810,6 +811,7 @@ impl Party {
                         ),
                         Err(reason) => (refusal(&offer, reason), None),
                     };
+                    metrics::offer(accepted.is_some());
                     let sent = out_tx
                         .send(party_msg(pb::party_message::Kind::OfferReply(reply)))
                         .await;
@@ -933,6 +935,7 @@ impl Party {
             phase: phase as i32,
             message,
         };
+        let accepted_at = tokio::time::Instant::now();
         let running = || {
             self.outbox
                 .push(status(pb::TaskPhase::Running, String::new()))
@@ -953,9 +956,11 @@ impl Party {
                 // Beside the task file, in the task's directory.
                 let log = task_file.with_file_name("executor.log");
                 let program = processes.bin.display().to_string();
+                let spawning = tokio::time::Instant::now();
                 match cohort_runtime::process::spawn_logged(cmd, &program, &log) {
                     Err(e) => (pb::TaskPhase::Failed, e.to_string()),
                     Ok(mut child) => {
+                        metrics::executor_started(metrics::Launcher::Process, spawning.elapsed());
                         tracing::info!(task = %task.task_id, kind = task.kind, round = task.round, "executor started");
                         running();
                         let stopped = tokio::select! {
@@ -997,6 +1002,7 @@ impl Party {
             Launch::Pod(pods, task_file) => match pods.start(&task.task_id, task_file).await {
                 Err(e) => (pb::TaskPhase::Failed, e.to_string()),
                 Ok(()) => {
+                    metrics::executor_started(metrics::Launcher::Pod, accepted_at.elapsed());
                     tracing::info!(task = %task.task_id, kind = task.kind, round = task.round, pod = %cohort_kube::executor_pod_name(&task.task_id), "executor pod created");
                     running();
                     let (phase, message, grace) = tokio::select! {
@@ -1029,6 +1035,7 @@ impl Party {
         if let Launch::Process(_, task_file) = &launch {
             let _ = std::fs::remove_file(task_file);
         }
+        metrics::task_ended(&task, phase, accepted_at.elapsed());
         // Whatever produced it (this log, a Pod's status), the server gets one bounded line.
         let message = bounded(message);
         match phase {
@@ -1060,9 +1067,11 @@ impl Party {
         let Some(pool) = &processes.warm else {
             return (pb::TaskPhase::Failed, "no executor pool".into());
         };
+        let handing = tokio::time::Instant::now();
         let handed = pool
             .hand(&task.job_id, task_bytes, || processes.command())
             .await;
+        metrics::executor_started(metrics::Launcher::Warm, handing.elapsed());
         let (mut executor, reused) = match handed {
             Ok(handed) => handed,
             Err(why) => return (pb::TaskPhase::Failed, why),
