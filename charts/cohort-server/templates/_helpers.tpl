@@ -99,7 +99,13 @@ spec:
     metadata:
       labels:
         {{- include "cohort.labels" $ctx | nindent 8 }}
-      {{- with $root.Values.podAnnotations }}
+      {{- $annotations := deepCopy ($root.Values.podAnnotations | default dict) }}
+      {{- if $root.Values.metrics.enabled }}
+      {{- $_ := set $annotations "prometheus.io/scrape" "true" }}
+      {{- $_ := set $annotations "prometheus.io/port" (toString $root.Values.metrics.port) }}
+      {{- $_ := set $annotations "prometheus.io/path" "/metrics" }}
+      {{- end }}
+      {{- with $annotations }}
       annotations:
         {{- toYaml . | nindent 8 }}
       {{- end }}
@@ -142,9 +148,18 @@ spec:
             - name: health
               containerPort: {{ $root.Values.healthPort }}
               protocol: TCP
+            {{- if $root.Values.metrics.enabled }}
+            - name: metrics
+              containerPort: {{ $root.Values.metrics.port }}
+              protocol: TCP
+            {{- end }}
           env:
             - name: COHORT_HEALTH_LISTEN
               value: "0.0.0.0:{{ $root.Values.healthPort }}"
+            {{- if $root.Values.metrics.enabled }}
+            - name: COHORT_METRICS_LISTEN
+              value: "0.0.0.0:{{ $root.Values.metrics.port }}"
+            {{- end }}
             - name: COHORT_LOG_FORMAT
               value: {{ $root.Values.logFormat | quote }}
             {{- if .database }}
