@@ -68,6 +68,9 @@ pub struct KubernetesLauncherConfig {
     pub extra_args: Vec<String>,
     /// More environment variables (e.g. `COHORT_LOG_FORMAT=json`).
     pub env: Vec<EnvVar>,
+    /// Serve Prometheus metrics on this port of the Pod, with the `prometheus.io/*`
+    /// annotations that annotation-based scrape configurations follow.
+    pub metrics_port: Option<u16>,
     /// Resource requests (and limits) of the coordinator container.
     pub resources: Option<ResourceRequirements>,
     /// A `kubernetes.io/tls` Secret with `tls.crt`, `tls.key` and `ca.crt`: the coordinator's
@@ -103,6 +106,7 @@ impl KubernetesLauncherConfig {
             services,
             extra_args: Vec::new(),
             env: Vec::new(),
+            metrics_port: None,
             resources: None,
             tls_secret: None,
             owner: None,
@@ -154,6 +158,27 @@ impl KubernetesLauncherConfig {
             "--advertise".to_string(),
             self.advertise(job_id),
         ];
+        let mut ports = vec![ContainerPort {
+            name: Some("grpc".to_string()),
+            container_port: i32::from(COORDINATOR_PORT),
+            protocol: Some("TCP".to_string()),
+            ..Default::default()
+        }];
+        let mut metadata = self.metadata(job_id);
+        if let Some(port) = self.metrics_port {
+            args.extend(["--metrics-listen".to_string(), format!("0.0.0.0:{port}")]);
+            ports.push(ContainerPort {
+                name: Some("metrics".to_string()),
+                container_port: i32::from(port),
+                protocol: Some("TCP".to_string()),
+                ..Default::default()
+            });
+            metadata.annotations = Some(BTreeMap::from([
+                ("prometheus.io/scrape".to_string(), "true".to_string()),
+                ("prometheus.io/port".to_string(), port.to_string()),
+                ("prometheus.io/path".to_string(), "/metrics".to_string()),
+            ]));
+        }
         args.extend(self.extra_args.iter().cloned());
         let mut env = self.env.clone();
         let mut volume_mounts = vec![read_only_mount("job", JOB_MOUNT)];
@@ -172,7 +197,7 @@ impl KubernetesLauncherConfig {
             volume_mounts.push(tls.mount);
         }
         Pod {
-            metadata: self.metadata(job_id),
+            metadata,
             spec: Some(PodSpec {
                 restart_policy: Some("Never".to_string()),
                 service_account_name: self.service_account.clone(),
@@ -183,12 +208,7 @@ impl KubernetesLauncherConfig {
                     command: (!self.command.is_empty()).then(|| self.command.clone()),
                     args: Some(args),
                     env: (!env.is_empty()).then_some(env),
-                    ports: Some(vec![ContainerPort {
-                        name: Some("grpc".to_string()),
-                        container_port: i32::from(COORDINATOR_PORT),
-                        protocol: Some("TCP".to_string()),
-                        ..Default::default()
-                    }]),
+                    ports: Some(ports),
                     resources: self.resources.clone(),
                     volume_mounts: Some(volume_mounts),
                     ..Default::default()

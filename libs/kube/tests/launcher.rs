@@ -234,6 +234,43 @@ async fn launch_creates_the_coordinator_pod_and_service() {
     assert_eq!(launcher.watched(), vec![job]);
 }
 
+#[test]
+fn a_metrics_port_adds_the_flag_the_container_port_and_the_scrape_annotations() {
+    let plain = config(Duration::from_secs(5)).coordinator_pod(&job());
+    assert!(plain.metadata.annotations.is_none());
+    let container = &plain.spec.as_ref().unwrap().containers[0];
+    assert!(
+        !container
+            .args
+            .as_ref()
+            .unwrap()
+            .contains(&"--metrics-listen".to_string())
+    );
+    assert_eq!(container.ports.as_ref().unwrap().len(), 1);
+
+    let mut c = config(Duration::from_secs(5));
+    c.metrics_port = Some(9464);
+    let pod = c.coordinator_pod(&job());
+    let annotations = pod.metadata.annotations.clone().unwrap();
+    assert_eq!(annotations["prometheus.io/scrape"], "true");
+    assert_eq!(annotations["prometheus.io/port"], "9464");
+    assert_eq!(annotations["prometheus.io/path"], "/metrics");
+    let container = &pod.spec.as_ref().unwrap().containers[0];
+    let args = container.args.as_ref().unwrap();
+    let at = args.iter().position(|a| a == "--metrics-listen").unwrap();
+    assert_eq!(args[at + 1], "0.0.0.0:9464");
+    let ports = container.ports.as_ref().unwrap();
+    assert!(
+        ports
+            .iter()
+            .any(|p| p.name.as_deref() == Some("metrics") && p.container_port == 9464)
+    );
+    // The Service stays the gRPC port only: Prometheus scrapes Pods.
+    let service = c.coordinator_service(&job());
+    assert!(service.metadata.annotations.is_none());
+    assert_eq!(service.spec.unwrap().ports.unwrap().len(), 1);
+}
+
 #[tokio::test]
 async fn launch_failure_is_an_error_naming_the_pod() {
     let (launcher, mut handle, _exits) = launcher(Duration::from_secs(3600));

@@ -110,6 +110,7 @@ fn full_launcher_config() -> KubernetesLauncherConfig {
         block_owner_deletion: None,
     });
     c.service_account = Some("cohort-coordinator".to_string());
+    c.metrics_port = Some(9464);
     c
 }
 

@@ -129,6 +129,10 @@ pub struct KubernetesArgs {
     /// Image holding the `coordinator` binary.
     #[arg(long, env = "COHORT_COORDINATOR_IMAGE")]
     pub coordinator_image: Option<String>,
+    /// Coordinator Pods serve Prometheus metrics on this port, with the prometheus.io/*
+    /// annotations (off when unset).
+    #[arg(long, env = "COHORT_COORDINATOR_METRICS_PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    pub coordinator_metrics_port: Option<u16>,
     /// CPU request of a coordinator (e.g. 500m).
     #[arg(long, env = "COHORT_COORDINATOR_CPU")]
     pub coordinator_cpu: Option<String>,
@@ -476,6 +480,7 @@ impl Args {
             });
         }
         config.tls_secret = k.coordinator_tls_secret.clone();
+        config.metrics_port = k.coordinator_metrics_port;
         config.owner = owner;
         config.extra_args = vec![
             "--log-format".to_string(),
