@@ -80,6 +80,31 @@ fn value(page: &str, name: &str, labels: &[&str]) -> f64 {
         .sum()
 }
 
+/// Scrapes `process` until `name{labels}` satisfies `ok`, for at most 30 s; returns that
+/// page. For figures recorded after what the test waited for: a party records a task's end
+/// once its executor answers, the proxy a call once its answer passed, both of which may
+/// come after the job's end.
+async fn page_when(
+    dir: &Path,
+    process: &str,
+    name: &str,
+    labels: &[&str],
+    ok: impl Fn(f64) -> bool,
+) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let addr = targets(dir)
+            .get(process)
+            .cloned()
+            .unwrap_or_else(|| panic!("{process} published no metrics target"));
+        let page = scrape(&addr).await;
+        if ok(value(&page, name, labels)) || tokio::time::Instant::now() >= deadline {
+            return page;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn promtool_accepts(promtool: &Path, process: &str, page: &str) {
     use tokio::io::AsyncWriteExt;
     let mut check = tokio::process::Command::new(promtool)
@@ -244,19 +269,13 @@ async fn every_process_serves_metrics_that_count_what_happened() {
         f64::from(ROUNDS)
     );
     // Read from the store every few seconds: wait for the count that includes this job.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let page = scrape(&targets(&dir)["job-scheduler"]).await;
-        if value(&page, "cohort_jobs", &["state=\"succeeded\""]) == 1.0 {
-            assert_eq!(value(&page, "cohort_jobs", &["state=\"running\""]), 0.0);
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "cohort_jobs never counted the job: {page}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let succeeded = ["state=\"succeeded\""];
+    let page = page_when(&dir, "job-scheduler", "cohort_jobs", &succeeded, |n| {
+        n == 1.0
+    })
+    .await;
+    assert_eq!(value(&page, "cohort_jobs", &succeeded), 1.0, "{page}");
+    assert_eq!(value(&page, "cohort_jobs", &["state=\"running\""]), 0.0);
     let selector = &pages["client-selector"];
     assert_eq!(value(selector, "cohort_clients_connected", &[]), 2.0);
     assert!(
@@ -271,14 +290,14 @@ async fn every_process_serves_metrics_that_count_what_happened() {
         "{selector}"
     );
     // Each party took every round's task, and its executors reported through it.
+    let trained = ["kind=\"train\"", "outcome=\"succeeded\""];
     for party in ["task-manager-party-1", "task-manager-party-2"] {
-        let page = &pages[party];
+        let page = &page_when(&dir, party, "cohort_party_tasks_total", &trained, |n| {
+            n >= f64::from(ROUNDS)
+        })
+        .await;
         assert_eq!(
-            value(
-                page,
-                "cohort_party_tasks_total",
-                &["kind=\"train\"", "outcome=\"succeeded\""]
-            ),
+            value(page, "cohort_party_tasks_total", &trained),
             f64::from(ROUNDS),
             "{party}: {page}"
         );
@@ -297,13 +316,17 @@ async fn every_process_serves_metrics_that_count_what_happened() {
             "{party}"
         );
     }
-    let proxy = &pages["proxy"];
+    let submitted = ["grpc_method=\"SubmitUpdate\"", "grpc_code=\"OK\""];
+    let proxy = &page_when(
+        &dir,
+        "proxy",
+        "cohort_grpc_server_requests_total",
+        &submitted,
+        |n| n >= f64::from(2 * ROUNDS),
+    )
+    .await;
     assert!(
-        value(
-            proxy,
-            "cohort_grpc_server_requests_total",
-            &["grpc_method=\"SubmitUpdate\"", "grpc_code=\"OK\""]
-        ) >= f64::from(2 * ROUNDS),
+        value(proxy, "cohort_grpc_server_requests_total", &submitted) >= f64::from(2 * ROUNDS),
         "{proxy}"
     );
     assert!(

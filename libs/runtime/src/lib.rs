@@ -140,8 +140,7 @@ pub struct Listener {
     /// Plaintext health only (see `ServiceArgs::health_listen`).
     health: Option<TcpListener>,
     /// Plaintext `/metrics` (see `ServiceArgs::metrics_listen`).
-    metrics: Option<TcpListener>,
-    metrics_target_file: Option<PathBuf>,
+    metrics: Option<MetricsEndpoint>,
 }
 
 impl Listener {
@@ -156,7 +155,6 @@ impl Listener {
             tls: None,
             health: None,
             metrics: None,
-            metrics_target_file: None,
         })
     }
 
@@ -169,16 +167,13 @@ impl Listener {
                 .map_err(|source| RuntimeError::Bind { addr, source })?;
             listener.health = Some(health);
         }
-        if let Some(addr) = args.metrics_listen {
-            listener.metrics = Some(bind_metrics(addr).await?);
-            listener.metrics_target_file = args.metrics_target_file.clone();
-        }
+        listener.metrics = MetricsEndpoint::bind(args).await?;
         Ok(listener)
     }
 
     /// Where `/metrics` is served, when it is.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
-        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
+        self.metrics.as_ref().and_then(|m| m.local_addr().ok())
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -230,17 +225,15 @@ impl Listener {
             endpoint: "reflection".into(),
             message: e.to_string(),
         })?;
-        let metrics_addr = self.metrics_addr();
         let health_only = self.health.map(|l| {
             let health = health.clone();
             tokio::spawn(serve_health_only(l, health))
         });
         let _health_only = AbortOnDrop(health_only);
-        let _target = match (metrics_addr, &self.metrics_target_file) {
-            (Some(addr), Some(path)) => Some(MetricsTarget::publish(path, addr, service_name)?),
-            _ => None,
+        let _metrics = match self.metrics {
+            Some(m) => Some(m.start(service_name)?),
+            None => None,
         };
-        let _metrics = AbortOnDrop(self.metrics.map(spawn_metrics));
         let routes = routes.add_service(health).add_service(reflection);
         if let Some(path) = ready_file {
             write_atomic(path, self.local_addr.to_string().as_bytes())?;
@@ -342,31 +335,67 @@ impl From<tonic::service::Routes> for Services {
     }
 }
 
-/// Binds the plaintext metrics port.
-pub async fn bind_metrics(addr: SocketAddr) -> Result<TcpListener, RuntimeError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| RuntimeError::Bind { addr, source })
+/// The `/metrics` port of `--metrics-listen`, bound (so a taken port fails the start) but
+/// not yet serving; `--metrics-target-file` goes with it.
+#[derive(Debug)]
+pub struct MetricsEndpoint {
+    listener: TcpListener,
+    target_file: Option<PathBuf>,
 }
 
-/// Serves `/metrics` on `listener` until the task is aborted.
-pub fn spawn_metrics(listener: TcpListener) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        if let Err(e) = cohort_metrics::serve(listener, std::future::pending()).await {
-            tracing::error!(error = %e, "metrics listener failed");
-        }
-    })
+impl MetricsEndpoint {
+    /// Binds `--metrics-listen`, when given.
+    pub async fn bind(args: &ServiceArgs) -> Result<Option<Self>, RuntimeError> {
+        let Some(addr) = args.metrics_listen else {
+            return Ok(None);
+        };
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| RuntimeError::Bind { addr, source })?;
+        Ok(Some(Self {
+            listener,
+            target_file: args.metrics_target_file.clone(),
+        }))
+    }
+
+    pub fn local_addr(&self) -> Result<SocketAddr, RuntimeError> {
+        Ok(self.listener.local_addr()?)
+    }
+
+    /// Publishes the discovery target (if asked for) and serves `/metrics` until the
+    /// returned guard is dropped, which also removes the target.
+    pub fn start(self, service: &str) -> Result<ServingMetrics, RuntimeError> {
+        let target = match &self.target_file {
+            Some(path) => Some(MetricsTarget::publish(path, self.local_addr()?, service)?),
+            None => None,
+        };
+        let task = tokio::spawn(async move {
+            if let Err(e) = cohort_metrics::serve(self.listener, std::future::pending()).await {
+                tracing::error!(error = %e, "metrics listener failed");
+            }
+        });
+        Ok(ServingMetrics {
+            _target: target,
+            _task: AbortOnDrop(Some(task)),
+        })
+    }
+}
+
+/// `/metrics` being served; stopped (and its target removed) when dropped.
+pub struct ServingMetrics {
+    _target: Option<MetricsTarget>,
+    _task: AbortOnDrop,
 }
 
 /// A Prometheus file-based discovery target list (`file_sd_configs`) naming one metrics
 /// endpoint, written atomically; removed when dropped (the process ends).
 #[derive(Debug)]
-pub struct MetricsTarget {
+struct MetricsTarget {
     path: PathBuf,
 }
 
 impl MetricsTarget {
-    pub fn publish(path: &Path, addr: SocketAddr, service: &str) -> Result<Self, RuntimeError> {
+    fn publish(path: &Path, addr: SocketAddr, service: &str) -> Result<Self, RuntimeError> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|source| RuntimeError::WriteFile {
                 path: dir.to_path_buf(),

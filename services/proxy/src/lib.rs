@@ -192,19 +192,10 @@ impl Args {
             ),
             None => None,
         };
-        let metrics = match self.service.metrics_listen {
-            Some(addr) => Some(cohort_runtime::bind_metrics(addr).await?),
+        let _metrics = match cohort_runtime::MetricsEndpoint::bind(&self.service).await? {
+            Some(m) => Some(m.start("proxy")?),
             None => None,
         };
-        let _target = match (&metrics, &self.service.metrics_target_file) {
-            (Some(l), Some(path)) => Some(cohort_runtime::MetricsTarget::publish(
-                path,
-                l.local_addr()?,
-                "proxy",
-            )?),
-            _ => None,
-        };
-        let _metrics = metrics.map(|l| AbortOnDrop(cohort_runtime::spawn_metrics(l)));
         if let Some(path) = &self.service.ready_file {
             cohort_runtime::write_atomic(path, local.to_string().as_bytes())?;
         }

@@ -444,14 +444,9 @@ impl Args {
             .await
             .with_context(|| format!("--listen: cannot listen on {listen}"))?;
         let health_addr = health_listener.local_addr().context("--listen")?;
-        let metrics = match self.service.metrics_listen {
-            Some(addr) => Some(
-                cohort_runtime::bind_metrics(addr)
-                    .await
-                    .context("--metrics-listen")?,
-            ),
-            None => None,
-        };
+        let metrics = cohort_runtime::MetricsEndpoint::bind(&self.service)
+            .await
+            .context("--metrics-listen")?;
         for dir in [
             self.workspace.join("tasks"),
             warm::logs_dir(&self.workspace),
@@ -486,18 +481,10 @@ impl Args {
             health_listener,
             health_service,
         ));
-        let _target = match (&metrics, &self.service.metrics_target_file) {
-            (Some(l), Some(path)) => Some(
-                cohort_runtime::MetricsTarget::publish(
-                    path,
-                    l.local_addr().context("--metrics-listen")?,
-                    "task-manager",
-                )
-                .context("--metrics-target-file")?,
-            ),
-            _ => None,
+        let metrics = match metrics {
+            Some(m) => Some(m.start("task-manager").context("--metrics-target-file")?),
+            None => None,
         };
-        let metrics = metrics.map(cohort_runtime::spawn_metrics);
         if let Some(path) = &self.service.ready_file {
             cohort_runtime::write_atomic(path, health_addr.to_string().as_bytes())
                 .context("--ready-file")?;
@@ -520,9 +507,7 @@ impl Args {
         }
         health.abort();
         let _ = health.await;
-        if let Some(metrics) = metrics {
-            metrics.abort();
-        }
+        drop(metrics);
         if let Some(expiry) = expiry {
             expiry.abort();
         }
