@@ -1,11 +1,14 @@
 //! Content-addressed blob storage: the `BlobStore` trait (blobs named by the
-//! sha256 of their bytes, streamed in and out, verified on every read) and its
-//! local-filesystem implementation, chosen by URL.
+//! sha256 of their bytes, streamed in and out, verified on every read), its
+//! local-filesystem and S3 implementations, chosen by URL, and [`Measured`], the
+//! decorator that records every store [`open_blob_store`] opens in Prometheus.
 //!
-//! Must not depend on gRPC, on the metadata store, or on any service crate.
+//! Depends on cohort-core and cohort-metrics only; must not depend on gRPC, on the
+//! metadata store, or on any service crate.
 
 pub mod conformance;
 mod fs;
+mod measured;
 mod s3;
 
 use std::fmt;
@@ -18,6 +21,7 @@ use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt};
 
 pub use fs::FsBlobStore;
+pub use measured::Measured;
 pub use s3::{MAX_SINGLE_COPY, PART_SIZE, S3BlobStore, S3Options};
 
 /// Largest chunk a `get` stream yields (and `bytes_stream` produces).
@@ -178,7 +182,7 @@ pub fn bytes_stream(b: Bytes) -> ByteStream {
 /// Opens a store from a URL: `file:///abs/path` or a plain path opens an
 /// `FsBlobStore` rooted there (created if missing); `s3://bucket[/prefix]` an
 /// `S3BlobStore` configured from the environment (see `S3Options::from_env`),
-/// once the bucket has answered.
+/// once the bucket has answered. Either is wrapped in [`Measured`] (backend `fs` or `s3`).
 pub async fn open_blob_store(url: &str) -> Result<Arc<dyn BlobStore>, BlobError> {
     let invalid = |message: &str| BlobError::InvalidUrl {
         url: url.to_string(),
@@ -196,7 +200,10 @@ pub async fn open_blob_store(url: &str) -> Result<Arc<dyn BlobStore>, BlobError>
             }
             PathBuf::from(rest)
         }
-        Some(("s3", _)) => return Ok(Arc::new(S3BlobStore::open(url).await?)),
+        Some(("s3", _)) => {
+            let s3 = Arc::new(S3BlobStore::open(url).await?);
+            return Ok(Arc::new(Measured::new(s3, "s3")));
+        }
         Some((scheme, _)) => {
             return Err(BlobError::Unsupported {
                 scheme: scheme.to_string(),
@@ -204,7 +211,8 @@ pub async fn open_blob_store(url: &str) -> Result<Arc<dyn BlobStore>, BlobError>
             });
         }
     };
-    Ok(Arc::new(FsBlobStore::open(path).await?))
+    let fs = Arc::new(FsBlobStore::open(path).await?);
+    Ok(Arc::new(Measured::new(fs, "fs")))
 }
 
 #[cfg(test)]

@@ -49,3 +49,29 @@ async fn blobs_live_at_sha256_ab_digest() {
     assert_eq!(tmp_entries(&store), 0);
     assert_eq!(get_bytes(store.as_ref(), &info.digest).await.unwrap(), data);
 }
+
+/// The same suite through the metrics decorator `open_blob_store` puts on every store:
+/// it forwards every call and every byte unchanged.
+mod measured {
+    use super::*;
+    use cohort_blob::Measured;
+
+    async fn fresh_measured() -> Option<Fresh> {
+        let (dir, store) = open().await;
+        let (a, b) = (store.clone(), store.clone());
+        Some(Fresh::new(
+            Arc::new(Measured::new(store, "fs")),
+            move |digest: Digest, bytes: Bytes| {
+                let path = a.blob_path(&digest);
+                async move { tokio::fs::write(path, bytes).await.unwrap() }
+            },
+            move || {
+                let n = tmp_entries(&b);
+                async move { n }
+            },
+            dir,
+        ))
+    }
+
+    cohort_blob::blob_store_conformance!(fs, fresh_measured());
+}
