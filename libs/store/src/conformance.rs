@@ -125,6 +125,10 @@ macro_rules! job_store_conformance {
                 tokens_duplicate_id_or_hash_conflicts,
                 tokens_ensure_is_idempotent,
                 tokens_concurrent_ensure_stores_one,
+                audit_appends_and_lists_oldest_first,
+                audit_filters_by_namespace_and_time,
+                audit_pages_are_stable_under_concurrent_appends,
+                audit_fields_are_bounded,
             ]
         );
     };
@@ -192,6 +196,9 @@ pub mod jobs {
     use cohort_core::{JobId, JobState};
 
     use crate::StoreError;
+    use crate::audit::{
+        AuditFilter, AuditRecord, MAX_FIELD_CHARS, MAX_REASON_CHARS, NewAuditEntry,
+    };
     use crate::jobs::{JobEventRecord, JobFilter, JobNote, JobRecord, JobStore, RoundRecord};
     use crate::tokens::{NewToken, TokenRecord};
 
@@ -1274,6 +1281,227 @@ pub mod jobs {
         for g in got {
             assert_eq!(g, stored[0], "every caller gets the stored token");
         }
+    }
+
+    // The audit log: every job store holds it (`JobStore: AuditStore`).
+
+    /// An entry of `action` on `object_id` in `namespace` by token `actor`.
+    pub fn audit_entry(
+        action: &str,
+        object_id: &str,
+        namespace: &str,
+        actor: &str,
+    ) -> NewAuditEntry {
+        NewAuditEntry {
+            actor_kind: "token".into(),
+            actor_id: actor.into(),
+            actor_name: format!("name of {actor} ✓"),
+            action: action.into(),
+            object_kind: action.split('.').next().unwrap_or("").into(),
+            object_id: object_id.into(),
+            namespace: namespace.into(),
+            outcome: "ok".into(),
+            reason: String::new(),
+        }
+    }
+
+    /// Every entry `filter` selects, page by page (`size` per page).
+    pub async fn all_audit(s: &dyn JobStore, filter: &AuditFilter, size: u32) -> Vec<AuditRecord> {
+        let mut all = Vec::new();
+        let mut token: Option<String> = None;
+        for _ in 0..10_000 {
+            let page = s.list_audit(filter, size, token.as_deref()).await.unwrap();
+            assert!(
+                page.items.len() <= size.max(1) as usize,
+                "page over its size"
+            );
+            all.extend(page.items);
+            match page.next_token {
+                Some(t) => token = Some(t),
+                None => return all,
+            }
+        }
+        panic!("paging did not end");
+    }
+
+    pub async fn audit_appends_and_lists_oldest_first(s: Arc<dyn JobStore>) {
+        let everything = AuditFilter::default();
+        assert!(
+            s.list_audit(&everything, 10, None)
+                .await
+                .unwrap()
+                .items
+                .is_empty()
+        );
+        let mut denied = audit_entry("job.stop", "j-1", "team-a", "tok-v");
+        denied.outcome = "permission_denied".into();
+        denied.reason = "a viewer may not stop jobs".into();
+        let first = s
+            .append_audit(audit_entry("job.create", "j-1", "team-a", "tok-a"), 100)
+            .await
+            .unwrap();
+        let second = s.append_audit(denied.clone(), 90).await.unwrap();
+        assert_eq!(
+            second,
+            AuditRecord {
+                id: second.id,
+                time_ms: 90,
+                actor_kind: "token".into(),
+                actor_id: "tok-v".into(),
+                actor_name: "name of tok-v ✓".into(),
+                action: "job.stop".into(),
+                object_kind: "job".into(),
+                object_id: "j-1".into(),
+                namespace: "team-a".into(),
+                outcome: "permission_denied".into(),
+                reason: "a viewer may not stop jobs".into(),
+            }
+        );
+        assert!(
+            second.id > first.id,
+            "ids grow: {} then {}",
+            first.id,
+            second.id
+        );
+        let mut party = audit_entry("party.revoke", "p-3", "*", "admin-1");
+        party.object_kind = "party".into();
+        let third = s.append_audit(party, 110).await.unwrap();
+        // Insertion order, whatever the clocks said.
+        let page = s.list_audit(&everything, 10, None).await.unwrap();
+        assert_eq!(page.items, vec![first, second, third]);
+        assert_eq!(page.next_token, None);
+        // Jobs and tokens live beside it, untouched.
+        assert!(s.list_tokens(None).await.unwrap().is_empty());
+        assert!(matches!(
+            s.list_audit(&everything, 10, Some("not a token")).await,
+            Err(StoreError::Conflict(_))
+        ));
+    }
+
+    pub async fn audit_filters_by_namespace_and_time(s: Arc<dyn JobStore>) {
+        let a1 = s
+            .append_audit(audit_entry("job.create", "j-1", "team-a", "t1"), 1_000)
+            .await
+            .unwrap();
+        let b1 = s
+            .append_audit(audit_entry("job.create", "j-2", "team-b", "t2"), 2_000)
+            .await
+            .unwrap();
+        let all = s
+            .append_audit(audit_entry("token.create", "t9", "*", "t1"), 3_000)
+            .await
+            .unwrap();
+        let a2 = s
+            .append_audit(audit_entry("job.delete", "j-1", "team-a", "t1"), 4_000)
+            .await
+            .unwrap();
+        let in_ns = |ns: &str| AuditFilter {
+            namespace: Some(ns.to_string()),
+            since_ms: None,
+        };
+        assert_eq!(
+            all_audit(&*s, &in_ns("team-a"), 10).await,
+            vec![a1.clone(), a2.clone()]
+        );
+        assert_eq!(all_audit(&*s, &in_ns("team-b"), 10).await, vec![b1.clone()]);
+        assert_eq!(
+            all_audit(&*s, &in_ns("*"), 10).await,
+            vec![all.clone()],
+            "a namespace filter is exact: \"*\" is the entries about every namespace"
+        );
+        assert!(
+            all_audit(&*s, &in_ns("team-A"), 10).await.is_empty(),
+            "case-sensitive"
+        );
+        let since = |ms: i64, ns: Option<&str>| AuditFilter {
+            namespace: ns.map(str::to_string),
+            since_ms: Some(ms),
+        };
+        assert_eq!(
+            all_audit(&*s, &since(2_000, None), 10).await,
+            vec![b1, all, a2.clone()],
+            "since is inclusive"
+        );
+        assert_eq!(
+            all_audit(&*s, &since(2_001, Some("team-a")), 10).await,
+            vec![a2]
+        );
+        assert!(all_audit(&*s, &since(4_001, None), 10).await.is_empty());
+        assert_eq!(all_audit(&*s, &since(0, Some("team-a")), 10).await[0], a1);
+    }
+
+    pub async fn audit_pages_are_stable_under_concurrent_appends(s: Arc<dyn JobStore>) {
+        let mut before = Vec::new();
+        for i in 0..23 {
+            let ns = if i % 3 == 0 { "team-b" } else { "team-a" };
+            before.push(
+                s.append_audit(audit_entry("job.create", &format!("j-{i}"), ns, "t"), i)
+                    .await
+                    .unwrap(),
+            );
+        }
+        // Page through while others append: every entry that existed is seen
+        // once, in order, and nothing repeats.
+        let writer = {
+            let s = s.clone();
+            tokio::spawn(async move {
+                for i in 0..20 {
+                    s.append_audit(
+                        audit_entry("job.stop", &format!("late-{i}"), "team-a", "w"),
+                        100 + i,
+                    )
+                    .await
+                    .unwrap();
+                }
+            })
+        };
+        let filter = AuditFilter {
+            namespace: Some("team-a".into()),
+            since_ms: None,
+        };
+        let seen = all_audit(&*s, &filter, 4).await;
+        writer.await.unwrap();
+        let ids: Vec<u64> = seen.iter().map(|r| r.id).collect();
+        let mut sorted = ids.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(ids, sorted, "oldest first, no repeats");
+        let want: Vec<AuditRecord> = before
+            .into_iter()
+            .filter(|r| r.namespace == "team-a")
+            .collect();
+        assert_eq!(
+            &seen[..want.len()],
+            &want[..],
+            "every earlier entry, in order"
+        );
+        assert!(seen[want.len()..].iter().all(|r| r.action == "job.stop"));
+        // After the writer: all of them, with a page size of one too.
+        let everything = all_audit(&*s, &filter, 1).await;
+        assert_eq!(everything.len(), want.len() + 20);
+        let pairs: HashSet<(String, String)> = everything
+            .iter()
+            .map(|r| (r.action.clone(), r.object_id.clone()))
+            .collect();
+        assert_eq!(pairs.len(), everything.len(), "each entry once");
+    }
+
+    pub async fn audit_fields_are_bounded(s: Arc<dyn JobStore>) {
+        let long = NewAuditEntry {
+            actor_name: "ü".repeat(MAX_FIELD_CHARS * 3),
+            object_id: "x".repeat(MAX_FIELD_CHARS + 1),
+            reason: "why ".repeat(MAX_REASON_CHARS),
+            ..audit_entry("job.create", "", "team-a", "t")
+        };
+        let stored = s.append_audit(long, 5).await.unwrap();
+        assert_eq!(stored.actor_name, "ü".repeat(MAX_FIELD_CHARS));
+        assert_eq!(stored.object_id, "x".repeat(MAX_FIELD_CHARS));
+        assert_eq!(stored.reason.chars().count(), MAX_REASON_CHARS);
+        let listed = s
+            .list_audit(&AuditFilter::default(), 1, None)
+            .await
+            .unwrap();
+        assert_eq!(listed.items, vec![stored]);
     }
 }
 

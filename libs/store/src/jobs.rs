@@ -1,12 +1,14 @@
 //! The job store, owned by job-scheduler: jobs, their log (state changes and
 //! the entries coordinators report), round history, and (through the
-//! [`TokenStore`] supertrait) the API tokens.
+//! [`TokenStore`] and [`AuditStore`] supertraits) the API tokens and the
+//! audit log.
 
 use async_trait::async_trait;
 use cohort_core::{JobId, JobState};
 use sqlx::Row;
 use sqlx::sqlite::SqlitePool;
 
+use crate::audit::AuditStore;
 use crate::tokens::TokenStore;
 use crate::{DatabaseOptions, Page, Result, StoreError};
 
@@ -96,10 +98,10 @@ pub struct JobFilter {
     pub state: Option<JobState>,
 }
 
-/// Job-scheduler's store. It also holds the API tokens ([`TokenStore`]), so
-/// one `Arc<dyn JobStore>` serves both.
+/// Job-scheduler's store. It also holds the API tokens ([`TokenStore`]) and
+/// the audit log ([`AuditStore`]), so one `Arc<dyn JobStore>` serves all three.
 #[async_trait]
-pub trait JobStore: TokenStore + Send + Sync + 'static {
+pub trait JobStore: TokenStore + AuditStore + Send + Sync + 'static {
     /// Stores a new job and its first event (→ its state). Conflict if the id exists.
     async fn insert_job(&self, job: &JobRecord, reason: &str) -> Result<()>;
     async fn get_job(&self, id: &JobId) -> Result<JobRecord>;

@@ -6,12 +6,13 @@
 //!
 //! What each store holds: jobs with their events and rounds, and the API
 //! tokens ([`TokenStore`], a supertrait of `JobStore`: only token hashes are
-//! stored); model versions, each model in one namespace; parties with their
+//! stored) and the audit log ([`AuditStore`], likewise); model versions, each model in one namespace; parties with their
 //! holdings, counters and revocation.
 //!
 //! Services hold an `Arc<dyn ...Store>` and never see SQL. This crate must not
 //! depend on gRPC, on the blob store or on any service crate.
 
+pub mod audit;
 pub mod clients;
 pub mod conformance;
 pub mod jobs;
@@ -23,6 +24,7 @@ mod rows;
 mod sqlite;
 pub mod tokens;
 
+pub use audit::{AuditFilter, AuditRecord, AuditStore, NewAuditEntry};
 pub use open::{DatabaseOptions, open_client_store, open_job_store, open_model_store, redact_url};
 pub use sqlite::open_sqlite;
 pub use tokens::{NewToken, TokenRecord, TokenStore};

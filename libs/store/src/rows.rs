@@ -4,6 +4,7 @@
 
 use cohort_core::{JobId, JobState, PartyId};
 
+use crate::audit::AuditRecord;
 use crate::clients::{ClientRecord, ClientStats};
 use crate::jobs::{JobEventRecord, JobRecord, RoundRecord};
 use crate::models::ModelVersionRecord;
@@ -257,5 +258,24 @@ pub(crate) fn token<R: Columns>(row: &R) -> Result<TokenRecord> {
         role: r.text("role")?,
         created_at_ms: r.int("created_at_ms")?,
         id: r.id.clone(),
+    })
+}
+
+pub(crate) fn audit<R: Columns>(row: &R) -> Result<AuditRecord> {
+    let mut r = Reader::new(row, crate::audit::WHAT);
+    let id: u64 = r.unsigned("seq")?;
+    r.id = id.to_string();
+    Ok(AuditRecord {
+        id,
+        time_ms: r.int("time_ms")?,
+        actor_kind: r.text("actor_kind")?,
+        actor_id: r.text("actor_id")?,
+        actor_name: r.text("actor_name")?,
+        action: r.text("action")?,
+        object_kind: r.text("object_kind")?,
+        object_id: r.text("object_id")?,
+        namespace: r.text("namespace")?,
+        outcome: r.text("outcome")?,
+        reason: r.text("reason")?,
     })
 }

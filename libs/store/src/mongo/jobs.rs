@@ -28,6 +28,7 @@ const EVENTS: &str = "job_events";
 const ROUNDS: &str = "job_rounds";
 const COUNTERS: &str = "counters";
 const TOKENS: &str = "api_tokens";
+const AUDIT: &str = "audit_log";
 /// The name of the counter document that hands out job `seq`s.
 const JOB_SEQ: &str = "jobs";
 /// Tries of a write that lost its race to a concurrent append to the job's log.
@@ -37,10 +38,12 @@ pub struct MongoJobStore {
     pub(super) db: Db,
     /// API tokens (see `mongo::tokens`).
     pub(super) tokens: Collection<Document>,
+    /// The audit log (see `mongo::audit`).
+    pub(super) audit: Collection<Document>,
     jobs: Collection<Document>,
     events: Collection<Document>,
     rounds: Collection<Document>,
-    counters: Collection<Document>,
+    pub(super) counters: Collection<Document>,
 }
 
 impl MongoJobStore {
@@ -72,8 +75,17 @@ impl MongoJobStore {
             ],
         )
         .await?;
+        db.ensure_collection(
+            AUDIT,
+            &[
+                (doc! {"seq": 1}, true),
+                (doc! {"namespace": 1, "seq": 1}, false),
+            ],
+        )
+        .await?;
         let store = Self {
             tokens: db.collection(TOKENS),
+            audit: db.collection(AUDIT),
             jobs: db.collection(JOBS),
             events: db.collection(EVENTS),
             rounds: db.collection(ROUNDS),
@@ -81,6 +93,7 @@ impl MongoJobStore {
             db,
         };
         store.seed_counter().await?;
+        store.seed_audit_counter().await?;
         store.flush_leftovers().await?;
         Ok(store)
     }

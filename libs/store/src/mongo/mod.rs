@@ -29,6 +29,10 @@
 //!   read as such).
 //! - API tokens are one document each (`api_tokens`, unique `id` and
 //!   `sha256`); `ensure_token` is an upsert keyed by the hash.
+//! - Audit entries are one document each (`audit_log`), numbered by the
+//!   `audit_log` counter document (unique `seq`). Numbers are taken before the
+//!   insert, so a listing racing two appends may see the later one first; the
+//!   entry it missed is still listed by a listing that starts after it.
 //! - A revocation is an upsert that matches only an unrevoked party (or
 //!   creates one); on a revoked party it fails on the unique index and the
 //!   first revocation stays.
@@ -38,6 +42,7 @@
 //! included). Listings by name are sorted bytewise here, as SQLite's, whatever
 //! collation a collection was given.
 
+mod audit;
 mod clients;
 mod jobs;
 mod models;

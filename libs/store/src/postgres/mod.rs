@@ -6,6 +6,7 @@
 //! restarts or drops sessions the stores reconnect by themselves; meanwhile
 //! calls fail with `StoreError::Unavailable`.
 
+mod audit;
 mod clients;
 mod jobs;
 mod models;
