@@ -87,6 +87,44 @@ pub fn histogram(name: &str, help: &str, buckets: &[f64]) -> Histogram {
     register(Histogram::with_opts(opts).expect("metric options are constants"))
 }
 
+/// An integer gauge `cohort_<name>` with `labels` whose values are read when `/metrics` is
+/// scraped: `sample` sets them each time, on a gauge emptied first, so a label set it no
+/// longer sets disappears. For figures another library keeps (a pool's connections), where
+/// a refresh loop would only show them late.
+pub fn sampled_int_gauge_vec<F>(name: &str, help: &str, labels: &[&str], sample: F)
+where
+    F: Fn(&IntGaugeVec) + Send + Sync + 'static,
+{
+    let opts = Opts::new(name, help).namespace(NAMESPACE);
+    let gauge = IntGaugeVec::new(opts, labels).expect("metric options are constants");
+    register(Sampled {
+        gauge,
+        sample: std::sync::Arc::new(sample),
+        lock: std::sync::Arc::new(std::sync::Mutex::new(())),
+    });
+}
+
+#[derive(Clone)]
+struct Sampled {
+    gauge: IntGaugeVec,
+    sample: std::sync::Arc<dyn Fn(&IntGaugeVec) + Send + Sync>,
+    /// Two scrapes at once must not see each other's half-filled gauge.
+    lock: std::sync::Arc<std::sync::Mutex<()>>,
+}
+
+impl prometheus::core::Collector for Sampled {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.gauge.desc()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let _one = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.gauge.reset();
+        (self.sample)(&self.gauge);
+        self.gauge.collect()
+    }
+}
+
 /// Buckets for durations from a millisecond to ten minutes, in seconds.
 pub const DURATION_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -123,5 +161,30 @@ mod tests {
         );
         assert!(text.contains("cohort_process_open_fds"), "{text}");
         assert!(text.contains("# HELP cohort_test_things_total Things done in a test."));
+    }
+
+    #[test]
+    fn a_sampled_gauge_is_read_at_each_scrape() {
+        use std::sync::atomic::{AtomicI64, Ordering};
+        static VALUE: AtomicI64 = AtomicI64::new(3);
+        sampled_int_gauge_vec(
+            "test_sampled",
+            "A gauge read when scraped.",
+            &["kind"],
+            |g| {
+                let v = VALUE.load(Ordering::Relaxed);
+                if v > 0 {
+                    g.with_label_values(&["a"]).set(v);
+                }
+            },
+        );
+        assert!(render().contains("cohort_test_sampled{kind=\"a\"} 3"));
+        VALUE.store(5, Ordering::Relaxed);
+        assert!(render().contains("cohort_test_sampled{kind=\"a\"} 5"));
+        VALUE.store(0, Ordering::Relaxed);
+        assert!(
+            !render().contains("cohort_test_sampled{"),
+            "a label set no longer sampled is gone"
+        );
     }
 }

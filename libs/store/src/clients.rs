@@ -97,7 +97,7 @@ pub(crate) const REVOKED: &str =
     "SELECT party FROM clients WHERE revoked_at_ms IS NOT NULL ORDER BY party";
 
 pub struct SqliteClientStore {
-    pool: SqlitePool,
+    pub(crate) pool: SqlitePool,
 }
 
 const HISTORY_TABLE: &str = "_sqlx_migrations_clients";

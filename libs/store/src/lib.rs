@@ -9,13 +9,17 @@
 //! stored) and the audit log ([`AuditStore`], likewise); model versions, each model in one namespace; parties with their
 //! holdings, counters and revocation.
 //!
-//! Services hold an `Arc<dyn ...Store>` and never see SQL. This crate must not
-//! depend on gRPC, on the blob store or on any service crate.
+//! Services hold an `Arc<dyn ...Store>` and never see SQL; every store opened
+//! by URL is wrapped in [`measured::Measured`] (call latency, errors and pool
+//! connections on `/metrics`). Of ours this crate depends on cohort-core and
+//! cohort-metrics only; it must not depend on gRPC, on the blob store or on any
+//! service crate.
 
 pub mod audit;
 pub mod clients;
 pub mod conformance;
 pub mod jobs;
+pub mod measured;
 pub mod models;
 pub mod mongo;
 pub mod open;

@@ -131,7 +131,7 @@ pub fn version_not_found(name: &str, version: u32) -> StoreError {
 }
 
 pub struct SqliteModelStore {
-    pool: SqlitePool,
+    pub(crate) pool: SqlitePool,
 }
 
 impl SqliteModelStore {

@@ -2,13 +2,15 @@
 //! `postgresql://` and `mongodb://` / `mongodb+srv://`.
 //!
 //! URLs carry passwords, so every message or log line that names a database
-//! goes through [`redact_url`].
+//! goes through [`redact_url`]. Every store opened here is wrapped in
+//! [`Measured`], so every service's store calls show on `/metrics`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::clients::{ClientStore, SqliteClientStore};
 use crate::jobs::{JobStore, SqliteJobStore};
+use crate::measured::{Measured, Pool};
 use crate::models::{ModelStore, SqliteModelStore};
 use crate::postgres::{PgClientStore, PgJobStore, PgModelStore};
 use crate::{Result, StoreError};
@@ -74,29 +76,68 @@ fn backend(url: &str) -> Result<Backend> {
 
 /// Opens job-scheduler's store at `url`, applying its migrations.
 pub async fn open_job_store(url: &str, opts: &DatabaseOptions) -> Result<Arc<dyn JobStore>> {
-    Ok(match backend(url)? {
-        Backend::Sqlite => Arc::new(SqliteJobStore::open_with(url, opts).await?),
-        Backend::Postgres => Arc::new(PgJobStore::open(url, opts).await?),
-        Backend::Mongo => crate::mongo::open_job_store(url, opts).await?,
-    })
+    let (inner, backend, pool): (Arc<dyn JobStore>, _, _) = match backend(url)? {
+        Backend::Sqlite => {
+            let s = SqliteJobStore::open_with(url, opts).await?;
+            let pool = Pool::Sqlite(s.pool.clone());
+            (Arc::new(s), "sqlite", Some(pool))
+        }
+        Backend::Postgres => {
+            let s = PgJobStore::open(url, opts).await?;
+            let pool = Pool::Postgres(s.pool.clone());
+            (Arc::new(s), "postgres", Some(pool))
+        }
+        Backend::Mongo => (
+            crate::mongo::open_job_store(url, opts).await?,
+            "mongodb",
+            None,
+        ),
+    };
+    Ok(Arc::new(Measured::new(inner, backend, "jobs", pool)))
 }
 
 /// Opens model-manager's store at `url`, applying its migrations.
 pub async fn open_model_store(url: &str, opts: &DatabaseOptions) -> Result<Arc<dyn ModelStore>> {
-    Ok(match backend(url)? {
-        Backend::Sqlite => Arc::new(SqliteModelStore::open_with(url, opts).await?),
-        Backend::Postgres => Arc::new(PgModelStore::open(url, opts).await?),
-        Backend::Mongo => crate::mongo::open_model_store(url, opts).await?,
-    })
+    let (inner, backend, pool): (Arc<dyn ModelStore>, _, _) = match backend(url)? {
+        Backend::Sqlite => {
+            let s = SqliteModelStore::open_with(url, opts).await?;
+            let pool = Pool::Sqlite(s.pool.clone());
+            (Arc::new(s), "sqlite", Some(pool))
+        }
+        Backend::Postgres => {
+            let s = PgModelStore::open(url, opts).await?;
+            let pool = Pool::Postgres(s.pool.clone());
+            (Arc::new(s), "postgres", Some(pool))
+        }
+        Backend::Mongo => (
+            crate::mongo::open_model_store(url, opts).await?,
+            "mongodb",
+            None,
+        ),
+    };
+    Ok(Arc::new(Measured::new(inner, backend, "models", pool)))
 }
 
 /// Opens client-selector's store at `url`, applying its migrations.
 pub async fn open_client_store(url: &str, opts: &DatabaseOptions) -> Result<Arc<dyn ClientStore>> {
-    Ok(match backend(url)? {
-        Backend::Sqlite => Arc::new(SqliteClientStore::open_with(url, opts).await?),
-        Backend::Postgres => Arc::new(PgClientStore::open(url, opts).await?),
-        Backend::Mongo => crate::mongo::open_client_store(url, opts).await?,
-    })
+    let (inner, backend, pool): (Arc<dyn ClientStore>, _, _) = match backend(url)? {
+        Backend::Sqlite => {
+            let s = SqliteClientStore::open_with(url, opts).await?;
+            let pool = Pool::Sqlite(s.pool.clone());
+            (Arc::new(s), "sqlite", Some(pool))
+        }
+        Backend::Postgres => {
+            let s = PgClientStore::open(url, opts).await?;
+            let pool = Pool::Postgres(s.pool.clone());
+            (Arc::new(s), "postgres", Some(pool))
+        }
+        Backend::Mongo => (
+            crate::mongo::open_client_store(url, opts).await?,
+            "mongodb",
+            None,
+        ),
+    };
+    Ok(Arc::new(Measured::new(inner, backend, "clients", pool)))
 }
 
 /// Query parameters whose values are secrets.

@@ -9,7 +9,7 @@ use crate::clients::{ClientRecord, ClientStore, DatasetEntry, ResourcesEntry, Ta
 use crate::{DatabaseOptions, Result, StoreError};
 
 pub struct PgClientStore {
-    pool: PgPool,
+    pub(crate) pool: PgPool,
 }
 
 impl PgClientStore {

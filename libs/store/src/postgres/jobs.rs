@@ -11,7 +11,7 @@ use crate::jobs::{
 use crate::{DatabaseOptions, Page, Result, StoreError};
 
 pub struct PgJobStore {
-    pub(super) pool: PgPool,
+    pub(crate) pool: PgPool,
 }
 
 impl PgJobStore {

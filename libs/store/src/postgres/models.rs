@@ -10,7 +10,7 @@ use crate::models::{
 use crate::{DatabaseOptions, Result};
 
 pub struct PgModelStore {
-    pool: PgPool,
+    pub(crate) pool: PgPool,
 }
 
 impl PgModelStore {
