@@ -5,6 +5,9 @@
 #   - lints it the same way (`helm lint --strict`: warnings fail; info lines do not),
 #   - validates every rendered manifest, and every CRD under crds/, with kubernetes-validate
 #     in strict mode (unknown fields fail) against Kubernetes $COHORT_KUBE_VERSION (1.30),
+#   - parses every Grafana dashboard (charts/*/dashboards/*.json, and each rendered ConfigMap
+#     labelled grafana_dashboard): JSON, a uid and a title, a PromQL expr in every query (that
+#     each expr names a metric the services export is integration-tests/tests/metrics.rs' job),
 #   - then proves the check can fail: deliberately bad values must be refused.
 # Custom resources (kind FederatedJob, group cohort.dev) have no schema there and are skipped.
 #
@@ -171,6 +174,42 @@ def check_render(chart_dir, values, label, errors, expect_refusal=None):
             continue
         validate_docs(docs, f"{label}: {path}", errors)
         export_executor_configs(docs, label)
+        for doc in docs:
+            labels = ((doc or {}).get("metadata") or {}).get("labels") or {}
+            if isinstance(doc, dict) and doc.get("kind") == "ConfigMap" and "grafana_dashboard" in labels:
+                for key, text in sorted((doc.get("data") or {}).items()):
+                    check_dashboard(text, f"{label}: {path}: {key}", errors)
+                    counts["dashboards rendered"] += 1
+
+
+def check_dashboard(text, source, errors):
+    """A Grafana dashboard: JSON, with a uid and a title, and a PromQL expr in every query."""
+    import json
+    try:
+        dash = json.loads(text)
+    except ValueError as e:
+        errors.append(f"{source}: not JSON: {e}")
+        return
+    if not isinstance(dash, dict) or not dash.get("uid") or not dash.get("title"):
+        errors.append(f"{source}: a dashboard needs a uid and a title")
+        return
+    panels = [p for p in dash.get("panels") or [] if p.get("type") != "row"]
+    if not panels:
+        errors.append(f"{source}: no panels")
+    for p in panels:
+        targets = p.get("targets") or []
+        if not targets:
+            errors.append(f"{source}: panel {p.get('title')!r} has no queries")
+        for t in targets:
+            if not str(t.get("expr") or "").strip():
+                errors.append(f"{source}: panel {p.get('title')!r} has a query without an expr")
+
+
+def check_dashboard_files(chart_dir, errors):
+    for path in sorted(glob.glob(os.path.join(chart_dir, "dashboards", "*.json"))):
+        with open(path) as f:
+            check_dashboard(f.read(), os.path.relpath(path, os.path.dirname(chart_dir)), errors)
+        counts["dashboard files"] += 1
 
 
 def export_executor_configs(docs, label):
@@ -233,6 +272,7 @@ def check_chart(chart_dir, errors):
     minimal = os.path.join(chart_dir, "ci", "minimal-values.yaml")
     counts["charts"] += 1
     check_crds(chart_dir, errors)
+    check_dashboard_files(chart_dir, errors)
     if os.path.exists(minimal):
         # Declares required values: bare defaults must be refused, naming what is missing.
         check_render(chart_dir, None, f"{name} (defaults)", errors, expect_refusal="is required")
@@ -310,7 +350,8 @@ def main():
         f"{counts['manifests']} manifests valid against Kubernetes {KUBE_VERSION} (strict; "
         f"{counts['crds']} CRDs), {counts['custom resources skipped']} custom resources skipped, "
         f"{counts['refusals as expected']} refusals as expected, "
-        f"{counts['self-checks']} bad value sets refused; "
+        f"{counts['self-checks']} bad value sets refused, "
+        f"{counts['dashboard files']} dashboard files and {counts['dashboards rendered']} rendered dashboards parsed; "
         f"helm SDK {helm.helm_sdk_version()}, kubernetes-validate {kubernetes_validate.__version__}"
     )
     if errors or not ok:

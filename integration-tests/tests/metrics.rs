@@ -3,8 +3,9 @@
 //! `promtool check metrics` accepts, and counts what really happened — the job's rounds,
 //! the coordinator's updates and bytes, the parties' sessions and offers, gRPC calls by
 //! code. `promtool` comes from Debian's `prometheus` package (the test script installs it).
+//! The chart's Grafana dashboard queries only metrics that the federation's pages show.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -102,6 +103,148 @@ async fn page_when(
             return page;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The metric names a page exposes: every family of a `# TYPE` line, and for a histogram
+/// or summary its `_bucket`, `_sum` and `_count` series too.
+fn families(page: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for line in page.lines() {
+        let mut words = line.split_whitespace();
+        if let (Some("#"), Some("TYPE"), Some(name), Some(kind)) =
+            (words.next(), words.next(), words.next(), words.next())
+        {
+            if matches!(kind, "histogram" | "summary") {
+                for suffix in ["_bucket", "_sum", "_count"] {
+                    out.insert(format!("{name}{suffix}"));
+                }
+            }
+            out.insert(name.to_string());
+        }
+    }
+    out
+}
+
+/// The `cohort_` metric names a PromQL expression refers to: identifiers outside string
+/// literals (a label value may look like a name), so `by (le)`, functions and Grafana's
+/// `$__rate_interval` are left out by the prefix.
+fn promql_metrics(expr: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut chars = expr.char_indices().peekable();
+    while let Some((start, c)) = chars.next() {
+        if matches!(c, '"' | '\'' | '`') {
+            let mut escaped = false;
+            for (_, d) in chars.by_ref() {
+                if escaped {
+                    escaped = false;
+                } else if d == '\\' && c != '`' {
+                    escaped = true;
+                } else if d == c {
+                    break;
+                }
+            }
+        } else if c.is_ascii_alphabetic() || c == '_' || c == ':' {
+            let mut end = start + c.len_utf8();
+            while let Some(&(i, d)) = chars.peek() {
+                if !(d.is_ascii_alphanumeric() || d == '_' || d == ':') {
+                    break;
+                }
+                end = i + d.len_utf8();
+                chars.next();
+            }
+            let word = &expr[start..end];
+            if word.starts_with("cohort_") {
+                out.insert(word.to_string());
+            }
+        } else if c.is_ascii_digit() {
+            // A number (0.95, 1e3) is not the start of a name.
+            while chars
+                .peek()
+                .is_some_and(|&(_, d)| d.is_ascii_alphanumeric() || d == '.')
+            {
+                chars.next();
+            }
+        }
+    }
+    out
+}
+
+/// Every `expr` of the chart's dashboard (panels, rows' panels, wherever they nest).
+fn dashboard_exprs() -> Vec<String> {
+    fn walk(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(map) => {
+                for (k, v) in map {
+                    match (k.as_str(), v) {
+                        ("expr", serde_json::Value::String(e)) => out.push(e.clone()),
+                        _ => walk(v, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../charts/cohort-server/dashboards/cohort.json");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let dashboard: serde_json::Value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()));
+    let mut out = Vec::new();
+    walk(&dashboard, &mut out);
+    out
+}
+
+/// Dashboard metrics a clean synthetic job cannot show, with why, each checked against the
+/// source that registers it: synthetic models are not evaluated, and a store error needs a
+/// failing store.
+const SHOWN_ONLY_ON_EVENTS: &[(&str, &str, &str)] = &[
+    (
+        "cohort_round_accuracy_ratio",
+        "\"round_accuracy_ratio\"",
+        include_str!("../../services/coordinator/src/metrics.rs"),
+    ),
+    (
+        "cohort_round_loss",
+        "\"round_loss\"",
+        include_str!("../../services/coordinator/src/metrics.rs"),
+    ),
+    (
+        "cohort_store_errors_total",
+        "\"store_errors_total\"",
+        include_str!("../../libs/store/src/measured.rs"),
+    ),
+];
+
+#[test]
+fn promql_names_and_page_families_are_read_right() {
+    let names = promql_metrics(
+        r#"histogram_quantile(0.95, sum by (le) (rate(cohort_a_seconds_bucket{x="cohort_not_a_metric"}[$__rate_interval]))) / on() cohort_b:rate5m + 1e3 * cohort_c"#,
+    );
+    assert_eq!(
+        names.into_iter().collect::<Vec<_>>(),
+        ["cohort_a_seconds_bucket", "cohort_b:rate5m", "cohort_c"]
+    );
+    let page = "# HELP cohort_h_seconds h\n# TYPE cohort_h_seconds histogram\n\
+                cohort_h_seconds_bucket{le=\"1\"} 1\n# TYPE cohort_g gauge\ncohort_g 2\n";
+    let seen = families(page);
+    for name in [
+        "cohort_h_seconds_bucket",
+        "cohort_h_seconds_count",
+        "cohort_g",
+    ] {
+        assert!(seen.contains(name), "{name}: {seen:?}");
+    }
+    assert!(!seen.contains("cohort_g_count"));
+    // The dashboard asks for something, and each exemption is registered where it says.
+    assert!(dashboard_exprs().len() >= 10);
+    for (name, registered, source) in SHOWN_ONLY_ON_EVENTS {
+        assert!(
+            source.contains(registered),
+            "{name} is no longer registered"
+        );
     }
 }
 
@@ -230,6 +373,44 @@ async fn every_process_serves_metrics_that_count_what_happened() {
     if let Some(promtool) = &promtool {
         promtool_accepts(promtool, &coordinator, &coordinator_page).await;
     }
+    let mut seen = families(&coordinator_page);
+
+    // A party with a real certificate fetching with a forged task token is refused and
+    // counted: the dashboard's refused-calls panel then has a series to show.
+    let certs = tempfile::tempdir().expect("tempdir");
+    let files = cohort_integration_tests::adversary::party_files(&fed, certs.path(), "prober");
+    let mut round = cohort_proto::v1::round_client::RoundClient::new(
+        cohort_integration_tests::adversary::party_channel(&fed, &files),
+    );
+    let forged = round
+        .fetch_model(cohort_integration_tests::adversary::for_job(
+            &job.id,
+            cohort_proto::v1::FetchModelRequest {
+                task_token: "forged".into(),
+            },
+        ))
+        .await;
+    match forged {
+        Err(status) => assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status}"),
+        Ok(_) => panic!("a forged task token fetched the model"),
+    }
+    let refused = page_when(
+        &dir,
+        &coordinator,
+        "cohort_round_calls_refused_total",
+        &[&job_label, "reason=\"permission_denied\""],
+        |n| n >= 1.0,
+    )
+    .await;
+    assert!(
+        value(
+            &refused,
+            "cohort_round_calls_refused_total",
+            &[&job_label, "reason=\"permission_denied\""]
+        ) >= 1.0,
+        "{refused}"
+    );
+    seen.extend(families(&refused));
 
     let job = fed
         .wait_end(&job.id, Duration::from_secs(300))
@@ -256,8 +437,23 @@ async fn every_process_serves_metrics_that_count_what_happened() {
             value(&page, "cohort_process_resident_memory_bytes", &[]) > 0.0,
             "{process}: {page}"
         );
+        seen.extend(families(&page));
         pages.insert(process, page);
     }
+    // Every metric the chart's dashboard queries is one this federation's processes export.
+    let mut missing = BTreeSet::new();
+    for expr in dashboard_exprs() {
+        for name in promql_metrics(&expr) {
+            let on_event = SHOWN_ONLY_ON_EVENTS.iter().any(|(n, ..)| *n == name);
+            if !seen.contains(&name) && !on_event {
+                missing.insert(name);
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "the dashboard queries metrics no process exports: {missing:?}\nexported: {seen:?}"
+    );
     let scheduler = &pages["job-scheduler"];
     assert_eq!(
         value(scheduler, "cohort_rounds_total", &[]),
