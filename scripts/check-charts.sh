@@ -9,7 +9,9 @@
 #     labelled grafana_dashboard): JSON, a uid and a title, a PromQL expr in every query (that
 #     each expr names a metric the services export is integration-tests/tests/metrics.rs' job),
 #   - then proves the check can fail: deliberately bad values must be refused.
-# Custom resources (kind FederatedJob, group cohort.dev) have no schema there and are skipped.
+# Custom resources (kind FederatedJob, group cohort.dev) have no schema there and are skipped;
+# those of other operators the charts may render (the Prometheus Operator's ServiceMonitor) are
+# validated as strictly against the trimmed CRDs in scripts/schemas/ (no network at check time).
 #
 # A chart that cannot render without values (cohort-client needs server.address and
 # party.name) ships ci/minimal-values.yaml: its bare defaults must then be REFUSED with a
@@ -60,6 +62,7 @@ ensure_venv() {
 
 ensure_venv
 export KUBE_VERSION
+export COHORT_ROOT="$ROOT"
 
 if [ "${1:-}" = "--objects" ]; then
     [ $# -eq 2 ] || { echo "usage: check-charts.sh --objects DIR" >&2; exit 2; }
@@ -93,6 +96,23 @@ from kubernetes_validate import utils as kv
 
 helm.disable_logging()
 KUBE_VERSION = os.environ["KUBE_VERSION"]
+ROOT = os.environ["COHORT_ROOT"]
+
+
+def load_validator():
+    """scripts/validate-kube-objects.py, for its CRD → strict JSON Schema conversion."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "validate_kube_objects", os.path.join(ROOT, "scripts", "validate-kube-objects.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+import jsonschema
+SCHEMA_CRDS = sorted(glob.glob(os.path.join(ROOT, "scripts", "schemas", "*.yaml")))
+# (apiVersion, kind) → strict JSON Schema of other operators' resources the charts render.
+OPERATOR_SCHEMAS = load_validator().crd_schemas(SCHEMA_CRDS)
 RELEASE, NAMESPACE = "cohort-check", "cohort-check"
 CUSTOM_GROUPS = ("cohort.dev/",)  # our custom resources: no schema in kubernetes-validate
 counts = Counter()
@@ -118,6 +138,14 @@ def validate_docs(docs, source, errors):
         seen.add(key)
         for problem in container_problems(doc):
             errors.append(f"{what}: {problem}")
+        schema = OPERATOR_SCHEMAS.get((doc["apiVersion"], doc["kind"]))
+        if schema is not None:
+            problems = sorted(jsonschema.Draft7Validator(schema).iter_errors(doc), key=lambda e: list(e.path))
+            for e in problems:
+                path = ".".join(str(p) for p in e.path)
+                errors.append(f"{what}: invalid against its CRD (scripts/schemas) at {path or '(root)'}: {e.message}")
+            counts["operator resources valid"] += not problems
+            continue
         try:
             kv.validate(doc, KUBE_VERSION, strict=True)
             counts["manifests"] += 1
@@ -297,6 +325,9 @@ def self_check(charts):
             ("cohort-server", {"proxy": {"service": {"type": "Bogus"}}}, "service type outside the enum"),
             ("cohort-server", {"blob": {"type": "s3"}}, "s3 without a bucket"),
             ("cohort-server", {"podAnnotations": {"cohort.dev/replicas": 3}}, "an integer annotation (schema-valid values, invalid manifest)"),
+            ("cohort-server", {"metrics": {"enabled": True, "serviceMonitor": {"enabled": True, "interval": "30 seconds"}}},
+             "a ServiceMonitor interval its CRD refuses"),
+            ("cohort-server", {"metrics": {"enabled": False, "serviceMonitor": {"enabled": True}}}, "a ServiceMonitor without metrics"),
         ]
     if "cohort-client" in by_name:
         minimal = load_values(os.path.join(by_name["cohort-client"], "ci", "minimal-values.yaml"))
@@ -336,9 +367,17 @@ def self_check(charts):
     return True
 
 
+def check_schema_crds(errors):
+    """The trimmed operator CRDs are CRDs Kubernetes would accept."""
+    for path in SCHEMA_CRDS:
+        with open(path) as f:
+            validate_docs(list(yaml.safe_load_all(f)), os.path.relpath(path, ROOT), errors)
+
+
 def main():
     charts = sys.argv[1:]
     errors = []
+    check_schema_crds(errors)
     for chart_dir in charts:
         check_chart(chart_dir, errors)
     for e in errors:
@@ -348,7 +387,8 @@ def main():
         f"check-charts: {counts['charts']} charts, {counts['value files']} value sets, "
         f"{counts['renders']} renders, {counts['lints']} lints, "
         f"{counts['manifests']} manifests valid against Kubernetes {KUBE_VERSION} (strict; "
-        f"{counts['crds']} CRDs), {counts['custom resources skipped']} custom resources skipped, "
+        f"{counts['crds']} CRDs), {counts['operator resources valid']} operator resources valid "
+        f"against scripts/schemas, {counts['custom resources skipped']} custom resources skipped, "
         f"{counts['refusals as expected']} refusals as expected, "
         f"{counts['self-checks']} bad value sets refused, "
         f"{counts['dashboard files']} dashboard files and {counts['dashboards rendered']} rendered dashboards parsed; "
