@@ -81,7 +81,7 @@ are left out rather than set to null.
       "pinToNode" (eq (toString $e.pinToNode) "true")
       "hostNetwork" (eq (toString .Values.hostNetwork) "true")
       "tlsSecret" (include "cohort-client.tlsSecret" .)
-      "env" (list (dict "name" "COHORT_LOG_FORMAT" "value" (toString .Values.logFormat)))
+      "env" (concat (list (dict "name" "COHORT_LOG_FORMAT" "value" (toString .Values.logFormat))) (include "cohort-client.otelEnv" (dict "root" . "service" "executor") | fromYamlArray))
       "pollIntervalSeconds" $poll }}
 {{- with .Values.image.pullPolicy }}
 {{- $_ := set $cfg "imagePullPolicy" . }}
@@ -142,4 +142,35 @@ are left out rather than set to null.
 {{- $_ := set $cfg "securityContext" . }}
 {{- end }}
 {{- toPrettyJson $cfg }}
+{{- end }}
+
+{{/*
+The OTEL_* variables of a container when otel.endpoint is set (nothing otherwise), as a YAML
+list. Call with (dict "root" $ "service" "proxy"): the service name its traces carry.
+*/}}
+{{- define "cohort-client.otelEnv" -}}
+{{- $o := .root.Values.otel | default dict }}
+{{- if $o.endpoint }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ $o.endpoint | quote }}
+- name: OTEL_SERVICE_NAME
+  value: {{ .service | quote }}
+{{- with $o.sampler }}
+- name: OTEL_TRACES_SAMPLER
+  value: {{ . | quote }}
+{{- end }}
+{{- if not (kindIs "invalid" $o.samplerArg) }}{{ if ne (toString $o.samplerArg) "" }}
+- name: OTEL_TRACES_SAMPLER_ARG
+  value: {{ $o.samplerArg | toString | quote }}
+{{- end }}{{ end }}
+{{- with $o.resourceAttributes }}
+{{- $attrs := . }}
+{{- $pairs := list }}
+{{- range $k := keys $attrs | sortAlpha }}
+{{- $pairs = append $pairs (printf "%s=%s" $k (toString (get $attrs $k))) }}
+{{- end }}
+- name: OTEL_RESOURCE_ATTRIBUTES
+  value: {{ join "," $pairs | quote }}
+{{- end }}
+{{- end }}
 {{- end }}

@@ -162,6 +162,9 @@ spec:
             {{- end }}
             - name: COHORT_LOG_FORMAT
               value: {{ $root.Values.logFormat | quote }}
+            {{- with include "cohort.otelEnv" (dict "root" $root "service" .binary) }}
+            {{- . | nindent 12 }}
+            {{- end }}
             {{- if .database }}
             - name: COHORT_DATABASE_URL
               valueFrom:
@@ -271,4 +274,35 @@ spec:
       targetPort: grpc
       protocol: TCP
       appProtocol: grpc
+{{- end }}
+
+{{/*
+The OTEL_* variables of a container when otel.endpoint is set (nothing otherwise), as a YAML
+list. Call with (dict "root" $ "service" "proxy"): the service name its traces carry.
+*/}}
+{{- define "cohort.otelEnv" -}}
+{{- $o := .root.Values.otel | default dict }}
+{{- if $o.endpoint }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ $o.endpoint | quote }}
+- name: OTEL_SERVICE_NAME
+  value: {{ .service | quote }}
+{{- with $o.sampler }}
+- name: OTEL_TRACES_SAMPLER
+  value: {{ . | quote }}
+{{- end }}
+{{- if not (kindIs "invalid" $o.samplerArg) }}{{ if ne (toString $o.samplerArg) "" }}
+- name: OTEL_TRACES_SAMPLER_ARG
+  value: {{ $o.samplerArg | toString | quote }}
+{{- end }}{{ end }}
+{{- with $o.resourceAttributes }}
+{{- $attrs := . }}
+{{- $pairs := list }}
+{{- range $k := keys $attrs | sortAlpha }}
+{{- $pairs = append $pairs (printf "%s=%s" $k (toString (get $attrs $k))) }}
+{{- end }}
+- name: OTEL_RESOURCE_ATTRIBUTES
+  value: {{ join "," $pairs | quote }}
+{{- end }}
+{{- end }}
 {{- end }}
