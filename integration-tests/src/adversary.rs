@@ -13,7 +13,7 @@ use cohort_proto::v1 as pb;
 use cohort_security::{CertAuthority, TlsFiles, Validity};
 use futures::StreamExt;
 use tokio::sync::mpsc;
-use tonic::transport::Channel;
+use cohort_runtime::Channel;
 
 use crate::Federation;
 

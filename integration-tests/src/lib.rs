@@ -88,6 +88,19 @@ impl Federation {
         .await
     }
 
+    /// Synthetic parties, every process (services, coordinators, parties, executors) given
+    /// `env` too.
+    pub async fn synthetic_with_env(
+        parties: u32,
+        env: Vec<(String, String)>,
+    ) -> anyhow::Result<Federation> {
+        let storage = Storage {
+            env: env.clone(),
+            ..Storage::default()
+        };
+        Federation::start_as(parties, storage, PartyData::Synthetic, env).await
+    }
+
     async fn start_as(
         parties: u32,
         storage: Storage,

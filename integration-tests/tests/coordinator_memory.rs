@@ -18,7 +18,7 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout, timeout_at};
-use tonic::transport::Channel;
+use cohort_runtime::Channel;
 
 /// Parties in the round, all fetching, then all uploading, at once.
 const PARTIES: u64 = 16;

@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use tonic::Code;
 use tonic::codegen::http::Uri;
 use tonic::codegen::{BoxFuture, Service};
-use tonic::transport::Channel;
+use cohort_runtime::Channel;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -940,7 +940,7 @@ async fn watched_party_channel(fed: &Federation, files: &TlsFiles) -> (Channel, 
     let [port] = ports[..] else {
         panic!("one connection: {ports:?}");
     };
-    (channel, port)
+    (Channel::new(channel), port)
 }
 
 async fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) {

@@ -369,7 +369,11 @@ impl Launcher for LocalLauncher {
         })?;
         let mut cmd = Command::new(&self.binary);
         cmd.env_clear();
-        for name in PROCESS_BASICS.iter().chain(&COORDINATOR_TUNABLES) {
+        for name in PROCESS_BASICS
+            .iter()
+            .chain(&COORDINATOR_TUNABLES)
+            .chain(&cohort_telemetry::CHILD_VARIABLES)
+        {
             if let Some(value) = std::env::var_os(name) {
                 cmd.env(name, value);
             }
@@ -747,6 +751,7 @@ mod tests {
             assert!(
                 PROCESS_BASICS.contains(name)
                     || COORDINATOR_TUNABLES.contains(name)
+                    || cohort_telemetry::CHILD_VARIABLES.contains(name)
                     || *name == "PWD"
                     || *name == "SHLVL"
                     || *name == "_",

@@ -6,11 +6,14 @@
 
 pub mod executor_pipe;
 pub mod launcher;
+mod traced_channel;
 pub mod process;
 pub mod tls;
 pub mod wire;
 
+pub use cohort_telemetry::Telemetry;
 pub use tls::{Tls, TlsArgs, calling_party, calling_principal, peer_identity};
+pub use traced_channel::Channel;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -18,8 +21,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tonic::transport::{Channel, Endpoint};
-use tracing_subscriber::EnvFilter;
+use tonic::transport::Endpoint;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -96,19 +98,16 @@ pub struct DatabaseArgs {
     pub database_connect_timeout: Duration,
 }
 
-/// Logs go to stderr; `RUST_LOG` filters (default: info).
-pub fn init_tracing(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    // Colours only for people: log files and collectors get plain text.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+/// Logs go to stderr; `RUST_LOG` filters (default: info). With
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` set, spans are exported over OTLP as `service`
+/// (unless `OTEL_SERVICE_NAME` names it) and log lines carry trace and span
+/// ids. Keep the result until the process ends: it flushes the spans.
+pub fn init_tracing(format: LogFormat, service: &str) -> Telemetry {
+    let style = match format {
+        LogFormat::Text => cohort_telemetry::LogStyle::Text,
+        LogFormat::Json => cohort_telemetry::LogStyle::Json,
     };
+    cohort_telemetry::init(service, style)
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -242,6 +241,7 @@ impl Listener {
         let incoming = without_delay(self.listener);
         let mut builder = tonic::transport::Server::builder()
             .layer(grpc_metrics_layer())
+            .layer(cohort_telemetry::TraceServerLayer::new())
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
             .initial_stream_window_size(STREAM_WINDOW_BYTES)
@@ -587,13 +587,14 @@ fn channel_with(
     // What a client receives (a model fetched, a model downloaded) flows as freely as what
     // servers receive: with h2's default 64 KiB window, a 100 MB fetch waited for a window
     // update every 64 KiB.
-    Ok(ep
-        .initial_stream_window_size(STREAM_WINDOW_BYTES)
-        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
-        .connect_timeout(Duration::from_secs(5))
-        .http2_keep_alive_interval(Duration::from_secs(20))
-        .keep_alive_while_idle(true)
-        .connect_lazy())
+    Ok(Channel::new(
+        ep.initial_stream_window_size(STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+            .connect_timeout(Duration::from_secs(5))
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_while_idle(true)
+            .connect_lazy(),
+    ))
 }
 
 /// Retries `op` with exponential backoff (100 ms doubling to 2 s) until it

@@ -302,6 +302,14 @@ impl Stack {
                 },
             )
             .await?;
+        // client-selector records revocations in job-scheduler's audit log, and
+        // job-scheduler hands client-selector's address to coordinators: each needs
+        // the other's, and each reports its own only once bound (port 0, read
+        // back). So client-selector starts first and starts again knowing
+        // job-scheduler's, on its pinned port, before the proxy or any party can
+        // reach it.
+        self.restart_with("client-selector", &["--job-scheduler", &job_scheduler])
+            .await?;
         let proxy = self
             .spawn_named(
                 "proxy",
@@ -423,6 +431,8 @@ impl Stack {
             .open(&log_path)
             .with_context(|| format!("cannot open {}", log_path.display()))?;
         let mut cmd = Command::new(self.bin_dir.join(binary));
+        // Each process is a service of its own in traces (named after its binary).
+        cmd.env_remove("OTEL_SERVICE_NAME");
         cmd.args(args)
             .envs(env.iter().map(|(k, v)| (k, v)))
             .arg("--ready-file")
@@ -510,6 +520,22 @@ impl Stack {
             );
         }
         Ok(())
+    }
+
+    /// Stops a service and starts it again with `extra` arguments added (same
+    /// address).
+    async fn restart_with(&mut self, name: &str, extra: &[&str]) -> anyhow::Result<()> {
+        let s = self
+            .services
+            .iter_mut()
+            .find(|s| s.name == name)
+            .with_context(|| format!("no service {name}"))?;
+        s.child
+            .kill()
+            .await
+            .with_context(|| format!("cannot stop {name} to restart it"))?;
+        s.args.extend(extra.iter().map(|a| a.to_string()));
+        self.restart(name).await
     }
 
     /// Restarts services that exited on their own; returns those restarted, as

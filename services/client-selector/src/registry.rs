@@ -20,6 +20,7 @@ use cohort_core::{PartyId, random_token};
 use cohort_proto::v1 as pb;
 use cohort_runtime::now_ms;
 use cohort_store::clients::{ClientStore, DatasetEntry, TaskOutcome};
+use tracing::Instrument as _;
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 
@@ -694,6 +695,9 @@ impl Registry {
         } else {
             task_seed(task.seed, &party, task.round, task.kind)
         };
+        // The party's spans for this task are children of this one.
+        let span = tracing::info_span!("offer", party = %party, task_id = %task.task_id);
+        task.trace_context = span.in_scope(cohort_telemetry::context_map);
         let (reply_tx, reply_rx) = oneshot::channel();
         self.with_state(|s| {
             s.offers.insert(
@@ -718,6 +722,7 @@ impl Registry {
             tx.send(Ok(offer)).await.ok()?;
             reply_rx.await.ok()
         })
+        .instrument(span)
         .await;
         self.with_state(|s| s.offers.remove(&offer_id));
         match reply {

@@ -23,7 +23,7 @@ use cohort_store::clients::{ClientStore, SqliteClientStore};
 use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 use tonic::Code;
-use tonic::transport::Channel;
+use cohort_runtime::Channel;
 
 const DEADLINE: Duration = Duration::from_secs(20);
 

@@ -26,13 +26,17 @@ struct Metrics {
     update_bytes: IntCounterVec,
     accuracy: GaugeVec,
     loss: GaugeVec,
+    aggregated_bytes: IntCounterVec,
+    aggregation_throughput: GaugeVec,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     phase_duration: cohort_metrics::histogram_vec(
         "round_phase_duration_seconds",
-        "Time a round spent in each phase: train (offer to every update folded), evaluate, \
-         checkpoint (the model stored).",
+        "Time spent in each phase of a round. Per round: offer (asking client-selector until \
+         enough parties accepted), train (offer to every update folded), evaluate, checkpoint \
+         (the model stored). Per party: fetch (the model sent to it), upload (its update \
+         received and checked), aggregate (its update folded into the sum).",
         &["job_id", "phase"],
         cohort_metrics::DURATION_BUCKETS,
     ),
@@ -62,11 +66,26 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
         "Held-out loss of the latest evaluated round.",
         &["job_id"],
     ),
+    aggregated_bytes: cohort_metrics::counter_vec(
+        "aggregated_bytes_total",
+        "Update bytes folded into the aggregate.",
+        &["job_id"],
+    ),
+    aggregation_throughput: cohort_metrics::gauge_vec(
+        "aggregation_throughput_bytes_per_second",
+        "Bytes per second of the latest update folded into the aggregate (read back from \
+         staging, checked and added).",
+        &["job_id"],
+    ),
 });
 
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Phase {
+    Offer,
+    Fetch,
     Train,
+    Upload,
+    Aggregate,
     Evaluate,
     Checkpoint,
 }
@@ -74,7 +93,11 @@ pub(crate) enum Phase {
 impl Phase {
     fn name(self) -> &'static str {
         match self {
+            Phase::Offer => "offer",
+            Phase::Fetch => "fetch",
             Phase::Train => "train",
+            Phase::Upload => "upload",
+            Phase::Aggregate => "aggregate",
             Phase::Evaluate => "evaluate",
             Phase::Checkpoint => "checkpoint",
         }
@@ -123,6 +146,22 @@ pub(crate) fn received(bytes: usize) {
         .update_bytes
         .with_label_values(&[job(), "from_parties"])
         .inc_by(bytes as u64);
+}
+
+/// An update of `bytes` folded in `duration`.
+pub(crate) fn folded(bytes: usize, duration: Duration) {
+    METRICS
+        .aggregated_bytes
+        .with_label_values(&[job()])
+        .inc_by(bytes as u64);
+    let seconds = duration.as_secs_f64();
+    if seconds > 0.0 {
+        METRICS
+            .aggregation_throughput
+            .with_label_values(&[job()])
+            .set(bytes as f64 / seconds);
+    }
+    phase(Phase::Aggregate, duration);
 }
 
 pub(crate) fn evaluated(accuracy: f64, loss: f64) {

@@ -9,7 +9,8 @@ use std::time::Duration;
 use cohort_core::PartyId;
 use cohort_fl::{CHUNK_BYTES, chunk_tensors_shared};
 
-use crate::metrics::UpdateOutcome;
+use crate::metrics::{Phase, UpdateOutcome};
+use tracing::Instrument as _;
 use cohort_proto::v1 as pb;
 use cohort_runtime::ToStatus;
 use futures::{Stream, StreamExt};
@@ -86,17 +87,23 @@ impl pb::round_server::Round for RoundApi {
         let idle = self.idle_timeout;
         let state = self.state.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tokio::spawn(async move {
-            // The chunks share the global model's memory: no copy per party.
-            for chunk in chunk_tensors_shared(global, CHUNK_BYTES) {
-                state.sent(chunk.data.len());
-                // A reader that stops reading does not keep the model alive.
-                match tokio::time::timeout(idle, tx.send(Ok(chunk))).await {
-                    Ok(Ok(())) => {}
-                    _ => return,
+        let sending = tracing::info_span!("send_model", party = %ticket.party);
+        tokio::spawn(
+            async move {
+                let started = std::time::Instant::now();
+                // The chunks share the global model's memory: no copy per party.
+                for chunk in chunk_tensors_shared(global, CHUNK_BYTES) {
+                    state.sent(chunk.data.len());
+                    // A reader that stops reading does not keep the model alive.
+                    match tokio::time::timeout(idle, tx.send(Ok(chunk))).await {
+                        Ok(Ok(())) => {}
+                        _ => return,
+                    }
                 }
+                crate::metrics::phase(Phase::Fetch, started.elapsed());
             }
-        });
+            .instrument(sending),
+        );
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
@@ -129,8 +136,9 @@ impl pb::round_server::Round for RoundApi {
             .map_err(|e| e.to_status())?;
         let party = upload.ticket().party.clone();
         let task = upload.ticket().task_id.clone();
+        let receiving = std::time::Instant::now();
         let received = tokio::select! {
-            r = self.receive(&upload, &mut inbound) => r,
+            r = self.receive(&upload, &mut inbound).instrument(tracing::info_span!("receive_update")) => r,
             _ = upload.phase_ended() => Err(Received::Broken(RoundError::too_slow(
                 "the round ended while the update was uploaded",
             ))),
@@ -153,10 +161,21 @@ impl pb::round_server::Round for RoundApi {
                 return Err(e.to_status());
             }
         };
+        crate::metrics::phase(Phase::Upload, receiving.elapsed());
         let train_loss = header.train.map(|m| m.loss).unwrap_or(f64::NAN);
+        let update_bytes: usize = self.state.global().iter().map(|t| t.data.len() * 4).sum();
+        let folding = tracing::info_span!("fold_update");
         // The fold reads the staged update back: off the threads that serve the network.
-        let norm = tokio::task::spawn_blocking(move || upload.complete_checked(update, train_loss))
-            .await
+        let norm = tokio::task::spawn_blocking(move || {
+            let _in_span = folding.enter();
+            let started = std::time::Instant::now();
+            let result = upload.complete_checked(update, train_loss);
+            if result.is_ok() {
+                crate::metrics::folded(update_bytes, started.elapsed());
+            }
+            result
+        })
+        .await
             .map_err(|e| Status::internal(format!("the fold of the update failed: {e}")))?
             .map_err(|e| {
                 crate::metrics::update(UpdateOutcome::Rejected);

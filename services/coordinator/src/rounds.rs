@@ -12,11 +12,12 @@ use cohort_proto::v1 as pb;
 use cohort_runtime::retry_unavailable;
 
 use crate::metrics::Phase;
+use tracing::Instrument as _;
 use cohort_runtime::wire::{act_as, task_kind_to_wire};
 use futures::StreamExt;
 use sha2::Digest as _;
 use tokio::time::Instant;
-use tonic::transport::Channel;
+use cohort_runtime::Channel;
 
 use crate::SCHEDULER_PATIENCE;
 use crate::round_state::{Accepted, EvalReport, Note, NoteKind, RoundState, TaskProgress};
@@ -175,87 +176,14 @@ impl JobRun {
         let rounds = self.spec.rounds;
         let mut last_accuracy = None;
         for round in assignment.next_round.max(1)..=rounds {
-            if let Some(r) = self.stop_reason() {
-                return Err(Failure::Stopped(r));
-            }
-            self.refresh_cohort(&mut cohort, round).await;
-            // A round runs from its offer to its model stored.
-            let started = Instant::now();
-            let trained = self.train_round(round, &cohort).await?;
-            crate::metrics::phase(Phase::Train, started.elapsed());
-            // A synthetic model has nothing to evaluate.
-            let evaluate = self.spec.model.synthetic().is_none()
-                && (round % self.spec.evaluation.every == 0 || round == rounds);
-            let evaluated = if evaluate {
-                let evaluating = Instant::now();
-                let evaluated = self.evaluate_round(round, &cohort).await?;
-                crate::metrics::phase(Phase::Evaluate, evaluating.elapsed());
-                if evaluated.metrics.samples > 0 {
-                    crate::metrics::evaluated(evaluated.metrics.accuracy, evaluated.metrics.loss);
-                }
-                evaluated
-            } else {
-                Evaluated {
-                    metrics: pb::Metrics::default(),
-                    robust: None,
-                    parties: 0,
-                    expected: 0,
-                }
-            };
-            let metrics = evaluated.metrics;
-            let refused = self.state.take_refused();
-            let checkpointing = Instant::now();
-            let version = self.checkpoint(round, parent_version, &metrics).await?;
-            crate::metrics::phase(Phase::Checkpoint, checkpointing.elapsed());
-            let traffic = self.state.take_traffic();
-            parent_version = version;
-            let summary = pb::RoundSummary {
-                round,
-                evaluation: Some(metrics),
-                train_loss: trained.train_loss,
-                updates: trained.updates,
-                model_version: version,
-                duration_ms: started.elapsed().as_millis() as u64,
-                refused_updates: u32::try_from(refused).unwrap_or(u32::MAX),
-                dropped_updates: trained.dropped,
-                task_failures: trained.task_failures,
-                robust_accuracy: evaluated.robust.unwrap_or(0.0),
-                eval_parties: evaluated.parties,
-                eval_parties_expected: evaluated.expected,
-                bytes_to_parties: traffic.to_parties,
-                bytes_from_parties: traffic.from_parties,
-            };
-            tracing::info!(job = %self.job_id, round, seconds = summary.duration_ms as f64 / 1e3, bytes_to_parties = traffic.to_parties, bytes_from_parties = traffic.from_parties, updates = trained.updates, accuracy = metrics.accuracy, robust_accuracy = ?evaluated.robust, loss = metrics.loss, version, "round complete");
-            self.flush_log().await;
-            retry_unavailable("report round", SCHEDULER_PATIENCE, || {
-                let mut c = self.clients.scheduler.clone();
-                let req = pb::ReportRoundRequest {
-                    job_id: self.job_id.to_string(),
-                    round: Some(summary),
-                };
-                async move { c.report_round(req).await }
-            })
-            .await
-            .map_err(|s| {
-                Failure::Abandon(format!(
-                    "cannot report the round to job-scheduler: {}",
-                    s.message()
-                ))
-            })?;
-            if metrics.samples > 0 {
-                last_accuracy = Some(metrics.accuracy);
-            }
-            // One party's claim cannot end the job: the stop rule reads the lower median.
-            if let (Some(target), Some(robust)) = (self.spec.stop.target_accuracy, evaluated.robust)
-                && robust >= target
-            {
-                return Ok(Outcome::Finish(
-                    pb::JobState::Succeeded,
-                    format!(
-                        "target accuracy {target} reached in round {round} (median party \
-                         accuracy {robust:.4})"
-                    ),
-                ));
+            // Each round is a trace of its own: where its time went, across every process.
+            let span = tracing::info_span!(parent: None, "round", job_id = %self.job_id, round);
+            let ended = self
+                .run_round(round, &mut cohort, &mut parent_version, &mut last_accuracy)
+                .instrument(span)
+                .await?;
+            if let Some(outcome) = ended {
+                return Ok(outcome);
             }
         }
         let reason = match last_accuracy {
@@ -263,6 +191,109 @@ impl JobRun {
             None => format!("completed {rounds} rounds"),
         };
         Ok(Outcome::Finish(pb::JobState::Succeeded, reason))
+    }
+
+    /// One round from its offer to its report; `Some` when the job ends with it.
+    async fn run_round(
+        &self,
+        round: u32,
+        cohort: &mut Cohort,
+        parent_version: &mut u32,
+        last_accuracy: &mut Option<f64>,
+    ) -> Result<Option<Outcome>, Failure> {
+        let rounds = self.spec.rounds;
+        if let Some(r) = self.stop_reason() {
+            return Err(Failure::Stopped(r));
+        }
+        self.refresh_cohort(cohort, round).await;
+        // A round runs from its offer to its model stored.
+        let started = Instant::now();
+        let trained = self
+            .train_round(round, cohort)
+            .instrument(tracing::info_span!("train"))
+            .await?;
+        crate::metrics::phase(Phase::Train, started.elapsed());
+        // A synthetic model has nothing to evaluate.
+        let evaluate = self.spec.model.synthetic().is_none()
+            && (round % self.spec.evaluation.every == 0 || round == rounds);
+        let evaluated = if evaluate {
+            let evaluating = Instant::now();
+            let evaluated = self
+                .evaluate_round(round, cohort)
+                .instrument(tracing::info_span!("evaluate"))
+                .await?;
+            crate::metrics::phase(Phase::Evaluate, evaluating.elapsed());
+            if evaluated.metrics.samples > 0 {
+                crate::metrics::evaluated(evaluated.metrics.accuracy, evaluated.metrics.loss);
+            }
+            evaluated
+        } else {
+            Evaluated {
+                metrics: pb::Metrics::default(),
+                robust: None,
+                parties: 0,
+                expected: 0,
+            }
+        };
+        let metrics = evaluated.metrics;
+        let refused = self.state.take_refused();
+        let checkpointing = Instant::now();
+        let version = self
+            .checkpoint(round, *parent_version, &metrics)
+            .instrument(tracing::info_span!("checkpoint"))
+            .await?;
+        crate::metrics::phase(Phase::Checkpoint, checkpointing.elapsed());
+        let traffic = self.state.take_traffic();
+        *parent_version = version;
+        let summary = pb::RoundSummary {
+            round,
+            evaluation: Some(metrics),
+            train_loss: trained.train_loss,
+            updates: trained.updates,
+            model_version: version,
+            duration_ms: started.elapsed().as_millis() as u64,
+            refused_updates: u32::try_from(refused).unwrap_or(u32::MAX),
+            dropped_updates: trained.dropped,
+            task_failures: trained.task_failures,
+            robust_accuracy: evaluated.robust.unwrap_or(0.0),
+            eval_parties: evaluated.parties,
+            eval_parties_expected: evaluated.expected,
+            bytes_to_parties: traffic.to_parties,
+            bytes_from_parties: traffic.from_parties,
+        };
+        tracing::info!(job = %self.job_id, round, seconds = summary.duration_ms as f64 / 1e3, bytes_to_parties = traffic.to_parties, bytes_from_parties = traffic.from_parties, updates = trained.updates, accuracy = metrics.accuracy, robust_accuracy = ?evaluated.robust, loss = metrics.loss, version, "round complete");
+        self.flush_log().await;
+        retry_unavailable("report round", SCHEDULER_PATIENCE, || {
+            let mut c = self.clients.scheduler.clone();
+            let req = pb::ReportRoundRequest {
+                job_id: self.job_id.to_string(),
+                round: Some(summary),
+            };
+            async move { c.report_round(req).await }
+        })
+        .await
+        .map_err(|s| {
+            Failure::Abandon(format!(
+                "cannot report the round to job-scheduler: {}",
+                s.message()
+            ))
+        })?;
+        if metrics.samples > 0 {
+            *last_accuracy = Some(metrics.accuracy);
+        }
+        // One party's claim cannot end the job: the stop rule reads the lower median.
+        if let (Some(target), Some(robust)) = (self.spec.stop.target_accuracy, evaluated.robust)
+            && robust >= target
+        {
+            return Ok(Some(Outcome::Finish(
+                pb::JobState::Succeeded,
+                format!(
+                    "target accuracy {target} reached in round {round} (median party \
+                     accuracy {robust:.4})"
+                ),
+            )));
+        }
+        Ok(None)
     }
 
     /// Sends the job's pending log entries to job-scheduler (best effort: a log that cannot
@@ -694,6 +725,26 @@ impl JobRun {
     /// available, or the deadline passes.
     #[allow(clippy::too_many_arguments)]
     async fn offer_until(
+        &self,
+        round: u32,
+        kind: TaskKind,
+        want: u32,
+        min: u32,
+        deadline: Instant,
+        exclude: Vec<String>,
+        cohort: &Cohort,
+    ) -> Result<Vec<pb::AcceptedTask>, Failure> {
+        let started = Instant::now();
+        let offered = self
+            .offer_until_inner(round, kind, want, min, deadline, exclude, cohort)
+            .instrument(tracing::info_span!("offer", kind = ?kind))
+            .await;
+        crate::metrics::phase(Phase::Offer, started.elapsed());
+        offered
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn offer_until_inner(
         &self,
         round: u32,
         kind: TaskKind,

@@ -20,6 +20,7 @@ use cohort_proto::v1 as pb;
 use cohort_runtime::{LogFormat, channel, executor_pipe, retry_unavailable};
 use cohort_train::{DataFormat, Dataset};
 use futures::StreamExt;
+use tracing::Instrument as _;
 use tonic::metadata::MetadataValue;
 
 #[derive(Debug, clap::Parser)]
@@ -98,11 +99,11 @@ async fn serve(channels: &mut Channels, idle: Duration) -> anyhow::Result<()> {
 /// TLS connection, not one per task (a task naming another endpoint replaces it).
 struct Channels {
     tls: Option<cohort_runtime::Tls>,
-    open: Option<(String, tonic::transport::Channel)>,
+    open: Option<(String, cohort_runtime::Channel)>,
 }
 
 impl Channels {
-    fn to(&mut self, endpoint: &str) -> anyhow::Result<tonic::transport::Channel> {
+    fn to(&mut self, endpoint: &str) -> anyhow::Result<cohort_runtime::Channel> {
         if let Some((open, channel)) = &self.open
             && open == endpoint
         {
@@ -114,15 +115,36 @@ impl Channels {
     }
 }
 
-/// Runs one task to its end: model fetched, trained or evaluated, result submitted.
+/// Runs one task to its end in its span, a child of the task-manager's span for it.
 async fn run_task(channels: &mut Channels, exec: pb::ExecutorTask) -> anyhow::Result<()> {
+    let span = match &exec.task {
+        Some(task) => {
+            let span = tracing::info_span!(
+                "execute",
+                task_id = %task.task_id,
+                kind = task.kind,
+                round = task.round,
+            );
+            cohort_telemetry::set_parent_from_map(&span, &task.trace_context);
+            span
+        }
+        None => tracing::info_span!("execute"),
+    };
+    run_task_steps(channels, exec).instrument(span).await
+}
+
+/// Model fetched, trained or evaluated, result submitted.
+async fn run_task_steps(channels: &mut Channels, exec: pb::ExecutorTask) -> anyhow::Result<()> {
     let task = exec.task.context("task file: task is missing")?;
     let data = exec.data.context("task file: data is missing")?;
     let spec = JobSpec::from_json(&task.spec_json).context("task file: task.spec_json")?;
     let kind = pb::TaskKind::try_from(task.kind).unwrap_or(pb::TaskKind::Unspecified);
     let started = Instant::now();
     let client = RoundClient::new(channels.to(&exec.endpoint)?, &task)?;
-    let global = client.fetch_model().await?;
+    let global = client
+        .fetch_model()
+        .instrument(tracing::info_span!("fetch"))
+        .await?;
     tracing::info!(task = %task.task_id, tensors = global.len(), "model fetched");
     if let Some(model) = SyntheticModel::of(&spec.model) {
         return synthetic_task(&client, &task, &data, kind, &global, model).await;
@@ -130,9 +152,11 @@ async fn run_task(channels: &mut Channels, exec: pb::ExecutorTask) -> anyhow::Re
     match kind {
         pb::TaskKind::Train => {
             let dataset = load(&data, false)?;
-            let outcome =
-                cohort_train::train(&spec.model, &spec.training, &global, &dataset, task.seed)
-                    .context("training failed")?;
+            let outcome = tracing::info_span!("train")
+                .in_scope(|| {
+                    cohort_train::train(&spec.model, &spec.training, &global, &dataset, task.seed)
+                })
+                .context("training failed")?;
             let delta = difference(&outcome.weights, &global)?;
             tracing::info!(
                 task = %task.task_id, samples = outcome.samples, loss = outcome.loss,
@@ -148,11 +172,13 @@ async fn run_task(channels: &mut Channels, exec: pb::ExecutorTask) -> anyhow::Re
                         samples: outcome.samples as u64,
                     },
                 )
+                .instrument(tracing::info_span!("upload"))
                 .await?;
         }
         pb::TaskKind::Evaluate => {
             let dataset = load(&data, true)?;
-            let e = cohort_train::evaluate(&spec.model, &global, &dataset)
+            let e = tracing::info_span!("evaluate")
+                .in_scope(|| cohort_train::evaluate(&spec.model, &global, &dataset))
                 .context("evaluation failed")?;
             tracing::info!(task = %task.task_id, samples = e.samples, loss = e.loss, accuracy = e.accuracy, "evaluated");
             client
@@ -212,6 +238,7 @@ async fn synthetic_task(
                 samples: synthetic.samples,
             },
         )
+        .instrument(tracing::info_span!("upload"))
         .await?;
     tracing::info!(task = %task.task_id, params = model.params, party, round, "synthetic update sent");
     Ok(())
@@ -271,13 +298,13 @@ const RETRY_FOR: Duration = Duration::from_secs(30);
 /// The round protocol, addressed to the task's job through the proxy.
 #[derive(Clone)]
 struct RoundClient {
-    inner: pb::round_client::RoundClient<tonic::transport::Channel>,
+    inner: pb::round_client::RoundClient<cohort_runtime::Channel>,
     job: MetadataValue<tonic::metadata::Ascii>,
     token: String,
 }
 
 impl RoundClient {
-    fn new(channel: tonic::transport::Channel, task: &pb::Task) -> anyhow::Result<Self> {
+    fn new(channel: cohort_runtime::Channel, task: &pb::Task) -> anyhow::Result<Self> {
         Ok(Self {
             inner: pb::round_client::RoundClient::new(channel)
                 .max_decoding_message_size(CHUNK_BYTES * 4)

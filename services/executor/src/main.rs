@@ -3,7 +3,7 @@ use clap::Parser;
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let args = cohort_executor::Args::parse();
-    cohort_runtime::init_tracing(args.log_format);
+    let telemetry = cohort_runtime::init_tracing(args.log_format, "executor");
     // A panic's report spans lines; its message also goes out as one line, last, for
     // task-manager to report.
     let report = std::panic::take_hook();
@@ -14,7 +14,10 @@ async fn main() {
             cohort_executor::one_line(&info.to_string())
         );
     }));
-    if let Err(e) = args.run().await {
+    let result = args.run().await;
+    // Spans still queued go out before the process ends (exit skips destructors).
+    telemetry.shutdown();
+    if let Err(e) = result {
         // The last line of the log: task-manager sends it to the server as the reason.
         eprintln!("{}", cohort_executor::error_line(&e));
         std::process::exit(1);

@@ -5,8 +5,11 @@ use clap::Parser;
 #[tokio::main]
 async fn main() {
     let args = cohort_model_manager::Args::parse();
-    cohort_runtime::init_tracing(args.service.log_format);
-    if let Err(e) = args.run().await {
+    let telemetry = cohort_runtime::init_tracing(args.service.log_format, "model-manager");
+    let result = args.run().await;
+    // Spans still queued go out before the process ends.
+    telemetry.shutdown();
+    if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

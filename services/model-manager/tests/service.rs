@@ -24,7 +24,7 @@ use safetensors::tensor::TensorView;
 use sha2::Digest as _;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
-use tonic::transport::Channel;
+use cohort_runtime::Channel;
 use tonic::{Code, Request, Status};
 
 /// Every wait in these tests is bounded by this.
@@ -44,9 +44,7 @@ async fn start() -> Harness {
     let store = Arc::new(SqliteModelStore::open(&url).await.unwrap());
     let blobs = Arc::new(FsBlobStore::open(dir.path().join("blobs")).await.unwrap());
     let (addr, stop) = serve_in_process(store, blobs.clone()).await.unwrap();
-    let client = ModelsClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap();
+    let client = ModelsClient::new(cohort_runtime::lazy_channel(&addr.to_string()).unwrap());
     Harness {
         _dir: dir,
         blobs,
@@ -64,9 +62,7 @@ async fn start_with(limits: UploadLimits) -> Harness {
     let (addr, stop) = serve_in_process_with(store, blobs.clone(), limits, None)
         .await
         .unwrap();
-    let client = ModelsClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap();
+    let client = ModelsClient::new(cohort_runtime::lazy_channel(&addr.to_string()).unwrap());
     Harness {
         _dir: dir,
         blobs,
@@ -498,7 +494,7 @@ async fn download_of_altered_blob_fails_with_data_loss() {
 #[tokio::test]
 async fn health_reports_serving() {
     let h = start().await;
-    let channel = Channel::from_shared(format!("http://{}", h.addr))
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", h.addr))
         .unwrap()
         .connect()
         .await
@@ -569,9 +565,7 @@ async fn binary_serves_after_ready_file() {
     let addr = cohort_runtime::wait_for_file(&ready, Duration::from_secs(30))
         .await
         .expect("ready file");
-    let mut client = ModelsClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap();
+    let mut client = ModelsClient::new(cohort_runtime::lazy_channel(&addr.to_string()).unwrap());
     let file = model_file(9);
     let v = upload_file(&mut client, header("m", "", 0, 0), &file)
         .await

@@ -564,7 +564,9 @@ async fn serve_connection<IO>(
             Ok::<_, std::convert::Infallible>(proxy.handle(req, identity.as_ref().as_ref()).await)
         }
     });
-    let metered = tower::Layer::layer(&cohort_runtime::grpc_metrics_layer(), handle);
+    // One span per call, a child of the caller's; the upstream call is this span's child.
+    let traced = tower::Layer::layer(&cohort_telemetry::TraceServerLayer::forwarding(), handle);
+    let metered = tower::Layer::layer(&cohort_runtime::grpc_metrics_layer(), traced);
     let service =
         hyper::service::service_fn(move |req| tower::ServiceExt::oneshot(metered.clone(), req));
     let conn = http.serve_connection(TokioIo::new(io), service);

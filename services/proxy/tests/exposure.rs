@@ -15,7 +15,8 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-const PUBLIC_SERVICES: [&str; 9] = [
+const PUBLIC_SERVICES: [&str; 10] = [
+    "cohort.v1.Audit",
     "cohort.v1.ClientSelector",
     "cohort.v1.Jobs",
     "cohort.v1.Models",
@@ -28,7 +29,7 @@ const PUBLIC_SERVICES: [&str; 9] = [
 ];
 
 /// Server-internal services, methods and types: none may be described.
-const INTERNAL_SYMBOLS: [&str; 8] = [
+const INTERNAL_SYMBOLS: [&str; 10] = [
     "cohort.v1.Auth",
     "cohort.v1.JobControl",
     "cohort.v1.CoordinatorControl",
@@ -37,6 +38,8 @@ const INTERNAL_SYMBOLS: [&str; 8] = [
     "cohort.v1.ClientSelector.OfferTasks",
     "cohort.v1.AuthenticateRequest",
     "cohort.v1.GetAssignmentRequest",
+    "cohort.v1.JobControl.RecordAudit",
+    "cohort.v1.RecordAuditRequest",
 ];
 
 /// One question to a reflection service.
@@ -57,7 +60,7 @@ enum Answer {
 /// The same client for both reflection API versions (same messages, two packages).
 macro_rules! reflection_client {
     ($name:ident, $pb:path) => {
-        async fn $name(channel: tonic::transport::Channel, ask: Ask) -> Answer {
+        async fn $name(channel: cohort_runtime::Channel, ask: Ask) -> Answer {
             use pb::server_reflection_client::ServerReflectionClient;
             use pb::server_reflection_request::MessageRequest;
             use pb::server_reflection_response::MessageResponse;
@@ -164,7 +167,7 @@ async fn reflection_without_credentials_shows_only_public_services() {
         };
         assert_eq!(
             services_in(&by_symbol),
-            ["cohort.v1.Jobs", "cohort.v1.Tokens"],
+            ["cohort.v1.Jobs", "cohort.v1.Tokens", "cohort.v1.Audit"],
             "{version}"
         );
         let jobs_file = by_symbol[0].name().to_string();
@@ -208,7 +211,7 @@ async fn reflection_without_credentials_shows_only_public_services() {
     proxy.stop().await;
 }
 
-async fn check(channel: tonic::transport::Channel, service: &str) -> Result<i32, Code> {
+async fn check(channel: cohort_runtime::Channel, service: &str) -> Result<i32, Code> {
     let mut health = HealthClient::new(channel);
     within(
         "health Check",

@@ -13,7 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cohort_proto::v1::*;
-use cohort_proto::{NAMESPACE_METADATA_KEY, PARTY_METADATA_KEY, ROLE_METADATA_KEY};
+use cohort_proto::{
+    NAMESPACE_METADATA_KEY, PARTY_METADATA_KEY, ROLE_METADATA_KEY, TOKEN_METADATA_KEY,
+};
 use cohort_security::{ApiToken, CertAuthority, TlsFiles, Validity};
 use common::{FakeJobControl, TestProxy, TestServer, WAIT, closed_endpoint, for_job, within};
 use futures::StreamExt;
@@ -34,6 +36,7 @@ struct Received {
     party: Vec<String>,
     namespace: Vec<String>,
     role: Vec<String>,
+    token: Vec<String>,
     authorization: bool,
 }
 
@@ -54,6 +57,7 @@ impl Recorder {
             party: all(PARTY_METADATA_KEY),
             namespace: all(NAMESPACE_METADATA_KEY),
             role: all(ROLE_METADATA_KEY),
+            token: all(TOKEN_METADATA_KEY),
             authorization: req.metadata().get("authorization").is_some(),
         });
     }
@@ -301,7 +305,7 @@ impl Pki {
     }
 
     /// A channel presenting the certificate of party `name`.
-    fn party(&self, name: &str, proxy: SocketAddr) -> tonic::transport::Channel {
+    fn party(&self, name: &str, proxy: SocketAddr) -> cohort_runtime::Channel {
         let pair = self.ca.issue_party(name, validity()).unwrap();
         let party = files(self.dir.path(), name);
         pair.write(&party.cert, &party.key).unwrap();
@@ -310,7 +314,7 @@ impl Pki {
     }
 
     /// A channel that checks the proxy's certificate and presents none (a user's).
-    fn user(&self, proxy: SocketAddr) -> tonic::transport::Channel {
+    fn user(&self, proxy: SocketAddr) -> cohort_runtime::Channel {
         cohort_runtime::server_authenticated_channel(
             &proxy.to_string(),
             self.ca.cert_pem().as_bytes(),
@@ -392,11 +396,11 @@ impl Door {
         }
     }
 
-    fn party(&self, name: &str) -> tonic::transport::Channel {
+    fn party(&self, name: &str) -> cohort_runtime::Channel {
         self.pki.party(name, self.proxy.addr)
     }
 
-    fn user(&self) -> tonic::transport::Channel {
+    fn user(&self) -> cohort_runtime::Channel {
         self.pki.user(self.proxy.addr)
     }
 }
@@ -416,6 +420,7 @@ fn forged<T>(mut req: Request<T>) -> Request<T> {
         (PARTY_METADATA_KEY, ["hospital-b", "admin-party"]),
         (NAMESPACE_METADATA_KEY, ["team-b", "*"]),
         (ROLE_METADATA_KEY, ["admin", "admin"]),
+        (TOKEN_METADATA_KEY, ["admin-token", "t0"]),
     ] {
         for value in values {
             req.metadata_mut().append(key, value.parse().unwrap());
@@ -424,13 +429,13 @@ fn forged<T>(mut req: Request<T>) -> Request<T> {
     req
 }
 
-async fn get_job(channel: &tonic::transport::Channel, req: Request<GetJobRequest>) -> Res<Job> {
+async fn get_job(channel: &cohort_runtime::Channel, req: Request<GetJobRequest>) -> Res<Job> {
     let mut jobs = jobs_client::JobsClient::new(channel.clone());
     within("GetJob", jobs.get_job(req)).await
 }
 
 async fn submit_evaluation(
-    channel: &tonic::transport::Channel,
+    channel: &cohort_runtime::Channel,
     req: Request<SubmitEvaluationRequest>,
 ) -> Res<Ack> {
     let mut round = round_client::RoundClient::new(channel.clone());
@@ -470,7 +475,7 @@ struct Session {
 }
 
 impl Session {
-    async fn open(channel: &tonic::transport::Channel, party: &str, forge: bool) -> Session {
+    async fn open(channel: &cohort_runtime::Channel, party: &str, forge: bool) -> Session {
         let (out, rx) = mpsc::channel(4);
         out.send(register(party)).await.unwrap();
         let mut req = Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
@@ -526,9 +531,10 @@ async fn identity_metadata_a_caller_sends_never_reaches_a_service() {
             party: vec![],
             namespace: vec!["team-a".into()],
             role: vec!["member".into()],
+            token: vec!["t1".into()],
             authorization: false,
         }],
-        "job-scheduler must see the token's namespace and role only, and no token"
+        "job-scheduler must see the token's namespace, role and id only, and no token"
     );
 
     // A party (certificate of hospital-a) claiming another party, a namespace and a role:

@@ -26,7 +26,7 @@ async fn closed_by_proxy(mut stream: TcpStream) {
     );
 }
 
-async fn get_job(channel: tonic::transport::Channel, id: &str) -> Result<Job, tonic::Status> {
+async fn get_job(channel: cohort_runtime::Channel, id: &str) -> Result<Job, tonic::Status> {
     let mut jobs = jobs_client::JobsClient::new(channel);
     within("GetJob", jobs.get_job(GetJobRequest { id: id.into() }))
         .await
@@ -47,7 +47,7 @@ where
     }
 }
 
-async fn health_serving(channel: tonic::transport::Channel) -> bool {
+async fn health_serving(channel: cohort_runtime::Channel) -> bool {
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
     let check = health.check(tonic_health::pb::HealthCheckRequest::default());
     matches!(
@@ -129,11 +129,11 @@ async fn stack_with(tune: impl FnOnce(&mut cohort_proxy::ConnectionLimits)) -> S
     stack
 }
 
-async fn connect(addr: SocketAddr) -> tonic::transport::Channel {
+async fn connect(addr: SocketAddr) -> cohort_runtime::Channel {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect_timeout(Duration::from_secs(2));
-    within("connect", endpoint.connect()).await.unwrap()
+    cohort_runtime::Channel::new(within("connect", endpoint.connect()).await.unwrap())
 }
 
 #[tokio::test]

@@ -33,6 +33,7 @@ use cohort_core::JobSpec;
 use cohort_kube::{ExecutorEnd, ExecutorOwner, ExecutorPodConfig, KubernetesExecutors};
 use cohort_proto::v1 as pb;
 use cohort_runtime::{LogFormat, Tls, channel};
+use tracing::Instrument as _;
 use cohort_security::Identity;
 use futures::StreamExt;
 use futures::stream::PollNext;
@@ -134,6 +135,9 @@ impl ProcessExecutors {
     /// The executor's command, with the options every executor gets.
     fn command(&self) -> Command {
         let mut cmd = Command::new(&self.bin);
+        // The executor is a service of its own in traces (it inherits the rest of the
+        // trace settings with this daemon's environment).
+        cmd.env_remove("OTEL_SERVICE_NAME");
         cmd.args(&self.tls_args);
         if self.log_format == LogFormat::Json {
             cmd.arg("--log-format").arg("json");
@@ -161,6 +165,9 @@ enum Launch {
 struct Accepted {
     task: pb::Task,
     launch: Launch,
+    /// The task's span on this party: a child of the server's offer, the
+    /// parent of the executor's work.
+    span: tracing::Span,
 }
 
 impl Accepted {
@@ -571,7 +578,18 @@ impl Args {
                         "--executor-pod-config: required with --executor-launcher kubernetes"
                     );
                 };
-                let config = ExecutorPodConfig::load(path).context("--executor-pod-config")?;
+                let mut config =
+                    ExecutorPodConfig::load(path).context("--executor-pod-config")?;
+                // Executor Pods export their spans where this daemon does.
+                for (name, value) in cohort_telemetry::child_environment() {
+                    if !config.env.iter().any(|e| e.name == name) {
+                        config.env.push(k8s_openapi::api::core::v1::EnvVar {
+                            name: name.to_string(),
+                            value: Some(value),
+                            value_from: None,
+                        });
+                    }
+                }
                 let owner = ExecutorOwner {
                     party: self.party.clone(),
                     pod: self
@@ -871,8 +889,17 @@ impl Party {
         if self.running_count() >= self.max_tasks {
             return Err(format!("no capacity: {} task(s) running", self.max_tasks));
         }
+        let span = tracing::info_span!(
+            "task",
+            task_id = %task.task_id,
+            kind = task.kind,
+            round = task.round,
+        );
+        cohort_telemetry::set_parent_from_map(&span, &task.trace_context);
+        let mut handed_on = task.clone();
+        handed_on.trace_context = span.in_scope(cohort_telemetry::context_map);
         let exec = pb::ExecutorTask {
-            task: Some(task.clone()),
+            task: Some(handed_on),
             endpoint: self.proxy.clone(),
             data: Some(dataset.to_pb()),
         };
@@ -892,17 +919,20 @@ impl Party {
                 Launch::Pod(pods.clone(), prost::Message::encode_to_vec(&exec))
             }
         };
-        Ok(Accepted { task, launch })
+        Ok(Accepted { task, launch, span })
     }
 
     /// Starts an accepted task's executor and its watcher.
     fn start(self: &Arc<Self>, accepted: Accepted) {
-        let Accepted { task, launch } = accepted;
+        let Accepted { task, launch, span } = accepted;
         let (stop_tx, stop_rx) = oneshot::channel();
         if let Ok(mut m) = self.running.lock() {
             m.insert(task.task_id.clone(), stop_tx);
         }
-        let watcher = self.clone().run_executor(task, launch, stop_rx);
+        let watcher = self
+            .clone()
+            .run_executor(task, launch, stop_rx)
+            .instrument(span);
         let mut watchers = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
         // Forget the ones that are done.
         while watchers.try_join_next().is_some() {}

@@ -197,7 +197,7 @@ impl TlsFixture {
     }
 
     /// A channel that checks the proxy's certificate and presents none.
-    pub fn channel(&self, addr: SocketAddr) -> tonic::transport::Channel {
+    pub fn channel(&self, addr: SocketAddr) -> cohort_runtime::Channel {
         cohort_runtime::server_authenticated_channel(&addr.to_string(), self.ca_pem.as_bytes())
             .unwrap()
     }
@@ -297,6 +297,9 @@ impl job_control_server::JobControl for FakeJobControl {
         unimplemented()
     }
     async fn record_events(&self, _: Request<RecordEventsRequest>) -> Res<RecordEventsResponse> {
+        unimplemented()
+    }
+    async fn record_audit(&self, _: Request<RecordAuditRequest>) -> Res<RecordAuditResponse> {
         unimplemented()
     }
     async fn list_routes(&self, _: Request<ListRoutesRequest>) -> Res<ListRoutesResponse> {
