@@ -25,11 +25,14 @@ pub const PARTY_METADATA_KEY: &str = "x-cohort-party";
 pub const NAMESPACE_METADATA_KEY: &str = "x-cohort-namespace";
 /// The role of the caller's API token: admin, member or viewer.
 pub const ROLE_METADATA_KEY: &str = "x-cohort-role";
+/// The id of the caller's API token (who made a call, for the audit log).
+pub const TOKEN_METADATA_KEY: &str = "x-cohort-token";
 /// Every identity header the proxy strips from incoming calls.
-pub const IDENTITY_METADATA_KEYS: [&str; 3] = [
+pub const IDENTITY_METADATA_KEYS: [&str; 4] = [
     PARTY_METADATA_KEY,
     NAMESPACE_METADATA_KEY,
     ROLE_METADATA_KEY,
+    TOKEN_METADATA_KEY,
 ];
 
 /// Why client-selector failed a task whose party went away (TaskStates messages): the party's

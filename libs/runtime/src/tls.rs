@@ -194,6 +194,12 @@ pub fn calling_principal<T>(req: &tonic::Request<T>) -> Result<Option<Principal>
     }
 }
 
+/// The id of the API token the proxy checked, if any (it comes with
+/// [`calling_principal`]; who made a call, for the audit log).
+pub fn calling_token<T>(req: &tonic::Request<T>) -> Result<Option<String>, tonic::Status> {
+    Ok(metadata(req, cohort_proto::TOKEN_METADATA_KEY)?.map(str::to_string))
+}
+
 /// Refuses calls over TLS whose peer is not a server-side service: a party's
 /// certificate is good for the proxy, never for an internal port.
 #[derive(Debug, Clone, Copy, Default)]

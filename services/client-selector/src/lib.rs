@@ -27,7 +27,8 @@ use tokio::sync::oneshot;
 
 use crate::registry::Registry;
 pub use crate::registry::{RegistrationLimits, Settings};
-use crate::sessions::{SelectorApi, SessionApi};
+use crate::sessions::{AuditSink, SelectorApi, SessionApi};
+use cohort_proto::v1::job_control_client::JobControlClient;
 
 /// The longest `--reconnect-grace`: a task whose party is away is not
 /// re-offered until the grace ends, so a long one stalls rounds.
@@ -69,6 +70,11 @@ pub struct Args {
     /// Most classes a registered dataset may have.
     #[arg(long, env = "COHORT_MAX_DATASET_CLASSES", default_value_t = 100_000)]
     pub max_dataset_classes: u32,
+    /// job-scheduler's gRPC endpoint (host:port), where revocations are
+    /// recorded in the audit log. Without it they are not recorded (each one
+    /// logs an error saying so).
+    #[arg(long, env = "COHORT_JOB_SCHEDULER")]
+    pub job_scheduler: Option<String>,
     #[command(flatten)]
     pub tls: cohort_runtime::TlsArgs,
 }
@@ -120,11 +126,27 @@ impl Args {
         )
         .await
         .context("--database-url: cannot open the clients store")?;
+        let audit = match &self.job_scheduler {
+            Some(endpoint) => {
+                let client = JobControlClient::new(
+                    cohort_runtime::channel(endpoint, tls.as_ref()).context("--job-scheduler")?,
+                );
+                let sink: AuditSink = Arc::new(move |request| {
+                    let mut client = client.clone();
+                    Box::pin(async move { client.record_audit(request).await.map(|_| ()) })
+                });
+                Some(sink)
+            }
+            None => {
+                tracing::warn!("no --job-scheduler: revocations are not recorded in the audit log");
+                None
+            }
+        };
         let listener = Listener::bind_service(&self.service).await?.with_tls(tls);
         listener
             .serve(
                 "client-selector",
-                routes(store, settings),
+                routes(store, settings, audit),
                 self.service.ready_file.as_deref(),
                 cohort_runtime::shutdown_signal(),
             )
@@ -133,12 +155,12 @@ impl Args {
     }
 }
 
-fn routes(store: Arc<dyn ClientStore>, settings: Settings) -> Services {
+fn routes(store: Arc<dyn ClientStore>, settings: Settings, audit: Option<AuditSink>) -> Services {
     let registry = Registry::new(store, settings);
     Services::new(PartySessionServer::new(SessionApi {
         registry: registry.clone(),
     }))
-    .add_service(ClientSelectorServer::new(SelectorApi { registry }))
+    .add_service(ClientSelectorServer::new(SelectorApi { registry, audit }))
 }
 
 /// Serves client-selector on a loopback port of this process (plaintext) until
@@ -150,7 +172,7 @@ pub async fn serve_in_process(
     let listener = Listener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
     let addr = listener.local_addr();
     let (stop, stopped) = oneshot::channel::<()>();
-    let routes = routes(store, settings);
+    let routes = routes(store, settings, None);
     tokio::spawn(async move {
         let shutdown = async {
             let _ = stopped.await;

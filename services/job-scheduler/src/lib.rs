@@ -4,6 +4,7 @@
 //! Owns the jobs store and nothing else; talks to other services only over
 //! gRPC. The state machine (`manager`) knows no protobuf; `service` is the edge.
 
+pub mod audit;
 pub mod federated;
 pub mod manager;
 pub mod metrics;
@@ -16,8 +17,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use cohort_proto::v1::{
-    auth_server::AuthServer, job_control_server::JobControlServer, jobs_server::JobsServer,
-    tokens_server::TokensServer,
+    audit_server::AuditServer, auth_server::AuthServer, job_control_server::JobControlServer,
+    jobs_server::JobsServer, tokens_server::TokensServer,
 };
 use cohort_runtime::Services;
 use cohort_runtime::launcher::{CoordinatorConfig, Launcher, LocalLauncher};
@@ -351,6 +352,9 @@ impl Args {
             manager: manager.clone(),
         }))
         .add_service(TokensServer::new(tokens::TokensApi {
+            store: manager.store().clone(),
+        }))
+        .add_service(AuditServer::new(audit::AuditApi {
             store: manager.store().clone(),
         }))
         .add_service(AuthServer::new(tokens::AuthApi {

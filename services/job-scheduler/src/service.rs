@@ -12,6 +12,8 @@ use cohort_store::jobs::{JobEventRecord, JobFilter, JobNote, JobRecord, RoundRec
 use futures::Stream;
 use tonic::{Request, Response, Status};
 
+use crate::audit::Call;
+
 use crate::manager::{JobError, JobManager};
 
 pub fn state_to_pb(s: JobState) -> pb::JobState {
@@ -316,6 +318,82 @@ impl JobsApi {
         Ok(job_to_pb(&job, &rounds))
     }
 
+    async fn create_job_audited(
+        &self,
+        req: Request<pb::CreateJobRequest>,
+        call: &mut Call,
+    ) -> Result<Response<pb::Job>, Status> {
+        let principal = calling_principal(&req)?;
+        // Role first, so a viewer learns nothing from spec errors.
+        if let Some(p) = &principal
+            && p.role < cohort_core::Role::Member
+        {
+            return Err(AuthError::Forbidden {
+                role: p.role,
+                action: Action::Write,
+            }
+            .to_status());
+        }
+        // Parsed once, here at the edge.
+        let spec = JobSpec::parse(&req.get_ref().spec).map_err(|e| err(e.into()))?;
+        if let Some(p) = &principal
+            && !p.scope.includes(&spec.namespace)
+        {
+            return Err(Status::permission_denied(format!(
+                "namespace: the API token is for namespace {}; the spec names {:?}",
+                p.scope, spec.namespace
+            )));
+        }
+        call.in_namespace(&spec.namespace);
+        let job = self.manager.create(spec).await.map_err(err)?;
+        call.object_id = job.id.to_string();
+        Ok(Response::new(job_to_pb(&job, &[])))
+    }
+
+    /// The job, if the caller may do `action` on it; `call` learns its
+    /// namespace when the caller reaches it.
+    async fn authorized_call<T>(
+        &self,
+        req: &Request<T>,
+        id: &JobId,
+        action: Action,
+        call: &mut Call,
+    ) -> Result<JobRecord, Status> {
+        let principal = calling_principal(req)?;
+        let job = self
+            .manager
+            .store()
+            .get_job(id)
+            .await
+            .map_err(|e| err(e.into()))?;
+        call.in_namespace(&job.namespace);
+        authorize(principal.as_ref(), &job, action)?;
+        Ok(job)
+    }
+
+    async fn stop_job_audited(
+        &self,
+        req: Request<pb::StopJobRequest>,
+        call: &mut Call,
+    ) -> Result<Response<pb::Job>, Status> {
+        let id = job_id("id", &req.get_ref().id)?;
+        self.authorized_call(&req, &id, Action::Write, call).await?;
+        let r = req.into_inner();
+        self.manager.stop(&id, &r.reason).await.map_err(err)?;
+        Ok(Response::new(self.full_job(&id).await?))
+    }
+
+    async fn delete_job_audited(
+        &self,
+        req: Request<pb::GetJobRequest>,
+        call: &mut Call,
+    ) -> Result<Response<pb::DeleteJobResponse>, Status> {
+        let id = job_id("id", &req.get_ref().id)?;
+        self.authorized_call(&req, &id, Action::Write, call).await?;
+        self.manager.delete(&id).await.map_err(err)?;
+        Ok(Response::new(pb::DeleteJobResponse {}))
+    }
+
     /// The job, if the caller may do `action` on it.
     async fn authorized<T>(
         &self,
@@ -343,29 +421,10 @@ impl pb::jobs_server::Jobs for JobsApi {
         &self,
         req: Request<pb::CreateJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
-        let principal = calling_principal(&req)?;
-        // Role first, so a viewer learns nothing from spec errors.
-        if let Some(p) = &principal
-            && p.role < cohort_core::Role::Member
-        {
-            return Err(AuthError::Forbidden {
-                role: p.role,
-                action: Action::Write,
-            }
-            .to_status());
-        }
-        // Parsed once, here at the edge.
-        let spec = JobSpec::parse(&req.get_ref().spec).map_err(|e| err(e.into()))?;
-        if let Some(p) = &principal
-            && !p.scope.includes(&spec.namespace)
-        {
-            return Err(Status::permission_denied(format!(
-                "namespace: the API token is for namespace {}; the spec names {:?}",
-                p.scope, spec.namespace
-            )));
-        }
-        let job = self.manager.create(spec).await.map_err(err)?;
-        Ok(Response::new(job_to_pb(&job, &[])))
+        let mut call = Call::begin(self.manager.store(), &req, "job.create", "job", "").await;
+        let result = self.create_job_audited(req, &mut call).await;
+        call.finish(&result).await;
+        result
     }
 
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
@@ -479,21 +538,22 @@ impl pb::jobs_server::Jobs for JobsApi {
         &self,
         req: Request<pb::StopJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
-        let id = job_id("id", &req.get_ref().id)?;
-        self.authorized(&req, &id, Action::Write).await?;
-        let r = req.into_inner();
-        self.manager.stop(&id, &r.reason).await.map_err(err)?;
-        Ok(Response::new(self.full_job(&id).await?))
+        let id = req.get_ref().id.clone();
+        let mut call = Call::begin(self.manager.store(), &req, "job.stop", "job", &id).await;
+        let result = self.stop_job_audited(req, &mut call).await;
+        call.finish(&result).await;
+        result
     }
 
     async fn delete_job(
         &self,
         req: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::DeleteJobResponse>, Status> {
-        let id = job_id("id", &req.get_ref().id)?;
-        self.authorized(&req, &id, Action::Write).await?;
-        self.manager.delete(&id).await.map_err(err)?;
-        Ok(Response::new(pb::DeleteJobResponse {}))
+        let id = req.get_ref().id.clone();
+        let mut call = Call::begin(self.manager.store(), &req, "job.delete", "job", &id).await;
+        let result = self.delete_job_audited(req, &mut call).await;
+        call.finish(&result).await;
+        result
     }
 
     async fn list_job_events(
@@ -654,6 +714,13 @@ impl pb::job_control_server::JobControl for ControlApi {
             .collect::<Result<Vec<_>, _>>()?;
         let recorded = self.manager.record_notes(&id, &notes).await.map_err(err)?;
         Ok(Response::new(pb::RecordEventsResponse { recorded }))
+    }
+
+    async fn record_audit(
+        &self,
+        req: Request<pb::RecordAuditRequest>,
+    ) -> Result<Response<pb::RecordAuditResponse>, Status> {
+        crate::audit::record_for_service(self.manager.store().as_ref(), req).await
     }
 
     async fn list_routes(

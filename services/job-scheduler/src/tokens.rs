@@ -13,6 +13,8 @@ use cohort_store::jobs::JobStore;
 use cohort_store::tokens::{NewToken, TokenRecord};
 use tonic::{Request, Response, Status};
 
+use crate::audit::Call;
+
 pub fn is_sha256_hex(s: &str) -> bool {
     s.len() == 64
         && s.bytes()
@@ -80,6 +82,37 @@ impl pb::tokens_server::Tokens for TokensApi {
         &self,
         req: Request<pb::CreateTokenRequest>,
     ) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        let mut call = Call::begin(&self.store, &req, "token.create", "token", "").await;
+        let result = self.create_token_audited(req, &mut call).await;
+        call.finish(&result).await;
+        result
+    }
+
+    async fn list_tokens(
+        &self,
+        req: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
+        self.list_tokens_unaudited(req).await
+    }
+
+    async fn delete_token(
+        &self,
+        req: Request<pb::DeleteTokenRequest>,
+    ) -> Result<Response<pb::DeleteTokenResponse>, Status> {
+        let id = req.get_ref().id.clone();
+        let mut call = Call::begin(&self.store, &req, "token.delete", "token", &id).await;
+        let result = self.delete_token_audited(req, &mut call).await;
+        call.finish(&result).await;
+        result
+    }
+}
+
+impl TokensApi {
+    async fn create_token_audited(
+        &self,
+        req: Request<pb::CreateTokenRequest>,
+        call: &mut Call,
+    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
         let principal = calling_principal(&req)?;
         let r = req.into_inner();
         let scope = match (r.namespace.as_str(), &principal) {
@@ -91,6 +124,9 @@ impl pb::tokens_server::Tokens for TokensApi {
         let name = r.name.trim();
         if name.is_empty() || name.len() > 128 {
             return Err(Status::invalid_argument("name: 1 to 128 characters"));
+        }
+        if principal.as_ref().is_none_or(|p| p.scope.covers(&scope)) {
+            call.namespace = scope.as_str().to_string();
         }
         require_admin(&principal, &scope)?;
         let token = ApiToken::generate();
@@ -108,6 +144,7 @@ impl pb::tokens_server::Tokens for TokensApi {
             )
             .await
             .map_err(|e| e.to_status())?;
+        call.object_id = record.id.clone();
         tracing::info!(id = %record.id, namespace = %record.namespace, role = %record.role, "API token created");
         Ok(Response::new(pb::CreateTokenResponse {
             info: Some(info(&record)),
@@ -115,7 +152,8 @@ impl pb::tokens_server::Tokens for TokensApi {
         }))
     }
 
-    async fn list_tokens(
+    /// Reads only: nothing goes to the audit log.
+    async fn list_tokens_unaudited(
         &self,
         req: Request<pb::ListTokensRequest>,
     ) -> Result<Response<pb::ListTokensResponse>, Status> {
@@ -137,9 +175,10 @@ impl pb::tokens_server::Tokens for TokensApi {
         }))
     }
 
-    async fn delete_token(
+    async fn delete_token_audited(
         &self,
         req: Request<pb::DeleteTokenRequest>,
+        call: &mut Call,
     ) -> Result<Response<pb::DeleteTokenResponse>, Status> {
         let principal = calling_principal(&req)?;
         let id = req.into_inner().id;
@@ -150,6 +189,9 @@ impl pb::tokens_server::Tokens for TokensApi {
             Err(e) => return Err(e.to_status()),
         };
         let scope = Scope::parse(&token.namespace).map_err(|e| e.to_status())?;
+        if principal.as_ref().is_none_or(|p| p.scope.covers(&scope)) {
+            call.namespace = scope.as_str().to_string();
+        }
         if let Some(p) = &principal {
             match p.authorize_scope(&scope, Action::Administer) {
                 Ok(()) => {}

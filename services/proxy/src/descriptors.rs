@@ -306,6 +306,7 @@ mod tests {
         assert_eq!(
             services(&set),
             [
+                "cohort.v1.Audit",
                 "cohort.v1.ClientSelector",
                 "cohort.v1.Jobs",
                 "cohort.v1.Models",
@@ -335,6 +336,8 @@ mod tests {
             "ListRoutesRequest",
             "OfferTasksRequest",
             "StopCoordinatorRequest",
+            "RecordAuditRequest",
+            "RecordAuditResponse",
         ] {
             assert!(
                 full.contains(internal),
@@ -351,6 +354,8 @@ mod tests {
             "Ack",
             "Task",
             "TensorChunk",
+            "ListAuditEntriesRequest",
+            "AuditEntry",
         ] {
             assert!(kept.contains(public), "{public} missing");
         }

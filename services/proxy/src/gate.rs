@@ -12,6 +12,7 @@ use cohort_proto::v1::client_selector_client::ClientSelectorClient;
 use cohort_proto::v1::{AuthenticateRequest, ListRevokedRequest};
 use cohort_proto::{
     IDENTITY_METADATA_KEYS, NAMESPACE_METADATA_KEY, PARTY_METADATA_KEY, ROLE_METADATA_KEY,
+    TOKEN_METADATA_KEY,
 };
 use cohort_runtime::Tls;
 use cohort_security::Identity;
@@ -29,6 +30,15 @@ const TOKEN_CACHE_MAX: usize = 4096;
 
 pub(crate) type RevokedParties = Arc<HashSet<String>>;
 
+/// What a checked token stands for, as the metadata the proxy sets.
+#[derive(Clone)]
+struct Checked {
+    namespace: HeaderValue,
+    role: HeaderValue,
+    /// The token's id: who made the call, for the audit log.
+    token_id: HeaderValue,
+}
+
 pub(crate) struct Gate {
     /// Off only with `--insecure`: nothing is checked.
     enforce: bool,
@@ -37,7 +47,7 @@ pub(crate) struct Gate {
     timeout: Duration,
     cache_ttl: Duration,
     /// token sha256 -> (checked at, namespace, role).
-    cache: Mutex<HashMap<String, (Instant, HeaderValue, HeaderValue)>>,
+    cache: Mutex<HashMap<String, (Instant, Checked)>>,
     revoked: watch::Sender<RevokedParties>,
 }
 
@@ -96,9 +106,10 @@ impl Gate {
                     .map_err(|_| Status::unauthenticated("authorization header is not text"))?;
                 let token = cohort_security::bearer_token(text)
                     .map_err(|e| Status::unauthenticated(e.to_string()))?;
-                let (namespace, role) = self.authenticate(&token.sha256()).await?;
-                headers.insert(NAMESPACE_METADATA_KEY, namespace);
-                headers.insert(ROLE_METADATA_KEY, role);
+                let checked = self.authenticate(&token.sha256()).await?;
+                headers.insert(NAMESPACE_METADATA_KEY, checked.namespace);
+                headers.insert(ROLE_METADATA_KEY, checked.role);
+                headers.insert(TOKEN_METADATA_KEY, checked.token_id);
                 Ok(())
             }
             Audience::Party => match peer {
@@ -123,15 +134,15 @@ impl Gate {
         }
     }
 
-    async fn authenticate(&self, sha256: &str) -> Result<(HeaderValue, HeaderValue), Status> {
-        if let Some((at, ns, role)) = self
+    async fn authenticate(&self, sha256: &str) -> Result<Checked, Status> {
+        if let Some((at, checked)) = self
             .cache
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(sha256)
             && at.elapsed() < self.cache_ttl
         {
-            return Ok((ns.clone(), role.clone()));
+            return Ok(checked.clone());
         }
         let mut client = self.auth.clone();
         let request = AuthenticateRequest {
@@ -162,15 +173,19 @@ impl Gate {
         let namespace = HeaderValue::from_str(&principal.namespace)
             .map_err(|_| Status::internal("job-scheduler returned an unusable namespace"))?;
         let role = HeaderValue::from_static(role);
+        let token_id = HeaderValue::from_str(&principal.token_id)
+            .map_err(|_| Status::internal("job-scheduler returned an unusable token id"))?;
+        let checked = Checked {
+            namespace,
+            role,
+            token_id,
+        };
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         if cache.len() >= TOKEN_CACHE_MAX {
             cache.clear();
         }
-        cache.insert(
-            sha256.to_string(),
-            (Instant::now(), namespace.clone(), role.clone()),
-        );
-        Ok((namespace, role))
+        cache.insert(sha256.to_string(), (Instant::now(), checked.clone()));
+        Ok(checked)
     }
 
     /// Reloads the revoked parties from client-selector every `interval`;

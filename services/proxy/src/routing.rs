@@ -55,6 +55,12 @@ const EXPOSED: &[(&str, Option<&str>, Destination, Audience)] = &[
         Audience::User,
     ),
     (
+        "cohort.v1.Audit",
+        None,
+        Destination::JobScheduler,
+        Audience::User,
+    ),
+    (
         "cohort.v1.Models",
         None,
         Destination::ModelManager,
@@ -152,6 +158,11 @@ mod tests {
             ("/cohort.v1.ClientSelector/ListClients", ClientSelector),
             ("/cohort.v1.ClientSelector/RevokeClient", ClientSelector),
             ("/cohort.v1.Tokens/CreateToken", JobScheduler),
+            ("/cohort.v1.Audit/ListAuditEntries", JobScheduler),
+            (
+                "/cohort.v1.JobControl/RecordAudit",
+                Refused(Refusal::Internal),
+            ),
             (
                 "/cohort.v1.ClientSelector/ListRevoked",
                 Refused(Refusal::Internal),
@@ -196,6 +207,7 @@ mod tests {
         assert_eq!(route("/cohort.v1.Round/SubmitUpdate").1, Audience::Party);
         assert_eq!(route("/cohort.v1.Jobs/StopJob").1, Audience::User);
         assert_eq!(route("/cohort.v1.Models/Download").1, Audience::User);
+        assert_eq!(route("/cohort.v1.Audit/ListAuditEntries").1, Audience::User);
         assert_eq!(
             route("/cohort.v1.ClientSelector/ListClients").1,
             Audience::User
