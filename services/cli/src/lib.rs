@@ -4,6 +4,7 @@
 //! A client of the public gRPC API only: it must not depend on service crates
 //! or stores.
 
+pub mod audit;
 pub mod bench;
 pub mod certs;
 pub mod data;
@@ -70,6 +71,10 @@ pub enum Command {
     /// API tokens (needs an admin token).
     #[command(subcommand)]
     Token(TokenCommand),
+    /// The audit log: who created, stopped or deleted jobs, made or deleted tokens,
+    /// revoked parties, and how each call ended (needs an admin token).
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
     /// Measure Cohort's own machinery (no federation needed for `aggregate`).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -310,6 +315,10 @@ impl Cli {
             Command::Token(c) => {
                 let api = Api::connect(self.profile.as_deref())?;
                 token_command(api, c, json).await
+            }
+            Command::Audit(c) => {
+                let api = Api::connect(self.profile.as_deref())?;
+                audit::run(api, c, json).await
             }
             Command::Client(ClientCommand::Revoke { party }) => {
                 let api = Api::connect(self.profile.as_deref())?;
