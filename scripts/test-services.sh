@@ -29,15 +29,16 @@ ensure_postgres() {
     if [ -z "$(pg_bin_dir)" ] || [ ! -x "$(pg_bin_dir)/initdb" ]; then packages+=(postgresql); fi
     # tcpdump: the capture test checks that no plaintext gRPC crosses loopback.
     if ! command -v tcpdump >/dev/null && [ ! -x /usr/bin/tcpdump ] && [ ! -x /usr/sbin/tcpdump ]; then packages+=(tcpdump); fi
-    # promtool (Debian's prometheus package): the metrics test checks every service's output.
-    if ! command -v promtool >/dev/null && [ ! -x /usr/bin/promtool ]; then packages+=(prometheus); fi
+    # Debian's prometheus package: promtool checks every service's output, and a test runs
+    # its own Prometheus server against a federation.
+    if ! { command -v promtool >/dev/null || [ -x /usr/bin/promtool ]; } || [ ! -x /usr/bin/prometheus ]; then packages+=(prometheus); fi
     if [ "${#packages[@]}" -gt 0 ]; then
         echo "installing ${packages[*]} from Debian's packages"
         as_root apt-get update -qq
         as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}" >/dev/null
         # The packaged cluster is not used: tests run a private one.
         as_root pg_ctlcluster --force "$(basename "$(dirname "$(pg_bin_dir)")")" main stop 2>/dev/null || true
-        # Nor is the packaged Prometheus server: only promtool is.
+        # Nor is the packaged Prometheus service: the test starts its own server.
         as_root service prometheus stop >/dev/null 2>&1 || true
         as_root pkill -x prometheus 2>/dev/null || true
     fi

@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use cohort_core::NamedTensor;
 use cohort_proto::v1 as pb;
+use cohort_runtime::Channel;
 use cohort_security::{CertAuthority, TlsFiles, Validity};
 use futures::StreamExt;
 use tokio::sync::mpsc;
-use cohort_runtime::Channel;
 
 use crate::Federation;
 

@@ -14,11 +14,11 @@ use cohort_core::NamedTensor;
 use cohort_integration_tests::adversary::{for_job, party_channel, party_files};
 use cohort_integration_tests::{Federation, Storage, coordinator_pids, wait_clients};
 use cohort_proto::v1 as pb;
+use cohort_runtime::Channel;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout, timeout_at};
-use cohort_runtime::Channel;
 
 /// Parties in the round, all fetching, then all uploading, at once.
 const PARTIES: u64 = 16;

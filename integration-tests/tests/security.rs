@@ -15,13 +15,13 @@ use cohort_integration_tests::{
     wait_clients,
 };
 use cohort_proto::v1 as pb;
+use cohort_runtime::Channel;
 use cohort_security::{CertAuthority, TlsFiles, Validity};
 use futures::StreamExt;
 use tokio::sync::mpsc;
 use tonic::Code;
 use tonic::codegen::http::Uri;
 use tonic::codegen::{BoxFuture, Service};
-use cohort_runtime::Channel;
 
 const WAIT: Duration = Duration::from_secs(20);
 

@@ -204,7 +204,10 @@ async fn one_trace_per_round_crosses_every_process() {
     )
     .expect("write the spec");
     let profile = fed.dir.path().join("traced-profile.toml");
-    fed.stack.profile().save(&profile).expect("write the profile");
+    fed.stack
+        .profile()
+        .save(&profile)
+        .expect("write the profile");
     let out = tokio::time::timeout(
         Duration::from_secs(60),
         tokio::process::Command::new(cohort_bin())
@@ -277,12 +280,18 @@ async fn one_trace_per_round_crosses_every_process() {
             );
         }
         // The chain across processes, hop by hop.
-        let expect_parent = |child_service: &str, child: &str, parent_service: &str, parent: &str| {
+        let expect_parent = |child_service: &str,
+                             child: &str,
+                             parent_service: &str,
+                             parent: &str| {
             let children: Vec<&Span> = trace
                 .iter()
                 .filter(|s| s.service == child_service && s.name.ends_with(child))
                 .collect();
-            assert!(!children.is_empty(), "round {round}: no {child} of {child_service}");
+            assert!(
+                !children.is_empty(),
+                "round {round}: no {child} of {child_service}"
+            );
             for c in children {
                 let p = parent_of(trace, c).expect("a parent");
                 assert!(
@@ -294,23 +303,61 @@ async fn one_trace_per_round_crosses_every_process() {
             }
         };
         expect_parent("coordinator", "offer", "coordinator", "train");
-        expect_parent("client-selector", "ClientSelector/OfferTasks", "coordinator", "offer");
-        expect_parent("client-selector", "offer", "client-selector", "ClientSelector/OfferTasks");
+        expect_parent(
+            "client-selector",
+            "ClientSelector/OfferTasks",
+            "coordinator",
+            "offer",
+        );
+        expect_parent(
+            "client-selector",
+            "offer",
+            "client-selector",
+            "ClientSelector/OfferTasks",
+        );
         expect_parent("task-manager", "task", "client-selector", "offer");
         expect_parent("executor", "execute", "task-manager", "task");
         expect_parent("proxy", "Round/FetchModel", "executor", "fetch");
         expect_parent("proxy", "Round/SubmitUpdate", "executor", "upload");
-        expect_parent("coordinator", "Round/SubmitUpdate", "proxy", "Round/SubmitUpdate");
-        expect_parent("coordinator", "Round/FetchModel", "proxy", "Round/FetchModel");
-        expect_parent("model-manager", "Models/UploadVersion", "coordinator", "checkpoint");
-        expect_parent("job-scheduler", "JobControl/ReportRound", "coordinator", "round");
+        expect_parent(
+            "coordinator",
+            "Round/SubmitUpdate",
+            "proxy",
+            "Round/SubmitUpdate",
+        );
+        expect_parent(
+            "coordinator",
+            "Round/FetchModel",
+            "proxy",
+            "Round/FetchModel",
+        );
+        expect_parent(
+            "model-manager",
+            "Models/UploadVersion",
+            "coordinator",
+            "checkpoint",
+        );
+        expect_parent(
+            "job-scheduler",
+            "JobControl/ReportRound",
+            "coordinator",
+            "round",
+        );
     }
 
     // The CLI's command: one trace from the CLI through the proxy into job-scheduler.
     let cli = spans
         .iter()
         .find(|s| s.service == "cohort-cli" && s.name == "cohort job create")
-        .unwrap_or_else(|| panic!("no CLI span: {:?}", spans.iter().map(|s| (&s.service, &s.name)).collect::<BTreeSet<_>>()));
+        .unwrap_or_else(|| {
+            panic!(
+                "no CLI span: {:?}",
+                spans
+                    .iter()
+                    .map(|s| (&s.service, &s.name))
+                    .collect::<BTreeSet<_>>()
+            )
+        });
     let trace = &by_trace(&spans)[&cli.trace];
     let proxy = trace
         .iter()
@@ -321,7 +368,10 @@ async fn one_trace_per_round_crosses_every_process() {
         .iter()
         .find(|s| s.service == "job-scheduler" && s.name.ends_with("Jobs/CreateJob"))
         .expect("job-scheduler's span of CreateJob");
-    assert_eq!(scheduler.parent, proxy.id, "job-scheduler's span is the proxy's child");
+    assert_eq!(
+        scheduler.parent, proxy.id,
+        "job-scheduler's span is the proxy's child"
+    );
 
     // Logs carry trace and span ids: the coordinator's line for a round names its trace.
     let round_trace = &rounds[&1][0][0].trace;
@@ -335,5 +385,8 @@ async fn one_trace_per_round_crosses_every_process() {
             })
         })
     });
-    assert!(marked, "no log line of round 1 carries its trace id {round_trace}");
+    assert!(
+        marked,
+        "no log line of round 1 carries its trace id {round_trace}"
+    );
 }

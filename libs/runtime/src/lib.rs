@@ -6,9 +6,9 @@
 
 pub mod executor_pipe;
 pub mod launcher;
-mod traced_channel;
 pub mod process;
 pub mod tls;
+mod traced_channel;
 pub mod wire;
 
 pub use cohort_telemetry::Telemetry;

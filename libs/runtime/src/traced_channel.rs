@@ -20,9 +20,8 @@ impl Channel {
 impl tower::Service<http::Request<tonic::body::Body>> for Channel {
     type Response = http::Response<tonic::body::Body>;
     type Error = tonic::transport::Error;
-    type Future = <tonic::transport::Channel as tower::Service<
-        http::Request<tonic::body::Body>,
-    >>::Future;
+    type Future =
+        <tonic::transport::Channel as tower::Service<http::Request<tonic::body::Body>>>::Future;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)

@@ -144,7 +144,10 @@ pub fn init(service: &str, style: LogStyle) -> Telemetry {
             .with_filter(tracing_subscriber::filter::LevelFilter::INFO)
     });
     let fmt = log_format::layer(style, tracing_on).with_filter(filter);
-    let _ = tracing_subscriber::registry().with(otel).with(fmt).try_init();
+    let _ = tracing_subscriber::registry()
+        .with(otel)
+        .with(fmt)
+        .try_init();
     Telemetry { provider, runtime }
 }
 
@@ -309,7 +312,10 @@ mod tests {
         let cx = extract_headers(&headers);
         let mut map = HashMap::new();
         TraceContextPropagator::new().inject_context(&cx, &mut map);
-        assert_eq!(map.get("traceparent").map(String::as_str), Some(traceparent));
+        assert_eq!(
+            map.get("traceparent").map(String::as_str),
+            Some(traceparent)
+        );
     }
 
     #[test]

@@ -124,6 +124,9 @@ mod tests {
             span_name("/cohort.v1.Round/SubmitUpdate"),
             "cohort.v1.Round/SubmitUpdate"
         );
-        assert_eq!(span_name(&format!("/{}", "é".repeat(500))).chars().count(), 128);
+        assert_eq!(
+            span_name(&format!("/{}", "é".repeat(500))).chars().count(),
+            128
+        );
     }
 }

@@ -21,10 +21,10 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{CommandFactory, Parser, Subcommand};
 use cohort_proto::v1 as pb;
+use cohort_runtime::Channel;
 use futures::StreamExt;
 use serde_json::json;
 use sha2::Digest;
-use tonic::transport::Channel;
 
 use crate::error::usage;
 use crate::profile::Profile;

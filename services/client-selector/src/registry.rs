@@ -20,9 +20,9 @@ use cohort_core::{PartyId, random_token};
 use cohort_proto::v1 as pb;
 use cohort_runtime::now_ms;
 use cohort_store::clients::{ClientStore, DatasetEntry, TaskOutcome};
-use tracing::Instrument as _;
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
+use tracing::Instrument as _;
 
 use crate::bookkeeping::{Bookkeeping, MAX_PENDING_PARTIES};
 

@@ -23,7 +23,7 @@ use cohort_store::clients::{ClientStore, SqliteClientStore};
 use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 use tonic::Code;
-use cohort_runtime::Channel;
+use tonic::transport::Channel;
 
 const DEADLINE: Duration = Duration::from_secs(20);
 

@@ -10,12 +10,12 @@ use cohort_core::PartyId;
 use cohort_fl::{CHUNK_BYTES, chunk_tensors_shared};
 
 use crate::metrics::{Phase, UpdateOutcome};
-use tracing::Instrument as _;
 use cohort_proto::v1 as pb;
 use cohort_runtime::ToStatus;
 use futures::{Stream, StreamExt};
 use tokio::sync::OwnedSemaphorePermit;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument as _;
 
 use crate::round_state::{RoundError, RoundState};
 use crate::staging::StagedUpdate;
@@ -176,11 +176,11 @@ impl pb::round_server::Round for RoundApi {
             result
         })
         .await
-            .map_err(|e| Status::internal(format!("the fold of the update failed: {e}")))?
-            .map_err(|e| {
-                crate::metrics::update(UpdateOutcome::Rejected);
-                e.to_status()
-            })?;
+        .map_err(|e| Status::internal(format!("the fold of the update failed: {e}")))?
+        .map_err(|e| {
+            crate::metrics::update(UpdateOutcome::Rejected);
+            e.to_status()
+        })?;
         crate::metrics::update(UpdateOutcome::Accepted);
         tracing::info!(%party, %task, samples = header.samples, norm, "update folded");
         Ok(Response::new(pb::Ack {

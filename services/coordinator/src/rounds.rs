@@ -12,12 +12,12 @@ use cohort_proto::v1 as pb;
 use cohort_runtime::retry_unavailable;
 
 use crate::metrics::Phase;
-use tracing::Instrument as _;
+use cohort_runtime::Channel;
 use cohort_runtime::wire::{act_as, task_kind_to_wire};
 use futures::StreamExt;
 use sha2::Digest as _;
 use tokio::time::Instant;
-use cohort_runtime::Channel;
+use tracing::Instrument as _;
 
 use crate::SCHEDULER_PATIENCE;
 use crate::round_state::{Accepted, EvalReport, Note, NoteKind, RoundState, TaskProgress};
@@ -215,7 +215,7 @@ impl JobRun {
         crate::metrics::phase(Phase::Train, started.elapsed());
         // A synthetic model has nothing to evaluate.
         let evaluate = self.spec.model.synthetic().is_none()
-            && (round % self.spec.evaluation.every == 0 || round == rounds);
+            && (round.is_multiple_of(self.spec.evaluation.every) || round == rounds);
         let evaluated = if evaluate {
             let evaluating = Instant::now();
             let evaluated = self

@@ -20,8 +20,8 @@ use cohort_proto::v1 as pb;
 use cohort_runtime::{LogFormat, channel, executor_pipe, retry_unavailable};
 use cohort_train::{DataFormat, Dataset};
 use futures::StreamExt;
-use tracing::Instrument as _;
 use tonic::metadata::MetadataValue;
+use tracing::Instrument as _;
 
 #[derive(Debug, clap::Parser)]
 #[command(

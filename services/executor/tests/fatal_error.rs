@@ -112,6 +112,7 @@ async fn a_model_of_the_wrong_shape_is_the_last_line_naming_the_tensor() {
             spec_json: spec("[32]").to_json(),
             seed: 1,
             deadline_ms: 0,
+            trace_context: Default::default(),
         }),
         endpoint,
         data: Some(pb::LocalDataset {

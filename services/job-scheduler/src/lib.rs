@@ -485,6 +485,18 @@ impl Args {
         }
         config.tls_secret = k.coordinator_tls_secret.clone();
         config.metrics_port = k.coordinator_metrics_port;
+        // Coordinators export their spans where this process does.
+        config
+            .env
+            .extend(
+                cohort_telemetry::child_environment()
+                    .into_iter()
+                    .map(|(name, value)| k8s_openapi::api::core::v1::EnvVar {
+                        name: name.to_string(),
+                        value: Some(value),
+                        value_from: None,
+                    }),
+            );
         config.owner = owner;
         config.extra_args = vec![
             "--log-format".to_string(),

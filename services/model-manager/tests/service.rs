@@ -17,6 +17,7 @@ use cohort_proto::v1::{
     GetVersionRequest, Lineage, ListVersionsRequest, Metrics, ModelVersion, UploadHeader,
     UploadVersionRequest,
 };
+use cohort_runtime::Channel;
 use cohort_security::{CertAuthority, TlsFiles, Validity};
 use cohort_store::models::SqliteModelStore;
 use safetensors::Dtype;
@@ -24,7 +25,6 @@ use safetensors::tensor::TensorView;
 use sha2::Digest as _;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
-use cohort_runtime::Channel;
 use tonic::{Code, Request, Status};
 
 /// Every wait in these tests is bounded by this.

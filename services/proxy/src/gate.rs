@@ -14,13 +14,13 @@ use cohort_proto::{
     IDENTITY_METADATA_KEYS, NAMESPACE_METADATA_KEY, PARTY_METADATA_KEY, ROLE_METADATA_KEY,
     TOKEN_METADATA_KEY,
 };
+use cohort_runtime::Channel;
 use cohort_runtime::Tls;
 use cohort_security::Identity;
 use http::HeaderMap;
 use http::header::{AUTHORIZATION, HeaderValue};
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::routing::Audience;

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use cohort_proto::v1::ListRoutesRequest;
 use cohort_proto::v1::job_control_client::JobControlClient;
-use tokio::time::Instant;
 use cohort_runtime::Channel;
+use tokio::time::Instant;
 
 use crate::{Endpoint, ProxyError};
 

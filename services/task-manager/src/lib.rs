@@ -33,12 +33,12 @@ use cohort_core::JobSpec;
 use cohort_kube::{ExecutorEnd, ExecutorOwner, ExecutorPodConfig, KubernetesExecutors};
 use cohort_proto::v1 as pb;
 use cohort_runtime::{LogFormat, Tls, channel};
-use tracing::Instrument as _;
 use cohort_security::Identity;
 use futures::StreamExt;
 use futures::stream::PollNext;
 use tokio::process::Command;
 use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument as _;
 
 use crate::datasets::LocalDataset;
 
@@ -578,8 +578,7 @@ impl Args {
                         "--executor-pod-config: required with --executor-launcher kubernetes"
                     );
                 };
-                let mut config =
-                    ExecutorPodConfig::load(path).context("--executor-pod-config")?;
+                let mut config = ExecutorPodConfig::load(path).context("--executor-pod-config")?;
                 // Executor Pods export their spans where this daemon does.
                 for (name, value) in cohort_telemetry::child_environment() {
                     if !config.env.iter().any(|e| e.name == name) {

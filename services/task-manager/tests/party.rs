@@ -218,6 +218,7 @@ fn offer_until(
                 spec_json,
                 seed: 1,
                 deadline_ms,
+                trace_context: Default::default(),
             }),
             reply_by_ms,
         })),
