@@ -31,6 +31,23 @@ use tracing_subscriber::util::SubscriberInitExt;
 
 pub use server::{TraceServerLayer, TraceServerService};
 
+#[doc(hidden)]
+pub use tracing as __tracing;
+
+/// `tracing::info_span!(...)` while traces are exported, else a disabled span:
+/// spans made only for traces (a round, a task, a fold) leave logs as they
+/// are when tracing is off.
+#[macro_export]
+macro_rules! trace_span {
+    ($($arg:tt)*) => {
+        if $crate::tracing_enabled() {
+            $crate::__tracing::info_span!($($arg)*)
+        } else {
+            $crate::__tracing::Span::none()
+        }
+    };
+}
+
 /// The variable that turns tracing on.
 pub const OTLP_ENDPOINT_VAR: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
 

@@ -696,7 +696,7 @@ impl Registry {
             task_seed(task.seed, &party, task.round, task.kind)
         };
         // The party's spans for this task are children of this one.
-        let span = tracing::info_span!("offer", party = %party, task_id = %task.task_id);
+        let span = cohort_telemetry::trace_span!("offer", party = %party, task_id = %task.task_id);
         task.trace_context = span.in_scope(cohort_telemetry::context_map);
         let (reply_tx, reply_rx) = oneshot::channel();
         self.with_state(|s| {

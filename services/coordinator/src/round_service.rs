@@ -87,7 +87,7 @@ impl pb::round_server::Round for RoundApi {
         let idle = self.idle_timeout;
         let state = self.state.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
-        let sending = tracing::info_span!("send_model", party = %ticket.party);
+        let sending = cohort_telemetry::trace_span!("send_model", party = %ticket.party);
         tokio::spawn(
             async move {
                 let started = std::time::Instant::now();
@@ -138,7 +138,7 @@ impl pb::round_server::Round for RoundApi {
         let task = upload.ticket().task_id.clone();
         let receiving = std::time::Instant::now();
         let received = tokio::select! {
-            r = self.receive(&upload, &mut inbound).instrument(tracing::info_span!("receive_update")) => r,
+            r = self.receive(&upload, &mut inbound).instrument(cohort_telemetry::trace_span!("receive_update")) => r,
             _ = upload.phase_ended() => Err(Received::Broken(RoundError::too_slow(
                 "the round ended while the update was uploaded",
             ))),
@@ -164,7 +164,7 @@ impl pb::round_server::Round for RoundApi {
         crate::metrics::phase(Phase::Upload, receiving.elapsed());
         let train_loss = header.train.map(|m| m.loss).unwrap_or(f64::NAN);
         let update_bytes: usize = self.state.global().iter().map(|t| t.data.len() * 4).sum();
-        let folding = tracing::info_span!("fold_update");
+        let folding = cohort_telemetry::trace_span!("fold_update");
         // The fold reads the staged update back: off the threads that serve the network.
         let norm = tokio::task::spawn_blocking(move || {
             let _in_span = folding.enter();

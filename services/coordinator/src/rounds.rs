@@ -177,7 +177,8 @@ impl JobRun {
         let mut last_accuracy = None;
         for round in assignment.next_round.max(1)..=rounds {
             // Each round is a trace of its own: where its time went, across every process.
-            let span = tracing::info_span!(parent: None, "round", job_id = %self.job_id, round);
+            let span =
+                cohort_telemetry::trace_span!(parent: None, "round", job_id = %self.job_id, round);
             let ended = self
                 .run_round(round, &mut cohort, &mut parent_version, &mut last_accuracy)
                 .instrument(span)
@@ -210,7 +211,7 @@ impl JobRun {
         let started = Instant::now();
         let trained = self
             .train_round(round, cohort)
-            .instrument(tracing::info_span!("train"))
+            .instrument(cohort_telemetry::trace_span!("train"))
             .await?;
         crate::metrics::phase(Phase::Train, started.elapsed());
         // A synthetic model has nothing to evaluate.
@@ -220,7 +221,7 @@ impl JobRun {
             let evaluating = Instant::now();
             let evaluated = self
                 .evaluate_round(round, cohort)
-                .instrument(tracing::info_span!("evaluate"))
+                .instrument(cohort_telemetry::trace_span!("evaluate"))
                 .await?;
             crate::metrics::phase(Phase::Evaluate, evaluating.elapsed());
             if evaluated.metrics.samples > 0 {
@@ -240,7 +241,7 @@ impl JobRun {
         let checkpointing = Instant::now();
         let version = self
             .checkpoint(round, *parent_version, &metrics)
-            .instrument(tracing::info_span!("checkpoint"))
+            .instrument(cohort_telemetry::trace_span!("checkpoint"))
             .await?;
         crate::metrics::phase(Phase::Checkpoint, checkpointing.elapsed());
         let traffic = self.state.take_traffic();
@@ -737,7 +738,7 @@ impl JobRun {
         let started = Instant::now();
         let offered = self
             .offer_until_inner(round, kind, want, min, deadline, exclude, cohort)
-            .instrument(tracing::info_span!("offer", kind = ?kind))
+            .instrument(cohort_telemetry::trace_span!("offer", kind = ?kind))
             .await;
         crate::metrics::phase(Phase::Offer, started.elapsed());
         offered

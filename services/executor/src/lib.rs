@@ -119,7 +119,7 @@ impl Channels {
 async fn run_task(channels: &mut Channels, exec: pb::ExecutorTask) -> anyhow::Result<()> {
     let span = match &exec.task {
         Some(task) => {
-            let span = tracing::info_span!(
+            let span = cohort_telemetry::trace_span!(
                 "execute",
                 task_id = %task.task_id,
                 kind = task.kind,
@@ -128,7 +128,7 @@ async fn run_task(channels: &mut Channels, exec: pb::ExecutorTask) -> anyhow::Re
             cohort_telemetry::set_parent_from_map(&span, &task.trace_context);
             span
         }
-        None => tracing::info_span!("execute"),
+        None => cohort_telemetry::trace_span!("execute"),
     };
     run_task_steps(channels, exec).instrument(span).await
 }
@@ -143,7 +143,7 @@ async fn run_task_steps(channels: &mut Channels, exec: pb::ExecutorTask) -> anyh
     let client = RoundClient::new(channels.to(&exec.endpoint)?, &task)?;
     let global = client
         .fetch_model()
-        .instrument(tracing::info_span!("fetch"))
+        .instrument(cohort_telemetry::trace_span!("fetch"))
         .await?;
     tracing::info!(task = %task.task_id, tensors = global.len(), "model fetched");
     if let Some(model) = SyntheticModel::of(&spec.model) {
@@ -152,7 +152,7 @@ async fn run_task_steps(channels: &mut Channels, exec: pb::ExecutorTask) -> anyh
     match kind {
         pb::TaskKind::Train => {
             let dataset = load(&data, false)?;
-            let outcome = tracing::info_span!("train")
+            let outcome = cohort_telemetry::trace_span!("train")
                 .in_scope(|| {
                     cohort_train::train(&spec.model, &spec.training, &global, &dataset, task.seed)
                 })
@@ -172,12 +172,12 @@ async fn run_task_steps(channels: &mut Channels, exec: pb::ExecutorTask) -> anyh
                         samples: outcome.samples as u64,
                     },
                 )
-                .instrument(tracing::info_span!("upload"))
+                .instrument(cohort_telemetry::trace_span!("upload"))
                 .await?;
         }
         pb::TaskKind::Evaluate => {
             let dataset = load(&data, true)?;
-            let e = tracing::info_span!("evaluate")
+            let e = cohort_telemetry::trace_span!("evaluate")
                 .in_scope(|| cohort_train::evaluate(&spec.model, &global, &dataset))
                 .context("evaluation failed")?;
             tracing::info!(task = %task.task_id, samples = e.samples, loss = e.loss, accuracy = e.accuracy, "evaluated");
@@ -238,7 +238,7 @@ async fn synthetic_task(
                 samples: synthetic.samples,
             },
         )
-        .instrument(tracing::info_span!("upload"))
+        .instrument(cohort_telemetry::trace_span!("upload"))
         .await?;
     tracing::info!(task = %task.task_id, params = model.params, party, round, "synthetic update sent");
     Ok(())

@@ -888,7 +888,7 @@ impl Party {
         if self.running_count() >= self.max_tasks {
             return Err(format!("no capacity: {} task(s) running", self.max_tasks));
         }
-        let span = tracing::info_span!(
+        let span = cohort_telemetry::trace_span!(
             "task",
             task_id = %task.task_id,
             kind = task.kind,
