@@ -4,6 +4,7 @@
 //!
 //! Must not depend on any service crate or on storage: services depend on it.
 
+pub mod audit;
 pub mod executor_pipe;
 pub mod launcher;
 pub mod process;

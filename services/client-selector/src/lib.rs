@@ -27,8 +27,8 @@ use tokio::sync::oneshot;
 
 use crate::registry::Registry;
 pub use crate::registry::{RegistrationLimits, Settings};
-use crate::sessions::{AuditSink, SelectorApi, SessionApi};
-use cohort_proto::v1::job_control_client::JobControlClient;
+use crate::sessions::{SelectorApi, SessionApi};
+use cohort_runtime::audit::AuditClient;
 
 /// The longest `--reconnect-grace`: a task whose party is away is not
 /// re-offered until the grace ends, so a long one stalls rounds.
@@ -126,22 +126,12 @@ impl Args {
         )
         .await
         .context("--database-url: cannot open the clients store")?;
-        let audit = match &self.job_scheduler {
-            Some(endpoint) => {
-                let client = JobControlClient::new(
-                    cohort_runtime::channel(endpoint, tls.as_ref()).context("--job-scheduler")?,
-                );
-                let sink: AuditSink = Arc::new(move |request| {
-                    let mut client = client.clone();
-                    Box::pin(async move { client.record_audit(request).await.map(|_| ()) })
-                });
-                Some(sink)
-            }
-            None => {
-                tracing::warn!("no --job-scheduler: revocations are not recorded in the audit log");
-                None
-            }
-        };
+        let audit = AuditClient::from_flag(
+            "client-selector",
+            self.job_scheduler.as_deref(),
+            tls.as_ref(),
+        )
+        .context("--job-scheduler")?;
         let listener = Listener::bind_service(&self.service).await?.with_tls(tls);
         listener
             .serve(
@@ -155,7 +145,7 @@ impl Args {
     }
 }
 
-fn routes(store: Arc<dyn ClientStore>, settings: Settings, audit: Option<AuditSink>) -> Services {
+fn routes(store: Arc<dyn ClientStore>, settings: Settings, audit: AuditClient) -> Services {
     let registry = Registry::new(store, settings);
     Services::new(PartySessionServer::new(SessionApi {
         registry: registry.clone(),
@@ -172,7 +162,7 @@ pub async fn serve_in_process(
     let listener = Listener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
     let addr = listener.local_addr();
     let (stop, stopped) = oneshot::channel::<()>();
-    let routes = routes(store, settings, None);
+    let routes = routes(store, settings, AuditClient::none("client-selector"));
     tokio::spawn(async move {
         let shutdown = async {
             let _ = stopped.await;

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use cohort_core::{Action, PartyId, Scope};
 use cohort_proto::v1 as pb;
+use cohort_runtime::audit::{self, Actor, AuditClient};
 use cohort_runtime::{ToStatus, calling_party, calling_principal, now_ms};
 use cohort_store::clients::{DatasetEntry, ResourcesEntry};
 use futures::{Stream, StreamExt};
@@ -261,82 +262,14 @@ impl pb::party_session_server::PartySession for SessionApi {
 /// How long a Cancel may wait for room in a party's session queue.
 const CANCEL_SEND_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Sends an entry to job-scheduler's audit log (`JobControl.RecordAudit`).
-pub type AuditSink = Arc<
-    dyn Fn(pb::RecordAuditRequest) -> futures::future::BoxFuture<'static, Result<(), Status>>
-        + Send
-        + Sync,
->;
-
-/// How long a revocation waits for its audit entry to be stored.
-const AUDIT_TIMEOUT: Duration = Duration::from_secs(5);
-
 pub struct SelectorApi {
     pub registry: Arc<Registry>,
-    /// Where revocations are recorded; None: nowhere (no `--job-scheduler`),
-    /// which every revocation logs as an error.
-    pub audit: Option<AuditSink>,
+    /// Where revocations are recorded (job-scheduler's audit log; without
+    /// `--job-scheduler`, nowhere, which every revocation logs as an error).
+    pub audit: AuditClient,
 }
 
 impl SelectorApi {
-    /// Who made `req`, as the audit log names actors: the API token the proxy
-    /// checked, else the service that called from inside.
-    fn actor<T>(req: &Request<T>) -> (&'static str, String) {
-        if calling_principal(req).ok().flatten().is_some() {
-            let id = cohort_runtime::tls::calling_token(req)
-                .ok()
-                .flatten()
-                .unwrap_or_default();
-            return ("token", id);
-        }
-        match cohort_runtime::peer_identity(req) {
-            Some(identity) => ("service", identity.name().to_string()),
-            None => ("service", "internal".to_string()),
-        }
-    }
-
-    /// Records a revocation and its outcome in job-scheduler's audit log. A
-    /// failure is logged and changes nothing: a revocation takes effect
-    /// whether or not it could be recorded (refusing it because the audit log
-    /// is away would keep a party in that should be out).
-    async fn record_revocation<R>(
-        &self,
-        actor: (&'static str, String),
-        party: String,
-        result: &Result<R, Status>,
-    ) {
-        let (code, reason) = match result {
-            Ok(_) => (tonic::Code::Ok, String::new()),
-            Err(s) => (s.code(), s.message().to_string()),
-        };
-        let Some(sink) = &self.audit else {
-            tracing::error!(%party, actor_id = %actor.1, ?code,
-                "party.revoke not recorded in the audit log: client-selector has no --job-scheduler");
-            return;
-        };
-        let request = pb::RecordAuditRequest {
-            entry: Some(pb::AuditEntry {
-                actor_kind: actor.0.to_string(),
-                actor_id: actor.1.clone(),
-                action: "party.revoke".to_string(),
-                object_kind: "party".to_string(),
-                object_id: party.clone(),
-                // Parties belong to no namespace; only "*" admins revoke them.
-                namespace: Scope::ALL.to_string(),
-                reason,
-                ..Default::default()
-            }),
-            code: code as i32,
-        };
-        let failure = match tokio::time::timeout(AUDIT_TIMEOUT, sink(request)).await {
-            Ok(Ok(())) => return,
-            Ok(Err(s)) => format!("{:?}: {}", s.code(), s.message()),
-            Err(_) => format!("job-scheduler did not answer within {AUDIT_TIMEOUT:?}"),
-        };
-        tracing::error!(%party, actor_kind = actor.0, actor_id = %actor.1, ?code,
-            error = %failure, "party.revoke not recorded in the audit log");
-    }
-
     async fn revoke_client_audited(
         &self,
         req: Request<pb::RevokeClientRequest>,
@@ -369,10 +302,23 @@ impl pb::client_selector_server::ClientSelector for SelectorApi {
         &self,
         req: Request<pb::RevokeClientRequest>,
     ) -> Result<Response<pb::ClientInfo>, Status> {
-        let actor = Self::actor(&req);
+        let actor = Actor::of(&req);
         let party = req.get_ref().party.clone();
         let result = self.revoke_client_audited(req).await;
-        self.record_revocation(actor, party, &result).await;
+        // A revocation takes effect whether or not it could be recorded
+        // (refusing it because the audit log is away would keep a party in
+        // that should be out). Parties belong to no namespace; only "*"
+        // admins revoke them.
+        self.audit
+            .record(audit::entry(
+                &actor,
+                "party.revoke",
+                "party",
+                &party,
+                Scope::ALL,
+                &result,
+            ))
+            .await;
         result
     }
 

@@ -18,6 +18,14 @@
 //! bytes (the only part buffered), uploads at once, the wait for a slot, and
 //! how long an upload may send nothing.
 //!
+//! An upload by a user (an API token the proxy checked) is recorded in
+//! job-scheduler's audit log through `--job-scheduler` (`RecordAudit`),
+//! refusals included: action `model.upload`, object `NAME@VERSION` (the
+//! name alone when no version was made), in the model's namespace, or the
+//! caller's own when the one it named is out of its reach. Coordinators'
+//! checkpoints are not: they act for a job, one upload per round, and the
+//! job's log and lineage already say what they stored.
+//!
 //! Metadata lives in a `ModelStore`, bytes in a `BlobStore` (under `models/`
 //! of the blob URL). Must not depend on other services' crates or tables.
 
@@ -37,6 +45,7 @@ use cohort_proto::v1::{
     DataChunk, GetVersionRequest, Lineage, ListVersionsRequest, ListVersionsResponse, Metrics,
     ModelVersion, UploadVersionRequest,
 };
+use cohort_runtime::audit::{self, Actor, AuditClient};
 use cohort_runtime::{Listener, RuntimeError, Tls, ToStatus, calling_principal, peer_identity};
 use cohort_security::Identity;
 use cohort_store::StoreError;
@@ -151,6 +160,11 @@ pub struct Args {
     pub tls: cohort_runtime::TlsArgs,
     #[command(flatten)]
     pub limits: UploadLimits,
+    /// job-scheduler's gRPC endpoint (host:port), where users' uploads are
+    /// recorded in the audit log. Without it they are not recorded (each one
+    /// logs an error saying so).
+    #[arg(long, env = "COHORT_JOB_SCHEDULER")]
+    pub job_scheduler: Option<String>,
 }
 
 impl Args {
@@ -171,11 +185,14 @@ impl Args {
         let blobs = cohort_blob::open_blob_store(&models_blob_url(&self.blob_url))
             .await
             .context("--blob-url")?;
+        let audit =
+            AuditClient::from_flag(SERVICE_NAME, self.job_scheduler.as_deref(), tls.as_ref())
+                .context("--job-scheduler")?;
         let listener = Listener::bind_service(&self.service).await?.with_tls(tls);
         listener
             .serve(
                 SERVICE_NAME,
-                routes(store, blobs, self.limits),
+                routes(store, blobs, self.limits, audit),
                 self.service.ready_file.as_deref(),
                 cohort_runtime::shutdown_signal(),
             )
@@ -200,8 +217,11 @@ pub fn routes(
     store: Arc<dyn ModelStore>,
     blobs: Arc<dyn BlobStore>,
     limits: UploadLimits,
+    audit: AuditClient,
 ) -> cohort_runtime::Services {
-    cohort_runtime::Services::new(ModelsServer::new(ModelsService::new(store, blobs, limits)))
+    cohort_runtime::Services::new(ModelsServer::new(
+        ModelsService::new(store, blobs, limits).with_audit(audit),
+    ))
 }
 
 /// Serves Models (plus health and reflection) on 127.0.0.1 on a free port
@@ -211,22 +231,31 @@ pub async fn serve_in_process(
     store: Arc<dyn ModelStore>,
     blobs: Arc<dyn BlobStore>,
 ) -> Result<(SocketAddr, oneshot::Sender<()>), RuntimeError> {
-    serve_in_process_with(store, blobs, UploadLimits::default(), None).await
+    serve_in_process_with(
+        store,
+        blobs,
+        UploadLimits::default(),
+        None,
+        AuditClient::none(SERVICE_NAME),
+    )
+    .await
 }
 
-/// [`serve_in_process`] with `limits`, and over mutual TLS with `tls`.
+/// [`serve_in_process`] with `limits`, over mutual TLS with `tls`, and
+/// users' uploads recorded with `audit`.
 pub async fn serve_in_process_with(
     store: Arc<dyn ModelStore>,
     blobs: Arc<dyn BlobStore>,
     limits: UploadLimits,
     tls: Option<Tls>,
+    audit: AuditClient,
 ) -> Result<(SocketAddr, oneshot::Sender<()>), RuntimeError> {
     let listener = Listener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
         .await?
         .with_tls(tls);
     let addr = listener.local_addr();
     let (stop, stopped) = oneshot::channel::<()>();
-    let routes = routes(store, blobs, limits);
+    let routes = routes(store, blobs, limits, audit);
     tokio::spawn(async move {
         let shutdown = async {
             let _ = stopped.await;
@@ -354,6 +383,19 @@ pub struct ModelsService {
     blobs: Arc<dyn BlobStore>,
     limits: UploadLimits,
     upload_slots: Arc<Semaphore>,
+    /// Where users' uploads are recorded.
+    audit: AuditClient,
+}
+
+/// What an upload is about, as far as it got: for its audit entry.
+#[derive(Default)]
+struct UploadTarget {
+    /// The model's name once checked; empty before.
+    name: String,
+    /// The model's namespace once the caller is known to reach it; until
+    /// then the caller's own scope, so an entry about a namespace out of its
+    /// reach is seen by its own admins, never by that namespace's.
+    namespace: String,
 }
 
 impl ModelsService {
@@ -368,7 +410,14 @@ impl ModelsService {
             blobs,
             limits,
             upload_slots,
+            audit: AuditClient::none(SERVICE_NAME),
         }
+    }
+
+    /// Records users' uploads with `audit`.
+    pub fn with_audit(mut self, audit: AuditClient) -> Self {
+        self.audit = audit;
+        self
     }
 
     /// The version a Get or Download names. Whatever the caller may not see
@@ -440,6 +489,106 @@ impl Models for ModelsService {
         &self,
         request: Request<Streaming<UploadVersionRequest>>,
     ) -> Result<Response<ModelVersion>, Status> {
+        let actor = Actor::of(&request);
+        let coordinator = matches!(peer_identity(&request),
+            Some(Identity::Service(name)) if name == COORDINATOR_SERVICE);
+        let scope = match calling_principal(&request) {
+            Ok(Some(p)) if actor.is_user() && !coordinator => p.scope,
+            // A coordinator's checkpoint or a server-internal caller: not audited.
+            _ => {
+                return self
+                    .receive_upload(request, &mut UploadTarget::default())
+                    .await;
+            }
+        };
+        let mut target = UploadTarget {
+            name: String::new(),
+            namespace: scope.as_str().to_string(),
+        };
+        let result = self.receive_upload(request, &mut target).await;
+        let (object_id, namespace) = match &result {
+            Ok(v) => (
+                format!("{}@{}", v.get_ref().name, v.get_ref().version),
+                v.get_ref().namespace.as_str(),
+            ),
+            Err(_) => (target.name.clone(), target.namespace.as_str()),
+        };
+        self.audit
+            .record(audit::entry(
+                &actor,
+                "model.upload",
+                "model",
+                &object_id,
+                namespace,
+                &result,
+            ))
+            .await;
+        result
+    }
+
+    async fn list_versions(
+        &self,
+        request: Request<ListVersionsRequest>,
+    ) -> Result<Response<ListVersionsResponse>, Status> {
+        let principal = caller(&request)?;
+        let req = request.into_inner();
+        let name = Some(req.name.as_str()).filter(|s| !s.is_empty());
+        let job_id = Some(req.job_id.as_str()).filter(|s| !s.is_empty());
+        let mut namespace = Some(req.namespace.as_str()).filter(|s| !s.is_empty());
+        if let Some(p) = &principal
+            && let Some(own) = p.scope.namespace()
+        {
+            match namespace {
+                // Another tenant's namespace looks empty.
+                Some(asked) if asked != own => {
+                    return Ok(Response::new(ListVersionsResponse::default()));
+                }
+                _ => namespace = Some(own),
+            }
+        }
+        let versions = self
+            .store
+            .list_versions(name, job_id, namespace)
+            .await
+            .map_err(Error::from)?;
+        Ok(Response::new(ListVersionsResponse {
+            versions: versions.into_iter().map(to_proto).collect(),
+        }))
+    }
+
+    async fn get_version(
+        &self,
+        request: Request<GetVersionRequest>,
+    ) -> Result<Response<ModelVersion>, Status> {
+        let record = self.resolve(&request).await?;
+        Ok(Response::new(to_proto(record)))
+    }
+
+    type DownloadStream = DataChunkStream;
+
+    async fn download(
+        &self,
+        request: Request<GetVersionRequest>,
+    ) -> Result<Response<Self::DownloadStream>, Status> {
+        let record = self.resolve(&request).await?;
+        let digest = Digest::parse(&record.digest).map_err(Error::from)?;
+        let blob = self.blobs.get(&digest).await.map_err(Error::from)?;
+        let chunks = blob.map(|item| match item {
+            Ok(data) => Ok(DataChunk { data }),
+            Err(e) => Err(Status::from(Error::from(e))),
+        });
+        Ok(Response::new(Box::pin(chunks)))
+    }
+}
+
+impl ModelsService {
+    /// An upload, its name and namespace noted in `target` as they are
+    /// known (for the audit entry).
+    async fn receive_upload(
+        &self,
+        request: Request<Streaming<UploadVersionRequest>>,
+        target: &mut UploadTarget,
+    ) -> Result<Response<ModelVersion>, Status> {
         let principal = caller(&request)?;
         // Held until the answer: the slot bounds what uploads hold at once.
         let _slot = self.upload_slot().await?;
@@ -453,6 +602,7 @@ impl Models for ModelsService {
             None => return Err(invalid("header", "empty upload: no header and no data")),
         };
         check_name("header.name", &header.name)?;
+        target.name.clone_from(&header.name);
         // Names only the caller's own scope and the namespace it asked for.
         let elsewhere = || {
             Status::permission_denied(format!(
@@ -468,6 +618,8 @@ impl Models for ModelsService {
         else {
             return Err(elsewhere());
         };
+        // Within the caller's reach (namespace_of_call gives no other).
+        target.namespace.clone_from(&namespace);
         if let Some(p) = &principal {
             p.authorize(&namespace, Action::Write)
                 .map_err(|e| match e {
@@ -578,60 +730,6 @@ impl Models for ModelsService {
             "model version stored"
         );
         Ok(Response::new(to_proto(record)))
-    }
-
-    async fn list_versions(
-        &self,
-        request: Request<ListVersionsRequest>,
-    ) -> Result<Response<ListVersionsResponse>, Status> {
-        let principal = caller(&request)?;
-        let req = request.into_inner();
-        let name = Some(req.name.as_str()).filter(|s| !s.is_empty());
-        let job_id = Some(req.job_id.as_str()).filter(|s| !s.is_empty());
-        let mut namespace = Some(req.namespace.as_str()).filter(|s| !s.is_empty());
-        if let Some(p) = &principal
-            && let Some(own) = p.scope.namespace()
-        {
-            match namespace {
-                // Another tenant's namespace looks empty.
-                Some(asked) if asked != own => {
-                    return Ok(Response::new(ListVersionsResponse::default()));
-                }
-                _ => namespace = Some(own),
-            }
-        }
-        let versions = self
-            .store
-            .list_versions(name, job_id, namespace)
-            .await
-            .map_err(Error::from)?;
-        Ok(Response::new(ListVersionsResponse {
-            versions: versions.into_iter().map(to_proto).collect(),
-        }))
-    }
-
-    async fn get_version(
-        &self,
-        request: Request<GetVersionRequest>,
-    ) -> Result<Response<ModelVersion>, Status> {
-        let record = self.resolve(&request).await?;
-        Ok(Response::new(to_proto(record)))
-    }
-
-    type DownloadStream = DataChunkStream;
-
-    async fn download(
-        &self,
-        request: Request<GetVersionRequest>,
-    ) -> Result<Response<Self::DownloadStream>, Status> {
-        let record = self.resolve(&request).await?;
-        let digest = Digest::parse(&record.digest).map_err(Error::from)?;
-        let blob = self.blobs.get(&digest).await.map_err(Error::from)?;
-        let chunks = blob.map(|item| match item {
-            Ok(data) => Ok(DataChunk { data }),
-            Err(e) => Err(Status::from(Error::from(e))),
-        });
-        Ok(Response::new(Box::pin(chunks)))
     }
 }
 

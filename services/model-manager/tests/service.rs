@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use cohort_blob::{BlobStore, Digest, FsBlobStore};
 use cohort_model_manager::{UploadLimits, serve_in_process, serve_in_process_with};
+use cohort_proto::v1::RecordAuditRequest;
 use cohort_proto::v1::models_client::ModelsClient;
 use cohort_proto::v1::upload_version_request::Part;
 use cohort_proto::v1::{
@@ -18,6 +19,7 @@ use cohort_proto::v1::{
     UploadVersionRequest,
 };
 use cohort_runtime::Channel;
+use cohort_runtime::audit::{AuditClient, AuditSink};
 use cohort_security::{CertAuthority, TlsFiles, Validity};
 use cohort_store::models::SqliteModelStore;
 use safetensors::Dtype;
@@ -59,9 +61,15 @@ async fn start_with(limits: UploadLimits) -> Harness {
     let url = format!("sqlite://{}", dir.path().join("models.db").display());
     let store = Arc::new(SqliteModelStore::open(&url).await.unwrap());
     let blobs = Arc::new(FsBlobStore::open(dir.path().join("blobs")).await.unwrap());
-    let (addr, stop) = serve_in_process_with(store, blobs.clone(), limits, None)
-        .await
-        .unwrap();
+    let (addr, stop) = serve_in_process_with(
+        store,
+        blobs.clone(),
+        limits,
+        None,
+        AuditClient::none("test"),
+    )
+    .await
+    .unwrap();
     let client = ModelsClient::new(cohort_runtime::lazy_channel(&addr.to_string()).unwrap());
     Harness {
         _dir: dir,
@@ -230,20 +238,29 @@ fn get_request(namespace: &str, name: &str, version: u32) -> GetVersionRequest {
 enum Caller<'a> {
     /// Another service: no identity metadata.
     Internal,
-    /// An API token of a namespace (or "*") and a role, as the proxy passes it on.
+    /// A namespace (or "*") and a role without a token: a coordinator acting
+    /// for its job's namespace.
     Token(&'a str, &'a str),
+    /// An API token (namespace, role, token id) as the proxy passes it on.
+    User(&'a str, &'a str, &'a str),
 }
 
 impl Caller<'_> {
     fn request<T>(self, message: T) -> Request<T> {
         let mut req = Request::new(message);
-        if let Caller::Token(namespace, role) = self {
-            let md = req.metadata_mut();
-            md.insert(
-                cohort_proto::NAMESPACE_METADATA_KEY,
-                namespace.parse().unwrap(),
-            );
-            md.insert(cohort_proto::ROLE_METADATA_KEY, role.parse().unwrap());
+        let (namespace, role, token) = match self {
+            Caller::Internal => return req,
+            Caller::Token(namespace, role) => (namespace, role, None),
+            Caller::User(namespace, role, token) => (namespace, role, Some(token)),
+        };
+        let md = req.metadata_mut();
+        md.insert(
+            cohort_proto::NAMESPACE_METADATA_KEY,
+            namespace.parse().unwrap(),
+        );
+        md.insert(cohort_proto::ROLE_METADATA_KEY, role.parse().unwrap());
+        if let Some(token) = token {
+            md.insert(cohort_proto::TOKEN_METADATA_KEY, token.parse().unwrap());
         }
         req
     }
@@ -1186,6 +1203,7 @@ async fn coordinators_act_only_for_a_namespace() {
         blobs,
         UploadLimits::default(),
         Some(tls_of("model-manager")),
+        AuditClient::none("test"),
     )
     .await
     .unwrap();
@@ -1275,4 +1293,110 @@ async fn coordinators_act_only_for_a_namespace() {
         let v = get_as(&mut scheduler, internal, ns, name, 1).await.unwrap();
         assert_eq!(v.namespace, ns);
     }
+}
+
+/// Users' uploads, refusals included, are recorded (actor, object, namespace,
+/// outcome); a namespace out of the caller's reach is recorded in its own;
+/// a coordinator's or another service's upload is not.
+#[tokio::test]
+async fn users_uploads_are_audited_and_coordinators_are_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("models.db").display());
+    let store = Arc::new(SqliteModelStore::open(&url).await.unwrap());
+    let blobs = Arc::new(FsBlobStore::open(dir.path().join("blobs")).await.unwrap());
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<RecordAuditRequest>::new()));
+    let kept = seen.clone();
+    let sink: AuditSink = Arc::new(move |r| {
+        kept.lock().unwrap().push(r);
+        Box::pin(async { Ok(()) })
+    });
+    let (addr, _stop) = serve_in_process_with(
+        store,
+        blobs,
+        UploadLimits::default(),
+        None,
+        AuditClient::with_sink("test", sink),
+    )
+    .await
+    .unwrap();
+    let mut client = ModelsClient::new(cohort_runtime::lazy_channel(&addr.to_string()).unwrap());
+    let file = small_file(3);
+    let admin = Caller::User("team-a", "admin", "tok-admin");
+    let viewer = Caller::User("team-a", "viewer", "tok-viewer");
+
+    let v = upload_as(&mut client, admin, header("m", "", 0, 0), &file)
+        .await
+        .unwrap();
+    answer(upload_as(&mut client, viewer, header("m", "", 0, 0), &file).await);
+    answer(
+        upload_as(
+            &mut client,
+            admin,
+            header_in("team-b", "m", "", 0, 0),
+            &file,
+        )
+        .await,
+    );
+    answer(
+        upload_as(
+            &mut client,
+            admin,
+            header("m", "", 0, 0),
+            b"not safetensors",
+        )
+        .await,
+    );
+    // Not users: a coordinator's checkpoint, another service.
+    upload_as(&mut client, TEAM_A, header("m", "job-a", 1, 0), &file)
+        .await
+        .unwrap();
+    upload_as(
+        &mut client,
+        Caller::Internal,
+        header_in("team-a", "m", "", 0, 0),
+        &file,
+    )
+    .await
+    .unwrap();
+
+    let entries: Vec<_> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let e = r.entry.clone().unwrap();
+            (
+                e.actor_kind,
+                e.actor_id,
+                e.action,
+                e.object_kind,
+                e.object_id,
+                e.namespace,
+                Code::from_i32(r.code),
+                e.reason.is_empty(),
+            )
+        })
+        .collect();
+    let entry = |actor: &str, object: &str, namespace: &str, code: Code| {
+        (
+            "token".to_string(),
+            actor.to_string(),
+            "model.upload".to_string(),
+            "model".to_string(),
+            object.to_string(),
+            namespace.to_string(),
+            code,
+            code == Code::Ok,
+        )
+    };
+    assert_eq!(
+        entries,
+        vec![
+            entry("tok-admin", &format!("m@{}", v.version), "team-a", Code::Ok),
+            entry("tok-viewer", "m", "team-a", Code::PermissionDenied),
+            // team-b is out of its reach: recorded in its own namespace.
+            entry("tok-admin", "m", "team-a", Code::PermissionDenied),
+            entry("tok-admin", "m", "team-a", Code::InvalidArgument),
+        ]
+    );
 }
