@@ -1,15 +1,16 @@
 //! The audit log, end to end with the real binaries: jobs created, stopped and
 //! deleted, tokens made and deleted, a party revoked (through client-selector's
-//! RecordAudit call), and a refused stop, each listed by `cohort audit list
-//! --json` with the token that did it; a viewer cannot read the log, and
-//! another namespace's admin sees none of it.
+//! RecordAudit call), a model uploaded with `cohort model upload` (through
+//! model-manager's), a refused stop and a refused upload, each listed by
+//! `cohort audit list --json` with the token that did it; a viewer cannot
+//! read the log, and another namespace's admin sees none of it.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cohort_cli::Api;
 use cohort_cli::profile::Profile;
-use cohort_integration_tests::{Federation, cohort, digits_job, state_of};
+use cohort_integration_tests::{Federation, cohort, digits_job, digits_mlp, state_of};
 use cohort_proto::v1 as pb;
 use serde_json::Value;
 use tonic::Code;
@@ -181,6 +182,29 @@ async fn state_changing_calls_are_audited_for_their_namespaces_admins() {
         .await
         .expect("the * admin revokes a party");
 
+    // A model uploaded with the CLI by team-a's admin, and refused to its viewer.
+    let model_file = dir.path().join("audited-model.safetensors");
+    std::fs::write(&model_file, digits_mlp(&[8], 1)).expect("model file written");
+    let file_arg = model_file.display().to_string();
+    let upload_args = [
+        "model",
+        "upload",
+        "audited-model",
+        "-f",
+        file_arg.as_str(),
+        "--json",
+    ];
+    let (code, stdout, stderr) = cohort(&upload_args, &admin_a.profile)
+        .await
+        .expect("cohort runs");
+    assert_eq!(code, 0, "admin's upload: {stderr}");
+    let uploaded: Value = serde_json::from_str(&stdout).expect("upload --json");
+    let uploaded_id = format!("audited-model@{}", uploaded["version"]);
+    let (code, _, stderr) = cohort(&upload_args, &viewer_a.profile)
+        .await
+        .expect("cohort runs");
+    assert_ne!(code, 0, "a viewer may not upload: {stderr}");
+
     // The "*" admin reads everything, each call with the token that made it.
     let all = audit_list(&root_profile, &[])
         .await
@@ -210,6 +234,24 @@ async fn state_changing_calls_are_audited_for_their_namespaces_admins() {
     assert_actor(revoked, "token", &root_id, "bootstrap admin");
     assert_eq!(revoked["namespace"], "*", "{revoked}");
     assert_eq!(revoked["object"]["kind"], "party", "{revoked}");
+    let upload = find(&all, "model.upload", &uploaded_id, "ok");
+    by_a(upload);
+    assert_eq!(upload["namespace"], "team-a", "{upload}");
+    assert_eq!(upload["object"]["kind"], "model", "{upload}");
+    let refused_upload = find(&all, "model.upload", "audited-model", "permission_denied");
+    assert_actor(refused_upload, "token", &viewer_a.id, "audit-viewer-a");
+    assert_eq!(refused_upload["namespace"], "team-a", "{refused_upload}");
+    assert!(
+        !refused_upload["reason"].as_str().unwrap_or("").is_empty(),
+        "{refused_upload}"
+    );
+    // Users' uploads only: no coordinator's checkpoint.
+    assert!(
+        all.iter()
+            .filter(|e| e["action"] == "model.upload")
+            .all(|e| e["actor"]["kind"] == "token"),
+        "{all:#?}"
+    );
     // Oldest first, each entry once.
     let ids: Vec<u64> = all.iter().filter_map(|e| e["id"].as_u64()).collect();
     assert_eq!(ids.len(), all.len(), "every entry has an id: {all:#?}");
@@ -233,6 +275,13 @@ async fn state_changing_calls_are_audited_for_their_namespaces_admins() {
         .expect("team-a's admin reads its namespace");
     find(&seen_by_a, "job.delete", &job.id, "ok");
     find(&seen_by_a, "job.stop", &job.id, "permission_denied");
+    find(&seen_by_a, "model.upload", &uploaded_id, "ok");
+    find(
+        &seen_by_a,
+        "model.upload",
+        "audited-model",
+        "permission_denied",
+    );
     assert!(
         seen_by_a.iter().all(|e| e["namespace"] == "team-a"),
         "{seen_by_a:#?}"
@@ -263,7 +312,9 @@ async fn state_changing_calls_are_audited_for_their_namespaces_admins() {
             .iter()
             .any(|e| e["object"]["id"] == job.id.as_str()
                 || e["object"]["id"] == temp.id.as_str()
-                || e["object"]["id"] == "party-9"),
+                || e["object"]["id"] == "party-9"
+                || e["object"]["id"] == uploaded_id.as_str()
+                || e["object"]["id"] == "audited-model"),
         "{seen_by_b:#?}"
     );
     let asked_for_a = audit_list(&admin_b.profile, &["--namespace", "team-a"])

@@ -279,7 +279,10 @@ mod tests {
         AuditClient::with_sink("test", sink)
             .record(request.clone())
             .await;
-        assert_eq!(seen.lock().unwrap().as_slice(), &[request.clone()]);
+        assert_eq!(
+            seen.lock().unwrap().as_slice(),
+            std::slice::from_ref(&request)
+        );
 
         let stalled: AuditSink = Arc::new(|_| Box::pin(futures::future::pending()));
         let started = std::time::Instant::now();

@@ -302,14 +302,16 @@ impl Stack {
                 },
             )
             .await?;
-        // client-selector records revocations in job-scheduler's audit log, and
-        // job-scheduler hands client-selector's address to coordinators: each needs
-        // the other's, and each reports its own only once bound (port 0, read
-        // back). So client-selector starts first and starts again knowing
-        // job-scheduler's, on its pinned port, before the proxy or any party can
-        // reach it.
-        self.restart_with("client-selector", &["--job-scheduler", &job_scheduler])
-            .await?;
+        // client-selector records revocations, and model-manager users' uploads,
+        // in job-scheduler's audit log, and job-scheduler hands both addresses to
+        // coordinators: each needs the other's, and each reports its own only once
+        // bound (port 0, read back). So both start first and start again knowing
+        // job-scheduler's, on their pinned ports, before the proxy or any party
+        // can reach them.
+        for name in ["client-selector", "model-manager"] {
+            self.restart_with(name, &["--job-scheduler", &job_scheduler])
+                .await?;
+        }
         let proxy = self
             .spawn_named(
                 "proxy",
