@@ -410,6 +410,21 @@ pub struct AggregationSpec {
     /// krum: how many Byzantine parties to tolerate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub f: Option<u32>,
+    /// fedadam, fedyogi, fedadagrad: the server's learning rate η (default 0.1; 0.3 for
+    /// fedadagrad, whose steps shrink as its second moment only grows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_lr: Option<f64>,
+    /// fedadam, fedyogi, fedadagrad: decay of the server's first moment, in [0, 1)
+    /// (default 0.9).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beta1: Option<f64>,
+    /// fedadam, fedyogi: decay of the server's second moment, in [0, 1) (default 0.99).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beta2: Option<f64>,
+    /// fedadam, fedyogi, fedadagrad: the adaptivity τ added to the second moment's root,
+    /// > 0 (default 1e-3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tau: Option<f64>,
     /// No party's weight in a round's aggregate (and evaluation) exceeds this share of
     /// the total, in (0, 1]. Weights start from the samples each party registered for the
     /// dataset when the job started.
@@ -862,33 +877,126 @@ impl JobSpec {
     }
 }
 
+/// The server optimiser of fedadam, fedyogi and fedadagrad (Reddi et al., "Adaptive
+/// Federated Optimization", 2021, Algorithm 2), with the spec's values or the defaults.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ServerOptimizer {
+    pub rule: SecondMoment,
+    pub server_lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub tau: f64,
+}
+
+/// How the server's second moment follows the squared mean update Δ².
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecondMoment {
+    /// v ← β₂v + (1−β₂)Δ²
+    Adam,
+    /// v ← v − (1−β₂)Δ² sign(v − Δ²)
+    Yogi,
+    /// v ← v + Δ²
+    Adagrad,
+}
+
 impl AggregationSpec {
+    pub const DEFAULT_SERVER_LR: f64 = 0.1;
+    /// FedAdagrad's second moment only grows, so its steps shrink round after round: with
+    /// η = 0.1 a 15-round digits job reached 0.81, with 0.3 0.94 (fedadam and fedyogi 0.95
+    /// with 0.1).
+    pub const DEFAULT_ADAGRAD_SERVER_LR: f64 = 0.3;
+    pub const DEFAULT_BETA1: f64 = 0.9;
+    pub const DEFAULT_BETA2: f64 = 0.99;
+    pub const DEFAULT_TAU: f64 = 1e-3;
+
+    /// The server optimiser the strategy uses; None for strategies that take the mean as
+    /// it is.
+    pub fn server_optimizer(&self) -> Option<ServerOptimizer> {
+        let rule = match self.strategy {
+            Strategy::Fedadam => SecondMoment::Adam,
+            Strategy::Fedyogi => SecondMoment::Yogi,
+            Strategy::Fedadagrad => SecondMoment::Adagrad,
+            _ => return None,
+        };
+        Some(ServerOptimizer {
+            rule,
+            server_lr: self.server_lr.unwrap_or(match rule {
+                SecondMoment::Adagrad => Self::DEFAULT_ADAGRAD_SERVER_LR,
+                SecondMoment::Adam | SecondMoment::Yogi => Self::DEFAULT_SERVER_LR,
+            }),
+            beta1: self.beta1.unwrap_or(Self::DEFAULT_BETA1),
+            beta2: self.beta2.unwrap_or(Self::DEFAULT_BETA2),
+            tau: self.tau.unwrap_or(Self::DEFAULT_TAU),
+        })
+    }
+
     fn validate(&self) -> Result<(), SpecError> {
-        if self.strategy != Strategy::Fedavg {
+        const SUPPORTED: [Strategy; 4] = [
+            Strategy::Fedavg,
+            Strategy::Fedadam,
+            Strategy::Fedyogi,
+            Strategy::Fedadagrad,
+        ];
+        if !SUPPORTED.contains(&self.strategy) {
             return Err(SpecError::new(
                 "aggregation.strategy",
                 format!(
-                    "{:?} is not supported yet; use \"fedavg\"",
+                    "{:?} is not supported yet; use one of \"fedavg\", \"fedadam\", \
+                     \"fedyogi\", \"fedadagrad\"",
                     self.strategy.as_str()
                 ),
             ));
         }
-        for (field, set, wants) in [
-            ("mu", self.mu.is_some(), Strategy::Fedprox),
-            ("beta", self.beta.is_some(), Strategy::TrimmedMean),
-            ("f", self.f.is_some(), Strategy::Krum),
+        use Strategy::{Fedadagrad, Fedadam, Fedprox, Fedyogi, Krum, TrimmedMean};
+        let adaptive: &[Strategy] = &[Fedadam, Fedyogi, Fedadagrad];
+        for (field, set, takes) in [
+            ("mu", self.mu.is_some(), &[Fedprox][..]),
+            ("beta", self.beta.is_some(), &[TrimmedMean][..]),
+            ("f", self.f.is_some(), &[Krum][..]),
+            ("server_lr", self.server_lr.is_some(), adaptive),
+            ("beta1", self.beta1.is_some(), adaptive),
+            ("beta2", self.beta2.is_some(), &[Fedadam, Fedyogi][..]),
+            ("tau", self.tau.is_some(), adaptive),
         ] {
-            if set && self.strategy != wants {
+            if set && !takes.contains(&self.strategy) {
+                let names: Vec<String> =
+                    takes.iter().map(|s| format!("{:?}", s.as_str())).collect();
                 return Err(SpecError::new(
                     format!("aggregation.{field}"),
                     format!(
-                        "only strategy {:?} takes {field}, not {:?}",
-                        wants.as_str(),
+                        "only strategy {} takes {field}, not {:?}",
+                        names.join(", "),
                         self.strategy.as_str()
                     ),
                 ));
             }
         }
+        let in_range = |field: &str, v: Option<f64>, ok: fn(f64) -> bool, what: &str| match v {
+            Some(v) if !(v.is_finite() && ok(v)) => Err(SpecError::new(
+                format!("aggregation.{field}"),
+                format!("must be {what}, got {v}"),
+            )),
+            _ => Ok(()),
+        };
+        in_range(
+            "server_lr",
+            self.server_lr,
+            |v| v > 0.0 && v <= 10.0,
+            "in (0, 10]",
+        )?;
+        in_range(
+            "beta1",
+            self.beta1,
+            |v| (0.0..1.0).contains(&v),
+            "in [0, 1)",
+        )?;
+        in_range(
+            "beta2",
+            self.beta2,
+            |v| (0.0..1.0).contains(&v),
+            "in [0, 1)",
+        )?;
+        in_range("tau", self.tau, |v| v > 0.0 && v <= 1.0, "in (0, 1]")?;
         if let Some(s) = self.max_weight_share
             && !(s.is_finite() && s > 0.0 && s <= 1.0)
         {
@@ -1147,6 +1255,23 @@ clients: {per_round: 3, min: 2, round_timeout: 30s}
         .expect("valid");
         assert_eq!(spec.aggregation.max_weight_share, Some(0.5));
         assert_eq!(spec.aggregation.norm_action, NormAction::Refuse);
+        assert_eq!(spec.aggregation.server_optimizer(), None);
+        let adam = JobSpec::parse(&with("{strategy: fedadam, server_lr: 0.05, tau: 0.01}"))
+            .expect("valid");
+        assert_eq!(
+            adam.aggregation.server_optimizer(),
+            Some(ServerOptimizer {
+                rule: SecondMoment::Adam,
+                server_lr: 0.05,
+                beta1: AggregationSpec::DEFAULT_BETA1,
+                beta2: AggregationSpec::DEFAULT_BETA2,
+                tau: 0.01,
+            })
+        );
+        assert_eq!(
+            JobSpec::from_json(&adam.to_json()).expect("round trip"),
+            adam
+        );
         assert_eq!(
             JobSpec::from_json(&spec.to_json()).expect("round trip"),
             spec
@@ -1158,6 +1283,15 @@ clients: {per_round: 3, min: 2, round_timeout: 30s}
             ("{max_update_norm: .inf}", "aggregation.max_update_norm"),
             ("{norm_action: refuse}", "aggregation.norm_action"),
             ("{strategy: fedavg, mu: 0.1}", "aggregation.mu"),
+            (
+                "{strategy: fedavg, server_lr: 0.1}",
+                "aggregation.server_lr",
+            ),
+            ("{strategy: fedadagrad, beta2: 0.9}", "aggregation.beta2"),
+            ("{strategy: fedadam, server_lr: 0}", "aggregation.server_lr"),
+            ("{strategy: fedyogi, beta1: 1}", "aggregation.beta1"),
+            ("{strategy: fedadam, beta2: -0.1}", "aggregation.beta2"),
+            ("{strategy: fedadam, tau: .nan}", "aggregation.tau"),
             ("{strategy: krum, f: 1}", "aggregation.strategy"),
             ("{strategy: fedavg, bogus: 1}", "aggregation.bogus"),
         ] {

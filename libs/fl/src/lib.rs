@@ -1,11 +1,13 @@
 //! Federated-learning math and tensor framing: chunking tensors for the wire,
 //! reassembling them with validation, safetensors encoding, and streaming
-//! aggregation (FedAvg with bounded weights and update norms).
+//! aggregation (FedAvg with bounded weights and update norms), and the server
+//! optimisers (FedAdam, FedYogi, FedAdagrad) that move the global model by it.
 //!
 //! No I/O and no async: callers feed chunks in and take tensors out. Must not
 //! depend on candle, storage or networking crates.
 
 pub mod aggregate;
+pub mod server_opt;
 pub mod synthetic;
 pub mod wire;
 
@@ -13,6 +15,7 @@ pub use aggregate::{
     AggregationRules, CheckedUpdate, FedAvg, UpdateCheck, UpdateStream, UpdateValues,
     capped_weights, lower_median,
 };
+pub use server_opt::AdaptiveServer;
 pub use synthetic::SyntheticModel;
 pub use wire::{
     TensorAssembler, chunk_tensors, chunk_tensors_shared, from_safetensors, safetensors_stream,

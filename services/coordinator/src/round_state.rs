@@ -145,6 +145,8 @@ pub enum NoteKind {
     UpdateRefused,
     UpdateDropped,
     RoundFailed,
+    /// Anything else worth the user's attention.
+    Note,
 }
 
 impl NoteKind {
@@ -155,6 +157,7 @@ impl NoteKind {
             NoteKind::UpdateRefused => "update_refused",
             NoteKind::UpdateDropped => "update_dropped",
             NoteKind::RoundFailed => "round_failed",
+            NoteKind::Note => "note",
         }
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cohort_core::{JobId, JobSpec, NamedTensor, Role, TaskKind, spec::parse_model_ref};
-use cohort_fl::{AggregationRules, capped_weights, from_safetensors, lower_median};
+use cohort_fl::{AdaptiveServer, AggregationRules, capped_weights, from_safetensors, lower_median};
 use cohort_proto::v1 as pb;
 use cohort_runtime::retry_unavailable;
 
@@ -46,6 +46,9 @@ pub struct JobRun {
     pub max_model_parameters: u64,
     /// How long model-manager may be away before a round's model counts as unstorable.
     pub storage_patience: Duration,
+    /// The server optimiser's moments (fedadam, fedyogi, fedadagrad), checkpointed with
+    /// each round as the model `server_state_name`.
+    pub server: std::sync::Mutex<Option<AdaptiveServer>>,
 }
 
 /// How long parties get to answer an offer.
@@ -154,6 +157,7 @@ impl JobRun {
 
     async fn run_inner(&self, assignment: pb::Assignment) -> Result<Outcome, Failure> {
         let (global, mut cohort) = self.initial_model(&assignment).await?;
+        self.start_server_optimizer(&global, &assignment).await?;
         self.state.set_global(global);
         let ready = retry_unavailable("coordinator ready", SCHEDULER_PATIENCE, || {
             let mut c = self.clients.scheduler.clone();
@@ -243,6 +247,7 @@ impl JobRun {
             .checkpoint(round, *parent_version, &metrics)
             .instrument(cohort_telemetry::trace_span!("checkpoint"))
             .await?;
+        self.checkpoint_server_state(round).await?;
         crate::metrics::phase(Phase::Checkpoint, checkpointing.elapsed());
         let traffic = self.state.take_traffic();
         *parent_version = version;
@@ -634,10 +639,16 @@ impl JobRun {
                 ),
             ));
         }
-        let new_global = training
+        let mut new_global = training
             .aggregate
             .finish()
             .map_err(|e| self.round_failed(round, format!("aggregation failed: {e}")))?;
+        if let Some(server) = lock(&self.server).as_mut() {
+            let global = self.state.global();
+            new_global = server.step(&global, new_global).map_err(|e| {
+                self.round_failed(round, format!("the server optimiser failed: {e}"))
+            })?;
+        }
         self.state.set_global(new_global);
         Ok(Trained {
             updates,
@@ -960,16 +971,137 @@ impl JobRun {
 
     /// Stores the round's global model as a new version of the job's model, as a member of
     /// the job's namespace. A model that cannot be stored fails the job with the reason.
-    async fn checkpoint(
+    /// The model-manager name of the server optimiser's state: beside the model's, a DNS
+    /// label like it.
+    fn server_state_name(&self) -> String {
+        let model = self.model_name();
+        let keep = model.len().min(63 - SERVER_STATE_SUFFIX.len());
+        format!("{}{SERVER_STATE_SUFFIX}", &model[..keep])
+    }
+
+    /// Starts the strategy's server optimiser, with fresh moments or, when the job resumes,
+    /// the ones checkpointed with the round it resumes after.
+    async fn start_server_optimizer(
         &self,
+        global: &[NamedTensor],
+        assignment: &pb::Assignment,
+    ) -> Result<(), Failure> {
+        let Some(opt) = self.spec.aggregation.server_optimizer() else {
+            return Ok(());
+        };
+        let mut server = AdaptiveServer::new(opt, global);
+        let after = assignment.next_round.saturating_sub(1);
+        if assignment.resume_model_version > 0 && after > 0 {
+            let name = self.server_state_name();
+            let stored = self.find_version(&name, after).await?;
+            match stored {
+                Some(version) => {
+                    let state = self
+                        .download(&name, version.version)
+                        .await
+                        .map_err(|e| Failure::Fail(format!("cannot resume: {e}")))?;
+                    server.restore(&state).map_err(|e| {
+                        Failure::Fail(format!(
+                            "cannot resume: the server state of round {after} ({name}@{}): {e}",
+                            version.version
+                        ))
+                    })?;
+                    // The state as it now is, encoded as it was stored: equal digests say
+                    // the moments are the checkpointed ones, bit for bit.
+                    let restored = encoded_digest(server.state())
+                        .map_err(|e| Failure::Fail(format!("cannot resume: {e}")))?;
+                    tracing::info!(
+                        round = after,
+                        version = version.version,
+                        digest = %restored,
+                        stored = %version.digest,
+                        "server optimiser state restored"
+                    );
+                }
+                None => {
+                    tracing::warn!(
+                        round = after,
+                        "no server optimiser state stored for the round resumed after; \
+                         its moments start again from zero"
+                    );
+                    self.state.note(Note {
+                        round: after,
+                        kind: NoteKind::Note,
+                        party: String::new(),
+                        task_id: String::new(),
+                        message: format!(
+                            "the server optimiser's state of round {after} was not found; \
+                             its moments start again from zero"
+                        ),
+                    });
+                }
+            }
+        }
+        *lock(&self.server) = Some(server);
+        Ok(())
+    }
+
+    /// The version of model `name` this job stored for `round`, if any.
+    async fn find_version(
+        &self,
+        name: &str,
+        round: u32,
+    ) -> Result<Option<pb::ModelVersion>, Failure> {
+        let req = pb::ListVersionsRequest {
+            name: name.to_string(),
+            job_id: self.job_id.to_string(),
+            namespace: self.spec.namespace.clone(),
+        };
+        let listed = retry_unavailable("list server states", self.storage_patience, || {
+            let mut c = self.clients.models.clone();
+            let req = self.for_job(req.clone());
+            async move {
+                let req = req.map_err(|_| tonic::Status::invalid_argument("namespace"))?;
+                c.list_versions(req).await
+            }
+        })
+        .await
+        .map_err(|s| Failure::Fail(format!("cannot resume: listing {name}: {}", s.message())))?;
+        Ok(listed
+            .into_inner()
+            .versions
+            .into_iter()
+            .find(|v| v.lineage.as_ref().is_some_and(|l| l.round == round)))
+    }
+
+    /// Stores the server optimiser's moments after round `round`'s model, as a version of
+    /// their own model lineaged to the round.
+    async fn checkpoint_server_state(&self, round: u32) -> Result<(), Failure> {
+        let Some(state) = lock(&self.server).as_ref().map(AdaptiveServer::state) else {
+            return Ok(());
+        };
+        let name = self.server_state_name();
+        let (version, _) = self
+            .store(&name, Arc::new(state), round, 0, &pb::Metrics::default())
+            .await
+            .map_err(|s| {
+                Failure::Fail(format!(
+                    "round {round}: cannot store the server optimiser's state ({name}): {}",
+                    s.message()
+                ))
+            })?;
+        tracing::debug!(round, version = version.version, digest = %version.digest, "server optimiser state stored");
+        Ok(())
+    }
+
+    /// Uploads `tensors` as a version of model `name` for `round`; returns the version and
+    /// the digest of what was sent (a version stored before for the round has another).
+    async fn store(
+        &self,
+        name: &str,
+        tensors: Arc<Vec<NamedTensor>>,
         round: u32,
         parent: u32,
         metrics: &pb::Metrics,
-    ) -> Result<u32, Failure> {
-        let global = self.state.global();
+    ) -> Result<(pb::ModelVersion, String), tonic::Status> {
         let header = pb::UploadVersionRequest {
             part: Some(pb::upload_version_request::Part::Header(pb::UploadHeader {
-                name: self.model_name(),
+                name: name.to_string(),
                 namespace: self.spec.namespace.clone(),
                 lineage: Some(pb::Lineage {
                     job_id: self.job_id.to_string(),
@@ -986,7 +1118,7 @@ impl JobRun {
             let mut c = self.clients.models.clone();
             *lock(&sent) = sha2::Sha256::new();
             let hasher = sent.clone();
-            let req = cohort_fl::safetensors_stream(global.clone(), cohort_fl::CHUNK_BYTES)
+            let req = cohort_fl::safetensors_stream(tensors.clone(), cohort_fl::CHUNK_BYTES)
                 .map_err(|e| tonic::Status::internal(format!("cannot encode the model: {e}")))
                 .and_then(|(_, pieces)| {
                     let parts = std::iter::once(header.clone()).chain(pieces.map(move |data| {
@@ -1000,18 +1132,31 @@ impl JobRun {
                 });
             async move { c.upload_version(req?).await }
         })
-        .await
-        .map_err(|s| {
-            Failure::Fail(format!(
-                "round {round}: cannot store the model in model-manager: {}",
-                s.message()
-            ))
-        })?
+        .await?
         .into_inner();
+        let digest = hex::encode(lock(&sent).clone().finalize());
+        Ok((version, digest))
+    }
+
+    async fn checkpoint(
+        &self,
+        round: u32,
+        parent: u32,
+        metrics: &pb::Metrics,
+    ) -> Result<u32, Failure> {
+        let name = self.model_name();
+        let (version, digest) = self
+            .store(&name, self.state.global(), round, parent, metrics)
+            .await
+            .map_err(|s| {
+                Failure::Fail(format!(
+                    "round {round}: cannot store the model in model-manager: {}",
+                    s.message()
+                ))
+            })?;
         // Versions are idempotent per (job, round): a round an earlier coordinator of this job
         // already stored (its report to job-scheduler was lost) answers with that version.
         // Continue from the stored model, so the lineage and the next round agree.
-        let digest = hex::encode(lock(&sent).clone().finalize());
         if version.digest != digest {
             tracing::info!(
                 round,
@@ -1092,6 +1237,20 @@ fn failure_summary(failures: &[(String, String, String)]) -> String {
         .map(|(party, _, reason)| format!("{party}: {reason}"))
         .collect();
     format!("; task failures: {}", shown.join("; "))
+}
+
+/// What the server optimiser's state model adds to the model's name.
+const SERVER_STATE_SUFFIX: &str = "-server-state";
+
+/// The sha256 of `tensors` encoded as they are stored (the safetensors stream).
+fn encoded_digest(tensors: Vec<NamedTensor>) -> Result<String, String> {
+    let (_, pieces) = cohort_fl::safetensors_stream(Arc::new(tensors), cohort_fl::CHUNK_BYTES)
+        .map_err(|e| format!("cannot encode the server state: {e}"))?;
+    let mut hash = sha2::Sha256::new();
+    for piece in pieces {
+        hash.update(&piece);
+    }
+    Ok(hex::encode(hash.finalize()))
 }
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
