@@ -16,8 +16,8 @@ mod partition;
 pub use data::{DataFormat, Dataset, load_dataset, write_csv};
 pub use error::TrainError;
 pub use model::{
-    Evaluation, TrainOutcome, check_weights, evaluate, init_model, model_classes, param_shapes,
-    train,
+    Evaluation, LocalObjective, TrainOutcome, check_weights, evaluate, init_model, model_classes,
+    param_shapes, train, train_with,
 };
 pub use partition::{partition_dirichlet, partition_iid, split_train_test};
 

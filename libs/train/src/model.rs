@@ -1,10 +1,11 @@
 //! The built-in models (logreg, mlp, cnn): construction, training and evaluation with candle
 //! on the CPU. Weights live outside candle as [`NamedTensor`]s; every call rebuilds the
-//! tensors, so nothing here keeps state between rounds.
+//! tensors, so nothing here keeps state between rounds. A [`LocalObjective`] adds the
+//! strategy's local terms to the loss (FedProx's proximal term).
 
-use candle_core::{D, Device, Tensor, Var};
+use candle_core::{D, DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, SGD};
-use cohort_core::spec::{Arch, ModelSpec, OptimizerSpec, TrainingSpec};
+use cohort_core::spec::{AggregationSpec, Arch, ModelSpec, OptimizerSpec, TrainingSpec};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -29,6 +30,26 @@ pub struct TrainOutcome {
     /// Training accuracy over the last epoch (measured before each step).
     pub accuracy: f64,
     pub samples: usize,
+}
+
+/// What a party's local training minimises besides the data's cross-entropy, as the job's
+/// aggregation strategy asks. The default is plain training (fedavg and the server
+/// optimisers).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LocalObjective {
+    /// FedProx (Li et al., 2020): μ of the proximal term μ/2·‖w − w₀‖² added to every
+    /// batch's loss, w₀ being the weights training starts from (the round's global model),
+    /// so each step's gradient gains μ(w − w₀). None or 0: no term, plain training.
+    pub proximal_mu: Option<f64>,
+}
+
+impl LocalObjective {
+    /// The local objective `aggregation`'s strategy implies.
+    pub fn of(aggregation: &AggregationSpec) -> Self {
+        LocalObjective {
+            proximal_mu: aggregation.proximal_mu(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -416,6 +437,26 @@ pub fn train(
     data: &Dataset,
     seed: u64,
 ) -> Result<TrainOutcome, TrainError> {
+    train_with(
+        spec,
+        training,
+        weights,
+        data,
+        seed,
+        LocalObjective::default(),
+    )
+}
+
+/// [`train`] minimising `objective`: cross-entropy plus the strategy's local terms (the
+/// reported loss stays the cross-entropy alone, comparable across strategies).
+pub fn train_with(
+    spec: &ModelSpec,
+    training: &TrainingSpec,
+    weights: &[NamedTensor],
+    data: &Dataset,
+    seed: u64,
+    objective: LocalObjective,
+) -> Result<TrainOutcome, TrainError> {
     if training.epochs == 0 {
         return Err(TrainError::invalid("training.epochs", "must be at least 1"));
     }
@@ -432,6 +473,16 @@ pub fn train(
             format!("must be a positive number, got {lr}"),
         ));
     }
+    let mu = match objective.proximal_mu {
+        Some(mu) if !(mu.is_finite() && mu >= 0.0) => {
+            return Err(TrainError::invalid(
+                "aggregation.mu",
+                format!("must be a finite number ≥ 0, got {mu}"),
+            ));
+        }
+        Some(mu) if mu > 0.0 => Some(mu),
+        _ => None,
+    };
     let (layout, ordered, classes) = match_weights(spec, weights, data.d)?;
     check_data(data, classes)?;
 
@@ -440,9 +491,21 @@ pub fn train(
         .iter()
         .map(|t| Var::from_slice(&t.data, t.shape.as_slice(), &dev))
         .collect::<candle_core::Result<Vec<_>>>()?;
+    // The starting weights as constants (not Vars: no gradient flows into them).
+    let proximal = match mu {
+        Some(mu) => Some(Proximal {
+            half_mu: mu / 2.0,
+            anchors: ordered
+                .iter()
+                .map(|t| Tensor::from_slice(&t.data, t.shape.as_slice(), &dev))
+                .collect::<candle_core::Result<Vec<_>>>()?,
+        }),
+        None => None,
+    };
     let run = Run {
         layout: &layout,
         vars: &vars,
+        proximal: proximal.as_ref(),
         data,
         epochs: training.epochs,
         batch_size: training.batch_size as usize,
@@ -486,9 +549,27 @@ pub fn train(
     })
 }
 
+/// FedProx's term μ/2·‖w − w₀‖², w₀ in layout order.
+struct Proximal {
+    half_mu: f64,
+    anchors: Vec<Tensor>,
+}
+
+impl Proximal {
+    /// `loss` + μ/2·Σ (w − w₀)² over every parameter.
+    fn add_to(&self, loss: &Tensor, params: &[Tensor]) -> candle_core::Result<Tensor> {
+        let mut squares = Tensor::zeros((), DType::F32, loss.device())?;
+        for (w, w0) in params.iter().zip(&self.anchors) {
+            squares = (squares + (w - w0)?.sqr()?.sum_all()?)?;
+        }
+        loss + squares.affine(self.half_mu, 0.0)?
+    }
+}
+
 struct Run<'a> {
     layout: &'a Layout,
     vars: &'a [Var],
+    proximal: Option<&'a Proximal>,
     data: &'a Dataset,
     epochs: u32,
     batch_size: usize,
@@ -525,7 +606,10 @@ impl Run<'_> {
                     let labels: Vec<u32> = batch.iter().map(|&i| data.labels[i as usize]).collect();
                     correct += count_correct(&logits, &labels)?;
                 }
-                opt.backward_step(&loss)?;
+                match self.proximal {
+                    Some(prox) => opt.backward_step(&prox.add_to(&loss, &params)?)?,
+                    None => opt.backward_step(&loss)?,
+                }
             }
         }
         let n = data.n as f64;

@@ -6,8 +6,8 @@ use std::time::Instant;
 
 use cohort_core::spec::{Arch, ModelSpec, OptimizerSpec, TrainingSpec};
 use cohort_train::{
-    DataFormat, Dataset, NamedTensor, TrainError, evaluate, init_model, load_dataset,
-    partition_dirichlet, split_train_test, train,
+    DataFormat, Dataset, LocalObjective, NamedTensor, TrainError, evaluate, init_model,
+    load_dataset, partition_dirichlet, split_train_test, train, train_with,
 };
 
 fn digits() -> Dataset {
@@ -311,4 +311,110 @@ fn weights_are_checked_against_the_data_shape() {
         err.contains("fc1.weight") && err.contains("[3, 32]"),
         "{err}"
     );
+}
+
+/// Euclidean distance between two models of the same layout.
+fn distance(a: &[NamedTensor], b: &[NamedTensor]) -> f64 {
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| {
+            assert_eq!(x.name, y.name);
+            x.data.iter().zip(&y.data)
+        })
+        .map(|(x, y)| f64::from(x - y).powi(2))
+        .sum::<f64>()
+        .sqrt()
+}
+
+fn prox(mu: f64) -> LocalObjective {
+    LocalObjective {
+        proximal_mu: Some(mu),
+    }
+}
+
+#[test]
+fn the_proximal_term_keeps_local_training_near_the_global_model() {
+    let (tr, _) = split();
+    let small = tr.subset(&(0..300).collect::<Vec<_>>());
+    let adam = OptimizerSpec::Adam {
+        lr: 0.01,
+        beta1: 0.9,
+        beta2: 0.999,
+        weight_decay: 0.0,
+    };
+    for (spec, optimizer) in [
+        (model(Arch::Logreg, &[]), OptimizerSpec::Sgd { lr: 0.1 }),
+        (model(Arch::Logreg, &[]), adam.clone()),
+        (model(Arch::Mlp, &[32]), OptimizerSpec::Sgd { lr: 0.1 }),
+        (model(Arch::Mlp, &[32]), adam.clone()),
+        (model(Arch::Cnn, &[]), OptimizerSpec::Sgd { lr: 0.05 }),
+        (model(Arch::Cnn, &[]), adam.clone()),
+    ] {
+        let t = training(3, 16, optimizer);
+        let w0 = init_model(&spec, 64, 10, 0).unwrap();
+        let plain = train(&spec, &t, &w0, &small, 3).unwrap();
+        // μ = 0 (and no term at all) is plain training, bit for bit.
+        assert_eq!(
+            train_with(&spec, &t, &w0, &small, 3, prox(0.0)).unwrap(),
+            plain
+        );
+        assert_eq!(
+            train_with(&spec, &t, &w0, &small, 3, LocalObjective::default()).unwrap(),
+            plain
+        );
+        let pulled = train_with(&spec, &t, &w0, &small, 3, prox(5.0)).unwrap();
+        let (free, near) = (
+            distance(&plain.weights, &w0),
+            distance(&pulled.weights, &w0),
+        );
+        eprintln!(
+            "{:?} {:?}: ‖w − w0‖ {free:.4} with μ = 0, {near:.4} with μ = 5",
+            spec.arch, t.optimizer
+        );
+        assert!(
+            near < 0.5 * free,
+            "{:?} {:?}: μ = 5 moved {near} from the start, μ = 0 {free}",
+            spec.arch,
+            t.optimizer
+        );
+    }
+}
+
+/// The term's gradient is μ(w − w₀): with full batches and sgd the first step is plain
+/// (w = w₀) and the second differs from plain training's by exactly −lr·μ·(w₁ − w₀).
+#[test]
+fn the_proximal_gradient_is_mu_times_the_distance() {
+    let (tr, _) = split();
+    let small = tr.subset(&(0..200).collect::<Vec<_>>());
+    let spec = model(Arch::Logreg, &[]);
+    let (lr, mu) = (0.1f32, 2.0f32);
+    let w0 = init_model(&spec, 64, 10, 0).unwrap();
+    let full = |epochs| training(epochs, 200, OptimizerSpec::Sgd { lr: f64::from(lr) });
+    let w1 = train(&spec, &full(1), &w0, &small, 3).unwrap().weights;
+    assert_eq!(
+        train_with(&spec, &full(1), &w0, &small, 3, prox(f64::from(mu)))
+            .unwrap()
+            .weights,
+        w1,
+        "no pull on the first step"
+    );
+    let plain = train(&spec, &full(2), &w0, &small, 3).unwrap().weights;
+    let pulled = train_with(&spec, &full(2), &w0, &small, 3, prox(f64::from(mu)))
+        .unwrap()
+        .weights;
+    for (((p, q), a), b) in plain.iter().zip(&pulled).zip(&w1).zip(&w0) {
+        for i in 0..p.data.len() {
+            let expected = p.data[i] - lr * mu * (a.data[i] - b.data[i]);
+            assert!(
+                (q.data[i] - expected).abs() < 1e-5,
+                "{}[{i}]: {} vs {expected}",
+                p.name,
+                q.data[i]
+            );
+        }
+    }
+    for bad in [-1.0, f64::NAN, f64::INFINITY] {
+        let e = train_with(&spec, &full(1), &w0, &small, 3, prox(bad)).unwrap_err();
+        assert!(e.to_string().contains("aggregation.mu"), "{e}");
+    }
 }

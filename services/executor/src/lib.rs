@@ -154,7 +154,14 @@ async fn run_task_steps(channels: &mut Channels, exec: pb::ExecutorTask) -> anyh
             let dataset = load(&data, false)?;
             let outcome = cohort_telemetry::trace_span!("train")
                 .in_scope(|| {
-                    cohort_train::train(&spec.model, &spec.training, &global, &dataset, task.seed)
+                    cohort_train::train_with(
+                        &spec.model,
+                        &spec.training,
+                        &global,
+                        &dataset,
+                        task.seed,
+                        cohort_train::LocalObjective::of(&spec.aggregation),
+                    )
                 })
                 .context("training failed")?;
             let delta = difference(&outcome.weights, &global)?;
