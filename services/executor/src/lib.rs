@@ -152,6 +152,7 @@ async fn run_task_steps(channels: &mut Channels, exec: pb::ExecutorTask) -> anyh
     match kind {
         pb::TaskKind::Train => {
             let dataset = load(&data, false)?;
+            let objective = cohort_train::LocalObjective::of(&spec.aggregation);
             let outcome = cohort_telemetry::trace_span!("train")
                 .in_scope(|| {
                     cohort_train::train_with(
@@ -160,13 +161,14 @@ async fn run_task_steps(channels: &mut Channels, exec: pb::ExecutorTask) -> anyh
                         &global,
                         &dataset,
                         task.seed,
-                        cohort_train::LocalObjective::of(&spec.aggregation),
+                        objective,
                     )
                 })
                 .context("training failed")?;
             let delta = difference(&outcome.weights, &global)?;
             tracing::info!(
                 task = %task.task_id, samples = outcome.samples, loss = outcome.loss,
+                proximal_mu = ?objective.proximal_mu,
                 accuracy = outcome.accuracy, seconds = started.elapsed().as_secs_f64(), "trained"
             );
             client
