@@ -407,12 +407,18 @@ pub struct AggregationSpec {
     /// authors tune μ over {0.001, 0.01, 0.1, 1}). 0 trains exactly as fedavg.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mu: Option<f64>,
-    /// trimmed_mean: the fraction trimmed at each end.
+    /// trimmed_mean: the fraction of values cut at each end of every coordinate, in
+    /// [0, 0.5) (default 0.1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub beta: Option<f64>,
-    /// krum: how many Byzantine parties to tolerate.
+    /// krum: how many Byzantine parties to tolerate (default 1); every round needs at
+    /// least 2f + 3 updates, so `clients.min` must be that large.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub f: Option<u32>,
+    /// krum: how many of the best-scored updates are averaged (default 1: Krum; more:
+    /// multi-Krum), at most `clients.min` − f.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub m: Option<u32>,
     /// fedadam, fedyogi, fedadagrad: the server's learning rate η (default 0.1; 0.3 for
     /// fedadagrad, whose steps shrink as its second moment only grows).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -844,6 +850,7 @@ impl JobSpec {
             ));
         }
         self.aggregation.validate()?;
+        self.aggregation.validate_with(&self.clients)?;
         if self.privacy.secure_aggregation {
             return Err(SpecError::new(
                 "privacy.secure_aggregation",
@@ -916,6 +923,56 @@ impl AggregationSpec {
     /// The largest μ accepted: beyond it the proximal pull dominates any loss and, with
     /// sgd at lr·μ > 2, the local steps oscillate around the global model.
     pub const MAX_MU: f64 = 10.0;
+    pub const DEFAULT_TRIM: f64 = 0.1;
+    pub const DEFAULT_KRUM_F: u32 = 1;
+    pub const DEFAULT_KRUM_M: u32 = 1;
+
+    /// Whether the strategy combines a round's updates all at once (median, trimmed mean,
+    /// Krum) rather than folding them as they come.
+    pub fn is_robust(&self) -> bool {
+        matches!(
+            self.strategy,
+            Strategy::Median | Strategy::TrimmedMean | Strategy::Krum
+        )
+    }
+
+    /// Krum's f and m with their defaults.
+    pub fn krum(&self) -> (u32, u32) {
+        (
+            self.f.unwrap_or(Self::DEFAULT_KRUM_F),
+            self.m.unwrap_or(Self::DEFAULT_KRUM_M),
+        )
+    }
+
+    /// Checks what depends on the round's size: Krum needs 2f + 3 updates in every round
+    /// that completes, and m of them left once f are discounted.
+    fn validate_with(&self, clients: &ClientsSpec) -> Result<(), SpecError> {
+        if self.strategy != Strategy::Krum {
+            return Ok(());
+        }
+        let (f, m) = self.krum();
+        let least = 2 * u64::from(f) + 3;
+        if u64::from(clients.min) < least {
+            return Err(SpecError::new(
+                "aggregation.f",
+                format!(
+                    "krum with f = {f} needs at least 2f + 3 = {least} updates a round, \
+                     but clients.min is {}",
+                    clients.min
+                ),
+            ));
+        }
+        if m == 0 || m > clients.min - f {
+            return Err(SpecError::new(
+                "aggregation.m",
+                format!(
+                    "must be between 1 and clients.min − f = {}, got {m}",
+                    clients.min - f
+                ),
+            ));
+        }
+        Ok(())
+    }
 
     /// The weight μ of the proximal term each party adds to its local loss: the spec's or
     /// the default for fedprox; None for every other strategy.
@@ -951,6 +1008,9 @@ impl AggregationSpec {
             Strategy::Fedadam,
             Strategy::Fedyogi,
             Strategy::Fedadagrad,
+            Strategy::Median,
+            Strategy::TrimmedMean,
+            Strategy::Krum,
         ];
         if !SUPPORTED.contains(&self.strategy) {
             return Err(SpecError::new(
@@ -972,6 +1032,7 @@ impl AggregationSpec {
             ("mu", self.mu.is_some(), &[Fedprox][..]),
             ("beta", self.beta.is_some(), &[TrimmedMean][..]),
             ("f", self.f.is_some(), &[Krum][..]),
+            ("m", self.m.is_some(), &[Krum][..]),
             ("server_lr", self.server_lr.is_some(), adaptive),
             ("beta1", self.beta1.is_some(), adaptive),
             ("beta2", self.beta2.is_some(), &[Fedadam, Fedyogi][..]),
@@ -1022,6 +1083,20 @@ impl AggregationSpec {
             |v| (0.0..=AggregationSpec::MAX_MU).contains(&v),
             "in [0, 10]",
         )?;
+        in_range(
+            "beta",
+            self.beta,
+            |v| (0.0..0.5).contains(&v),
+            "in [0, 0.5)",
+        )?;
+        if let Some(f) = self.f
+            && f > 1000
+        {
+            return Err(SpecError::new(
+                "aggregation.f",
+                format!("must be at most 1000, got {f}"),
+            ));
+        }
         if let Some(s) = self.max_weight_share
             && !(s.is_finite() && s > 0.0 && s <= 1.0)
         {
@@ -1281,6 +1356,17 @@ clients: {per_round: 3, min: 2, round_timeout: 30s}
         assert_eq!(spec.aggregation.max_weight_share, Some(0.5));
         assert_eq!(spec.aggregation.norm_action, NormAction::Refuse);
         assert_eq!(spec.aggregation.server_optimizer(), None);
+        let five = |agg: &str| {
+            with(agg).replace(
+                "clients: {per_round: 3, min: 2, round_timeout: 30s}",
+                "clients: {per_round: 5, min: 5, round_timeout: 30s}",
+            )
+        };
+        let krum = JobSpec::parse(&five("{strategy: krum, m: 4}")).expect("multi-krum");
+        assert_eq!(krum.aggregation.krum(), (1, 4));
+        assert!(krum.aggregation.is_robust());
+        assert_eq!(err_field(&five("{strategy: krum, m: 5}")), "aggregation.m");
+        assert_eq!(err_field(&five("{strategy: krum, f: 2}")), "aggregation.f");
         let adam = JobSpec::parse(&with("{strategy: fedadam, server_lr: 0.05, tau: 0.01}"))
             .expect("valid");
         assert_eq!(
@@ -1341,7 +1427,7 @@ clients: {per_round: 3, min: 2, round_timeout: 30s}
             ("{strategy: fedyogi, beta1: 1}", "aggregation.beta1"),
             ("{strategy: fedadam, beta2: -0.1}", "aggregation.beta2"),
             ("{strategy: fedadam, tau: .nan}", "aggregation.tau"),
-            ("{strategy: krum, f: 1}", "aggregation.strategy"),
+            ("{strategy: krum, f: 1}", "aggregation.f"),
             ("{strategy: fedavg, bogus: 1}", "aggregation.bogus"),
         ] {
             assert_eq!(err_field(&with(agg)), field, "{agg}");

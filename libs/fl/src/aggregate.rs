@@ -15,6 +15,7 @@ use cohort_core::spec::NormAction;
 use cohort_proto::v1::TensorChunk;
 
 use crate::FlError;
+use crate::robust::RobustRule;
 use crate::wire::Layout;
 
 /// What a round's aggregate accepts, from the job's `aggregation` settings.
@@ -24,6 +25,8 @@ pub struct AggregationRules {
     pub max_weight_share: Option<f64>,
     /// Largest L2 norm of an update, and what happens above it.
     pub max_update_norm: Option<(f64, NormAction)>,
+    /// Combine the round's updates all at once with this rule instead of averaging them.
+    pub robust: Option<RobustRule>,
 }
 
 /// Checks updates against one round's global model. Immutable, so uploads can check in
@@ -81,6 +84,16 @@ pub struct CheckedUpdate {
     pub norm: f64,
     /// Set when it was scaled down to the norm bound.
     pub clipped: bool,
+}
+
+impl CheckedUpdate {
+    pub(crate) fn values(&self) -> &dyn UpdateValues {
+        &*self.values
+    }
+
+    pub(crate) fn scale(&self) -> f64 {
+        self.scale
+    }
 }
 
 impl std::fmt::Debug for CheckedUpdate {
@@ -444,6 +457,8 @@ pub struct FedAvg {
     /// Set when an update could not be read back halfway through its fold: the sum is
     /// no longer an average of whole updates.
     broken: Option<String>,
+    /// A rule that needs every update at once: all are held, and combined at the end.
+    robust: Option<RobustRule>,
 }
 
 impl FedAvg {
@@ -455,7 +470,8 @@ impl FedAvg {
         } else {
             Accumulator::Mean(zeros_like(&check.global))
         };
-        Self {
+        let robust = rules.robust;
+        let aggregate = Self {
             acc,
             check,
             folded_weight: 0.0,
@@ -463,7 +479,28 @@ impl FedAvg {
             held: Vec::new(),
             fold_threads: 1,
             broken: None,
+            robust: None,
+        };
+        match robust {
+            Some(rule) => aggregate.with_robust(rule),
+            None => aggregate,
         }
+    }
+
+    /// Combines the round's updates with `rule` instead of averaging them: every update is
+    /// held (where its caller keeps it: the coordinator's are staged on disk) until
+    /// [`FedAvg::finish`]; no accumulator is kept. Before any update is added.
+    pub fn with_robust(mut self, rule: RobustRule) -> Self {
+        if self.updates() == 0 {
+            self.robust = Some(rule);
+            self.acc = Accumulator::Mean(Vec::new());
+        }
+        self
+    }
+
+    /// The robust rule this aggregate combines with, if any.
+    pub fn robust_rule(&self) -> Option<RobustRule> {
+        self.robust
     }
 
     /// Splits the fold of each large tensor over `threads` (at least 1). The result is the
@@ -524,6 +561,11 @@ impl FedAvg {
             return Err(FlError::ZeroWeight(*weight));
         }
         let weighted = updates.into_iter().map(|(u, w)| (u, w as f64));
+        if self.robust.is_some() {
+            self.held
+                .extend(weighted.map(|(update, weight)| Held { weight, update }));
+            return Ok(());
+        }
         let Some(share) = self.check.rules.max_weight_share else {
             return self.fold_batch(weighted.collect());
         };
@@ -598,6 +640,10 @@ impl FedAvg {
         }
         if let Some(why) = &self.broken {
             return Err(FlError::Broken(why.clone()));
+        }
+        if let Some(rule) = self.robust {
+            let updates: Vec<CheckedUpdate> = self.held.drain(..).map(|h| h.update).collect();
+            return crate::robust::combine(&self.check.global, &updates, rule);
         }
         let held = std::mem::take(&mut self.held);
         if !held.is_empty() {
@@ -924,6 +970,7 @@ mod tests {
         let rules = AggregationRules {
             max_weight_share: None,
             max_update_norm: Some((0.5, NormAction::Clip)),
+            robust: None,
         };
         let mut whole = FedAvg::new(Arc::new(global.clone()), rules);
         whole.fold(&delta, 3).unwrap();
@@ -949,6 +996,7 @@ mod tests {
             AggregationRules {
                 max_weight_share: None,
                 max_update_norm: Some((100.0, NormAction::Refuse)),
+                robust: None,
             },
         ));
         let good = || -> Vec<TensorChunk> {
@@ -990,6 +1038,7 @@ mod tests {
         let rules = AggregationRules {
             max_weight_share: Some(0.4),
             max_update_norm: Some((3.0, NormAction::Clip)),
+            robust: None,
         };
         let mut sum = FedAvg::new(Arc::new(global.clone()), rules);
         let mut mean = FedAvg::new(Arc::new(global), rules).with_f32_mean();
@@ -1069,6 +1118,7 @@ mod tests {
         let rules = AggregationRules {
             max_weight_share: None,
             max_update_norm: Some((50.0, NormAction::Clip)),
+            robust: None,
         };
         for f32_mean in [false, true] {
             let fresh = |threads: usize| {

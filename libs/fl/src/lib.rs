@@ -7,6 +7,7 @@
 //! depend on candle, storage or networking crates.
 
 pub mod aggregate;
+pub mod robust;
 pub mod server_opt;
 pub mod synthetic;
 pub mod wire;
@@ -15,6 +16,7 @@ pub use aggregate::{
     AggregationRules, CheckedUpdate, FedAvg, UpdateCheck, UpdateStream, UpdateValues,
     capped_weights, lower_median,
 };
+pub use robust::RobustRule;
 pub use server_opt::AdaptiveServer;
 pub use synthetic::SyntheticModel;
 pub use wire::{

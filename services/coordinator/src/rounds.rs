@@ -6,8 +6,11 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use cohort_core::spec::{AggregationSpec, Strategy};
 use cohort_core::{JobId, JobSpec, NamedTensor, Role, TaskKind, spec::parse_model_ref};
-use cohort_fl::{AdaptiveServer, AggregationRules, capped_weights, from_safetensors, lower_median};
+use cohort_fl::{
+    AdaptiveServer, AggregationRules, RobustRule, capped_weights, from_safetensors, lower_median,
+};
 use cohort_proto::v1 as pb;
 use cohort_runtime::retry_unavailable;
 
@@ -122,9 +125,21 @@ impl JobRun {
 
     fn rules(&self) -> AggregationRules {
         let a = &self.spec.aggregation;
+        let robust = match a.strategy {
+            Strategy::Median => Some(RobustRule::Median),
+            Strategy::TrimmedMean => Some(RobustRule::TrimmedMean {
+                beta: a.beta.unwrap_or(AggregationSpec::DEFAULT_TRIM),
+            }),
+            Strategy::Krum => {
+                let (f, m) = a.krum();
+                Some(RobustRule::Krum { f, m })
+            }
+            _ => None,
+        };
         AggregationRules {
             max_weight_share: a.max_weight_share,
             max_update_norm: a.max_update_norm.map(|n| (n, a.norm_action)),
+            robust,
         }
     }
 
