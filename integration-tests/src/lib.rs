@@ -107,6 +107,34 @@ impl Federation {
         party_data: PartyData,
         party_env: Vec<(String, String)>,
     ) -> anyhow::Result<Federation> {
+        Federation::start_full(parties, storage, party_data, party_env, Vec::new()).await
+    }
+
+    /// Digits parties, one of which (`party`) runs its task-manager with
+    /// `--adversary MODE`: it corrupts every update it sends.
+    pub async fn with_adversary(
+        parties: u32,
+        party: &str,
+        mode: &str,
+    ) -> anyhow::Result<Federation> {
+        let digits = PartyData::Digits {
+            alpha: 0.5,
+            seed: 42,
+        };
+        let overrides = vec![(
+            party.to_string(),
+            vec![("COHORT_ADVERSARY".to_string(), mode.to_string())],
+        )];
+        Federation::start_full(parties, Storage::default(), digits, Vec::new(), overrides).await
+    }
+
+    async fn start_full(
+        parties: u32,
+        storage: Storage,
+        party_data: PartyData,
+        party_env: Vec<(String, String)>,
+        party_overrides: Vec<(String, Vec<(String, String)>)>,
+    ) -> anyhow::Result<Federation> {
         let dir = tempfile::Builder::new().prefix("cohort-it-").tempdir()?;
         let stack = Stack::start(&StackConfig {
             bin_dir: Some(bin_dir()),
@@ -119,6 +147,7 @@ impl Federation {
             service_env: storage.env,
             party_data,
             party_env,
+            party_overrides,
             // Every test federation serves metrics: the endpoints are exercised by all.
             metrics: true,
         })

@@ -7,6 +7,7 @@
 //! depend on candle, storage or networking crates.
 
 pub mod aggregate;
+pub mod corrupt;
 pub mod robust;
 pub mod server_opt;
 pub mod synthetic;
@@ -16,6 +17,7 @@ pub use aggregate::{
     AggregationRules, CheckedUpdate, FedAvg, UpdateCheck, UpdateStream, UpdateValues,
     capped_weights, lower_median,
 };
+pub use corrupt::Corruption;
 pub use robust::RobustRule;
 pub use server_opt::AdaptiveServer;
 pub use synthetic::SyntheticModel;

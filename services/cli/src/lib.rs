@@ -1128,6 +1128,7 @@ async fn up(a: UpArgs, json: bool) -> anyhow::Result<i32> {
             seed: 42,
         },
         party_env: Vec::new(),
+        party_overrides: Vec::new(),
         metrics: true,
     })
     .await?;
@@ -1222,6 +1223,7 @@ async fn demo(a: DemoArgs, json: bool) -> anyhow::Result<i32> {
             seed: a.seed,
         },
         party_env: Vec::new(),
+        party_overrides: Vec::new(),
         metrics: false,
     })
     .await?;

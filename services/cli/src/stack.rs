@@ -36,6 +36,9 @@ pub struct StackConfig {
     pub party_data: PartyData,
     /// More environment for the task-managers (e.g. `COHORT_EXECUTOR_IDLE_SECS`).
     pub party_env: Vec<(String, String)>,
+    /// More environment for one party's task-manager only, by party name (`party-3`),
+    /// after `party_env` (e.g. `COHORT_ADVERSARY` for a robustness check).
+    pub party_overrides: Vec<(String, Vec<(String, String)>)>,
     /// Every process serves Prometheus metrics on a loopback port and publishes it as a
     /// file-based discovery target in `<data dir>/run/metrics` (coordinators too).
     pub metrics: bool,
@@ -366,6 +369,11 @@ impl Stack {
                         env.push(("COHORT_MIN_COHORT".to_string(), "1".to_string()));
                     }
                     env.extend(cfg.party_env.iter().cloned());
+                    for (name, extra) in &cfg.party_overrides {
+                        if *name == p.name {
+                            env.extend(extra.iter().cloned());
+                        }
+                    }
                     env
                 },
             )

@@ -42,6 +42,10 @@ pub struct Args {
     pub idle_exit_secs: u64,
     #[arg(long, env = "COHORT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// For robustness checks only: corrupt every trained update before sending it
+    /// (`sign-flip`, `scale=K`, `noise=S`). Given by task-manager's `--adversary`.
+    #[arg(long, value_parser = cohort_fl::Corruption::parse)]
+    pub adversary: Option<cohort_fl::Corruption>,
     /// The party's certificate, key and the federation CA (from task-manager).
     #[command(flatten)]
     pub tls: cohort_runtime::TlsArgs,
@@ -55,7 +59,11 @@ impl Args {
         let mut channels = Channels {
             tls: self.tls.load().context("TLS")?,
             open: None,
+            adversary: self.adversary,
         };
+        if let Some(mode) = self.adversary {
+            tracing::warn!(%mode, "ADVERSARY MODE: this executor corrupts every update it sends");
+        }
         let Some(file) = &self.task_file else {
             return serve(&mut channels, Duration::from_secs(self.idle_exit_secs)).await;
         };
@@ -100,6 +108,8 @@ async fn serve(channels: &mut Channels, idle: Duration) -> anyhow::Result<()> {
 struct Channels {
     tls: Option<cohort_runtime::Tls>,
     open: Option<(String, cohort_runtime::Channel)>,
+    /// Robustness checks: how this party corrupts its updates.
+    adversary: Option<cohort_fl::Corruption>,
 }
 
 impl Channels {
@@ -165,7 +175,11 @@ async fn run_task_steps(channels: &mut Channels, exec: pb::ExecutorTask) -> anyh
                     )
                 })
                 .context("training failed")?;
-            let delta = difference(&outcome.weights, &global)?;
+            let mut delta = difference(&outcome.weights, &global)?;
+            if let Some(mode) = channels.adversary {
+                mode.apply(&mut delta, task.seed);
+                tracing::warn!(task = %task.task_id, %mode, "ADVERSARY MODE: the update sent is corrupted");
+            }
             tracing::info!(
                 task = %task.task_id, samples = outcome.samples, loss = outcome.loss,
                 proximal_mu = ?objective.proximal_mu,

@@ -101,6 +101,11 @@ pub struct Args {
     /// is published as the global model.
     #[arg(long, env = "COHORT_MIN_COHORT", value_name = "K", default_value_t = 2)]
     pub min_cohort: u32,
+    /// For checking robust strategies only: this party corrupts every update it sends
+    /// (`sign-flip`, `scale=K` or `noise=S`). Off by default; logged loudly. Local
+    /// executors only.
+    #[arg(long, env = "COHORT_ADVERSARY", value_name = "MODE", value_parser = cohort_fl::Corruption::parse)]
+    pub adversary: Option<cohort_fl::Corruption>,
     /// Local address for health checks (liveness probes); party traffic only dials out.
     #[command(flatten)]
     pub service: cohort_runtime::ServiceArgs,
@@ -124,6 +129,8 @@ pub enum ExecutorLauncher {
 /// Executors as child processes.
 struct ProcessExecutors {
     bin: PathBuf,
+    /// Robustness checks: how executors corrupt their updates (`--adversary`).
+    adversary: Option<cohort_fl::Corruption>,
     /// The TLS options again, for executors.
     tls_args: Vec<String>,
     log_format: LogFormat,
@@ -139,6 +146,9 @@ impl ProcessExecutors {
         // trace settings with this daemon's environment).
         cmd.env_remove("OTEL_SERVICE_NAME");
         cmd.args(&self.tls_args);
+        if let Some(mode) = self.adversary {
+            cmd.arg("--adversary").arg(mode.to_string());
+        }
         if self.log_format == LogFormat::Json {
             cmd.arg("--log-format").arg("json");
         }
@@ -565,14 +575,21 @@ impl Args {
                         warm::logs_dir(&self.workspace),
                     )
                 });
+                if let Some(mode) = self.adversary {
+                    tracing::warn!(%mode, "ADVERSARY MODE: every update this party sends is corrupted (--adversary); for checking robust strategies only");
+                }
                 Ok(Executors::Processes(Arc::new(ProcessExecutors {
                     bin,
+                    adversary: self.adversary,
                     tls_args: self.tls.to_args(),
                     log_format: self.service.log_format,
                     warm,
                 })))
             }
             ExecutorLauncher::Kubernetes => {
+                if self.adversary.is_some() {
+                    anyhow::bail!("--adversary: only with --executor-launcher local");
+                }
                 let Some(path) = &self.executor_pod_config else {
                     anyhow::bail!(
                         "--executor-pod-config: required with --executor-launcher kubernetes"

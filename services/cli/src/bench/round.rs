@@ -53,6 +53,7 @@ pub async fn run(args: &RoundArgs, json: bool) -> anyhow::Result<i32> {
         )],
         party_data: PartyData::Synthetic,
         party_env: Vec::new(),
+        party_overrides: Vec::new(),
         metrics: args.metrics,
     })
     .await?;
