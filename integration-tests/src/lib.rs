@@ -252,6 +252,30 @@ impl Federation {
 impl Federation {
     /// Accuracy of the job's last model on the held-out digits samples no party trains
     /// on, measured here: what a forged evaluation cannot move.
+    /// Creates the job `spec`, waits (at most 4 minutes) for its end, asserts it SUCCEEDED
+    /// (`what` names it in the failure) and returns it with its held-out accuracy.
+    pub async fn run_to_success(&self, what: &str, spec: &str) -> (pb::Job, f64) {
+        let created = self
+            .create_job(spec)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: create: {e}"));
+        let done = self
+            .wait_end(&created.id, Duration::from_secs(240))
+            .await
+            .unwrap_or_else(|e| panic!("{what}: the job does not end: {e}"));
+        assert_eq!(
+            state_of(&done),
+            JobState::Succeeded,
+            "{what}: {}",
+            done.reason
+        );
+        let accuracy = self
+            .heldout_accuracy(&done)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: held-out accuracy: {e}"));
+        (done, accuracy)
+    }
+
     pub async fn heldout_accuracy(&self, job: &pb::Job) -> anyhow::Result<f64> {
         let spec = cohort_core::JobSpec::from_json(&job.spec_json)?;
         // Version 0: the latest.

@@ -7,9 +7,8 @@
 
 use std::time::Duration;
 
-use cohort_core::JobState;
 use cohort_integration_tests::adversary::{Adversary, Behaviour, UpdateKind};
-use cohort_integration_tests::{Federation, state_of, wait_clients};
+use cohort_integration_tests::{Federation, wait_clients};
 
 const ROUNDS: u32 = 12;
 
@@ -58,27 +57,14 @@ async fn robust_rules_keep_a_noisy_party_out_of_the_model() {
         "krum, f: 1",
         "krum, f: 1, m: 3",
     ] {
-        let job = fed.create_job(&spec(strategy)).await.expect("create");
-        let done = fed
-            .wait_end(&job.id, Duration::from_secs(240))
-            .await
-            .expect("the job ends");
-        assert_eq!(
-            state_of(&done),
-            JobState::Succeeded,
-            "{strategy}: {}",
-            done.reason
-        );
+        let (done, reached) = fed.run_to_success(strategy, &spec(strategy)).await;
         // Every round took the adversary's update too.
         assert!(
             done.rounds.iter().all(|r| r.updates == 5),
             "{strategy}: {:?}",
             done.rounds.iter().map(|r| r.updates).collect::<Vec<_>>()
         );
-        accuracy.push((
-            strategy,
-            fed.heldout_accuracy(&done).await.expect("accuracy"),
-        ));
+        accuracy.push((strategy, reached));
     }
     eprintln!("held-out accuracy with one noisy party of five: {accuracy:?}");
     let fedavg = accuracy[0].1;
@@ -107,21 +93,7 @@ async fn robust_rules_train_digits_to_085_without_an_adversary() {
             .replace("rounds: 12", "rounds: 15")
             .replace("epochs: 1", "epochs: 2")
             .replace("per_round: 5, min: 5", "per_round: 3, min: 3");
-        let job = fed.create_job(&spec).await.expect("create");
-        let done = fed
-            .wait_end(&job.id, Duration::from_secs(240))
-            .await
-            .expect("the job ends");
-        assert_eq!(
-            state_of(&done),
-            JobState::Succeeded,
-            "{strategy}: {}",
-            done.reason
-        );
-        accuracy.push((
-            strategy,
-            fed.heldout_accuracy(&done).await.expect("accuracy"),
-        ));
+        accuracy.push((strategy, fed.run_to_success(strategy, &spec).await.1));
     }
     eprintln!("held-out accuracy after 15 rounds: {accuracy:?}");
     for (strategy, a) in &accuracy {
@@ -163,21 +135,7 @@ async fn robust_rules_withstand_a_party_started_as_adversary() {
         let spec = spec(strategy)
             .replace("rounds: 12", "rounds: 15")
             .replace("epochs: 1", "epochs: 2");
-        let job = fed.create_job(&spec).await.expect("create");
-        let done = fed
-            .wait_end(&job.id, Duration::from_secs(240))
-            .await
-            .expect("the job ends");
-        assert_eq!(
-            state_of(&done),
-            JobState::Succeeded,
-            "{strategy}: {}",
-            done.reason
-        );
-        accuracy.push((
-            strategy,
-            fed.heldout_accuracy(&done).await.expect("accuracy"),
-        ));
+        accuracy.push((strategy, fed.run_to_success(strategy, &spec).await.1));
     }
     eprintln!("held-out accuracy with party-5 at scale=-4: {accuracy:?}");
     // Measured at 15 rounds: FedAvg 0.18, median 0.55, trimmed mean 0.73, multi-Krum 0.85.

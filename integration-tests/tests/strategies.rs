@@ -28,22 +28,8 @@ async fn server_optimisers_train_digits_to_085() {
     let fed = Federation::start(3).await.expect("federation");
     let mut reached = Vec::new();
     for strategy in ["fedadam", "fedyogi", "fedadagrad"] {
-        let created = fed
-            .create_job(&job(strategy, ROUNDS))
-            .await
-            .expect("create");
-        let done = fed
-            .wait_end(&created.id, Duration::from_secs(240))
-            .await
-            .expect("the job ends");
-        assert_eq!(
-            state_of(&done),
-            JobState::Succeeded,
-            "{strategy}: {}",
-            done.reason
-        );
+        let (done, accuracy) = fed.run_to_success(strategy, &job(strategy, ROUNDS)).await;
         assert_eq!(done.rounds_completed, ROUNDS, "{strategy}");
-        let accuracy = fed.heldout_accuracy(&done).await.expect("accuracy");
         reached.push((strategy, accuracy));
     }
     eprintln!("held-out accuracy after {ROUNDS} rounds: {reached:?}");
@@ -60,17 +46,8 @@ async fn server_optimisers_train_digits_to_085() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fedprox_trains_digits_to_085() {
     let fed = Federation::start(3).await.expect("federation");
-    let created = fed
-        .create_job(&job("fedprox", ROUNDS))
-        .await
-        .expect("create");
-    let done = fed
-        .wait_end(&created.id, Duration::from_secs(240))
-        .await
-        .expect("the job ends");
-    assert_eq!(state_of(&done), JobState::Succeeded, "{}", done.reason);
+    let (done, accuracy) = fed.run_to_success("fedprox", &job("fedprox", ROUNDS)).await;
     assert_eq!(done.rounds_completed, ROUNDS);
-    let accuracy = fed.heldout_accuracy(&done).await.expect("accuracy");
     eprintln!("fedprox held-out accuracy after {ROUNDS} rounds: {accuracy:.3}");
     // Every party's every training task carried the term.
     let trained: Vec<String> = log_files_under(fed.dir.path())
