@@ -150,3 +150,23 @@ async fn a_relaunched_coordinator_resumes_with_the_checkpointed_server_state() {
     let last = versions.last().expect("a last state");
     assert_ne!(&last.digest, digest);
 }
+
+/// `clients.selection: data`: parties are drawn with chances proportional to their samples;
+/// a job of 2 of 3 parties a round runs to SUCCEEDED and every round has its 2 updates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_selection_runs_a_job() {
+    let fed = Federation::start(3).await.expect("federation");
+    let spec = digits_job("by-data", 6, 2, 2, "60s").replace(
+        "clients: {per_round: 2, min: 2, round_timeout: 60s}",
+        "clients: {per_round: 2, min: 2, selection: data, round_timeout: 60s}",
+    );
+    assert!(spec.contains("selection: data"), "{spec}");
+    let (done, accuracy) = fed.run_to_success("selection: data", &spec).await;
+    assert_eq!(done.rounds_completed, 6);
+    assert!(
+        done.rounds.iter().all(|r| r.updates == 2),
+        "{:?}",
+        done.rounds
+    );
+    eprintln!("selection data: held-out accuracy {accuracy:.3}");
+}

@@ -833,11 +833,11 @@ impl JobSpec {
                 ),
             ));
         }
-        if c.selection != Selection::Random {
+        if !matches!(c.selection, Selection::Random | Selection::Data) {
             return Err(SpecError::new(
                 "clients.selection",
                 format!(
-                    "{:?} is not supported yet; use \"random\"",
+                    "{:?} is not supported yet; use \"random\" or \"data\"",
                     c.selection.as_str()
                 ),
             ));

@@ -382,6 +382,54 @@ pub struct Candidate {
     pub samples: u64,
 }
 
+/// How the parties offered a round's tasks are picked among those that fit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pick {
+    /// Uniformly at random.
+    Random,
+    /// At random, a party's chance proportional to its samples of the job's dataset
+    /// (weighted sampling without replacement: the `count` largest keys u^(1/samples)).
+    Data,
+}
+
+impl Pick {
+    /// From the wire's `selection` ("" is random); None for one not supported.
+    pub fn parse(selection: &str) -> Option<Pick> {
+        match selection {
+            "" | "random" => Some(Pick::Random),
+            "data" => Some(Pick::Data),
+            _ => None,
+        }
+    }
+
+    /// Keeps `count` of `candidates`, in the order they are picked.
+    pub fn choose<R: rand::Rng>(
+        self,
+        mut candidates: Vec<Candidate>,
+        count: usize,
+        rng: &mut R,
+    ) -> Vec<Candidate> {
+        use rand::seq::SliceRandom as _;
+        match self {
+            Pick::Random => candidates.shuffle(rng),
+            Pick::Data => {
+                let mut keyed: Vec<(f64, Candidate)> = candidates
+                    .into_iter()
+                    .map(|c| {
+                        let u: f64 = rng.random_range(f64::MIN_POSITIVE..1.0);
+                        // ln(u)/w orders as u^(1/w) does, without underflow.
+                        (u.ln() / c.samples.max(1) as f64, c)
+                    })
+                    .collect();
+                keyed.sort_by(|a, b| b.0.total_cmp(&a.0));
+                candidates = keyed.into_iter().map(|(_, c)| c).collect();
+            }
+        }
+        candidates.truncate(count);
+        candidates
+    }
+}
+
 struct State {
     sessions: HashMap<PartyId, Session>,
     offers: HashMap<String, PendingOffer>,
@@ -800,6 +848,54 @@ mod tests {
 
     fn party(name: &str) -> PartyId {
         PartyId::parse(name).unwrap()
+    }
+
+    fn candidates(samples: &[u64]) -> Vec<Candidate> {
+        let (tx, _rx) = mpsc::channel(1);
+        samples
+            .iter()
+            .enumerate()
+            .map(|(i, s)| Candidate {
+                party: party(&format!("p{i}")),
+                tx: tx.clone(),
+                samples: *s,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn data_selection_favours_parties_by_their_samples() {
+        use rand::SeedableRng as _;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let draws = 4000;
+        let mut first = [0u32; 3];
+        for _ in 0..draws {
+            let picked = Pick::Data.choose(candidates(&[100, 300, 600]), 1, &mut rng);
+            let i: usize = picked[0].party.as_str()[1..].parse().unwrap();
+            first[i] += 1;
+        }
+        // One draw: chances 0.1, 0.3 and 0.6.
+        for (i, want) in [0.1, 0.3, 0.6].into_iter().enumerate() {
+            let got = f64::from(first[i]) / f64::from(draws);
+            assert!(
+                (got - want).abs() < 0.03,
+                "party {i}: {got} vs {want} ({first:?})"
+            );
+        }
+        // Several: distinct parties, as many as asked, never more than there are.
+        let two = Pick::Data.choose(candidates(&[1, 1, 1_000_000]), 2, &mut rng);
+        assert_eq!(two.len(), 2);
+        assert_ne!(two[0].party, two[1].party);
+        assert_eq!(Pick::Data.choose(candidates(&[5, 0]), 9, &mut rng).len(), 2);
+        assert_eq!(
+            Pick::Random
+                .choose(candidates(&[5, 5, 5]), 2, &mut rng)
+                .len(),
+            2
+        );
+        assert_eq!(Pick::parse("data"), Some(Pick::Data));
+        assert_eq!(Pick::parse(""), Some(Pick::Random));
+        assert_eq!(Pick::parse("reliability"), None);
     }
 
     #[test]

@@ -17,12 +17,11 @@ use cohort_runtime::audit::{self, Actor, AuditClient};
 use cohort_runtime::{ToStatus, calling_party, calling_principal, now_ms};
 use cohort_store::clients::{DatasetEntry, ResourcesEntry};
 use futures::{Stream, StreamExt};
-use rand::seq::SliceRandom;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::registry::{
-    MAX_DATASET_NAME, MAX_LISTED_TASKS, MAX_TASK_ID_BYTES, RegistrationLimits, Registry,
+    MAX_DATASET_NAME, MAX_LISTED_TASKS, MAX_TASK_ID_BYTES, Pick, RegistrationLimits, Registry,
     is_dataset_name, majority_shape,
 };
 
@@ -409,20 +408,21 @@ impl pb::client_selector_server::ClientSelector for SelectorApi {
                 "task_tokens: one token of at least 32 characters per party offered is required",
             ));
         }
-        if r.selection != "random" && !r.selection.is_empty() {
+        let Some(pick) = Pick::parse(&r.selection) else {
             return Err(Status::invalid_argument(format!(
                 "selection: {:?} is not supported yet",
                 r.selection
             )));
-        }
+        };
         let timeout = Duration::from_millis(u64::from(r.reply_timeout_ms.clamp(100, 60_000)));
         // A party whose data does not have the job's shape is never offered
         // its tasks.
-        let mut candidates = self
-            .registry
-            .candidates(&r.dataset, &r.exclude, r.features, r.classes);
-        candidates.shuffle(&mut rand::rng());
-        candidates.truncate(r.count as usize);
+        let candidates = pick.choose(
+            self.registry
+                .candidates(&r.dataset, &r.exclude, r.features, r.classes),
+            r.count as usize,
+            &mut rand::rng(),
+        );
         let mut task = template;
         task.job_id = r.job_id.clone();
         task.round = r.round;
