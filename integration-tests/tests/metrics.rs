@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cohort_core::JobState;
-use cohort_integration_tests::{Federation, state_of, wait_clients};
+use cohort_integration_tests::{Federation, http_get, state_of, wait_clients};
 
 const ROUNDS: u32 = 200;
 
@@ -43,25 +43,9 @@ fn targets(dir: &Path) -> BTreeMap<String, String> {
 }
 
 async fn scrape(addr: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio::net::TcpStream::connect(addr),
-    )
-    .await
-    .expect("connect in time")
-    .expect("connect to the metrics port");
-    let request = "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
-    stream.write_all(request.as_bytes()).await.expect("send");
-    let mut page = String::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut page))
+    http_get(addr, "/metrics")
         .await
-        .expect("scrape in time")
-        .expect("read the page");
-    assert!(page.starts_with("HTTP/1.1 200"), "{addr}: {page}");
-    page.split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_string())
-        .unwrap_or_default()
+        .unwrap_or_else(|| panic!("{addr}: no page of metrics (200) within 10 s"))
 }
 
 /// The sum of every sample of `name` whose labels contain each of `labels`.

@@ -9,8 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cohort_core::JobState;
-use cohort_integration_tests::{Federation, state_of, wait_clients};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use cohort_integration_tests::{Federation, http_get, state_of, wait_clients};
 
 // Enough rounds for the coordinator to live through a few scrapes (a second apart).
 const ROUNDS: u32 = 300;
@@ -64,7 +63,7 @@ impl Prometheus {
             .expect("start prometheus");
         let server = Prometheus { child, addr, log };
         let deadline = tokio::time::Instant::now() + PATIENCE;
-        while get(&server.addr, "/-/ready").await.is_none() {
+        while http_get(&server.addr, "/-/ready").await.is_none() {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "prometheus not ready: {}",
@@ -81,7 +80,7 @@ impl Prometheus {
 
     /// An API answer's `data`.
     async fn api(&self, path: &str) -> serde_json::Value {
-        let body = get(&self.addr, path)
+        let body = http_get(&self.addr, path)
             .await
             .unwrap_or_else(|| panic!("prometheus did not answer {path}: {}", self.log()));
         let v: serde_json::Value = serde_json::from_str(&body)
@@ -146,48 +145,6 @@ fn encode(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
-}
-
-/// GET over HTTP/1.1; the body of a 200 answer, None otherwise (or on no answer in 10 s).
-async fn get(addr: &str, path: &str) -> Option<String> {
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await.ok()?;
-        let mut answer = String::new();
-        stream.read_to_string(&mut answer).await.ok()?;
-        Some(answer)
-    };
-    let answer = tokio::time::timeout(Duration::from_secs(10), exchange)
-        .await
-        .ok()??;
-    let (head, body) = answer.split_once("\r\n\r\n")?;
-    if !head.starts_with("HTTP/1.1 200") {
-        return None;
-    }
-    // Prometheus answers small bodies whole; a chunked one is unchunked here.
-    if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        return Some(unchunk(body));
-    }
-    Some(body.to_string())
-}
-
-fn unchunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = body.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        body = rest[n..].trim_start_matches("\r\n");
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

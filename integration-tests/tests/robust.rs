@@ -2,33 +2,69 @@
 //! party (a real certificate, `adversary.rs`) that sends noise of a large norm as its update
 //! every round, with as many samples as an honest party registers. Every round takes all five
 //! updates. The coordinate-wise median, the trimmed mean and multi-Krum keep the model at
-//! ≥ 0.80 held-out accuracy and Krum (one update a round) above FedAvg; FedAvg, which averages the noise in, is measurably worse. The test
-//! prints every figure.
+//! ≥ 0.80 held-out accuracy and Krum (one update a round) above FedAvg, which averages the
+//! noise in. The tests print every figure.
 
 use std::time::Duration;
 
 use cohort_integration_tests::adversary::{Adversary, Behaviour, UpdateKind};
 use cohort_integration_tests::{Federation, wait_clients};
 
-const ROUNDS: u32 = 12;
+/// A round of this job: every party of the federation, `rounds` of them, `epochs` of local
+/// training each.
+#[derive(Clone, Copy)]
+struct Shape {
+    parties: u32,
+    rounds: u32,
+    epochs: u32,
+}
 
-fn spec(strategy: &str) -> String {
+fn spec(strategy: &str, shape: Shape) -> String {
+    let Shape {
+        parties,
+        rounds,
+        epochs,
+    } = shape;
+    let name = strategy
+        .split(',')
+        .next()
+        .unwrap_or(strategy)
+        .replace('_', "-");
     format!(
-        "name: robust-{}-{}\n\
+        "name: robust-{name}-{}\n\
          model: {{arch: mlp, hidden: [32]}}\n\
          data: {{dataset: digits}}\n\
-         training: {{epochs: 1, batch_size: 16, optimizer: {{name: sgd, lr: 0.1}}}}\n\
-         rounds: {ROUNDS}\n\
+         training: {{epochs: {epochs}, batch_size: 16, optimizer: {{name: sgd, lr: 0.1}}}}\n\
+         rounds: {rounds}\n\
          seed: 7\n\
-         clients: {{per_round: 5, min: 5, round_timeout: 60s}}\n\
+         clients: {{per_round: {parties}, min: {parties}, round_timeout: 60s}}\n\
          aggregation: {{strategy: {strategy}}}\n",
-        strategy
-            .split(',')
-            .next()
-            .unwrap_or(strategy)
-            .replace('_', "-"),
         strategy.len()
     )
+}
+
+/// Waits for every party, runs a job of each strategy to success (every round with every
+/// party's update, the hostile one's too) and returns their held-out accuracies.
+async fn accuracies(
+    fed: &Federation,
+    strategies: &[&'static str],
+    shape: Shape,
+) -> Vec<(&'static str, f64)> {
+    wait_clients(&fed.api(), Duration::from_secs(30), |c| {
+        c.iter().filter(|c| c.connected).count() == shape.parties as usize
+    })
+    .await;
+    let mut accuracy = Vec::new();
+    for &strategy in strategies {
+        let (done, reached) = fed.run_to_success(strategy, &spec(strategy, shape)).await;
+        assert!(
+            done.rounds.iter().all(|r| r.updates == shape.parties),
+            "{strategy}: {:?}",
+            done.rounds.iter().map(|r| r.updates).collect::<Vec<_>>()
+        );
+        accuracy.push((strategy, reached));
+    }
+    accuracy
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -44,28 +80,22 @@ async fn robust_rules_keep_a_noisy_party_out_of_the_model() {
     )
     .await
     .expect("the adversary registers");
-    wait_clients(&fed.api(), Duration::from_secs(30), |c| {
-        c.iter().filter(|c| c.connected).count() == 5
-    })
+    let accuracy = accuracies(
+        &fed,
+        &[
+            "fedavg",
+            "median",
+            "trimmed_mean, beta: 0.2",
+            "krum, f: 1",
+            "krum, f: 1, m: 3",
+        ],
+        Shape {
+            parties: 5,
+            rounds: 12,
+            epochs: 1,
+        },
+    )
     .await;
-
-    let mut accuracy = Vec::new();
-    for strategy in [
-        "fedavg",
-        "median",
-        "trimmed_mean, beta: 0.2",
-        "krum, f: 1",
-        "krum, f: 1, m: 3",
-    ] {
-        let (done, reached) = fed.run_to_success(strategy, &spec(strategy)).await;
-        // Every round took the adversary's update too.
-        assert!(
-            done.rounds.iter().all(|r| r.updates == 5),
-            "{strategy}: {:?}",
-            done.rounds.iter().map(|r| r.updates).collect::<Vec<_>>()
-        );
-        accuracy.push((strategy, reached));
-    }
     eprintln!("held-out accuracy with one noisy party of five: {accuracy:?}");
     let fedavg = accuracy[0].1;
     for (strategy, a) in &accuracy[1..] {
@@ -87,24 +117,18 @@ async fn robust_rules_keep_a_noisy_party_out_of_the_model() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn robust_rules_train_digits_to_085_without_an_adversary() {
     let fed = Federation::start(3).await.expect("federation");
-    let mut accuracy = Vec::new();
-    for strategy in ["median", "trimmed_mean"] {
-        let spec = spec(strategy)
-            .replace("rounds: 12", "rounds: 15")
-            .replace("epochs: 1", "epochs: 2")
-            .replace("per_round: 5, min: 5", "per_round: 3, min: 3");
-        accuracy.push((strategy, fed.run_to_success(strategy, &spec).await.1));
-    }
+    let three = Shape {
+        parties: 3,
+        rounds: 15,
+        epochs: 2,
+    };
+    let accuracy = accuracies(&fed, &["median", "trimmed_mean"], three).await;
     eprintln!("held-out accuracy after 15 rounds: {accuracy:?}");
     for (strategy, a) in &accuracy {
         assert!(*a >= 0.85, "{strategy}: {a:.3} < 0.85 ({accuracy:?})");
     }
     let refused = fed
-        .create_job(
-            &spec("krum, f: 1")
-                .replace("rounds: 12", "rounds: 15")
-                .replace("per_round: 5, min: 5", "per_round: 3, min: 3"),
-        )
+        .create_job(&spec("krum, f: 1", three))
         .await
         .expect_err("krum with 3 parties");
     assert!(
@@ -121,22 +145,21 @@ async fn robust_rules_withstand_a_party_started_as_adversary() {
     let fed = Federation::with_adversary(5, "party-5", "scale=-4")
         .await
         .expect("federation");
-    wait_clients(&fed.api(), Duration::from_secs(30), |c| {
-        c.iter().filter(|c| c.connected).count() == 5
-    })
+    let accuracy = accuracies(
+        &fed,
+        &[
+            "fedavg",
+            "median",
+            "trimmed_mean, beta: 0.2",
+            "krum, f: 1, m: 3",
+        ],
+        Shape {
+            parties: 5,
+            rounds: 15,
+            epochs: 2,
+        },
+    )
     .await;
-    let mut accuracy = Vec::new();
-    for strategy in [
-        "fedavg",
-        "median",
-        "trimmed_mean, beta: 0.2",
-        "krum, f: 1, m: 3",
-    ] {
-        let spec = spec(strategy)
-            .replace("rounds: 12", "rounds: 15")
-            .replace("epochs: 1", "epochs: 2");
-        accuracy.push((strategy, fed.run_to_success(strategy, &spec).await.1));
-    }
     eprintln!("held-out accuracy with party-5 at scale=-4: {accuracy:?}");
     // Measured at 15 rounds: FedAvg 0.18, median 0.55, trimmed mean 0.73, multi-Krum 0.85.
     // A flipped update pulls every coordinate's median one rank its way, and five

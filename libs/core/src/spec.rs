@@ -927,15 +927,6 @@ impl AggregationSpec {
     pub const DEFAULT_KRUM_F: u32 = 1;
     pub const DEFAULT_KRUM_M: u32 = 1;
 
-    /// Whether the strategy combines a round's updates all at once (median, trimmed mean,
-    /// Krum) rather than folding them as they come.
-    pub fn is_robust(&self) -> bool {
-        matches!(
-            self.strategy,
-            Strategy::Median | Strategy::TrimmedMean | Strategy::Krum
-        )
-    }
-
     /// Krum's f and m with their defaults.
     pub fn krum(&self) -> (u32, u32) {
         (
@@ -1364,7 +1355,6 @@ clients: {per_round: 3, min: 2, round_timeout: 30s}
         };
         let krum = JobSpec::parse(&five("{strategy: krum, m: 4}")).expect("multi-krum");
         assert_eq!(krum.aggregation.krum(), (1, 4));
-        assert!(krum.aggregation.is_robust());
         assert_eq!(err_field(&five("{strategy: krum, m: 5}")), "aggregation.m");
         assert_eq!(err_field(&five("{strategy: krum, f: 2}")), "aggregation.f");
         let adam = JobSpec::parse(&with("{strategy: fedadam, server_lr: 0.05, tau: 0.01}"))

@@ -498,11 +498,6 @@ impl FedAvg {
         self
     }
 
-    /// The robust rule this aggregate combines with, if any.
-    pub fn robust_rule(&self) -> Option<RobustRule> {
-        self.robust
-    }
-
     /// Splits the fold of each large tensor over `threads` (at least 1). The result is the
     /// same bit for bit: every element is still summed in the order updates come.
     pub fn with_fold_threads(mut self, threads: usize) -> Self {

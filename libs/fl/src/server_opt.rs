@@ -33,7 +33,6 @@ pub struct AdaptiveServer {
     shapes: Vec<Vec<usize>>,
     m: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
-    steps: u64,
 }
 
 impl AdaptiveServer {
@@ -46,13 +45,7 @@ impl AdaptiveServer {
             shapes: global.iter().map(|t| t.shape.clone()).collect(),
             m: global.iter().map(|t| vec![0.0; t.data.len()]).collect(),
             v: global.iter().map(|t| vec![v0; t.data.len()]).collect(),
-            steps: 0,
         }
-    }
-
-    /// Rounds stepped since the moments started (restored ones count as one).
-    pub fn steps(&self) -> u64 {
-        self.steps
     }
 
     /// The next global model from `global` and FedAvg's model `averaged` (global plus the
@@ -105,7 +98,6 @@ impl AdaptiveServer {
                 });
             }
         }
-        self.steps += 1;
         Ok(averaged)
     }
 
@@ -161,7 +153,6 @@ impl AdaptiveServer {
         }
         self.m = m;
         self.v = v;
-        self.steps = self.steps.max(1);
         Ok(())
     }
 
@@ -242,7 +233,6 @@ mod tests {
                 let got = f64::from(global[0].data[i]);
                 assert!((got - want).abs() < 1e-4, "{rule:?}[{i}]: {got} vs {want}");
             }
-            assert_eq!(server.steps(), deltas.len() as u64);
         }
     }
 

@@ -304,19 +304,6 @@ pub fn set_parent_from_map(span: &tracing::Span, map: &HashMap<String, String>) 
     let _ = span.set_parent(cx);
 }
 
-/// The current span's trace id (32 hex digits), when tracing is on.
-pub fn current_trace_id() -> Option<String> {
-    use opentelemetry::trace::TraceContextExt as _;
-    if !tracing_enabled() {
-        return None;
-    }
-    let cx = tracing::Span::current().context();
-    let span_context = cx.span().span_context().clone();
-    span_context
-        .is_valid()
-        .then(|| span_context.trace_id().to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -762,25 +762,7 @@ impl JobRun {
         cohort: &Cohort,
     ) -> Result<Vec<pb::AcceptedTask>, Failure> {
         let started = Instant::now();
-        let offered = self
-            .offer_until_inner(round, kind, want, min, deadline, exclude, cohort)
-            .instrument(cohort_telemetry::trace_span!("offer", kind = ?kind))
-            .await;
-        crate::metrics::phase(Phase::Offer, started.elapsed());
-        offered
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    async fn offer_until_inner(
-        &self,
-        round: u32,
-        kind: TaskKind,
-        want: u32,
-        min: u32,
-        deadline: Instant,
-        exclude: Vec<String>,
-        cohort: &Cohort,
-    ) -> Result<Vec<pb::AcceptedTask>, Failure> {
+        let offered = async {
         let mut accepted: Vec<pb::AcceptedTask> = Vec::new();
         let mut last_refusals: HashMap<String, String> = HashMap::new();
         loop {
@@ -866,6 +848,11 @@ impl JobRun {
             tracing::warn!(round, refusals = %why.join("; "), "parties refused");
         }
         Ok(accepted)
+        }
+        .instrument(cohort_telemetry::trace_span!("offer", kind = ?kind))
+        .await;
+        crate::metrics::phase(Phase::Offer, started.elapsed());
+        offered
     }
 
     /// The seed handed to this round's tasks: from the spec's `seed`, so a rerun repeats the

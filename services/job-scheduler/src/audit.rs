@@ -12,7 +12,6 @@ use std::sync::Arc;
 
 use cohort_core::{Action, AuthError, Principal, Scope};
 use cohort_proto::v1 as pb;
-use cohort_runtime::tls::calling_token;
 use cohort_runtime::{ToStatus, calling_party, calling_principal, peer_identity};
 use cohort_security::Identity;
 use cohort_store::audit::{AuditFilter, AuditRecord, NewAuditEntry};
@@ -38,38 +37,26 @@ pub struct Actor {
 }
 
 impl Actor {
-    /// The caller of `req`: the API token the proxy checked (its name read
-    /// from the store), else the party of its certificate, else the service
-    /// that called from inside. Never fails: an actor whose token cannot be
-    /// read keeps an empty name.
+    /// The caller of `req` as every service names it
+    /// ([`cohort_runtime::audit::Actor::of`]), with the token's name read from
+    /// the store and the namespaces the caller reaches. Never fails: an actor
+    /// whose token cannot be read keeps an empty name.
     pub async fn of<T>(store: &dyn JobStore, req: &Request<T>) -> Actor {
-        let principal = calling_principal(req).ok().flatten();
-        let token = calling_token(req).ok().flatten();
-        if let Some(p) = principal {
-            let id = token.unwrap_or_default();
-            return Actor {
-                kind: "token",
-                name: token_name(store, &id).await,
-                id,
-                scope: p.scope.as_str().to_string(),
-            };
-        }
-        if let Some(party) = calling_party(req).ok().flatten() {
-            return Actor {
-                kind: "party",
-                id: party.to_string(),
-                name: String::new(),
-                scope: Scope::ALL.to_string(),
-            };
-        }
+        let who = cohort_runtime::audit::Actor::of(req);
+        let scope = calling_principal(req)
+            .ok()
+            .flatten()
+            .map_or_else(|| Scope::ALL.to_string(), |p| p.scope.as_str().to_string());
+        let name = if who.is_user() {
+            token_name(store, &who.id).await
+        } else {
+            String::new()
+        };
         Actor {
-            kind: "service",
-            id: match peer_identity(req) {
-                Some(Identity::Service(name) | Identity::Party(name)) => name,
-                None => "internal".to_string(),
-            },
-            name: String::new(),
-            scope: Scope::ALL.to_string(),
+            kind: who.kind,
+            id: who.id,
+            name,
+            scope,
         }
     }
 }
