@@ -121,6 +121,7 @@ async fn a_model_of_the_wrong_shape_is_the_last_line_naming_the_tensor() {
             scale: 1.0 / 16.0,
             ..Default::default()
         }),
+        state_dir: String::new(),
     };
     std::fs::write(&task_file, prost::Message::encode_to_vec(&task)).unwrap();
 

@@ -674,6 +674,19 @@ impl Party {
         resources(self.max_tasks, gpus)
     }
 
+    /// The job's directory in this party's workspace, kept across tasks and restarts for
+    /// the client state a job's strategy or compression carries from round to round.
+    fn job_state_dir(&self, job_id: &str) -> Result<PathBuf, String> {
+        let dir = self.workspace.join("jobs").join(sanitize(job_id));
+        std::fs::create_dir_all(&dir).map_err(|e| {
+            format!(
+                "cannot create the job's state directory {}: {e}",
+                dir.display()
+            )
+        })?;
+        Ok(dir)
+    }
+
     fn running_count(&self) -> u32 {
         self.running.lock().map(|m| m.len() as u32).unwrap_or(0)
     }
@@ -914,10 +927,12 @@ impl Party {
         cohort_telemetry::set_parent_from_map(&span, &task.trace_context);
         let mut handed_on = task.clone();
         handed_on.trace_context = span.in_scope(cohort_telemetry::context_map);
+        let state_dir = self.job_state_dir(&task.job_id)?;
         let exec = pb::ExecutorTask {
             task: Some(handed_on),
             endpoint: self.proxy.clone(),
             data: Some(dataset.to_pb()),
+            state_dir: state_dir.display().to_string(),
         };
         let launch = match &self.executors {
             // The token goes down the executor's stdin, never onto this disk.
