@@ -1,5 +1,5 @@
-//! Server optimisers (issue 15): `aggregation.strategy` fedadam, fedyogi and fedadagrad, and
-//! fedprox (FedAvg with the proximal term in local training), run a digits job to SUCCEEDED
+//! Server optimisers (issue 15): `aggregation.strategy` fedadam, fedyogi, fedadagrad and
+//! fedavgm, and fedprox (FedAvg with the proximal term in local training), run a digits job to SUCCEEDED
 //! with at least 0.85 held-out accuracy (3 parties at α = 0.5, 15 rounds, fixed seed), and a coordinator killed mid-job under fedadam resumes with the server
 //! optimiser's moments of its last checkpointed round, bit for bit: the relaunched
 //! coordinator's restored state, encoded again, has the digest of the state model-manager
@@ -39,6 +39,19 @@ async fn server_optimisers_train_digits_to_085() {
             "{strategy}: held-out accuracy {accuracy:.3} < 0.85 (all: {reached:?})"
         );
     }
+}
+
+/// FedAvgM: server momentum (β at its default, 0.9) over the round's mean update.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fedavgm_trains_digits_to_085() {
+    let fed = Federation::start(3).await.expect("federation");
+    let (done, accuracy) = fed.run_to_success("fedavgm", &job("fedavgm", ROUNDS)).await;
+    assert_eq!(done.rounds_completed, ROUNDS);
+    eprintln!("fedavgm held-out accuracy after {ROUNDS} rounds: {accuracy:.3}");
+    assert!(
+        accuracy >= 0.85,
+        "fedavgm: held-out accuracy {accuracy:.3} < 0.85"
+    );
 }
 
 /// FedProx: the server is FedAvg, every party's local loss carries the proximal term (μ at

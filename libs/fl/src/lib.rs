@@ -1,7 +1,8 @@
 //! Federated-learning math and tensor framing: chunking tensors for the wire,
 //! reassembling them with validation, safetensors encoding, and streaming
-//! aggregation (FedAvg with bounded weights and update norms), and the server
-//! optimisers (FedAdam, FedYogi, FedAdagrad) that move the global model by it.
+//! aggregation (FedAvg with bounded weights and update norms, robust rules), and the
+//! server side of every strategy ([`Strategy`]: momentum, adaptive optimisers, SCAFFOLD)
+//! that moves the global model by it.
 //!
 //! No I/O and no async: callers feed chunks in and take tensors out. Must not
 //! depend on candle, storage or networking crates.
@@ -10,6 +11,7 @@ pub mod aggregate;
 pub mod corrupt;
 pub mod robust;
 pub mod server_opt;
+pub mod strategy;
 pub mod synthetic;
 pub mod wire;
 
@@ -20,6 +22,7 @@ pub use aggregate::{
 pub use corrupt::Corruption;
 pub use robust::RobustRule;
 pub use server_opt::AdaptiveServer;
+pub use strategy::{Combine, RoundFacts, Strategy};
 pub use synthetic::SyntheticModel;
 pub use wire::{
     TensorAssembler, chunk_tensors, chunk_tensors_shared, from_safetensors, safetensors_stream,

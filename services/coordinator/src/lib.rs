@@ -187,7 +187,7 @@ impl Args {
             endpoint: endpoint.clone(),
             max_model_parameters: assignment.max_model_parameters,
             storage_patience: self.storage_patience,
-            server: Default::default(),
+            strategy: Default::default(),
         };
         let outcome = tokio::select! {
             outcome = run.run(assignment) => Some(outcome),

@@ -203,7 +203,11 @@ struct RefusalLog {
 
 pub struct RoundState {
     inner: Mutex<Inner>,
+    /// What parties fetch and updates are checked against: the model, then whatever the
+    /// strategy serves beside it.
     global: Mutex<Arc<Vec<NamedTensor>>>,
+    /// The model alone (the same `Arc` as `global` when nothing is served beside it).
+    model: Mutex<Arc<Vec<NamedTensor>>>,
     /// Signalled when minted tokens are bound to parties (or forgotten).
     bound: Notify,
     /// Counts landings (an update or evaluation received or dropped, a stop): a waiter
@@ -240,6 +244,7 @@ impl RoundState {
                 notes: Vec::new(),
             }),
             global: Mutex::new(Arc::new(Vec::new())),
+            model: Mutex::new(Arc::new(Vec::new())),
             bound: Notify::new(),
             progress: watch::channel(0).0,
             upload_slots: Arc::new(Semaphore::new(max_concurrent_uploads.max(1))),
@@ -288,8 +293,33 @@ impl RoundState {
             .clone()
     }
 
+    /// The model alone (without the strategy's extras): what a round's checkpoint stores.
+    pub fn model(&self) -> Arc<Vec<NamedTensor>> {
+        self.model
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// A model with nothing served beside it.
     pub fn set_global(&self, global: Vec<NamedTensor>) {
-        *self.global.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(global);
+        self.set_model(global, Vec::new());
+    }
+
+    /// The next rounds' model and what the strategy serves beside it (SCAFFOLD's control
+    /// variate): parties fetch both, and updates are checked against both.
+    pub fn set_model(&self, model: Vec<NamedTensor>, extras: Vec<NamedTensor>) {
+        let model = Arc::new(model);
+        let served = if extras.is_empty() {
+            model.clone()
+        } else {
+            let mut served = Vec::with_capacity(model.len() + extras.len());
+            served.extend(model.iter().cloned());
+            served.extend(extras);
+            Arc::new(served)
+        };
+        *self.model.lock().unwrap_or_else(|p| p.into_inner()) = model;
+        *self.global.lock().unwrap_or_else(|p| p.into_inner()) = served;
     }
 
     // --- stopping ---

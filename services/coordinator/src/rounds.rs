@@ -6,10 +6,10 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cohort_core::spec::{AggregationSpec, Strategy};
 use cohort_core::{JobId, JobSpec, NamedTensor, Role, TaskKind, spec::parse_model_ref};
 use cohort_fl::{
-    AdaptiveServer, AggregationRules, RobustRule, capped_weights, from_safetensors, lower_median,
+    AggregationRules, Combine, RoundFacts, Strategy, capped_weights, from_safetensors,
+    lower_median,
 };
 use cohort_proto::v1 as pb;
 use cohort_runtime::retry_unavailable;
@@ -49,9 +49,10 @@ pub struct JobRun {
     pub max_model_parameters: u64,
     /// How long model-manager may be away before a round's model counts as unstorable.
     pub storage_patience: Duration,
-    /// The server optimiser's moments (fedadam, fedyogi, fedadagrad), checkpointed with
-    /// each round as the model `server_state_name`.
-    pub server: std::sync::Mutex<Option<AdaptiveServer>>,
+    /// The server side of the job's strategy (from `aggregation.strategy`), set when the
+    /// job's model is known; its state (momentum, moments, control variates) is
+    /// checkpointed with each round as the model `server_state_name`.
+    pub strategy: std::sync::Mutex<Option<Box<dyn Strategy>>>,
 }
 
 /// How long parties get to answer an offer.
@@ -125,16 +126,9 @@ impl JobRun {
 
     fn rules(&self) -> AggregationRules {
         let a = &self.spec.aggregation;
-        let robust = match a.strategy {
-            Strategy::Median => Some(RobustRule::Median),
-            Strategy::TrimmedMean => Some(RobustRule::TrimmedMean {
-                beta: a.beta.unwrap_or(AggregationSpec::DEFAULT_TRIM),
-            }),
-            Strategy::Krum => {
-                let (f, m) = a.krum();
-                Some(RobustRule::Krum { f, m })
-            }
-            _ => None,
+        let robust = match lock(&self.strategy).as_ref().map(|s| s.combine()) {
+            Some(Combine::Robust(rule)) => Some(rule),
+            Some(Combine::Mean) | None => None,
         };
         AggregationRules {
             max_weight_share: a.max_weight_share,
@@ -172,8 +166,8 @@ impl JobRun {
 
     async fn run_inner(&self, assignment: pb::Assignment) -> Result<Outcome, Failure> {
         let (global, mut cohort) = self.initial_model(&assignment).await?;
-        self.start_server_optimizer(&global, &assignment).await?;
-        self.state.set_global(global);
+        let extras = self.start_strategy(&global, &assignment).await?;
+        self.state.set_model(global, extras);
         let ready = retry_unavailable("coordinator ready", SCHEDULER_PATIENCE, || {
             let mut c = self.clients.scheduler.clone();
             let req = pb::CoordinatorReadyRequest {
@@ -654,17 +648,27 @@ impl JobRun {
                 ),
             ));
         }
-        let mut new_global = training
+        let combined = training
             .aggregate
             .finish()
             .map_err(|e| self.round_failed(round, format!("aggregation failed: {e}")))?;
-        if let Some(server) = lock(&self.server).as_mut() {
-            let global = self.state.global();
-            new_global = server.step(&global, new_global).map_err(|e| {
-                self.round_failed(round, format!("the server optimiser failed: {e}"))
-            })?;
-        }
-        self.state.set_global(new_global);
+        let facts = RoundFacts {
+            updates,
+            population: cohort.holders.max(updates),
+        };
+        let (model, extras) = {
+            let mut strategy = lock(&self.strategy);
+            let strategy = strategy
+                .as_mut()
+                .ok_or_else(|| self.round_failed(round, "no strategy was started".into()))?;
+            let model = strategy
+                .step(&self.state.global(), combined, facts)
+                .map_err(|e| {
+                    self.round_failed(round, format!("the {} step failed: {e}", strategy.name()))
+                })?;
+            (model, strategy.extras())
+        };
+        self.state.set_model(model, extras);
         Ok(Trained {
             updates,
             train_loss: training.train_loss,
@@ -973,7 +977,7 @@ impl JobRun {
 
     /// Stores the round's global model as a new version of the job's model, as a member of
     /// the job's namespace. A model that cannot be stored fails the job with the reason.
-    /// The model-manager name of the server optimiser's state: beside the model's, a DNS
+    /// The model-manager name of the strategy's server state: beside the model's, a DNS
     /// label like it.
     fn server_state_name(&self) -> String {
         let model = self.model_name();
@@ -981,19 +985,17 @@ impl JobRun {
         format!("{}{SERVER_STATE_SUFFIX}", &model[..keep])
     }
 
-    /// Starts the strategy's server optimiser, with fresh moments or, when the job resumes,
-    /// the ones checkpointed with the round it resumes after.
-    async fn start_server_optimizer(
+    /// Starts the server side of the job's strategy, with a fresh state or, when the job
+    /// resumes, the one checkpointed with the round it resumes after. Returns the tensors
+    /// it serves beside the model.
+    async fn start_strategy(
         &self,
         global: &[NamedTensor],
         assignment: &pb::Assignment,
-    ) -> Result<(), Failure> {
-        let Some(opt) = self.spec.aggregation.server_optimizer() else {
-            return Ok(());
-        };
-        let mut server = AdaptiveServer::new(opt, global);
+    ) -> Result<Vec<NamedTensor>, Failure> {
+        let mut server = cohort_fl::strategy::for_spec(&self.spec.aggregation, global);
         let after = assignment.next_round.saturating_sub(1);
-        if assignment.resume_model_version > 0 && after > 0 {
+        if server.state().is_some() && assignment.resume_model_version > 0 && after > 0 {
             let name = self.server_state_name();
             let stored = self.find_version(&name, after).await?;
             match stored {
@@ -1010,7 +1012,7 @@ impl JobRun {
                     })?;
                     // The state as it now is, encoded as it was stored: equal digests say
                     // the moments are the checkpointed ones, bit for bit.
-                    let restored = encoded_digest(server.state())
+                    let restored = encoded_digest(server.state().unwrap_or_default())
                         .map_err(|e| Failure::Fail(format!("cannot resume: {e}")))?;
                     tracing::info!(
                         round = after,
@@ -1023,8 +1025,8 @@ impl JobRun {
                 None => {
                     tracing::warn!(
                         round = after,
-                        "no server optimiser state stored for the round resumed after; \
-                         its moments start again from zero"
+                        "no server state stored for the round resumed after; \
+                         it starts again from zero"
                     );
                     self.state.note(Note {
                         round: after,
@@ -1032,15 +1034,16 @@ impl JobRun {
                         party: String::new(),
                         task_id: String::new(),
                         message: format!(
-                            "the server optimiser's state of round {after} was not found; \
-                             its moments start again from zero"
+                            "the strategy's server state of round {after} was not found; \
+                             it starts again from zero"
                         ),
                     });
                 }
             }
         }
-        *lock(&self.server) = Some(server);
-        Ok(())
+        let extras = server.extras();
+        *lock(&self.strategy) = Some(server);
+        Ok(extras)
     }
 
     /// The version of model `name` this job stored for `round`, if any.
@@ -1071,10 +1074,11 @@ impl JobRun {
             .find(|v| v.lineage.as_ref().is_some_and(|l| l.round == round)))
     }
 
-    /// Stores the server optimiser's moments after round `round`'s model, as a version of
+    /// Stores the strategy's server state (momentum, moments, control variates) after round
+    /// `round`'s model, as a version of
     /// their own model lineaged to the round.
     async fn checkpoint_server_state(&self, round: u32) -> Result<(), Failure> {
-        let Some(state) = lock(&self.server).as_ref().map(AdaptiveServer::state) else {
+        let Some(state) = lock(&self.strategy).as_ref().and_then(|s| s.state()) else {
             return Ok(());
         };
         let name = self.server_state_name();
@@ -1083,7 +1087,7 @@ impl JobRun {
             .await
             .map_err(|s| {
                 Failure::Fail(format!(
-                    "round {round}: cannot store the server optimiser's state ({name}): {}",
+                    "round {round}: cannot store the strategy's server state ({name}): {}",
                     s.message()
                 ))
             })?;
@@ -1148,7 +1152,7 @@ impl JobRun {
     ) -> Result<u32, Failure> {
         let name = self.model_name();
         let (version, digest) = self
-            .store(&name, self.state.global(), round, parent, metrics)
+            .store(&name, self.state.model(), round, parent, metrics)
             .await
             .map_err(|s| {
                 Failure::Fail(format!(
@@ -1169,7 +1173,11 @@ impl JobRun {
                 .download(&self.model_name(), version.version)
                 .await
                 .map_err(|e| Failure::Fail(format!("round {round}: {e}")))?;
-            self.state.set_global(stored);
+            let extras = lock(&self.strategy)
+                .as_ref()
+                .map(|s| s.extras())
+                .unwrap_or_default();
+            self.state.set_model(stored, extras);
         }
         Ok(version.version)
     }
@@ -1241,7 +1249,7 @@ fn failure_summary(failures: &[(String, String, String)]) -> String {
     format!("; task failures: {}", shown.join("; "))
 }
 
-/// What the server optimiser's state model adds to the model's name.
+/// What the strategy's server-state model adds to the model's name.
 const SERVER_STATE_SUFFIX: &str = "-server-state";
 
 /// The sha256 of `tensors` encoded as they are stored (the safetensors stream).
