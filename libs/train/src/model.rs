@@ -1,7 +1,8 @@
 //! The built-in models (logreg, mlp, cnn): construction, training and evaluation with candle
 //! on the CPU. Weights live outside candle as [`NamedTensor`]s; every call rebuilds the
 //! tensors, so nothing here keeps state between rounds. A [`LocalObjective`] adds the
-//! strategy's local terms to the loss (FedProx's proximal term).
+//! strategy's local terms: FedProx's proximal term to the loss, SCAFFOLD's control-variate
+//! correction to every step's gradient.
 
 use candle_core::{D, DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, SGD};
@@ -10,6 +11,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
+use crate::scaffold::ControlVariates;
 use crate::{Dataset, NamedTensor, TrainError};
 
 /// Output channels of the two cnn convolutions (one definition, in core, which also
@@ -30,24 +32,32 @@ pub struct TrainOutcome {
     /// Training accuracy over the last epoch (measured before each step).
     pub accuracy: f64,
     pub samples: usize,
+    /// Optimiser steps taken (batches over every epoch): SCAFFOLD's K.
+    pub steps: usize,
 }
 
 /// What a party's local training minimises besides the data's cross-entropy, as the job's
 /// aggregation strategy asks. The default is plain training (fedavg and the server
 /// optimisers).
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct LocalObjective {
     /// FedProx (Li et al., 2020): μ of the proximal term μ/2·‖w − w₀‖² added to every
     /// batch's loss, w₀ being the weights training starts from (the round's global model),
     /// so each step's gradient gains μ(w − w₀). None or 0: no term, plain training.
     pub proximal_mu: Option<f64>,
+    /// SCAFFOLD (Karimireddy et al., 2020): the server's and the party's control variates;
+    /// every step's gradient g becomes g + c − c_i (for sgd, w ← w − η·(g + c − c_i)).
+    /// After training, [`ControlVariates::next`] gives the party's next c_i.
+    pub control: Option<ControlVariates>,
 }
 
 impl LocalObjective {
-    /// The local objective `aggregation`'s strategy implies.
+    /// The local objective `aggregation`'s strategy implies, without control variates
+    /// (those are the party's state: the caller sets `control` for scaffold).
     pub fn of(aggregation: &AggregationSpec) -> Self {
         LocalObjective {
             proximal_mu: aggregation.proximal_mu(),
+            control: None,
         }
     }
 }
@@ -443,7 +453,7 @@ pub fn train(
         weights,
         data,
         seed,
-        LocalObjective::default(),
+        &LocalObjective::default(),
     )
 }
 
@@ -455,7 +465,7 @@ pub fn train_with(
     weights: &[NamedTensor],
     data: &Dataset,
     seed: u64,
-    objective: LocalObjective,
+    objective: &LocalObjective,
 ) -> Result<TrainOutcome, TrainError> {
     if training.epochs == 0 {
         return Err(TrainError::invalid("training.epochs", "must be at least 1"));
@@ -502,16 +512,31 @@ pub fn train_with(
         }),
         None => None,
     };
+    // c − c_i per parameter, in layout order, as constants.
+    let correction = match &objective.control {
+        Some(control) => Some(
+            layout
+                .params
+                .iter()
+                .map(|p| {
+                    let values = control.correction(&p.name, &p.shape)?;
+                    Ok(Tensor::from_vec(values, p.shape.as_slice(), &dev)?)
+                })
+                .collect::<Result<Vec<_>, TrainError>>()?,
+        ),
+        None => None,
+    };
     let run = Run {
         layout: &layout,
         vars: &vars,
         proximal: proximal.as_ref(),
+        correction: correction.as_deref(),
         data,
         epochs: training.epochs,
         batch_size: training.batch_size as usize,
         seed,
     };
-    let (loss, accuracy) = match &training.optimizer {
+    let (loss, accuracy, steps) = match &training.optimizer {
         OptimizerSpec::Sgd { lr } => run.epochs(SGD::new(vars.clone(), *lr)?)?,
         OptimizerSpec::Adam {
             lr,
@@ -546,6 +571,7 @@ pub fn train_with(
         loss,
         accuracy,
         samples: data.n,
+        steps,
     })
 }
 
@@ -570,6 +596,8 @@ struct Run<'a> {
     layout: &'a Layout,
     vars: &'a [Var],
     proximal: Option<&'a Proximal>,
+    /// SCAFFOLD's c − c_i, in layout order.
+    correction: Option<&'a [Tensor]>,
     data: &'a Dataset,
     epochs: u32,
     batch_size: usize,
@@ -577,8 +605,8 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
-    /// Runs every epoch; returns mean loss and accuracy of the last one.
-    fn epochs<O: Optimizer>(&self, mut opt: O) -> Result<(f64, f64), TrainError> {
+    /// Runs every epoch; returns mean loss and accuracy of the last one and the steps taken.
+    fn epochs<O: Optimizer>(&self, mut opt: O) -> Result<(f64, f64, usize), TrainError> {
         let dev = Device::Cpu;
         let data = self.data;
         let x = Tensor::from_slice(&data.features, (data.n, data.d), &dev)?;
@@ -587,7 +615,7 @@ impl Run<'_> {
         let params: Vec<Tensor> = self.vars.iter().map(|v| v.as_tensor().clone()).collect();
         let mut rng = StdRng::seed_from_u64(self.seed);
         let mut order: Vec<u32> = (0..data.n as u32).collect();
-        let (mut loss_sum, mut correct) = (0.0f64, 0usize);
+        let (mut loss_sum, mut correct, mut steps) = (0.0f64, 0usize, 0usize);
         for epoch in 1..=self.epochs {
             order.shuffle(&mut rng);
             (loss_sum, correct) = (0.0, 0);
@@ -606,14 +634,26 @@ impl Run<'_> {
                     let labels: Vec<u32> = batch.iter().map(|&i| data.labels[i as usize]).collect();
                     correct += count_correct(&logits, &labels)?;
                 }
-                match self.proximal {
-                    Some(prox) => opt.backward_step(&prox.add_to(&loss, &params)?)?,
-                    None => opt.backward_step(&loss)?,
+                let objective = match self.proximal {
+                    Some(prox) => prox.add_to(&loss, &params)?,
+                    None => loss,
+                };
+                let mut grads = objective.backward()?;
+                if let Some(correction) = self.correction {
+                    for (var, c) in self.vars.iter().zip(correction) {
+                        let g = match grads.remove(var.as_tensor()) {
+                            Some(g) => (g + c)?,
+                            None => c.clone(),
+                        };
+                        grads.insert(var.as_tensor(), g);
+                    }
                 }
+                opt.step(&grads)?;
+                steps += 1;
             }
         }
         let n = data.n as f64;
-        Ok((loss_sum / n, correct as f64 / n))
+        Ok((loss_sum / n, correct as f64 / n, steps))
     }
 }
 

@@ -329,6 +329,7 @@ fn distance(a: &[NamedTensor], b: &[NamedTensor]) -> f64 {
 fn prox(mu: f64) -> LocalObjective {
     LocalObjective {
         proximal_mu: Some(mu),
+        control: None,
     }
 }
 
@@ -355,14 +356,14 @@ fn the_proximal_term_keeps_local_training_near_the_global_model() {
         let plain = train(&spec, &t, &w0, &small, 3).unwrap();
         // μ = 0 (and no term at all) is plain training, bit for bit.
         assert_eq!(
-            train_with(&spec, &t, &w0, &small, 3, prox(0.0)).unwrap(),
+            train_with(&spec, &t, &w0, &small, 3, &prox(0.0)).unwrap(),
             plain
         );
         assert_eq!(
-            train_with(&spec, &t, &w0, &small, 3, LocalObjective::default()).unwrap(),
+            train_with(&spec, &t, &w0, &small, 3, &LocalObjective::default()).unwrap(),
             plain
         );
-        let pulled = train_with(&spec, &t, &w0, &small, 3, prox(5.0)).unwrap();
+        let pulled = train_with(&spec, &t, &w0, &small, 3, &prox(5.0)).unwrap();
         let (free, near) = (
             distance(&plain.weights, &w0),
             distance(&pulled.weights, &w0),
@@ -392,14 +393,14 @@ fn the_proximal_gradient_is_mu_times_the_distance() {
     let full = |epochs| training(epochs, 200, OptimizerSpec::Sgd { lr: f64::from(lr) });
     let w1 = train(&spec, &full(1), &w0, &small, 3).unwrap().weights;
     assert_eq!(
-        train_with(&spec, &full(1), &w0, &small, 3, prox(f64::from(mu)))
+        train_with(&spec, &full(1), &w0, &small, 3, &prox(f64::from(mu)))
             .unwrap()
             .weights,
         w1,
         "no pull on the first step"
     );
     let plain = train(&spec, &full(2), &w0, &small, 3).unwrap().weights;
-    let pulled = train_with(&spec, &full(2), &w0, &small, 3, prox(f64::from(mu)))
+    let pulled = train_with(&spec, &full(2), &w0, &small, 3, &prox(f64::from(mu)))
         .unwrap()
         .weights;
     for (((p, q), a), b) in plain.iter().zip(&pulled).zip(&w1).zip(&w0) {
@@ -414,7 +415,7 @@ fn the_proximal_gradient_is_mu_times_the_distance() {
         }
     }
     for bad in [-1.0, f64::NAN, f64::INFINITY] {
-        let e = train_with(&spec, &full(1), &w0, &small, 3, prox(bad)).unwrap_err();
+        let e = train_with(&spec, &full(1), &w0, &small, 3, &prox(bad)).unwrap_err();
         assert!(e.to_string().contains("aggregation.mu"), "{e}");
     }
 }

@@ -171,7 +171,7 @@ async fn run_task_steps(channels: &mut Channels, exec: pb::ExecutorTask) -> anyh
                         &global,
                         &dataset,
                         task.seed,
-                        objective,
+                        &objective,
                     )
                 })
                 .context("training failed")?;
