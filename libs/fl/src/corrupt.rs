@@ -67,11 +67,12 @@ impl std::fmt::Display for Corruption {
     }
 }
 
-/// A small, seeded generator: no dependency for a test mode.
-struct SplitMix64(u64);
+/// A small, seeded generator: no dependency for a test mode (and compression's stochastic
+/// rounding).
+pub(crate) struct SplitMix64(pub(crate) u64);
 
 impl SplitMix64 {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -82,6 +83,11 @@ impl SplitMix64 {
     /// Uniform in (0, 1].
     fn unit(&mut self) -> f64 {
         ((self.next() >> 11) as f64 + 1.0) / (1u64 << 53) as f64
+    }
+
+    /// Uniform in [0, 1), in steps of 2⁻²⁴.
+    pub(crate) fn unit_f32(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u32 << 24) as f32
     }
 
     /// Standard normal (Box–Muller).

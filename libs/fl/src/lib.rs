@@ -2,12 +2,14 @@
 //! reassembling them with validation, safetensors encoding, and streaming
 //! aggregation (FedAvg with bounded weights and update norms, robust rules), and the
 //! server side of every strategy ([`Strategy`]: momentum, adaptive optimisers, SCAFFOLD)
-//! that moves the global model by it.
+//! that moves the global model by it; compression of updates on the wire
+//! (`compress`: stochastic quantisation, top-k with the party's residual).
 //!
 //! No I/O and no async: callers feed chunks in and take tensors out. Must not
 //! depend on candle, storage or networking crates.
 
 pub mod aggregate;
+pub mod compress;
 pub mod corrupt;
 pub mod robust;
 pub mod server_opt;
@@ -19,6 +21,7 @@ pub use aggregate::{
     AggregationRules, CheckedUpdate, FedAvg, UpdateCheck, UpdateStream, UpdateValues,
     capped_weights, lower_median,
 };
+pub use compress::{Encoded, UpdateDecoder};
 pub use corrupt::Corruption;
 pub use robust::RobustRule;
 pub use server_opt::AdaptiveServer;
