@@ -32,6 +32,61 @@ pub struct ClientStats {
     pub tasks_failed: u64,
 }
 
+/// What became of one of a party's training tasks, as the coordinator that offered it judged
+/// at its round's end (never the party's own word): its update was aggregated, it failed (the
+/// party said so, its update was refused, or it left), or the round ended without it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskResult {
+    Finished,
+    Failed,
+    TimedOut,
+}
+
+/// How much an outcome's weight in the recent counts shrinks with each later outcome of the
+/// same party: the recent counts weigh about the last ten (at most 1 / (1 − 0.9) = 10 in all).
+pub const RELIABILITY_DECAY: f64 = 0.9;
+
+/// A party's record of training tasks: what client-selector's `reliability` selection reads.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Reliability {
+    pub finished: u64,
+    pub failed: u64,
+    pub timed_out: u64,
+    /// Recency-weighted counts of finished and of failed or timed-out tasks: each outcome
+    /// first multiplies both by [`RELIABILITY_DECAY`], then adds one to its own.
+    pub recent_finished: f64,
+    pub recent_unfinished: f64,
+    /// When the last outcome was recorded (0: never).
+    pub last_result_ms: i64,
+}
+
+impl Reliability {
+    /// This record after `result` at `now_ms`: what every backend stores (the conformance
+    /// suite checks them against it).
+    pub fn after(&self, result: TaskResult, now_ms: i64) -> Reliability {
+        let mut r = self.clone();
+        let finished = f64::from(u8::from(result == TaskResult::Finished));
+        r.recent_finished = r.recent_finished * RELIABILITY_DECAY + finished;
+        r.recent_unfinished = r.recent_unfinished * RELIABILITY_DECAY + (1.0 - finished);
+        match result {
+            TaskResult::Finished => r.finished += 1,
+            TaskResult::Failed => r.failed += 1,
+            TaskResult::TimedOut => r.timed_out += 1,
+        }
+        r.last_result_ms = r.last_result_ms.max(now_ms);
+        r
+    }
+}
+
+/// The SQL column of a result's counter (SQLite and PostgreSQL).
+pub(crate) fn result_column(result: TaskResult) -> &'static str {
+    match result {
+        TaskResult::Finished => "results_finished",
+        TaskResult::Failed => "results_failed",
+        TaskResult::TimedOut => "results_timed_out",
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClientRecord {
     pub party: PartyId,
@@ -43,6 +98,8 @@ pub struct ClientRecord {
     /// seen again never lifts a revocation.
     pub revoked_at_ms: Option<i64>,
     pub stats: ClientStats,
+    /// Training tasks as their coordinators judged them (`record_task_result`).
+    pub reliability: Reliability,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +127,15 @@ pub trait ClientStore: Send + Sync + 'static {
     async fn touch(&self, party: &PartyId, now_ms: i64) -> Result<()>;
     /// Adds one to the counter of `outcome` (atomic: no lost increments).
     async fn count_task(&self, party: &PartyId, outcome: TaskOutcome) -> Result<()>;
+    /// Records what became of one of the party's training tasks (atomic: concurrent results
+    /// lose no count, and the recent counts' total is the same in any order). NotFound if
+    /// the party is unknown.
+    async fn record_task_result(
+        &self,
+        party: &PartyId,
+        result: TaskResult,
+        now_ms: i64,
+    ) -> Result<()>;
     /// Revokes the party at `now_ms` and returns its record. A party that
     /// never registered gets a record (no datasets, default resources, first
     /// and last seen = `now_ms`), so it can be revoked before it connects.
@@ -119,8 +185,11 @@ impl SqliteClientStore {
     }
 }
 
-const SELECT: &str = "SELECT c.party, c.datasets_json, c.resources_json, c.first_seen_ms, \
-    c.last_seen_ms, c.revoked_at_ms, s.tasks_offered, s.tasks_accepted, s.tasks_succeeded, s.tasks_failed \
+/// A client's columns, in both SQL dialects.
+pub(crate) const SELECT: &str = "SELECT c.party, c.datasets_json, c.resources_json, \
+    c.first_seen_ms, c.last_seen_ms, c.revoked_at_ms, s.tasks_offered, s.tasks_accepted, \
+    s.tasks_succeeded, s.tasks_failed, s.results_finished, s.results_failed, \
+    s.results_timed_out, s.recent_finished, s.recent_unfinished, s.last_result_ms \
     FROM clients c JOIN client_stats s ON s.party = c.party";
 
 fn not_found(party: &PartyId) -> StoreError {
@@ -205,6 +274,35 @@ impl ClientStore for SqliteClientStore {
             "UPDATE client_stats SET {column} = {column} + 1 WHERE party = ?1"
         )))
         .bind(party.as_str())
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        if n == 0 {
+            return Err(not_found(party));
+        }
+        Ok(())
+    }
+
+    async fn record_task_result(
+        &self,
+        party: &PartyId,
+        result: TaskResult,
+        now_ms: i64,
+    ) -> Result<()> {
+        let column = result_column(result);
+        let finished = f64::from(u8::from(result == TaskResult::Finished));
+        // One statement reads and writes the row: no lost update.
+        let n = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE client_stats SET {column} = {column} + 1, \
+             recent_finished = recent_finished * ?2 + ?3, \
+             recent_unfinished = recent_unfinished * ?2 + ?4, \
+             last_result_ms = MAX(last_result_ms, ?5) WHERE party = ?1"
+        )))
+        .bind(party.as_str())
+        .bind(RELIABILITY_DECAY)
+        .bind(finished)
+        .bind(1.0 - finished)
+        .bind(now_ms)
         .execute(&self.pool)
         .await?
         .rows_affected();

@@ -177,6 +177,8 @@ macro_rules! client_store_conformance {
                 missing_client_is_not_found,
                 touch_never_moves_back,
                 concurrent_count_task_loses_nothing,
+                task_results_are_counted_and_weigh_recent_ones_more,
+                concurrent_task_results_lose_nothing,
                 concurrent_first_registrations,
                 list_is_ordered_by_party,
                 revoke_before_register,
@@ -2405,7 +2407,8 @@ pub mod clients {
 
     use crate::StoreError;
     use crate::clients::{
-        ClientRecord, ClientStats, ClientStore, DatasetEntry, ResourcesEntry, TaskOutcome,
+        ClientRecord, ClientStats, ClientStore, DatasetEntry, Reliability, ResourcesEntry,
+        TaskOutcome, TaskResult,
     };
 
     fn party(name: &str) -> PartyId {
@@ -2461,6 +2464,7 @@ pub mod clients {
     pub async fn reregistration_replaces_holdings_and_keeps_history(s: Arc<dyn ClientStore>) {
         let p = party("hospital-a");
         s.upsert_client(&p, &datasets(10), &resources(8), 1)
+        assert_eq!(rec.reliability, Reliability::default());
             .await
             .unwrap();
         s.count_task(&p, TaskOutcome::Offered).await.unwrap();
@@ -2498,6 +2502,10 @@ pub mod clients {
 
     pub async fn touch_never_moves_back(s: Arc<dyn ClientStore>) {
         let p = party("p1");
+            (
+                "record_task_result",
+                s.record_task_result(&ghost, TaskResult::Finished, 1).await,
+            ),
         s.upsert_client(&p, &[], &resources(1), 10).await.unwrap();
         s.touch(&p, 20).await.unwrap();
         assert_eq!(s.get_client(&p).await.unwrap().last_seen_ms, 20);
@@ -2549,6 +2557,122 @@ pub mod clients {
                 })
             })
             .collect();
+    /// Stored reliability equals the reference arithmetic (`Reliability::after`), up to
+    /// the rounding of the backend's doubles.
+    fn assert_reliability_close(got: &Reliability, want: &Reliability, what: &str) {
+        assert_eq!(
+            (got.finished, got.failed, got.timed_out, got.last_result_ms),
+            (want.finished, want.failed, want.timed_out, want.last_result_ms),
+            "{what}: counts and time"
+        );
+        for (name, g, w) in [
+            ("recent_finished", got.recent_finished, want.recent_finished),
+            (
+                "recent_unfinished",
+                got.recent_unfinished,
+                want.recent_unfinished,
+            ),
+        ] {
+            assert!((g - w).abs() < 1e-9, "{what}: {name} {g} vs {w}");
+        }
+    }
+
+    pub async fn task_results_are_counted_and_weigh_recent_ones_more(s: Arc<dyn ClientStore>) {
+        let p = party("hospital-a");
+        let other = party("hospital-b");
+        s.upsert_client(&p, &datasets(10), &resources(8), 1)
+            .await
+            .unwrap();
+        s.upsert_client(&other, &[], &resources(1), 1)
+            .await
+            .unwrap();
+        let mut want = Reliability::default();
+        for (result, at) in [
+            (TaskResult::Finished, 10),
+            (TaskResult::Finished, 20),
+            (TaskResult::TimedOut, 30),
+            (TaskResult::Failed, 25),
+            (TaskResult::Finished, 40),
+        ] {
+            s.record_task_result(&p, result, at).await.unwrap();
+            want = want.after(result, at);
+        }
+        assert_eq!((want.finished, want.failed, want.timed_out), (3, 1, 1));
+        assert_eq!(want.last_result_ms, 40, "the time never moves back");
+        let rec = s.get_client(&p).await.unwrap();
+        assert_reliability_close(&rec.reliability, &want, "after five results");
+        // 1 + 0.9^3 + 0.9^4 of finished, 0.9 + 0.9^2 of the others.
+        assert!((rec.reliability.recent_finished - 2.3851).abs() < 1e-9);
+        assert!((rec.reliability.recent_unfinished - 1.71).abs() < 1e-9);
+        assert_eq!(
+            rec.stats,
+            ClientStats::default(),
+            "the party's own counters are apart"
+        );
+        assert_eq!(
+            s.get_client(&other).await.unwrap().reliability,
+            Reliability::default(),
+            "another party is untouched"
+        );
+        // Registering again, being seen and revoked keep the history.
+        let again = s
+            .upsert_client(&p, &datasets(20), &resources(4), 50)
+            .await
+            .unwrap();
+        assert_reliability_close(&again.reliability, &want, "re-registered");
+        s.touch(&p, 60).await.unwrap();
+        let revoked = s.revoke_client(&p, 70).await.unwrap();
+        assert_reliability_close(&revoked.reliability, &want, "revoked");
+        let listed = s.list_clients().await.unwrap();
+        assert_reliability_close(&listed[0].reliability, &want, "listed");
+    }
+
+    pub async fn concurrent_task_results_lose_nothing(s: Arc<dyn ClientStore>) {
+        const EACH: u64 = 8;
+        let p = party("busy");
+        s.upsert_client(&p, &[], &resources(1), 1).await.unwrap();
+        let results = [
+            TaskResult::Finished,
+            TaskResult::Failed,
+            TaskResult::TimedOut,
+        ];
+        let mut tasks = Vec::new();
+        for (k, result) in results.iter().enumerate() {
+            // A different count per result catches a write to the wrong column.
+            for i in 0..EACH + k as u64 {
+                let (s, p, r) = (s.clone(), p.clone(), *result);
+                tasks.push(tokio::spawn(async move {
+                    s.record_task_result(&p, r, 100 + i as i64).await
+                }));
+            }
+        }
+        // Party-reported counters race them on the same row.
+        for _ in 0..EACH {
+            let (s, p) = (s.clone(), p.clone());
+            tasks.push(tokio::spawn(async move {
+                s.count_task(&p, TaskOutcome::Succeeded).await
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let rec = s.get_client(&p).await.unwrap();
+        let r = &rec.reliability;
+        assert_eq!(
+            (r.finished, r.failed, r.timed_out),
+            (EACH, EACH + 1, EACH + 2)
+        );
+        assert_eq!(rec.stats.tasks_succeeded, EACH);
+        assert_eq!(r.last_result_ms, 100 + EACH as i64 + 1);
+        // Whatever the order, the recent counts add up to 1 + 0.9 + ... + 0.9^(n-1).
+        let n = (3 * EACH + 3) as i32;
+        let total = (1.0 - crate::clients::RELIABILITY_DECAY.powi(n))
+            / (1.0 - crate::clients::RELIABILITY_DECAY);
+        let got = r.recent_finished + r.recent_unfinished;
+        assert!((got - total).abs() < 1e-9, "{got} vs {total}");
+        assert!(r.recent_finished > 0.0 && r.recent_unfinished > 0.0);
+    }
+
         for t in tasks {
             t.await.unwrap().unwrap();
         }
@@ -2599,6 +2723,7 @@ pub mod clients {
     pub async fn revoke_keeps_the_first_time(s: Arc<dyn ClientStore>) {
         let p = party("hospital-a");
         let other = party("hospital-b");
+                reliability: Reliability::default(),
         s.upsert_client(&p, &datasets(10), &resources(8), 1)
             .await
             .unwrap();

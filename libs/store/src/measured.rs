@@ -24,7 +24,9 @@ use cohort_metrics::{HistogramVec, IntCounterVec};
 use sqlx::{PgPool, SqlitePool};
 
 use crate::audit::{AuditFilter, AuditRecord, AuditStore, NewAuditEntry};
-use crate::clients::{ClientRecord, ClientStore, DatasetEntry, ResourcesEntry, TaskOutcome};
+use crate::clients::{
+    ClientRecord, ClientStore, DatasetEntry, ResourcesEntry, TaskOutcome, TaskResult,
+};
 use crate::jobs::{JobEventRecord, JobFilter, JobNote, JobRecord, JobStore, RoundRecord};
 use crate::models::{ModelStore, ModelVersionRecord, NewModelVersion, StoredVersion};
 use crate::tokens::{NewToken, TokenRecord, TokenStore};
@@ -348,6 +350,18 @@ impl ClientStore for Measured<dyn ClientStore> {
     async fn count_task(&self, party: &PartyId, outcome: TaskOutcome) -> Result<()> {
         self.call("count_task", self.inner.count_task(party, outcome))
             .await
+    }
+    async fn record_task_result(
+        &self,
+        party: &PartyId,
+        result: TaskResult,
+        now_ms: i64,
+    ) -> Result<()> {
+        self.call(
+            "record_task_result",
+            self.inner.record_task_result(party, result, now_ms),
+        )
+        .await
     }
     async fn revoke_client(&self, party: &PartyId, now_ms: i64) -> Result<ClientRecord> {
         self.call("revoke_client", self.inner.revoke_client(party, now_ms))

@@ -5,7 +5,7 @@
 use cohort_core::{JobId, JobState, PartyId};
 
 use crate::audit::AuditRecord;
-use crate::clients::{ClientRecord, ClientStats};
+use crate::clients::{ClientRecord, ClientStats, Reliability};
 use crate::jobs::{JobEventRecord, JobRecord, RoundRecord};
 use crate::models::ModelVersionRecord;
 use crate::tokens::TokenRecord;
@@ -245,6 +245,14 @@ pub(crate) fn client<R: Columns>(row: &R) -> Result<ClientRecord> {
             tasks_succeeded: r.unsigned("tasks_succeeded")?,
             tasks_failed: r.unsigned("tasks_failed")?,
         },
+        },
+        reliability: Reliability {
+            finished: r.unsigned("results_finished")?,
+            failed: r.unsigned("results_failed")?,
+            timed_out: r.unsigned("results_timed_out")?,
+            recent_finished: r.real("recent_finished")?,
+            recent_unfinished: r.real("recent_unfinished")?,
+            last_result_ms: r.int("last_result_ms")?,
     })
 }
 

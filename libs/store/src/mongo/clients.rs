@@ -10,7 +10,8 @@ use mongodb::options::ReturnDocument;
 
 use super::{Db, Fields, is_duplicate_key, no_document, to_i64};
 use crate::clients::{
-    ClientRecord, ClientStats, ClientStore, DatasetEntry, ResourcesEntry, TaskOutcome,
+    ClientRecord, ClientStats, ClientStore, DatasetEntry, RELIABILITY_DECAY, Reliability,
+    ResourcesEntry, TaskOutcome, TaskResult,
 };
 use crate::open::DatabaseOptions;
 use crate::{Result, StoreError};
@@ -47,7 +48,11 @@ impl MongoClientStore {
     }
 
     /// Applies `update` to `party`'s document; NotFound if there is none.
-    async fn update_existing(&self, party: &PartyId, update: Document) -> Result<()> {
+    async fn update_existing(
+        &self,
+        party: &PartyId,
+        update: impl Into<mongodb::options::UpdateModifications> + Send,
+    ) -> Result<()> {
         let res = self
             .clients
             .update_one(doc! {"party": party.as_str()}, update)
@@ -74,6 +79,33 @@ fn stat_field(outcome: TaskOutcome) -> &'static str {
         TaskOutcome::Succeeded => "tasks_succeeded",
         TaskOutcome::Failed => "tasks_failed",
     }
+}
+
+/// A result's counter; the recency-weighted counts are `recent_finished` and
+/// `recent_unfinished`, the time `last_result_ms` (all missing in documents from before they
+/// were kept: read as 0).
+fn result_field(result: TaskResult) -> &'static str {
+    match result {
+        TaskResult::Finished => "results_finished",
+        TaskResult::Failed => "results_failed",
+        TaskResult::TimedOut => "results_timed_out",
+    }
+}
+
+/// The update of a task result: a pipeline, so the decayed counts are computed from the
+/// stored ones in the same single-document (atomic) write.
+fn result_update(result: TaskResult, now_ms: i64) -> Vec<Document> {
+    let finished = f64::from(u8::from(result == TaskResult::Finished));
+    let field = result_field(result);
+    let decayed = |name: &str, add: f64| {
+        doc! {"$add": [{"$multiply": [{"$ifNull": [format!("${name}"), 0.0]}, RELIABILITY_DECAY]}, add]}
+    };
+    vec![doc! {"$set": {
+        field: {"$add": [{"$ifNull": [format!("${field}"), 0i64]}, 1i64]},
+        "recent_finished": decayed("recent_finished", finished),
+        "recent_unfinished": decayed("recent_unfinished", 1.0 - finished),
+        "last_result_ms": {"$max": [{"$ifNull": ["$last_result_ms", 0i64]}, now_ms]},
+    }}]
 }
 
 fn datasets_docs(party: &str, datasets: &[DatasetEntry]) -> Result<Vec<Document>> {
@@ -133,6 +165,17 @@ fn client_from_doc(d: &Document) -> Result<ClientRecord> {
             tasks_accepted: f.uint("tasks_accepted")?,
             tasks_succeeded: f.uint("tasks_succeeded")?,
             tasks_failed: f.uint("tasks_failed")?,
+        },
+        reliability: Reliability {
+            finished: f.fit("results_finished", f.opt_int("results_finished")?.unwrap_or(0))?,
+            failed: f.fit("results_failed", f.opt_int("results_failed")?.unwrap_or(0))?,
+            timed_out: f.fit(
+                "results_timed_out",
+                f.opt_int("results_timed_out")?.unwrap_or(0),
+            )?,
+            recent_finished: f.opt_float("recent_finished")?.unwrap_or(0.0),
+            recent_unfinished: f.opt_float("recent_unfinished")?.unwrap_or(0.0),
+            last_result_ms: f.opt_int("last_result_ms")?.unwrap_or(0),
         },
     })
 }
@@ -282,6 +325,16 @@ impl ClientStore for MongoClientStore {
             .await
     }
 
+    async fn record_task_result(
+        &self,
+        party: &PartyId,
+        result: TaskResult,
+        now_ms: i64,
+    ) -> Result<()> {
+        self.update_existing(party, result_update(result, now_ms))
+            .await
+    }
+
     async fn revoke_client(&self, party: &PartyId, now_ms: i64) -> Result<ClientRecord> {
         let id = party.as_str();
         let update = revocation_update(id, now_ms)?;
@@ -370,6 +423,7 @@ mod tests {
                 last_seen_ms: 5,
                 revoked_at_ms: None,
                 stats: ClientStats::default(),
+                reliability: Reliability::default(),
             }
         );
     }
@@ -392,6 +446,7 @@ mod tests {
                 last_seen_ms: 7,
                 revoked_at_ms: Some(7),
                 stats: ClientStats::default(),
+                reliability: Reliability::default(),
             }
         );
         // Registrations never touch the revocation.
@@ -424,6 +479,46 @@ mod tests {
         let mut unique = fields.to_vec();
         unique.dedup();
         assert_eq!(unique.len(), 4);
+    }
+
+    #[test]
+    fn task_results_update_one_counter_and_decay_both_recent_counts() {
+        let update = result_update(TaskResult::TimedOut, 42);
+        assert_eq!(update.len(), 1, "one pipeline stage");
+        let set = update[0].get_document("$set").unwrap();
+        let mut keys: Vec<&str> = set.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            [
+                "last_result_ms",
+                "recent_finished",
+                "recent_unfinished",
+                "results_timed_out"
+            ]
+        );
+        let fields = [
+            TaskResult::Finished,
+            TaskResult::Failed,
+            TaskResult::TimedOut,
+        ]
+        .map(result_field);
+        assert_eq!(
+            fields,
+            ["results_finished", "results_failed", "results_timed_out"]
+        );
+        // Documents from before results were kept read as no history.
+        let rec = client_from_doc(&inserted("old", 1)).unwrap();
+        assert_eq!(rec.reliability, Reliability::default());
+        let mut d = inserted("p", 1);
+        d.insert("results_failed", 3i64);
+        d.insert("recent_unfinished", 2.71);
+        d.insert("last_result_ms", 9i64);
+        let r = client_from_doc(&d).unwrap().reliability;
+        assert_eq!((r.failed, r.recent_unfinished, r.last_result_ms), (3, 2.71, 9));
+        d.insert("results_failed", -1i64);
+        let err = client_from_doc(&d).unwrap_err().to_string();
+        assert!(err.contains("results_failed") && err.contains("p"), "{err}");
     }
 
     #[test]

@@ -443,6 +443,17 @@ impl<'a> Fields<'a> {
         }
     }
 
+    /// Null and missing are None; integers widen.
+    pub(crate) fn opt_float(&self, field: &str) -> Result<Option<f64>> {
+        match self.doc.get(field) {
+            None | Some(Bson::Null) => Ok(None),
+            Some(Bson::Double(f)) => Ok(Some(*f)),
+            Some(Bson::Int32(i)) => Ok(Some(f64::from(*i))),
+            Some(Bson::Int64(i)) => Ok(Some(*i as f64)),
+            Some(other) => Err(self.wrong(field, "a number or null", other)),
+        }
+    }
+
     pub(crate) fn oid(&self, field: &str) -> Result<ObjectId> {
         match self.get(field)? {
             Bson::ObjectId(o) => Ok(*o),

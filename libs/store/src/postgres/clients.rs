@@ -5,7 +5,10 @@ use cohort_core::PartyId;
 use sqlx::postgres::PgPool;
 
 use super::{open_pool, with_history_table};
-use crate::clients::{ClientRecord, ClientStore, DatasetEntry, ResourcesEntry, TaskOutcome};
+use crate::clients::{
+    ClientRecord, ClientStore, DatasetEntry, RELIABILITY_DECAY, ResourcesEntry, SELECT,
+    TaskOutcome, TaskResult, result_column,
+};
 use crate::{DatabaseOptions, Result, StoreError};
 
 pub struct PgClientStore {
@@ -26,10 +29,6 @@ impl PgClientStore {
 }
 
 const WHAT: &str = "client";
-
-const SELECT: &str = "SELECT c.party, c.datasets_json, c.resources_json, c.first_seen_ms, \
-    c.last_seen_ms, c.revoked_at_ms, s.tasks_offered, s.tasks_accepted, s.tasks_succeeded, s.tasks_failed \
-    FROM clients c JOIN client_stats s ON s.party = c.party";
 
 fn not_found(party: &PartyId) -> StoreError {
     StoreError::NotFound {
@@ -117,6 +116,35 @@ impl ClientStore for PgClientStore {
             "UPDATE client_stats SET {column} = {column} + 1 WHERE party = $1"
         )))
         .bind(party.as_str())
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        if n == 0 {
+            return Err(not_found(party));
+        }
+        Ok(())
+    }
+
+    async fn record_task_result(
+        &self,
+        party: &PartyId,
+        result: TaskResult,
+        now_ms: i64,
+    ) -> Result<()> {
+        let column = result_column(result);
+        let finished = f64::from(u8::from(result == TaskResult::Finished));
+        // One UPDATE reads and writes under the row lock: no lost update.
+        let n = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE client_stats SET {column} = {column} + 1, \
+             recent_finished = recent_finished * $2 + $3, \
+             recent_unfinished = recent_unfinished * $2 + $4, \
+             last_result_ms = GREATEST(last_result_ms, $5) WHERE party = $1"
+        )))
+        .bind(party.as_str())
+        .bind(RELIABILITY_DECAY)
+        .bind(finished)
+        .bind(1.0 - finished)
+        .bind(now_ms)
         .execute(&self.pool)
         .await?
         .rows_affected();
