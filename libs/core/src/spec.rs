@@ -901,6 +901,25 @@ impl JobSpec {
         }
         self.aggregation.validate()?;
         self.aggregation.validate_with(&self.clients)?;
+        if self.aggregation.strategy == Strategy::Scaffold {
+            // Option II's c_i⁺ = c_i − c + (x − y)/(K·lr) reads the local steps as lr × the
+            // corrected gradient; adam's steps are not, so its control variates would be
+            // wrong in scale and direction.
+            if matches!(self.training.optimizer, OptimizerSpec::Adam { .. }) {
+                return Err(SpecError::new(
+                    "training.optimizer",
+                    "scaffold needs sgd: its control variates are estimated from the sgd \
+                     steps taken (x − y)/(K·lr), which adam's steps are not",
+                ));
+            }
+            if self.model.arch == Arch::Synthetic {
+                return Err(SpecError::new(
+                    "aggregation.strategy",
+                    "the synthetic workload trains nothing, so it has no control variates \
+                     for scaffold",
+                ));
+            }
+        }
         if self.privacy.secure_aggregation {
             return Err(SpecError::new(
                 "privacy.secure_aggregation",
@@ -1521,6 +1540,22 @@ clients: {per_round: 3, min: 2, round_timeout: 30s}
         ] {
             assert_eq!(err_field(&with(agg)), field, "{agg}");
         }
+    }
+
+    #[test]
+    fn scaffold_needs_sgd_and_a_trained_model() {
+        let scaffold = format!("{GOOD}aggregation: {{strategy: scaffold}}\n");
+        let spec = JobSpec::parse(&scaffold).unwrap();
+        assert_eq!(spec.aggregation.scaffold_server_lr(), Some(1.0));
+        let adam = scaffold.replace("{name: sgd, lr: 0.05}", "{name: adam, lr: 0.001}");
+        assert!(adam.contains("adam"), "{adam}");
+        let e = JobSpec::parse(&adam).unwrap_err();
+        assert_eq!(e.field, "training.optimizer", "{e}");
+        assert!(e.to_string().contains("sgd"), "{e}");
+        let synthetic = "name: s\nmodel: {arch: synthetic, params: 1000}\n\
+                         data: {dataset: synthetic}\nclients: {per_round: 2, min: 2}\n\
+                         aggregation: {strategy: scaffold}\n";
+        assert_eq!(err_field(synthetic), "aggregation.strategy");
     }
 
     #[test]

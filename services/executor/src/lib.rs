@@ -6,9 +6,11 @@
 //! the successive tasks of one job on one party, handed over its stdin
 //! (`cohort_runtime::executor_pipe`), answering each on its stdout and keeping its
 //! connection to the proxy between them. Holds no state from one task to the next but that
-//! connection. Must not depend on server-side crates. A task's fatal error is one line
-//! (`error: ` and the whole cause chain): the answer of a serving executor, or the last log
-//! line of a one-task executor; task-manager reports it to the server as the task's reason.
+//! connection, except what a strategy keeps in the job's state directory on the party
+//! (`scaffold.rs`: SCAFFOLD's client control variate). Must not depend on server-side
+//! crates. A task's fatal error is one line (`error: ` and the whole cause chain): the
+//! answer of a serving executor, or the last log line of a one-task executor; task-manager
+//! reports it to the server as the task's reason.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -22,6 +24,8 @@ use cohort_train::{DataFormat, Dataset};
 use futures::StreamExt;
 use tonic::metadata::MetadataValue;
 use tracing::Instrument as _;
+
+mod scaffold;
 
 #[derive(Debug, clap::Parser)]
 #[command(
@@ -151,18 +155,38 @@ async fn run_task_steps(channels: &mut Channels, exec: pb::ExecutorTask) -> anyh
     let kind = pb::TaskKind::try_from(task.kind).unwrap_or(pb::TaskKind::Unspecified);
     let started = Instant::now();
     let client = RoundClient::new(channels.to(&exec.endpoint)?, &task)?;
-    let global = client
+    let served = client
         .fetch_model()
         .instrument(cohort_telemetry::trace_span!("fetch"))
         .await?;
-    tracing::info!(task = %task.task_id, tensors = global.len(), "model fetched");
+    tracing::info!(task = %task.task_id, tensors = served.len(), "model fetched");
+    let is_scaffold = spec.aggregation.strategy == cohort_core::spec::Strategy::Scaffold;
+    // SCAFFOLD serves the server's control variate after the model; the update carries
+    // Δc_i back in the same order.
+    let served_order: Vec<String> = served.iter().map(|t| t.name.clone()).collect();
+    let (global, server_c) = if is_scaffold {
+        scaffold::split(served)?
+    } else {
+        (served, Vec::new())
+    };
     if let Some(model) = SyntheticModel::of(&spec.model) {
         return synthetic_task(&client, &task, &data, kind, &global, model).await;
     }
     match kind {
         pb::TaskKind::Train => {
             let dataset = load(&data, false)?;
-            let objective = cohort_train::LocalObjective::of(&spec.aggregation);
+            let mut objective = cohort_train::LocalObjective::of(&spec.aggregation);
+            let client_control = if is_scaffold {
+                let state = scaffold::ClientControl::in_dir(&exec.state_dir)?;
+                let (client_c, kept) = state.load(&global)?;
+                objective.control = Some(cohort_train::ControlVariates {
+                    server: server_c,
+                    client: client_c,
+                });
+                Some((state, kept))
+            } else {
+                None
+            };
             let outcome = cohort_telemetry::trace_span!("train")
                 .in_scope(|| {
                     cohort_train::train_with(
@@ -180,14 +204,32 @@ async fn run_task_steps(channels: &mut Channels, exec: pb::ExecutorTask) -> anyh
                 mode.apply(&mut delta, task.seed);
                 tracing::warn!(task = %task.task_id, %mode, "ADVERSARY MODE: the update sent is corrupted");
             }
+            // c_i⁺ is written aside now and put in place only once the update is taken.
+            let (update, pending) = match (&objective.control, &client_control) {
+                (Some(control), Some((state, _))) => {
+                    let next = control
+                        .next(&spec.training, &global, &outcome.weights, outcome.steps)
+                        .context("scaffold: the client control variate")?;
+                    let pending = state.prepare(&next.client)?;
+                    (
+                        scaffold::update(&served_order, delta, next.delta)?,
+                        Some(pending),
+                    )
+                }
+                _ => (delta, None),
+            };
             tracing::info!(
                 task = %task.task_id, samples = outcome.samples, loss = outcome.loss,
-                proximal_mu = ?objective.proximal_mu,
+                proximal_mu = ?objective.proximal_mu, scaffold = is_scaffold,
+                client_control = client_control.as_ref().map_or("none", |(_, kept)| {
+                    if *kept { "kept" } else { "zero" }
+                }),
+                steps = outcome.steps,
                 accuracy = outcome.accuracy, seconds = started.elapsed().as_secs_f64(), "trained"
             );
             client
                 .submit_update(
-                    delta,
+                    update,
                     outcome.samples as u64,
                     pb::Metrics {
                         loss: outcome.loss,
@@ -197,6 +239,9 @@ async fn run_task_steps(channels: &mut Channels, exec: pb::ExecutorTask) -> anyh
                 )
                 .instrument(cohort_telemetry::trace_span!("upload"))
                 .await?;
+            if let Some(pending) = pending {
+                pending.commit()?;
+            }
         }
         pb::TaskKind::Evaluate => {
             let dataset = load(&data, true)?;
