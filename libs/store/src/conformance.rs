@@ -243,6 +243,7 @@ pub mod jobs {
             // truncates or swaps them fails every round check.
             bytes_to_parties: 3_000_000_000 + u64::from(n),
             bytes_from_parties: 5_000_000_000 + 7 * u64::from(n),
+            bytes_from_parties_uncompressed: 9_000_000_000 + 11 * u64::from(n),
         }
     }
 
@@ -815,27 +816,36 @@ pub mod jobs {
         s.insert_job(&j, "created").await.unwrap();
         let max = i64::MAX as u64;
         let bytes = [
-            (0, 0),
-            (3_000_000_000, 7),
-            (1, 3_000_000_000),
-            (max, max - 1),
+            (0, 0, 0),
+            (3_000_000_000, 7, 28),
+            (1, 3_000_000_000, 12_000_000_000),
+            (max, max - 1, max - 2),
         ];
         let mut want = Vec::new();
-        for (i, (to, from)) in bytes.into_iter().enumerate() {
+        for (i, (to, from, dense)) in bytes.into_iter().enumerate() {
             let mut r = round(i as u32 + 1);
-            (r.bytes_to_parties, r.bytes_from_parties) = (to, from);
+            (
+                r.bytes_to_parties,
+                r.bytes_from_parties,
+                r.bytes_from_parties_uncompressed,
+            ) = (to, from, dense);
             s.record_round(&j.id, &r, 5).await.unwrap();
             want.push(r);
         }
         assert_eq!(s.list_rounds(&j.id).await.unwrap(), want);
         // Above the databases' 63-bit range: refused, naming the field, and
         // nothing is recorded.
-        for (to, from, field) in [
-            (max + 1, 0, "bytes_to_parties"),
-            (0, u64::MAX, "bytes_from_parties"),
+        for (to, from, dense, field) in [
+            (max + 1, 0, 0, "bytes_to_parties"),
+            (0, u64::MAX, 0, "bytes_from_parties"),
+            (0, 0, max + 1, "bytes_from_parties_uncompressed"),
         ] {
             let mut r = round(9);
-            (r.bytes_to_parties, r.bytes_from_parties) = (to, from);
+            (
+                r.bytes_to_parties,
+                r.bytes_from_parties,
+                r.bytes_from_parties_uncompressed,
+            ) = (to, from, dense);
             match s.record_round(&j.id, &r, 6).await {
                 Err(StoreError::Corrupt { message, .. }) => {
                     assert!(message.contains(field), "names {field}: {message}")
@@ -1056,6 +1066,7 @@ pub mod jobs {
         );
         assert_eq!((r.eval_parties, r.eval_parties_expected), (0, 0));
         assert_eq!((r.bytes_to_parties, r.bytes_from_parties), (0, 0));
+        assert_eq!(r.bytes_from_parties_uncompressed, 0);
         let events = s.list_events(&id, 0).await.unwrap();
         assert_eq!(
             events,

@@ -90,6 +90,9 @@ pub struct RoundRecord {
     /// counted. Stores refuse values above `i64::MAX` (their 63-bit range).
     pub bytes_to_parties: u64,
     pub bytes_from_parties: u64,
+    /// The updates received as f32 (decoded): above `bytes_from_parties` when the job
+    /// compresses its updates; 0 for rounds recorded before it was counted.
+    pub bytes_from_parties_uncompressed: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -389,6 +392,12 @@ impl JobStore for SqliteJobStore {
         let bytes_to_parties = crate::to_i64(r.bytes_to_parties, "bytes_to_parties", "job", &at)?;
         let bytes_from_parties =
             crate::to_i64(r.bytes_from_parties, "bytes_from_parties", "job", &at)?;
+        let bytes_from_parties_uncompressed = crate::to_i64(
+            r.bytes_from_parties_uncompressed,
+            "bytes_from_parties_uncompressed",
+            "job",
+            &at,
+        )?;
         let mut tx = self.pool.begin_with(IMMEDIATE).await?;
         let exists: Option<i64> = sqlx::query_scalar("SELECT version FROM jobs WHERE id = ?1")
             .bind(id.as_str())
@@ -401,8 +410,10 @@ impl JobStore for SqliteJobStore {
             "INSERT OR IGNORE INTO job_rounds (job_id, round, eval_loss, eval_accuracy, \
              eval_samples, train_loss, updates, model_version, duration_ms, refused_updates, \
              dropped_updates, task_failures, robust_accuracy, eval_parties, \
-             eval_parties_expected, bytes_to_parties, bytes_from_parties) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+             eval_parties_expected, bytes_to_parties, bytes_from_parties, \
+             bytes_from_parties_uncompressed) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, \
+             ?18)",
         )
         .bind(id.as_str())
         .bind(r.round as i64)
@@ -421,6 +432,7 @@ impl JobStore for SqliteJobStore {
         .bind(i64::from(r.eval_parties_expected))
         .bind(bytes_to_parties)
         .bind(bytes_from_parties)
+        .bind(bytes_from_parties_uncompressed)
         .execute(&mut *tx)
         .await?
         .rows_affected();

@@ -194,6 +194,7 @@ pub(crate) fn round<R: Columns>(row: &R, job: &JobId) -> Result<RoundRecord> {
         eval_parties_expected: r.unsigned("eval_parties_expected")?,
         bytes_to_parties: r.unsigned("bytes_to_parties")?,
         bytes_from_parties: r.unsigned("bytes_from_parties")?,
+        bytes_from_parties_uncompressed: r.unsigned("bytes_from_parties_uncompressed")?,
     })
 }
 

@@ -52,6 +52,7 @@ pub fn round_json(r: &pb::RoundSummary) -> Value {
         "duration_ms": r.duration_ms,
         "bytes_to_parties": r.bytes_to_parties,
         "bytes_from_parties": r.bytes_from_parties,
+        "bytes_from_parties_uncompressed": r.bytes_from_parties_uncompressed,
     })
 }
 
@@ -173,6 +174,9 @@ pub fn job_text(j: &pb::Job) -> String {
                 moved
             ));
         }
+        if let Some(line) = compression_line(&j.rounds) {
+            s.push_str(&line);
+        }
         if partial {
             s.push_str(
                 "\nevaluated p/q: p of the q parties holding the data reported; a round with p < q \
@@ -181,6 +185,28 @@ pub fn job_text(j: &pb::Job) -> String {
         }
     }
     s
+}
+
+/// How much the parties' compression saved over the rounds that counted it; None when
+/// the updates went uncompressed.
+fn compression_line(rounds: &[pb::RoundSummary]) -> Option<String> {
+    let counted = rounds
+        .iter()
+        .filter(|r| r.bytes_from_parties_uncompressed > 0);
+    let (sent, dense) = counted.fold((0u64, 0u64), |(s, d), r| {
+        (
+            s.saturating_add(r.bytes_from_parties),
+            d.saturating_add(r.bytes_from_parties_uncompressed),
+        )
+    });
+    (dense > 0 && sent < dense).then(|| {
+        format!(
+            "\nupdates compressed: {} MB received for {} MB of f32 values ({:.1} %)\n",
+            megabytes(sent),
+            megabytes(dense),
+            100.0 * sent as f64 / dense as f64
+        )
+    })
 }
 
 /// A job log entry: `kind` is "state" for a state change (from -> to), else what happened
@@ -373,11 +399,46 @@ mod tests {
             .map(|l| last_column(l))
             .collect();
         assert_eq!(moved, ["-", "400.0/1600", "0.08/3000"], "{text}");
+        assert!(!text.contains("compressed"), "no compression: {text}");
         assert!(
             lines[header + 1..header + 4]
                 .iter()
                 .all(|l| l.len() == lines[header].len()),
             "columns line up:\n{text}"
         );
+    }
+
+    #[test]
+    fn compressed_rounds_say_how_much_was_saved() {
+        let compressed = |n: u32, sent: u64, dense: u64| pb::RoundSummary {
+            bytes_from_parties_uncompressed: dense,
+            ..round(n, 1_000, sent)
+        };
+        let job = pb::Job {
+            rounds: vec![
+                round(1, 0, 0),
+                compressed(2, 250_000, 1_000_000),
+                compressed(3, 260_000, 1_000_000),
+            ],
+            ..Default::default()
+        };
+        let json = job_json(&job);
+        assert_eq!(
+            json["rounds"][1]["bytes_from_parties_uncompressed"].as_u64(),
+            Some(1_000_000)
+        );
+        let text = job_text(&job);
+        assert!(
+            text.contains(
+                "updates compressed: 0.51 MB received for 2.00 MB of f32 values (25.5 %)"
+            ),
+            "{text}"
+        );
+        // Uncompressed rounds count both the same: no line.
+        let plain = pb::Job {
+            rounds: vec![compressed(1, 1_000_000, 1_000_000)],
+            ..Default::default()
+        };
+        assert!(!job_text(&plain).contains("compressed"));
     }
 }

@@ -163,6 +163,7 @@ impl Args {
             require_party,
             idle_timeout: self.upload_idle_timeout,
             staging_dir: std::env::temp_dir(),
+            compression: spec.wire_compression(),
         }))
         .add_service(
             pb::coordinator_control_server::CoordinatorControlServer::new(ControlApi {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cohort_core::PartyId;
-use cohort_fl::{CHUNK_BYTES, chunk_tensors_shared};
+use cohort_fl::{CHUNK_BYTES, UpdateDecoder, chunk_tensors_shared};
 
 use crate::metrics::{Phase, UpdateOutcome};
 use cohort_proto::v1 as pb;
@@ -28,6 +28,8 @@ pub struct RoundApi {
     pub idle_timeout: Duration,
     /// Where updates are staged while they stream in.
     pub staging_dir: std::path::PathBuf,
+    /// The job's `compression`: the one dtype its updates' chunks may have.
+    pub compression: Option<cohort_core::spec::Compression>,
 }
 
 impl RoundApi {
@@ -220,8 +222,9 @@ enum Received {
 }
 
 impl RoundApi {
-    /// Checks the update chunk by chunk as it comes (layout, finiteness, effect on the
-    /// model) and stages it on disk, so no update is ever whole in memory; a bad chunk
+    /// Decodes the update chunk by chunk as it comes (refusing a dtype the job's spec does
+    /// not ask for), checks it (layout, finiteness, effect on the model) and stages it on
+    /// disk as f32, so no update is ever whole in memory; a bad chunk
     /// ends it at once. The upload takes one of the slots bounding the updates received at
     /// once when its first chunk arrived: a party that sends a header and stalls holds no
     /// slot. Returns the checked update with its slot, which the caller holds until the
@@ -232,6 +235,7 @@ impl RoundApi {
         inbound: &mut Streaming<pb::SubmitUpdateRequest>,
     ) -> Result<(cohort_fl::CheckedUpdate, Option<OwnedSemaphorePermit>), Received> {
         let mut check = upload.check().stream();
+        let decoder = UpdateDecoder::new(self.compression, upload.check().layout());
         // The coordinator's disk, not the party's upload: the party may try again.
         let unstaged = |e: std::io::Error| {
             Received::Broken(RoundError::unavailable(format!(
@@ -246,7 +250,12 @@ impl RoundApi {
             }
             match msg.part {
                 Some(pb::submit_update_request::Part::Chunk(c)) => {
+                    // Counted as received, then checked and staged as f32.
                     self.state.received(c.data.len());
+                    let c = decoder
+                        .decode(c)
+                        .map_err(|e| Received::Bad(e.to_string()))?;
+                    self.state.decoded(c.data.len());
                     let (tensor, offset) =
                         check.push(&c).map_err(|e| Received::Bad(e.to_string()))?;
                     staged.append(tensor, offset, &c.data).map_err(unstaged)?;

@@ -219,13 +219,17 @@ pub struct RoundState {
     refusal_log: Mutex<RefusalLog>,
     traffic_to_parties: AtomicU64,
     traffic_from_parties: AtomicU64,
+    traffic_from_parties_uncompressed: AtomicU64,
 }
 
 /// Tensor bytes moved between the coordinator and the parties.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Traffic {
     pub to_parties: u64,
+    /// As received (compressed under the job's `compression`).
     pub from_parties: u64,
+    /// What the received updates decoded to (f32).
+    pub from_parties_uncompressed: u64,
 }
 
 impl RoundState {
@@ -257,6 +261,7 @@ impl RoundState {
             }),
             traffic_to_parties: AtomicU64::new(0),
             traffic_from_parties: AtomicU64::new(0),
+            traffic_from_parties_uncompressed: AtomicU64::new(0),
         })
     }
 
@@ -267,10 +272,16 @@ impl RoundState {
             .fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
-    /// Counts update bytes received from a party.
+    /// Counts update bytes received from a party, as they came on the wire.
     pub fn received(&self, bytes: usize) {
         crate::metrics::received(bytes);
         self.traffic_from_parties
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// Counts what received update bytes decoded to (the same without compression).
+    pub fn decoded(&self, bytes: usize) {
+        self.traffic_from_parties_uncompressed
             .fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
@@ -279,6 +290,9 @@ impl RoundState {
         Traffic {
             to_parties: self.traffic_to_parties.swap(0, Ordering::Relaxed),
             from_parties: self.traffic_from_parties.swap(0, Ordering::Relaxed),
+            from_parties_uncompressed: self
+                .traffic_from_parties_uncompressed
+                .swap(0, Ordering::Relaxed),
         }
     }
 

@@ -275,8 +275,9 @@ impl JobRun {
             eval_parties_expected: evaluated.expected,
             bytes_to_parties: traffic.to_parties,
             bytes_from_parties: traffic.from_parties,
+            bytes_from_parties_uncompressed: traffic.from_parties_uncompressed,
         };
-        tracing::info!(job = %self.job_id, round, seconds = summary.duration_ms as f64 / 1e3, bytes_to_parties = traffic.to_parties, bytes_from_parties = traffic.from_parties, updates = trained.updates, accuracy = metrics.accuracy, robust_accuracy = ?evaluated.robust, loss = metrics.loss, version, "round complete");
+        tracing::info!(job = %self.job_id, round, seconds = summary.duration_ms as f64 / 1e3, bytes_to_parties = traffic.to_parties, bytes_from_parties = traffic.from_parties, bytes_from_parties_uncompressed = traffic.from_parties_uncompressed, updates = trained.updates, accuracy = metrics.accuracy, robust_accuracy = ?evaluated.robust, loss = metrics.loss, version, "round complete");
         self.flush_log().await;
         retry_unavailable("report round", SCHEDULER_PATIENCE, || {
             let mut c = self.clients.scheduler.clone();

@@ -95,6 +95,7 @@ fn round_to_pb(r: &RoundRecord) -> pb::RoundSummary {
         eval_parties_expected: r.eval_parties_expected,
         bytes_to_parties: r.bytes_to_parties,
         bytes_from_parties: r.bytes_from_parties,
+        bytes_from_parties_uncompressed: r.bytes_from_parties_uncompressed,
     }
 }
 
@@ -117,6 +118,10 @@ fn round_from_pb(round: pb::RoundSummary) -> Result<RoundRecord, Status> {
     for (field, v) in [
         ("bytes_to_parties", round.bytes_to_parties),
         ("bytes_from_parties", round.bytes_from_parties),
+        (
+            "bytes_from_parties_uncompressed",
+            round.bytes_from_parties_uncompressed,
+        ),
     ] {
         if v > MAX_ROUND_BYTES {
             return Err(Status::invalid_argument(format!(
@@ -160,6 +165,7 @@ fn round_from_pb(round: pb::RoundSummary) -> Result<RoundRecord, Status> {
         eval_parties_expected: round.eval_parties_expected,
         bytes_to_parties: round.bytes_to_parties,
         bytes_from_parties: round.bytes_from_parties,
+        bytes_from_parties_uncompressed: round.bytes_from_parties_uncompressed,
     })
 }
 
@@ -772,6 +778,7 @@ mod tests {
             eval_parties_expected,
             bytes_to_parties: 3_000_000_000,
             bytes_from_parties: 5_000_000_007,
+            bytes_from_parties_uncompressed: 20_000_000_028,
         }
     }
 
@@ -862,5 +869,15 @@ mod tests {
             assert_eq!(status.code(), tonic::Code::InvalidArgument);
             assert_eq!(status.message(), message);
         }
+        let reported = pb::RoundSummary {
+            bytes_from_parties_uncompressed: MAX_ROUND_BYTES + 1,
+            ..summary(2, 3)
+        };
+        let status = round_from_pb(reported).unwrap_err();
+        assert_eq!(
+            status.message(),
+            "round.bytes_from_parties_uncompressed: 1125899906842625 is more than \
+             1125899906842624"
+        );
     }
 }

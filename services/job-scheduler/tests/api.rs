@@ -405,6 +405,7 @@ async fn rounds_give_the_best_and_last_round() {
         eval_parties_expected: 2,
         bytes_to_parties: 3_000_000_000 + u64::from(n),
         bytes_from_parties: 5_000_000_000 + u64::from(n),
+        bytes_from_parties_uncompressed: 20_000_000_000 + u64::from(n),
     };
     let report = |summary: pb::RoundSummary| pb::ReportRoundRequest {
         job_id: id.clone(),

@@ -149,6 +149,7 @@ fn round(n: u32) -> RoundRecord {
         eval_parties_expected: 2,
         bytes_to_parties: 0,
         bytes_from_parties: 0,
+        bytes_from_parties_uncompressed: 0,
     }
 }
 

@@ -387,6 +387,12 @@ fn round_doc(r: &RoundRecord, job_id: &str) -> Result<Document> {
         "eval_parties_expected": i64::from(r.eval_parties_expected),
         "bytes_to_parties": to_i64(r.bytes_to_parties, "bytes_to_parties", WHAT, &at)?,
         "bytes_from_parties": to_i64(r.bytes_from_parties, "bytes_from_parties", WHAT, &at)?,
+        "bytes_from_parties_uncompressed": to_i64(
+            r.bytes_from_parties_uncompressed,
+            "bytes_from_parties_uncompressed",
+            WHAT,
+            &at,
+        )?,
     })
 }
 
@@ -421,6 +427,7 @@ fn round_from_doc(d: &Document, job_id: &str) -> Result<RoundRecord> {
         eval_parties_expected: count_or_zero(&f, "eval_parties_expected")?,
         bytes_to_parties: count_or_zero(&f, "bytes_to_parties")?,
         bytes_from_parties: count_or_zero(&f, "bytes_from_parties")?,
+        bytes_from_parties_uncompressed: count_or_zero(&f, "bytes_from_parties_uncompressed")?,
     })
 }
 
@@ -893,6 +900,7 @@ mod tests {
             "eval_parties_expected",
             "bytes_to_parties",
             "bytes_from_parties",
+            "bytes_from_parties_uncompressed",
         ] {
             d.remove(field);
         }
@@ -908,6 +916,7 @@ mod tests {
         );
         assert_eq!((r.eval_parties, r.eval_parties_expected), (0, 0));
         assert_eq!((r.bytes_to_parties, r.bytes_from_parties), (0, 0));
+        assert_eq!(r.bytes_from_parties_uncompressed, 0);
     }
 
     #[test]

@@ -243,12 +243,20 @@ impl JobStore for PgJobStore {
         let bytes_to_parties = super::to_i64(r.bytes_to_parties, "bytes_to_parties", WHAT, &what)?;
         let bytes_from_parties =
             super::to_i64(r.bytes_from_parties, "bytes_from_parties", WHAT, &what)?;
+        let bytes_from_parties_uncompressed = super::to_i64(
+            r.bytes_from_parties_uncompressed,
+            "bytes_from_parties_uncompressed",
+            WHAT,
+            &what,
+        )?;
         let inserted = sqlx::query(
             "INSERT INTO job_rounds (job_id, round, eval_loss, eval_accuracy, \
              eval_samples, train_loss, updates, model_version, duration_ms, refused_updates, \
              dropped_updates, task_failures, robust_accuracy, eval_parties, \
-             eval_parties_expected, bytes_to_parties, bytes_from_parties) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
+             eval_parties_expected, bytes_to_parties, bytes_from_parties, \
+             bytes_from_parties_uncompressed) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
+             $18) \
              ON CONFLICT (job_id, round) DO NOTHING",
         )
         .bind(id.as_str())
@@ -268,6 +276,7 @@ impl JobStore for PgJobStore {
         .bind(i64::from(r.eval_parties_expected))
         .bind(bytes_to_parties)
         .bind(bytes_from_parties)
+        .bind(bytes_from_parties_uncompressed)
         .execute(&mut *tx)
         .await?
         .rows_affected();
