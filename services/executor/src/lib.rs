@@ -178,12 +178,20 @@ async fn run_task_steps(channels: &mut Channels, exec: pb::ExecutorTask) -> anyh
             let mut objective = cohort_train::LocalObjective::of(&spec.aggregation);
             let client_control = if is_scaffold {
                 let state = scaffold::ClientControl::in_dir(&exec.state_dir)?;
-                let (client_c, kept) = state.load(&global)?;
+                let start = state.load(&global, task.round)?;
+                if let scaffold::Origin::RolledBack { round } = start.from {
+                    tracing::warn!(
+                        task = %task.task_id, round,
+                        "scaffold: round {round} is trained again (the coordinator resumed \
+                         from an earlier checkpoint); starting from the client control \
+                         variate of before it"
+                    );
+                }
                 objective.control = Some(cohort_train::ControlVariates {
                     server: server_c,
-                    client: client_c,
+                    client: start.client,
                 });
-                Some((state, kept))
+                Some((state, start.from))
             } else {
                 None
             };
@@ -210,7 +218,7 @@ async fn run_task_steps(channels: &mut Channels, exec: pb::ExecutorTask) -> anyh
                     let next = control
                         .next(&spec.training, &global, &outcome.weights, outcome.steps)
                         .context("scaffold: the client control variate")?;
-                    let pending = state.prepare(&next.client)?;
+                    let pending = state.prepare(&control.client, &next.client, task.round)?;
                     (
                         scaffold::update(&served_order, delta, next.delta)?,
                         Some(pending),
@@ -221,9 +229,7 @@ async fn run_task_steps(channels: &mut Channels, exec: pb::ExecutorTask) -> anyh
             tracing::info!(
                 task = %task.task_id, samples = outcome.samples, loss = outcome.loss,
                 proximal_mu = ?objective.proximal_mu, scaffold = is_scaffold,
-                client_control = client_control.as_ref().map_or("none", |(_, kept)| {
-                    if *kept { "kept" } else { "zero" }
-                }),
+                client_control = client_control.as_ref().map_or("none", |(_, from)| from.as_str()),
                 steps = outcome.steps,
                 accuracy = outcome.accuracy, seconds = started.elapsed().as_secs_f64(), "trained"
             );

@@ -5,7 +5,10 @@
 //!
 //! c_i⁺ is written to a temporary file before the update is sent (a full disk fails the
 //! task before anything leaves) and renamed over the kept one only once the coordinator
-//! has acknowledged the update: a refused or lost update leaves c_i as it was.
+//! has acknowledged the update: a refused or lost update leaves c_i as it was. The file
+//! also keeps the c_i the round started from and the round's number: asked to train that
+//! round again (a coordinator relaunched from the checkpoint before it, whose c never took
+//! this party's Δc_i), the party starts again from that earlier c_i.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -99,14 +102,17 @@ impl ClientControl {
         })
     }
 
-    /// The kept c_i, checked against `model`'s layout; zeros when the party has none yet
-    /// (the bool says whether one was kept). A file that does not fit is refused, not
-    /// replaced: it is this party's state, and starting over is the operator's call.
-    pub fn load(&self, model: &[NamedTensor]) -> anyhow::Result<(Vec<NamedTensor>, bool)> {
+    /// The c_i to train round `round` with, checked against `model`'s layout, and where it
+    /// came from. A file that does not fit is refused, not replaced: it is this party's
+    /// state, and starting over is the operator's call.
+    pub fn load(&self, model: &[NamedTensor], round: u32) -> anyhow::Result<Start> {
         let bytes = match std::fs::read(&self.path) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok((cohort_train::zero_control(model), false));
+                return Ok(Start {
+                    client: cohort_train::zero_control(model),
+                    from: Origin::Zero,
+                });
             }
             Err(e) => {
                 return Err(e).with_context(|| {
@@ -117,24 +123,38 @@ impl ClientControl {
                 });
             }
         };
-        let kept = cohort_fl::from_safetensors(&bytes)
-            .map_err(anyhow::Error::from)
-            .and_then(|c| check_layout(&c, model).map(|()| c))
-            .with_context(|| {
-                format!(
-                    "the client control variate {} does not fit this job's model (remove it \
-                     to start this party's control variate from zero)",
-                    self.path.display()
-                )
-            })?;
-        Ok((kept, true))
+        let kept = Kept::decode(&bytes, model).with_context(|| {
+            format!(
+                "the client control variate {} does not fit this job's model (remove it to \
+                 start this party's control variate from zero)",
+                self.path.display()
+            )
+        })?;
+        // Asked to train a round this party already advanced c_i in: the coordinator was
+        // relaunched from an earlier checkpoint, whose c never took that Δc_i.
+        Ok(if kept.round < round {
+            Start {
+                client: kept.current,
+                from: Origin::Kept { round: kept.round },
+            }
+        } else {
+            Start {
+                client: kept.previous,
+                from: Origin::RolledBack { round: kept.round },
+            }
+        })
     }
 
-    /// Writes `c` to a temporary file beside the kept one (synced), to be put in place by
-    /// [`Pending::commit`] once the update is acknowledged.
-    pub fn prepare(&self, c: &[NamedTensor]) -> anyhow::Result<Pending> {
-        let bytes =
-            cohort_fl::to_safetensors(c).context("cannot encode the client control variate")?;
+    /// Writes c_i⁺ (`next`, after training round `round` from `start`) to a temporary file
+    /// beside the kept one (synced), to be put in place by [`Pending::commit`] once the
+    /// update is acknowledged.
+    pub fn prepare(
+        &self,
+        start: &[NamedTensor],
+        next: &[NamedTensor],
+        round: u32,
+    ) -> anyhow::Result<Pending> {
+        let bytes = Kept::encode(start, next, round)?;
         let temp = self
             .path
             .with_file_name(format!(".{STATE_FILE}.{}.tmp", std::process::id()));
@@ -155,6 +175,97 @@ impl ClientControl {
         Ok(Pending {
             temp,
             path: self.path.clone(),
+        })
+    }
+}
+
+/// The c_i a round starts from.
+#[derive(Debug)]
+pub struct Start {
+    pub client: Vec<NamedTensor>,
+    pub from: Origin,
+}
+
+/// Where [`Start::client`] came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// None kept yet: zeros.
+    Zero,
+    /// The c_i⁺ of the party's last round (`round`), which the server took.
+    Kept { round: u32 },
+    /// The c_i from before `round`, the round being trained again: the coordinator that
+    /// acknowledged it died before its checkpoint, so its c lacks that Δc_i.
+    RolledBack { round: u32 },
+}
+
+impl Origin {
+    /// For the `trained` log line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Zero => "zero",
+            Origin::Kept { .. } => "kept",
+            Origin::RolledBack { .. } => "rolled_back",
+        }
+    }
+}
+
+/// In the file, beside c_i after round r (the model's tensor names): c_i before round r
+/// (`previous/<name>`) and r itself (`round`, one f32: exact, as rounds are at most 100 000).
+const PREVIOUS: &str = "previous/";
+const ROUND: &str = "round";
+
+/// What the file holds.
+struct Kept {
+    round: u32,
+    current: Vec<NamedTensor>,
+    previous: Vec<NamedTensor>,
+}
+
+impl Kept {
+    fn encode(
+        previous: &[NamedTensor],
+        current: &[NamedTensor],
+        round: u32,
+    ) -> anyhow::Result<Vec<u8>> {
+        let mut tensors: Vec<NamedTensor> = current.to_vec();
+        tensors.extend(previous.iter().map(|t| NamedTensor {
+            name: format!("{PREVIOUS}{}", t.name),
+            ..t.clone()
+        }));
+        tensors.push(NamedTensor {
+            name: ROUND.to_string(),
+            shape: vec![1],
+            data: vec![round as f32],
+        });
+        cohort_fl::to_safetensors(&tensors).context("cannot encode the client control variate")
+    }
+
+    fn decode(bytes: &[u8], model: &[NamedTensor]) -> anyhow::Result<Kept> {
+        let tensors = cohort_fl::from_safetensors(bytes)?;
+        let mut round = None;
+        let (mut current, mut previous) = (Vec::new(), Vec::new());
+        for t in tensors {
+            if t.name == ROUND {
+                round = match t.data.as_slice() {
+                    [r] if r.fract() == 0.0 && (0.0..=1e7).contains(r) => Some(*r as u32),
+                    other => bail!("tensor {ROUND} is {other:?}, not a round number"),
+                };
+            } else if let Some(name) = t.name.strip_prefix(PREVIOUS) {
+                previous.push(NamedTensor {
+                    name: name.to_string(),
+                    ..t
+                });
+            } else {
+                current.push(t);
+            }
+        }
+        let round = round.with_context(|| format!("no tensor {ROUND}"))?;
+        check_layout(&current, model)?;
+        check_layout(&previous, model).context(PREVIOUS)?;
+        Ok(Kept {
+            round,
+            current,
+            previous,
         })
     }
 }
@@ -293,35 +404,40 @@ mod tests {
         );
     }
 
+    fn sorted(mut v: Vec<NamedTensor>) -> Vec<NamedTensor> {
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
     #[test]
     fn the_client_control_starts_at_zero_and_advances_only_when_committed() {
         let dir = tempfile::tempdir().unwrap();
         let state = ClientControl::in_dir(&dir.path().display().to_string()).unwrap();
-        let (c, kept) = state.load(&model()).unwrap();
-        assert!(!kept);
+        let zero = vec![t("fc0.weight", &[2, 3], 0.0), t("fc0.bias", &[2], 0.0)];
+        let start = state.load(&model(), 1).unwrap();
         assert_eq!(
-            c,
-            vec![t("fc0.weight", &[2, 3], 0.0), t("fc0.bias", &[2], 0.0)]
+            (start.client.clone(), start.from),
+            (zero.clone(), Origin::Zero)
         );
 
         let next = vec![t("fc0.weight", &[2, 3], 0.7), t("fc0.bias", &[2], -0.2)];
         // A refused update: the pending c_i⁺ is dropped, nothing is kept.
-        drop(state.prepare(&next).unwrap());
-        assert!(!state.load(&model()).unwrap().1);
+        drop(state.prepare(&start.client, &next, 1).unwrap());
+        assert_eq!(state.load(&model(), 1).unwrap().from, Origin::Zero);
         assert_eq!(
             std::fs::read_dir(dir.path()).unwrap().count(),
             0,
             "no temp file left"
         );
 
-        state.prepare(&next).unwrap().commit().unwrap();
-        let (c, kept) = state.load(&model()).unwrap();
-        assert!(kept);
-        let mut expected = next.clone();
-        expected.sort_by(|a, b| a.name.cmp(&b.name));
-        let mut c = c;
-        c.sort_by(|a, b| a.name.cmp(&b.name));
-        assert_eq!(c, expected);
+        state
+            .prepare(&start.client, &next, 1)
+            .unwrap()
+            .commit()
+            .unwrap();
+        let after = state.load(&model(), 2).unwrap();
+        assert_eq!(after.from, Origin::Kept { round: 1 });
+        assert_eq!(sorted(after.client), sorted(next.clone()));
         assert_eq!(
             std::fs::read_dir(dir.path()).unwrap().count(),
             1,
@@ -329,19 +445,51 @@ mod tests {
         );
     }
 
+    /// Round 2 acknowledged, then the coordinator relaunched from round 1's checkpoint
+    /// offers round 2 again: the party starts from its c_i of before round 2, not after.
+    #[test]
+    fn a_round_trained_again_starts_from_the_control_variate_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = ClientControl::in_dir(&dir.path().display().to_string()).unwrap();
+        let after_1 = vec![t("fc0.weight", &[2, 3], 0.1), t("fc0.bias", &[2], 0.1)];
+        let after_2 = vec![t("fc0.weight", &[2, 3], 0.2), t("fc0.bias", &[2], 0.2)];
+        let again_2 = vec![t("fc0.weight", &[2, 3], 0.3), t("fc0.bias", &[2], 0.3)];
+        let zero = state.load(&model(), 1).unwrap().client;
+        state.prepare(&zero, &after_1, 1).unwrap().commit().unwrap();
+        let start = state.load(&model(), 2).unwrap();
+        assert_eq!(start.from, Origin::Kept { round: 1 });
+        state
+            .prepare(&start.client, &after_2, 2)
+            .unwrap()
+            .commit()
+            .unwrap();
+
+        let retried = state.load(&model(), 2).unwrap();
+        assert_eq!(retried.from, Origin::RolledBack { round: 2 });
+        assert_eq!(sorted(retried.client.clone()), sorted(after_1.clone()));
+        state
+            .prepare(&retried.client, &again_2, 2)
+            .unwrap()
+            .commit()
+            .unwrap();
+        let next = state.load(&model(), 3).unwrap();
+        assert_eq!(next.from, Origin::Kept { round: 2 });
+        assert_eq!(sorted(next.client), sorted(again_2));
+        // And once more: round 2 again still starts from after round 1.
+        let once_more = state.load(&model(), 2).unwrap();
+        assert_eq!(sorted(once_more.client), sorted(after_1));
+    }
+
     #[test]
     fn a_kept_control_of_another_layout_is_refused_naming_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let state = ClientControl::in_dir(&dir.path().display().to_string()).unwrap();
-        state
-            .prepare(&[t("fc0.weight", &[2, 3], 0.0)])
-            .unwrap()
-            .commit()
-            .unwrap();
-        let e = format!("{:#}", state.load(&model()).unwrap_err());
+        let other = [t("fc0.weight", &[2, 3], 0.0)];
+        state.prepare(&other, &other, 1).unwrap().commit().unwrap();
+        let e = format!("{:#}", state.load(&model(), 2).unwrap_err());
         assert!(e.contains(STATE_FILE) && e.contains("fc0.bias"), "{e}");
         std::fs::write(dir.path().join(STATE_FILE), b"not safetensors").unwrap();
-        let e = format!("{:#}", state.load(&model()).unwrap_err());
+        let e = format!("{:#}", state.load(&model(), 2).unwrap_err());
         assert!(e.contains(STATE_FILE), "{e}");
     }
 
