@@ -1,21 +1,23 @@
 //! executor: runs tasks for its party. Fetches the global model through the
 //! proxy, trains (or evaluates) on the party's local data with candle, and
-//! streams the update (new weights minus global) back in chunks.
+//! streams the update (new weights minus global) back in chunks, compressed when the
+//! job's `compression` asks (`compression.rs`).
 //!
 //! Started by task-manager, either for one task given in a task file, or (`--serve`) for
 //! the successive tasks of one job on one party, handed over its stdin
 //! (`cohort_runtime::executor_pipe`), answering each on its stdout and keeping its
 //! connection to the proxy between them. Holds no state from one task to the next but that
 //! connection, except what a strategy keeps in the job's state directory on the party
-//! (`scaffold.rs`: SCAFFOLD's client control variate). Must not depend on server-side
-//! crates. A task's fatal error is one line (`error: ` and the whole cause chain): the
-//! answer of a serving executor, or the last log line of a one-task executor; task-manager
-//! reports it to the server as the task's reason.
+//! (`scaffold.rs`: SCAFFOLD's client control variate; `compression.rs`: top-k's residual).
+//! Must not depend on server-side crates. A task's fatal error is one line (`error: ` and
+//! the whole cause chain): the answer of a serving executor, or the last log line of a
+//! one-task executor; task-manager reports it to the server as the task's reason.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use cohort_core::spec::Compression;
 use cohort_core::{JobSpec, NamedTensor};
 use cohort_fl::{CHUNK_BYTES, SyntheticModel, TensorAssembler, chunk_tensors_shared};
 use cohort_proto::v1 as pb;
@@ -25,6 +27,7 @@ use futures::StreamExt;
 use tonic::metadata::MetadataValue;
 use tracing::Instrument as _;
 
+mod compression;
 mod scaffold;
 
 #[derive(Debug, clap::Parser)]
@@ -154,7 +157,8 @@ async fn run_task_steps(channels: &mut Channels, exec: pb::ExecutorTask) -> anyh
     let spec = JobSpec::from_json(&task.spec_json).context("task file: task.spec_json")?;
     let kind = pb::TaskKind::try_from(task.kind).unwrap_or(pb::TaskKind::Unspecified);
     let started = Instant::now();
-    let client = RoundClient::new(channels.to(&exec.endpoint)?, &task)?;
+    let client = RoundClient::new(channels.to(&exec.endpoint)?, &task)?
+        .compressing(spec.wire_compression(), &exec.state_dir);
     let served = client
         .fetch_model()
         .instrument(cohort_telemetry::trace_span!("fetch"))
@@ -375,6 +379,12 @@ struct RoundClient {
     inner: pb::round_client::RoundClient<cohort_runtime::Channel>,
     job: MetadataValue<tonic::metadata::Ascii>,
     token: String,
+    task_id: String,
+    /// Draws quantisation's rounding: a rerun of the task sends the same update.
+    seed: u64,
+    /// The job's `compression`, and the party's state directory for the job (top-k's
+    /// residual).
+    compression: Option<(Compression, String)>,
 }
 
 impl RoundClient {
@@ -385,7 +395,18 @@ impl RoundClient {
                 .max_encoding_message_size(CHUNK_BYTES * 4),
             job: task.job_id.parse().context("task file: task.job_id")?,
             token: task.task_token.clone(),
+            task_id: task.task_id.clone(),
+            seed: task.seed,
+            compression: None,
         })
+    }
+
+    /// Updates go encoded as `method` asks (see [`RoundClient::submit_update`]).
+    fn compressing(self, method: Option<Compression>, state_dir: &str) -> Self {
+        Self {
+            compression: method.map(|m| (m, state_dir.to_string())),
+            ..self
+        }
     }
 
     fn request<T>(&self, msg: T) -> tonic::Request<T> {
@@ -419,12 +440,22 @@ impl RoundClient {
         Ok(model)
     }
 
+    /// Sends an update: as it is (its chunks sharing its memory), or encoded as the job's
+    /// `compression` asks (the encoded chunks, at most a quarter of the update, made
+    /// once), top-k's residual kept once the coordinator acknowledged it.
     async fn submit_update(
         &self,
         delta: Vec<NamedTensor>,
         samples: u64,
         train: pb::Metrics,
     ) -> anyhow::Result<()> {
+        if let Some((method, state_dir)) = &self.compression {
+            let outgoing =
+                compression::Outgoing::encode(*method, delta, state_dir, self.seed, &self.task_id)?;
+            self.submit_chunks(outgoing.chunks(), samples, train)
+                .await?;
+            return outgoing.acknowledged();
+        }
         let delta = std::sync::Arc::new(delta);
         self.submit_chunks(
             move || chunk_tensors_shared(delta.clone(), CHUNK_BYTES),
