@@ -66,6 +66,12 @@ impl Federation {
         Federation::start_as(parties, storage, digits, Vec::new()).await
     }
 
+    /// Parties holding Dirichlet(`alpha`) shards of the digits, split by `seed`.
+    pub async fn digits_at(parties: u32, alpha: f64, seed: u64) -> anyhow::Result<Federation> {
+        let digits = PartyData::Digits { alpha, seed };
+        Federation::start_as(parties, Storage::default(), digits, Vec::new()).await
+    }
+
     /// Parties that start a new executor process for every task, given a task file
     /// (`--executor-idle-secs 0`), instead of keeping one per job.
     pub async fn with_executor_per_task(parties: u32) -> anyhow::Result<Federation> {
@@ -117,10 +123,17 @@ impl Federation {
         party: &str,
         mode: &str,
     ) -> anyhow::Result<Federation> {
-        let digits = PartyData::Digits {
-            alpha: 0.5,
-            seed: 42,
-        };
+        Federation::with_adversary_at(parties, party, mode, 0.5).await
+    }
+
+    /// [`Federation::with_adversary`] over Dirichlet(`alpha`) shards of the digits.
+    pub async fn with_adversary_at(
+        parties: u32,
+        party: &str,
+        mode: &str,
+        alpha: f64,
+    ) -> anyhow::Result<Federation> {
+        let digits = PartyData::Digits { alpha, seed: 42 };
         let overrides = vec![(
             party.to_string(),
             vec![("COHORT_ADVERSARY".to_string(), mode.to_string())],

@@ -139,32 +139,60 @@ async fn robust_rules_train_digits_to_085_without_an_adversary() {
 
 /// The same with a party of the federation itself turned adversary (`task-manager
 /// --adversary scale=-4`: its trained update, flipped and scaled, every round) among five
-/// Dirichlet(0.5) shards, 15 rounds of 2 local epochs.
+/// parties, 15 rounds of 2 local epochs. On mildly skewed shards (Dirichlet(5)) every robust
+/// rule stays at ≥ 0.80 — Krum taking one update a round too — while FedAvg, whose mean the
+/// adversary cancels, is far below.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn robust_rules_withstand_a_party_started_as_adversary() {
+    let fed = Federation::with_adversary_at(5, "party-5", "scale=-4", 5.0)
+        .await
+        .expect("federation");
+    let accuracy = accuracies(&fed, ADVERSARY_STRATEGIES, ADVERSARY_SHAPE).await;
+    eprintln!("held-out accuracy with party-5 at scale=-4, Dirichlet(5): {accuracy:?}");
+    // Measured: FedAvg 0.39; median 0.93, trimmed mean 0.93, Krum 0.92, multi-Krum 0.94.
+    let fedavg = accuracy[0].1;
+    for (strategy, a) in &accuracy[1..] {
+        assert!(*a >= 0.80, "{strategy}: {a:.3} < 0.80 ({accuracy:?})");
+        assert!(
+            *a >= fedavg + 0.2,
+            "{strategy} ({a:.3}) is not clearly better than fedavg ({fedavg:.3})"
+        );
+    }
+    // The adversary said so in its log.
+    let logs = cohort_integration_tests::log_files_under(fed.dir.path());
+    assert!(
+        logs.iter()
+            .any(|p| std::fs::read_to_string(p).is_ok_and(|t| t.contains("ADVERSARY MODE"))),
+        "no log line says a party runs as an adversary"
+    );
+}
+
+const ADVERSARY_STRATEGIES: &[&str] = &[
+    "fedavg",
+    "median",
+    "trimmed_mean, beta: 0.2",
+    "krum, f: 1",
+    "krum, f: 1, m: 3",
+];
+
+const ADVERSARY_SHAPE: Shape = Shape {
+    parties: 5,
+    rounds: 15,
+    epochs: 2,
+};
+
+/// The limit of coordinate-wise rules: the same adversary among five Dirichlet(0.5) shards,
+/// where parties hold few classes each and disagree widely. A flipped update pulls each
+/// coordinate's median one rank its way, so the median and the trimmed mean resist but learn
+/// slower; multi-Krum, which drops the whole update, keeps up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_skewed_shards_multi_krum_withstands_the_adversary_best() {
     let fed = Federation::with_adversary(5, "party-5", "scale=-4")
         .await
         .expect("federation");
-    let accuracy = accuracies(
-        &fed,
-        &[
-            "fedavg",
-            "median",
-            "trimmed_mean, beta: 0.2",
-            "krum, f: 1, m: 3",
-        ],
-        Shape {
-            parties: 5,
-            rounds: 15,
-            epochs: 2,
-        },
-    )
-    .await;
-    eprintln!("held-out accuracy with party-5 at scale=-4: {accuracy:?}");
-    // Measured at 15 rounds: FedAvg 0.18, median 0.55, trimmed mean 0.73, multi-Krum 0.85.
-    // A flipped update pulls every coordinate's median one rank its way, and five
-    // Dirichlet(0.5) shards disagree widely: the coordinate-wise rules resist but learn
-    // slower; Krum, which drops the whole update, keeps up.
+    let accuracy = accuracies(&fed, ADVERSARY_STRATEGIES, ADVERSARY_SHAPE).await;
+    eprintln!("held-out accuracy with party-5 at scale=-4, Dirichlet(0.5): {accuracy:?}");
+    // Measured: FedAvg 0.18; median 0.55, trimmed mean 0.73, Krum 0.58, multi-Krum 0.85.
     let fedavg = accuracy[0].1;
     for (strategy, a) in &accuracy[1..] {
         assert!(
@@ -172,13 +200,9 @@ async fn robust_rules_withstand_a_party_started_as_adversary() {
             "{strategy} ({a:.3}) is not clearly better than fedavg ({fedavg:.3})"
         );
     }
-    let krum = accuracy[3].1;
-    assert!(krum >= 0.80, "multi-Krum: {krum:.3} < 0.80 ({accuracy:?})");
-    // The adversary said so in its log.
-    let logs = cohort_integration_tests::log_files_under(fed.dir.path());
+    let multi_krum = accuracy[4].1;
     assert!(
-        logs.iter()
-            .any(|p| std::fs::read_to_string(p).is_ok_and(|t| t.contains("ADVERSARY MODE"))),
-        "no log line says a party runs as an adversary"
+        multi_krum >= 0.80,
+        "multi-Krum: {multi_krum:.3} < 0.80 ({accuracy:?})"
     );
 }
