@@ -463,12 +463,106 @@ pub struct PrivacySpec {
     pub dp: Option<DpSpec>,
 }
 
+/// Differential privacy of the job's releases (DP-FedAvg): every update clipped to `clip`,
+/// summed with weight 1, Gaussian noise of deviation `noise_multiplier × clip` added to the
+/// sum, divided by `clients.per_round`. The guarantee is user-level (a user is a party), at
+/// `delta`, accounted for round by round (`cohort_fl::privacy`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DpSpec {
+    /// The L2 norm every update is clipped to, > 0: the sum's sensitivity to one party.
     pub clip: f64,
+    /// z ≥ 0: the noise's standard deviation is z × clip. 0 clips without noise (no
+    /// guarantee: ε is infinite).
     pub noise_multiplier: f64,
+    /// The δ of the (ε, δ) guarantee, in (0, 1); well below 1 ÷ the number of parties.
     pub delta: f64,
+    /// Stop the job before a round would take ε (at `delta`) over this budget, > 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_epsilon: Option<f64>,
+    /// Local DP, for parties that do not trust the server: each party clips its update to
+    /// `clip` and adds the noise N(0, (z × clip)²) itself before sending; the coordinator
+    /// adds none. The sum then carries the noise of every party (more than the central
+    /// mechanism's), and each update alone is private toward the server.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub local: bool,
+}
+
+impl DpSpec {
+    /// Checks each value and its fit with the rest of the spec.
+    fn validate(&self, spec: &JobSpec) -> Result<(), SpecError> {
+        let bad = |field: &str, message: String| {
+            Err(SpecError::new(format!("privacy.dp.{field}"), message))
+        };
+        if !(self.clip.is_finite() && self.clip > 0.0 && self.clip <= f64::from(f32::MAX)) {
+            return bad(
+                "clip",
+                format!("must be a positive finite number, got {}", self.clip),
+            );
+        }
+        let z = self.noise_multiplier;
+        if !(z.is_finite() && z >= 0.0) {
+            return bad(
+                "noise_multiplier",
+                format!("must be a finite number of at least 0, got {z}"),
+            );
+        }
+        if !(self.delta.is_finite() && self.delta > 0.0 && self.delta < 1.0) {
+            return bad("delta", format!("must be in (0, 1), got {}", self.delta));
+        }
+        if let Some(t) = self.target_epsilon {
+            if !(t.is_finite() && t > 0.0) {
+                return bad(
+                    "target_epsilon",
+                    format!("must be a positive finite number, got {t}"),
+                );
+            }
+            if z == 0.0 {
+                return bad(
+                    "target_epsilon",
+                    "without noise (noise_multiplier 0) one round already spends an infinite \
+                     ε; give a noise_multiplier above 0"
+                        .to_string(),
+                );
+            }
+        }
+        let a = &spec.aggregation;
+        if matches!(
+            a.strategy,
+            Strategy::Median | Strategy::TrimmedMean | Strategy::Krum
+        ) {
+            return Err(SpecError::new(
+                "aggregation.strategy",
+                format!(
+                    "{:?} cannot be combined with privacy.dp: the Gaussian noise covers one \
+                     party's effect on a sum of clipped updates (clip), while a median, a \
+                     trimmed mean or Krum's pick moves with one party by more than that",
+                    a.strategy.as_str()
+                ),
+            ));
+        }
+        if a.max_weight_share.is_some() {
+            return Err(SpecError::new(
+                "aggregation.max_weight_share",
+                "under privacy.dp every update weighs the same (weights by samples would let \
+                 one party move the sum by more than clip); leave it out",
+            ));
+        }
+        if a.max_update_norm.is_some() && !self.local {
+            return Err(SpecError::new(
+                "aggregation.max_update_norm",
+                "under privacy.dp every update is clipped to privacy.dp.clip; leave it out",
+            ));
+        }
+        if spec.model.arch == Arch::Synthetic {
+            return Err(SpecError::new(
+                "privacy.dp",
+                "the synthetic workload's results are checked against the exact average, \
+                 which noise would change",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// How parties compress their updates on the wire: exactly one of the two.
@@ -926,11 +1020,8 @@ impl JobSpec {
                 "secure aggregation is not supported yet",
             ));
         }
-        if self.privacy.dp.is_some() {
-            return Err(SpecError::new(
-                "privacy.dp",
-                "differential privacy is not supported yet",
-            ));
+        if let Some(dp) = &self.privacy.dp {
+            dp.validate(self)?;
         }
         if let Some(compression) = &self.compression {
             compression.method()?;
@@ -1531,9 +1622,15 @@ clients: {per_round: 3, min: 2, round_timeout: 30s}
             ("{strategy: fedavg, momentum: 0.9}", "aggregation.momentum"),
             ("{strategy: fedadam, momentum: 0.9}", "aggregation.momentum"),
             ("{strategy: fedavgm, momentum: 1}", "aggregation.momentum"),
-            ("{strategy: fedavgm, momentum: -0.5}", "aggregation.momentum"),
+            (
+                "{strategy: fedavgm, momentum: -0.5}",
+                "aggregation.momentum",
+            ),
             ("{strategy: fedavgm, server_lr: 0}", "aggregation.server_lr"),
-            ("{strategy: scaffold, server_lr: 11}", "aggregation.server_lr"),
+            (
+                "{strategy: scaffold, server_lr: 11}",
+                "aggregation.server_lr",
+            ),
             ("{strategy: median, server_lr: 1}", "aggregation.server_lr"),
             ("{strategy: krum, f: 1}", "aggregation.f"),
             ("{strategy: fedavg, bogus: 1}", "aggregation.bogus"),
@@ -1777,12 +1874,15 @@ training:
             Some(Compression::TopK { fraction: 0.01 })
         );
         assert_eq!(
-            JobSpec::parse(&with("{top_k: 1}")).unwrap().wire_compression(),
+            JobSpec::parse(&with("{top_k: 1}"))
+                .unwrap()
+                .wire_compression(),
             Some(Compression::TopK { fraction: 1.0 })
         );
         assert_eq!(JobSpec::parse(GOOD).unwrap().wire_compression(), None);
         // With a robust strategy too: the coordinator decodes before it checks.
-        let robust = format!("{GOOD}aggregation: {{strategy: median}}\ncompression: {{top_k: 0.1}}\n");
+        let robust =
+            format!("{GOOD}aggregation: {{strategy: median}}\ncompression: {{top_k: 0.1}}\n");
         assert!(JobSpec::parse(&robust).is_ok());
         for (compression, field) in [
             ("{quantize_bits: 16}", "compression.quantize_bits"),
@@ -1805,6 +1905,149 @@ training:
                          data: {dataset: synthetic}\nclients: {per_round: 2, min: 2}\n\
                          compression: {quantize_bits: 8}\n";
         assert_eq!(err_field(synthetic), "compression");
+    }
+
+    #[test]
+    fn differential_privacy_is_checked_naming_the_field() {
+        let with = |privacy: &str, extra: &str| format!("{GOOD}privacy: {privacy}\n{extra}");
+        let spec = JobSpec::parse(&with(
+            "{dp: {clip: 1.0, noise_multiplier: 1.1, delta: 1e-5, target_epsilon: 8}}",
+            "",
+        ))
+        .unwrap();
+        let dp = spec.privacy.dp.clone().unwrap();
+        assert_eq!((dp.clip, dp.noise_multiplier, dp.delta), (1.0, 1.1, 1e-5));
+        assert_eq!((dp.target_epsilon, dp.local), (Some(8.0), false));
+        assert_eq!(JobSpec::from_json(&spec.to_json()).unwrap(), spec);
+        let local = JobSpec::parse(&with(
+            "{dp: {clip: 1, noise_multiplier: 0.5, delta: 1e-5, local: true}}",
+            "aggregation: {max_update_norm: 100, norm_action: refuse}\n",
+        ))
+        .unwrap();
+        assert!(local.privacy.dp.as_ref().unwrap().local);
+        assert!(local.to_json().contains("\"local\":true"));
+        // Clipping without noise is accepted (it is how the mechanism is tested).
+        assert!(
+            JobSpec::parse(&with(
+                "{dp: {clip: 1, noise_multiplier: 0, delta: 1e-5}}",
+                ""
+            ))
+            .is_ok()
+        );
+        for (dp, extra, field, problem) in [
+            (
+                "{clip: 0, noise_multiplier: 1, delta: 1e-5}",
+                "",
+                "privacy.dp.clip",
+                "positive",
+            ),
+            (
+                "{clip: -1, noise_multiplier: 1, delta: 1e-5}",
+                "",
+                "privacy.dp.clip",
+                "positive",
+            ),
+            (
+                "{clip: .inf, noise_multiplier: 1, delta: 1e-5}",
+                "",
+                "privacy.dp.clip",
+                "positive",
+            ),
+            (
+                "{clip: 1, noise_multiplier: -0.1, delta: 1e-5}",
+                "",
+                "privacy.dp.noise_multiplier",
+                "at least 0",
+            ),
+            (
+                "{clip: 1, noise_multiplier: .nan, delta: 1e-5}",
+                "",
+                "privacy.dp.noise_multiplier",
+                "at least 0",
+            ),
+            (
+                "{clip: 1, noise_multiplier: 1, delta: 0}",
+                "",
+                "privacy.dp.delta",
+                "(0, 1)",
+            ),
+            (
+                "{clip: 1, noise_multiplier: 1, delta: 1}",
+                "",
+                "privacy.dp.delta",
+                "(0, 1)",
+            ),
+            (
+                "{clip: 1, noise_multiplier: 1, delta: 1e-5, target_epsilon: 0}",
+                "",
+                "privacy.dp.target_epsilon",
+                "positive",
+            ),
+            (
+                "{clip: 1, noise_multiplier: 0, delta: 1e-5, target_epsilon: 8}",
+                "",
+                "privacy.dp.target_epsilon",
+                "infinite",
+            ),
+            ("{clip: 1, noise_multiplier: 1}", "", "privacy.dp", "delta"),
+            (
+                "{clip: 1, noise_multiplier: 1, delta: 1e-5, epsilon: 3}",
+                "",
+                "privacy.dp.epsilon",
+                "unknown",
+            ),
+            (
+                "{clip: 1, noise_multiplier: 1, delta: 1e-5}",
+                "aggregation: {strategy: median}\n",
+                "aggregation.strategy",
+                "median",
+            ),
+            (
+                "{clip: 1, noise_multiplier: 1, delta: 1e-5}",
+                "aggregation: {strategy: trimmed_mean}\n",
+                "aggregation.strategy",
+                "sum of clipped",
+            ),
+            (
+                "{clip: 1, noise_multiplier: 1, delta: 1e-5}",
+                "aggregation: {strategy: krum}\n",
+                "aggregation.strategy",
+                "Krum",
+            ),
+            (
+                "{clip: 1, noise_multiplier: 1, delta: 1e-5}",
+                "aggregation: {max_weight_share: 0.5}\n",
+                "aggregation.max_weight_share",
+                "weighs the same",
+            ),
+            (
+                "{clip: 1, noise_multiplier: 1, delta: 1e-5}",
+                "aggregation: {max_update_norm: 2}\n",
+                "aggregation.max_update_norm",
+                "privacy.dp.clip",
+            ),
+        ] {
+            let mut text = with(&format!("{{dp: {dp}}}"), extra);
+            if extra.contains("krum") {
+                // A Krum of f = 1 valid on its own: 2f + 3 updates a round.
+                text = text.replace("per_round: 3, min: 2", "per_round: 5, min: 5");
+            }
+            let e = parse_err(&text);
+            assert_eq!(e.field, field, "{dp} {extra}: {e}");
+            assert!(e.message.contains(problem), "{dp} {extra}: {e}");
+        }
+        // Strategies whose server step works on the mean take the noisy mean.
+        for strategy in ["fedavg", "fedprox", "fedavgm", "fedadam", "scaffold"] {
+            let text = with(
+                "{dp: {clip: 1, noise_multiplier: 1, delta: 1e-5}}",
+                &format!("aggregation: {{strategy: {strategy}}}\n"),
+            );
+            assert!(JobSpec::parse(&text).is_ok(), "{strategy}");
+        }
+        let synthetic = "name: s\nmodel: {arch: synthetic, params: 100}\n\
+                         data: {dataset: synthetic}\nclients: {per_round: 2, min: 2}\n\
+                         privacy: {dp: {clip: 1, noise_multiplier: 1, delta: 1e-5}}\n";
+        assert_eq!(err_field(synthetic), "privacy.dp");
     }
 
     #[test]

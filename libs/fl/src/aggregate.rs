@@ -15,6 +15,7 @@ use cohort_core::spec::NormAction;
 use cohort_proto::v1::TensorChunk;
 
 use crate::FlError;
+use crate::privacy::DpAggregation;
 use crate::robust::RobustRule;
 use crate::wire::Layout;
 
@@ -27,6 +28,20 @@ pub struct AggregationRules {
     pub max_update_norm: Option<(f64, NormAction)>,
     /// Combine the round's updates all at once with this rule instead of averaging them.
     pub robust: Option<RobustRule>,
+    /// Differential privacy: updates clipped (to its bound, over `max_update_norm`), each
+    /// weighing 1, noise added to the sum, divided by a fixed denominator.
+    pub dp: Option<DpAggregation>,
+}
+
+impl AggregationRules {
+    /// The norm bound updates are held to: differential privacy's clip, or the job's
+    /// `max_update_norm`.
+    fn norm_bound(&self) -> Option<(f64, NormAction)> {
+        match self.dp.and_then(|dp| dp.clip) {
+            Some(clip) => Some((clip, NormAction::Clip)),
+            None => self.max_update_norm,
+        }
+    }
 }
 
 /// Checks updates against one round's global model. Immutable, so uploads can check in
@@ -164,7 +179,7 @@ impl UpdateCheck {
             });
         }
         let mut clipped = false;
-        if let Some((bound, action)) = self.rules.max_update_norm
+        if let Some((bound, action)) = self.rules.norm_bound()
             && norm > bound
         {
             match action {
@@ -327,7 +342,7 @@ impl UpdateStream {
         }
         let mut scale = 1.0;
         let mut clipped = false;
-        if let Some((bound, action)) = self.check.rules.max_update_norm
+        if let Some((bound, action)) = self.check.rules.norm_bound()
             && norm > bound
         {
             match action {
@@ -555,13 +570,17 @@ impl FedAvg {
         if let Some((_, weight)) = updates.iter().find(|(_, w)| *w == 0) {
             return Err(FlError::ZeroWeight(*weight));
         }
-        let weighted = updates.into_iter().map(|(u, w)| (u, w as f64));
+        // Under DP every update weighs the same: the sum's sensitivity is then the clip.
+        let uniform = self.check.rules.dp.is_some();
+        let weighted = updates
+            .into_iter()
+            .map(|(u, w)| (u, if uniform { 1.0 } else { w as f64 }));
         if self.robust.is_some() {
             self.held
                 .extend(weighted.map(|(update, weight)| Held { weight, update }));
             return Ok(());
         }
-        let Some(share) = self.check.rules.max_weight_share else {
+        let Some(share) = self.check.rules.max_weight_share.filter(|_| !uniform) else {
             return self.fold_batch(weighted.collect());
         };
         for (update, weight) in weighted {
@@ -627,15 +646,44 @@ impl FedAvg {
         Ok(())
     }
 
-    /// The new global model: `global + Σ wᵢ·deltaᵢ / Σ wᵢ` with capped weights. Refuses an
-    /// aggregate that is not finite: such a model is never to be stored.
-    pub fn finish(mut self) -> Result<Vec<NamedTensor>, FlError> {
+    /// The new global model: `global + Σ wᵢ·deltaᵢ / Σ wᵢ` with capped weights, or under
+    /// differential privacy `global + (Σ clipped deltaᵢ + noise) / denominator`, the noise
+    /// drawn from the operating system's randomness ([`crate::privacy::os_noise`]).
+    /// Refuses an aggregate that is not finite: such a model is never to be stored.
+    pub fn finish(self) -> Result<Vec<NamedTensor>, FlError> {
+        let mut noise = match self.check.rules.dp {
+            Some(dp) if dp.noise_std > 0.0 => Some(crate::privacy::os_noise()?),
+            _ => None,
+        };
+        self.finish_with_noise(noise.as_mut().map(|r| r as &mut dyn rand::RngCore))
+    }
+
+    /// [`FedAvg::finish`] with the DP noise drawn from `noise` (tests pass a seeded one).
+    /// Without DP noise to add it is not used and may be None.
+    pub fn finish_with_noise(
+        mut self,
+        noise: Option<&mut dyn rand::RngCore>,
+    ) -> Result<Vec<NamedTensor>, FlError> {
         if self.updates() == 0 {
             return Err(FlError::Empty);
         }
         if let Some(why) = &self.broken {
             return Err(FlError::Broken(why.clone()));
         }
+        let dp = self.check.rules.dp;
+        if dp.is_some() && self.robust.is_some() {
+            return Err(FlError::Broken(
+                "differential privacy needs a sum of clipped updates; a robust rule has none"
+                    .into(),
+            ));
+        }
+        let mut noise = match (dp, noise) {
+            (Some(dp), None) if dp.noise_std > 0.0 => {
+                return Err(FlError::Broken("no generator for the DP noise".into()));
+            }
+            (Some(dp), Some(rng)) if dp.noise_std > 0.0 => Some((dp.noise_std, rng)),
+            _ => None,
+        };
         if let Some(rule) = self.robust {
             let updates: Vec<CheckedUpdate> = self.held.drain(..).map(|h| h.update).collect();
             return crate::robust::combine(&self.check.global, &updates, rule);
@@ -664,12 +712,17 @@ impl FedAvg {
         match std::mem::replace(&mut self.acc, Accumulator::Sum(Vec::new())) {
             // Each layer's sum is freed once converted: never the whole sum and model twice.
             Accumulator::Sum(sum) => {
-                for (g, acc) in self.check.global.iter().zip(sum) {
+                // Under DP the (noisy) sum is divided by the fixed denominator.
+                let denominator = dp.map_or(total, |dp| dp.denominator);
+                for (g, mut acc) in self.check.global.iter().zip(sum) {
+                    if let Some((std, rng)) = noise.as_mut() {
+                        crate::privacy::add_noise(&mut acc, *std, &mut **rng);
+                    }
                     let data: Vec<f32> = g
                         .data
                         .iter()
                         .zip(&acc)
-                        .map(|(x, s)| (f64::from(*x) + s / total) as f32)
+                        .map(|(x, s)| (f64::from(*x) + s / denominator) as f32)
                         .collect();
                     let finite = crate::wire::all_finite(&data);
                     layers.push((data, finite));
@@ -679,9 +732,25 @@ impl FedAvg {
             Accumulator::Mean(mean) => {
                 for (g, mut acc) in self.check.global.iter().zip(mean) {
                     let mut finite = true;
-                    for (m, x) in acc.iter_mut().zip(&g.data) {
-                        *m += x;
-                        finite &= m.is_finite();
+                    match dp {
+                        None => {
+                            for (m, x) in acc.iter_mut().zip(&g.data) {
+                                *m += x;
+                                finite &= m.is_finite();
+                            }
+                        }
+                        // The mean of weights 1 times their count is the sum.
+                        Some(dp) => {
+                            let mut sum: Vec<f64> =
+                                acc.iter().map(|m| f64::from(*m) * total).collect();
+                            if let Some((std, rng)) = noise.as_mut() {
+                                crate::privacy::add_noise(&mut sum, *std, &mut **rng);
+                            }
+                            for ((m, x), s) in acc.iter_mut().zip(&g.data).zip(sum) {
+                                *m = (f64::from(*x) + s / dp.denominator) as f32;
+                                finite &= m.is_finite();
+                            }
+                        }
                     }
                     layers.push((acc, finite));
                 }
@@ -905,6 +974,7 @@ pub fn lower_median(values: &[f64]) -> Option<f64> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use rand::SeedableRng;
 
     fn t(name: &str, data: Vec<f32>) -> NamedTensor {
         NamedTensor {
@@ -966,6 +1036,7 @@ mod tests {
             max_weight_share: None,
             max_update_norm: Some((0.5, NormAction::Clip)),
             robust: None,
+            dp: None,
         };
         let mut whole = FedAvg::new(Arc::new(global.clone()), rules);
         whole.fold(&delta, 3).unwrap();
@@ -992,6 +1063,7 @@ mod tests {
                 max_weight_share: None,
                 max_update_norm: Some((100.0, NormAction::Refuse)),
                 robust: None,
+                dp: None,
             },
         ));
         let good = || -> Vec<TensorChunk> {
@@ -1034,6 +1106,7 @@ mod tests {
             max_weight_share: Some(0.4),
             max_update_norm: Some((3.0, NormAction::Clip)),
             robust: None,
+            dp: None,
         };
         let mut sum = FedAvg::new(Arc::new(global.clone()), rules);
         let mut mean = FedAvg::new(Arc::new(global), rules).with_f32_mean();
@@ -1114,6 +1187,7 @@ mod tests {
             max_weight_share: None,
             max_update_norm: Some((50.0, NormAction::Clip)),
             robust: None,
+            dp: None,
         };
         for f32_mean in [false, true] {
             let fresh = |threads: usize| {
@@ -1326,5 +1400,143 @@ mod tests {
         assert_eq!(lower_median(&[0.9, 1.0]), Some(0.9));
         assert_eq!(lower_median(&[0.7]), Some(0.7));
         assert_eq!(lower_median(&[]), None);
+    }
+
+    fn dp(clip: f64, noise_std: f64, denominator: f64) -> AggregationRules {
+        AggregationRules {
+            dp: Some(DpAggregation {
+                clip: Some(clip),
+                noise_std,
+                denominator,
+            }),
+            ..AggregationRules::default()
+        }
+    }
+
+    /// Updates of different norms and sample counts, some over the clip of 1.
+    fn dp_updates() -> Vec<(Vec<NamedTensor>, u64)> {
+        vec![
+            (vec![t("a", vec![3.0, 4.0]), t("b", vec![0.0])], 10),
+            (vec![t("a", vec![0.3, -0.4]), t("b", vec![0.0])], 500),
+            (vec![t("a", vec![0.0, 0.0]), t("b", vec![-2.0])], 1),
+        ]
+    }
+
+    #[test]
+    fn dp_without_noise_is_clipped_fedavg_with_equal_weights() {
+        let global = vec![t("a", vec![1.0, 1.0]), t("b", vec![0.5])];
+        let mut private = FedAvg::new(Arc::new(global.clone()), dp(1.0, 0.0, 3.0));
+        // Clipped FedAvg over the same updates, each given the same weight.
+        let mut clipped = FedAvg::new(
+            Arc::new(global),
+            AggregationRules {
+                max_update_norm: Some((1.0, NormAction::Clip)),
+                ..AggregationRules::default()
+            },
+        );
+        for (delta, samples) in dp_updates() {
+            private.fold(&delta, samples).unwrap();
+            clipped.fold(&delta, 1).unwrap();
+        }
+        let (private, clipped) = (
+            private.finish_with_noise(None).unwrap(),
+            clipped.finish().unwrap(),
+        );
+        assert_eq!(private, clipped, "the same bits");
+        // (3,4) clipped to (0.6, 0.8), (0.3, -0.4) kept, (0, -2) clipped to (0, -1).
+        let want_a = [1.0 + (0.6 + 0.3) / 3.0, 1.0 + (0.8 - 0.4) / 3.0];
+        for (x, w) in private[0].data.iter().zip(want_a) {
+            assert!((f64::from(*x) - w).abs() < 1e-6, "{x} vs {w}");
+        }
+        assert!((f64::from(private[1].data[0]) - (0.5 - 1.0 / 3.0)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn dp_divides_by_the_expected_cohort_not_by_who_came() {
+        let global = vec![t("a", vec![0.0, 0.0]), t("b", vec![0.0])];
+        // Two updates of an expected four: the sum over four.
+        let mut private = FedAvg::new(Arc::new(global), dp(10.0, 0.0, 4.0));
+        for (delta, samples) in dp_updates().into_iter().take(2) {
+            private.fold(&delta, samples).unwrap();
+        }
+        let out = private.finish_with_noise(None).unwrap();
+        assert!((out[0].data[0] - 3.3 / 4.0).abs() < 1e-6);
+        assert!((out[0].data[1] - 3.6 / 4.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn dp_noise_on_the_sum_has_the_asked_deviation_and_comes_from_the_os() {
+        let n = 100_000;
+        let global = vec![t("a", vec![0.0; n])];
+        let (std, denominator) = (2.0, 4.0);
+        let make = || {
+            let mut a = FedAvg::new(Arc::new(global.clone()), dp(1.0, std, denominator));
+            a.fold(&[t("a", vec![0.0; n])], 7).unwrap();
+            a
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let noisy = make().finish_with_noise(Some(&mut rng)).unwrap();
+        let values: Vec<f64> = noisy[0].data.iter().map(|v| f64::from(*v)).collect();
+        let mean = values.iter().sum::<f64>() / n as f64;
+        let sd = (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n as f64).sqrt();
+        // N(0, std²) on the sum, divided by the denominator.
+        assert!(mean.abs() < 0.01, "mean {mean}");
+        assert!(
+            (sd - std / denominator).abs() < 0.01 * std / denominator,
+            "sd {sd}"
+        );
+        // Seeded, the same noise; from the operating system, fresh noise each time.
+        let mut again = rand::rngs::StdRng::seed_from_u64(3);
+        assert_eq!(make().finish_with_noise(Some(&mut again)).unwrap(), noisy);
+        let (a, b) = (make().finish().unwrap(), make().finish().unwrap());
+        assert_ne!(a, b);
+        assert!(a[0].data.iter().all(|v| v.is_finite() && *v != 0.0));
+        // Noise is never left out silently.
+        assert!(make().finish_with_noise(None).is_err());
+    }
+
+    #[test]
+    fn dp_in_the_f32_mean_accumulator_matches_the_f64_sum() {
+        let global = vec![t("a", vec![1.0, 1.0]), t("b", vec![0.5])];
+        let mut sum = FedAvg::new(Arc::new(global.clone()), dp(1.0, 0.5, 5.0));
+        let mut mean = FedAvg::new(Arc::new(global), dp(1.0, 0.5, 5.0)).with_f32_mean();
+        assert_eq!(mean.accumulator(), "f32-mean");
+        for (delta, samples) in dp_updates() {
+            sum.fold(&delta, samples).unwrap();
+            mean.fold(&delta, samples).unwrap();
+        }
+        let mut r1 = rand::rngs::StdRng::seed_from_u64(9);
+        let mut r2 = rand::rngs::StdRng::seed_from_u64(9);
+        let (sum, mean) = (
+            sum.finish_with_noise(Some(&mut r1)).unwrap(),
+            mean.finish_with_noise(Some(&mut r2)).unwrap(),
+        );
+        for (s, m) in sum.iter().zip(&mean) {
+            for (x, y) in s.data.iter().zip(&m.data) {
+                assert!((x - y).abs() < 1e-6, "{x} vs {y}");
+            }
+        }
+    }
+
+    #[test]
+    fn dp_clips_a_streamed_update_too_and_refuses_a_robust_rule() {
+        let global = vec![t("a", vec![0.0; 4])];
+        let mut a = FedAvg::new(Arc::new(global.clone()), dp(1.0, 0.0, 1.0));
+        let chunks: Vec<TensorChunk> = crate::chunk_tensors(&[t("a", vec![2.0; 4])], 8).collect();
+        let update = streamed(&a.checker(), &chunks).unwrap();
+        assert!(update.clipped);
+        a.add(update, 1000).unwrap();
+        for v in &a.finish_with_noise(None).unwrap()[0].data {
+            assert!((v - 0.5).abs() < 1e-6, "{v}");
+        }
+        let mut robust = FedAvg::new(
+            Arc::new(global),
+            AggregationRules {
+                robust: Some(RobustRule::Median),
+                ..dp(1.0, 0.0, 1.0)
+            },
+        );
+        robust.fold(&[t("a", vec![0.1; 4])], 1).unwrap();
+        assert!(robust.finish_with_noise(None).is_err());
     }
 }

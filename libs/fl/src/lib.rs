@@ -3,7 +3,8 @@
 //! aggregation (FedAvg with bounded weights and update norms, robust rules), and the
 //! server side of every strategy ([`Strategy`]: momentum, adaptive optimisers, SCAFFOLD)
 //! that moves the global model by it; compression of updates on the wire
-//! (`compress`: stochastic quantisation, top-k with the party's residual).
+//! (`compress`: stochastic quantisation, top-k with the party's residual); differential
+//! privacy (`privacy`: clipping, Gaussian noise on the sum, the RDP accountant).
 //!
 //! No I/O and no async: callers feed chunks in and take tensors out. Must not
 //! depend on candle, storage or networking crates.
@@ -11,6 +12,7 @@
 pub mod aggregate;
 pub mod compress;
 pub mod corrupt;
+pub mod privacy;
 pub mod robust;
 pub mod server_opt;
 pub mod strategy;
@@ -23,6 +25,7 @@ pub use aggregate::{
 };
 pub use compress::{Encoded, UpdateDecoder};
 pub use corrupt::Corruption;
+pub use privacy::{Accountant, DpAggregation, LocalDp};
 pub use robust::RobustRule;
 pub use server_opt::AdaptiveServer;
 pub use strategy::{Combine, RoundFacts, Strategy};

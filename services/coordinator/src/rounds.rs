@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use cohort_core::{JobId, JobSpec, NamedTensor, Role, TaskKind, spec::parse_model_ref};
 use cohort_fl::{
-    AggregationRules, Combine, RoundFacts, Strategy, capped_weights, from_safetensors,
-    lower_median,
+    AggregationRules, Combine, DpAggregation, RoundFacts, Strategy, capped_weights,
+    from_safetensors, lower_median,
 };
 use cohort_proto::v1 as pb;
 use cohort_runtime::retry_unavailable;
@@ -134,6 +134,8 @@ impl JobRun {
             max_weight_share: a.max_weight_share,
             max_update_norm: a.max_update_norm.map(|n| (n, a.norm_action)),
             robust,
+            dp: (self.spec.privacy.dp.as_ref())
+                .map(|dp| DpAggregation::for_spec(dp, self.spec.clients.per_round)),
         }
     }
 
