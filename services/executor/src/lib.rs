@@ -1,7 +1,8 @@
 //! executor: runs tasks for its party. Fetches the global model through the
 //! proxy, trains (or evaluates) on the party's local data with candle, and
-//! streams the update (new weights minus global) back in chunks, compressed when the
-//! job's `compression` asks (`compression.rs`).
+//! streams the update (new weights minus global) back in chunks, clipped and noised first
+//! under local DP (`privacy.dp.local`), compressed when the job's `compression` asks
+//! (`compression.rs`).
 //!
 //! Started by task-manager, either for one task given in a task file, or (`--serve`) for
 //! the successive tasks of one job on one party, handed over its stdin
@@ -230,6 +231,7 @@ async fn run_task_steps(channels: &mut Channels, exec: pb::ExecutorTask) -> anyh
                 }
                 _ => (delta, None),
             };
+            let update = local_privacy(&spec, &task.task_id, update)?;
             tracing::info!(
                 task = %task.task_id, samples = outcome.samples, loss = outcome.loss,
                 proximal_mu = ?objective.proximal_mu, scaffold = is_scaffold,
@@ -272,6 +274,32 @@ async fn run_task_steps(channels: &mut Channels, exec: pb::ExecutorTask) -> anyh
         }
     }
     Ok(())
+}
+
+/// Local DP (`privacy.dp.local`): the update (model delta and any extras, as one vector) is
+/// clipped to `clip` and noised with N(0, (z·clip)²) here, so nothing unnoised leaves the
+/// party. The noise comes from the operating system's randomness, never the task's seed.
+fn local_privacy(
+    spec: &JobSpec,
+    task_id: &str,
+    mut update: Vec<NamedTensor>,
+) -> anyhow::Result<Vec<NamedTensor>> {
+    let Some(dp) = &spec.privacy.dp else {
+        return Ok(update);
+    };
+    let Some(local) = cohort_fl::LocalDp::for_spec(dp) else {
+        return Ok(update);
+    };
+    let mut rng = cohort_fl::privacy::os_noise().context("local DP")?;
+    let norm = local.apply(&mut update, &mut rng);
+    // What this one update gives away toward the server; rounds compose on top of it.
+    let epsilon = cohort_fl::privacy::local_epsilon(dp.noise_multiplier, 1, dp.delta);
+    tracing::info!(
+        task = %task_id, norm, clip = local.clip, noise_std = local.noise_std,
+        epsilon_this_update = epsilon, delta = dp.delta,
+        "local DP: update clipped and noised before sending"
+    );
+    Ok(update)
 }
 
 /// A task of the synthetic workload: no training, the update `cohort_fl::synthetic` defines
