@@ -32,6 +32,8 @@ pub enum UpdateKind {
     NanHalfway,
     /// Small finite values, but the tensor that starts halfway declares a wrong shape.
     WrongShapeHalfway,
+    /// Small finite values, compressed as this party chooses (whatever the job's spec asks).
+    Compressed(cohort_core::spec::Compression),
 }
 
 /// How the adversary behaves.
@@ -351,7 +353,14 @@ async fn run_task(
         })),
     };
     let delta = forge(&global, b.update);
-    let mut chunks: Vec<pb::TensorChunk> = cohort_fl::chunk_tensors(&delta, 4096).collect();
+    let mut chunks: Vec<pb::TensorChunk> = match b.update {
+        UpdateKind::Compressed(method) => {
+            cohort_fl::compress::encode(method, delta, None, 1)
+                .map_err(|e| (tonic::Code::Internal, format!("cannot encode: {e}")))?
+                .chunks
+        }
+        _ => cohort_fl::chunk_tensors(&delta, 4096).collect(),
+    };
     let middle = chunks.len() / 2;
     match b.update {
         UpdateKind::NanHalfway => {
@@ -433,7 +442,7 @@ pub fn forge(global: &[NamedTensor], kind: UpdateKind) -> Vec<NamedTensor> {
         UpdateKind::Noise { norm } => norm / (total.max(1) as f32).sqrt(),
         UpdateKind::Constant(v) => v,
         UpdateKind::Stall | UpdateKind::StallAfterFirstChunk => 0.0,
-        UpdateKind::NanHalfway | UpdateKind::WrongShapeHalfway => 1e-3,
+        UpdateKind::NanHalfway | UpdateKind::WrongShapeHalfway | UpdateKind::Compressed(_) => 1e-3,
     };
     global
         .iter()
