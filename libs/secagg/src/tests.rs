@@ -822,3 +822,12 @@ fn updates_clipped_to_the_norm_average_like_plain_fedavg() {
     let aggregate = f.finish().expect("finish");
     assert_mean_within_bound(&aggregate, &f.plain_mean(&all));
 }
+
+#[test]
+fn the_state_machines_can_live_behind_a_mutex_in_async_services() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Party>();
+    send_sync::<Server>();
+    send_sync::<Aggregate>();
+    send_sync::<SecAggError>();
+}
