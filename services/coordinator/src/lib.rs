@@ -10,6 +10,7 @@
 //! edge parties call; `rounds` drives the job.
 
 mod metrics;
+mod privacy;
 pub mod round_service;
 pub mod round_state;
 mod rounds;

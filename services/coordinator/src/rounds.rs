@@ -23,6 +23,7 @@ use tokio::time::Instant;
 use tracing::Instrument as _;
 
 use crate::SCHEDULER_PATIENCE;
+use crate::privacy::RoundBudget;
 use crate::round_state::{Accepted, EvalReport, Note, NoteKind, RoundState, TaskProgress};
 
 #[derive(Clone)]
@@ -53,6 +54,11 @@ pub struct JobRun {
     /// job's model is known; its state (momentum, moments, control variates) is
     /// checkpointed with each round as the model `server_state_name`.
     pub strategy: std::sync::Mutex<Option<Box<dyn Strategy>>>,
+}
+
+/// The sampling rate each recorded round was accounted at, in order (for the DP budget).
+fn recorded_rates(assignment: &pb::Assignment) -> Vec<Option<f64>> {
+    (1..assignment.next_round.max(1)).map(|_| None).collect()
 }
 
 /// How long parties get to answer an offer.
@@ -190,12 +196,19 @@ impl JobRun {
         let mut parent_version = assignment.resume_model_version;
         let rounds = self.spec.rounds;
         let mut last_accuracy = None;
+        let mut budget = RoundBudget::for_job(&self.spec, recorded_rates(&assignment));
         for round in assignment.next_round.max(1)..=rounds {
             // Each round is a trace of its own: where its time went, across every process.
             let span =
                 cohort_telemetry::trace_span!(parent: None, "round", job_id = %self.job_id, round);
             let ended = self
-                .run_round(round, &mut cohort, &mut parent_version, &mut last_accuracy)
+                .run_round(
+                    round,
+                    &mut cohort,
+                    &mut parent_version,
+                    &mut last_accuracy,
+                    &mut budget,
+                )
                 .instrument(span)
                 .await?;
             if let Some(outcome) = ended {
@@ -216,12 +229,21 @@ impl JobRun {
         cohort: &mut Cohort,
         parent_version: &mut u32,
         last_accuracy: &mut Option<f64>,
+        budget: &mut RoundBudget,
     ) -> Result<Option<Outcome>, Failure> {
         let rounds = self.spec.rounds;
         if let Some(r) = self.stop_reason() {
             return Err(Failure::Stopped(r));
         }
         self.refresh_cohort(cohort, round).await;
+        let per_round = self.spec.clients.per_round;
+        if let Err(end) = budget.before_round(round, per_round, cohort.holders) {
+            let state = match end.failed {
+                true => pb::JobState::Failed,
+                false => pb::JobState::Succeeded,
+            };
+            return Ok(Some(Outcome::Finish(state, end.reason)));
+        }
         // A round runs from its offer to its model stored.
         let started = Instant::now();
         let trained = self
@@ -262,6 +284,10 @@ impl JobRun {
         crate::metrics::phase(Phase::Checkpoint, checkpointing.elapsed());
         let traffic = self.state.take_traffic();
         *parent_version = version;
+        let privacy = budget.released();
+        if let Some((epsilon, q)) = privacy {
+            tracing::info!(job = %self.job_id, round, epsilon, sampling_rate = q, "privacy spent");
+        }
         let summary = pb::RoundSummary {
             round,
             evaluation: Some(metrics),
