@@ -1014,15 +1014,6 @@ impl JobSpec {
                 ));
             }
         }
-        if self.privacy.secure_aggregation {
-            return Err(SpecError::new(
-                "privacy.secure_aggregation",
-                "secure aggregation is not supported yet",
-            ));
-        }
-        if let Some(dp) = &self.privacy.dp {
-            dp.validate(self)?;
-        }
         if let Some(compression) = &self.compression {
             compression.method()?;
             if self.model.arch == Arch::Synthetic {
@@ -1032,6 +1023,23 @@ impl JobSpec {
                      checked against the exact average",
                 ));
             }
+            if self.privacy.secure_aggregation {
+                return Err(SpecError::new(
+                    "compression",
+                    "cannot be combined with privacy.secure_aggregation: masked updates are \
+                     summed as integers modulo 2^32, which quantised or sparse values would \
+                     not survive",
+                ));
+            }
+        }
+        if self.privacy.secure_aggregation {
+            return Err(SpecError::new(
+                "privacy.secure_aggregation",
+                "secure aggregation is not supported yet",
+            ));
+        }
+        if let Some(dp) = &self.privacy.dp {
+            dp.validate(self)?;
         }
         if self.evaluation.every == 0 || self.evaluation.every > self.rounds {
             return Err(SpecError::new(
@@ -1905,6 +1913,12 @@ training:
                          data: {dataset: synthetic}\nclients: {per_round: 2, min: 2}\n\
                          compression: {quantize_bits: 8}\n";
         assert_eq!(err_field(synthetic), "compression");
+        let masked = format!(
+            "{GOOD}privacy: {{secure_aggregation: true}}\ncompression: {{quantize_bits: 8}}\n"
+        );
+        let e = parse_err(&masked);
+        assert_eq!(e.field, "compression", "{e}");
+        assert!(e.message.contains("privacy.secure_aggregation"), "{e}");
     }
 
     #[test]
