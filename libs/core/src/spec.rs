@@ -457,10 +457,180 @@ pub struct AggregationSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PrivacySpec {
+    /// Secure aggregation (SecAgg with dropout recovery, `cohort-secagg`): each party clips
+    /// its update to `secagg_clip`, encodes it into Z/2^32 and masks it; the coordinator
+    /// sums masked updates and learns only the unweighted mean of at least
+    /// `secagg_threshold` parties, never one party's update.
     #[serde(default)]
     pub secure_aggregation: bool,
+    /// t: the fewest parties whose masked inputs make a round (and whose shares unmask
+    /// it). At least 2, more than `clients.per_round` ÷ 2, at most `clients.min`. Default
+    /// ⌊per_round ÷ 2⌋ + 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secagg_threshold: Option<u32>,
+    /// The L2 norm each party clips its update to before masking, > 0. Default:
+    /// `aggregation.max_update_norm`; one of the two is needed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secagg_clip: Option<f64>,
     #[serde(default)]
     pub dp: Option<DpSpec>,
+}
+
+/// What a valid spec's secure aggregation asks for.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SecureAggregation {
+    pub threshold: u32,
+    pub clip: f32,
+}
+
+impl PrivacySpec {
+    /// The threshold t: the spec's or ⌊per_round ÷ 2⌋ + 1.
+    fn secagg_threshold_for(&self, clients: &ClientsSpec) -> u32 {
+        self.secagg_threshold.unwrap_or(clients.per_round / 2 + 1)
+    }
+
+    /// Checks secure aggregation's fields and its fit with the rest of the spec, naming the
+    /// field at fault.
+    fn validate_secagg(&self, spec: &JobSpec) -> Result<(), SpecError> {
+        let field = "privacy.secure_aggregation";
+        if !self.secure_aggregation {
+            for (set, name) in [
+                (self.secagg_threshold.is_some(), "privacy.secagg_threshold"),
+                (self.secagg_clip.is_some(), "privacy.secagg_clip"),
+            ] {
+                if set {
+                    return Err(SpecError::new(
+                        name,
+                        "is only read with privacy.secure_aggregation: true",
+                    ));
+                }
+            }
+            return Ok(());
+        }
+        let c = &spec.clients;
+        let t = self.secagg_threshold_for(c);
+        let how = if self.secagg_threshold.is_some() {
+            "privacy.secagg_threshold"
+        } else {
+            "privacy.secagg_threshold (default ⌊clients.per_round ÷ 2⌋ + 1)"
+        };
+        if t < 2 {
+            return Err(SpecError::new(
+                "privacy.secagg_threshold",
+                format!("must be at least 2 (the sum of one party is its update), got {t}"),
+            ));
+        }
+        if 2 * t <= c.per_round {
+            return Err(SpecError::new(
+                "privacy.secagg_threshold",
+                format!(
+                    "must be more than clients.per_round ÷ 2 = {}, got {t}: with t ≤ n/2 two \
+                     disjoint groups of survivors could each reveal one of a party's two mask \
+                     secrets",
+                    f64::from(c.per_round) / 2.0
+                ),
+            ));
+        }
+        if t > c.min {
+            return Err(SpecError::new(
+                "privacy.secagg_threshold",
+                format!(
+                    "{how} is {t}, more than clients.min ({}): give clients.min at least t, \
+                     or a smaller threshold",
+                    c.min
+                ),
+            ));
+        }
+        let a = &spec.aggregation;
+        let clip = match (self.secagg_clip, a.max_update_norm) {
+            (Some(clip), _) => clip,
+            (None, Some(norm)) => norm,
+            (None, None) => {
+                return Err(SpecError::new(
+                    "privacy.secagg_clip",
+                    "secure aggregation needs an L2 bound each party clips its update to \
+                     before masking: give privacy.secagg_clip (or aggregation.max_update_norm)",
+                ));
+            }
+        };
+        let clip_field = if self.secagg_clip.is_some() {
+            "privacy.secagg_clip"
+        } else {
+            "aggregation.max_update_norm"
+        };
+        if !(clip.is_finite() && clip > 0.0 && clip <= 1e30) {
+            return Err(SpecError::new(
+                clip_field,
+                format!("must be a positive finite number, got {clip}"),
+            ));
+        }
+        if a.max_update_norm.is_some() && a.norm_action == NormAction::Refuse {
+            return Err(SpecError::new(
+                "aggregation.norm_action",
+                "refuse cannot be combined with privacy.secure_aggregation: the coordinator \
+                 never sees one party's update, so it cannot refuse one; parties clip instead",
+            ));
+        }
+        if matches!(
+            a.strategy,
+            Strategy::Median | Strategy::TrimmedMean | Strategy::Krum
+        ) {
+            return Err(SpecError::new(
+                field,
+                format!(
+                    "cannot be combined with aggregation.strategy {:?}: a median, a trimmed \
+                     mean or Krum needs the individual updates, and secure aggregation reveals \
+                     only their sum",
+                    a.strategy.as_str()
+                ),
+            ));
+        }
+        if a.strategy == Strategy::Scaffold {
+            return Err(SpecError::new(
+                field,
+                "cannot be combined with aggregation.strategy \"scaffold\": its control \
+                 variates would be clipped together with the model update",
+            ));
+        }
+        if a.max_weight_share.is_some() {
+            return Err(SpecError::new(
+                "aggregation.max_weight_share",
+                "under privacy.secure_aggregation every update weighs the same (the masked \
+                 sum has no weights); leave it out",
+            ));
+        }
+        if spec.model.arch == Arch::Synthetic {
+            return Err(SpecError::new(
+                field,
+                "the synthetic workload's results are checked against the exact weighted \
+                 average, which secure aggregation's unweighted, clipped mean is not",
+            ));
+        }
+        if self.dp.is_some() {
+            return Err(SpecError::new(
+                field,
+                "cannot be combined with privacy.dp yet: the noise would have to be split \
+                 across the parties (distributed DP), which is not built",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Secure aggregation's threshold and clip, when the (validated) spec asks for it.
+    fn secagg_for(
+        &self,
+        clients: &ClientsSpec,
+        max_update_norm: Option<f64>,
+    ) -> Option<SecureAggregation> {
+        if !self.secure_aggregation {
+            return None;
+        }
+        let clip = self.secagg_clip.or(max_update_norm)?;
+        Some(SecureAggregation {
+            threshold: self.secagg_threshold_for(clients),
+            clip: clip as f32,
+        })
+    }
 }
 
 /// Differential privacy of the job's releases (DP-FedAvg): every update clipped to `clip`,
@@ -1032,12 +1202,7 @@ impl JobSpec {
                 ));
             }
         }
-        if self.privacy.secure_aggregation {
-            return Err(SpecError::new(
-                "privacy.secure_aggregation",
-                "secure aggregation is not supported yet",
-            ));
-        }
+        self.privacy.validate_secagg(self)?;
         if let Some(dp) = &self.privacy.dp {
             dp.validate(self)?;
         }
@@ -1315,6 +1480,12 @@ impl AggregationSpec {
             ));
         }
         Ok(())
+    }
+
+    /// Secure aggregation's threshold and clip: None without `privacy.secure_aggregation`.
+    pub fn secure_aggregation(&self) -> Option<SecureAggregation> {
+        self.privacy
+            .secagg_for(&self.clients, self.aggregation.max_update_norm)
     }
 }
 
@@ -1919,6 +2090,139 @@ training:
         let e = parse_err(&masked);
         assert_eq!(e.field, "compression", "{e}");
         assert!(e.message.contains("privacy.secure_aggregation"), "{e}");
+    }
+
+    #[test]
+    fn secure_aggregation_is_checked_naming_the_field() {
+        let five = GOOD.replace(
+            "clients: {per_round: 3, min: 2, round_timeout: 30s}",
+            "clients: {per_round: 5, min: 3, round_timeout: 30s}",
+        );
+        let with = |privacy: &str, extra: &str| format!("{five}privacy: {privacy}\n{extra}");
+        let spec = JobSpec::parse(&with(
+            "{secure_aggregation: true, secagg_threshold: 3, secagg_clip: 2.5}",
+            "",
+        ))
+        .expect("valid");
+        assert_eq!(
+            spec.secure_aggregation(),
+            Some(SecureAggregation {
+                threshold: 3,
+                clip: 2.5
+            })
+        );
+        assert_eq!(JobSpec::from_json(&spec.to_json()).expect("json"), spec);
+        // The bool alone still parses; t defaults to ⌊5/2⌋ + 1, the clip to max_update_norm.
+        let spec = JobSpec::parse(&with(
+            "{secure_aggregation: true}",
+            "aggregation: {max_update_norm: 4}\n",
+        ))
+        .expect("valid");
+        assert_eq!(
+            spec.secure_aggregation(),
+            Some(SecureAggregation {
+                threshold: 3,
+                clip: 4.0
+            })
+        );
+        assert_eq!(
+            JobSpec::parse(GOOD).expect("valid").secure_aggregation(),
+            None
+        );
+        for (privacy, extra, field, says) in [
+            (
+                "{secure_aggregation: true}",
+                "",
+                "privacy.secagg_clip",
+                "secagg_clip",
+            ),
+            (
+                "{secure_aggregation: true, secagg_threshold: 1, secagg_clip: 1}",
+                "",
+                "privacy.secagg_threshold",
+                "at least 2",
+            ),
+            (
+                "{secure_aggregation: true, secagg_threshold: 2, secagg_clip: 1}",
+                "",
+                "privacy.secagg_threshold",
+                "per_round",
+            ),
+            (
+                "{secure_aggregation: true, secagg_threshold: 4, secagg_clip: 1}",
+                "",
+                "privacy.secagg_threshold",
+                "clients.min",
+            ),
+            (
+                "{secure_aggregation: true, secagg_clip: 0}",
+                "",
+                "privacy.secagg_clip",
+                "positive",
+            ),
+            (
+                "{secure_aggregation: true, secagg_clip: .nan}",
+                "",
+                "privacy.secagg_clip",
+                "positive",
+            ),
+            (
+                "{secagg_threshold: 3}",
+                "",
+                "privacy.secagg_threshold",
+                "secure_aggregation: true",
+            ),
+            (
+                "{secure_aggregation: true, secagg_clip: 1}",
+                "aggregation: {strategy: median}\n",
+                "privacy.secure_aggregation",
+                "median",
+            ),
+            (
+                "{secure_aggregation: true, secagg_clip: 1}",
+                "aggregation: {strategy: trimmed_mean}\n",
+                "privacy.secure_aggregation",
+                "trimmed",
+            ),
+            (
+                "{secure_aggregation: true, secagg_clip: 1}",
+                "aggregation: {strategy: krum, f: 0}\n",
+                "privacy.secure_aggregation",
+                "Krum",
+            ),
+            (
+                "{secure_aggregation: true, secagg_clip: 1}",
+                "aggregation: {strategy: scaffold}\n",
+                "privacy.secure_aggregation",
+                "scaffold",
+            ),
+            (
+                "{secure_aggregation: true, secagg_clip: 1}",
+                "aggregation: {max_weight_share: 0.5}\n",
+                "aggregation.max_weight_share",
+                "weighs the same",
+            ),
+            (
+                "{secure_aggregation: true}",
+                "aggregation: {max_update_norm: 1, norm_action: refuse}\n",
+                "aggregation.norm_action",
+                "cannot refuse",
+            ),
+            (
+                "{secure_aggregation: true, secagg_clip: 1, dp: {clip: 1, noise_multiplier: 1, delta: 1e-5}}",
+                "",
+                "privacy.secure_aggregation",
+                "privacy.dp",
+            ),
+        ] {
+            let e = parse_err(&with(privacy, extra));
+            assert_eq!(e.field, field, "{privacy} {extra}: {e}");
+            assert!(e.message.contains(says), "{privacy} {extra}: {e}");
+        }
+        let synthetic = "name: s\nmodel: {arch: synthetic, params: 100}\n\
+                         data: {dataset: synthetic}\nclients: {per_round: 3, min: 2}\n\
+                         privacy: {secure_aggregation: true, secagg_clip: 1}\n";
+        assert_eq!(err_field(synthetic), "privacy.secure_aggregation");
     }
 
     #[test]
