@@ -199,6 +199,7 @@ fn register(name: &str, b: &Behaviour) -> pb::PartyMessage {
                 memory_bytes: 1 << 30,
                 gpus: 0,
                 max_tasks: 8,
+                free: None,
             }),
             running_tasks: Vec::new(),
         })),

@@ -125,6 +125,7 @@ impl Party {
                     memory_bytes: 1 << 30,
                     gpus: 0,
                     max_tasks: 2,
+                    free: None,
                 }),
                 running_tasks: Vec::new(),
             })),

@@ -75,6 +75,7 @@ fn digits_register(party: &str) -> pb::PartyMessage {
                 memory_bytes: 1 << 30,
                 gpus: 0,
                 max_tasks: 4,
+                free: None,
             }),
             running_tasks: Vec::new(),
         })),

@@ -1147,15 +1147,6 @@ impl JobSpec {
                 ),
             ));
         }
-        if !matches!(c.selection, Selection::Random | Selection::Data) {
-            return Err(SpecError::new(
-                "clients.selection",
-                format!(
-                    "{:?} is not supported yet; use \"random\" or \"data\"",
-                    c.selection.as_str()
-                ),
-            ));
-        }
         if c.round_timeout < Duration::from_secs(1) || c.round_timeout > Duration::from_secs(86_400)
         {
             return Err(SpecError::new(
@@ -1631,6 +1622,24 @@ clients: {per_round: 3, min: 2, round_timeout: 30s}
         ] {
             assert_eq!(err_field(&spec(model, extra)), field, "{model} {extra}");
         }
+    }
+
+    #[test]
+    fn every_selection_is_accepted_and_an_unknown_one_is_refused() {
+        for (name, want) in [
+            ("random", Selection::Random),
+            ("data", Selection::Data),
+            ("resource", Selection::Resource),
+            ("reliability", Selection::Reliability),
+        ] {
+            let text = GOOD.replace("min: 2,", &format!("min: 2, selection: {name},"));
+            let spec = JobSpec::parse(&text).expect(name);
+            assert_eq!(spec.clients.selection, want);
+            assert_eq!(spec.clients.selection.as_str(), name);
+            assert_eq!(JobSpec::from_json(&spec.to_json()).unwrap(), spec);
+        }
+        let f = err_field(&GOOD.replace("min: 2,", "min: 2, selection: fastest,"));
+        assert_eq!(f, "clients.selection");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Deliberately corrupted updates, for checking robust strategies against a party that lies:
 //! `sign-flip` (−Δ), `scale=K` (K·Δ) and `noise=S` (Gaussian noise of standard deviation S
-//! added to every value). A party runs in this mode only when its operator starts its
-//! task-manager with `--adversary`; it says so loudly.
+//! added to every value); and `stall`, a party that accepts training tasks and never delivers
+//! them (for checking reliability selection). A party runs in this mode only when its
+//! operator starts its task-manager with `--adversary`; it says so loudly.
 
 use cohort_core::NamedTensor;
 
@@ -11,10 +12,13 @@ pub enum Corruption {
     SignFlip,
     Scale(f32),
     Noise(f32),
+    /// No update at all: the executor holds every training task until it is stopped.
+    Stall,
 }
 
 impl Corruption {
-    /// `sign-flip`, `scale=K` (K finite, |K| ≤ 1e6) or `noise=S` (S finite, 0 < S ≤ 1e6).
+    /// `sign-flip`, `scale=K` (K finite, |K| ≤ 1e6), `noise=S` (S finite, 0 < S ≤ 1e6) or
+    /// `stall`.
     pub fn parse(text: &str) -> Result<Corruption, String> {
         let number = |v: &str, what: &str| -> Result<f32, String> {
             let x: f32 = v
@@ -30,13 +34,14 @@ impl Corruption {
         };
         match text.trim().split_once('=') {
             None if text.trim() == "sign-flip" => Ok(Corruption::SignFlip),
+            None if text.trim() == "stall" => Ok(Corruption::Stall),
             Some(("scale", k)) => number(k, "scale=K: K").map(Corruption::Scale),
             Some(("noise", s)) => match number(s, "noise=S: S")? {
                 s if s > 0.0 => Ok(Corruption::Noise(s)),
                 s => Err(format!("noise=S: S must be positive, got {s}")),
             },
             _ => Err(format!(
-                "{text:?} is not a corruption: use sign-flip, scale=K or noise=S"
+                "{text:?} is not a corruption: use sign-flip, scale=K, noise=S or stall"
             )),
         }
     }
@@ -44,6 +49,10 @@ impl Corruption {
     /// Corrupts `update` in place; noise is drawn from `seed` (the task's), so a rerun
     /// repeats it.
     pub fn apply(self, update: &mut [NamedTensor], seed: u64) {
+        if self == Corruption::Stall {
+            // Nothing is ever sent to corrupt.
+            return;
+        }
         let mut rng = SplitMix64(seed ^ 0x9e37_79b9_7f4a_7c15);
         for t in update.iter_mut() {
             for v in t.data.iter_mut() {
@@ -51,6 +60,7 @@ impl Corruption {
                     Corruption::SignFlip => -*v,
                     Corruption::Scale(k) => *v * k,
                     Corruption::Noise(s) => *v + s * rng.gaussian(),
+                    Corruption::Stall => *v,
                 };
             }
         }
@@ -63,6 +73,7 @@ impl std::fmt::Display for Corruption {
             Corruption::SignFlip => write!(f, "sign-flip"),
             Corruption::Scale(k) => write!(f, "scale={k}"),
             Corruption::Noise(s) => write!(f, "noise={s}"),
+            Corruption::Stall => write!(f, "stall"),
         }
     }
 }
@@ -114,6 +125,11 @@ mod tests {
         assert_eq!(Corruption::parse("sign-flip"), Ok(Corruption::SignFlip));
         assert_eq!(Corruption::parse("scale=-5"), Ok(Corruption::Scale(-5.0)));
         assert_eq!(Corruption::parse("noise=0.5"), Ok(Corruption::Noise(0.5)));
+        assert_eq!(Corruption::parse("stall"), Ok(Corruption::Stall));
+        assert_eq!(
+            Corruption::parse(&Corruption::Stall.to_string()),
+            Ok(Corruption::Stall)
+        );
         for bad in [
             "flip",
             "scale=",

@@ -117,6 +117,7 @@ macro_rules! job_store_conformance {
                 round_outcomes_round_trip,
                 round_eval_coverage_round_trips,
                 round_bytes_round_trip,
+                round_selections_round_trip,
                 notes_follow_the_events_with_the_jobs_state,
                 notes_are_bounded_per_job,
                 concurrent_notes_and_transitions_keep_seqs_unique,
@@ -158,6 +159,7 @@ macro_rules! model_store_conformance {
                 concurrent_first_inserts_in_two_namespaces_number_apart,
                 a_jobs_round_is_stored_once,
                 concurrent_inserts_of_one_round_store_one_version,
+                parties_round_trip,
             ]
         );
     };
@@ -201,7 +203,9 @@ pub mod jobs {
     use crate::audit::{
         AuditFilter, AuditRecord, MAX_FIELD_CHARS, MAX_REASON_CHARS, NewAuditEntry,
     };
-    use crate::jobs::{JobEventRecord, JobFilter, JobNote, JobRecord, JobStore, RoundRecord};
+    use crate::jobs::{
+        JobEventRecord, JobFilter, JobNote, JobRecord, JobStore, RoundRecord, SelectedParty,
+    };
     use crate::tokens::{NewToken, TokenRecord};
 
     pub fn job(name: &str, namespace: &str) -> JobRecord {
@@ -244,6 +248,14 @@ pub mod jobs {
             bytes_to_parties: 3_000_000_000 + u64::from(n),
             bytes_from_parties: 5_000_000_000 + 7 * u64::from(n),
             bytes_from_parties_uncompressed: 9_000_000_000 + 11 * u64::from(n),
+            // Different per round, so a backend that mixes rounds up fails.
+            selected: (0..n % 4)
+                .map(|i| SelectedParty {
+                    party: format!("party-{}", n + i),
+                    score: 1.0 / f64::from(n + i + 1),
+                    outcome: ["finished", "timed_out", "refused"][i as usize % 3].to_string(),
+                })
+                .collect(),
         }
     }
 
@@ -855,6 +867,48 @@ pub mod jobs {
         }
         assert_eq!(s.list_rounds(&j.id).await.unwrap(), want);
         assert_eq!(s.get_job(&j.id).await.unwrap().rounds_completed, 4);
+    }
+
+    pub async fn round_selections_round_trip(s: Arc<dyn JobStore>) {
+        let j = job("selected", "default");
+        s.insert_job(&j, "created").await.unwrap();
+        let mut r = round(1);
+        r.selected = vec![
+            SelectedParty {
+                party: "Z.lab".into(),
+                score: 0.083_333_333_333_333_33,
+                outcome: "timed_out".into(),
+            },
+            SelectedParty {
+                party: "a_party".into(),
+                score: 1797.0,
+                outcome: "finished".into(),
+            },
+            // Drawn twice in one round (again after a failure).
+            SelectedParty {
+                party: "Z.lab".into(),
+                score: 0.0,
+                outcome: "refused".into(),
+            },
+        ];
+        s.record_round(&j.id, &r, 10).await.unwrap();
+        let r2 = RoundRecord {
+            selected: Vec::new(),
+            ..round(2)
+        };
+        s.record_round(&j.id, &r2, 11).await.unwrap();
+        assert_eq!(s.list_rounds(&j.id).await.unwrap(), vec![r.clone(), r2]);
+        // A score that is not finite is refused, naming the round; nothing is written.
+        let mut bad = round(3);
+        bad.selected[0].score = f64::NAN;
+        let err = s
+            .record_round(&j.id, &bad, 12)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("selected") && err.contains("round 3"), "{err}");
+        assert_eq!(s.list_rounds(&j.id).await.unwrap().len(), 2);
+        assert_eq!(s.get_job(&j.id).await.unwrap().rounds_completed, 2);
     }
 
     pub async fn notes_follow_the_events_with_the_jobs_state(s: Arc<dyn JobStore>) {
@@ -1562,6 +1616,7 @@ pub mod models {
             loss: 0.5,
             accuracy: 0.75,
             samples: 100,
+            parties: vec!["party-1".to_string(), "party-2".to_string()],
         }
     }
 
@@ -1604,6 +1659,7 @@ pub mod models {
                 samples: want.samples,
                 created_at_ms: 1000,
                 namespace: want.namespace,
+                parties: want.parties,
             }
         );
         let mut second = new_version("mnist", "job-a");
@@ -2017,6 +2073,40 @@ pub mod models {
         }
     }
 
+    pub async fn parties_round_trip(s: Arc<dyn ModelStore>) {
+        // In the coordinator's order (not sorted), names of every allowed character.
+        let parties: Vec<String> = ["zeta", "Alpha.lab", "b_2", "hospital-a", "10"]
+            .map(String::from)
+            .to_vec();
+        let v = NewModelVersion {
+            parties: parties.clone(),
+            ..in_round(new_version("m", "job-a"), 1)
+        };
+        let first = insert_new(&*s, v, 10).await;
+        assert_eq!(first.parties, parties);
+        assert_eq!(s.get_version(NS, "m", 1).await.unwrap(), first);
+        assert_eq!(s.latest_version(NS, "m").await.unwrap(), first);
+        assert_eq!(
+            s.round_version(NS, "m", "job-a", 1).await.unwrap(),
+            Some(first.clone())
+        );
+        // A retried round keeps the parties it was stored with.
+        let retry = NewModelVersion {
+            parties: vec!["mallory".to_string()],
+            ..in_round(new_version("m", "job-a"), 1)
+        };
+        assert_eq!(s.insert_version(retry, 20).await.unwrap().record, first);
+        // An upload has none.
+        let upload = NewModelVersion {
+            parties: Vec::new(),
+            ..in_round(new_version("m", ""), 0)
+        };
+        let second = insert_new(&*s, upload, 30).await;
+        assert!(second.parties.is_empty());
+        let listed = s.list_versions(Some("m"), None, None).await.unwrap();
+        assert_eq!(listed, vec![first, second]);
+    }
+
     pub async fn a_jobs_round_is_stored_once(s: Arc<dyn ModelStore>) {
         let first = insert_new(&*s, in_round(new_version("m", "job-a"), 1), 10).await;
         // The round again, as a retried upload with other bytes and metrics
@@ -2239,10 +2329,12 @@ pub mod models {
     /// is kept, a round's earliest version is the one it answers, and from
     /// now on rounds are stored once.
     pub async fn repeated_rounds_survive(s: Arc<dyn ModelStore>) {
-        let all: Vec<_> = s
-            .list_versions(None, None, None)
-            .await
-            .unwrap()
+        let listed = s.list_versions(None, None, None).await.unwrap();
+        assert!(
+            listed.iter().all(|r| r.parties.is_empty()),
+            "versions from before parties were kept have none"
+        );
+        let all: Vec<_> = listed
             .into_iter()
             .map(|r| {
                 format!(
@@ -2464,6 +2556,7 @@ pub mod clients {
         assert_eq!((rec.first_seen_ms, rec.last_seen_ms), (1, 1));
         assert_eq!(rec.revoked_at_ms, None);
         assert_eq!(rec.stats, ClientStats::default());
+        assert_eq!(rec.reliability, Reliability::default());
         assert_eq!(s.get_client(&p).await.unwrap(), rec);
         let empty = s
             .upsert_client(&party("empty"), &[], &ResourcesEntry::default(), 2)
@@ -2475,7 +2568,6 @@ pub mod clients {
     pub async fn reregistration_replaces_holdings_and_keeps_history(s: Arc<dyn ClientStore>) {
         let p = party("hospital-a");
         s.upsert_client(&p, &datasets(10), &resources(8), 1)
-        assert_eq!(rec.reliability, Reliability::default());
             .await
             .unwrap();
         s.count_task(&p, TaskOutcome::Offered).await.unwrap();
@@ -2502,6 +2594,10 @@ pub mod clients {
                 "count_task",
                 s.count_task(&ghost, TaskOutcome::Accepted).await,
             ),
+            (
+                "record_task_result",
+                s.record_task_result(&ghost, TaskResult::Finished, 1).await,
+            ),
         ] {
             match r {
                 Err(StoreError::NotFound { id, .. }) => assert_eq!(id, "ghost", "{call}"),
@@ -2513,10 +2609,6 @@ pub mod clients {
 
     pub async fn touch_never_moves_back(s: Arc<dyn ClientStore>) {
         let p = party("p1");
-            (
-                "record_task_result",
-                s.record_task_result(&ghost, TaskResult::Finished, 1).await,
-            ),
         s.upsert_client(&p, &[], &resources(1), 10).await.unwrap();
         s.touch(&p, 20).await.unwrap();
         assert_eq!(s.get_client(&p).await.unwrap().last_seen_ms, 20);
@@ -2557,23 +2649,17 @@ pub mod clients {
         );
     }
 
-    pub async fn concurrent_first_registrations(s: Arc<dyn ClientStore>) {
-        let p = party("newcomer");
-        let tasks: Vec<_> = (0..16)
-            .map(|i| {
-                let (s, p) = (s.clone(), p.clone());
-                tokio::spawn(async move {
-                    s.upsert_client(&p, &datasets(i), &resources(1), 100 + i as i64)
-                        .await
-                })
-            })
-            .collect();
     /// Stored reliability equals the reference arithmetic (`Reliability::after`), up to
     /// the rounding of the backend's doubles.
     fn assert_reliability_close(got: &Reliability, want: &Reliability, what: &str) {
         assert_eq!(
             (got.finished, got.failed, got.timed_out, got.last_result_ms),
-            (want.finished, want.failed, want.timed_out, want.last_result_ms),
+            (
+                want.finished,
+                want.failed,
+                want.timed_out,
+                want.last_result_ms
+            ),
             "{what}: counts and time"
         );
         for (name, g, w) in [
@@ -2684,6 +2770,17 @@ pub mod clients {
         assert!(r.recent_finished > 0.0 && r.recent_unfinished > 0.0);
     }
 
+    pub async fn concurrent_first_registrations(s: Arc<dyn ClientStore>) {
+        let p = party("newcomer");
+        let tasks: Vec<_> = (0..16)
+            .map(|i| {
+                let (s, p) = (s.clone(), p.clone());
+                tokio::spawn(async move {
+                    s.upsert_client(&p, &datasets(i), &resources(1), 100 + i as i64)
+                        .await
+                })
+            })
+            .collect();
         for t in tasks {
             t.await.unwrap().unwrap();
         }
@@ -2723,6 +2820,7 @@ pub mod clients {
                 last_seen_ms: 5,
                 revoked_at_ms: Some(5),
                 stats: ClientStats::default(),
+                reliability: Reliability::default(),
             }
         );
         assert_eq!(s.get_client(&p).await.unwrap(), rec);
@@ -2734,7 +2832,6 @@ pub mod clients {
     pub async fn revoke_keeps_the_first_time(s: Arc<dyn ClientStore>) {
         let p = party("hospital-a");
         let other = party("hospital-b");
-                reliability: Reliability::default(),
         s.upsert_client(&p, &datasets(10), &resources(8), 1)
             .await
             .unwrap();

@@ -93,6 +93,39 @@ pub struct RoundRecord {
     /// The updates received as f32 (decoded): above `bytes_from_parties` when the job
     /// compresses its updates; 0 for rounds recorded before it was counted.
     pub bytes_from_parties_uncompressed: u64,
+    /// The parties the round's selection drew for training, with their weights and what
+    /// became of their tasks; empty for rounds recorded before they were kept.
+    pub selected: Vec<SelectedParty>,
+}
+
+/// A party a round's selection drew (see `RoundRecord::selected`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SelectedParty {
+    pub party: String,
+    /// The weight it was drawn with; stores refuse one that is not finite.
+    pub score: f64,
+    /// "finished", "failed", "timed_out", "refused" or "pending".
+    pub outcome: String,
+}
+
+/// `selected` as the SQL backends store it (a JSON array), refusing scores JSON cannot
+/// hold (NaN, infinities) and naming the round.
+pub(crate) fn selected_json(selected: &[SelectedParty], at: &str) -> Result<String> {
+    if let Some(p) = selected.iter().find(|p| !p.score.is_finite()) {
+        return Err(StoreError::Corrupt {
+            what: "job",
+            id: at.to_string(),
+            message: format!(
+                "selected: party {}'s score {} is not finite",
+                p.party, p.score
+            ),
+        });
+    }
+    serde_json::to_string(selected).map_err(|e| StoreError::Corrupt {
+        what: "job",
+        id: at.to_string(),
+        message: format!("selected: {e}"),
+    })
 }
 
 #[derive(Debug, Clone, Default)]
@@ -398,6 +431,7 @@ impl JobStore for SqliteJobStore {
             "job",
             &at,
         )?;
+        let selected = selected_json(&r.selected, &at)?;
         let mut tx = self.pool.begin_with(IMMEDIATE).await?;
         let exists: Option<i64> = sqlx::query_scalar("SELECT version FROM jobs WHERE id = ?1")
             .bind(id.as_str())
@@ -411,9 +445,9 @@ impl JobStore for SqliteJobStore {
              eval_samples, train_loss, updates, model_version, duration_ms, refused_updates, \
              dropped_updates, task_failures, robust_accuracy, eval_parties, \
              eval_parties_expected, bytes_to_parties, bytes_from_parties, \
-             bytes_from_parties_uncompressed) \
+             bytes_from_parties_uncompressed, selected_json) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, \
-             ?18)",
+             ?18, ?19)",
         )
         .bind(id.as_str())
         .bind(r.round as i64)
@@ -433,6 +467,7 @@ impl JobStore for SqliteJobStore {
         .bind(bytes_to_parties)
         .bind(bytes_from_parties)
         .bind(bytes_from_parties_uncompressed)
+        .bind(selected)
         .execute(&mut *tx)
         .await?
         .rows_affected();

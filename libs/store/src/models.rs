@@ -27,6 +27,9 @@ pub struct ModelVersionRecord {
     pub created_at_ms: i64,
     /// With `name`, what identifies the model.
     pub namespace: String,
+    /// The parties whose updates were aggregated into it (a job's round), in the order the
+    /// coordinator gives; empty for uploads and for versions stored before they were kept.
+    pub parties: Vec<String>,
 }
 
 /// A version to record; the store assigns its number.
@@ -43,6 +46,14 @@ pub struct NewModelVersion {
     pub samples: u64,
     /// With `name`, what identifies the model.
     pub namespace: String,
+    /// The parties whose updates made it (see [`ModelVersionRecord::parties`]).
+    pub parties: Vec<String>,
+}
+
+/// `parties` as the SQL backends store them (a JSON array of names).
+pub(crate) fn parties_json(parties: &[String], name: &str) -> Result<String> {
+    serde_json::to_string(parties)
+        .map_err(|e| StoreError::Conflict(format!("model {name} parties: {e}")))
 }
 
 impl NewModelVersion {
@@ -155,7 +166,7 @@ impl SqliteModelStore {
 macro_rules! columns {
     () => {
         "namespace, name, version, digest, size_bytes, job_id, round, parent_version, \
-         loss, accuracy, samples, created_at_ms"
+         loss, accuracy, samples, created_at_ms, parties_json"
     };
 }
 
@@ -189,6 +200,7 @@ impl ModelStore for SqliteModelStore {
     async fn insert_version(&self, v: NewModelVersion, now_ms: i64) -> Result<StoredVersion> {
         let size_bytes = crate::to_i64(v.size_bytes, "size_bytes", "model version", &v.name)?;
         let samples = crate::to_i64(v.samples, "samples", "model version", &v.name)?;
+        let parties = parties_json(&v.parties, &v.name)?;
         // IMMEDIATE takes the write lock up front, so MAX(version) + 1 cannot
         // race with another writer, nor can a second insert of one round.
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
@@ -214,7 +226,7 @@ impl ModelStore for SqliteModelStore {
         let row = sqlx::query(concat!(
             "INSERT INTO model_versions (",
             columns!(),
-            ") SELECT ?1, ?2, COALESCE(MAX(version), 0) + 1, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11 \
+            ") SELECT ?1, ?2, COALESCE(MAX(version), 0) + 1, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12 \
              FROM model_versions WHERE namespace = ?1 AND name = ?2 RETURNING ",
             columns!()
         ))
@@ -229,6 +241,7 @@ impl ModelStore for SqliteModelStore {
         .bind(v.accuracy)
         .bind(samples)
         .bind(now_ms)
+        .bind(parties)
         .fetch_one(&mut *tx)
         .await?;
         let record = crate::rows::model_version(&row)?;
@@ -336,6 +349,7 @@ mod tests {
             accuracy: 0.75,
             samples: 100,
             namespace: "default".to_string(),
+            parties: vec!["party-1".to_string()],
         }
     }
 

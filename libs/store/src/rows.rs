@@ -195,6 +195,8 @@ pub(crate) fn round<R: Columns>(row: &R, job: &JobId) -> Result<RoundRecord> {
         bytes_to_parties: r.unsigned("bytes_to_parties")?,
         bytes_from_parties: r.unsigned("bytes_from_parties")?,
         bytes_from_parties_uncompressed: r.unsigned("bytes_from_parties_uncompressed")?,
+        selected: serde_json::from_str(&r.text("selected_json")?)
+            .map_err(|e| r.corrupt(format!("selected_json: {e}")))?,
     })
 }
 
@@ -214,6 +216,8 @@ pub(crate) fn model_version<R: Columns>(row: &R) -> Result<ModelVersionRecord> {
         samples: r.unsigned("samples")?,
         created_at_ms: r.int("created_at_ms")?,
         namespace: r.text("namespace")?,
+        parties: serde_json::from_str(&r.text("parties_json")?)
+            .map_err(|e| r.corrupt(format!("parties_json: {e}")))?,
         name,
     })
 }
@@ -246,7 +250,6 @@ pub(crate) fn client<R: Columns>(row: &R) -> Result<ClientRecord> {
             tasks_succeeded: r.unsigned("tasks_succeeded")?,
             tasks_failed: r.unsigned("tasks_failed")?,
         },
-        },
         reliability: Reliability {
             finished: r.unsigned("results_finished")?,
             failed: r.unsigned("results_failed")?,
@@ -254,6 +257,7 @@ pub(crate) fn client<R: Columns>(row: &R) -> Result<ClientRecord> {
             recent_finished: r.real("recent_finished")?,
             recent_unfinished: r.real("recent_unfinished")?,
             last_result_ms: r.int("last_result_ms")?,
+        },
     })
 }
 

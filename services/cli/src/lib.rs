@@ -1009,7 +1009,7 @@ async fn model_command(api: Api, cmd: ModelCommand, json: bool) -> anyhow::Resul
             if json {
                 println!("{}", version_json(&v));
             } else {
-                println!("{}", version_line(&v));
+                println!("{}", show::version_text(&v));
             }
         }
         ModelCommand::Download {

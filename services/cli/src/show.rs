@@ -52,6 +52,9 @@ pub fn round_json(r: &pb::RoundSummary) -> Value {
         "duration_ms": r.duration_ms,
         "bytes_to_parties": r.bytes_to_parties,
         "bytes_from_parties": r.bytes_from_parties,
+        "selected": r.selected.iter().map(|p| json!({
+            "party": p.party, "score": finite(p.score), "outcome": p.outcome,
+        })).collect::<Vec<_>>(),
         "bytes_from_parties_uncompressed": r.bytes_from_parties_uncompressed,
     })
 }
@@ -183,8 +186,36 @@ pub fn job_text(j: &pb::Job) -> String {
                  measured its accuracy on part of the held-out data only\n",
             );
         }
+        s.push_str(&selected_text(&j.rounds));
     }
     s
+}
+
+/// Whom each round's selection drew for training, with the weight it drew each with and
+/// what became of its task; nothing when no round recorded it.
+fn selected_text(rounds: &[pb::RoundSummary]) -> String {
+    if rounds.iter().all(|r| r.selected.is_empty()) {
+        return String::new();
+    }
+    let mut s = String::from("\nround  selected for training: party (score) outcome\n");
+    for r in rounds.iter().filter(|r| !r.selected.is_empty()) {
+        let drawn: Vec<String> = r
+            .selected
+            .iter()
+            .map(|p| format!("{} ({}) {}", p.party, score(p.score), p.outcome))
+            .collect();
+        s.push_str(&format!("{:>5}  {}\n", r.round, drawn.join(", ")));
+    }
+    s
+}
+
+/// A selection weight: samples are whole, scores in (0, 1] have three decimals.
+fn score(v: f64) -> String {
+    if v.fract() == 0.0 && v >= 1.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.3}")
+    }
 }
 
 /// How much the parties' compression saved over the rounds that counted it; None when
@@ -275,6 +306,7 @@ pub fn version_json(v: &pb::ModelVersion) -> Value {
         "job_id": l.job_id,
         "round": l.round,
         "parent_version": l.parent_version,
+        "parties": l.parties,
         "metrics": {
             "accuracy": if m.samples > 0 { finite(m.accuracy) } else { Value::Null },
             "loss": if m.samples > 0 { finite(m.loss) } else { Value::Null },
@@ -298,14 +330,41 @@ pub fn version_line(v: &pb::ModelVersion) -> String {
     )
 }
 
+/// A model version as `cohort model get` shows it: its line, then the parties whose updates
+/// made it (a job's round).
+pub fn version_text(v: &pb::ModelVersion) -> String {
+    let parties = v
+        .lineage
+        .as_ref()
+        .map(|l| l.parties.as_slice())
+        .unwrap_or(&[]);
+    if parties.is_empty() {
+        return version_line(v);
+    }
+    format!("{}\nparties     {}", version_line(v), parties.join(", "))
+}
+
 pub fn client_line(c: &pb::ClientInfo) -> String {
     let ds: Vec<String> = c
         .datasets
         .iter()
         .map(|d| format!("{}({})", d.name, d.samples))
         .collect();
+    let r = c.reliability.unwrap_or_default();
+    let free = c
+        .resources
+        .and_then(|r| r.free)
+        .filter(|_| c.connected)
+        .map(|f| {
+            format!(
+                "  free {:.1} cpu {:.1} GiB",
+                f64::from(f.cpu_millis) / 1000.0,
+                f.memory_bytes as f64 / f64::from(1u32 << 30)
+            )
+        })
+        .unwrap_or_default();
     format!(
-        "{:<20} {:<13} tasks {}/{} ok  {}",
+        "{:<20} {:<13} tasks {}/{} ok  reliability {:.2} ({} finished, {} failed, {} timed out){}  {}",
         c.party,
         if c.revoked {
             "revoked"
@@ -316,19 +375,40 @@ pub fn client_line(c: &pb::ClientInfo) -> String {
         },
         c.tasks_succeeded,
         c.tasks_offered,
+        r.score,
+        r.finished,
+        r.failed,
+        r.timed_out,
+        free,
         ds.join(" ")
     )
 }
 
 pub fn client_json(c: &pb::ClientInfo) -> Value {
     let r = c.resources.unwrap_or_default();
+    let rel = c.reliability.unwrap_or_default();
     json!({
         "party": c.party,
         "connected": c.connected,
         "datasets": c.datasets.iter().map(|d| json!({
             "name": d.name, "samples": d.samples, "features": d.features, "classes": d.classes,
         })).collect::<Vec<_>>(),
-        "resources": {"cpus": r.cpus, "memory_bytes": r.memory_bytes, "gpus": r.gpus, "max_tasks": r.max_tasks},
+        "resources": {
+            "cpus": r.cpus, "memory_bytes": r.memory_bytes, "gpus": r.gpus, "max_tasks": r.max_tasks,
+            // What a connected party last said is free.
+            "free": r.free.map(|f| json!({
+                "cpu_millis": f.cpu_millis, "memory_bytes": f.memory_bytes, "gpus": f.gpus,
+            })),
+        },
+        // Its training tasks as the coordinators judged them, and the score
+        // `selection: reliability` draws it with.
+        "reliability": {
+            "finished": rel.finished,
+            "failed": rel.failed,
+            "timed_out": rel.timed_out,
+            "score": finite(rel.score),
+            "last_result": time(rel.last_result_ms),
+        },
         "running_tasks": c.running_tasks,
         "last_seen": time(c.last_seen_ms),
         "tasks_offered": c.tasks_offered,
@@ -440,5 +520,125 @@ mod tests {
             ..Default::default()
         };
         assert!(!job_text(&plain).contains("compressed"));
+    }
+
+    #[test]
+    fn rounds_list_whom_they_drew_with_scores_and_outcomes() {
+        let drawn = |party: &str, score: f64, outcome: &str| pb::SelectedParty {
+            party: party.into(),
+            score,
+            outcome: outcome.into(),
+        };
+        let job = pb::Job {
+            rounds: vec![
+                round(1, 0, 0),
+                pb::RoundSummary {
+                    selected: vec![
+                        drawn("party-1", 0.917, "finished"),
+                        drawn("party-5", 1.0 / 12.0, "timed_out"),
+                        drawn("party-2", 360.0, "refused"),
+                    ],
+                    ..round(2, 10, 10)
+                },
+            ],
+            ..Default::default()
+        };
+        let text = job_text(&job);
+        assert!(
+            text.contains(
+                "    2  party-1 (0.917) finished, party-5 (0.083) timed_out, party-2 (360) refused"
+            ),
+            "{text}"
+        );
+        assert!(
+            !text.contains("    1  party"),
+            "round 1 drew nobody: {text}"
+        );
+        let json = job_json(&job);
+        assert_eq!(json["rounds"][0]["selected"], json!([]));
+        assert_eq!(
+            json["rounds"][1]["selected"][1],
+            json!({"party": "party-5", "score": 1.0 / 12.0, "outcome": "timed_out"})
+        );
+        // No round recorded a selection: no section.
+        let plain = pb::Job {
+            rounds: vec![round(1, 0, 0)],
+            ..Default::default()
+        };
+        assert!(!job_text(&plain).contains("selected"));
+    }
+
+    #[test]
+    fn clients_show_their_reliability_and_what_is_free() {
+        let c = pb::ClientInfo {
+            party: "party-5".into(),
+            connected: true,
+            tasks_offered: 9,
+            tasks_succeeded: 9,
+            resources: Some(pb::Resources {
+                cpus: 2,
+                memory_bytes: 4 << 30,
+                gpus: 0,
+                max_tasks: 2,
+                free: Some(pb::FreeResources {
+                    cpu_millis: 1500,
+                    memory_bytes: 3 << 29,
+                    gpus: 0,
+                }),
+            }),
+            reliability: Some(pb::Reliability {
+                finished: 1,
+                failed: 2,
+                timed_out: 6,
+                score: 0.1234,
+                last_result_ms: 1_700_000_000_000,
+            }),
+            ..Default::default()
+        };
+        let line = client_line(&c);
+        assert!(
+            line.contains(
+                "reliability 0.12 (1 finished, 2 failed, 6 timed out)  free 1.5 cpu 1.5 GiB"
+            ),
+            "{line}"
+        );
+        let json = client_json(&c);
+        assert_eq!(
+            json["reliability"],
+            json!({
+                "finished": 1, "failed": 2, "timed_out": 6, "score": 0.1234,
+                "last_result": "2023-11-14T22:13:20.000Z",
+            })
+        );
+        assert_eq!(json["resources"]["free"]["cpu_millis"], 1500);
+        // A disconnected party's last figures are not "free now".
+        let away = pb::ClientInfo {
+            connected: false,
+            ..c
+        };
+        assert!(!client_line(&away).contains("free"));
+    }
+
+    #[test]
+    fn a_version_lists_the_parties_whose_updates_made_it() {
+        let v = pb::ModelVersion {
+            name: "m".into(),
+            version: 3,
+            lineage: Some(pb::Lineage {
+                job_id: "j".into(),
+                round: 3,
+                parent_version: 2,
+                parties: vec!["party-2".into(), "party-1".into()],
+            }),
+            ..Default::default()
+        };
+        assert!(
+            version_text(&v).ends_with("\nparties     party-2, party-1"),
+            "{}",
+            version_text(&v)
+        );
+        assert_eq!(version_json(&v)["parties"], json!(["party-2", "party-1"]));
+        let upload = pb::ModelVersion { lineage: None, ..v };
+        assert_eq!(version_text(&upload), version_line(&upload));
     }
 }

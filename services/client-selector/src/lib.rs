@@ -11,6 +11,7 @@
 pub mod bookkeeping;
 mod metrics;
 pub mod registry;
+pub mod selection;
 pub mod sessions;
 
 use std::net::SocketAddr;
@@ -110,6 +111,7 @@ impl Args {
                 max_samples: self.max_dataset_samples,
                 max_features: self.max_dataset_features,
                 max_classes: self.max_dataset_classes,
+                ..RegistrationLimits::default()
             },
         })
     }

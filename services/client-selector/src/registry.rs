@@ -19,12 +19,15 @@ use std::time::{Duration, Instant};
 use cohort_core::{PartyId, random_token};
 use cohort_proto::v1 as pb;
 use cohort_runtime::now_ms;
-use cohort_store::clients::{ClientStore, DatasetEntry, TaskOutcome};
+use cohort_store::clients::{
+    ClientStore, DatasetEntry, Reliability, ResourcesEntry, TaskOutcome, TaskResult,
+};
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 use tracing::Instrument as _;
 
 use crate::bookkeeping::{Bookkeeping, MAX_PENDING_PARTIES};
+use crate::selection::{Capacity, Pick, Traits};
 
 /// Ended tasks are remembered this long for TaskStates queries.
 const TASK_MEMORY: Duration = Duration::from_secs(600);
@@ -57,6 +60,11 @@ pub struct RegistrationLimits {
     pub max_samples: u64,
     pub max_features: u32,
     pub max_classes: u32,
+    /// What a party may say it has (`selection: resource` draws by it).
+    pub max_cpus: u32,
+    pub max_memory_bytes: u64,
+    pub max_gpus: u32,
+    pub max_tasks: u32,
 }
 
 impl Default for RegistrationLimits {
@@ -66,6 +74,10 @@ impl Default for RegistrationLimits {
             max_samples: 1_000_000_000,
             max_features: 1_000_000,
             max_classes: 100_000,
+            max_cpus: 65_536,
+            max_memory_bytes: 1 << 50,
+            max_gpus: 4096,
+            max_tasks: 4096,
         }
     }
 }
@@ -99,6 +111,49 @@ struct Session {
     tx: SessionSender,
     datasets: Vec<DatasetEntry>,
     running_tasks: u32,
+    /// What it registered it has, and what it last said is free (bounded by that).
+    resources: ResourcesEntry,
+    free: Option<Free>,
+    /// Its record of training tasks, as the store had it when the party registered and as
+    /// results were recorded since.
+    reliability: Reliability,
+}
+
+/// What a party says it has free, bounded by what it registered it has.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Free {
+    pub cpu_millis: u64,
+    pub memory_bytes: u64,
+    pub gpus: u32,
+}
+
+impl Free {
+    /// `reported`, each figure cut to the party's registered total: a party cannot make
+    /// itself look bigger between heartbeats than it registered (which is bounded).
+    pub fn bounded(reported: &pb::FreeResources, totals: &ResourcesEntry) -> Free {
+        Free {
+            cpu_millis: u64::from(reported.cpu_millis).min(u64::from(totals.cpus) * 1000),
+            memory_bytes: reported.memory_bytes.min(totals.memory_bytes),
+            gpus: reported.gpus.min(totals.gpus),
+        }
+    }
+
+    /// A party that reports nothing free (an older task-manager): its totals.
+    fn of_totals(totals: &ResourcesEntry) -> Free {
+        Free {
+            cpu_millis: u64::from(totals.cpus) * 1000,
+            memory_bytes: totals.memory_bytes,
+            gpus: totals.gpus,
+        }
+    }
+}
+
+/// What a registering party brings to its session.
+pub struct Joining {
+    pub datasets: Vec<DatasetEntry>,
+    pub resources: ResourcesEntry,
+    pub free: Option<pb::FreeResources>,
+    pub reliability: Reliability,
 }
 
 /// An offer sent to `party`; only that party's reply answers it.
@@ -110,6 +165,10 @@ struct PendingOffer {
 struct TaskInfo {
     party: PartyId,
     job_id: String,
+    /// The task's kind (wire value): only training tasks have results recorded.
+    kind: i32,
+    /// Its result was recorded in the party's reliability record (or is being).
+    result_recorded: bool,
     phase: pb::TaskPhase,
     /// Why it failed or was cancelled, as the party said (bounded).
     message: Option<String>,
@@ -136,7 +195,7 @@ impl TaskBook {
         }
     }
 
-    fn insert(&mut self, task_id: String, party: PartyId, job_id: String) {
+    fn insert(&mut self, task_id: String, party: PartyId, job_id: String, kind: i32) {
         self.forget_expired();
         if self.tasks.len() >= self.capacity {
             // Make room for a percent more at once, so a full book is not
@@ -149,6 +208,8 @@ impl TaskBook {
             TaskInfo {
                 party,
                 job_id,
+                kind,
+                result_recorded: false,
                 phase: pb::TaskPhase::Running,
                 message: None,
                 accepted_at: Instant::now(),
@@ -226,6 +287,59 @@ impl TaskBook {
             _ => None,
         };
         Some((before, count))
+    }
+
+    /// How many tasks each party runs.
+    fn running_by_party(&self) -> HashMap<&PartyId, u32> {
+        let mut running: HashMap<&PartyId, u32> = HashMap::new();
+        for t in self.tasks.values() {
+            if t.phase == pb::TaskPhase::Running {
+                *running.entry(&t.party).or_default() += 1;
+            }
+        }
+        running
+    }
+
+    /// Takes the results a coordinator reports for `job_id` that may be recorded: tasks
+    /// offered for that job to the party named, training tasks, not recorded before. They
+    /// are marked recorded at once (a concurrent report of the same task is ignored);
+    /// [`TaskBook::unclaim`] gives back those the store did not take.
+    fn claim_results(
+        &mut self,
+        job_id: &str,
+        reports: &[pb::TaskResultReport],
+    ) -> (Vec<(String, PartyId, TaskResult)>, usize) {
+        let train = pb::TaskKind::Train as i32;
+        let mut claimed = Vec::new();
+        for r in reports {
+            let result = match pb::TaskResult::try_from(r.result) {
+                Ok(pb::TaskResult::Finished) => TaskResult::Finished,
+                Ok(pb::TaskResult::Failed) => TaskResult::Failed,
+                Ok(pb::TaskResult::TimedOut) => TaskResult::TimedOut,
+                _ => continue,
+            };
+            let Some(t) = self.tasks.get_mut(&r.task_id) else {
+                continue;
+            };
+            if t.job_id != job_id || t.party.as_str() != r.party || t.kind != train {
+                continue;
+            }
+            if std::mem::replace(&mut t.result_recorded, true) {
+                continue;
+            }
+            claimed.push((r.task_id.clone(), t.party.clone(), result));
+        }
+        let ignored = reports.len() - claimed.len();
+        (claimed, ignored)
+    }
+
+    /// Gives back claimed results that were not recorded, so a retry records them.
+    fn unclaim(&mut self, task_ids: &[String]) {
+        for id in task_ids {
+            if let Some(t) = self.tasks.get_mut(id) {
+                t.result_recorded = false;
+            }
+        }
     }
 
     /// How many tasks `party` runs.
@@ -379,55 +493,26 @@ pub fn majority_shape(holders: &[Holder]) -> Option<(u32, u32)> {
 pub struct Candidate {
     pub party: PartyId,
     tx: SessionSender,
-    pub samples: u64,
+    /// What selection weighs it by.
+    pub traits: Traits,
 }
 
-/// How the parties offered a round's tasks are picked among those that fit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Pick {
-    /// Uniformly at random.
-    Random,
-    /// At random, a party's chance proportional to its samples of the job's dataset
-    /// (weighted sampling without replacement: the `count` largest keys u^(1/samples)).
-    Data,
-}
-
-impl Pick {
-    /// From the wire's `selection` ("" is random); None for one not supported.
-    pub fn parse(selection: &str) -> Option<Pick> {
-        match selection {
-            "" | "random" => Some(Pick::Random),
-            "data" => Some(Pick::Data),
-            _ => None,
-        }
-    }
-
-    /// Keeps `count` of `candidates`, in the order they are picked.
-    pub fn choose<R: rand::Rng>(
-        self,
-        mut candidates: Vec<Candidate>,
-        count: usize,
-        rng: &mut R,
-    ) -> Vec<Candidate> {
-        use rand::seq::SliceRandom as _;
-        match self {
-            Pick::Random => candidates.shuffle(rng),
-            Pick::Data => {
-                let mut keyed: Vec<(f64, Candidate)> = candidates
-                    .into_iter()
-                    .map(|c| {
-                        let u: f64 = rng.random_range(f64::MIN_POSITIVE..1.0);
-                        // ln(u)/w orders as u^(1/w) does, without underflow.
-                        (u.ln() / c.samples.max(1) as f64, c)
-                    })
-                    .collect();
-                keyed.sort_by(|a, b| b.0.total_cmp(&a.0));
-                candidates = keyed.into_iter().map(|(_, c)| c).collect();
-            }
-        }
-        candidates.truncate(count);
-        candidates
-    }
+/// Keeps `count` of `candidates` as `pick` draws them, in the order drawn, each with the
+/// weight it was drawn with.
+pub fn choose<R: rand::Rng>(
+    pick: Pick,
+    candidates: Vec<Candidate>,
+    count: usize,
+    rng: &mut R,
+) -> Vec<(Candidate, f64)> {
+    let traits: Vec<Traits> = candidates.iter().map(|c| c.traits.clone()).collect();
+    let weights = pick.weights(&traits);
+    let order = crate::selection::draw(&weights, count, rng);
+    let mut slots: Vec<Option<Candidate>> = candidates.into_iter().map(Some).collect();
+    order
+        .into_iter()
+        .filter_map(|i| slots[i].take().map(|c| (c, weights[i])))
+        .collect()
 }
 
 struct State {
@@ -499,9 +584,16 @@ impl Registry {
         &self,
         party: &PartyId,
         tx: SessionSender,
-        datasets: Vec<DatasetEntry>,
+        joining: Joining,
         listed: &HashSet<String>,
     ) -> (u64, Reattached) {
+        let Joining {
+            datasets,
+            resources,
+            free,
+            reliability,
+        } = joining;
+        let free = free.map(|f| Free::bounded(&f, &resources));
         self.with_state(|s| {
             s.next_session += 1;
             let id = s.next_session;
@@ -513,6 +605,9 @@ impl Registry {
                     tx,
                     datasets,
                     running_tasks: 0,
+                    resources,
+                    free,
+                    reliability,
                 },
             );
             s.away.remove(party);
@@ -612,6 +707,9 @@ impl Registry {
                 self.with_state(|s| {
                     if let Some(sess) = s.sessions.get_mut(party).filter(|x| x.id == session_id) {
                         sess.running_tasks = hb.running_tasks;
+                        if let Some(free) = hb.resources.as_ref().and_then(|r| r.free.as_ref()) {
+                            sess.free = Some(Free::bounded(free, &sess.resources));
+                        }
                     }
                 });
                 self.bookkeeping.seen(party, now_ms());
@@ -667,14 +765,42 @@ impl Registry {
         }
     }
 
-    /// Connected parties and how many tasks each runs.
-    pub fn running_tasks(&self) -> HashMap<PartyId, u32> {
+    /// Connected parties: how many tasks each runs, and what it last said is free.
+    pub fn live(&self) -> HashMap<PartyId, (u32, Option<Free>)> {
         self.with_state(|s| {
             s.sessions
                 .iter()
-                .map(|(p, sess)| (p.clone(), sess.running_tasks))
+                .map(|(p, sess)| (p.clone(), (sess.running_tasks, sess.free)))
                 .collect()
         })
+    }
+
+    /// Records what became of training tasks of `job_id` in their parties' reliability
+    /// records: only tasks this registry offered for that job to the party a report names,
+    /// training tasks, each once (see `TaskBook::claim_results`). Returns how many were
+    /// recorded and how many ignored; a store error leaves the unrecorded ones for a retry.
+    pub async fn record_results(
+        &self,
+        job_id: &str,
+        reports: &[pb::TaskResultReport],
+    ) -> Result<(usize, usize), cohort_store::StoreError> {
+        let (claimed, ignored) = self.with_state(|s| s.tasks.claim_results(job_id, reports));
+        let now = now_ms();
+        for (i, (task_id, party, result)) in claimed.iter().enumerate() {
+            if let Err(e) = self.store.record_task_result(party, *result, now).await {
+                let left: Vec<String> = claimed[i..].iter().map(|(id, _, _)| id.clone()).collect();
+                self.with_state(|s| s.tasks.unclaim(&left));
+                return Err(e);
+            }
+            tracing::debug!(party = %party, task = %task_id, ?result, "task result recorded");
+            // The connected party's copy follows the store's arithmetic.
+            self.with_state(|s| {
+                if let Some(sess) = s.sessions.get_mut(party) {
+                    sess.reliability = sess.reliability.after(*result, now);
+                }
+            });
+        }
+        Ok((claimed.len(), ignored))
     }
 
     /// Every connected party holding `dataset`, sorted by party name.
@@ -698,7 +824,9 @@ impl Registry {
     }
 
     /// Connected parties holding `dataset`, not excluded, whose registration
-    /// has the shape asked for (a zero matches any).
+    /// has the shape asked for (a zero matches any), with what selection weighs them by.
+    /// A party's running tasks are the more of what it says and what this registry knows
+    /// it accepted and has not heard end.
     pub fn candidates(
         &self,
         dataset: &str,
@@ -708,6 +836,7 @@ impl Registry {
     ) -> Vec<Candidate> {
         self.with_state(|s| {
             s.tasks.forget_expired();
+            let running = s.tasks.running_by_party();
             s.sessions
                 .iter()
                 .filter(|(p, _)| !exclude.iter().any(|e| e == p.as_str()))
@@ -717,10 +846,25 @@ impl Registry {
                         .find(|d| d.name == dataset)
                         .filter(|d| features == 0 || d.features == features)
                         .filter(|d| classes == 0 || d.classes == classes)
-                        .map(|d| Candidate {
-                            party: p.clone(),
-                            tx: sess.tx.clone(),
-                            samples: d.samples,
+                        .map(|d| {
+                            let busy = sess.running_tasks.max(running.get(p).copied().unwrap_or(0));
+                            let free = sess
+                                .free
+                                .unwrap_or_else(|| Free::of_totals(&sess.resources));
+                            Candidate {
+                                party: p.clone(),
+                                tx: sess.tx.clone(),
+                                traits: Traits {
+                                    samples: d.samples,
+                                    capacity: Capacity {
+                                        cpu_millis: free.cpu_millis,
+                                        memory_bytes: free.memory_bytes,
+                                        gpus: free.gpus,
+                                        slots: sess.resources.max_tasks.saturating_sub(busy),
+                                    },
+                                    reliability: sess.reliability.clone(),
+                                },
+                            }
                         })
                 })
                 .collect()
@@ -734,7 +878,8 @@ impl Registry {
         mut task: pb::Task,
         timeout: Duration,
     ) -> Result<pb::AcceptedTask, (PartyId, String)> {
-        let Candidate { party, tx, samples } = candidate;
+        let Candidate { party, tx, traits } = candidate;
+        let samples = traits.samples;
         let offer_id = random_token(12);
         task.task_id = format!("{}-r{}-{}", task.job_id, task.round, random_token(4));
         task.party = party.to_string();
@@ -777,8 +922,12 @@ impl Registry {
             Ok(Some(r)) if r.accepted => {
                 crate::metrics::offer(OfferAnswer::Accepted);
                 self.with_state(|s| {
-                    s.tasks
-                        .insert(task.task_id.clone(), party.clone(), task.job_id.clone())
+                    s.tasks.insert(
+                        task.task_id.clone(),
+                        party.clone(),
+                        task.job_id.clone(),
+                        task.kind,
+                    )
                 });
                 self.bookkeeping.count(&party, TaskOutcome::Accepted);
                 Ok(pb::AcceptedTask {
@@ -858,20 +1007,26 @@ mod tests {
             .map(|(i, s)| Candidate {
                 party: party(&format!("p{i}")),
                 tx: tx.clone(),
-                samples: *s,
+                traits: Traits {
+                    samples: *s,
+                    ..Traits::default()
+                },
             })
             .collect()
     }
 
+    const TRAIN: i32 = pb::TaskKind::Train as i32;
+
     #[test]
-    fn data_selection_favours_parties_by_their_samples() {
+    fn choose_keeps_the_drawn_candidates_with_their_weights() {
         use rand::SeedableRng as _;
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let draws = 4000;
         let mut first = [0u32; 3];
         for _ in 0..draws {
-            let picked = Pick::Data.choose(candidates(&[100, 300, 600]), 1, &mut rng);
-            let i: usize = picked[0].party.as_str()[1..].parse().unwrap();
+            let picked = choose(Pick::Data, candidates(&[100, 300, 600]), 1, &mut rng);
+            let i: usize = picked[0].0.party.as_str()[1..].parse().unwrap();
+            assert_eq!(picked[0].1, [100.0, 300.0, 600.0][i], "its weight");
             first[i] += 1;
         }
         // One draw: chances 0.1, 0.3 and 0.6.
@@ -883,19 +1038,105 @@ mod tests {
             );
         }
         // Several: distinct parties, as many as asked, never more than there are.
-        let two = Pick::Data.choose(candidates(&[1, 1, 1_000_000]), 2, &mut rng);
+        let two = choose(Pick::Data, candidates(&[1, 1, 1_000_000]), 2, &mut rng);
         assert_eq!(two.len(), 2);
-        assert_ne!(two[0].party, two[1].party);
-        assert_eq!(Pick::Data.choose(candidates(&[5, 0]), 9, &mut rng).len(), 2);
+        assert_ne!(two[0].0.party, two[1].0.party);
         assert_eq!(
-            Pick::Random
-                .choose(candidates(&[5, 5, 5]), 2, &mut rng)
-                .len(),
+            choose(Pick::Data, candidates(&[5, 0]), 9, &mut rng).len(),
             2
         );
-        assert_eq!(Pick::parse("data"), Some(Pick::Data));
-        assert_eq!(Pick::parse(""), Some(Pick::Random));
-        assert_eq!(Pick::parse("reliability"), None);
+        let random = choose(Pick::Random, candidates(&[5, 5, 5]), 2, &mut rng);
+        assert_eq!(random.len(), 2);
+        assert!(random.iter().all(|(_, w)| *w == 1.0));
+        // No free capacity (default traits): none drawn under resource.
+        assert!(choose(Pick::Resource, candidates(&[5, 5]), 2, &mut rng).is_empty());
+    }
+
+    #[test]
+    fn free_figures_are_bounded_by_what_the_party_registered() {
+        let totals = ResourcesEntry {
+            cpus: 4,
+            memory_bytes: 8 << 30,
+            gpus: 1,
+            max_tasks: 2,
+        };
+        let claimed = pb::FreeResources {
+            cpu_millis: u32::MAX,
+            memory_bytes: u64::MAX,
+            gpus: 99,
+        };
+        assert_eq!(
+            Free::bounded(&claimed, &totals),
+            Free {
+                cpu_millis: 4000,
+                memory_bytes: 8 << 30,
+                gpus: 1
+            }
+        );
+        let modest = pb::FreeResources {
+            cpu_millis: 1500,
+            memory_bytes: 1 << 30,
+            gpus: 0,
+        };
+        assert_eq!(
+            Free::bounded(&modest, &totals),
+            Free {
+                cpu_millis: 1500,
+                memory_bytes: 1 << 30,
+                gpus: 0
+            }
+        );
+    }
+
+    fn report(task_id: &str, party: &str, result: pb::TaskResult) -> pb::TaskResultReport {
+        pb::TaskResultReport {
+            task_id: task_id.into(),
+            party: party.into(),
+            result: result as i32,
+        }
+    }
+
+    #[test]
+    fn only_results_of_the_jobs_own_training_tasks_count_and_each_once() {
+        let mut book = TaskBook::new(10);
+        let (a, b) = (party("a"), party("b"));
+        book.insert("t-a".into(), a.clone(), "job".into(), TRAIN);
+        book.insert("t-b".into(), b.clone(), "job".into(), TRAIN);
+        book.insert("t-other".into(), a.clone(), "other".into(), TRAIN);
+        book.insert(
+            "t-eval".into(),
+            a.clone(),
+            "job".into(),
+            pb::TaskKind::Evaluate as i32,
+        );
+        use pb::TaskResult::*;
+        let (claimed, ignored) = book.claim_results(
+            "job",
+            &[
+                report("t-a", "a", TimedOut),
+                // Another party's task, another job's, an evaluation, an unknown id, no result.
+                report("t-b", "a", Finished),
+                report("t-other", "a", Finished),
+                report("t-eval", "a", Finished),
+                report("nope", "a", Finished),
+                report("t-b", "b", Unspecified),
+                // The same task twice in one report.
+                report("t-a", "a", Finished),
+            ],
+        );
+        assert_eq!(
+            claimed,
+            vec![("t-a".into(), a.clone(), TaskResult::TimedOut)]
+        );
+        assert_eq!(ignored, 6);
+        // Once recorded, never again; given back (a store error), it may be.
+        let (again, _) = book.claim_results("job", &[report("t-a", "a", Finished)]);
+        assert!(again.is_empty());
+        book.unclaim(&["t-a".to_string()]);
+        let (retried, _) = book.claim_results("job", &[report("t-a", "a", Finished)]);
+        assert_eq!(retried.len(), 1);
+        let (b_claimed, _) = book.claim_results("job", &[report("t-b", "b", Failed)]);
+        assert_eq!(b_claimed, vec![("t-b".into(), b, TaskResult::Failed)]);
     }
 
     #[test]
@@ -961,7 +1202,7 @@ mod tests {
         let mut book = TaskBook::new(4);
         let (a, b) = (party("a"), party("b"));
         for i in 0..4 {
-            book.insert(format!("t{i}"), a.clone(), "job".into());
+            book.insert(format!("t{i}"), a.clone(), "job".into(), TRAIN);
             tick();
         }
         // t2 ends before t0: both go before any running task.
@@ -970,16 +1211,16 @@ mod tests {
         tick();
         book.record_status(&a, "t0", pb::TaskPhase::Succeeded, "")
             .unwrap();
-        book.insert("t4".into(), b.clone(), "job".into());
+        book.insert("t4".into(), b.clone(), "job".into(), TRAIN);
         let mut ids: Vec<&str> = book.tasks.keys().map(String::as_str).collect();
         ids.sort_unstable();
         assert_eq!(ids, ["t0", "t1", "t3", "t4"]);
-        book.insert("t5".into(), b.clone(), "job".into());
+        book.insert("t5".into(), b.clone(), "job".into(), TRAIN);
         let mut ids: Vec<&str> = book.tasks.keys().map(String::as_str).collect();
         ids.sort_unstable();
         assert_eq!(ids, ["t1", "t3", "t4", "t5"]);
         // With nothing ended, the task accepted first goes.
-        book.insert("t6".into(), b, "job".into());
+        book.insert("t6".into(), b, "job".into(), TRAIN);
         assert!(!book.tasks.contains_key("t1"));
         assert_eq!(book.tasks.len(), 4);
     }
@@ -988,7 +1229,7 @@ mod tests {
     fn a_status_from_another_party_or_for_an_unknown_task_changes_nothing() {
         let mut book = TaskBook::new(10);
         let (a, b) = (party("a"), party("b"));
-        book.insert("t0".into(), a.clone(), "job".into());
+        book.insert("t0".into(), a.clone(), "job".into(), TRAIN);
         assert_eq!(
             book.record_status(&b, "t0", pb::TaskPhase::Failed, "forged"),
             None
@@ -1009,8 +1250,8 @@ mod tests {
     fn the_partys_own_outcome_counts_once_even_after_the_server_ended_the_task() {
         let mut book = TaskBook::new(10);
         let a = party("a");
-        book.insert("t0".into(), a.clone(), "job".into());
-        book.insert("t1".into(), a.clone(), "job".into());
+        book.insert("t0".into(), a.clone(), "job".into(), TRAIN);
+        book.insert("t1".into(), a.clone(), "job".into(), TRAIN);
         // The job ended: its running tasks are cancelled; the party then reports.
         assert_eq!(book.cancel_job("job", "done").len(), 2);
         assert_eq!(

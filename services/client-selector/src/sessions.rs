@@ -17,13 +17,15 @@ use cohort_runtime::audit::{self, Actor, AuditClient};
 use cohort_runtime::{ToStatus, calling_party, calling_principal, now_ms};
 use cohort_store::clients::{DatasetEntry, ResourcesEntry};
 use futures::{Stream, StreamExt};
+use rand::SeedableRng as _;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::registry::{
-    MAX_DATASET_NAME, MAX_LISTED_TASKS, MAX_TASK_ID_BYTES, Pick, RegistrationLimits, Registry,
-    is_dataset_name, majority_shape,
+    Free, Joining, MAX_DATASET_NAME, MAX_LISTED_TASKS, MAX_TASK_ID_BYTES, RegistrationLimits,
+    Registry, choose, is_dataset_name, majority_shape,
 };
+use crate::selection::{Pick, draw_seed, reliability_score};
 
 type ServerStream = Pin<Box<dyn Stream<Item = Result<pb::ServerMessage, Status>> + Send>>;
 
@@ -36,6 +38,7 @@ struct Registration {
     party: PartyId,
     datasets: Vec<DatasetEntry>,
     resources: ResourcesEntry,
+    free: Option<pb::FreeResources>,
     /// The tasks it says it still runs.
     running_tasks: HashSet<String>,
 }
@@ -124,6 +127,23 @@ fn validate_register(r: pb::Register, limits: &RegistrationLimits) -> Result<Reg
         ));
     }
     let res = r.resources.unwrap_or_default();
+    for (field, value, limit) in [
+        ("cpus", u64::from(res.cpus), u64::from(limits.max_cpus)),
+        ("memory_bytes", res.memory_bytes, limits.max_memory_bytes),
+        ("gpus", u64::from(res.gpus), u64::from(limits.max_gpus)),
+        (
+            "max_tasks",
+            u64::from(res.max_tasks),
+            u64::from(limits.max_tasks),
+        ),
+    ] {
+        if value > limit {
+            return Err(invalid(
+                format!("resources.{field}"),
+                format!("{value} is over the limit of {limit}"),
+            ));
+        }
+    }
     Ok(Registration {
         party,
         datasets,
@@ -133,6 +153,7 @@ fn validate_register(r: pb::Register, limits: &RegistrationLimits) -> Result<Reg
             gpus: res.gpus,
             max_tasks: res.max_tasks,
         },
+        free: res.free,
         running_tasks: r.running_tasks.into_iter().collect(),
     })
 }
@@ -160,6 +181,7 @@ impl pb::party_session_server::PartySession for SessionApi {
             party,
             datasets,
             resources,
+            free,
             running_tasks,
         } = validate_register(register, &self.registry.settings().limits).inspect_err(|e| {
             // Logged once here; the party is told why.
@@ -187,15 +209,20 @@ impl pb::party_session_server::PartySession for SessionApi {
             Ok(_) | Err(cohort_store::StoreError::NotFound { .. }) => {}
             Err(e) => return Err(e.to_status()),
         }
-        registry
+        let record = registry
             .store()
             .upsert_client(&party, &datasets, &resources, now_ms())
             .await
             .map_err(|e| e.to_status())?;
         let (tx, rx) = mpsc::channel(64);
         let dataset_count = datasets.len();
-        let (session_id, tasks) =
-            registry.add_session(&party, tx.clone(), datasets, &running_tasks);
+        let joining = Joining {
+            datasets,
+            resources,
+            free,
+            reliability: record.reliability,
+        };
+        let (session_id, tasks) = registry.add_session(&party, tx.clone(), joining, &running_tasks);
         tracing::info!(
             party = %party,
             datasets = dataset_count,
@@ -257,6 +284,9 @@ impl pb::party_session_server::PartySession for SessionApi {
         )))
     }
 }
+
+/// Most task results one RecordTaskResults may carry.
+const MAX_RESULTS_PER_CALL: usize = 10_000;
 
 /// How long a Cancel may wait for room in a party's session queue.
 const CANCEL_SEND_TIMEOUT: Duration = Duration::from_secs(2);
@@ -354,7 +384,7 @@ impl pb::client_selector_server::ClientSelector for SelectorApi {
             .list_clients()
             .await
             .map_err(|e| e.to_status())?;
-        let live = self.registry.running_tasks();
+        let live = self.registry.live();
         let clients = records.into_iter().map(|c| client_info(c, &live)).collect();
         Ok(Response::new(pb::ListClientsResponse { clients }))
     }
@@ -410,19 +440,32 @@ impl pb::client_selector_server::ClientSelector for SelectorApi {
         }
         let Some(pick) = Pick::parse(&r.selection) else {
             return Err(Status::invalid_argument(format!(
-                "selection: {:?} is not supported yet",
+                "selection: {:?} is not one of random, data, resource, reliability",
                 r.selection
             )));
         };
         let timeout = Duration::from_millis(u64::from(r.reply_timeout_ms.clamp(100, 60_000)));
+        // A seeded job draws the same parties from the same candidates on every run.
+        let mut rng = match template.seed {
+            0 => rand::rngs::StdRng::from_rng(&mut rand::rng()),
+            seed => rand::rngs::StdRng::seed_from_u64(draw_seed(seed, r.kind)),
+        };
         // A party whose data does not have the job's shape is never offered
         // its tasks.
-        let candidates = pick.choose(
+        let candidates = choose(
+            pick,
             self.registry
                 .candidates(&r.dataset, &r.exclude, r.features, r.classes),
             r.count as usize,
-            &mut rand::rng(),
+            &mut rng,
         );
+        let selected: Vec<pb::PartyScore> = candidates
+            .iter()
+            .map(|(c, score)| pb::PartyScore {
+                party: c.party.to_string(),
+                score: *score,
+            })
+            .collect();
         let mut task = template;
         task.job_id = r.job_id.clone();
         task.round = r.round;
@@ -431,13 +474,16 @@ impl pb::client_selector_server::ClientSelector for SelectorApi {
         let offers = candidates
             .into_iter()
             .zip(r.task_tokens)
-            .map(|(candidate, token)| {
+            .map(|((candidate, _), token)| {
                 let registry = self.registry.clone();
                 let mut task = task.clone();
                 task.task_token = token;
                 async move { registry.offer_one(candidate, task, timeout).await }
             });
-        let mut resp = pb::OfferTasksResponse::default();
+        let mut resp = pb::OfferTasksResponse {
+            selected,
+            ..Default::default()
+        };
         for result in futures::future::join_all(offers).await {
             match result {
                 Ok(a) => resp.accepted.push(a),
@@ -446,8 +492,40 @@ impl pb::client_selector_server::ClientSelector for SelectorApi {
                 }
             }
         }
-        tracing::info!(job = %r.job_id, round = r.round, accepted = resp.accepted.len(), refused = resp.refused.len(), "tasks offered");
+        tracing::info!(job = %r.job_id, round = r.round, selection = pick.as_str(), accepted = resp.accepted.len(), refused = resp.refused.len(), "tasks offered");
         Ok(Response::new(resp))
+    }
+
+    async fn record_task_results(
+        &self,
+        req: Request<pb::RecordTaskResultsRequest>,
+    ) -> Result<Response<pb::RecordTaskResultsResponse>, Status> {
+        // Server-internal (the proxy refuses it): a user or party never writes a record.
+        if calling_principal(&req)?.is_some() || calling_party(&req)?.is_some() {
+            return Err(Status::permission_denied(
+                "task results are recorded by coordinators only",
+            ));
+        }
+        let r = req.into_inner();
+        if r.results.len() > MAX_RESULTS_PER_CALL {
+            return Err(Status::invalid_argument(format!(
+                "results: {} is over the limit of {MAX_RESULTS_PER_CALL}",
+                r.results.len()
+            )));
+        }
+        let (recorded, ignored) = self
+            .registry
+            .record_results(&r.job_id, &r.results)
+            .await
+            .map_err(|e| e.to_status())?;
+        if ignored > 0 {
+            tracing::info!(job = %r.job_id, round = r.round, ignored, "task results not recorded: not this job's training tasks for the party named, recorded already, or forgotten");
+        }
+        tracing::debug!(job = %r.job_id, round = r.round, recorded, "task results recorded");
+        Ok(Response::new(pb::RecordTaskResultsResponse {
+            recorded: u32::try_from(recorded).unwrap_or(u32::MAX),
+            ignored: u32::try_from(ignored).unwrap_or(u32::MAX),
+        }))
     }
 
     async fn task_states(
@@ -484,11 +562,20 @@ impl pb::client_selector_server::ClientSelector for SelectorApi {
 
 fn client_info(
     c: cohort_store::clients::ClientRecord,
-    live: &HashMap<PartyId, u32>,
+    live: &HashMap<PartyId, (u32, Option<Free>)>,
 ) -> pb::ClientInfo {
+    let (running_tasks, free) = live.get(&c.party).copied().unwrap_or((0, None));
+    let r = &c.reliability;
     pb::ClientInfo {
         connected: live.contains_key(&c.party),
-        running_tasks: live.get(&c.party).copied().unwrap_or(0),
+        running_tasks,
+        reliability: Some(pb::Reliability {
+            finished: r.finished,
+            failed: r.failed,
+            timed_out: r.timed_out,
+            score: reliability_score(r),
+            last_result_ms: r.last_result_ms,
+        }),
         party: c.party.to_string(),
         datasets: c
             .datasets
@@ -505,6 +592,12 @@ fn client_info(
             memory_bytes: c.resources.memory_bytes,
             gpus: c.resources.gpus,
             max_tasks: c.resources.max_tasks,
+            // What a connected party last said is free.
+            free: free.map(|f| pb::FreeResources {
+                cpu_millis: u32::try_from(f.cpu_millis).unwrap_or(u32::MAX),
+                memory_bytes: f.memory_bytes,
+                gpus: f.gpus,
+            }),
         }),
         last_seen_ms: c.last_seen_ms,
         tasks_offered: c.stats.tasks_offered,

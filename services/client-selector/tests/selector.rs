@@ -156,6 +156,16 @@ impl FakeParty {
         datasets: Vec<DatasetInfo>,
         running_tasks: Vec<String>,
     ) -> Result<Session, tonic::Status> {
+        Self::register_full(addr, name, datasets, running_tasks, None).await
+    }
+
+    async fn register_full(
+        addr: SocketAddr,
+        name: &str,
+        datasets: Vec<DatasetInfo>,
+        running_tasks: Vec<String>,
+        resources: Option<Resources>,
+    ) -> Result<Session, tonic::Status> {
         let mut client = PartySessionClient::connect(format!("http://{addr}"))
             .await
             .unwrap();
@@ -163,7 +173,7 @@ impl FakeParty {
         out.send(message(party_message::Kind::Register(Register {
             party: name.into(),
             datasets,
-            resources: None,
+            resources,
             running_tasks,
         })))
         .await
@@ -215,9 +225,31 @@ impl FakeParty {
         answer: Answer,
         running_tasks: Vec<String>,
     ) -> Self {
-        let (out, mut inbound) = Self::register_listing(addr, name, datasets, running_tasks)
-            .await
-            .unwrap();
+        Self::open_full(addr, name, datasets, answer, running_tasks, None).await
+    }
+
+    /// A party that registers `resources` (with what is free in them).
+    async fn with_resources(
+        addr: SocketAddr,
+        name: &str,
+        answer: Answer,
+        resources: Resources,
+    ) -> Self {
+        Self::open_full(addr, name, digits(), answer, vec![], Some(resources)).await
+    }
+
+    async fn open_full(
+        addr: SocketAddr,
+        name: &str,
+        datasets: Vec<DatasetInfo>,
+        answer: Answer,
+        running_tasks: Vec<String>,
+        resources: Option<Resources>,
+    ) -> Self {
+        let (out, mut inbound) =
+            Self::register_full(addr, name, datasets, running_tasks, resources)
+                .await
+                .unwrap();
         let offers = Arc::new(Mutex::new(Vec::new()));
         let cancels = Arc::new(Mutex::new(Vec::new()));
         let (seen, cancelled, replies) = (offers.clone(), cancels.clone(), out.clone());
@@ -456,6 +488,7 @@ async fn configured_limits_replace_the_defaults() {
         max_samples: 500,
         max_features: 8,
         max_classes: 3,
+        ..RegistrationLimits::default()
     })
     .await;
     for (datasets, field) in [
@@ -505,6 +538,10 @@ fn limit_flags_have_defaults_and_are_checked_at_start() {
             max_samples: 1_000_000_000,
             max_features: 1_000_000,
             max_classes: 100_000,
+            max_cpus: 65_536,
+            max_memory_bytes: 1 << 50,
+            max_gpus: 4096,
+            max_tasks: 4096,
         }
     );
     let set = parse(&[
@@ -526,6 +563,7 @@ fn limit_flags_have_defaults_and_are_checked_at_start() {
             max_samples: 7,
             max_features: 3,
             max_classes: 4,
+            ..RegistrationLimits::default()
         }
     );
     let no_grace = parse(&["--reconnect-grace", "0s"]).settings().unwrap();
@@ -1328,4 +1366,207 @@ async fn with_the_database_down_sessions_flow_and_the_counters_catch_up_when_it_
     assert_eq!(caught_up.tasks_failed, 0);
     assert!(caught_up.last_seen_ms > stopped_ms);
     assert!(caught_up.connected);
+}
+
+/// `cpus` CPUs, `memory_gib` GiB and 2 task slots, of which `free_cpu_millis` and
+/// `free_memory_gib` are free.
+fn resources(cpus: u32, memory_gib: u64, free_cpu_millis: u32, free_memory_gib: u64) -> Resources {
+    Resources {
+        cpus,
+        memory_bytes: memory_gib << 30,
+        gpus: 0,
+        max_tasks: 2,
+        free: Some(FreeResources {
+            cpu_millis: free_cpu_millis,
+            memory_bytes: free_memory_gib << 30,
+            gpus: 0,
+        }),
+    }
+}
+
+fn result(task_id: &str, party: &str, result: TaskResult) -> TaskResultReport {
+    TaskResultReport {
+        task_id: task_id.into(),
+        party: party.into(),
+        result: result as i32,
+    }
+}
+
+async fn record_results(
+    server: &Server,
+    job_id: &str,
+    results: Vec<TaskResultReport>,
+) -> Result<RecordTaskResultsResponse, tonic::Status> {
+    within(
+        "RecordTaskResults",
+        server
+            .selector
+            .clone()
+            .record_task_results(RecordTaskResultsRequest {
+                job_id: job_id.into(),
+                round: 1,
+                results,
+            }),
+    )
+    .await
+    .map(|r| r.into_inner())
+}
+
+#[tokio::test]
+async fn task_results_count_once_and_only_for_the_jobs_own_tasks_of_the_party_named() {
+    let server = start(RegistrationLimits::default()).await;
+    let a = FakeParty::connect(server.addr, "a", digits()).await;
+    let b = FakeParty::connect(server.addr, "b", digits()).await;
+    let resp = offer(&server, offer_request(1, 2, 7)).await;
+    let (ta, tb) = (task_of(&resp, "a"), task_of(&resp, "b"));
+    // The offer says whom it drew, with their weights (1 each: random).
+    let mut drawn: Vec<(&str, f64)> = resp
+        .selected
+        .iter()
+        .map(|s| (s.party.as_str(), s.score))
+        .collect();
+    drawn.sort_by(|x, y| x.0.cmp(y.0));
+    assert_eq!(drawn, [("a", 1.0), ("b", 1.0)]);
+    // A party's own word (success) is not its reliability record.
+    a.status(&ta.task_id, TaskPhase::Succeeded, "").await;
+    flush(&server, "a", 2).await;
+    let got = record_results(
+        &server,
+        "job-1",
+        vec![
+            // Another party's task, another job's, an unknown one, no result.
+            result(&tb.task_id, "a", TaskResult::Finished),
+            result("job-1-r1-nope", "a", TaskResult::Finished),
+            result(&ta.task_id, "a", TaskResult::Unspecified),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!((got.recorded, got.ignored), (0, 3));
+    let elsewhere = record_results(
+        &server,
+        "job-2",
+        vec![result(&ta.task_id, "a", TaskResult::Finished)],
+    )
+    .await
+    .unwrap();
+    assert_eq!((elsewhere.recorded, elsewhere.ignored), (0, 1));
+    let reports = vec![
+        result(&ta.task_id, "a", TaskResult::Finished),
+        result(&tb.task_id, "b", TaskResult::TimedOut),
+    ];
+    let got = record_results(&server, "job-1", reports.clone())
+        .await
+        .unwrap();
+    assert_eq!((got.recorded, got.ignored), (2, 0));
+    // Reported again (a retried call): nothing more.
+    let again = record_results(&server, "job-1", reports).await.unwrap();
+    assert_eq!((again.recorded, again.ignored), (0, 2));
+    let clients = list_clients(&server).await.unwrap();
+    let record = |name: &str| {
+        let c = clients.iter().find(|c| c.party == name).unwrap();
+        let r = c.reliability.unwrap();
+        (r.finished, r.failed, r.timed_out, r.score)
+    };
+    assert_eq!(record("a"), (1, 0, 0, 2.0 / 3.0));
+    assert_eq!(record("b"), (0, 0, 1, 1.0 / 3.0));
+    let a_info = clients.iter().find(|c| c.party == "a").unwrap();
+    assert_eq!(
+        a_info.tasks_succeeded, 1,
+        "the party's own counter is apart"
+    );
+    // Only coordinators record: a call carrying a party's identity is refused.
+    let mut req = tonic::Request::new(RecordTaskResultsRequest {
+        job_id: "job-1".into(),
+        round: 1,
+        results: vec![],
+    });
+    req.metadata_mut()
+        .insert("x-cohort-party", "a".parse().unwrap());
+    let status = server
+        .selector
+        .clone()
+        .record_task_results(req)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    // Bounded.
+    let many = vec![result(&ta.task_id, "a", TaskResult::Finished); 10_001];
+    let status = record_results(&server, "job-1", many).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().starts_with("results"),
+        "{}",
+        status.message()
+    );
+    drop((a, b));
+}
+
+#[tokio::test]
+async fn resource_selection_never_draws_a_party_without_room_and_favours_the_roomier() {
+    let server = start(RegistrationLimits::default()).await;
+    // Silent parties: every offer is drawn and unanswered, so nothing runs and capacity
+    // stays as reported.
+    let _big =
+        FakeParty::with_resources(server.addr, "big", Answer::Silent, resources(4, 8, 4000, 8))
+            .await;
+    let _small = FakeParty::with_resources(
+        server.addr,
+        "small",
+        Answer::Silent,
+        resources(1, 2, 1000, 2),
+    )
+    .await;
+    let _full = FakeParty::with_resources(
+        server.addr,
+        "full",
+        Answer::Silent,
+        resources(64, 512, 0, 512),
+    )
+    .await;
+    // Claims beyond what it registered are cut to it: 1 CPU, 1 GiB.
+    let _boaster = FakeParty::with_resources(
+        server.addr,
+        "boaster",
+        Answer::Silent,
+        Resources {
+            free: Some(FreeResources {
+                cpu_millis: u32::MAX,
+                memory_bytes: u64::MAX,
+                gpus: 0,
+            }),
+            ..resources(1, 1, 0, 0)
+        },
+    )
+    .await;
+    let mut first = std::collections::BTreeMap::<String, u32>::new();
+    let draws = 40;
+    for i in 0..draws {
+        let mut req = offer_request(1, 1, 1000 + i);
+        req.selection = "resource".into();
+        req.reply_timeout_ms = 100;
+        let resp = offer(&server, req).await;
+        assert_eq!(resp.selected.len(), 1, "{resp:?}");
+        let drawn = &resp.selected[0];
+        let want = match drawn.party.as_str() {
+            "big" => 1.0,
+            // (1/4 CPU + 2/8 memory) / 2.
+            "small" => 0.25,
+            // (1/4 + 1/8) / 2.
+            "boaster" => 0.1875,
+            other => panic!("{other} has no room yet was drawn"),
+        };
+        assert!((drawn.score - want).abs() < 1e-9, "{drawn:?}");
+        *first.entry(drawn.party.clone()).or_default() += 1;
+    }
+    eprintln!("resource selection, {draws} draws of one: {first:?}");
+    let big = first.get("big").copied().unwrap_or(0);
+    let small = first.get("small").copied().unwrap_or(0);
+    // Chances 1/1.4375 and 0.25/1.4375: 28 and 7 of 40 expected.
+    assert!(big > 2 * small, "{first:?}");
+    // Without any room at all, nobody is drawn.
+    let mut req = offer_request(1, 1, 5);
+    req.selection = "resource".into();
+    req.exclude = vec!["big".into(), "small".into(), "boaster".into()];
+    assert!(offer(&server, req).await.selected.is_empty());
 }

@@ -14,6 +14,7 @@ mod privacy;
 pub mod round_service;
 pub mod round_state;
 mod rounds;
+mod selection;
 mod staging;
 
 use std::time::Duration;

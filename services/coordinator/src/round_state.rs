@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use cohort_core::{ErrorKind, HasKind, NamedTensor, PartyId, TaskKind};
 use cohort_fl::{AggregationRules, FedAvg, UpdateCheck};
+
+use crate::selection::{Drawn, RoundSelection, TicketEnd};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Instant;
 
@@ -185,6 +187,30 @@ struct Inner {
     uploading: HashSet<String>,
     refused: u64,
     notes: Vec<Note>,
+    /// Who the round's training drew and what became of each.
+    selection: RoundSelection,
+}
+
+/// Settles the draws of the training tickets still held: delivered, dropped, or open (timed
+/// out at the round's end, given up on before it). A ticket that is still open before the
+/// round's end but has an upload in flight is kept, so it is not settled yet.
+fn settle_draws(inner: &mut Inner, round_over: bool) {
+    for t in inner.tickets.values() {
+        if t.kind != TaskKind::Train || t.task_id.is_empty() {
+            continue;
+        }
+        let end = match t.state {
+            TicketState::Done => TicketEnd::Delivered,
+            TicketState::Dropped => TicketEnd::Dropped,
+            TicketState::InFlight if !round_over => continue,
+            TicketState::InFlight | TicketState::Issued | TicketState::Minted => TicketEnd::Open,
+        };
+        // Delivered and dropped tickets survive a re-offer; they settle at the round's end.
+        if !round_over && end != TicketEnd::Open {
+            continue;
+        }
+        inner.selection.settle(&t.task_id, end, round_over);
+    }
 }
 
 /// At most this many refusals are logged per window; the rest are only counted.
@@ -246,6 +272,7 @@ impl RoundState {
                 uploading: HashSet::new(),
                 refused: 0,
                 notes: Vec::new(),
+                selection: RoundSelection::default(),
             }),
             global: Mutex::new(Arc::new(Vec::new())),
             model: Mutex::new(Arc::new(Vec::new())),
@@ -309,10 +336,7 @@ impl RoundState {
 
     /// The model alone (without the strategy's extras): what a round's checkpoint stores.
     pub fn model(&self) -> Arc<Vec<NamedTensor>> {
-        self.model
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.model.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// A model with nothing served beside it.
@@ -362,6 +386,7 @@ impl RoundState {
         let check = aggregate.checker();
         let mut inner = self.lock();
         self.next_phase(&mut inner);
+        inner.selection.clear();
         inner.round = round;
         inner.deadline = deadline;
         inner.collecting = Collecting::Updates {
@@ -377,6 +402,7 @@ impl RoundState {
     pub fn finish_training(&self) -> Option<Training> {
         let mut inner = self.lock();
         let collecting = std::mem::replace(&mut inner.collecting, Collecting::Nothing);
+        settle_draws(&mut inner, true);
         self.next_phase(&mut inner);
         match collecting {
             Collecting::Updates {
@@ -472,6 +498,8 @@ impl RoundState {
     /// no upload in flight die, so a late call cannot count twice.
     pub fn forget_undelivered(&self) {
         let mut inner = self.lock();
+        // Given up on before the round's end: their draws failed.
+        settle_draws(&mut inner, false);
         inner.tickets.retain(|_, t| {
             matches!(
                 t.state,
@@ -548,6 +576,10 @@ impl RoundState {
 
     pub fn note(&self, note: Note) {
         let mut inner = self.lock();
+        // The log's word on a task is the draw's outcome too.
+        if note.kind == NoteKind::TaskFailed && !note.task_id.is_empty() {
+            inner.selection.failed(&note.task_id);
+        }
         if inner.notes.len() < MAX_PENDING_NOTES {
             inner.notes.push(note);
         }
@@ -555,6 +587,27 @@ impl RoundState {
 
     pub fn take_notes(&self) -> Vec<Note> {
         std::mem::take(&mut self.lock().notes)
+    }
+
+    // --- selection ---
+
+    /// Parties client-selector drew for this round's training, each with the weight it was
+    /// drawn with and the task it accepted (None: it refused or did not answer).
+    pub fn record_draws(&self, draws: Vec<(String, f64, Option<String>)>) {
+        let mut inner = self.lock();
+        for (party, score, task_id) in draws {
+            inner.selection.record(party, score, task_id);
+        }
+    }
+
+    /// The round's draws so far (settled when its training ends).
+    pub fn draws(&self) -> Vec<Drawn> {
+        self.lock().selection.drawn().to_vec()
+    }
+
+    /// The parties whose updates this round aggregated, in the order drawn.
+    pub fn round_parties(&self) -> Vec<String> {
+        self.lock().selection.finished_parties()
     }
 
     // --- refusals ---

@@ -25,6 +25,7 @@ use tracing::Instrument as _;
 use crate::SCHEDULER_PATIENCE;
 use crate::privacy::RoundBudget;
 use crate::round_state::{Accepted, EvalReport, Note, NoteKind, RoundState, TaskProgress};
+use crate::selection::Outcome as DrawOutcome;
 
 #[derive(Clone)]
 pub struct Clients {
@@ -54,6 +55,24 @@ pub struct JobRun {
     /// job's model is known; its state (momentum, moments, control variates) is
     /// checkpointed with each round as the model `server_state_name`.
     pub strategy: std::sync::Mutex<Option<Box<dyn Strategy>>>,
+}
+
+/// How long client-selector may be away before a round's task results go unrecorded.
+const RESULTS_PATIENCE: Duration = Duration::from_secs(10);
+
+/// The parties an offer drew, with their weights and the tasks those that accepted took.
+fn draws(resp: &pb::OfferTasksResponse) -> Vec<(String, f64, Option<String>)> {
+    resp.selected
+        .iter()
+        .map(|s| {
+            let task = resp
+                .accepted
+                .iter()
+                .find(|a| a.party == s.party)
+                .map(|a| a.task_id.clone());
+            (s.party.clone(), s.score, task)
+        })
+        .collect()
 }
 
 /// The sampling rate each recorded round was accounted at, in order (for the DP budget).
@@ -249,7 +268,13 @@ impl JobRun {
         let trained = self
             .train_round(round, cohort)
             .instrument(cohort_telemetry::trace_span!("train"))
-            .await?;
+            .await;
+        // What the round's parties did goes on their records, also when it failed the round
+        // (not when the job was stopped: that is no party's doing).
+        if !matches!(trained, Err(Failure::Stopped(_) | Failure::Abandon(_))) {
+            self.record_results(round).await;
+        }
+        let trained = trained?;
         crate::metrics::phase(Phase::Train, started.elapsed());
         // A synthetic model has nothing to evaluate.
         let evaluate = self.spec.model.synthetic().is_none()
@@ -304,6 +329,16 @@ impl JobRun {
             bytes_to_parties: traffic.to_parties,
             bytes_from_parties: traffic.from_parties,
             bytes_from_parties_uncompressed: traffic.from_parties_uncompressed,
+            selected: self
+                .state
+                .draws()
+                .into_iter()
+                .map(|d| pb::SelectedParty {
+                    party: d.party,
+                    score: d.score,
+                    outcome: d.outcome.as_str().to_string(),
+                })
+                .collect(),
         };
         tracing::info!(job = %self.job_id, round, seconds = summary.duration_ms as f64 / 1e3, bytes_to_parties = traffic.to_parties, bytes_from_parties = traffic.from_parties, bytes_from_parties_uncompressed = traffic.from_parties_uncompressed, updates = trained.updates, accuracy = metrics.accuracy, robust_accuracy = ?evaluated.robust, loss = metrics.loss, version, "round complete");
         self.flush_log().await;
@@ -311,7 +346,7 @@ impl JobRun {
             let mut c = self.clients.scheduler.clone();
             let req = pb::ReportRoundRequest {
                 job_id: self.job_id.to_string(),
-                round: Some(summary),
+                round: Some(summary.clone()),
             };
             async move { c.report_round(req).await }
         })
@@ -338,6 +373,59 @@ impl JobRun {
             )));
         }
         Ok(None)
+    }
+
+    /// Sends what became of the round's training tasks to client-selector, for the parties'
+    /// reliability records (best effort: a record that cannot be written does not stop the
+    /// job). Tasks still pending are left out.
+    async fn record_results(&self, round: u32) {
+        let results: Vec<pb::TaskResultReport> = self
+            .state
+            .draws()
+            .into_iter()
+            .filter_map(|d| {
+                let result = match d.outcome {
+                    DrawOutcome::Finished => pb::TaskResult::Finished,
+                    DrawOutcome::Failed => pb::TaskResult::Failed,
+                    DrawOutcome::TimedOut => pb::TaskResult::TimedOut,
+                    DrawOutcome::Refused | DrawOutcome::Pending => return None,
+                };
+                Some(pb::TaskResultReport {
+                    task_id: d.task_id?,
+                    party: d.party,
+                    result: result as i32,
+                })
+            })
+            .collect();
+        if results.is_empty() {
+            return;
+        }
+        let sent = results.len();
+        let res = retry_unavailable("record task results", RESULTS_PATIENCE, || {
+            let mut c = self.clients.selector.clone();
+            let req = pb::RecordTaskResultsRequest {
+                job_id: self.job_id.to_string(),
+                round,
+                results: results.clone(),
+            };
+            async move { c.record_task_results(req).await }
+        })
+        .await;
+        match res {
+            Ok(r) => {
+                let r = r.into_inner();
+                tracing::debug!(
+                    round,
+                    sent,
+                    recorded = r.recorded,
+                    ignored = r.ignored,
+                    "task results recorded"
+                );
+            }
+            Err(s) => {
+                tracing::warn!(round, sent, status = %s.message(), "cannot record the round's task results in the parties' reliability records")
+            }
+        }
     }
 
     /// Sends the job's pending log entries to job-scheduler (best effort: a log that cannot
@@ -855,6 +943,9 @@ impl JobRun {
                         })
                         .collect();
                     self.state.bind(&tokens, &bound);
+                    if kind == TaskKind::Train {
+                        self.state.record_draws(draws(&resp));
+                    }
                     accepted.extend(resp.accepted);
                     last_refusals = resp.refused;
                 }
@@ -1142,6 +1233,8 @@ impl JobRun {
                     job_id: self.job_id.to_string(),
                     round,
                     parent_version: parent,
+                    // Whose updates made it (the server state's too).
+                    parties: self.state.round_parties(),
                 }),
                 metrics: Some(*metrics),
             })),

@@ -157,6 +157,11 @@ async fn run_task_steps(channels: &mut Channels, exec: pb::ExecutorTask) -> anyh
     let data = exec.data.context("task file: data is missing")?;
     let spec = JobSpec::from_json(&task.spec_json).context("task file: task.spec_json")?;
     let kind = pb::TaskKind::try_from(task.kind).unwrap_or(pb::TaskKind::Unspecified);
+    if kind == pb::TaskKind::Train && channels.adversary == Some(cohort_fl::Corruption::Stall) {
+        // A straggler that always times out: holds the task until it is stopped.
+        tracing::warn!(task = %task.task_id, "ADVERSARY MODE (stall): this training task is never delivered");
+        std::future::pending::<()>().await;
+    }
     let started = Instant::now();
     let client = RoundClient::new(channels.to(&exec.endpoint)?, &task)?
         .compressing(spec.wire_compression(), &exec.state_dir);

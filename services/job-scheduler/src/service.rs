@@ -8,7 +8,9 @@ use std::time::Duration;
 use cohort_core::{Action, AuthError, JobId, JobSpec, JobState, PartyId, Principal};
 use cohort_proto::v1 as pb;
 use cohort_runtime::{ToStatus, calling_principal};
-use cohort_store::jobs::{JobEventRecord, JobFilter, JobNote, JobRecord, RoundRecord};
+use cohort_store::jobs::{
+    JobEventRecord, JobFilter, JobNote, JobRecord, RoundRecord, SelectedParty,
+};
 use futures::Stream;
 use tonic::{Request, Response, Status};
 
@@ -74,6 +76,10 @@ pub const MAX_EVAL_PARTIES: u32 = 100_000;
 /// The most tensor bytes a round may report moving each way (1 PiB: far
 /// beyond any real round, well inside the stores' 63-bit range).
 pub const MAX_ROUND_BYTES: u64 = 1 << 50;
+/// The most drawn parties a round record keeps (the first ones reported).
+pub const MAX_SELECTED_PARTIES: usize = 1000;
+/// What a drawn party's task may have become.
+const SELECTED_OUTCOMES: &[&str] = &["finished", "failed", "timed_out", "refused", "pending"];
 
 fn round_to_pb(r: &RoundRecord) -> pb::RoundSummary {
     pb::RoundSummary {
@@ -96,7 +102,51 @@ fn round_to_pb(r: &RoundRecord) -> pb::RoundSummary {
         bytes_to_parties: r.bytes_to_parties,
         bytes_from_parties: r.bytes_from_parties,
         bytes_from_parties_uncompressed: r.bytes_from_parties_uncompressed,
+        selected: r
+            .selected
+            .iter()
+            .map(|p| pb::SelectedParty {
+                party: p.party.clone(),
+                score: p.score,
+                outcome: p.outcome.clone(),
+            })
+            .collect(),
     }
+}
+
+/// A round's drawn parties, checked: party names, finite non-negative scores and known
+/// outcomes; more than [`MAX_SELECTED_PARTIES`] are cut to the first ones.
+fn selected_from_pb(selected: Vec<pb::SelectedParty>) -> Result<Vec<SelectedParty>, Status> {
+    selected
+        .into_iter()
+        .take(MAX_SELECTED_PARTIES)
+        .enumerate()
+        .map(|(i, p)| {
+            let field = |name: &str| format!("round.selected[{i}].{name}");
+            cohort_core::PartyId::parse(&p.party)
+                .map_err(|e| Status::invalid_argument(format!("{}: {e}", field("party"))))?;
+            if !(p.score.is_finite() && p.score >= 0.0) {
+                return Err(Status::invalid_argument(format!(
+                    "{}: must be finite and not negative, got {}",
+                    field("score"),
+                    p.score
+                )));
+            }
+            if !SELECTED_OUTCOMES.contains(&p.outcome.as_str()) {
+                return Err(Status::invalid_argument(format!(
+                    "{}: {:?} is not one of {}",
+                    field("outcome"),
+                    &p.outcome[..p.outcome.floor_char_boundary(32)],
+                    SELECTED_OUTCOMES.join(", ")
+                )));
+            }
+            Ok(SelectedParty {
+                party: p.party,
+                score: p.score,
+                outcome: p.outcome,
+            })
+        })
+        .collect()
 }
 
 /// A reported round, checked: its counts and bytes bounded, its robust
@@ -148,6 +198,7 @@ fn round_from_pb(round: pb::RoundSummary) -> Result<RoundRecord, Status> {
         )));
     }
     let eval = round.evaluation.unwrap_or_default();
+    let selected = selected_from_pb(round.selected)?;
     Ok(RoundRecord {
         round: round.round,
         eval_loss: eval.loss,
@@ -166,6 +217,7 @@ fn round_from_pb(round: pb::RoundSummary) -> Result<RoundRecord, Status> {
         bytes_to_parties: round.bytes_to_parties,
         bytes_from_parties: round.bytes_from_parties,
         bytes_from_parties_uncompressed: round.bytes_from_parties_uncompressed,
+        selected,
     })
 }
 
@@ -779,14 +831,72 @@ mod tests {
             bytes_to_parties: 3_000_000_000,
             bytes_from_parties: 5_000_000_007,
             bytes_from_parties_uncompressed: 20_000_000_028,
+            selected: vec![
+                pb::SelectedParty {
+                    party: "party-2".into(),
+                    score: 0.75,
+                    outcome: "finished".into(),
+                },
+                pb::SelectedParty {
+                    party: "party-5".into(),
+                    score: 1.0 / 12.0,
+                    outcome: "timed_out".into(),
+                },
+            ],
         }
+    }
+
+    #[test]
+    fn rounds_keep_their_selection_and_refuse_a_bad_one() {
+        let reported = summary(2, 3);
+        let record = round_from_pb(reported.clone()).unwrap();
+        assert_eq!(record.selected.len(), 2);
+        assert_eq!(round_to_pb(&record), reported, "every field comes back");
+        for (party, score, outcome, message) in [
+            ("Bad Party", 1.0, "finished", "round.selected[0].party"),
+            ("p", f64::NAN, "finished", "round.selected[0].score"),
+            ("p", -1.0, "finished", "round.selected[0].score"),
+            ("p", 1.0, "won", "round.selected[0].outcome"),
+        ] {
+            let bad = pb::RoundSummary {
+                selected: vec![pb::SelectedParty {
+                    party: party.into(),
+                    score,
+                    outcome: outcome.into(),
+                }],
+                ..summary(2, 3)
+            };
+            let status = round_from_pb(bad).unwrap_err();
+            assert_eq!(status.code(), tonic::Code::InvalidArgument);
+            assert!(
+                status.message().starts_with(message),
+                "{}",
+                status.message()
+            );
+        }
+        let many = pb::RoundSummary {
+            selected: vec![
+                pb::SelectedParty {
+                    party: "p".into(),
+                    score: 1.0,
+                    outcome: "refused".into(),
+                };
+                MAX_SELECTED_PARTIES + 5
+            ],
+            ..summary(2, 3)
+        };
+        assert_eq!(
+            round_from_pb(many).unwrap().selected.len(),
+            MAX_SELECTED_PARTIES,
+            "the first ones are kept"
+        );
     }
 
     #[test]
     fn rounds_keep_their_evaluation_coverage_both_ways() {
         for (parties, expected) in [(0, 0), (0, 3), (2, 3), (MAX_EVAL_PARTIES, MAX_EVAL_PARTIES)] {
             let reported = summary(parties, expected);
-            let record = round_from_pb(reported).unwrap();
+            let record = round_from_pb(reported.clone()).unwrap();
             assert_eq!(
                 (record.eval_parties, record.eval_parties_expected),
                 (parties, expected)
@@ -837,7 +947,7 @@ mod tests {
                 bytes_from_parties: from,
                 ..summary(2, 3)
             };
-            let record = round_from_pb(reported).unwrap();
+            let record = round_from_pb(reported.clone()).unwrap();
             assert_eq!(
                 (record.bytes_to_parties, record.bytes_from_parties),
                 (to, from)

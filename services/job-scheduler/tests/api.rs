@@ -406,6 +406,11 @@ async fn rounds_give_the_best_and_last_round() {
         bytes_to_parties: 3_000_000_000 + u64::from(n),
         bytes_from_parties: 5_000_000_000 + u64::from(n),
         bytes_from_parties_uncompressed: 20_000_000_000 + u64::from(n),
+        selected: vec![pb::SelectedParty {
+            party: format!("party-{n}"),
+            score: 0.5 + f64::from(n) / 10.0,
+            outcome: "finished".into(),
+        }],
     };
     let report = |summary: pb::RoundSummary| pb::ReportRoundRequest {
         job_id: id.clone(),
@@ -449,6 +454,17 @@ async fn rounds_give_the_best_and_last_round() {
                 ..round(1, 0.5, 0.5)
             },
             "round.bytes_to_parties",
+        ),
+        (
+            pb::RoundSummary {
+                selected: vec![pb::SelectedParty {
+                    party: "p".into(),
+                    score: f64::INFINITY,
+                    outcome: "finished".into(),
+                }],
+                ..round(1, 0.5, 0.5)
+            },
+            "round.selected[0].score",
         ),
     ] {
         assert_invalid(control.report_round(report(bad)).await, field);

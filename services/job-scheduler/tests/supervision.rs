@@ -150,6 +150,7 @@ fn round(n: u32) -> RoundRecord {
         bytes_to_parties: 0,
         bytes_from_parties: 0,
         bytes_from_parties_uncompressed: 0,
+        selected: Vec::new(),
     }
 }
 

@@ -319,6 +319,43 @@ fn check_name(field: &'static str, name: &str) -> Result<(), Status> {
     }
 }
 
+/// Most parties a version's lineage may name.
+pub const MAX_LINEAGE_PARTIES: usize = 10_000;
+
+/// The parties of a lineage: only for a job's round, bounded, each a party name once.
+fn check_lineage_parties(lineage: &Lineage) -> Result<(), Status> {
+    let field = "header.lineage.parties";
+    if lineage.parties.is_empty() {
+        return Ok(());
+    }
+    if lineage.job_id.is_empty() || lineage.round == 0 {
+        return Err(invalid(
+            field,
+            "only a job's round (lineage.job_id and lineage.round) names parties",
+        ));
+    }
+    if lineage.parties.len() > MAX_LINEAGE_PARTIES {
+        return Err(invalid(
+            field,
+            format!(
+                "{} parties is over the limit of {MAX_LINEAGE_PARTIES}",
+                lineage.parties.len()
+            ),
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (i, party) in lineage.parties.iter().enumerate() {
+        let bounded = &party[..party.floor_char_boundary(64)];
+        if let Err(e) = cohort_core::PartyId::parse(party) {
+            return Err(invalid(field, format!("[{i}] {bounded:?}: {e}")));
+        }
+        if !seen.insert(party.as_str()) {
+            return Err(invalid(field, format!("[{i}] {bounded:?} is listed twice")));
+        }
+    }
+    Ok(())
+}
+
 fn to_proto(r: ModelVersionRecord) -> ModelVersion {
     ModelVersion {
         name: r.name,
@@ -329,6 +366,7 @@ fn to_proto(r: ModelVersionRecord) -> ModelVersion {
             job_id: r.job_id,
             round: r.round,
             parent_version: r.parent_version,
+            parties: r.parties,
         }),
         metrics: Some(Metrics {
             loss: r.loss,
@@ -635,6 +673,7 @@ impl ModelsService {
                 format!("{:?} is not a job id", lineage.job_id),
             ));
         }
+        check_lineage_parties(&lineage)?;
         if lineage.parent_version != 0 {
             match self
                 .store
@@ -707,6 +746,7 @@ impl ModelsService {
                     loss: metrics.loss,
                     accuracy: metrics.accuracy,
                     samples: metrics.samples,
+                    parties: lineage.parties,
                 },
                 cohort_runtime::now_ms(),
             )

@@ -126,6 +126,7 @@ fn header_in(
                 job_id: job.to_string(),
                 round,
                 parent_version: parent,
+                parties: Vec::new(),
             }),
             metrics: Some(Metrics {
                 loss: 0.25,
@@ -440,6 +441,90 @@ async fn empty_and_non_safetensors_uploads_are_refused() {
             .exists(&Digest::of(&file[..file.len() - 10]))
             .await
             .unwrap()
+    );
+}
+
+/// `header` with `parties` in its lineage.
+fn with_parties(mut h: UploadVersionRequest, parties: &[&str]) -> UploadVersionRequest {
+    if let Some(Part::Header(header)) = &mut h.part
+        && let Some(lineage) = &mut header.lineage
+    {
+        lineage.parties = parties.iter().map(|p| p.to_string()).collect();
+    }
+    h
+}
+
+#[tokio::test]
+async fn a_rounds_parties_are_kept_in_its_lineage_and_checked() {
+    let mut h = start().await;
+    let file = model_file(4);
+    let parties = ["party-2", "hospital.a", "party-1"];
+    let v = upload_file(
+        &mut h.client,
+        with_parties(header("m", "job-a", 1, 0), &parties),
+        &file,
+    )
+    .await
+    .unwrap();
+    let stored = |v: &ModelVersion| v.lineage.clone().unwrap_or_default().parties;
+    assert_eq!(stored(&v), parties, "in the coordinator's order");
+    let got = h
+        .client
+        .get_version(GetVersionRequest {
+            name: "m".into(),
+            version: 1,
+            namespace: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stored(&got), parties);
+    // A retried round answers the stored version, parties and all.
+    let again = upload_file(
+        &mut h.client,
+        with_parties(header("m", "job-a", 1, 0), &["mallory"]),
+        &file,
+    )
+    .await
+    .unwrap();
+    assert_eq!((again.version, stored(&again)), (1, stored(&got)));
+    for (h_, why) in [
+        (
+            with_parties(header("m", "", 0, 0), &["p"]),
+            "only a job's round",
+        ),
+        (
+            with_parties(header("m", "job-a", 2, 0), &["p", "Bad Party!"]),
+            "[1]",
+        ),
+        (
+            with_parties(header("m", "job-a", 2, 0), &["p", "q", "p"]),
+            "listed twice",
+        ),
+    ] {
+        let err = upload_file(&mut h.client, h_, &file).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{why}");
+        assert!(
+            err.message().contains("header.lineage.parties") && err.message().contains(why),
+            "{}",
+            err.message()
+        );
+    }
+    let many: Vec<String> = (0..=cohort_model_manager::MAX_LINEAGE_PARTIES)
+        .map(|i| format!("p{i}"))
+        .collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    let err = upload_file(
+        &mut h.client,
+        with_parties(header("m", "job-a", 2, 0), &many),
+        &file,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        err.message().contains("over the limit"),
+        "{}",
+        err.message()
     );
 }
 

@@ -338,6 +338,8 @@ mod tests {
             "StopCoordinatorRequest",
             "RecordAuditRequest",
             "RecordAuditResponse",
+            "RecordTaskResultsRequest",
+            "TaskResultReport",
         ] {
             assert!(
                 full.contains(internal),

@@ -182,6 +182,11 @@ mod tests {
                 "/cohort.v1.ClientSelector/OfferTasks",
                 Refused(Refusal::Internal),
             ),
+            // A party must not write its own reliability record.
+            (
+                "/cohort.v1.ClientSelector/RecordTaskResults",
+                Refused(Refusal::Internal),
+            ),
             (
                 "/cohort.v1.JobControl/ListRoutes",
                 Refused(Refusal::Internal),

@@ -29,7 +29,7 @@ const PUBLIC_SERVICES: [&str; 10] = [
 ];
 
 /// Server-internal services, methods and types: none may be described.
-const INTERNAL_SYMBOLS: [&str; 10] = [
+const INTERNAL_SYMBOLS: [&str; 12] = [
     "cohort.v1.Auth",
     "cohort.v1.JobControl",
     "cohort.v1.CoordinatorControl",
@@ -40,6 +40,8 @@ const INTERNAL_SYMBOLS: [&str; 10] = [
     "cohort.v1.GetAssignmentRequest",
     "cohort.v1.JobControl.RecordAudit",
     "cohort.v1.RecordAuditRequest",
+    "cohort.v1.ClientSelector.RecordTaskResults",
+    "cohort.v1.RecordTaskResultsRequest",
 ];
 
 /// One question to a reflection service.

@@ -248,6 +248,12 @@ impl client_selector_server::ClientSelector for FakeSelector {
     ) -> Res<CancelJobTasksResponse> {
         unimplemented()
     }
+    async fn record_task_results(
+        &self,
+        _: Request<cohort_proto::v1::RecordTaskResultsRequest>,
+    ) -> Res<cohort_proto::v1::RecordTaskResultsResponse> {
+        unimplemented()
+    }
 }
 
 // ---- a coordinator (recording) --------------------------------------------

@@ -305,6 +305,14 @@ async fn server_internal_services_are_refused_not_forwarded() {
     .await
     .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
+    // Nor may anyone outside write a party's reliability record.
+    let status = within(
+        "RecordTaskResults",
+        selector.record_task_results(cohort_proto::v1::RecordTaskResultsRequest::default()),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
     assert_eq!(stack.selector.offer_calls.load(Ordering::SeqCst), 0);
 
     let mut coordinator =

@@ -19,6 +19,7 @@
 //! Must not depend on server-side crates or stores: it only speaks the
 //! PartySession protocol (and, for executor Pods, the Kubernetes API).
 
+mod capacity;
 pub mod datasets;
 mod metrics;
 mod warm;
@@ -82,6 +83,15 @@ pub struct Args {
     /// Tasks run at once; further offers are refused.
     #[arg(long, env = "COHORT_MAX_TASKS", default_value_t = 2)]
     pub max_tasks: u32,
+    /// CPUs this party offers to tasks (fractions allowed; default: every CPU of the
+    /// machine), shared evenly by `--max-tasks`; what is free goes to client-selector with
+    /// every heartbeat (`selection: resource`). 0 offers none: every offer is refused.
+    #[arg(long, env = "COHORT_CPUS", value_parser = capacity::parse_cpus)]
+    pub cpus: Option<f64>,
+    /// Memory this party offers to tasks (e.g. 4GiB; default: the machine's), shared like
+    /// `--cpus`; what it reports free is also at most what the kernel has available.
+    #[arg(long, env = "COHORT_MEMORY", value_parser = capacity::parse_memory)]
+    pub memory: Option<u64>,
     /// Local executors: how long an executor waits, idle, for its job's next task on this
     /// party before it is stopped (it serves one job only). 0: a new executor process for
     /// every task, given the task in a file.
@@ -102,8 +112,9 @@ pub struct Args {
     #[arg(long, env = "COHORT_MIN_COHORT", value_name = "K", default_value_t = 2)]
     pub min_cohort: u32,
     /// For checking robust strategies only: this party corrupts every update it sends
-    /// (`sign-flip`, `scale=K` or `noise=S`). Off by default; logged loudly. Local
-    /// executors only.
+    /// (`sign-flip`, `scale=K` or `noise=S`), or (`stall`, for checking reliability
+    /// selection) accepts training tasks and never delivers them. Off by default; logged
+    /// loudly. Local executors only.
     #[arg(long, env = "COHORT_ADVERSARY", value_name = "MODE", value_parser = cohort_fl::Corruption::parse)]
     pub adversary: Option<cohort_fl::Corruption>,
     /// Local address for health checks (liveness probes); party traffic only dials out.
@@ -393,6 +404,8 @@ struct Party {
     workspace: PathBuf,
     executors: Executors,
     max_tasks: u32,
+    /// What it offers to tasks, and reports free.
+    budget: capacity::Budget,
     policy: AcceptPolicy,
     datasets: Vec<LocalDataset>,
     /// Running executors by task id: the sender stops one.
@@ -456,6 +469,11 @@ impl Args {
             anyhow::bail!("--datasets: {} names no dataset", self.datasets.display());
         }
         let executors = self.executors().await?;
+        let gpus = match &executors {
+            Executors::Processes(_) => 0,
+            Executors::Pods(pods) => pods.config().gpus,
+        };
+        let budget = capacity::Budget::new(self.cpus, self.memory, gpus, self.max_tasks);
         let listen = self.service.listen;
         let health_listener = tokio::net::TcpListener::bind(listen)
             .await
@@ -478,6 +496,7 @@ impl Args {
             workspace: self.workspace.clone(),
             executors,
             max_tasks: self.max_tasks,
+            budget,
             policy,
             datasets,
             running: Mutex::default(),
@@ -487,6 +506,8 @@ impl Args {
         tracing::info!(
             party = %party.name, proxy = %party.proxy, datasets = party.datasets.len(),
             min_cohort = party.policy.min_cohort,
+            cpus = budget.cpu_millis as f64 / 1000.0,
+            memory_bytes = budget.memory_bytes,
             "task-manager starting, {}", party.policy.describe()
         );
         // Health only: no reflection, no other service on the party's one listener.
@@ -639,39 +660,14 @@ impl Args {
     }
 }
 
-fn resources(max_tasks: u32, gpus: u32) -> pb::Resources {
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get() as u32)
-        .unwrap_or(1);
-    let memory_bytes = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map(|kb| kb * 1024)
-        .unwrap_or(0);
-    pb::Resources {
-        cpus,
-        memory_bytes,
-        gpus,
-        max_tasks,
-    }
-}
-
 fn party_msg(kind: pb::party_message::Kind) -> pb::PartyMessage {
     pb::PartyMessage { kind: Some(kind) }
 }
 
 impl Party {
+    /// What this party offers, and what of it is free now.
     fn resources(&self) -> pb::Resources {
-        let gpus = match &self.executors {
-            Executors::Processes(_) => 0,
-            Executors::Pods(pods) => pods.config().gpus,
-        };
-        resources(self.max_tasks, gpus)
+        self.budget.resources(self.running_count())
     }
 
     /// The job's directory in this party's workspace, kept across tasks and restarts for
@@ -915,6 +911,9 @@ impl Party {
         let Some(dataset) = self.datasets.iter().find(|d| d.name == task.dataset) else {
             return Err(format!("unknown dataset {:?}", task.dataset));
         };
+        if let Some(reason) = self.budget.refusal() {
+            return Err(reason);
+        }
         if self.running_count() >= self.max_tasks {
             return Err(format!("no capacity: {} task(s) running", self.max_tasks));
         }
@@ -927,12 +926,17 @@ impl Party {
         cohort_telemetry::set_parent_from_map(&span, &task.trace_context);
         let mut handed_on = task.clone();
         handed_on.trace_context = span.in_scope(cohort_telemetry::context_map);
-        let state_dir = self.job_state_dir(&task.job_id)?;
+        // A Pod does not see this machine's workspace: its executor keeps no job state (and
+        // refuses a job that needs some).
+        let state_dir = match &self.executors {
+            Executors::Processes(_) => self.job_state_dir(&task.job_id)?.display().to_string(),
+            Executors::Pods(_) => String::new(),
+        };
         let exec = pb::ExecutorTask {
             task: Some(handed_on),
             endpoint: self.proxy.clone(),
             data: Some(dataset.to_pb()),
-            state_dir: state_dir.display().to_string(),
+            state_dir,
         };
         let launch = match &self.executors {
             // The token goes down the executor's stdin, never onto this disk.

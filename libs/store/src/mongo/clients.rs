@@ -167,7 +167,10 @@ fn client_from_doc(d: &Document) -> Result<ClientRecord> {
             tasks_failed: f.uint("tasks_failed")?,
         },
         reliability: Reliability {
-            finished: f.fit("results_finished", f.opt_int("results_finished")?.unwrap_or(0))?,
+            finished: f.fit(
+                "results_finished",
+                f.opt_int("results_finished")?.unwrap_or(0),
+            )?,
             failed: f.fit("results_failed", f.opt_int("results_failed")?.unwrap_or(0))?,
             timed_out: f.fit(
                 "results_timed_out",
@@ -515,7 +518,10 @@ mod tests {
         d.insert("recent_unfinished", 2.71);
         d.insert("last_result_ms", 9i64);
         let r = client_from_doc(&d).unwrap().reliability;
-        assert_eq!((r.failed, r.recent_unfinished, r.last_result_ms), (3, 2.71, 9));
+        assert_eq!(
+            (r.failed, r.recent_unfinished, r.last_result_ms),
+            (3, 2.71, 9)
+        );
         d.insert("results_failed", -1i64);
         let err = client_from_doc(&d).unwrap_err().to_string();
         assert!(err.contains("results_failed") && err.contains("p"), "{err}");

@@ -17,7 +17,8 @@ use mongodb::options::ReturnDocument;
 
 use super::{Db, Fields, is_duplicate_key, no_document, to_i64};
 use crate::jobs::{
-    JobEventRecord, JobFilter, JobNote, JobRecord, JobStore, RoundRecord, notes_that_fit,
+    JobEventRecord, JobFilter, JobNote, JobRecord, JobStore, RoundRecord, SelectedParty,
+    notes_that_fit,
 };
 use crate::open::DatabaseOptions;
 use crate::{Page, Result, StoreError};
@@ -370,6 +371,8 @@ fn event_from_doc(d: &Document, job_id: &str) -> Result<JobEventRecord> {
 
 fn round_doc(r: &RoundRecord, job_id: &str) -> Result<Document> {
     let at = format!("{job_id} round {}", r.round);
+    // The same refusal as the SQL backends (a score that is not finite).
+    crate::jobs::selected_json(&r.selected, &at)?;
     Ok(doc! {
         "round": i64::from(r.round),
         "eval_loss": r.eval_loss,
@@ -393,6 +396,11 @@ fn round_doc(r: &RoundRecord, job_id: &str) -> Result<Document> {
             WHAT,
             &at,
         )?,
+        "selected": r.selected.iter().map(|p| doc! {
+            "party": &p.party,
+            "score": p.score,
+            "outcome": &p.outcome,
+        }).collect::<Vec<_>>(),
     })
 }
 
@@ -428,6 +436,19 @@ fn round_from_doc(d: &Document, job_id: &str) -> Result<RoundRecord> {
         bytes_to_parties: count_or_zero(&f, "bytes_to_parties")?,
         bytes_from_parties: count_or_zero(&f, "bytes_from_parties")?,
         bytes_from_parties_uncompressed: count_or_zero(&f, "bytes_from_parties_uncompressed")?,
+        // Missing in rounds recorded before selections were kept.
+        selected: f
+            .docs("selected")?
+            .into_iter()
+            .map(|p| {
+                let g = f.nested(p, "selected.");
+                Ok(SelectedParty {
+                    party: g.str("party")?.to_string(),
+                    score: g.float("score")?,
+                    outcome: g.str("outcome")?.to_string(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?,
     })
 }
 
@@ -901,6 +922,7 @@ mod tests {
             "bytes_to_parties",
             "bytes_from_parties",
             "bytes_from_parties_uncompressed",
+            "selected",
         ] {
             d.remove(field);
         }
@@ -917,6 +939,7 @@ mod tests {
         assert_eq!((r.eval_parties, r.eval_parties_expected), (0, 0));
         assert_eq!((r.bytes_to_parties, r.bytes_from_parties), (0, 0));
         assert_eq!(r.bytes_from_parties_uncompressed, 0);
+        assert!(r.selected.is_empty());
     }
 
     #[test]

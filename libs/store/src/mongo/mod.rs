@@ -454,6 +454,22 @@ impl<'a> Fields<'a> {
         }
     }
 
+    /// An array of strings; missing is empty.
+    pub(crate) fn strs(&self, field: &str) -> Result<Vec<String>> {
+        let items = match self.doc.get(field) {
+            None => return Ok(Vec::new()),
+            Some(Bson::Array(items)) => items,
+            Some(other) => return Err(self.wrong(field, "an array", other)),
+        };
+        items
+            .iter()
+            .map(|item| match item {
+                Bson::String(s) => Ok(s.clone()),
+                other => Err(self.wrong(field, "an array of strings", other)),
+            })
+            .collect()
+    }
+
     pub(crate) fn oid(&self, field: &str) -> Result<ObjectId> {
         match self.get(field)? {
             Bson::ObjectId(o) => Ok(*o),

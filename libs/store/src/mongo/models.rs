@@ -351,6 +351,7 @@ fn version_doc(r: &ModelVersionRecord) -> Result<Document> {
         "samples": to_i64(r.samples, "samples", WHAT, &id)?,
         "created_at_ms": r.created_at_ms,
         "namespace": &r.namespace,
+        "parties": &r.parties,
         // New versions are never a later copy of their round.
         "round_duplicate": false,
     })
@@ -398,6 +399,8 @@ fn version_from_doc(d: &Document) -> Result<ModelVersionRecord> {
         samples: f.uint("samples")?,
         created_at_ms: f.int("created_at_ms")?,
         namespace: namespace_of(&f)?,
+        // Missing in versions stored before parties were kept.
+        parties: f.strs("parties")?,
     })
 }
 
@@ -421,6 +424,7 @@ impl ModelStore for MongoModelStore {
             samples: v.samples,
             created_at_ms: now_ms,
             namespace: v.namespace,
+            parties: v.parties,
         };
         let job_round = is_job_round(&record.job_id, record.round);
         // latest + 1, claimed by the unique (namespace, name, version) index:
@@ -552,6 +556,7 @@ mod tests {
             samples: 100,
             created_at_ms: 1_700_000_000_000,
             namespace: "team-a".into(),
+            parties: vec!["party-1".into(), "hospital.b".into()],
         }
     }
 
@@ -568,6 +573,17 @@ mod tests {
         assert!(back.loss.is_nan());
         assert_eq!(back.job_id, "");
         assert_eq!(back.accuracy, 0.75);
+    }
+
+    #[test]
+    fn parties_round_trip_and_are_empty_in_versions_from_before() {
+        let mut d = version_doc(&record()).unwrap();
+        assert_eq!(version_from_doc(&d).unwrap(), record());
+        d.remove("parties");
+        assert!(version_from_doc(&d).unwrap().parties.is_empty());
+        d.insert("parties", vec![Bson::Int64(1)]);
+        let err = version_from_doc(&d).unwrap_err().to_string();
+        assert!(err.contains("parties") && err.contains("mnist@3"), "{err}");
     }
 
     #[test]

@@ -254,9 +254,9 @@ impl JobStore for PgJobStore {
              eval_samples, train_loss, updates, model_version, duration_ms, refused_updates, \
              dropped_updates, task_failures, robust_accuracy, eval_parties, \
              eval_parties_expected, bytes_to_parties, bytes_from_parties, \
-             bytes_from_parties_uncompressed) \
+             bytes_from_parties_uncompressed, selected_json) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
-             $18) \
+             $18, $19) \
              ON CONFLICT (job_id, round) DO NOTHING",
         )
         .bind(id.as_str())
@@ -277,6 +277,7 @@ impl JobStore for PgJobStore {
         .bind(bytes_to_parties)
         .bind(bytes_from_parties)
         .bind(bytes_from_parties_uncompressed)
+        .bind(crate::jobs::selected_json(&r.selected, &what)?)
         .execute(&mut *tx)
         .await?
         .rows_affected();

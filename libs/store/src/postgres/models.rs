@@ -29,7 +29,7 @@ impl PgModelStore {
 macro_rules! columns {
     () => {
         "namespace, name, version, digest, size_bytes, job_id, round, parent_version, \
-         loss, accuracy, samples, created_at_ms"
+         loss, accuracy, samples, created_at_ms, parties_json"
     };
 }
 
@@ -97,7 +97,7 @@ impl ModelStore for PgModelStore {
         let row = sqlx::query(concat!(
             "INSERT INTO model_versions (",
             columns!(),
-            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING ",
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING ",
             columns!()
         ))
         .bind(&v.namespace)
@@ -112,6 +112,7 @@ impl ModelStore for PgModelStore {
         .bind(v.accuracy)
         .bind(samples)
         .bind(now_ms)
+        .bind(crate::models::parties_json(&v.parties, &v.name)?)
         .fetch_one(&mut *tx)
         .await?;
         let record = crate::rows::model_version(&row)?;

@@ -408,6 +408,12 @@ impl client_selector_server::ClientSelector for FakeClientSelector {
     ) -> Res<CancelJobTasksResponse> {
         unimplemented()
     }
+    async fn record_task_results(
+        &self,
+        _: Request<cohort_proto::v1::RecordTaskResultsRequest>,
+    ) -> Res<cohort_proto::v1::RecordTaskResultsResponse> {
+        unimplemented()
+    }
 }
 
 /// Echoes the party's stream: Register -> Registered, Heartbeat{n} ->
