@@ -4,8 +4,9 @@
 //! reaches 0.85. Top-k at 1 % moves at most 5 %, its parties keeping their residual in their
 //! workspace (error feedback); on this model (2410 parameters: 27 values a party a round)
 //! it needs 30 rounds to reach 0.85 (15 reach about 0.73), top-k at 10 % reaches it in 15.
-//! A party cannot choose its own compression: the coordinator drops an update in any dtype
-//! but the one the job's spec asks for. Every test prints its figures.
+//! SCAFFOLD's control-variate tensors compress like the model's. A party cannot choose its
+//! own compression: the coordinator drops an update in any dtype but the one the job's spec
+//! asks for. Every test prints its figures.
 
 use std::time::Duration;
 
@@ -169,6 +170,33 @@ async fn top_k_at_one_percent_moves_under_5_percent_with_error_feedback() {
         *accuracy_10 >= 0.85,
         "top-k 10 %, 15 rounds: {accuracy_10:.3} < 0.85"
     );
+}
+
+/// SCAFFOLD's updates carry the change of the party's control variate (`scaffold.c/*`)
+/// beside the model delta: compressed like any tensor, they still train.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaffold_updates_compress_too() {
+    let fed = Federation::start(3).await.expect("federation");
+    let mut reached = Vec::new();
+    for compression in ["{quantize_bits: 8}", "{top_k: 0.1}"] {
+        let spec = format!(
+            "{}aggregation: {{strategy: scaffold}}\n",
+            job("scaffold", Some(compression))
+        );
+        let (done, accuracy) = fed.run_to_success(compression, &spec).await;
+        let (rx, dense) = moved(&done);
+        eprintln!(
+            "scaffold with {compression}: {:.1} % of the bytes, accuracy {accuracy:.3}",
+            100.0 * rx as f64 / dense as f64
+        );
+        reached.push((compression, accuracy));
+    }
+    for (compression, accuracy) in reached {
+        assert!(
+            accuracy >= 0.85,
+            "scaffold with {compression}: {accuracy:.3}"
+        );
+    }
 }
 
 /// Two hostile parties with real certificates send updates compressed as they choose:
