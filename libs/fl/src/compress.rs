@@ -119,6 +119,13 @@ pub fn encode(
                 tensor: t.name.clone(),
             });
         }
+        // Top-k's indices are u32.
+        if u32::try_from(t.data.len()).is_err() {
+            return Err(FlError::BadChunk {
+                tensor: t.name.clone(),
+                message: format!("{} values are too many to encode", t.data.len()),
+            });
+        }
     }
     let dtype = wire_dtype(method);
     match Kind::of(method) {
