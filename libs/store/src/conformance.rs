@@ -118,6 +118,7 @@ macro_rules! job_store_conformance {
                 round_eval_coverage_round_trips,
                 round_bytes_round_trip,
                 round_selections_round_trip,
+                round_privacy_round_trips,
                 notes_follow_the_events_with_the_jobs_state,
                 notes_are_bounded_per_job,
                 concurrent_notes_and_transitions_keep_seqs_unique,
@@ -256,6 +257,9 @@ pub mod jobs {
                     outcome: ["finished", "timed_out", "refused"][i as usize % 3].to_string(),
                 })
                 .collect(),
+            // Different per round, like the rest.
+            dp_epsilon: 0.25 * f64::from(n) + 1e-9,
+            dp_sampling_rate: 1.0 / f64::from(n + 1),
         }
     }
 
@@ -909,6 +913,43 @@ pub mod jobs {
         assert!(err.contains("selected") && err.contains("round 3"), "{err}");
         assert_eq!(s.list_rounds(&j.id).await.unwrap().len(), 2);
         assert_eq!(s.get_job(&j.id).await.unwrap().rounds_completed, 2);
+    }
+
+    pub async fn round_privacy_round_trips(s: Arc<dyn JobStore>) {
+        let j = job("private", "default");
+        s.insert_job(&j, "created").await.unwrap();
+        // No DP; a figure to the last bit; no noise (ε infinite); every party (q = 1).
+        let figures = [
+            (0.0, 0.0),
+            (7.903_850_223_578_231, 2.0 / 3.0),
+            (f64::INFINITY, 0.5),
+            (1e-300, 1.0),
+        ];
+        let mut want = Vec::new();
+        for (i, (epsilon, q)) in figures.into_iter().enumerate() {
+            let mut r = round(i as u32 + 1);
+            (r.dp_epsilon, r.dp_sampling_rate) = (epsilon, q);
+            s.record_round(&j.id, &r, 5).await.unwrap();
+            want.push(r);
+        }
+        assert_eq!(s.list_rounds(&j.id).await.unwrap(), want);
+        // What means nothing is refused, naming the field; nothing is written.
+        for (epsilon, q, field) in [
+            (f64::NAN, 0.5, "dp_epsilon"),
+            (-1.0, 0.5, "dp_epsilon"),
+            (1.0, 1.5, "dp_sampling_rate"),
+            (1.0, f64::NAN, "dp_sampling_rate"),
+        ] {
+            let mut r = round(9);
+            (r.dp_epsilon, r.dp_sampling_rate) = (epsilon, q);
+            match s.record_round(&j.id, &r, 6).await {
+                Err(StoreError::Corrupt { message, .. }) => {
+                    assert!(message.contains(field), "names {field}: {message}")
+                }
+                other => panic!("{field}: expected Corrupt, got {other:?}"),
+            }
+        }
+        assert_eq!(s.list_rounds(&j.id).await.unwrap(), want);
     }
 
     pub async fn notes_follow_the_events_with_the_jobs_state(s: Arc<dyn JobStore>) {

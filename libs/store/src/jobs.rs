@@ -96,6 +96,27 @@ pub struct RoundRecord {
     /// The parties the round's selection drew for training, with their weights and what
     /// became of their tasks; empty for rounds recorded before they were kept.
     pub selected: Vec<SelectedParty>,
+    /// Under differential privacy: ε spent (at the job's δ) once the round was released,
+    /// +inf without noise; and the round's sampling rate. 0 without DP and for rounds
+    /// recorded before they were kept. Stores refuse a NaN ε and a rate outside [0, 1].
+    pub dp_epsilon: f64,
+    pub dp_sampling_rate: f64,
+}
+
+/// Refuses privacy figures a store cannot keep faithfully (NaN) or that mean nothing.
+pub(crate) fn check_privacy(r: &RoundRecord, at: &str) -> Result<()> {
+    let bad = |field: &str, v: f64| StoreError::Corrupt {
+        what: "job",
+        id: at.to_string(),
+        message: format!("{field}: {v} is not a privacy figure"),
+    };
+    if r.dp_epsilon.is_nan() || r.dp_epsilon < 0.0 {
+        return Err(bad("dp_epsilon", r.dp_epsilon));
+    }
+    if !(0.0..=1.0).contains(&r.dp_sampling_rate) {
+        return Err(bad("dp_sampling_rate", r.dp_sampling_rate));
+    }
+    Ok(())
 }
 
 /// A party a round's selection drew (see `RoundRecord::selected`).
@@ -432,6 +453,7 @@ impl JobStore for SqliteJobStore {
             &at,
         )?;
         let selected = selected_json(&r.selected, &at)?;
+        check_privacy(r, &at)?;
         let mut tx = self.pool.begin_with(IMMEDIATE).await?;
         let exists: Option<i64> = sqlx::query_scalar("SELECT version FROM jobs WHERE id = ?1")
             .bind(id.as_str())
@@ -445,9 +467,9 @@ impl JobStore for SqliteJobStore {
              eval_samples, train_loss, updates, model_version, duration_ms, refused_updates, \
              dropped_updates, task_failures, robust_accuracy, eval_parties, \
              eval_parties_expected, bytes_to_parties, bytes_from_parties, \
-             bytes_from_parties_uncompressed, selected_json) \
+             bytes_from_parties_uncompressed, selected_json, dp_epsilon, dp_sampling_rate) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, \
-             ?18, ?19)",
+             ?18, ?19, ?20, ?21)",
         )
         .bind(id.as_str())
         .bind(r.round as i64)
@@ -468,6 +490,8 @@ impl JobStore for SqliteJobStore {
         .bind(bytes_from_parties)
         .bind(bytes_from_parties_uncompressed)
         .bind(selected)
+        .bind(r.dp_epsilon)
+        .bind(r.dp_sampling_rate)
         .execute(&mut *tx)
         .await?
         .rows_affected();

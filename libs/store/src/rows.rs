@@ -197,6 +197,8 @@ pub(crate) fn round<R: Columns>(row: &R, job: &JobId) -> Result<RoundRecord> {
         bytes_from_parties_uncompressed: r.unsigned("bytes_from_parties_uncompressed")?,
         selected: serde_json::from_str(&r.text("selected_json")?)
             .map_err(|e| r.corrupt(format!("selected_json: {e}")))?,
+        dp_epsilon: r.real("dp_epsilon")?,
+        dp_sampling_rate: r.real("dp_sampling_rate")?,
     })
 }
 

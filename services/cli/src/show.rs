@@ -56,7 +56,32 @@ pub fn round_json(r: &pb::RoundSummary) -> Value {
             "party": p.party, "score": finite(p.score), "outcome": p.outcome,
         })).collect::<Vec<_>>(),
         "bytes_from_parties_uncompressed": r.bytes_from_parties_uncompressed,
+        "epsilon": epsilon_json(r),
+        "sampling_rate": if dp_round(r) { json!(r.dp_sampling_rate) } else { Value::Null },
     })
+}
+
+/// Whether the round was accounted for under `privacy.dp` (its sampling rate is never 0).
+fn dp_round(r: &pb::RoundSummary) -> bool {
+    r.dp_sampling_rate > 0.0
+}
+
+/// ε after the round: a number, "inf" without noise (JSON has no infinity), null without DP.
+fn epsilon_json(r: &pb::RoundSummary) -> Value {
+    match (dp_round(r), r.dp_epsilon) {
+        (false, _) => Value::Null,
+        (true, e) if e.is_finite() => json!(e),
+        (true, _) => json!("inf"),
+    }
+}
+
+/// ε for people: three decimals, or ∞.
+fn epsilon_text(e: f64) -> String {
+    if e.is_finite() {
+        format!("{e:.3}")
+    } else {
+        "∞".into()
+    }
 }
 
 /// Bytes as megabytes (10^6) to three significant digits or so.
@@ -104,14 +129,21 @@ pub fn job_line(j: &pb::Job) -> String {
     let acc = last_accuracy(j)
         .map(|a| format!("  accuracy {a:.4}"))
         .unwrap_or_default();
+    let spent = j
+        .rounds
+        .last()
+        .filter(|r| dp_round(r))
+        .map(|r| format!("  ε {}", epsilon_text(r.dp_epsilon)))
+        .unwrap_or_default();
     format!(
-        "{:<32} {:<10} {:<10} round {}/{}{}  {}",
+        "{:<32} {:<10} {:<10} round {}/{}{}{}  {}",
         j.id,
         j.namespace,
         state_name(j.state),
         j.rounds_completed,
         j.rounds_total,
         acc,
+        spent,
         j.reason
     )
 }
@@ -186,7 +218,38 @@ pub fn job_text(j: &pb::Job) -> String {
                  measured its accuracy on part of the held-out data only\n",
             );
         }
+        s.push_str(&privacy_text(j));
         s.push_str(&selected_text(&j.rounds));
+    }
+    s
+}
+
+/// The privacy each round spent under `privacy.dp`, with the spec's δ and budget; nothing
+/// for a job without DP.
+fn privacy_text(j: &pb::Job) -> String {
+    if !j.rounds.iter().any(dp_round) {
+        return String::new();
+    }
+    let spec: Value = serde_json::from_str(&j.spec_json).unwrap_or(Value::Null);
+    let dp = &spec["privacy"]["dp"];
+    let delta = dp["delta"].as_f64().map_or("?".into(), |d| format!("{d:e}"));
+    let budget = dp["target_epsilon"]
+        .as_f64()
+        .map(|t| format!(", budget ε ≤ {t}"))
+        .unwrap_or_default();
+    let local = if dp["local"].as_bool() == Some(true) {
+        " (noise added by the parties: local DP)"
+    } else {
+        ""
+    };
+    let mut s = format!("\nprivacy: ε spent at δ = {delta}{budget}{local}\nround  ε          sampling rate\n");
+    for r in j.rounds.iter().filter(|r| dp_round(r)) {
+        s.push_str(&format!(
+            "{:>5}  {:<9}  {:.3}\n",
+            r.round,
+            epsilon_text(r.dp_epsilon),
+            r.dp_sampling_rate
+        ));
     }
     s
 }
@@ -640,5 +703,46 @@ mod tests {
         assert_eq!(version_json(&v)["parties"], json!(["party-2", "party-1"]));
         let upload = pb::ModelVersion { lineage: None, ..v };
         assert_eq!(version_text(&upload), version_line(&upload));
+    }
+
+    #[test]
+    fn private_rounds_show_the_epsilon_they_spent() {
+        let dp = |n: u32, epsilon: f64| pb::RoundSummary {
+            dp_epsilon: epsilon,
+            dp_sampling_rate: 2.0 / 3.0,
+            ..round(n, 1_000, 1_000)
+        };
+        let job = pb::Job {
+            id: "j-dp".into(),
+            rounds_total: 10,
+            rounds_completed: 2,
+            spec_json: r#"{"privacy": {"dp": {"clip": 1.0, "noise_multiplier": 1.0,
+                "delta": 1e-5, "target_epsilon": 8.0}}}"#
+                .into(),
+            rounds: vec![dp(1, 4.239), dp(2, 6.069)],
+            ..Default::default()
+        };
+        let json = job_json(&job);
+        assert_eq!(json["rounds"][1]["epsilon"], json!(6.069));
+        assert_eq!(json["rounds"][1]["sampling_rate"], json!(2.0 / 3.0));
+        let text = job_text(&job);
+        assert!(text.contains("ε spent at δ = 1e-5, budget ε ≤ 8"), "{text}");
+        assert!(text.contains("    2  6.069      0.667"), "{text}");
+        assert!(job_line(&job).contains("ε 6.069"), "{}", job_line(&job));
+        // Without noise ε is infinite: "inf" in JSON, ∞ for people.
+        let noiseless = pb::Job {
+            rounds: vec![dp(1, f64::INFINITY)],
+            ..job.clone()
+        };
+        assert_eq!(job_json(&noiseless)["rounds"][0]["epsilon"], json!("inf"));
+        assert!(job_line(&noiseless).contains("ε ∞"));
+        // Without DP: nothing.
+        let plain = pb::Job {
+            rounds: vec![round(1, 1_000, 1_000)],
+            ..job
+        };
+        assert_eq!(job_json(&plain)["rounds"][0]["epsilon"], Value::Null);
+        assert!(!job_text(&plain).contains("privacy"));
+        assert!(!job_line(&plain).contains('ε'));
     }
 }

@@ -76,8 +76,15 @@ fn draws(resp: &pb::OfferTasksResponse) -> Vec<(String, f64, Option<String>)> {
 }
 
 /// The sampling rate each recorded round was accounted at, in order (for the DP budget).
+/// A round recorded without a rate (none, or 0) counts as q = 1, the most it can have cost.
 fn recorded_rates(assignment: &pb::Assignment) -> Vec<Option<f64>> {
-    (1..assignment.next_round.max(1)).map(|_| None).collect()
+    let rounds = assignment.job.as_ref().map_or(&[][..], |j| &j.rounds[..]);
+    (1..assignment.next_round.max(1))
+        .map(|n| {
+            let q = rounds.iter().find(|r| r.round == n)?.dp_sampling_rate;
+            (q > 0.0).then_some(q)
+        })
+        .collect()
 }
 
 /// How long parties get to answer an offer.
@@ -339,6 +346,8 @@ impl JobRun {
                     outcome: d.outcome.as_str().to_string(),
                 })
                 .collect(),
+            dp_epsilon: privacy.map_or(0.0, |(epsilon, _)| epsilon),
+            dp_sampling_rate: privacy.map_or(0.0, |(_, q)| q),
         };
         tracing::info!(job = %self.job_id, round, seconds = summary.duration_ms as f64 / 1e3, bytes_to_parties = traffic.to_parties, bytes_from_parties = traffic.from_parties, bytes_from_parties_uncompressed = traffic.from_parties_uncompressed, updates = trained.updates, accuracy = metrics.accuracy, robust_accuracy = ?evaluated.robust, loss = metrics.loss, version, "round complete");
         self.flush_log().await;

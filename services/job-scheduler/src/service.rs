@@ -111,6 +111,8 @@ fn round_to_pb(r: &RoundRecord) -> pb::RoundSummary {
                 outcome: p.outcome.clone(),
             })
             .collect(),
+        dp_epsilon: r.dp_epsilon,
+        dp_sampling_rate: r.dp_sampling_rate,
     }
 }
 
@@ -197,6 +199,19 @@ fn round_from_pb(round: pb::RoundSummary) -> Result<RoundRecord, Status> {
             "round.robust_accuracy: must be in [0, 1], got {robust}"
         )));
     }
+    // ε is +inf without noise; NaN or negative means nothing.
+    let epsilon = round.dp_epsilon;
+    if epsilon.is_nan() || epsilon < 0.0 {
+        return Err(Status::invalid_argument(format!(
+            "round.dp_epsilon: must be at least 0, got {epsilon}"
+        )));
+    }
+    let q = round.dp_sampling_rate;
+    if !(0.0..=1.0).contains(&q) {
+        return Err(Status::invalid_argument(format!(
+            "round.dp_sampling_rate: must be in [0, 1], got {q}"
+        )));
+    }
     let eval = round.evaluation.unwrap_or_default();
     let selected = selected_from_pb(round.selected)?;
     Ok(RoundRecord {
@@ -218,6 +233,8 @@ fn round_from_pb(round: pb::RoundSummary) -> Result<RoundRecord, Status> {
         bytes_from_parties: round.bytes_from_parties,
         bytes_from_parties_uncompressed: round.bytes_from_parties_uncompressed,
         selected,
+        dp_epsilon: epsilon,
+        dp_sampling_rate: q,
     })
 }
 
@@ -831,6 +848,8 @@ mod tests {
             bytes_to_parties: 3_000_000_000,
             bytes_from_parties: 5_000_000_007,
             bytes_from_parties_uncompressed: 20_000_000_028,
+            dp_epsilon: 3.25,
+            dp_sampling_rate: 0.5,
             selected: vec![
                 pb::SelectedParty {
                     party: "party-2".into(),
@@ -989,5 +1008,33 @@ mod tests {
             "round.bytes_from_parties_uncompressed: 1125899906842625 is more than \
              1125899906842624"
         );
+    }
+
+    #[test]
+    fn privacy_figures_are_kept_or_refused_naming_the_field() {
+        // ε is infinite without noise: kept as it is.
+        let reported = pb::RoundSummary {
+            dp_epsilon: f64::INFINITY,
+            dp_sampling_rate: 1.0,
+            ..summary(2, 3)
+        };
+        let record = round_from_pb(reported.clone()).unwrap();
+        assert_eq!((record.dp_epsilon, record.dp_sampling_rate), (f64::INFINITY, 1.0));
+        assert_eq!(round_to_pb(&record), reported);
+        for (epsilon, q, field) in [
+            (f64::NAN, 0.5, "round.dp_epsilon"),
+            (-0.5, 0.5, "round.dp_epsilon"),
+            (1.0, 1.01, "round.dp_sampling_rate"),
+            (1.0, -0.1, "round.dp_sampling_rate"),
+        ] {
+            let reported = pb::RoundSummary {
+                dp_epsilon: epsilon,
+                dp_sampling_rate: q,
+                ..summary(2, 3)
+            };
+            let status = round_from_pb(reported).unwrap_err();
+            assert_eq!(status.code(), tonic::Code::InvalidArgument);
+            assert!(status.message().starts_with(field), "{}", status.message());
+        }
     }
 }

@@ -406,6 +406,8 @@ async fn rounds_give_the_best_and_last_round() {
         bytes_to_parties: 3_000_000_000 + u64::from(n),
         bytes_from_parties: 5_000_000_000 + u64::from(n),
         bytes_from_parties_uncompressed: 20_000_000_000 + u64::from(n),
+        dp_epsilon: 0.5 * f64::from(n),
+        dp_sampling_rate: 0.75,
         selected: vec![pb::SelectedParty {
             party: format!("party-{n}"),
             score: 0.5 + f64::from(n) / 10.0,

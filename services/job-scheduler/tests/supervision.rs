@@ -151,6 +151,8 @@ fn round(n: u32) -> RoundRecord {
         bytes_from_parties: 0,
         bytes_from_parties_uncompressed: 0,
         selected: Vec::new(),
+        dp_epsilon: 0.0,
+        dp_sampling_rate: 0.0,
     }
 }
 

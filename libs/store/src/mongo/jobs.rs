@@ -373,6 +373,7 @@ fn round_doc(r: &RoundRecord, job_id: &str) -> Result<Document> {
     let at = format!("{job_id} round {}", r.round);
     // The same refusal as the SQL backends (a score that is not finite).
     crate::jobs::selected_json(&r.selected, &at)?;
+    crate::jobs::check_privacy(r, &at)?;
     Ok(doc! {
         "round": i64::from(r.round),
         "eval_loss": r.eval_loss,
@@ -401,6 +402,8 @@ fn round_doc(r: &RoundRecord, job_id: &str) -> Result<Document> {
             "score": p.score,
             "outcome": &p.outcome,
         }).collect::<Vec<_>>(),
+        "dp_epsilon": r.dp_epsilon,
+        "dp_sampling_rate": r.dp_sampling_rate,
     })
 }
 
@@ -449,7 +452,18 @@ fn round_from_doc(d: &Document, job_id: &str) -> Result<RoundRecord> {
                 })
             })
             .collect::<Result<Vec<_>>>()?,
+        // Missing in rounds recorded before privacy was accounted.
+        dp_epsilon: float_or_zero(&f, d, "dp_epsilon")?,
+        dp_sampling_rate: float_or_zero(&f, d, "dp_sampling_rate")?,
     })
+}
+
+/// A figure a round recorded before it was kept lacks: 0.
+fn float_or_zero(f: &Fields<'_>, d: &Document, field: &str) -> Result<f64> {
+    match d.get(field) {
+        None => Ok(0.0),
+        Some(_) => f.float(field),
+    }
 }
 
 fn parse_page_token(token: Option<&str>) -> Result<i64> {
@@ -923,6 +937,8 @@ mod tests {
             "bytes_from_parties",
             "bytes_from_parties_uncompressed",
             "selected",
+            "dp_epsilon",
+            "dp_sampling_rate",
         ] {
             d.remove(field);
         }
@@ -940,6 +956,7 @@ mod tests {
         assert_eq!((r.bytes_to_parties, r.bytes_from_parties), (0, 0));
         assert_eq!(r.bytes_from_parties_uncompressed, 0);
         assert!(r.selected.is_empty());
+        assert_eq!((r.dp_epsilon, r.dp_sampling_rate), (0.0, 0.0));
     }
 
     #[test]

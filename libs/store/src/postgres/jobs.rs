@@ -240,6 +240,7 @@ impl JobStore for PgJobStore {
             return Err(not_found(id));
         }
         let what = format!("{id} round {}", r.round);
+        crate::jobs::check_privacy(r, &what)?;
         let bytes_to_parties = super::to_i64(r.bytes_to_parties, "bytes_to_parties", WHAT, &what)?;
         let bytes_from_parties =
             super::to_i64(r.bytes_from_parties, "bytes_from_parties", WHAT, &what)?;
@@ -254,9 +255,9 @@ impl JobStore for PgJobStore {
              eval_samples, train_loss, updates, model_version, duration_ms, refused_updates, \
              dropped_updates, task_failures, robust_accuracy, eval_parties, \
              eval_parties_expected, bytes_to_parties, bytes_from_parties, \
-             bytes_from_parties_uncompressed, selected_json) \
+             bytes_from_parties_uncompressed, selected_json, dp_epsilon, dp_sampling_rate) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
-             $18, $19) \
+             $18, $19, $20, $21) \
              ON CONFLICT (job_id, round) DO NOTHING",
         )
         .bind(id.as_str())
@@ -278,6 +279,8 @@ impl JobStore for PgJobStore {
         .bind(bytes_from_parties)
         .bind(bytes_from_parties_uncompressed)
         .bind(crate::jobs::selected_json(&r.selected, &what)?)
+        .bind(r.dp_epsilon)
+        .bind(r.dp_sampling_rate)
         .execute(&mut *tx)
         .await?
         .rows_affected();

@@ -1,0 +1,4 @@
+-- Under differential privacy: the ε spent once the round was released (+inf without
+-- noise) and the round's sampling rate; rounds recorded before, and jobs without DP, read 0.
+ALTER TABLE job_rounds ADD COLUMN dp_epsilon DOUBLE PRECISION NOT NULL DEFAULT 0;
+ALTER TABLE job_rounds ADD COLUMN dp_sampling_rate DOUBLE PRECISION NOT NULL DEFAULT 0 CHECK (dp_sampling_rate >= 0 AND dp_sampling_rate <= 1);
