@@ -141,6 +141,19 @@ impl Federation {
         Federation::start_full(parties, Storage::default(), digits, Vec::new(), overrides).await
     }
 
+    /// Digits parties, each named in `overrides` (`party-3`) started with that environment
+    /// on top (e.g. `COHORT_CPUS`, `COHORT_ADVERSARY`).
+    pub async fn with_party_env(
+        parties: u32,
+        overrides: Vec<(String, Vec<(String, String)>)>,
+    ) -> anyhow::Result<Federation> {
+        let digits = PartyData::Digits {
+            alpha: 0.5,
+            seed: 42,
+        };
+        Federation::start_full(parties, Storage::default(), digits, Vec::new(), overrides).await
+    }
+
     async fn start_full(
         parties: u32,
         storage: Storage,

@@ -123,7 +123,7 @@ pub(crate) fn check_privacy(r: &RoundRecord, at: &str) -> Result<()> {
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SelectedParty {
     pub party: String,
-    /// The weight it was drawn with; stores refuse one that is not finite.
+    /// Its score under the selection; stores refuse one that is not finite.
     pub score: f64,
     /// "finished", "failed", "timed_out", "refused" or "pending".
     pub outcome: String,

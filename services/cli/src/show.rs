@@ -254,7 +254,7 @@ fn privacy_text(j: &pb::Job) -> String {
     s
 }
 
-/// Whom each round's selection drew for training, with the weight it drew each with and
+/// Whom each round's selection drew for training, with each one's score and
 /// what became of its task; nothing when no round recorded it.
 fn selected_text(rounds: &[pb::RoundSummary]) -> String {
     if rounds.iter().all(|r| r.selected.is_empty()) {
@@ -272,7 +272,7 @@ fn selected_text(rounds: &[pb::RoundSummary]) -> String {
     s
 }
 
-/// A selection weight: samples are whole, scores in (0, 1] have three decimals.
+/// A selection score: samples are whole, scores in (0, 1] have three decimals.
 fn score(v: f64) -> String {
     if v.fract() == 0.0 && v >= 1.0 {
         format!("{v:.0}")

@@ -497,8 +497,8 @@ pub struct Candidate {
     pub traits: Traits,
 }
 
-/// Keeps `count` of `candidates` as `pick` draws them, in the order drawn, each with the
-/// weight it was drawn with.
+/// Keeps `count` of `candidates` as `pick` draws them, in the order drawn, each with its
+/// score (the draw weighs it by `Pick::weight`).
 pub fn choose<R: rand::Rng>(
     pick: Pick,
     candidates: Vec<Candidate>,
@@ -506,12 +506,13 @@ pub fn choose<R: rand::Rng>(
     rng: &mut R,
 ) -> Vec<(Candidate, f64)> {
     let traits: Vec<Traits> = candidates.iter().map(|c| c.traits.clone()).collect();
-    let weights = pick.weights(&traits);
+    let scores = pick.scores(&traits);
+    let weights: Vec<f64> = scores.iter().map(|s| pick.weight(*s)).collect();
     let order = crate::selection::draw(&weights, count, rng);
     let mut slots: Vec<Option<Candidate>> = candidates.into_iter().map(Some).collect();
     order
         .into_iter()
-        .filter_map(|i| slots[i].take().map(|c| (c, weights[i])))
+        .filter_map(|i| slots[i].take().map(|c| (c, scores[i])))
         .collect()
 }
 
@@ -1018,7 +1019,7 @@ mod tests {
     const TRAIN: i32 = pb::TaskKind::Train as i32;
 
     #[test]
-    fn choose_keeps_the_drawn_candidates_with_their_weights() {
+    fn choose_keeps_the_drawn_candidates_with_their_scores() {
         use rand::SeedableRng as _;
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let draws = 4000;
@@ -1026,7 +1027,7 @@ mod tests {
         for _ in 0..draws {
             let picked = choose(Pick::Data, candidates(&[100, 300, 600]), 1, &mut rng);
             let i: usize = picked[0].0.party.as_str()[1..].parse().unwrap();
-            assert_eq!(picked[0].1, [100.0, 300.0, 600.0][i], "its weight");
+            assert_eq!(picked[0].1, [100.0, 300.0, 600.0][i], "its score");
             first[i] += 1;
         }
         // One draw: chances 0.1, 0.3 and 0.6.

@@ -591,8 +591,8 @@ impl RoundState {
 
     // --- selection ---
 
-    /// Parties client-selector drew for this round's training, each with the weight it was
-    /// drawn with and the task it accepted (None: it refused or did not answer).
+    /// Parties client-selector drew for this round's training, each with its score and the
+    /// task it accepted (None: it refused or did not answer).
     pub fn record_draws(&self, draws: Vec<(String, f64, Option<String>)>) {
         let mut inner = self.lock();
         for (party, score, task_id) in draws {

@@ -1,4 +1,4 @@
-//! Who a round's selection drew for training, with the weight each was drawn with, and what
+//! Who a round's selection drew for training, with the score each was drawn by, and what
 //! became of each draw. It feeds the round record's `selected` list, the task results sent to
 //! client-selector for the parties' reliability records, and the parties a model version's
 //! lineage names. No I/O: `round_state.rs` keeps one per round and settles it as the round's
@@ -43,7 +43,7 @@ impl Outcome {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Drawn {
     pub party: String,
-    /// The weight client-selector drew it with (see `OfferTasksResponse.selected`).
+    /// Its score under the job's selection (see `OfferTasksResponse.selected`).
     pub score: f64,
     /// The task it accepted; None when it refused.
     pub task_id: Option<String>,
