@@ -232,7 +232,9 @@ fn privacy_text(j: &pb::Job) -> String {
     }
     let spec: Value = serde_json::from_str(&j.spec_json).unwrap_or(Value::Null);
     let dp = &spec["privacy"]["dp"];
-    let delta = dp["delta"].as_f64().map_or("?".into(), |d| format!("{d:e}"));
+    let delta = dp["delta"]
+        .as_f64()
+        .map_or("?".into(), |d| format!("{d:e}"));
     let budget = dp["target_epsilon"]
         .as_f64()
         .map(|t| format!(", budget ε ≤ {t}"))
@@ -242,7 +244,9 @@ fn privacy_text(j: &pb::Job) -> String {
     } else {
         ""
     };
-    let mut s = format!("\nprivacy: ε spent at δ = {delta}{budget}{local}\nround  ε          sampling rate\n");
+    let mut s = format!(
+        "\nprivacy: ε spent at δ = {delta}{budget}{local}\nround  ε          sampling rate\n"
+    );
     for r in j.rounds.iter().filter(|r| dp_round(r)) {
         s.push_str(&format!(
             "{:>5}  {:<9}  {:.3}\n",

@@ -1019,7 +1019,10 @@ mod tests {
             ..summary(2, 3)
         };
         let record = round_from_pb(reported.clone()).unwrap();
-        assert_eq!((record.dp_epsilon, record.dp_sampling_rate), (f64::INFINITY, 1.0));
+        assert_eq!(
+            (record.dp_epsilon, record.dp_sampling_rate),
+            (f64::INFINITY, 1.0)
+        );
         assert_eq!(round_to_pb(&record), reported);
         for (epsilon, q, field) in [
             (f64::NAN, 0.5, "round.dp_epsilon"),
