@@ -154,6 +154,26 @@ impl Federation {
         Federation::start_full(parties, Storage::default(), digits, Vec::new(), overrides).await
     }
 
+    /// Digits parties (Dirichlet(0.5), split 42) with extra environment: `service_env` for
+    /// every service (coordinators take their tunables from job-scheduler's), `party_env`
+    /// for every party and its executors, `party_overrides` for single parties after it.
+    pub async fn digits_with_env(
+        parties: u32,
+        service_env: Vec<(String, String)>,
+        party_env: Vec<(String, String)>,
+        party_overrides: Vec<(String, Vec<(String, String)>)>,
+    ) -> anyhow::Result<Federation> {
+        let digits = PartyData::Digits {
+            alpha: 0.5,
+            seed: 42,
+        };
+        let storage = Storage {
+            env: service_env,
+            ..Storage::default()
+        };
+        Federation::start_full(parties, storage, digits, party_env, party_overrides).await
+    }
+
     async fn start_full(
         parties: u32,
         storage: Storage,

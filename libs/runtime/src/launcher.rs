@@ -176,10 +176,12 @@ fn is_coordinator_of(pid: u32, job_id: &JobId) -> bool {
 /// operator tunes coordinators there). Nothing else of job-scheduler's configuration reaches
 /// a coordinator: not its database URL (a password), nor its listen, health or ready-file
 /// settings, which would collide with job-scheduler's own; the rest comes as flags.
-pub const COORDINATOR_TUNABLES: [&str; 3] = [
+pub const COORDINATOR_TUNABLES: [&str; 4] = [
     "COHORT_MAX_CONCURRENT_UPLOADS",
     "COHORT_UPLOAD_IDLE_TIMEOUT",
     "COHORT_STORAGE_PATIENCE",
+    // Tests only: where masked updates are copied under secure aggregation.
+    "COHORT_SECAGG_TAP_DIR",
 ];
 
 /// What any process needs of its parent's environment.

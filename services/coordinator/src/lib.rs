@@ -14,6 +14,8 @@ mod privacy;
 pub mod round_service;
 pub mod round_state;
 mod rounds;
+pub mod secagg;
+mod secagg_service;
 mod selection;
 mod staging;
 
@@ -28,6 +30,8 @@ use cohort_runtime::{Listener, ServiceArgs, channel, retry_unavailable};
 use crate::round_service::{ControlApi, RoundApi};
 use crate::round_state::RoundState;
 use crate::rounds::{Clients, JobRun, Outcome};
+use crate::secagg::SecAgg;
+use crate::secagg_service::SecAggApi;
 
 #[derive(Debug, clap::Parser)]
 #[command(name = "coordinator", about = "Cohort coordinator for one job")]
@@ -62,6 +66,10 @@ pub struct Args {
     /// with that cause.
     #[arg(long, env = "COHORT_STORAGE_PATIENCE", default_value = "2m", value_parser = humantime::parse_duration)]
     pub storage_patience: Duration,
+    /// For tests only: copy every masked update received under secure aggregation into this
+    /// directory (`round-R-PARTY.ring32`), to show what the coordinator sees. Off by default.
+    #[arg(long, env = "COHORT_SECAGG_TAP_DIR")]
+    pub secagg_tap_dir: Option<std::path::PathBuf>,
     /// Mutual TLS with the other services. With it, every round call must
     /// name its party (the proxy sets it from the party's certificate).
     #[command(flatten)]
@@ -160,7 +168,16 @@ impl Args {
             .clone()
             .unwrap_or_else(|| cohort_runtime::advertised(listener.local_addr()));
         let state = RoundState::new(self.max_concurrent_uploads);
-        let routes = Services::new(pb::round_server::RoundServer::new(RoundApi {
+        let secagg = spec.secure_aggregation().map(|settings| {
+            SecAgg::new(
+                job_id.as_str(),
+                settings,
+                state.clone(),
+                std::env::temp_dir(),
+                self.secagg_tap_dir.clone(),
+            )
+        });
+        let mut routes = Services::new(pb::round_server::RoundServer::new(RoundApi {
             state: state.clone(),
             require_party,
             idle_timeout: self.upload_idle_timeout,
@@ -172,6 +189,17 @@ impl Args {
                 state: state.clone(),
             }),
         );
+        if let Some(secagg) = &secagg {
+            routes = routes.add_service(
+                pb::secure_aggregation_server::SecureAggregationServer::new(SecAggApi {
+                    secagg: secagg.clone(),
+                    state: state.clone(),
+                    require_party,
+                    idle_timeout: self.upload_idle_timeout,
+                })
+                .max_decoding_message_size(cohort_fl::CHUNK_BYTES * 4),
+            );
+        }
         let (server_stop_tx, server_stop_rx) = tokio::sync::oneshot::channel::<()>();
         let ready_file = self.service.ready_file.clone();
         let server = tokio::spawn(async move {
@@ -191,6 +219,7 @@ impl Args {
             max_model_parameters: assignment.max_model_parameters,
             storage_patience: self.storage_patience,
             strategy: Default::default(),
+            secagg,
         };
         let outcome = tokio::select! {
             outcome = run.run(assignment) => Some(outcome),

@@ -246,6 +246,8 @@ pub struct RoundState {
     traffic_to_parties: AtomicU64,
     traffic_from_parties: AtomicU64,
     traffic_from_parties_uncompressed: AtomicU64,
+    /// Under secure aggregation updates come masked (`crate::secagg`): a plain one is refused.
+    masked_only: std::sync::atomic::AtomicBool,
 }
 
 /// Tensor bytes moved between the coordinator and the parties.
@@ -289,6 +291,7 @@ impl RoundState {
             traffic_to_parties: AtomicU64::new(0),
             traffic_from_parties: AtomicU64::new(0),
             traffic_from_parties_uncompressed: AtomicU64::new(0),
+            masked_only: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -744,6 +747,81 @@ impl RoundState {
         Some(Err(self.refuse(refusal)))
     }
 
+    /// For a secure-aggregation call (`crate::secagg`): the caller's training ticket of the
+    /// current round, delivered or not (a survivor answers the unmask request after its
+    /// masked update counted). Counts nothing against the token: the protocol makes several
+    /// calls per task; the session refuses a second delivery. Waits for a minted token's offer like [`Self::claim`].
+    pub async fn claim_secagg(
+        &self,
+        token: &str,
+        caller: Option<&PartyId>,
+    ) -> Result<Ticket, RoundError> {
+        let deadline = Instant::now() + BIND_WAIT;
+        loop {
+            let bound = self.bound.notified();
+            let outcome = {
+                let inner = self.lock();
+                match inner.tickets.get(token) {
+                    None => Err(RoundError::denied("unknown or expired task token")),
+                    Some(t) if t.state == TicketState::Minted && Instant::now() < deadline => {
+                        Ok(None)
+                    }
+                    Some(t) if t.state == TicketState::Minted => {
+                        Err(RoundError::denied("task token was never confirmed"))
+                    }
+                    Some(t) if caller.is_some_and(|c| c.as_str() != t.party) => {
+                        Err(RoundError::denied(format!(
+                            "task {} was not offered to party {}",
+                            t.task_id,
+                            caller.map(|c| c.as_str()).unwrap_or_default()
+                        )))
+                    }
+                    Some(t) if t.round != inner.round || t.kind != TaskKind::Train => {
+                        Err(RoundError::ended(format!(
+                            "task {} is not a training task of round {}",
+                            t.task_id, inner.round
+                        )))
+                    }
+                    Some(t) => Ok(Some(t.clone())),
+                }
+            };
+            match outcome {
+                Ok(Some(ticket)) => return Ok(ticket),
+                // Minted, its offer's answer not back yet.
+                Ok(None) => {
+                    let _ = tokio::time::timeout_at(deadline, bound).await;
+                }
+                Err(refusal) => return Err(self.refuse(refusal)),
+            }
+        }
+    }
+
+    /// From now on every update must come masked (secure aggregation).
+    pub fn take_masked_updates_only(&self) {
+        self.masked_only.store(true, Ordering::Relaxed);
+    }
+
+    /// Settles a secure-aggregation task: its masked update counted (`delivered`) or not.
+    pub fn settle_secagg(&self, token: &str, delivered: bool) {
+        {
+            let mut inner = self.lock();
+            if let Some(t) = inner.tickets.get_mut(token) {
+                t.state = if delivered {
+                    TicketState::Done
+                } else {
+                    TicketState::Dropped
+                };
+            }
+        }
+        self.landed();
+    }
+
+    /// A refusal of a secure-aggregation message of a party holding a valid ticket: counted
+    /// in the round's refusals and written to the job's log.
+    pub fn refuse_secagg(&self, ticket: &Ticket, e: RoundError) -> RoundError {
+        self.refuse_ticket(ticket, e)
+    }
+
     /// For a model fetch: any valid ticket of the caller.
     pub async fn claim_fetch(
         &self,
@@ -761,6 +839,12 @@ impl RoundState {
         caller: Option<&PartyId>,
         samples: u64,
     ) -> Result<Upload, RoundError> {
+        if self.masked_only.load(Ordering::Relaxed) {
+            return Err(self.refuse(RoundError::denied(
+                "this job takes masked updates only (privacy.secure_aggregation): \
+                 SecureAggregation.SubmitMasked, not Round.SubmitUpdate",
+            )));
+        }
         let ticket = self
             .claim(token, Some(TaskKind::Train), true, caller)
             .await?;

@@ -25,6 +25,8 @@ use tracing::Instrument as _;
 use crate::SCHEDULER_PATIENCE;
 use crate::privacy::RoundBudget;
 use crate::round_state::{Accepted, EvalReport, Note, NoteKind, RoundState, TaskProgress};
+
+mod secure;
 use crate::selection::Outcome as DrawOutcome;
 
 #[derive(Clone)]
@@ -55,6 +57,9 @@ pub struct JobRun {
     /// job's model is known; its state (momentum, moments, control variates) is
     /// checkpointed with each round as the model `server_state_name`.
     pub strategy: std::sync::Mutex<Option<Box<dyn Strategy>>>,
+    /// The job's secure aggregation (`privacy.secure_aggregation`): rounds train through
+    /// its protocol (`rounds/secure.rs`) instead of folding updates.
+    pub secagg: Option<Arc<crate::secagg::SecAgg>>,
 }
 
 /// How long client-selector may be away before a round's task results go unrecorded.
@@ -698,6 +703,9 @@ impl JobRun {
         let clients = &self.spec.clients;
         let deadline = Instant::now() + clients.round_timeout;
         self.state.begin_training(round, self.rules(), deadline);
+        if let Some(secagg) = &self.secagg {
+            return self.train_secure(round, cohort, deadline, secagg).await;
+        }
         let mut failures: Vec<(String, String, String)> = Vec::new();
         let mut accepted_total = 0usize;
         loop {

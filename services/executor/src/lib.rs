@@ -30,6 +30,7 @@ use tracing::Instrument as _;
 
 mod compression;
 mod scaffold;
+mod secagg;
 
 #[derive(Debug, clap::Parser)]
 #[command(
@@ -244,18 +245,23 @@ async fn run_task_steps(channels: &mut Channels, exec: pb::ExecutorTask) -> anyh
                 steps = outcome.steps,
                 accuracy = outcome.accuracy, seconds = started.elapsed().as_secs_f64(), "trained"
             );
-            client
-                .submit_update(
-                    update,
-                    outcome.samples as u64,
-                    pb::Metrics {
-                        loss: outcome.loss,
-                        accuracy: outcome.accuracy,
-                        samples: outcome.samples as u64,
-                    },
-                )
-                .instrument(cohort_telemetry::trace_span!("upload"))
-                .await?;
+            let train = pb::Metrics {
+                loss: outcome.loss,
+                accuracy: outcome.accuracy,
+                samples: outcome.samples as u64,
+            };
+            if let Some(settings) = spec.secure_aggregation() {
+                // Clipped and masked: the coordinator sees only the sum (`secagg.rs`).
+                let channel = channels.to(&exec.endpoint)?;
+                secagg::send_masked(channel, &task, settings, &global, update, train)
+                    .instrument(cohort_telemetry::trace_span!("secure_aggregation"))
+                    .await?;
+            } else {
+                client
+                    .submit_update(update, outcome.samples as u64, train)
+                    .instrument(cohort_telemetry::trace_span!("upload"))
+                    .await?;
+            }
             if let Some(pending) = pending {
                 pending.commit()?;
             }

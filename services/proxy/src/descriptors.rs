@@ -312,6 +312,7 @@ mod tests {
                 "cohort.v1.Models",
                 "cohort.v1.PartySession",
                 "cohort.v1.Round",
+                "cohort.v1.SecureAggregation",
                 "cohort.v1.Tokens",
             ]
         );

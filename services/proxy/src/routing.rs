@@ -90,6 +90,13 @@ const EXPOSED: &[(&str, Option<&str>, Destination, Audience)] = &[
         Destination::Coordinator,
         Audience::Party,
     ),
+    // Secure aggregation's messages, beside Round on the job's coordinator.
+    (
+        "cohort.v1.SecureAggregation",
+        None,
+        Destination::Coordinator,
+        Audience::Party,
+    ),
     (HEALTH_SERVICE, None, Destination::Health, Audience::Anyone),
     (
         REFLECTION_SERVICE,
@@ -169,6 +176,8 @@ mod tests {
             ),
             ("/cohort.v1.Auth/Authenticate", Refused(Refusal::Internal)),
             ("/cohort.v1.Round/SubmitUpdate", Coordinator),
+            ("/cohort.v1.SecureAggregation/SubmitMasked", Coordinator),
+            ("/cohort.v1.SecureAggregation/GetRoster", Coordinator),
             ("/grpc.health.v1.Health/Check", Health),
             (
                 "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
@@ -210,6 +219,10 @@ mod tests {
     fn parties_prove_themselves_by_certificate_users_by_token() {
         assert_eq!(route("/cohort.v1.PartySession/Open").1, Audience::Party);
         assert_eq!(route("/cohort.v1.Round/SubmitUpdate").1, Audience::Party);
+        assert_eq!(
+            route("/cohort.v1.SecureAggregation/ShareKeys").1,
+            Audience::Party
+        );
         assert_eq!(route("/cohort.v1.Jobs/StopJob").1, Audience::User);
         assert_eq!(route("/cohort.v1.Models/Download").1, Audience::User);
         assert_eq!(route("/cohort.v1.Audit/ListAuditEntries").1, Audience::User);

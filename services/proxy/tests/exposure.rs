@@ -15,13 +15,14 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-const PUBLIC_SERVICES: [&str; 10] = [
+const PUBLIC_SERVICES: [&str; 11] = [
     "cohort.v1.Audit",
     "cohort.v1.ClientSelector",
     "cohort.v1.Jobs",
     "cohort.v1.Models",
     "cohort.v1.PartySession",
     "cohort.v1.Round",
+    "cohort.v1.SecureAggregation",
     "cohort.v1.Tokens",
     "grpc.health.v1.Health",
     "grpc.reflection.v1.ServerReflection",

