@@ -1194,6 +1194,92 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_rounds_draws_settle_from_what_its_tickets_did() {
+        use crate::selection::Outcome;
+        let (state, tokens) = training(&[("a", 10), ("b", 10), ("c", 10), ("d", 10)]);
+        state.record_draws(vec![
+            ("a".into(), 0.9, Some("task-a".into())),
+            ("b".into(), 0.8, Some("task-b".into())),
+            ("c".into(), 0.7, Some("task-c".into())),
+            ("d".into(), 0.6, Some("task-d".into())),
+            ("e".into(), 0.5, None),
+        ]);
+        state
+            .start_upload(&tokens[0], Some(&party("a")), 5)
+            .await
+            .unwrap()
+            .complete(delta(1.0), 0.5)
+            .unwrap();
+        // b's party said it failed; c and d, silent, are given up on when the task is
+        // offered again (a task still open at the round's end times out: the next test).
+        state.note(Note {
+            kind: NoteKind::TaskFailed,
+            round: 1,
+            party: "b".into(),
+            task_id: "task-b".into(),
+            message: "executor crashed".into(),
+        });
+        state.forget_undelivered();
+        // Its token died with the re-offer: too late to count.
+        assert!(
+            state
+                .start_upload(&tokens[2], Some(&party("c")), 5)
+                .await
+                .is_err()
+        );
+        let training = state.finish_training().unwrap();
+        assert_eq!(training.aggregate.updates(), 1);
+        let outcomes: Vec<(String, Outcome)> = state
+            .draws()
+            .into_iter()
+            .map(|d| (d.party, d.outcome))
+            .collect();
+        assert_eq!(
+            outcomes,
+            [
+                ("a".to_string(), Outcome::Finished),
+                ("b".to_string(), Outcome::Failed),
+                ("c".to_string(), Outcome::Failed),
+                ("d".to_string(), Outcome::Failed),
+                ("e".to_string(), Outcome::Refused),
+            ]
+        );
+        assert_eq!(state.round_parties(), ["a"]);
+        // The next round starts with none.
+        state.begin_training(
+            2,
+            AggregationRules::default(),
+            Instant::now() + Duration::from_secs(30),
+        );
+        assert!(state.draws().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_task_still_open_at_the_rounds_end_timed_out() {
+        use crate::selection::Outcome;
+        let (state, tokens) = training(&[("a", 10), ("b", 10)]);
+        state.record_draws(vec![
+            ("a".into(), 1.0, Some("task-a".into())),
+            ("b".into(), 1.0, Some("task-b".into())),
+        ]);
+        state
+            .start_upload(&tokens[0], Some(&party("a")), 5)
+            .await
+            .unwrap()
+            .complete(delta(1.0), 0.5)
+            .unwrap();
+        // b's upload is still in flight when the round ends.
+        let _upload = state
+            .start_upload(&tokens[1], Some(&party("b")), 5)
+            .await
+            .unwrap();
+        state.forget_undelivered();
+        state.finish_training().unwrap();
+        let outcomes: Vec<Outcome> = state.draws().into_iter().map(|d| d.outcome).collect();
+        assert_eq!(outcomes, [Outcome::Finished, Outcome::TimedOut]);
+    }
+
+    #[tokio::test]
     async fn samples_are_bounded_by_the_registration() {
         let (state, tokens) = training(&[("a", 100)]);
         let err = state
