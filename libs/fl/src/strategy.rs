@@ -268,7 +268,8 @@ impl Strategy for Scaffold {
             )));
         }
         let combined_control = combined.split_off(n);
-        self.control.check_layout(&served[..n], "the global model")?;
+        self.control
+            .check_layout(&served[..n], "the global model")?;
         self.control.check_layout(&combined, "the aggregate")?;
         self.control
             .check_layout(&combined_control, "the aggregate's control variates")?;
@@ -444,7 +445,10 @@ mod tests {
     #[test]
     fn fedavgm_accumulates_momentum_and_checkpoints_it() {
         let model = vec![tensor("w", &[1.0, 0.0])];
-        let mut s = for_spec(&spec(r#"{"strategy": "fedavgm", "server_lr": 1.0, "momentum": 0.5}"#), &model);
+        let mut s = for_spec(
+            &spec(r#"{"strategy": "fedavgm", "server_lr": 1.0, "momentum": 0.5}"#),
+            &model,
+        );
         // Δ = (1, -1): v = Δ, x = 1 + 1 = 2, 0 − 1 = −1.
         let next = s
             .step(&model, vec![tensor("w", &[2.0, -1.0])], FACTS)
@@ -470,7 +474,10 @@ mod tests {
         let mut served = model.clone();
         served.extend(extras);
         // Mean Δy = (1, −1), mean Δc = (0.4, 0.8); 2 of 4 parties took part.
-        let combined = vec![tensor("w", &[2.0, 0.0]), tensor("scaffold.c/w", &[0.4, 0.8])];
+        let combined = vec![
+            tensor("w", &[2.0, 0.0]),
+            tensor("scaffold.c/w", &[0.4, 0.8]),
+        ];
         let next = s.step(&served, combined, FACTS).unwrap();
         assert_eq!(next, vec![tensor("w", &[2.0, 0.0])]);
         assert_eq!(s.extras(), vec![tensor("scaffold.c/w", &[0.2, 0.4])]);
@@ -486,9 +493,16 @@ mod tests {
         let before = s.state().unwrap();
         assert!(s.restore(&[tensor("scaffold.c/w", &[1.0])]).is_err());
         assert!(s.restore(&[tensor("scaffold.c/v", &[1.0, 1.0])]).is_err());
-        assert!(s.restore(&[tensor("scaffold.c/w", &[f32::NAN, 1.0])]).is_err());
+        assert!(
+            s.restore(&[tensor("scaffold.c/w", &[f32::NAN, 1.0])])
+                .is_err()
+        );
         assert_eq!(s.state().unwrap(), before);
-        assert!(for_spec(&spec(r#"{"strategy": "fedavg"}"#), &model).state().is_none());
+        assert!(
+            for_spec(&spec(r#"{"strategy": "fedavg"}"#), &model)
+                .state()
+                .is_none()
+        );
     }
 
     #[test]
