@@ -7,6 +7,7 @@
 
 pub mod adversary;
 pub mod fake_kube;
+pub mod resume;
 pub mod servers;
 
 use std::path::{Path, PathBuf};

@@ -16,9 +16,8 @@ use std::time::Duration;
 
 use cohort_core::JobState;
 use cohort_integration_tests::{
-    Federation, cohort, coordinator_pids, digits_job, log_files_under, state_of, wait_clients,
+    Federation, cohort, digits_job, log_files_under, state_of, wait_clients,
 };
-use nix::sys::signal::Signal;
 
 async fn all_connected(fed: &Federation, parties: usize) {
     wait_clients(&fed.api(), Duration::from_secs(60), |c| {
@@ -190,19 +189,7 @@ async fn a_relaunched_coordinator_keeps_spending_from_the_record() {
         digits_job("dp-relaunch", 6, 2, 2, "60s")
     );
     let created = fed.create_job(&spec).await.expect("create");
-    fed.wait_job(&created.id, Duration::from_secs(120), "round 2", |j| {
-        j.rounds_completed >= 2
-    })
-    .await
-    .expect("the job progresses");
-    let coordinators = coordinator_pids(&created.id);
-    assert_eq!(coordinators.len(), 1, "one coordinator for the job");
-    cohort_runtime::process::signal_pid(coordinators[0], Signal::SIGKILL);
-    let done = fed
-        .wait_end(&created.id, Duration::from_secs(180))
-        .await
-        .expect("the job ends");
-    assert_eq!(state_of(&done), JobState::Succeeded, "{}", done.reason);
+    let done = fed.kill_coordinator_after(&created.id, 2).await;
     assert_eq!(done.rounds.len(), 6);
     let events = fed.events(&created.id).await.expect("events");
     assert!(

@@ -7,14 +7,8 @@
 //! digest of the state model-manager stored for that round, and that state is a real c
 //! (`scaffold.c/*`, not zero).
 
-use std::time::Duration;
-
-use cohort_core::JobState;
-use cohort_integration_tests::{
-    Federation, coordinator_pids, digits_job, files_under, log_files_under, state_of,
-};
+use cohort_integration_tests::{Federation, digits_job, files_under, log_files_under};
 use cohort_proto::v1 as pb;
-use nix::sys::signal::Signal;
 
 const ROUNDS: u32 = 15;
 const PARTIES: u32 = 3;
@@ -134,74 +128,23 @@ async fn a_relaunched_coordinator_resumes_with_the_checkpointed_server_control_v
         .create_job(&job("scaffold-restart", 8))
         .await
         .expect("create");
-    fed.wait_job(&created.id, Duration::from_secs(120), "round 3", |j| {
-        j.rounds_completed >= 3
-    })
-    .await
-    .expect("the job progresses");
-    let coordinators = coordinator_pids(&created.id);
-    assert_eq!(coordinators.len(), 1, "one coordinator for the job");
-    cohort_runtime::process::signal_pid(coordinators[0], Signal::SIGKILL);
-    let done = fed
-        .wait_end(&created.id, Duration::from_secs(180))
-        .await
-        .expect("the job ends");
-    assert_eq!(state_of(&done), JobState::Succeeded, "{}", done.reason);
-
-    // What the relaunched coordinator says it restored.
-    let log_path = fed.dir.path().join(format!(
-        "server/work/coordinators/coordinator-{}.log",
-        created.id
-    ));
-    let log = std::fs::read_to_string(&log_path).expect("coordinator log");
-    let restored: Vec<(u32, String, String)> = log
-        .lines()
-        .filter(|l| l.contains("server optimiser state restored"))
-        .filter_map(|l| {
-            let field = |name: &str| {
-                let rest = l.split_once(&format!("{name}="))?.1;
-                Some(rest.split_whitespace().next()?.to_string())
-            };
-            Some((
-                field("round")?.parse().ok()?,
-                field("digest")?,
-                field("stored")?,
-            ))
-        })
-        .collect();
-    let [(round, digest, stored)] = &restored[..] else {
-        panic!("one restore in the coordinator's log: {restored:?}\n{log}");
-    };
-    assert!(*round >= 3, "resumed after round {round}");
-    assert_eq!(digest, stored, "the restored c is the stored one");
-
-    // The stored one is the c checkpointed with that round.
-    let state_model = format!("{}-server-state", created.id);
-    let versions = fed
-        .models()
-        .list_versions(pb::ListVersionsRequest {
-            name: state_model.clone(),
-            job_id: created.id.clone(),
-            namespace: String::new(),
-        })
-        .await
-        .expect("list the server states")
-        .into_inner()
-        .versions;
-    let rounds: Vec<u32> = versions
-        .iter()
-        .filter_map(|v| v.lineage.as_ref().map(|l| l.round))
-        .collect();
+    let done = fed.kill_coordinator_after(&created.id, 3).await;
+    // What the relaunched coordinator says it restored...
+    let restored = fed.restored_server_state(&created.id);
+    let round = restored.round;
+    assert!(round >= 3, "resumed after round {round}");
     assert_eq!(
-        rounds,
-        (1..=8).collect::<Vec<_>>(),
-        "one server state per round"
+        restored.digest, restored.stored,
+        "the restored c is the stored one"
     );
+    // ...is the c checkpointed with that round.
+    let state_model = format!("{}-server-state", created.id);
+    let versions = fed.server_states(&created.id, 8).await;
     let of_round = versions
         .iter()
-        .find(|v| v.lineage.as_ref().is_some_and(|l| l.round == *round))
+        .find(|v| v.lineage.as_ref().is_some_and(|l| l.round == round))
         .expect("the state of the resumed round");
-    assert_eq!(&of_round.digest, digest);
+    assert_eq!(of_round.digest, restored.digest);
 
     // It is SCAFFOLD's c, one tensor per model tensor, and it had moved from zero: the
     // coordinator resumed with the parties' accumulated corrections, not from scratch.
@@ -235,7 +178,7 @@ async fn a_relaunched_coordinator_resumes_with_the_checkpointed_server_control_v
     );
     // c moved after the restore: the last state is not the restored one.
     let last = versions.last().expect("a last state");
-    assert_ne!(&last.digest, digest);
+    assert_ne!(last.digest, restored.digest);
     // Parties whose update of the interrupted round was acknowledged trained it again from
     // their c_i of before it (none when the kill fell between rounds).
     let rolled_back = trained_lines(&fed)

@@ -5,14 +5,7 @@
 //! coordinator's restored state, encoded again, has the digest of the state model-manager
 //! stored for that round.
 
-use std::time::Duration;
-
-use cohort_core::JobState;
-use cohort_integration_tests::{
-    Federation, coordinator_pids, digits_job, log_files_under, state_of,
-};
-use cohort_proto::v1 as pb;
-use nix::sys::signal::Signal;
+use cohort_integration_tests::{Federation, digits_job, log_files_under};
 
 const ROUNDS: u32 = 15;
 
@@ -92,76 +85,32 @@ async fn fedprox_trains_digits_to_085() {
 async fn a_relaunched_coordinator_resumes_with_the_checkpointed_server_state() {
     let fed = Federation::start(3).await.expect("federation");
     let created = fed.create_job(&job("fedadam", 8)).await.expect("create");
-    fed.wait_job(&created.id, Duration::from_secs(120), "round 3", |j| {
-        j.rounds_completed >= 3
-    })
-    .await
-    .expect("the job progresses");
-    let coordinators = coordinator_pids(&created.id);
-    assert_eq!(coordinators.len(), 1, "one coordinator for the job");
-    cohort_runtime::process::signal_pid(coordinators[0], Signal::SIGKILL);
-    let done = fed
-        .wait_end(&created.id, Duration::from_secs(180))
-        .await
-        .expect("the job ends");
-    assert_eq!(state_of(&done), JobState::Succeeded, "{}", done.reason);
-
-    // What the relaunched coordinator says it restored.
-    let log_path = fed.dir.path().join(format!(
-        "server/work/coordinators/coordinator-{}.log",
-        created.id
-    ));
-    let log = std::fs::read_to_string(&log_path).expect("coordinator log");
-    let restored: Vec<(u32, String, String)> = log
-        .lines()
-        .filter(|l| l.contains("server optimiser state restored"))
-        .filter_map(|l| {
-            let field = |name: &str| {
-                let rest = l.split_once(&format!("{name}="))?.1;
-                Some(rest.split_whitespace().next()?.to_string())
-            };
-            Some((
-                field("round")?.parse().ok()?,
-                field("digest")?,
-                field("stored")?,
-            ))
-        })
-        .collect();
-    let [(round, digest, stored)] = &restored[..] else {
-        panic!("one restore in the coordinator's log: {restored:?}\n{log}");
-    };
-    assert!(*round >= 3, "resumed after round {round}");
-    assert_eq!(digest, stored, "the restored moments are the stored ones");
-
-    // And the stored ones are the state checkpointed with that round.
-    let versions = fed
-        .models()
-        .list_versions(pb::ListVersionsRequest {
-            name: format!("{}-server-state", created.id),
-            job_id: created.id.clone(),
-            namespace: String::new(),
-        })
-        .await
-        .expect("list the server states")
-        .into_inner()
-        .versions;
-    let rounds: Vec<u32> = versions
-        .iter()
-        .filter_map(|v| v.lineage.as_ref().map(|l| l.round))
-        .collect();
-    assert_eq!(
-        rounds,
-        (1..=8).collect::<Vec<_>>(),
-        "one server state per round"
+    fed.kill_coordinator_after(&created.id, 3).await;
+    // What the relaunched coordinator says it restored...
+    let restored = fed.restored_server_state(&created.id);
+    assert!(
+        restored.round >= 3,
+        "resumed after round {}",
+        restored.round
     );
+    assert_eq!(
+        restored.digest, restored.stored,
+        "the restored moments are the stored ones"
+    );
+    // ...is the state checkpointed with that round.
+    let versions = fed.server_states(&created.id, 8).await;
     let of_round = versions
         .iter()
-        .find(|v| v.lineage.as_ref().is_some_and(|l| l.round == *round))
+        .find(|v| {
+            v.lineage
+                .as_ref()
+                .is_some_and(|l| l.round == restored.round)
+        })
         .expect("the state of the resumed round");
-    assert_eq!(&of_round.digest, digest);
+    assert_eq!(of_round.digest, restored.digest);
     // The moments moved after the restore: the last state is not the restored one.
     let last = versions.last().expect("a last state");
-    assert_ne!(&last.digest, digest);
+    assert_ne!(last.digest, restored.digest);
 }
 
 /// `clients.selection: data`: parties are drawn with chances proportional to their samples;
