@@ -34,6 +34,9 @@ pub enum UpdateKind {
     WrongShapeHalfway,
     /// Small finite values, compressed as this party chooses (whatever the job's spec asks).
     Compressed(cohort_core::spec::Compression),
+    /// Under secure aggregation: shares in another party's name, then the keys of the round
+    /// before (`secagg_adversary.rs`).
+    SecAggCheat,
 }
 
 /// How the adversary behaves.
@@ -334,6 +337,9 @@ async fn run_task(
             .map(|_| ())
             .map_err(refusal);
     }
+    if b.update == UpdateKind::SecAggCheat {
+        return crate::secagg_adversary::cheat(channel, task).await;
+    }
     let global = fetch(&mut round, task).await.map_err(refusal)?;
     let registered = b
         .datasets
@@ -442,7 +448,7 @@ pub fn forge(global: &[NamedTensor], kind: UpdateKind) -> Vec<NamedTensor> {
     let per_value = match kind {
         UpdateKind::Noise { norm } => norm / (total.max(1) as f32).sqrt(),
         UpdateKind::Constant(v) => v,
-        UpdateKind::Stall | UpdateKind::StallAfterFirstChunk => 0.0,
+        UpdateKind::Stall | UpdateKind::StallAfterFirstChunk | UpdateKind::SecAggCheat => 0.0,
         UpdateKind::NanHalfway | UpdateKind::WrongShapeHalfway | UpdateKind::Compressed(_) => 1e-3,
     };
     global

@@ -8,6 +8,7 @@
 pub mod adversary;
 pub mod fake_kube;
 pub mod resume;
+pub mod secagg_adversary;
 pub mod servers;
 
 use std::path::{Path, PathBuf};

@@ -24,8 +24,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use cohort_core::NamedTensor;
-use cohort_integration_tests::{Federation, digits_job, wait_clients};
+use cohort_core::{JobState, NamedTensor};
+use cohort_integration_tests::adversary::{Adversary, Behaviour, UpdateKind};
+use cohort_integration_tests::{Federation, digits_job, state_of, wait_clients};
 
 const CLIP: f64 = 5.0;
 const TAP: &str = "COHORT_SECAGG_TAP_DIR";
@@ -213,4 +214,158 @@ async fn what_the_coordinator_receives_does_not_correlate_with_any_update_but_th
     );
     assert!(r > 0.999, "r = {r}");
     assert!(worst <= bound(3), "{worst} > {}", bound(3));
+}
+
+/// Five parties, t = 3, each party's clipped update tapped; `exits` make those parties'
+/// executors exit at a point of the protocol.
+async fn five_parties(exits: &[(&str, &str)], tap: &Path) -> Federation {
+    let env = vec![(TAP.to_string(), tap.display().to_string())];
+    let overrides = exits
+        .iter()
+        .map(|(party, at)| {
+            (
+                party.to_string(),
+                vec![("COHORT_SECAGG_EXIT_AT".to_string(), at.to_string())],
+            )
+        })
+        .collect();
+    let fed = Federation::digits_with_env(5, env.clone(), env, overrides)
+        .await
+        .expect("federation");
+    wait_parties(&fed, 5).await;
+    fed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_party_gone_after_its_masked_update_and_one_before_leave_the_mean_of_the_four() {
+    let tap = tempfile::tempdir().expect("tap dir");
+    let fed = five_parties(
+        &[
+            ("party-4", "after_masked_input"),
+            ("party-5", "before_masked_input"),
+        ],
+        tap.path(),
+    )
+    .await;
+    let (done, _) = fed
+        .run_to_success("dropouts", &job("secagg-dropouts", 1, 5, 3, &secure(3)))
+        .await;
+    let r1 = &done.rounds[0];
+    eprintln!(
+        "round 1: {} updates, {} dropped, {} task failures",
+        r1.updates, r1.dropped_updates, r1.task_failures
+    );
+    // party-4's masked update counts (its self-mask removed with the others' shares),
+    // party-5's keys shared but no masked update: its pairwise masks are removed.
+    assert_eq!((r1.updates, r1.dropped_updates), (4, 1), "{r1:?}");
+    assert_eq!(r1.task_failures, 2, "{r1:?}");
+    let mean = first_step(&fed, &done).await;
+    let mut sum = vec![0.0; mean.len()];
+    for party in ["party-1", "party-2", "party-3", "party-4"] {
+        let update = read_f32(&tap.path().join(format!("round-1-{party}.f32")));
+        for (s, u) in sum.iter_mut().zip(&update) {
+            *s += u;
+        }
+    }
+    // The encoding is the roster's (5 parties); the mean is of the 4 that arrived.
+    let worst = mean
+        .iter()
+        .zip(&sum)
+        .map(|(m, s)| (m - s / 4.0).abs())
+        .fold(0.0, f64::max);
+    eprintln!(
+        "largest difference from the mean of parties 1-4: {worst:.3e} (bound {:.3e})",
+        bound(5)
+    );
+    assert!(worst <= bound(5), "{worst} > {}", bound(5));
+    let events = fed.events(&done.id).await.expect("events");
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == "update_dropped" && e.party == "party-5"),
+        "{events:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_of_five_gone_fail_the_round_naming_the_threshold() {
+    let tap = tempfile::tempdir().expect("tap dir");
+    let fed = five_parties(
+        &[
+            ("party-3", "before_masked_input"),
+            ("party-4", "before_masked_input"),
+            ("party-5", "before_masked_input"),
+        ],
+        tap.path(),
+    )
+    .await;
+    let created = fed
+        .create_job(&job("secagg-below-t", 1, 5, 3, &secure(3)))
+        .await
+        .expect("create");
+    let done = fed
+        .wait_end(&created.id, Duration::from_secs(120))
+        .await
+        .expect("the job ends");
+    eprintln!("{}: {}", state_of(&done), done.reason);
+    assert_eq!(state_of(&done), JobState::Failed, "{}", done.reason);
+    assert!(
+        done.reason.contains("privacy.secagg_threshold t=3")
+            && done.reason.contains("threshold t=3"),
+        "{}",
+        done.reason
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shares_in_another_name_and_replayed_keys_are_refused_and_counted() {
+    let fed = Federation::start(3).await.expect("federation");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let _mallory = Adversary::connect(
+        &fed,
+        dir.path(),
+        "mallory",
+        Behaviour::digits(600, UpdateKind::SecAggCheat),
+    )
+    .await
+    .expect("the adversary registers");
+    wait_parties(&fed, 4).await;
+    let (done, accuracy) = fed
+        .run_to_success("secagg cheat", &job("secagg-cheat", 2, 4, 3, &secure(3)))
+        .await;
+    eprintln!(
+        "rounds: {:?}; held-out accuracy {accuracy:.4}",
+        done.rounds
+            .iter()
+            .map(|r| (r.updates, r.refused_updates, r.task_failures))
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        done.rounds
+            .iter()
+            .all(|r| r.updates == 3 && r.refused_updates >= 1),
+        "{:?}",
+        done.rounds
+    );
+    let refused: Vec<(u32, String)> = fed
+        .events(&done.id)
+        .await
+        .expect("events")
+        .into_iter()
+        .filter(|e| e.kind == "update_refused" && e.party == "mallory")
+        .map(|e| (e.round, e.reason))
+        .collect();
+    eprintln!("{refused:#?}");
+    assert!(
+        refused
+            .iter()
+            .any(|(r, why)| *r == 1 && why.contains("claims to come from")),
+        "round 1: the shares in another's name: {refused:?}"
+    );
+    assert!(
+        refused
+            .iter()
+            .any(|(r, why)| *r == 2 && why.contains("round 1")),
+        "round 2: the replayed keys: {refused:?}"
+    );
 }

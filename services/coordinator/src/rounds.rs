@@ -25,9 +25,9 @@ use tracing::Instrument as _;
 use crate::SCHEDULER_PATIENCE;
 use crate::privacy::RoundBudget;
 use crate::round_state::{Accepted, EvalReport, Note, NoteKind, RoundState, TaskProgress};
+use crate::selection::Outcome as DrawOutcome;
 
 mod secure;
-use crate::selection::Outcome as DrawOutcome;
 
 #[derive(Clone)]
 pub struct Clients {
