@@ -10,6 +10,7 @@
 //! depend on candle, storage or networking crates.
 
 pub mod aggregate;
+mod buffers;
 pub mod compress;
 pub mod corrupt;
 pub mod privacy;

@@ -19,6 +19,7 @@ use cohort_core::NamedTensor;
 use cohort_core::spec::{SecondMoment, ServerOptimizer};
 
 use crate::FlError;
+use crate::buffers::Buffers;
 
 /// Prefix of the first moment's tensors in [`AdaptiveServer::state`].
 pub const FIRST_MOMENT_PREFIX: &str = "server.m/";
@@ -29,10 +30,8 @@ pub const SECOND_MOMENT_PREFIX: &str = "server.v/";
 #[derive(Debug, Clone)]
 pub struct AdaptiveServer {
     opt: ServerOptimizer,
-    names: Vec<String>,
-    shapes: Vec<Vec<usize>>,
-    m: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    m: Buffers,
+    v: Buffers,
 }
 
 impl AdaptiveServer {
@@ -41,10 +40,8 @@ impl AdaptiveServer {
         let v0 = (opt.tau * opt.tau) as f32;
         AdaptiveServer {
             opt,
-            names: global.iter().map(|t| t.name.clone()).collect(),
-            shapes: global.iter().map(|t| t.shape.clone()).collect(),
-            m: global.iter().map(|t| vec![0.0; t.data.len()]).collect(),
-            v: global.iter().map(|t| vec![v0; t.data.len()]).collect(),
+            m: Buffers::zeros(global, FIRST_MOMENT_PREFIX),
+            v: Buffers::filled(global, SECOND_MOMENT_PREFIX, v0),
         }
     }
 
@@ -55,8 +52,8 @@ impl AdaptiveServer {
         global: &[NamedTensor],
         mut averaged: Vec<NamedTensor>,
     ) -> Result<Vec<NamedTensor>, FlError> {
-        self.check_layout(global, "the global model")?;
-        self.check_layout(&averaged, "the aggregate")?;
+        self.m.check_layout(global, "the global model")?;
+        self.m.check_layout(&averaged, "the aggregate")?;
         let ServerOptimizer {
             rule,
             server_lr,
@@ -68,8 +65,8 @@ impl AdaptiveServer {
         for (((x, avg), m), v) in global
             .iter()
             .zip(averaged.iter_mut())
-            .zip(self.m.iter_mut())
-            .zip(self.v.iter_mut())
+            .zip(self.m.data.iter_mut())
+            .zip(self.v.data.iter_mut())
         {
             let mut finite = true;
             for (((xi, ai), mi), vi) in x
@@ -103,20 +100,8 @@ impl AdaptiveServer {
 
     /// The moments as tensors (`server.m/NAME`, `server.v/NAME`), to checkpoint.
     pub fn state(&self) -> Vec<NamedTensor> {
-        let named = |prefix: &str, buffers: &[Vec<f32>]| -> Vec<NamedTensor> {
-            self.names
-                .iter()
-                .zip(&self.shapes)
-                .zip(buffers)
-                .map(|((name, shape), data)| NamedTensor {
-                    name: format!("{prefix}{name}"),
-                    shape: shape.clone(),
-                    data: data.clone(),
-                })
-                .collect()
-        };
-        let mut out = named(FIRST_MOMENT_PREFIX, &self.m);
-        out.extend(named(SECOND_MOMENT_PREFIX, &self.v));
+        let mut out = self.m.to_tensors();
+        out.extend(self.v.to_tensors());
         out
     }
 
@@ -124,52 +109,16 @@ impl AdaptiveServer {
     /// model; refuses one that does not match it (a tensor missing, of another shape, or
     /// not finite) and keeps the current moments then.
     pub fn restore(&mut self, state: &[NamedTensor]) -> Result<(), FlError> {
-        let find = |prefix: &str, i: usize| -> Result<Vec<f32>, FlError> {
-            let name = format!("{prefix}{}", self.names[i]);
-            let t = state.iter().find(|t| t.name == name).ok_or_else(|| {
-                FlError::LayoutMismatch(format!("server state: tensor {name:?} is missing"))
-            })?;
-            if t.shape != self.shapes[i] || t.data.len() != self.m[i].len() {
-                return Err(FlError::LayoutMismatch(format!(
-                    "server state: tensor {name:?} has shape {:?}, the model's is {:?}",
-                    t.shape, self.shapes[i]
-                )));
-            }
-            if !crate::wire::all_finite(&t.data) {
-                return Err(FlError::NonFinite { tensor: name });
-            }
-            Ok(t.data.clone())
-        };
-        let mut m = Vec::with_capacity(self.names.len());
-        let mut v = Vec::with_capacity(self.names.len());
-        for i in 0..self.names.len() {
-            m.push(find(FIRST_MOMENT_PREFIX, i)?);
-            v.push(find(SECOND_MOMENT_PREFIX, i)?);
-        }
+        let m = self.m.read(state)?;
+        let v = self.v.read(state)?;
         if v.iter().flatten().any(|x| *x < 0.0) {
             return Err(FlError::LayoutMismatch(
                 "server state: a second moment is negative".into(),
             ));
         }
-        self.m = m;
-        self.v = v;
+        self.m.data = m;
+        self.v.data = v;
         Ok(())
-    }
-
-    fn check_layout(&self, tensors: &[NamedTensor], what: &str) -> Result<(), FlError> {
-        let same = tensors.len() == self.names.len()
-            && tensors
-                .iter()
-                .zip(&self.names)
-                .zip(&self.m)
-                .all(|((t, name), m)| &t.name == name && t.data.len() == m.len());
-        if same {
-            Ok(())
-        } else {
-            Err(FlError::LayoutMismatch(format!(
-                "{what} is not laid out as the server optimiser's model"
-            )))
-        }
     }
 }
 

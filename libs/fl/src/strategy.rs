@@ -15,6 +15,7 @@ use cohort_core::NamedTensor;
 use cohort_core::spec::{AggregationSpec, Strategy as StrategyName};
 
 use crate::FlError;
+use crate::buffers::Buffers;
 use crate::robust::RobustRule;
 use crate::server_opt::AdaptiveServer;
 
@@ -307,78 +308,6 @@ impl Strategy for Scaffold {
 
     fn restore(&mut self, state: &[NamedTensor]) -> Result<(), FlError> {
         self.control.restore(state)
-    }
-}
-
-/// One buffer per model tensor, named `<prefix><tensor name>` in checkpoints.
-#[derive(Debug, Clone)]
-struct Buffers {
-    prefix: &'static str,
-    names: Vec<String>,
-    shapes: Vec<Vec<usize>>,
-    data: Vec<Vec<f32>>,
-}
-
-impl Buffers {
-    fn zeros(model: &[NamedTensor], prefix: &'static str) -> Self {
-        Buffers {
-            prefix,
-            names: model.iter().map(|t| t.name.clone()).collect(),
-            shapes: model.iter().map(|t| t.shape.clone()).collect(),
-            data: model.iter().map(|t| vec![0.0; t.data.len()]).collect(),
-        }
-    }
-
-    fn to_tensors(&self) -> Vec<NamedTensor> {
-        self.names
-            .iter()
-            .zip(&self.shapes)
-            .zip(&self.data)
-            .map(|((name, shape), data)| NamedTensor {
-                name: format!("{}{name}", self.prefix),
-                shape: shape.clone(),
-                data: data.clone(),
-            })
-            .collect()
-    }
-
-    /// Takes every buffer from `state` (by name), all or none.
-    fn restore(&mut self, state: &[NamedTensor]) -> Result<(), FlError> {
-        let mut restored = Vec::with_capacity(self.names.len());
-        for (i, name) in self.names.iter().enumerate() {
-            let name = format!("{}{name}", self.prefix);
-            let t = state.iter().find(|t| t.name == name).ok_or_else(|| {
-                FlError::LayoutMismatch(format!("server state: tensor {name:?} is missing"))
-            })?;
-            if t.shape != self.shapes[i] || t.data.len() != self.data[i].len() {
-                return Err(FlError::LayoutMismatch(format!(
-                    "server state: tensor {name:?} has shape {:?}, the model's is {:?}",
-                    t.shape, self.shapes[i]
-                )));
-            }
-            if !crate::wire::all_finite(&t.data) {
-                return Err(FlError::NonFinite { tensor: name });
-            }
-            restored.push(t.data.clone());
-        }
-        self.data = restored;
-        Ok(())
-    }
-
-    fn check_layout(&self, tensors: &[NamedTensor], what: &str) -> Result<(), FlError> {
-        let same = tensors.len() == self.names.len()
-            && tensors
-                .iter()
-                .zip(&self.names)
-                .zip(&self.data)
-                .all(|((t, name), d)| t.name.ends_with(name.as_str()) && t.data.len() == d.len());
-        if same {
-            Ok(())
-        } else {
-            Err(FlError::LayoutMismatch(format!(
-                "{what} is not laid out as the server's model"
-            )))
-        }
     }
 }
 
