@@ -67,6 +67,21 @@ impl SyntheticModel {
                 .all(|(t, (l, &n))| t.name == Self::tensor_name(l) && t.shape == [n])
     }
 
+    /// Party `party`'s update of round `round`, whole (secure aggregation masks it whole).
+    pub fn update(&self, party: u64, round: u64) -> Vec<NamedTensor> {
+        self.sizes()
+            .into_iter()
+            .enumerate()
+            .map(|(layer, n)| NamedTensor {
+                name: Self::tensor_name(layer),
+                shape: vec![n],
+                data: (0..n as u64)
+                    .map(|k| delta(k, party, round, layer as u64))
+                    .collect(),
+            })
+            .collect()
+    }
+
     /// Party `party`'s update of round `round` as wire chunks of at most `chunk_bytes`,
     /// made as they are taken: the update is never whole in memory.
     pub fn update_chunks(
@@ -106,6 +121,27 @@ impl SyntheticModel {
     /// f64 apart from any fold. The expected value depends only on (layer, k mod 1024).
     /// A model of another layout is infinitely wrong.
     pub fn max_abs_error(&self, model: &[NamedTensor], parties: u64, rounds: u64) -> f64 {
+        self.max_abs_error_weighted(model, parties, rounds, weight)
+    }
+
+    /// [`SyntheticModel::max_abs_error`] against the mean with every party weighing the same:
+    /// what secure aggregation computes (its masked sum has no weights).
+    pub fn max_abs_error_equal_weights(
+        &self,
+        model: &[NamedTensor],
+        parties: u64,
+        rounds: u64,
+    ) -> f64 {
+        self.max_abs_error_weighted(model, parties, rounds, |_| 1)
+    }
+
+    fn max_abs_error_weighted(
+        &self,
+        model: &[NamedTensor],
+        parties: u64,
+        rounds: u64,
+        weight: impl Fn(u64) -> u64,
+    ) -> f64 {
         if !self.fits(model) {
             return f64::INFINITY;
         }

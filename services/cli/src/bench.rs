@@ -45,6 +45,11 @@ pub struct RoundArgs {
     /// Every process serves Prometheus metrics, as under `cohort up` (to measure their cost).
     #[arg(long)]
     metrics: bool,
+    /// Run the job with secure aggregation (`privacy.secure_aggregation`, t = ⌊N/2⌋ + 1,
+    /// clip 1.0): parties mask their updates, the coordinator unmasks only the sum; the model
+    /// is checked against the equal-weight mean.
+    #[arg(long)]
+    secure_aggregation: bool,
 }
 
 #[derive(Debug, clap::Args)]

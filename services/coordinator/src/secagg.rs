@@ -84,6 +84,15 @@ pub struct SecAgg {
     staging_dir: PathBuf,
 }
 
+/// The session's server, until [`SecAgg::finish`] takes it.
+fn server_of<'a>(s: &'a mut Session, phase: &'static str) -> Result<&'a mut Server, SecAggError> {
+    s.server.as_mut().ok_or(SecAggError::WrongPhase {
+        actor: "server",
+        expected: phase,
+        actual: "finished",
+    })
+}
+
 /// How a [`SecAggError`] travels as a round refusal.
 pub fn round_error(e: &SecAggError) -> RoundError {
     RoundError {
@@ -197,11 +206,13 @@ impl SecAgg {
         self.bump();
     }
 
+    /// Moves the round from phase `from` to `to` with `f`, atomically: a waiting call sees
+    /// the new phase together with what it produced.
     fn step<T>(
         &self,
         from: Phase,
         to: Phase,
-        f: impl FnOnce(&mut Server) -> Result<T, SecAggError>,
+        f: impl FnOnce(&mut Session) -> Result<T, SecAggError>,
     ) -> Result<(T, u32), SecAggError> {
         let mut guard = self.lock();
         let s = guard.as_mut().ok_or_else(|| {
@@ -213,26 +224,19 @@ impl SecAgg {
                 s.phase
             )));
         }
-        let server = s
-            .server
-            .as_mut()
-            .ok_or_else(|| SecAggError::InvalidParams("the round was finished".into()))?;
-        let out = f(server)?;
+        let out = f(s)?;
         s.phase = to;
         Ok((out, s.round))
     }
 
     /// Fixes the roster: every party that advertised (at least t).
     pub fn close_advertising(&self) -> Result<Roster, SecAggError> {
-        let result = self.step(Phase::Advertising, Phase::Sharing, |server| {
-            server.close_advertising()
+        let result = self.step(Phase::Advertising, Phase::Sharing, |s| {
+            let roster = server_of(s, "advertising")?.close_advertising()?;
+            s.roster = Some(roster.clone());
+            Ok(roster)
         });
         if let Ok((roster, round)) = &result {
-            let mut guard = self.lock();
-            if let Some(s) = guard.as_mut() {
-                s.roster = Some(roster.clone());
-            }
-            drop(guard);
             let mut earlier = self.earlier_keys.lock().unwrap_or_else(|p| p.into_inner());
             for e in &roster.parties {
                 earlier.insert(e.c_pk, *round);
@@ -243,40 +247,33 @@ impl SecAgg {
         result.map(|(r, _)| r)
     }
 
-    /// Ends key sharing: each party that shared gets the shares addressed to it.
+    /// Ends key sharing: each party that shared gets the shares addressed to it. Returns
+    /// the parties that shared.
     pub fn close_sharing(&self) -> Result<Vec<PartyId>, SecAggError> {
-        let result = self.step(Phase::Sharing, Phase::Masking, |server| {
-            server.close_sharing()
-        });
-        let out = result.map(|(deliveries, _)| {
-            let mut guard = self.lock();
+        let result = self.step(Phase::Sharing, Phase::Masking, |s| {
+            let deliveries = server_of(s, "sharing")?.close_sharing()?;
             let sharers = deliveries
                 .first()
                 .map(|d| d.sharers.clone())
                 .unwrap_or_default();
-            if let Some(s) = guard.as_mut() {
-                s.deliveries = deliveries
-                    .into_iter()
-                    .map(|d| (d.recipient.clone(), d))
-                    .collect();
-            }
-            sharers
+            s.deliveries = deliveries
+                .into_iter()
+                .map(|d| (d.recipient.clone(), d))
+                .collect();
+            Ok(sharers)
         });
         self.bump();
-        out
+        result.map(|(sharers, _)| sharers)
     }
 
     /// Ends masked input: whoever's update arrived whole survives, the other sharers are
     /// dropped. Updates still streaming are dropped with it.
     pub fn close_masking(&self) -> Result<UnmaskRequest, SecAggError> {
-        let result = self.step(Phase::Masking, Phase::Unmasking, |server| {
-            server.close_masking()
-        });
-        if let Ok((request, _)) = &result
-            && let Some(s) = self.lock().as_mut()
-        {
+        let result = self.step(Phase::Masking, Phase::Unmasking, |s| {
+            let request = server_of(s, "masking")?.close_masking()?;
             s.request = Some(request.clone());
-        }
+            Ok(request)
+        });
         self.bump();
         result.map(|(r, _)| r)
     }

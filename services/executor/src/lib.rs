@@ -181,6 +181,20 @@ async fn run_task_steps(channels: &mut Channels, exec: pb::ExecutorTask) -> anyh
         (served, Vec::new())
     };
     if let Some(model) = SyntheticModel::of(&spec.model) {
+        if let (Some(settings), Some(synthetic)) = (spec.secure_aggregation(), &data.synthetic)
+            && kind == pb::TaskKind::Train
+            && model.fits(&global)
+        {
+            // `cohort bench round` with secure aggregation: the party's update, masked.
+            let update = model.update(u64::from(synthetic.index), u64::from(task.round));
+            let train = pb::Metrics {
+                loss: 0.0,
+                accuracy: 0.0,
+                samples: synthetic.samples,
+            };
+            let channel = channels.to(&exec.endpoint)?;
+            return secagg::send_masked(channel, &task, settings, &global, update, train).await;
+        }
         return synthetic_task(&client, &task, &data, kind, &global, model).await;
     }
     match kind {

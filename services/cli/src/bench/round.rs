@@ -74,11 +74,12 @@ pub async fn run(args: &RoundArgs, json: bool) -> anyhow::Result<i32> {
             job.reason
         );
     };
-    let error = model.max_abs_error(
-        &final_model,
-        u64::from(args.parties),
-        u64::from(args.rounds),
-    );
+    let (parties, rounds) = (u64::from(args.parties), u64::from(args.rounds));
+    let error = if args.secure_aggregation {
+        model.max_abs_error_equal_weights(&final_model, parties, rounds)
+    } else {
+        model.max_abs_error(&final_model, parties, rounds)
+    };
     let round_s: Vec<f64> = job
         .rounds
         .iter()
@@ -104,6 +105,7 @@ pub async fn run(args: &RoundArgs, json: bool) -> anyhow::Result<i32> {
         "bytes_to_parties": to_parties,
         "bytes_from_parties": from_parties,
         "aggregate_max_abs_error": error,
+        "secure_aggregation": args.secure_aggregation,
         "job": job.id,
         "state": state_name(job.state),
         "process_group": pgid,
@@ -118,7 +120,7 @@ pub async fn run(args: &RoundArgs, json: bool) -> anyhow::Result<i32> {
         println!(
             "{} parties × {} parameters, {} rounds: median round {:.3} s, start-up {}; peak RSS \
              coordinator {:.0} MB, proxy {:.0} MB, model-manager {:.0} MB, party {:.0} MB; \
-             {:.1} MB to parties, {:.1} MB from parties; aggregate max abs error {error:.3e}",
+             {:.1} MB to parties, {:.1} MB from parties; aggregate max abs error {error:.3e}{}",
             args.parties,
             args.params,
             round_s.len(),
@@ -130,6 +132,11 @@ pub async fn run(args: &RoundArgs, json: bool) -> anyhow::Result<i32> {
             mb(peaks.party),
             mb(to_parties),
             mb(from_parties),
+            if args.secure_aggregation {
+                " (secure aggregation: against the equal-weight mean)"
+            } else {
+                ""
+            },
         );
     }
     Ok(0)
@@ -147,7 +154,7 @@ async fn run_job(
     // A round moves the model to and from every party through the proxy: leave minutes per GB.
     let model_gb = args.params as f64 * 4.0 / 1e9;
     let round_timeout = 60 + (model_gb * 120.0 * f64::from(args.parties).max(1.0)) as u64;
-    let spec = json!({
+    let mut spec = json!({
         "name": "bench-round",
         "model": {"arch": "synthetic", "params": args.params, "layers": args.layers},
         "data": {"dataset": "synthetic"},
@@ -158,6 +165,10 @@ async fn run_job(
             "round_timeout": format!("{round_timeout}s"),
         },
     });
+    if args.secure_aggregation {
+        // The synthetic updates' norm stays far below 1: nothing is clipped.
+        spec["privacy"] = json!({"secure_aggregation": true, "secagg_clip": 1.0});
+    }
     let job = api
         .jobs()
         .create_job(pb::CreateJobRequest {
