@@ -369,3 +369,49 @@ async fn shares_in_another_name_and_replayed_keys_are_refused_and_counted() {
         "round 2: the replayed keys: {refused:?}"
     );
 }
+
+/// Secure aggregation with `privacy.dp`: each party adds N(0, (z·clip)²/clients.min) after
+/// clipping, so the released mean carries the central mechanism's noise — N(0, (z·clip)²) on
+/// the sum, divided by clients.per_round — while the coordinator sees only masked updates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_dp_the_parties_noise_adds_up_to_the_central_noise() {
+    let tap = tempfile::tempdir().expect("tap dir");
+    let env = vec![(TAP.to_string(), tap.path().display().to_string())];
+    let fed = Federation::digits_with_env(3, Vec::new(), env, Vec::new())
+        .await
+        .expect("federation");
+    wait_parties(&fed, 3).await;
+    let (z, clip) = (1.0, 1.0);
+    let privacy = format!(
+        "privacy: {{secure_aggregation: true, secagg_threshold: 2, \
+         dp: {{clip: {clip}, noise_multiplier: {z}, delta: 1e-5}}}}\n"
+    );
+    let (done, _) = fed
+        .run_to_success("secagg + dp", &job("secagg-dp", 1, 3, 3, &privacy))
+        .await;
+    let mean = first_step(&fed, &done).await;
+    let mut sum = vec![0.0; mean.len()];
+    for party in ["party-1", "party-2", "party-3"] {
+        let update = read_f32(&tap.path().join(format!("round-1-{party}.f32")));
+        for (s, u) in sum.iter_mut().zip(&update) {
+            *s += u;
+        }
+    }
+    // What is left once the clipped updates' mean is taken away: the noise over per_round.
+    let noise: Vec<f64> = mean.iter().zip(&sum).map(|(m, s)| m - s / 3.0).collect();
+    let n = noise.len() as f64;
+    let average = noise.iter().sum::<f64>() / n;
+    let std = (noise.iter().map(|e| (e - average).powi(2)).sum::<f64>() / n).sqrt();
+    let expected = z * clip / 3.0;
+    let epsilon = done.rounds[0].dp_epsilon;
+    eprintln!(
+        "noise in the released mean: std {std:.4} (expected z·clip/per_round = {expected:.4}), \
+         mean {average:+.4}, over {n} values; ε after the round {epsilon:.2}"
+    );
+    assert!(
+        (std / expected - 1.0).abs() < 0.1,
+        "std {std} vs {expected}"
+    );
+    assert!(average.abs() < 4.0 * expected / n.sqrt(), "mean {average}");
+    assert!(epsilon.is_finite() && epsilon > 0.0, "ε {epsilon}");
+}

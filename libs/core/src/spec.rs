@@ -469,7 +469,7 @@ pub struct PrivacySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secagg_threshold: Option<u32>,
     /// The L2 norm each party clips its update to before masking, > 0. Default:
-    /// `aggregation.max_update_norm`; one of the two is needed.
+    /// `privacy.dp.clip`, else `aggregation.max_update_norm`; one of them is needed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secagg_clip: Option<f64>,
     #[serde(default)]
@@ -480,7 +480,28 @@ pub struct PrivacySpec {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SecureAggregation {
     pub threshold: u32,
+    /// The L2 norm each party clips its update to.
     pub clip: f32,
+    /// With `privacy.dp`: the standard deviation of the Gaussian noise each party adds to
+    /// every value after clipping, z·clip/√clients.min, so that the sum of the fewest
+    /// parties a round releases (clients.min ≥ t) carries the central noise N(0, (z·clip)²)
+    /// (`cohort_fl::privacy::distributed_noise_std`). 0 without DP.
+    pub noise_std: f64,
+    /// What the unmasked sum is divided by: `clients.per_round` under DP (the fixed
+    /// denominator of DP-FedAvg), None for the number of updates summed.
+    pub denominator: Option<u32>,
+}
+
+impl SecureAggregation {
+    /// Noise beyond this many standard deviations is clamped by the encoding.
+    pub const NOISE_RANGE_SIGMAS: f64 = 8.0;
+
+    /// The largest |value| the fixed-point encoding represents: the clip, plus room for the
+    /// parties' noise under DP (a clipped value lies in [−clip, clip]; the noise's tail past
+    /// 8σ, about 1e-15 of the values, is clamped).
+    pub fn range(&self) -> f32 {
+        (f64::from(self.clip) + Self::NOISE_RANGE_SIGMAS * self.noise_std) as f32
+    }
 }
 
 impl PrivacySpec {
@@ -542,10 +563,12 @@ impl PrivacySpec {
             ));
         }
         let a = &spec.aggregation;
-        let clip = match (self.secagg_clip, a.max_update_norm) {
-            (Some(clip), _) => clip,
-            (None, Some(norm)) => norm,
-            (None, None) => {
+        let dp_clip = self.dp.as_ref().map(|dp| dp.clip);
+        let clip = match (self.secagg_clip, dp_clip, a.max_update_norm) {
+            (Some(clip), _, _) => clip,
+            (None, Some(clip), _) => clip,
+            (None, None, Some(norm)) => norm,
+            (None, None, None) => {
                 return Err(SpecError::new(
                     "privacy.secagg_clip",
                     "secure aggregation needs an L2 bound each party clips its update to \
@@ -553,10 +576,10 @@ impl PrivacySpec {
                 ));
             }
         };
-        let clip_field = if self.secagg_clip.is_some() {
-            "privacy.secagg_clip"
-        } else {
-            "aggregation.max_update_norm"
+        let clip_field = match (self.secagg_clip, dp_clip) {
+            (Some(_), _) => "privacy.secagg_clip",
+            (None, Some(_)) => "privacy.dp.clip",
+            (None, None) => "aggregation.max_update_norm",
         };
         if !(clip.is_finite() && clip > 0.0 && clip <= 1e30) {
             return Err(SpecError::new(
@@ -599,12 +622,24 @@ impl PrivacySpec {
                  sum has no weights); leave it out",
             ));
         }
-        if self.dp.is_some() {
-            return Err(SpecError::new(
-                field,
-                "cannot be combined with privacy.dp yet: the noise would have to be split \
-                 across the parties (distributed DP), which is not built",
-            ));
+        if let Some(dp) = &self.dp {
+            if dp.local {
+                return Err(SpecError::new(
+                    "privacy.dp.local",
+                    "with privacy.secure_aggregation the parties already add the noise, \
+                     split among them (each z·clip/√clients.min); leave local out",
+                ));
+            }
+            if self.secagg_clip.is_some_and(|c| c != dp.clip) {
+                return Err(SpecError::new(
+                    "privacy.secagg_clip",
+                    format!(
+                        "under privacy.dp the parties clip to privacy.dp.clip ({}); leave \
+                         secagg_clip out or make it the same",
+                        dp.clip
+                    ),
+                ));
+            }
         }
         Ok(())
     }
@@ -618,10 +653,18 @@ impl PrivacySpec {
         if !self.secure_aggregation {
             return None;
         }
-        let clip = self.secagg_clip.or(max_update_norm)?;
+        let dp = self.dp.as_ref();
+        let clip = self
+            .secagg_clip
+            .or(dp.map(|dp| dp.clip))
+            .or(max_update_norm)?;
         Some(SecureAggregation {
             threshold: self.secagg_threshold_for(clients),
             clip: clip as f32,
+            noise_std: dp.map_or(0.0, |dp| {
+                dp.noise_multiplier * dp.clip / f64::from(clients.min.max(1)).sqrt()
+            }),
+            denominator: dp.map(|_| clients.per_round),
         })
     }
 }
@@ -2110,7 +2153,9 @@ training:
             spec.secure_aggregation(),
             Some(SecureAggregation {
                 threshold: 3,
-                clip: 2.5
+                clip: 2.5,
+                noise_std: 0.0,
+                denominator: None,
             })
         );
         assert_eq!(JobSpec::from_json(&spec.to_json()).expect("json"), spec);
@@ -2124,9 +2169,21 @@ training:
             spec.secure_aggregation(),
             Some(SecureAggregation {
                 threshold: 3,
-                clip: 4.0
+                clip: 4.0,
+                noise_std: 0.0,
+                denominator: None,
             })
         );
+        // With DP: the parties clip to dp.clip and each adds z·clip/√clients.min.
+        let spec = JobSpec::parse(&with(
+            "{secure_aggregation: true, dp: {clip: 0.5, noise_multiplier: 1.2, delta: 1e-5}}",
+            "",
+        ))
+        .expect("valid");
+        let sa = spec.secure_aggregation().expect("secure aggregation");
+        assert_eq!((sa.threshold, sa.clip, sa.denominator), (3, 0.5, Some(5)));
+        assert!((sa.noise_std - 1.2 * 0.5 / 3f64.sqrt()).abs() < 1e-12);
+        assert!((f64::from(sa.range()) - (0.5 + 8.0 * sa.noise_std)).abs() < 1e-6);
         assert_eq!(
             JobSpec::parse(GOOD).expect("valid").secure_aggregation(),
             None
@@ -2211,10 +2268,16 @@ training:
                 "cannot refuse",
             ),
             (
-                "{secure_aggregation: true, secagg_clip: 1, dp: {clip: 1, noise_multiplier: 1, delta: 1e-5}}",
+                "{secure_aggregation: true, secagg_clip: 2, dp: {clip: 1, noise_multiplier: 1, delta: 1e-5}}",
                 "",
-                "privacy.secure_aggregation",
-                "privacy.dp",
+                "privacy.secagg_clip",
+                "privacy.dp.clip",
+            ),
+            (
+                "{secure_aggregation: true, dp: {clip: 1, noise_multiplier: 1, delta: 1e-5, local: true}}",
+                "",
+                "privacy.dp.local",
+                "split",
             ),
         ] {
             let e = parse_err(&with(privacy, extra));

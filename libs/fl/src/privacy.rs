@@ -11,8 +11,9 @@
 //!
 //! Where it runs ([`DpAggregation`]): on the coordinator (central DP: it sees each update),
 //! or with `privacy.dp.local` on the parties (each clips and adds the full noise before
-//! sending, [`LocalDp`]); with secure aggregation (not built yet) clipping moves to the
-//! parties and the noise is split across them ([`distributed_noise_std`]).
+//! sending, [`LocalDp`]); with secure aggregation clipping moves to the parties and the
+//! noise is split across them ([`distributed_noise_std`] with clients.min; the executor's
+//! `secagg.rs`, with the same formula in `cohort_core::spec::SecureAggregation`).
 //!
 //! The accountant ([`Accountant`]) is the Rényi-DP analysis of the sampled Gaussian
 //! mechanism (Mironov, Talwar, Zhang, "Rényi Differential Privacy of the Sampled Gaussian

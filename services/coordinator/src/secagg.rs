@@ -72,7 +72,11 @@ struct Session {
 pub struct SecAgg {
     job: String,
     pub threshold: usize,
-    pub clip: f32,
+    /// The encoding's range: the parties' clip, plus room for their noise under DP.
+    pub range: f32,
+    /// What the unmasked sum is divided by (`clients.per_round` under DP); None: the
+    /// number of updates it holds.
+    pub denominator: Option<u32>,
     state: Arc<RoundState>,
     session: Mutex<Option<Session>>,
     /// Bumped on every change a waiting call or the round loop may look for.
@@ -123,7 +127,8 @@ impl SecAgg {
         Arc::new(SecAgg {
             job: job.to_string(),
             threshold: spec.threshold as usize,
-            clip: spec.clip,
+            range: spec.range(),
+            denominator: spec.denominator,
             state,
             session: Mutex::new(None),
             changed: watch::channel(0).0,
@@ -158,7 +163,7 @@ impl SecAgg {
         let server = Server::new(ServerConfig {
             round: self.round_id(round),
             threshold: self.threshold,
-            clip: self.clip,
+            clip: self.range,
             vector_len,
         })?;
         *self.lock() = Some(Session {

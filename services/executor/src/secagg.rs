@@ -25,7 +25,7 @@ use cohort_secagg::{
     CHUNK_ELEMENTS, EncryptedShare, Party, Roster, RosterEntry, RoundId, ShareDelivery,
     UnmaskRequest, clip_factor, key_from_bytes,
 };
-use rand::SeedableRng as _;
+use rand::{Rng as _, SeedableRng as _};
 use tonic::metadata::MetadataValue;
 
 /// How long one call is retried while the route to the coordinator heals.
@@ -105,13 +105,26 @@ pub(crate) async fn send_masked(
         token: task.task_token.clone(),
         deadline_ms: task.deadline_ms,
     };
-    let values = clipped(global, update, settings.clip)?;
+    let mut values = clipped(global, update, settings.clip)?;
     tap(task, &values)?;
     let round = RoundId::new(task.job_id.clone(), u64::from(task.round));
     let mut rng = rand::rngs::StdRng::try_from_os_rng()
         .map_err(|e| anyhow::anyhow!("no randomness from the operating system: {e}"))?;
-    let mut party = Party::new(round.clone(), task.party.clone(), settings.clip, &mut rng)
-        .context("secure aggregation")?;
+    if settings.noise_std > 0.0 {
+        // Distributed DP: this party's share of the central noise, after clipping.
+        for x in &mut values {
+            let z: f64 = rng.sample(rand_distr::StandardNormal);
+            *x = (f64::from(*x) + settings.noise_std * z) as f32;
+        }
+        tracing::info!(task = %task.task_id, noise_std = settings.noise_std, "secure aggregation: this party's share of the DP noise added");
+    }
+    let mut party = Party::new(
+        round.clone(),
+        task.party.clone(),
+        settings.range(),
+        &mut rng,
+    )
+    .context("secure aggregation")?;
 
     let ad = party.advertise();
     let advert = pb::SecAggAdvertiseRequest {
@@ -385,4 +398,51 @@ fn tap(task: &pb::Task, values: &[f32]) -> anyhow::Result<()> {
     let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
     std::fs::write(&path, bytes)
         .with_context(|| format!("COHORT_SECAGG_TAP_DIR: {}", path.display()))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn tensor(name: &str, data: Vec<f32>) -> NamedTensor {
+        NamedTensor {
+            name: name.into(),
+            shape: vec![data.len()],
+            data,
+        }
+    }
+
+    #[test]
+    fn the_update_is_flattened_in_the_models_order_and_clipped() {
+        let global = vec![tensor("a", vec![0.0; 2]), tensor("b", vec![0.0; 1])];
+        // Sent in another order, norm 5: scaled to the clip 1.
+        let update = vec![tensor("b", vec![4.0]), tensor("a", vec![3.0, 0.0])];
+        let values = clipped(&global, update, 1.0).unwrap();
+        assert_eq!(values.len(), 3);
+        assert!((values[0] - 0.6).abs() < 1e-6 && (values[2] - 0.8).abs() < 1e-6);
+        let short = vec![tensor("a", vec![1.0]), tensor("b", vec![1.0])];
+        assert!(clipped(&global, short, 1.0).is_err());
+        let inside = vec![tensor("a", vec![0.1, 0.2]), tensor("b", vec![0.2])];
+        assert_eq!(clipped(&global, inside, 1.0).unwrap(), vec![0.1, 0.2, 0.2]);
+    }
+
+    #[test]
+    fn the_spec_splits_the_noise_as_the_dp_mechanism_does() {
+        let spec = cohort_core::JobSpec::parse(
+            "name: j\nmodel: {arch: mlp, hidden: [8]}\ndata: {dataset: digits}\n\
+             clients: {per_round: 5, min: 4}\n\
+             privacy: {secure_aggregation: true, dp: {clip: 0.7, noise_multiplier: 1.3, delta: 1e-5}}\n",
+        )
+        .unwrap();
+        let settings = spec.secure_aggregation().unwrap();
+        let dp = spec.privacy.dp.as_ref().unwrap();
+        let want = cohort_fl::privacy::distributed_noise_std(dp, spec.clients.min);
+        assert!(
+            (settings.noise_std - want).abs() < 1e-12,
+            "{settings:?} vs {want}"
+        );
+        assert_eq!(settings.denominator, Some(5));
+        assert_eq!(settings.clip, 0.7);
+    }
 }

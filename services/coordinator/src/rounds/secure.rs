@@ -150,12 +150,16 @@ impl JobRun {
                 ),
             ));
         }
-        // served + the unweighted mean of the survivors' clipped updates.
+        // served + the unweighted mean of the survivors' clipped updates (under DP: their
+        // noisy sum over clients.per_round, DP-FedAvg's fixed denominator).
+        let denominator = secagg.denominator.map_or(updates as usize, |d| d as usize);
+        let (encoding, sum) = (aggregate.encoding(), aggregate.ring_sum());
         let mut combined = Vec::with_capacity(global.len());
         let mut offset = 0;
         for t in global.iter() {
             let mut mean = vec![0f32; t.data.len()];
-            aggregate.decode_mean_range(offset, &mut mean);
+            let end = (offset + mean.len()).min(sum.len());
+            encoding.decode_mean_into(&sum[offset.min(end)..end], denominator, &mut mean);
             offset += t.data.len();
             let data: Vec<f32> = t.data.iter().zip(&mean).map(|(g, m)| g + m).collect();
             if data.iter().any(|x| !x.is_finite()) {
