@@ -25,6 +25,13 @@ for row in "${rows[@]}"; do
     echo "bench round: $parties parties, $params parameters, $rounds rounds" >&2
     "$cohort" bench round --parties "$parties" --params "$params" --rounds "$rounds" --json
 done
+# Secure aggregation against plain FedAvg (BENCHMARKS.md, issue 16).
+for parties in 5 20; do
+    for secure in "" "--secure-aggregation"; do
+        echo "bench round: $parties parties, 1000000 parameters, 5 rounds $secure" >&2
+        "$cohort" bench round --parties "$parties" --params 1000000 --rounds 5 $secure --json
+    done
+done
 for batch in 10 1; do
     for threads in 1 2; do
         echo "bench aggregate: 10 updates of 25000000 parameters, $batch at a time, $threads thread(s)" >&2
