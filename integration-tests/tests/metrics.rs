@@ -305,12 +305,19 @@ async fn every_process_serves_metrics_that_count_what_happened() {
         if let Some(addr) = targets(&dir).get(&coordinator).cloned() {
             let page = scrape(&addr).await;
             let job_label = format!("job_id=\"{}\"", job.id);
-            if value(
+            // A round's train phase is timed once its updates are folded and the strategy
+            // has stepped: after the updates are counted, not with them.
+            let accepted = value(
                 &page,
                 "cohort_updates_total",
                 &[&job_label, "outcome=\"accepted\""],
-            ) >= 2.0
-            {
+            );
+            let trained = value(
+                &page,
+                "cohort_round_phase_duration_seconds_count",
+                &[&job_label, "phase=\"train\""],
+            );
+            if accepted >= 2.0 && trained >= 1.0 {
                 break page;
             }
         }
@@ -324,7 +331,7 @@ async fn every_process_serves_metrics_that_count_what_happened() {
         );
         assert!(
             tokio::time::Instant::now() < deadline,
-            "the coordinator's metrics never showed an accepted update"
+            "the coordinator's metrics never showed a trained round"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
