@@ -32,19 +32,28 @@ pub struct RoundApi {
     pub compression: Option<cohort_core::spec::Compression>,
 }
 
+/// The authenticated party of a round call (of `Round` or `SecureAggregation`), when there is
+/// one; with `require_party`, a call without one is refused and counted.
+pub(crate) fn round_caller<T>(
+    state: &RoundState,
+    require_party: bool,
+    req: &Request<T>,
+) -> Result<Option<PartyId>, Status> {
+    let party = cohort_runtime::calling_party(req)?;
+    if party.is_none() && require_party {
+        return Err(state
+            .refuse(RoundError::unauthenticated(
+                "round calls must come through the proxy with a party certificate",
+            ))
+            .to_status());
+    }
+    Ok(party)
+}
+
 impl RoundApi {
     /// The authenticated party of a round call, when there is one.
     fn caller<T>(&self, req: &Request<T>) -> Result<Option<PartyId>, Status> {
-        let party = cohort_runtime::calling_party(req)?;
-        if party.is_none() && self.require_party {
-            return Err(self
-                .state
-                .refuse(RoundError::unauthenticated(
-                    "round calls must come through the proxy with a party certificate",
-                ))
-                .to_status());
-        }
-        Ok(party)
+        round_caller(&self.state, self.require_party, req)
     }
 
     /// The next message of an upload, within the idle timeout.

@@ -37,16 +37,7 @@ fn ack(message: &str) -> Response<pb::Ack> {
 
 impl SecAggApi {
     fn caller<T>(&self, req: &Request<T>) -> Result<Option<PartyId>, Status> {
-        let party = cohort_runtime::calling_party(req)?;
-        if party.is_none() && self.require_party {
-            return Err(self
-                .state
-                .refuse(RoundError::unauthenticated(
-                    "round calls must come through the proxy with a party certificate",
-                ))
-                .to_status());
-        }
-        Ok(party)
+        crate::round_service::round_caller(&self.state, self.require_party, req)
     }
 
     /// The caller's training ticket of the current round.
