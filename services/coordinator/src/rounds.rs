@@ -811,6 +811,30 @@ impl JobRun {
         })
     }
 
+    /// Notes in the job's log that a task of `party` ended without delivering, with the
+    /// reason its party gave (`messages`, by task id) or [`NO_REASON`]; returns the reason.
+    fn note_task_failed(
+        &self,
+        round: u32,
+        party: &str,
+        task_id: &str,
+        messages: &HashMap<String, String>,
+    ) -> String {
+        let reason = messages
+            .get(task_id)
+            .filter(|m| !m.is_empty())
+            .cloned()
+            .unwrap_or_else(|| NO_REASON.to_string());
+        self.state.note(Note {
+            kind: NoteKind::TaskFailed,
+            round,
+            party: party.to_string(),
+            task_id: task_id.to_string(),
+            message: reason.clone(),
+        });
+        reason
+    }
+
     fn round_failed(&self, round: u32, why: String) -> Failure {
         Failure::Fail(format!("round {round}: {why}"))
     }
@@ -1084,19 +1108,7 @@ impl JobRun {
                             continue;
                         }
                         let party = party_of.get(id.as_str()).copied().unwrap_or_default();
-                        let reason = states
-                            .messages
-                            .get(id)
-                            .filter(|m| !m.is_empty())
-                            .cloned()
-                            .unwrap_or_else(|| NO_REASON.to_string());
-                        self.state.note(Note {
-                            kind: NoteKind::TaskFailed,
-                            round,
-                            party: party.to_string(),
-                            task_id: id.clone(),
-                            message: reason.clone(),
-                        });
+                        let reason = self.note_task_failed(round, party, id, &states.messages);
                         tracing::warn!(round, %party, task = %id, %reason, "task failed");
                         waited
                             .failures

@@ -16,7 +16,7 @@ use cohort_proto::v1 as pb;
 use cohort_secagg::SecAggError;
 use tokio::time::Instant;
 
-use super::{Cohort, Failure, JobRun, NO_REASON, TASK_POLL, Trained, failure_summary, lock};
+use super::{Cohort, Failure, JobRun, TASK_POLL, Trained, failure_summary, lock};
 use crate::round_state::{Note, NoteKind};
 use crate::secagg::{Member, SecAgg};
 
@@ -269,19 +269,7 @@ impl JobRun {
                         if !ended {
                             continue;
                         }
-                        let reason = states
-                            .messages
-                            .get(id)
-                            .filter(|m| !m.is_empty())
-                            .cloned()
-                            .unwrap_or_else(|| NO_REASON.to_string());
-                        self.state.note(Note {
-                            kind: NoteKind::TaskFailed,
-                            round,
-                            party: party.clone(),
-                            task_id: id.clone(),
-                            message: reason.clone(),
-                        });
+                        let reason = self.note_task_failed(round, party, id, &states.messages);
                         tracing::warn!(round, %party, task = %id, %reason, phase = ?secagg.phase(), "secure aggregation: a party's task ended");
                         failures.push((party.clone(), id.clone(), reason));
                         secagg.mark_gone(party);
