@@ -230,17 +230,49 @@ pub enum Runtime {
     Command,
 }
 
+/// Where a party trains (`training.device`). `cuda` is a placement constraint: the job's
+/// offers go only to parties that report a GPU, and an executor built without CUDA refuses
+/// the task. `auto` trains on a GPU when the executor is built with CUDA and one opens, on
+/// the CPU otherwise.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum TrainingDevice {
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+impl TrainingDevice {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TrainingDevice::Auto => "auto",
+            TrainingDevice::Cpu => "cpu",
+            TrainingDevice::Cuda => "cuda",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TrainingSpec {
     #[serde(default)]
     pub runtime: Runtime,
+    /// `runtime: command`: the program and its arguments a party runs to train or
+    /// evaluate (argv, no shell), if its task-manager allows it (`--allowed-commands`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
     #[serde(default = "default_epochs")]
     pub epochs: u32,
     #[serde(default = "default_batch_size")]
     pub batch_size: u32,
     #[serde(default)]
     pub optimizer: OptimizerSpec,
+    /// `auto` (default), `cpu` or `cuda`.
+    #[serde(default)]
+    pub device: TrainingDevice,
 }
 
 fn default_epochs() -> u32 {
@@ -254,9 +286,11 @@ impl Default for TrainingSpec {
     fn default() -> Self {
         Self {
             runtime: Runtime::Candle,
+            command: None,
             epochs: default_epochs(),
             batch_size: default_batch_size(),
             optimizer: OptimizerSpec::default(),
+            device: TrainingDevice::Auto,
         }
     }
 }
@@ -1114,12 +1148,7 @@ impl JobSpec {
                 ),
             ));
         }
-        if self.training.runtime == Runtime::Command {
-            return Err(SpecError::new(
-                "training.runtime",
-                "runtime \"command\" is not supported yet; use \"candle\"",
-            ));
-        }
+        self.validate_command()?;
         if !(1..=1000).contains(&self.training.epochs) {
             return Err(SpecError::new(
                 "training.epochs",
@@ -1925,6 +1954,23 @@ clients: {per_round: 3, min: 2, round_timeout: 30s}
         assert_eq!(parse_model_ref("m@3"), Ok(("m".to_string(), 3)));
         assert!(parse_model_ref("m").is_err());
         assert!(parse_model_ref("m@0").is_err());
+    }
+
+    #[test]
+    fn training_device_defaults_to_auto_and_parses_strictly() {
+        let parsed = |text: &str| JobSpec::parse(text).map(|s| s.training.device);
+        assert_eq!(parsed(GOOD), Ok(TrainingDevice::Auto));
+        for (word, device) in [
+            ("auto", TrainingDevice::Auto),
+            ("cpu", TrainingDevice::Cpu),
+            ("cuda", TrainingDevice::Cuda),
+        ] {
+            let text = GOOD.replace("  epochs: 2", &format!("  epochs: 2\n  device: {word}"));
+            assert_eq!(parsed(&text), Ok(device), "{word}");
+            assert_eq!(device.as_str(), word);
+        }
+        let e = parse_err(&GOOD.replace("  epochs: 2", "  epochs: 2\n  device: gpu"));
+        assert_error(&e, "training.device", "unknown variant `gpu`", Some(7));
     }
 
     fn parse_err(text: &str) -> SpecError {
