@@ -9,6 +9,9 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::ids::is_dns_label;
 
+pub mod command;
+pub use command::AllowedCommands;
+
 /// A spec that cannot be accepted, and the field at fault (dotted path).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{field}: {message}")]
