@@ -2,7 +2,8 @@
 //!
 //! Loads a party's dataset from local files (CSV, NPY, IDX), partitions datasets for
 //! simulations and demos (IID, Dirichlet label skew), and builds, trains and evaluates the
-//! built-in models (logreg, mlp, cnn) on the CPU, with the local terms of FedProx and
+//! built-in models (logreg, mlp, cnn) on the CPU or, with the `cuda` feature, a GPU
+//! (`device.rs`, chosen by `training.device`), with the local terms of FedProx and
 //! SCAFFOLD (`scaffold.rs`: the control variates' correction and update). Weights cross
 //! crate boundaries as [`NamedTensor`]s.
 //!
@@ -10,12 +11,15 @@
 //! networking or storage crates, so that it can run inside any executor and in tests.
 
 mod data;
+mod device;
 mod error;
 mod model;
 mod partition;
+pub mod party_datasets;
 mod scaffold;
 
 pub use data::{DataFormat, Dataset, load_dataset, write_csv};
+pub use device::{CUDA_BUILT, device_name, select_device};
 pub use error::TrainError;
 pub use model::{
     Evaluation, LocalObjective, TrainOutcome, check_weights, evaluate, init_model, model_classes,

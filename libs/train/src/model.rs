@@ -1,5 +1,5 @@
 //! The built-in models (logreg, mlp, cnn): construction, training and evaluation with candle
-//! on the CPU. Weights live outside candle as [`NamedTensor`]s; every call rebuilds the
+//! on the device `training.device` selects (evaluation on the CPU). Weights live outside candle as [`NamedTensor`]s; every call rebuilds the
 //! tensors, so nothing here keeps state between rounds. A [`LocalObjective`] adds the
 //! strategy's local terms: FedProx's proximal term to the loss, SCAFFOLD's control-variate
 //! correction to every step's gradient.
@@ -496,7 +496,7 @@ pub fn train_with(
     let (layout, ordered, classes) = match_weights(spec, weights, data.d)?;
     check_data(data, classes)?;
 
-    let dev = Device::Cpu;
+    let dev = crate::select_device(training.device)?;
     let vars = ordered
         .iter()
         .map(|t| Var::from_slice(&t.data, t.shape.as_slice(), &dev))
@@ -535,6 +535,7 @@ pub fn train_with(
         epochs: training.epochs,
         batch_size: training.batch_size as usize,
         seed,
+        dev: &dev,
     };
     let (loss, accuracy, steps) = match &training.optimizer {
         OptimizerSpec::Sgd { lr } => run.epochs(SGD::new(vars.clone(), *lr)?)?,
@@ -602,15 +603,16 @@ struct Run<'a> {
     epochs: u32,
     batch_size: usize,
     seed: u64,
+    dev: &'a Device,
 }
 
 impl Run<'_> {
     /// Runs every epoch; returns mean loss and accuracy of the last one and the steps taken.
     fn epochs<O: Optimizer>(&self, mut opt: O) -> Result<(f64, f64, usize), TrainError> {
-        let dev = Device::Cpu;
+        let dev = self.dev;
         let data = self.data;
-        let x = Tensor::from_slice(&data.features, (data.n, data.d), &dev)?;
-        let y = Tensor::from_slice(&data.labels, data.n, &dev)?;
+        let x = Tensor::from_slice(&data.features, (data.n, data.d), dev)?;
+        let y = Tensor::from_slice(&data.labels, data.n, dev)?;
         // Var::set updates storage in place, so these handles see every step.
         let params: Vec<Tensor> = self.vars.iter().map(|v| v.as_tensor().clone()).collect();
         let mut rng = StdRng::seed_from_u64(self.seed);
@@ -620,7 +622,7 @@ impl Run<'_> {
             order.shuffle(&mut rng);
             (loss_sum, correct) = (0.0, 0);
             for batch in order.chunks(self.batch_size) {
-                let idx = Tensor::from_slice(batch, batch.len(), &dev)?;
+                let idx = Tensor::from_slice(batch, batch.len(), dev)?;
                 let xb = x.index_select(&idx, 0)?;
                 let yb = y.index_select(&idx, 0)?;
                 let logits = forward(self.layout, &params, &xb)?;
