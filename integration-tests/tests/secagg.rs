@@ -16,6 +16,11 @@
 //!   makes a party's executor exit at that point): one party gone after its masked update,
 //!   one before — the round completes with the mean of the four masked updates that arrived;
 //!   three gone before — the job fails with a reason naming the threshold.
+//! - SecAgg+'s sparse graph (8 parties, `secagg_neighbours: 4`, t = 3 of a party and its
+//!   four neighbours): each party shares with and masks against its 4 neighbours only (a
+//!   coordinator and parties that disagreed on the graph would refuse each other's shares);
+//!   with one party gone after its masked update and one before, the round's mean is the
+//!   mean of the six that arrived.
 //! - A hostile party (a real certificate, `adversary.rs`) that sends key shares in another
 //!   party's name, then replays its keys of the round before, is refused each time, the
 //!   refusals counted in `refused_updates` and written to the job's log; the job succeeds
@@ -216,9 +221,9 @@ async fn what_the_coordinator_receives_does_not_correlate_with_any_update_but_th
     assert!(worst <= bound(3), "{worst} > {}", bound(3));
 }
 
-/// Five parties, t = 3, each party's clipped update tapped; `exits` make those parties'
-/// executors exit at a point of the protocol.
-async fn five_parties(exits: &[(&str, &str)], tap: &Path) -> Federation {
+/// `n` parties, each party's clipped update tapped; `exits` make those parties' executors
+/// exit at a point of the protocol.
+async fn parties_exiting(n: u32, exits: &[(&str, &str)], tap: &Path) -> Federation {
     let env = vec![(TAP.to_string(), tap.display().to_string())];
     let overrides = exits
         .iter()
@@ -229,11 +234,37 @@ async fn five_parties(exits: &[(&str, &str)], tap: &Path) -> Federation {
             )
         })
         .collect();
-    let fed = Federation::digits_with_env(5, env.clone(), env, overrides)
+    let fed = Federation::digits_with_env(n, env.clone(), env, overrides)
         .await
         .expect("federation");
-    wait_parties(&fed, 5).await;
+    wait_parties(&fed, n as usize).await;
     fed
+}
+
+async fn five_parties(exits: &[(&str, &str)], tap: &Path) -> Federation {
+    parties_exiting(5, exits, tap).await
+}
+
+/// The largest difference between round 1's step and the mean of `parties`' tapped updates.
+async fn worst_from_mean(
+    fed: &Federation,
+    done: &cohort_proto::v1::Job,
+    tap: &Path,
+    parties: &[&str],
+) -> f64 {
+    let mean = first_step(fed, done).await;
+    let mut sum = vec![0.0; mean.len()];
+    for party in parties {
+        let update = read_f32(&tap.join(format!("round-1-{party}.f32")));
+        for (s, u) in sum.iter_mut().zip(&update) {
+            *s += u;
+        }
+    }
+    let n = parties.len() as f64;
+    mean.iter()
+        .zip(&sum)
+        .map(|(m, s)| (m - s / n).abs())
+        .fold(0.0, f64::max)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -259,20 +290,14 @@ async fn a_party_gone_after_its_masked_update_and_one_before_leave_the_mean_of_t
     // party-5's keys shared but no masked update: its pairwise masks are removed.
     assert_eq!((r1.updates, r1.dropped_updates), (4, 1), "{r1:?}");
     assert_eq!(r1.task_failures, 2, "{r1:?}");
-    let mean = first_step(&fed, &done).await;
-    let mut sum = vec![0.0; mean.len()];
-    for party in ["party-1", "party-2", "party-3", "party-4"] {
-        let update = read_f32(&tap.path().join(format!("round-1-{party}.f32")));
-        for (s, u) in sum.iter_mut().zip(&update) {
-            *s += u;
-        }
-    }
     // The encoding is the roster's (5 parties); the mean is of the 4 that arrived.
-    let worst = mean
-        .iter()
-        .zip(&sum)
-        .map(|(m, s)| (m - s / 4.0).abs())
-        .fold(0.0, f64::max);
+    let worst = worst_from_mean(
+        &fed,
+        &done,
+        tap.path(),
+        &["party-1", "party-2", "party-3", "party-4"],
+    )
+    .await;
     eprintln!(
         "largest difference from the mean of parties 1-4: {worst:.3e} (bound {:.3e})",
         bound(5)
@@ -285,6 +310,40 @@ async fn a_party_gone_after_its_masked_update_and_one_before_leave_the_mean_of_t
             .any(|e| e.kind == "update_dropped" && e.party == "party-5"),
         "{events:#?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sparse_graph_of_eight_parties_recovers_two_dropouts() {
+    let tap = tempfile::tempdir().expect("tap dir");
+    let fed = parties_exiting(
+        8,
+        &[
+            ("party-3", "after_masked_input"),
+            ("party-6", "before_masked_input"),
+        ],
+        tap.path(),
+    )
+    .await;
+    // Any two gone leave every neighbourhood of 5 with 3 holders, and H(4, 8) connected.
+    let privacy = format!(
+        "privacy: {{secure_aggregation: true, secagg_neighbours: 4, secagg_threshold: 3, \
+         secagg_clip: {CLIP}}}\n"
+    );
+    let (done, _) = fed
+        .run_to_success("sparse", &job("secagg-sparse", 1, 8, 3, &privacy))
+        .await;
+    let r1 = &done.rounds[0];
+    assert_eq!((r1.updates, r1.dropped_updates), (7, 1), "{r1:?}");
+    let arrived = [
+        "party-1", "party-2", "party-3", "party-4", "party-5", "party-7", "party-8",
+    ];
+    let worst = worst_from_mean(&fed, &done, tap.path(), &arrived).await;
+    eprintln!(
+        "sparse graph: largest difference from the mean of the 7 masked updates: {worst:.3e} \
+         (bound {:.3e})",
+        bound(8)
+    );
+    assert!(worst <= bound(8), "{worst} > {}", bound(8));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

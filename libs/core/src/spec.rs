@@ -500,11 +500,17 @@ pub struct PrivacySpec {
     /// `secagg_threshold` parties, never one party's update.
     #[serde(default)]
     pub secure_aggregation: bool,
-    /// t: the fewest parties whose masked inputs make a round (and whose shares unmask
-    /// it). At least 2, more than `clients.per_round` ÷ 2, at most `clients.min`. Default
-    /// ⌊per_round ÷ 2⌋ + 1.
+    /// t: the fewest parties whose masked inputs make a round, and the fewest holders of a
+    /// party's shares (the party and its neighbours) that must survive to unmask it. At
+    /// least 2, more than half the holders, at most `clients.min`. Default ⌊holders ÷ 2⌋ + 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secagg_threshold: Option<u32>,
+    /// k: how many other parties each party shares its mask secrets with and masks with
+    /// (SecAgg+'s sparse graph, a ring with k/2 on either side); even, ≥ 2; k ≥ per_round − 1
+    /// is SecAgg's complete graph. Default: the complete graph up to 10 parties a round,
+    /// 2⌈log₂ per_round⌉ + 2 above.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secagg_neighbours: Option<u32>,
     /// The L2 norm each party clips its update to before masking, > 0. Default:
     /// `privacy.dp.clip`, else `aggregation.max_update_norm`; one of them is needed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -517,6 +523,8 @@ pub struct PrivacySpec {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SecureAggregation {
     pub threshold: u32,
+    /// k, the masking graph's degree; 0: the complete graph.
+    pub neighbours: u32,
     /// The L2 norm each party clips its update to.
     pub clip: f32,
     /// With `privacy.dp`: the standard deviation of the Gaussian noise each party adds to
@@ -541,10 +549,33 @@ impl SecureAggregation {
     }
 }
 
+/// Cohorts up to this size mask over the complete graph by default.
+const SECAGG_COMPLETE_UP_TO: u32 = 10;
+
 impl PrivacySpec {
-    /// The threshold t: the spec's or ⌊per_round ÷ 2⌋ + 1.
+    /// k: the spec's, or the default for `per_round` (0: the complete graph).
+    fn secagg_neighbours_for(&self, clients: &ClientsSpec) -> u32 {
+        let n = clients.per_round;
+        let k = match self.secagg_neighbours {
+            Some(k) => k,
+            None if n <= SECAGG_COMPLETE_UP_TO => 0,
+            None => 2 * (32 - (n - 1).leading_zeros()) + 2,
+        };
+        if k + 1 >= n { 0 } else { k }
+    }
+
+    /// Holders of one party's shares in a full round: the party and its k neighbours.
+    fn secagg_holders_for(&self, clients: &ClientsSpec) -> u32 {
+        match self.secagg_neighbours_for(clients) {
+            0 => clients.per_round,
+            k => k + 1,
+        }
+    }
+
+    /// The threshold t: the spec's or ⌊holders ÷ 2⌋ + 1.
     fn secagg_threshold_for(&self, clients: &ClientsSpec) -> u32 {
-        self.secagg_threshold.unwrap_or(clients.per_round / 2 + 1)
+        self.secagg_threshold
+            .unwrap_or(self.secagg_holders_for(clients) / 2 + 1)
     }
 
     /// Checks secure aggregation's fields and its fit with the rest of the spec, naming the
@@ -554,6 +585,10 @@ impl PrivacySpec {
         if !self.secure_aggregation {
             for (set, name) in [
                 (self.secagg_threshold.is_some(), "privacy.secagg_threshold"),
+                (
+                    self.secagg_neighbours.is_some(),
+                    "privacy.secagg_neighbours",
+                ),
                 (self.secagg_clip.is_some(), "privacy.secagg_clip"),
             ] {
                 if set {
@@ -566,11 +601,20 @@ impl PrivacySpec {
             return Ok(());
         }
         let c = &spec.clients;
+        if let Some(k) = self.secagg_neighbours
+            && (k < 2 || k % 2 != 0)
+        {
+            return Err(SpecError::new(
+                "privacy.secagg_neighbours",
+                format!("must be an even number of at least 2 (half on either side), got {k}"),
+            ));
+        }
         let t = self.secagg_threshold_for(c);
+        let holders = self.secagg_holders_for(c);
         let how = if self.secagg_threshold.is_some() {
             "privacy.secagg_threshold"
         } else {
-            "privacy.secagg_threshold (default ⌊clients.per_round ÷ 2⌋ + 1)"
+            "privacy.secagg_threshold (default ⌊holders ÷ 2⌋ + 1)"
         };
         if t < 2 {
             return Err(SpecError::new(
@@ -578,14 +622,30 @@ impl PrivacySpec {
                 format!("must be at least 2 (the sum of one party is its update), got {t}"),
             ));
         }
-        if 2 * t <= c.per_round {
+        let holders_are = if holders == c.per_round {
+            "clients.per_round".to_string()
+        } else {
+            format!(
+                "a party and its {} neighbours (privacy.secagg_neighbours)",
+                holders - 1
+            )
+        };
+        if 2 * t <= holders {
             return Err(SpecError::new(
                 "privacy.secagg_threshold",
                 format!(
-                    "must be more than clients.per_round ÷ 2 = {}, got {t}: with t ≤ n/2 two \
-                     disjoint groups of survivors could each reveal one of a party's two mask \
-                     secrets",
-                    f64::from(c.per_round) / 2.0
+                    "must be more than half the {holders} holders of a party's shares \
+                     ({holders_are}), got {t}: with t ≤ holders/2 two disjoint groups of \
+                     survivors could each reveal one of a party's two mask secrets"
+                ),
+            ));
+        }
+        if t > holders {
+            return Err(SpecError::new(
+                "privacy.secagg_threshold",
+                format!(
+                    "{how} is {t}, more than the {holders} holders of a party's shares \
+                     ({holders_are})"
                 ),
             ));
         }
@@ -697,6 +757,7 @@ impl PrivacySpec {
             .or(max_update_norm)?;
         Some(SecureAggregation {
             threshold: self.secagg_threshold_for(clients),
+            neighbours: self.secagg_neighbours_for(clients),
             clip: clip as f32,
             noise_std: dp.map_or(0.0, |dp| {
                 dp.noise_multiplier * dp.clip / f64::from(clients.min.max(1)).sqrt()
@@ -2202,6 +2263,7 @@ training:
             spec.secure_aggregation(),
             Some(SecureAggregation {
                 threshold: 3,
+                neighbours: 0,
                 clip: 2.5,
                 noise_std: 0.0,
                 denominator: None,
@@ -2218,6 +2280,7 @@ training:
             spec.secure_aggregation(),
             Some(SecureAggregation {
                 threshold: 3,
+                neighbours: 0,
                 clip: 4.0,
                 noise_std: 0.0,
                 denominator: None,
@@ -2237,6 +2300,58 @@ training:
             JobSpec::parse(GOOD).expect("valid").secure_aggregation(),
             None
         );
+        // Above 10 parties a round the graph is sparse by default (k = 2⌈log₂ n⌉ + 2) and t
+        // counts within a neighbourhood; a k of n − 1 or more is the complete graph.
+        let twenty = GOOD.replace(
+            "clients: {per_round: 3, min: 2, round_timeout: 30s}",
+            "clients: {per_round: 20, min: 12, round_timeout: 30s}",
+        );
+        let sparse = |privacy: &str| format!("{twenty}privacy: {privacy}\n");
+        let sa = |privacy: &str| {
+            let spec = JobSpec::parse(&sparse(privacy)).expect("valid");
+            let sa = spec.secure_aggregation().expect("secure aggregation");
+            (sa.neighbours, sa.threshold)
+        };
+        assert_eq!(sa("{secure_aggregation: true, secagg_clip: 1}"), (12, 7));
+        assert_eq!(
+            sa("{secure_aggregation: true, secagg_clip: 1, secagg_neighbours: 4}"),
+            (4, 3)
+        );
+        assert_eq!(
+            sa("{secure_aggregation: true, secagg_clip: 1, secagg_neighbours: 20}"),
+            (0, 11)
+        );
+        for (privacy, field, says) in [
+            (
+                "{secure_aggregation: true, secagg_clip: 1, secagg_neighbours: 3}",
+                "privacy.secagg_neighbours",
+                "even",
+            ),
+            (
+                "{secure_aggregation: true, secagg_clip: 1, secagg_neighbours: 0}",
+                "privacy.secagg_neighbours",
+                "at least 2",
+            ),
+            (
+                "{secure_aggregation: true, secagg_clip: 1, secagg_neighbours: 4, secagg_threshold: 2}",
+                "privacy.secagg_threshold",
+                "its 4 neighbours",
+            ),
+            (
+                "{secure_aggregation: true, secagg_clip: 1, secagg_neighbours: 4, secagg_threshold: 6}",
+                "privacy.secagg_threshold",
+                "more than the 5 holders",
+            ),
+            (
+                "{secagg_neighbours: 4}",
+                "privacy.secagg_neighbours",
+                "secure_aggregation: true",
+            ),
+        ] {
+            let e = parse_err(&sparse(privacy));
+            assert_eq!(e.field, field, "{privacy}: {e}");
+            assert!(e.message.contains(says), "{privacy}: {e}");
+        }
         for (privacy, extra, field, says) in [
             (
                 "{secure_aggregation: true}",

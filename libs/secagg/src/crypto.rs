@@ -45,6 +45,14 @@ fn binding(purpose: &[u8], round: &RoundId, parties: [&str; 2]) -> Vec<u8> {
     out
 }
 
+/// A party's place-drawing key on the round's ring (see [`crate::graph`]): SHA-256 of the
+/// round, the party and its mask public key.
+pub(crate) fn ring_key(round: &RoundId, party: &str, s_pk: &[u8; 32]) -> [u8; 32] {
+    let mut input = binding(b"ring order", round, [party, ""]);
+    put(&mut input, s_pk);
+    Sha256::digest(&input).into()
+}
+
 /// An X25519 key pair of one party for one round.
 pub(crate) struct KeyPair {
     secret: StaticSecret,

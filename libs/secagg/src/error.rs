@@ -94,6 +94,12 @@ pub enum SecAggError {
         parties: String,
     },
     #[error(
+        "secure aggregation: the surviving parties ({survivors}) do not form one connected group \
+         of the masking graph, and unmasking would reveal each group's sum; more neighbours \
+         (privacy.secagg_neighbours) tolerate more dropouts"
+    )]
+    Disconnected { survivors: String },
+    #[error(
         "party {party} sent a chunk at element {got}; its masked input continues at element {expected}"
     )]
     ChunkOutOfOrder {
@@ -151,9 +157,10 @@ impl HasKind for SecAggError {
             | NotFinite { .. }
             | MaskRange { .. }
             | KeyLength { .. } => ErrorKind::InvalidArgument,
-            WrongPhase { .. } | ThresholdNotMet { .. } | PartialMaskedInput { .. } => {
-                ErrorKind::FailedPrecondition
-            }
+            WrongPhase { .. }
+            | ThresholdNotMet { .. }
+            | Disconnected { .. }
+            | PartialMaskedInput { .. } => ErrorKind::FailedPrecondition,
             UnknownParty { .. }
             | NotSurvivor { .. }
             | WrongSender { .. }
@@ -196,6 +203,7 @@ impl SecAggError {
             | Reconstruction { .. }
             | ReconstructionMismatch { .. }
             | ThresholdNotMet { .. }
+            | Disconnected { .. }
             | NotFinite { .. }
             | MaskRange { .. } => None,
         }

@@ -1,14 +1,16 @@
-//! Secure aggregation: the pure protocol core of SecAgg (Bonawitz et al., CCS 2017) with the
-//! dropout recovery SecAgg+ (Bell et al., CCS 2020) builds on, over the complete graph of a
-//! round's parties. Parties clip and encode their f32 updates into the ring Z/2^32
-//! ([`Encoding`]), add pairwise masks that cancel in the sum and a self-mask, and Shamir-share
-//! both mask secrets with threshold t; the server sums masked vectors chunk by chunk and, with
-//! the shares of at least t survivors, removes the masks of the sum only — never of one
-//! party's update. [`Party`] and [`Server`] are state machines exchanging the plain structs of
+//! Secure aggregation: the pure protocol core of SecAgg (Bonawitz et al., CCS 2017) and
+//! SecAgg+ (Bell et al., CCS 2020): over the complete graph of a round's parties, or over
+//! SecAgg+'s sparse one ([`graph`]: each party with its k nearest on a ring drawn from the
+//! keys). Parties clip and encode their f32 updates into the ring Z/2^32 ([`Encoding`]), add
+//! pairwise masks with their neighbours that cancel in the sum and a self-mask, and
+//! Shamir-share both mask secrets among their neighbours with threshold t; the server sums
+//! masked vectors chunk by chunk and, with the shares of at least t surviving holders of each
+//! secret, removes the masks of the sum only — never of one party's update (nor of a group of
+//! survivors: the survivors' graph must be connected). [`Party`] and [`Server`] are state machines exchanging the plain structs of
 //! [`messages`]; the coordinator and the executor carry those over the Round API.
 //!
 //! Invariants: the server never unmasks an individual update (it only ever learns the sum of
-//! at least t ≥ 2 parties, t > n/2); a party never reveals both its b share and its s_sk share
+//! at least t ≥ 2 parties, connected in the masking graph; t > half of a secret's holders); a party never reveals both its b share and its s_sk share
 //! of the same party (and answers one unmask request per round); every encrypted share is bound
 //! to (job, round, sender, recipient), so it cannot be replayed into another round or
 //! attributed to another party; every refusal names the party at fault
@@ -28,6 +30,7 @@
 mod crypto;
 pub mod encoding;
 pub mod error;
+pub mod graph;
 pub mod messages;
 pub mod party;
 pub mod prg;
@@ -36,6 +39,7 @@ pub mod shamir;
 
 pub use encoding::{CHUNK_ELEMENTS, Encoding, clip_factor};
 pub use error::{Result, SecAggError, ShamirError};
+pub use graph::{Graph, Neighbours};
 pub use messages::{
     Advertisement, EncryptedShare, PartyId, RevealedShare, Roster, RosterEntry, RoundId,
     ShareDelivery, UnmaskRequest, UnmaskResponse, check_threshold, key_from_bytes,
@@ -46,3 +50,5 @@ pub use server::{Aggregate, Server, ServerConfig};
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_sparse;

@@ -15,6 +15,7 @@
 //! ```
 
 use crate::error::{Result, SecAggError};
+use crate::graph::Neighbours;
 
 /// A party's name (in Cohort, the name in its certificate). Parties are ordered by it,
 /// bytewise: that order gives roster positions, Shamir indices and mask signs.
@@ -94,16 +95,22 @@ pub struct Roster {
     pub threshold: usize,
     /// The L2 clip norm C of the updates (with the roster's size, it fixes the encoding).
     pub clip: f32,
+    /// Whom each party shares its secrets with and masks with ([`crate::graph`]); t counts
+    /// within a party's closed neighbourhood.
+    pub neighbours: Neighbours,
     pub parties: Vec<RosterEntry>,
 }
 
-/// t must be at least 2 (one party's sum would be its update), at most n, and more than n/2:
-/// with t ≤ n/2 a server could tell two disjoint groups of t different dropout sets and learn
-/// b from one and s_sk from the other for the same party.
-pub fn check_threshold(threshold: usize, parties: usize) -> Result<()> {
-    if threshold < 2 || threshold > parties || 2 * threshold <= parties {
+/// t must be at least 2 (one party's sum would be its update), at most the `holders` of one
+/// party's shares (all n parties in the complete graph, a party and its k neighbours in a
+/// sparse one), and more than half of them: with t ≤ holders/2 a server could tell two
+/// disjoint groups of t different dropout sets and learn b from one and s_sk from the other
+/// for the same party.
+pub fn check_threshold(threshold: usize, holders: usize) -> Result<()> {
+    if threshold < 2 || threshold > holders || 2 * threshold <= holders {
         return Err(SecAggError::InvalidParams(format!(
-            "threshold t={threshold} with {parties} parties: need 2 <= t <= n and t > n/2"
+            "threshold t={threshold} with {holders} holders of each party's shares: need \
+             2 <= t <= holders and t > holders/2"
         )));
     }
     Ok(())
@@ -125,6 +132,11 @@ impl Roster {
             .ok()
     }
 
+    /// Parties holding shares of one party's secrets: it and its neighbours.
+    pub fn holders(&self) -> usize {
+        self.neighbours.holders(self.parties.len())
+    }
+
     /// Shamir index of `party`: its position + 1.
     pub fn index_of(&self, party: &str) -> Option<u32> {
         self.position(party).map(|p| p as u32 + 1)
@@ -143,7 +155,10 @@ impl Roster {
     /// Everything a party checks of a roster before sharing its keys: the threshold rule,
     /// strictly sorted non-empty ids, no public key used twice.
     pub fn validate(&self) -> Result<()> {
-        check_threshold(self.threshold, self.parties.len())?;
+        self.neighbours
+            .check()
+            .map_err(SecAggError::InvalidRoster)?;
+        check_threshold(self.threshold, self.holders())?;
         if !(self.clip.is_finite() && self.clip > 0.0) {
             return Err(SecAggError::InvalidRoster(format!(
                 "clip {} is not a finite number > 0",
@@ -239,6 +254,7 @@ mod tests {
             round: RoundId::new("j", 1),
             threshold,
             clip: 1.0,
+            neighbours: Neighbours::Complete,
             parties,
         }
     }

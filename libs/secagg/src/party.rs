@@ -19,6 +19,7 @@ use zeroize::Zeroizing;
 use crate::crypto::{KeyPair, commit_self_mask, sealed_len};
 use crate::encoding::Encoding;
 use crate::error::{Result, SecAggError};
+use crate::graph::Graph;
 use crate::messages::{
     Advertisement, EncryptedShare, PartyId, RevealedShare, Roster, RoundId, ShareDelivery,
     UnmaskRequest, UnmaskResponse, check_round,
@@ -39,16 +40,20 @@ struct Held {
 
 struct Shared {
     roster: Roster,
+    graph: Graph,
     position: usize,
     own: Held,
 }
 
 struct Masking {
     roster: Roster,
+    graph: Graph,
+    /// Every party that shared (U2), this party's neighbours or not.
     sharers: Vec<PartyId>,
-    /// Shares of every sharer's secrets, this party's own included.
+    /// Shares of every neighbour's secrets that shared, this party's own included.
     held: BTreeMap<PartyId, Held>,
-    /// Pairwise mask seeds with every other sharer and whether this party adds or subtracts.
+    /// Pairwise mask seeds with every neighbour that shared and whether this party adds or
+    /// subtracts.
     seeds: Vec<(Zeroizing<[u8; 32]>, Sign)>,
     encoding: Encoding,
 }
@@ -171,8 +176,8 @@ impl Party {
         }
     }
 
-    /// Checks the roster and Shamir-shares s_sk and b with its threshold: one encrypted share
-    /// for every other party of the roster.
+    /// Checks the roster and Shamir-shares s_sk and b with its threshold among this party and
+    /// its neighbours in the roster's graph: one encrypted share for every neighbour.
     pub fn share_keys<R: CryptoRng + ?Sized>(
         &mut self,
         roster: &Roster,
@@ -204,7 +209,11 @@ impl Party {
                 self.id
             )));
         }
-        let indices: Vec<u32> = (1..=roster.len() as u32).collect();
+        let graph = Graph::of(roster);
+        let holders: Vec<usize> = (0..roster.len())
+            .filter(|&p| graph.holds(p, position))
+            .collect();
+        let indices: Vec<u32> = holders.iter().map(|&p| p as u32 + 1).collect();
         let shamir_error = |source| SecAggError::Share {
             party: self.id.clone(),
             source,
@@ -218,11 +227,11 @@ impl Party {
         .map_err(shamir_error)?;
         let self_mask_shares =
             shamir::split(&self.b, roster.threshold, &indices, &mut *rng).map_err(shamir_error)?;
-        let mut out = Vec::with_capacity(roster.len() - 1);
+        let mut out = Vec::with_capacity(holders.len() - 1);
         let mut own = None;
-        for ((entry, s_share), b_share) in roster
-            .parties
+        for ((entry, s_share), b_share) in holders
             .iter()
+            .map(|&p| &roster.parties[p])
             .zip(mask_key_shares)
             .zip(self_mask_shares)
         {
@@ -253,15 +262,16 @@ impl Party {
         let own = own.ok_or_else(|| SecAggError::InvalidRoster("own entry vanished".into()))?;
         self.state = State::Shared(Box::new(Shared {
             roster: roster.clone(),
+            graph,
             position,
             own,
         }));
         Ok(out)
     }
 
-    /// Decrypts and checks the shares the others addressed to this party and agrees its
-    /// pairwise mask seeds with every party that shared (U2). A share that fails is refused
-    /// naming its sender, and the party takes no further part in the round.
+    /// Decrypts and checks the shares its neighbours addressed to this party and agrees its
+    /// pairwise mask seeds with every neighbour that shared (in U2). A share that fails is
+    /// refused naming its sender, and the party takes no further part in the round.
     pub fn receive_shares(&mut self, delivery: &ShareDelivery) -> Result<()> {
         let State::Shared(shared) = std::mem::replace(&mut self.state, State::Failed) else {
             return Err(self.wrong_phase("shared keys"));
@@ -299,21 +309,37 @@ impl Party {
                 self.id
             )));
         }
-        if delivery.sharers.len() < roster.threshold {
+        let graph = &shared.graph;
+        let neighbour = |p: &str| {
+            roster
+                .position(p)
+                .is_some_and(|at| graph.adjacent(at, shared.position))
+        };
+        // Its b must be recoverable from the sharers holding its shares (itself included).
+        let holders: Vec<&PartyId> = delivery
+            .sharers
+            .iter()
+            .filter(|p| **p == self.id || neighbour(p))
+            .collect();
+        if delivery.sharers.len() < roster.threshold || holders.len() < roster.threshold {
             return Err(SecAggError::ThresholdNotMet {
                 stage: "key sharing",
-                have: delivery.sharers.len(),
+                have: holders.len(),
                 threshold: roster.threshold,
-                parties: delivery.sharers.join(", "),
+                parties: holders
+                    .iter()
+                    .map(|p| p.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
             });
         }
         let my_index = shared.position as u32 + 1;
         let mut held = BTreeMap::new();
         for share in &delivery.shares {
             let sender = &share.sender;
-            if delivery.sharers.binary_search(sender).is_err() || *sender == self.id {
+            if delivery.sharers.binary_search(sender).is_err() || !neighbour(sender) {
                 return Err(server_error(format!(
-                    "a share from {sender}, who is not another party that shared"
+                    "a share from {sender}, who is not a neighbour that shared"
                 )));
             }
             if share.recipient != self.id {
@@ -366,10 +392,9 @@ impl Party {
                 });
             }
         }
-        if let Some(missing) = delivery
-            .sharers
+        if let Some(missing) = holders
             .iter()
-            .find(|p| **p != self.id && !held.contains_key(*p))
+            .find(|p| **p != &self.id && !held.contains_key(**p))
         {
             return Err(server_error(format!(
                 "no share from {missing}, who is listed as having shared"
@@ -382,8 +407,8 @@ impl Party {
                 self_mask: shared.own.self_mask.clone(),
             },
         );
-        let mut seeds = Vec::with_capacity(delivery.sharers.len());
-        for peer in &delivery.sharers {
+        let mut seeds = Vec::with_capacity(holders.len());
+        for peer in holders {
             if *peer == self.id {
                 continue;
             }
@@ -398,6 +423,7 @@ impl Party {
         }
         Ok(Masking {
             roster: roster.clone(),
+            graph: shared.graph.clone(),
             sharers: delivery.sharers.clone(),
             held,
             seeds,
@@ -426,10 +452,12 @@ impl Party {
         Ok(out)
     }
 
-    /// Answers the server's unmask request: for each dropped party its s_sk share, for each
-    /// survivor its b share. Refuses a request naming one party in both lists (that would
-    /// reveal its update), one that leaves out a party that shared or names one that did not,
-    /// one where this party is not a survivor, and one with fewer than t survivors.
+    /// Answers the server's unmask request: for each dropped neighbour its s_sk share, for each
+    /// surviving neighbour (and itself) its b share. Refuses a request naming one party in both
+    /// lists (that would reveal its update), one that leaves out a party that shared or names
+    /// one that did not, one where this party is not a survivor, one with fewer than t
+    /// survivors, and one whose survivors fall apart into groups of the masking graph (each
+    /// group's sum would show).
     pub fn unmask(&mut self, request: &UnmaskRequest) -> Result<UnmaskResponse> {
         let masking = match &self.state {
             State::Masking(m) => m,
@@ -472,9 +500,9 @@ impl Party {
             ));
         }
         for p in survivors.iter().chain(dropped.iter()) {
-            if !m.held.contains_key(*p) {
+            if m.sharers.binary_search(p).is_err() {
                 return Err(SecAggError::InvalidUnmaskRequest(format!(
-                    "{p} did not share keys with this party this round"
+                    "{p} did not share keys this round"
                 )));
             }
         }
@@ -499,6 +527,15 @@ impl Party {
                 have: survivors.len(),
                 threshold: m.roster.threshold,
                 parties: request.survivors.join(", "),
+            });
+        }
+        let alive: Vec<usize> = survivors
+            .iter()
+            .filter_map(|p| m.roster.position(p))
+            .collect();
+        if !m.graph.connected(&alive) {
+            return Err(SecAggError::Disconnected {
+                survivors: request.survivors.join(", "),
             });
         }
         let reveal = |owner: &PartyId, share: &Share| RevealedShare {

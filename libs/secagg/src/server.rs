@@ -24,6 +24,7 @@ use zeroize::Zeroizing;
 use crate::crypto::{commit_self_mask, mask_seed_from_secret, public_of};
 use crate::encoding::{CHUNK_ELEMENTS, Encoding};
 use crate::error::{Result, SecAggError, ShamirError};
+use crate::graph::{Graph, Neighbours};
 use crate::messages::{
     Advertisement, EncryptedShare, PartyId, RevealedShare, Roster, RosterEntry, RoundId,
     ShareDelivery, UnmaskRequest, UnmaskResponse, check_round, check_threshold,
@@ -40,10 +41,14 @@ pub struct ServerConfig {
     pub clip: f32,
     /// Elements of the flattened update (every tensor, in the model's order).
     pub vector_len: usize,
+    /// The masking graph: SecAgg's complete one, or SecAgg+'s sparse one (t then counts
+    /// within a party's closed neighbourhood).
+    pub neighbours: Neighbours,
 }
 
 struct Sharing {
     roster: Roster,
+    graph: Graph,
     /// Encrypted shares by recipient.
     inbox: BTreeMap<PartyId, Vec<EncryptedShare>>,
     sharers: BTreeSet<PartyId>,
@@ -51,6 +56,7 @@ struct Sharing {
 
 struct Masking {
     roster: Roster,
+    graph: Graph,
     sharers: Vec<PartyId>,
     encoding: Encoding,
     sum: Vec<u32>,
@@ -65,6 +71,7 @@ struct Answer {
 
 struct Unmasking {
     roster: Roster,
+    graph: Graph,
     encoding: Encoding,
     sum: Vec<u32>,
     request: UnmaskRequest,
@@ -129,6 +136,10 @@ impl Server {
                 config.vector_len
             )));
         }
+        config
+            .neighbours
+            .check()
+            .map_err(SecAggError::InvalidParams)?;
         Encoding::new(config.clip, config.threshold)?;
         Ok(Server {
             config,
@@ -217,11 +228,15 @@ impl Server {
                 parties: join(self.adverts.keys()),
             });
         }
-        check_threshold(threshold, self.adverts.len())?;
+        check_threshold(
+            threshold,
+            self.config.neighbours.holders(self.adverts.len()),
+        )?;
         let roster = Roster {
             round: self.config.round.clone(),
             threshold,
             clip: self.config.clip,
+            neighbours: self.config.neighbours,
             parties: self
                 .adverts
                 .values()
@@ -234,6 +249,7 @@ impl Server {
         };
         roster.validate()?;
         self.state = State::Sharing(Sharing {
+            graph: Graph::of(&roster),
             roster: roster.clone(),
             inbox: BTreeMap::new(),
             sharers: BTreeSet::new(),
@@ -242,24 +258,30 @@ impl Server {
     }
 
     /// Takes the encrypted shares of `from` (the authenticated caller): exactly one for every
-    /// other party of the roster, each from `from`, for this round, of the right size.
+    /// neighbour of `from` (every other party in the complete graph), each from `from`, for
+    /// this round, of the right size.
     pub fn receive_shares(&mut self, from: &str, shares: Vec<EncryptedShare>) -> Result<()> {
         let State::Sharing(sharing) = &mut self.state else {
             return Err(self.wrong_phase("sharing"));
         };
         let roster = &sharing.roster;
-        roster.entry_or_unknown(from)?;
+        let position = roster
+            .position(from)
+            .ok_or_else(|| SecAggError::UnknownParty {
+                party: from.to_string(),
+            })?;
         if sharing.sharers.contains(from) {
             return Err(SecAggError::Duplicate {
                 party: from.to_string(),
                 what: "encrypted shares",
             });
         }
-        if shares.len() != roster.len() - 1 {
+        let neighbours = sharing.graph.neighbours(position).len();
+        if shares.len() != neighbours {
             return Err(SecAggError::ShareCount {
                 party: from.to_string(),
                 got: shares.len(),
-                expected: roster.len() - 1,
+                expected: neighbours,
             });
         }
         let mut recipients = BTreeSet::new();
@@ -271,11 +293,14 @@ impl Server {
                 });
             }
             check_round(from, &self.config.round, &share.round)?;
-            if roster.entry(&share.recipient).is_none() || share.recipient == from {
+            let neighbour = roster
+                .position(&share.recipient)
+                .is_some_and(|r| sharing.graph.adjacent(position, r));
+            if !neighbour {
                 return Err(SecAggError::Misaddressed {
                     sender: from.to_string(),
                     recipient: share.recipient.clone(),
-                    expected: "another party of the roster".into(),
+                    expected: "a neighbour of the sender in the roster".into(),
                 });
             }
             if !recipients.insert(share.recipient.as_str()) {
@@ -322,6 +347,7 @@ impl Server {
         };
         let Sharing {
             roster,
+            graph,
             mut inbox,
             sharers,
         } = sharing;
@@ -338,6 +364,7 @@ impl Server {
         let encoding = Encoding::new(self.config.clip, roster.len())?;
         self.state = State::Masking(Masking {
             roster,
+            graph,
             sharers,
             encoding,
             sum: vec![0u32; self.config.vector_len],
@@ -424,6 +451,7 @@ impl Server {
                 parties: join(&survivors),
             });
         }
+        unmaskable(&m.roster, &m.graph, &survivors, &dropped)?;
         let State::Masking(m) = std::mem::replace(&mut self.state, State::Advertising) else {
             return Err(self.wrong_phase("masking"));
         };
@@ -434,6 +462,7 @@ impl Server {
         };
         self.state = State::Unmasking(Box::new(Unmasking {
             roster: m.roster,
+            graph: m.graph,
             encoding: m.encoding,
             sum: m.sum,
             request: request.clone(),
@@ -443,7 +472,8 @@ impl Server {
     }
 
     /// Takes a survivor's answer: exactly an s_sk share of every dropped party and a b share of
-    /// every survivor, each at `from`'s own Shamir index.
+    /// every survivor that `from` holds shares of (it and its neighbours), each at `from`'s
+    /// own Shamir index.
     pub fn receive_unmask(&mut self, from: &str, response: UnmaskResponse) -> Result<()> {
         let State::Unmasking(u) = &mut self.state else {
             return Err(self.wrong_phase("unmasking"));
@@ -466,12 +496,23 @@ impl Server {
                 what: "unmask response",
             });
         }
-        let index = u
+        let position = u
             .roster
-            .index_of(from)
+            .position(from)
             .ok_or_else(|| SecAggError::UnknownParty {
                 party: from.to_string(),
             })?;
+        let index = position as u32 + 1;
+        let (roster, graph) = (&u.roster, &u.graph);
+        let held = |owners: &[PartyId]| -> Vec<PartyId> {
+            owners
+                .iter()
+                .filter(|o| roster.position(o).is_some_and(|p| graph.holds(position, p)))
+                .cloned()
+                .collect()
+        };
+        let dropped = held(&u.request.dropped);
+        let survivors = held(&u.request.survivors);
         let parse = |shares: &[RevealedShare],
                      owners: &[PartyId],
                      what: &'static str|
@@ -504,13 +545,13 @@ impl Server {
         };
         let mask_key = parse(
             &response.mask_key_shares,
-            &u.request.dropped,
-            "an s_sk share of a party that is not dropped",
+            &dropped,
+            "an s_sk share of a party that is not a dropped neighbour",
         )?;
         let self_mask = parse(
             &response.self_mask_shares,
-            &u.request.survivors,
-            "a b share of a party that is not a survivor",
+            &survivors,
+            "a b share of a party that is not a surviving neighbour",
         )?;
         u.answers.insert(
             from.to_string(),
@@ -543,6 +584,7 @@ impl Server {
         };
         let Unmasking {
             roster,
+            graph,
             encoding,
             mut sum,
             request,
@@ -562,6 +604,14 @@ impl Server {
                            pick: &dyn Fn(&Answer) -> Option<&Share>|
          -> Result<Zeroizing<[u8; 32]>> {
             let shares: Vec<Share> = answers.values().filter_map(pick).cloned().collect();
+            if shares.len() < threshold {
+                return Err(SecAggError::ThresholdNotMet {
+                    stage: "unmasking",
+                    have: shares.len(),
+                    threshold,
+                    parties: format!("answers holding shares of {owner}"),
+                });
+            }
             shamir::reconstruct(&shares, threshold).map_err(|source| SecAggError::Reconstruction {
                 owner: owner.clone(),
                 source,
@@ -571,6 +621,15 @@ impl Server {
         let mut masks: Vec<(Zeroizing<[u8; 32]>, Sign)> = Vec::new();
         for v in &request.dropped {
             let entry = roster.entry_or_unknown(v)?;
+            let v_at = roster.position(v).unwrap_or(usize::MAX);
+            let masked_with: Vec<&PartyId> = request
+                .survivors
+                .iter()
+                .filter(|u| roster.position(u).is_some_and(|p| graph.adjacent(p, v_at)))
+                .collect();
+            if masked_with.is_empty() {
+                continue;
+            }
             let secret = reconstruct(v, &|a| a.mask_key.get(v))?;
             if public_of(&secret) != entry.s_pk {
                 return Err(SecAggError::ReconstructionMismatch {
@@ -578,7 +637,7 @@ impl Server {
                     what: "mask key",
                 });
             }
-            for u in &request.survivors {
+            for u in masked_with {
                 let peer = roster.entry_or_unknown(u)?;
                 let seed = mask_seed_from_secret(&secret, round, v, u, &peer.s_pk)?;
                 // Survivor u added PRG(s_uv) when v > u and subtracted it when v < u.
@@ -614,6 +673,48 @@ impl Server {
             sum,
         })
     }
+}
+
+/// Whether the sum of `survivors` can be unmasked without revealing more: their subgraph is
+/// connected (else each group's sum would show), every survivor has at least t holders of its
+/// b among them, and every dropped party that masked with a survivor has at least t.
+fn unmaskable(
+    roster: &Roster,
+    graph: &Graph,
+    survivors: &[PartyId],
+    dropped: &[PartyId],
+) -> Result<()> {
+    let threshold = roster.threshold;
+    let at =
+        |ids: &[PartyId]| -> Vec<usize> { ids.iter().filter_map(|p| roster.position(p)).collect() };
+    let (alive, gone) = (at(survivors), at(dropped));
+    if !graph.connected(&alive) {
+        return Err(SecAggError::Disconnected {
+            survivors: join(survivors),
+        });
+    }
+    for &owner in alive.iter().chain(&gone) {
+        let holders: Vec<&PartyId> = alive
+            .iter()
+            .filter(|&&h| graph.holds(h, owner))
+            .map(|&h| &roster.parties[h].party)
+            .collect();
+        let masked_with_survivor = alive.iter().any(|&h| graph.adjacent(h, owner));
+        let needed = alive.contains(&owner) || masked_with_survivor;
+        if needed && holders.len() < threshold {
+            return Err(SecAggError::ThresholdNotMet {
+                stage: "masked input (the neighbours holding one party's shares)",
+                have: holders.len(),
+                threshold,
+                parties: format!(
+                    "of {}: {}",
+                    roster.parties[owner].party,
+                    join(holders.iter().copied())
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The unmasked sum of the survivors' encoded updates.

@@ -11,20 +11,20 @@ use cohort_core::{ErrorKind, HasKind};
 const CLIP: f32 = 1.0;
 const JOB: &str = "job-7";
 
-fn round_id(round: u64) -> RoundId {
+pub(crate) fn round_id(round: u64) -> RoundId {
     RoundId::new(JOB, round)
 }
 
 /// A round of `n` parties "party-1".."party-n" (indices 0..n) driven step by step.
-struct Fixture {
-    rng: StdRng,
-    server: Server,
-    parties: Vec<Party>,
-    inputs: Vec<Vec<f32>>,
-    roster: Roster,
-    request: Option<UnmaskRequest>,
+pub(crate) struct Fixture {
+    pub(crate) rng: StdRng,
+    pub(crate) server: Server,
+    pub(crate) parties: Vec<Party>,
+    pub(crate) inputs: Vec<Vec<f32>>,
+    pub(crate) roster: Roster,
+    pub(crate) request: Option<UnmaskRequest>,
     /// Every masked chunk the server received, per party index: the tap on the wire.
-    seen: Vec<Vec<u32>>,
+    pub(crate) seen: Vec<Vec<u32>>,
 }
 
 fn uniform_inputs(rng: &mut StdRng, n: usize, len: usize) -> Vec<Vec<f32>> {
@@ -35,17 +35,35 @@ fn uniform_inputs(rng: &mut StdRng, n: usize, len: usize) -> Vec<Vec<f32>> {
 
 impl Fixture {
     /// Parties created and advertised, the roster published.
-    fn advertised(n: usize, threshold: usize, len: usize, seed: u64) -> Fixture {
+    pub(crate) fn advertised(n: usize, threshold: usize, len: usize, seed: u64) -> Fixture {
         Fixture::advertised_in(round_id(1), n, threshold, len, seed)
     }
 
-    fn advertised_in(round: RoundId, n: usize, threshold: usize, len: usize, seed: u64) -> Fixture {
+    pub(crate) fn advertised_in(
+        round: RoundId,
+        n: usize,
+        threshold: usize,
+        len: usize,
+        seed: u64,
+    ) -> Fixture {
+        Fixture::advertised_over(round, Neighbours::Complete, n, threshold, len, seed)
+    }
+
+    pub(crate) fn advertised_over(
+        round: RoundId,
+        neighbours: Neighbours,
+        n: usize,
+        threshold: usize,
+        len: usize,
+        seed: u64,
+    ) -> Fixture {
         let mut rng = StdRng::seed_from_u64(seed);
         let mut server = Server::new(ServerConfig {
             round: round.clone(),
             threshold,
             clip: CLIP,
             vector_len: len,
+            neighbours,
         })
         .expect("server");
         let parties: Vec<Party> = (1..=n)
@@ -71,12 +89,12 @@ impl Fixture {
         }
     }
 
-    fn id(&self, i: usize) -> String {
+    pub(crate) fn id(&self, i: usize) -> String {
         self.parties[i].id().to_string()
     }
 
     /// Parties `who` share their keys; the server closes sharing and delivers.
-    fn share(&mut self, who: &[usize]) -> Vec<ShareDelivery> {
+    pub(crate) fn share(&mut self, who: &[usize]) -> Vec<ShareDelivery> {
         for &i in who {
             let shares = self.parties[i]
                 .share_keys(&self.roster, &mut self.rng)
@@ -87,14 +105,14 @@ impl Fixture {
         self.server.close_sharing().expect("close sharing")
     }
 
-    fn share_and_deliver(&mut self, who: &[usize]) {
+    pub(crate) fn share_and_deliver(&mut self, who: &[usize]) {
         for delivery in self.share(who) {
             let i = self.index(&delivery.recipient);
             self.parties[i].receive_shares(&delivery).expect("deliver");
         }
     }
 
-    fn index(&self, id: &str) -> usize {
+    pub(crate) fn index(&self, id: &str) -> usize {
         self.parties
             .iter()
             .position(|p| p.id() == id)
@@ -102,7 +120,7 @@ impl Fixture {
     }
 
     /// Party `i` masks its input in chunks of `chunk` elements and streams them to the server.
-    fn send_masked(&mut self, i: usize, chunk: usize) {
+    pub(crate) fn send_masked(&mut self, i: usize, chunk: usize) {
         let id = self.id(i);
         for (k, values) in self.inputs[i].chunks(chunk).enumerate() {
             let offset = (k * chunk) as u64;
@@ -114,14 +132,14 @@ impl Fixture {
         }
     }
 
-    fn close_masking(&mut self) -> UnmaskRequest {
+    pub(crate) fn close_masking(&mut self) -> UnmaskRequest {
         let request = self.server.close_masking().expect("close masking");
         self.request = Some(request.clone());
         request
     }
 
     /// Survivors `who` answer the unmask request.
-    fn answer(&mut self, who: &[usize]) {
+    pub(crate) fn answer(&mut self, who: &[usize]) {
         let request = self.request.clone().expect("request");
         for &i in who {
             let response = self.parties[i].unmask(&request).expect("unmask");
@@ -131,12 +149,12 @@ impl Fixture {
     }
 
     /// The server's `finish` (which consumes it), leaving a fresh server behind.
-    fn finish(&mut self) -> Result<Aggregate> {
+    pub(crate) fn finish(&mut self) -> Result<Aggregate> {
         let fresh = Server::new(self.server.config().clone()).expect("server");
         std::mem::replace(&mut self.server, fresh).finish()
     }
 
-    fn encoded(&self, i: usize) -> Vec<u32> {
+    pub(crate) fn encoded(&self, i: usize) -> Vec<u32> {
         let encoding = Encoding::new(CLIP, self.roster.len()).expect("encoding");
         let mut out = vec![0u32; self.inputs[i].len()];
         encoding
@@ -146,7 +164,7 @@ impl Fixture {
     }
 
     /// Σ of the encoded inputs of `who`, in the ring.
-    fn encoded_sum(&self, who: &[usize]) -> Vec<u32> {
+    pub(crate) fn encoded_sum(&self, who: &[usize]) -> Vec<u32> {
         let mut sum = vec![0u32; self.inputs[0].len()];
         for &i in who {
             for (s, e) in sum.iter_mut().zip(self.encoded(i)) {
@@ -157,7 +175,7 @@ impl Fixture {
     }
 
     /// Plain FedAvg (unweighted, f64) of the inputs of `who`.
-    fn plain_mean(&self, who: &[usize]) -> Vec<f64> {
+    pub(crate) fn plain_mean(&self, who: &[usize]) -> Vec<f64> {
         let mut mean = vec![0f64; self.inputs[0].len()];
         for &i in who {
             for (m, x) in mean.iter_mut().zip(&self.inputs[i]) {
@@ -168,7 +186,7 @@ impl Fixture {
     }
 }
 
-fn assert_mean_within_bound(aggregate: &Aggregate, expected: &[f64]) {
+pub(crate) fn assert_mean_within_bound(aggregate: &Aggregate, expected: &[f64]) {
     let bound = aggregate.mean_error_bound();
     let mean = aggregate.decode_mean();
     let worst = mean
@@ -179,7 +197,7 @@ fn assert_mean_within_bound(aggregate: &Aggregate, expected: &[f64]) {
     assert!(worst <= bound, "worst error {worst} over the bound {bound}");
 }
 
-fn pearson(a: &[f64], b: &[f64]) -> f64 {
+pub(crate) fn pearson(a: &[f64], b: &[f64]) -> f64 {
     let n = a.len() as f64;
     let (ma, mb) = (a.iter().sum::<f64>() / n, b.iter().sum::<f64>() / n);
     let (mut cov, mut va, mut vb) = (0.0, 0.0, 0.0);
@@ -622,6 +640,7 @@ fn the_server_refuses_duplicate_parties_and_reused_keys() {
         threshold: 2,
         clip: CLIP,
         vector_len: 10,
+        neighbours: Neighbours::Complete,
     };
     let mut server = Server::new(config.clone()).expect("server");
     let a = Party::new(round_id(1), "a", CLIP, &mut rng).expect("party");

@@ -45,11 +45,16 @@ pub struct RoundArgs {
     /// Every process serves Prometheus metrics, as under `cohort up` (to measure their cost).
     #[arg(long)]
     metrics: bool,
-    /// Run the job with secure aggregation (`privacy.secure_aggregation`, t = ⌊N/2⌋ + 1,
-    /// clip 1.0): parties mask their updates, the coordinator unmasks only the sum; the model
-    /// is checked against the equal-weight mean.
+    /// Run the job with secure aggregation (`privacy.secure_aggregation`, the default t and
+    /// graph, clip 1.0): parties mask their updates, the coordinator unmasks only the sum;
+    /// the model is checked against the equal-weight mean.
     #[arg(long)]
     secure_aggregation: bool,
+    /// With secure aggregation: `privacy.secagg_neighbours`, the masking graph's degree k
+    /// (N − 1 or more: the complete graph). Default: the spec's (complete up to 10 parties,
+    /// 2⌈log₂ N⌉ + 2 above).
+    #[arg(long, requires = "secure_aggregation", value_parser = clap::value_parser!(u32).range(2..=100_000))]
+    secagg_neighbours: Option<u32>,
 }
 
 #[derive(Debug, clap::Args)]

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 
 use cohort_core::{ErrorKind, HasKind};
 use cohort_secagg::{
-    Advertisement, Aggregate, CHUNK_ELEMENTS, EncryptedShare, PartyId, Roster, RoundId,
+    Advertisement, Aggregate, CHUNK_ELEMENTS, EncryptedShare, Neighbours, PartyId, Roster, RoundId,
     SecAggError, Server, ServerConfig, ShareDelivery, UnmaskRequest, UnmaskResponse,
 };
 use tokio::sync::watch;
@@ -72,6 +72,8 @@ struct Session {
 pub struct SecAgg {
     job: String,
     pub threshold: usize,
+    /// The masking graph (SecAgg's complete one, or SecAgg+'s sparse one).
+    pub neighbours: Neighbours,
     /// The encoding's range: the parties' clip, plus room for their noise under DP.
     pub range: f32,
     /// What the unmasked sum is divided by (`clients.per_round` under DP); None: the
@@ -127,6 +129,7 @@ impl SecAgg {
         Arc::new(SecAgg {
             job: job.to_string(),
             threshold: spec.threshold as usize,
+            neighbours: Neighbours::from_degree(spec.neighbours as usize),
             range: spec.range(),
             denominator: spec.denominator,
             state,
@@ -165,6 +168,7 @@ impl SecAgg {
             threshold: self.threshold,
             clip: self.range,
             vector_len,
+            neighbours: self.neighbours,
         })?;
         *self.lock() = Some(Session {
             round,

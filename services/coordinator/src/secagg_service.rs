@@ -142,6 +142,7 @@ impl pb::secure_aggregation_server::SecureAggregation for SecAggApi {
                 waiting: false,
                 threshold: r.threshold as u32,
                 clip: r.clip,
+                neighbours: r.neighbours.degree() as u32,
                 parties: r
                     .parties
                     .into_iter()

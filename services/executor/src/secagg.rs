@@ -22,7 +22,7 @@ use cohort_core::spec::SecureAggregation;
 use cohort_proto::v1 as pb;
 use cohort_runtime::retry_unavailable;
 use cohort_secagg::{
-    CHUNK_ELEMENTS, EncryptedShare, Party, Roster, RosterEntry, RoundId, ShareDelivery,
+    CHUNK_ELEMENTS, EncryptedShare, Neighbours, Party, Roster, RosterEntry, RoundId, ShareDelivery,
     UnmaskRequest, clip_factor, key_from_bytes,
 };
 use rand::{Rng as _, SeedableRng as _};
@@ -147,7 +147,7 @@ pub(crate) async fn send_masked(
     })
     .await?;
     let roster = roster_of(&round, roster)?;
-    tracing::info!(task = %task.task_id, parties = roster.len(), threshold = roster.threshold, "secure aggregation: roster received");
+    tracing::info!(task = %task.task_id, parties = roster.len(), threshold = roster.threshold, neighbours = roster.neighbours.degree(), "secure aggregation: roster received");
     let shares = party
         .share_keys(&roster, &mut rng)
         .context("secure aggregation: the roster")?;
@@ -338,6 +338,7 @@ fn roster_of(round: &RoundId, r: pb::SecAggRoster) -> anyhow::Result<Roster> {
         round: round.clone(),
         threshold: r.threshold as usize,
         clip: r.clip,
+        neighbours: Neighbours::from_degree(r.neighbours as usize),
         parties,
     })
 }

@@ -106,6 +106,7 @@ pub async fn run(args: &RoundArgs, json: bool) -> anyhow::Result<i32> {
         "bytes_from_parties": from_parties,
         "aggregate_max_abs_error": error,
         "secure_aggregation": args.secure_aggregation,
+        "secagg_neighbours": args.secagg_neighbours,
         "job": job.id,
         "state": state_name(job.state),
         "process_group": pgid,
@@ -168,6 +169,9 @@ async fn run_job(
     if args.secure_aggregation {
         // The synthetic updates' norm stays far below 1: nothing is clipped.
         spec["privacy"] = json!({"secure_aggregation": true, "secagg_clip": 1.0});
+        if let Some(k) = args.secagg_neighbours {
+            spec["privacy"]["secagg_neighbours"] = json!(k);
+        }
     }
     let job = api
         .jobs()
