@@ -28,6 +28,7 @@ use futures::StreamExt;
 use tonic::metadata::MetadataValue;
 use tracing::Instrument as _;
 
+mod command;
 mod compression;
 mod scaffold;
 mod secagg;
@@ -55,6 +56,11 @@ pub struct Args {
     /// (`sign-flip`, `scale=K`, `noise=S`). Given by task-manager's `--adversary`.
     #[arg(long, value_parser = cohort_fl::Corruption::parse)]
     pub adversary: Option<cohort_fl::Corruption>,
+    /// The commands `training.runtime: command` may run on this party, as task-manager's
+    /// `--allowed-commands` (a JSON list of argv prefixes); checked again here before one
+    /// runs. None: no command runs.
+    #[arg(long, env = "COHORT_ALLOWED_COMMANDS", value_name = "JSON", default_value = "", value_parser = cohort_core::spec::AllowedCommands::parse)]
+    pub allowed_commands: cohort_core::spec::AllowedCommands,
     /// The party's certificate, key and the federation CA (from task-manager).
     #[command(flatten)]
     pub tls: cohort_runtime::TlsArgs,
@@ -69,6 +75,7 @@ impl Args {
             tls: self.tls.load().context("TLS")?,
             open: None,
             adversary: self.adversary,
+            allowed_commands: self.allowed_commands,
         };
         if let Some(mode) = self.adversary {
             tracing::warn!(%mode, "ADVERSARY MODE: this executor corrupts every update it sends");
@@ -119,6 +126,8 @@ struct Channels {
     open: Option<(String, cohort_runtime::Channel)>,
     /// Robustness checks: how this party corrupts its updates.
     adversary: Option<cohort_fl::Corruption>,
+    /// What `training.runtime: command` may run here (`--allowed-commands`).
+    allowed_commands: cohort_core::spec::AllowedCommands,
 }
 
 impl Channels {
@@ -197,9 +206,16 @@ async fn run_task_steps(channels: &mut Channels, exec: pb::ExecutorTask) -> anyh
         }
         return synthetic_task(&client, &task, &data, kind, &global, model).await;
     }
+    let command_task = command::CommandTask {
+        spec: &spec,
+        task: &task,
+        data: &data,
+        kind,
+        state_dir: &exec.state_dir,
+    };
+    let by_command = spec.training.runtime == cohort_core::spec::Runtime::Command;
     match kind {
         pb::TaskKind::Train => {
-            let dataset = load(&data, false)?;
             let mut objective = cohort_train::LocalObjective::of(&spec.aggregation);
             let client_control = if is_scaffold {
                 let state = scaffold::ClientControl::in_dir(&exec.state_dir)?;
@@ -220,18 +236,33 @@ async fn run_task_steps(channels: &mut Channels, exec: pb::ExecutorTask) -> anyh
             } else {
                 None
             };
-            let outcome = cohort_telemetry::trace_span!("train")
-                .in_scope(|| {
-                    cohort_train::train_with(
-                        &spec.model,
-                        &spec.training,
-                        &global,
-                        &dataset,
-                        task.seed,
-                        &objective,
-                    )
-                })
-                .context("training failed")?;
+            let outcome = if by_command {
+                let (weights, metrics) =
+                    command::train(&channels.allowed_commands, &command_task, &global)
+                        .instrument(cohort_telemetry::trace_span!("train"))
+                        .await?;
+                cohort_train::TrainOutcome {
+                    weights,
+                    loss: metrics.loss,
+                    accuracy: metrics.accuracy,
+                    samples: usize::try_from(metrics.samples).unwrap_or(usize::MAX),
+                    steps: 0,
+                }
+            } else {
+                let dataset = load(&data, false)?;
+                cohort_telemetry::trace_span!("train")
+                    .in_scope(|| {
+                        cohort_train::train_with(
+                            &spec.model,
+                            &spec.training,
+                            &global,
+                            &dataset,
+                            task.seed,
+                            &objective,
+                        )
+                    })
+                    .context("training failed")?
+            };
             let mut delta = difference(&outcome.weights, &global)?;
             if let Some(mode) = channels.adversary {
                 mode.apply(&mut delta, task.seed);
@@ -281,18 +312,24 @@ async fn run_task_steps(channels: &mut Channels, exec: pb::ExecutorTask) -> anyh
             }
         }
         pb::TaskKind::Evaluate => {
-            let dataset = load(&data, true)?;
-            let e = cohort_telemetry::trace_span!("evaluate")
-                .in_scope(|| cohort_train::evaluate(&spec.model, &global, &dataset))
-                .context("evaluation failed")?;
-            tracing::info!(task = %task.task_id, samples = e.samples, loss = e.loss, accuracy = e.accuracy, "evaluated");
-            client
-                .submit_evaluation(pb::Metrics {
+            let metrics = if by_command {
+                command::evaluate(&channels.allowed_commands, &command_task, &global)
+                    .instrument(cohort_telemetry::trace_span!("evaluate"))
+                    .await?
+                    .to_pb()
+            } else {
+                let dataset = load(&data, true)?;
+                let e = cohort_telemetry::trace_span!("evaluate")
+                    .in_scope(|| cohort_train::evaluate(&spec.model, &global, &dataset))
+                    .context("evaluation failed")?;
+                pb::Metrics {
                     loss: e.loss,
                     accuracy: e.accuracy,
                     samples: e.samples as u64,
-                })
-                .await?;
+                }
+            };
+            tracing::info!(task = %task.task_id, samples = metrics.samples, loss = metrics.loss, accuracy = metrics.accuracy, "evaluated");
+            client.submit_evaluation(metrics).await?;
         }
         pb::TaskKind::Unspecified => {
             bail!("task file: task.kind {} is not a task kind", task.kind)
