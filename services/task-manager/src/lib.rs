@@ -111,6 +111,12 @@ pub struct Args {
     /// is published as the global model.
     #[arg(long, env = "COHORT_MIN_COHORT", value_name = "K", default_value_t = 2)]
     pub min_cohort: u32,
+    /// The programs jobs may run here with `training.runtime: command`: a JSON list of argv
+    /// prefixes, `[["python3", "/opt/train.py"]]` (a job's `training.command` must start
+    /// with one, word for word). Empty (the default): no command runs; such offers are
+    /// refused.
+    #[arg(long, env = "COHORT_ALLOWED_COMMANDS", value_name = "JSON", default_value = "", value_parser = cohort_core::spec::AllowedCommands::parse)]
+    pub allowed_commands: cohort_core::spec::AllowedCommands,
     /// For checking robust strategies only: this party corrupts every update it sends
     /// (`sign-flip`, `scale=K` or `noise=S`), or (`stall`, for checking reliability
     /// selection) accepts training tasks and never delivers them. Off by default; logged
@@ -147,6 +153,8 @@ struct ProcessExecutors {
     log_format: LogFormat,
     /// Executors kept between a job's tasks; None: one process per task.
     warm: Option<warm::WarmPool>,
+    /// `--allowed-commands`, checked again by the executor.
+    allowed_commands: cohort_core::spec::AllowedCommands,
 }
 
 impl ProcessExecutors {
@@ -163,6 +171,8 @@ impl ProcessExecutors {
         if self.log_format == LogFormat::Json {
             cmd.arg("--log-format").arg("json");
         }
+        cmd.arg("--allowed-commands")
+            .arg(self.allowed_commands.to_json());
         cmd
     }
 }
@@ -407,6 +417,8 @@ struct Party {
     /// What it offers to tasks, and reports free.
     budget: capacity::Budget,
     policy: AcceptPolicy,
+    /// `--allowed-commands`: what `training.runtime: command` may run here.
+    allowed_commands: cohort_core::spec::AllowedCommands,
     datasets: Vec<LocalDataset>,
     /// Running executors by task id: the sender stops one.
     running: Mutex<HashMap<String, oneshot::Sender<()>>>,
@@ -498,6 +510,7 @@ impl Args {
             max_tasks: self.max_tasks,
             budget,
             policy,
+            allowed_commands: self.allowed_commands.clone(),
             datasets,
             running: Mutex::default(),
             outbox: StatusOutbox::default(),
@@ -605,6 +618,7 @@ impl Args {
                     tls_args: self.tls.to_args(),
                     log_format: self.service.log_format,
                     warm,
+                    allowed_commands: self.allowed_commands.clone(),
                 })))
             }
             ExecutorLauncher::Kubernetes => {
@@ -908,6 +922,9 @@ impl Party {
         if let Some(reason) = self.policy.refusal(&spec) {
             return Err(reason);
         }
+        if let Some(reason) = self.command_refusal(&spec) {
+            return Err(reason);
+        }
         let Some(dataset) = self.datasets.iter().find(|d| d.name == task.dataset) else {
             return Err(format!("unknown dataset {:?}", task.dataset));
         };
@@ -955,6 +972,21 @@ impl Party {
             }
         };
         Ok(Accepted { task, launch, span })
+    }
+
+    /// Why this party does not run the job's `training.command`, if it is a command job it
+    /// does not run: not in `--allowed-commands`, or executors in Pods (which are not given
+    /// the allow-list, so would refuse it).
+    fn command_refusal(&self, spec: &JobSpec) -> Option<String> {
+        let argv = spec.training.command.as_deref()?;
+        if let Some(reason) = self.allowed_commands.refusal(argv) {
+            return Some(reason);
+        }
+        matches!(self.executors, Executors::Pods(_)).then(|| {
+            "training.runtime \"command\" runs only in local executors \
+             (--executor-launcher local), not in executor Pods"
+                .to_string()
+        })
     }
 
     /// Starts an accepted task's executor and its watcher.
