@@ -6,7 +6,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cohort_core::{JobId, JobSpec, NamedTensor, Role, TaskKind, spec::parse_model_ref};
+use cohort_core::{
+    JobId, JobSpec, NamedTensor, Role, TaskKind, spec::TrainingDevice, spec::parse_model_ref,
+};
 use cohort_fl::{
     AggregationRules, Combine, DpAggregation, RoundFacts, Strategy, capped_weights,
     from_safetensors, lower_median,
@@ -126,6 +128,21 @@ struct Cohort {
     /// Connected parties holding the dataset in the job's shape, as last seen: whom a
     /// round's evaluation should cover.
     holders: u32,
+}
+
+/// Free GPUs a party needs for a task of `kind`: one for training under
+/// `training.device: cuda` (evaluation runs on the CPU).
+fn gpus_needed(spec: &JobSpec, kind: TaskKind) -> u32 {
+    u32::from(kind == TaskKind::Train && spec.training.device == TrainingDevice::Cuda)
+}
+
+/// What a quorum failure adds when only parties with a GPU could be offered the task.
+fn gpu_hint(spec: &JobSpec) -> &'static str {
+    if spec.training.device == TrainingDevice::Cuda {
+        "; training.device is cuda: only parties reporting a free GPU are offered training"
+    } else {
+        ""
+    }
 }
 
 /// A round's training, once collected.
@@ -728,10 +745,11 @@ impl JobRun {
                     round,
                     format!(
                         "quorum not met: {} of the required {} parties (clients.min) accepted the \
-                         task within clients.round_timeout {}{}",
+                         task within clients.round_timeout {}{}{}",
                         counted as usize + accepted.len(),
                         clients.min,
                         humantime::format_duration(clients.round_timeout),
+                        gpu_hint(&self.spec),
                         failure_summary(&failures)
                     ),
                 ));
@@ -927,6 +945,8 @@ impl JobRun {
         let offered = async {
         let mut accepted: Vec<pb::AcceptedTask> = Vec::new();
         let mut last_refusals: HashMap<String, String> = HashMap::new();
+        // Every party's latest refusal of this phase, for the job's log.
+        let mut refusals: HashMap<String, String> = HashMap::new();
         loop {
             if let Some(r) = self.stop_reason() {
                 return Err(Failure::Stopped(r));
@@ -963,6 +983,7 @@ impl JobRun {
                 task_tokens: tokens.clone(),
                 features: cohort.features,
                 classes: cohort.classes,
+                gpus: gpus_needed(&self.spec, kind),
             };
             let mut c = self.clients.selector.clone();
             match c.offer_tasks(req).await {
@@ -988,6 +1009,7 @@ impl JobRun {
                         self.state.record_draws(draws(&resp));
                     }
                     accepted.extend(resp.accepted);
+                    refusals.extend(resp.refused.iter().map(|(p, r)| (p.clone(), r.clone())));
                     last_refusals = resp.refused;
                 }
                 Err(s) => {
@@ -1003,6 +1025,18 @@ impl JobRun {
                 break;
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let mut refused: Vec<(String, String)> = refusals.into_iter().collect();
+        refused.sort();
+        for (party, reason) in refused {
+            // The party's own words (a policy such as --allowed-commands), where the user looks.
+            self.state.note(Note {
+                kind: NoteKind::Note,
+                round,
+                party,
+                task_id: String::new(),
+                message: format!("refused the {} offer: {reason}", kind.as_str()),
+            });
         }
         if (accepted.len() as u32) < min && !last_refusals.is_empty() {
             let mut why: Vec<String> = last_refusals

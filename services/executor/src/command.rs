@@ -15,8 +15,9 @@
 //! The command runs only when the party's allow-list has it (checked again here, after
 //! task-manager), in a process group of its own with no other environment than these and a
 //! few of the executor's (`PATH`, `HOME`, locale, Python's and CUDA's); its output lines go
-//! to the executor's log. At the task's deadline the whole group is killed; after it exits
-//! too (nothing it started outlives the task). What it wrote is checked before anything is
+//! to the executor's log. At the task's deadline (less a fifth of the time left, at most
+//! 5 s, to send the result) the whole group is killed; after it exits too (nothing it
+//! started outlives the task). What it wrote is checked before anything is
 //! sent: the model's tensors must be the global model's, finite; metrics bounded.
 
 use std::path::{Path, PathBuf};
@@ -48,6 +49,8 @@ const MAX_METRICS_BYTES: u64 = 64 * 1024;
 const MAX_LINE_CHARS: usize = 2000;
 /// The last stderr lines kept for the failure reason.
 const TAIL_LINES: usize = 3;
+/// Most of the task's time kept back from the command for sending its result.
+const REPORT_MARGIN: Duration = Duration::from_secs(5);
 /// Most samples a command may claim (the coordinator also caps them at what was registered).
 const MAX_SAMPLES: u64 = 1 << 40;
 
@@ -209,7 +212,8 @@ async fn run(
         Err(_) => {
             let _ = child.kill().await;
             bail!(
-                "training.command ran past the task's deadline ({:.1} s) and was killed",
+                "training.command ran past the task's deadline ({:.1} s given, the rest kept \
+                 for sending the result) and was killed",
                 remaining.as_secs_f64()
             );
         }
@@ -241,7 +245,9 @@ async fn run(
     Ok(scratch)
 }
 
-/// What is left until the task's deadline (none given: a day, the longest round).
+/// How long the command may run: until the task's deadline, less the time to send its
+/// result and have its failure heard while the round still waits (a fifth of what is left,
+/// at most `REPORT_MARGIN`). No deadline given: a day, the longest round.
 fn time_left(deadline_ms: i64) -> anyhow::Result<Duration> {
     if deadline_ms <= 0 {
         return Ok(Duration::from_secs(86_400));
@@ -250,7 +256,8 @@ fn time_left(deadline_ms: i64) -> anyhow::Result<Duration> {
     if left <= 0 {
         bail!("the task's deadline passed before training.command could start");
     }
-    Ok(Duration::from_millis(left.unsigned_abs()))
+    let left = Duration::from_millis(left.unsigned_abs());
+    Ok(left - (left / 5).min(REPORT_MARGIN))
 }
 
 /// The command's process group, killed whole.
@@ -366,43 +373,36 @@ fn hyperparameters_json(spec: &JobSpec, task: &pb::Task) -> String {
 }
 
 /// The trained model at `path`: exactly the global model's tensors (names, shapes, f32),
-/// every value finite. Errors name the file and the tensor.
+/// every value finite. Errors name the tensor, and the file by its variable (the same words
+/// on every party, so that the coordinator sees the tasks failed the same way).
 fn read_model(path: &Path, global: &[NamedTensor]) -> anyhow::Result<Vec<NamedTensor>> {
     let expected: u64 = global.iter().map(|t| t.data.len() as u64 * 4).sum();
     let size = match std::fs::metadata(path) {
         Ok(m) => m.len(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
-            "training.command wrote no model at COHORT_OUTPUT_MODEL ({})",
-            path.display()
-        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("training.command wrote no model at COHORT_OUTPUT_MODEL")
+        }
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
     };
     // The header names every tensor; a file far beyond the model's size is not it.
     if size > expected + (1 << 20) {
         bail!(
-            "training.command's model {} is {size} bytes, far more than the model's {expected}",
-            path.display()
+            "training.command's model (COHORT_OUTPUT_MODEL) is {size} bytes, far more than the model's {expected}",
         );
     }
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut weights = cohort_fl::from_safetensors(&bytes).with_context(|| {
-        format!(
-            "training.command's model {} is not valid safetensors",
-            path.display()
-        )
-    })?;
+    let mut weights = cohort_fl::from_safetensors(&bytes)
+        .context("training.command's model (COHORT_OUTPUT_MODEL) is not valid safetensors")?;
     for g in global {
         let Some(w) = weights.iter().find(|w| w.name == g.name) else {
             bail!(
-                "training.command's model {} lacks tensor {:?}",
-                path.display(),
+                "training.command's model (COHORT_OUTPUT_MODEL) lacks tensor {:?}",
                 g.name
             );
         };
         if w.shape != g.shape {
             bail!(
-                "training.command's model {}: tensor {:?} has shape {:?}, the model's is {:?}",
-                path.display(),
+                "training.command's model (COHORT_OUTPUT_MODEL): tensor {:?} has shape {:?}, the model's is {:?}",
                 g.name,
                 w.shape,
                 g.shape
@@ -415,8 +415,7 @@ fn read_model(path: &Path, global: &[NamedTensor]) -> anyhow::Result<Vec<NamedTe
                 "an infinite value"
             };
             bail!(
-                "training.command's model {}: tensor {:?} holds {what}",
-                path.display(),
+                "training.command's model (COHORT_OUTPUT_MODEL): tensor {:?} holds {what}",
                 g.name
             );
         }
@@ -426,8 +425,7 @@ fn read_model(path: &Path, global: &[NamedTensor]) -> anyhow::Result<Vec<NamedTe
         .find(|w| !global.iter().any(|g| g.name == w.name))
     {
         bail!(
-            "training.command's model {} has tensor {:?}, which the model does not",
-            path.display(),
+            "training.command's model (COHORT_OUTPUT_MODEL) has tensor {:?}, which the model does not",
             extra.name
         );
     }
@@ -441,10 +439,9 @@ fn read_model(path: &Path, global: &[NamedTensor]) -> anyhow::Result<Vec<NamedTe
 fn read_metrics(path: &Path, evaluation: bool) -> anyhow::Result<Metrics> {
     let file = match std::fs::File::open(path) {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
-            "training.command wrote no metrics at COHORT_OUTPUT_METRICS ({})",
-            path.display()
-        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("training.command wrote no metrics at COHORT_OUTPUT_METRICS")
+        }
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
     };
     let mut text = String::new();
@@ -453,7 +450,8 @@ fn read_metrics(path: &Path, evaluation: bool) -> anyhow::Result<Metrics> {
         &mut text,
     )
     .with_context(|| format!("cannot read {}", path.display()))?;
-    let bad = |m: String| anyhow::anyhow!("training.command's metrics {}: {m}", path.display());
+    let bad =
+        |m: String| anyhow::anyhow!("training.command's metrics (COHORT_OUTPUT_METRICS): {m}");
     if text.len() as u64 > MAX_METRICS_BYTES {
         return Err(bad(format!("longer than {MAX_METRICS_BYTES} bytes")));
     }
