@@ -7,6 +7,8 @@
 #   COHORT_TEST_S3_ENDPOINT    the S3 endpoint, with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY
 #   COHORT_PG_BIN              PostgreSQL's bin directory (tests that stop/start their own cluster)
 #   COHORT_S3S_FS              the s3s-fs binary (tests that run their own S3 server)
+#   COHORT_TEST_PYTHON         a Python with numpy, safetensors and python/cohort_client
+#                              (training.runtime: command's tests)
 
 COHORT_TOOLS="${COHORT_TOOLS:-$HOME/.cache/cohort-tools}"
 S3S_FS_VERSION=0.14.1
@@ -55,6 +57,34 @@ ensure_s3s_fs() {
     export COHORT_S3S_FS
 }
 
+# A virtual environment with numpy, safetensors and the repository's python/cohort_client
+# (installed again every run: the package may have changed).
+ensure_python_env() {
+    local venv="$COHORT_TOOLS/pyenv" client
+    client="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/python/cohort_client"
+    if [ ! -x "$venv/bin/python" ]; then
+        if ! python3 -m venv "$venv" >/dev/null 2>&1; then
+            echo "installing python3-venv from Debian's packages"
+            as_root apt-get update -qq
+            as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+            rm -rf "$venv"
+            python3 -m venv "$venv"
+        fi
+    fi
+    if ! "$venv/bin/python" -c 'import numpy, safetensors' 2>/dev/null; then
+        echo "installing numpy and safetensors into $venv"
+        "$venv/bin/pip" install --quiet numpy safetensors
+    fi
+    # A copy, so that no build directory is left in the repository.
+    local copy
+    copy="$(mktemp -d)"
+    cp -r "$client" "$copy/"
+    "$venv/bin/pip" install --quiet --no-deps --force-reinstall "$copy/cohort_client" >/dev/null
+    rm -rf "$copy"
+    COHORT_TEST_PYTHON="$venv/bin/python"
+    export COHORT_TEST_PYTHON
+}
+
 # A free TCP port on loopback (bound and released by the kernel's choice).
 free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null \
@@ -87,6 +117,7 @@ stop_test_services() {
 start_test_services() {
     ensure_postgres
     ensure_s3s_fs
+    ensure_python_env
     TEST_SERVICES_DIR="$(mktemp -d /tmp/cohort-test-services.XXXXXX)"
     chmod 755 "$TEST_SERVICES_DIR"
     trap stop_test_services EXIT
