@@ -302,3 +302,78 @@ async fn crashing_nan_and_overrunning_commands_fail_their_tasks_and_leave_no_pro
         );
     }
 }
+
+/// `python` with `args`, the repository's cohort_client first on its path; its output on
+/// failure.
+fn run_python(python: &str, args: &[&str]) -> Result<(), String> {
+    let out = std::process::Command::new(python)
+        .args(args)
+        .env("PYTHONPATH", repo_root().join("python/cohort_client"))
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .output()
+        .map_err(|e| format!("cannot run {python}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{python} {args:?}: {}\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+#[test]
+fn the_python_package_keeps_the_contract() {
+    let Some(python) = python() else { return };
+    let tests = repo_root().join("python/cohort_client/tests");
+    run_python(
+        &python,
+        &[
+            "-m",
+            "unittest",
+            "discover",
+            "-s",
+            &tests.display().to_string(),
+        ],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_torch_example_compiles_and_trains_where_torch_is_installed() {
+    let Some(python) = python() else { return };
+    let torch_example = repo_root().join("python/examples/torch_mlp.py");
+    let source = std::fs::read_to_string(&torch_example).expect("the torch example");
+    // Compiled without writing bytecode into the repository.
+    let check = format!(
+        "compile(open({:?}).read(), 'torch_mlp.py', 'exec')",
+        torch_example.display().to_string()
+    );
+    run_python(&python, &["-c", &check]).unwrap_or_else(|e| panic!("{e}"));
+    assert!(source.contains("Task.from_env()"));
+    if run_python(&python, &["-c", "import torch"]).is_err() {
+        eprintln!("torch is not installed for {python}: the PyTorch example is compiled only");
+        return;
+    }
+    let command = vec![python.clone(), torch_example.display().to_string()];
+    let fed = Federation::digits_with_env(3, Vec::new(), vec![allow(&[&command])], Vec::new())
+        .await
+        .expect("federation");
+    let words: Vec<String> = command.iter().map(|w| format!("{w:?}")).collect();
+    let spec = format!(
+        "name: torch-mlp\n\
+         model: {{arch: mlp, hidden: [32]}}\n\
+         data: {{dataset: digits}}\n\
+         training: {{runtime: command, command: [{}], epochs: 2, batch_size: 32, \
+         optimizer: {{name: adam, lr: 0.01}}}}\n\
+         rounds: 10\n\
+         seed: 5\n\
+         clients: {{per_round: 3, min: 3, round_timeout: 120s}}\n",
+        words.join(", ")
+    );
+    let (_, accuracy) = fed.run_to_success("torch mlp", &spec).await;
+    eprintln!("torch mlp by command, 3 parties, 10 rounds: held-out accuracy {accuracy:.3}");
+    assert!(accuracy >= 0.85, "held-out accuracy {accuracy:.3}");
+}
