@@ -203,6 +203,7 @@ fn register(name: &str, b: &Behaviour) -> pb::PartyMessage {
                 gpus: 0,
                 max_tasks: 8,
                 free: None,
+                gpu_devices: Vec::new(),
             }),
             running_tasks: Vec::new(),
         })),

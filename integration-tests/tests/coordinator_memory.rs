@@ -126,6 +126,7 @@ impl Party {
                     gpus: 0,
                     max_tasks: 2,
                     free: None,
+                    gpu_devices: Vec::new(),
                 }),
                 running_tasks: Vec::new(),
             })),

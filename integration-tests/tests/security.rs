@@ -76,6 +76,7 @@ fn digits_register(party: &str) -> pb::PartyMessage {
                 gpus: 0,
                 max_tasks: 4,
                 free: None,
+                gpu_devices: Vec::new(),
             }),
             running_tasks: Vec::new(),
         })),

@@ -420,6 +420,7 @@ pub fn client_line(c: &pb::ClientInfo) -> String {
     let r = c.reliability.unwrap_or_default();
     let free = c
         .resources
+        .as_ref()
         .and_then(|r| r.free)
         .filter(|_| c.connected)
         .map(|f| {
@@ -429,7 +430,8 @@ pub fn client_line(c: &pb::ClientInfo) -> String {
                 f.memory_bytes as f64 / f64::from(1u32 << 30)
             )
         })
-        .unwrap_or_default();
+        .unwrap_or_default()
+        + &c.resources.as_ref().map(gpus_text).unwrap_or_default();
     format!(
         "{:<20} {:<13} tasks {}/{} ok  reliability {:.2} ({} finished, {} failed, {} timed out){}  {}",
         c.party,
@@ -451,8 +453,34 @@ pub fn client_line(c: &pb::ClientInfo) -> String {
     )
 }
 
+/// A party's GPUs for its line: "  gpus 2 (NVIDIA H100 80 GiB, …)", free ones when it says.
+fn gpus_text(r: &pb::Resources) -> String {
+    if r.gpus == 0 {
+        return String::new();
+    }
+    let described: Vec<String> = r
+        .gpu_devices
+        .iter()
+        .filter(|g| !g.name.is_empty() || g.memory_bytes > 0)
+        .map(|g| match g.memory_bytes {
+            0 => g.name.clone(),
+            m => format!("{} {:.0} GiB", g.name, m as f64 / f64::from(1u32 << 30))
+                .trim()
+                .to_string(),
+        })
+        .collect();
+    let free = r
+        .free
+        .map(|f| format!(", {} free", f.gpus))
+        .unwrap_or_default();
+    match described.is_empty() {
+        true => format!("  gpus {}{free}", r.gpus),
+        false => format!("  gpus {}{free} ({})", r.gpus, described.join(", ")),
+    }
+}
+
 pub fn client_json(c: &pb::ClientInfo) -> Value {
-    let r = c.resources.unwrap_or_default();
+    let r = c.resources.clone().unwrap_or_default();
     let rel = c.reliability.unwrap_or_default();
     json!({
         "party": c.party,
@@ -462,6 +490,9 @@ pub fn client_json(c: &pb::ClientInfo) -> Value {
         })).collect::<Vec<_>>(),
         "resources": {
             "cpus": r.cpus, "memory_bytes": r.memory_bytes, "gpus": r.gpus, "max_tasks": r.max_tasks,
+            "gpu_devices": r.gpu_devices.iter().map(|g| json!({
+                "name": g.name, "memory_bytes": g.memory_bytes,
+            })).collect::<Vec<_>>(),
             // What a connected party last said is free.
             "free": r.free.map(|f| json!({
                 "cpu_millis": f.cpu_millis, "memory_bytes": f.memory_bytes, "gpus": f.gpus,
@@ -652,6 +683,7 @@ mod tests {
                     memory_bytes: 3 << 29,
                     gpus: 0,
                 }),
+                gpu_devices: Vec::new(),
             }),
             reliability: Some(pb::Reliability {
                 finished: 1,
@@ -684,6 +716,40 @@ mod tests {
             ..c
         };
         assert!(!client_line(&away).contains("free"));
+    }
+
+    #[test]
+    fn a_partys_gpus_show_with_model_and_memory() {
+        let res = |gpus: u32, devices: Vec<pb::GpuInfo>| pb::Resources {
+            gpus,
+            free: Some(pb::FreeResources {
+                gpus,
+                ..Default::default()
+            }),
+            gpu_devices: devices,
+            ..Default::default()
+        };
+        assert_eq!(gpus_text(&res(0, vec![])), "");
+        let h100 = pb::GpuInfo {
+            name: "NVIDIA H100".into(),
+            memory_bytes: 80 << 30,
+        };
+        assert_eq!(
+            gpus_text(&res(1, vec![h100.clone()])),
+            "  gpus 1, 1 free (NVIDIA H100 80 GiB)"
+        );
+        assert_eq!(
+            gpus_text(&res(2, vec![pb::GpuInfo::default(); 2])),
+            "  gpus 2, 2 free"
+        );
+        let c = pb::ClientInfo {
+            resources: Some(res(1, vec![h100])),
+            ..Default::default()
+        };
+        assert_eq!(
+            client_json(&c)["resources"]["gpu_devices"],
+            json!([{"name": "NVIDIA H100", "memory_bytes": 80u64 << 30}])
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@
 
 pub mod bookkeeping;
 mod metrics;
+pub mod placement;
 pub mod registry;
 pub mod selection;
 pub mod sessions;

@@ -52,6 +52,8 @@ pub const MAX_LISTED_TASKS: usize = 1024;
 
 /// Longest task id a Register may list.
 pub const MAX_TASK_ID_BYTES: usize = 256;
+/// Longest GPU model name a party may register.
+pub const MAX_GPU_NAME_BYTES: usize = 256;
 
 /// How much a party may claim when it registers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,6 +116,8 @@ struct Session {
     /// What it registered it has, and what it last said is free (bounded by that).
     resources: ResourcesEntry,
     free: Option<Free>,
+    /// Its GPUs' models and memory, as it registered them.
+    gpu_devices: Vec<pb::GpuInfo>,
     /// Its record of training tasks, as the store had it when the party registered and as
     /// results were recorded since.
     reliability: Reliability,
@@ -153,6 +157,7 @@ pub struct Joining {
     pub datasets: Vec<DatasetEntry>,
     pub resources: ResourcesEntry,
     pub free: Option<pb::FreeResources>,
+    pub gpu_devices: Vec<pb::GpuInfo>,
     pub reliability: Reliability,
 }
 
@@ -592,6 +597,7 @@ impl Registry {
             datasets,
             resources,
             free,
+            gpu_devices,
             reliability,
         } = joining;
         let free = free.map(|f| Free::bounded(&f, &resources));
@@ -608,6 +614,7 @@ impl Registry {
                     running_tasks: 0,
                     resources,
                     free,
+                    gpu_devices,
                     reliability,
                 },
             );
@@ -772,6 +779,16 @@ impl Registry {
             s.sessions
                 .iter()
                 .map(|(p, sess)| (p.clone(), (sess.running_tasks, sess.free)))
+                .collect()
+        })
+    }
+
+    /// Connected parties' GPUs (model, memory), by party name.
+    pub fn gpu_devices(&self) -> HashMap<String, Vec<pb::GpuInfo>> {
+        self.with_state(|s| {
+            s.sessions
+                .iter()
+                .map(|(p, sess)| (p.to_string(), sess.gpu_devices.clone()))
                 .collect()
         })
     }

@@ -22,8 +22,8 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::registry::{
-    Free, Joining, MAX_DATASET_NAME, MAX_LISTED_TASKS, MAX_TASK_ID_BYTES, RegistrationLimits,
-    Registry, choose, is_dataset_name, majority_shape,
+    Free, Joining, MAX_DATASET_NAME, MAX_GPU_NAME_BYTES, MAX_LISTED_TASKS, MAX_TASK_ID_BYTES,
+    RegistrationLimits, Registry, choose, is_dataset_name, majority_shape,
 };
 use crate::selection::{Pick, draw_seed, reliability_score};
 
@@ -39,6 +39,7 @@ struct Registration {
     datasets: Vec<DatasetEntry>,
     resources: ResourcesEntry,
     free: Option<pb::FreeResources>,
+    gpu_devices: Vec<pb::GpuInfo>,
     /// The tasks it says it still runs.
     running_tasks: HashSet<String>,
 }
@@ -144,6 +145,26 @@ fn validate_register(r: pb::Register, limits: &RegistrationLimits) -> Result<Reg
             ));
         }
     }
+    if res.gpu_devices.len() > res.gpus as usize {
+        return Err(invalid(
+            "resources.gpu_devices".into(),
+            format!(
+                "{} GPUs described but gpus is {}",
+                res.gpu_devices.len(),
+                res.gpus
+            ),
+        ));
+    }
+    if let Some(i) = res
+        .gpu_devices
+        .iter()
+        .position(|g| g.name.len() > MAX_GPU_NAME_BYTES)
+    {
+        return Err(invalid(
+            format!("resources.gpu_devices[{i}].name"),
+            format!("longer than {MAX_GPU_NAME_BYTES} bytes"),
+        ));
+    }
     Ok(Registration {
         party,
         datasets,
@@ -154,6 +175,7 @@ fn validate_register(r: pb::Register, limits: &RegistrationLimits) -> Result<Reg
             max_tasks: res.max_tasks,
         },
         free: res.free,
+        gpu_devices: res.gpu_devices,
         running_tasks: r.running_tasks.into_iter().collect(),
     })
 }
@@ -182,6 +204,7 @@ impl pb::party_session_server::PartySession for SessionApi {
             datasets,
             resources,
             free,
+            gpu_devices,
             running_tasks,
         } = validate_register(register, &self.registry.settings().limits).inspect_err(|e| {
             // Logged once here; the party is told why.
@@ -220,6 +243,7 @@ impl pb::party_session_server::PartySession for SessionApi {
             datasets,
             resources,
             free,
+            gpu_devices,
             reliability: record.reliability,
         };
         let (session_id, tasks) = registry.add_session(&party, tx.clone(), joining, &running_tasks);
@@ -385,7 +409,15 @@ impl pb::client_selector_server::ClientSelector for SelectorApi {
             .await
             .map_err(|e| e.to_status())?;
         let live = self.registry.live();
-        let clients = records.into_iter().map(|c| client_info(c, &live)).collect();
+        let gpu_devices = self.registry.gpu_devices();
+        let mut clients: Vec<pb::ClientInfo> =
+            records.into_iter().map(|c| client_info(c, &live)).collect();
+        // A connected party's GPUs as it described them (kept with its session, not stored).
+        for c in &mut clients {
+            if let (Some(res), Some(gpus)) = (c.resources.as_mut(), gpu_devices.get(&c.party)) {
+                res.gpu_devices = gpus.clone();
+            }
+        }
         Ok(Response::new(pb::ListClientsResponse { clients }))
     }
 
@@ -452,13 +484,14 @@ impl pb::client_selector_server::ClientSelector for SelectorApi {
         };
         // A party whose data does not have the job's shape is never offered
         // its tasks.
-        let candidates = choose(
-            pick,
+        // Nor is one without the free GPUs a `training.device: cuda` job asks for.
+        let (fit, without_gpu) = crate::placement::split_by_gpus(
             self.registry
                 .candidates(&r.dataset, &r.exclude, r.features, r.classes),
-            r.count as usize,
-            &mut rng,
+            r.gpus,
+            |c| c.traits.capacity.gpus,
         );
+        let candidates = choose(pick, fit, r.count as usize, &mut rng);
         let selected: Vec<pb::PartyScore> = candidates
             .iter()
             .map(|(c, score)| pb::PartyScore {
@@ -482,6 +515,10 @@ impl pb::client_selector_server::ClientSelector for SelectorApi {
             });
         let mut resp = pb::OfferTasksResponse {
             selected,
+            refused: without_gpu
+                .into_iter()
+                .map(|(c, why)| (c.party.to_string(), why))
+                .collect(),
             ..Default::default()
         };
         for result in futures::future::join_all(offers).await {
@@ -598,6 +635,7 @@ fn client_info(
                 memory_bytes: f.memory_bytes,
                 gpus: f.gpus,
             }),
+            gpu_devices: Vec::new(),
         }),
         last_seen_ms: c.last_seen_ms,
         tasks_offered: c.stats.tasks_offered,

@@ -349,6 +349,7 @@ fn offer_request(round: u32, count: u32, seed: u64) -> OfferTasksRequest {
         task_tokens: (0..count).map(|i| format!("{i:0>40}")).collect(),
         features: 0,
         classes: 0,
+        gpus: 0,
     }
 }
 
@@ -1381,6 +1382,7 @@ fn resources(cpus: u32, memory_gib: u64, free_cpu_millis: u32, free_memory_gib: 
             memory_bytes: free_memory_gib << 30,
             gpus: 0,
         }),
+        gpu_devices: vec![],
     }
 }
 
@@ -1569,4 +1571,95 @@ async fn resource_selection_never_draws_a_party_without_room_and_favours_the_roo
     req.selection = "resource".into();
     req.exclude = vec!["big".into(), "small".into(), "boaster".into()];
     assert!(offer(&server, req).await.selected.is_empty());
+}
+
+/// A party with `gpus` GPUs, all free, described as `name`.
+fn gpu_resources(gpus: u32, name: &str) -> Resources {
+    Resources {
+        gpus,
+        free: Some(FreeResources {
+            cpu_millis: 2000,
+            memory_bytes: 4 << 30,
+            gpus,
+        }),
+        gpu_devices: (0..gpus)
+            .map(|_| GpuInfo {
+                name: name.into(),
+                memory_bytes: 80 << 30,
+            })
+            .collect(),
+        ..resources(2, 4, 2000, 4)
+    }
+}
+
+#[tokio::test]
+async fn a_cuda_job_is_offered_only_to_parties_with_a_free_gpu_and_says_why_of_the_others() {
+    let server = start(RegistrationLimits::default()).await;
+    let gpu = FakeParty::with_resources(
+        server.addr,
+        "gpu",
+        Answer::Accept,
+        gpu_resources(1, "NVIDIA H100"),
+    )
+    .await;
+    let cpu =
+        FakeParty::with_resources(server.addr, "cpu", Answer::Accept, gpu_resources(0, "")).await;
+    // Two asked, one can have it: only the GPU party is offered; the other is named.
+    for round in 1..=3 {
+        let resp = offer(
+            &server,
+            OfferTasksRequest {
+                gpus: 1,
+                ..offer_request(round, 2, 0)
+            },
+        )
+        .await;
+        let offered: Vec<&str> = resp.selected.iter().map(|s| s.party.as_str()).collect();
+        assert_eq!(offered, vec!["gpu"], "{resp:?}");
+        task_of(&resp, "gpu");
+        let why = resp
+            .refused
+            .get("cpu")
+            .unwrap_or_else(|| panic!("{resp:?}"));
+        assert!(why.contains("training.device is cuda"), "{why}");
+        assert!(why.contains("no free GPU"), "{why}");
+    }
+    assert!(
+        cpu.offers().is_empty(),
+        "the party without a GPU saw an offer"
+    );
+    assert_eq!(gpu.offers().len(), 3);
+    // Without the need, both are offered.
+    let resp = offer(&server, offer_request(4, 2, 0)).await;
+    assert_eq!(resp.accepted.len(), 2, "{resp:?}");
+    assert!(resp.refused.is_empty(), "{resp:?}");
+    // `cohort client list` sees the GPU's model and memory.
+    let clients = list_clients(&server).await.unwrap();
+    let listed = clients.iter().find(|c| c.party == "gpu").unwrap();
+    let res = listed.resources.as_ref().unwrap();
+    assert_eq!(res.gpus, 1);
+    assert_eq!(
+        res.gpu_devices,
+        vec![GpuInfo {
+            name: "NVIDIA H100".into(),
+            memory_bytes: 80 << 30
+        }]
+    );
+}
+
+#[tokio::test]
+async fn a_registration_describing_more_gpus_than_it_counts_is_refused() {
+    let server = start(RegistrationLimits::default()).await;
+    let mut res = gpu_resources(1, "NVIDIA H100");
+    res.gpus = 0;
+    let err = FakeParty::register_full(server.addr, "liar", digits(), vec![], Some(res))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().starts_with("register.resources.gpu_devices:"),
+        "{}",
+        err.message()
+    );
 }

@@ -17,7 +17,7 @@ pub struct Budget {
     pub cpu_millis: u64,
     /// `--memory`, or the machine's total.
     pub memory_bytes: u64,
-    /// GPUs a task gets (executor Pods' `gpus`; 0 for local executors).
+    /// GPUs a task gets (executor Pods' `gpus`; for local executors, the machine's).
     pub gpus: u32,
     pub max_tasks: u32,
 }
@@ -54,6 +54,7 @@ impl Budget {
             gpus: self.gpus,
             max_tasks: self.max_tasks,
             free: Some(self.free(running, meminfo("MemAvailable:"))),
+            gpu_devices: Vec::new(),
         }
     }
 

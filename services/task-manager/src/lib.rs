@@ -21,6 +21,7 @@
 
 mod capacity;
 pub mod datasets;
+mod gpus;
 mod metrics;
 mod warm;
 
@@ -92,6 +93,11 @@ pub struct Args {
     /// `--cpus`; what it reports free is also at most what the kernel has available.
     #[arg(long, env = "COHORT_MEMORY", value_parser = capacity::parse_memory)]
     pub memory: Option<u64>,
+    /// GPUs this party offers (local executors; default: those `nvidia-smi` lists, none
+    /// without it). Reported with their model and memory; a `training.device: cuda` job's
+    /// training goes only to parties with a free one. Executor Pods use their `gpus`.
+    #[arg(long, env = "COHORT_GPUS")]
+    pub gpus: Option<u32>,
     /// Local executors: how long an executor waits, idle, for its job's next task on this
     /// party before it is stopped (it serves one job only). 0: a new executor process for
     /// every task, given the task in a file.
@@ -416,6 +422,8 @@ struct Party {
     max_tasks: u32,
     /// What it offers to tasks, and reports free.
     budget: capacity::Budget,
+    /// Its GPUs (model, memory), reported with the budget.
+    gpu_devices: Vec<pb::GpuInfo>,
     policy: AcceptPolicy,
     /// `--allowed-commands`: what `training.runtime: command` may run here.
     allowed_commands: cohort_core::spec::AllowedCommands,
@@ -481,10 +489,11 @@ impl Args {
             anyhow::bail!("--datasets: {} names no dataset", self.datasets.display());
         }
         let executors = self.executors().await?;
-        let gpus = match &executors {
-            Executors::Processes(_) => 0,
-            Executors::Pods(pods) => pods.config().gpus,
+        let gpu_devices = match &executors {
+            Executors::Processes(_) => gpus::detect(self.gpus).await,
+            Executors::Pods(pods) => gpus::unknown(pods.config().gpus),
         };
+        let gpus = u32::try_from(gpu_devices.len()).unwrap_or(u32::MAX);
         let budget = capacity::Budget::new(self.cpus, self.memory, gpus, self.max_tasks);
         let listen = self.service.listen;
         let health_listener = tokio::net::TcpListener::bind(listen)
@@ -509,6 +518,7 @@ impl Args {
             executors,
             max_tasks: self.max_tasks,
             budget,
+            gpu_devices,
             policy,
             allowed_commands: self.allowed_commands.clone(),
             datasets,
@@ -681,7 +691,10 @@ fn party_msg(kind: pb::party_message::Kind) -> pb::PartyMessage {
 impl Party {
     /// What this party offers, and what of it is free now.
     fn resources(&self) -> pb::Resources {
-        self.budget.resources(self.running_count())
+        pb::Resources {
+            gpu_devices: self.gpu_devices.clone(),
+            ..self.budget.resources(self.running_count())
+        }
     }
 
     /// The job's directory in this party's workspace, kept across tasks and restarts for
@@ -923,6 +936,9 @@ impl Party {
             return Err(reason);
         }
         if let Some(reason) = self.command_refusal(&spec) {
+            return Err(reason);
+        }
+        if let Some(reason) = gpus::refusal(&spec, task.kind, self.budget.gpus) {
             return Err(reason);
         }
         let Some(dataset) = self.datasets.iter().find(|d| d.name == task.dataset) else {
