@@ -4,7 +4,8 @@ the party; Cohort's tests run it only where ``import torch`` works).
 The job's model is ``model.arch: mlp``: layers ``fc{i}.weight`` [out, in] and ``fc{i}.bias``
 [out], ReLU between them, as Cohort's own trainer has them. A training task runs ``epochs``
 of the job's optimizer (sgd or adam) on the party's training split; an evaluation reports
-loss and accuracy on the held-out split. Job spec:
+loss and accuracy on the held-out split. It trains on a GPU when ``training.device`` is
+``cuda`` (or ``auto`` and torch sees one). Job spec:
 
     model: {arch: mlp, hidden: [32]}
     training:
@@ -22,13 +23,22 @@ import torch.nn.functional as F
 from cohort_client import Task
 
 
-def layers_of(model):
+def device_of(task):
+    """training.device: cuda needs a GPU; auto takes one when there is one."""
+    wanted = task.hyperparameters.get("device", "auto")
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("training.device is cuda, but torch sees no GPU here")
+    return torch.device("cuda" if wanted != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+def layers_of(model, device):
     count = len(model) // 2
     names = [(f"fc{i}.weight", f"fc{i}.bias") for i in range(count)]
     missing = [n for pair in names for n in pair if n not in model]
     if missing:
         raise SystemExit(f"expected an mlp model (fc0..fc{count - 1}), missing {missing}")
-    return [(torch.tensor(model[w]).requires_grad_(), torch.tensor(model[b]).requires_grad_())
+    return [(torch.tensor(model[w], device=device).requires_grad_(),
+             torch.tensor(model[b], device=device).requires_grad_())
             for w, b in names]
 
 
@@ -43,10 +53,11 @@ def forward(layers, x):
 def main():
     task = Task.from_env()
     torch.manual_seed(task.seed)
-    layers = layers_of(task.load_model())
+    device = device_of(task)
+    layers = layers_of(task.load_model(), device)
     params = [p for pair in layers for p in pair]
     x_np, y_np = task.load_data()
-    x, y = torch.from_numpy(x_np), torch.from_numpy(y_np)
+    x, y = torch.from_numpy(x_np).to(device), torch.from_numpy(y_np).to(device)
     if task.kind == "train":
         opt = task.hyperparameters.get("optimizer", {})
         if opt.get("name") == "adam":
@@ -57,13 +68,13 @@ def main():
             optimizer = torch.optim.SGD(params, lr=task.lr)
         generator = torch.Generator().manual_seed(task.seed)
         for _ in range(task.epochs):
-            order = torch.randperm(len(y), generator=generator)
+            order = torch.randperm(len(y), generator=generator).to(device)
             for start in range(0, len(y), task.batch_size):
                 batch = order[start:start + task.batch_size]
                 optimizer.zero_grad()
                 F.cross_entropy(forward(layers, x[batch]), y[batch]).backward()
                 optimizer.step()
-        task.save_model({name: p.detach().numpy().astype(np.float32)
+        task.save_model({name: p.detach().cpu().numpy().astype(np.float32)
                          for i, (w, b) in enumerate(layers)
                          for name, p in ((f"fc{i}.weight", w), (f"fc{i}.bias", b))})
     with torch.no_grad():

@@ -9,7 +9,7 @@
 //! | `COHORT_OUTPUT_MODEL` | train: where to write the trained model (same tensors, f32) |
 //! | `COHORT_OUTPUT_METRICS` | where to write `{"samples", "loss", "accuracy"}` (JSON) |
 //! | `COHORT_DATASET` | the party's dataset entry, JSON (`datasets.json`'s, paths absolute) |
-//! | `COHORT_HYPERPARAMETERS` | the task's settings, JSON (epochs, batch size, optimizer, seed, round, model) |
+//! | `COHORT_HYPERPARAMETERS` | the task's settings, JSON (epochs, batch size, device, optimizer, seed, round, model) |
 //! | `COHORT_SCRATCH_DIR` | a directory of the task's own, removed after it (also `TMPDIR`) |
 //!
 //! The command runs only when the party's allow-list has it (checked again here, after
@@ -361,6 +361,7 @@ fn hyperparameters_json(spec: &JobSpec, task: &pb::Task) -> String {
     serde_json::json!({
         "epochs": spec.training.epochs,
         "batch_size": spec.training.batch_size,
+        "device": spec.training.device.as_str(),
         "optimizer": spec.training.optimizer,
         "proximal_mu": spec.aggregation.proximal_mu(),
         "model": spec.model,
