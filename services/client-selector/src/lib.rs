@@ -11,6 +11,7 @@
 pub mod bookkeeping;
 mod metrics;
 pub mod placement;
+pub mod probes;
 pub mod registry;
 pub mod selection;
 pub mod sessions;

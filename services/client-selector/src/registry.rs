@@ -551,6 +551,8 @@ pub struct Registry {
     bookkeeping: Bookkeeping,
     settings: Settings,
     state: Mutex<State>,
+    /// Connectivity probes waiting for their answers.
+    probes: crate::probes::Probes,
 }
 
 impl Registry {
@@ -567,6 +569,7 @@ impl Registry {
                 next_session: 0,
                 away: HashMap::new(),
             }),
+            probes: crate::probes::Probes::default(),
         })
     }
 
@@ -769,8 +772,20 @@ impl Registry {
             Some(pb::party_message::Kind::Register(_)) => {
                 tracing::warn!(party = %party, "second Register on one session ignored");
             }
+            Some(pb::party_message::Kind::ProbeReply(reply)) => self.probes.answer(party, reply),
             None => {}
         }
+    }
+
+    /// Probes every connected party (`crate::probes`), each waiting at most `timeout`.
+    pub async fn probe_parties(&self, timeout: Duration) -> Vec<pb::PartyProbe> {
+        let sessions = self.with_state(|s| {
+            s.sessions
+                .iter()
+                .map(|(p, sess)| (p.clone(), sess.tx.clone()))
+                .collect()
+        });
+        self.probes.probe_all(sessions, timeout).await
     }
 
     /// Connected parties: how many tasks each runs, and what it last said is free.

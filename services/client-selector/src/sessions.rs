@@ -307,6 +307,34 @@ impl pb::party_session_server::PartySession for SessionApi {
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
     }
+
+    /// Registers nothing: tells a party (`cohort check`) who the server takes it for and
+    /// the time. The proxy already refused a party on its revoked list; the store decides
+    /// here too, as it does for Register, since the proxy's list is reloaded periodically.
+    async fn check(
+        &self,
+        req: Request<pb::PartyCheckRequest>,
+    ) -> Result<Response<pb::PartyCheckResponse>, Status> {
+        let Some(party) = calling_party(&req)? else {
+            return Err(Status::unauthenticated(
+                "no party certificate came with the call: the proxy admits party APIs only \
+                 with one (cohort cert issue --party NAME)",
+            ));
+        };
+        match self.registry.store().get_client(&party).await {
+            Ok(c) if c.revoked_at_ms.is_some() => {
+                return Err(Status::permission_denied(format!(
+                    "party {party} is revoked"
+                )));
+            }
+            Ok(_) | Err(cohort_store::StoreError::NotFound { .. }) => {}
+            Err(e) => return Err(e.to_status()),
+        }
+        Ok(Response::new(pb::PartyCheckResponse {
+            party: party.to_string(),
+            server_time_ms: now_ms(),
+        }))
+    }
 }
 
 /// Most task results one RecordTaskResults may carry.
@@ -373,6 +401,28 @@ impl pb::client_selector_server::ClientSelector for SelectorApi {
             ))
             .await;
         result
+    }
+
+    async fn probe_parties(
+        &self,
+        req: Request<pb::ProbePartiesRequest>,
+    ) -> Result<Response<pb::ProbePartiesResponse>, Status> {
+        if let Some(p) = calling_principal(&req)? {
+            p.authorize_scope(&Scope::All, Action::Administer)
+                .map_err(|e| {
+                    Status::permission_denied(format!(
+                        "{e}: probing the parties needs an admin token for every namespace (\"*\")"
+                    ))
+                })?;
+        }
+        let timeout = match req.get_ref().timeout_ms {
+            0 => crate::probes::DEFAULT_TIMEOUT,
+            ms => Duration::from_millis(u64::from(ms)).min(crate::probes::MAX_TIMEOUT),
+        };
+        let parties = self.registry.probe_parties(timeout).await;
+        let answered = parties.iter().filter(|p| p.answered).count();
+        tracing::info!(parties = parties.len(), answered, "parties probed");
+        Ok(Response::new(pb::ProbePartiesResponse { parties }))
     }
 
     async fn list_revoked(

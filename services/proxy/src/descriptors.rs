@@ -323,7 +323,7 @@ mod tests {
             .find(|s| s.name() == "ClientSelector")
             .unwrap();
         let methods: Vec<&str> = selector.method.iter().map(|m| m.name()).collect();
-        assert_eq!(methods, ["ListClients", "RevokeClient"]);
+        assert_eq!(methods, ["ListClients", "RevokeClient", "ProbeParties"]);
     }
 
     #[test]

@@ -84,6 +84,13 @@ const EXPOSED: &[(&str, Option<&str>, Destination, Audience)] = &[
         Destination::ClientSelector,
         Audience::User,
     ),
+    // `cohort check --federation` (client-selector asks for an admin of "*").
+    (
+        "cohort.v1.ClientSelector",
+        Some("ProbeParties"),
+        Destination::ClientSelector,
+        Audience::User,
+    ),
     (
         "cohort.v1.Round",
         None,
@@ -164,6 +171,8 @@ mod tests {
             ("/cohort.v1.PartySession/Open", ClientSelector),
             ("/cohort.v1.ClientSelector/ListClients", ClientSelector),
             ("/cohort.v1.ClientSelector/RevokeClient", ClientSelector),
+            ("/cohort.v1.ClientSelector/ProbeParties", ClientSelector),
+            ("/cohort.v1.PartySession/Check", ClientSelector),
             ("/cohort.v1.Tokens/CreateToken", JobScheduler),
             ("/cohort.v1.Audit/ListAuditEntries", JobScheduler),
             (
@@ -218,6 +227,11 @@ mod tests {
     #[test]
     fn parties_prove_themselves_by_certificate_users_by_token() {
         assert_eq!(route("/cohort.v1.PartySession/Open").1, Audience::Party);
+        assert_eq!(route("/cohort.v1.PartySession/Check").1, Audience::Party);
+        assert_eq!(
+            route("/cohort.v1.ClientSelector/ProbeParties").1,
+            Audience::User
+        );
         assert_eq!(route("/cohort.v1.Round/SubmitUpdate").1, Audience::Party);
         assert_eq!(
             route("/cohort.v1.SecureAggregation/ShareKeys").1,

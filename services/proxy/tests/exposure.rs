@@ -194,7 +194,11 @@ async fn reflection_without_credentials_shows_only_public_services() {
             .iter()
             .map(|m| m.name())
             .collect();
-        assert_eq!(methods, ["ListClients", "RevokeClient"], "{version}");
+        assert_eq!(
+            methods,
+            ["ListClients", "RevokeClient", "ProbeParties"],
+            "{version}"
+        );
 
         // What a client does next (grpcurl describe): every listed service
         // resolves, and so does every file it imports.

@@ -219,6 +219,12 @@ impl party_session_server::PartySession for FakeSelector {
             tokio_stream::wrappers::ReceiverStream::new(rx).boxed(),
         ))
     }
+    async fn check(
+        &self,
+        _: Request<cohort_proto::v1::PartyCheckRequest>,
+    ) -> Res<cohort_proto::v1::PartyCheckResponse> {
+        unimplemented()
+    }
 }
 
 #[tonic::async_trait]
@@ -252,6 +258,12 @@ impl client_selector_server::ClientSelector for FakeSelector {
         &self,
         _: Request<cohort_proto::v1::RecordTaskResultsRequest>,
     ) -> Res<cohort_proto::v1::RecordTaskResultsResponse> {
+        unimplemented()
+    }
+    async fn probe_parties(
+        &self,
+        _: Request<cohort_proto::v1::ProbePartiesRequest>,
+    ) -> Res<cohort_proto::v1::ProbePartiesResponse> {
         unimplemented()
     }
 }

@@ -23,6 +23,7 @@ mod capacity;
 pub mod datasets;
 mod gpus;
 mod metrics;
+mod probe;
 mod warm;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -895,6 +896,14 @@ impl Party {
                 }
                 Some(pb::server_message::Kind::Revoked(r)) => {
                     break Err(anyhow::anyhow!("this party was revoked: {}", r.reason));
+                }
+                Some(pb::server_message::Kind::Probe(p)) => {
+                    let (tx, me) = (out_tx.clone(), self.clone());
+                    tokio::spawn(async move {
+                        let reply = probe::answer(&me.executors, p).await;
+                        let msg = party_msg(pb::party_message::Kind::ProbeReply(reply));
+                        let _ = tx.send(msg).await;
+                    });
                 }
                 None => {}
             }

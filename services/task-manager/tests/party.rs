@@ -74,6 +74,13 @@ impl pb::party_session_server::PartySession for PartySession {
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
     }
+
+    async fn check(
+        &self,
+        _: Request<pb::PartyCheckRequest>,
+    ) -> Result<Response<pb::PartyCheckResponse>, Status> {
+        Err(Status::unimplemented("not part of these tests"))
+    }
 }
 
 /// The job's coordinator: a model made for `hidden: [64]`, a long, multi-line refusal, no

@@ -414,6 +414,12 @@ impl client_selector_server::ClientSelector for FakeClientSelector {
     ) -> Res<cohort_proto::v1::RecordTaskResultsResponse> {
         unimplemented()
     }
+    async fn probe_parties(
+        &self,
+        _: Request<cohort_proto::v1::ProbePartiesRequest>,
+    ) -> Res<cohort_proto::v1::ProbePartiesResponse> {
+        unimplemented()
+    }
 }
 
 /// Echoes the party's stream: Register -> Registered, Heartbeat{n} ->
@@ -461,6 +467,12 @@ impl party_session_server::PartySession for FakePartySession {
         Ok(Response::new(
             tokio_stream::wrappers::ReceiverStream::new(rx).boxed(),
         ))
+    }
+    async fn check(
+        &self,
+        _: Request<cohort_proto::v1::PartyCheckRequest>,
+    ) -> Res<cohort_proto::v1::PartyCheckResponse> {
+        unimplemented()
     }
 }
 
