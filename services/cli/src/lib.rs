@@ -7,6 +7,7 @@
 pub mod audit;
 pub mod bench;
 pub mod certs;
+pub mod check;
 pub mod data;
 pub mod error;
 pub mod profile;
@@ -78,6 +79,9 @@ pub enum Command {
     /// Measure Cohort's own machinery (no federation needed for `aggregate`).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Check a party's connection to the federation step by step (with task-manager's flags),
+    /// or with --federation, probe every connected party. Exit code 1 when a step fails.
+    Check(check::CheckArgs),
     /// Show this CLI's version and the server's.
     ///
     /// The server's version comes from job-scheduler through the profile's proxy. When it
@@ -297,6 +301,7 @@ impl Cli {
             Command::Demo(a) => demo(a, json).await,
             Command::Version { client } => version(self.profile.as_deref(), client, json).await,
             Command::Bench(c) => bench::run(c, json).await,
+            Command::Check(a) => check::run(a, self.profile.as_deref(), json).await,
             Command::Completions { shell } => {
                 let mut out = std::io::stdout().lock();
                 clap_complete::generate(shell, &mut Cli::command(), "cohort", &mut out);

@@ -1,0 +1,363 @@
+//! `cohort check` run as a process against a real federation: with a party's own files every
+//! step passes; a certificate of another CA, a proxy dialled by a name its certificate does
+//! not hold, an unreadable dataset and a revoked party each fail the step that names the
+//! problem, with a hint and exit code 1; `--federation` reports every connected party as
+//! having answered its probe.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cohort_cli::stack::{PartyData, Stack, StackConfig};
+use cohort_integration_tests::{bin_dir, cohort, wait_clients};
+use cohort_proto::v1 as pb;
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+struct Party {
+    cert: PathBuf,
+    key: PathBuf,
+    ca: PathBuf,
+    datasets: PathBuf,
+}
+
+fn party_files(stack: &Stack, data_dir: &Path, name: &str) -> Party {
+    Party {
+        cert: stack.pki.join(format!("party-{name}.crt")),
+        key: stack.pki.join(format!("party-{name}.key")),
+        ca: stack.pki.join("ca.crt"),
+        datasets: data_dir.join(format!("parties/{name}/datasets.json")),
+    }
+}
+
+/// `cohort --json check` as a party: (exit code, the report's steps by name, stderr).
+async fn check(
+    profile: &Path,
+    proxy: &str,
+    party: &str,
+    files: &Party,
+) -> (
+    i32,
+    Vec<(String, Option<bool>, String, Option<String>)>,
+    Value,
+) {
+    let args = [
+        "--json",
+        "check",
+        "--proxy",
+        proxy,
+        "--party",
+        party,
+        "--tls-cert",
+        files.cert.to_str().expect("path"),
+        "--tls-key",
+        files.key.to_str().expect("path"),
+        "--tls-ca",
+        files.ca.to_str().expect("path"),
+        "--datasets",
+        files.datasets.to_str().expect("path"),
+    ];
+    let (code, stdout, stderr) = cohort(&args, profile).await.expect("cohort check runs");
+    let report: Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("one JSON object on stdout ({e}): {stdout}\nstderr: {stderr}"));
+    let steps = report["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().expect("name").to_string(),
+                s["ok"].as_bool(),
+                s["detail"].as_str().expect("detail").to_string(),
+                s["hint"].as_str().map(str::to_string),
+            )
+        })
+        .collect();
+    (code, steps, report)
+}
+
+fn step<'a>(
+    steps: &'a [(String, Option<bool>, String, Option<String>)],
+    name: &str,
+) -> &'a (String, Option<bool>, String, Option<String>) {
+    steps
+        .iter()
+        .find(|s| s.0 == name)
+        .unwrap_or_else(|| panic!("no step {name}: {steps:?}"))
+}
+
+/// Every step that did not pass, by name.
+fn failed(steps: &[(String, Option<bool>, String, Option<String>)]) -> Vec<&str> {
+    steps
+        .iter()
+        .filter(|s| s.1 == Some(false))
+        .map(|s| s.0.as_str())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cohort_check_names_what_keeps_a_party_out() {
+    let dir = tempfile::Builder::new()
+        .prefix("cohort-it-check-")
+        .tempdir()
+        .expect("tempdir");
+    // On every address, so that 127.0.0.2 reaches it too: a name its certificate lacks. The
+    // local parties dial the address it listens on, so its certificate names that.
+    let mut stack = Stack::start(&StackConfig {
+        bin_dir: Some(bin_dir()),
+        data_dir: dir.path().to_path_buf(),
+        parties: 2,
+        proxy_listen: "0.0.0.0:0".into(),
+        proxy_names: vec!["0.0.0.0".into()],
+        database_url: None,
+        blob_url: None,
+        service_env: Vec::new(),
+        party_data: PartyData::Digits {
+            alpha: 0.5,
+            seed: 42,
+        },
+        party_env: Vec::new(),
+        party_overrides: Vec::new(),
+        metrics: false,
+    })
+    .await
+    .expect("federation");
+    let profile = dir.path().join("profile.toml");
+    stack.profile().save(&profile).expect("profile");
+    let api = cohort_cli::Api::from_profile(&stack.profile()).expect("api");
+    eprintln!(
+        "DEBUG {:?} {:?}",
+        stack.proxy,
+        api.selector().list_clients(pb::ListClientsRequest {}).await
+    );
+    wait_clients(&api, WAIT, |c| {
+        c.iter().filter(|c| c.connected).count() == 2
+    })
+    .await;
+    let port = stack
+        .proxy
+        .rsplit_once(':')
+        .expect("host:port")
+        .1
+        .to_string();
+    let localhost = format!("localhost:{port}");
+    let party1 = party_files(&stack, dir.path(), "party-1");
+
+    // Everything in order: every step passes, exit 0.
+    let (code, steps, report) = check(&profile, &localhost, "party-1", &party1).await;
+    assert_eq!(failed(&steps), Vec::<&str>::new(), "{report}");
+    assert!(steps.iter().all(|s| s.1 == Some(true)), "{report}");
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(report["ok"], true);
+    for name in [
+        "certificate",
+        "dns",
+        "tcp",
+        "tls",
+        "proxy-name",
+        "client-certificate",
+        "not-revoked",
+        "party",
+        "clock",
+        "dataset digits",
+    ] {
+        step(&steps, name);
+    }
+    assert!(step(&steps, "party").2.contains("party-1"), "{report}");
+    assert!(
+        step(&steps, "dataset digits").2.contains("64 features"),
+        "{report}"
+    );
+
+    // The human form: one line per step with its mark.
+    let (code, stdout, _) = cohort(
+        &[
+            "check",
+            "--proxy",
+            &localhost,
+            "--tls-cert",
+            party1.cert.to_str().expect("path"),
+            "--tls-key",
+            party1.key.to_str().expect("path"),
+            "--tls-ca",
+            party1.ca.to_str().expect("path"),
+        ],
+        &profile,
+    )
+    .await
+    .expect("cohort check runs");
+    assert_eq!(code, 0, "{stdout}");
+    assert!(
+        stdout.lines().any(|l| l.starts_with("✓ proxy-name")),
+        "{stdout}"
+    );
+
+    // A proxy dialled by an address its certificate does not name (it names 127.0.0.1 and
+    // localhost): the name fails, told apart from the CA, and the checks after it still run.
+    let (code, steps, report) =
+        check(&profile, &format!("127.0.0.2:{port}"), "party-1", &party1).await;
+    assert_eq!(code, 1, "{report}");
+    assert_eq!(failed(&steps), ["proxy-name"], "{report}");
+    let (_, _, detail, hint) = step(&steps, "proxy-name");
+    assert!(
+        detail.contains("127.0.0.2") && detail.contains("localhost"),
+        "{detail}"
+    );
+    assert!(
+        hint.as_deref().unwrap_or("").contains("--proxy-name"),
+        "{hint:?}"
+    );
+    assert_eq!(step(&steps, "tls").1, Some(true), "{report}");
+
+    // A certificate of another CA (and that CA as --tls-ca): the proxy's certificate does not
+    // chain to it, and the TLS step says so.
+    let other = dir.path().join("other-pki");
+    let other_dir = other.to_str().expect("path");
+    let (code, out, err) = cohort(&["cert", "init", "--dir", other_dir], &profile)
+        .await
+        .expect("cert init");
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = cohort(
+        &["cert", "issue", "--party", "party-1", "--dir", other_dir],
+        &profile,
+    )
+    .await
+    .expect("cert issue");
+    assert_eq!(code, 0, "{out}{err}");
+    let foreign = Party {
+        cert: other.join("party-1.crt"),
+        key: other.join("party-1.key"),
+        ca: other.join("ca.crt"),
+        datasets: party1.datasets.clone(),
+    };
+    let (code, steps, report) = check(&profile, &localhost, "party-1", &foreign).await;
+    assert_eq!(code, 1, "{report}");
+    assert_eq!(failed(&steps), ["tls"], "{report}");
+    assert!(
+        step(&steps, "tls")
+            .2
+            .contains("not signed by the CA in --tls-ca"),
+        "{report}"
+    );
+    assert_eq!(
+        step(&steps, "client-certificate").1,
+        None,
+        "skipped: {report}"
+    );
+    // The foreign certificate with the federation's CA: the proxy refuses the certificate.
+    let foreign_cert = Party {
+        ca: party1.ca.clone(),
+        ..foreign
+    };
+    let (code, steps, report) = check(&profile, &localhost, "party-1", &foreign_cert).await;
+    assert_eq!(code, 1, "{report}");
+    assert_eq!(failed(&steps), ["client-certificate"], "{report}");
+    assert!(
+        step(&steps, "client-certificate")
+            .3
+            .as_deref()
+            .unwrap_or("")
+            .contains("federation's CA"),
+        "{report}"
+    );
+
+    // A dataset whose file is missing, beside a good one: only the missing one fails.
+    let good = serde_json::from_str::<Value>(
+        &std::fs::read_to_string(&party1.datasets).expect("datasets.json"),
+    )
+    .expect("json");
+    let mut entries = good.as_object().expect("object").clone();
+    let base = party1.datasets.parent().expect("party dir");
+    for entry in entries.values_mut() {
+        for field in ["path", "eval_path"] {
+            if let Some(p) = entry[field].as_str() {
+                entry[field] = Value::from(base.join(p).display().to_string());
+            }
+        }
+    }
+    entries.insert(
+        "lost".into(),
+        serde_json::json!({"format": "csv", "path": dir.path().join("missing.csv")}),
+    );
+    let broken = dir.path().join("broken-datasets.json");
+    std::fs::write(&broken, Value::Object(entries).to_string()).expect("write");
+    let with_broken = Party {
+        datasets: broken,
+        ..party_files(&stack, dir.path(), "party-1")
+    };
+    let (code, steps, report) = check(&profile, &localhost, "party-1", &with_broken).await;
+    assert_eq!(code, 1, "{report}");
+    assert_eq!(failed(&steps), ["dataset lost"], "{report}");
+    assert!(
+        step(&steps, "dataset lost").2.contains("missing.csv"),
+        "{report}"
+    );
+    assert_eq!(step(&steps, "dataset digits").1, Some(true), "{report}");
+
+    // The server side: every connected party answers the probe.
+    let (code, stdout, stderr) = cohort(&["--json", "check", "--federation"], &profile)
+        .await
+        .expect("cohort check --federation runs");
+    let report: Value =
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout} {stderr}"));
+    assert_eq!(code, 0, "{report}");
+    let names: Vec<&str> = report["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .map(|s| s["name"].as_str().expect("name"))
+        .collect();
+    assert_eq!(names, ["party party-1", "party party-2"], "{report}");
+    for s in report["steps"].as_array().expect("steps") {
+        assert_eq!(s["ok"], true, "{report}");
+        assert!(
+            s["detail"]
+                .as_str()
+                .expect("detail")
+                .contains("executor started"),
+            "{report}"
+        );
+    }
+
+    // Revoked: the proxy's gate (or client-selector, until the gate reloads its list)
+    // refuses the party, and the check names the revocation.
+    api.selector()
+        .revoke_client(pb::RevokeClientRequest {
+            party: "party-2".into(),
+        })
+        .await
+        .expect("admin revokes");
+    let party2 = party_files(&stack, dir.path(), "party-2");
+    let (code, steps, report) = check(&profile, &localhost, "party-2", &party2).await;
+    assert_eq!(code, 1, "{report}");
+    assert_eq!(failed(&steps), ["not-revoked"], "{report}");
+    assert!(
+        step(&steps, "not-revoked").2.contains("revoked"),
+        "{report}"
+    );
+    assert!(
+        step(&steps, "not-revoked")
+            .3
+            .as_deref()
+            .unwrap_or("")
+            .contains("cohort client revoke"),
+        "{report}"
+    );
+
+    // --federation with a party gone: the revoked one is no longer connected, the other
+    // still answers.
+    wait_clients(&api, WAIT, |c| {
+        c.iter().any(|c| c.party == "party-2" && !c.connected)
+    })
+    .await;
+    let (code, stdout, _) = cohort(&["--json", "check", "--federation"], &profile)
+        .await
+        .expect("cohort check --federation runs");
+    assert_eq!(code, 0, "{stdout}");
+    assert!(
+        stdout.contains("party party-1") && !stdout.contains("party party-2"),
+        "{stdout}"
+    );
+
+    stack.shutdown().await;
+}
