@@ -2,11 +2,13 @@
 //! (`cohort_fl::synthetic`), each result checked against the exact average computed apart.
 //! `round` runs the whole federation as `cohort up` does (every service a process, mutual
 //! TLS, embedded storage in a temporary directory) with a job of `model.arch: synthetic`;
-//! `aggregate` times the FedAvg fold alone.
+//! `aggregate` times the FedAvg fold alone; `train` measures local training's samples/s on
+//! the CPU or a GPU.
 
 use std::time::{Duration, Instant};
 
 mod round;
+mod train;
 
 use anyhow::Context;
 use clap::Subcommand;
@@ -23,6 +25,10 @@ pub enum BenchCommand {
     /// parties) with a synthetic model of P parameters: per-round times, peak memory of
     /// every process, bytes moved, and the final model's error against the exact average.
     Round(RoundArgs),
+    /// Local training throughput of a built-in model (samples/s) on `--device` (cpu, cuda,
+    /// auto), on random data of the model's shape: e.g. `--arch mlp --hidden 4096,4096
+    /// --batch-size 256`.
+    Train(train::TrainArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -88,6 +94,7 @@ pub async fn run(command: BenchCommand, json: bool) -> anyhow::Result<i32> {
     match command {
         BenchCommand::Aggregate(args) => aggregate(&args, json),
         BenchCommand::Round(args) => round::run(&args, json).await,
+        BenchCommand::Train(args) => train::run(&args, json),
     }
 }
 
