@@ -208,6 +208,41 @@ async fn cohort_check_names_what_keeps_a_party_out() {
         "{hint:?}"
     );
     assert_eq!(step(&steps, "tls").1, Some(true), "{report}");
+    // In the human form, the failed step and its fix, exit 1.
+    let wrong = format!("127.0.0.2:{port}");
+    let (code, stdout, _) = cohort(
+        &[
+            "check",
+            "--proxy",
+            &wrong,
+            "--party",
+            "party-1",
+            "--tls-cert",
+            party1.cert.to_str().expect("path"),
+            "--tls-key",
+            party1.key.to_str().expect("path"),
+            "--tls-ca",
+            party1.ca.to_str().expect("path"),
+            "--datasets",
+            party1.datasets.to_str().expect("path"),
+        ],
+        &profile,
+    )
+    .await
+    .expect("cohort check runs");
+    assert_eq!(code, 1, "{stdout}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    let at = lines
+        .iter()
+        .position(|l| l.starts_with("✗ proxy-name"))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(
+        lines
+            .get(at + 1)
+            .is_some_and(|l| l.trim_start().starts_with("fix: dial the proxy")),
+        "{stdout}"
+    );
+    assert!(lines.iter().any(|l| l.starts_with("✓ clock")), "{stdout}");
 
     // A certificate of another CA (and that CA as --tls-ca): the proxy's certificate does not
     // chain to it, and the TLS step says so.
