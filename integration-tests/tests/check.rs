@@ -1,8 +1,9 @@
 //! `cohort check` run as a process against a real federation: with a party's own files every
 //! step passes; a certificate of another CA, a proxy dialled by a name its certificate does
 //! not hold, an unreadable dataset and a revoked party each fail the step that names the
-//! problem, with a hint and exit code 1; `--federation` reports every connected party as
-//! having answered its probe.
+//! problem, with a hint and exit code 1; `--federation` reports every connected party: those
+//! that answered with their round trip, one whose executor cannot start, one that is stopped
+//! and does not answer.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -10,6 +11,7 @@ use std::time::Duration;
 use cohort_cli::stack::{PartyData, Stack, StackConfig};
 use cohort_integration_tests::{bin_dir, cohort, wait_clients};
 use cohort_proto::v1 as pb;
+use nix::sys::signal::Signal;
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -106,7 +108,7 @@ async fn cohort_check_names_what_keeps_a_party_out() {
     let mut stack = Stack::start(&StackConfig {
         bin_dir: Some(bin_dir()),
         data_dir: dir.path().to_path_buf(),
-        parties: 2,
+        parties: 3,
         proxy_listen: "0.0.0.0:0".into(),
         proxy_names: vec!["0.0.0.0".into()],
         database_url: None,
@@ -117,7 +119,11 @@ async fn cohort_check_names_what_keeps_a_party_out() {
             seed: 42,
         },
         party_env: Vec::new(),
-        party_overrides: Vec::new(),
+        // party-3's executor cannot run (it exits 1): it answers probes, not ready.
+        party_overrides: vec![(
+            "party-3".into(),
+            vec![("COHORT_EXECUTOR_BIN".into(), "/bin/false".into())],
+        )],
         metrics: false,
     })
     .await
@@ -131,7 +137,7 @@ async fn cohort_check_names_what_keeps_a_party_out() {
         api.selector().list_clients(pb::ListClientsRequest {}).await
     );
     wait_clients(&api, WAIT, |c| {
-        c.iter().filter(|c| c.connected).count() == 2
+        c.iter().filter(|c| c.connected).count() == 3
     })
     .await;
     let port = stack
@@ -329,30 +335,74 @@ async fn cohort_check_names_what_keeps_a_party_out() {
     );
     assert_eq!(step(&steps, "dataset digits").1, Some(true), "{report}");
 
-    // The server side: every connected party answers the probe.
-    let (code, stdout, stderr) = cohort(&["--json", "check", "--federation"], &profile)
-        .await
-        .expect("cohort check --federation runs");
-    let report: Value =
-        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout} {stderr}"));
-    assert_eq!(code, 0, "{report}");
-    let names: Vec<&str> = report["steps"]
-        .as_array()
-        .expect("steps")
-        .iter()
-        .map(|s| s["name"].as_str().expect("name"))
-        .collect();
-    assert_eq!(names, ["party party-1", "party party-2"], "{report}");
-    for s in report["steps"].as_array().expect("steps") {
-        assert_eq!(s["ok"], true, "{report}");
+    // The server side: every connected party is probed; party-3 answers that its executor
+    // cannot start.
+    let federation = |timeout: &'static str| {
+        let profile = profile.clone();
+        async move {
+            let (code, stdout, stderr) = cohort(
+                &["--json", "check", "--federation", "--timeout", timeout],
+                &profile,
+            )
+            .await
+            .expect("cohort check --federation runs");
+            let report: Value =
+                serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout} {stderr}"));
+            (code, report)
+        }
+    };
+    let by_party = |report: &Value| -> Vec<(String, Option<bool>, String)> {
+        report["steps"]
+            .as_array()
+            .expect("steps")
+            .iter()
+            .map(|s| {
+                (
+                    s["name"].as_str().expect("name").to_string(),
+                    s["ok"].as_bool(),
+                    s["detail"].as_str().expect("detail").to_string(),
+                )
+            })
+            .collect()
+    };
+    let (code, report) = federation("10s").await;
+    assert_eq!(code, 1, "{report}");
+    let parties = by_party(&report);
+    let names: Vec<&str> = parties.iter().map(|p| p.0.as_str()).collect();
+    assert_eq!(
+        names,
+        ["party party-1", "party party-2", "party party-3"],
+        "{report}"
+    );
+    for (_, ok, detail) in &parties[..2] {
+        assert_eq!(*ok, Some(true), "{report}");
         assert!(
-            s["detail"]
-                .as_str()
-                .expect("detail")
-                .contains("executor started"),
+            detail.starts_with("answered in ") && detail.contains("executor started"),
             "{report}"
         );
     }
+    assert_eq!(parties[2].1, Some(false), "{report}");
+    assert!(
+        parties[2].2.contains("not ready") && parties[2].2.contains("/bin/false"),
+        "{report}"
+    );
+
+    // A party that is connected but does not answer (its task-manager stopped; its session
+    // outlives a short probe: client-selector waits three 5 s heartbeats): reported
+    // unanswered.
+    stack
+        .signal("task-manager-party-2", Signal::SIGSTOP)
+        .expect("stop party-2");
+    let (code, report) = federation("1s").await;
+    stack
+        .signal("task-manager-party-2", Signal::SIGCONT)
+        .expect("continue party-2");
+    assert_eq!(code, 1, "{report}");
+    let parties = by_party(&report);
+    assert_eq!(parties[0].1, Some(true), "{report}");
+    assert_eq!(parties[1].0, "party party-2", "{report}");
+    assert_eq!(parties[1].1, Some(false), "{report}");
+    assert!(parties[1].2.contains("no answer within 1s"), "{report}");
 
     // Revoked: the proxy's gate (or client-selector, until the gate reloads its list)
     // refuses the party, and the check names the revocation.
@@ -379,20 +429,14 @@ async fn cohort_check_names_what_keeps_a_party_out() {
         "{report}"
     );
 
-    // --federation with a party gone: the revoked one is no longer connected, the other
-    // still answers.
+    // --federation once party-2 is gone: it is no longer listed.
     wait_clients(&api, WAIT, |c| {
         c.iter().any(|c| c.party == "party-2" && !c.connected)
     })
     .await;
-    let (code, stdout, _) = cohort(&["--json", "check", "--federation"], &profile)
-        .await
-        .expect("cohort check --federation runs");
-    assert_eq!(code, 0, "{stdout}");
-    assert!(
-        stdout.contains("party party-1") && !stdout.contains("party party-2"),
-        "{stdout}"
-    );
+    let (_, report) = federation("10s").await;
+    let names: Vec<String> = by_party(&report).into_iter().map(|p| p.0).collect();
+    assert_eq!(names, ["party party-1", "party party-3"], "{report}");
 
     stack.shutdown().await;
 }
