@@ -166,16 +166,9 @@ async fn party(a: &CheckArgs) -> anyhow::Result<Vec<Step>> {
     let (host, port) = split_host_port(&proxy).map_err(|m| usage("--proxy", m))?;
     let mut steps = Steps::default();
 
+    // DNS and TCP do not need the certificate: they run whatever it is.
     let client = certificate(&mut steps, &files, a.party.as_deref());
-    match client {
-        Some(client) => {
-            network(&mut steps, &client, &proxy, &host, port, a).await;
-        }
-        None => {
-            steps.skip(NETWORK_STEPS, "certificate");
-            steps.skip(SERVER_STEPS, "certificate");
-        }
-    }
+    network(&mut steps, client.as_ref(), &proxy, &host, port, a).await;
     if let Some(path) = &a.datasets {
         datasets(&mut steps, path);
     }
@@ -298,7 +291,7 @@ fn validity(cert: &Path) -> Result<Validity, String> {
 
 async fn network(
     steps: &mut Steps,
-    client: &Client,
+    client: Option<&Client>,
     proxy: &str,
     host: &str,
     port: u16,
@@ -372,6 +365,11 @@ async fn network(
     );
 
     // tls, and whether the proxy's certificate names the host dialled
+    let Some(client) = client else {
+        steps.skip(&NETWORK_STEPS[2..], "certificate");
+        steps.skip(SERVER_STEPS, "certificate");
+        return;
+    };
     let Ok(server_name) = ServerName::try_from(host.to_string()) else {
         steps.fail(
             "tls",
@@ -990,5 +988,48 @@ mod tests {
         for bad in ["localhost", ":7070", "host:port"] {
             assert!(split_host_port(bad).is_err(), "{bad}");
         }
+    }
+
+    #[tokio::test]
+    async fn what_needs_a_failed_step_is_skipped_and_the_rest_still_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = |name: &str| Some(dir.path().join(name));
+        let args = CheckArgs {
+            // RFC 6761: .invalid never resolves.
+            proxy: Some("proxy.invalid:7070".into()),
+            tls_cert: missing("party.crt"),
+            tls_key: missing("party.key"),
+            tls_ca: missing("ca.crt"),
+            party: None,
+            datasets: missing("datasets.json"),
+            federation: false,
+            timeout: Duration::from_secs(5),
+            max_skew: Duration::from_secs(1),
+        };
+        let steps = party(&args).await.unwrap();
+        let outcome: Vec<(&str, Option<bool>)> =
+            steps.iter().map(|s| (s.name.as_str(), s.ok)).collect();
+        assert_eq!(
+            outcome,
+            [
+                ("certificate", Some(false)),
+                ("dns", Some(false)),
+                ("tcp", None),
+                ("tls", None),
+                ("proxy-name", None),
+                ("client-certificate", None),
+                ("not-revoked", None),
+                ("party", None),
+                ("clock", None),
+                ("datasets", Some(false)),
+            ]
+        );
+        assert!(steps[0].detail.contains("party.crt"), "{:?}", steps[0]);
+        assert!(steps[1].detail.contains("proxy.invalid"), "{:?}", steps[1]);
+        assert!(
+            steps
+                .iter()
+                .all(|s| s.hint.is_some() == (s.ok == Some(false)))
+        );
     }
 }
