@@ -128,18 +128,6 @@ async fn cohort_check_names_what_keeps_a_party_out() {
     })
     .await
     .expect("federation");
-    let profile = dir.path().join("profile.toml");
-    stack.profile().save(&profile).expect("profile");
-    let api = cohort_cli::Api::from_profile(&stack.profile()).expect("api");
-    eprintln!(
-        "DEBUG {:?} {:?}",
-        stack.proxy,
-        api.selector().list_clients(pb::ListClientsRequest {}).await
-    );
-    wait_clients(&api, WAIT, |c| {
-        c.iter().filter(|c| c.connected).count() == 3
-    })
-    .await;
     let port = stack
         .proxy
         .rsplit_once(':')
@@ -147,6 +135,18 @@ async fn cohort_check_names_what_keeps_a_party_out() {
         .1
         .to_string();
     let localhost = format!("localhost:{port}");
+    // The admin's profile names the proxy by a name its certificate holds.
+    let profile = dir.path().join("profile.toml");
+    let admin = cohort_cli::profile::Profile {
+        endpoint: localhost.clone(),
+        ..stack.profile()
+    };
+    admin.save(&profile).expect("profile");
+    let api = cohort_cli::Api::from_profile(&admin).expect("api");
+    wait_clients(&api, WAIT, |c| {
+        c.iter().filter(|c| c.connected).count() == 3
+    })
+    .await;
     let party1 = party_files(&stack, dir.path(), "party-1");
 
     // Everything in order: every step passes, exit 0.
@@ -403,6 +403,32 @@ async fn cohort_check_names_what_keeps_a_party_out() {
     assert_eq!(parties[1].0, "party party-2", "{report}");
     assert_eq!(parties[1].1, Some(false), "{report}");
     assert!(parties[1].2.contains("no answer within 1s"), "{report}");
+
+    // Probing the parties is for admins of every namespace: a namespace's admin is refused,
+    // as the error contract says (one JSON error on stderr, exit 1).
+    let created = api
+        .tokens()
+        .create_token(pb::CreateTokenRequest {
+            name: "team-a-admin".into(),
+            namespace: "team-a".into(),
+            role: pb::Role::Admin as i32,
+        })
+        .await
+        .expect("admin makes a token")
+        .into_inner();
+    let team_profile = dir.path().join("team-a.toml");
+    cohort_cli::profile::Profile {
+        token: Some(created.token),
+        ..admin.clone()
+    }
+    .save(&team_profile)
+    .expect("profile");
+    let (code, stdout, stderr) = cohort(&["--json", "check", "--federation"], &team_profile)
+        .await
+        .expect("cohort check --federation runs");
+    assert_eq!((code, stdout.as_str()), (1, ""), "{stderr}");
+    let error: Value = serde_json::from_str(stderr.trim()).expect("one JSON error");
+    assert_eq!(error["error"]["code"], "permission_denied", "{stderr}");
 
     // Revoked: the proxy's gate (or client-selector, until the gate reloads its list)
     // refuses the party, and the check names the revocation.
