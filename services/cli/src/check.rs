@@ -920,13 +920,14 @@ async fn federation(api: Api, timeout: Duration) -> anyhow::Result<Vec<Step>> {
     let timeout_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
     let mut selector = api.selector();
     let call = selector.probe_parties(pb::ProbePartiesRequest { timeout_ms });
-    // client-selector waits at most 60 s; the call a little longer.
-    let answer = tokio::time::timeout(timeout.min(Duration::from_secs(60)) * 2, call)
+    // client-selector waits at most 60 s for the parties; the call gets 10 s more for
+    // itself (the proxy, a loaded machine).
+    let bound = timeout.min(Duration::from_secs(60)) + Duration::from_secs(10);
+    let answer = tokio::time::timeout(bound, call)
         .await
         .map_err(|_| {
             tonic::Status::deadline_exceeded(format!(
-                "client-selector did not report the probes within {:?}",
-                timeout * 2
+                "client-selector did not report the probes within {bound:?}"
             ))
         })??
         .into_inner();
