@@ -316,6 +316,10 @@ async fn resource_selection_never_draws_a_party_without_room_and_favours_the_roo
         .find(|c| c.party == "party-4")
         .expect("party-4 is listed");
     assert_eq!(idle.tasks_offered, 0, "{idle:?}");
-    let free = idle.resources.and_then(|r| r.free).unwrap_or_default();
+    let free = idle
+        .resources
+        .as_ref()
+        .and_then(|r| r.free)
+        .unwrap_or_default();
     assert_eq!(free.cpu_millis, 0, "{idle:?}");
 }
