@@ -27,6 +27,9 @@ step "build every binary and test (target: ${CARGO_TARGET_DIR:-target})"
 # Integration tests run the real binaries, so they are built first.
 cargo build --locked --workspace --bins --tests
 
+step "compile-check the cuda feature (scripts/check-cuda.sh: nvcc installed when missing)"
+bash scripts/check-cuda.sh
+
 step "start PostgreSQL and S3 for the tests"
 start_test_services
 # A test whose service is missing fails under CI (libs/testkit). No MongoDB server can be
