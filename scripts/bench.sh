@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # Measures every row of BENCHMARKS.md on this machine: builds the release binaries, then runs
-# `cohort bench round` for each workload and `cohort bench aggregate` for the fold, one JSON
+# `cohort bench round` for each workload, `cohort bench aggregate` for the fold and `cohort bench
+# train` for local training (on CUDA too where `nvidia-smi` finds a GPU), one JSON
 # object per line on stdout (progress on stderr). Needs about 10 GB of memory and 6 GB of free
 # disk for the 600M-parameter row (the coordinator stages updates in $TMPDIR); skip it with
 # COHORT_BENCH_SKIP_HUGE=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --workspace --bins >&2
+# With a GPU, the binaries are built with the cuda feature (nvcc and the driver needed).
+gpu=""
+if nvidia-smi -L >/dev/null 2>&1; then
+    gpu=1
+fi
+cargo build --release --workspace --bins ${gpu:+--features cohort-cli/cuda,cohort-executor/cuda,cohort-task-manager/cuda} >&2
 cohort=target/release/cohort
 if [ -n "${CARGO_TARGET_DIR:-}" ]; then
     cohort="$CARGO_TARGET_DIR/release/cohort"
@@ -37,4 +43,9 @@ for batch in 10 1; do
         echo "bench aggregate: 10 updates of 25000000 parameters, $batch at a time, $threads thread(s)" >&2
         "$cohort" bench aggregate --updates 10 --params 25000000 --threads "$threads" --batch "$batch" --passes 5 --json
     done
+done
+# Local training (issue 17): samples/s of the 784→4096→4096→10 MLP at batch 256.
+for device in cpu ${gpu:+cuda}; do
+    echo "bench train: mlp 4096,4096, batch 256, on $device" >&2
+    "$cohort" bench train --arch mlp --hidden 4096,4096 --batch-size 256 --device "$device" --json
 done
