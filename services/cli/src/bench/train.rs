@@ -18,6 +18,7 @@ pub struct TrainArgs {
     /// Hidden layer widths of an mlp, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "256,128")]
     hidden: Vec<u32>,
+    /// Samples per training step.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65_536))]
     batch_size: u32,
     /// Where to train, as `training.device`: auto (CUDA when built with it and a GPU
@@ -30,6 +31,7 @@ pub struct TrainArgs {
     /// Features per sample (784: a 28×28 image, which the cnn needs).
     #[arg(long, default_value_t = 784, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     features: u32,
+    /// Label classes (the model's outputs).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(2..=100_000))]
     classes: u32,
     /// Timed epochs.
