@@ -2,14 +2,16 @@
 //! step passes; a certificate of another CA, a proxy dialled by a name its certificate does
 //! not hold, an unreadable dataset and a revoked party each fail the step that names the
 //! problem, with a hint and exit code 1; `--federation` reports every connected party: those
-//! that answered with their round trip, one whose executor cannot start, one that is stopped
-//! and does not answer.
+//! whose executor reached the server as that party and read its datasets, one whose executor
+//! cannot start, one whose executor cannot reach the server (the CA file it is given changed
+//! on disk after its task-manager started), one that is stopped and does not answer; no
+//! probe's executor outlives the probe.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cohort_cli::stack::{PartyData, Stack, StackConfig};
-use cohort_integration_tests::{bin_dir, cohort, wait_clients};
+use cohort_integration_tests::{bin_dir, cohort, descendants, wait_clients};
 use cohort_proto::v1 as pb;
 use nix::sys::signal::Signal;
 use serde_json::Value;
@@ -103,12 +105,15 @@ async fn cohort_check_names_what_keeps_a_party_out() {
         .prefix("cohort-it-check-")
         .tempdir()
         .expect("tempdir");
+    // party-4's --tls-ca: the federation's CA through a link, until the test swaps it.
+    let party4_ca = dir.path().join("party-4-ca.crt");
+    std::os::unix::fs::symlink(dir.path().join("pki/ca.crt"), &party4_ca).expect("link");
     // On every address, so that 127.0.0.2 reaches it too: a name its certificate lacks. The
     // local parties dial the address it listens on, so its certificate names that.
     let mut stack = Stack::start(&StackConfig {
         bin_dir: Some(bin_dir()),
         data_dir: dir.path().to_path_buf(),
-        parties: 3,
+        parties: 4,
         proxy_listen: "0.0.0.0:0".into(),
         proxy_names: vec!["0.0.0.0".into()],
         database_url: None,
@@ -120,10 +125,16 @@ async fn cohort_check_names_what_keeps_a_party_out() {
         },
         party_env: Vec::new(),
         // party-3's executor cannot run (it exits 1): it answers probes, not ready.
-        party_overrides: vec![(
-            "party-3".into(),
-            vec![("COHORT_EXECUTOR_BIN".into(), "/bin/false".into())],
-        )],
+        party_overrides: vec![
+            (
+                "party-3".into(),
+                vec![("COHORT_EXECUTOR_BIN".into(), "/bin/false".into())],
+            ),
+            (
+                "party-4".into(),
+                vec![("COHORT_TLS_CA".into(), party4_ca.display().to_string())],
+            ),
+        ],
         metrics: false,
     })
     .await
@@ -144,7 +155,7 @@ async fn cohort_check_names_what_keeps_a_party_out() {
     admin.save(&profile).expect("profile");
     let api = cohort_cli::Api::from_profile(&admin).expect("api");
     wait_clients(&api, WAIT, |c| {
-        c.iter().filter(|c| c.connected).count() == 3
+        c.iter().filter(|c| c.connected).count() == 4
     })
     .await;
     let party1 = party_files(&stack, dir.path(), "party-1");
@@ -335,23 +346,36 @@ async fn cohort_check_names_what_keeps_a_party_out() {
     );
     assert_eq!(step(&steps, "dataset digits").1, Some(true), "{report}");
 
-    // The server side: every connected party is probed; party-3 answers that its executor
-    // cannot start.
-    let federation = |timeout: &'static str| {
+    // The server side: every connected party is probed. party-4's CA file now holds another
+    // CA (its task-manager read the right one at its start and stays connected): its
+    // executor, given that file as a task's would be, cannot reach the server.
+    let swapped = dir.path().join("party-4-ca.crt.new");
+    std::fs::copy(other.join("ca.crt"), &swapped).expect("copy the other CA");
+    std::fs::rename(&swapped, &party4_ca).expect("swap party-4's CA file");
+    let federation = |args: Vec<&'static str>| {
         let profile = profile.clone();
         async move {
-            let (code, stdout, stderr) = cohort(
-                &["--json", "check", "--federation", "--timeout", timeout],
-                &profile,
-            )
-            .await
-            .expect("cohort check --federation runs");
+            cohort(&args, &profile)
+                .await
+                .expect("cohort check --federation runs")
+        }
+    };
+    let federation_json = |timeout: &'static str| {
+        let run = federation(vec![
+            "--json",
+            "check",
+            "--federation",
+            "--timeout",
+            timeout,
+        ]);
+        async move {
+            let (code, stdout, stderr) = run.await;
             let report: Value =
                 serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout} {stderr}"));
             (code, report)
         }
     };
-    let by_party = |report: &Value| -> Vec<(String, Option<bool>, String)> {
+    let by_party = |report: &Value| -> Vec<(String, Option<bool>, String, Value)> {
         report["steps"]
             .as_array()
             .expect("steps")
@@ -361,30 +385,110 @@ async fn cohort_check_names_what_keeps_a_party_out() {
                     s["name"].as_str().expect("name").to_string(),
                     s["ok"].as_bool(),
                     s["detail"].as_str().expect("detail").to_string(),
+                    s["probe"].clone(),
                 )
             })
             .collect()
     };
-    let (code, report) = federation("10s").await;
+    let no_probe_executor_left = || {
+        let left: Vec<_> = descendants(std::process::id())
+            .into_iter()
+            .filter(|(_, _, comm)| comm == "executor")
+            .collect();
+        assert_eq!(left, [], "a probe's executor outlived the probe");
+    };
+    let (code, report) = federation_json("20s").await;
+    no_probe_executor_left();
     assert_eq!(code, 1, "{report}");
     let parties = by_party(&report);
     let names: Vec<&str> = parties.iter().map(|p| p.0.as_str()).collect();
     assert_eq!(
         names,
-        ["party party-1", "party party-2", "party party-3"],
+        [
+            "party party-1",
+            "party party-2",
+            "party party-3",
+            "party party-4"
+        ],
         "{report}"
     );
-    for (_, ok, detail) in &parties[..2] {
+    // Their executors reached the server as themselves and read their one dataset.
+    for (name, ok, detail, probe) in &parties[..2] {
+        let party = name.trim_start_matches("party ");
         assert_eq!(*ok, Some(true), "{report}");
         assert!(
-            detail.starts_with("answered in ") && detail.contains("executor started"),
+            detail.starts_with("answered in ")
+                && detail.contains(&format!(
+                    "executor started, reached the server as {party} ("
+                ))
+                && detail.ends_with("1/1 datasets read"),
             "{report}"
         );
+        let executor = &probe["executor"];
+        assert_eq!(probe["answered"], true, "{report}");
+        assert_eq!(executor["started"], true, "{report}");
+        assert_eq!(executor["reached_server"], true, "{report}");
+        assert_eq!(executor["server_saw_party"], party, "{report}");
+        assert_eq!(
+            (&executor["datasets"], &executor["datasets_readable"]),
+            (&Value::from(1), &Value::from(1)),
+            "{report}"
+        );
+        assert_eq!(executor["error"], Value::Null, "{report}");
+        assert!(executor["round_trip_ms"].as_u64().is_some(), "{report}");
     }
-    assert_eq!(parties[2].1, Some(false), "{report}");
+    // party-3 answers; its executor does not start.
+    let (_, ok, detail, probe) = &parties[2];
+    assert_eq!(*ok, Some(false), "{report}");
     assert!(
-        parties[2].2.contains("not ready") && parties[2].2.contains("/bin/false"),
+        detail.contains("executor did not run the probe") && detail.contains("/bin/false"),
         "{report}"
+    );
+    assert_eq!(probe["answered"], true, "{report}");
+    assert_eq!(probe["executor"]["started"], false, "{report}");
+    // party-4 answers; its executor started and says why it did not reach the server.
+    let (_, ok, detail, probe) = &parties[3];
+    assert_eq!(*ok, Some(false), "{report}");
+    assert!(
+        detail.contains("executor started, did not reach the server")
+            && detail.contains("cannot reach the server through the proxy"),
+        "{report}"
+    );
+    let executor = &probe["executor"];
+    assert_eq!(
+        (&executor["started"], &executor["reached_server"]),
+        (&Value::from(true), &Value::from(false)),
+        "{report}"
+    );
+    let error = executor["error"].as_str().unwrap_or_default();
+    assert!(
+        error.to_lowercase().contains("certificate"),
+        "the executor's own error names the certificate: {report}"
+    );
+    // Its task-manager is still connected: only its executor is cut off.
+    assert_eq!(probe["answered"], true, "{report}");
+
+    // The human form: a line per party, the failed ones with their fix; exit 1.
+    let (code, stdout, _) = federation(vec!["check", "--federation", "--timeout", "20s"]).await;
+    no_probe_executor_left();
+    eprintln!("cohort check --federation:\n{stdout}");
+    assert_eq!(code, 1, "{stdout}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(
+        lines.iter().any(
+            |l| l.starts_with("✓ party party-1") && l.contains("reached the server as party-1")
+        ),
+        "{stdout}"
+    );
+    let at = lines
+        .iter()
+        .position(|l| l.starts_with("✗ party party-4"))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(
+        lines
+            .get(at + 1)
+            .is_some_and(|l| l.trim_start().starts_with("fix: the executor dials")),
+        "{stdout}"
     );
 
     // A party that is connected but does not answer (its task-manager stopped; its session
@@ -393,7 +497,7 @@ async fn cohort_check_names_what_keeps_a_party_out() {
     stack
         .signal("task-manager-party-2", Signal::SIGSTOP)
         .expect("stop party-2");
-    let (code, report) = federation("1s").await;
+    let (code, report) = federation_json("3s").await;
     stack
         .signal("task-manager-party-2", Signal::SIGCONT)
         .expect("continue party-2");
@@ -402,7 +506,8 @@ async fn cohort_check_names_what_keeps_a_party_out() {
     assert_eq!(parties[0].1, Some(true), "{report}");
     assert_eq!(parties[1].0, "party party-2", "{report}");
     assert_eq!(parties[1].1, Some(false), "{report}");
-    assert!(parties[1].2.contains("no answer within 1s"), "{report}");
+    assert!(parties[1].2.contains("no answer within 3s"), "{report}");
+    assert_eq!(parties[1].3["answered"], false, "{report}");
 
     // Probing the parties is for admins of every namespace: a namespace's admin is refused,
     // as the error contract says (one JSON error on stderr, exit 1).
@@ -460,9 +565,13 @@ async fn cohort_check_names_what_keeps_a_party_out() {
         c.iter().any(|c| c.party == "party-2" && !c.connected)
     })
     .await;
-    let (_, report) = federation("10s").await;
+    let (_, report) = federation_json("20s").await;
     let names: Vec<String> = by_party(&report).into_iter().map(|p| p.0).collect();
-    assert_eq!(names, ["party party-1", "party party-3"], "{report}");
+    assert_eq!(
+        names,
+        ["party party-1", "party party-3", "party party-4"],
+        "{report}"
+    );
 
     stack.shutdown().await;
 }

@@ -4,6 +4,10 @@
 //!
 //! A task is a frame: its length as a little-endian u32, then the `ExecutorTask` message.
 //! An answer is one line: `ok`, or `error: ` and the task's fatal error on one line.
+//!
+//! A connectivity probe (`executor --probe`, `cohort check --federation`) goes the same way:
+//! one frame per dataset of the party, each an `ExecutorTask` of an EVALUATE task with no
+//! token, stdin then closed; its answer is one JSON line, a [`ProbeAnswer`].
 
 use cohort_proto::v1 as pb;
 use prost::Message;
@@ -91,6 +95,51 @@ pub async fn read_answer<R: tokio::io::AsyncBufRead + Unpin>(
     }))
 }
 
+/// What a probe's executor did, as it answers on its stdout (one JSON line).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ProbeAnswer {
+    /// The party the server took the executor for (`PartySession.Check`); empty when the
+    /// call failed.
+    pub party: String,
+    /// That call's round trip.
+    pub round_trip_ms: u32,
+    /// The datasets handed over, and how many of them were read.
+    pub datasets: u32,
+    pub datasets_readable: u32,
+    /// The first thing that failed, on one line; empty when nothing did.
+    pub error: String,
+}
+
+/// Writes a probe's answer: one JSON line.
+pub async fn write_probe_answer<W: AsyncWrite + Unpin>(
+    out: &mut W,
+    answer: &ProbeAnswer,
+) -> std::io::Result<()> {
+    // serde_json escapes control characters: the line stays one line.
+    let line = serde_json::to_string(answer).map_err(std::io::Error::other)?;
+    out.write_all(line.as_bytes()).await?;
+    out.write_all(b"\n").await?;
+    out.flush().await
+}
+
+/// Reads a probe's answer: None when the executor ended without one; an error when what it
+/// wrote is not an answer.
+pub async fn read_probe_answer<R: tokio::io::AsyncBufRead + Unpin>(
+    input: &mut R,
+) -> std::io::Result<Option<ProbeAnswer>> {
+    let mut line = Vec::new();
+    let read = input
+        .take(MAX_ANSWER_BYTES as u64)
+        .read_until(b'\n', &mut line)
+        .await?;
+    if read == 0 {
+        return Ok(None);
+    }
+    serde_json::from_slice(&line)
+        .map(Some)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -128,6 +177,25 @@ mod tests {
             Some(Err("error: two lines".into()))
         );
         assert_eq!(read_answer(&mut b).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_probe_answer_is_one_json_line() {
+        let answer = ProbeAnswer {
+            party: "party-1".into(),
+            round_trip_ms: 12,
+            datasets: 2,
+            datasets_readable: 1,
+            error: "dataset b: two\nlines".into(),
+        };
+        let (mut a, b) = tokio::io::duplex(1 << 16);
+        write_probe_answer(&mut a, &answer).await.unwrap();
+        a.write_all(b"not json\n").await.unwrap();
+        drop(a);
+        let mut b = tokio::io::BufReader::new(b);
+        assert_eq!(read_probe_answer(&mut b).await.unwrap(), Some(answer));
+        assert!(read_probe_answer(&mut b).await.is_err());
+        assert_eq!(read_probe_answer(&mut b).await.unwrap(), None);
     }
 
     #[tokio::test]

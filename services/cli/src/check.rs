@@ -13,7 +13,11 @@
 //!
 //! `--federation` asks client-selector, with the profile's admin token, to probe every
 //! connected party over its session (`ClientSelector.ProbeParties`): each task-manager starts
-//! its executor once and answers; the report says who answered and how fast.
+//! its executor on a toy EVALUATE task, which dials the proxy as a task does, calls
+//! `PartySession.Check` and reads the party's datasets; the report says, per party, whether
+//! it answered and how fast, whether its executor started, the party the server took the
+//! executor for and that call's round trip, and how many datasets it read (executor Pods are
+//! not probed). Each party's step carries these fields in `--json` as `probe`.
 //!
 //! Every step passes or fails with a hint; `--json` prints one object
 //! `{"ok", "steps": [{"name", "ok", "detail", "hint"}]}` (`ok` null: skipped); the exit code
@@ -59,8 +63,9 @@ pub struct CheckArgs {
     #[arg(long, env = "COHORT_DATASETS")]
     pub datasets: Option<PathBuf>,
     /// Server side, through the profile's proxy with an admin token of "*": probe every
-    /// connected party (its task-manager starts its executor once) and report who answered
-    /// and how fast. The party flags are ignored.
+    /// connected party (its task-manager starts its executor on a toy task that reaches the
+    /// server through the proxy and reads the datasets) and report who answered, how fast,
+    /// and what each executor did. The party flags are ignored.
     #[arg(long)]
     pub federation: bool,
     /// How long each network step may take; with --federation, how long parties have to answer.
@@ -79,6 +84,9 @@ pub struct Step {
     pub ok: Option<bool>,
     pub detail: String,
     pub hint: Option<String>,
+    /// `--federation`: what the party answered, field by field.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe: Option<serde_json::Value>,
 }
 
 #[derive(Default)]
@@ -106,6 +114,7 @@ impl Steps {
             ok,
             detail,
             hint,
+            probe: None,
         });
     }
 }
@@ -941,36 +950,121 @@ async fn federation(api: Api, timeout: Duration) -> anyhow::Result<Vec<Step>> {
         );
     }
     for p in answer.parties {
-        let step = format!("party {}", p.party);
-        match (p.answered, p.ok) {
-            (true, true) => steps.pass(
-                &step,
-                format!("answered in {} ms: {}", p.round_trip_ms, p.message),
-            ),
-            (true, false) => steps.fail(
-                &step,
-                format!(
-                    "answered in {} ms, not ready: {}",
-                    p.round_trip_ms, p.message
-                ),
-                "the party cannot start its executor: check task-manager's --executor-bin on \
-                 that machine",
-            ),
-            (false, _) => steps.fail(
-                &step,
-                p.message,
+        party_probe(&mut steps, p);
+    }
+    Ok(steps.0)
+}
+
+/// One party's probe as a step: its detail says what its task-manager and executor did, its
+/// `probe` holds the same field by field.
+fn party_probe(steps: &mut Steps, p: pb::PartyProbe) {
+    let step = format!("party {}", p.party);
+    let fields = json!({
+        "answered": p.answered,
+        "round_trip_ms": p.answered.then_some(p.round_trip_ms),
+        "executor": p.executor.as_ref().map(|e| json!({
+            "probed": !e.in_pods,
+            "started": e.started,
+            "reached_server": e.reached_server,
+            "server_saw_party": e.server_saw_party,
+            "round_trip_ms": e.round_trip_ms,
+            "datasets": e.datasets,
+            "datasets_readable": e.datasets_readable,
+            "took_ms": e.took_ms,
+            "error": (!e.error.is_empty()).then_some(&e.error),
+        })),
+        "message": p.message,
+    });
+    let answered = format!("answered in {} ms", p.round_trip_ms);
+    let (detail, hint) = match (&p.executor, p.answered) {
+        (_, false) => (
+            p.message.clone(),
+            Some(
                 "run `cohort check` on that party's machine; its task-manager may be stuck, or \
                  older than the server (it ignores probes)",
             ),
-        }
+        ),
+        (Some(e), true) if e.in_pods => (format!("{answered}; executor pods: not probed"), None),
+        (Some(e), true) => executor_outcome(&p.party, e, &answered, p.ok),
+        // A task-manager older than the executor's probe: it says only whether it is ready.
+        (None, true) if p.ok => (format!("{answered}: {}", p.message), None),
+        (None, true) => (
+            format!("{answered}, not ready: {}", p.message),
+            Some(
+                "the party cannot start its executor: check task-manager's --executor-bin on that machine",
+            ),
+        ),
+    };
+    match hint {
+        None => steps.pass(&step, detail),
+        Some(hint) => steps.fail(&step, detail, hint),
     }
-    Ok(steps.0)
+    if let Some(last) = steps.0.last_mut() {
+        last.probe = Some(fields);
+    }
+}
+
+/// A probed executor's outcome: the detail, and the hint when it did not do what a task needs.
+fn executor_outcome(
+    party: &str,
+    e: &pb::ExecutorProbe,
+    answered: &str,
+    ok: bool,
+) -> (String, Option<&'static str>) {
+    let datasets = format!("{}/{} datasets read", e.datasets_readable, e.datasets);
+    if !e.started {
+        return (
+            format!("{answered}; executor did not run the probe: {}", e.error),
+            Some(
+                "task-manager could not run its executor on that machine: check its \
+                 --executor-bin (an executor older than task-manager does not know --probe)",
+            ),
+        );
+    }
+    if !e.reached_server {
+        return (
+            format!(
+                "{answered}; executor started, did not reach the server: {}",
+                e.error
+            ),
+            Some(
+                "the executor dials task-manager's --proxy with its --tls-cert, --tls-key and \
+                 --tls-ca as they are on disk now (task-manager read them at its start): run \
+                 `cohort check` on that machine with task-manager's flags",
+            ),
+        );
+    }
+    let reached = format!(
+        "executor started, reached the server as {} ({} ms)",
+        e.server_saw_party, e.round_trip_ms
+    );
+    if e.server_saw_party != party {
+        return (
+            format!("{answered}; {reached}, not as {party}"),
+            Some(
+                "something between that machine and the proxy presents another certificate (a \
+                 TLS-intercepting proxy?), or the executor is given another party's files",
+            ),
+        );
+    }
+    if e.datasets_readable < e.datasets || !e.error.is_empty() || !ok {
+        return (
+            format!("{answered}; {reached}, {datasets}: {}", e.error),
+            Some(
+                "each dataset's files must stay readable by the user task-manager runs as, in \
+                 the format and shape it registered: `cohort check --datasets` on that machine \
+                 names the bad one",
+            ),
+        );
+    }
+    (format!("{answered}; {reached}, {datasets}"), None)
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
     #[test]
     fn proxy_addresses_split_as_task_manager_takes_them() {
@@ -989,6 +1083,80 @@ mod tests {
         for bad in ["localhost", ":7070", "host:port"] {
             assert!(split_host_port(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn each_partys_probe_is_a_step_with_its_fields() {
+        let mut steps = Steps::default();
+        let answered =
+            |party: &str, ok: bool, executor: Option<pb::ExecutorProbe>| pb::PartyProbe {
+                party: party.into(),
+                answered: true,
+                ok,
+                round_trip_ms: 9,
+                message: "ready".into(),
+                executor,
+            };
+        let pods = pb::ExecutorProbe {
+            in_pods: true,
+            ..Default::default()
+        };
+        party_probe(&mut steps, answered("pods", true, Some(pods)));
+        // A task-manager older than the executor's probe.
+        party_probe(&mut steps, answered("old", true, None));
+        let reached = pb::ExecutorProbe {
+            started: true,
+            reached_server: true,
+            server_saw_party: "other".into(),
+            round_trip_ms: 4,
+            datasets: 2,
+            datasets_readable: 2,
+            ..Default::default()
+        };
+        party_probe(&mut steps, answered("seen-as-other", false, Some(reached)));
+        let unread = pb::ExecutorProbe {
+            started: true,
+            reached_server: true,
+            server_saw_party: "unread".into(),
+            datasets: 2,
+            datasets_readable: 1,
+            error: "error: dataset \"b\": b.csv: no such file".into(),
+            ..Default::default()
+        };
+        party_probe(&mut steps, answered("unread", false, Some(unread)));
+        party_probe(
+            &mut steps,
+            pb::PartyProbe {
+                party: "silent".into(),
+                message: "no answer within 5s".into(),
+                ..Default::default()
+            },
+        );
+        let s = &steps.0;
+        assert_eq!(s[0].ok, Some(true));
+        assert_eq!(s[0].detail, "answered in 9 ms; executor pods: not probed");
+        assert_eq!(s[0].probe.as_ref().unwrap()["executor"]["probed"], false);
+        assert_eq!(s[1].ok, Some(true));
+        assert_eq!(s[1].detail, "answered in 9 ms: ready");
+        assert_eq!(s[1].probe.as_ref().unwrap()["executor"], Value::Null);
+        assert_eq!(s[2].ok, Some(false));
+        assert!(
+            s[2].detail
+                .ends_with("as other (4 ms), not as seen-as-other")
+        );
+        assert_eq!(s[3].ok, Some(false));
+        assert!(
+            s[3].detail
+                .contains("1/2 datasets read: error: dataset \"b\"")
+        );
+        assert!(s[3].hint.as_deref().unwrap().contains("--datasets"));
+        assert_eq!(s[4].ok, Some(false));
+        assert_eq!(s[4].detail, "no answer within 5s");
+        let silent = s[4].probe.as_ref().unwrap();
+        assert_eq!(
+            (&silent["answered"], &silent["round_trip_ms"]),
+            (&Value::Bool(false), &Value::Null)
+        );
     }
 
     #[tokio::test]

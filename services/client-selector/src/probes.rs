@@ -1,7 +1,8 @@
 //! Connectivity probes (`cohort check --federation`): a `Probe` sent down every connected
 //! party's session and its `ProbeReply` waited for, each party within one deadline. A
-//! probe asks a party to show it could run a task now (task-manager starts its executor
-//! once); nothing is offered, trained or aggregated, and the party's records do not change.
+//! probe asks a party to show it could run a task now (task-manager starts its executor on a
+//! toy task that reaches the server and reads the datasets; the answer says what it did,
+//! relayed); nothing is offered, trained or aggregated, and the party's records do not change.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -81,6 +82,7 @@ impl Probes {
         let probe = pb::ServerMessage {
             kind: Some(pb::server_message::Kind::Probe(pb::Probe {
                 probe_id: probe_id.clone(),
+                timeout_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
             })),
         };
         // The send too: a party that does not read its stream fills its queue.
@@ -101,6 +103,11 @@ impl Probes {
                 out.ok = r.ok;
                 out.round_trip_ms = round_trip_ms;
                 out.message = bounded_message(&r.message).to_string();
+                out.executor = r.executor.map(|mut e| {
+                    e.error = bounded_message(&e.error).to_string();
+                    e.server_saw_party = bounded_message(&e.server_saw_party).to_string();
+                    e
+                });
             }
             Ok(None) => out.message = "its session ended before it answered".into(),
             Err(_) => {
@@ -139,6 +146,7 @@ mod tests {
                             probe_id: p.probe_id,
                             ok: true,
                             message: "ready".into(),
+                            executor: None,
                         },
                     );
                 }

@@ -10,6 +10,8 @@
 //! connection to the proxy between them. Holds no state from one task to the next but that
 //! connection, except what a strategy keeps in the job's state directory on the party
 //! (`scaffold.rs`: SCAFFOLD's client control variate; `compression.rs`: top-k's residual).
+//! `--probe` (`probe.rs`) is a connectivity probe's toy task: dial the proxy as a task does,
+//! call `PartySession.Check`, read the party's datasets, answer one JSON line.
 //! Must not depend on server-side crates. A task's fatal error is one line (`error: ` and
 //! the whole cause chain): the answer of a serving executor, or the last log line of a
 //! one-task executor; task-manager reports it to the server as the task's reason.
@@ -30,6 +32,7 @@ use tracing::Instrument as _;
 
 mod command;
 mod compression;
+mod probe;
 mod scaffold;
 mod secagg;
 
@@ -38,7 +41,7 @@ mod secagg;
     name = "executor",
     about = "Cohort executor for one task, or for one job's tasks"
 )]
-#[command(group(clap::ArgGroup::new("tasks").required(true).args(["task_file", "serve"])))]
+#[command(group(clap::ArgGroup::new("tasks").required(true).args(["task_file", "serve", "probe"])))]
 pub struct Args {
     /// The task file written by task-manager: run this one task, then exit.
     #[arg(long, env = "COHORT_TASK_FILE")]
@@ -47,6 +50,11 @@ pub struct Args {
     /// stdout; exit when stdin closes.
     #[arg(long)]
     pub serve: bool,
+    /// A connectivity probe (`cohort check --federation`): read the probe's tasks from stdin
+    /// (one per dataset), reach the server through the proxy as a task does, read the
+    /// datasets, answer one JSON line on stdout, exit.
+    #[arg(long)]
+    pub probe: bool,
     /// With --serve: exit after this many seconds without a task.
     #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub idle_exit_secs: u64,
@@ -77,6 +85,9 @@ impl Args {
             adversary: self.adversary,
             allowed_commands: self.allowed_commands,
         };
+        if self.probe {
+            return probe::run(&mut channels).await;
+        }
         if let Some(mode) = self.adversary {
             tracing::warn!(%mode, "ADVERSARY MODE: this executor corrupts every update it sends");
         }

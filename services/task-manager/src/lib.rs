@@ -900,7 +900,7 @@ impl Party {
                 Some(pb::server_message::Kind::Probe(p)) => {
                     let (tx, me) = (out_tx.clone(), self.clone());
                     tokio::spawn(async move {
-                        let reply = probe::answer(&me.executors, p).await;
+                        let reply = probe::answer(&me, p).await;
                         let msg = party_msg(pb::party_message::Kind::ProbeReply(reply));
                         let _ = tx.send(msg).await;
                     });
