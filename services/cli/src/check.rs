@@ -1012,6 +1012,16 @@ fn executor_outcome(
     ok: bool,
 ) -> (String, Option<&'static str>) {
     let datasets = format!("{}/{} datasets read", e.datasets_readable, e.datasets);
+    if !e.started && e.error.contains("did not answer within") {
+        return (
+            format!("{answered}; executor did not answer in time: {}", e.error),
+            Some(
+                "task-manager stopped its executor at the probe's deadline (four fifths of \
+                 --timeout): try a longer --timeout; if it still does not answer, run `cohort \
+                 check` on that machine with task-manager's flags",
+            ),
+        );
+    }
     if !e.started {
         return (
             format!("{answered}; executor did not run the probe: {}", e.error),
@@ -1124,6 +1134,11 @@ mod tests {
             ..Default::default()
         };
         party_probe(&mut steps, answered("unread", false, Some(unread)));
+        let stopped = pb::ExecutorProbe {
+            error: "executor /bin/executor did not answer within 800ms; stopped".into(),
+            ..Default::default()
+        };
+        party_probe(&mut steps, answered("slow", false, Some(stopped)));
         party_probe(
             &mut steps,
             pb::PartyProbe {
@@ -1151,8 +1166,11 @@ mod tests {
         );
         assert!(s[3].hint.as_deref().unwrap().contains("--datasets"));
         assert_eq!(s[4].ok, Some(false));
-        assert_eq!(s[4].detail, "no answer within 5s");
-        let silent = s[4].probe.as_ref().unwrap();
+        assert!(s[4].detail.contains("did not answer in time"));
+        assert!(s[4].hint.as_deref().unwrap().contains("longer --timeout"));
+        assert_eq!(s[5].ok, Some(false));
+        assert_eq!(s[5].detail, "no answer within 5s");
+        let silent = s[5].probe.as_ref().unwrap();
         assert_eq!(
             (&silent["answered"], &silent["round_trip_ms"]),
             (&Value::Bool(false), &Value::Null)
