@@ -1035,7 +1035,7 @@ impl JobRun {
                 round,
                 party,
                 task_id: String::new(),
-                message: format!("refused the {} offer: {reason}", kind.as_str()),
+                message: format!("did not take the {} offer: {reason}", kind.as_str()),
             });
         }
         if (accepted.len() as u32) < min && !last_refusals.is_empty() {
