@@ -114,7 +114,9 @@ async fn numpy_logistic_regression_trains_digits_and_a_party_that_runs_no_comman
     let events = fed.events(&job.id).await.expect("events");
     let refusals: Vec<&pb::JobEvent> = events
         .iter()
-        .filter(|e| e.party == "party-4" && e.reason.contains("did not take the train offer: refused:"))
+        .filter(|e| {
+            e.party == "party-4" && e.reason.contains("did not take the train offer: refused:")
+        })
         .collect();
     eprintln!(
         "numpy logreg by command, 3 of 4 parties, {} rounds: held-out accuracy {accuracy:.3}; \
