@@ -9,12 +9,14 @@
 //! Health and reflection are answered here, and show only what is exposed;
 //! connections are bounded in number, handshake time, streams and headers.
 
+pub mod dashboard;
 mod descriptors;
 mod endpoint;
 mod forward;
 mod gate;
 mod limits;
 mod preface;
+pub mod rest;
 mod route_table;
 mod routing;
 
@@ -164,8 +166,10 @@ impl Args {
             }
             (Some(files), false) => {
                 let tls = Tls::load(&files)?;
-                let server =
+                let mut server =
                     cohort_security::server_config(&files, cohort_security::ClientAuth::Optional)?;
+                // gRPC speaks h2; REST and the dashboard also HTTP/1.1 (browsers, curl).
+                server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
                 Security::Tls {
                     server: Arc::new(server),
                     upstream: self.internal_tls.then_some(tls),
@@ -356,6 +360,13 @@ pub async fn serve_with_health(
         ))
     });
     let proxy = Arc::new(Proxy::new(&config, routes, gate.clone()).await?);
+    let rest = rest::router(rest::RestState::new(
+        gate.clone(),
+        &config.job_scheduler,
+        &config.model_manager,
+        &config.client_selector,
+        upstream,
+    )?);
     let _health_only = health_only.map(|l| {
         AbortOnDrop(tokio::spawn(cohort_runtime::serve_health_only(
             l,
@@ -394,6 +405,7 @@ pub async fn serve_with_health(
                     let _ = stream.set_nodelay(true);
                     let door_logs = door_logs.clone();
                     let proxy = proxy.clone();
+                    let rest = rest.clone();
                     let http = http.clone();
                     let stop = stop_rx.clone();
                     let acceptor = acceptor.clone();
@@ -404,7 +416,7 @@ pub async fn serve_with_health(
                         let deadline = tokio::time::Instant::now() + handshake_timeout;
                         let Some(acceptor) = acceptor else {
                             if let Some(io) = door_logs.preface(stream, deadline, peer).await {
-                                serve_connection(http, io, None, proxy, stop, revoked).await;
+                                serve_connection(http, io, None, proxy, rest, stop, revoked).await;
                             }
                             return;
                         };
@@ -437,8 +449,12 @@ pub async fn serve_with_health(
                             },
                         };
                         tracing::debug!(%peer, identity = ?identity, "TLS connection");
+                        if tls.get_ref().1.alpn_protocol() == Some(b"http/1.1") {
+                            serve_http1(tls, rest, handshake_timeout, stop).await;
+                            return;
+                        }
                         if let Some(io) = door_logs.preface(tls, deadline, peer).await {
-                            serve_connection(http, io, identity, proxy, stop, revoked).await;
+                            serve_connection(http, io, identity, proxy, rest, stop, revoked).await;
                         }
                     });
                 }
@@ -547,6 +563,7 @@ async fn serve_connection<IO>(
     io: IO,
     identity: Option<Identity>,
     proxy: Arc<Proxy>,
+    rest: axum::Router,
     mut stop: watch::Receiver<bool>,
     mut revoked: watch::Receiver<gate::RevokedParties>,
 ) where
@@ -567,8 +584,18 @@ async fn serve_connection<IO>(
     // One span per call, a child of the caller's; the upstream call is this span's child.
     let traced = tower::Layer::layer(&cohort_telemetry::TraceServerLayer::forwarding(), handle);
     let metered = tower::Layer::layer(&cohort_runtime::grpc_metrics_layer(), traced);
-    let service =
-        hyper::service::service_fn(move |req| tower::ServiceExt::oneshot(metered.clone(), req));
+    let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        let metered = metered.clone();
+        let rest = rest.clone();
+        async move {
+            if req.uri().path().starts_with(REST_PREFIX) {
+                let response = tower::ServiceExt::oneshot(rest, req).await;
+                return response.map(|r| r.map(tonic::body::Body::new));
+            }
+            let response = tower::ServiceExt::oneshot(metered, req).await;
+            response.map(|r| r.map(tonic::body::Body::new))
+        }
+    });
     let conn = http.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     let revocation = async {
@@ -596,6 +623,40 @@ async fn serve_connection<IO>(
     };
     if let Err(e) = result {
         tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// HTTP/2 requests under this path go to the REST router, not to gRPC.
+const REST_PREFIX: &str = "/api/";
+
+/// Serves an HTTP/1.1 connection (ALPN http/1.1): the REST router only, gRPC
+/// needs HTTP/2. Closes once the proxy stops (after the request in flight).
+async fn serve_http1<IO>(
+    io: IO,
+    rest: axum::Router,
+    header_timeout: Duration,
+    mut stop: watch::Receiver<bool>,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        tower::ServiceExt::oneshot(rest.clone(), req)
+    });
+    let mut http = hyper::server::conn::http1::Builder::new();
+    // A client that sends no request head in time is dropped.
+    http.timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    let conn = http.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = async { stop.wait_for(|s| *s).await.map(|_| ()) } => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "HTTP/1.1 connection ended with an error");
     }
 }
 
