@@ -9,7 +9,6 @@
 //! Health and reflection are answered here, and show only what is exposed;
 //! connections are bounded in number, handshake time, streams and headers.
 
-pub mod dashboard;
 mod descriptors;
 mod endpoint;
 mod forward;
