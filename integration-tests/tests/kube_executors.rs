@@ -173,6 +173,26 @@ async fn a_party_with_executor_pods_trains_in_a_federation() {
     })
     .await;
     assert!(clients.iter().any(|c| c.party == PARTY), "{clients:?}");
+
+    // A connectivity probe (`cohort check --federation`) starts no executor Pod: the party of
+    // Pods says so; the local parties' executors reach the server as themselves.
+    let probed = api
+        .selector()
+        .probe_parties(cohort_proto::v1::ProbePartiesRequest { timeout_ms: 20_000 })
+        .await
+        .expect("probe the parties")
+        .into_inner();
+    assert_eq!(probed.parties.len(), 3, "{probed:?}");
+    for p in &probed.parties {
+        let executor = p.executor.as_ref().expect("the executor's part");
+        assert!(p.answered && p.ok, "{p:?}");
+        assert_eq!(executor.in_pods, p.party == PARTY, "{p:?}");
+        if !executor.in_pods {
+            assert_eq!(executor.server_saw_party, p.party, "{p:?}");
+        }
+    }
+    assert!(kube.created_pods().is_empty(), "a probe created a pod");
+
     let job = fed
         .create_job(&digits_job("pods", 2, 3, 3, "90s"))
         .await
