@@ -9,6 +9,7 @@
 #   COHORT_S3S_FS              the s3s-fs binary (tests that run their own S3 server)
 #   COHORT_TEST_PYTHON         a Python with numpy, safetensors and python/cohort_client
 #                              (training.runtime: command's tests)
+#   COHORT_TEST_SCHEMATHESIS   the schemathesis command (the REST API's OpenAPI conformance test)
 
 COHORT_TOOLS="${COHORT_TOOLS:-$HOME/.cache/cohort-tools}"
 S3S_FS_VERSION=0.14.1
@@ -74,6 +75,16 @@ ensure_python_env() {
     if ! "$venv/bin/python" -c 'import numpy, safetensors' 2>/dev/null; then
         echo "installing numpy and safetensors into $venv"
         "$venv/bin/pip" install --quiet numpy safetensors
+    fi
+    # schemathesis: the REST API's property-based OpenAPI conformance test.
+    if [ ! -x "$venv/bin/schemathesis" ]; then
+        echo "installing schemathesis into $venv"
+        timeout 600 "$venv/bin/pip" install --quiet --timeout 60 schemathesis \
+            || echo "schemathesis could not be installed: the REST conformance test cannot run"
+    fi
+    if [ -x "$venv/bin/schemathesis" ]; then
+        COHORT_TEST_SCHEMATHESIS="$venv/bin/schemathesis"
+        export COHORT_TEST_SCHEMATHESIS
     fi
     # A copy, so that no build directory is left in the repository.
     local copy
