@@ -24,6 +24,8 @@ const CALL: Duration = Duration::from_secs(30);
 /// An HTTP client of the proxy's REST API: one TLS connection per request.
 struct Rest {
     endpoint: String,
+    /// Sent with every request besides the token (to try spoofing identity headers).
+    extra: Vec<(&'static str, String)>,
     tls: Arc<rustls::ClientConfig>,
     tls_h2: Arc<rustls::ClientConfig>,
     token: Option<String>,
@@ -32,6 +34,7 @@ struct Rest {
 struct Answer {
     status: StatusCode,
     content_type: String,
+    www_authenticate: String,
     body: Bytes,
 }
 
@@ -72,6 +75,7 @@ impl Rest {
             Arc::new(c)
         };
         Rest {
+            extra: Vec::new(),
             endpoint: profile.endpoint.clone(),
             tls: config(b"http/1.1"),
             tls_h2: config(b"h2"),
@@ -81,6 +85,7 @@ impl Rest {
 
     fn with_token(&self, token: &str) -> Rest {
         Rest {
+            extra: self.extra.clone(),
             endpoint: self.endpoint.clone(),
             tls: self.tls.clone(),
             tls_h2: self.tls_h2.clone(),
@@ -123,6 +128,9 @@ impl Rest {
         }
         if let Some(kind) = kind {
             builder = builder.header("content-type", kind);
+        }
+        for (name, value) in &self.extra {
+            builder = builder.header(*name, value);
         }
         builder.body(Full::new(Bytes::from(body))).expect("request")
     }
@@ -194,6 +202,12 @@ async fn collect(response: hyper::Response<hyper::body::Incoming>) -> Answer {
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string();
+    let www_authenticate = response
+        .headers()
+        .get("www-authenticate")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
     let body = tokio::time::timeout(CALL, response.into_body().collect())
         .await
         .expect("the body arrives in time")
@@ -202,6 +216,7 @@ async fn collect(response: hyper::Response<hyper::body::Incoming>) -> Answer {
     Answer {
         status,
         content_type,
+        www_authenticate,
         body,
     }
 }
@@ -244,7 +259,9 @@ async fn rest_api_serves_jobs_models_clients_and_tokens_like_grpc() {
     assert_eq!(doc.json()["openapi"], "3.1.0");
 
     // No token, a forged token: 401 as problem+json, the secret never echoed.
-    anonymous.get("/api/v1/jobs").await.problem(401);
+    let unauthenticated = anonymous.get("/api/v1/jobs").await;
+    unauthenticated.problem(401);
+    assert_eq!(unauthenticated.www_authenticate, "Bearer realm=\"cohort\"");
     let forged = cohort_security::ApiToken::generate().expose().to_string();
     let refused = admin.with_token(&forged).get("/api/v1/jobs").await;
     refused.problem(401);
@@ -374,6 +391,15 @@ async fn rest_api_serves_jobs_models_clients_and_tokens_like_grpc() {
         .send(Method::DELETE, &path, None, Vec::new())
         .await
         .problem(403);
+    // Identity headers a caller sends are not believed: the gate sets them from the token.
+    let spoofing = Rest {
+        extra: vec![
+            ("x-cohort-namespace", "team-a".to_string()),
+            ("x-cohort-role", "admin".to_string()),
+        ],
+        ..member_b.with_token(&secrets["member-b"])
+    };
+    spoofing.get(&path).await.problem(404);
     let b_jobs = member_b.get("/api/v1/jobs").await.json();
     assert_eq!(b_jobs["jobs"], json!([]), "{b_jobs}");
     let a_jobs = viewer_a.get("/api/v1/jobs").await.json();
