@@ -296,7 +296,10 @@ echo '{"party":"p","round_trip_ms":7,"datasets":1,"datasets_readable":1,"error":
     #[tokio::test]
     async fn an_executor_that_ends_without_answering_is_reported_with_its_last_line() {
         let dir = tempfile::tempdir().unwrap();
-        let executor = script(dir.path(), "echo 'error: TLS: ca.crt: no such file' >&2; exit 1");
+        let executor = script(
+            dir.path(),
+            "echo 'error: TLS: ca.crt: no such file' >&2; exit 1",
+        );
         let e = probe_executor(&executor, &frame(), Duration::from_secs(20)).await;
         assert!(!e.started, "{e:?}");
         assert!(
@@ -320,7 +323,10 @@ echo '{"party":"p","round_trip_ms":7,"datasets":1,"datasets_readable":1,"error":
         let e = probe_executor(&executor, &frame(), Duration::from_millis(1500)).await;
         assert!(started.elapsed() < Duration::from_secs(10), "{e:?}");
         assert!(!e.started, "{e:?}");
-        assert!(e.error.contains("did not answer within 1.5s; stopped"), "{e:?}");
+        assert!(
+            e.error.contains("did not answer within 1.5s; stopped"),
+            "{e:?}"
+        );
         let pid: u32 = std::fs::read_to_string(&pid_file)
             .unwrap()
             .trim()
