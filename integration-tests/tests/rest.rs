@@ -267,6 +267,10 @@ async fn rest_api_serves_jobs_models_clients_and_tokens_like_grpc() {
     refused.problem(401);
     assert!(!String::from_utf8_lossy(&refused.body).contains(&forged));
     admin.get("/api/v1/nosuch").await.problem(404);
+    admin
+        .send(Method::PUT, "/api/v1/jobs", None, Vec::new())
+        .await
+        .problem(405);
 
     // HTTP/2 requests under /api/ reach the same router.
     let me = admin.send_h2(Method::GET, "/api/v1/whoami").await;

@@ -132,6 +132,7 @@ pub fn router(state: RestState) -> axum::Router {
         )
         .route("/api/v1/audit", get(clients::audit))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
 }
 
@@ -140,6 +141,19 @@ async fn not_found(uri: axum::http::Uri) -> Problem {
         cohort_core::ErrorKind::NotFound,
         format!("no such resource: {} (see /api/openapi.json)", uri.path()),
     )
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Problem {
+    Problem {
+        problem_type: "urn:cohort:problem:method_not_allowed".into(),
+        title: "Method Not Allowed".into(),
+        status: 405,
+        detail: format!(
+            "{method} is not served on {} (see /api/openapi.json)",
+            uri.path()
+        ),
+        field: None,
+    }
 }
 
 /// A caller the gate admitted: the identity metadata it set.
@@ -197,5 +211,65 @@ async fn call<T>(
         Err(_) => Err(Problem::unavailable(service)),
         Ok(Err(status)) => Err(Problem::from(status)),
         Ok(Ok(response)) => Ok(response.into_inner()),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use tower::ServiceExt;
+
+    /// A router whose services are never reached (nothing listens on port 1).
+    fn offline_router() -> axum::Router {
+        let nowhere = Endpoint::parse_field("test", "127.0.0.1:1").unwrap();
+        let gate = Gate::new(
+            true,
+            &nowhere,
+            &nowhere,
+            None,
+            Duration::from_millis(200),
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        router(RestState::new(Arc::new(gate), &nowhere, &nowhere, &nowhere, None).unwrap())
+    }
+
+    async fn answer(method: &str, path: &str) -> (StatusCode, String, String) {
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .body(Body::empty())
+            .unwrap();
+        let response = offline_router().oneshot(request).await.unwrap();
+        let kind = response
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default();
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (status, kind, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn unknown_paths_methods_and_missing_tokens_are_problems() {
+        for (method, path, status) in [
+            ("GET", "/api/v1/nosuch", 404),
+            ("PUT", "/api/v1/jobs", 405),
+            ("GET", "/api/v1/jobs", 401),
+        ] {
+            let (got, kind, body) = answer(method, path).await;
+            assert_eq!(got.as_u16(), status, "{method} {path}: {body}");
+            assert_eq!(kind, problem::PROBLEM_JSON, "{method} {path}: {body}");
+        }
+        let (status, kind, body) = answer("GET", "/api/openapi.json").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(kind, "application/json");
+        assert_eq!(body, openapi_json());
     }
 }
