@@ -35,10 +35,13 @@ ensure_postgres() {
     # Debian's prometheus package: promtool checks every service's output, and a test runs
     # its own Prometheus server against a federation.
     if ! { command -v promtool >/dev/null || [ -x /usr/bin/promtool ]; } || [ ! -x /usr/bin/prometheus ]; then packages+=(prometheus); fi
+    # Headless Chromium and its WebDriver: the dashboard's browser test.
+    if ! command -v chromium >/dev/null; then packages+=(chromium); fi
+    if ! command -v chromedriver >/dev/null; then packages+=(chromium-driver); fi
     if [ "${#packages[@]}" -gt 0 ]; then
         echo "installing ${packages[*]} from Debian's packages"
-        as_root apt-get update -qq
-        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}" >/dev/null
+        as_root timeout 300 apt-get update -qq
+        as_root env DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -qq "${packages[@]}" >/dev/null
         # The packaged cluster is not used: tests run a private one.
         as_root pg_ctlcluster --force "$(basename "$(dirname "$(pg_bin_dir)")")" main stop 2>/dev/null || true
         # Nor is the packaged Prometheus service: the test starts its own server.

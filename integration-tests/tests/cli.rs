@@ -56,6 +56,13 @@ impl Up {
         assert_eq!(v["event"], "up", "{v}");
         let profile = PathBuf::from(v["profile"].as_str().expect("profile path"));
         assert!(profile.is_file());
+        // Where to look and what to sign in with.
+        let dashboard = v["dashboard"].as_str().expect("the dashboard's URL");
+        assert!(dashboard.starts_with("https://127.0.0.1:"), "{dashboard}");
+        let token_file = v["admin_token_file"]
+            .as_str()
+            .expect("the admin token's file");
+        assert!(Path::new(token_file).is_file(), "{token_file}");
         assert!(
             dir.path().join("config/cohort/profile.toml").is_file(),
             "up also writes the default profile"

@@ -1149,6 +1149,7 @@ async fn up(a: UpArgs, json: bool) -> anyhow::Result<i32> {
         println!(
             "{}",
             json!({"event": "up", "proxy": stack.proxy, "profile": profile_path, "data_dir": data_dir, "clients": a.clients,
+                   "dashboard": stack.dashboard_url(), "admin_token_file": stack.admin_token_path(),
                    "metrics_dir": stack.metrics_dir(),
                    "metrics": stack.metrics_urls().into_iter().map(|(p, u)| json!({"process": p, "url": u})).collect::<Vec<_>>()})
         );
@@ -1158,6 +1159,12 @@ async fn up(a: UpArgs, json: bool) -> anyhow::Result<i32> {
             stack.proxy, a.clients
         );
         println!("profile: {}", profile_path.display());
+        println!(
+            "dashboard: {}  (sign in with the admin token in {}; the browser must trust {})",
+            stack.dashboard_url(),
+            stack.admin_token_path().display(),
+            stack.pki.join("ca.crt").display()
+        );
         println!("logs:    {}", data_dir.join("logs").display());
         if let Some(dir) = stack.metrics_dir() {
             println!(

@@ -176,6 +176,22 @@ impl Stack {
         urls
     }
 
+    /// The web dashboard, served by the proxy on its own port (the CA is `pki/ca.crt`).
+    pub fn dashboard_url(&self) -> String {
+        let (host, port) = self.proxy.rsplit_once(':').unwrap_or((&self.proxy, "443"));
+        // A wildcard listen address is not one a browser can dial.
+        let host = match host {
+            "0.0.0.0" | "[::]" | "" => "localhost",
+            host => host,
+        };
+        format!("https://{host}:{port}/")
+    }
+
+    /// The file holding the admin token (owner-only), to paste into the dashboard.
+    pub fn admin_token_path(&self) -> PathBuf {
+        self.pki.join("admin.token")
+    }
+
     /// The profile other commands use to reach this federation as its admin.
     pub fn profile(&self) -> Profile {
         Profile {

@@ -83,7 +83,8 @@ function fmtBytes(n) {
   const b = Number(n) || 0;
   if (b < 1024) return `${b} B`;
   if (b < 1024 * 1024) return `${(b / 1024).toFixed(1)} KiB`;
-  return `${(b / 1024 / 1024).toFixed(1)} MiB`;
+  if (b < 1024 * 1024 * 1024) return `${(b / 1024 / 1024).toFixed(1)} MiB`;
+  return `${(b / 1024 / 1024 / 1024).toFixed(1)} GiB`;
 }
 
 function canWrite() {
@@ -233,7 +234,7 @@ async function jobsPage(params) {
   stSel.addEventListener("change", apply);
   const body = el("div", {}, el("p", { class: "muted" }, "Loading jobs…"));
   render(
-    el("div", { class: "row" }, el("h1", {}, "Jobs"),
+    el("div", { class: "row pagehead" }, el("h1", {}, "Jobs"),
       el("div", { class: "actions" }, canWrite() ? el("a", { href: "#/new" }, el("button", { class: "primary" }, "New job")) : null)),
     el("div", { class: "card row" }, el("label", {}, "Namespace", nsSel), el("label", {}, "State", stSel)),
     body);
@@ -273,7 +274,7 @@ async function jobsPage(params) {
       el("thead", {}, el("tr", {}, el("th", {}, "Job"), el("th", {}, "Namespace"), el("th", {}, "State"),
         el("th", {}, "Progress"), el("th", { class: "num" }, "Accuracy"), el("th", {}, "Created"))),
       el("tbody", {}, rows)),
-    next ? el("p", {}, el("a", { href: `#/jobs?${new URLSearchParams({ namespace: ns, state, page_token: next })}` }, "Next page →")) : null);
+    ...(next ? [el("p", {}, el("a", { href: `#/jobs?${new URLSearchParams({ namespace: ns, state, page_token: next })}` }, "Next page →"))] : []));
 }
 
 // Rounds finished and asked for.
@@ -332,11 +333,13 @@ async function jobPage(id) {
   const plots = el("div", { class: "plots", id: "plots" });
   const eventsBox = el("div", { id: "events" });
   const live = el("span", { id: "live" });
-  render(head, el("h2", {}, "Metrics"), plots, el("h2", {}, "Round timeline ", live), roundsBox, el("h2", {}, "Events"), eventsBox);
+  // Outside the head, which every live update redraws.
+  const msg = el("div", { id: "job-message" });
+  render(head, msg, el("h2", {}, "Metrics"), plots, el("h2", {}, "Round timeline ", live), roundsBox, el("h2", {}, "Events"), eventsBox);
 
   const refresh = async (job) => {
     if (!job) job = await api(`/api/v1/jobs/${encodeURIComponent(id)}`);
-    renderJobHead(head, job);
+    renderJobHead(head, msg, job);
     let rounds = null;
     try {
       rounds = list(await api(`/api/v1/jobs/${encodeURIComponent(id)}/rounds`), "rounds");
@@ -410,14 +413,13 @@ async function watchJob(id, live, refresh) {
   }
 }
 
-function renderJobHead(head, job) {
+function renderJobHead(head, msg, job) {
   const st = stateName(job.state);
   const ro = !canWrite();
   const why = ro ? "Viewers cannot stop or delete jobs" : null;
   const stop = el("button", { class: "danger", id: "stop-job", disabled: ro || FINAL.has(st) || st === "stopping", title: why },
     "Stop");
   const del = el("button", { class: "danger", id: "delete-job", disabled: ro, title: why }, "Delete");
-  const msg = el("div", { id: "job-message" });
   stop.addEventListener("click", async () => {
     if (!confirm(`Stop job ${job.name || job.id}?`)) return;
     try {
@@ -443,10 +445,9 @@ function renderJobHead(head, job) {
   });
   const { done, total } = progress(job);
   head.replaceChildren(
-    el("div", { class: "row" }, el("h1", {}, job.name || job.id, " ", badge(st)),
+    el("div", { class: "row pagehead" }, el("h1", {}, job.name || job.id, " ", badge(st)),
       el("div", { class: "actions" }, stop, del)),
-    ro ? el("p", { class: "muted small", id: "viewer-note" }, `Signed in as a viewer: ${why.toLowerCase()}.`) : null,
-    msg,
+    ...(ro ? [el("p", { class: "muted small", id: "viewer-note" }, `Signed in as a viewer: ${why.toLowerCase()}.`)] : []),
     el("div", { class: "card grid" },
       kv("Job id", el("span", { class: "mono" }, job.id)), kv("Namespace", job.namespace || "—"),
       kv("Rounds", `${done} / ${total || "?"}`, "rounds-done"), kv("Best round", job.best_round || "—"),
@@ -502,7 +503,8 @@ function renderEvents(box, events) {
   box.replaceChildren(el("table", { class: "events", id: "events-table" },
     el("thead", {}, el("tr", {}, el("th", {}, "Time"), el("th", {}, "What"), el("th", {}, "Round"), el("th", {}, "Party"), el("th", {}, "Reason"))),
     el("tbody", {}, events.map((e) => {
-      const what = e.kind ? e.kind : `${stateName(e.from)} → ${stateName(e.to)}`;
+      const from = stateName(e.from);
+      const what = e.kind ? e.kind.replaceAll("_", " ") : from === "unspecified" ? `→ ${stateName(e.to)}` : `${from} → ${stateName(e.to)}`;
       return el("tr", {},
         el("td", { class: "small" }, fmtTime(e.time_ms)),
         el("td", {}, what),
@@ -538,6 +540,13 @@ function newJobPage() {
       location.hash = `#/jobs/${encodeURIComponent(job.id)}`;
     } catch (e) {
       out.replaceChildren(fieldError(area.value, e));
+      const line = e.problem && e.problem.field && findFieldLine(area.value, e.problem.field);
+      if (line) {
+        // Put the cursor on the field's line, selected.
+        const starts = area.value.split("\n").slice(0, line.n - 1).reduce((n, l) => n + l.length + 1, 0);
+        area.focus();
+        area.setSelectionRange(starts, starts + area.value.split("\n")[line.n - 1].length);
+      }
     }
   });
   render(el("h1", {}, "New job"), canWrite() ? null : el("p", { class: "error" }, "Viewers cannot create jobs."), form);
@@ -709,7 +718,7 @@ async function partiesPage() {
         });
       }
       return el("tr", { "data-party": c.party },
-        el("td", {}, el("strong", {}, c.party)),
+        el("td", { class: "nowrap" }, el("strong", {}, c.party)),
         el("td", {}, badge(st, st === "disconnected" ? "warn" : st)),
         el("td", { class: "small" }, list(c.datasets).map((d) =>
           el("div", {}, el("code", {}, d.name), ` ${d.samples ?? "?"} samples, ${d.features ?? "?"} features, ${d.classes ?? "?"} classes`))),

@@ -153,7 +153,7 @@ mod tests {
         router().oneshot(request).await.expect("infallible")
     }
 
-    fn header_of<'a>(response: &'a Response, name: header::HeaderName) -> &'a str {
+    fn header_of(response: &Response, name: header::HeaderName) -> &str {
         response
             .headers()
             .get(name)

@@ -9,6 +9,7 @@
 //! Health and reflection are answered here, and show only what is exposed;
 //! connections are bounded in number, handshake time, streams and headers.
 
+pub mod dashboard;
 mod descriptors;
 mod endpoint;
 mod forward;
@@ -365,7 +366,8 @@ pub async fn serve_with_health(
         &config.model_manager,
         &config.client_selector,
         upstream,
-    )?);
+    )?)
+    .merge(dashboard::router());
     let _health_only = health_only.map(|l| {
         AbortOnDrop(tokio::spawn(cohort_runtime::serve_health_only(
             l,
@@ -587,7 +589,7 @@ async fn serve_connection<IO>(
         let metered = metered.clone();
         let rest = rest.clone();
         async move {
-            if req.uri().path().starts_with(REST_PREFIX) {
+            if req.uri().path().starts_with(REST_PREFIX) || dashboard::serves(req.uri().path()) {
                 let response = tower::ServiceExt::oneshot(rest, req).await;
                 return response.map(|r| r.map(tonic::body::Body::new));
             }
