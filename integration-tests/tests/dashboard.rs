@@ -561,7 +561,8 @@ async fn scenario(fed: &Federation, browser: &Browser, base: &str) -> anyhow::Re
         .wait(
             "the new job's page",
             Duration::from_secs(30),
-            "return location.hash.startsWith('#/jobs/') && document.querySelector('#live')",
+            "const l = document.querySelector('#live'); \
+             return location.hash.startsWith('#/jobs/') && l && l.textContent",
         )
         .await?;
     browser

@@ -335,11 +335,12 @@ async function jobPage(id) {
   const live = el("span", { id: "live" });
   // Outside the head, which every live update redraws.
   const msg = el("div", { id: "job-message" });
+  const buttons = jobButtons(id, msg);
   render(head, msg, el("h2", {}, "Metrics"), plots, el("h2", {}, "Round timeline ", live), roundsBox, el("h2", {}, "Events"), eventsBox);
 
   const refresh = async (job) => {
     if (!job) job = await api(`/api/v1/jobs/${encodeURIComponent(id)}`);
-    renderJobHead(head, msg, job);
+    renderJobHead(head, buttons, job);
     let rounds = null;
     try {
       rounds = list(await api(`/api/v1/jobs/${encodeURIComponent(id)}/rounds`), "rounds");
@@ -413,48 +414,64 @@ async function watchJob(id, live, refresh) {
   }
 }
 
-function renderJobHead(head, msg, job) {
-  const st = stateName(job.state);
+// The stop and delete buttons, made once per job page: a live update redraws
+// the head every round, and a button replaced under the pointer loses its click.
+function jobButtons(id, msg) {
   const ro = !canWrite();
   const why = ro ? "Viewers cannot stop or delete jobs" : null;
-  const stop = el("button", { class: "danger", id: "stop-job", disabled: ro || FINAL.has(st) || st === "stopping", title: why },
-    "Stop");
+  const stop = el("button", { class: "danger", id: "stop-job", disabled: ro, title: why }, "Stop");
   const del = el("button", { class: "danger", id: "delete-job", disabled: ro, title: why }, "Delete");
+  const buttons = { stop, del, ro, why, name: id, stopRequested: false };
   stop.addEventListener("click", async () => {
-    if (!confirm(`Stop job ${job.name || job.id}?`)) return;
+    if (!confirm(`Stop job ${buttons.name}?`)) return;
     try {
-      await api(`/api/v1/jobs/${encodeURIComponent(job.id)}/stop`, {
+      await api(`/api/v1/jobs/${encodeURIComponent(id)}/stop`, {
         method: "POST",
         headers: { "Content-Type": "application/json" },
         body: JSON.stringify({ reason: `stopped from the dashboard by ${me.name}` }),
       });
       msg.replaceChildren(el("div", { class: "notice" }, "Stop requested."));
+      buttons.stopRequested = true;
       stop.disabled = true;
     } catch (e) {
       msg.replaceChildren(errorBox(e));
     }
   });
   del.addEventListener("click", async () => {
-    if (!confirm(`Delete job ${job.name || job.id} and its records?`)) return;
+    if (!confirm(`Delete job ${buttons.name} and its records?`)) return;
     try {
-      await api(`/api/v1/jobs/${encodeURIComponent(job.id)}`, { method: "DELETE" });
+      await api(`/api/v1/jobs/${encodeURIComponent(id)}`, { method: "DELETE" });
       location.hash = "#/jobs";
     } catch (e) {
       msg.replaceChildren(errorBox(e));
     }
   });
+  return buttons;
+}
+
+function renderJobHead(head, buttons, job) {
+  const st = stateName(job.state);
+  const { stop, del, ro, why } = buttons;
+  buttons.name = job.name || job.id;
+  stop.disabled = ro || buttons.stopRequested || FINAL.has(st) || st === "stopping";
   const { done, total } = progress(job);
-  head.replaceChildren(
-    el("div", { class: "row pagehead" }, el("h1", {}, job.name || job.id, " ", badge(st)),
-      el("div", { class: "actions" }, stop, del)),
-    ...(ro ? [el("p", { class: "muted small", id: "viewer-note" }, `Signed in as a viewer: ${why.toLowerCase()}.`)] : []),
-    el("div", { class: "card grid" },
-      kv("Job id", el("span", { class: "mono" }, job.id)), kv("Namespace", job.namespace || "—"),
-      kv("Rounds", `${done} / ${total || "?"}`, "rounds-done"), kv("Best round", job.best_round || "—"),
-      kv("Model", job.model_name ? el("a", { href: `#/models/${encodeURIComponent(job.model_name)}` }, job.model_name) : "—"),
-      kv("Accuracy", fmtPct(lastAccuracy(job))),
-      kv("Created", fmtTime(job.created_at_ms)), kv("Updated", fmtTime(job.updated_at_ms)),
-      kv("Reason", job.reason || "—")));
+  // The title row (with the buttons) is built once and updated in place.
+  if (!buttons.title) {
+    buttons.title = el("h1");
+    buttons.grid = el("div", { class: "card grid" });
+    head.replaceChildren(
+      el("div", { class: "row pagehead" }, buttons.title, el("div", { class: "actions" }, stop, del)),
+      ...(ro ? [el("p", { class: "muted small", id: "viewer-note" }, `Signed in as a viewer: ${why.toLowerCase()}.`)] : []),
+      buttons.grid);
+  }
+  buttons.title.replaceChildren(job.name || job.id, " ", badge(st));
+  buttons.grid.replaceChildren(
+    kv("Job id", el("span", { class: "mono" }, job.id)), kv("Namespace", job.namespace || "—"),
+    kv("Rounds", `${done} / ${total || "?"}`, "rounds-done"), kv("Best round", job.best_round || "—"),
+    kv("Model", job.model_name ? el("a", { href: `#/models/${encodeURIComponent(job.model_name)}` }, job.model_name) : "—"),
+    kv("Accuracy", fmtPct(lastAccuracy(job))),
+    kv("Created", fmtTime(job.created_at_ms)), kv("Updated", fmtTime(job.updated_at_ms)),
+    kv("Reason", job.reason || "—"));
 }
 
 function kv(k, v, id) {
