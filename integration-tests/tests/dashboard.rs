@@ -681,7 +681,36 @@ async fn scenario(fed: &Federation, browser: &Browser, base: &str) -> anyhow::Re
             ),
         )
         .await?;
+    let accuracy = browser
+        .wait(
+            "the live job's accuracy in the list",
+            Duration::from_secs(20),
+            &format!(
+                "const c = document.querySelector('tr[data-job=\"{}\"] td.accuracy'); \
+                 return c && c.textContent.endsWith('%') && c.textContent",
+                job.id
+            ),
+        )
+        .await?;
+    assert!(
+        accuracy.as_str().is_some_and(|a| a.ends_with('%')),
+        "{accuracy}"
+    );
     browser.shot("05-jobs").await?;
+    // The state filter: only the stopped job.
+    browser.goto(&format!("{base}#/jobs?state=stopped")).await?;
+    browser
+        .wait(
+            "the stopped jobs only",
+            Duration::from_secs(20),
+            &format!(
+                "return document.querySelector('#filter-state').value === 'stopped' \
+                 && document.querySelector('tr[data-job=\"{}\"]') \
+                 && !document.querySelector('tr[data-job=\"{}\"]')",
+                long.id, job.id
+            ),
+        )
+        .await?;
 
     // Download the live job's last model: the page checks the bytes' sha256.
     let versions = fed

@@ -265,9 +265,10 @@ async function jobsPage(params) {
       el("td", {}, j.namespace || "—"),
       el("td", {}, badge(st)),
       el("td", {}, bar, `${done}/${total || "?"}`),
-      el("td", { class: "num" }, fmtPct(lastAccuracy(j))),
+      el("td", { class: "num accuracy" }, fmtPct(lastAccuracy(j))),
       el("td", {}, fmtTime(j.created_at_ms)));
   });
+  fillAccuracies(jobs, rows);
   const next = resp && resp.next_page_token;
   body.replaceChildren(
     el("table", { id: "jobs" },
@@ -282,6 +283,21 @@ function progress(job) {
   const done = Number(job.round ?? job.rounds_completed) || 0;
   const total = Number(typeof job.rounds === "number" ? job.rounds : job.rounds_total) || 0;
   return { done, total };
+}
+
+// A listing carries no rounds: a job that has some gets its last evaluated
+// accuracy from its rounds, filled in as they arrive.
+function fillAccuracies(jobs, rows) {
+  jobs.forEach((j, i) => {
+    if (lastAccuracy(j) !== undefined || !progress(j).done) return;
+    api(`/api/v1/jobs/${encodeURIComponent(j.id)}/rounds`)
+      .then((resp) => {
+        const rounds = list(resp, "rounds");
+        const acc = lastAccuracy({ rounds_summary: rounds });
+        if (acc !== undefined) rows[i].querySelector("td.accuracy").textContent = fmtPct(acc);
+      })
+      .catch(() => {});
+  });
 }
 
 function lastAccuracy(job) {
