@@ -502,6 +502,14 @@ async fn scenario(fed: &Federation, browser: &Browser, base: &str) -> anyhow::Re
         )
         .await?;
     browser.shot("01-login").await?;
+    // The browser took HTTP/2 (ALPN h2), the port gRPC is served on.
+    let protocol = browser
+        .eval(
+            "return performance.getEntriesByType('navigation')[0].nextHopProtocol",
+            json!([]),
+        )
+        .await?;
+    assert_eq!(protocol, json!("h2"), "the dashboard over HTTP/2");
     browser.type_into("#token", "not-a-token").await?;
     browser.click("#login").await?;
     browser
