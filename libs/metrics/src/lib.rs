@@ -10,6 +10,7 @@
 
 mod endpoint;
 pub mod grpc;
+pub mod http;
 
 use std::sync::LazyLock;
 

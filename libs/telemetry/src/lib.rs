@@ -293,6 +293,15 @@ pub fn context_map() -> HashMap<String, String> {
     map
 }
 
+/// Makes `span` a child of the context a caller sent in its `traceparent`
+/// header (for servers that are not behind [`TraceServerLayer`]).
+pub fn set_parent_from_headers(span: &tracing::Span, headers: &http::HeaderMap) {
+    if !tracing_enabled() {
+        return;
+    }
+    let _ = span.set_parent(extract_headers(headers));
+}
+
 /// Makes `span` a child of the context in `map` (from [`context_map`] in
 /// another process). Nothing when tracing is off or the map has none.
 pub fn set_parent_from_map(span: &tracing::Span, map: &HashMap<String, String>) {

@@ -14,6 +14,7 @@
 mod clients;
 mod jobs;
 mod models;
+mod observe;
 mod openapi;
 mod problem;
 
@@ -134,6 +135,7 @@ pub fn router(state: RestState) -> axum::Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
+        .layer(axum::middleware::from_fn(observe::observe))
 }
 
 async fn not_found(uri: axum::http::Uri) -> Problem {
@@ -267,6 +269,18 @@ mod tests {
             assert_eq!(got.as_u16(), status, "{method} {path}: {body}");
             assert_eq!(kind, problem::PROBLEM_JSON, "{method} {path}: {body}");
         }
+        // Counted by the route axum matched; a path no route matched is `unknown`.
+        let before = (
+            cohort_metrics::http::requests("/api/v1/jobs/{id}", "GET", 401),
+            cohort_metrics::http::requests("unknown", "GET", 404),
+        );
+        answer("GET", "/api/v1/jobs/j-1").await;
+        answer("GET", "/api/v1/nosuch/deeper").await;
+        assert_eq!(
+            cohort_metrics::http::requests("/api/v1/jobs/{id}", "GET", 401),
+            before.0 + 1
+        );
+        assert!(cohort_metrics::http::requests("unknown", "GET", 404) > before.1);
         let (status, kind, body) = answer("GET", "/api/openapi.json").await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(kind, "application/json");
