@@ -55,24 +55,42 @@ impl RoundApi {
     fn caller<T>(&self, req: &Request<T>) -> Result<Option<PartyId>, Status> {
         round_caller(&self.state, self.require_party, req)
     }
+}
 
-    /// The next message of an upload, within the idle timeout.
-    async fn next(
-        &self,
-        inbound: &mut Streaming<pb::SubmitUpdateRequest>,
-    ) -> Result<Option<pb::SubmitUpdateRequest>, RoundError> {
-        match tokio::time::timeout(self.idle_timeout, inbound.next()).await {
-            Err(_) => Err(RoundError::too_slow(format!(
-                "the upload sent nothing for {}",
-                humantime::format_duration(self.idle_timeout)
-            ))),
-            Ok(None) => Ok(None),
-            Ok(Some(Err(s))) => Err(RoundError::invalid(format!(
-                "the upload broke: {}",
-                s.message()
-            ))),
-            Ok(Some(Ok(m))) => Ok(Some(m)),
-        }
+/// The next part of an upload (`what`: "upload", "masked upload") within `idle`; a message
+/// without a part is passed on as `Some(None)` for the caller to refuse.
+pub(crate) async fn next_upload_part(
+    inbound: &mut Streaming<pb::SubmitUpdateRequest>,
+    idle: Duration,
+    what: &str,
+) -> Result<Option<Option<pb::submit_update_request::Part>>, RoundError> {
+    match tokio::time::timeout(idle, inbound.next()).await {
+        Err(_) => Err(RoundError::too_slow(format!(
+            "the {what} sent nothing for {}",
+            humantime::format_duration(idle)
+        ))),
+        Ok(None) => Ok(None),
+        Ok(Some(Err(s))) => Err(RoundError::invalid(format!(
+            "the {what} broke: {}",
+            s.message()
+        ))),
+        Ok(Some(Ok(m))) => Ok(Some(m.part)),
+    }
+}
+
+/// The header that must open an upload, or the refusal (counted) of what came instead.
+pub(crate) fn first_header(
+    state: &RoundState,
+    first: Result<Option<Option<pb::submit_update_request::Part>>, RoundError>,
+) -> Result<pb::UpdateHeader, Status> {
+    match first {
+        Ok(Some(Some(pb::submit_update_request::Part::Header(h)))) => Ok(h),
+        Ok(_) => Err(state
+            .refuse(RoundError::invalid(
+                "the first message must be the update header",
+            ))
+            .to_status()),
+        Err(e) => Err(state.refuse(e).to_status()),
     }
 }
 
@@ -126,20 +144,8 @@ impl pb::round_server::Round for RoundApi {
     ) -> Result<Response<pb::Ack>, Status> {
         let caller = self.caller(&req)?;
         let mut inbound = req.into_inner();
-        let header = match self.next(&mut inbound).await {
-            Ok(Some(pb::SubmitUpdateRequest {
-                part: Some(pb::submit_update_request::Part::Header(h)),
-            })) => h,
-            Ok(_) => {
-                return Err(self
-                    .state
-                    .refuse(RoundError::invalid(
-                        "the first message must be the update header",
-                    ))
-                    .to_status());
-            }
-            Err(e) => return Err(self.state.refuse(e).to_status()),
-        };
+        let first = next_upload_part(&mut inbound, self.idle_timeout, "upload").await;
+        let header = first_header(&self.state, first)?;
         let upload = self
             .state
             .start_upload(&header.task_token, caller.as_ref(), header.samples)
@@ -253,11 +259,14 @@ impl RoundApi {
         };
         let mut staged = StagedUpdate::create(&self.staging_dir).map_err(unstaged)?;
         let mut slot = None;
-        while let Some(msg) = self.next(inbound).await.map_err(Received::Broken)? {
+        while let Some(part) = next_upload_part(inbound, self.idle_timeout, "upload")
+            .await
+            .map_err(Received::Broken)?
+        {
             if slot.is_none() {
                 slot = Some(upload.slot().await.map_err(Received::Broken)?);
             }
-            match msg.part {
+            match part {
                 Some(pb::submit_update_request::Part::Chunk(c)) => {
                     // Counted as received, then checked and staged as f32.
                     self.state.received(c.data.len());

@@ -10,10 +10,10 @@ use cohort_core::PartyId;
 use cohort_proto::v1 as pb;
 use cohort_runtime::ToStatus;
 use cohort_secagg::{EncryptedShare, RevealedShare, UnmaskResponse};
-use futures::StreamExt;
 use tokio::time::Instant;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::round_service::{first_header, next_upload_part};
 use crate::round_state::{RoundError, RoundState, Ticket};
 use crate::secagg::SecAgg;
 
@@ -53,20 +53,8 @@ impl SecAggApi {
     async fn next_part(
         &self,
         inbound: &mut Streaming<pb::SubmitUpdateRequest>,
-    ) -> Result<Option<pb::submit_update_request::Part>, RoundError> {
-        let idle = self.idle_timeout;
-        match tokio::time::timeout(idle, inbound.next()).await {
-            Err(_) => Err(RoundError::too_slow(format!(
-                "the masked upload sent nothing for {}",
-                humantime::format_duration(idle)
-            ))),
-            Ok(None) => Ok(None),
-            Ok(Some(Err(s))) => Err(RoundError::invalid(format!(
-                "the masked upload broke: {}",
-                s.message()
-            ))),
-            Ok(Some(Ok(m))) => Ok(m.part),
-        }
+    ) -> Result<Option<Option<pb::submit_update_request::Part>>, RoundError> {
+        next_upload_part(inbound, self.idle_timeout, "masked upload").await
     }
 
     /// Asks `look` until it has an answer, the session changes to one, or [`LONG_POLL`].
@@ -211,18 +199,7 @@ impl pb::secure_aggregation_server::SecureAggregation for SecAggApi {
     ) -> Result<Response<pb::Ack>, Status> {
         let caller = self.caller(&req)?;
         let mut inbound = req.into_inner();
-        let header = match self.next_part(&mut inbound).await {
-            Ok(Some(pb::submit_update_request::Part::Header(h))) => h,
-            Ok(_) => {
-                return Err(self
-                    .state
-                    .refuse(RoundError::invalid(
-                        "the first message must be the update header",
-                    ))
-                    .to_status());
-            }
-            Err(e) => return Err(self.state.refuse(e).to_status()),
-        };
+        let header = first_header(&self.state, self.next_part(&mut inbound).await)?;
         let ticket = self
             .state
             .claim_secagg(&header.task_token, caller.as_ref())
@@ -234,7 +211,7 @@ impl pb::secure_aggregation_server::SecureAggregation for SecAggApi {
             .map_err(|e| e.to_status())?;
         loop {
             match self.next_part(&mut inbound).await {
-                Ok(Some(pb::submit_update_request::Part::Chunk(c))) => {
+                Ok(Some(Some(pb::submit_update_request::Part::Chunk(c)))) => {
                     self.state.received(c.data.len());
                     self.state.decoded(c.data.len());
                     if let Err(e) = upload.push(&c.dtype, c.offset, &c.data) {
@@ -242,11 +219,11 @@ impl pb::secure_aggregation_server::SecureAggregation for SecAggApi {
                         return Err(self.state.refuse_secagg(&ticket, err).to_status());
                     }
                 }
-                Ok(Some(pb::submit_update_request::Part::Header(_))) => {
+                Ok(Some(Some(pb::submit_update_request::Part::Header(_)))) => {
                     let e = RoundError::invalid("header sent twice");
                     return Err(self.state.refuse_secagg(&ticket, e).to_status());
                 }
-                Ok(None) => break,
+                Ok(None | Some(None)) => break,
                 // A broken stream is forgotten: the party may send it again.
                 Err(e) => {
                     tracing::warn!(party = %ticket.party, error = %e, "masked update not received");

@@ -10,7 +10,7 @@ use cohort_proto::{NAMESPACE_METADATA_KEY, ROLE_METADATA_KEY, TOKEN_METADATA_KEY
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::{Caller, Problem, RestState, call};
+use super::{Caller, Problem, RestState, call, query};
 
 /// The token's principal (to show only what the caller may do).
 #[derive(Debug, Serialize, ToSchema)]
@@ -288,9 +288,7 @@ pub(crate) async fn list_tokens(
     caller: Caller,
     q: Result<Query<TokensQuery>, QueryRejection>,
 ) -> Result<Json<TokenList>, Problem> {
-    let namespace = q
-        .map(|Query(q)| q.namespace.unwrap_or_default())
-        .map_err(|e| Problem::invalid("query", e.body_text()))?;
+    let namespace = query(q)?.namespace.unwrap_or_default();
     let list = call(
         "job-scheduler",
         state
@@ -361,9 +359,7 @@ pub(crate) async fn audit(
     caller: Caller,
     q: Result<Query<AuditQuery>, QueryRejection>,
 ) -> Result<Json<AuditList>, Problem> {
-    let q = q
-        .map(|Query(q)| q)
-        .map_err(|e| Problem::invalid("query", e.body_text()))?;
+    let q = query(q)?;
     let request = caller.request(pb::ListAuditEntriesRequest {
         namespace: q.namespace.unwrap_or_default(),
         since_ms: q.since_ms.unwrap_or(0),

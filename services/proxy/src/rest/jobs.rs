@@ -14,7 +14,7 @@ use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::{Caller, Problem, RestState, call};
+use super::{Caller, Problem, RestState, call, query};
 
 /// A job as listed: its state and progress.
 #[derive(Debug, Serialize, ToSchema)]
@@ -230,10 +230,10 @@ fn detail(job: &pb::Job) -> JobDetail {
     }
 }
 
-fn query<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, Problem> {
-    query
-        .map(|Query(q)| q)
-        .map_err(|e| Problem::invalid("query", e.body_text()))
+/// One job as the caller may see it, from job-scheduler.
+async fn fetch_job(state: &RestState, caller: &Caller, id: String) -> Result<pb::Job, Problem> {
+    let request = caller.request(pb::GetJobRequest { id });
+    call("job-scheduler", state.jobs().get_job(request)).await
 }
 
 /// Lists jobs the token may see.
@@ -339,14 +339,7 @@ pub(crate) async fn get_job(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<JobDetail>, Problem> {
-    let job = call(
-        "job-scheduler",
-        state
-            .jobs()
-            .get_job(caller.request(pb::GetJobRequest { id })),
-    )
-    .await?;
-    Ok(Json(detail(&job)))
+    Ok(Json(detail(&fetch_job(&state, &caller, id).await?)))
 }
 
 /// A job's rounds, oldest first.
@@ -357,13 +350,7 @@ pub(crate) async fn rounds(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<RoundList>, Problem> {
-    let job = call(
-        "job-scheduler",
-        state
-            .jobs()
-            .get_job(caller.request(pb::GetJobRequest { id })),
-    )
-    .await?;
+    let job = fetch_job(&state, &caller, id).await?;
     Ok(Json(RoundList {
         rounds: job.rounds.iter().map(round_view).collect(),
     }))

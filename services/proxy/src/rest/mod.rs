@@ -205,6 +205,15 @@ impl Caller {
 }
 
 /// One unary call to `service`, bounded in time; its status becomes a problem.
+/// A query string's fields, or a 400 problem naming `query`.
+fn query<T>(
+    query: Result<axum::extract::Query<T>, axum::extract::rejection::QueryRejection>,
+) -> Result<T, Problem> {
+    query
+        .map(|axum::extract::Query(q)| q)
+        .map_err(|e| Problem::invalid("query", e.body_text()))
+}
+
 async fn call<T>(
     service: &str,
     response: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,

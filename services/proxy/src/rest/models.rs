@@ -14,7 +14,7 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::{Caller, Problem, RestState, call};
+use super::{Caller, Problem, RestState, call, query};
 
 /// Upload chunks sent to model-manager (its chunked upload).
 const UPLOAD_CHUNK: usize = 1024 * 1024;
@@ -89,8 +89,7 @@ fn version_view(v: &pb::ModelVersion) -> ModelVersion {
 }
 
 fn namespace(q: Result<Query<NamespaceQuery>, QueryRejection>) -> Result<String, Problem> {
-    q.map(|Query(q)| q.namespace.unwrap_or_default())
-        .map_err(|e| Problem::invalid("query", e.body_text()))
+    Ok(query(q)?.namespace.unwrap_or_default())
 }
 
 /// Models the token may see, one entry per name.
